@@ -1,0 +1,731 @@
+"""The pure scheduler: jobs, miners, leases and timers, with time passed in.
+
+Rule 1: no I/O, no clock, no randomness. Every public method takes ``now`` (Unix seconds) and
+returns the list of :mod:`dispatcher.effects` the runtime must carry out, in order.
+Rule 2: invariants (checked by the state-machine test): a job is leased by at most one miner;
+a miner never holds more jobs than its ``concurrency``; terminal states are absorbing; every
+active job is either in the queue or leased; ``next_deadline()`` is never in the past after
+``tick(now)``.
+Rule 3: ``attempt`` is the fencing token. It grows at every assignment; a result, progress or
+failure naming another attempt, or coming from a miner that no longer holds the job, is refused
+with ``NotAssigned`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
+from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
+from dispatcher.jobs import ACTIVE, TERMINAL, Action, Job, JobState, transition
+from dispatcher.policy import Capabilities, IdleIndex, JobNeeds, JobQueue, MatchCache
+from dispatcher.stats import SchedulerStatistics
+from protocol.records import EventRecord, JobRecord
+from protocol.types import CloseCode, EventKind, JSONObject
+
+__all__ = ["JobSpec", "Miner", "ReceiptFactory", "ResumeInfo", "Scheduler", "SchedulerConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    default_ttl: float = 900.0
+    max_ttl: float = 7 * 86400.0
+    max_attempts: int = 3
+    accept_timeout: float = 10.0
+    resume_grace: float = 15.0
+    terminal_retention: int = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    job_id: str
+    client_id: str
+    payload: JSONObject
+    constraints: JSONObject
+    ttl_seconds: float | None = None
+    priority: int = 0
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeInfo:
+    resumed: tuple[str, ...]
+    revoked: tuple[str, ...]
+
+
+# receipt_factory(job, unit_price, now) -> signed receipt. Injected so the core stays pure.
+ReceiptFactory = Callable[[Job, "float | None", float], JSONObject]
+
+
+class Miner:
+    """Scheduler-side state of one miner identity."""
+
+    __slots__ = (
+        "capabilities",
+        "caps",
+        "concurrency",
+        "connected",
+        "counted",
+        "draining",
+        "grace_timer",
+        "jobs",
+        "miner_id",
+        "region",
+        "revoked",
+        "session_id",
+    )
+
+    def __init__(self, miner_id: str, session_id: str) -> None:
+        self.miner_id = miner_id
+        self.session_id = session_id
+        self.capabilities: JSONObject = {}
+        self.region: str | None = None
+        self.caps = Capabilities.parse({}, None)
+        self.concurrency = 1
+        self.draining = False
+        self.connected = False
+        self.counted = False  # contributes to the scheduler's known capability classes
+        self.jobs: dict[str, None] = {}
+        self.revoked: list[str] = []
+        self.grace_timer: _Timer | None = None
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - len(self.jobs)
+
+
+class _Timer:
+    __slots__ = ("dead", "key", "kind", "n", "token", "when")
+
+    def __init__(self, when: float, n: int, kind: str, key: str, token: object) -> None:
+        self.when, self.n, self.kind, self.key, self.token = when, n, kind, key, token
+        self.dead = False
+
+    def __lt__(self, other: _Timer) -> bool:
+        return (self.when, self.n) < (other.when, other.n)
+
+
+class Scheduler:
+    """Owns every active job and every connected miner. See the module rules."""
+
+    def __init__(
+        self, config: SchedulerConfig | None = None, receipt_factory: ReceiptFactory | None = None
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self._receipt_factory = receipt_factory
+        self.jobs: dict[str, Job] = {}
+        self.miners: dict[str, Miner] = {}
+        self._terminal: OrderedDict[str, None] = OrderedDict()
+        self._idem: dict[tuple[str, str], str] = {}
+        self._match = MatchCache()
+        self._idle = IdleIndex(self._match)
+        self._queue = JobQueue(self._match)
+        self._queued = 0
+        self._known_caps: dict[Capabilities, int] = {}
+        self._timers: list[_Timer] = []
+        self._dead_timers = 0
+        self._n = 0
+        self._effects: list[Effect] = []
+        self.counters: dict[str, int] = {k.value: 0 for k in EventKind}
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def find_idempotent(self, client_id: str, key: str) -> Job | None:
+        job_id = self._idem.get((client_id, key))
+        return None if job_id is None else self.jobs.get(job_id)
+
+    def is_servable(self, constraints: JSONObject) -> bool:
+        """True when some known miner (connected or within its resume grace) could run it."""
+        needs = JobNeeds.parse(constraints)
+        return any(self._match(needs, caps) for caps in self._known_caps)
+
+    def next_deadline(self) -> float | None:
+        while self._timers and self._timers[0].dead:
+            heapq.heappop(self._timers)
+            self._dead_timers -= 1
+        return self._timers[0].when if self._timers else None
+
+    def statistics(self) -> SchedulerStatistics:
+        connected = [m for m in self.miners.values() if m.connected]
+        return SchedulerStatistics(
+            jobs_queued=self._queued,
+            jobs_running=sum(len(m.jobs) for m in self.miners.values()),
+            jobs_in_memory=len(self.jobs),
+            miners_connected=len(connected),
+            miners_in_grace=len(self.miners) - len(connected),
+            miners_idle=len(self._idle),
+            slots_total=sum(m.concurrency for m in connected),
+            slots_used=sum(len(m.jobs) for m in connected),
+            timers=len(self._timers) - self._dead_timers,
+            events=dict(self.counters),
+        )
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, now: float) -> tuple[Job, list[Effect]]:
+        """Queue a new job (or return the existing one for a repeated idempotency key)."""
+        if spec.idempotency_key is not None:
+            existing = self.find_idempotent(spec.client_id, spec.idempotency_key)
+            if existing is not None:
+                return existing, []
+        ttl = self.config.default_ttl if spec.ttl_seconds is None else spec.ttl_seconds
+        ttl = min(max(ttl, 1.0), self.config.max_ttl)
+        job = Job(
+            job_id=spec.job_id,
+            client_id=spec.client_id,
+            payload=spec.payload,
+            constraints=spec.constraints,
+            priority=spec.priority,
+            requested_at=now,
+            expires_at=now + ttl,
+            max_attempts=self.config.max_attempts,
+            idempotency_key=spec.idempotency_key,
+        )
+        self._admit(job)
+        self._emit(job, EventKind.QUEUED, now)
+        self._dispatch(job, now)
+        return job, self._take()
+
+    def cancel(self, client_id: str, job_id: str, now: float) -> tuple[Job, list[Effect]]:
+        """Client cancel; raises UnknownJob (not found / not the owner) or InvalidTransition."""
+        job = self.jobs.get(job_id)
+        if job is None or job.client_id != client_id:
+            raise UnknownJob(job_id)
+        transition(job_id, job.state, Action.CANCEL)
+        self._finish(
+            job,
+            JobState.CANCELED,
+            EventKind.CANCELED,
+            now,
+            error="canceled by client",
+            revoke_reason="canceled",
+            clear_miner=True,
+        )
+        return job, self._take()
+
+    # ---- miners -----------------------------------------------------------------------------
+
+    def connect(
+        self,
+        miner_id: str,
+        session_id: str,
+        *,
+        capabilities: JSONObject,
+        concurrency: int,
+        region: str | None,
+        resume_session: str | None,
+        now: float,
+    ) -> tuple[ResumeInfo, list[Effect]]:
+        """A miner finished its hello. Handles replacement (4409), resume and restart."""
+        miner = self.miners.get(miner_id)
+        resumed: list[str] = []
+        revoked: list[str] = []
+        if miner is None:
+            miner = self.miners[miner_id] = Miner(miner_id, session_id)
+        else:
+            self._forget_caps(miner)
+            self._idle.discard(miner_id)
+            if miner.connected and miner.session_id != session_id:
+                self._effects.append(
+                    CloseSession(
+                        miner_id=miner_id,
+                        session_id=miner.session_id,
+                        code=CloseCode.REPLACED,
+                        reason="replaced",
+                    )
+                )
+            miner.connected = False
+            self._kill_timer(miner.grace_timer)
+            miner.grace_timer = None
+            if resume_session is not None and resume_session == miner.session_id:
+                resumed = list(miner.jobs)
+                revoked = miner.revoked
+            else:
+                # A new session that did not resume: whatever the old one held is lost.
+                for job_id in list(miner.jobs):
+                    revoked.append(job_id)
+                    job = self.jobs[job_id]
+                    # Like a disconnect: only a started attempt counts against the job.
+                    self._requeue(job, now, "miner restarted", charged=job.accepted)
+                revoked = miner.revoked + revoked
+            miner.revoked = []
+            miner.session_id = session_id
+        miner.capabilities = capabilities
+        miner.region = region
+        miner.caps = Capabilities.parse(capabilities, region)
+        miner.concurrency = concurrency
+        miner.draining = False
+        miner.connected = True
+        miner.counted = True
+        self._known_caps[miner.caps] = self._known_caps.get(miner.caps, 0) + 1
+        self._refresh_idle(miner, now)
+        return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()
+
+    def disconnect(self, miner_id: str, session_id: str, now: float) -> list[Effect]:
+        """The socket of ``session_id`` closed. Started jobs wait ``resume_grace``."""
+        miner = self.miners.get(miner_id)
+        if miner is None or miner.session_id != session_id or not miner.connected:
+            return []  # an older, replaced session
+        miner.connected = False
+        self._idle.discard(miner_id)
+        for job_id in list(miner.jobs):
+            job = self.jobs[job_id]
+            if not job.accepted:
+                self._requeue(job, now, "miner disconnected before accepting", charged=False)
+        if miner.jobs:
+            miner.grace_timer = self._arm(
+                now + self.config.resume_grace, "grace", miner_id, session_id
+            )
+        else:
+            self._drop_miner(miner)
+        return self._take()
+
+    def set_status(
+        self, miner_id: str, *, concurrency: int | None, draining: bool | None, now: float
+    ) -> list[Effect]:
+        miner = self._miner(miner_id)
+        if concurrency is not None:
+            miner.concurrency = concurrency
+        if draining is not None:
+            miner.draining = draining
+        self._refresh_idle(miner, now)
+        return self._take()
+
+    def accept(
+        self, miner_id: str, job_id: str, now: float, attempt: int | None = None
+    ) -> list[Effect]:
+        job = self._held(miner_id, job_id, attempt)
+        if not job.accepted:
+            self._start(job, now)
+        return self._take()
+
+    def reject(
+        self, miner_id: str, job_id: str, reason: str, now: float, attempt: int | None = None
+    ) -> list[Effect]:
+        """Back to the queue, not charged; this miner is not offered the job again."""
+        job = self._held(miner_id, job_id, attempt)
+        job.rejected_by.add(miner_id)
+        self._requeue(job, now, f"rejected: {reason}" if reason else "rejected", charged=False)
+        return self._take()
+
+    def progress(
+        self,
+        miner_id: str,
+        job_id: str,
+        now: float,
+        *,
+        attempt: int | None = None,
+        progress: float | None = None,
+        message: str | None = None,
+        output: str | None = None,
+    ) -> list[Effect]:
+        job = self._held(miner_id, job_id, attempt)
+        if not job.accepted:
+            self._start(job, now)
+        data: JSONObject = {}
+        if progress is not None:
+            data["progress"] = progress
+        if message is not None:
+            data["message"] = message
+        if output is not None:
+            data["output"] = output
+        self._emit(job, EventKind.PROGRESS, now, **data)
+        return self._take()
+
+    def complete(
+        self,
+        miner_id: str,
+        job_id: str,
+        result: JSONObject,
+        metrics: JSONObject,
+        now: float,
+        attempt: int | None = None,
+    ) -> tuple[Job, list[Effect]]:
+        """The holder's result. A repeat of the accepted result returns the same job."""
+        job = self.jobs.get(job_id)
+        if (
+            job is not None
+            and job.state is JobState.COMPLETED
+            and job.miner_id == miner_id
+            and attempt in (None, job.attempt)
+        ):
+            return job, []  # idempotent retry: same receipt, nothing changes
+        job = self._held(miner_id, job_id, attempt)
+        if not job.accepted:
+            self._start(job, now)
+        job.result, job.metrics = result, metrics
+        job.finished_at = now
+        miner = self.miners[miner_id]
+        if self._receipt_factory is not None:
+            job.receipt = self._receipt_factory(job, miner.caps.price, now)
+        data: JSONObject = {"result": result}
+        if job.receipt is not None:
+            data["receipt"] = job.receipt
+        self._finish(job, JobState.COMPLETED, EventKind.COMPLETED, now, data=data)
+        return job, self._take()
+
+    def fail(
+        self,
+        miner_id: str,
+        job_id: str,
+        *,
+        error_code: str,
+        error_message: str,
+        retryable: bool,
+        now: float,
+        attempt: int | None = None,
+    ) -> list[Effect]:
+        job = self._held(miner_id, job_id, attempt)
+        if retryable:
+            self._requeue(job, now, f"{error_code}: {error_message}", charged=True)
+        else:
+            job.finished_at = now
+            self._finish(
+                job,
+                JobState.FAILED,
+                EventKind.FAILED,
+                now,
+                error=error_message,
+                data={"error_code": error_code},
+            )
+        return self._take()
+
+    # ---- time -------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Effect]:
+        """Fire every timer due at ``now``: expiry, accept timeouts, resume grace."""
+        self._fire_due(now)
+        return self._take()
+
+    def _fire_due(self, now: float) -> None:
+        while self._timers and self._timers[0].when <= now:
+            timer = heapq.heappop(self._timers)
+            if timer.dead:
+                self._dead_timers -= 1
+                continue
+            timer.dead = True
+            self._fire(timer, now)
+        self._compact_timers()
+
+    def _fire(self, timer: _Timer, now: float) -> None:
+        if timer.kind == "expire":
+            job = self.jobs.get(timer.key)
+            if job is not None and job.state in ACTIVE:
+                self._finish(
+                    job,
+                    JobState.EXPIRED,
+                    EventKind.EXPIRED,
+                    now,
+                    error="job expired",
+                    revoke_reason="expired",
+                )
+        elif timer.kind == "accept":
+            job = self.jobs.get(timer.key)
+            if (
+                job is not None
+                and job.state is JobState.RUNNING
+                and job.attempt == timer.token
+                and not job.accepted
+            ):
+                assert job.miner_id is not None
+                job.rejected_by.add(job.miner_id)
+                self._revoke(job, "accept timeout")
+                self._requeue(job, now, "accept timeout", charged=False)
+        else:  # grace
+            miner = self.miners.get(timer.key)
+            if miner is not None and not miner.connected and miner.session_id == timer.token:
+                for job_id in list(miner.jobs):
+                    self._requeue(self.jobs[job_id], now, "miner lost", charged=True)
+                self._drop_miner(miner)
+
+    # ---- recovery ---------------------------------------------------------------------------
+
+    def restore(
+        self, records: list[JobRecord], sessions: dict[str, str], now: float
+    ) -> list[Effect]:
+        """Rebuild from the store after a restart.
+
+        Queued jobs are re-queued; started jobs wait ``resume_grace`` for their miner to come
+        back with the session it had (``sessions``: miner id -> last session id); jobs that
+        were assigned but not started go straight back to the queue.
+        """
+        for rec in sorted(records, key=lambda r: r.requested_at):
+            job = Job.from_record(rec)
+            self._admit(job)
+            if job.state is JobState.QUEUED:
+                self._push(job)
+            elif job.state is JobState.RUNNING and job.miner_id is not None:
+                miner = self.miners.get(job.miner_id)
+                if miner is None:
+                    session = sessions.get(job.miner_id, "")
+                    miner = self.miners[job.miner_id] = Miner(job.miner_id, session)
+                    miner.concurrency = 0
+                    miner.grace_timer = self._arm(
+                        now + self.config.resume_grace, "grace", job.miner_id, session
+                    )
+                miner.jobs[job.job_id] = None
+                miner.concurrency = len(miner.jobs)
+                if not job.accepted:
+                    self._requeue(job, now, "coordinator restarted", charged=False)
+        # (A restored miner whose last job was requeued above is dropped by ``_release``.)
+        self._fire_due(now)
+        return self._take()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _take(self) -> list[Effect]:
+        effects, self._effects = self._effects, []
+        return effects
+
+    def _miner(self, miner_id: str) -> Miner:
+        miner = self.miners.get(miner_id)
+        if miner is None or not miner.connected:
+            raise UnknownMiner(miner_id)
+        return miner
+
+    def _held(self, miner_id: str, job_id: str, attempt: int | None) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        if (
+            job.state is not JobState.RUNNING
+            or job.miner_id != miner_id
+            or (attempt is not None and attempt != job.attempt)
+        ):
+            raise NotAssigned(job_id, miner_id)
+        return job
+
+    def _admit(self, job: Job) -> None:
+        self._n += 1
+        job.order = self._n
+        job.needs = JobNeeds.parse(job.constraints)
+        self.jobs[job.job_id] = job
+        if job.idempotency_key is not None:
+            self._idem[job.client_id, job.idempotency_key] = job.job_id
+        if job.state in ACTIVE:
+            job.timers.append(self._arm(job.expires_at, "expire", job.job_id, None))
+
+    def _emit(self, job: Job, kind: EventKind, now: float, **data: object) -> None:
+        job.seq += 1
+        self.counters[kind.value] += 1
+        event = EventRecord(
+            job_id=job.job_id,
+            seq=job.seq,
+            event=kind.value,
+            state=job.state.value,
+            at=now,
+            attempt=job.attempt,
+            miner_id=job.miner_id,
+            data=data,
+        )
+        self._effects.append(Persist(job=job.record(), event=event))
+
+    def _arm(self, when: float, kind: str, key: str, token: object) -> _Timer:
+        self._n += 1
+        timer = _Timer(when, self._n, kind, key, token)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def _kill_timer(self, timer: _Timer | None) -> None:
+        if timer is not None and not timer.dead:
+            timer.dead = True
+            self._dead_timers += 1
+
+    def _compact_timers(self) -> None:
+        if self._dead_timers > 1024 and self._dead_timers * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if not t.dead]
+            heapq.heapify(self._timers)
+            self._dead_timers = 0
+
+    def _push(self, job: Job) -> None:
+        job.queue_token += 1
+        self._queued += 1
+        assert isinstance(job.needs, JobNeeds)
+        self._queue.push(job.needs, job.priority, job.order, job.queue_token, job.job_id)
+
+    def _valid_entry(self, job_id: str, token: int) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.state is JobState.QUEUED and job.queue_token == token
+
+    def _dispatch(self, job: Job, now: float) -> None:
+        """A job became queued: hand it to the idle matching miner that waited longest."""
+        assert isinstance(job.needs, JobNeeds)
+        miner_id = self._idle.pick(job.needs, job.rejected_by)
+        if miner_id is None:
+            self._push(job)
+        else:
+            self._assign(job, self.miners[miner_id], now)
+
+    def _refresh_idle(self, miner: Miner, now: float) -> None:
+        """Re-index a miner after its slots or draining flag changed, then fill its slots."""
+        if not miner.connected or miner.draining or miner.free <= 0:
+            self._idle.discard(miner.miner_id)
+            return
+        while miner.free > 0:
+            found = self._queue.pick(
+                miner.caps, self._valid_entry, lambda j: miner.miner_id in self.jobs[j].rejected_by
+            )
+            if found is None:
+                break
+            needs, entry = found
+            self._queue.remove(needs, entry)
+            self._queued -= 1
+            self._assign(self.jobs[entry[3]], miner, now)
+        if miner.free > 0:
+            self._idle.add(miner.miner_id, miner.caps)
+        else:
+            self._idle.discard(miner.miner_id)
+
+    def _assign(self, job: Job, miner: Miner, now: float) -> None:
+        job.state = transition(job.job_id, job.state, Action.ASSIGN)
+        job.attempt += 1
+        job.miner_id = miner.miner_id
+        job.accepted = False
+        job.assigned_at = now
+        miner.jobs[job.job_id] = None
+        if miner.free > 0:
+            self._idle.add(miner.miner_id, miner.caps)
+        else:
+            self._idle.discard(miner.miner_id)
+        job.timers.append(
+            self._arm(now + self.config.accept_timeout, "accept", job.job_id, job.attempt)
+        )
+        self._emit(job, EventKind.ASSIGNED, now)
+        self._effects.append(
+            Assign(
+                miner_id=miner.miner_id,
+                session_id=miner.session_id,
+                job_id=job.job_id,
+                attempt=job.attempt,
+                payload=job.payload,
+                constraints=job.constraints,
+                expires_at=job.expires_at,
+                accept_timeout=self.config.accept_timeout,
+            )
+        )
+
+    def _start(self, job: Job, now: float) -> None:
+        job.state = transition(job.job_id, job.state, Action.ACCEPT)
+        job.accepted = True
+        job.started_at = now
+        self._emit(job, EventKind.STARTED, now)
+
+    def _release(self, job: Job, now: float) -> None:
+        """Free the slot the job held on its miner, and let that miner take new work."""
+        miner = self.miners.get(job.miner_id or "")
+        if miner is None or job.job_id not in miner.jobs:
+            return
+        del miner.jobs[job.job_id]
+        if miner.connected:
+            self._refresh_idle(miner, now)
+        elif not miner.jobs and not miner.revoked and miner.grace_timer is not None:
+            # Keep a miner with pending revocations until its grace ends: a resume must
+            # still learn which jobs were canceled or expired meanwhile.
+            self._drop_miner(miner)
+
+    def _revoke(self, job: Job, reason: str) -> None:
+        miner = self.miners.get(job.miner_id or "")
+        if miner is None or job.job_id not in miner.jobs:
+            return
+        if miner.connected:
+            self._effects.append(
+                Revoke(
+                    miner_id=miner.miner_id,
+                    session_id=miner.session_id,
+                    job_id=job.job_id,
+                    reason=reason,
+                )
+            )
+        else:
+            miner.revoked.append(job.job_id)
+
+    def _requeue(self, job: Job, now: float, reason: str, *, charged: bool) -> None:
+        if charged:
+            job.failures += 1
+        if job.failures >= job.max_attempts:
+            job.finished_at = now
+            self._finish(
+                job,
+                JobState.FAILED,
+                EventKind.FAILED,
+                now,
+                error=f"max attempts reached ({job.max_attempts}): {reason}",
+            )
+            return
+        job.state = transition(job.job_id, job.state, Action.REQUEUE)
+        self._release(job, now)
+        job.miner_id = None
+        job.accepted = False
+        job.started_at = None  # per attempt: Job.from_record() derives ``accepted`` from it
+        self._emit(job, EventKind.REQUEUED, now, reason=reason)
+        self._dispatch(job, now)
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        kind: EventKind,
+        now: float,
+        *,
+        error: str | None = None,
+        data: JSONObject | None = None,
+        revoke_reason: str | None = None,
+        clear_miner: bool = False,
+    ) -> None:
+        if job.state is JobState.QUEUED:
+            self._queued -= 1
+        action = {
+            JobState.COMPLETED: Action.COMPLETE,
+            JobState.FAILED: Action.FAIL,
+            JobState.CANCELED: Action.CANCEL,
+            JobState.EXPIRED: Action.EXPIRE,
+        }[state]
+        job.state = transition(job.job_id, job.state, action)
+        assert job.state in TERMINAL
+        if revoke_reason is not None:
+            self._revoke(job, revoke_reason)
+        job.error = error
+        job.finished_at = job.finished_at or now
+        for timer in job.timers:
+            self._kill_timer(timer)  # type: ignore[arg-type]
+        job.timers = []
+        self._release(job, now)
+        if clear_miner:
+            job.miner_id = None
+        payload = dict(data or {})
+        if error is not None:
+            payload["error"] = error
+        self._emit(job, kind, now, **payload)
+        self._retain(job)
+
+    def _retain(self, job: Job) -> None:
+        """Keep recent terminal jobs for idempotent retries; the store has the rest."""
+        self._terminal[job.job_id] = None
+        while len(self._terminal) > self.config.terminal_retention:
+            old_id, _ = self._terminal.popitem(last=False)
+            old = self.jobs.pop(old_id, None)
+            if old is not None and old.idempotency_key is not None:
+                self._idem.pop((old.client_id, old.idempotency_key), None)
+
+    def _forget_caps(self, miner: Miner) -> None:
+        if miner.counted:
+            miner.counted = False
+            n = self._known_caps.get(miner.caps, 0) - 1
+            if n <= 0:
+                self._known_caps.pop(miner.caps, None)
+            else:
+                self._known_caps[miner.caps] = n
+
+    def _drop_miner(self, miner: Miner) -> None:
+        self._kill_timer(miner.grace_timer)
+        miner.grace_timer = None
+        self._forget_caps(miner)
+        self._idle.discard(miner.miner_id)
+        if self.miners.get(miner.miner_id) is miner:
+            del self.miners[miner.miner_id]

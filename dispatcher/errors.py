@@ -1,0 +1,64 @@
+"""Errors of the dispatcher layer.
+
+Tree::
+
+    DispatchError
+    ├── UnknownJob           no such job, or not visible to this caller
+    ├── InvalidTransition    the job's state does not allow this (e.g. cancel a COMPLETED job)
+    ├── NotAssigned          a miner acted on a job it does not hold (stale attempt included)
+    ├── UnknownMiner         no such miner session
+    └── Unavailable          the dispatcher is not running (starting up or shutting down)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DispatchError",
+    "InvalidTransition",
+    "NotAssigned",
+    "Unavailable",
+    "UnknownJob",
+    "UnknownMiner",
+]
+
+
+class DispatchError(Exception):
+    """Base class of dispatcher errors."""
+
+
+class UnknownJob(DispatchError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class InvalidTransition(DispatchError):
+    def __init__(self, job_id: str, state: str, action: str) -> None:
+        super().__init__(f"job {job_id} is {state}: cannot {action}")
+        self.job_id = job_id
+        self.state = state
+        self.action = action
+
+
+class NotAssigned(DispatchError):
+    def __init__(self, job_id: str, miner_id: str) -> None:
+        super().__init__(f"job {job_id} is not assigned to miner {miner_id}")
+        self.job_id = job_id
+        self.miner_id = miner_id
+
+
+class UnknownMiner(DispatchError):
+    def __init__(self, miner_id: str) -> None:
+        super().__init__(f"miner {miner_id} is not connected")
+        self.miner_id = miner_id
+
+
+class Unavailable(DispatchError):
+    """The dispatcher is not accepting work right now."""
+
+
+class NotAllowed(DispatchError):
+    """The credential may not act as this identity (a miner id bound to another key)."""
+
+
+__all__ += ["NotAllowed"]

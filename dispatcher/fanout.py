@@ -1,0 +1,164 @@
+"""Bounded per-connection outboxes and the job-event fan-out to subscribers.
+
+Rule 1: publishing never blocks and never grows memory without bound. Each connection has an
+``Outbox`` with a soft and a hard limit. Past the soft limit, ``progress`` frames for a job
+replace that job's still-unsent progress frame (coalescing) or are dropped; every other frame
+is kept. Past the hard limit the connection is closed 4429 (too slow).
+Rule 2: a frame is encoded once and the same ``str`` is queued for every recipient.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+from protocol.types import CloseCode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+__all__ = ["Fanout", "Outbox", "Subscriber"]
+
+
+class Outbox:
+    """Frames waiting to be written to one socket."""
+
+    def __init__(
+        self,
+        on_overflow: Callable[[CloseCode, str], None],
+        *,
+        soft_limit: int = 256,
+        hard_limit: int = 4096,
+    ) -> None:
+        self._frames: deque[list[str]] = deque()
+        self._progress: dict[str, list[str]] = {}
+        self._wake = anyio.Event()
+        self._on_overflow = on_overflow
+        self.soft_limit = soft_limit
+        self.hard_limit = hard_limit
+        self.closed = False
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
+        """Queue a frame; ``progress`` marks a droppable progress frame of ``job_id``."""
+        if self.closed:
+            return
+        n = len(self._frames)
+        if progress and job_id is not None and n >= self.soft_limit:
+            pending = self._progress.get(job_id)
+            if pending is not None:
+                pending[0] = frame  # coalesce: the newest replaces the unsent one
+                self.dropped += 1
+                return
+            if n >= self.hard_limit // 2:
+                self.dropped += 1
+                return
+        if n >= self.hard_limit:
+            self.closed = True
+            self._wake.set()
+            self._on_overflow(CloseCode.TOO_SLOW, "outbound queue overflow")
+            return
+        entry = [frame]
+        self._frames.append(entry)
+        if job_id is not None:
+            if progress:
+                self._progress[job_id] = entry
+            else:  # a later progress frame must not jump over this one
+                self._progress.pop(job_id, None)
+        self._wake.set()
+
+    def take_nowait(self) -> list[str]:
+        frames = [e[0] for e in self._frames]
+        self._frames.clear()
+        self._progress.clear()
+        return frames
+
+    async def take(self) -> list[str]:
+        """Wait for at least one frame, then return all queued frames (empty when closed)."""
+        while not self._frames and not self.closed:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+        return self.take_nowait()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+class Subscriber:
+    """One client connection's subscriptions: explicit job ids and/or all its own jobs."""
+
+    __slots__ = ("all", "buffers", "client_id", "job_ids", "outbox")
+
+    def __init__(self, client_id: str, outbox: Outbox) -> None:
+        self.client_id = client_id
+        self.outbox = outbox
+        self.job_ids: set[str] = set()
+        self.all = False
+        # job id -> (last replayed seq, live frames held back while replaying)
+        self.buffers: dict[str, list[tuple[int, str, bool]]] = {}
+
+    def deliver(self, job_id: str, seq: int, frame: str, progress: bool) -> None:
+        buffer = self.buffers.get(job_id)
+        if buffer is not None:
+            buffer.append((seq, frame, progress))
+        else:
+            self.outbox.put(frame, job_id=job_id, progress=progress)
+
+
+class Fanout:
+    """Routes committed job events to the subscribers of the job and of its client."""
+
+    def __init__(self) -> None:
+        self._by_job: dict[str, set[Subscriber]] = {}
+        self._by_client: dict[str, set[Subscriber]] = {}
+
+    def subscribe(self, sub: Subscriber, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            sub.job_ids.add(job_id)
+            self._by_job.setdefault(job_id, set()).add(sub)
+
+    def subscribe_all(self, sub: Subscriber) -> None:
+        sub.all = True
+        self._by_client.setdefault(sub.client_id, set()).add(sub)
+
+    def unsubscribe(self, sub: Subscriber, job_ids: Iterable[str] | None = None) -> None:
+        """Drop the given subscriptions, or all of them (``None``)."""
+        targets = list(sub.job_ids) if job_ids is None else list(job_ids)
+        for job_id in targets:
+            sub.job_ids.discard(job_id)
+            subs = self._by_job.get(job_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_job[job_id]
+        if job_ids is None and sub.all:
+            sub.all = False
+            subs = self._by_client.get(sub.client_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_client[sub.client_id]
+
+    def publish(self, client_id: str, job_id: str, seq: int, frame: str, progress: bool) -> None:
+        for sub in self._by_job.get(job_id, ()):
+            sub.deliver(job_id, seq, frame, progress)
+        for sub in self._by_client.get(client_id, ()):
+            if job_id not in sub.job_ids:
+                sub.deliver(job_id, seq, frame, progress)
+
+    def forget_job(self, job_id: str) -> None:
+        """A terminal job's live subscriptions end (replay stays available from the store)."""
+        for sub in self._by_job.pop(job_id, ()):
+            sub.job_ids.discard(job_id)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(
+            {s for subs in (*self._by_job.values(), *self._by_client.values()) for s in subs}
+        )

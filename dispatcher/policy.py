@@ -1,0 +1,230 @@
+"""Matching policy and the two indexes that make dispatch O(classes), not O(miners).
+
+Rule 1: ``matches`` implements rest-api.md §3.3 (region, gpu, min_vram_gb, cuda, models,
+max_price); reputation and bonds are not part of it.
+Rule 2: miners with the same matching-relevant capabilities form one *class*; jobs with the
+same constraints form one class. A job looks only at the heads of idle-miner classes, a freed
+miner only at the heads of job classes, and class-pair verdicts are memoised. No operation
+scans all miners or all jobs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protocol.types import JSONObject
+
+__all__ = ["Capabilities", "IdleIndex", "JobNeeds", "JobQueue", "MatchCache", "matches"]
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """The matching-relevant part of a miner's advertised capabilities (hashable)."""
+
+    region: str | None
+    gpu_names: frozenset[str]
+    vram_mb: float
+    cuda: str
+    models: frozenset[str]
+    price: float | None
+
+    @classmethod
+    def parse(cls, capabilities: JSONObject, region: str | None) -> Capabilities:
+        gpus = capabilities.get("gpus")
+        gpus = [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
+        names = frozenset(str(g["name"]) for g in gpus if g.get("name") is not None)
+        vram = max((_num(g.get("memory_mb")) or 0.0 for g in gpus), default=0.0)
+        models = capabilities.get("models")
+        models = frozenset(str(m) for m in models) if isinstance(models, list) else frozenset()
+        cuda = capabilities.get("cuda")
+        return cls(
+            region=region if region is not None else _opt_str(capabilities.get("region")),
+            gpu_names=names,
+            vram_mb=vram,
+            cuda="" if cuda is None else str(cuda),
+            models=models,
+            price=_num(capabilities.get("price")),
+        )
+
+    @property
+    def unit_price(self) -> float | None:
+        return self.price
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class JobNeeds:
+    """The matching-relevant part of a job's constraints (hashable)."""
+
+    region: str | None = None
+    gpu: str | None = None
+    min_vram_gb: float | None = None
+    cuda: str | None = None
+    models: frozenset[str] = frozenset()
+    max_price: float | None = None
+
+    @classmethod
+    def parse(cls, constraints: JSONObject) -> JobNeeds:
+        models = constraints.get("models")
+        return cls(
+            region=_opt_str(constraints.get("region")),
+            gpu=_opt_str(constraints.get("gpu")),
+            min_vram_gb=_num(constraints.get("min_vram_gb")),
+            cuda=_opt_str(constraints.get("cuda")),
+            models=frozenset(str(m) for m in models) if isinstance(models, list) else frozenset(),
+            max_price=_num(constraints.get("max_price")),
+        )
+
+
+def matches(needs: JobNeeds, caps: Capabilities) -> bool:
+    """True when a miner with ``caps`` satisfies every constraint of ``needs`` (§3.3)."""
+    if needs.region is not None and caps.region != needs.region:
+        return False
+    if needs.gpu is not None and needs.gpu not in caps.gpu_names:
+        return False
+    if needs.min_vram_gb is not None and caps.vram_mb < needs.min_vram_gb * 1024:
+        return False
+    if needs.cuda is not None and needs.cuda not in caps.cuda:
+        return False
+    if not needs.models <= caps.models:
+        return False
+    return needs.max_price is None or (caps.price is not None and caps.price <= needs.max_price)
+
+
+class MatchCache:
+    """Memoised ``matches`` per (job class, miner class) pair, bounded."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._cache: dict[tuple[JobNeeds, Capabilities], bool] = {}
+        self._limit = limit
+
+    def __call__(self, needs: JobNeeds, caps: Capabilities) -> bool:
+        key = (needs, caps)
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            hit = self._cache[key] = matches(needs, caps)
+        return hit
+
+
+class IdleIndex:
+    """Miners with at least one free slot, grouped by capability class, oldest-free first."""
+
+    def __init__(self, match: MatchCache) -> None:
+        self._match = match
+        self._classes: dict[Capabilities, OrderedDict[str, int]] = {}
+        self._where: dict[str, Capabilities] = {}
+        self._stamp = 0
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, miner_id: str) -> bool:
+        return miner_id in self._where
+
+    def add(self, miner_id: str, caps: Capabilities) -> None:
+        """Insert, or move to the back (it was just given work or just freed)."""
+        self.discard(miner_id)
+        self._stamp += 1
+        self._classes.setdefault(caps, OrderedDict())[miner_id] = self._stamp
+        self._where[miner_id] = caps
+
+    def discard(self, miner_id: str) -> None:
+        caps = self._where.pop(miner_id, None)
+        if caps is not None:
+            members = self._classes[caps]
+            del members[miner_id]
+            if not members:
+                del self._classes[caps]
+
+    def pick(self, needs: JobNeeds, exclude: set[str]) -> str | None:
+        """The matching miner that has waited longest; None when no idle miner matches."""
+        best: tuple[int, str] | None = None
+        for caps, members in self._classes.items():
+            if not self._match(needs, caps):
+                continue
+            for miner_id, stamp in members.items():
+                if miner_id not in exclude:
+                    if best is None or stamp < best[0]:
+                        best = (stamp, miner_id)
+                    break
+        return None if best is None else best[1]
+
+
+# (-priority, order, token, job_id): higher priority first, then submission order (FIFO).
+_Entry = tuple[int, int, int, str]
+
+
+class JobQueue:
+    """Queued jobs grouped by constraint class; a heap per class with lazy deletion.
+
+    ``valid(job_id, token)`` tells whether an entry is still live (the job is QUEUED and was
+    not re-pushed since); the owner passes it in so the queue keeps no job state itself.
+    """
+
+    def __init__(self, match: MatchCache) -> None:
+        self._match = match
+        self._classes: dict[JobNeeds, list[_Entry]] = {}
+
+    def push(self, needs: JobNeeds, priority: int, order: int, token: int, job_id: str) -> None:
+        heapq.heappush(self._classes.setdefault(needs, []), (-priority, order, token, job_id))
+
+    def classes(self) -> list[JobNeeds]:
+        return list(self._classes)
+
+    def pick(self, caps: Capabilities, valid: Any, rejected: Any) -> tuple[JobNeeds, _Entry] | None:
+        """Best live entry any class matching ``caps`` offers, without removing it.
+
+        Args:
+            caps: the freed miner's class.
+            valid: ``(job_id, token) -> bool``.
+            rejected: ``job_id -> bool``, true when this miner already refused the job.
+        """
+        best: tuple[JobNeeds, _Entry] | None = None
+        for needs in list(self._classes):
+            if not self._match(needs, caps):
+                continue
+            heap = self._classes[needs]
+            while heap and not valid(heap[0][3], heap[0][2]):
+                heapq.heappop(heap)
+            if not heap:
+                del self._classes[needs]
+                continue
+            entry = heap[0]
+            if rejected(entry[3]):
+                candidates = [e for e in heap if valid(e[3], e[2]) and not rejected(e[3])]
+                if not candidates:
+                    continue
+                entry = min(candidates)
+            if best is None or entry < best[1]:
+                best = (needs, entry)
+        return best
+
+    def remove(self, needs: JobNeeds, entry: _Entry) -> None:
+        heap = self._classes.get(needs)
+        if heap is None:
+            return
+        if heap and heap[0] == entry:
+            heapq.heappop(heap)
+        else:
+            heap.remove(entry)
+            heapq.heapify(heap)
+        if not heap:
+            del self._classes[needs]

@@ -1,0 +1,72 @@
+"""Builds and signs the receipt of a completed job (rest-api.md §4, docs/receipts.md).
+
+Billing is decided by the server: ``units`` are the seconds the server observed between the
+miner's accept and its result; ``unit_price`` is the miner's advertised price capped by the
+job's ``max_price`` (0.02 when the miner advertises none). What the miner claims about itself
+stays in ``metadata.metrics``, labelled ``metrics_source: "miner-claimed"``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from protocol.receipts import RECEIPT_VERSION, key_id_for, sign_receipt
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dispatcher.jobs import Job
+    from protocol.types import JSONObject
+
+__all__ = ["DEFAULT_UNIT_PRICE", "ReceiptSigner"]
+
+DEFAULT_UNIT_PRICE = 0.02
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+class ReceiptSigner:
+    """Callable receipt factory injected into the scheduler."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.key_id = key_id_for(key.public_key())
+
+    def __call__(self, job: Job, miner_price: float | None, now: float) -> JSONObject:
+        started = job.started_at if job.started_at is not None else now
+        units = round(max(0.0, now - started), 6)
+        unit_price = miner_price if miner_price is not None else DEFAULT_UNIT_PRICE
+        cap = _num(job.constraints.get("max_price"))
+        if cap is not None:
+            unit_price = min(unit_price, cap)
+        body: JSONObject = {
+            "version": RECEIPT_VERSION,
+            "receipt_id": secrets.token_hex(16),
+            "job_id": job.job_id,
+            "provider": job.miner_id,
+            "client": job.client_id,
+            "status": "COMPLETED",
+            "units": units,
+            "unit_type": "gpu_seconds",
+            "unit_price": float(unit_price),
+            "price": round(units * unit_price, 6),
+            "started_at": int(started),
+            "completed_at": int(now),
+            "attempt": job.attempt,
+            "metadata": {
+                "job_payload": job.payload,
+                "job_constraints": job.constraints,
+                "result": job.result,
+                "metrics": job.metrics or {},
+                "metrics_source": "miner-claimed",
+            },
+        }
+        return sign_receipt(body, self._key)

@@ -1,0 +1,367 @@
+"""``Dispatcher``: the async shell around the pure scheduler.
+
+Rule 1 (durability before visibility): every scheduler call appends its store writes to the
+*open batch* and its visible effects (pushes, fan-out, replies) to the same batch's action list.
+One writer task commits a batch in one transaction and only then performs its actions, in order.
+While a commit is in flight the next batch fills up: that is the group commit.
+Rule 2: the methods adapters call are sync (they never block); only reads that may hit the
+store (``get_job``, ``subscribe``) and ``serve`` are async.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
+from dispatcher.errors import NotAllowed, Unavailable, UnknownJob
+from dispatcher.fanout import Fanout, Subscriber
+from dispatcher.jobs import TERMINAL, Job, JobState
+from dispatcher.stats import DispatcherStatistics
+from protocol.codec import encode, encode_event
+from protocol.messages import JobAssign, JobCancel
+from protocol.records import EventRecord, JobRecord, MinerRecord
+from protocol.types import CloseCode, JSONObject, iso_time
+from storage.base import JobStore, ReceiptRow, WriteBatch
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+    from dispatcher.clock import Clock
+    from dispatcher.core import JobSpec, ResumeInfo, Scheduler
+
+__all__ = ["Dispatcher", "MinerSink", "event_frame"]
+
+
+class MinerSink(Protocol):
+    """What the runtime needs from a miner connection."""
+
+    def send_frame(self, frame: str) -> None: ...
+
+    def close(self, code: CloseCode, reason: str) -> None: ...
+
+
+_Action = Effect | Callable[[], None]
+
+
+def event_frame(e: EventRecord) -> str:
+    """The ``job.event`` text frame of a stored event (encoded once per event)."""
+    return encode_event(
+        e.job_id, e.seq, e.event, e.state, iso_time(e.at), e.attempt, e.miner_id, e.data
+    ).decode()
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, scheduler: Scheduler, clock: Clock) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.clock = clock
+        self.fanout = Fanout()
+        self.running = False
+        self._closing = False
+        self._writes = WriteBatch()
+        self._actions: list[_Action] = []
+        self._wake = anyio.Event()
+        self._timer_wake = anyio.Event()
+        self._sleeping_until = math.inf
+        self._sinks: dict[str, MinerSink] = {}
+        self._bindings: dict[str, str] = {}
+        self._batches = 0
+        self._written = 0
+        self._last_batch = 0
+        self._idle = anyio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Rebuild the scheduler from the store (call once, before ``serve``)."""
+        jobs, miners = await self.store.load_active()
+        self._bindings = {m.miner_id: m.key_hash for m in miners}
+        sessions = {m.miner_id: m.session_id or "" for m in miners}
+        self._apply(self.scheduler.restore(jobs, sessions, self.clock.now()))
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the writer and the timer loop until ``stop()``; the batch in hand is flushed."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timer_loop)
+            self.running = True
+            task_status.started()
+            try:
+                await self._write_loop()
+            finally:
+                self.running = False
+                tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Refuse new work, flush what is pending, then let ``serve`` return."""
+        self._closing = True
+        self.running = False
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            while not self._actions and not len(self._writes):
+                if self._closing:
+                    return
+                self._idle.set()
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            self._idle = anyio.Event()
+            writes, actions = self._writes, self._actions
+            self._writes, self._actions = WriteBatch(), []
+            if len(writes):
+                await self.store.commit(writes)
+                self._batches += 1
+                self._written += len(writes)
+                self._last_batch = len(writes)
+            self._perform(actions)
+
+    async def wait_flushed(self) -> None:
+        """Wait until everything submitted so far is committed and delivered (tests, shutdown)."""
+        while self._actions or len(self._writes) or not self._idle.is_set():
+            await self._idle.wait()
+            if self._actions or len(self._writes):
+                self._idle = anyio.Event()
+                self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._timer_wake = anyio.Event()
+            deadline = self.scheduler.next_deadline()
+            self._sleeping_until = math.inf if deadline is None else deadline
+            await self.clock.wait_until(deadline, self._timer_wake)
+            now = self.clock.now()
+            if deadline is not None and now >= deadline:
+                self._apply(self.scheduler.tick(now))
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Unavailable("the coordinator is shutting down")
+
+    def _apply(self, effects: list[Effect]) -> None:
+        writes = self._writes
+        for effect in effects:
+            if isinstance(effect, Persist):
+                job, event = effect.job, effect.event
+                writes.jobs[job.job_id] = job
+                writes.events.append(event)
+                if event.event == "completed" and job.receipt is not None:
+                    writes.receipts.append(
+                        ReceiptRow(
+                            receipt_id=job.receipt["receipt_id"],
+                            job_id=job.job_id,
+                            miner_id=job.miner_id,
+                            issued_at=event.at,
+                            receipt=job.receipt,
+                        )
+                    )
+            self._actions.append(effect)
+        self._wake.set()
+        deadline = self.scheduler.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._timer_wake.set()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything queued so far is durable."""
+        self._actions.append(action)
+        self._wake.set()
+
+    def _perform(self, actions: list[_Action]) -> None:
+        for action in actions:
+            if isinstance(action, Persist):
+                e = action.event
+                self.fanout.publish(
+                    action.job.client_id, e.job_id, e.seq, event_frame(e), e.event == "progress"
+                )
+                if e.state in TERMINAL:
+                    self.fanout.forget_job(e.job_id)
+            elif isinstance(action, Assign):
+                sink = self._sinks.get(action.session_id)
+                if sink is not None:
+                    sink.send_frame(
+                        encode(
+                            JobAssign(
+                                job_id=action.job_id,
+                                attempt=action.attempt,
+                                payload=action.payload,
+                                constraints=action.constraints,
+                                expires_at=iso_time(action.expires_at),
+                                accept_timeout=action.accept_timeout,
+                            )
+                        ).decode()
+                    )
+            elif isinstance(action, Revoke):
+                sink = self._sinks.get(action.session_id)
+                if sink is not None:
+                    sink.send_frame(
+                        encode(JobCancel(job_id=action.job_id, reason=action.reason)).decode()
+                    )
+            elif isinstance(action, CloseSession):
+                sink = self._sinks.pop(action.session_id, None)
+                if sink is not None:
+                    sink.close(action.code, action.reason)
+            else:
+                action()
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, then: Callable[[Job, bool], None]) -> None:
+        """Queue a job; ``then(job, existed)`` runs once it is durable."""
+        self._check_open()
+        if (
+            spec.idempotency_key is not None
+            and self.scheduler.find_idempotent(spec.client_id, spec.idempotency_key) is None
+        ):
+            stored = await self.store.find_job(spec.client_id, spec.idempotency_key)
+            if stored is not None:
+                job = Job.from_record(stored)
+                self.after_commit(lambda: then(job, True))
+                return
+        job, effects = self.scheduler.submit(spec, self.clock.now())
+        existed = job.job_id != spec.job_id
+        self._actions.append(lambda: then(job, existed))
+        self._apply(effects)
+
+    def cancel(self, client_id: str, job_id: str, then: Callable[[Job], None]) -> None:
+        """Cancel a live job; raises UnknownJob / InvalidTransition (nothing changes)."""
+        self._check_open()
+        job, effects = self.scheduler.cancel(client_id, job_id, self.clock.now())
+        self._actions.append(lambda: then(job))
+        self._apply(effects)
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        job = self.scheduler.job(job_id)
+        if job is not None:
+            return job.record()
+        return await self.store.get_job(job_id)
+
+    async def subscribe(
+        self, sub: Subscriber, job_ids: list[str], after: dict[str, int]
+    ) -> list[str]:
+        """Replay stored events with ``seq > after[job]``, then go live; returns unknown ids.
+
+        Live events that arrive during the replay are held back and only those newer than the
+        replay are delivered, so the client sees every event exactly once, in order.
+        """
+        missing = []
+        for job_id in job_ids:
+            rec = await self.get_job(job_id)
+            if rec is None or rec.client_id != sub.client_id:
+                missing.append(job_id)
+                continue
+            if job_id in sub.job_ids and job_id not in after:
+                continue
+            held: list[tuple[int, str, bool]] = []
+            sub.buffers[job_id] = held
+            self.fanout.subscribe(sub, [job_id])
+            try:
+                last = after.get(job_id, 0)
+                for event in await self.store.events_after(job_id, last):
+                    sub.outbox.put(event_frame(event), job_id=job_id)
+                    last = event.seq
+            finally:
+                del sub.buffers[job_id]
+            for seq, frame, progress in held:
+                if seq > last:
+                    sub.outbox.put(frame, job_id=job_id, progress=progress)
+            if rec.state in TERMINAL and last >= rec.seq:
+                self.fanout.unsubscribe(sub, [job_id])  # nothing can follow a terminal event
+        return missing
+
+    # ---- miners -----------------------------------------------------------------------------
+
+    def miner_hello(
+        self,
+        *,
+        miner_id: str,
+        key_hash: str,
+        session_id: str,
+        sink: MinerSink,
+        capabilities: JSONObject,
+        concurrency: int,
+        region: str | None,
+        resume_session: str | None,
+        then: Callable[[ResumeInfo], None],
+    ) -> None:
+        """Bind the id to the key on first use, then connect; ``then`` sends the welcome."""
+        self._check_open()
+        bound = self._bindings.get(miner_id)
+        if bound is not None and bound != key_hash:
+            raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
+        self._bindings[miner_id] = key_hash
+        now = self.clock.now()
+        info, effects = self.scheduler.connect(
+            miner_id,
+            session_id,
+            capabilities=capabilities,
+            concurrency=concurrency,
+            region=region,
+            resume_session=resume_session,
+            now=now,
+        )
+        self._sinks[session_id] = sink
+        self._writes.miners[miner_id] = MinerRecord(
+            miner_id=miner_id,
+            key_hash=key_hash,
+            session_id=session_id,
+            capabilities=capabilities,
+            concurrency=concurrency,
+            region=region,
+            last_seen=now,
+        )
+        self._actions.append(lambda: then(info))
+        self._apply(effects)
+
+    def miner_gone(self, miner_id: str, session_id: str) -> None:
+        if self._sinks.get(session_id) is not None:
+            del self._sinks[session_id]
+        self._apply(self.scheduler.disconnect(miner_id, session_id, self.clock.now()))
+
+    def miner_call(self, method: str, miner_id: str, *args: Any, **kwargs: Any) -> None:
+        """Forward accept/reject/progress/fail/set_status to the scheduler (errors propagate)."""
+        self._apply(
+            getattr(self.scheduler, method)(miner_id, *args, now=self.clock.now(), **kwargs)
+        )
+
+    def miner_result(
+        self,
+        miner_id: str,
+        job_id: str,
+        result: JSONObject,
+        metrics: JSONObject,
+        attempt: int | None,
+        then: Callable[[Job], None],
+    ) -> None:
+        """Complete a job; ``then(job)`` (job.receipt is set) runs once it is durable."""
+        job, effects = self.scheduler.complete(
+            miner_id, job_id, result, metrics, self.clock.now(), attempt
+        )
+        self._actions.append(lambda: then(job))
+        self._apply(effects)
+
+    async def stored_receipt(self, miner_id: str, job_id: str) -> JSONObject | None:
+        """For a retried result of a job no longer in memory: its receipt, if this miner's."""
+        rec = await self.store.get_job(job_id)
+        if rec is None:
+            raise UnknownJob(job_id)
+        if rec.state == JobState.COMPLETED and rec.miner_id == miner_id:
+            return rec.receipt
+        return None
+
+    # ---- observation ------------------------------------------------------------------------
+
+    def statistics(self) -> DispatcherStatistics:
+        return DispatcherStatistics(
+            scheduler=self.scheduler.statistics(),
+            batches=self._batches,
+            writes=self._written,
+            last_batch_size=self._last_batch,
+            pending_writes=len(self._writes),
+            subscribers=self.fanout.subscriber_count,
+            progress_dropped=0,
+        )

@@ -1,0 +1,449 @@
+"""Encode messages to wire bytes and decode wire frames into messages (docs/protocol.md).
+
+Rule 1: this is the only module that touches orjson and the only one that sees raw dicts.
+Rule 2: every failure to decode is a :class:`RemoteProtocolError` carrying the close code the
+contract prescribes: 1007 for invalid JSON or schema, ``UnknownMessageType`` (not fatal) for a
+``type`` this direction does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from protocol.errors import RemoteProtocolError, UnknownMessageType
+from protocol.messages import (
+    Ack,
+    Auth,
+    ClientHello,
+    ClientToServer,
+    ClientWelcome,
+    Error,
+    Heartbeat,
+    Hello,
+    JobAccept,
+    JobAssign,
+    JobCancel,
+    JobCancelRequest,
+    JobEvent,
+    JobFail,
+    JobProgress,
+    JobReject,
+    JobResult,
+    JobSubmit,
+    MinerToServer,
+    ServerToClient,
+    ServerToMiner,
+    Status,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+)
+from protocol.types import JSON, JSONObject
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "decode_client_frame",
+    "decode_miner_frame",
+    "decode_server_to_client",
+    "decode_server_to_miner",
+    "dumps",
+    "encode",
+    "loads",
+]
+
+MAX_ID_LENGTH = 64
+_MAX_JOB_ID = 128
+_MAX_TEXT = 64 * 1024
+
+T = TypeVar("T")
+
+
+def dumps(value: JSON) -> bytes:
+    """Serialise any JSON value with orjson (used by storage for payload columns too)."""
+    return orjson.dumps(value)
+
+
+def loads(data: bytes | str) -> JSON:
+    """Parse JSON; raises RemoteProtocolError(1007) on malformed input."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise RemoteProtocolError("malformed JSON") from exc
+
+
+# ---- field readers ------------------------------------------------------------------------
+
+
+def _bad(key: str, what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"field {key!r} {what}")
+
+
+def _str(d: JSONObject, key: str, *, max_len: int = _MAX_TEXT) -> str:
+    v = d.get(key)
+    if not isinstance(v, str):
+        raise _bad(key, "must be a string")
+    if len(v) > max_len:
+        raise _bad(key, f"is longer than {max_len} characters")
+    return v
+
+
+def _opt_str(d: JSONObject, key: str, *, max_len: int = _MAX_TEXT) -> str | None:
+    return None if d.get(key) is None else _str(d, key, max_len=max_len)
+
+
+def _job_id(d: JSONObject) -> str:
+    v = _str(d, "job_id", max_len=_MAX_JOB_ID)
+    if not v:
+        raise _bad("job_id", "must not be empty")
+    return v
+
+
+def _int(d: JSONObject, key: str, default: int | None = None, *, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if v is None:
+        if default is None:
+            raise _bad(key, "is required")
+        return default
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _bad(key, "must be an integer")
+    if not lo <= v <= hi:
+        raise _bad(key, f"must be between {lo} and {hi}")
+    return v
+
+
+def _opt_int(d: JSONObject, key: str, *, lo: int, hi: int) -> int | None:
+    return None if d.get(key) is None else _int(d, key, lo=lo, hi=hi)
+
+
+def _opt_float(d: JSONObject, key: str, *, lo: float, hi: float) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(key, f"must be a number between {lo} and {hi}")
+    return float(v)
+
+
+def _float(d: JSONObject, key: str, default: float) -> float:
+    v = _opt_float(d, key, lo=0.0, hi=1e9)
+    return default if v is None else v
+
+
+def _bool(d: JSONObject, key: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise _bad(key, "must be a boolean")
+    return v
+
+
+def _opt_bool(d: JSONObject, key: str) -> bool | None:
+    return None if d.get(key) is None else _bool(d, key, False)
+
+
+def _obj(d: JSONObject, key: str, *, required: bool = False) -> JSONObject:
+    v = d.get(key)
+    if v is None:
+        if required:
+            raise _bad(key, "is required")
+        return {}
+    if not isinstance(v, dict):
+        raise _bad(key, "must be an object")
+    return v
+
+
+def _opt_obj(d: JSONObject, key: str) -> JSONObject | None:
+    return None if d.get(key) is None else _obj(d, key)
+
+
+def _attempt(d: JSONObject) -> int | None:
+    return _opt_int(d, "attempt", lo=0, hi=1_000_000)
+
+
+def _job_ids(d: JSONObject, key: str) -> tuple[str, ...] | Literal["all"]:
+    v = d.get(key)
+    if v == "all":
+        return "all"
+    if not isinstance(v, list) or len(v) > 10_000:
+        raise _bad(key, 'must be "all" or a list of at most 10000 job ids')
+    if not all(isinstance(x, str) and 0 < len(x) <= _MAX_JOB_ID for x in v):
+        raise _bad(key, "must contain job id strings")
+    return tuple(v)
+
+
+def _id_list(d: JSONObject, key: str) -> tuple[str, ...]:
+    v = d.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(
+        isinstance(x, str) and 0 < len(x) <= _MAX_JOB_ID for x in v
+    ):
+        raise _bad(key, "must be a list of job id strings")
+    return tuple(v)
+
+
+def _after(d: JSONObject) -> dict[str, int]:
+    v = _obj(d, "after")
+    for k, seq in v.items():
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise _bad("after", f"entry {k!r} must be a non-negative integer")
+    return v
+
+
+# ---- per-type decoders --------------------------------------------------------------------
+
+_Decoder = Callable[[JSONObject, "str | None"], Any]
+
+_MINER: dict[str, _Decoder] = {
+    "auth": lambda d, i: Auth(token=_str(d, "token", max_len=4096), id=i),
+    "hello": lambda d, i: Hello(
+        protocol=_int(d, "protocol", lo=0, hi=1_000_000),
+        miner_id=_opt_str(d, "miner_id", max_len=128),
+        capabilities=_obj(d, "capabilities"),
+        concurrency=_int(d, "concurrency", 1, lo=1, hi=1024),
+        region=_opt_str(d, "region", max_len=128),
+        resume_session=_opt_str(_obj(d, "resume"), "session_id", max_len=128),
+        id=i,
+    ),
+    "job.accept": lambda d, i: JobAccept(job_id=_job_id(d), attempt=_attempt(d), id=i),
+    "job.reject": lambda d, i: JobReject(
+        job_id=_job_id(d),
+        reason=_opt_str(d, "reason", max_len=1024) or "",
+        attempt=_attempt(d),
+        id=i,
+    ),
+    "job.progress": lambda d, i: JobProgress(
+        job_id=_job_id(d),
+        progress=_opt_float(d, "progress", lo=0.0, hi=1.0),
+        message=_opt_str(d, "message"),
+        output=_opt_str(d, "output"),
+        attempt=_attempt(d),
+        id=i,
+    ),
+    "job.result": lambda d, i: JobResult(
+        job_id=_job_id(d),
+        result=_obj(d, "result", required=True),
+        metrics=_obj(d, "metrics"),
+        attempt=_attempt(d),
+        id=i,
+    ),
+    "job.fail": lambda d, i: JobFail(
+        job_id=_job_id(d),
+        error_code=_str(d, "error_code", max_len=256),
+        error_message=_str(d, "error_message"),
+        retryable=_bool(d, "retryable", False),
+        attempt=_attempt(d),
+        id=i,
+    ),
+    "status": lambda d, i: Status(
+        concurrency=_opt_int(d, "concurrency", lo=1, hi=1024),
+        draining=_opt_bool(d, "draining"),
+        metrics=_opt_obj(d, "metrics"),
+        id=i,
+    ),
+    "heartbeat": lambda d, i: Heartbeat(metrics=_opt_obj(d, "metrics"), id=i),
+}
+
+_CLIENT: dict[str, _Decoder] = {
+    "auth": _MINER["auth"],
+    "hello": lambda d, i: ClientHello(protocol=_int(d, "protocol", lo=0, hi=1_000_000), id=i),
+    "job.submit": lambda d, i: JobSubmit(
+        payload=_obj(d, "payload", required=True),
+        constraints=_obj(d, "constraints"),
+        ttl_seconds=_opt_int(d, "ttl_seconds", lo=1, hi=7 * 86400),
+        priority=_int(d, "priority", 0, lo=-1000, hi=1000),
+        idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
+        id=i,
+    ),
+    "subscribe": lambda d, i: Subscribe(job_ids=_job_ids(d, "job_ids"), after=_after(d), id=i),
+    "unsubscribe": lambda d, i: Unsubscribe(job_ids=_job_ids(d, "job_ids"), id=i),
+    "job.cancel": lambda d, i: JobCancelRequest(job_id=_job_id(d), id=i),
+}
+
+_SERVER_TO_MINER: dict[str, _Decoder] = {
+    "welcome": lambda d, i: Welcome(
+        protocol=_int(d, "protocol", lo=0, hi=1_000_000),
+        session_id=_str(d, "session_id"),
+        miner_id=_str(d, "miner_id"),
+        heartbeat_interval=_float(d, "heartbeat_interval", 10.0),
+        heartbeat_timeout=_float(d, "heartbeat_timeout", 30.0),
+        resumed=_id_list(d, "resumed"),
+        revoked=_id_list(d, "revoked"),
+    ),
+    "job.assign": lambda d, i: JobAssign(
+        job_id=_job_id(d),
+        attempt=_int(d, "attempt", lo=0, hi=1_000_000),
+        payload=_obj(d, "payload"),
+        constraints=_obj(d, "constraints"),
+        expires_at=_str(d, "expires_at"),
+        accept_timeout=_float(d, "accept_timeout", 10.0),
+    ),
+    "job.cancel": lambda d, i: JobCancel(job_id=_job_id(d), reason=_str(d, "reason")),
+}
+
+_EVENT_KEYS = frozenset({"type", "job_id", "seq", "event", "state", "at", "attempt", "miner_id"})
+_SERVER_TO_CLIENT: dict[str, _Decoder] = {
+    "welcome": lambda d, i: ClientWelcome(
+        protocol=_int(d, "protocol", lo=0, hi=1_000_000), client_id=_str(d, "client_id")
+    ),
+    "job.event": lambda d, i: JobEvent(
+        job_id=_job_id(d),
+        seq=_int(d, "seq", lo=1, hi=2**62),
+        event=_str(d, "event"),
+        state=_str(d, "state"),
+        at=_str(d, "at"),
+        attempt=_int(d, "attempt", 0, lo=0, hi=1_000_000),
+        miner_id=_opt_str(d, "miner_id"),
+        data={k: v for k, v in d.items() if k not in _EVENT_KEYS},
+    ),
+}
+
+
+def _replies(d: JSONObject, i: str | None) -> Ack | Error:
+    if d["type"] == "ack":
+        if i is None:
+            raise _bad("id", "is required on ack")
+        return Ack(id=i, fields={k: v for k, v in d.items() if k not in ("type", "id")})
+    return Error(code=_str(d, "code"), message=_str(d, "message"), id=i, ref=_opt_str(d, "ref"))
+
+
+for _table in (_SERVER_TO_MINER, _SERVER_TO_CLIENT):
+    _table["ack"] = _replies
+    _table["error"] = _replies
+
+
+def _decode(data: bytes | str, table: dict[str, _Decoder]) -> Any:
+    obj = loads(data)
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("frame is not a JSON object")
+    msg_type = obj.get("type")
+    if not isinstance(msg_type, str):
+        raise RemoteProtocolError("frame has no string 'type'")
+    raw_id = obj.get("id")
+    if raw_id is not None and (not isinstance(raw_id, str) or len(raw_id) > MAX_ID_LENGTH):
+        raise _bad("id", f"must be a string of at most {MAX_ID_LENGTH} characters")
+    decoder = table.get(msg_type)
+    if decoder is None:
+        raise UnknownMessageType(msg_type[:64], raw_id)
+    try:
+        return decoder(obj, raw_id)
+    except RemoteProtocolError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:  # e.g. float() of a string
+        raise RemoteProtocolError(f"invalid {msg_type} frame") from exc
+
+
+def decode_miner_frame(data: bytes | str) -> MinerToServer:
+    """Decode one frame sent by a miner."""
+    msg: MinerToServer = _decode(data, _MINER)
+    return msg
+
+
+def decode_client_frame(data: bytes | str) -> ClientToServer:
+    """Decode one frame sent by a client."""
+    msg: ClientToServer = _decode(data, _CLIENT)
+    return msg
+
+
+def decode_server_to_miner(data: bytes | str) -> ServerToMiner:
+    """Decode one frame the server sent to a miner (used by :mod:`protocol.client`)."""
+    msg: ServerToMiner = _decode(data, _SERVER_TO_MINER)
+    return msg
+
+
+def decode_server_to_client(data: bytes | str) -> ServerToClient:
+    """Decode one frame the server sent to a client."""
+    msg: ServerToClient = _decode(data, _SERVER_TO_CLIENT)
+    return msg
+
+
+# ---- encoding -----------------------------------------------------------------------------
+
+_TYPES: dict[type, str] = {
+    Auth: "auth",
+    Hello: "hello",
+    ClientHello: "hello",
+    JobAccept: "job.accept",
+    JobReject: "job.reject",
+    JobProgress: "job.progress",
+    JobResult: "job.result",
+    JobFail: "job.fail",
+    Status: "status",
+    Heartbeat: "heartbeat",
+    Welcome: "welcome",
+    ClientWelcome: "welcome",
+    JobAssign: "job.assign",
+    JobCancel: "job.cancel",
+    JobCancelRequest: "job.cancel",
+    JobSubmit: "job.submit",
+    Subscribe: "subscribe",
+    Unsubscribe: "unsubscribe",
+}
+
+
+def encode(msg: object) -> bytes:
+    """Encode any protocol message to the bytes of one text frame.
+
+    ``None`` fields are left out; ``Ack.fields`` and ``JobEvent.data`` are merged into the
+    top-level object, as the contract shows them.
+    """
+    if isinstance(msg, Ack):
+        return orjson.dumps({"type": "ack", "id": msg.id, **msg.fields})
+    if isinstance(msg, Error):
+        err: JSONObject = {"type": "error", "code": msg.code, "message": msg.message}
+        if msg.id is not None:
+            err["id"] = msg.id
+        if msg.ref is not None:
+            err["ref"] = msg.ref
+        return orjson.dumps(err)
+    if isinstance(msg, JobEvent):
+        return encode_event(
+            msg.job_id, msg.seq, msg.event, msg.state, msg.at, msg.attempt, msg.miner_id, msg.data
+        )
+    if isinstance(msg, Hello):
+        hello: JSONObject = {
+            "type": "hello",
+            "protocol": msg.protocol,
+            "capabilities": msg.capabilities,
+            "concurrency": msg.concurrency,
+        }
+        for k in ("miner_id", "region", "id"):
+            if getattr(msg, k) is not None:
+                hello[k] = getattr(msg, k)
+        if msg.resume_session is not None:
+            hello["resume"] = {"session_id": msg.resume_session}
+        return orjson.dumps(hello)
+    out: JSONObject = {"type": _TYPES[type(msg)]}
+    out.update((k, v) for k, v in asdict(msg).items() if v is not None)  # type: ignore[call-overload]
+    return orjson.dumps(out)
+
+
+def encode_event(
+    job_id: str,
+    seq: int,
+    event: str,
+    state: str,
+    at: str,
+    attempt: int,
+    miner_id: str | None,
+    data: JSONObject,
+) -> bytes:
+    """Encode a ``job.event`` frame (hot path: no dataclass round trip)."""
+    frame: JSONObject = {
+        "type": "job.event",
+        "job_id": job_id,
+        "seq": seq,
+        "event": event,
+        "state": state,
+        "at": at,
+        "attempt": attempt,
+        "miner_id": miner_id,
+    }
+    frame.update(data)
+    return orjson.dumps(frame)
+
+
+__all__ += ["encode_event"]

@@ -1,0 +1,129 @@
+"""Receipt canonical form, signing and verification (rest-api.md §4.3, docs/receipts.md).
+
+Rule 1: pure functions; the caller passes every value (ids, times), so signing is testable.
+Rule 2: the signature is computed last, over every other field, so the upstream SDK verifier
+(`aitbc_sdk.receipts.verify_receipt`) accepts our receipts unchanged.
+
+This module uses the stdlib ``json`` (not orjson) on purpose: the canonical form is defined as
+Python's ``json.dumps(sort_keys=True, separators=(",", ":"))`` with ASCII escaping and Python's
+float repr, and only the stdlib reproduces that byte for byte. ``cryptography`` does the Ed25519
+arithmetic; it is pure computation, no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+if TYPE_CHECKING:
+    from protocol.types import JSONObject
+
+__all__ = [
+    "RECEIPT_VERSION",
+    "canonical_json",
+    "key_id_for",
+    "load_signing_key",
+    "sign_receipt",
+    "verify_receipt",
+]
+
+RECEIPT_VERSION = "1.0"
+_UNSIGNED = ("signature", "attestations")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value if v is not None]
+    return value
+
+
+def canonical_json(obj: JSONObject) -> bytes:
+    """The §4.3 canonical form: nulls dropped recursively, sorted keys, compact, ASCII."""
+    return json.dumps(_drop_nulls(obj), separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def load_signing_key(seed_hex: str) -> Ed25519PrivateKey:
+    """Build the key from ``RECEIPT_SIGNING_KEY_HEX`` (a 32-byte seed in hex).
+
+    Raises:
+        ValueError: the text is not 64 hex digits.
+    """
+    seed = bytes.fromhex(seed_hex.strip())
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 seed is 32 bytes (64 hex digits)")
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def key_id_for(public_key: Ed25519PublicKey) -> str:
+    """Unpadded base64url of the raw 32-byte public key (the upstream ``key_id``)."""
+    return _b64url(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def _signed_part(receipt: JSONObject) -> JSONObject:
+    return {k: v for k, v in receipt.items() if k not in _UNSIGNED}
+
+
+def sign_receipt(receipt: JSONObject, key: Ed25519PrivateKey) -> JSONObject:
+    """Return a copy of ``receipt`` with ``signature`` over all its other fields."""
+    body = _signed_part(receipt)
+    sig = key.sign(canonical_json(body))
+    return {
+        **body,
+        "signature": {
+            "alg": "Ed25519",
+            "key_id": key_id_for(key.public_key()),
+            "sig": _b64url(sig),
+        },
+    }
+
+
+def _check_signature(body: bytes, sig: Any, label: str) -> list[str]:
+    if not isinstance(sig, dict):
+        return [f"{label} is missing or not an object"]
+    if sig.get("alg") != "Ed25519":
+        return [f"{label}.alg is not Ed25519"]
+    try:
+        public = Ed25519PublicKey.from_public_bytes(_b64url_decode(str(sig.get("key_id", ""))))
+        public.verify(_b64url_decode(str(sig.get("sig", ""))), body)
+    except (ValueError, InvalidSignature):
+        return [f"{label} does not verify"]
+    return []
+
+
+def verify_receipt(receipt: Any, *, pinned_key_ids: frozenset[str] | None = None) -> list[str]:
+    """Check a receipt; returns the reasons it is invalid (empty means valid).
+
+    Args:
+        receipt: any JSON value claimed to be a receipt.
+        pinned_key_ids: when given, the signing key must be one of these (key pinning).
+    """
+    if not isinstance(receipt, dict):
+        return ["receipt is not a JSON object"]
+    body = canonical_json(_signed_part(receipt))
+    reasons = _check_signature(body, receipt.get("signature"), "signature")
+    sig = receipt.get("signature")
+    if pinned_key_ids is not None and isinstance(sig, dict):
+        key_id = sig.get("key_id")
+        if not isinstance(key_id, str) or key_id not in pinned_key_ids:
+            reasons.append("signature.key_id is not a pinned coordinator key")
+    attestations = receipt.get("attestations") or []
+    if not isinstance(attestations, list):
+        return [*reasons, "attestations is not a list"]
+    for n, att in enumerate(attestations):
+        reasons += _check_signature(body, att, f"attestations[{n}]")
+    return reasons

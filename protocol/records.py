@@ -1,0 +1,86 @@
+"""Durable records shared by storage and the dispatcher, and their wire views.
+
+Rule: a ``JobRecord`` is an immutable snapshot of everything the store keeps about a job at one
+moment; an ``EventRecord`` is one entry of a job's event log (``seq`` from 1, no gaps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.types import JSONObject, iso_time
+
+__all__ = ["EventRecord", "JobRecord", "MinerRecord", "job_view"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRecord:
+    job_id: str
+    client_id: str
+    state: str
+    payload: JSONObject
+    constraints: JSONObject
+    priority: int
+    requested_at: float
+    expires_at: float
+    attempt: int
+    failures: int
+    max_attempts: int
+    seq: int
+    miner_id: str | None = None
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: JSONObject | None = None
+    receipt: JSONObject | None = None
+    error: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventRecord:
+    job_id: str
+    seq: int
+    event: str
+    state: str
+    at: float
+    attempt: int
+    miner_id: str | None = None
+    data: JSONObject = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MinerRecord:
+    miner_id: str
+    key_hash: str
+    session_id: str | None
+    capabilities: JSONObject
+    concurrency: int
+    region: str | None
+    last_seen: float
+
+
+def job_view(job: JobRecord, *, servable: bool | None = None) -> JSONObject:
+    """The JobView of rest-api.md §2.9 plus this project's extra fields."""
+    view: JSONObject = {
+        "job_id": job.job_id,
+        "state": job.state,
+        "assigned_miner_id": job.miner_id,
+        "requested_at": iso_time(job.requested_at),
+        "expires_at": iso_time(job.expires_at),
+        "error": job.error,
+        "payment_id": None,
+        "payment_status": None,
+        "payload": job.payload,
+        "constraints": job.constraints,
+        "result": job.result,
+        "receipt_id": (job.receipt or {}).get("receipt_id"),
+        "attempt": job.attempt,
+        "priority": job.priority,
+        "started_at": None if job.started_at is None else iso_time(job.started_at),
+        "finished_at": None if job.finished_at is None else iso_time(job.finished_at),
+        "seq": job.seq,
+    }
+    if servable is not None:
+        view["servable"] = servable
+    return view

@@ -1,0 +1,85 @@
+"""Identifiers, enums and small pure helpers shared by every layer.
+
+Rule: nothing here performs I/O or reads a clock. Times are passed in as Unix seconds.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any, NewType, TypeAlias
+
+__all__ = [
+    "JSON",
+    "JSONObject",
+    "PROTOCOL_VERSION",
+    "ClientId",
+    "CloseCode",
+    "ErrorCode",
+    "EventKind",
+    "JobId",
+    "MinerId",
+    "SessionId",
+    "iso_time",
+]
+
+PROTOCOL_VERSION = 1
+
+# The one place where ``Any`` is allowed: the JSON values that cross the codec boundary.
+JSON: TypeAlias = Any
+JSONObject: TypeAlias = dict[str, Any]
+
+JobId = NewType("JobId", str)
+MinerId = NewType("MinerId", str)
+ClientId = NewType("ClientId", str)
+SessionId = NewType("SessionId", str)
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of protocol v1 (docs/protocol.md, "Close codes")."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
+    TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    PROTOCOL_ERROR = 4000
+    UNSUPPORTED_VERSION = 4002
+    NOT_AUTHENTICATED = 4401
+    FORBIDDEN = 4403
+    LIVENESS_LOST = 4408
+    REPLACED = 4409
+    TOO_SLOW = 4429
+
+
+class ErrorCode(StrEnum):
+    """Codes carried by non-fatal ``error`` frames."""
+
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID = "invalid"
+    NOT_FOUND = "not_found"
+    NOT_ASSIGNED = "not_assigned"
+    NOT_CANCELABLE = "not_cancelable"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class EventKind(StrEnum):
+    """The ``event`` field of ``job.event`` frames."""
+
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    STARTED = "started"
+    PROGRESS = "progress"
+    REQUEUED = "requeued"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+def iso_time(ts: float) -> str:
+    """Format Unix seconds as ISO-8601 UTC with millisecond precision and a ``Z`` suffix."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -1,0 +1,63 @@
+"""The ``JobStore`` port and the write batch the group-commit writer hands to it.
+
+Rule: the dispatcher talks to storage only through ``JobStore``. A ``WriteBatch`` is committed
+in ONE transaction; nothing it describes may become visible before ``commit`` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from protocol.records import EventRecord, JobRecord, MinerRecord
+    from protocol.types import JSONObject
+
+__all__ = ["JobStore", "ReceiptRow", "WriteBatch"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptRow:
+    receipt_id: str
+    job_id: str
+    miner_id: str | None
+    issued_at: float
+    receipt: JSONObject
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything one transaction writes. Later job snapshots replace earlier ones."""
+
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    events: list[EventRecord] = field(default_factory=list)
+    miners: dict[str, MinerRecord] = field(default_factory=dict)
+    receipts: list[ReceiptRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.jobs) + len(self.events) + len(self.miners) + len(self.receipts)
+
+
+class JobStore(Protocol):
+    """Persistence for jobs, their event logs, miners and receipts."""
+
+    async def open(self) -> None:
+        """Connect and apply migrations."""
+
+    async def close(self) -> None: ...
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Write the whole batch in one transaction (raises StorageError)."""
+
+    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        """QUEUED and RUNNING jobs, and every known miner (for the start-up rebuild)."""
+
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None: ...
+
+    async def events_after(
+        self, job_id: str, after: int, limit: int = 10_000
+    ) -> list[EventRecord]: ...
+
+    async def receipts_for(self, job_id: str) -> list[JSONObject]: ...

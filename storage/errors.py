@@ -1,0 +1,24 @@
+"""Errors of the storage layer.
+
+Tree::
+
+    StorageError          the store failed (driver error, closed store, corrupt row)
+    ├── NotFound          the row does not exist
+    └── Conflict          a uniqueness rule was violated
+"""
+
+from __future__ import annotations
+
+__all__ = ["Conflict", "NotFound", "StorageError"]
+
+
+class StorageError(Exception):
+    """Base class of storage errors."""
+
+
+class NotFound(StorageError):
+    pass
+
+
+class Conflict(StorageError):
+    pass

@@ -1,0 +1,76 @@
+"""``InMemoryJobStore``: the reference implementation of ``JobStore`` for pure tests.
+
+Never a product mode: nothing survives the process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from storage.errors import Conflict, StorageError
+
+if TYPE_CHECKING:
+    from protocol.records import EventRecord, JobRecord, MinerRecord
+    from protocol.types import JSONObject
+    from storage.base import WriteBatch
+
+__all__ = ["InMemoryJobStore"]
+
+
+class InMemoryJobStore:
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobRecord] = {}
+        self.events: dict[str, list[EventRecord]] = {}
+        self.miners: dict[str, MinerRecord] = {}
+        self.receipts: dict[str, tuple[str, float, JSONObject]] = {}
+        self.commits = 0
+        self.is_open = False
+
+    async def open(self) -> None:
+        self.is_open = True
+
+    async def close(self) -> None:
+        self.is_open = False
+
+    async def commit(self, batch: WriteBatch) -> None:
+        if not self.is_open:
+            raise StorageError("store is closed")
+        for e in batch.events:  # validate first: a batch is all or nothing
+            have = self.events.get(e.job_id, [])
+            if any(x.seq == e.seq for x in have):
+                raise Conflict(f"event {e.job_id}#{e.seq} exists")
+        for job in batch.jobs.values():
+            old = self.jobs.get(job.job_id)
+            if old is not None:
+                job = replace(job, payload=old.payload, constraints=old.constraints)
+            self.jobs[job.job_id] = job
+        for e in batch.events:
+            self.events.setdefault(e.job_id, []).append(e)
+        for m in batch.miners.values():
+            old_m = self.miners.get(m.miner_id)
+            self.miners[m.miner_id] = m if old_m is None else replace(m, key_hash=old_m.key_hash)
+        for r in batch.receipts:
+            self.receipts.setdefault(r.receipt_id, (r.job_id, r.issued_at, r.receipt))
+        self.commits += 1
+
+    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        active = [j for j in self.jobs.values() if j.state in ("QUEUED", "RUNNING")]
+        return active, list(self.miners.values())
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
+        for job in self.jobs.values():
+            if job.client_id == client_id and job.idempotency_key == idempotency_key:
+                return job
+        return None
+
+    async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
+        events = sorted(self.events.get(job_id, []), key=lambda e: e.seq)
+        return [e for e in events if e.seq > after][:limit]
+
+    async def receipts_for(self, job_id: str) -> list[JSONObject]:
+        rows = sorted((t, r) for j, t, r in self.receipts.values() if j == job_id)
+        return [r for _, r in rows]

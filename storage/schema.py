@@ -1,0 +1,73 @@
+"""DDL as SQL text, applied as numbered migrations at start-up.
+
+Rule: a migration is never edited once released; add a new one. The applied version is kept in
+``schema_version`` so the same code runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE jobs (
+                job_id TEXT PRIMARY KEY,
+                client_id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                constraints TEXT NOT NULL,
+                priority INTEGER NOT NULL,
+                requested_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                attempt INTEGER NOT NULL,
+                failures INTEGER NOT NULL,
+                max_attempts INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                miner_id TEXT,
+                assigned_at DOUBLE PRECISION,
+                started_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                result TEXT,
+                receipt TEXT,
+                error TEXT,
+                idempotency_key TEXT
+            )""",
+            "CREATE INDEX jobs_state ON jobs (state)",
+            "CREATE INDEX jobs_client ON jobs (client_id, requested_at)",
+            """CREATE UNIQUE INDEX jobs_idempotency ON jobs (client_id, idempotency_key)
+               WHERE idempotency_key IS NOT NULL""",
+            """CREATE TABLE job_events (
+                job_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                event TEXT NOT NULL,
+                state TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                attempt INTEGER NOT NULL,
+                miner_id TEXT,
+                data TEXT NOT NULL,
+                PRIMARY KEY (job_id, seq)
+            )""",
+            """CREATE TABLE miners (
+                miner_id TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL,
+                session_id TEXT,
+                capabilities TEXT NOT NULL,
+                concurrency INTEGER NOT NULL,
+                region TEXT,
+                last_seen DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE receipts (
+                receipt_id TEXT PRIMARY KEY,
+                job_id TEXT NOT NULL,
+                miner_id TEXT,
+                issued_at DOUBLE PRECISION NOT NULL,
+                receipt TEXT NOT NULL
+            )""",
+            "CREATE INDEX receipts_job ON receipts (job_id)",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -1,0 +1,324 @@
+"""``DatabasesJobStore``: the SQL store. The only module that imports databases/aiosqlite.
+
+``databases`` owns the connections, migrations and reads. The group-commit writer does not pay
+per-statement SQL compilation: it uses pre-built SQL and one ``executemany`` per statement type
+per batch on the writer connection's raw driver, and one COMMIT per batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from databases import Database
+
+from protocol.codec import dumps, loads
+from protocol.records import EventRecord, JobRecord, MinerRecord
+from storage.errors import Conflict, StorageError
+from storage.schema import MIGRATIONS
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from databases.core import Connection
+
+    from protocol.types import JSONObject
+    from storage.base import WriteBatch
+
+__all__ = ["DatabasesJobStore", "map_driver_errors"]
+
+_JOB_COLUMNS = (
+    "job_id",
+    "client_id",
+    "state",
+    "payload",
+    "constraints",
+    "priority",
+    "requested_at",
+    "expires_at",
+    "attempt",
+    "failures",
+    "max_attempts",
+    "seq",
+    "miner_id",
+    "assigned_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "receipt",
+    "error",
+    "idempotency_key",
+)
+_UPSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))}) "
+    "ON CONFLICT (job_id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = excluded.{c}" for c in _JOB_COLUMNS[2:] if c not in ("payload", "constraints")
+    )
+)
+_INSERT_EVENT = (
+    "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_MINER = (
+    "INSERT INTO miners (miner_id, key_hash, session_id, capabilities, concurrency, region, "
+    "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (miner_id) DO UPDATE SET "
+    "session_id = excluded.session_id, capabilities = excluded.capabilities, "
+    "concurrency = excluded.concurrency, region = excluded.region, last_seen = excluded.last_seen"
+)
+_INSERT_RECEIPT = (
+    "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
+)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else dumps(value).decode()
+
+
+def _json(value: Any) -> Any:
+    return None if value is None else loads(value)
+
+
+@asynccontextmanager
+async def map_driver_errors() -> AsyncIterator[None]:
+    """Turn driver exceptions into StorageError subclasses (the one translation point)."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict(str(exc)) from exc
+    except (sqlite3.Error, ValueError) as exc:
+        raise StorageError(str(exc)) from exc
+
+
+def _job_row(j: JobRecord) -> tuple[Any, ...]:
+    return (
+        j.job_id,
+        j.client_id,
+        j.state,
+        _text(j.payload),
+        _text(j.constraints),
+        j.priority,
+        j.requested_at,
+        j.expires_at,
+        j.attempt,
+        j.failures,
+        j.max_attempts,
+        j.seq,
+        j.miner_id,
+        j.assigned_at,
+        j.started_at,
+        j.finished_at,
+        _text(j.result),
+        _text(j.receipt),
+        j.error,
+        j.idempotency_key,
+    )
+
+
+def _job_record(row: Any) -> JobRecord:
+    m = row._mapping
+    return JobRecord(
+        job_id=m["job_id"],
+        client_id=m["client_id"],
+        state=m["state"],
+        payload=loads(m["payload"]),
+        constraints=loads(m["constraints"]),
+        priority=m["priority"],
+        requested_at=m["requested_at"],
+        expires_at=m["expires_at"],
+        attempt=m["attempt"],
+        failures=m["failures"],
+        max_attempts=m["max_attempts"],
+        seq=m["seq"],
+        miner_id=m["miner_id"],
+        assigned_at=m["assigned_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        result=_json(m["result"]),
+        receipt=_json(m["receipt"]),
+        error=m["error"],
+        idempotency_key=m["idempotency_key"],
+    )
+
+
+def _event_record(row: Any) -> EventRecord:
+    m = row._mapping
+    return EventRecord(
+        job_id=m["job_id"],
+        seq=m["seq"],
+        event=m["event"],
+        state=m["state"],
+        at=m["at"],
+        attempt=m["attempt"],
+        miner_id=m["miner_id"],
+        data=loads(m["data"]),
+    )
+
+
+class DatabasesJobStore:
+    """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request."""
+
+    def __init__(self, url: str, *, synchronous: str = "NORMAL") -> None:
+        if not url.startswith("sqlite"):
+            raise StorageError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]!r}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise StorageError("synchronous must be NORMAL or FULL")
+        self.url = url
+        self.synchronous = synchronous
+        self._db = Database(url)
+        self._stack = AsyncExitStack()
+        self._reader: Connection | None = None
+        self._raw: Any = None  # the writer connection's aiosqlite driver object
+
+    async def open(self) -> None:
+        async with map_driver_errors():
+            await self._db.connect()
+            writer = await self._stack.enter_async_context(self._db.connection())
+            self._raw = writer.raw_connection
+            await self._pragmas(self._raw)
+            await self._migrate()
+            self._reader = await self._stack.enter_async_context(self._db.connection())
+            await self._pragmas(self._reader.raw_connection)
+
+    async def _pragmas(self, raw: Any) -> None:
+        for pragma in (
+            "journal_mode = WAL",
+            f"synchronous = {self.synchronous}",
+            "busy_timeout = 5000",
+            "foreign_keys = ON",
+        ):
+            await raw.execute(f"PRAGMA {pragma}")
+
+    async def _migrate(self) -> None:
+        raw = self._raw
+        await raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        async with raw.execute("SELECT MAX(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        current = (row[0] if row else None) or 0
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            await raw.execute("BEGIN")
+            try:
+                for sql in statements:
+                    await raw.execute(sql)
+                await raw.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                await raw.execute("COMMIT")
+            except BaseException:
+                await raw.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        async with map_driver_errors():
+            await self._stack.aclose()
+            await self._db.disconnect()
+        self._raw = self._reader = None
+
+    async def commit(self, batch: WriteBatch) -> None:
+        raw = self._raw
+        if raw is None:
+            raise StorageError("store is closed")
+        async with map_driver_errors():
+            await raw.execute("BEGIN")
+            try:
+                if batch.jobs:
+                    await raw.executemany(_UPSERT_JOB, [_job_row(j) for j in batch.jobs.values()])
+                if batch.events:
+                    await raw.executemany(
+                        _INSERT_EVENT,
+                        [
+                            (
+                                e.job_id,
+                                e.seq,
+                                e.event,
+                                e.state,
+                                e.at,
+                                e.attempt,
+                                e.miner_id,
+                                dumps(e.data).decode(),
+                            )
+                            for e in batch.events
+                        ],
+                    )
+                if batch.miners:
+                    await raw.executemany(
+                        _UPSERT_MINER,
+                        [
+                            (
+                                m.miner_id,
+                                m.key_hash,
+                                m.session_id,
+                                dumps(m.capabilities).decode(),
+                                m.concurrency,
+                                m.region,
+                                m.last_seen,
+                            )
+                            for m in batch.miners.values()
+                        ],
+                    )
+                if batch.receipts:
+                    await raw.executemany(
+                        _INSERT_RECEIPT,
+                        [
+                            (
+                                r.receipt_id,
+                                r.job_id,
+                                r.miner_id,
+                                r.issued_at,
+                                dumps(r.receipt).decode(),
+                            )
+                            for r in batch.receipts
+                        ],
+                    )
+                await raw.execute("COMMIT")
+            except BaseException:
+                await raw.execute("ROLLBACK")
+                raise
+
+    async def _fetch(self, sql: str, values: dict[str, Any] | None = None) -> Sequence[Any]:
+        if self._reader is None:
+            raise StorageError("store is closed")
+        async with map_driver_errors():
+            return await self._reader.fetch_all(sql, values)
+
+    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        jobs = await self._fetch("SELECT * FROM jobs WHERE state IN ('QUEUED', 'RUNNING')")
+        miners = await self._fetch("SELECT * FROM miners")
+        return [_job_record(r) for r in jobs], [
+            MinerRecord(
+                miner_id=m["miner_id"],
+                key_hash=m["key_hash"],
+                session_id=m["session_id"],
+                capabilities=loads(m["capabilities"]),
+                concurrency=m["concurrency"],
+                region=m["region"],
+                last_seen=m["last_seen"],
+            )
+            for m in (r._mapping for r in miners)
+        ]
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        rows = await self._fetch("SELECT * FROM jobs WHERE job_id = :j", {"j": job_id})
+        return _job_record(rows[0]) if rows else None
+
+    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
+        rows = await self._fetch(
+            "SELECT * FROM jobs WHERE client_id = :c AND idempotency_key = :k",
+            {"c": client_id, "k": idempotency_key},
+        )
+        return _job_record(rows[0]) if rows else None
+
+    async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM job_events WHERE job_id = :j AND seq > :s ORDER BY seq LIMIT :n",
+            {"j": job_id, "s": after, "n": limit},
+        )
+        return [_event_record(r) for r in rows]
+
+    async def receipts_for(self, job_id: str) -> list[JSONObject]:
+        rows = await self._fetch(
+            "SELECT receipt FROM receipts WHERE job_id = :j ORDER BY issued_at", {"j": job_id}
+        )
+        return [loads(r._mapping["receipt"]) for r in rows]

@@ -1,0 +1,331 @@
+"""Ring 2: matching (rest-api.md §3.3) and the idle-miner / queued-job indexes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher.policy import Capabilities, IdleIndex, JobNeeds, JobQueue, MatchCache, matches
+
+CAPS: dict[str, Any] = {
+    "gpus": [{"name": "RTX 4090", "memory_mb": 24576}, {"name": "A100", "memory_mb": 81920}],
+    "cuda": 12.2,
+    "models": ["llama3", "whisper"],
+    "price": 0.5,
+}
+
+
+def caps(capabilities: dict[str, Any] | None = None, region: str | None = "eu-west"
+         ) -> Capabilities:
+    return Capabilities.parse(CAPS if capabilities is None else capabilities, region)
+
+
+def needs(**constraints: Any) -> JobNeeds:
+    return JobNeeds.parse(constraints)
+
+
+# ---- matches() ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("constraints", "expected"),
+    [
+        # region: exact equality with the miner's top-level region
+        ({"region": "eu-west"}, True),
+        ({"region": "eu"}, False),
+        ({"region": "EU-WEST"}, False),
+        # gpu: exact name equality with some gpus[].name
+        ({"gpu": "A100"}, True),
+        ({"gpu": "RTX 4090"}, True),
+        ({"gpu": "A10"}, False),
+        ({"gpu": "a100"}, False),
+        # min_vram_gb: some gpus[].memory_mb >= min_vram_gb * 1024
+        ({"min_vram_gb": 80}, True),
+        ({"min_vram_gb": 80.0001}, False),
+        ({"min_vram_gb": "24"}, True),
+        ({"min_vram_gb": 81}, False),
+        # cuda: constraint is a substring of str(cuda)
+        ({"cuda": "12"}, True),
+        ({"cuda": "12.2"}, True),
+        ({"cuda": ".2"}, True),
+        ({"cuda": "12.3"}, False),
+        ({"cuda": "11"}, False),
+        # models: subset of capabilities.models
+        ({"models": []}, True),
+        ({"models": ["llama3"]}, True),
+        ({"models": ["llama3", "whisper"]}, True),
+        ({"models": ["llama3", "sdxl"]}, False),
+        # max_price: price must exist and be <= max_price
+        ({"max_price": 0.5}, True),
+        ({"max_price": 1}, True),
+        ({"max_price": 0.49}, False),
+        # all at once
+        ({"region": "eu-west", "gpu": "A100", "min_vram_gb": 40, "cuda": "12",
+          "models": ["whisper"], "max_price": 0.5}, True),
+        ({"region": "eu-west", "gpu": "A100", "min_vram_gb": 40, "cuda": "12",
+          "models": ["whisper"], "max_price": 0.4}, False),
+        # unconstrained
+        ({}, True),
+    ],
+)
+def test_matches_each_constraint(constraints: dict[str, Any], expected: bool) -> None:
+    """Each §3.3 constraint against a fixed miner: region, gpu, vram, cuda, models, price."""
+    assert matches(needs(**constraints), caps()) is expected
+
+
+def test_unconstrained_job_matches_empty_capabilities() -> None:
+    """A job with no constraints matches a miner that advertises nothing."""
+    assert matches(needs(), caps({}, None))
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        {"region": "eu-west"},
+        {"gpu": "A100"},
+        {"min_vram_gb": 1},
+        {"cuda": "12"},
+        {"models": ["llama3"]},
+        {"max_price": 100},
+    ],
+)
+def test_any_constraint_fails_on_empty_capabilities(constraints: dict[str, Any]) -> None:
+    """No gpus, no cuda, no models, no price and no region: every constraint fails."""
+    assert not matches(needs(**constraints), caps({}, None))
+
+
+def test_min_vram_boundary_is_memory_mb_times_1024() -> None:
+    """min_vram_gb compares against memory_mb / 1024 exactly at the boundary."""
+    miner = caps({"gpus": [{"name": "g", "memory_mb": 8192}]})
+    assert matches(needs(min_vram_gb=8), miner)
+    assert not matches(needs(min_vram_gb=8.001), miner)
+
+
+def test_unpriced_miner_never_matches_priced_job() -> None:
+    """A miner with no price never matches a job that sets max_price."""
+    miner = caps({"gpus": [{"name": "g", "memory_mb": 1}]})
+    assert miner.price is None
+    assert not matches(needs(max_price=1e9), miner)
+    assert matches(needs(), miner)
+
+
+def test_cuda_is_stringified() -> None:
+    """cuda may be a number; the constraint is matched against str(cuda)."""
+    assert matches(needs(cuda="11.8"), caps({"cuda": 11.8}))
+    assert matches(needs(cuda="12"), caps({"cuda": "12.1"}))
+    assert not matches(needs(cuda="12"), caps({"cuda": None}))
+
+
+def test_region_falls_back_to_capabilities_region() -> None:
+    """Without a top-level region, capabilities.region is used; the top level wins."""
+    assert caps({"region": "us"}, None).region == "us"
+    assert caps({"region": "us"}, "eu").region == "eu"
+    assert caps({}, None).region is None
+
+
+def test_capabilities_parse_tolerates_junk() -> None:
+    """Malformed gpus/models/price values are ignored instead of raising."""
+    parsed = Capabilities.parse(
+        {
+            "gpus": [{"name": "A", "memory_mb": "2048"}, "junk", {"memory_mb": "lots"},
+                     {"name": None, "memory_mb": True}, {"name": 7, "memory_mb": [1]}],
+            "models": "llama3",
+            "price": "cheap",
+        },
+        None,
+    )
+    assert parsed.gpu_names == frozenset({"A", "7"})
+    assert parsed.vram_mb == 2048.0
+    assert parsed.models == frozenset()
+    assert parsed.price is None
+    assert parsed.unit_price is None
+    assert parsed.cuda == ""
+
+
+def test_capabilities_parse_non_list_gpus_and_numeric_strings() -> None:
+    """gpus that is not a list means no gpus; a numeric-string price is a number."""
+    parsed = Capabilities.parse({"gpus": {"name": "A"}, "price": "0.25", "models": [1]}, "r")
+    assert parsed.gpu_names == frozenset()
+    assert parsed.vram_mb == 0.0
+    assert parsed.price == 0.25
+    assert parsed.unit_price == 0.25
+    assert parsed.models == frozenset({"1"})
+
+
+def test_jobneeds_parse() -> None:
+    """Constraints are normalised: strings, numbers, model sets; junk numbers are dropped."""
+    parsed = JobNeeds.parse({"region": "eu", "gpu": "A100", "min_vram_gb": "16", "cuda": 12,
+                             "models": ["a", "b"], "max_price": False})
+    assert parsed == JobNeeds(region="eu", gpu="A100", min_vram_gb=16.0, cuda="12",
+                              models=frozenset({"a", "b"}), max_price=None)
+    assert JobNeeds.parse({"models": "a"}).models == frozenset()
+    assert JobNeeds.parse({}) == JobNeeds()
+
+
+def test_match_cache_memoises_and_clears_at_limit() -> None:
+    """MatchCache returns the same verdicts as matches(), and stays within its limit."""
+    cache = MatchCache(limit=2)
+    a, b, c = needs(gpu="A100"), needs(gpu="nope"), needs()
+    miner = caps()
+    assert cache(a, miner) is True
+    assert cache(b, miner) is False
+    assert cache(a, miner) is True  # hit
+    assert cache(c, miner) is True  # clears first
+    assert len(cache._cache) == 1
+
+
+# ---- IdleIndex ------------------------------------------------------------------------------
+
+
+def test_idle_index_oldest_free_first() -> None:
+    """pick() returns the matching miner that became free first; add() moves to the back."""
+    idle = IdleIndex(MatchCache())
+    a100 = caps({"gpus": [{"name": "A100", "memory_mb": 81920}]})
+    plain = caps({})
+    idle.add("m1", a100)
+    idle.add("m2", plain)
+    idle.add("m3", a100)
+    assert len(idle) == 3
+    assert "m2" in idle
+    assert idle.pick(needs(), set()) == "m1"
+    assert idle.pick(needs(gpu="A100"), set()) == "m1"
+    idle.add("m1", a100)  # given work, still free: back of the line
+    assert idle.pick(needs(), set()) == "m2"
+    assert idle.pick(needs(gpu="A100"), set()) == "m3"
+
+
+def test_idle_index_exclude() -> None:
+    """Excluded miners are skipped; None when every matching miner is excluded."""
+    idle = IdleIndex(MatchCache())
+    plain = caps({})
+    idle.add("m1", plain)
+    idle.add("m2", plain)
+    assert idle.pick(needs(), {"m1"}) == "m2"
+    assert idle.pick(needs(), {"m1", "m2"}) is None
+    assert idle.pick(needs(gpu="A100"), set()) is None
+
+
+def test_idle_index_discard() -> None:
+    """discard() removes a miner (and its empty class); unknown ids are ignored."""
+    idle = IdleIndex(MatchCache())
+    idle.add("m1", caps({}))
+    idle.discard("m1")
+    idle.discard("m1")
+    idle.discard("never")
+    assert len(idle) == 0
+    assert "m1" not in idle
+    assert idle._classes == {}
+    assert idle.pick(needs(), set()) is None
+
+
+def test_idle_index_capability_change_moves_class() -> None:
+    """Re-adding a miner with other capabilities moves it to the new class."""
+    idle = IdleIndex(MatchCache())
+    idle.add("m1", caps({}))
+    idle.add("m2", caps({}))
+    idle.add("m1", caps())
+    assert idle.pick(needs(gpu="A100"), set()) == "m1"
+    assert idle.pick(needs(), {"m1"}) == "m2"
+    assert len(idle) == 2
+
+
+# ---- JobQueue -------------------------------------------------------------------------------
+
+
+class Live:
+    """Validity oracle for JobQueue.pick: job_id -> current token; absent = not queued."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, int] = {}
+        self.rejected: set[str] = set()
+
+    def valid(self, job_id: str, token: int) -> bool:
+        return self.tokens.get(job_id) == token
+
+    def is_rejected(self, job_id: str) -> bool:
+        return job_id in self.rejected
+
+
+def drain(queue: JobQueue, miner: Capabilities, live: Live) -> list[str]:
+    out: list[str] = []
+    while (found := queue.pick(miner, live.valid, live.is_rejected)) is not None:
+        cls, entry = found
+        queue.remove(cls, entry)
+        live.tokens.pop(entry[3])
+        out.append(entry[3])
+    return out
+
+
+def test_job_queue_priority_then_fifo() -> None:
+    """Higher priority first; equal priority in submission order, across classes."""
+    queue, live = JobQueue(MatchCache()), Live()
+    jobs = [("a", 0, needs()), ("b", 5, needs(gpu="A100")), ("c", 0, needs(gpu="A100")),
+            ("d", 5, needs()), ("e", -1, needs()), ("f", 0, needs())]
+    for order, (job_id, prio, cls) in enumerate(jobs, start=1):
+        live.tokens[job_id] = 1
+        queue.push(cls, prio, order, 1, job_id)
+    assert drain(queue, caps(), live) == ["b", "d", "a", "c", "f", "e"]
+    assert queue.classes() == []
+
+
+def test_job_queue_only_matching_classes() -> None:
+    """A miner is only offered jobs whose class it matches."""
+    queue, live = JobQueue(MatchCache()), Live()
+    for order, (job_id, cls) in enumerate([("a", needs(gpu="A100")), ("b", needs())], 1):
+        live.tokens[job_id] = 1
+        queue.push(cls, 0, order, 1, job_id)
+    assert drain(queue, caps({}), live) == ["b"]
+    assert queue.classes() == [needs(gpu="A100")]
+    assert drain(queue, caps(), live) == ["a"]
+
+
+def test_job_queue_lazy_deletion() -> None:
+    """Stale entries (no longer queued, or re-pushed with a new token) are skipped and dropped."""
+    queue, live = JobQueue(MatchCache()), Live()
+    for order, job_id in enumerate("abc", start=1):
+        live.tokens[job_id] = 1
+        queue.push(needs(), 0, order, 1, job_id)
+    del live.tokens["a"]  # e.g. canceled while queued
+    live.tokens["b"] = 2  # re-pushed: the old entry is stale
+    queue.push(needs(), 0, 10, 2, "b")
+    found = queue.pick(caps(), live.valid, live.is_rejected)
+    assert found is not None
+    assert found[1] == (0, 3, 1, "c")
+    assert len(queue._classes[needs()]) == 2  # the stale "a" head was popped
+    assert drain(queue, caps(), live) == ["c", "b"]
+
+
+def test_job_queue_class_of_only_stale_entries_disappears() -> None:
+    """A class whose entries are all stale is removed on the next pick."""
+    queue, live = JobQueue(MatchCache()), Live()
+    queue.push(needs(gpu="A100"), 0, 1, 1, "gone")
+    assert queue.pick(caps(), live.valid, live.is_rejected) is None
+    assert queue.classes() == []
+
+
+def test_job_queue_skips_rejected() -> None:
+    """Jobs this miner rejected are passed over; a class with only rejected jobs offers none."""
+    queue, live = JobQueue(MatchCache()), Live()
+    for order, (job_id, cls) in enumerate(
+        [("a", needs()), ("b", needs()), ("c", needs(gpu="A100"))], start=1
+    ):
+        live.tokens[job_id] = 1
+        queue.push(cls, 0, order, 1, job_id)
+    live.rejected = {"a"}
+    found = queue.pick(caps(), live.valid, live.is_rejected)
+    assert found is not None
+    assert found[1][3] == "b"
+    queue.remove(*found)  # not the heap head: removed from the middle
+    del live.tokens["b"]
+    live.rejected = {"a", "c"}
+    assert queue.pick(caps(), live.valid, live.is_rejected) is None
+    live.rejected = set()
+    assert drain(queue, caps(), live) == ["a", "c"]
+
+
+def test_job_queue_remove_unknown_class_is_noop() -> None:
+    """remove() on a class the queue no longer has does nothing."""
+    queue = JobQueue(MatchCache())
+    queue.remove(needs(gpu="x"), (0, 1, 1, "a"))
+    assert queue.classes() == []

@@ -1,0 +1,787 @@
+"""Ring 1: the codec as tables of wire frames <-> dataclasses (protocol/codec.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from protocol import codec
+from protocol.codec import (
+    MAX_ID_LENGTH,
+    decode_client_frame,
+    decode_miner_frame,
+    decode_server_to_client,
+    decode_server_to_miner,
+    dumps,
+    encode,
+    encode_event,
+    loads,
+)
+from protocol.errors import (
+    InvalidState,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    UnknownMessageType,
+)
+from protocol.messages import (
+    Ack,
+    Auth,
+    ClientHello,
+    ClientWelcome,
+    Error,
+    Heartbeat,
+    Hello,
+    JobAccept,
+    JobAssign,
+    JobCancel,
+    JobCancelRequest,
+    JobEvent,
+    JobFail,
+    JobProgress,
+    JobReject,
+    JobResult,
+    JobSubmit,
+    Status,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+)
+from protocol.types import CloseCode
+
+Decoder = Callable[[bytes | str], Any]
+
+CAPS = {"gpus": [{"name": "RTX 4090", "memory_mb": 24564}], "cuda": "12.4", "models": ["llama3"]}
+RECEIPT = {"receipt_id": "ab" * 16, "signature": {"alg": "Ed25519", "key_id": "k", "sig": "s"}}
+
+# (canonical wire object, dataclass): decode(wire) == msg and encode(msg) == wire, as JSON.
+MINER_TO_SERVER: list[Any] = [
+    pytest.param({"type": "auth", "token": "tok"}, Auth(token="tok"), id="auth"),
+    pytest.param({"type": "auth", "token": "tok", "id": "a1"}, Auth(token="tok", id="a1"), id="auth-id"),
+    pytest.param(
+        {"type": "hello", "protocol": 1, "capabilities": {}, "concurrency": 1},
+        Hello(protocol=1, miner_id=None, capabilities={}),
+        id="hello-minimal",
+    ),
+    pytest.param(
+        {
+            "type": "hello",
+            "protocol": 1,
+            "capabilities": CAPS,
+            "concurrency": 2,
+            "miner_id": "gpu-box-7",
+            "region": "eu-west",
+            "id": "h1",
+            "resume": {"session_id": "sess-1"},
+        },
+        Hello(
+            protocol=1,
+            miner_id="gpu-box-7",
+            capabilities=CAPS,
+            concurrency=2,
+            region="eu-west",
+            resume_session="sess-1",
+            id="h1",
+        ),
+        id="hello-full",
+    ),
+    pytest.param({"type": "job.accept", "job_id": "j1"}, JobAccept(job_id="j1"), id="accept"),
+    pytest.param(
+        {"type": "job.reject", "job_id": "j1", "reason": "busy", "id": "r1"},
+        JobReject(job_id="j1", reason="busy", id="r1"),
+        id="reject",
+    ),
+    pytest.param(
+        {"type": "job.reject", "job_id": "j1", "reason": ""}, JobReject(job_id="j1"), id="reject-bare"
+    ),
+    pytest.param({"type": "job.progress", "job_id": "j1"}, JobProgress(job_id="j1"), id="progress-bare"),
+    pytest.param(
+        {"type": "job.progress", "job_id": "j1", "progress": 0.5, "message": "m", "output": "tok"},
+        JobProgress(job_id="j1", progress=0.5, message="m", output="tok"),
+        id="progress-full",
+    ),
+    pytest.param(
+        {"type": "job.result", "job_id": "j1", "result": {"text": "hi"}, "metrics": {"units": 2}, "id": "m1"},
+        JobResult(job_id="j1", result={"text": "hi"}, metrics={"units": 2}, id="m1"),
+        id="result",
+    ),
+    pytest.param(
+        {"type": "job.fail", "job_id": "j1", "error_code": "oom", "error_message": "x", "retryable": True},
+        JobFail(job_id="j1", error_code="oom", error_message="x", retryable=True),
+        id="fail",
+    ),
+    pytest.param({"type": "status"}, Status(), id="status-empty"),
+    pytest.param(
+        {"type": "status", "concurrency": 4, "draining": True, "metrics": {"gpu": 0.9}, "id": "s1"},
+        Status(concurrency=4, draining=True, metrics={"gpu": 0.9}, id="s1"),
+        id="status-full",
+    ),
+    pytest.param({"type": "heartbeat"}, Heartbeat(), id="heartbeat"),
+    pytest.param(
+        {"type": "heartbeat", "metrics": {"load": 1}}, Heartbeat(metrics={"load": 1}), id="heartbeat-metrics"
+    ),
+]
+
+CLIENT_TO_SERVER: list[Any] = [
+    pytest.param({"type": "auth", "token": "tok"}, Auth(token="tok"), id="auth"),
+    pytest.param({"type": "hello", "protocol": 1}, ClientHello(protocol=1), id="hello"),
+    pytest.param({"type": "hello", "protocol": 1, "id": "h"}, ClientHello(protocol=1, id="h"), id="hello-id"),
+    pytest.param(
+        {"type": "job.submit", "payload": {"prompt": "hi"}, "constraints": {}, "priority": 0},
+        JobSubmit(payload={"prompt": "hi"}),
+        id="submit-minimal",
+    ),
+    pytest.param(
+        {
+            "type": "job.submit",
+            "id": "c1",
+            "payload": {"prompt": "hi"},
+            "constraints": {"models": ["llama3"]},
+            "ttl_seconds": 60,
+            "priority": -5,
+            "idempotency_key": "k1",
+        },
+        JobSubmit(
+            payload={"prompt": "hi"},
+            constraints={"models": ["llama3"]},
+            ttl_seconds=60,
+            priority=-5,
+            idempotency_key="k1",
+            id="c1",
+        ),
+        id="submit-full",
+    ),
+    pytest.param(
+        {"type": "subscribe", "job_ids": ["a", "b"], "after": {}},
+        Subscribe(job_ids=("a", "b")),
+        id="subscribe-list",
+    ),
+    pytest.param(
+        {"type": "subscribe", "job_ids": "all", "after": {"a": 3}, "id": "s1"},
+        Subscribe(job_ids="all", after={"a": 3}, id="s1"),
+        id="subscribe-all-after",
+    ),
+    pytest.param(
+        {"type": "unsubscribe", "job_ids": ["a"], "id": "u1"},
+        Unsubscribe(job_ids=("a",), id="u1"),
+        id="unsubscribe",
+    ),
+    pytest.param({"type": "unsubscribe", "job_ids": "all"}, Unsubscribe(job_ids="all"), id="unsubscribe-all"),
+    pytest.param(
+        {"type": "job.cancel", "job_id": "j1", "id": "x"},
+        JobCancelRequest(job_id="j1", id="x"),
+        id="cancel",
+    ),
+]
+
+SERVER_TO_MINER: list[Any] = [
+    pytest.param(
+        {
+            "type": "welcome",
+            "protocol": 1,
+            "session_id": "sess-1",
+            "miner_id": "gpu-box-7",
+            "heartbeat_interval": 10.0,
+            "heartbeat_timeout": 30.0,
+            "resumed": ["j1"],
+            "revoked": ["j2", "j3"],
+        },
+        Welcome(
+            protocol=1,
+            session_id="sess-1",
+            miner_id="gpu-box-7",
+            heartbeat_interval=10.0,
+            heartbeat_timeout=30.0,
+            resumed=("j1",),
+            revoked=("j2", "j3"),
+        ),
+        id="welcome",
+    ),
+    pytest.param(
+        {
+            "type": "job.assign",
+            "job_id": "j1",
+            "attempt": 1,
+            "payload": {"prompt": "hi"},
+            "constraints": {"gpu": "RTX"},
+            "expires_at": "2025-01-01T00:00:00.000Z",
+            "accept_timeout": 10.0,
+        },
+        JobAssign(
+            job_id="j1",
+            attempt=1,
+            payload={"prompt": "hi"},
+            constraints={"gpu": "RTX"},
+            expires_at="2025-01-01T00:00:00.000Z",
+            accept_timeout=10.0,
+        ),
+        id="assign",
+    ),
+    pytest.param(
+        {"type": "job.cancel", "job_id": "j1", "reason": "client"},
+        JobCancel(job_id="j1", reason="client"),
+        id="cancel",
+    ),
+    pytest.param({"type": "ack", "id": "m1"}, Ack(id="m1"), id="ack"),
+    pytest.param(
+        {"type": "ack", "id": "m1", "receipt": RECEIPT}, Ack(id="m1", fields={"receipt": RECEIPT}), id="ack-receipt"
+    ),
+    pytest.param(
+        {"type": "error", "code": "not_assigned", "message": "no", "id": "m2"},
+        Error(code="not_assigned", message="no", id="m2"),
+        id="error-id",
+    ),
+    pytest.param(
+        {"type": "error", "code": "unknown_type", "message": "no", "ref": "bogus"},
+        Error(code="unknown_type", message="no", ref="bogus"),
+        id="error-ref",
+    ),
+]
+
+SERVER_TO_CLIENT: list[Any] = [
+    pytest.param(
+        {"type": "welcome", "protocol": 1, "client_id": "c-1"},
+        ClientWelcome(protocol=1, client_id="c-1"),
+        id="welcome",
+    ),
+    pytest.param(
+        {
+            "type": "job.event",
+            "job_id": "j1",
+            "seq": 3,
+            "event": "started",
+            "state": "RUNNING",
+            "at": "2025-01-01T00:00:00.000Z",
+            "attempt": 1,
+            "miner_id": "gpu-box-7",
+        },
+        JobEvent(
+            job_id="j1",
+            seq=3,
+            event="started",
+            state="RUNNING",
+            at="2025-01-01T00:00:00.000Z",
+            attempt=1,
+            miner_id="gpu-box-7",
+        ),
+        id="event-started",
+    ),
+    pytest.param(
+        {
+            "type": "job.event",
+            "job_id": "j1",
+            "seq": 1,
+            "event": "completed",
+            "state": "COMPLETED",
+            "at": "2025-01-01T00:00:00.000Z",
+            "attempt": 1,
+            "miner_id": None,
+            "result": {"text": "hi"},
+            "receipt": RECEIPT,
+        },
+        JobEvent(
+            job_id="j1",
+            seq=1,
+            event="completed",
+            state="COMPLETED",
+            at="2025-01-01T00:00:00.000Z",
+            attempt=1,
+            data={"result": {"text": "hi"}, "receipt": RECEIPT},
+        ),
+        id="event-completed-data",
+    ),
+    pytest.param(
+        {"type": "ack", "id": "c1", "job": {"job_id": "j1", "state": "QUEUED"}},
+        Ack(id="c1", fields={"job": {"job_id": "j1", "state": "QUEUED"}}),
+        id="ack-job",
+    ),
+    pytest.param(
+        {"type": "error", "code": "not_found", "message": "no such job", "id": "c2", "ref": "j9"},
+        Error(code="not_found", message="no such job", id="c2", ref="j9"),
+        id="error",
+    ),
+]
+
+DIRECTIONS = [
+    pytest.param(decode_miner_frame, MINER_TO_SERVER, id="miner"),
+    pytest.param(decode_client_frame, CLIENT_TO_SERVER, id="client"),
+    pytest.param(decode_server_to_miner, SERVER_TO_MINER, id="server-to-miner"),
+    pytest.param(decode_server_to_client, SERVER_TO_CLIENT, id="server-to-client"),
+]
+
+
+def _round_trip_cases() -> list[Any]:
+    cases = []
+    for direction in DIRECTIONS:
+        decoder, table = direction.values
+        for row in table:
+            wire, msg = row.values
+            cases.append(pytest.param(decoder, wire, msg, id=f"{direction.id}-{row.id}"))
+    return cases
+
+
+ROUND_TRIP = _round_trip_cases()
+
+
+@pytest.mark.parametrize(("decoder", "wire", "msg"), ROUND_TRIP)
+def test_decode_wire_bytes(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+    """Canonical wire bytes decode to exactly the expected dataclass."""
+    assert decoder(orjson.dumps(wire)) == msg
+
+
+@pytest.mark.parametrize(("decoder", "wire", "msg"), ROUND_TRIP)
+def test_decode_accepts_text(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+    """A text (str) frame decodes exactly like its UTF-8 bytes."""
+    assert decoder(orjson.dumps(wire).decode()) == msg
+
+
+@pytest.mark.parametrize(("decoder", "wire", "msg"), ROUND_TRIP)
+def test_encode_gives_wire_object(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+    """encode() produces the canonical wire object (None fields left out, extras merged)."""
+    frame = encode(msg)
+    assert isinstance(frame, bytes)
+    assert orjson.loads(frame) == wire
+
+
+@pytest.mark.parametrize(("decoder", "wire", "msg"), ROUND_TRIP)
+def test_encode_then_decode_is_identity(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+    """decode(encode(msg)) == msg for every message of every direction."""
+    assert decoder(encode(msg)) == msg
+
+
+# Lenient inputs: defaults are filled in, nulls mean "absent", unknown fields are ignored.
+LENIENT: list[Any] = [
+    pytest.param(
+        decode_miner_frame,
+        {"type": "hello", "protocol": 1, "future_field": [1, 2]},
+        Hello(protocol=1, miner_id=None, capabilities={}, concurrency=1),
+        id="hello-defaults-unknown-field",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "hello", "protocol": 1, "miner_id": None, "capabilities": None, "resume": None},
+        Hello(protocol=1, miner_id=None, capabilities={}),
+        id="hello-nulls",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "hello", "protocol": 1, "resume": {}},
+        Hello(protocol=1, miner_id=None, capabilities={}),
+        id="hello-empty-resume",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.reject", "job_id": "j", "reason": None},
+        JobReject(job_id="j", reason=""),
+        id="reject-null-reason",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.progress", "job_id": "j", "progress": 1},
+        JobProgress(job_id="j", progress=1.0),
+        id="progress-int",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.progress", "job_id": "j", "progress": 0},
+        JobProgress(job_id="j", progress=0.0),
+        id="progress-zero",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.result", "job_id": "j", "result": {}},
+        JobResult(job_id="j", result={}),
+        id="result-no-metrics",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.fail", "job_id": "j", "error_code": "e", "error_message": ""},
+        JobFail(job_id="j", error_code="e", error_message=""),
+        id="fail-default-retryable",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "status", "concurrency": None, "draining": False},
+        Status(draining=False),
+        id="status-false",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "heartbeat", "id": "x" * MAX_ID_LENGTH},
+        Heartbeat(id="x" * MAX_ID_LENGTH),
+        id="id-at-limit",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "heartbeat", "id": None},
+        Heartbeat(),
+        id="id-null",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        {"type": "job.accept", "job_id": "j" * 128},
+        JobAccept(job_id="j" * 128),
+        id="job-id-at-limit",
+    ),
+    pytest.param(
+        decode_client_frame,
+        {"type": "job.submit", "payload": {}, "priority": None, "ttl_seconds": None},
+        JobSubmit(payload={}),
+        id="submit-nulls",
+    ),
+    pytest.param(
+        decode_client_frame,
+        {"type": "subscribe", "job_ids": []},
+        Subscribe(job_ids=()),
+        id="subscribe-empty",
+    ),
+    pytest.param(
+        decode_client_frame,
+        {"type": "subscribe", "job_ids": ["a"], "after": {"a": 0}},
+        Subscribe(job_ids=("a",), after={"a": 0}),
+        id="subscribe-after-zero",
+    ),
+    pytest.param(
+        decode_server_to_miner,
+        {"type": "welcome", "protocol": 1, "session_id": "s", "miner_id": "m"},
+        Welcome(protocol=1, session_id="s", miner_id="m", heartbeat_interval=10.0, heartbeat_timeout=30.0),
+        id="welcome-defaults",
+    ),
+    pytest.param(
+        decode_server_to_miner,
+        {
+            "type": "welcome",
+            "protocol": 1,
+            "session_id": "s",
+            "miner_id": "m",
+            "heartbeat_interval": 5,
+            "heartbeat_timeout": None,
+            "resumed": None,
+            "revoked": [],
+        },
+        Welcome(protocol=1, session_id="s", miner_id="m", heartbeat_interval=5.0, heartbeat_timeout=30.0),
+        id="welcome-int-and-nulls",
+    ),
+    pytest.param(
+        decode_server_to_miner,
+        {"type": "job.assign", "job_id": "j", "attempt": 0, "expires_at": "t"},
+        JobAssign(job_id="j", attempt=0, payload={}, constraints={}, expires_at="t", accept_timeout=10.0),
+        id="assign-defaults",
+    ),
+    pytest.param(
+        decode_server_to_client,
+        {"type": "job.event", "job_id": "j", "seq": 1, "event": "queued", "state": "QUEUED", "at": "t"},
+        JobEvent(job_id="j", seq=1, event="queued", state="QUEUED", at="t", attempt=0),
+        id="event-default-attempt",
+    ),
+    pytest.param(
+        decode_server_to_client,
+        {"type": "error", "code": "c", "message": "m", "ref": None},
+        Error(code="c", message="m"),
+        id="error-null-ref",
+    ),
+]
+
+
+@pytest.mark.parametrize(("decoder", "wire", "msg"), LENIENT)
+def test_decode_lenient_input(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+    """Omitted or null optional fields take their defaults; unknown fields are ignored."""
+    assert decoder(orjson.dumps(wire)) == msg
+
+
+def test_same_type_name_decodes_per_direction() -> None:
+    """'hello' and 'job.cancel' mean different messages in different directions."""
+    hello = b'{"type":"hello","protocol":1}'
+    assert isinstance(decode_miner_frame(hello), Hello)
+    assert isinstance(decode_client_frame(hello), ClientHello)
+    cancel = b'{"type":"job.cancel","job_id":"j","reason":"r"}'
+    assert decode_client_frame(cancel) == JobCancelRequest(job_id="j")
+    assert decode_server_to_miner(cancel) == JobCancel(job_id="j", reason="r")
+
+
+def _obj(**fields: Any) -> dict[str, Any]:
+    return fields
+
+
+ASSIGN = _obj(type="job.assign", job_id="j", attempt=1, expires_at="t")
+WELCOME = _obj(type="welcome", protocol=1, session_id="s", miner_id="m")
+EVENT = _obj(type="job.event", job_id="j", seq=1, event="queued", state="QUEUED", at="t")
+LONG_ID = "x" * (MAX_ID_LENGTH + 1)
+
+# Frames whose fields are invalid: every one is a RemoteProtocolError that closes with 1007.
+INVALID: list[Any] = [
+    # the frame envelope
+    pytest.param(decode_miner_frame, _obj(type=1), id="type-not-string"),
+    pytest.param(decode_miner_frame, _obj(job_id="j"), id="type-missing"),
+    pytest.param(decode_miner_frame, _obj(type=None), id="type-null"),
+    pytest.param(decode_miner_frame, _obj(type="heartbeat", id=LONG_ID), id="miner-id-too-long"),
+    pytest.param(decode_client_frame, _obj(type="hello", protocol=1, id=LONG_ID), id="client-id-too-long"),
+    pytest.param(decode_server_to_miner, _obj(type="ack", id=LONG_ID), id="s2m-id-too-long"),
+    pytest.param(decode_server_to_client, _obj(type="ack", id=LONG_ID), id="s2c-id-too-long"),
+    pytest.param(decode_miner_frame, _obj(type="nope", id=LONG_ID), id="unknown-type-long-id"),
+    pytest.param(decode_miner_frame, _obj(type="heartbeat", id=5), id="id-not-string"),
+    pytest.param(decode_miner_frame, _obj(type="heartbeat", id=["a"]), id="id-list"),
+    # strings
+    pytest.param(decode_miner_frame, _obj(type="auth"), id="auth-no-token"),
+    pytest.param(decode_miner_frame, _obj(type="auth", token=5), id="auth-token-int"),
+    pytest.param(decode_client_frame, _obj(type="auth", token="t" * 4097), id="auth-token-too-long"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, miner_id=7), id="miner-id-int"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, miner_id="m" * 129), id="miner-id-long"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, region=["eu"]), id="region-list"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, resume="sess"), id="resume-not-object"),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, resume={"session_id": 3}), id="resume-session-int"
+    ),
+    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", message=1), id="message-int"),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", output="o" * (64 * 1024 + 1)), id="output-long"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.fail", job_id="j", error_code="e" * 257, error_message="m"),
+        id="error-code-long",
+    ),
+    pytest.param(decode_miner_frame, _obj(type="job.fail", job_id="j", error_code="e"), id="fail-no-message"),
+    pytest.param(decode_miner_frame, _obj(type="job.reject", job_id="j", reason=5), id="reject-reason-int"),
+    # job ids
+    pytest.param(decode_miner_frame, _obj(type="job.accept"), id="job-id-missing"),
+    pytest.param(decode_miner_frame, _obj(type="job.accept", job_id=""), id="job-id-empty"),
+    pytest.param(decode_miner_frame, _obj(type="job.accept", job_id="j" * 129), id="job-id-long"),
+    pytest.param(decode_miner_frame, _obj(type="job.accept", job_id=12), id="job-id-int"),
+    pytest.param(decode_client_frame, _obj(type="job.cancel", job_id=""), id="cancel-job-id-empty"),
+    # integers
+    pytest.param(decode_miner_frame, _obj(type="hello"), id="protocol-missing"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol="1"), id="protocol-string"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=True), id="protocol-bool"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1.0), id="protocol-float"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=-1), id="protocol-negative"),
+    pytest.param(decode_client_frame, _obj(type="hello", protocol=10**7), id="protocol-huge"),
+    pytest.param(decode_client_frame, b'{"type":"hello","protocol":%d}' % 10**30, id="protocol-bignum"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, concurrency=0), id="concurrency-zero"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, concurrency=1025), id="concurrency-1025"),
+    pytest.param(decode_miner_frame, _obj(type="status", concurrency=0), id="status-concurrency-zero"),
+    pytest.param(decode_miner_frame, _obj(type="status", concurrency="2"), id="status-concurrency-string"),
+    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=0), id="ttl-zero"),
+    pytest.param(
+        decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=7 * 86400 + 1), id="ttl-too-long"
+    ),
+    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, priority=1001), id="priority-high"),
+    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, priority=False), id="priority-bool"),
+    pytest.param(decode_server_to_miner, {**ASSIGN, "attempt": -1}, id="attempt-negative"),
+    pytest.param(decode_server_to_miner, {**ASSIGN, "attempt": None}, id="attempt-null"),
+    pytest.param(decode_server_to_client, {**EVENT, "seq": 0}, id="seq-zero"),
+    pytest.param(decode_server_to_client, {**EVENT, "attempt": "1"}, id="event-attempt-string"),
+    # numbers
+    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=1.5), id="progress-high"),
+    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=-0.1), id="progress-low"),
+    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress="0.5"), id="progress-str"),
+    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=True), id="progress-bool"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_interval": "10"}, id="interval-string"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_interval": "nan"}, id="interval-nan-string"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": True}, id="timeout-bool"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": -1}, id="timeout-negative"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": 1e10}, id="timeout-huge"),
+    pytest.param(decode_server_to_miner, {**ASSIGN, "accept_timeout": "10"}, id="accept-timeout-string"),
+    pytest.param(decode_server_to_miner, {**ASSIGN, "accept_timeout": [10]}, id="accept-timeout-list"),
+    # booleans
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.fail", job_id="j", error_code="e", error_message="m", retryable="yes"),
+        id="retryable-string",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.fail", job_id="j", error_code="e", error_message="m", retryable=None),
+        id="retryable-null",
+    ),
+    pytest.param(decode_miner_frame, _obj(type="status", draining=1), id="draining-int"),
+    # objects
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, capabilities=[]), id="capabilities-list"),
+    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j"), id="result-missing"),
+    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j", result=None), id="result-null"),
+    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j", result="ok"), id="result-string"),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.result", job_id="j", result={}, metrics=[]), id="metrics-list"
+    ),
+    pytest.param(decode_miner_frame, _obj(type="status", metrics="x"), id="status-metrics-string"),
+    pytest.param(decode_miner_frame, _obj(type="heartbeat", metrics=[1]), id="heartbeat-metrics-list"),
+    pytest.param(decode_client_frame, _obj(type="job.submit"), id="payload-missing"),
+    pytest.param(decode_client_frame, _obj(type="job.submit", payload=[]), id="payload-list"),
+    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, constraints="x"), id="constraints-str"),
+    pytest.param(decode_server_to_miner, {**ASSIGN, "payload": "x"}, id="assign-payload-string"),
+    # job id lists
+    pytest.param(decode_client_frame, _obj(type="subscribe"), id="job-ids-missing"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="some"), id="job-ids-string"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids={"a": 1}), id="job-ids-object"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=["a"] * 10_001), id="job-ids-too-many"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=[1]), id="job-ids-int"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=[""]), id="job-ids-empty-string"),
+    pytest.param(decode_client_frame, _obj(type="unsubscribe", job_ids=["j" * 129]), id="unsub-job-id-long"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after=[]), id="after-list"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": -1}), id="after-neg"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": True}), id="after-bool"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": "1"}), id="after-str"),
+    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": 1.5}), id="after-float"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "resumed": "abc"}, id="resumed-string"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "resumed": [1]}, id="resumed-int"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "revoked": [""]}, id="revoked-empty-id"),
+    pytest.param(decode_server_to_miner, {**WELCOME, "revoked": {"j": 1}}, id="revoked-object"),
+    # server frames
+    pytest.param(decode_server_to_miner, _obj(type="welcome", protocol=1, miner_id="m"), id="welcome-no-session"),
+    pytest.param(decode_server_to_miner, _obj(type="job.assign", job_id="j", attempt=1), id="assign-no-expiry"),
+    pytest.param(decode_server_to_miner, _obj(type="job.cancel", job_id="j"), id="cancel-no-reason"),
+    pytest.param(decode_server_to_miner, _obj(type="ack"), id="ack-without-id"),
+    pytest.param(decode_server_to_client, _obj(type="ack", receipt={}), id="client-ack-without-id"),
+    pytest.param(decode_server_to_miner, _obj(type="error", message="m"), id="error-no-code"),
+    pytest.param(decode_server_to_client, _obj(type="error", code="c"), id="error-no-message"),
+    pytest.param(decode_server_to_client, _obj(type="error", code="c", message="m", ref=1), id="error-ref-int"),
+    pytest.param(decode_server_to_client, _obj(type="welcome", protocol=1), id="client-welcome-no-id"),
+    pytest.param(decode_server_to_client, {**EVENT, "miner_id": 5}, id="event-miner-id-int"),
+    pytest.param(decode_server_to_client, {**EVENT, "job_id": ""}, id="event-job-id-empty"),
+]
+
+
+@pytest.mark.parametrize(("decoder", "frame"), INVALID)
+def test_invalid_fields_close_1007(decoder: Decoder, frame: dict[str, Any] | bytes) -> None:
+    """Every invalid field is a fatal RemoteProtocolError with close code 1007."""
+    data = frame if isinstance(frame, bytes) else orjson.dumps(frame)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder(data)
+    assert not isinstance(info.value, UnknownMessageType)
+    assert info.value.close_code == CloseCode.INVALID_DATA == 1007
+
+
+MALFORMED: list[Any] = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"{", id="truncated"),
+    pytest.param(b"{'type': 'hello'}", id="single-quotes"),
+    pytest.param(b'{"type":"heartbeat"} x', id="trailing-garbage"),
+    pytest.param(b"\xff\xfe", id="not-utf8"),
+    pytest.param("\ud800", id="lone-surrogate"),
+    pytest.param(b"[NaN]", id="nan"),
+    pytest.param(b'{"type":"heartbeat","metrics":{"x":1e400}}', id="infinity"),
+]
+
+NOT_OBJECT: list[Any] = [
+    pytest.param(b"[]", id="array"),
+    pytest.param(b'"hello"', id="string"),
+    pytest.param(b"1", id="number"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"true", id="bool"),
+    pytest.param(b'[{"type":"heartbeat"}]', id="wrapped-object"),
+]
+
+ALL_DECODERS = [
+    pytest.param(decode_miner_frame, id="miner"),
+    pytest.param(decode_client_frame, id="client"),
+    pytest.param(decode_server_to_miner, id="server-to-miner"),
+    pytest.param(decode_server_to_client, id="server-to-client"),
+]
+
+
+@pytest.mark.parametrize("decoder", ALL_DECODERS)
+@pytest.mark.parametrize("data", MALFORMED + NOT_OBJECT)
+def test_malformed_or_non_object_closes_1007(decoder: Decoder, data: bytes | str) -> None:
+    """Malformed JSON and non-object frames are fatal with close code 1007 in every direction."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder(data)
+    assert info.value.close_code == CloseCode.INVALID_DATA
+
+
+UNKNOWN: list[Any] = [
+    pytest.param(decode_miner_frame, "job.submit", id="miner-sends-submit"),
+    pytest.param(decode_miner_frame, "ack", id="miner-sends-ack"),
+    pytest.param(decode_miner_frame, "welcome", id="miner-sends-welcome"),
+    pytest.param(decode_client_frame, "job.accept", id="client-sends-accept"),
+    pytest.param(decode_client_frame, "heartbeat", id="client-sends-heartbeat"),
+    pytest.param(decode_server_to_miner, "job.event", id="server-sends-miner-event"),
+    pytest.param(decode_server_to_miner, "hello", id="server-sends-miner-hello"),
+    pytest.param(decode_server_to_client, "job.assign", id="server-sends-client-assign"),
+    pytest.param(decode_server_to_client, "", id="empty-type"),
+    pytest.param(decode_client_frame, "HELLO", id="case-sensitive"),
+]
+
+
+@pytest.mark.parametrize(("decoder", "msg_type"), UNKNOWN)
+def test_unknown_type_is_not_fatal(decoder: Decoder, msg_type: str) -> None:
+    """A well-formed frame with a type this direction lacks raises UnknownMessageType."""
+    with pytest.raises(UnknownMessageType) as info:
+        decoder(orjson.dumps({"type": msg_type, "id": "r9", "protocol": 1}))
+    assert info.value.msg_type == msg_type
+    assert info.value.request_id == "r9"
+    assert info.value.close_code == CloseCode.NORMAL
+    assert isinstance(info.value, RemoteProtocolError)
+
+
+def test_unknown_type_without_id_and_long_name() -> None:
+    """UnknownMessageType has no request id when none was sent and truncates the type to 64."""
+    with pytest.raises(UnknownMessageType) as info:
+        decode_miner_frame(orjson.dumps({"type": "t" * 500}))
+    assert info.value.request_id is None
+    assert info.value.msg_type == "t" * 64
+
+
+def test_decoder_crash_becomes_1007(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TypeError/ValueError inside a per-type decoder is still a 1007, never a raw crash."""
+
+    def broken(d: dict[str, Any], i: str | None) -> object:
+        return float(d["x"])
+
+    monkeypatch.setitem(codec._MINER, "broken", broken)
+    with pytest.raises(RemoteProtocolError, match="invalid broken frame") as info:
+        decode_miner_frame(b'{"type":"broken","x":"abc"}')
+    assert info.value.close_code == CloseCode.INVALID_DATA
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_encode_event_matches_job_event() -> None:
+    """encode_event (the hot path) writes the same object as encode(JobEvent)."""
+    event = JobEvent(
+        job_id="j", seq=2, event="progress", state="RUNNING", at="t", attempt=1, data={"progress": 0.5}
+    )
+    direct = encode_event("j", 2, "progress", "RUNNING", "t", 1, None, {"progress": 0.5})
+    assert direct == encode(event)
+    assert orjson.loads(direct) == {
+        "type": "job.event",
+        "job_id": "j",
+        "seq": 2,
+        "event": "progress",
+        "state": "RUNNING",
+        "at": "t",
+        "attempt": 1,
+        "miner_id": None,
+        "progress": 0.5,
+    }
+
+
+def test_encode_unknown_object_raises() -> None:
+    """encode() of something that is not a protocol message is a KeyError (our bug)."""
+    with pytest.raises(KeyError):
+        encode(object())
+
+
+def test_dumps_and_loads() -> None:
+    """dumps gives compact orjson bytes; loads accepts bytes and str and rejects junk with 1007."""
+    assert dumps({"a": [1, None]}) == b'{"a":[1,null]}'
+    assert loads(b'{"a":1}') == {"a": 1}
+    assert loads('{"a":1}') == {"a": 1}
+    with pytest.raises(RemoteProtocolError, match="malformed JSON") as info:
+        loads("{")
+    assert info.value.close_code == CloseCode.INVALID_DATA
+
+
+def test_error_classes() -> None:
+    """The error tree: messages carry their close code; InvalidState is also an AssertionError."""
+    err = RemoteProtocolError("bad")
+    assert str(err) == "bad (close 1007)"
+    assert err.message == "bad"
+    assert RemoteProtocolError("big", close_code=CloseCode.TOO_BIG).close_code == 1009
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert issubclass(InvalidState, ProtocolError)
+    assert issubclass(InvalidState, AssertionError)
+    unknown = UnknownMessageType("x", "r")
+    assert str(unknown) == "unknown message type 'x' (close 1000)"

@@ -1,0 +1,119 @@
+"""Composition root: ``create_app(settings)`` wires store, scheduler, dispatcher and routes."""
+
+from __future__ import annotations
+
+import platform
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from dispatcher.clock import Clock, SystemClock
+from dispatcher.core import Scheduler, SchedulerConfig
+from dispatcher.receipts import ReceiptSigner
+from dispatcher.runtime import Dispatcher
+from protocol.receipts import load_signing_key
+from protocol.types import CloseCode
+from storage.sql import DatabasesJobStore
+from web.auth import Authenticator
+from web.ws_client import client_endpoint
+from web.ws_miner import miner_endpoint
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from starlette.requests import Request
+
+    from storage.base import JobStore
+    from web.settings import Settings
+
+__all__ = ["Coordinator", "create_app"]
+
+VERSION = "0.1.0"
+
+
+class Coordinator:
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, settings: Settings, store: JobStore, clock: Clock) -> None:
+        if settings.receipt_signing_key_hex is None:
+            raise ValueError("RECEIPT_SIGNING_KEY_HEX must be resolved before create_app")
+        self.settings = settings
+        self.store = store
+        self.auth = Authenticator(settings)
+        self.signer = ReceiptSigner(load_signing_key(settings.receipt_signing_key_hex))
+        config = SchedulerConfig(
+            default_ttl=settings.job_ttl_seconds,
+            max_attempts=settings.max_attempts,
+            accept_timeout=settings.accept_timeout_seconds,
+            resume_grace=settings.resume_grace_seconds,
+        )
+        self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
+        self.connections: set[Any] = set()
+        self.ready = False
+
+    def close_sockets(
+        self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        for conn in list(self.connections):
+            conn.close(code, reason)
+
+
+def create_app(
+    settings: Settings, *, store: JobStore | None = None, clock: Clock | None = None
+) -> Starlette:
+    store = store or DatabasesJobStore(
+        settings.database_url, synchronous=settings.sqlite_synchronous
+    )
+    core = Coordinator(settings, store, clock or SystemClock())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await core.store.open()
+        try:
+            await core.dispatcher.restore()
+            async with anyio.create_task_group() as tg:
+                await tg.start(core.dispatcher.serve)
+                core.ready = True
+                try:
+                    yield
+                finally:
+                    core.ready = False
+                    core.close_sockets()
+                    core.dispatcher.stop()
+        finally:
+            await core.store.close()
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": VERSION,
+                "env": settings.environment,
+                "python_version": platform.python_version(),
+            }
+        )
+
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def ready(request: Request) -> JSONResponse:
+        if core.ready and core.dispatcher.running:
+            return JSONResponse({"status": "ready", "database": "connected"})
+        return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/health/live", live),
+            Route("/health/ready", ready),
+            WebSocketRoute("/v1/miners/ws", miner_endpoint),
+            WebSocketRoute("/v1/jobs/ws", client_endpoint),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    return app

@@ -1,0 +1,65 @@
+"""Credentials: per-role API key sets, as ``X-Api-Key`` or ``Authorization: Bearer``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
+    from web.settings import Settings
+
+__all__ = ["Authenticator", "Principal", "Role", "key_hash"]
+
+
+class Role(StrEnum):
+    CLIENT = "client"
+    MINER = "miner"
+    ADMIN = "admin"
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: Role
+    key_hash: str
+
+    @property
+    def id(self) -> str:
+        """A stable, non-secret identity derived from the key (never the key itself)."""
+        return f"{self.role.value}-{self.key_hash[:12]}"
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self._keys: dict[str, Role] = {}
+        for role, keys in (
+            (Role.CLIENT, settings.client_api_keys),
+            (Role.MINER, settings.miner_api_keys),
+            (Role.ADMIN, settings.admin_api_keys),
+        ):
+            for key in keys:
+                self._keys[key_hash(key)] = role
+
+    def from_token(self, token: str) -> Principal | None:
+        # Only SHA-256 digests are compared, so a dict lookup leaks nothing about the keys.
+        digest = key_hash(token)
+        role = self._keys.get(digest)
+        return None if role is None else Principal(role, digest)
+
+    @staticmethod
+    def token_from_headers(headers: Headers) -> str | None:
+        key = headers.get("x-api-key")
+        if key:
+            return key.strip()
+        auth = headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None

@@ -1,0 +1,106 @@
+"""``aitbc-coordinator serve``: run the coordinator with uvicorn (uvloop, httptools, sansio ws)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from web.app import create_app
+from web.keys import materialize_keys
+from web.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    import socket
+    from types import FrameType
+
+__all__ = ["build_server", "main"]
+
+
+class CoordinatorServer(uvicorn.Server):
+    """Closes our sockets with 1001 before uvicorn's own shutdown (which would send 1012)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app: Any = self.config.app
+        app.state.core.close_sockets()
+        await app.state.core.dispatcher.wait_flushed()
+        await super().shutdown(sockets)
+
+
+class _Stopped(Exception):
+    """Raised by our signal handlers once uvicorn re-raises the signal after its shutdown."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signum)
+
+
+def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorServer:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        ws="websockets-sansio",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.heartbeat_interval_seconds,
+        ws_ping_timeout=settings.heartbeat_timeout_seconds,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return CoordinatorServer(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aitbc-coordinator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the coordinator")
+    serve.add_argument("--host", help="listen address (API_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (API_PORT, default 8000)")
+    serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
+    serve.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    changes: dict[str, object] = {}
+    if args.host:
+        changes["api_host"] = args.host
+    if args.port is not None:
+        changes["api_port"] = args.port
+    if args.db:
+        changes["database_url"] = f"sqlite:///{args.db}"
+    settings, lines = materialize_keys(settings.with_(**changes))
+    for line in lines:
+        print(line, flush=True)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
+    print(
+        f"AITBC coordinator on http://{settings.api_host}:{settings.api_port} "
+        f"(database {settings.database_url})",
+        flush=True,
+    )
+    # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal with the
+    # handlers it found installed: ours turn that into a clean exit 0.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        build_server(settings, log_level=args.log_level).run()
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""ONE table from domain and protocol errors to wire codes (WS error codes, HTTP statuses)."""
+
+from __future__ import annotations
+
+from dispatcher.errors import (
+    DispatchError,
+    InvalidTransition,
+    NotAllowed,
+    NotAssigned,
+    Unavailable,
+    UnknownJob,
+    UnknownMiner,
+)
+from protocol.types import ErrorCode
+
+__all__ = ["ERROR_TABLE", "error_code_for", "http_status_for"]
+
+# exception type -> (WS error code, HTTP status)
+ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
+    UnknownJob: (ErrorCode.NOT_FOUND, 404),
+    InvalidTransition: (ErrorCode.CONFLICT, 409),
+    NotAssigned: (ErrorCode.NOT_ASSIGNED, 409),
+    UnknownMiner: (ErrorCode.NOT_FOUND, 404),
+    NotAllowed: (ErrorCode.CONFLICT, 403),
+    Unavailable: (ErrorCode.UNAVAILABLE, 503),
+}
+
+
+def _lookup(exc: DispatchError) -> tuple[ErrorCode, int]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ErrorCode.INTERNAL, 500
+
+
+def error_code_for(exc: DispatchError) -> str:
+    return _lookup(exc)[0].value
+
+
+def http_status_for(exc: DispatchError) -> int:
+    return _lookup(exc)[1]

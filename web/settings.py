@@ -1,0 +1,132 @@
+"""Settings from the environment.
+
+Invalid values stop the start with a one-line message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["Settings", "SettingsError"]
+
+
+class SettingsError(ValueError):
+    """One-line message naming the offending variable."""
+
+
+def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "").strip()
+    if raw.startswith("["):
+        import json
+
+        try:
+            items = json.loads(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}: not a JSON array or comma-separated list") from exc
+        if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
+            raise SettingsError(f"{name}: must be a list of strings")
+    else:
+        items = raw.split(",")
+    keys = tuple(k.strip() for k in items if k.strip())
+    for k in keys:
+        if len(k) < 8:
+            raise SettingsError(f"{name}: every key must have at least 8 characters")
+    return keys
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}: must be between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    database_url: str = "sqlite:///./coordinator.db"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    client_api_keys: tuple[str, ...] = ()
+    miner_api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = ()
+    receipt_signing_key_hex: str | None = None
+    job_ttl_seconds: float = 900.0
+    heartbeat_interval_seconds: float = 10.0
+    heartbeat_timeout_seconds: float = 30.0
+    sqlite_synchronous: str = "NORMAL"
+    max_attempts: int = 3
+    accept_timeout_seconds: float = 10.0
+    resume_grace_seconds: float = 15.0
+    max_frame_bytes: int = 1024 * 1024
+    environment: str = "development"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        url = env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip()
+        if not url.startswith("sqlite:///"):
+            raise SettingsError("DATABASE_URL: only sqlite:///PATH is supported by this build")
+        port = _number(env, "API_PORT", 8000, 0, 65535)
+        if port != int(port):
+            raise SettingsError("API_PORT: must be an integer")
+        sync = env.get("SQLITE_SYNCHRONOUS", "NORMAL").strip().upper()
+        if sync not in ("NORMAL", "FULL"):
+            raise SettingsError("SQLITE_SYNCHRONOUS: must be NORMAL or FULL")
+        signing = env.get("RECEIPT_SIGNING_KEY_HEX", "").strip() or None
+        if signing is not None:
+            try:
+                if len(bytes.fromhex(signing)) != 32:
+                    raise ValueError
+            except ValueError:
+                raise SettingsError(
+                    "RECEIPT_SIGNING_KEY_HEX: must be 64 hex digits (a 32-byte Ed25519 seed)"
+                ) from None
+        interval = _number(env, "HEARTBEAT_INTERVAL_SECONDS", 10, 0.05, 3600)
+        timeout = _number(env, "HEARTBEAT_TIMEOUT_SECONDS", 30, 0.05, 3600)
+        if timeout < interval:
+            raise SettingsError(
+                "HEARTBEAT_TIMEOUT_SECONDS: must not be shorter than HEARTBEAT_INTERVAL_SECONDS"
+            )
+        settings = cls(
+            database_url=url,
+            api_host=env.get("API_HOST", "127.0.0.1").strip() or "127.0.0.1",
+            api_port=int(port),
+            client_api_keys=_keys(env, "CLIENT_API_KEYS"),
+            miner_api_keys=_keys(env, "MINER_API_KEYS"),
+            admin_api_keys=_keys(env, "ADMIN_API_KEYS"),
+            receipt_signing_key_hex=signing,
+            job_ttl_seconds=_number(env, "JOB_TTL_SECONDS", 900, 1, 7 * 86400),
+            heartbeat_interval_seconds=interval,
+            heartbeat_timeout_seconds=timeout,
+            sqlite_synchronous=sync,
+            max_attempts=int(_number(env, "MAX_ATTEMPTS", 3, 1, 100)),
+            accept_timeout_seconds=_number(env, "ACCEPT_TIMEOUT_SECONDS", 10, 0.01, 3600),
+            resume_grace_seconds=_number(env, "RESUME_GRACE_SECONDS", 15, 0, 3600),
+            max_frame_bytes=int(_number(env, "WS_MAX_FRAME_BYTES", 1024 * 1024, 1024, 64 << 20)),
+            environment=env.get("ENVIRONMENT", "development"),
+        )
+        overlap = (set(settings.client_api_keys) | set(settings.admin_api_keys)) & set(
+            settings.miner_api_keys
+        ) or set(settings.client_api_keys) & set(settings.admin_api_keys)
+        if overlap:
+            raise SettingsError("API keys: the same key is configured for two roles")
+        return settings
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database_url.removeprefix("sqlite:///"))
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]

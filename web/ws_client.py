@@ -1,0 +1,141 @@
+"""``/v1/jobs/ws``: submit jobs and follow them live (docs/protocol.md, client socket)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.core import JobSpec
+from dispatcher.errors import InvalidTransition, Unavailable, UnknownJob
+from dispatcher.fanout import Subscriber
+from protocol.messages import (
+    Auth,
+    ClientHello,
+    ClientToServer,
+    ClientWelcome,
+    JobCancelRequest,
+    JobSubmit,
+    Subscribe,
+    Unsubscribe,
+)
+from protocol.records import job_view
+from protocol.session import ClientSession
+from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
+from web.auth import Role
+from web.connection import Connection
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+    from dispatcher.jobs import Job
+
+__all__ = ["ClientConnection", "client_endpoint"]
+
+
+class ClientConnection(Connection):
+    role = Role.CLIENT
+
+    def __init__(self, core: Any, websocket: WebSocket) -> None:
+        super().__init__(core, websocket)
+        self.subscriber: Subscriber | None = None
+
+    def make_session(self, *, authenticated: bool) -> ClientSession:
+        return ClientSession(
+            authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
+        )
+
+    def view(self, job: Job) -> dict[str, Any]:
+        return job_view(
+            job.record(), servable=self.core.dispatcher.scheduler.is_servable(job.constraints)
+        )
+
+    async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
+        match msg:
+            case Auth():
+                self.authenticate(msg.token, session)
+            case ClientHello():
+                assert self.principal is not None
+                self.subscriber = Subscriber(self.principal.id, self.outbox)
+                self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
+            case JobSubmit():
+                await self._submit(msg)
+            case Subscribe():
+                await self._subscribe(msg)
+            case Unsubscribe():
+                assert self.subscriber is not None
+                fanout = self.core.dispatcher.fanout
+                if msg.job_ids == "all":
+                    fanout.unsubscribe(self.subscriber)
+                else:
+                    fanout.unsubscribe(self.subscriber, msg.job_ids)
+                self.reply(msg.id)
+            case JobCancelRequest():
+                await self._cancel(msg)
+
+    async def _submit(self, msg: JobSubmit) -> None:
+        sub = self.subscriber
+        assert sub is not None
+        dispatcher = self.core.dispatcher
+        spec = JobSpec(
+            job_id=uuid.uuid4().hex,
+            client_id=sub.client_id,
+            payload=msg.payload,
+            constraints=msg.constraints,
+            ttl_seconds=msg.ttl_seconds,
+            priority=msg.priority,
+            idempotency_key=msg.idempotency_key,
+        )
+
+        def committed(job: Job, existed: bool) -> None:
+            if job.state not in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED"):
+                dispatcher.fanout.subscribe(sub, [job.job_id])
+            self.reply(msg.id, job=self.view(job), duplicate=existed)
+
+        try:
+            await dispatcher.submit(spec, committed)
+        except Unavailable:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    async def _subscribe(self, msg: Subscribe) -> None:
+        sub = self.subscriber
+        assert sub is not None
+        dispatcher = self.core.dispatcher
+        if msg.job_ids == "all":
+            dispatcher.fanout.subscribe_all(sub)
+            ids = list(msg.after)
+        else:
+            ids = list(msg.job_ids)
+        missing = await dispatcher.subscribe(sub, ids, msg.after)
+        for job_id in missing:
+            self.error(ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id)
+        self.reply(msg.id, missing=missing)
+
+    async def _cancel(self, msg: JobCancelRequest) -> None:
+        sub = self.subscriber
+        assert sub is not None
+        dispatcher = self.core.dispatcher
+        try:
+            dispatcher.cancel(
+                sub.client_id, msg.job_id, lambda job: self.reply(msg.id, job=self.view(job))
+            )
+            return
+        except InvalidTransition as exc:
+            code, text = ErrorCode.NOT_CANCELABLE, str(exc)
+        except UnknownJob:
+            rec = await dispatcher.get_job(msg.job_id)
+            if rec is not None and rec.client_id == sub.client_id:
+                code, text = ErrorCode.NOT_CANCELABLE, f"job {msg.job_id} is {rec.state}"
+            else:
+                code, text = ErrorCode.NOT_FOUND, f"job {msg.job_id} not found"
+        except Unavailable:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+            return
+        dispatcher.after_commit(lambda: self.error(code, text, request_id=msg.id, ref=msg.job_id))
+
+    def on_closed(self) -> None:
+        if self.subscriber is not None:
+            self.core.dispatcher.fanout.unsubscribe(self.subscriber)
+
+
+async def client_endpoint(websocket: WebSocket) -> None:
+    await ClientConnection(websocket.app.state.core, websocket).run()

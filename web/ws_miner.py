@@ -1,0 +1,187 @@
+"""``/v1/miners/ws``: WebSocket <-> protocol.MinerSession <-> Dispatcher (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.errors import DispatchError, NotAllowed, NotAssigned, Unavailable, UnknownJob
+from protocol.messages import (
+    Auth,
+    Heartbeat,
+    Hello,
+    JobAccept,
+    JobFail,
+    JobProgress,
+    JobReject,
+    JobResult,
+    MinerToServer,
+    Status,
+    Welcome,
+)
+from protocol.session import MinerSession
+from protocol.types import PROTOCOL_VERSION, CloseCode
+from web.auth import Role
+from web.connection import Connection
+from web.errors import error_code_for
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+    from dispatcher.core import ResumeInfo
+    from dispatcher.jobs import Job
+
+__all__ = ["MinerConnection", "miner_endpoint"]
+
+
+class MinerConnection(Connection):
+    role = Role.MINER
+
+    def __init__(self, core: Any, websocket: WebSocket) -> None:
+        super().__init__(core, websocket)
+        self.miner_id: str | None = None
+        self.session_id: str | None = None
+
+    def make_session(self, *, authenticated: bool) -> MinerSession:
+        return MinerSession(
+            authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
+        )
+
+    async def handle(self, msg: MinerToServer, session: MinerSession) -> None:
+        dispatcher = self.core.dispatcher
+        match msg:
+            case Auth():
+                self.authenticate(msg.token, session)
+            case Hello():
+                self._hello(msg)
+            case JobAccept():
+                self._call(msg.id, msg.job_id, "accept", msg.job_id, attempt=msg.attempt)
+            case JobReject():
+                self._call(
+                    msg.id, msg.job_id, "reject", msg.job_id, msg.reason, attempt=msg.attempt
+                )
+            case JobProgress():
+                self._call(
+                    msg.id,
+                    msg.job_id,
+                    "progress",
+                    msg.job_id,
+                    attempt=msg.attempt,
+                    progress=msg.progress,
+                    message=msg.message,
+                    output=msg.output,
+                )
+            case JobFail():
+                self._call(
+                    msg.id,
+                    msg.job_id,
+                    "fail",
+                    msg.job_id,
+                    error_code=msg.error_code,
+                    error_message=msg.error_message,
+                    retryable=msg.retryable,
+                    attempt=msg.attempt,
+                )
+            case Status():
+                self._call(
+                    msg.id, None, "set_status", concurrency=msg.concurrency, draining=msg.draining
+                )
+            case Heartbeat():
+                if msg.id is not None:
+                    dispatcher.after_commit(lambda: self.reply(msg.id))
+            case JobResult():
+                await self._result(msg)
+
+    def _hello(self, msg: Hello) -> None:
+        assert self.principal is not None
+        miner_id = msg.miner_id or f"miner-{self.principal.key_hash[:12]}"
+        session_id = secrets.token_hex(16)
+        core = self.core
+
+        def welcome(info: ResumeInfo) -> None:
+            self.send(
+                Welcome(
+                    protocol=PROTOCOL_VERSION,
+                    session_id=session_id,
+                    miner_id=miner_id,
+                    heartbeat_interval=core.settings.heartbeat_interval_seconds,
+                    heartbeat_timeout=core.settings.heartbeat_timeout_seconds,
+                    resumed=info.resumed,
+                    revoked=info.revoked,
+                )
+            )
+
+        try:
+            core.dispatcher.miner_hello(
+                miner_id=miner_id,
+                key_hash=self.principal.key_hash,
+                session_id=session_id,
+                sink=self,
+                capabilities=msg.capabilities,
+                concurrency=msg.concurrency,
+                region=msg.region,
+                resume_session=msg.resume_session,
+                then=welcome,
+            )
+        except NotAllowed as exc:
+            self.close(CloseCode.FORBIDDEN, str(exc))
+            return
+        except Unavailable:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+            return
+        self.miner_id, self.session_id = miner_id, session_id
+
+    def _call(
+        self, request_id: str | None, ref: str | None, method: str, *args: Any, **kwargs: Any
+    ) -> None:
+        dispatcher = self.core.dispatcher
+        assert self.miner_id is not None
+        try:
+            dispatcher.miner_call(method, self.miner_id, *args, **kwargs)
+        except DispatchError as exc:
+            # Answer after the open batch commits: a refusal must not reveal uncommitted state.
+            code, text = error_code_for(exc), str(exc)
+            dispatcher.after_commit(
+                lambda: self.error(code, text, request_id=request_id, ref=ref or method)
+            )
+            return
+        dispatcher.after_commit(lambda: self.reply(request_id))
+
+    async def _result(self, msg: JobResult) -> None:
+        dispatcher = self.core.dispatcher
+        assert self.miner_id is not None
+
+        def done(job: Job) -> None:
+            self.reply(msg.id, job_id=job.job_id, receipt=job.receipt)
+
+        try:
+            dispatcher.miner_result(
+                self.miner_id, msg.job_id, msg.result, msg.metrics, msg.attempt, done
+            )
+            return
+        except UnknownJob:
+            try:  # a retry for a job that left memory long ago: answer from the store
+                receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id)
+            except UnknownJob as exc:
+                err: DispatchError = exc
+            else:
+                if receipt is not None:
+                    dispatcher.after_commit(
+                        lambda: self.reply(msg.id, job_id=msg.job_id, receipt=receipt)
+                    )
+                    return
+                err = NotAssigned(msg.job_id, self.miner_id)
+        except DispatchError as exc:
+            err = exc
+        code = error_code_for(err)
+        dispatcher.after_commit(
+            lambda: self.error(code, str(err), request_id=msg.id, ref=msg.job_id)
+        )
+
+    def on_closed(self) -> None:
+        if self.miner_id is not None and self.session_id is not None:
+            self.core.dispatcher.miner_gone(self.miner_id, self.session_id)
+
+
+async def miner_endpoint(websocket: WebSocket) -> None:
+    await MinerConnection(websocket.app.state.core, websocket).run()
