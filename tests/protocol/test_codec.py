@@ -90,8 +90,13 @@ MINER_TO_SERVER: list[Any] = [
     ),
     pytest.param({"type": "job.accept", "job_id": "j1"}, JobAccept(job_id="j1"), id="accept"),
     pytest.param(
-        {"type": "job.reject", "job_id": "j1", "reason": "busy", "id": "r1"},
-        JobReject(job_id="j1", reason="busy", id="r1"),
+        {"type": "job.accept", "job_id": "j1", "attempt": 2, "id": "a1"},
+        JobAccept(job_id="j1", attempt=2, id="a1"),
+        id="accept-attempt",
+    ),
+    pytest.param(
+        {"type": "job.reject", "job_id": "j1", "reason": "busy", "attempt": 1, "id": "r1"},
+        JobReject(job_id="j1", reason="busy", attempt=1, id="r1"),
         id="reject",
     ),
     pytest.param(
@@ -99,19 +104,24 @@ MINER_TO_SERVER: list[Any] = [
     ),
     pytest.param({"type": "job.progress", "job_id": "j1"}, JobProgress(job_id="j1"), id="progress-bare"),
     pytest.param(
-        {"type": "job.progress", "job_id": "j1", "progress": 0.5, "message": "m", "output": "tok"},
-        JobProgress(job_id="j1", progress=0.5, message="m", output="tok"),
+        {"type": "job.progress", "job_id": "j1", "progress": 0.5, "message": "m", "output": "tok", "attempt": 3},
+        JobProgress(job_id="j1", progress=0.5, message="m", output="tok", attempt=3),
         id="progress-full",
     ),
     pytest.param(
-        {"type": "job.result", "job_id": "j1", "result": {"text": "hi"}, "metrics": {"units": 2}, "id": "m1"},
-        JobResult(job_id="j1", result={"text": "hi"}, metrics={"units": 2}, id="m1"),
+        {"type": "job.result", "job_id": "j1", "result": {"text": "hi"}, "metrics": {"units": 2}, "attempt": 1, "id": "m1"},
+        JobResult(job_id="j1", result={"text": "hi"}, metrics={"units": 2}, attempt=1, id="m1"),
         id="result",
     ),
     pytest.param(
         {"type": "job.fail", "job_id": "j1", "error_code": "oom", "error_message": "x", "retryable": True},
         JobFail(job_id="j1", error_code="oom", error_message="x", retryable=True),
         id="fail",
+    ),
+    pytest.param(
+        {"type": "job.fail", "job_id": "j1", "error_code": "e", "error_message": "", "retryable": False, "attempt": 0},
+        JobFail(job_id="j1", error_code="e", error_message="", attempt=0),
+        id="fail-attempt-zero",
     ),
     pytest.param({"type": "status"}, Status(), id="status-empty"),
     pytest.param(
@@ -546,6 +556,20 @@ INVALID: list[Any] = [
     ),
     pytest.param(decode_miner_frame, _obj(type="job.fail", job_id="j", error_code="e"), id="fail-no-message"),
     pytest.param(decode_miner_frame, _obj(type="job.reject", job_id="j", reason=5), id="reject-reason-int"),
+    # fencing tokens (attempt) on miner job messages
+    pytest.param(decode_miner_frame, _obj(type="job.accept", job_id="j", attempt=-1), id="accept-attempt-neg"),
+    pytest.param(decode_miner_frame, _obj(type="job.reject", job_id="j", attempt="1"), id="reject-attempt-str"),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", attempt=True), id="progress-attempt-bool"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.result", job_id="j", result={}, attempt=1.5), id="result-attempt-float"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.fail", job_id="j", error_code="e", error_message="m", attempt=10**7),
+        id="fail-attempt-huge",
+    ),
     # job ids
     pytest.param(decode_miner_frame, _obj(type="job.accept"), id="job-id-missing"),
     pytest.param(decode_miner_frame, _obj(type="job.accept", job_id=""), id="job-id-empty"),

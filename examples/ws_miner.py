@@ -1,0 +1,229 @@
+"""A simulated GPU miner on the coordinator's WebSocket protocol.
+
+It advertises capabilities from flags, runs each pushed job for ``--delay`` seconds while
+streaming ``--chunks`` progress/output chunks, sends the result, and reconnects with ``resume``
+after a dropped connection (jobs it was running continue and are reported after the resume).
+
+    python examples/ws_miner.py --key MINER_KEY --gpu "RTX 4090" --vram-gb 24 --models llama3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from protocol.client import MinerClient
+from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
+
+__all__ = ["MinerOptions", "SimulatedMiner", "main"]
+
+
+@dataclass(kw_only=True)
+class MinerOptions:
+    url: str = "ws://127.0.0.1:8000/v1/miners/ws"
+    key: str = ""
+    miner_id: str | None = None
+    gpus: list[dict[str, object]] = field(default_factory=list)
+    cuda: str | None = None
+    models: list[str] = field(default_factory=list)
+    price: float | None = None
+    region: str | None = None
+    concurrency: int = 1
+    delay: float = 0.5
+    chunks: int = 3
+    reconnect: bool = True
+    max_jobs: int | None = None  # exit after this many results (None: run forever)
+
+    def capabilities(self) -> dict[str, object]:
+        caps: dict[str, object] = {"gpus": self.gpus, "models": self.models}
+        if self.cuda is not None:
+            caps["cuda"] = self.cuda
+        if self.price is not None:
+            caps["price"] = self.price
+        return caps
+
+
+class SimulatedMiner:
+    """Drives ``protocol.client.MinerClient`` over a websockets connection."""
+
+    def __init__(self, opts: MinerOptions, log: Callable[[str], None] = print) -> None:
+        self.opts = opts
+        self.log = log
+        self.client = MinerClient(
+            capabilities=opts.capabilities(),
+            miner_id=opts.miner_id,
+            concurrency=opts.concurrency,
+            region=opts.region,
+        )
+        self.ws: ClientConnection | None = None
+        self.connected = anyio.Event()
+        self.welcomed = anyio.Event()
+        self.receipts: dict[str, dict[str, object]] = {}
+        self.assigned: list[JobAssign] = []
+        self.canceled: list[str] = []
+        self.completed = 0
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._pending: list[bytes] = []
+        self._done = anyio.Event()
+
+    async def flush(self) -> None:
+        """Send what the Sans-I/O client queued; while offline, wait for the resume first."""
+        self._pending.extend(self.client.data_to_send())
+        while self._pending:
+            await self.welcomed.wait()
+            ws = self.ws
+            if ws is None:
+                await anyio.sleep(0.01)
+                continue
+            try:
+                while self._pending:
+                    await ws.send(self._pending[0].decode())
+                    self._pending.pop(0)
+            except ConnectionClosed:
+                continue
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._connect_loop, tg)
+            await self._done.wait()
+            tg.cancel_scope.cancel()
+
+    async def _connect_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                async with connect(
+                    self.opts.url,
+                    additional_headers={"X-Api-Key": self.opts.key},
+                    compression=None,
+                    open_timeout=5,
+                ) as ws:
+                    backoff = 0.05
+                    self.ws = ws
+                    self.client.hello(resume=True)
+                    for frame in self.client.data_to_send():  # the hello goes out before all
+                        await ws.send(frame.decode())
+                    async for raw in ws:
+                        self.client.receive_data(raw)
+                        for event in self.client.events_received():
+                            self._on_event(event, tg)
+            except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as exc:
+                self.log(f"connection lost: {exc!r}")
+            finally:
+                self.ws = None
+                self.welcomed = anyio.Event()
+            if not self.opts.reconnect:
+                self._done.set()
+                return
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _on_event(self, event: object, tg: anyio.abc.TaskGroup) -> None:
+        match event:
+            case Welcome():
+                self.log(
+                    f"welcome as {event.miner_id} (resumed {list(event.resumed)}, "
+                    f"revoked {list(event.revoked)})"
+                )
+                for job_id in [*event.revoked, *self._running]:
+                    if job_id not in self.client.jobs:
+                        self._stop(job_id)  # revoked, or lost with the old session
+                self.welcomed.set()
+            case JobAssign():
+                self.assigned.append(event)
+                tg.start_soon(self._run_job, event)
+            case JobCancel():
+                self.canceled.append(event.job_id)
+                self.log(f"job {event.job_id} canceled: {event.reason}")
+                self._stop(event.job_id)
+            case Ack():
+                receipt = event.fields.get("receipt")
+                if isinstance(receipt, dict):
+                    self.receipts[str(event.fields.get("job_id"))] = receipt
+                    self.completed += 1
+                    if self.opts.max_jobs is not None and self.completed >= self.opts.max_jobs:
+                        self._done.set()
+            case Error():
+                self.log(f"error {event.code}: {event.message}")
+
+    def _stop(self, job_id: str) -> None:
+        scope = self._running.pop(job_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _run_job(self, job: JobAssign) -> None:
+        with anyio.CancelScope() as scope:
+            self._running[job.job_id] = scope
+            self.client.accept(job.job_id)
+            await self.flush()
+            prompt = str(job.payload.get("prompt", ""))
+            words = (prompt or "done").split() or ["done"]
+            steps = max(1, self.opts.chunks)
+            for i in range(steps):
+                await anyio.sleep(self.opts.delay / steps)
+                self.client.progress(
+                    job.job_id, progress=(i + 1) / steps, output=words[i % len(words)] + " "
+                )
+                await self.flush()
+            self.client.result(
+                job.job_id,
+                {"output": prompt[::-1], "status": "completed"},
+                {"duration_ms": int(self.opts.delay * 1000)},
+            )
+            await self.flush()
+            self._running.pop(job.job_id, None)
+
+
+def _parse(argv: list[str] | None) -> MinerOptions:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/miners/ws")
+    p.add_argument("--key", required=True, help="a miner API key")
+    p.add_argument("--miner-id")
+    p.add_argument("--gpu", action="append", default=[], help="GPU name (repeatable)")
+    p.add_argument("--vram-gb", type=float, default=0.0)
+    p.add_argument("--cuda")
+    p.add_argument("--models", default="", help="comma-separated model names")
+    p.add_argument("--price", type=float)
+    p.add_argument("--region")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--delay", type=float, default=0.5, help="seconds each job takes")
+    p.add_argument("--chunks", type=int, default=3, help="progress chunks per job")
+    p.add_argument("--max-jobs", type=int)
+    a = p.parse_args(argv)
+    gpus: list[dict[str, object]] = [{"name": g, "memory_mb": int(a.vram_gb * 1024)} for g in a.gpu]
+    return MinerOptions(
+        url=a.url,
+        key=a.key,
+        miner_id=a.miner_id,
+        gpus=gpus,
+        cuda=a.cuda,
+        models=[m for m in a.models.split(",") if m],
+        price=a.price,
+        region=a.region,
+        concurrency=a.concurrency,
+        delay=a.delay,
+        chunks=a.chunks,
+        max_jobs=a.max_jobs,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    miner = SimulatedMiner(_parse(argv))
+    try:
+        anyio.run(miner.run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
