@@ -29,7 +29,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.dispatch
+	$(BIN)/python -m bench.dispatch --runs 3 --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

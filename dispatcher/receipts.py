@@ -69,4 +69,4 @@ class ReceiptSigner:
                 "metrics_source": "miner-claimed",
             },
         }
-        return sign_receipt(body, self._key)
+        return sign_receipt(body, self._key, key_id=self.key_id)

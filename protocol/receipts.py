@@ -78,18 +78,18 @@ def _signed_part(receipt: JSONObject) -> JSONObject:
     return {k: v for k, v in receipt.items() if k not in _UNSIGNED}
 
 
-def sign_receipt(receipt: JSONObject, key: Ed25519PrivateKey) -> JSONObject:
-    """Return a copy of ``receipt`` with ``signature`` over all its other fields."""
+def sign_receipt(
+    receipt: JSONObject, key: Ed25519PrivateKey, *, key_id: str | None = None
+) -> JSONObject:
+    """Return a copy of ``receipt`` with ``signature`` over all its other fields.
+
+    Args:
+        key_id: the key's id when the caller already has it (saves deriving it per receipt).
+    """
     body = _signed_part(receipt)
     sig = key.sign(canonical_json(body))
-    return {
-        **body,
-        "signature": {
-            "alg": "Ed25519",
-            "key_id": key_id_for(key.public_key()),
-            "sig": _b64url(sig),
-        },
-    }
+    kid = key_id if key_id is not None else key_id_for(key.public_key())
+    return {**body, "signature": {"alg": "Ed25519", "key_id": kid, "sig": _b64url(sig)}}
 
 
 def _check_signature(body: bytes, sig: Any, label: str) -> list[str]:

@@ -80,6 +80,20 @@ class EventKind(StrEnum):
     EXPIRED = "expired"
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso_time(ts: float) -> str:
     """Format Unix seconds as ISO-8601 UTC with millisecond precision and a ``Z`` suffix."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    global _iso_second
+    second = int(ts // 1)
+    # Round to microseconds first, as datetime does: int(0.123 * 1000) would give 122.
+    us = round((ts - second) * 1_000_000)
+    if us == 1_000_000:
+        second, us = second + 1, 0
+    ms = us // 1000
+    cached_second, prefix = _iso_second
+    if cached_second != second:  # events cluster within a second: format the date once
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _iso_second = (second, prefix)
+    return f"{prefix}.{ms:03d}Z"

@@ -157,6 +157,59 @@ def _event_record(row: Any) -> EventRecord:
     )
 
 
+def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
+    """Runs on the writer connection's thread: one transaction, one executemany per table."""
+    conn.execute("BEGIN")
+    try:
+        if batch.jobs:
+            conn.executemany(_UPSERT_JOB, [_job_row(j) for j in batch.jobs.values()])
+        if batch.events:
+            conn.executemany(
+                _INSERT_EVENT,
+                [
+                    (
+                        e.job_id,
+                        e.seq,
+                        e.event,
+                        e.state,
+                        e.at,
+                        e.attempt,
+                        e.miner_id,
+                        dumps(e.data).decode(),
+                    )
+                    for e in batch.events
+                ],
+            )
+        if batch.miners:
+            conn.executemany(
+                _UPSERT_MINER,
+                [
+                    (
+                        m.miner_id,
+                        m.key_hash,
+                        m.session_id,
+                        dumps(m.capabilities).decode(),
+                        m.concurrency,
+                        m.region,
+                        m.last_seen,
+                    )
+                    for m in batch.miners.values()
+                ],
+            )
+        if batch.receipts:
+            conn.executemany(
+                _INSERT_RECEIPT,
+                [
+                    (r.receipt_id, r.job_id, r.miner_id, r.issued_at, dumps(r.receipt).decode())
+                    for r in batch.receipts
+                ],
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class DatabasesJobStore:
     """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request."""
 
@@ -221,61 +274,9 @@ class DatabasesJobStore:
         if raw is None:
             raise StorageError("store is closed")
         async with map_driver_errors():
-            await raw.execute("BEGIN")
-            try:
-                if batch.jobs:
-                    await raw.executemany(_UPSERT_JOB, [_job_row(j) for j in batch.jobs.values()])
-                if batch.events:
-                    await raw.executemany(
-                        _INSERT_EVENT,
-                        [
-                            (
-                                e.job_id,
-                                e.seq,
-                                e.event,
-                                e.state,
-                                e.at,
-                                e.attempt,
-                                e.miner_id,
-                                dumps(e.data).decode(),
-                            )
-                            for e in batch.events
-                        ],
-                    )
-                if batch.miners:
-                    await raw.executemany(
-                        _UPSERT_MINER,
-                        [
-                            (
-                                m.miner_id,
-                                m.key_hash,
-                                m.session_id,
-                                dumps(m.capabilities).decode(),
-                                m.concurrency,
-                                m.region,
-                                m.last_seen,
-                            )
-                            for m in batch.miners.values()
-                        ],
-                    )
-                if batch.receipts:
-                    await raw.executemany(
-                        _INSERT_RECEIPT,
-                        [
-                            (
-                                r.receipt_id,
-                                r.job_id,
-                                r.miner_id,
-                                r.issued_at,
-                                dumps(r.receipt).decode(),
-                            )
-                            for r in batch.receipts
-                        ],
-                    )
-                await raw.execute("COMMIT")
-            except BaseException:
-                await raw.execute("ROLLBACK")
-                raise
+            # One hop to the driver's thread for the whole batch (aiosqlite runs each call on
+            # its connection thread; per-statement calls would cost a round trip each).
+            await raw._execute(_commit_batch, raw._conn, batch)
 
     async def _fetch(self, sql: str, values: dict[str, Any] | None = None) -> Sequence[Any]:
         if self._reader is None:

@@ -1,0 +1,114 @@
+"""Shared benchmark plumbing: start the coordinator as a pinned subprocess, stats helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_KEY = "bench-client-key-0001"
+MINER_KEY = "bench-miner-key-00001"
+ADMIN_KEY = "bench-admin-key-00001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_self(core: int | None) -> None:
+    if core is not None and core in cores():
+        os.sched_setaffinity(0, {core})
+
+
+@dataclass
+class Server:
+    port: int
+    proc: subprocess.Popen[bytes]
+    db: Path
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+@contextmanager
+def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Run ``aitbc-coordinator serve`` on a fresh database, pinned to ``core``."""
+    tmp = Path(tempfile.mkdtemp(prefix="aitbc-bench-"))
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "web.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--db",
+        str(tmp / "bench.db"),
+        "--log-level",
+        "warning",
+    ]
+    if core is not None and len(cores()) > 1:
+        cmd = ["taskset", "-c", str(core), *cmd]
+    full_env = {
+        **os.environ,
+        "CLIENT_API_KEYS": CLIENT_KEY,
+        "MINER_API_KEYS": MINER_KEY,
+        "ADMIN_API_KEYS": ADMIN_KEY,
+        "RECEIPT_SIGNING_KEY_HEX": "42" * 32,
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("coordinator did not start")
+            time.sleep(0.05)
+        yield Server(port, proc, tmp / "bench.db")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds a process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
