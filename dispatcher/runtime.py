@@ -109,7 +109,8 @@ class Dispatcher:
                 self._idle.set()
                 self._wake = anyio.Event()
                 await self._wake.wait()
-            self._idle = anyio.Event()
+            if self._idle.is_set():  # keep the event wait_flushed() may already be waiting on
+                self._idle = anyio.Event()
             writes, actions = self._writes, self._actions
             self._writes, self._actions = WriteBatch(), []
             if len(writes):

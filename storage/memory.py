@@ -24,6 +24,7 @@ class InMemoryJobStore:
         self.events: dict[str, list[EventRecord]] = {}
         self.miners: dict[str, MinerRecord] = {}
         self.receipts: dict[str, tuple[str, float, JSONObject]] = {}
+        self._idem: dict[tuple[str, str], str] = {}  # (client_id, idempotency_key) -> job_id
         self.commits = 0
         self.is_open = False
 
@@ -33,13 +34,26 @@ class InMemoryJobStore:
     async def close(self) -> None:
         self.is_open = False
 
-    async def commit(self, batch: WriteBatch) -> None:
+    def _check_open(self) -> None:
         if not self.is_open:
             raise StorageError("store is closed")
+
+    async def commit(self, batch: WriteBatch) -> None:
+        self._check_open()
+        seen: set[tuple[str, int]] = set()
         for e in batch.events:  # validate first: a batch is all or nothing
             have = self.events.get(e.job_id, [])
-            if any(x.seq == e.seq for x in have):
+            if (e.job_id, e.seq) in seen or any(x.seq == e.seq for x in have):
                 raise Conflict(f"event {e.job_id}#{e.seq} exists")
+            seen.add((e.job_id, e.seq))
+        keys: dict[tuple[str, str], str] = {}
+        for job in batch.jobs.values():
+            if job.idempotency_key is not None:
+                key = (job.client_id, job.idempotency_key)
+                owner = self._idem.get(key) or keys.setdefault(key, job.job_id)
+                if owner != job.job_id:
+                    raise Conflict(f"idempotency key {job.idempotency_key!r} is taken")
+        self._idem.update(keys)
         for job in batch.jobs.values():
             old = self.jobs.get(job.job_id)
             if old is not None:
@@ -55,22 +69,27 @@ class InMemoryJobStore:
         self.commits += 1
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        self._check_open()
         active = [j for j in self.jobs.values() if j.state in ("QUEUED", "RUNNING")]
         return active, list(self.miners.values())
 
     async def get_job(self, job_id: str) -> JobRecord | None:
+        self._check_open()
         return self.jobs.get(job_id)
 
     async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
+        self._check_open()
         for job in self.jobs.values():
             if job.client_id == client_id and job.idempotency_key == idempotency_key:
                 return job
         return None
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
+        self._check_open()
         events = sorted(self.events.get(job_id, []), key=lambda e: e.seq)
         return [e for e in events if e.seq > after][:limit]
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]:
-        rows = sorted((t, r) for j, t, r in self.receipts.values() if j == job_id)
-        return [r for _, r in rows]
+        self._check_open()
+        rows = [(t, r) for j, t, r in self.receipts.values() if j == job_id]
+        return [r for _, r in sorted(rows, key=lambda row: row[0])]

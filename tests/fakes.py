@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from dispatcher.fanout import Outbox
 from protocol.client import MinerClient
-from protocol.messages import MinerToServer, ServerToMiner
 from protocol.session import DEFAULT_MAX_FRAME, MinerSession
-from protocol.types import JSONObject
+from storage.memory import InMemoryJobStore
+
+if TYPE_CHECKING:
+    from protocol.messages import MinerToServer, ServerToMiner
+    from protocol.records import EventRecord
+    from protocol.types import CloseCode, JSONObject
+    from storage.base import WriteBatch
 
 
 class SessionPair:
@@ -61,3 +73,139 @@ class SessionPair:
         """Drop the link and give the same miner a fresh server session (a new socket)."""
         self.client.data_to_send()
         self.session = MinerSession(authenticated=authenticated, max_frame=self.max_frame)
+
+
+class FakeClock:
+    """The ``Clock`` protocol on a hand-driven time line: only :meth:`advance` moves it."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._now = start
+        self._sleepers: list[anyio.Event] = []
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward and wake every ``wait_until`` so it re-checks its deadline."""
+        if seconds < 0:
+            raise ValueError("time never goes backwards")
+        self._now += seconds
+        sleepers, self._sleepers = self._sleepers, []
+        for event in sleepers:
+            event.set()
+
+    async def wait_until(self, deadline: float | None, wake: anyio.Event) -> None:
+        await anyio.lowlevel.checkpoint()
+        while not wake.is_set() and (deadline is None or self._now < deadline):
+            moved = anyio.Event()
+            self._sleepers.append(moved)
+            async with anyio.create_task_group() as tg:
+
+                async def first(event: anyio.Event) -> None:
+                    await event.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(first, wake)
+                tg.start_soon(first, moved)
+
+
+class RecordingStore(InMemoryJobStore):
+    """``InMemoryJobStore`` that records every batch and can hold commits and reads at a gate.
+
+    While commits are blocked, a batch handed to :meth:`commit` waits at the gate and nothing
+    of it is stored yet; :meth:`release_commits` lets it (and every later one) through.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[WriteBatch] = []
+        self.waiting = 0
+        self._commit_gate: anyio.Event | None = None
+        self._read_gate: anyio.Event | None = None
+        self._snapshot_first = True
+
+    def block_commits(self) -> None:
+        self._commit_gate = anyio.Event()
+
+    def release_commits(self) -> None:
+        gate, self._commit_gate = self._commit_gate, None
+        if gate is not None:
+            gate.set()
+
+    def block_reads(self, *, snapshot_first: bool = True) -> None:
+        """Hold ``events_after``; ``snapshot_first``: read the log before waiting, not after."""
+        self._read_gate = anyio.Event()
+        self._snapshot_first = snapshot_first
+
+    def release_reads(self) -> None:
+        gate, self._read_gate = self._read_gate, None
+        if gate is not None:
+            gate.set()
+
+    async def commit(self, batch: WriteBatch) -> None:
+        self.batches.append(batch)
+        gate = self._commit_gate
+        if gate is not None:
+            self.waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                self.waiting -= 1
+        await super().commit(batch)
+
+    async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
+        gate = self._read_gate
+        if gate is None:
+            return await super().events_after(job_id, after, limit)
+        if self._snapshot_first:
+            events = await super().events_after(job_id, after, limit)
+            await gate.wait()
+            return events
+        await gate.wait()
+        return await super().events_after(job_id, after, limit)
+
+
+class FakeMinerSink:
+    """A miner connection as the runtime sees it (``MinerSink``): it records what it is sent."""
+
+    def __init__(self, name: str = "miner", log: list[tuple[str, Any]] | None = None) -> None:
+        self.name = name
+        self.log: list[tuple[str, Any]] = [] if log is None else log
+        self.frames: list[JSONObject] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send_frame(self, frame: str) -> None:
+        msg = json.loads(frame)
+        self.frames.append(msg)
+        self.log.append((self.name, msg))
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        self.closed = (int(code), reason)
+        self.log.append((self.name, {"closed": int(code)}))
+
+    def of_type(self, msg_type: str) -> list[JSONObject]:
+        return [f for f in self.frames if f["type"] == msg_type]
+
+
+class RecordingOutbox(Outbox):
+    """An ``Outbox`` that also logs every frame put into it (decoded) to a shared log."""
+
+    def __init__(
+        self, log: list[tuple[str, Any]] | None = None, *, name: str = "outbox", **limits: int
+    ) -> None:
+        self.overflows: list[tuple[int, str]] = []
+        super().__init__(lambda code, reason: self.overflows.append((int(code), reason)), **limits)
+        self.name = name
+        self.log: list[tuple[str, Any]] = [] if log is None else log
+
+    def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
+        self.log.append((self.name, json.loads(frame)))
+        super().put(frame, job_id=job_id, progress=progress)
+
+    def events(self) -> list[tuple[str, int, str]]:
+        """(job_id, seq, event) of every queued frame, taking them out of the outbox."""
+        return [
+            (f["job_id"], f["seq"], f["event"])
+            for f in map(json.loads, self.take_nowait())
+            if f["type"] == "job.event"
+        ]

@@ -117,11 +117,15 @@ class Settings:
             max_frame_bytes=int(_number(env, "WS_MAX_FRAME_BYTES", 1024 * 1024, 1024, 64 << 20)),
             environment=env.get("ENVIRONMENT", "development"),
         )
-        overlap = (set(settings.client_api_keys) | set(settings.admin_api_keys)) & set(
-            settings.miner_api_keys
-        ) or set(settings.client_api_keys) & set(settings.admin_api_keys)
-        if overlap:
-            raise SettingsError("API keys: the same key is configured for two roles")
+        roles = (
+            ("CLIENT_API_KEYS", settings.client_api_keys),
+            ("ADMIN_API_KEYS", settings.admin_api_keys),
+            ("MINER_API_KEYS", settings.miner_api_keys),
+        )
+        for i, (name, keys) in enumerate(roles):
+            for other, other_keys in roles[:i]:
+                if set(keys) & set(other_keys):
+                    raise SettingsError(f"{name}: a key is also configured in {other}")
         return settings
 
     @property

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from fakes import SessionPair
 
 from protocol.client import MinerClient
 from protocol.errors import InvalidState, RemoteProtocolError
@@ -25,11 +24,14 @@ from protocol.messages import (
 )
 from protocol.session import AWAIT_AUTH, AWAIT_HELLO, CLOSING, OPEN
 from protocol.types import CloseCode
+from tests.fakes import SessionPair
 
 CAPS = {"gpus": [{"name": "RTX 4090", "memory_mb": 24564}], "models": ["llama3"]}
 
 
-def welcome(session_id: str = "sess-1", *, resumed: tuple[str, ...] = (), revoked: tuple[str, ...] = ()) -> Welcome:
+def welcome(
+    session_id: str = "sess-1", *, resumed: tuple[str, ...] = (), revoked: tuple[str, ...] = ()
+) -> Welcome:
     return Welcome(
         protocol=1,
         session_id=session_id,
@@ -120,7 +122,7 @@ def test_reject_drops_job_and_reaches_server() -> None:
 
 
 def test_progress_result_and_ack_with_receipt() -> None:
-    """progress is relayed; result frees the job, carries a fresh request id, and the ack matches it."""
+    """progress is relayed; result frees the job, has a fresh request id the ack answers."""
     pair = connected()
     pair.server_send(assign("j1"), assign("j2", attempt=3))
     pair.client.accept("j1")
@@ -164,7 +166,9 @@ def test_fail_drops_job_and_reaches_server() -> None:
     pair.client.fail("never-held", "x", "y")
     assert pair.client.jobs == {}
     assert pair.to_server() == [
-        JobFail(job_id="j1", error_code="oom", error_message="out of memory", retryable=True, attempt=1),
+        JobFail(
+            job_id="j1", error_code="oom", error_message="out of memory", retryable=True, attempt=1
+        ),
         JobFail(job_id="never-held", error_code="x", error_message="y", attempt=None),
     ]
 
@@ -268,8 +272,23 @@ def test_client_rejects_bad_server_frames() -> None:
     with pytest.raises(RemoteProtocolError):
         client.receive_data(b'{"type":"job.assign","job_id":""}')
     with pytest.raises(RemoteProtocolError):
-        client.receive_data(b'{"type":"welcome","protocol":1,"session_id":"s","miner_id":"m","resumed":"abc"}')
+        client.receive_data(
+            b'{"type":"welcome","protocol":1,"session_id":"s","miner_id":"m","resumed":"abc"}'
+        )
     with pytest.raises(RemoteProtocolError):
         client.receive_data(b'{"type":"job.event"}')
     assert client.events_received() == []
     assert client.jobs == {}
+
+
+def test_untracked_server_message_is_still_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoded message the client keeps no state for is passed on to events unchanged."""
+    from protocol import client as client_module
+
+    other = Heartbeat(metrics={"x": 1})
+    monkeypatch.setattr(client_module, "decode_server_to_miner", lambda data: other)
+    client = MinerClient(capabilities={})
+    client.receive_data(b"{}")
+    assert client.events_received() == [other]
+    assert client.jobs == {}
+    assert client.welcome is None

@@ -60,7 +60,9 @@ RECEIPT = {"receipt_id": "ab" * 16, "signature": {"alg": "Ed25519", "key_id": "k
 # (canonical wire object, dataclass): decode(wire) == msg and encode(msg) == wire, as JSON.
 MINER_TO_SERVER: list[Any] = [
     pytest.param({"type": "auth", "token": "tok"}, Auth(token="tok"), id="auth"),
-    pytest.param({"type": "auth", "token": "tok", "id": "a1"}, Auth(token="tok", id="a1"), id="auth-id"),
+    pytest.param(
+        {"type": "auth", "token": "tok", "id": "a1"}, Auth(token="tok", id="a1"), id="auth-id"
+    ),
     pytest.param(
         {"type": "hello", "protocol": 1, "capabilities": {}, "concurrency": 1},
         Hello(protocol=1, miner_id=None, capabilities={}),
@@ -100,26 +102,57 @@ MINER_TO_SERVER: list[Any] = [
         id="reject",
     ),
     pytest.param(
-        {"type": "job.reject", "job_id": "j1", "reason": ""}, JobReject(job_id="j1"), id="reject-bare"
+        {"type": "job.reject", "job_id": "j1", "reason": ""},
+        JobReject(job_id="j1"),
+        id="reject-bare",
     ),
-    pytest.param({"type": "job.progress", "job_id": "j1"}, JobProgress(job_id="j1"), id="progress-bare"),
     pytest.param(
-        {"type": "job.progress", "job_id": "j1", "progress": 0.5, "message": "m", "output": "tok", "attempt": 3},
+        {"type": "job.progress", "job_id": "j1"}, JobProgress(job_id="j1"), id="progress-bare"
+    ),
+    pytest.param(
+        {
+            "type": "job.progress",
+            "job_id": "j1",
+            "progress": 0.5,
+            "message": "m",
+            "output": "tok",
+            "attempt": 3,
+        },
         JobProgress(job_id="j1", progress=0.5, message="m", output="tok", attempt=3),
         id="progress-full",
     ),
     pytest.param(
-        {"type": "job.result", "job_id": "j1", "result": {"text": "hi"}, "metrics": {"units": 2}, "attempt": 1, "id": "m1"},
+        {
+            "type": "job.result",
+            "job_id": "j1",
+            "result": {"text": "hi"},
+            "metrics": {"units": 2},
+            "attempt": 1,
+            "id": "m1",
+        },
         JobResult(job_id="j1", result={"text": "hi"}, metrics={"units": 2}, attempt=1, id="m1"),
         id="result",
     ),
     pytest.param(
-        {"type": "job.fail", "job_id": "j1", "error_code": "oom", "error_message": "x", "retryable": True},
+        {
+            "type": "job.fail",
+            "job_id": "j1",
+            "error_code": "oom",
+            "error_message": "x",
+            "retryable": True,
+        },
         JobFail(job_id="j1", error_code="oom", error_message="x", retryable=True),
         id="fail",
     ),
     pytest.param(
-        {"type": "job.fail", "job_id": "j1", "error_code": "e", "error_message": "", "retryable": False, "attempt": 0},
+        {
+            "type": "job.fail",
+            "job_id": "j1",
+            "error_code": "e",
+            "error_message": "",
+            "retryable": False,
+            "attempt": 0,
+        },
         JobFail(job_id="j1", error_code="e", error_message="", attempt=0),
         id="fail-attempt-zero",
     ),
@@ -131,14 +164,18 @@ MINER_TO_SERVER: list[Any] = [
     ),
     pytest.param({"type": "heartbeat"}, Heartbeat(), id="heartbeat"),
     pytest.param(
-        {"type": "heartbeat", "metrics": {"load": 1}}, Heartbeat(metrics={"load": 1}), id="heartbeat-metrics"
+        {"type": "heartbeat", "metrics": {"load": 1}},
+        Heartbeat(metrics={"load": 1}),
+        id="heartbeat-metrics",
     ),
 ]
 
 CLIENT_TO_SERVER: list[Any] = [
     pytest.param({"type": "auth", "token": "tok"}, Auth(token="tok"), id="auth"),
     pytest.param({"type": "hello", "protocol": 1}, ClientHello(protocol=1), id="hello"),
-    pytest.param({"type": "hello", "protocol": 1, "id": "h"}, ClientHello(protocol=1, id="h"), id="hello-id"),
+    pytest.param(
+        {"type": "hello", "protocol": 1, "id": "h"}, ClientHello(protocol=1, id="h"), id="hello-id"
+    ),
     pytest.param(
         {"type": "job.submit", "payload": {"prompt": "hi"}, "constraints": {}, "priority": 0},
         JobSubmit(payload={"prompt": "hi"}),
@@ -179,7 +216,9 @@ CLIENT_TO_SERVER: list[Any] = [
         Unsubscribe(job_ids=("a",), id="u1"),
         id="unsubscribe",
     ),
-    pytest.param({"type": "unsubscribe", "job_ids": "all"}, Unsubscribe(job_ids="all"), id="unsubscribe-all"),
+    pytest.param(
+        {"type": "unsubscribe", "job_ids": "all"}, Unsubscribe(job_ids="all"), id="unsubscribe-all"
+    ),
     pytest.param(
         {"type": "job.cancel", "job_id": "j1", "id": "x"},
         JobCancelRequest(job_id="j1", id="x"),
@@ -237,7 +276,9 @@ SERVER_TO_MINER: list[Any] = [
     ),
     pytest.param({"type": "ack", "id": "m1"}, Ack(id="m1"), id="ack"),
     pytest.param(
-        {"type": "ack", "id": "m1", "receipt": RECEIPT}, Ack(id="m1", fields={"receipt": RECEIPT}), id="ack-receipt"
+        {"type": "ack", "id": "m1", "receipt": RECEIPT},
+        Ack(id="m1", fields={"receipt": RECEIPT}),
+        id="ack-receipt",
     ),
     pytest.param(
         {"type": "error", "code": "not_assigned", "message": "no", "id": "m2"},
@@ -357,7 +398,9 @@ def test_encode_gives_wire_object(decoder: Decoder, wire: dict[str, Any], msg: o
 
 
 @pytest.mark.parametrize(("decoder", "wire", "msg"), ROUND_TRIP)
-def test_encode_then_decode_is_identity(decoder: Decoder, wire: dict[str, Any], msg: object) -> None:
+def test_encode_then_decode_is_identity(
+    decoder: Decoder, wire: dict[str, Any], msg: object
+) -> None:
     """decode(encode(msg)) == msg for every message of every direction."""
     assert decoder(encode(msg)) == msg
 
@@ -457,7 +500,13 @@ LENIENT: list[Any] = [
     pytest.param(
         decode_server_to_miner,
         {"type": "welcome", "protocol": 1, "session_id": "s", "miner_id": "m"},
-        Welcome(protocol=1, session_id="s", miner_id="m", heartbeat_interval=10.0, heartbeat_timeout=30.0),
+        Welcome(
+            protocol=1,
+            session_id="s",
+            miner_id="m",
+            heartbeat_interval=10.0,
+            heartbeat_timeout=30.0,
+        ),
         id="welcome-defaults",
     ),
     pytest.param(
@@ -472,18 +521,29 @@ LENIENT: list[Any] = [
             "resumed": None,
             "revoked": [],
         },
-        Welcome(protocol=1, session_id="s", miner_id="m", heartbeat_interval=5.0, heartbeat_timeout=30.0),
+        Welcome(
+            protocol=1, session_id="s", miner_id="m", heartbeat_interval=5.0, heartbeat_timeout=30.0
+        ),
         id="welcome-int-and-nulls",
     ),
     pytest.param(
         decode_server_to_miner,
         {"type": "job.assign", "job_id": "j", "attempt": 0, "expires_at": "t"},
-        JobAssign(job_id="j", attempt=0, payload={}, constraints={}, expires_at="t", accept_timeout=10.0),
+        JobAssign(
+            job_id="j", attempt=0, payload={}, constraints={}, expires_at="t", accept_timeout=10.0
+        ),
         id="assign-defaults",
     ),
     pytest.param(
         decode_server_to_client,
-        {"type": "job.event", "job_id": "j", "seq": 1, "event": "queued", "state": "QUEUED", "at": "t"},
+        {
+            "type": "job.event",
+            "job_id": "j",
+            "seq": 1,
+            "event": "queued",
+            "state": "QUEUED",
+            "at": "t",
+        },
         JobEvent(job_id="j", seq=1, event="queued", state="QUEUED", at="t", attempt=0),
         id="event-default-attempt",
     ),
@@ -528,7 +588,9 @@ INVALID: list[Any] = [
     pytest.param(decode_miner_frame, _obj(job_id="j"), id="type-missing"),
     pytest.param(decode_miner_frame, _obj(type=None), id="type-null"),
     pytest.param(decode_miner_frame, _obj(type="heartbeat", id=LONG_ID), id="miner-id-too-long"),
-    pytest.param(decode_client_frame, _obj(type="hello", protocol=1, id=LONG_ID), id="client-id-too-long"),
+    pytest.param(
+        decode_client_frame, _obj(type="hello", protocol=1, id=LONG_ID), id="client-id-too-long"
+    ),
     pytest.param(decode_server_to_miner, _obj(type="ack", id=LONG_ID), id="s2m-id-too-long"),
     pytest.param(decode_server_to_client, _obj(type="ack", id=LONG_ID), id="s2c-id-too-long"),
     pytest.param(decode_miner_frame, _obj(type="nope", id=LONG_ID), id="unknown-type-long-id"),
@@ -537,33 +599,61 @@ INVALID: list[Any] = [
     # strings
     pytest.param(decode_miner_frame, _obj(type="auth"), id="auth-no-token"),
     pytest.param(decode_miner_frame, _obj(type="auth", token=5), id="auth-token-int"),
-    pytest.param(decode_client_frame, _obj(type="auth", token="t" * 4097), id="auth-token-too-long"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, miner_id=7), id="miner-id-int"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, miner_id="m" * 129), id="miner-id-long"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, region=["eu"]), id="region-list"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, resume="sess"), id="resume-not-object"),
     pytest.param(
-        decode_miner_frame, _obj(type="hello", protocol=1, resume={"session_id": 3}), id="resume-session-int"
+        decode_client_frame, _obj(type="auth", token="t" * 4097), id="auth-token-too-long"
     ),
-    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", message=1), id="message-int"),
+    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, miner_id=7), id="miner-id-int"),
     pytest.param(
-        decode_miner_frame, _obj(type="job.progress", job_id="j", output="o" * (64 * 1024 + 1)), id="output-long"
+        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="m" * 129), id="miner-id-long"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, region=["eu"]), id="region-list"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, resume="sess"), id="resume-not-object"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="hello", protocol=1, resume={"session_id": 3}),
+        id="resume-session-int",
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", message=1), id="message-int"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.progress", job_id="j", output="o" * (64 * 1024 + 1)),
+        id="output-long",
     ),
     pytest.param(
         decode_miner_frame,
         _obj(type="job.fail", job_id="j", error_code="e" * 257, error_message="m"),
         id="error-code-long",
     ),
-    pytest.param(decode_miner_frame, _obj(type="job.fail", job_id="j", error_code="e"), id="fail-no-message"),
-    pytest.param(decode_miner_frame, _obj(type="job.reject", job_id="j", reason=5), id="reject-reason-int"),
-    # fencing tokens (attempt) on miner job messages
-    pytest.param(decode_miner_frame, _obj(type="job.accept", job_id="j", attempt=-1), id="accept-attempt-neg"),
-    pytest.param(decode_miner_frame, _obj(type="job.reject", job_id="j", attempt="1"), id="reject-attempt-str"),
     pytest.param(
-        decode_miner_frame, _obj(type="job.progress", job_id="j", attempt=True), id="progress-attempt-bool"
+        decode_miner_frame, _obj(type="job.fail", job_id="j", error_code="e"), id="fail-no-message"
     ),
     pytest.param(
-        decode_miner_frame, _obj(type="job.result", job_id="j", result={}, attempt=1.5), id="result-attempt-float"
+        decode_miner_frame, _obj(type="job.reject", job_id="j", reason=5), id="reject-reason-int"
+    ),
+    # fencing tokens (attempt) on miner job messages
+    pytest.param(
+        decode_miner_frame, _obj(type="job.accept", job_id="j", attempt=-1), id="accept-attempt-neg"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.reject", job_id="j", attempt="1"),
+        id="reject-attempt-str",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.progress", job_id="j", attempt=True),
+        id="progress-attempt-bool",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.result", job_id="j", result={}, attempt=1.5),
+        id="result-attempt-float",
     ),
     pytest.param(
         decode_miner_frame,
@@ -583,33 +673,69 @@ INVALID: list[Any] = [
     pytest.param(decode_miner_frame, _obj(type="hello", protocol=1.0), id="protocol-float"),
     pytest.param(decode_miner_frame, _obj(type="hello", protocol=-1), id="protocol-negative"),
     pytest.param(decode_client_frame, _obj(type="hello", protocol=10**7), id="protocol-huge"),
-    pytest.param(decode_client_frame, b'{"type":"hello","protocol":%d}' % 10**30, id="protocol-bignum"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, concurrency=0), id="concurrency-zero"),
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, concurrency=1025), id="concurrency-1025"),
-    pytest.param(decode_miner_frame, _obj(type="status", concurrency=0), id="status-concurrency-zero"),
-    pytest.param(decode_miner_frame, _obj(type="status", concurrency="2"), id="status-concurrency-string"),
-    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=0), id="ttl-zero"),
     pytest.param(
-        decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=7 * 86400 + 1), id="ttl-too-long"
+        decode_client_frame, b'{"type":"hello","protocol":%d}' % 10**30, id="protocol-bignum"
     ),
-    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, priority=1001), id="priority-high"),
-    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, priority=False), id="priority-bool"),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, concurrency=0), id="concurrency-zero"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, concurrency=1025), id="concurrency-1025"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="status", concurrency=0), id="status-concurrency-zero"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="status", concurrency="2"), id="status-concurrency-string"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=0), id="ttl-zero"
+    ),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="job.submit", payload={}, ttl_seconds=7 * 86400 + 1),
+        id="ttl-too-long",
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="job.submit", payload={}, priority=1001), id="priority-high"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="job.submit", payload={}, priority=False), id="priority-bool"
+    ),
     pytest.param(decode_server_to_miner, {**ASSIGN, "attempt": -1}, id="attempt-negative"),
     pytest.param(decode_server_to_miner, {**ASSIGN, "attempt": None}, id="attempt-null"),
     pytest.param(decode_server_to_client, {**EVENT, "seq": 0}, id="seq-zero"),
     pytest.param(decode_server_to_client, {**EVENT, "attempt": "1"}, id="event-attempt-string"),
     # numbers
-    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=1.5), id="progress-high"),
-    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=-0.1), id="progress-low"),
-    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress="0.5"), id="progress-str"),
-    pytest.param(decode_miner_frame, _obj(type="job.progress", job_id="j", progress=True), id="progress-bool"),
-    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_interval": "10"}, id="interval-string"),
-    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_interval": "nan"}, id="interval-nan-string"),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", progress=1.5), id="progress-high"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", progress=-0.1), id="progress-low"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", progress="0.5"), id="progress-str"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.progress", job_id="j", progress=True), id="progress-bool"
+    ),
+    pytest.param(
+        decode_server_to_miner, {**WELCOME, "heartbeat_interval": "10"}, id="interval-string"
+    ),
+    pytest.param(
+        decode_server_to_miner, {**WELCOME, "heartbeat_interval": "nan"}, id="interval-nan-string"
+    ),
     pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": True}, id="timeout-bool"),
-    pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": -1}, id="timeout-negative"),
+    pytest.param(
+        decode_server_to_miner, {**WELCOME, "heartbeat_timeout": -1}, id="timeout-negative"
+    ),
     pytest.param(decode_server_to_miner, {**WELCOME, "heartbeat_timeout": 1e10}, id="timeout-huge"),
-    pytest.param(decode_server_to_miner, {**ASSIGN, "accept_timeout": "10"}, id="accept-timeout-string"),
-    pytest.param(decode_server_to_miner, {**ASSIGN, "accept_timeout": [10]}, id="accept-timeout-list"),
+    pytest.param(
+        decode_server_to_miner, {**ASSIGN, "accept_timeout": "10"}, id="accept-timeout-string"
+    ),
+    pytest.param(
+        decode_server_to_miner, {**ASSIGN, "accept_timeout": [10]}, id="accept-timeout-list"
+    ),
     # booleans
     pytest.param(
         decode_miner_frame,
@@ -623,46 +749,98 @@ INVALID: list[Any] = [
     ),
     pytest.param(decode_miner_frame, _obj(type="status", draining=1), id="draining-int"),
     # objects
-    pytest.param(decode_miner_frame, _obj(type="hello", protocol=1, capabilities=[]), id="capabilities-list"),
-    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j"), id="result-missing"),
-    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j", result=None), id="result-null"),
-    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j", result="ok"), id="result-string"),
     pytest.param(
-        decode_miner_frame, _obj(type="job.result", job_id="j", result={}, metrics=[]), id="metrics-list"
+        decode_miner_frame, _obj(type="hello", protocol=1, capabilities=[]), id="capabilities-list"
+    ),
+    pytest.param(decode_miner_frame, _obj(type="job.result", job_id="j"), id="result-missing"),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.result", job_id="j", result=None), id="result-null"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="job.result", job_id="j", result="ok"), id="result-string"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.result", job_id="j", result={}, metrics=[]),
+        id="metrics-list",
     ),
     pytest.param(decode_miner_frame, _obj(type="status", metrics="x"), id="status-metrics-string"),
-    pytest.param(decode_miner_frame, _obj(type="heartbeat", metrics=[1]), id="heartbeat-metrics-list"),
+    pytest.param(
+        decode_miner_frame, _obj(type="heartbeat", metrics=[1]), id="heartbeat-metrics-list"
+    ),
     pytest.param(decode_client_frame, _obj(type="job.submit"), id="payload-missing"),
     pytest.param(decode_client_frame, _obj(type="job.submit", payload=[]), id="payload-list"),
-    pytest.param(decode_client_frame, _obj(type="job.submit", payload={}, constraints="x"), id="constraints-str"),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="job.submit", payload={}, constraints="x"),
+        id="constraints-str",
+    ),
     pytest.param(decode_server_to_miner, {**ASSIGN, "payload": "x"}, id="assign-payload-string"),
     # job id lists
     pytest.param(decode_client_frame, _obj(type="subscribe"), id="job-ids-missing"),
     pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="some"), id="job-ids-string"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids={"a": 1}), id="job-ids-object"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=["a"] * 10_001), id="job-ids-too-many"),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids={"a": 1}), id="job-ids-object"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids=["a"] * 10_001), id="job-ids-too-many"
+    ),
     pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=[1]), id="job-ids-int"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids=[""]), id="job-ids-empty-string"),
-    pytest.param(decode_client_frame, _obj(type="unsubscribe", job_ids=["j" * 129]), id="unsub-job-id-long"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after=[]), id="after-list"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": -1}), id="after-neg"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": True}), id="after-bool"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": "1"}), id="after-str"),
-    pytest.param(decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": 1.5}), id="after-float"),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids=[""]), id="job-ids-empty-string"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="unsubscribe", job_ids=["j" * 129]), id="unsub-job-id-long"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids="all", after=[]), id="after-list"
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": -1}), id="after-neg"
+    ),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="subscribe", job_ids="all", after={"a": True}),
+        id="after-bool",
+    ),
+    pytest.param(
+        decode_client_frame, _obj(type="subscribe", job_ids="all", after={"a": "1"}), id="after-str"
+    ),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="subscribe", job_ids="all", after={"a": 1.5}),
+        id="after-float",
+    ),
     pytest.param(decode_server_to_miner, {**WELCOME, "resumed": "abc"}, id="resumed-string"),
     pytest.param(decode_server_to_miner, {**WELCOME, "resumed": [1]}, id="resumed-int"),
     pytest.param(decode_server_to_miner, {**WELCOME, "revoked": [""]}, id="revoked-empty-id"),
     pytest.param(decode_server_to_miner, {**WELCOME, "revoked": {"j": 1}}, id="revoked-object"),
     # server frames
-    pytest.param(decode_server_to_miner, _obj(type="welcome", protocol=1, miner_id="m"), id="welcome-no-session"),
-    pytest.param(decode_server_to_miner, _obj(type="job.assign", job_id="j", attempt=1), id="assign-no-expiry"),
-    pytest.param(decode_server_to_miner, _obj(type="job.cancel", job_id="j"), id="cancel-no-reason"),
+    pytest.param(
+        decode_server_to_miner,
+        _obj(type="welcome", protocol=1, miner_id="m"),
+        id="welcome-no-session",
+    ),
+    pytest.param(
+        decode_server_to_miner,
+        _obj(type="job.assign", job_id="j", attempt=1),
+        id="assign-no-expiry",
+    ),
+    pytest.param(
+        decode_server_to_miner, _obj(type="job.cancel", job_id="j"), id="cancel-no-reason"
+    ),
     pytest.param(decode_server_to_miner, _obj(type="ack"), id="ack-without-id"),
     pytest.param(decode_server_to_client, _obj(type="ack", receipt={}), id="client-ack-without-id"),
     pytest.param(decode_server_to_miner, _obj(type="error", message="m"), id="error-no-code"),
     pytest.param(decode_server_to_client, _obj(type="error", code="c"), id="error-no-message"),
-    pytest.param(decode_server_to_client, _obj(type="error", code="c", message="m", ref=1), id="error-ref-int"),
-    pytest.param(decode_server_to_client, _obj(type="welcome", protocol=1), id="client-welcome-no-id"),
+    pytest.param(
+        decode_server_to_client,
+        _obj(type="error", code="c", message="m", ref=1),
+        id="error-ref-int",
+    ),
+    pytest.param(
+        decode_server_to_client, _obj(type="welcome", protocol=1), id="client-welcome-no-id"
+    ),
     pytest.param(decode_server_to_client, {**EVENT, "miner_id": 5}, id="event-miner-id-int"),
     pytest.param(decode_server_to_client, {**EVENT, "job_id": ""}, id="event-job-id-empty"),
 ]
@@ -764,7 +942,13 @@ def test_decoder_crash_becomes_1007(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_encode_event_matches_job_event() -> None:
     """encode_event (the hot path) writes the same object as encode(JobEvent)."""
     event = JobEvent(
-        job_id="j", seq=2, event="progress", state="RUNNING", at="t", attempt=1, data={"progress": 0.5}
+        job_id="j",
+        seq=2,
+        event="progress",
+        state="RUNNING",
+        at="t",
+        attempt=1,
+        data={"progress": 0.5},
     )
     direct = encode_event("j", 2, "progress", "RUNNING", "t", 1, None, {"progress": 0.5})
     assert direct == encode(event)

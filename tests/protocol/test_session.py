@@ -40,7 +40,10 @@ HELLOS = {MinerSession: MINER_HELLO, ClientSession: CLIENT_HELLO}
 # A legal post-handshake request of each kind.
 REQUESTS = {
     MinerSession: (b'{"type":"job.accept","job_id":"j1"}', JobAccept(job_id="j1")),
-    ClientSession: (b'{"type":"job.cancel","job_id":"j1","id":"c1"}', JobCancelRequest(job_id="j1", id="c1")),
+    ClientSession: (
+        b'{"type":"job.cancel","job_id":"j1","id":"c1"}',
+        JobCancelRequest(job_id="j1", id="c1"),
+    ),
 }
 CONTRACT_CLOSE_CODES = {1003, 1007, 1009, 4000, 4002, 4401}
 
@@ -282,7 +285,9 @@ def test_unknown_type_before_hello_is_not_fatal(kind: type[Session]) -> None:
         pytest.param(orjson.dumps({"type": "bogus", "id": "x" * 65}), id="long-id"),
     ],
 )
-def test_malformed_frame_closes_1007(kind: type[Session], authenticated: bool, frame: bytes) -> None:
+def test_malformed_frame_closes_1007(
+    kind: type[Session], authenticated: bool, frame: bytes
+) -> None:
     """Malformed JSON, a non-object or an invalid field closes 1007 and records the error."""
     session = kind(authenticated=authenticated)
     session.receive_data(frame)
@@ -410,21 +415,18 @@ JSON_VALUES = st.recursive(
 )
 # Values that make decoders go deeper (valid-looking shapes), mixed with arbitrary JSON.
 NEAR_VALID = st.sampled_from(
-    [0, 1, 2, 1024, 1025, -1, 0.5, 1.5, True, False, "", "j1", "all", ["j1"], [""], {}, {"j1": 1},
-     {"session_id": "s"}, "x" * 65, "x" * 129]
-)
+    [0, 1, 2, 1024, 1025, -1, 0.5, 1.5, True, False, "", "j1", "all", ["j1"], [""], {}]
+) | st.sampled_from([{"j1": 1}, {"session_id": "s"}, "x" * 65, "x" * 129])
 FIELD_VALUES = NEAR_VALID | JSON_VALUES
-KNOWN_TYPES = [
-    "auth", "hello", "job.accept", "job.reject", "job.progress", "job.result", "job.fail",
-    "status", "heartbeat", "job.submit", "subscribe", "unsubscribe", "job.cancel", "ack",
-    "error", "welcome", "job.assign", "job.event", "bogus",
-]
-FIELD_NAMES = [
-    "id", "token", "protocol", "miner_id", "capabilities", "concurrency", "region", "resume",
-    "job_id", "reason", "progress", "message", "output", "result", "metrics", "error_code",
-    "error_message", "retryable", "draining", "payload", "constraints", "ttl_seconds", "priority",
-    "idempotency_key", "job_ids", "after", "code", "ref",
-]
+KNOWN_TYPES = (
+    "auth hello job.accept job.reject job.progress job.result job.fail status heartbeat"
+    " job.submit subscribe unsubscribe job.cancel ack error welcome job.assign job.event bogus"
+).split()
+FIELD_NAMES = (
+    "id token protocol miner_id capabilities concurrency region resume job_id reason progress"
+    " message output result metrics error_code error_message retryable draining payload"
+    " constraints ttl_seconds priority idempotency_key job_ids after code ref attempt"
+).split()
 TYPED_OBJECTS = st.builds(
     lambda msg_type, fields: {**fields, "type": msg_type},
     st.sampled_from(KNOWN_TYPES) | TEXT,

@@ -1,0 +1,288 @@
+"""``Outbox`` backpressure (coalescing, dropping, overflow) and ``Fanout`` routing."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+
+from dispatcher.fanout import Fanout, Outbox, Subscriber
+from protocol.types import CloseCode
+
+pytestmark = pytest.mark.anyio
+
+SOFT, HARD = 4, 16
+
+
+def frame(job_id: str, seq: int, event: str = "progress") -> str:
+    return json.dumps({"type": "job.event", "job_id": job_id, "seq": seq, "event": event})
+
+
+def seqs(frames: list[str]) -> list[tuple[str, int]]:
+    return [(f["job_id"], f["seq"]) for f in map(json.loads, frames)]
+
+
+class Box:
+    """An ``Outbox`` with small limits whose overflow callback is recorded."""
+
+    def __init__(self, soft: int = SOFT, hard: int = HARD) -> None:
+        self.overflows: list[tuple[CloseCode, str]] = []
+        self.outbox = Outbox(
+            lambda code, reason: self.overflows.append((code, reason)),
+            soft_limit=soft,
+            hard_limit=hard,
+        )
+
+    def fill(self, n: int, job_id: str = "filler") -> None:
+        for i in range(n):
+            self.outbox.put(frame(job_id, i + 1, "queued"), job_id=job_id)
+
+
+# ---- Outbox -------------------------------------------------------------------------------
+
+
+async def test_frames_below_the_soft_limit_are_all_kept() -> None:
+    """Below the soft limit every frame, progress included, is queued in order."""
+    box = Box()
+    for seq in (1, 2, 3):
+        box.outbox.put(frame("j", seq), job_id="j", progress=True)
+    assert seqs(box.outbox.take_nowait()) == [("j", 1), ("j", 2), ("j", 3)]
+    assert box.outbox.dropped == 0
+
+
+async def test_progress_past_the_soft_limit_replaces_the_unsent_progress() -> None:
+    """Past the soft limit a job's newest progress frame takes the place of its unsent one."""
+    box = Box()
+    box.fill(SOFT - 1)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True)  # reaches the soft limit
+    box.outbox.put(frame("j", 2), job_id="j", progress=True)
+    box.outbox.put(frame("j", 3), job_id="j", progress=True)
+    assert len(box.outbox) == SOFT
+    assert box.outbox.dropped == 2
+    assert seqs(box.outbox.take_nowait())[-1] == ("j", 3)
+
+
+async def test_coalescing_is_per_job() -> None:
+    """Progress of another job does not replace this job's frame."""
+    box = Box()
+    box.fill(SOFT - 2)
+    box.outbox.put(frame("a", 1), job_id="a", progress=True)
+    box.outbox.put(frame("b", 1), job_id="b", progress=True)
+    box.outbox.put(frame("a", 2), job_id="a", progress=True)
+    box.outbox.put(frame("b", 2), job_id="b", progress=True)
+    assert seqs(box.outbox.take_nowait())[-2:] == [("a", 2), ("b", 2)]
+
+
+async def test_progress_never_jumps_over_a_non_progress_frame_of_its_job() -> None:
+    """A progress frame queued before a state event is not replaced by a later progress."""
+    box = Box()
+    box.fill(SOFT - 2)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True)
+    box.outbox.put(frame("j", 2, "requeued"), job_id="j")
+    box.outbox.put(frame("j", 3), job_id="j", progress=True)
+    out = seqs(box.outbox.take_nowait())
+    assert out[-3:] == [("j", 1), ("j", 2), ("j", 3)]
+    assert box.outbox.dropped == 0
+
+
+async def test_progress_past_half_the_hard_limit_is_dropped() -> None:
+    """With no progress of its own to replace, progress is dropped past hard_limit / 2."""
+    box = Box()
+    box.fill(HARD // 2)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True)
+    assert len(box.outbox) == HARD // 2
+    assert box.outbox.dropped == 1
+    assert box.overflows == []
+    assert not box.outbox.closed
+
+
+async def test_progress_between_soft_and_half_hard_is_queued() -> None:
+    """Between the soft limit and hard_limit / 2 a first progress frame is still queued."""
+    box = Box()
+    box.fill(SOFT)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True)
+    assert len(box.outbox) == SOFT + 1
+    assert box.outbox.dropped == 0
+
+
+async def test_non_progress_frames_are_kept_up_to_the_hard_limit() -> None:
+    """State events are never dropped below the hard limit."""
+    box = Box()
+    box.fill(HARD)
+    assert len(box.outbox) == HARD
+    assert box.overflows == []
+    assert box.outbox.dropped == 0
+
+
+async def test_overflow_past_the_hard_limit_closes_with_4429() -> None:
+    """One frame past the hard limit calls on_overflow(4429) and closes the outbox."""
+    box = Box()
+    box.fill(HARD)
+    box.outbox.put(frame("j", 1, "queued"), job_id="j")
+    assert box.overflows == [(CloseCode.TOO_SLOW, "outbound queue overflow")]
+    assert box.overflows[0][0] == 4429
+    assert box.outbox.closed
+    box.outbox.put(frame("j", 2, "queued"), job_id="j")  # ignored once closed
+    assert len(box.overflows) == 1
+    assert len(box.outbox) == HARD
+
+
+async def test_take_returns_everything_queued() -> None:
+    """take() hands over every queued frame at once and empties the outbox."""
+    box = Box()
+    box.fill(5)
+    with anyio.fail_after(5):
+        got = await box.outbox.take()
+    assert [s for _, s in seqs(got)] == [1, 2, 3, 4, 5]
+    assert len(box.outbox) == 0
+
+
+async def test_take_waits_for_a_frame() -> None:
+    """take() blocks until something is put, then returns it."""
+    box = Box()
+    got: list[list[str]] = []
+
+    async def taker() -> None:
+        got.append(await box.outbox.take())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(taker)
+            await anyio.wait_all_tasks_blocked()
+            assert got == []
+            box.outbox.put(frame("j", 1, "queued"))
+    assert [seqs(g) for g in got] == [[("j", 1)]]
+
+
+async def test_take_returns_empty_once_closed() -> None:
+    """close() wakes a waiting take(), which returns no frames."""
+    box = Box()
+    got: list[list[str]] = []
+
+    async def taker() -> None:
+        got.append(await box.outbox.take())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(taker)
+            await anyio.wait_all_tasks_blocked()
+            box.outbox.close()
+    assert got == [[]]
+
+
+async def test_take_resets_coalescing() -> None:
+    """After a take(), a new progress frame is queued, not merged into a sent one."""
+    box = Box(soft=1, hard=16)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True)
+    assert len(box.outbox.take_nowait()) == 1
+    box.fill(1)
+    box.outbox.put(frame("j", 2), job_id="j", progress=True)
+    assert seqs(box.outbox.take_nowait()) == [("filler", 1), ("j", 2)]
+
+
+# ---- Fanout -------------------------------------------------------------------------------
+
+
+def sub(client_id: str = "c1") -> Subscriber:
+    return Subscriber(client_id, Outbox(lambda code, reason: None))
+
+
+def got(s: Subscriber) -> list[tuple[str, int]]:
+    return seqs(s.outbox.take_nowait())
+
+
+async def test_publish_routes_by_job() -> None:
+    """A job subscriber gets that job's events only."""
+    fanout, a, b = Fanout(), sub(), sub()
+    fanout.subscribe(a, ["j1"])
+    fanout.subscribe(b, ["j2"])
+    fanout.publish("c1", "j1", 1, frame("j1", 1, "queued"), False)
+    fanout.publish("c1", "j2", 1, frame("j2", 1, "queued"), False)
+    assert got(a) == [("j1", 1)]
+    assert got(b) == [("j2", 1)]
+
+
+async def test_publish_routes_all_of_a_clients_jobs() -> None:
+    """An "all" subscriber gets every job of its client, none of other clients."""
+    fanout, mine, theirs = Fanout(), sub("c1"), sub("c2")
+    fanout.subscribe_all(mine)
+    fanout.subscribe_all(theirs)
+    fanout.publish("c1", "j1", 1, frame("j1", 1, "queued"), False)
+    fanout.publish("c1", "j9", 1, frame("j9", 1, "queued"), False)
+    fanout.publish("c2", "k1", 1, frame("k1", 1, "queued"), False)
+    assert got(mine) == [("j1", 1), ("j9", 1)]
+    assert got(theirs) == [("k1", 1)]
+
+
+async def test_job_and_all_subscription_deliver_once() -> None:
+    """Subscribed to a job and to "all": each event arrives once."""
+    fanout, s = Fanout(), sub()
+    fanout.subscribe(s, ["j1"])
+    fanout.subscribe_all(s)
+    fanout.publish("c1", "j1", 1, frame("j1", 1, "queued"), False)
+    assert got(s) == [("j1", 1)]
+    assert fanout.subscriber_count == 1
+
+
+async def test_unsubscribe_some_jobs() -> None:
+    """Unsubscribing named jobs stops only those."""
+    fanout, s = Fanout(), sub()
+    fanout.subscribe(s, ["j1", "j2"])
+    fanout.unsubscribe(s, ["j1", "unknown"])
+    fanout.publish("c1", "j1", 1, frame("j1", 1, "queued"), False)
+    fanout.publish("c1", "j2", 1, frame("j2", 1, "queued"), False)
+    assert got(s) == [("j2", 1)]
+    assert s.job_ids == {"j2"}
+
+
+async def test_unsubscribe_everything() -> None:
+    """unsubscribe(sub) drops job and "all" subscriptions; nothing is left behind."""
+    fanout, s, other = Fanout(), sub(), sub()
+    fanout.subscribe(s, ["j1"])
+    fanout.subscribe_all(s)
+    fanout.subscribe_all(other)
+    fanout.unsubscribe(s)
+    fanout.publish("c1", "j1", 1, frame("j1", 1, "queued"), False)
+    assert got(s) == []
+    assert got(other) == [("j1", 1)]
+    assert not s.all
+    assert s.job_ids == set()
+    assert fanout.subscriber_count == 1
+    fanout.unsubscribe(other)
+    assert fanout.subscriber_count == 0
+
+
+async def test_forget_job_ends_job_subscriptions_but_not_all() -> None:
+    """forget_job drops a terminal job's subscribers; "all" subscriptions carry on."""
+    fanout, by_job, by_client = Fanout(), sub(), sub()
+    fanout.subscribe(by_job, ["j1"])
+    fanout.subscribe_all(by_client)
+    fanout.forget_job("j1")
+    fanout.forget_job("never-subscribed")
+    assert by_job.job_ids == set()
+    fanout.publish("c1", "j1", 2, frame("j1", 2, "canceled"), False)
+    assert got(by_job) == []
+    assert got(by_client) == [("j1", 2)]
+
+
+async def test_events_are_held_while_a_replay_buffer_is_open() -> None:
+    """A subscriber with a replay buffer for a job collects live frames there instead."""
+    fanout, s = Fanout(), sub()
+    fanout.subscribe(s, ["j1"])
+    held: list[tuple[int, str, bool]] = []
+    s.buffers["j1"] = held
+    fanout.publish("c1", "j1", 3, frame("j1", 3), True)
+    assert got(s) == []
+    assert [(seq, progress) for seq, _, progress in held] == [(3, True)]
+
+
+async def test_the_same_frame_object_reaches_every_subscriber() -> None:
+    """A frame is encoded once: every outbox queues the very same string."""
+    fanout, a, b = Fanout(), sub(), sub()
+    fanout.subscribe(a, ["j1"])
+    fanout.subscribe_all(b)
+    text = frame("j1", 1, "queued")
+    fanout.publish("c1", "j1", 1, text, False)
+    assert a.outbox.take_nowait()[0] is text
+    assert b.outbox.take_nowait()[0] is text

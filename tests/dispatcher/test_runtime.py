@@ -1,0 +1,599 @@
+"""``Dispatcher``: group commit, durability before visibility, timers, subscribe replay."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
+from dispatcher.errors import NotAllowed, Unavailable
+from dispatcher.fanout import Subscriber
+from dispatcher.runtime import Dispatcher
+from storage.errors import StorageError
+from tests.fakes import FakeClock, FakeMinerSink, RecordingOutbox, RecordingStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from dispatcher.jobs import Job
+
+pytestmark = pytest.mark.anyio
+
+ACCEPT_TIMEOUT = 10.0
+Log = list[tuple[str, Any]]
+
+
+class Harness:
+    """A running ``Dispatcher`` on a ``RecordingStore`` and a ``FakeClock``, plus a shared log."""
+
+    def __init__(self, dispatcher: Dispatcher, store: RecordingStore, clock: FakeClock) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self.clock = clock
+        self.log: Log = []
+
+    def spec(self, client_id: str = "c1", **kw: Any) -> JobSpec:
+        fields: dict[str, Any] = {"payload": {"prompt": "hi"}, "constraints": {}}
+        fields.update(kw)
+        return JobSpec(job_id=uuid.uuid4().hex, client_id=client_id, **fields)
+
+    async def submit(self, spec: JobSpec) -> None:
+        def then(job: Job, existed: bool) -> None:
+            self.log.append(("then", (job.job_id, existed)))
+
+        with anyio.fail_after(5):
+            await self.dispatcher.submit(spec, then)
+
+    def miner(
+        self, miner_id: str = "gpu-1", *, concurrency: int = 1, key_hash: str = "k" * 64
+    ) -> FakeMinerSink:
+        sink = FakeMinerSink(miner_id, self.log)
+
+        def welcome(info: ResumeInfo) -> None:
+            self.log.append(("welcome", miner_id))
+
+        self.dispatcher.miner_hello(
+            miner_id=miner_id,
+            key_hash=key_hash,
+            session_id=f"{miner_id}-session",
+            sink=sink,
+            capabilities={},
+            concurrency=concurrency,
+            region=None,
+            resume_session=None,
+            then=welcome,
+        )
+        return sink
+
+    def subscriber(self, client_id: str = "c1") -> Subscriber:
+        return Subscriber(client_id, RecordingOutbox(self.log))
+
+    async def settle(self) -> None:
+        with anyio.fail_after(5):
+            await anyio.wait_all_tasks_blocked()
+
+    async def flushed(self) -> None:
+        with anyio.fail_after(5):
+            await self.dispatcher.wait_flushed()
+        await self.settle()
+
+    def entries(self, name: str) -> list[Any]:
+        return [what for who, what in self.log if who == name]
+
+
+@asynccontextmanager
+async def running(store: RecordingStore | None = None, **config: Any) -> AsyncIterator[Harness]:
+    store = RecordingStore() if store is None else store
+    clock = FakeClock()
+    scheduler = Scheduler(SchedulerConfig(accept_timeout=ACCEPT_TIMEOUT, **config))
+    dispatcher = Dispatcher(store, scheduler, clock)
+    with anyio.fail_after(10):
+        await store.open()
+        await dispatcher.restore()
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.serve)
+            h = Harness(dispatcher, store, clock)
+            try:
+                yield h
+            finally:
+                store.release_commits()
+                store.release_reads()
+                dispatcher.stop()
+
+
+def events(outbox: Any) -> list[tuple[str, int, str]]:
+    assert isinstance(outbox, RecordingOutbox)
+    return outbox.events()
+
+
+def stored(h: Harness, job_id: str) -> list[tuple[int, str]]:
+    return [(e.seq, e.event) for e in h.store.events.get(job_id, [])]
+
+
+# ---- durability before visibility ---------------------------------------------------------
+
+
+async def test_nothing_is_visible_while_the_commit_is_in_flight() -> None:
+    """No callback, event or assignment escapes before its batch is durable; then all, in order."""
+    async with running() as h:
+        sink = h.miner()
+        sub = h.subscriber()
+        h.dispatcher.fanout.subscribe_all(sub)
+        await h.flushed()
+        h.log.clear()
+
+        h.store.block_commits()
+        spec = h.spec()
+        await h.submit(spec)
+        await h.settle()
+        assert h.store.waiting == 1
+        assert h.log == []
+        assert sink.frames == []
+        assert len(sub.outbox) == 0
+        assert spec.job_id not in h.store.jobs
+
+        h.store.release_commits()
+        await h.settle()
+        assert spec.job_id in h.store.jobs
+        assert [
+            (who, what.get("event", what.get("type")) if isinstance(what, dict) else what)
+            for who, what in h.log
+        ] == [
+            ("then", (spec.job_id, False)),
+            ("outbox", "queued"),
+            ("outbox", "assigned"),
+            ("gpu-1", "job.assign"),
+        ]
+        assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "assigned")]
+
+
+async def test_miner_welcome_waits_for_its_batch() -> None:
+    """The welcome callback of a hello runs only once the miner record is stored."""
+    async with running() as h:
+        h.store.block_commits()
+        h.miner("gpu-9")
+        await h.settle()
+        assert h.log == []
+        assert "gpu-9" not in h.store.miners
+        h.store.release_commits()
+        await h.settle()
+        assert h.log == [("welcome", "gpu-9")]
+        assert h.store.miners["gpu-9"].key_hash == "k" * 64
+
+
+async def test_after_commit_runs_after_the_batch_in_flight() -> None:
+    """``after_commit`` waits for everything queued before it, even with nothing to write."""
+    async with running() as h:
+        h.store.block_commits()
+        spec = h.spec()
+        await h.submit(spec)
+        await h.settle()
+        h.dispatcher.after_commit(lambda: h.log.append(("after", None)))
+        await h.settle()
+        assert h.log == []
+        h.store.release_commits()
+        await h.settle()
+        assert h.log == [("then", (spec.job_id, False)), ("after", None)]
+
+
+async def test_a_failed_commit_never_performs_its_actions() -> None:
+    """A batch whose commit raises is never made visible (the writer stops with the error)."""
+    store = RecordingStore()  # never opened: its commit raises StorageError
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+    seen: list[str] = []
+
+    async def serve_one_submit() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.serve)
+            await dispatcher.submit(
+                JobSpec(job_id="j1", client_id="c1", payload={}, constraints={}),
+                lambda job, existed: seen.append(job.job_id),
+            )
+
+    with anyio.fail_after(5), pytest.raises(ExceptionGroup) as info:
+        await serve_one_submit()
+    assert info.group_contains(StorageError, match="closed")
+    assert seen == []
+
+
+# ---- group commit -------------------------------------------------------------------------
+
+
+async def test_submits_during_a_commit_share_the_next_batch() -> None:
+    """Everything queued while a commit is in flight lands in ONE next batch."""
+    async with running() as h:
+        await h.flushed()
+        before = len(h.store.batches)
+        h.store.block_commits()
+        first = h.spec()
+        await h.submit(first)
+        await h.settle()
+        assert len(h.store.batches) == before + 1
+
+        rest = [h.spec() for _ in range(5)]
+        for spec in rest:
+            await h.submit(spec)
+        await h.settle()
+        assert len(h.store.batches) == before + 1  # nothing else was handed to the store
+        assert h.entries("then") == []
+
+        h.store.release_commits()
+        await h.flushed()
+        assert len(h.store.batches) == before + 2
+        assert list(h.store.batches[-2].jobs) == [first.job_id]
+        assert list(h.store.batches[-1].jobs) == [s.job_id for s in rest]
+        assert len(h.store.batches[-1].events) == 5
+        assert h.entries("then") == [(s.job_id, False) for s in [first, *rest]]
+        stats = h.dispatcher.statistics()
+        assert stats.last_batch_size == 10
+        assert stats.pending_writes == 0
+
+
+async def test_idempotent_submit_returns_the_same_job() -> None:
+    """A repeated idempotency key answers with the first job and writes nothing new."""
+    async with running() as h:
+        first = h.spec(idempotency_key="k1")
+        await h.submit(first)
+        await h.flushed()
+        batches = len(h.store.batches)
+        await h.submit(h.spec(idempotency_key="k1"))
+        await h.flushed()
+        assert h.entries("then") == [(first.job_id, False), (first.job_id, True)]
+        assert len(h.store.batches) == batches
+        assert list(h.store.jobs) == [first.job_id]
+
+
+async def test_idempotent_submit_finds_a_job_only_the_store_remembers() -> None:
+    """After a restart a finished job's key is found in the store and answered as a duplicate."""
+    async with running() as h:
+        first = h.spec(idempotency_key="k1")
+        await h.submit(first)
+        await h.flushed()
+        h.dispatcher.cancel("c1", first.job_id, lambda job: None)
+        await h.flushed()
+    store = h.store
+    async with running(store) as h2:  # a fresh scheduler: terminal jobs are not restored
+        assert h2.dispatcher.scheduler.job(first.job_id) is None
+        batches = len(store.batches)
+        await h2.submit(h2.spec(idempotency_key="k1"))
+        await h2.flushed()
+        assert h2.entries("then") == [(first.job_id, True)]
+        assert len(store.batches) == batches
+        assert list(store.jobs) == [first.job_id]
+
+
+# ---- timers -------------------------------------------------------------------------------
+
+
+async def test_accept_timeout_fires_when_the_clock_passes_it() -> None:
+    """An unaccepted assignment is revoked and requeued once time reaches the accept deadline."""
+    async with running() as h:
+        sink = h.miner()
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        assert [f["job_id"] for f in sink.of_type("job.assign")] == [spec.job_id]
+
+        h.clock.advance(ACCEPT_TIMEOUT - 0.5)
+        await h.flushed()
+        assert sink.of_type("job.cancel") == []
+        assert stored(h, spec.job_id) == [(1, "queued"), (2, "assigned")]
+
+        h.clock.advance(0.5)
+        await h.flushed()
+        assert [(f["job_id"], f["reason"]) for f in sink.of_type("job.cancel")] == [
+            (spec.job_id, "accept timeout")
+        ]
+        assert stored(h, spec.job_id) == [(1, "queued"), (2, "assigned"), (3, "requeued")]
+        assert h.store.jobs[spec.job_id].state == "QUEUED"
+
+
+async def test_accepted_job_is_not_revoked_by_the_accept_timer() -> None:
+    """An accept before the deadline disarms the accept timeout."""
+    async with running() as h:
+        sink = h.miner()
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+        await h.flushed()
+        h.clock.advance(ACCEPT_TIMEOUT * 3)
+        await h.flushed()
+        assert sink.of_type("job.cancel") == []
+        assert stored(h, spec.job_id) == [(1, "queued"), (2, "assigned"), (3, "started")]
+
+
+async def test_expiry_fires_through_the_clock() -> None:
+    """A queued job expires when the clock reaches its TTL, not before."""
+    async with running() as h:
+        spec = h.spec(ttl_seconds=5)
+        await h.submit(spec)
+        await h.flushed()
+        h.clock.advance(4.9)
+        await h.flushed()
+        assert stored(h, spec.job_id) == [(1, "queued")]
+        h.clock.advance(0.1)
+        await h.flushed()
+        assert stored(h, spec.job_id) == [(1, "queued"), (2, "expired")]
+        assert h.store.jobs[spec.job_id].state == "EXPIRED"
+
+
+async def test_an_earlier_deadline_rearms_a_sleeping_timer() -> None:
+    """A new deadline before the one the timer sleeps on wakes the timer loop."""
+    async with running() as h:
+        late, early = h.spec(ttl_seconds=100), h.spec(ttl_seconds=5)
+        await h.submit(late)
+        await h.flushed()
+        await h.submit(early)
+        await h.flushed()
+        h.clock.advance(5)
+        await h.flushed()
+        assert stored(h, early.job_id)[-1] == (2, "expired")
+        assert stored(h, late.job_id) == [(1, "queued")]
+        h.clock.advance(95)
+        await h.flushed()
+        assert stored(h, late.job_id)[-1] == (2, "expired")
+
+
+# ---- subscribe ----------------------------------------------------------------------------
+
+
+async def _job_with_two_events(h: Harness) -> JobSpec:
+    h.miner()
+    spec = h.spec()
+    await h.submit(spec)
+    await h.flushed()
+    assert stored(h, spec.job_id) == [(1, "queued"), (2, "assigned")]
+    return spec
+
+
+@pytest.mark.parametrize("snapshot_first", [True, False], ids=["read-early", "read-late"])
+async def test_subscribe_replays_then_merges_live_events_exactly_once(snapshot_first: bool) -> None:
+    """Events committed during the replay are held back; each seq arrives once, in order."""
+    async with running() as h:
+        spec = await _job_with_two_events(h)
+        job_id = spec.job_id
+        sub = h.subscriber()
+        h.store.block_reads(snapshot_first=snapshot_first)
+        missing: list[list[str]] = []
+
+        async def subscribe() -> None:
+            missing.append(await h.dispatcher.subscribe(sub, [job_id], {}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscribe)
+            await h.settle()
+            h.dispatcher.miner_call("accept", "gpu-1", job_id)
+            h.dispatcher.miner_call("progress", "gpu-1", job_id, progress=0.5)
+            await h.flushed()
+            assert stored(h, job_id)[-2:] == [(3, "started"), (4, "progress")]
+            assert len(sub.outbox) == 0  # held back while the replay is in flight
+            h.store.release_reads()
+        assert missing == [[]]
+        assert events(sub.outbox) == [
+            (job_id, 1, "queued"),
+            (job_id, 2, "assigned"),
+            (job_id, 3, "started"),
+            (job_id, 4, "progress"),
+        ]
+
+        h.dispatcher.miner_result("gpu-1", job_id, {"text": "ok"}, {}, None, lambda job: None)
+        await h.flushed()
+        assert events(sub.outbox) == [(job_id, 5, "completed")]
+        assert job_id not in sub.job_ids  # a terminal event ends the live subscription
+
+
+async def test_subscribe_after_skips_what_the_client_has() -> None:
+    """``after`` replays only newer events, then live events follow."""
+    async with running() as h:
+        spec = await _job_with_two_events(h)
+        sub = h.subscriber()
+        with anyio.fail_after(5):
+            assert await h.dispatcher.subscribe(sub, [spec.job_id], {spec.job_id: 1}) == []
+        assert events(sub.outbox) == [(spec.job_id, 2, "assigned")]
+        h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+        await h.flushed()
+        assert events(sub.outbox) == [(spec.job_id, 3, "started")]
+
+
+async def test_subscribe_to_a_terminal_job_replays_and_ends() -> None:
+    """A finished job replays its whole log and leaves no live subscription behind."""
+    async with running() as h:
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
+        await h.flushed()
+        sub = h.subscriber()
+        with anyio.fail_after(5):
+            assert await h.dispatcher.subscribe(sub, [spec.job_id], {}) == []
+        assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "canceled")]
+        assert sub.job_ids == set()
+        assert h.dispatcher.fanout.subscriber_count == 0
+
+
+async def test_subscribe_reports_unknown_and_foreign_jobs() -> None:
+    """Jobs that do not exist or belong to another client are returned as missing."""
+    async with running() as h:
+        spec = h.spec(client_id="c2")
+        await h.submit(spec)
+        await h.flushed()
+        sub = h.subscriber("c1")
+        with anyio.fail_after(5):
+            missing = await h.dispatcher.subscribe(sub, ["nope", spec.job_id], {})
+        assert missing == ["nope", spec.job_id]
+        assert len(sub.outbox) == 0
+
+
+async def test_resubscribing_without_after_does_not_replay_twice() -> None:
+    """A second subscribe to a job already followed is a no-op."""
+    async with running() as h:
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        sub = h.subscriber()
+        with anyio.fail_after(5):
+            await h.dispatcher.subscribe(sub, [spec.job_id], {})
+            await h.dispatcher.subscribe(sub, [spec.job_id], {})
+        assert events(sub.outbox) == [(spec.job_id, 1, "queued")]
+
+
+# ---- flushing and shutdown ----------------------------------------------------------------
+
+
+async def test_wait_flushed_returns_once_the_batch_is_delivered() -> None:
+    """wait_flushed blocks while a commit is held and returns after its actions ran."""
+    async with running() as h:
+        h.store.block_commits()
+        spec = h.spec()
+        await h.submit(spec)
+        done = anyio.Event()
+
+        async def flush() -> None:
+            await h.dispatcher.wait_flushed()
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush)
+            await h.settle()
+            assert not done.is_set()
+            h.store.release_commits()
+            with anyio.fail_after(5):
+                await done.wait()
+        assert h.entries("then") == [(spec.job_id, False)]
+
+
+async def test_wait_flushed_covers_work_queued_while_it_waits() -> None:
+    """Work submitted during a commit is also flushed before wait_flushed returns."""
+    async with running() as h:
+        h.store.block_commits()
+        first, second = h.spec(), h.spec()
+        await h.submit(first)
+        done = anyio.Event()
+
+        async def flush() -> None:
+            await h.dispatcher.wait_flushed()
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush)
+            await h.settle()
+            await h.submit(second)
+            await h.settle()
+            h.store.release_commits()
+            with anyio.fail_after(5):
+                await done.wait()
+            assert h.entries("then") == [(first.job_id, False), (second.job_id, False)]
+
+
+async def test_wait_flushed_when_idle_returns_at_once() -> None:
+    """With nothing pending, wait_flushed does not wait."""
+    async with running() as h:
+        await h.flushed()
+        await h.flushed()
+
+
+async def test_stop_flushes_pending_work_then_serve_returns() -> None:
+    """stop() refuses new work, commits and delivers what is pending, then serve ends."""
+    store = RecordingStore()
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+    seen: list[str] = []
+
+    def then(job: Job, existed: bool) -> None:
+        seen.append(job.job_id)
+
+    def spec(job_id: str) -> JobSpec:
+        return JobSpec(job_id=job_id, client_id="c1", payload={}, constraints={})
+
+    with anyio.fail_after(5):
+        await store.open()
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.serve)
+            assert dispatcher.running
+            store.block_commits()
+            await dispatcher.submit(spec("a"), then)
+            await anyio.wait_all_tasks_blocked()
+            await dispatcher.submit(spec("b"), then)
+            dispatcher.stop()
+            assert not dispatcher.running
+            with pytest.raises(Unavailable):
+                await dispatcher.submit(spec("c"), then)
+            with pytest.raises(Unavailable):
+                dispatcher.cancel("c1", "a", lambda job: None)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == []
+            store.release_commits()
+        # the task group only ends because serve returned
+    assert seen == ["a", "b"]
+    assert set(store.jobs) == {"a", "b"}
+
+
+async def test_stop_when_idle_returns_at_once() -> None:
+    """An idle dispatcher stops without writing anything."""
+    store = RecordingStore()
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+    with anyio.fail_after(5):
+        await store.open()
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.serve)
+            await anyio.wait_all_tasks_blocked()
+            dispatcher.stop()
+    assert store.batches == []
+
+
+# ---- miners -------------------------------------------------------------------------------
+
+
+async def test_miner_id_is_bound_to_its_first_key() -> None:
+    """Another key may not act as a miner id that is already bound."""
+    async with running() as h:
+        h.miner("gpu-1", key_hash="a" * 64)
+        await h.flushed()
+        with pytest.raises(NotAllowed):
+            h.miner("gpu-1", key_hash="b" * 64)
+
+
+async def test_replaced_session_is_closed_after_commit() -> None:
+    """A second hello for the same miner id closes the older sink with 4409."""
+    async with running() as h:
+        old = h.miner("gpu-1")
+        await h.flushed()
+        h.dispatcher.miner_hello(
+            miner_id="gpu-1",
+            key_hash="k" * 64,
+            session_id="second",
+            sink=FakeMinerSink("new", h.log),
+            capabilities={},
+            concurrency=1,
+            region=None,
+            resume_session=None,
+            then=lambda info: None,
+        )
+        assert old.closed is None
+        await h.flushed()
+        assert old.closed == (4409, "replaced")
+
+
+async def test_disconnect_before_accept_requeues_to_another_miner() -> None:
+    """A miner leaving before it accepted gives the job to the next idle miner."""
+    async with running() as h:
+        first = h.miner("gpu-1")
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        assert first.of_type("job.assign")
+        second = h.miner("gpu-2")
+        await h.flushed()
+        h.dispatcher.miner_gone("gpu-1", "gpu-1-session")
+        await h.flushed()
+        assert [f["job_id"] for f in second.of_type("job.assign")] == [spec.job_id]
+        assert [e for _, e in stored(h, spec.job_id)] == [
+            "queued",
+            "assigned",
+            "requeued",
+            "assigned",
+        ]

@@ -1,0 +1,480 @@
+"""The ``JobStore`` contract, run against every store: in-memory and SQLite (on a file)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import closing
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from protocol.records import EventRecord, JobRecord, MinerRecord
+from storage.base import JobStore, ReceiptRow, WriteBatch
+from storage.errors import Conflict, StorageError
+from storage.memory import InMemoryJobStore
+from storage.schema import SCHEMA_VERSION
+from storage.sql import DatabasesJobStore
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_700_000_000.0
+
+StoreFactory = Callable[[], JobStore]
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    if request.param == "memory":
+        return InMemoryJobStore
+    return lambda: DatabasesJobStore(sqlite_url(tmp_path))
+
+
+@pytest.fixture
+async def store(factory: StoreFactory) -> AsyncIterator[JobStore]:
+    s = factory()
+    with anyio.fail_after(10):
+        await s.open()
+    yield s
+    with anyio.fail_after(10):
+        await s.close()
+
+
+def job(job_id: str = "j1", **kw: Any) -> JobRecord:
+    fields: dict[str, Any] = {
+        "client_id": "client-1",
+        "state": "QUEUED",
+        "payload": {"prompt": "hello", "n": [1, 2.5, None, True]},
+        "constraints": {"models": ["llama"], "gpu": {"memory_mb": 8000}},
+        "priority": 0,
+        "requested_at": T0,
+        "expires_at": T0 + 900,
+        "attempt": 0,
+        "failures": 0,
+        "max_attempts": 3,
+        "seq": 1,
+    }
+    fields.update(kw)
+    return JobRecord(job_id=job_id, **fields)
+
+
+def event(job_id: str, seq: int, kind: str = "queued", **kw: Any) -> EventRecord:
+    fields: dict[str, Any] = {"state": "QUEUED", "at": T0 + seq, "attempt": 0}
+    fields.update(kw)
+    return EventRecord(job_id=job_id, seq=seq, event=kind, **fields)
+
+
+def miner(miner_id: str = "gpu-1", key_hash: str = "a" * 64, **kw: Any) -> MinerRecord:
+    fields: dict[str, Any] = {
+        "session_id": "s1",
+        "capabilities": {"gpus": [{"name": "A100", "memory_mb": 40000}], "price": 0.5},
+        "concurrency": 2,
+        "region": "eu-west",
+        "last_seen": T0,
+    }
+    fields.update(kw)
+    return MinerRecord(miner_id=miner_id, key_hash=key_hash, **fields)
+
+
+def receipt_row(
+    receipt_id: str, job_id: str = "j1", issued_at: float = T0, **extra: Any
+) -> ReceiptRow:
+    return ReceiptRow(
+        receipt_id=receipt_id,
+        job_id=job_id,
+        miner_id="gpu-1",
+        issued_at=issued_at,
+        receipt={"receipt_id": receipt_id, "job_id": job_id, **extra},
+    )
+
+
+def batch(
+    jobs: Sequence[JobRecord] = (),
+    events: Sequence[EventRecord] = (),
+    miners: Sequence[MinerRecord] = (),
+    receipts: Sequence[ReceiptRow] = (),
+) -> WriteBatch:
+    return WriteBatch(
+        jobs={j.job_id: j for j in jobs},
+        events=list(events),
+        miners={m.miner_id: m for m in miners},
+        receipts=list(receipts),
+    )
+
+
+async def commit(store: JobStore, b: WriteBatch) -> None:
+    with anyio.fail_after(10):
+        await store.commit(b)
+
+
+async def active(store: JobStore) -> tuple[list[JobRecord], list[MinerRecord]]:
+    with anyio.fail_after(10):
+        return await store.load_active()
+
+
+# ---- jobs ---------------------------------------------------------------------------------
+
+
+async def test_job_round_trips_every_field(store: JobStore) -> None:
+    """A committed job reads back equal, optional fields and JSON columns included."""
+    full = job(
+        "j-full",
+        state="COMPLETED",
+        priority=-3,
+        attempt=2,
+        failures=1,
+        seq=7,
+        miner_id="gpu-1",
+        assigned_at=T0 + 1.25,
+        started_at=T0 + 2.5,
+        finished_at=T0 + 3.75,
+        result={"text": "héllo ✓", "tokens": 12},
+        receipt={"receipt_id": "r1", "signature": "ab"},
+        error=None,
+        idempotency_key="idem-1",
+    )
+    bare = job("j-bare")
+    await commit(store, batch(jobs=[full, bare]))
+    with anyio.fail_after(10):
+        assert await store.get_job("j-full") == full
+        assert await store.get_job("j-bare") == bare
+        assert await store.get_job("nope") is None
+
+
+async def test_job_upsert_updates_state_but_keeps_payload_and_constraints(store: JobStore) -> None:
+    """A later snapshot replaces the state; payload and constraints are written once."""
+    await commit(store, batch(jobs=[job()]))
+    later = job(
+        state="FAILED",
+        payload={"prompt": "changed"},
+        constraints={},
+        attempt=1,
+        failures=1,
+        seq=3,
+        error="boom",
+        finished_at=T0 + 5,
+    )
+    await commit(store, batch(jobs=[later]))
+    with anyio.fail_after(10):
+        got = await store.get_job("j1")
+    assert got == replace(later, payload=job().payload, constraints=job().constraints)
+
+
+async def test_later_snapshot_in_a_batch_wins(store: JobStore) -> None:
+    """Two snapshots of one job in a batch: the last one assigned to the batch is stored."""
+    b = WriteBatch()
+    b.jobs["j1"] = job(seq=1)
+    b.jobs["j1"] = job(seq=2, state="RUNNING", miner_id="gpu-1")
+    await commit(store, b)
+    with anyio.fail_after(10):
+        got = await store.get_job("j1")
+    assert got is not None
+    assert (got.state, got.seq, got.miner_id) == ("RUNNING", 2, "gpu-1")
+
+
+async def test_find_job_by_idempotency_key(store: JobStore) -> None:
+    """find_job matches (client, key) exactly."""
+    keyed = job("j1", idempotency_key="k1")
+    other_client = job("j2", client_id="client-2", idempotency_key="k1")
+    unkeyed = job("j3")
+    await commit(store, batch(jobs=[keyed, other_client, unkeyed]))
+    with anyio.fail_after(10):
+        assert await store.find_job("client-1", "k1") == keyed
+        assert await store.find_job("client-2", "k1") == other_client
+        assert await store.find_job("client-1", "k2") is None
+        assert await store.find_job("client-3", "k1") is None
+
+
+async def test_idempotency_key_is_unique_per_client(store: JobStore) -> None:
+    """Two jobs of one client with the same key conflict; the batch leaves no trace."""
+    await commit(store, batch(jobs=[job("j1", idempotency_key="k1")]))
+    with pytest.raises(Conflict):
+        await commit(
+            store,
+            batch(jobs=[job("j2", idempotency_key="k1")], events=[event("j2", 1)]),
+        )
+    with anyio.fail_after(10):
+        assert await store.get_job("j2") is None
+        assert await store.events_after("j2", 0) == []
+        found = await store.find_job("client-1", "k1")
+    assert found is not None
+    assert found.job_id == "j1"
+
+
+async def test_load_active_returns_only_queued_and_running(store: JobStore) -> None:
+    """Terminal jobs stay out of the start-up rebuild; every miner is in it."""
+    states = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
+    await commit(
+        store,
+        batch(jobs=[job(f"j-{s}", state=s) for s in states], miners=[miner("m1"), miner("m2")]),
+    )
+    jobs, miners = await active(store)
+    assert sorted(j.job_id for j in jobs) == ["j-QUEUED", "j-RUNNING"]
+    assert sorted(m.miner_id for m in miners) == ["m1", "m2"]
+
+
+async def test_load_active_sees_a_job_leave_the_active_set(store: JobStore) -> None:
+    """A job that became terminal in a later batch is no longer active."""
+    await commit(store, batch(jobs=[job("j1"), job("j2")]))
+    await commit(store, batch(jobs=[job("j1", state="CANCELED", seq=2)]))
+    jobs, _ = await active(store)
+    assert [j.job_id for j in jobs] == ["j2"]
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+async def test_events_after_is_ordered_by_seq(store: JobStore) -> None:
+    """Events come back by seq whatever order they were written in, per job."""
+    await commit(store, batch(events=[event("j1", 3), event("j1", 1), event("j2", 1)]))
+    await commit(store, batch(events=[event("j1", 2, "assigned", state="RUNNING", miner_id="m")]))
+    with anyio.fail_after(10):
+        got = await store.events_after("j1", 0)
+    assert [e.seq for e in got] == [1, 2, 3]
+    assert got[1] == event("j1", 2, "assigned", state="RUNNING", miner_id="m")
+
+
+async def test_events_after_honours_after_and_limit(store: JobStore) -> None:
+    """``after`` is exclusive and ``limit`` caps the page."""
+    await commit(store, batch(events=[event("j1", s) for s in range(1, 11)]))
+    with anyio.fail_after(10):
+        assert [e.seq for e in await store.events_after("j1", 4)] == [5, 6, 7, 8, 9, 10]
+        assert [e.seq for e in await store.events_after("j1", 4, limit=3)] == [5, 6, 7]
+        assert [e.seq for e in await store.events_after("j1", 0, limit=1)] == [1]
+        assert await store.events_after("j1", 10) == []
+        assert await store.events_after("unknown", 0) == []
+
+
+async def test_event_data_round_trips(store: JobStore) -> None:
+    """The free-form ``data`` of an event is stored as JSON and read back equal."""
+    e = event(
+        "j1",
+        1,
+        "completed",
+        state="COMPLETED",
+        attempt=2,
+        miner_id="gpu-1",
+        data={"result": {"text": "ok", "list": [1, {"a": None}]}, "receipt": {"sig": "ff"}},
+    )
+    await commit(store, batch(events=[e]))
+    with anyio.fail_after(10):
+        assert await store.events_after("j1", 0) == [e]
+
+
+# ---- miners -------------------------------------------------------------------------------
+
+
+async def test_miner_upsert_keeps_the_first_key_hash(store: JobStore) -> None:
+    """A miner id stays bound to the key that first used it; the rest is updated."""
+    await commit(store, batch(miners=[miner(key_hash="a" * 64)]))
+    newer = miner(
+        key_hash="b" * 64,
+        session_id="s2",
+        capabilities={"cuda": "12.1"},
+        concurrency=4,
+        region=None,
+        last_seen=T0 + 60,
+    )
+    await commit(store, batch(miners=[newer]))
+    _, miners = await active(store)
+    assert miners == [replace(newer, key_hash="a" * 64)]
+
+
+# ---- receipts -----------------------------------------------------------------------------
+
+
+async def test_receipts_for_returns_a_jobs_receipts_by_issue_time(store: JobStore) -> None:
+    """receipts_for lists one job's receipts, oldest first."""
+    await commit(
+        store,
+        batch(
+            receipts=[
+                receipt_row("r2", issued_at=T0 + 2),
+                receipt_row("r1", issued_at=T0 + 1),
+                receipt_row("rx", job_id="j2", issued_at=T0),
+            ]
+        ),
+    )
+    with anyio.fail_after(10):
+        assert [r["receipt_id"] for r in await store.receipts_for("j1")] == ["r1", "r2"]
+        assert [r["receipt_id"] for r in await store.receipts_for("j2")] == ["rx"]
+        assert await store.receipts_for("j3") == []
+
+
+async def test_receipts_issued_at_the_same_time_are_all_returned(store: JobStore) -> None:
+    """Receipts with equal issue times do not break the ordering."""
+    await commit(store, batch(receipts=[receipt_row("r1"), receipt_row("r2")]))
+    with anyio.fail_after(10):
+        got = await store.receipts_for("j1")
+    assert sorted(r["receipt_id"] for r in got) == ["r1", "r2"]
+
+
+async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
+    """Writing a receipt id again keeps the first receipt and does not fail the batch."""
+    await commit(store, batch(receipts=[receipt_row("r1", version=1)]))
+    await commit(
+        store,
+        batch(jobs=[job("j9")], receipts=[receipt_row("r1", version=2)]),
+    )
+    with anyio.fail_after(10):
+        assert await store.receipts_for("j1") == [
+            {"receipt_id": "r1", "job_id": "j1", "version": 1}
+        ]
+        assert await store.get_job("j9") is not None
+
+
+# ---- atomicity ----------------------------------------------------------------------------
+
+
+async def test_duplicate_event_conflicts_and_the_batch_is_invisible(store: JobStore) -> None:
+    """A batch holding an existing (job_id, seq) raises Conflict and writes nothing at all."""
+    await commit(store, batch(jobs=[job("j1")], events=[event("j1", 1)]))
+    bad = batch(
+        jobs=[job("j1", state="RUNNING", seq=2), job("j2")],
+        events=[event("j2", 1), event("j1", 2), event("j1", 1, "requeued")],
+        miners=[miner("m-new")],
+        receipts=[receipt_row("r-new", job_id="j2")],
+    )
+    with pytest.raises(Conflict):
+        await commit(store, bad)
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") == job("j1")
+        assert await store.get_job("j2") is None
+        assert await store.events_after("j1", 0) == [event("j1", 1)]
+        assert await store.events_after("j2", 0) == []
+        assert await store.receipts_for("j2") == []
+    _, miners = await active(store)
+    assert miners == []
+
+
+async def test_duplicate_event_within_one_batch_conflicts(store: JobStore) -> None:
+    """The same (job_id, seq) twice in one batch is a conflict too, and nothing is written."""
+    with pytest.raises(Conflict):
+        await commit(
+            store, batch(jobs=[job("j1")], events=[event("j1", 1), event("j1", 1, "assigned")])
+        )
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") is None
+        assert await store.events_after("j1", 0) == []
+
+
+async def test_store_is_usable_after_a_failed_batch(store: JobStore) -> None:
+    """A conflict rolls back cleanly: the next batch commits normally."""
+    await commit(store, batch(events=[event("j1", 1)]))
+    with pytest.raises(Conflict):
+        await commit(store, batch(events=[event("j1", 1)]))
+    await commit(store, batch(jobs=[job("j1", seq=2)], events=[event("j1", 2)]))
+    with anyio.fail_after(10):
+        assert [e.seq for e in await store.events_after("j1", 0)] == [1, 2]
+        got = await store.get_job("j1")
+    assert got is not None
+    assert got.seq == 2
+
+
+async def test_empty_batch_commits(store: JobStore) -> None:
+    """An empty batch is a no-op, not an error."""
+    await commit(store, WriteBatch())
+    assert await active(store) == ([], [])
+
+
+# ---- lifecycle ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda s: s.commit(batch(jobs=[job()])),
+        lambda s: s.load_active(),
+        lambda s: s.get_job("j1"),
+        lambda s: s.find_job("client-1", "k"),
+        lambda s: s.events_after("j1", 0),
+        lambda s: s.receipts_for("j1"),
+    ],
+    ids=["commit", "load_active", "get_job", "find_job", "events_after", "receipts_for"],
+)
+async def test_closed_store_raises_storage_error(
+    factory: StoreFactory, operation: Callable[[JobStore], Any]
+) -> None:
+    """After close, every operation raises StorageError."""
+    s = factory()
+    with anyio.fail_after(10):
+        await s.open()
+        await s.commit(batch(jobs=[job()]))
+        await s.close()
+        with pytest.raises(StorageError):
+            await operation(s)
+
+
+async def test_never_opened_store_refuses_commits(factory: StoreFactory) -> None:
+    """A store that was never opened cannot commit."""
+    with anyio.fail_after(10), pytest.raises(StorageError):
+        await factory().commit(batch(jobs=[job()]))
+
+
+# ---- SQLite only --------------------------------------------------------------------------
+
+
+async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: Path) -> None:
+    """Data survives a reopen of the file; migrations run once (one schema_version row)."""
+    url = sqlite_url(tmp_path)
+    with anyio.fail_after(20):
+        first = DatabasesJobStore(url)
+        await first.open()
+        await first.commit(
+            batch(
+                jobs=[job("j1", idempotency_key="k1")],
+                events=[event("j1", 1)],
+                miners=[miner()],
+                receipts=[receipt_row("r1")],
+            )
+        )
+        await first.close()
+        for _ in range(2):
+            again = DatabasesJobStore(url)
+            await again.open()
+            assert await again.get_job("j1") == job("j1", idempotency_key="k1")
+            assert await again.find_job("client-1", "k1") == job("j1", idempotency_key="k1")
+            assert await again.events_after("j1", 0) == [event("j1", 1)]
+            assert await again.receipts_for("j1") == [receipt_row("r1").receipt]
+            assert await again.load_active() == ([job("j1", idempotency_key="k1")], [miner()])
+            await again.close()
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        rows = db.execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])
+async def test_sqlite_pragmas_wal_and_synchronous(
+    tmp_path: Path, synchronous: str, level: int
+) -> None:
+    """Both connections run in WAL mode with the configured synchronous level."""
+    s = DatabasesJobStore(sqlite_url(tmp_path), synchronous=synchronous)
+    with anyio.fail_after(10):
+        await s.open()
+        try:
+            for raw in (s._raw, s._reader.raw_connection):  # type: ignore[union-attr]
+                async with raw.execute("PRAGMA journal_mode") as cur:
+                    assert (await cur.fetchone())[0] == "wal"
+                async with raw.execute("PRAGMA synchronous") as cur:
+                    assert (await cur.fetchone())[0] == level
+        finally:
+            await s.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "synchronous"),
+    [("postgresql://localhost/db", "NORMAL"), ("sqlite:///x.db", "OFF")],
+)
+def test_sqlite_store_refuses_unsupported_configuration(url: str, synchronous: str) -> None:
+    """Only SQLite URLs and the NORMAL/FULL synchronous levels are accepted."""
+    with pytest.raises(StorageError):
+        DatabasesJobStore(url, synchronous=synchronous)

@@ -1,0 +1,295 @@
+"""The app in process (Starlette ``TestClient``): health routes and the client/miner sockets."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+from starlette.websockets import WebSocketDisconnect
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
+from web.app import create_app
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from starlette.testclient import WebSocketTestSession
+
+with warnings.catch_warnings():  # starlette asks for httpx2; the httpx we pin works the same
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(tmp_path))) as c:
+        yield c
+
+
+def recv(ws: WebSocketTestSession) -> dict[str, Any]:
+    msg: dict[str, Any] = ws.receive_json()
+    return msg
+
+
+def hello(ws: WebSocketTestSession) -> dict[str, Any]:
+    ws.send_json({"type": "hello", "protocol": 1})
+    welcome = recv(ws)
+    assert welcome["type"] == "welcome"
+    return welcome
+
+
+def submit(ws: WebSocketTestSession, request_id: str, **fields: Any) -> dict[str, Any]:
+    ws.send_json({"type": "job.submit", "id": request_id, "payload": {"prompt": "hi"}, **fields})
+    ack = recv(ws)
+    assert ack["type"] == "ack"
+    assert ack["id"] == request_id
+    return ack
+
+
+def client_socket(c: TestClient, key: str = CLIENT_KEY) -> Any:
+    return c.websocket_connect("/v1/jobs/ws", headers={"X-Api-Key": key})
+
+
+# ---- health -------------------------------------------------------------------------------
+
+
+def test_health_reports_ok(client: TestClient) -> None:
+    """/health answers 200 with a non-empty JSON body whose status is ok."""
+    r = client.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body
+    assert body["status"] == "ok"
+    assert body["version"]
+
+
+def test_liveness(client: TestClient) -> None:
+    """/health/live answers 200."""
+    r = client.get("/health/live")
+    assert r.status_code == 200
+    assert r.json()["status"] == "alive"
+
+
+def test_ready_after_startup(client: TestClient) -> None:
+    """/health/ready answers 200 once the lifespan has opened the store and started serving."""
+    r = client.get("/health/ready")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready"
+
+
+def test_not_ready_without_startup(tmp_path: Path) -> None:
+    """Before the lifespan ran, /health/ready answers 503."""
+    c = TestClient(create_app(make_settings(tmp_path)))
+    try:
+        r = c.get("/health/ready")
+    finally:
+        c.close()
+    assert r.status_code == 503
+
+
+# ---- client socket ------------------------------------------------------------------------
+
+
+def test_welcome_carries_a_client_id_that_is_not_the_key(client: TestClient) -> None:
+    """hello -> welcome with a stable client id derived from, but not containing, the key."""
+    with client_socket(client) as ws:
+        welcome = hello(ws)
+    assert welcome["protocol"] == 1
+    assert welcome["client_id"]
+    assert CLIENT_KEY not in welcome["client_id"]
+    with client_socket(client) as ws:
+        assert hello(ws)["client_id"] == welcome["client_id"]
+    with client_socket(client, CLIENT_KEY_2) as ws:
+        assert hello(ws)["client_id"] != welcome["client_id"]
+
+
+def test_submit_acks_the_job_view_then_sends_queued(client: TestClient) -> None:
+    """job.submit -> ack with a QUEUED, unservable job view, then a queued event."""
+    with client_socket(client) as ws:
+        hello(ws)
+        ack = submit(ws, "s1", constraints={"gpu": "A100"}, priority=3)
+        job = ack["job"]
+        assert job["state"] == "QUEUED"
+        assert HEX32.match(job["job_id"])
+        assert job["servable"] is False
+        assert job["payload"] == {"prompt": "hi"}
+        assert job["constraints"] == {"gpu": "A100"}
+        assert job["priority"] == 3
+        assert ack["duplicate"] is False
+        event = recv(ws)
+        assert (event["type"], event["job_id"], event["seq"], event["event"], event["state"]) == (
+            "job.event",
+            job["job_id"],
+            1,
+            "queued",
+            "QUEUED",
+        )
+        assert event["at"].endswith("Z")
+
+
+def test_repeated_idempotency_key_returns_the_same_job(client: TestClient) -> None:
+    """The same idempotency key from the same client -> the same job_id, duplicate: true."""
+    with client_socket(client) as ws:
+        hello(ws)
+        first = submit(ws, "s1", idempotency_key="order-42")
+        assert recv(ws)["event"] == "queued"
+        again = submit(ws, "s2", idempotency_key="order-42")
+    assert again["job"]["job_id"] == first["job"]["job_id"]
+    assert first["duplicate"] is False
+    assert again["duplicate"] is True
+
+
+def test_idempotency_keys_are_per_client(client: TestClient) -> None:
+    """Another client using the same key gets its own job."""
+    with client_socket(client) as ws:
+        hello(ws)
+        mine = submit(ws, "s1", idempotency_key="order-42")
+    with client_socket(client, CLIENT_KEY_2) as ws:
+        hello(ws)
+        theirs = submit(ws, "s1", idempotency_key="order-42")
+    assert theirs["job"]["job_id"] != mine["job"]["job_id"]
+    assert theirs["duplicate"] is False
+
+
+def test_cancel_acks_then_sends_canceled_and_cannot_repeat(client: TestClient) -> None:
+    """job.cancel -> ack + canceled event; a second cancel -> error not_cancelable."""
+    with client_socket(client) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(ws)["event"] == "queued"
+
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": job_id})
+        ack = recv(ws)
+        assert (ack["type"], ack["id"], ack["job"]["state"]) == ("ack", "c1", "CANCELED")
+        event = recv(ws)
+        assert (event["type"], event["seq"], event["event"], event["state"]) == (
+            "job.event",
+            2,
+            "canceled",
+            "CANCELED",
+        )
+
+        ws.send_json({"type": "job.cancel", "id": "c2", "job_id": job_id})
+        err = recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "c2", "not_cancelable")
+
+
+def test_cancel_of_an_unknown_job_is_not_found(client: TestClient) -> None:
+    """Canceling a job that does not exist -> error not_found."""
+    with client_socket(client) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": "0" * 32})
+        err = recv(ws)
+    assert (err["type"], err["id"], err["code"]) == ("error", "c1", "not_found")
+
+
+def test_cancel_of_another_clients_job_is_not_found(client: TestClient) -> None:
+    """A client cannot see, let alone cancel, another client's job."""
+    with client_socket(client) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+    with client_socket(client, CLIENT_KEY_2) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": job_id})
+        err = recv(ws)
+    assert (err["type"], err["code"]) == ("error", "not_found")
+
+
+def test_unknown_type_is_an_error_and_the_connection_stays_usable(client: TestClient) -> None:
+    """An unknown type -> error unknown_type (not fatal); the next submit works."""
+    with client_socket(client) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.teleport", "id": "x1", "job_id": "j"})
+        err = recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "x1", "unknown_type")
+        ws.send_json({"type": "job.teleport"})
+        err = recv(ws)
+        assert (err["type"], err["code"], err["ref"]) == ("error", "unknown_type", "job.teleport")
+        assert submit(ws, "s1")["job"]["state"] == "QUEUED"
+
+
+def test_subscribe_replays_a_jobs_events_on_a_new_connection(client: TestClient) -> None:
+    """A second connection subscribing to a finished job gets its stored events."""
+    with client_socket(client) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(ws)["event"] == "queued"
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": job_id})
+        assert recv(ws)["type"] == "ack"
+        assert recv(ws)["event"] == "canceled"
+    with client_socket(client) as ws:
+        hello(ws)
+        ws.send_json({"type": "subscribe", "id": "sub1", "job_ids": [job_id, "nope"]})
+        frames = [recv(ws) for _ in range(4)]
+    assert [(f["seq"], f["event"]) for f in frames if f["type"] == "job.event"] == [
+        (1, "queued"),
+        (2, "canceled"),
+    ]
+    errors = [f for f in frames if f["type"] == "error"]
+    assert [(e["code"], e["ref"]) for e in errors] == [("not_found", "nope")]
+    assert frames[-1] == {"type": "ack", "id": "sub1", "missing": ["nope"]}
+
+
+def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
+    """With a matching miner connected the job is servable and pushed to it as job.assign."""
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "gpu-1", "concurrency": 1})
+        welcome = recv(miner)
+        assert (welcome["type"], welcome["miner_id"]) == ("welcome", "gpu-1")
+        assert MINER_KEY not in welcome["session_id"]
+        with client_socket(client) as ws:
+            hello(ws)
+            ack = submit(ws, "s1")
+            assert ack["job"]["servable"] is True
+            assign = recv(miner)
+            assert (assign["type"], assign["job_id"], assign["attempt"]) == (
+                "job.assign",
+                ack["job"]["job_id"],
+                1,
+            )
+            assert [recv(ws)["event"] for _ in range(2)] == ["queued", "assigned"]
+
+
+# ---- authentication -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "code"),
+    [
+        ("/v1/jobs/ws", "not-a-configured-key", 4401),
+        ("/v1/jobs/ws", MINER_KEY, 4403),
+        ("/v1/jobs/ws", ADMIN_KEY, 4403),
+        ("/v1/miners/ws", CLIENT_KEY, 4403),
+        ("/v1/miners/ws", "not-a-configured-key", 4401),
+    ],
+)
+def test_bad_credentials_close_the_socket(
+    client: TestClient, path: str, key: str, code: int
+) -> None:
+    """An unknown key closes 4401; a key of the wrong role closes 4403."""
+    with client.websocket_connect(path, headers={"Authorization": f"Bearer {key}"}) as ws:
+        with pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_json()
+    assert info.value.code == code
+
+
+def test_auth_frame_authenticates_a_browser(client: TestClient) -> None:
+    """Without headers, an auth frame first authenticates the socket."""
+    with client.websocket_connect("/v1/jobs/ws") as ws:
+        ws.send_json({"type": "auth", "token": CLIENT_KEY})
+        assert hello(ws)["client_id"]
+
+
+def test_anything_but_auth_first_closes_4401(client: TestClient) -> None:
+    """Without headers, any first frame but auth closes the socket with 4401."""
+    with client.websocket_connect("/v1/jobs/ws") as ws:
+        ws.send_json({"type": "hello", "protocol": 1})
+        with pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_json()
+    assert info.value.code == 4401

@@ -1,0 +1,231 @@
+"""Settings from the environment, first-start key generation, and the CLI's refusal to start."""
+
+from __future__ import annotations
+
+import json
+import stat
+from typing import TYPE_CHECKING
+
+import pytest
+
+from web.cli import main
+from web.keys import materialize_keys
+from web.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+VARIABLES = (
+    "DATABASE_URL",
+    "API_HOST",
+    "API_PORT",
+    "CLIENT_API_KEYS",
+    "MINER_API_KEYS",
+    "ADMIN_API_KEYS",
+    "RECEIPT_SIGNING_KEY_HEX",
+    "JOB_TTL_SECONDS",
+    "HEARTBEAT_INTERVAL_SECONDS",
+    "HEARTBEAT_TIMEOUT_SECONDS",
+    "SQLITE_SYNCHRONOUS",
+    "MAX_ATTEMPTS",
+    "ACCEPT_TIMEOUT_SECONDS",
+    "RESUME_GRACE_SECONDS",
+    "WS_MAX_FRAME_BYTES",
+    "ENVIRONMENT",
+)
+
+
+# ---- Settings.from_env --------------------------------------------------------------------
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    """No variables set: the documented defaults."""
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert s.api_port == 8000
+    assert s.sqlite_synchronous == "NORMAL"
+    assert s.receipt_signing_key_hex is None
+
+
+def test_values_are_parsed() -> None:
+    """Numbers, key lists (comma-separated or JSON) and choices are read from the environment."""
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "sqlite:///data/c.db",
+            "API_PORT": "9000",
+            "CLIENT_API_KEYS": " client-one-key , client-two-key ,",
+            "MINER_API_KEYS": '["miner-one-key"]',
+            "RECEIPT_SIGNING_KEY_HEX": "AB" * 32,
+            "JOB_TTL_SECONDS": "60",
+            "HEARTBEAT_INTERVAL_SECONDS": "5",
+            "HEARTBEAT_TIMEOUT_SECONDS": "5",
+            "SQLITE_SYNCHRONOUS": "full",
+            "MAX_ATTEMPTS": "5",
+        }
+    )
+    assert s.database_path.as_posix() == "data/c.db"
+    assert s.api_port == 9000
+    assert s.client_api_keys == ("client-one-key", "client-two-key")
+    assert s.miner_api_keys == ("miner-one-key",)
+    assert s.admin_api_keys == ()
+    assert s.receipt_signing_key_hex == "AB" * 32
+    assert (s.job_ttl_seconds, s.heartbeat_interval_seconds, s.heartbeat_timeout_seconds) == (
+        60,
+        5,
+        5,
+    )
+    assert s.sqlite_synchronous == "FULL"
+    assert s.max_attempts == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"API_PORT": "http"}, "API_PORT"),
+        ({"API_PORT": "70000"}, "API_PORT"),
+        ({"API_PORT": "-1"}, "API_PORT"),
+        ({"API_PORT": "80.5"}, "API_PORT"),
+        ({"JOB_TTL_SECONDS": "0"}, "JOB_TTL_SECONDS"),
+        ({"JOB_TTL_SECONDS": "soon"}, "JOB_TTL_SECONDS"),
+        ({"JOB_TTL_SECONDS": "nan"}, "JOB_TTL_SECONDS"),
+        ({"JOB_TTL_SECONDS": "1e12"}, "JOB_TTL_SECONDS"),
+        ({"HEARTBEAT_INTERVAL_SECONDS": "0"}, "HEARTBEAT_INTERVAL_SECONDS"),
+        ({"HEARTBEAT_INTERVAL_SECONDS": "often"}, "HEARTBEAT_INTERVAL_SECONDS"),
+        ({"HEARTBEAT_TIMEOUT_SECONDS": "inf"}, "HEARTBEAT_TIMEOUT_SECONDS"),
+        (
+            {"HEARTBEAT_INTERVAL_SECONDS": "20", "HEARTBEAT_TIMEOUT_SECONDS": "10"},
+            "HEARTBEAT_TIMEOUT_SECONDS",
+        ),
+        ({"RECEIPT_SIGNING_KEY_HEX": "zz" * 32}, "RECEIPT_SIGNING_KEY_HEX"),
+        ({"RECEIPT_SIGNING_KEY_HEX": "ab" * 16}, "RECEIPT_SIGNING_KEY_HEX"),
+        ({"RECEIPT_SIGNING_KEY_HEX": "ab" * 33}, "RECEIPT_SIGNING_KEY_HEX"),
+        ({"DATABASE_URL": "postgresql://db/coordinator"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
+        ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),
+        ({"SQLITE_SYNCHRONOUS": "EXTRA"}, "SQLITE_SYNCHRONOUS"),
+        ({"CLIENT_API_KEYS": "short"}, "CLIENT_API_KEYS"),
+        ({"MINER_API_KEYS": "long-enough-key,tiny"}, "MINER_API_KEYS"),
+        ({"ADMIN_API_KEYS": "[not json"}, "ADMIN_API_KEYS"),
+        ({"ADMIN_API_KEYS": "[1, 2]"}, "ADMIN_API_KEYS"),
+        ({"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS"),
+        ({"ACCEPT_TIMEOUT_SECONDS": "-1"}, "ACCEPT_TIMEOUT_SECONDS"),
+        ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
+        ({"WS_MAX_FRAME_BYTES": "10"}, "WS_MAX_FRAME_BYTES"),
+        (
+            {"CLIENT_API_KEYS": "shared-key-123", "MINER_API_KEYS": "shared-key-123"},
+            "MINER_API_KEYS",
+        ),
+        (
+            {"ADMIN_API_KEYS": "shared-key-123", "MINER_API_KEYS": "shared-key-123"},
+            "MINER_API_KEYS",
+        ),
+        (
+            {"CLIENT_API_KEYS": "shared-key-123", "ADMIN_API_KEYS": "shared-key-123"},
+            "ADMIN_API_KEYS",
+        ),
+    ],
+)
+def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) -> None:
+    """An invalid value raises SettingsError with a one-line message starting with its name."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert message.startswith(f"{variable}:")
+    assert "\n" not in message
+
+
+def test_the_same_key_may_repeat_within_one_role() -> None:
+    """A key listed twice for one role is not a conflict between roles."""
+    s = Settings.from_env({"CLIENT_API_KEYS": "client-key-1,client-key-1"})
+    assert s.client_api_keys == ("client-key-1", "client-key-1")
+
+
+# ---- materialize_keys ---------------------------------------------------------------------
+
+
+def test_keys_are_generated_once_and_printed_once(tmp_path: Path) -> None:
+    """The first start generates and prints keys; the next start reuses them silently."""
+    base = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    first, lines = materialize_keys(base)
+    assert lines
+    assert all(line.strip() for line in lines)
+    assert len(first.client_api_keys) == len(first.miner_api_keys) == len(first.admin_api_keys) == 1
+    assert first.receipt_signing_key_hex is not None
+    assert len(bytes.fromhex(first.receipt_signing_key_hex)) == 32
+    printed = "\n".join(lines)
+    for key in (*first.client_api_keys, *first.miner_api_keys, *first.admin_api_keys):
+        assert key in printed
+    assert first.receipt_signing_key_hex not in printed  # the signing seed is never printed
+
+    second, lines_again = materialize_keys(base)
+    assert lines_again == []
+    assert second == first
+
+    roles = {*first.client_api_keys} | {*first.miner_api_keys} | {*first.admin_api_keys}
+    assert len(roles) == 3
+    for path in (tmp_path / "c.db.keys.json", tmp_path / "c.db.signing-key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stored = json.loads((tmp_path / "c.db.keys.json").read_text())
+    assert stored["client"] == first.client_api_keys[0]
+
+
+def test_configured_keys_are_kept(tmp_path: Path) -> None:
+    """Configured keys and signing key are used as they are; nothing is generated."""
+    base = Settings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        client_api_keys=("client-key-xyz",),
+        receipt_signing_key_hex="22" * 32,
+    )
+    settings, lines = materialize_keys(base)
+    assert (settings, lines) == (base, [])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_go_beside_the_database_in_a_new_directory(tmp_path: Path) -> None:
+    """The key files are created next to the database, making its directory if needed."""
+    base = Settings(database_url=f"sqlite:///{tmp_path / 'nested' / 'c.db'}")
+    _, lines = materialize_keys(base)
+    assert lines
+    assert (tmp_path / "nested" / "c.db.keys.json").exists()
+    assert (tmp_path / "nested" / "c.db.signing-key").exists()
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("API_PORT", "not-a-port"),
+        ("DATABASE_URL", "postgresql://db/x"),
+        ("HEARTBEAT_TIMEOUT_SECONDS", "0"),
+        ("CLIENT_API_KEYS", "short"),
+    ],
+)
+def test_serve_with_an_invalid_setting_exits_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    variable: str,
+    value: str,
+) -> None:
+    """``serve`` with a bad variable prints one line naming it and returns 2 (no server)."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1
+    assert variable in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing was created: no keys, no database
+
+
+def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a command the CLI exits with a usage error."""
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
