@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -201,9 +202,9 @@ def render(results: dict[str, list[dict[str, Any]]], runs: int) -> str:
     ]
     for name, rs in results.items():
 
-        def cell(key: str, fmt: str = "{:.0f}") -> str:
+        def cell(key: str, fmt: str = "{:.0f}", rs: list[dict[str, Any]] = rs) -> str:
             s = summary([r[key] for r in rs])
-            return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+            return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
 
         lines.append(
             f"| {name} | {cell('jobs_per_s')} | {cell('server_cpu_us_per_job')} "
@@ -223,16 +224,15 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for name, inflight, miners, clients, jobs in SCENARIOS:
         for run in range(a.runs):
-            r = anyio.run(
-                lambda: run_once(
-                    jobs=max(50, int(jobs * a.scale)),
-                    inflight=inflight,
-                    miners=miners,
-                    clients=clients,
-                    core=0,
-                ),
-                backend_options={"use_uvloop": True},
+            job = partial(
+                run_once,
+                jobs=max(50, int(jobs * a.scale)),
+                inflight=inflight,
+                miners=miners,
+                clients=clients,
+                core=0,
             )
+            r = anyio.run(job, backend_options={"use_uvloop": True})
             results.setdefault(name, []).append(r)
             print(
                 f"{name} run {run + 1}: {json.dumps({k: round(v, 3) for k, v in r.items()})}",
@@ -260,7 +260,7 @@ def write_docs(table: str, runs: int) -> None:
         f"{len(__import__('os').sched_getaffinity(0))} cores, Python {platform.python_version()}; "
         "coordinator pinned to core 0 as a subprocess (SQLite WAL, synchronous=NORMAL, every "
         "transition committed before it is visible), load generator pinned to core 1. "
-        f"Median (min–max) over {runs} runs. Latencies are measured in the load generator: "
+        f"Median (min-max) over {runs} runs. Latencies are measured in the load generator: "
         "submit→assign from sending `job.submit` to the miner receiving `job.assign`; "
         "submit→completed to the client receiving the `completed` event.\n\n"
         f"{table}\n"

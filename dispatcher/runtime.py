@@ -11,15 +11,16 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
 from dispatcher.errors import NotAllowed, Unavailable, UnknownJob
 from dispatcher.fanout import Fanout, Subscriber
-from dispatcher.jobs import TERMINAL, Job, JobState
+from dispatcher.jobs import TERMINAL, JobState
 from dispatcher.stats import DispatcherStatistics
 from protocol.codec import encode, encode_event
 from protocol.messages import JobAssign, JobCancel
@@ -45,6 +46,7 @@ class MinerSink(Protocol):
 
 
 _Action = Effect | Callable[[], None]
+T = TypeVar("T")
 
 
 def event_frame(e: EventRecord) -> str:
@@ -73,6 +75,11 @@ class Dispatcher:
         self._written = 0
         self._last_batch = 0
         self._idle = anyio.Event()
+        # The latest COMMITTED record of every job the scheduler holds, plus recent terminal
+        # ones: what reads may show (never the scheduler's uncommitted in-memory state).
+        self._visible: dict[str, JobRecord] = {}
+        self._visible_terminal: OrderedDict[str, None] = OrderedDict()
+        self.visible_retention = 10_000
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -176,6 +183,7 @@ class Dispatcher:
         for action in actions:
             if isinstance(action, Persist):
                 e = action.event
+                self._remember(action.job)
                 self.fanout.publish(
                     action.job.client_id, e.job_id, e.seq, event_frame(e), e.event == "progress"
                 )
@@ -209,10 +217,31 @@ class Dispatcher:
             else:
                 action()
 
+    def _remember(self, rec: JobRecord) -> None:
+        self._visible[rec.job_id] = rec
+        if rec.state in TERMINAL:
+            self._visible_terminal[rec.job_id] = None
+            while len(self._visible_terminal) > self.visible_retention:
+                old, _ = self._visible_terminal.popitem(last=False)
+                self._visible.pop(old, None)
+
+    async def _until_committed(self, start: Callable[[Callable[[T], None]], None]) -> T:
+        """Run ``start(then)`` and wait until ``then`` is called after the commit."""
+        done = anyio.Event()
+        box: list[T] = []
+
+        def then(value: T) -> None:
+            box.append(value)
+            done.set()
+
+        start(then)
+        await done.wait()
+        return box[0]
+
     # ---- clients ----------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec, then: Callable[[Job, bool], None]) -> None:
-        """Queue a job; ``then(job, existed)`` runs once it is durable."""
+    async def submit(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
+        """Queue a job; ``then(record, existed)`` runs once it is durable."""
         self._check_open()
         if (
             spec.idempotency_key is not None
@@ -220,25 +249,45 @@ class Dispatcher:
         ):
             stored = await self.store.find_job(spec.client_id, spec.idempotency_key)
             if stored is not None:
-                job = Job.from_record(stored)
-                self.after_commit(lambda: then(job, True))
+                self.after_commit(lambda: then(stored, True))
                 return
         job, effects = self.scheduler.submit(spec, self.clock.now())
+        rec = job.record() if job.job_id == spec.job_id else self._visible.get(job.job_id)
+        if rec is None:  # a duplicate of a job whose first submit is not committed yet
+            rec = job.record()
         existed = job.job_id != spec.job_id
-        self._actions.append(lambda: then(job, existed))
+        self._actions.append(lambda: then(rec, existed))
         self._apply(effects)
 
-    def cancel(self, client_id: str, job_id: str, then: Callable[[Job], None]) -> None:
+    async def submit_wait(self, spec: JobSpec) -> tuple[JobRecord, bool]:
+        """``submit`` for request/response callers: returns once the job is durable."""
+        done = anyio.Event()
+        box: list[tuple[JobRecord, bool]] = []
+
+        def then(rec: JobRecord, existed: bool) -> None:
+            box.append((rec, existed))
+            done.set()
+
+        await self.submit(spec, then)
+        await done.wait()
+        return box[0]
+
+    def cancel(self, client_id: str, job_id: str, then: Callable[[JobRecord], None]) -> None:
         """Cancel a live job; raises UnknownJob / InvalidTransition (nothing changes)."""
         self._check_open()
         job, effects = self.scheduler.cancel(client_id, job_id, self.clock.now())
-        self._actions.append(lambda: then(job))
+        rec = job.record()
+        self._actions.append(lambda: then(rec))
         self._apply(effects)
 
+    async def cancel_wait(self, client_id: str, job_id: str) -> JobRecord:
+        return await self._until_committed(lambda then: self.cancel(client_id, job_id, then))
+
     async def get_job(self, job_id: str) -> JobRecord | None:
-        job = self.scheduler.job(job_id)
-        if job is not None:
-            return job.record()
+        """The job as last committed (from memory when recent, else from the store)."""
+        rec = self._visible.get(job_id)
+        if rec is not None:
+            return rec
         return await self.store.get_job(job_id)
 
     async def subscribe(
@@ -336,13 +385,14 @@ class Dispatcher:
         result: JSONObject,
         metrics: JSONObject,
         attempt: int | None,
-        then: Callable[[Job], None],
+        then: Callable[[JobRecord], None],
     ) -> None:
-        """Complete a job; ``then(job)`` (job.receipt is set) runs once it is durable."""
+        """Complete a job; ``then(record)`` (with the receipt) runs once it is durable."""
         job, effects = self.scheduler.complete(
             miner_id, job_id, result, metrics, self.clock.now(), attempt
         )
-        self._actions.append(lambda: then(job))
+        rec = job.record()
+        self._actions.append(lambda: then(rec))
         self._apply(effects)
 
     async def stored_receipt(self, miner_id: str, job_id: str) -> JSONObject | None:

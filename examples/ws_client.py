@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -19,6 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from typing import TYPE_CHECKING
 
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import (
@@ -30,6 +31,9 @@ from protocol.messages import (
     Subscribe,
 )
 from protocol.receipts import verify_receipt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["follow_job", "main"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +20,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from typing import TYPE_CHECKING
+
 from protocol.client import MinerClient
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["MinerOptions", "SimulatedMiner", "main"]
 
@@ -73,23 +77,33 @@ class SimulatedMiner:
         self.completed = 0
         self._running: dict[str, anyio.CancelScope] = {}
         self._pending: list[bytes] = []
+        self._send_lock = anyio.Lock()
+        # Results not acknowledged yet (job id -> frame, request id -> job id): a result written
+        # to a socket that then died may never have arrived, and is sent again after a resume.
+        self._unacked: dict[str, bytes] = {}
+        self._result_ids: dict[str, str] = {}
         self._done = anyio.Event()
 
     async def flush(self) -> None:
-        """Send what the Sans-I/O client queued; while offline, wait for the resume first."""
+        """Send what the Sans-I/O client queued; while offline, wait for the resume first.
+
+        One sender at a time: two tasks sending ``_pending[0]`` concurrently would send one
+        frame twice and drop the next.
+        """
         self._pending.extend(self.client.data_to_send())
-        while self._pending:
-            await self.welcomed.wait()
-            ws = self.ws
-            if ws is None:
-                await anyio.sleep(0.01)
-                continue
-            try:
-                while self._pending:
-                    await ws.send(self._pending[0].decode())
-                    self._pending.pop(0)
-            except ConnectionClosed:
-                continue
+        async with self._send_lock:
+            while self._pending:
+                await self.welcomed.wait()
+                ws = self.ws
+                if ws is None:
+                    await anyio.sleep(0.01)
+                    continue
+                try:
+                    while self._pending:
+                        await ws.send(self._pending[0].decode())
+                        self._pending.pop(0)
+                except ConnectionClosed:
+                    continue
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -108,10 +122,10 @@ class SimulatedMiner:
                     open_timeout=5,
                 ) as ws:
                     backoff = 0.05
-                    self.ws = ws
                     self.client.hello(resume=True)
                     for frame in self.client.data_to_send():  # the hello goes out before all
                         await ws.send(frame.decode())
+                    self.ws = ws
                     async for raw in ws:
                         self.client.receive_data(raw)
                         for event in self.client.events_received():
@@ -120,7 +134,8 @@ class SimulatedMiner:
                 self.log(f"connection lost: {exc!r}")
             finally:
                 self.ws = None
-                self.welcomed = anyio.Event()
+                if self.welcomed.is_set():  # a fresh event only once the last one was used:
+                    self.welcomed = anyio.Event()  # flushes wait on it across failed attempts
             if not self.opts.reconnect:
                 self._done.set()
                 return
@@ -137,7 +152,17 @@ class SimulatedMiner:
                 for job_id in [*event.revoked, *self._running]:
                     if job_id not in self.client.jobs:
                         self._stop(job_id)  # revoked, or lost with the old session
+                resend = [
+                    self._unacked[j]
+                    for j in event.resumed
+                    if j in self._unacked and self._unacked[j] not in self._pending
+                ]
+                self._unacked = {j: f for j, f in self._unacked.items() if j in event.resumed}
+                self._result_ids = {r: j for r, j in self._result_ids.items() if j in self._unacked}
+                self._pending.extend(resend)
                 self.welcomed.set()
+                if resend:
+                    tg.start_soon(self.flush)
             case JobAssign():
                 self.assigned.append(event)
                 tg.start_soon(self._run_job, event)
@@ -146,14 +171,23 @@ class SimulatedMiner:
                 self.log(f"job {event.job_id} canceled: {event.reason}")
                 self._stop(event.job_id)
             case Ack():
+                self._settle(event.id)
                 receipt = event.fields.get("receipt")
-                if isinstance(receipt, dict):
-                    self.receipts[str(event.fields.get("job_id"))] = receipt
+                job_id = str(event.fields.get("job_id"))
+                if isinstance(receipt, dict) and job_id not in self.receipts:
+                    self.receipts[job_id] = receipt
                     self.completed += 1
                     if self.opts.max_jobs is not None and self.completed >= self.opts.max_jobs:
                         self._done.set()
             case Error():
+                self._settle(event.id)
                 self.log(f"error {event.code}: {event.message}")
+
+    def _settle(self, request_id: str | None) -> None:
+        """A result got its answer (receipt or refusal): it is not sent again."""
+        job_id = self._result_ids.pop(request_id or "", None)
+        if job_id is not None:
+            self._unacked.pop(job_id, None)
 
     def _stop(self, job_id: str) -> None:
         scope = self._running.pop(job_id, None)
@@ -174,11 +208,15 @@ class SimulatedMiner:
                     job.job_id, progress=(i + 1) / steps, output=words[i % len(words)] + " "
                 )
                 await self.flush()
-            self.client.result(
+            request_id = self.client.result(
                 job.job_id,
                 {"output": prompt[::-1], "status": "completed"},
                 {"duration_ms": int(self.opts.delay * 1000)},
             )
+            frames = self.client.data_to_send()  # the result is the last frame queued
+            self._unacked[job.job_id] = frames[-1]
+            self._result_ids[request_id] = job.job_id
+            self._pending.extend(frames)
             await self.flush()
             self._running.pop(job.job_id, None)
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
 
-__all__ = ["JobStore", "ReceiptRow", "WriteBatch"]
+__all__ = ["JobQuery", "JobStore", "ReceiptRow", "WriteBatch"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +36,15 @@ class WriteBatch:
 
     def __len__(self) -> int:
         return len(self.jobs) + len(self.events) + len(self.miners) + len(self.receipts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobQuery:
+    client_id: str | None = None
+    state: str | None = None
+    job_type: str | None = None
+    limit: int = 20
+    offset: int = 0
 
 
 class JobStore(Protocol):
@@ -61,3 +70,12 @@ class JobStore(Protocol):
     ) -> list[EventRecord]: ...
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]: ...
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
+        """A page of jobs, newest first, and the total number matching ``query``."""
+
+    async def count_jobs(self) -> dict[str, int]:
+        """Number of jobs per state."""
+
+    async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
+        """Receipts, newest first (optionally of one job)."""

@@ -13,7 +13,7 @@ from storage.errors import Conflict, StorageError
 if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
-    from storage.base import WriteBatch
+    from storage.base import JobQuery, WriteBatch
 
 __all__ = ["InMemoryJobStore"]
 
@@ -93,3 +93,30 @@ class InMemoryJobStore:
         self._check_open()
         rows = [(t, r) for j, t, r in self.receipts.values() if j == job_id]
         return [r for _, r in sorted(rows, key=lambda row: row[0])]
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
+        self._check_open()
+        found = [
+            j
+            for j in self.jobs.values()
+            if (query.client_id is None or j.client_id == query.client_id)
+            and (query.state is None or j.state == query.state)
+            and (query.job_type is None or j.payload.get("type") == query.job_type)
+        ]
+        found.sort(key=lambda j: (j.requested_at, j.job_id), reverse=True)
+        return found[query.offset : query.offset + query.limit], len(found)
+
+    async def count_jobs(self) -> dict[str, int]:
+        self._check_open()
+        counts: dict[str, int] = {}
+        for j in self.jobs.values():
+            counts[j.state] = counts.get(j.state, 0) + 1
+        return counts
+
+    async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
+        self._check_open()
+        rows = [
+            (t, rid, r) for rid, (j, t, r) in self.receipts.items() if job_id is None or j == job_id
+        ]
+        rows.sort(key=lambda row: (-row[0], row[1]))
+        return [r for _, _, r in rows[offset : offset + limit]]

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from databases.core import Connection
 
     from protocol.types import JSONObject
-    from storage.base import WriteBatch
+    from storage.base import JobQuery, WriteBatch
 
 __all__ = ["DatabasesJobStore", "map_driver_errors"]
 
@@ -317,6 +317,39 @@ class DatabasesJobStore:
             {"j": job_id, "s": after, "n": limit},
         )
         return [_event_record(r) for r in rows]
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
+        where, values = ["1 = 1"], {}
+        if query.client_id is not None:
+            where.append("client_id = :c")
+            values["c"] = query.client_id
+        if query.state is not None:
+            where.append("state = :s")
+            values["s"] = query.state
+        if query.job_type is not None:
+            where.append("json_extract(payload, '$.type') = :t")
+            values["t"] = query.job_type
+        cond = " AND ".join(where)
+        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values)
+        rows = await self._fetch(
+            f"SELECT * FROM jobs WHERE {cond} ORDER BY requested_at DESC, job_id DESC "
+            "LIMIT :limit OFFSET :offset",
+            {**values, "limit": query.limit, "offset": query.offset},
+        )
+        return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
+
+    async def count_jobs(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r._mapping["state"]: int(r._mapping["n"]) for r in rows}
+
+    async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
+        cond, values = ("job_id = :j", {"j": job_id}) if job_id else ("1 = 1", {})
+        rows = await self._fetch(
+            f"SELECT receipt FROM receipts WHERE {cond} ORDER BY issued_at DESC, receipt_id "
+            "LIMIT :limit OFFSET :offset",
+            {**values, "limit": limit, "offset": offset},
+        )
+        return [loads(r._mapping["receipt"]) for r in rows]
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]:
         rows = await self._fetch(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from web.settings import Settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CLIENT_KEY = "client-key-aaaaaaaaaaaa"
 CLIENT_KEY_2 = "client-key-bbbbbbbbbbbb"

@@ -19,6 +19,7 @@ from protocol.receipts import load_signing_key
 from protocol.types import CloseCode
 from storage.sql import DatabasesJobStore
 from web.auth import Authenticator
+from web.http import RateLimiter
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 
@@ -52,6 +53,7 @@ class Coordinator:
             resume_grace=settings.resume_grace_seconds,
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
 

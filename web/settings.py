@@ -53,6 +53,13 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     return value
 
 
+def _integer(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    value = _number(env, name, default, lo, hi)
+    if value != int(value):
+        raise SettingsError(f"{name}: must be an integer, got {value:g}")
+    return int(value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     database_url: str = "sqlite:///./coordinator.db"
@@ -70,6 +77,10 @@ class Settings:
     accept_timeout_seconds: float = 10.0
     resume_grace_seconds: float = 15.0
     max_frame_bytes: int = 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+    rate_limit_per_minute: int = 0
+    rest_job_lease_seconds: float = 600.0
+    max_poll_wait_seconds: float = 25.0
     environment: str = "development"
 
     @classmethod
@@ -111,10 +122,14 @@ class Settings:
             heartbeat_interval_seconds=interval,
             heartbeat_timeout_seconds=timeout,
             sqlite_synchronous=sync,
-            max_attempts=int(_number(env, "MAX_ATTEMPTS", 3, 1, 100)),
+            max_attempts=_integer(env, "MAX_ATTEMPTS", 3, 1, 100),
             accept_timeout_seconds=_number(env, "ACCEPT_TIMEOUT_SECONDS", 10, 0.01, 3600),
             resume_grace_seconds=_number(env, "RESUME_GRACE_SECONDS", 15, 0, 3600),
-            max_frame_bytes=int(_number(env, "WS_MAX_FRAME_BYTES", 1024 * 1024, 1024, 64 << 20)),
+            max_frame_bytes=_integer(env, "WS_MAX_FRAME_BYTES", 1024 * 1024, 1024, 64 << 20),
+            max_body_bytes=_integer(env, "MAX_BODY_BYTES", 1024 * 1024, 1024, 64 << 20),
+            rate_limit_per_minute=_integer(env, "RATE_LIMIT_PER_MINUTE", 0, 0, 1_000_000),
+            rest_job_lease_seconds=_number(env, "REST_JOB_LEASE_SECONDS", 600, 1, 7 * 86400),
+            max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
             environment=env.get("ENVIRONMENT", "development"),
         )
         roles = (

@@ -18,7 +18,7 @@ from protocol.messages import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.records import job_view
+from protocol.records import JobRecord, job_view
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
@@ -27,7 +27,6 @@ from web.connection import Connection
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-    from dispatcher.jobs import Job
 
 __all__ = ["ClientConnection", "client_endpoint"]
 
@@ -44,10 +43,8 @@ class ClientConnection(Connection):
             authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
         )
 
-    def view(self, job: Job) -> dict[str, Any]:
-        return job_view(
-            job.record(), servable=self.core.dispatcher.scheduler.is_servable(job.constraints)
-        )
+    def view(self, rec: JobRecord) -> dict[str, Any]:
+        return job_view(rec, servable=self.core.dispatcher.scheduler.is_servable(rec.constraints))
 
     async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
         match msg:
@@ -86,10 +83,12 @@ class ClientConnection(Connection):
             idempotency_key=msg.idempotency_key,
         )
 
-        def committed(job: Job, existed: bool) -> None:
-            if job.state not in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED"):
-                dispatcher.fanout.subscribe(sub, [job.job_id])
-            self.reply(msg.id, job=self.view(job), duplicate=existed)
+        def committed(rec: JobRecord, existed: bool) -> None:
+            if self.outbox.closed:
+                return  # the client left while its job was being committed
+            if rec.state not in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED"):
+                dispatcher.fanout.subscribe(sub, [rec.job_id])
+            self.reply(msg.id, job=self.view(rec), duplicate=existed)
 
         try:
             await dispatcher.submit(spec, committed)
@@ -116,7 +115,7 @@ class ClientConnection(Connection):
         dispatcher = self.core.dispatcher
         try:
             dispatcher.cancel(
-                sub.client_id, msg.job_id, lambda job: self.reply(msg.id, job=self.view(job))
+                sub.client_id, msg.job_id, lambda rec: self.reply(msg.id, job=self.view(rec))
             )
             return
         except InvalidTransition as exc:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
     from dispatcher.core import ResumeInfo
-    from dispatcher.jobs import Job
+    from protocol.records import JobRecord
 
 __all__ = ["MinerConnection", "miner_endpoint"]
 
@@ -151,8 +151,8 @@ class MinerConnection(Connection):
         dispatcher = self.core.dispatcher
         assert self.miner_id is not None
 
-        def done(job: Job) -> None:
-            self.reply(msg.id, job_id=job.job_id, receipt=job.receipt)
+        def done(rec: JobRecord) -> None:
+            self.reply(msg.id, job_id=rec.job_id, receipt=rec.receipt)
 
         try:
             dispatcher.miner_result(

@@ -73,7 +73,12 @@ def test_every_table_target_is_a_state_and_active_sources_only() -> None:
     """Every entry starts in an active state; the six wire strings are unchanged."""
     assert {s for s, _ in TRANSITIONS} == set(ACTIVE)
     assert [s.value for s in JobState] == [
-        "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"
+        "QUEUED",
+        "RUNNING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELED",
+        "EXPIRED",
     ]
 
 

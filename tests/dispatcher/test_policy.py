@@ -16,8 +16,9 @@ CAPS: dict[str, Any] = {
 }
 
 
-def caps(capabilities: dict[str, Any] | None = None, region: str | None = "eu-west"
-         ) -> Capabilities:
+def caps(
+    capabilities: dict[str, Any] | None = None, region: str | None = "eu-west"
+) -> Capabilities:
     return Capabilities.parse(CAPS if capabilities is None else capabilities, region)
 
 
@@ -61,10 +62,28 @@ def needs(**constraints: Any) -> JobNeeds:
         ({"max_price": 1}, True),
         ({"max_price": 0.49}, False),
         # all at once
-        ({"region": "eu-west", "gpu": "A100", "min_vram_gb": 40, "cuda": "12",
-          "models": ["whisper"], "max_price": 0.5}, True),
-        ({"region": "eu-west", "gpu": "A100", "min_vram_gb": 40, "cuda": "12",
-          "models": ["whisper"], "max_price": 0.4}, False),
+        (
+            {
+                "region": "eu-west",
+                "gpu": "A100",
+                "min_vram_gb": 40,
+                "cuda": "12",
+                "models": ["whisper"],
+                "max_price": 0.5,
+            },
+            True,
+        ),
+        (
+            {
+                "region": "eu-west",
+                "gpu": "A100",
+                "min_vram_gb": 40,
+                "cuda": "12",
+                "models": ["whisper"],
+                "max_price": 0.4,
+            },
+            False,
+        ),
         # unconstrained
         ({}, True),
     ],
@@ -128,8 +147,13 @@ def test_capabilities_parse_tolerates_junk() -> None:
     """Malformed gpus/models/price values are ignored instead of raising."""
     parsed = Capabilities.parse(
         {
-            "gpus": [{"name": "A", "memory_mb": "2048"}, "junk", {"memory_mb": "lots"},
-                     {"name": None, "memory_mb": True}, {"name": 7, "memory_mb": [1]}],
+            "gpus": [
+                {"name": "A", "memory_mb": "2048"},
+                "junk",
+                {"memory_mb": "lots"},
+                {"name": None, "memory_mb": True},
+                {"name": 7, "memory_mb": [1]},
+            ],
             "models": "llama3",
             "price": "cheap",
         },
@@ -155,10 +179,24 @@ def test_capabilities_parse_non_list_gpus_and_numeric_strings() -> None:
 
 def test_jobneeds_parse() -> None:
     """Constraints are normalised: strings, numbers, model sets; junk numbers are dropped."""
-    parsed = JobNeeds.parse({"region": "eu", "gpu": "A100", "min_vram_gb": "16", "cuda": 12,
-                             "models": ["a", "b"], "max_price": False})
-    assert parsed == JobNeeds(region="eu", gpu="A100", min_vram_gb=16.0, cuda="12",
-                              models=frozenset({"a", "b"}), max_price=None)
+    parsed = JobNeeds.parse(
+        {
+            "region": "eu",
+            "gpu": "A100",
+            "min_vram_gb": "16",
+            "cuda": 12,
+            "models": ["a", "b"],
+            "max_price": False,
+        }
+    )
+    assert parsed == JobNeeds(
+        region="eu",
+        gpu="A100",
+        min_vram_gb=16.0,
+        cuda="12",
+        models=frozenset({"a", "b"}),
+        max_price=None,
+    )
     assert JobNeeds.parse({"models": "a"}).models == frozenset()
     assert JobNeeds.parse({}) == JobNeeds()
 
@@ -260,8 +298,14 @@ def drain(queue: JobQueue, miner: Capabilities, live: Live) -> list[str]:
 def test_job_queue_priority_then_fifo() -> None:
     """Higher priority first; equal priority in submission order, across classes."""
     queue, live = JobQueue(MatchCache()), Live()
-    jobs = [("a", 0, needs()), ("b", 5, needs(gpu="A100")), ("c", 0, needs(gpu="A100")),
-            ("d", 5, needs()), ("e", -1, needs()), ("f", 0, needs())]
+    jobs = [
+        ("a", 0, needs()),
+        ("b", 5, needs(gpu="A100")),
+        ("c", 0, needs(gpu="A100")),
+        ("d", 5, needs()),
+        ("e", -1, needs()),
+        ("f", 0, needs()),
+    ]
     for order, (job_id, prio, cls) in enumerate(jobs, start=1):
         live.tokens[job_id] = 1
         queue.push(cls, prio, order, 1, job_id)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -16,7 +14,12 @@ from protocol.codec import decode_server_to_client, encode
 from protocol.messages import ClientHello, ClientWelcome, JobEvent, ServerToClient
 from tests.conftest import CLIENT_KEY, make_settings
 from web.cli import build_server
-from web.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from web.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +47,8 @@ async def start_server(settings: Settings, tg: anyio.abc.TaskGroup) -> tuple[Run
     server.config.lifespan = "on"
     tg.start_soon(server.serve, [sock])
     with anyio.fail_after(10):
-        while not server.started:
-            await anyio.sleep(0.005)
+        while not server.started:  # uvicorn exposes readiness only as a flag
+            await anyio.sleep(0.005)  # noqa: ASYNC110
     return RunningServer(settings, sock.getsockname()[1], server.config.app), server
 
 
@@ -72,11 +75,13 @@ class Client:
     async def send(self, msg: object) -> None:
         await self.ws.send(encode(msg).decode())
 
-    async def recv(self, timeout: float = 5.0) -> ServerToClient:
+    async def recv(self, timeout: float = 5.0) -> ServerToClient:  # noqa: ASYNC109
         with anyio.fail_after(timeout):
             return decode_server_to_client(await self.ws.recv())
 
-    async def events_until(self, job_id: str, last: str, timeout: float = 10.0) -> list[JobEvent]:
+    async def events_until(  # noqa: ASYNC109
+        self, job_id: str, last: str, timeout: float = 10.0
+    ) -> list[JobEvent]:
         events: list[JobEvent] = []
         with anyio.fail_after(timeout):
             while True:

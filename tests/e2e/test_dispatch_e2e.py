@@ -56,7 +56,8 @@ async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
                     JobSubmit(id=f"s{n}", payload={"prompt": f"job {n}"}, constraints={"gpu": gpu})
                 )
                 ack = await client.recv()
-                assert isinstance(ack, Ack) and ack.id == f"s{n}"
+                assert isinstance(ack, Ack)
+                assert ack.id == f"s{n}"
                 job_id = ack.fields["job"]["job_id"]
                 assert ack.fields["job"]["servable"] is True
                 events = await client.events_until(job_id, "completed")
@@ -69,12 +70,14 @@ async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
     for job_id, (gpu, events) in results.items():
         kinds = [e.event for e in events]
         assert kinds[:3] == ["queued", "assigned", "started"]
-        assert "progress" in kinds and kinds[-1] == "completed"
+        assert "progress" in kinds
+        assert kinds[-1] == "completed"
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         expected = "gpu-a100" if gpu == "A100" else "gpu-4090"
         assert events[1].miner_id == expected
         receipt = events[-1].data["receipt"]
-        assert receipt["provider"] == expected and receipt["job_id"] == job_id
+        assert receipt["provider"] == expected
+        assert receipt["job_id"] == job_id
         assert verify_receipt(receipt, pinned_key_ids=pinned) == []
     assert {a.job_id for a in a100.assigned} | {a.job_id for a in rtx.assigned} == set(results)
     assert all(results[a.job_id][0] == "A100" for a in a100.assigned)

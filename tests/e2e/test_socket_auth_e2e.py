@@ -1,0 +1,172 @@
+"""Socket authentication and framing errors over real sockets: each ends in its close code."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from protocol.codec import decode_server_to_client, decode_server_to_miner
+from protocol.messages import Ack, ClientWelcome, Welcome
+from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2
+from tests.e2e.manual_miner import close_code
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import RunningServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+MINERS = "/v1/miners/ws"
+CLIENTS = "/v1/jobs/ws"
+
+
+def _connect(server: RunningServer, path: str, key: str | None = None) -> Any:
+    headers = {} if key is None else {"X-Api-Key": key}
+    return connect(server.url(path), additional_headers=headers, compression=None)
+
+
+def _hello(miner_id: str | None = None, protocol: int = 1) -> str:
+    frame: dict[str, Any] = {"type": "hello", "protocol": protocol, "capabilities": {}}
+    if miner_id is not None:
+        frame["miner_id"] = miner_id
+    return orjson.dumps(frame).decode()
+
+
+async def _recv_miner(ws: ClientConnection) -> Any:
+    with anyio.fail_after(5):
+        return decode_server_to_miner(await ws.recv())
+
+
+async def _recv_client(ws: ClientConnection) -> Any:
+    with anyio.fail_after(5):
+        return decode_server_to_client(await ws.recv())
+
+
+@pytest.mark.parametrize("path", [CLIENTS, MINERS])
+async def test_no_credential_and_non_auth_first_frame_closes_4401(
+    server: RunningServer, path: str
+) -> None:
+    """Without a credential, a first frame other than auth closes the socket with 4401."""
+    async with _connect(server, path) as ws:
+        await ws.send(_hello() if path == MINERS else '{"type":"hello","protocol":1}')
+        assert await close_code(ws) == 4401
+
+
+@pytest.mark.parametrize("path", [CLIENTS, MINERS])
+async def test_unknown_api_key_closes_4401(server: RunningServer, path: str) -> None:
+    """An X-Api-Key that no role knows closes the socket with 4401."""
+    async with _connect(server, path, "not-a-configured-key") as ws:
+        assert await close_code(ws) == 4401
+
+
+async def test_client_key_on_miner_socket_closes_4403(server: RunningServer) -> None:
+    """A valid client credential on the miner socket closes it with 4403."""
+    async with _connect(server, MINERS, CLIENT_KEY) as ws:
+        assert await close_code(ws) == 4403
+
+
+async def test_miner_key_on_client_socket_closes_4403(server: RunningServer) -> None:
+    """A valid miner credential on the client socket closes it with 4403."""
+    async with _connect(server, CLIENTS, MINER_KEY) as ws:
+        assert await close_code(ws) == 4403
+
+
+async def test_wrong_role_in_auth_frame_closes_4403(server: RunningServer) -> None:
+    """A browser-style auth frame carrying a client key on the miner socket closes it 4403."""
+    async with _connect(server, MINERS) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": CLIENT_KEY}).decode())
+        assert await close_code(ws) == 4403
+
+
+async def test_unknown_token_in_auth_frame_closes_4401(server: RunningServer) -> None:
+    """A browser-style auth frame with an unknown token closes the socket with 4401."""
+    async with _connect(server, CLIENTS) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": "nobody-knows-me"}).decode())
+        assert await close_code(ws) == 4401
+
+
+async def test_browser_auth_frame_then_client_hello_works(server: RunningServer) -> None:
+    """An auth frame as the first frame authenticates a header-less client socket."""
+    async with _connect(server, CLIENTS) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": CLIENT_KEY, "id": "a1"}).decode())
+        await ws.send('{"type":"hello","protocol":1}')
+        welcome = await _recv_client(ws)
+        assert isinstance(welcome, ClientWelcome)
+        assert welcome.client_id.startswith("client-")
+        assert CLIENT_KEY not in welcome.client_id
+        await ws.send('{"type":"subscribe","id":"s1","job_ids":[]}')
+        ack = await _recv_client(ws)
+        assert isinstance(ack, Ack)
+        assert ack.id == "s1"
+
+
+async def test_browser_auth_frame_then_miner_hello_works(server: RunningServer) -> None:
+    """An auth frame as the first frame authenticates a header-less miner socket."""
+    async with _connect(server, MINERS) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "token": MINER_KEY}).decode())
+        await ws.send(_hello("browser-miner"))
+        welcome = await _recv_miner(ws)
+        assert isinstance(welcome, Welcome)
+        assert welcome.miner_id == "browser-miner"
+
+
+async def test_miner_id_bound_to_another_key_closes_4403(server: RunningServer) -> None:
+    """A miner id first used with MINER_KEY cannot be claimed with MINER_KEY_2 (4403)."""
+    async with _connect(server, MINERS, MINER_KEY) as first:
+        await first.send(_hello("bound-miner"))
+        assert isinstance(await _recv_miner(first), Welcome)
+        async with _connect(server, MINERS, MINER_KEY_2) as thief:
+            await thief.send(_hello("bound-miner"))
+            assert await close_code(thief) == 4403
+        await first.send('{"type":"heartbeat","id":"still-here"}')
+        ack = await _recv_miner(first)
+        assert isinstance(ack, Ack)
+        assert ack.id == "still-here"
+
+
+@pytest.mark.parametrize("path", [CLIENTS, MINERS])
+async def test_hello_with_protocol_2_closes_4002(server: RunningServer, path: str) -> None:
+    """A hello announcing protocol 2 closes the socket with 4002."""
+    key = MINER_KEY if path == MINERS else CLIENT_KEY
+    async with _connect(server, path, key) as ws:
+        await ws.send(_hello("v2-miner", protocol=2))
+        assert await close_code(ws) == 4002
+
+
+@pytest.mark.parametrize("path", [CLIENTS, MINERS])
+async def test_binary_frame_closes_1003(server: RunningServer, path: str) -> None:
+    """A binary frame closes the socket with 1003."""
+    key = MINER_KEY if path == MINERS else CLIENT_KEY
+    async with _connect(server, path, key) as ws:
+        await ws.send(b'{"type":"hello","protocol":1}')
+        assert await close_code(ws) == 1003
+
+
+@pytest.mark.parametrize("path", [CLIENTS, MINERS])
+async def test_malformed_json_closes_1007(server: RunningServer, path: str) -> None:
+    """A text frame that is not JSON closes the socket with 1007."""
+    key = MINER_KEY if path == MINERS else CLIENT_KEY
+    async with _connect(server, path, key) as ws:
+        await ws.send('{"type": "hello", "protocol": 1')
+        assert await close_code(ws) == 1007
+
+
+async def test_bad_frame_after_hello_closes_only_that_socket(server: RunningServer) -> None:
+    """Malformed JSON on an open miner session closes it (1007) and no other session."""
+    async with (
+        _connect(server, MINERS, MINER_KEY) as good,
+        _connect(server, MINERS, MINER_KEY) as bad,
+    ):
+        await good.send(_hello("good-miner"))
+        await bad.send(_hello("bad-miner"))
+        assert isinstance(await _recv_miner(good), Welcome)
+        assert isinstance(await _recv_miner(bad), Welcome)
+        await bad.send("not json at all")
+        assert await close_code(bad) == 1007
+        await good.send('{"type":"heartbeat","id":"hb"}')
+        ack = await _recv_miner(good)
+        assert isinstance(ack, Ack)
+        assert ack.id == "hb"
