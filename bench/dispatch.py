@@ -14,8 +14,8 @@ import argparse
 import json
 import platform
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import count
 from typing import Any
 

@@ -47,8 +47,8 @@ async def start_server(settings: Settings, tg: anyio.abc.TaskGroup) -> tuple[Run
     server.config.lifespan = "on"
     tg.start_soon(server.serve, [sock])
     with anyio.fail_after(10):
-        while not server.started:  # uvicorn exposes readiness only as a flag
-            await anyio.sleep(0.005)  # noqa: ASYNC110
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes readiness only as a flag
+            await anyio.sleep(0.005)
     return RunningServer(settings, sock.getsockname()[1], server.config.app), server
 
 
@@ -79,8 +79,11 @@ class Client:
         with anyio.fail_after(timeout):
             return decode_server_to_client(await self.ws.recv())
 
-    async def events_until(  # noqa: ASYNC109
-        self, job_id: str, last: str, timeout: float = 10.0
+    async def events_until(
+        self,
+        job_id: str,
+        last: str,
+        timeout: float = 10.0,  # noqa: ASYNC109
     ) -> list[JobEvent]:
         events: list[JobEvent] = []
         with anyio.fail_after(timeout):
