@@ -104,10 +104,17 @@ class ClientConnection(Connection):
             ids = list(msg.after)
         else:
             ids = list(msg.job_ids)
-        missing = await dispatcher.subscribe(sub, ids, msg.after)
+        owned, missing = [], []
+        for job_id in ids:
+            rec = await dispatcher.get_job(job_id)
+            (owned if rec is not None and rec.client_id == sub.client_id else missing).append(
+                job_id
+            )
         for job_id in missing:
             self.error(ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id)
+        # The contract answers first, then replays each job's stored events, then goes live.
         self.reply(msg.id, missing=missing)
+        await dispatcher.subscribe(sub, owned, msg.after)
 
     async def _cancel(self, msg: JobCancelRequest) -> None:
         sub = self.subscriber

@@ -233,7 +233,9 @@ def test_subscribe_replays_a_jobs_events_on_a_new_connection(client: TestClient)
     ]
     errors = [f for f in frames if f["type"] == "error"]
     assert [(e["code"], e["ref"]) for e in errors] == [("not_found", "nope")]
-    assert frames[-1] == {"type": "ack", "id": "sub1", "missing": ["nope"]}
+    # The ack comes before the replay (protocol: "-> ack {id}, then for each job ...").
+    assert frames[1] == {"type": "ack", "id": "sub1", "missing": ["nope"]}
+    assert [f["type"] for f in frames[2:]] == ["job.event", "job.event"]
 
 
 def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
