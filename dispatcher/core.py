@@ -129,6 +129,7 @@ class Scheduler:
         self._dead_timers = 0
         self._n = 0
         self._effects: list[Effect] = []
+        self._touched: dict[str, Job] = {}
         self.counters: dict[str, int] = {k.value: 0 for k in EventKind}
 
     # ---- queries ----------------------------------------------------------------------------
@@ -480,7 +481,22 @@ class Scheduler:
     # ---- internals --------------------------------------------------------------------------
 
     def _take(self) -> list[Effect]:
+        """Hand over this call's effects, with one job snapshot per job touched.
+
+        ``_emit`` leaves ``Persist.job`` empty; every event of a job in one call shares the
+        snapshot taken here, at the end of the call (one record per job per call, not per
+        event: building records is the scheduler's largest cost).
+        """
         effects, self._effects = self._effects, []
+        if self._touched:
+            snaps = {job_id: job.record() for job_id, job in self._touched.items()}
+            self._touched = {}
+            effects = [
+                Persist(snaps[e.event.job_id], e.event)
+                if isinstance(e, Persist) and e.job is None
+                else e
+                for e in effects
+            ]
         return effects
 
     def _miner(self, miner_id: str) -> Miner:
@@ -513,18 +529,14 @@ class Scheduler:
 
     def _emit(self, job: Job, kind: EventKind, now: float, **data: object) -> None:
         job.seq += 1
-        self.counters[kind.value] += 1
+        self.counters[kind] += 1
+        # Positional (hot path): EventRecord(job_id, seq, event, state, at, attempt, miner_id,
+        # data). The job snapshot is filled in by ``_take``.
         event = EventRecord(
-            job_id=job.job_id,
-            seq=job.seq,
-            event=kind.value,
-            state=job.state.value,
-            at=now,
-            attempt=job.attempt,
-            miner_id=job.miner_id,
-            data=data,
+            job.job_id, job.seq, kind, job.state, now, job.attempt, job.miner_id, data
         )
-        self._effects.append(Persist(job=job.record(), event=event))
+        self._touched[job.job_id] = job
+        self._effects.append(Persist(None, event))  # type: ignore[arg-type]
 
     def _arm(self, when: float, kind: str, key: str, token: object) -> _Timer:
         self._n += 1

@@ -8,7 +8,7 @@ Rule: the scheduler never performs these; it returns them. The runtime commits e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord
@@ -17,9 +17,13 @@ if TYPE_CHECKING:
 __all__ = ["Assign", "CloseSession", "Effect", "Persist", "Revoke"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Persist:
-    """Store the job snapshot and append the event; then fan the event out to subscribers."""
+class Persist(NamedTuple):
+    """Store the job snapshot and append the event; then fan the event out to subscribers.
+
+    ``job`` is the job as it stands at the end of the scheduler call that emitted the event
+    (one snapshot per job per call); ``event.state`` is the state the event itself reports.
+    A NamedTuple because one is built per event (see protocol/records.py).
+    """
 
     job: JobRecord
     event: EventRecord

@@ -139,27 +139,28 @@ class Job:
         self.timers: list[object] = []
 
     def record(self) -> JobRecord:
+        # Positional on purpose (hot path); the order is JobRecord's field order.
         return JobRecord(
-            job_id=self.job_id,
-            client_id=self.client_id,
-            state=self.state.value,
-            payload=self.payload,
-            constraints=self.constraints,
-            priority=self.priority,
-            requested_at=self.requested_at,
-            expires_at=self.expires_at,
-            attempt=self.attempt,
-            failures=self.failures,
-            max_attempts=self.max_attempts,
-            seq=self.seq,
-            miner_id=self.miner_id,
-            assigned_at=self.assigned_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            result=self.result,
-            receipt=self.receipt,
-            error=self.error,
-            idempotency_key=self.idempotency_key,
+            self.job_id,
+            self.client_id,
+            self.state,
+            self.payload,
+            self.constraints,
+            self.priority,
+            self.requested_at,
+            self.expires_at,
+            self.attempt,
+            self.failures,
+            self.max_attempts,
+            self.seq,
+            self.miner_id,
+            self.assigned_at,
+            self.started_at,
+            self.finished_at,
+            self.result,
+            self.receipt,
+            self.error,
+            self.idempotency_key,
         )
 
     @classmethod

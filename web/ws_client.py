@@ -104,7 +104,8 @@ class ClientConnection(Connection):
             ids = list(msg.after)
         else:
             ids = list(msg.job_ids)
-        owned, missing = [], []
+        owned: list[str] = []
+        missing: list[str] = []
         for job_id in ids:
             rec = await dispatcher.get_job(job_id)
             (owned if rec is not None and rec.client_id == sub.client_id else missing).append(

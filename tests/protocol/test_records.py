@@ -97,7 +97,7 @@ def test_job_view_failed_job_error() -> None:
 def test_records_are_frozen() -> None:
     """Records are immutable snapshots."""
     record = job()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # NamedTuple: immutable like a frozen dataclass
         record.state = "RUNNING"  # type: ignore[misc]
     event = EventRecord(job_id="j", seq=1, event="queued", state="QUEUED", at=T0, attempt=1)
     assert event.data == {}

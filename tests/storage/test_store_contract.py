@@ -166,7 +166,7 @@ async def test_job_upsert_updates_state_but_keeps_payload_and_constraints(store:
     await commit(store, batch(jobs=[later]))
     with anyio.fail_after(10):
         got = await store.get_job("j1")
-    assert got == replace(later, payload=job().payload, constraints=job().constraints)
+    assert got == later._replace(payload=job().payload, constraints=job().constraints)
 
 
 async def test_later_snapshot_in_a_batch_wins(store: JobStore) -> None:
