@@ -9,12 +9,12 @@ contract prescribes: 1007 for invalid JSON or schema, ``UnknownMessageType`` (no
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Literal, TypeVar
 
 import orjson
 
-from protocol.errors import RemoteProtocolError, UnknownMessageType
+from protocol.errors import LocalProtocolError, RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
     Ack,
     Auth,
@@ -404,21 +404,42 @@ def encode(msg: object) -> bytes:
             msg.job_id, msg.seq, msg.event, msg.state, msg.at, msg.attempt, msg.miner_id, msg.data
         )
     if isinstance(msg, Hello):
-        hello: JSONObject = {
-            "type": "hello",
-            "protocol": msg.protocol,
-            "capabilities": msg.capabilities,
-            "concurrency": msg.concurrency,
-        }
-        for k in ("miner_id", "region", "id"):
-            if getattr(msg, k) is not None:
-                hello[k] = getattr(msg, k)
-        if msg.resume_session is not None:
-            hello["resume"] = {"session_id": msg.resume_session}
-        return orjson.dumps(hello)
-    out: JSONObject = {"type": _TYPES[type(msg)]}
-    out.update((k, v) for k, v in asdict(msg).items() if v is not None)  # type: ignore[call-overload]
+        return _encode_hello(msg)
+    msg_type = _TYPES.get(type(msg))
+    if msg_type is None:
+        raise LocalProtocolError(f"not a protocol message: {type(msg).__name__}")
+    out: JSONObject = {"type": msg_type}
+    # Shallow on purpose: dataclasses.asdict would deep-copy every payload on the hot path.
+    for name in _field_names(type(msg)):
+        value = getattr(msg, name)
+        if value is not None:
+            out[name] = value
     return orjson.dumps(out)
+
+
+def _encode_hello(msg: Hello) -> bytes:
+    hello: JSONObject = {
+        "type": "hello",
+        "protocol": msg.protocol,
+        "capabilities": msg.capabilities,
+        "concurrency": msg.concurrency,
+    }
+    for k in ("miner_id", "region", "id"):
+        if getattr(msg, k) is not None:
+            hello[k] = getattr(msg, k)
+    if msg.resume_session is not None:
+        hello["resume"] = {"session_id": msg.resume_session}
+    return orjson.dumps(hello)
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 def encode_event(

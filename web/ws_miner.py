@@ -145,7 +145,8 @@ class MinerConnection(Connection):
                 lambda: self.error(code, text, request_id=request_id, ref=ref or method)
             )
             return
-        dispatcher.after_commit(lambda: self.reply(request_id))
+        if request_id is not None:  # without an id, success is silent
+            dispatcher.after_commit(lambda: self.reply(request_id))
 
     async def _result(self, msg: JobResult) -> None:
         dispatcher = self.core.dispatcher

@@ -17,8 +17,12 @@ from dispatcher.jobs import Job, JobState
 from protocol.records import JobRecord
 from protocol.types import CloseCode, JSONObject
 
-A100: JSONObject = {"gpus": [{"name": "A100", "memory_mb": 81920}], "cuda": "12.2",
-                    "models": ["llama3"], "price": 0.5}
+A100: JSONObject = {
+    "gpus": [{"name": "A100", "memory_mb": 81920}],
+    "cuda": "12.2",
+    "models": ["llama3"],
+    "price": 0.5,
+}
 
 
 def receipt_factory(job: Job, unit_price: float | None, now: float) -> JSONObject:
@@ -196,9 +200,7 @@ def test_draining_and_concurrency_status() -> None:
     assert assigns(s.set_status("m1", concurrency=None, draining=False, now=4.0)) == [
         ("m1", "j1", 1)
     ]
-    assert assigns(s.set_status("m1", concurrency=2, draining=None, now=5.0)) == [
-        ("m1", "j2", 1)
-    ]
+    assert assigns(s.set_status("m1", concurrency=2, draining=None, now=5.0)) == [("m1", "j2", 1)]
     # lowering concurrency never revokes; it only stops new work
     assert s.set_status("m1", concurrency=1, draining=None, now=6.0) == []
     submit(s, "j3", now=7.0)
@@ -495,8 +497,7 @@ def test_replacement_of_live_session_closes_old_with_4409() -> None:
     s.accept("m1", "j1", 1.0)
     info, effects = connect(s, "m1", "m1-s2", resume="m1-s1", now=2.0)
     assert effects == [
-        CloseSession(miner_id="m1", session_id="m1-s1", code=CloseCode.REPLACED,
-                     reason="replaced")
+        CloseSession(miner_id="m1", session_id="m1-s1", code=CloseCode.REPLACED, reason="replaced")
     ]
     assert info == ResumeInfo(resumed=("j1",), revoked=())
     # the old socket's close arrives later and is ignored
@@ -582,8 +583,9 @@ def test_retryable_fail_requeues_until_max_attempts() -> None:
     now = 1.0
     for attempt in (1, 2):
         s.accept("m1", "j1", now, attempt=attempt)
-        effects = s.fail("m1", "j1", error_code="oom", error_message="out of memory",
-                         retryable=True, now=now)
+        effects = s.fail(
+            "m1", "j1", error_code="oom", error_message="out of memory", retryable=True, now=now
+        )
         assert summary(effects) == [
             ("persist", "j1", "requeued"),
             ("persist", "j1", "assigned"),
@@ -591,8 +593,9 @@ def test_retryable_fail_requeues_until_max_attempts() -> None:
         ]
         now += 1
     s.accept("m1", "j1", now, attempt=3)
-    effects = s.fail("m1", "j1", error_code="oom", error_message="out of memory",
-                     retryable=True, now=now)
+    effects = s.fail(
+        "m1", "j1", error_code="oom", error_message="out of memory", retryable=True, now=now
+    )
     assert summary(effects) == [("persist", "j1", "failed")]
     job = s.job("j1")
     assert job is not None
@@ -608,8 +611,9 @@ def test_non_retryable_fail_is_final() -> None:
     connect(s, "m1")
     submit(s, "j1", now=0.0)
     submit(s, "j2", now=0.0)
-    effects = s.fail("m1", "j1", error_code="bad_input", error_message="no such model",
-                     retryable=False, now=3.0)
+    effects = s.fail(
+        "m1", "j1", error_code="bad_input", error_message="no such model", retryable=False, now=3.0
+    )
     assert summary(effects) == [
         ("persist", "j2", "assigned"),
         ("assign", "m1", "j2", 1),
@@ -721,7 +725,7 @@ def test_cancel_running_revokes_frees_slot_and_clears_miner() -> None:
 
 
 def test_cancel_errors() -> None:
-    """Cancel of a terminal job -> InvalidTransition; of another client's or unknown -> UnknownJob."""
+    """Cancel: terminal job -> InvalidTransition; another client's or unknown -> UnknownJob."""
     s = make()
     submit(s, "j1", now=0.0)
     with pytest.raises(UnknownJob):
@@ -833,7 +837,7 @@ def test_idempotency_key_forgotten_after_retention() -> None:
 def test_is_servable() -> None:
     """Servable iff a connected miner, or one in its resume grace, could match."""
     s = make()
-    assert s.is_servable({})  is False
+    assert s.is_servable({}) is False
     connect(s, "gpu", capabilities=A100, region="eu")
     assert s.is_servable({})
     assert s.is_servable({"gpu": "A100", "region": "eu"})
@@ -857,11 +861,24 @@ def test_statistics() -> None:
     s = make()
     stats = s.statistics()
     assert (stats.jobs_queued, stats.jobs_running, stats.miners_connected, stats.timers) == (
-        0, 0, 0, 0
+        0,
+        0,
+        0,
+        0,
     )
     assert stats.events == dict.fromkeys(
-        ["queued", "assigned", "started", "progress", "requeued", "completed", "failed",
-         "canceled", "expired"], 0
+        [
+            "queued",
+            "assigned",
+            "started",
+            "progress",
+            "requeued",
+            "completed",
+            "failed",
+            "canceled",
+            "expired",
+        ],
+        0,
     )
     connect(s, "m1", concurrency=2)
     connect(s, "m2", concurrency=3)
@@ -888,34 +905,54 @@ def test_statistics() -> None:
 # ---- event log -----------------------------------------------------------------------------
 
 
+def check_snapshots(batch: list[Effect]) -> None:
+    """Persist.job is a snapshot no older than its event; a job's last one in a call is current.
+
+    (Whether each event carries its own snapshot or all of a job's events in one call share
+    the end-of-call one, the last Persist of each job must match that event.)
+    """
+    last: dict[str, Persist] = {}
+    for effect in batch:
+        if isinstance(effect, Persist):
+            assert effect.job.job_id == effect.event.job_id
+            assert effect.job.seq >= effect.event.seq
+            last[effect.event.job_id] = effect
+    for persist in last.values():
+        assert persist.job.seq == persist.event.seq
+        assert persist.job.state == persist.event.state
+
+
 def test_event_seq_per_job_starts_at_one_without_gaps() -> None:
     """Across a busy scenario every job's Persist events are numbered 1, 2, 3, … in order."""
     s = make()
-    log: list[Effect] = []
-    log += connect(s, "m1", concurrency=2)[1]
-    log += connect(s, "m2")[1]
-    for i in range(4):
-        log += submit(s, f"j{i}", now=float(i), ttl_seconds=100)
-    log += s.accept("m1", "j0", 5.0)
-    log += s.progress("m1", "j0", 6.0, progress=0.5)
+    batches: list[list[Effect]] = [
+        connect(s, "m1", concurrency=2)[1],
+        connect(s, "m2")[1],
+        *(submit(s, f"j{i}", now=float(i), ttl_seconds=100) for i in range(4)),
+    ]
     # j0 and j2 went to m1, j1 to m2, j3 waits
     assert [held(s, "m1"), held(s, "m2")] == [["j0", "j2"], ["j1"]]
-    log += s.reject("m2", "j1", "nope", 6.0)
-    log += s.fail("m1", "j2", error_code="e", error_message="m", retryable=True, now=7.0)
-    log += s.complete("m1", "j0", {}, {}, 8.0)[1]
-    log += s.cancel("c1", "j3", 9.0)[1]
-    log += s.tick(20.0)
-    log += s.disconnect("m2", "m2-s1", 21.0)
-    log += s.tick(200.0)
+    batches += [
+        s.accept("m1", "j0", 5.0),
+        s.progress("m1", "j0", 6.0, progress=0.5),
+        s.reject("m2", "j1", "nope", 6.0),
+        s.fail("m1", "j2", error_code="e", error_message="m", retryable=True, now=7.0),
+        s.complete("m1", "j0", {}, {}, 8.0)[1],
+        s.cancel("c1", "j3", 9.0)[1],
+        s.tick(20.0),
+        s.disconnect("m2", "m2-s1", 21.0),
+        s.tick(200.0),
+    ]
     seqs: dict[str, list[int]] = defaultdict(list)
-    for effect in log:
-        if isinstance(effect, Persist):
-            assert effect.job.seq == effect.event.seq
-            assert effect.job.state == effect.event.state
-            seqs[effect.event.job_id].append(effect.event.seq)
+    for batch in batches:
+        check_snapshots(batch)
+        for effect in batch:
+            if isinstance(effect, Persist):
+                seqs[effect.event.job_id].append(effect.event.seq)
     assert set(seqs) == {"j0", "j1", "j2", "j3"}
     for job_id, numbers in seqs.items():
         assert numbers == list(range(1, len(numbers) + 1)), job_id
+    assert sum(s.statistics().events.values()) == sum(len(n) for n in seqs.values())
 
 
 # ---- restore -------------------------------------------------------------------------------
@@ -923,9 +960,18 @@ def test_event_seq_per_job_starts_at_one_without_gaps() -> None:
 
 def record(job_id: str, state: str, **kw: Any) -> JobRecord:
     base: dict[str, Any] = {
-        "job_id": job_id, "client_id": "c1", "state": state, "payload": {}, "constraints": {},
-        "priority": 0, "requested_at": 0.0, "expires_at": 900.0, "attempt": 0, "failures": 0,
-        "max_attempts": 3, "seq": 1,
+        "job_id": job_id,
+        "client_id": "c1",
+        "state": state,
+        "payload": {},
+        "constraints": {},
+        "priority": 0,
+        "requested_at": 0.0,
+        "expires_at": 900.0,
+        "attempt": 0,
+        "failures": 0,
+        "max_attempts": 3,
+        "seq": 1,
     }
     base.update(kw)
     return JobRecord(**base)
@@ -936,10 +982,25 @@ def test_restore_queued_running_and_unaccepted() -> None:
     s = make()
     records = [
         record("q", "QUEUED", requested_at=1.0),
-        record("started", "RUNNING", requested_at=2.0, attempt=1, seq=3, miner_id="m1",
-               assigned_at=2.0, started_at=3.0),
-        record("assigned", "RUNNING", requested_at=3.0, attempt=1, seq=2, miner_id="m2",
-               assigned_at=3.0),
+        record(
+            "started",
+            "RUNNING",
+            requested_at=2.0,
+            attempt=1,
+            seq=3,
+            miner_id="m1",
+            assigned_at=2.0,
+            started_at=3.0,
+        ),
+        record(
+            "assigned",
+            "RUNNING",
+            requested_at=3.0,
+            attempt=1,
+            seq=2,
+            miner_id="m2",
+            assigned_at=3.0,
+        ),
     ]
     effects = s.restore(records, {"m1": "m1-s1", "m2": "m2-s1"}, 100.0)
     assert summary(effects) == [("persist", "assigned", "requeued")]
@@ -965,8 +1026,7 @@ def test_restore_queued_running_and_unaccepted() -> None:
 def test_restore_grace_expires_without_miner() -> None:
     """A restored started job is requeued (charged) when its miner does not return in time."""
     s = make()
-    s.restore([record("started", "RUNNING", attempt=1, miner_id="m1", started_at=1.0)], {},
-              50.0)
+    s.restore([record("started", "RUNNING", attempt=1, miner_id="m1", started_at=1.0)], {}, 50.0)
     assert s.next_deadline() == 65.0
     effects = s.tick(65.0)
     assert summary(effects) == [("persist", "started", "requeued")]
@@ -979,14 +1039,18 @@ def test_restore_fires_overdue_expiries() -> None:
     """Jobs whose TTL passed while the coordinator was down expire during restore()."""
     s = make()
     effects = s.restore(
-        [record("old", "QUEUED", expires_at=10.0),
-         record("gone", "RUNNING", expires_at=10.0, attempt=1, miner_id="m1", started_at=2.0),
-         record("ok", "QUEUED", expires_at=500.0)],
+        [
+            record("old", "QUEUED", expires_at=10.0),
+            record("gone", "RUNNING", expires_at=10.0, attempt=1, miner_id="m1", started_at=2.0),
+            record("ok", "QUEUED", expires_at=500.0),
+        ],
         {"m1": "s"},
         100.0,
     )
-    assert sorted(summary(effects)) == [("persist", "gone", "expired"),
-                                        ("persist", "old", "expired")]
+    assert sorted(summary(effects)) == [
+        ("persist", "gone", "expired"),
+        ("persist", "old", "expired"),
+    ]
     assert s.statistics().jobs_queued == 1
     info, _ = connect(s, "m1", "s2", resume="s", now=101.0)
     assert info == ResumeInfo(resumed=(), revoked=("gone",))
@@ -996,8 +1060,10 @@ def test_restore_two_jobs_one_miner() -> None:
     """Two started jobs of one miner share one grace period and are resumed together."""
     s = make()
     s.restore(
-        [record("a", "RUNNING", attempt=1, miner_id="m1", started_at=1.0),
-         record("b", "RUNNING", attempt=2, miner_id="m1", started_at=1.0, requested_at=1.0)],
+        [
+            record("a", "RUNNING", attempt=1, miner_id="m1", started_at=1.0),
+            record("b", "RUNNING", attempt=2, miner_id="m1", started_at=1.0, requested_at=1.0),
+        ],
         {"m1": "s"},
         10.0,
     )
@@ -1010,8 +1076,17 @@ def test_restore_two_jobs_one_miner() -> None:
 def test_restore_terminal_record_is_kept_for_lookups() -> None:
     """A terminal record passed to restore() is looked up (idempotency) but never scheduled."""
     s = make()
-    rec = record("done", "COMPLETED", attempt=1, seq=4, miner_id="m1", started_at=1.0,
-                 finished_at=2.0, result={"v": 1}, idempotency_key="k")
+    rec = record(
+        "done",
+        "COMPLETED",
+        attempt=1,
+        seq=4,
+        miner_id="m1",
+        started_at=1.0,
+        finished_at=2.0,
+        result={"v": 1},
+        idempotency_key="k",
+    )
     assert s.restore([rec], {"m1": "s"}, 10.0) == []
     assert s.next_deadline() is None
     assert s.miners == {}

@@ -966,8 +966,8 @@ def test_encode_event_matches_job_event() -> None:
 
 
 def test_encode_unknown_object_raises() -> None:
-    """encode() of something that is not a protocol message is a KeyError (our bug)."""
-    with pytest.raises(KeyError):
+    """encode() of something that is not a protocol message is a LocalProtocolError (our bug)."""
+    with pytest.raises(LocalProtocolError):
         encode(object())
 
 
