@@ -55,10 +55,11 @@ def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> I
     """Run ``aitbc-coordinator serve`` on a fresh database, pinned to ``core``."""
     tmp = Path(tempfile.mkdtemp(prefix="aitbc-bench-"))
     port = free_port()
+    # BENCH_SERVER_SCRIPT: run an instrumented entry point instead (profiling experiments).
+    entry = os.environ.get("BENCH_SERVER_SCRIPT")
     cmd = [
         sys.executable,
-        "-m",
-        "web.cli",
+        *([entry] if entry else ["-m", "web.cli"]),
         "serve",
         "--port",
         str(port),
@@ -78,7 +79,8 @@ def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> I
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }
-    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -91,12 +93,16 @@ def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> I
                 raise RuntimeError("coordinator did not start")
             time.sleep(0.05)
         yield Server(port, proc, tmp / "bench.db")
+    except BaseException:
+        print(f"coordinator log: {tmp / 'server.log'}", file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def cpu_seconds(pid: int) -> float:

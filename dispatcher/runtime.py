@@ -94,6 +94,7 @@ class Dispatcher:
         """Run the writer and the timer loop until ``stop()``; the batch in hand is flushed."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._timer_loop)
+            tg.start_soon(self.store.maintain)
             self.running = True
             task_status.started()
             try:

@@ -55,6 +55,9 @@ class JobStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def maintain(self) -> None:
+        """Background housekeeping (e.g. WAL checkpoints); runs until cancelled or closed."""
+
     async def commit(self, batch: WriteBatch) -> None:
         """Write the whole batch in one transaction (raises StorageError)."""
 

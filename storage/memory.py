@@ -31,6 +31,9 @@ class InMemoryJobStore:
     async def open(self) -> None:
         self.is_open = True
 
+    async def maintain(self) -> None:
+        """Nothing to maintain in memory; returns at once."""
+
     async def close(self) -> None:
         self.is_open = False
 

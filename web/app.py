@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,14 +25,17 @@ from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
+    from anyio.abc import TaskStatus
     from starlette.requests import Request
 
     from storage.base import JobStore
     from web.settings import Settings
 
 __all__ = ["Coordinator", "create_app"]
+
+log = logging.getLogger("aitbc.coordinator")
 
 VERSION = "0.1.0"
 
@@ -56,6 +60,16 @@ class Coordinator:
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
+        self.failed = False
+        # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).
+        self.on_fatal: Callable[[], None] = lambda: None
+
+    def fatal(self) -> None:
+        """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
+        self.failed = True
+        self.ready = False
+        self.close_sockets(CloseCode.INTERNAL_ERROR, "coordinator failure")
+        self.on_fatal()
 
     def close_sockets(
         self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "server shutting down"
@@ -72,13 +86,21 @@ def create_app(
     )
     core = Coordinator(settings, store, clock or SystemClock())
 
+    async def run_dispatcher(*, task_status: TaskStatus[None]) -> None:
+        try:
+            await core.dispatcher.serve(task_status=task_status)
+        except Exception:
+            # Never keep serving without a dispatcher: say why, and take the process down.
+            log.exception("dispatcher failed; shutting the coordinator down")
+            core.fatal()
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
         try:
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
-                await tg.start(core.dispatcher.serve)
+                await tg.start(run_dispatcher)
                 core.ready = True
                 try:
                     yield
@@ -103,7 +125,7 @@ def create_app(
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> JSONResponse:
-        if core.ready and core.dispatcher.running:
+        if core.ready and core.dispatcher.running and not core.failed:
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 

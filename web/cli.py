@@ -9,11 +9,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import uvicorn
 
 from web.app import create_app
 from web.keys import materialize_keys
 from web.settings import Settings, SettingsError
+from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
     import socket
@@ -25,10 +27,17 @@ __all__ = ["build_server", "main"]
 class CoordinatorServer(uvicorn.Server):
     """Closes our sockets with 1001 before uvicorn's own shutdown (which would send 1012)."""
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+    @property
+    def core(self) -> Any:
         app: Any = self.config.app
-        app.state.core.close_sockets()
-        await app.state.core.dispatcher.wait_flushed()
+        return app.state.core
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        core = self.core
+        core.close_sockets()
+        if core.dispatcher.running:
+            with anyio.move_on_after(10):
+                await core.dispatcher.wait_flushed()
         await super().shutdown(sockets)
 
 
@@ -41,6 +50,16 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorServer:
+    server = _build_server(settings, log_level)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    server.core.on_fatal = stop
+    return server
+
+
+def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -48,7 +67,7 @@ def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorS
         port=settings.api_port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        ws="websockets-sansio",
+        ws=CoalescingWSProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval_seconds,
         ws_ping_timeout=settings.heartbeat_timeout_seconds,
@@ -95,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     # handlers it found installed: ours turn that into a clean exit 0.
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    server = build_server(settings, log_level=args.log_level)
     try:
-        build_server(settings, log_level=args.log_level).run()
+        server.run()
     except (_Stopped, KeyboardInterrupt):
         pass
+    if server.core.failed:
+        print(
+            "aitbc-coordinator: stopped after a dispatcher failure (see the log)", file=sys.stderr
+        )
+        return 1
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from protocol.records import EventRecord, JobRecord, MinerRecord
@@ -478,3 +479,22 @@ def test_sqlite_store_refuses_unsupported_configuration(url: str, synchronous: s
     """Only SQLite URLs and the NORMAL/FULL synchronous levels are accepted."""
     with pytest.raises(StorageError):
         DatabasesJobStore(url, synchronous=synchronous)
+
+
+async def test_sqlite_reader_and_writer_are_separate_connections(tmp_path: Path) -> None:
+    """Reads and checkpoints never run on the writer's connection (databases shares one
+    connection per task, so the store opens two Database objects)."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        assert store._reader is not None
+        assert store._reader.raw_connection is not store._raw
+        async with anyio.create_task_group() as tg:  # commits while checkpoints run
+            tg.start_soon(store.maintain, 0.001)
+            for n in range(50):
+                await store.commit(batch(jobs=[job(f"j{n}")], events=[event(f"j{n}", 1)]))
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+        assert len((await store.load_active())[0]) == 50
+    finally:
+        await store.close()

@@ -295,3 +295,28 @@ def test_anything_but_auth_first_closes_4401(client: TestClient) -> None:
         with pytest.raises(WebSocketDisconnect) as info:
             ws.receive_json()
     assert info.value.code == 4401
+
+
+def test_a_failed_commit_stops_the_coordinator_instead_of_serving_without_it(
+    tmp_path: Path,
+) -> None:
+    """When the writer's commit fails, sockets close 1011, readiness turns 503, and the
+    server is told to exit (never keeps accepting work with a dead dispatcher)."""
+    from storage.errors import StorageError
+    from storage.memory import InMemoryJobStore
+
+    class BrokenStore(InMemoryJobStore):
+        async def commit(self, batch: Any) -> None:
+            raise StorageError("disk full")
+
+    app = create_app(make_settings(tmp_path), store=BrokenStore())
+    stopped: list[bool] = []
+    app.state.core.on_fatal = lambda: stopped.append(True)
+    with TestClient(app) as c, client_socket(c) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.submit", "id": "s1", "payload": {"type": "x"}})
+        with pytest.raises(WebSocketDisconnect) as closed:
+            recv(ws)
+        assert closed.value.code == 1011
+        assert stopped == [True]
+        assert c.get("/health/ready").status_code == 503
