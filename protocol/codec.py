@@ -51,6 +51,7 @@ __all__ = [
     "decode_server_to_client",
     "decode_server_to_miner",
     "dumps",
+    "dumps_sorted",
     "encode",
     "loads",
 ]
@@ -65,6 +66,14 @@ T = TypeVar("T")
 def dumps(value: JSON) -> bytes:
     """Serialise any JSON value with orjson (used by storage for payload columns too)."""
     return orjson.dumps(value)
+
+
+def dumps_sorted(value: JSON) -> bytes:
+    """Compact JSON with sorted keys; empty bytes when orjson cannot represent the value."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # e.g. an integer beyond 64 bits
+        return b""
 
 
 def loads(data: bytes | str) -> JSON:

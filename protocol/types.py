@@ -83,9 +83,14 @@ class EventKind(StrEnum):
 _iso_second: tuple[int, str] = (-1, "")
 
 
+_iso_last: tuple[float, str] = (-1.0, "")
+
+
 def iso_time(ts: float) -> str:
     """Format Unix seconds as ISO-8601 UTC with millisecond precision and a ``Z`` suffix."""
-    global _iso_second
+    global _iso_second, _iso_last
+    if ts == _iso_last[0]:  # the events of one scheduler call share one timestamp
+        return _iso_last[1]
     second = int(ts // 1)
     # Round to microseconds first, as datetime does: int(0.123 * 1000) would give 122.
     us = round((ts - second) * 1_000_000)
@@ -96,4 +101,6 @@ def iso_time(ts: float) -> str:
     if cached_second != second:  # events cluster within a second: format the date once
         prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         _iso_second = (second, prefix)
-    return f"{prefix}.{ms:03d}Z"
+    text = f"{prefix}.{ms:03d}Z"
+    _iso_last = (ts, text)
+    return text

@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings, strategies as st
 from protocol.receipts import (
     RECEIPT_VERSION,
     canonical_json,
+    canonical_json_reference,
     key_id_for,
     load_signing_key,
     sign_receipt,
@@ -401,3 +402,57 @@ def test_property_tampering_is_detected(case: tuple[dict[str, Any], dict[str, An
     assume(spec_canonical(changed) != spec_canonical(signed))
     assert verify_receipt(changed) == ["signature does not verify"]
     assert not spec_verify(changed)
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), _json_values, max_size=6))
+def test_fast_canonical_form_is_byte_identical_to_the_reference(obj: dict[str, Any]) -> None:
+    """The orjson fast path never changes a byte of the §4.3 canonical form."""
+    assert canonical_json(obj) == canonical_json_reference(obj)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1e16,
+        1e-7,
+        2.5e-5,
+        1e15,
+        123456789.123,
+        0.1,
+        -0.0,
+        100.0,
+        2**63,
+        2**64 + 1,
+        "é",
+        "\x1f\x7f",
+        float("nan"),
+        float("inf"),
+        [None, 1],
+        {"a": None},
+    ],
+)
+def test_fast_canonical_form_edge_values(value: Any) -> None:
+    """Exponents, big integers, non-ASCII, control characters, NaN and nulls fall back or agree."""
+    assert canonical_json({"v": value}) == canonical_json_reference({"v": value})
+
+
+@pytest.mark.parametrize("exponent", range(-30, 31))
+def test_fast_canonical_form_across_float_magnitudes(exponent: int) -> None:
+    """Every decimal magnitude, with short and long mantissas, matches the reference."""
+    for mantissa in (1.0, 2.5, 1.234567891234, 9.999999999999999, -3.3):
+        value = mantissa * 10.0**exponent
+        assert canonical_json({"v": value}) == canonical_json_reference({"v": value})
