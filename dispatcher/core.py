@@ -36,6 +36,7 @@ class SchedulerConfig:
     max_attempts: int = 3
     accept_timeout: float = 10.0
     resume_grace: float = 15.0
+    rest_lease: float = 600.0
     terminal_retention: int = 10_000
 
 
@@ -73,7 +74,9 @@ class Miner:
         "grace_timer",
         "jobs",
         "miner_id",
+        "polls",
         "region",
+        "rest",
         "revoked",
         "session_id",
     )
@@ -91,10 +94,15 @@ class Miner:
         self.jobs: dict[str, None] = {}
         self.revoked: list[str] = []
         self.grace_timer: _Timer | None = None
+        # A REST miner (rest-api.md §2.3) has no socket to push to: only a waiting poll can
+        # take a job, so its free slots are capped by the number of polls waiting right now.
+        self.rest = False
+        self.polls = 0
 
     @property
     def free(self) -> int:
-        return self.concurrency - len(self.jobs)
+        free = self.concurrency - len(self.jobs)
+        return min(free, self.polls) if self.rest else free
 
 
 class _Timer:
@@ -222,8 +230,15 @@ class Scheduler:
         region: str | None,
         resume_session: str | None,
         now: float,
+        rest: bool = False,
     ) -> tuple[ResumeInfo, list[Effect]]:
-        """A miner finished its hello. Handles replacement (4409), resume and restart."""
+        """A miner finished its hello. Handles replacement (4409), resume and restart.
+
+        ``rest=True`` registers a REST (polling) miner: it is offered jobs only while one of
+        its polls waits (:meth:`poll`), a job it takes starts at once, and the job's run limit
+        is ``rest_lease`` instead of socket liveness (the production miner is silent while it
+        works, rest-api.md §3.2).
+        """
         miner = self.miners.get(miner_id)
         resumed: list[str] = []
         revoked: list[str] = []
@@ -262,6 +277,12 @@ class Scheduler:
         miner.caps = Capabilities.parse(capabilities, region)
         miner.concurrency = concurrency
         miner.draining = False
+        if rest and resumed:
+            for job_id in resumed:  # e.g. after a restart: the run limit starts again
+                self._arm_lease(self.jobs[job_id], now)
+        if not rest:
+            miner.polls = 0
+        miner.rest = rest
         miner.connected = True
         miner.counted = True
         self._known_caps[miner.caps] = self._known_caps.get(miner.caps, 0) + 1
@@ -296,6 +317,41 @@ class Scheduler:
         if draining is not None:
             miner.draining = draining
         self._refresh_idle(miner, now)
+        return self._take()
+
+    def poll(self, miner_id: str, now: float) -> list[Effect]:
+        """A REST miner waits for a job: assign a queued match now, or hold one waiting slot.
+
+        Raises UnknownMiner unless ``miner_id`` is a registered REST miner. An ``Assign`` in
+        the returned effects (now or from a later call) consumes one waiting poll.
+        """
+        miner = self.miners.get(miner_id)
+        if miner is None or not miner.rest or not miner.connected:
+            raise UnknownMiner(miner_id)
+        miner.polls += 1
+        self._refresh_idle(miner, now)
+        return self._take()
+
+    def poll_cancel(self, miner_id: str) -> bool:
+        """Withdraw one waiting poll (its wait ended with no job).
+
+        Returns False when there is nothing to withdraw because an ``Assign`` was already
+        produced for it: the caller must then wait for that assignment instead.
+        """
+        miner = self.miners.get(miner_id)
+        if miner is None or not miner.rest:
+            return True
+        if miner.polls <= 0:
+            return False
+        miner.polls -= 1
+        if miner.free <= 0:
+            self._idle.discard(miner_id)
+        return True
+
+    def hand_back(self, miner_id: str, job_id: str, now: float, attempt: int) -> list[Effect]:
+        """A REST assignment found no waiting poll to deliver to: requeue it, not charged."""
+        job = self._held(miner_id, job_id, attempt)
+        self._requeue(job, now, "poll gone", charged=False)
         return self._take()
 
     def accept(
@@ -426,6 +482,11 @@ class Scheduler:
                     error="job expired",
                     revoke_reason="expired",
                 )
+        elif timer.kind == "lease":
+            job = self.jobs.get(timer.key)
+            if job is not None and job.state is JobState.RUNNING and job.attempt == timer.token:
+                self._revoke(job, "lease expired")
+                self._requeue(job, now, "lease expired", charged=True)
         elif timer.kind == "accept":
             job = self.jobs.get(timer.key)
             if (
@@ -601,13 +662,16 @@ class Scheduler:
         job.accepted = False
         job.assigned_at = now
         miner.jobs[job.job_id] = None
+        if miner.rest:
+            miner.polls -= 1
         if miner.free > 0:
             self._idle.add(miner.miner_id, miner.caps)
         else:
             self._idle.discard(miner.miner_id)
-        job.timers.append(
-            self._arm(now + self.config.accept_timeout, "accept", job.job_id, job.attempt)
-        )
+        if not miner.rest:
+            job.timers.append(
+                self._arm(now + self.config.accept_timeout, "accept", job.job_id, job.attempt)
+            )
         self._emit(job, EventKind.ASSIGNED, now)
         self._effects.append(
             Assign(
@@ -621,6 +685,14 @@ class Scheduler:
                 accept_timeout=self.config.accept_timeout,
             )
         )
+        if miner.rest:  # the poll's answer is the job itself: it runs from now on
+            self._start(job, now)
+            self._arm_lease(job, now)
+
+    def _arm_lease(self, job: Job, now: float) -> None:
+        start = job.started_at if job.started_at is not None else now
+        when = min(start + self.config.rest_lease, job.expires_at)
+        job.timers.append(self._arm(when, "lease", job.job_id, job.attempt))
 
     def _start(self, job: Job, now: float) -> None:
         job.state = transition(job.job_id, job.state, Action.ACCEPT)

@@ -11,18 +11,19 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
-from dispatcher.errors import NotAllowed, Unavailable, UnknownJob
+from dispatcher.errors import DispatchError, NotAllowed, Unavailable, UnknownJob, UnknownMiner
 from dispatcher.fanout import Fanout, Subscriber
 from dispatcher.jobs import TERMINAL, JobState
 from dispatcher.stats import DispatcherStatistics
-from protocol.codec import encode, encode_event
+from protocol.codec import decode_server_to_miner, encode, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
     from dispatcher.clock import Clock
     from dispatcher.core import JobSpec, ResumeInfo, Scheduler
 
-__all__ = ["Dispatcher", "MinerSink", "event_frame"]
+__all__ = ["REST_SESSION_PREFIX", "Dispatcher", "MinerSink", "RestMinerInfo", "event_frame"]
+
+REST_SESSION_PREFIX = "rest:"
 
 
 class MinerSink(Protocol):
@@ -80,6 +83,9 @@ class Dispatcher:
         self._visible: dict[str, JobRecord] = {}
         self._visible_terminal: OrderedDict[str, None] = OrderedDict()
         self.visible_retention = 10_000
+        # REST miners: last call per miner (liveness for ops/admin) and how long it counts.
+        self.rest_online_window = 30.0
+        self._rest_seen: dict[str, float] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -89,6 +95,10 @@ class Dispatcher:
         self._bindings = {m.miner_id: m.key_hash for m in miners}
         sessions = {m.miner_id: m.session_id or "" for m in miners}
         self._apply(self.scheduler.restore(jobs, sessions, self.clock.now()))
+        for m in miners:  # REST miners register once, then only poll: bring them back
+            if (m.session_id or "").startswith(REST_SESSION_PREFIX):
+                self._rest_connect(m, resume=True)
+                self._rest_seen[m.miner_id] = m.last_seen
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the writer and the timer loop until ``stop()``; the batch in hand is flushed."""
@@ -405,6 +415,160 @@ class Dispatcher:
             return rec.receipt
         return None
 
+    # ---- REST miners (rest-api.md §2.3) -------------------------------------------------------
+
+    def _rest_connect(self, m: MinerRecord, *, resume: bool) -> None:
+        assert m.session_id is not None
+        sink = self._sinks.get(m.session_id)
+        if not isinstance(sink, _RestSink):
+            sink = self._sinks[m.session_id] = _RestSink(self, m.miner_id)
+        _, effects = self.scheduler.connect(
+            m.miner_id,
+            m.session_id,
+            capabilities=m.capabilities,
+            concurrency=m.concurrency,
+            region=m.region,
+            resume_session=m.session_id if resume else None,
+            now=self.clock.now(),
+            rest=True,
+        )
+        self._apply(effects)
+
+    async def rest_register(
+        self,
+        *,
+        miner_id: str,
+        key_hash: str,
+        capabilities: JSONObject,
+        concurrency: int,
+        region: str | None,
+    ) -> None:
+        """Register (or re-register) a polling miner; returns once it is durable.
+
+        The id is bound to the key that first used it (NotAllowed otherwise). Re-registering
+        is a restart: jobs the miner held go back to the queue.
+        """
+        self._check_open()
+        bound = self._bindings.get(miner_id)
+        if bound is not None and bound != key_hash:
+            raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
+        self._bindings[miner_id] = key_hash
+        now = self.clock.now()
+        record = MinerRecord(
+            miner_id=miner_id,
+            key_hash=key_hash,
+            session_id=REST_SESSION_PREFIX + miner_id,
+            capabilities=capabilities,
+            concurrency=concurrency,
+            region=region,
+            last_seen=now,
+        )
+        self._rest_seen[miner_id] = now
+        self._writes.miners[miner_id] = record
+        self._rest_connect(record, resume=False)
+        await self._until_committed(self._commit_then)
+
+    def _commit_then(self, then: Callable[[None], None]) -> None:
+        """``after_commit`` for ``_until_committed``: ``then(None)`` once all is durable."""
+        self.after_commit(lambda: then(None))
+
+    def _rest_miner(self, miner_id: str) -> _RestSink:
+        miner = self.scheduler.miners.get(miner_id)
+        sink = self._sinks.get(REST_SESSION_PREFIX + miner_id)
+        if miner is None or not miner.rest or not isinstance(sink, _RestSink):
+            raise UnknownMiner(miner_id)
+        return sink
+
+    def rest_heartbeat(self, miner_id: str) -> None:
+        """Record that a REST miner is alive; raises UnknownMiner when it never registered."""
+        self._rest_miner(miner_id)
+        self._rest_seen[miner_id] = self.clock.now()
+
+    async def rest_poll(self, miner_id: str, max_wait: float) -> JobAssign | None:
+        """Wait up to ``max_wait`` seconds (on ``self.clock``) for a job for this miner.
+
+        Returns the assignment only after it is committed. When the wait ends just as an
+        assignment was produced for it (``poll_cancel`` says so), the poll waits for that
+        commit and returns the job instead of losing it.
+        """
+        self._check_open()
+        sink = self._rest_miner(miner_id)
+        waiter = _PollWaiter()
+        sink.waiters.append(waiter)
+        self._rest_seen[miner_id] = self.clock.now()
+        try:
+            self._apply(self.scheduler.poll(miner_id, self.clock.now()))
+        except DispatchError:
+            sink.waiters.remove(waiter)
+            raise
+        withdrawn = False
+        try:
+            await self.clock.wait_until(self.clock.now() + max_wait, waiter.done)
+            if waiter.job is None:
+                withdrawn = self.scheduler.poll_cancel(miner_id)
+                if not withdrawn:  # an assignment was made for us: wait for its commit
+                    with anyio.move_on_after(30):
+                        await waiter.done.wait()
+            return waiter.job
+        finally:
+            self._rest_seen[miner_id] = self.clock.now()
+            if waiter.job is None:
+                # Unanswered or cancelled (client gone): withdraw. An assignment already in
+                # flight then finds no waiter and is handed back to the queue.
+                waiter.done.set()
+                if waiter in sink.waiters:
+                    sink.waiters.remove(waiter)
+                    if not withdrawn:
+                        self.scheduler.poll_cancel(miner_id)
+
+    def _rest_orphan(self, miner_id: str, msg: JobAssign) -> None:
+        try:
+            self._apply(
+                self.scheduler.hand_back(miner_id, msg.job_id, self.clock.now(), msg.attempt)
+            )
+        except DispatchError:
+            pass  # the job moved on meanwhile (canceled, expired): nothing to hand back
+
+    async def rest_result(
+        self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject
+    ) -> JobRecord:
+        """Complete a job held by a REST miner; returns the committed record (with receipt)."""
+        self._rest_seen[miner_id] = self.clock.now()
+        return await self._until_committed(
+            lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then)
+        )
+
+    async def rest_fail(self, miner_id: str, job_id: str, error_code: str, message: str) -> None:
+        """Fail a job held by a REST miner (not retried); returns once durable."""
+        self._rest_seen[miner_id] = self.clock.now()
+        self.miner_call(
+            "fail", miner_id, job_id, error_code=error_code, error_message=message, retryable=False
+        )
+        await self._until_committed(self._commit_then)
+
+    def rest_miners(self) -> list[RestMinerInfo]:
+        """Every miner the scheduler knows, with liveness (REST: a call within the window)."""
+        now = self.clock.now()
+        out = []
+        for m in self.scheduler.miners.values():
+            seen = self._rest_seen.get(m.miner_id) if m.rest else None
+            if m.rest:
+                online = m.polls > 0 or (seen is not None and now - seen <= self.rest_online_window)
+            else:
+                online = m.connected
+            out.append(
+                RestMinerInfo(
+                    miner_id=m.miner_id,
+                    transport="rest" if m.rest else "websocket",
+                    online=online,
+                    inflight=len(m.jobs),
+                    concurrency=m.concurrency,
+                    region=m.region,
+                    last_seen=seen,
+                )
+            )
+        return out
+
     # ---- observation ------------------------------------------------------------------------
 
     def statistics(self) -> DispatcherStatistics:
@@ -417,3 +581,46 @@ class Dispatcher:
             subscribers=self.fanout.subscriber_count,
             progress_dropped=0,
         )
+
+
+class _PollWaiter:
+    __slots__ = ("done", "job")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.job: JobAssign | None = None
+
+
+class _RestSink:
+    """The "socket" of a REST miner: hands committed assignments to its polls, oldest first."""
+
+    def __init__(self, dispatcher: Dispatcher, miner_id: str) -> None:
+        self.dispatcher = dispatcher
+        self.miner_id = miner_id
+        self.waiters: deque[_PollWaiter] = deque()
+
+    def send_frame(self, frame: str) -> None:
+        msg = decode_server_to_miner(frame)
+        if not isinstance(msg, JobAssign):
+            return  # a cancel or lease revoke: the miner learns it from a 409 on its result
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done.is_set():
+                waiter.job = msg
+                waiter.done.set()
+                return
+        self.dispatcher._rest_orphan(self.miner_id, msg)
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Replaced by a socket session of the same miner: pending polls time out as usual."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestMinerInfo:
+    miner_id: str
+    transport: str
+    online: bool
+    inflight: int
+    concurrency: int
+    region: str | None
+    last_seen: float | None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
@@ -19,8 +20,10 @@ from dispatcher.runtime import Dispatcher
 from protocol.receipts import load_signing_key
 from protocol.types import CloseCode
 from storage.sql import DatabasesJobStore
+from web import rest_admin, rest_jobs, rest_miners
 from web.auth import Authenticator
-from web.http import RateLimiter
+from web.http import RateLimiter, http_exception, internal_error, routes_for
+from web.openapi import openapi_document, openapi_endpoint
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 
@@ -55,8 +58,10 @@ class Coordinator:
             max_attempts=settings.max_attempts,
             accept_timeout=settings.accept_timeout_seconds,
             resume_grace=settings.resume_grace_seconds,
+            rest_lease=settings.rest_job_lease_seconds,
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
+        self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
@@ -129,14 +134,18 @@ def create_app(
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
+    endpoints = rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS
     app = Starlette(
         routes=[
             Route("/health", health),
             Route("/health/live", live),
             Route("/health/ready", ready),
+            Route("/openapi.json", openapi_endpoint(openapi_document(endpoints, VERSION))),
             WebSocketRoute("/v1/miners/ws", miner_endpoint),
             WebSocketRoute("/v1/jobs/ws", client_endpoint),
+            *routes_for(endpoints),
         ],
+        exception_handlers={HTTPException: http_exception, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.core = core

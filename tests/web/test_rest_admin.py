@@ -1,0 +1,154 @@
+"""Admin stats/jobs/miners (rest-api.md §2.4, §8 item 60), explorer receipts (§2.7), OpenAPI."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import TYPE_CHECKING
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+from starlette.routing import Route
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, make_settings
+from tests.web.rest_harness import Api, miner_headers, running_api
+from web.app import create_app
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path) as a:
+        yield a
+
+
+async def test_admin_stats_counts_match(api: Api) -> None:
+    """60 [fix]: total/active jobs and online miners match what the test created."""
+    await api.register("m1")
+    done = await api.submit()
+    await api.submit()
+    await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    await api.result(done["job_id"])
+    stats = await api.admin("/v1/admin/stats")
+    assert stats["total_jobs"] == 3
+    assert stats["active_jobs"] == 2
+    assert stats["online_miners"] == 1
+    assert stats["avg_miner_job_duration_ms"] >= 0
+
+
+async def test_admin_jobs_and_miners(api: Api) -> None:
+    """/v1/admin/jobs lists newest first; /v1/admin/miners shows inflight and liveness."""
+    await api.register("m1", concurrency=2, region="eu")
+    job = await api.submit()
+    await api.poll("m1")
+    jobs = (await api.admin("/v1/admin/jobs"))["items"]
+    assert jobs[0]["job_id"] == job["job_id"]
+    assert jobs[0]["assigned_miner_id"] == "m1"
+    miners = (await api.admin("/v1/admin/miners"))["items"]
+    assert miners == [
+        {
+            "miner_id": "m1",
+            "status": "ONLINE",
+            "inflight": 1,
+            "concurrency": 2,
+            "region": "eu",
+            "last_heartbeat": miners[0]["last_heartbeat"],
+            "transport": "rest",
+        }
+    ]
+
+
+async def test_admin_needs_the_admin_key(api: Api) -> None:
+    """A client key on an admin route -> 403."""
+    r = await api.http.get("/v1/admin/stats", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 403
+
+
+async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
+    """Public list without job payload/result/client; billing fields and signature kept."""
+    await api.register("m1")
+    job = await api.submit(payload={"prompt": "secret prompt"})
+    await api.poll("m1")
+    await api.result(job["job_id"], result={"output": "secret output"})
+    r = await api.http.get(f"/v1/explorer/receipts?job_id={job['job_id']}")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["jobId"] == job["job_id"]
+    [item] = body["items"]
+    assert item["jobId"] == job["job_id"]
+    assert item["miner"] == "m1"
+    assert item["status"] == "COMPLETED"
+    payload = item["payload"]
+    for kept in ("units", "unit_type", "price", "unit_price", "started_at", "signature"):
+        assert kept in payload
+    assert "metadata" not in payload
+    assert "client" not in payload
+    assert "secret" not in r.text
+    everything = (await api.http.get("/v1/explorer/receipts")).json()
+    assert everything["jobId"] == "all"
+    assert (await api.http.get("/v1/explorer/receipts?limit=201")).status_code == 422
+
+
+def test_openapi_documents_every_route(tmp_path: Path) -> None:
+    """Every HTTP route of the app is in /openapi.json with its methods; security schemes."""
+    app = create_app(make_settings(tmp_path))
+    with TestClient(app) as c:
+        doc = c.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["components"]["securitySchemes"]) == {"ApiKeyHeader", "Bearer"}
+    for route in app.routes:
+        if not isinstance(route, Route):
+            continue  # websockets
+        assert route.path in doc["paths"], route.path
+        methods = {m.lower() for m in route.methods or ()} - {"head"}
+        assert methods <= set(doc["paths"][route.path]), route.path
+        for method in methods:
+            op = doc["paths"][route.path][method]
+            assert op["responses"]
+            assert op["tags"]
+            for name in re.findall(r"{([^}]+)}", route.path):
+                assert any(p["name"] == name and p["in"] == "path" for p in op["parameters"])
+    submit = doc["paths"]["/v1/jobs"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobCreate"
+    }
+    assert "204" in doc["paths"]["/v1/miners/poll"]["post"]["responses"]
+
+
+def test_rest_miner_and_socket_miner_share_one_queue(tmp_path: Path) -> None:
+    """A socket miner and a REST miner take jobs from the same queue; each job runs once."""
+    with TestClient(create_app(make_settings(tmp_path))) as c:
+        h = {"X-Api-Key": CLIENT_KEY}
+        assert (
+            c.post(
+                "/v1/miners/register", json={"capabilities": {}}, headers=miner_headers("rest-1")
+            ).status_code
+            == 200
+        )
+        first = c.post("/v1/jobs", json={"payload": {"n": 1}}, headers=h).json()
+        with c.websocket_connect(
+            "/v1/miners/ws", headers={"X-Api-Key": "miner-key-aaaaaaaaaaaaa"}
+        ) as ws:
+            ws.send_json({"type": "hello", "protocol": 1, "miner_id": "ws-1"})
+            assert ws.receive_json()["type"] == "welcome"
+            pushed = ws.receive_json()
+            assert pushed["type"] == "job.assign"
+            assert pushed["job_id"] == first["job_id"]
+            second = c.post("/v1/jobs", json={"payload": {"n": 2}}, headers=h).json()
+            r = c.post(
+                "/v1/miners/poll", json={"max_wait_seconds": 1}, headers=miner_headers("rest-1")
+            )
+            assert r.status_code == 200
+            assert r.json()["job_id"] == second["job_id"]
+        stats = c.get("/v1/admin/stats", headers={"X-Api-Key": ADMIN_KEY}).json()
+        assert stats["total_jobs"] == 2

@@ -1,0 +1,242 @@
+"""REST client routes and auth: rest-api.md §8 behaviours 1-17 and 49-52 (client side)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
+from tests.fakes import FakeClock
+from tests.web.rest_harness import Api, running_api
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path, clock=FakeClock()) as a:  # no timers needed here
+        yield a
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+# ---- auth (1-7) ---------------------------------------------------------------------------
+
+
+async def test_submit_without_credentials_is_401(api: Api) -> None:
+    """1: no credential -> 401."""
+    r = await api.http.post("/v1/jobs", json={"payload": {}})
+    assert r.status_code == 401
+    assert r.json() == {"detail": "Authentication required"}
+
+
+async def test_submit_with_unknown_key_is_401(api: Api) -> None:
+    """2: an unknown X-Api-Key -> 401."""
+    r = await api.http.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": "nope-1234"})
+    assert r.status_code == 401
+
+
+async def test_submit_with_miner_key_is_403(api: Api) -> None:
+    """3: a valid miner key on a client route -> 403."""
+    r = await api.http.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": MINER_KEY})
+    assert r.status_code == 403
+
+
+async def test_miner_register_needs_a_miner_key(api: Api) -> None:
+    """4: register with no key -> 401; with a client key -> 403."""
+    r = await api.http.post("/v1/miners/register", json={"capabilities": {}})
+    assert r.status_code == 401
+    r = await api.register(key=CLIENT_KEY)
+    assert r.status_code == 403
+
+
+async def test_admin_route_with_miner_key_is_403(api: Api) -> None:
+    """5: GET /v1/admin/miners with a miner key -> 403."""
+    r = await api.http.get("/v1/admin/miners", headers={"X-Api-Key": MINER_KEY})
+    assert r.status_code == 403
+
+
+async def test_bearer_client_key_works_like_x_api_key(api: Api) -> None:
+    """6: Authorization: Bearer <client key> -> 201."""
+    r = await api.http.post(
+        "/v1/jobs",
+        json={"payload": {"prompt": "hi"}},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+    )
+    assert r.status_code == 201
+    assert (await api.job(r.json()["job_id"]))["state"] == "QUEUED"
+
+
+async def test_health_without_auth(api: Api) -> None:
+    """7: /health -> 200 non-empty JSON object with status ok."""
+    r = await api.http.get("/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+
+
+# ---- submission and reads (8-17) ----------------------------------------------------------
+
+
+async def test_submit_returns_201_job_view(api: Api) -> None:
+    """8: 201 with job_id (32 hex), QUEUED, no miner, both timestamps."""
+    job = await api.submit()
+    assert HEX32.match(job["job_id"])
+    assert job["state"] == "QUEUED"
+    assert job["assigned_miner_id"] is None
+    assert job["requested_at"]
+    assert job["expires_at"]
+    assert job["payment_id"] is None
+
+
+async def test_default_and_explicit_ttl(api: Api) -> None:
+    """9: default TTL 900 s; ttl_seconds 120 -> 120 s."""
+    job = await api.submit()
+    assert ts(job["expires_at"]) - ts(job["requested_at"]) == pytest.approx(900)
+    job = await api.submit(ttl_seconds=120)
+    assert ts(job["expires_at"]) - ts(job["requested_at"]) == pytest.approx(120)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "payload"),
+        ({"payload": "x"}, "payload"),
+        ({"payload": {}, "ttl_seconds": "abc"}, "ttl_seconds"),
+    ],
+)
+async def test_invalid_submit_is_422_naming_the_field(
+    api: Api, body: dict[str, Any], field: str
+) -> None:
+    """10: missing/invalid payload or ttl_seconds -> 422."""
+    r = await api.http.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 422
+    assert field in r.json()["detail"]
+
+
+async def test_unknown_keys_are_accepted(api: Api) -> None:
+    """11: unknown constraint and top-level keys -> 201."""
+    r = await api.http.post(
+        "/v1/jobs",
+        json={"payload": {}, "constraints": {"data_classification": "x"}, "whatever": 1},
+        headers={"X-Api-Key": CLIENT_KEY},
+    )
+    assert r.status_code == 201
+
+
+async def test_get_job_owner_other_unknown(api: Api) -> None:
+    """12: owner 200 with same payload; another client 404; unknown 404 'job not found'."""
+    job = await api.submit(payload={"prompt": "p"})
+    got = await api.job(job["job_id"])
+    assert got["job_id"] == job["job_id"]
+    assert got["payload"] == {"prompt": "p"}
+    r = await api.http.get(f"/v1/jobs/{job['job_id']}", headers={"X-Api-Key": CLIENT_KEY_2})
+    assert r.status_code == 404
+    r = await api.http.get("/v1/jobs/" + "0" * 32, headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 404
+    assert r.json() == {"detail": "job not found"}
+
+
+async def test_list_jobs_page_newest_first_own_only(api: Api) -> None:
+    """13: limit=1 -> one item, newest first, only the caller's jobs."""
+    await api.submit()
+    api.clock.advance(1)
+    newest = await api.submit()
+    await api.submit(key=CLIENT_KEY_2)
+    r = await api.http.get("/v1/jobs?limit=1", headers={"X-Api-Key": CLIENT_KEY})
+    body = r.json()
+    assert r.status_code == 200
+    assert [j["job_id"] for j in body["items"]] == [newest["job_id"]]
+    assert body["limit"] == 1
+    assert body["offset"] == 0
+    assert body["total"] == 2
+
+
+async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
+    """14: status=queued returns only QUEUED jobs."""
+    queued = await api.submit()
+    other = await api.submit()
+    await api.http.post(f"/v1/jobs/{other['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY})
+    r = await api.http.get("/v1/jobs?status=queued", headers={"X-Api-Key": CLIENT_KEY})
+    assert [j["job_id"] for j in r.json()["items"]] == [queued["job_id"]]
+
+
+async def test_result_before_the_end_is_425(api: Api) -> None:
+    """15: /result while QUEUED -> 425 job not ready."""
+    job = await api.submit()
+    r = await api.http.get(f"/v1/jobs/{job['job_id']}/result", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 425
+    assert r.json() == {"detail": "job not ready"}
+
+
+async def test_receipts_before_completion(api: Api) -> None:
+    """16: /receipt -> 404; /receipts -> 200 empty list."""
+    job = await api.submit()
+    h = {"X-Api-Key": CLIENT_KEY}
+    assert (await api.http.get(f"/v1/jobs/{job['job_id']}/receipt", headers=h)).status_code == 404
+    r = await api.http.get(f"/v1/jobs/{job['job_id']}/receipts", headers=h)
+    assert r.status_code == 200
+    assert r.json() == {"items": []}
+
+
+async def test_receipts_of_unknown_job_is_404(api: Api) -> None:
+    """17 [fix]: /receipts of an unknown job -> 404, not 500."""
+    r = await api.http.get("/v1/jobs/" + "1" * 32 + "/receipts", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 404
+
+
+# ---- cancel and expiry (49-52, client side) -----------------------------------------------
+
+
+async def test_cancel_without_body_and_no_poll_returns_it(api: Api) -> None:
+    """49: bodiless cancel of a QUEUED job -> 200 CANCELED; a later poll never returns it."""
+    job = await api.submit()
+    r = await api.http.post(f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["state"] == "CANCELED"
+    assert body["error"] == "canceled by client"
+    assert body["assigned_miner_id"] is None
+    assert (await api.register()).status_code == 200
+    assert (await api.poll(max_wait=1)).status_code == 204
+
+
+async def test_cancel_terminal_is_409_and_foreign_is_404(api: Api) -> None:
+    """50: cancel a CANCELED job -> 409 job not cancelable; another client's job -> 404."""
+    job = await api.submit()
+    h = {"X-Api-Key": CLIENT_KEY}
+    await api.http.post(f"/v1/jobs/{job['job_id']}/cancel", headers=h)
+    r = await api.http.post(f"/v1/jobs/{job['job_id']}/cancel", headers=h)
+    assert r.status_code == 409
+    assert r.json() == {"detail": "job not cancelable"}
+    other = await api.submit()
+    r = await api.http.post(
+        f"/v1/jobs/{other['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY_2}
+    )
+    assert r.status_code == 404
+
+
+async def test_not_found_and_method_not_allowed_are_json(api: Api) -> None:
+    """Starlette's own 404/405 come back as {"detail": …}."""
+    r = await api.http.get("/v1/nothing-here")
+    assert r.status_code == 404
+    assert "detail" in r.json()
+    r = await api.http.delete("/v1/jobs", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 405
+    assert "detail" in r.json()
+
+
+async def test_admin_key_on_client_route_is_403(api: Api) -> None:
+    """Keys are per role: an admin key is not a client key."""
+    r = await api.http.get("/v1/jobs", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 403

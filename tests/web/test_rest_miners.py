@@ -1,0 +1,432 @@
+"""REST miner routes: rest-api.md §8 behaviours 18-53 (miner side), long-poll and restart."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from dispatcher.clock import SystemClock
+from protocol.receipts import verify_receipt
+from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2
+from tests.web.rest_harness import Api, miner_headers, running_api
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    import httpx
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path, clock=SystemClock()) as a:
+        yield a
+
+
+async def started(api: Api, miner_id: str = "m1", **caps: Any) -> dict[str, Any]:
+    """Register, submit, poll: the job the miner now runs."""
+    assert (await api.register(miner_id, capabilities=caps)).status_code == 200
+    job = await api.submit()
+    r = await api.poll(miner_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["job_id"] == job["job_id"]
+    return job
+
+
+class Background:
+    """A request running as a task; ``response`` is set when it returns."""
+
+    def __init__(self) -> None:
+        self.response: httpx.Response | None = None
+
+    async def run(self, coro: Any) -> None:
+        self.response = await coro
+
+
+# ---- registration and heartbeat (18-21) ---------------------------------------------------
+
+
+async def test_register_returns_a_new_session_token_each_time(api: Api) -> None:
+    """18: 200 status ok with a session_token; a second call gives a new one."""
+    first = (await api.register()).json()
+    second = (await api.register()).json()
+    assert first["status"] == "ok"
+    assert first["session_token"]
+    assert second["session_token"] != first["session_token"]
+    assert first["miner_id"] == "m1"
+
+
+async def test_register_without_capabilities_is_422(api: Api) -> None:
+    """19: capabilities is required."""
+    r = await api.http.post("/v1/miners/register", json={}, headers=miner_headers("m1"))
+    assert r.status_code == 422
+    assert "capabilities" in r.json()["detail"]
+
+
+async def test_heartbeat_accepts_extra_keys(api: Api) -> None:
+    """20: heartbeat with production-miner keys -> 200 status ok."""
+    await api.register()
+    r = await api.http.post(
+        "/v1/miners/heartbeat",
+        json={"status": "active", "current_jobs": 0, "gpu_utilization": 3, "inflight": 7},
+        headers=miner_headers("m1"),
+    )
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+async def test_heartbeat_of_unregistered_miner_is_404(api: Api) -> None:
+    """21: unknown miner id -> 404 miner not registered."""
+    r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("ghost"))
+    assert r.status_code == 404
+    assert r.json() == {"detail": "miner not registered"}
+
+
+async def test_miner_id_is_derived_from_the_key_never_the_key(api: Api) -> None:
+    """Without X-Miner-ID the id is derived from the key; the key never appears."""
+    body = (await api.register(None)).json()
+    assert body["miner_id"].startswith("miner-")
+    assert MINER_KEY not in body["miner_id"]
+    job = await api.submit()
+    assert (await api.poll(None)).status_code == 200
+    assert (await api.job(job["job_id"]))["assigned_miner_id"] == body["miner_id"]
+
+
+async def test_miner_id_bound_to_first_key(api: Api) -> None:
+    """Another key claiming a registered miner id -> 403."""
+    await api.register("m1")
+    r = await api.register("m1", key=MINER_KEY_2)
+    assert r.status_code == 403
+
+
+# ---- polling and assignment (22-33) -------------------------------------------------------
+
+
+async def test_poll_with_nothing_queued_is_204_empty_within_max_wait(api: Api) -> None:
+    """22: 204 with an empty body, answered before max_wait_seconds (here 2 s -> about 1 s)."""
+    await api.register()
+    t0 = time.monotonic()
+    r = await api.poll(max_wait=2)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 204
+    assert r.content == b""
+    assert elapsed < 2.0
+
+
+async def test_waiting_poll_gets_a_job_submitted_afterwards(api: Api) -> None:
+    """A poll waiting in the server is answered by a later submit (a real long-poll)."""
+    await api.register()
+    bg = Background()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bg.run, api.poll("m1", 20))
+            while api.core.dispatcher.scheduler.miners["m1"].polls == 0:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            job = await api.submit()
+    assert bg.response is not None
+    assert bg.response.status_code == 200
+    assert bg.response.json()["job_id"] == job["job_id"]
+
+
+async def test_poll_assigns_and_shows_running(api: Api) -> None:
+    """23: 200 {job_id, payload, constraints(all keys)}; the job is RUNNING for that miner."""
+    await api.register()
+    job = await api.submit(payload={"type": "inference", "prompt": "x"})
+    r = await api.poll()
+    body = r.json()
+    assert body["payload"] == {"type": "inference", "prompt": "x"}
+    assert body["constraints"]["bond_required"] is False
+    assert body["constraints"]["gpu"] is None
+    assert "min_bond_amount" in body["constraints"]
+    got = await api.job(job["job_id"])
+    assert got["state"] == "RUNNING"
+    assert got["assigned_miner_id"] == "m1"
+
+
+async def test_one_job_two_concurrent_pollers_exactly_one_wins(api: Api) -> None:
+    """24: two miners polling concurrently for one job: one 200, one 204."""
+    await api.register("m1")
+    await api.register("m2")
+    a, b = Background(), Background()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run, api.poll("m1", 2))
+            tg.start_soon(b.run, api.poll("m2", 2))
+            miners = api.core.dispatcher.scheduler.miners
+            while miners["m1"].polls == 0 or miners["m2"].polls == 0:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            job = await api.submit()
+    assert a.response is not None
+    assert b.response is not None
+    codes = sorted([a.response.status_code, b.response.status_code])
+    assert codes == [200, 204]
+    got = await api.job(job["job_id"])
+    assert got["assigned_miner_id"] in ("m1", "m2")
+
+
+async def test_fifo_with_concurrency_two(api: Api) -> None:
+    """25: A then B; a miner with concurrency 2 polls twice -> A then B."""
+    await api.register(concurrency=2)
+    a = await api.submit()
+    b = await api.submit()
+    assert (await api.poll()).json()["job_id"] == a["job_id"]
+    assert (await api.poll()).json()["job_id"] == b["job_id"]
+
+
+async def test_full_miner_gets_204(api: Api) -> None:
+    """26: concurrency 1 holding a job -> 204 although B is queued."""
+    await started(api)
+    await api.submit()
+    assert (await api.poll()).status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("constraints", "good", "bad"),
+    [
+        ({"region": "eu"}, {"region": "eu"}, {"region": "us"}),
+        (
+            {"gpu": "RTX 4090"},
+            {"capabilities": {"gpus": [{"name": "RTX 4090"}]}},
+            {"capabilities": {"gpus": [{"name": "RTX 3090"}]}},
+        ),
+        (
+            {"min_vram_gb": 16},
+            {"capabilities": {"gpus": [{"name": "g", "memory_mb": 24576}]}},
+            {"capabilities": {"gpus": [{"name": "g", "memory_mb": 8192}]}},
+        ),
+        (
+            {"models": ["a", "b"]},
+            {"capabilities": {"models": ["a", "b", "c"]}},
+            {"capabilities": {"models": ["a"]}},
+        ),
+        ({"max_price": 0.05}, {"capabilities": {"price": 0.01}}, {"capabilities": {"price": 0.1}}),
+        ({"max_price": 0.05}, {"capabilities": {"price": 0.01}}, {"capabilities": {}}),
+    ],
+)
+async def test_constraints_match(
+    api: Api, constraints: dict[str, Any], good: dict[str, Any], bad: dict[str, Any]
+) -> None:
+    """27-31: region, gpu, min_vram_gb, models, max_price decide who may take the job."""
+    bad.setdefault("capabilities", {})
+    good.setdefault("capabilities", {})
+    await api.register("bad", **bad)
+    await api.register("good", **good)
+    job = await api.submit(constraints=constraints)
+    assert (await api.poll("bad")).status_code == 204
+    r = await api.poll("good")
+    assert r.status_code == 200
+    assert r.json()["job_id"] == job["job_id"]
+
+
+async def test_unconstrained_job_goes_to_empty_capabilities(api: Api) -> None:
+    """32: no constraints -> a miner with empty capabilities takes it."""
+    await started(api)
+
+
+async def test_poll_of_never_registered_miner_is_404(api: Api) -> None:
+    """33 [fix]: 404, not 500."""
+    r = await api.poll("ghost")
+    assert r.status_code == 404
+    r = await api.http.get("/v1/miner/jobs?max_wait_seconds=1", headers=miner_headers("ghost"))
+    assert r.status_code == 404
+
+
+# ---- results and receipts (34-45) ---------------------------------------------------------
+
+
+async def test_result_completes_the_job(api: Api) -> None:
+    """34: 200 {status ok, receipt}; the job is COMPLETED with that result."""
+    job = await started(api)
+    r = await api.result(job["job_id"], result={"output": "x"}, metrics={"duration_ms": 1500})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["receipt"]["job_id"] == job["job_id"]
+    got = await api.job(job["job_id"])
+    assert got["state"] == "COMPLETED"
+    assert got["result"] == {"output": "x"}
+
+
+async def test_result_for_unknown_job_is_404(api: Api) -> None:
+    """35."""
+    await api.register()
+    r = await api.result("f" * 32)
+    assert r.status_code == 404
+    assert r.json() == {"detail": "job not found"}
+
+
+async def test_result_as_string_is_422(api: Api) -> None:
+    """36."""
+    job = await started(api)
+    r = await api.result(job["job_id"], result="done")
+    assert r.status_code == 422
+
+
+async def test_result_from_non_assignee_is_409(api: Api) -> None:
+    """37 [fix]: another miner's result -> 409, the job unchanged."""
+    job = await started(api)
+    await api.register("m2")
+    r = await api.result(job["job_id"], miner_id="m2")
+    assert r.status_code == 409
+    assert (await api.job(job["job_id"]))["state"] == "RUNNING"
+
+
+async def test_result_is_idempotent(api: Api) -> None:
+    """38 [fix]: the same result twice -> both 200, same receipt, one receipt stored."""
+    job = await started(api)
+    first = (await api.result(job["job_id"])).json()
+    second = (await api.result(job["job_id"])).json()
+    assert first["receipt"]["receipt_id"] == second["receipt"]["receipt_id"]
+    r = await api.http.get(f"/v1/jobs/{job['job_id']}/receipts", headers={"X-Api-Key": CLIENT_KEY})
+    assert len(r.json()["items"]) == 1
+
+
+async def test_result_and_receipt_reads_after_completion(api: Api) -> None:
+    """39-42: /result 200; /receipt == /receipts[-1]; fields; signature verifies; tamper fails."""
+    job = await started(api)
+    await api.result(job["job_id"], metrics={"duration_ms": 1500})
+    h = {"X-Api-Key": CLIENT_KEY}
+    res = (await api.http.get(f"/v1/jobs/{job['job_id']}/result", headers=h)).json()
+    receipt = (await api.http.get(f"/v1/jobs/{job['job_id']}/receipt", headers=h)).json()
+    items = (await api.http.get(f"/v1/jobs/{job['job_id']}/receipts", headers=h)).json()["items"]
+    assert res["receipt"] == receipt == items[-1]
+    assert res["result"] == {"output": "x"}
+    assert receipt["version"] == "1.0"
+    assert receipt["provider"] == "m1"
+    assert receipt["status"] == "COMPLETED"
+    assert receipt["unit_type"] == "gpu_seconds"
+    assert receipt["unit_price"] == 0.02
+    assert receipt["started_at"] <= receipt["completed_at"]
+    assert receipt["metadata"]["job_payload"] == job["payload"]
+    assert receipt["signature"]["alg"] == "Ed25519"
+    assert receipt["signature"]["key_id"] == api.core.signer.key_id
+    assert verify_receipt(receipt, pinned_key_ids=frozenset({api.core.signer.key_id})) == []
+    assert verify_receipt({**receipt, "units": receipt["units"] + 1}) != []
+
+
+async def test_miner_claimed_units_do_not_bill(api: Api) -> None:
+    """43-44 [ours]: units and price come from server-observed time, not miner metrics."""
+    job = await started(api)
+    r = await api.result(job["job_id"], metrics={"units": 4, "unit_price": 0.5, "price": 99})
+    receipt = r.json()["receipt"]
+    assert receipt["units"] < 4
+    assert receipt["price"] == round(receipt["units"] * receipt["unit_price"], 6)
+    assert receipt["metadata"]["metrics"]["units"] == 4
+
+
+async def test_slot_is_free_after_a_result(api: Api) -> None:
+    """45: after a result the next poll gets the next job."""
+    job = await started(api)
+    nxt = await api.submit()
+    await api.result(job["job_id"])
+    assert (await api.poll()).json()["job_id"] == nxt["job_id"]
+
+
+# ---- failure, cancel (46-51) --------------------------------------------------------------
+
+
+async def test_fail_route(api: Api) -> None:
+    """46: /fail -> 200; FAILED with the message; missing error_code 422; unknown job 404."""
+    job = await started(api)
+    path = f"/v1/miners/{job['job_id']}/fail"
+    r = await api.http.post(path, json={"error_message": "boom"}, headers=miner_headers("m1"))
+    assert r.status_code == 422
+    body = {"error_code": "E1", "error_message": "boom"}
+    r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+    got = await api.job(job["job_id"])
+    assert got["state"] == "FAILED"
+    assert got["error"] == "boom"
+    r = await api.http.post(
+        "/v1/miners/" + "e" * 32 + "/fail", json=body, headers=miner_headers("m1")
+    )
+    assert r.status_code == 404
+
+
+async def test_slot_is_free_after_fail(api: Api) -> None:
+    """47 [fix]: after /fail the next poll gets the next job."""
+    job = await started(api)
+    nxt = await api.submit()
+    await api.http.post(
+        f"/v1/miners/{job['job_id']}/fail",
+        json={"error_code": "E", "error_message": "x"},
+        headers=miner_headers("m1"),
+    )
+    assert (await api.poll()).json()["job_id"] == nxt["job_id"]
+
+
+async def test_failed_status_in_result_fails_the_job(api: Api) -> None:
+    """48 [fix]: result.status == failed -> FAILED, not COMPLETED."""
+    job = await started(api)
+    r = await api.result(job["job_id"], result={"status": "failed", "error": "x"})
+    assert r.status_code == 200
+    got = await api.job(job["job_id"])
+    assert got["state"] == "FAILED"
+    assert got["error"] == "x"
+
+
+async def test_result_after_cancel_is_409(api: Api) -> None:
+    """51 [fix]: cancel while RUNNING, then result -> 409; the job stays CANCELED."""
+    job = await started(api)
+    r = await api.http.post(f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.json()["state"] == "CANCELED"
+    r = await api.result(job["job_id"])
+    assert r.status_code == 409
+    assert (await api.job(job["job_id"]))["state"] == "CANCELED"
+
+
+async def test_expired_job_seen_expired_and_never_polled(api: Api) -> None:
+    """52: ttl 1 s -> EXPIRED 'job expired' once past; no poll returns it."""
+    job = await api.submit(ttl_seconds=1)
+    with anyio.fail_after(5):
+        while (got := await api.job(job["job_id"]))["state"] != "EXPIRED":  # noqa: ASYNC110 - bounded poll
+            await anyio.sleep(0.05)
+    assert got["error"] == "job expired"
+    await api.register()
+    assert (await api.poll(max_wait=1)).status_code == 204
+
+
+async def test_lease_expiry_requeues_a_silent_miners_job(tmp_path: Path) -> None:
+    """53 [fix]: a job whose REST miner stays silent past the lease is requeued (attempt+1)."""
+    async with running_api(tmp_path, clock=SystemClock(), rest_job_lease_seconds=1.0) as api:
+        job = await started(api)
+        with anyio.fail_after(5):
+            while (got := await api.job(job["job_id"]))["state"] != "QUEUED":  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.05)
+        assert got["attempt"] == 1
+        r = await api.poll("m1")
+        assert r.json()["attempt"] == 2
+
+
+async def test_seed_doc_aliases(api: Api) -> None:
+    """§2.8: /v1/miner/register, heartbeat, GET jobs, POST result with job_id in the body."""
+    h = miner_headers("m1")
+    assert (
+        await api.http.post("/v1/miner/register", json={"capabilities": {}}, headers=h)
+    ).status_code == 200
+    assert (await api.http.post("/v1/miner/heartbeat", json={}, headers=h)).status_code == 200
+    job = await api.submit()
+    r = await api.http.get("/v1/miner/jobs?max_wait_seconds=1", headers=h)
+    assert r.json()["job_id"] == job["job_id"]
+    r = await api.http.post(
+        "/v1/miner/result", json={"job_id": job["job_id"], "result": {"ok": 1}}, headers=h
+    )
+    assert r.status_code == 200
+    assert r.json()["receipt"]["job_id"] == job["job_id"]
+
+
+async def test_rest_miner_survives_a_restart(tmp_path: Path) -> None:
+    """A miner registered before a restart can poll after it without registering again."""
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        job = await started(api)
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        assert (await api.job(job["job_id"]))["state"] == "RUNNING"
+        assert (await api.result(job["job_id"])).status_code == 200
+        nxt = await api.submit()
+        assert (await api.poll()).json()["job_id"] == nxt["job_id"]

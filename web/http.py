@@ -1,0 +1,233 @@
+"""REST plumbing: the endpoint table type, auth, bodies, errors and rate limits.
+
+Every REST route is an ``Endpoint``: the same object builds the Starlette route (with auth,
+body-size limit, JSON parsing and schema validation in front of the handler) and its entry in
+``/openapi.json``. Errors always leave as ``{"detail": …}``; nothing a client sends can turn
+into a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dispatcher.errors import DispatchError
+from web.errors import http_status_for
+from web.schemas import SCHEMAS, ValidationFailed, validate
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from web.app import Coordinator
+    from web.auth import Principal, Role
+
+__all__ = [
+    "Call",
+    "Endpoint",
+    "HTTPError",
+    "JSON",
+    "Param",
+    "RateLimiter",
+    "json_response",
+    "routes_for",
+]
+
+log = logging.getLogger("aitbc.coordinator")
+JSON = Any
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def json_response(data: JSON, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+    where: str = "query"
+
+
+@dataclass(slots=True)
+class Call:
+    """What a handler receives: the request, the app core, the caller, the validated input."""
+
+    request: Request
+    core: Coordinator
+    principal: Principal | None
+    body: Any
+    query: dict[str, Any]
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+    @property
+    def caller_id(self) -> str:
+        assert self.principal is not None
+        return self.principal.id
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    paths: tuple[str, ...]
+    handler: Handler
+    summary: str
+    tag: str
+    role: Role | None = None
+    body: str | None = None
+    body_required: bool = True
+    query: tuple[Param, ...] = ()
+    responses: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    description: str = ""
+
+
+class RateLimiter:
+    """Per-credential token buckets (``RATE_LIMIT_PER_MINUTE``; 0 turns it off)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, key: str, now: float) -> float | None:
+        """None when allowed; otherwise the seconds to wait."""
+        if self.per_minute <= 0:
+            return None
+        rate = self.per_minute / 60.0
+        tokens, last = self._buckets.get(key, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > 100_000:
+            self._buckets.clear()
+        return None
+
+
+def _authorize(core: Coordinator, request: Request, role: Role | None) -> Principal | None:
+    token = core.auth.token_from_headers(request.headers)
+    if role is None:
+        return None if token is None else core.auth.from_token(token)
+    if token is None:
+        raise HTTPError(401, "Authentication required", {"WWW-Authenticate": "Bearer"})
+    principal = core.auth.from_token(token)
+    if principal is None:
+        raise HTTPError(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
+    if principal.role is not role:
+        raise HTTPError(403, "Forbidden")
+    return principal
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in params:
+        raw = request.query_params.get(p.name)
+        if raw is None or raw == "":
+            if "default" in p.schema:
+                out[p.name] = p.schema["default"]
+            continue
+        value: Any = raw
+        if p.schema.get("type") == "integer":
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValidationFailed(f"query parameter {p.name} must be an integer") from None
+        validate(p.schema, value, f"query parameter {p.name}")
+        out[p.name] = value
+    return out
+
+
+def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    async def run(request: Request) -> Response:
+        core: Coordinator = request.app.state.core
+        try:
+            principal = _authorize(core, request, endpoint.role)
+            body: Any = None
+            if endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH"):
+                raw = await _read_body(request, core.settings.max_body_bytes)
+                if endpoint.body is not None and raw.strip():
+                    try:
+                        body = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        raise HTTPError(422, "request body is not valid JSON") from None
+                    validate(SCHEMAS[endpoint.body], body)
+                elif endpoint.body is not None and endpoint.body_required:
+                    raise HTTPError(422, "request body is required (a JSON object)")
+            query = _coerce_query(endpoint.query, request)
+            if principal is not None:
+                wait = core.rate_limiter.check(
+                    f"{principal.key_hash}:{endpoint.tag}", time.monotonic()
+                )
+                if wait is not None:
+                    raise HTTPError(
+                        429, "Rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))}
+                    )
+            return await endpoint.handler(Call(request, core, principal, body, query))
+        except ValidationFailed as exc:
+            return json_response({"detail": exc.message}, 422)
+        except HTTPError as exc:
+            return json_response({"detail": exc.detail}, exc.status, exc.headers)
+        except DispatchError as exc:
+            return json_response({"detail": str(exc)}, http_status_for(exc))
+
+    return run
+
+
+def routes_for(endpoints: list[Endpoint]) -> list[Route]:
+    routes = []
+    for endpoint in endpoints:
+        handler = _wrap(endpoint)
+        for path in endpoint.paths:
+            routes.append(Route(path, handler, methods=[endpoint.method]))
+    return routes
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 as JSON."""
+    assert isinstance(exc, HTTPException)
+    return json_response({"detail": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return json_response({"detail": "internal server error"}, 500)
+
+
+__all__ += ["http_exception", "internal_error"]

@@ -1,0 +1,136 @@
+"""``/openapi.json`` (OpenAPI 3.1), generated from the ``Endpoint`` tables and ``SCHEMAS``.
+
+Nothing here is written by hand per route: a route that exists is documented, with the same
+schemas that validate its input.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from web.http import json_response
+from web.schemas import SCHEMAS
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from web.http import Endpoint
+
+__all__ = ["TAGS", "openapi_document", "openapi_endpoint"]
+
+TAGS = [
+    {"name": "jobs", "description": "Client job routes (rest-api.md §2.2)"},
+    {"name": "receipts", "description": "Signed receipts of a job (§4)"},
+    {"name": "miners", "description": "Polling miners (§2.3); sockets: /v1/miners/ws"},
+    {"name": "admin", "description": "Admin key only (§2.4)"},
+    {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
+    {"name": "health", "description": "Liveness and readiness, no auth"},
+]
+
+_PATH_PARAM = re.compile(r"{([^}]+)}")
+
+_HEALTH: dict[str, dict[str, Any]] = {
+    "/health": {"summary": "Health", "description": "Non-empty JSON object with status ok"},
+    "/health/live": {"summary": "Liveness"},
+    "/health/ready": {"summary": "Readiness (503 until the dispatcher serves)"},
+    "/openapi.json": {"summary": "This document"},
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": f"{endpoint.method.lower()}_{_slug(path)}",
+        "summary": endpoint.summary,
+        "tags": [endpoint.tag],
+    }
+    if endpoint.description:
+        op["description"] = endpoint.description
+    if path != endpoint.paths[0]:
+        op["description"] = (
+            f"Alias of {endpoint.method} {endpoint.paths[0]}. " + op.get("description", "")
+        ).strip()
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAM.findall(path)
+    ]
+    for p in endpoint.query:
+        param: dict[str, Any] = {"name": p.name, "in": p.where, "schema": p.schema}
+        if p.description:
+            param["description"] = p.description
+        params.append(param)
+    if params:
+        op["parameters"] = params
+    if endpoint.body is not None:
+        op["requestBody"] = {
+            "required": endpoint.body_required,
+            "content": {"application/json": {"schema": _ref(endpoint.body)}},
+        }
+    responses: dict[str, Any] = {}
+    for status, (description, schema) in sorted(endpoint.responses.items()):
+        entry: dict[str, Any] = {"description": description}
+        if schema is not None:
+            entry["content"] = {"application/json": {"schema": _ref(schema)}}
+        responses[str(status)] = entry
+    if endpoint.role is not None:
+        responses.setdefault("429", {"description": "rate limited (Retry-After)"})
+        op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}]
+    else:
+        op["security"] = []
+    op["responses"] = responses
+    return op
+
+
+def _slug(path: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", path.lower()).strip("_")
+
+
+def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for path, info in _HEALTH.items():
+        paths[path] = {
+            "get": {
+                **info,
+                "operationId": f"get_{_slug(path)}",
+                "tags": ["health"],
+                "security": [],
+                "responses": {"200": {"description": "JSON object"}},
+            }
+        }
+    for endpoint in endpoints:
+        for path in endpoint.paths:
+            paths.setdefault(path, {})[endpoint.method.lower()] = _operation(endpoint, path)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "AITBC Coordinator",
+            "version": version,
+            "description": "REST compatibility layer (docs/rest-api.md). Realtime clients and "
+            "miners use the WebSocket protocol (docs/protocol.md).",
+        },
+        "tags": TAGS,
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+                "Bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the same API key, as Authorization: Bearer <key>",
+                },
+            },
+        },
+    }
+
+
+def openapi_endpoint(document: dict[str, Any]) -> Any:
+    async def serve(request: Request) -> Response:
+        return json_response(document)
+
+    return serve

@@ -1,0 +1,166 @@
+"""Admin routes (rest-api.md §2.4) and the public explorer receipt list (§2.7).
+
+Counts come from committed state (the store); miner liveness from the dispatcher. The explorer
+shows receipts without ``metadata`` and ``client``: no job input, output or client identity is
+public (§9 "Data exposure"); the billing fields and the signature stay.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from protocol.types import iso_time
+from storage.base import JobQuery
+from web.auth import Role
+from web.http import Call, Endpoint, Param, json_response
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+    from protocol.types import JSONObject
+
+__all__ = ["ENDPOINTS", "public_receipt"]
+
+DURATION_SAMPLE = 1000  # completed jobs averaged for avg_miner_job_duration_ms
+PRIVATE_RECEIPT_FIELDS = ("metadata", "client")
+
+
+async def _avg_duration_ms(call: Call) -> float:
+    jobs, _ = await call.core.store.list_jobs(
+        JobQuery(state="COMPLETED", limit=DURATION_SAMPLE, offset=0)
+    )
+    spans = [
+        j.finished_at - j.started_at
+        for j in jobs
+        if j.finished_at is not None and j.started_at is not None
+    ]
+    return round(1000 * sum(spans) / len(spans), 3) if spans else 0.0
+
+
+async def stats(call: Call) -> Response:
+    counts = await call.core.store.count_jobs()
+    miners = call.core.dispatcher.rest_miners()
+    return json_response(
+        {
+            "total_jobs": sum(counts.values()),
+            "active_jobs": counts.get("QUEUED", 0) + counts.get("RUNNING", 0),
+            "online_miners": sum(1 for m in miners if m.online),
+            "avg_miner_job_duration_ms": await _avg_duration_ms(call),
+            "jobs_by_state": counts,
+        }
+    )
+
+
+async def jobs(call: Call) -> Response:
+    items, _ = await call.core.store.list_jobs(JobQuery(limit=100, offset=0))
+    return json_response(
+        {
+            "items": [
+                {
+                    "job_id": j.job_id,
+                    "state": j.state,
+                    "client_id": j.client_id,
+                    "assigned_miner_id": j.miner_id,
+                    "requested_at": iso_time(j.requested_at),
+                    "attempt": j.attempt,
+                }
+                for j in items
+            ]
+        }
+    )
+
+
+async def miners(call: Call) -> Response:
+    items: list[dict[str, Any]] = [
+        {
+            "miner_id": m.miner_id,
+            "status": "ONLINE" if m.online else "OFFLINE",
+            "inflight": m.inflight,
+            "concurrency": m.concurrency,
+            "region": m.region,
+            "last_heartbeat": None if m.last_seen is None else iso_time(m.last_seen),
+            "transport": m.transport,
+        }
+        for m in call.core.dispatcher.rest_miners()
+    ]
+    items.sort(key=lambda m: str(m["miner_id"]))
+    return json_response({"items": items})
+
+
+def public_receipt(receipt: JSONObject) -> JSONObject:
+    """The receipt minus job input/output and client identity (the signature is kept)."""
+    return {k: v for k, v in receipt.items() if k not in PRIVATE_RECEIPT_FIELDS}
+
+
+async def explorer_receipts(call: Call) -> Response:
+    q = call.query
+    job_id = q.get("job_id") or None
+    rows = await call.core.store.list_receipts(job_id, q["limit"], q["offset"])
+    items: list[dict[str, Any]] = []
+    for r in rows:
+        completed = r.get("completed_at")
+        items.append(
+            {
+                "receiptId": r.get("receipt_id"),
+                "jobId": r.get("job_id"),
+                "miner": r.get("provider"),
+                "coordinator": r.get("signature", {}).get("key_id"),
+                "issuedAt": iso_time(completed) if isinstance(completed, int | float) else None,
+                "status": r.get("status"),
+                "payload": public_receipt(r),
+            }
+        )
+    return json_response({"jobId": job_id or "all", "items": items})
+
+
+_auth = {
+    401: ("missing or unknown credential", "Error"),
+    403: ("credential of another role", "Error"),
+}
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        ("/v1/admin/stats",),
+        stats,
+        "Job and miner counts",
+        "admin",
+        role=Role.ADMIN,
+        responses={200: ("counts (committed state)", "AdminStats"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/admin/jobs",),
+        jobs,
+        "The newest 100 jobs",
+        "admin",
+        role=Role.ADMIN,
+        responses={200: ("jobs, newest first", "AdminJobList"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/admin/miners",),
+        miners,
+        "Known miners and their liveness",
+        "admin",
+        role=Role.ADMIN,
+        responses={200: ("miners", "AdminMinerList"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/explorer/receipts",),
+        explorer_receipts,
+        "Public receipt list (no job input/output, no client identity)",
+        "explorer",
+        query=(
+            Param("job_id", {"type": "string", "maxLength": 128}, "only this job's receipts"),
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
+            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+        ),
+        responses={
+            200: ("receipts, newest first", "ExplorerReceipts"),
+            422: ("invalid query parameter", "Error"),
+        },
+    ),
+]

@@ -1,0 +1,216 @@
+"""Client REST routes: submit, read, list, result, cancel, receipts (rest-api.md §2.2).
+
+The seed-documentation paths (``/v1/client/jobs…``) are aliases served by the same handlers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.core import JobSpec
+from dispatcher.errors import InvalidTransition, UnknownJob
+from protocol.records import JobRecord, job_view
+from storage.base import JobQuery
+from web.auth import Role
+from web.http import Call, Endpoint, HTTPError, Param, json_response
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+__all__ = ["ENDPOINTS", "owned_job"]
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
+STATES = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
+
+
+def _view(call: Call, rec: JobRecord) -> dict[str, Any]:
+    servable = call.core.dispatcher.scheduler.is_servable(rec.constraints)
+    return job_view(rec, servable=servable)
+
+
+async def owned_job(call: Call, job_id: str) -> JobRecord:
+    """The caller's job, or 404 (another client's job is indistinguishable from none)."""
+    rec = await call.core.dispatcher.get_job(job_id)
+    if rec is None or rec.client_id != call.caller_id:
+        raise HTTPError(404, "job not found")
+    return rec
+
+
+async def submit(call: Call) -> Response:
+    body = call.body
+    ttl = body.get("ttl_seconds")
+    spec = JobSpec(
+        job_id=uuid.uuid4().hex,
+        client_id=call.caller_id,
+        payload=body["payload"],
+        constraints=body.get("constraints") or {},
+        ttl_seconds=None if ttl is None else max(1, ttl),
+        priority=body.get("priority") or 0,
+        idempotency_key=body.get("idempotency_key"),
+    )
+    rec, existed = await call.core.dispatcher.submit_wait(spec)
+    return json_response(_view(call, rec), 200 if existed else 201)
+
+
+async def get_job(call: Call) -> Response:
+    return json_response(_view(call, await owned_job(call, call.path("job_id"))))
+
+
+async def list_jobs(call: Call) -> Response:
+    q = call.query
+    state = q.get("status") or q.get("state")
+    if state is not None:
+        state = str(state).upper()
+        if state not in STATES:
+            raise HTTPError(422, f"query parameter status must be one of {', '.join(STATES)}")
+    limit, offset = q["limit"], q["offset"]
+    items, total = await call.core.store.list_jobs(
+        JobQuery(
+            client_id=call.caller_id,
+            state=state,
+            job_type=q.get("job_type"),
+            limit=limit,
+            offset=offset,
+        )
+    )
+    return json_response(
+        {"items": [_view(call, r) for r in items], "total": total, "limit": limit, "offset": offset}
+    )
+
+
+async def get_result(call: Call) -> Response:
+    rec = await owned_job(call, call.path("job_id"))
+    if rec.state not in TERMINAL:
+        raise HTTPError(425, "job not ready")
+    return json_response({"result": rec.result, "receipt": rec.receipt})
+
+
+async def cancel(call: Call) -> Response:
+    job_id = call.path("job_id")
+    try:
+        rec = await call.core.dispatcher.cancel_wait(call.caller_id, job_id)
+    except UnknownJob:
+        await owned_job(call, job_id)  # 404 unless it is ours and simply no longer live
+        raise HTTPError(409, "job not cancelable") from None
+    except InvalidTransition:
+        raise HTTPError(409, "job not cancelable") from None
+    return json_response(_view(call, rec))
+
+
+async def get_receipt(call: Call) -> Response:
+    rec = await owned_job(call, call.path("job_id"))
+    if rec.receipt is None:
+        raise HTTPError(404, "receipt not available")
+    return json_response(rec.receipt)
+
+
+async def list_receipts(call: Call) -> Response:
+    job_id = call.path("job_id")
+    await owned_job(call, job_id)
+    return json_response({"items": await call.core.store.receipts_for(job_id)})
+
+
+_JOB = {"type": "string", "maxLength": 128}
+_not_found = (404, ("job not found", "Error"))
+_auth = {
+    401: ("missing or unknown credential", "Error"),
+    403: ("credential of another role", "Error"),
+}
+
+
+def _r(*pairs: tuple[int, tuple[str, str | None]]) -> dict[int, tuple[str, str | None]]:
+    return {**dict(pairs), **_auth}
+
+
+ENDPOINTS = [
+    Endpoint(
+        "POST",
+        ("/v1/jobs", "/v1/client/jobs"),
+        submit,
+        "Submit a job",
+        "jobs",
+        role=Role.CLIENT,
+        body="JobCreate",
+        responses=_r(
+            (201, ("queued (durably stored)", "JobView")),
+            (200, ("an earlier job with the same idempotency_key", "JobView")),
+            (413, ("body too large", "Error")),
+            (422, ("invalid body", "Error")),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/jobs",),
+        list_jobs,
+        "List your jobs, newest first",
+        "jobs",
+        role=Role.CLIENT,
+        query=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}),
+            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+            Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
+            Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
+        ),
+        responses=_r(
+            (200, ("a page of jobs; total counts every match", "JobList")),
+            (422, ("invalid query parameter", "Error")),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/jobs/{job_id}", "/v1/client/jobs/{job_id}/status"),
+        get_job,
+        "Get a job",
+        "jobs",
+        role=Role.CLIENT,
+        responses=_r((200, ("the job", "JobView")), _not_found),
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/jobs/{job_id}/result",),
+        get_result,
+        "Result and receipt",
+        "jobs",
+        role=Role.CLIENT,
+        responses=_r(
+            (200, ("the job ended (result/receipt null when none)", "JobResult")),
+            (425, ("the job has not ended", "Error")),
+            _not_found,
+        ),
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/jobs/{job_id}/cancel",),
+        cancel,
+        "Cancel a job (no body)",
+        "jobs",
+        role=Role.CLIENT,
+        responses=_r(
+            (200, ("canceled; a running miner is told", "JobView")),
+            (409, ("job not cancelable", "Error")),
+            _not_found,
+        ),
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/jobs/{job_id}/receipt",),
+        get_receipt,
+        "Latest receipt",
+        "receipts",
+        role=Role.CLIENT,
+        responses=_r(
+            (200, ("the signed receipt", "Receipt")),
+            (404, ("job not found / receipt not available", "Error")),
+        ),
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/jobs/{job_id}/receipts", "/v1/client/jobs/{job_id}/receipts"),
+        list_receipts,
+        "All receipts of a job",
+        "receipts",
+        role=Role.CLIENT,
+        responses=_r((200, ("receipts", "ReceiptList")), _not_found),
+    ),
+]

@@ -1,0 +1,296 @@
+"""Miner REST routes: register, heartbeat, long-poll, result, fail (rest-api.md §2.3).
+
+A REST miner is the same scheduler miner as a socket miner, registered with a fixed session id
+(``rest:<miner_id>``); its free slots are offered only while one of its polls waits. The
+seed-documentation paths (``/v1/miner/…``) are aliases served by the same handlers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response
+
+from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
+from dispatcher.jobs import TERMINAL
+from web.auth import Role
+from web.http import Call, Endpoint, HTTPError, Param, json_response
+
+if TYPE_CHECKING:
+    from protocol.messages import JobAssign
+    from protocol.types import JSONObject
+
+__all__ = ["CONSTRAINT_DEFAULTS", "ENDPOINTS", "miner_id_for", "poll_deadline"]
+
+# AssignedJob.constraints carries every Constraints key (rest-api.md §2.9), nulls and false
+# defaults included; the job's own keys (unknown ones too) override these.
+CONSTRAINT_DEFAULTS: dict[str, Any] = {
+    "gpu": None,
+    "cuda": None,
+    "min_vram_gb": None,
+    "models": None,
+    "region": None,
+    "max_price": None,
+    "min_reputation": None,
+    "bond_required": False,
+    "min_bond_amount": None,
+    "zk_proof_required": False,
+    "tee_attestation_required": False,
+    "tee_enclave_id": None,
+    "confidential": False,
+    "required_enclave_measurement": None,
+    "auto_reinvest_pct": None,
+}
+
+
+def miner_id_for(call: Call) -> str:
+    """``X-Miner-ID`` when sent, else a stable id derived from the key (never the key)."""
+    assert call.principal is not None
+    given = call.request.headers.get("x-miner-id", "").strip()
+    if given:
+        if len(given) > 128:
+            raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
+        return given
+    return f"miner-{call.principal.key_hash[:12]}"
+
+
+def poll_deadline(max_wait: float, cap: float) -> float:
+    """Seconds the server may hold a poll: 1 s under the client's wait, never over ``cap``.
+
+    The field clients send 5 s with a 5 s HTTP timeout (rest-api.md §2.3), so answering at
+    ``max_wait - 1`` keeps every known client inside its timeout.
+    """
+    return max(0.0, min(float(max_wait) - 1.0, cap))
+
+
+async def register(call: Call) -> Response:
+    assert call.principal is not None
+    body = call.body
+    miner_id = miner_id_for(call)
+    region = body.get("region")
+    await call.core.dispatcher.rest_register(
+        miner_id=miner_id,
+        key_hash=call.principal.key_hash,
+        capabilities=body["capabilities"],
+        concurrency=body.get("concurrency") or 1,
+        region=None if region is None else str(region),
+    )
+    return json_response({"status": "ok", "session_token": uuid.uuid4().hex, "miner_id": miner_id})
+
+
+def _registered(call: Call) -> str:
+    miner_id = miner_id_for(call)
+    try:
+        call.core.dispatcher.rest_heartbeat(miner_id)
+    except UnknownMiner:
+        raise HTTPError(404, "miner not registered") from None
+    return miner_id
+
+
+async def heartbeat(call: Call) -> Response:
+    _registered(call)  # ``inflight`` and ``status`` are never trusted: slots come from leases
+    return json_response({"status": "ok"})
+
+
+def _assigned(msg: JobAssign) -> JSONObject:
+    return {
+        "job_id": msg.job_id,
+        "payload": msg.payload,
+        "constraints": {**CONSTRAINT_DEFAULTS, **msg.constraints},
+        "attempt": msg.attempt,
+        "expires_at": msg.expires_at,
+    }
+
+
+async def _poll(call: Call, max_wait: Any) -> Response:
+    miner_id = _registered(call)
+    wait = poll_deadline(max_wait, call.core.settings.max_poll_wait_seconds)
+    try:
+        msg = await call.core.dispatcher.rest_poll(miner_id, wait)
+    except UnknownMiner:
+        raise HTTPError(404, "miner not registered") from None
+    if msg is None:
+        return Response(status_code=204)
+    return json_response(_assigned(msg))
+
+
+async def poll(call: Call) -> Response:
+    return await _poll(call, call.body.get("max_wait_seconds", 15))
+
+
+async def poll_get(call: Call) -> Response:
+    return await _poll(call, call.query["max_wait_seconds"])
+
+
+async def _job_state(call: Call, job_id: str) -> str:
+    rec = await call.core.dispatcher.get_job(job_id)
+    if rec is None:
+        raise HTTPError(404, "job not found")
+    return rec.state
+
+
+async def _submit_result(call: Call, job_id: str) -> Response:
+    miner_id = miner_id_for(call)
+    body = call.body
+    result, metrics = body["result"], body.get("metrics") or {}
+    dispatcher = call.core.dispatcher
+    if result.get("status") == "failed":  # the production miner reports failures here
+        error = result.get("error")
+        await _fail(call, job_id, "failed", "job failed" if error is None else str(error))
+        return json_response({"status": "ok", "receipt": None})
+    try:
+        rec = await dispatcher.rest_result(miner_id, job_id, result, metrics)
+    except UnknownJob:
+        # Not in memory: a retry of a result accepted long ago, or a job that ended otherwise.
+        try:
+            receipt = await dispatcher.stored_receipt(miner_id, job_id)
+        except UnknownJob:
+            raise HTTPError(404, "job not found") from None
+        if receipt is None:
+            raise HTTPError(409, "job is not assigned to this miner") from None
+        return json_response({"status": "ok", "receipt": receipt})
+    except NotAssigned:
+        state = await _job_state(call, job_id)
+        detail = f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
+        raise HTTPError(409, detail) from None
+    return json_response({"status": "ok", "receipt": rec.receipt})
+
+
+async def result_by_path(call: Call) -> Response:
+    return await _submit_result(call, call.path("job_id"))
+
+
+async def result_by_body(call: Call) -> Response:
+    job_id = call.body.get("job_id")
+    if not isinstance(job_id, str) or not job_id:
+        raise HTTPError(422, "body.job_id is required")
+    return await _submit_result(call, job_id)
+
+
+async def _fail(call: Call, job_id: str, code: str, message: str) -> None:
+    try:
+        await call.core.dispatcher.rest_fail(miner_id_for(call), job_id, code, message)
+    except UnknownJob:
+        await _job_state(call, job_id)  # 404 when it never existed
+        raise HTTPError(409, "job is not assigned to this miner") from None
+    except NotAssigned:
+        state = await _job_state(call, job_id)
+        detail = f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
+        raise HTTPError(409, detail) from None
+
+
+async def fail(call: Call) -> Response:
+    body = call.body
+    await _fail(call, call.path("job_id"), body["error_code"], body["error_message"])
+    return json_response({"status": "ok"})
+
+
+_auth = {
+    401: ("missing or unknown credential", "Error"),
+    403: ("credential of another role, or a miner id bound to another key", "Error"),
+}
+_unregistered = (404, ("miner not registered", "Error"))
+_result_errors = (
+    (404, ("job not found", "Error")),
+    (409, ("not this miner's job, or the job already ended", "Error")),
+    (422, ("invalid body", "Error")),
+)
+
+
+def _r(*pairs: tuple[int, tuple[str, str | None]]) -> dict[int, tuple[str, str | None]]:
+    return {**dict(pairs), **_auth}
+
+
+_poll_responses = _r(
+    (200, ("a job, already RUNNING for this miner", "AssignedJob")),
+    (204, ("no job within the wait (empty body)", None)),
+    _unregistered,
+    (422, ("invalid body", "Error")),
+)
+_POLL_DESCRIPTION = (
+    "Long-poll: the server holds the request until a matching job is assigned to this miner, "
+    "answering at the latest max(0, max_wait_seconds - 1) s (capped by MAX_POLL_WAIT_SECONDS)."
+)
+
+ENDPOINTS = [
+    Endpoint(
+        "POST",
+        ("/v1/miners/register", "/v1/miner/register"),
+        register,
+        "Register or update a polling miner",
+        "miners",
+        role=Role.MINER,
+        body="MinerRegister",
+        responses=_r(
+            (200, ("registered", "MinerRegistered")),
+            (422, ("invalid body (capabilities is required)", "Error")),
+        ),
+        description="The miner id is X-Miner-ID, else derived from the key; it is bound to "
+        "the first key that used it. The ?miner_id= query parameter is ignored.",
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/heartbeat", "/v1/miner/heartbeat"),
+        heartbeat,
+        "Miner heartbeat",
+        "miners",
+        role=Role.MINER,
+        body="MinerHeartbeat",
+        body_required=False,
+        responses=_r((200, ("alive", "Ok")), _unregistered),
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/poll",),
+        poll,
+        "Wait for the next job",
+        "miners",
+        role=Role.MINER,
+        body="PollRequest",
+        responses=_poll_responses,
+        description=_POLL_DESCRIPTION,
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/miner/jobs",),
+        poll_get,
+        "Wait for the next job (seed-doc alias of POST /v1/miners/poll)",
+        "miners",
+        role=Role.MINER,
+        query=(Param("max_wait_seconds", {"type": "integer", "minimum": 0, "default": 15}),),
+        responses=_poll_responses,
+        description=_POLL_DESCRIPTION,
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{job_id}/result",),
+        result_by_path,
+        "Submit a job result",
+        "miners",
+        role=Role.MINER,
+        body="JobResultSubmit",
+        responses=_r((200, ("accepted; the signed receipt", "ResultAccepted")), *_result_errors),
+        description='Idempotent for the assignee. result.status == "failed" fails the job.',
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miner/result",),
+        result_by_body,
+        "Submit a job result (seed-doc alias; job_id in the body)",
+        "miners",
+        role=Role.MINER,
+        body="JobResultSubmit",
+        responses=_r((200, ("accepted; the signed receipt", "ResultAccepted")), *_result_errors),
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{job_id}/fail",),
+        fail,
+        "Report a job failure",
+        "miners",
+        role=Role.MINER,
+        body="JobFailSubmit",
+        responses=_r((200, ("the job is FAILED; the slot is free", "Ok")), *_result_errors),
+    ),
+]

@@ -1,0 +1,387 @@
+"""Request/response schemas as JSON Schema (OpenAPI 3.1) plus the small validator that uses them.
+
+Rule: one definition per shape. The same dicts validate request bodies and are published in
+``/openapi.json``, so the documentation cannot drift from what the server accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SCHEMAS", "ValidationFailed", "validate"]
+
+Schema = dict[str, Any]
+
+_str = {"type": "string"}
+_num = {"type": "number"}
+_obj = {"type": "object"}
+_nullable_str = {"type": ["string", "null"]}
+
+CONSTRAINTS: Schema = {
+    "type": "object",
+    "description": "Matching constraints (rest-api §3.3); unknown keys are kept and ignored.",
+    "properties": {
+        "gpu": {**_str, "maxLength": 256, "description": "exact name in capabilities.gpus[].name"},
+        "cuda": {**_str, "maxLength": 64, "description": "substring of capabilities.cuda"},
+        "min_vram_gb": {**_num, "minimum": 0, "maximum": 1e6},
+        "models": {"type": "array", "items": {**_str, "maxLength": 256}, "maxItems": 256},
+        "region": {**_str, "maxLength": 128},
+        "max_price": {**_num, "minimum": 0},
+        "min_reputation": {**_num},
+        "bond_required": {"type": "boolean"},
+    },
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "Constraints": CONSTRAINTS,
+    "JobCreate": {
+        "type": "object",
+        "required": ["payload"],
+        "properties": {
+            "payload": {**_obj, "description": "free-form job input (type, prompt, model, …)"},
+            "constraints": {"$ref": "#/components/schemas/Constraints"},
+            "ttl_seconds": {
+                "type": "integer",
+                "maximum": 604800,
+                "description": "queue + run time; values below 1 become 1",
+            },
+            "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
+            "idempotency_key": {**_str, "maxLength": 128},
+            "payment_amount": {"type": ["number", "string", "null"]},
+            "payment_currency": {**_str, "maxLength": 16},
+        },
+    },
+    "JobView": {
+        "type": "object",
+        "required": ["job_id", "state", "requested_at", "expires_at"],
+        "properties": {
+            "job_id": {**_str, "pattern": "^[0-9a-f]{32}$"},
+            "state": {"enum": ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]},
+            "assigned_miner_id": _nullable_str,
+            "requested_at": {**_str, "format": "date-time"},
+            "expires_at": {**_str, "format": "date-time"},
+            "error": _nullable_str,
+            "payment_id": _nullable_str,
+            "payment_status": _nullable_str,
+            "payload": _obj,
+            "constraints": _obj,
+            "result": {"type": ["object", "null"]},
+            "receipt_id": _nullable_str,
+            "attempt": {"type": "integer"},
+            "priority": {"type": "integer"},
+            "started_at": _nullable_str,
+            "finished_at": _nullable_str,
+            "seq": {"type": "integer"},
+            "servable": {"type": "boolean"},
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "required": ["items", "total", "limit", "offset"],
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/JobView"}},
+            "total": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+        },
+    },
+    "JobResult": {
+        "type": "object",
+        "required": ["result", "receipt"],
+        "properties": {
+            "result": {"type": ["object", "null"]},
+            "receipt": {"oneOf": [{"$ref": "#/components/schemas/Receipt"}, {"type": "null"}]},
+        },
+    },
+    "Receipt": {
+        "type": "object",
+        "description": "Signed receipt (rest-api §4.3): Ed25519 over the canonical JSON of "
+        "every other field.",
+        "required": [
+            "version",
+            "receipt_id",
+            "job_id",
+            "provider",
+            "status",
+            "units",
+            "unit_type",
+            "unit_price",
+            "price",
+            "started_at",
+            "completed_at",
+            "signature",
+        ],
+        "properties": {
+            "version": _str,
+            "receipt_id": _str,
+            "job_id": _str,
+            "provider": _str,
+            "client": _str,
+            "status": _str,
+            "units": _num,
+            "unit_type": _str,
+            "unit_price": _num,
+            "price": _num,
+            "started_at": {"type": "integer"},
+            "completed_at": {"type": "integer"},
+            "metadata": _obj,
+            "signature": {
+                "type": "object",
+                "required": ["alg", "key_id", "sig"],
+                "properties": {"alg": _str, "key_id": _str, "sig": _str},
+            },
+        },
+    },
+    "ReceiptList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Receipt"}}
+        },
+    },
+    "MinerRegister": {
+        "type": "object",
+        "required": ["capabilities"],
+        "properties": {
+            "capabilities": {
+                **_obj,
+                "description": "gpus[{name,memory_mb}], cuda, models, "
+                "price, … (free-form extras kept)",
+            },
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 1024},
+            "region": {"type": ["string", "null"], "maxLength": 128},
+        },
+    },
+    "MinerRegistered": {
+        "type": "object",
+        "required": ["status", "session_token"],
+        "properties": {"status": {"const": "ok"}, "session_token": _str, "miner_id": _str},
+    },
+    "MinerHeartbeat": {
+        "type": "object",
+        "description": "Extra keys are accepted and ignored; inflight is never trusted.",
+        "properties": {"status": _str, "inflight": {"type": "integer"}, "metadata": _obj},
+    },
+    "PollRequest": {
+        "type": "object",
+        "properties": {"max_wait_seconds": {"type": "integer", "minimum": 0, "maximum": 3600}},
+    },
+    "AssignedJob": {
+        "type": "object",
+        "required": ["job_id", "payload", "constraints"],
+        "properties": {
+            "job_id": _str,
+            "payload": _obj,
+            "constraints": {"$ref": "#/components/schemas/Constraints"},
+            "attempt": {"type": "integer"},
+        },
+    },
+    "JobResultSubmit": {
+        "type": "object",
+        "required": ["result"],
+        "properties": {
+            "result": _obj,
+            "metrics": _obj,
+            "job_id": {**_str, "description": "only on POST /v1/miner/result"},
+        },
+    },
+    "ResultAccepted": {
+        "type": "object",
+        "required": ["status", "receipt"],
+        "properties": {
+            "status": {"const": "ok"},
+            "receipt": {"oneOf": [{"$ref": "#/components/schemas/Receipt"}, {"type": "null"}]},
+        },
+    },
+    "JobFailSubmit": {
+        "type": "object",
+        "required": ["error_code", "error_message"],
+        "properties": {
+            "error_code": {**_str, "maxLength": 256},
+            "error_message": {**_str, "maxLength": 65536},
+            "metrics": _obj,
+            "retryable": {"type": "boolean"},
+        },
+    },
+    "Ok": {"type": "object", "required": ["status"], "properties": {"status": _str}},
+    "AdminStats": {
+        "type": "object",
+        "required": ["total_jobs", "active_jobs", "online_miners", "avg_miner_job_duration_ms"],
+        "properties": {
+            "total_jobs": {"type": "integer"},
+            "active_jobs": {"type": "integer", "description": "QUEUED + RUNNING"},
+            "online_miners": {"type": "integer"},
+            "avg_miner_job_duration_ms": {
+                **_num,
+                "description": "mean run time of the newest 1000 completed jobs",
+            },
+            "jobs_by_state": _obj,
+        },
+    },
+    "AdminJobList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "job_id": _str,
+                        "state": _str,
+                        "client_id": _str,
+                        "assigned_miner_id": _nullable_str,
+                        "requested_at": {**_str, "format": "date-time"},
+                        "attempt": {"type": "integer"},
+                    },
+                },
+            }
+        },
+    },
+    "AdminMinerList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "miner_id": _str,
+                        "status": {"enum": ["ONLINE", "OFFLINE"]},
+                        "inflight": {"type": "integer"},
+                        "concurrency": {"type": "integer"},
+                        "region": _nullable_str,
+                        "last_heartbeat": _nullable_str,
+                        "transport": {"enum": ["rest", "websocket"]},
+                    },
+                },
+            }
+        },
+    },
+    "ExplorerReceipts": {
+        "type": "object",
+        "required": ["jobId", "items"],
+        "properties": {
+            "jobId": {**_str, "description": 'the job id asked for, or "all"'},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "receiptId": _str,
+                        "jobId": _str,
+                        "miner": _str,
+                        "coordinator": {**_str, "description": "the signing key id"},
+                        "issuedAt": _nullable_str,
+                        "status": _str,
+                        "payload": {
+                            **_obj,
+                            "description": "the signed receipt without metadata and client",
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["detail"],
+        "properties": {"detail": {"description": "a message, or a list of field errors"}},
+    },
+}
+
+
+class ValidationFailed(Exception):
+    """A request body or parameter broke its schema; ``message`` names the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+_TYPES: dict[str, Any] = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "null": type(None),
+}
+
+
+def _type_ok(value: Any, names: str | list[str]) -> bool:
+    for name in [names] if isinstance(names, str) else names:
+        if name in ("integer", "number") and isinstance(value, bool):
+            continue
+        if isinstance(value, _TYPES[name]):
+            return True
+    return False
+
+
+def _resolve(schema: Schema) -> Schema:
+    ref = schema.get("$ref")
+    return SCHEMAS[ref.rsplit("/", 1)[1]] if ref else schema
+
+
+def validate(schema: Schema, value: Any, where: str = "body") -> None:
+    """Raise ValidationFailed at the first violation (a subset of JSON Schema: enough here)."""
+    schema = _resolve(schema)
+    if "oneOf" in schema:
+        for option in schema["oneOf"]:
+            try:
+                validate(option, value, where)
+                return
+            except ValidationFailed:
+                continue
+        raise ValidationFailed(f"{where} has an invalid value")
+    if "type" in schema and not _type_ok(value, schema["type"]):
+        names = schema["type"]
+        expected = names if isinstance(names, str) else " or ".join(names)
+        raise ValidationFailed(f"{where} must be {expected}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValidationFailed(f"{where} must be one of {', '.join(map(str, schema['enum']))}")
+    if isinstance(value, dict):
+        _validate_object(schema, value, where)
+    elif isinstance(value, list):
+        _validate_array(schema, value, where)
+    else:
+        _validate_scalar(schema, value, where)
+
+
+def _validate_scalar(schema: Schema, value: Any, where: str) -> None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ValidationFailed(f"{where} must be at least {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ValidationFailed(f"{where} must be at most {schema['maximum']}")
+    if isinstance(value, str) and len(value) > schema.get("maxLength", len(value)):
+        raise ValidationFailed(f"{where} is longer than {schema['maxLength']} characters")
+
+
+def _validate_array(schema: Schema, value: list[Any], where: str) -> None:
+    if len(value) > schema.get("maxItems", len(value)):
+        raise ValidationFailed(f"{where} has more than {schema['maxItems']} items")
+    if "items" in schema:
+        for n, item in enumerate(value):
+            validate(schema["items"], item, f"{where}[{n}]")
+
+
+def _validate_object(schema: Schema, value: dict[str, Any], where: str) -> None:
+    required = schema.get("required", ())
+    for key in required:
+        if key not in value:
+            raise ValidationFailed(f"{where}.{key} is required")
+    for key, sub in schema.get("properties", {}).items():
+        if key not in value:
+            continue
+        if value[key] is None and key not in required and _nullable_ok(sub):
+            continue  # optional fields may be null (upstream clients send nulls)
+        validate(sub, value[key], f"{where}.{key}")
+
+
+def _nullable_ok(schema: Schema) -> bool:
+    """Optional fields may be null unless their schema says otherwise (upstream sends nulls)."""
+    schema = _resolve(schema)
+    return schema.get("type") != "object" or "properties" not in schema
