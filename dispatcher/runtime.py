@@ -351,10 +351,7 @@ class Dispatcher:
     ) -> None:
         """Bind the id to the key on first use, then connect; ``then`` sends the welcome."""
         self._check_open()
-        bound = self._bindings.get(miner_id)
-        if bound is not None and bound != key_hash:
-            raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
-        self._bindings[miner_id] = key_hash
+        self._bind(miner_id, key_hash)
         now = self.clock.now()
         info, effects = self.scheduler.connect(
             miner_id,
@@ -377,6 +374,13 @@ class Dispatcher:
         )
         self._actions.append(lambda: then(info))
         self._apply(effects)
+
+    def _bind(self, miner_id: str, key_hash: str) -> None:
+        """A miner id belongs to the key that first used it (NotAllowed for any other)."""
+        bound = self._bindings.get(miner_id)
+        if bound is not None and bound != key_hash:
+            raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
+        self._bindings[miner_id] = key_hash
 
     def miner_gone(self, miner_id: str, session_id: str) -> None:
         if self._sinks.get(session_id) is not None:
@@ -449,10 +453,7 @@ class Dispatcher:
         is a restart: jobs the miner held go back to the queue.
         """
         self._check_open()
-        bound = self._bindings.get(miner_id)
-        if bound is not None and bound != key_hash:
-            raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
-        self._bindings[miner_id] = key_hash
+        self._bind(miner_id, key_hash)
         now = self.clock.now()
         record = MinerRecord(
             miner_id=miner_id,
