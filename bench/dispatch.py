@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -219,9 +220,23 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
     p.add_argument("--write-docs", action="store_true", help="rewrite docs/performance.md")
+    p.add_argument(
+        "--from-results",
+        action="store_true",
+        help="do not measure: render bench/results/dispatch.json",
+    )
     a = p.parse_args()
+    out = ROOT / "bench" / "results"
+    if a.from_results:
+        results = json.loads((out / "dispatch.json").read_text())
+        runs = len(next(iter(results.values())))
+        print(render(results, runs))
+        if a.write_docs:
+            write_docs(render(results, runs), runs)
+        return
+    machine = machine_info()  # before pinning: the affinity mask shrinks to one core
     pin_self(1)
-    results: dict[str, list[dict[str, Any]]] = {}
+    results = {}
     for name, inflight, miners, clients, jobs in SCENARIOS:
         for run in range(a.runs):
             job = partial(
@@ -240,14 +255,35 @@ def main() -> None:
             )
     table = render(results, a.runs)
     print(table)
-    out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "dispatch.json").write_text(json.dumps(results, indent=2))
+    (out / "machine.json").write_text(json.dumps(machine, indent=2))
     if a.write_docs:
         write_docs(table, a.runs)
 
 
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+    import sqlite3
+
+    versions = {
+        name: md.version(name)
+        for name in ("starlette", "uvicorn", "websockets", "uvloop", "orjson", "cryptography")
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "versions": versions,
+    }
+
+
 def write_docs(table: str, runs: int) -> None:
+    out = ROOT / "bench" / "results" / "machine.json"
+    m = json.loads(out.read_text()) if out.exists() else machine_info()
+    libs = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     path = ROOT / "docs" / "performance.md"
     header = (
         "# Performance\n\n"
@@ -256,8 +292,8 @@ def write_docs(table: str, runs: int) -> None:
     )
     section = (
         "## Durable socket dispatch (`bench/dispatch.py`)\n\n"
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with "
-        f"{len(__import__('os').sched_getaffinity(0))} cores, Python {platform.python_version()}; "
+        f"Measured {m['date']} on {m['machine']} with {m['cpus']} cores, Python {m['python']}, "
+        f"SQLite {m['sqlite']} ({libs}); "
         "coordinator pinned to core 0 as a subprocess (SQLite WAL, synchronous=NORMAL, every "
         "transition committed before it is visible), load generator pinned to core 1. "
         f"Median (min-max) over {runs} runs. Latencies are measured in the load generator: "
