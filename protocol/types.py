@@ -80,15 +80,13 @@ class EventKind(StrEnum):
     EXPIRED = "expired"
 
 
-_iso_second: tuple[int, str] = (-1, "")
-
-
+_iso_seconds: dict[int, str] = {}
 _iso_last: tuple[float, str] = (-1.0, "")
 
 
 def iso_time(ts: float) -> str:
     """Format Unix seconds as ISO-8601 UTC with millisecond precision and a ``Z`` suffix."""
-    global _iso_second, _iso_last
+    global _iso_last
     if ts == _iso_last[0]:  # the events of one scheduler call share one timestamp
         return _iso_last[1]
     second = int(ts // 1)
@@ -96,11 +94,13 @@ def iso_time(ts: float) -> str:
     us = round((ts - second) * 1_000_000)
     if us == 1_000_000:
         second, us = second + 1, 0
-    ms = us // 1000
-    cached_second, prefix = _iso_second
-    if cached_second != second:  # events cluster within a second: format the date once
-        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _iso_second = (second, prefix)
-    text = f"{prefix}.{ms:03d}Z"
+    prefix = _iso_seconds.get(second)
+    if prefix is None:  # a few distinct seconds are live at once (now, now + TTL, ...)
+        if len(_iso_seconds) >= 64:
+            _iso_seconds.clear()
+        prefix = _iso_seconds[second] = datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
+    text = f"{prefix}.{us // 1000:03d}Z"
     _iso_last = (ts, text)
     return text
