@@ -138,6 +138,9 @@ class Scheduler:
         self._n = 0
         self._effects: list[Effect] = []
         self._touched: dict[str, Job] = {}
+        # Miners whose resume grace ended: (last session, jobs taken from it), so a late resume
+        # still learns what was revoked (docs/protocol.md, welcome.revoked).
+        self._lost: OrderedDict[str, tuple[str, list[str]]] = OrderedDict()
         self.counters: dict[str, int] = {k.value: 0 for k in EventKind}
 
     # ---- queries ----------------------------------------------------------------------------
@@ -242,8 +245,12 @@ class Scheduler:
         miner = self.miners.get(miner_id)
         resumed: list[str] = []
         revoked: list[str] = []
+        lost = self._lost.pop(miner_id, None)
         if miner is None:
             miner = self.miners[miner_id] = Miner(miner_id, session_id)
+            if lost is not None and resume_session == lost[0]:
+                # Back after its grace ended: say which of its jobs were taken away.
+                revoked = lost[1]
         else:
             self._forget_caps(miner)
             self._idle.discard(miner_id)
@@ -365,10 +372,16 @@ class Scheduler:
     def reject(
         self, miner_id: str, job_id: str, reason: str, now: float, attempt: int | None = None
     ) -> list[Effect]:
-        """Back to the queue, not charged; this miner is not offered the job again."""
+        """Back to the queue; this miner is not offered the job again.
+
+        A reject before accepting is free. After accepting, the attempt has started and is
+        charged like a retryable failure (otherwise a reject would dodge ``max_attempts``).
+        """
         job = self._held(miner_id, job_id, attempt)
         job.rejected_by.add(miner_id)
-        self._requeue(job, now, f"rejected: {reason}" if reason else "rejected", charged=False)
+        self._requeue(
+            job, now, f"rejected: {reason}" if reason else "rejected", charged=job.accepted
+        )
         return self._take()
 
     def progress(
@@ -502,9 +515,13 @@ class Scheduler:
         else:  # grace
             miner = self.miners.get(timer.key)
             if miner is not None and not miner.connected and miner.session_id == timer.token:
+                taken = [*miner.revoked, *miner.jobs]
                 for job_id in list(miner.jobs):
                     self._requeue(self.jobs[job_id], now, "miner lost", charged=True)
                 self._drop_miner(miner)
+                self._lost[miner.miner_id] = (miner.session_id, taken)
+                while len(self._lost) > self.config.terminal_retention:
+                    self._lost.popitem(last=False)
 
     # ---- recovery ---------------------------------------------------------------------------
 

@@ -1158,3 +1158,44 @@ def test_stale_timers_are_ignored() -> None:
     s.disconnect("m1", "m1-s1", 0.6)
     assert s.tick(1.0) == []
     assert s.next_deadline() is None
+
+
+def test_resume_after_grace_ended_lists_the_taken_jobs_as_revoked() -> None:
+    """A miner back after its grace learns which jobs were taken away (welcome.revoked)."""
+    s = make()
+    connect(s, "m1")
+    submit(s, "j1", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    s.disconnect("m1", "m1-s1", 5.0)
+    s.tick(20.0)  # grace over: j1 requeued
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=30.0)
+    assert info.resumed == ()
+    assert info.revoked == ("j1",)
+    # Only the session that held the jobs learns about them, and only once.
+    s.disconnect("m1", "m1-s2", 31.0)
+    info, _ = connect(s, "m1", "m1-s3", resume="m1-s2", now=32.0)
+    assert info.revoked == ()
+
+
+def test_resume_with_an_unknown_session_after_grace_revokes_nothing() -> None:
+    """A stale or foreign session id does not reveal another session's jobs."""
+    s = make()
+    connect(s, "m1")
+    submit(s, "j1", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    s.disconnect("m1", "m1-s1", 5.0)
+    s.tick(20.0)
+    info, _ = connect(s, "m1", "m1-s2", resume="not-my-session", now=30.0)
+    assert info.revoked == ()
+
+
+def test_reject_after_accept_is_charged_like_a_retryable_failure() -> None:
+    """Rejecting a started job costs an attempt (it cannot dodge max_attempts)."""
+    s = make(max_attempts=1)
+    connect(s, "m1")
+    submit(s, "j1", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    effects = s.reject("m1", "j1", "changed my mind", 2.0)
+    assert summary(effects)[-1] == ("persist", "j1", "failed")
+    job = s.job("j1")
+    assert job is not None and job.state == "FAILED" and job.failures == 1

@@ -67,6 +67,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.prev_held: dict[str, int] = {}
         # miner -> (grace deadline, session, [(job, attempt)] started when it disconnected)
         self.away: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
+        # miner -> (session, jobs) taken when its grace ended: revoked on a late resume
+        self.lost: dict[str, tuple[str, list[str]]] = {}
 
     @initialize(
         profiles=st.lists(st.sampled_from(PROFILES), min_size=3, max_size=3),
@@ -138,14 +140,15 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @staticmethod
     def check_charging(prev: JobRecord | None, rec: JobRecord, kind: str, data: JSONObject) -> None:
-        """Only lost started attempts and retryable failures count against max_attempts."""
+        """Only lost started attempts, rejects after accept and retryable failures count
+        against max_attempts."""
         if prev is None:
             assert rec.failures == 0
             return
         if kind == "requeued":
             reason = data["reason"]
             charged = reason in ("miner lost", "e: m") or (
-                reason == "miner restarted" and prev.started_at is not None
+                reason in ("miner restarted", "rejected: no") and prev.started_at is not None
             )
             assert rec.failures == prev.failures + charged, (reason, prev, rec)
             assert rec.failures < rec.max_attempts
@@ -288,6 +291,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         resumed_ok = (was_live and resume_session == old_session) or (
             watch is not None and resume_session == watch[1]
         )
+        lost = self.lost.pop(miner_id, None)
+        late = lost[1] if old is None and lost is not None and resume_session == lost[0] else []
         capabilities, region = profile
         info, effects = self.s.connect(
             miner_id,
@@ -330,7 +335,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             # a restart: everything it held or lost meanwhile is revoked and requeued;
             # only a started attempt counts against the job (like a disconnect)
             assert info.resumed == ()
-            assert sorted(info.revoked) == sorted(revoked_away + held_before)
+            assert sorted(info.revoked) == sorted(revoked_away + held_before + late)
             for job_id, (failures, accepted) in before.items():
                 job = self.s.jobs[job_id]
                 assert job.failures == failures + accepted or job.state is JobState.FAILED
@@ -448,7 +453,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.pushed))
     @rule(data=st.data())
     def reject(self, data: st.DataObject) -> None:
-        """A miner rejects a job: requeued uncharged, never offered to it again."""
+        """A miner rejects a job: never offered to it again; charged only once it was started."""
         miner_id, job_id, attempt, valid = self.lease(data)
         if not valid:
             self.unchanged(
@@ -458,12 +463,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             )
             return
         job = self.s.jobs[job_id]
-        failures = job.failures
+        failures, started = job.failures, job.accepted
         self.apply(self.s.reject(miner_id, job_id, "no", self.now, attempt))
         self.let_go(miner_id, job_id)
-        assert job.failures == failures
-        assert job.state in (JobState.QUEUED, JobState.RUNNING)
-        assert job.miner_id != miner_id
+        assert job.failures == failures + started
+        if job.state is not JobState.FAILED:  # a charged reject may use up the attempts
+            assert job.state in (JobState.QUEUED, JobState.RUNNING)
+            assert job.miner_id != miner_id
 
     @precondition(lambda self: bool(self.pushed))
     @rule(data=st.data(), output=st.sampled_from([None, "tok"]))
@@ -564,10 +570,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.apply(self.s.tick(now))
         deadline = self.s.next_deadline()
         assert deadline is None or deadline > now
-        for miner_id, (due, _session, started) in list(self.away.items()):
+        for miner_id, (due, session, started) in list(self.away.items()):
             if now >= due:
                 assert miner_id not in self.s.miners or self.s.miners[miner_id].connected
                 self.check_released(started)
+                self.lost[miner_id] = (session, [j for j, _ in started])
                 del self.away[miner_id]
 
     def let_go(self, miner_id: str, job_id: str) -> None:
@@ -595,6 +602,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.prev_held = {}
         self.pushed = {p for p in self.pushed if p[1] in {r.job_id for r in records}}
         self.away = {}
+        self.lost = {}
         started: dict[str, list[tuple[str, int]]] = {}
         for rec in sorted(records, key=lambda r: r.requested_at):
             if rec.state == JobState.RUNNING and accepted[rec.job_id]:
