@@ -1198,4 +1198,6 @@ def test_reject_after_accept_is_charged_like_a_retryable_failure() -> None:
     effects = s.reject("m1", "j1", "changed my mind", 2.0)
     assert summary(effects)[-1] == ("persist", "j1", "failed")
     job = s.job("j1")
-    assert job is not None and job.state == "FAILED" and job.failures == 1
+    assert job is not None
+    assert job.state == "FAILED"
+    assert job.failures == 1
