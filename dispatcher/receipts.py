@@ -8,9 +8,9 @@ stays in ``metadata.metrics``, labelled ``metrics_source: "miner-claimed"``.
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING
 
+from dispatcher.ids import new_id
 from protocol.receipts import RECEIPT_VERSION, key_id_for, sign_receipt
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class ReceiptSigner:
             unit_price = min(unit_price, cap)
         body: JSONObject = {
             "version": RECEIPT_VERSION,
-            "receipt_id": secrets.token_hex(16),
+            "receipt_id": new_id(),
             "job_id": job.job_id,
             "provider": job.miner_id,
             "client": job.client_id,

@@ -5,11 +5,11 @@ The seed-documentation paths (``/v1/client/jobs…``) are aliases served by the 
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.core import JobSpec
 from dispatcher.errors import InvalidTransition, UnknownJob
+from dispatcher.ids import new_id
 from protocol.records import JobRecord, job_view
 from storage.base import JobQuery
 from web.auth import Role
@@ -41,7 +41,7 @@ async def submit(call: Call) -> Response:
     body = call.body
     ttl = body.get("ttl_seconds")
     spec = JobSpec(
-        job_id=uuid.uuid4().hex,
+        job_id=new_id(),
         client_id=call.caller_id,
         payload=body["payload"],
         constraints=body.get("constraints") or {},

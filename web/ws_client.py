@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.core import JobSpec
 from dispatcher.errors import InvalidTransition, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
+from dispatcher.ids import new_id
 from protocol.messages import (
     Auth,
     ClientHello,
@@ -74,7 +74,7 @@ class ClientConnection(Connection):
         assert sub is not None
         dispatcher = self.core.dispatcher
         spec = JobSpec(
-            job_id=uuid.uuid4().hex,
+            job_id=new_id(),
             client_id=sub.client_id,
             payload=msg.payload,
             constraints=msg.constraints,
