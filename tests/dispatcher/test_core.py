@@ -1201,3 +1201,18 @@ def test_reject_after_accept_is_charged_like_a_retryable_failure() -> None:
     assert job is not None
     assert job.state == "FAILED"
     assert job.failures == 1
+
+
+def test_forgotten_sessions_are_bounded() -> None:
+    """Only the most recent lost sessions are remembered (terminal_retention of them)."""
+    s = make(terminal_retention=1)
+    for n, miner_id in enumerate(("m1", "m2")):
+        connect(s, miner_id)
+        submit(s, f"j{n}", now=0.0)
+        s.accept(miner_id, f"j{n}", 1.0)
+        s.disconnect(miner_id, f"{miner_id}-s1", 5.0)
+    s.tick(20.0)
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=30.0)
+    assert info.revoked == ()  # m1's memory was evicted by m2's
+    info, _ = connect(s, "m2", "m2-s2", resume="m2-s1", now=30.0)
+    assert info.revoked == ("j1",)

@@ -228,3 +228,28 @@ def test_socket_connect_of_the_same_id_ends_rest_mode() -> None:
     )
     assert s.poll_cancel("m1") is True
     assert not s.miners["m1"].rest
+
+
+def test_withdrawing_one_of_two_waiting_polls_keeps_the_miner_idle() -> None:
+    """With two polls waiting, cancelling one leaves a slot open for the next submit."""
+    s = make()
+    register(s, concurrency=2)
+    s.poll("m1", 1.0)
+    s.poll("m1", 1.0)
+    assert s.poll_cancel("m1") is True
+    _, effects = s.submit(spec("a"), 2.0)
+    assert assigns(effects) == ["a"]
+
+
+def test_a_stale_lease_timer_does_nothing_after_the_job_moved_on() -> None:
+    """The lease of an attempt that was requeued and reassigned never touches the new attempt."""
+    s = make()
+    register(s, "m1")
+    register(s, "m2")
+    s.submit(spec("a"), 0.0)
+    s.poll("m1", 1.0)  # attempt 1 on m1, lease due at 1 + LEASE
+    s.fail("m1", "a", error_code="e", error_message="m", retryable=True, now=2.0)
+    s.poll("m2", 3.0)  # attempt 2 on m2, lease due at 3 + LEASE
+    assert s.tick(1.0 + LEASE) == []
+    job = s.jobs["a"]
+    assert (job.state, job.miner_id, job.attempt) == ("RUNNING", "m2", 2)

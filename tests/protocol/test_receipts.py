@@ -456,3 +456,11 @@ def test_fast_canonical_form_across_float_magnitudes(exponent: int) -> None:
     for mantissa in (1.0, 2.5, 1.234567891234, 9.999999999999999, -3.3):
         value = mantissa * 10.0**exponent
         assert canonical_json({"v": value}) == canonical_json_reference({"v": value})
+
+
+def test_drop_nulls_returns_scalars_unchanged() -> None:
+    """Scalars pass through the null-dropping pass as they are."""
+    from protocol.receipts import _drop_nulls
+
+    assert _drop_nulls(7) == 7
+    assert _drop_nulls([1, None, {"a": None, "b": [None]}]) == [1, {"b": []}]
