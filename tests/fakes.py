@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -75,12 +76,21 @@ class SessionPair:
         self.session = MinerSession(authenticated=authenticated, max_frame=self.max_frame)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class FakeClock:
     """The ``Clock`` protocol on a hand-driven time line: only :meth:`advance` moves it."""
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._now = start
-        self._sleepers: list[anyio.Event] = []
+        # (loop, event): advance() may run in another thread than the app's loop (Starlette's
+        # TestClient runs the app in a portal thread), where Event.set() would wake nothing.
+        self._sleepers: list[tuple[asyncio.AbstractEventLoop, anyio.Event]] = []
 
     def now(self) -> float:
         return self._now
@@ -91,14 +101,17 @@ class FakeClock:
             raise ValueError("time never goes backwards")
         self._now += seconds
         sleepers, self._sleepers = self._sleepers, []
-        for event in sleepers:
-            event.set()
+        for loop, event in sleepers:
+            if _running_loop() is loop:
+                event.set()
+            else:
+                loop.call_soon_threadsafe(event.set)
 
     async def wait_until(self, deadline: float | None, wake: anyio.Event) -> None:
         await anyio.lowlevel.checkpoint()
         while not wake.is_set() and (deadline is None or self._now < deadline):
             moved = anyio.Event()
-            self._sleepers.append(moved)
+            self._sleepers.append((asyncio.get_running_loop(), moved))
             async with anyio.create_task_group() as tg:
 
                 async def first(event: anyio.Event) -> None:

@@ -320,3 +320,17 @@ def test_a_failed_commit_stops_the_coordinator_instead_of_serving_without_it(
         assert closed.value.code == 1011
         assert stopped == [True]
         assert c.get("/health/ready").status_code == 503
+
+
+def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> None:
+    """Time advanced from the test thread reaches the app's timer loop (TestClient portal)."""
+    from tests.fakes import FakeClock
+
+    clock = FakeClock()
+    with TestClient(create_app(make_settings(tmp_path), clock=clock)) as c, client_socket(c) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1", ttl_seconds=5)["job"]["job_id"]
+        assert recv(ws)["event"] == "queued"
+        clock.advance(6)
+        event = recv(ws)  # pytest-timeout bounds the wait if the timer never fires
+        assert (event["job_id"], event["event"], event["state"]) == (job_id, "expired", "EXPIRED")
