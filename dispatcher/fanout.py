@@ -117,6 +117,7 @@ class Fanout:
     def __init__(self) -> None:
         self._by_job: dict[str, set[Subscriber]] = {}
         self._by_client: dict[str, set[Subscriber]] = {}
+        self._dropped_before = 0
 
     def subscribe(self, sub: Subscriber, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
@@ -137,6 +138,9 @@ class Fanout:
                 subs.discard(sub)
                 if not subs:
                     del self._by_job[job_id]
+        if job_ids is None:  # the subscriber is leaving: keep its drop count in the total
+            self._dropped_before += sub.outbox.dropped
+            sub.outbox.dropped = 0
         if job_ids is None and sub.all:
             sub.all = False
             subs = self._by_client.get(sub.client_id)
@@ -158,7 +162,13 @@ class Fanout:
             sub.job_ids.discard(job_id)
 
     @property
+    def progress_dropped(self) -> int:
+        """Progress frames coalesced or dropped under backpressure, since start."""
+        return self._dropped_before + sum(sub.outbox.dropped for sub in self._subscribers())
+
+    def _subscribers(self) -> set[Subscriber]:
+        return {s for subs in (*self._by_job.values(), *self._by_client.values()) for s in subs}
+
+    @property
     def subscriber_count(self) -> int:
-        return len(
-            {s for subs in (*self._by_job.values(), *self._by_client.values()) for s in subs}
-        )
+        return len(self._subscribers())

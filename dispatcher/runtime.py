@@ -580,7 +580,7 @@ class Dispatcher:
             last_batch_size=self._last_batch,
             pending_writes=len(self._writes),
             subscribers=self.fanout.subscriber_count,
-            progress_dropped=0,
+            progress_dropped=self.fanout.progress_dropped,
         )
 
 

@@ -286,3 +286,17 @@ async def test_the_same_frame_object_reaches_every_subscriber() -> None:
     fanout.publish("c1", "j1", 1, text, False)
     assert a.outbox.take_nowait()[0] is text
     assert b.outbox.take_nowait()[0] is text
+
+
+def test_progress_drops_are_counted_for_live_and_departed_subscribers() -> None:
+    """statistics: drops in a live outbox count, and stay counted after the subscriber leaves."""
+    fanout = Fanout()
+    outbox = Outbox(lambda code, reason: None, soft_limit=1, hard_limit=100)
+    sub = Subscriber("c1", outbox)
+    fanout.subscribe(sub, ["j1"])
+    for seq in range(1, 5):  # at the soft limit, each new progress replaces the unsent one
+        fanout.publish("c1", "j1", seq, f"p{seq}", True)
+    assert outbox.take_nowait() == ["p4"]
+    assert fanout.progress_dropped == 3
+    fanout.unsubscribe(sub)
+    assert fanout.progress_dropped == 3
