@@ -36,6 +36,7 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.dispatch --runs 3 --write-docs
+	$(BIN)/python -m bench.rest --runs 3 --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

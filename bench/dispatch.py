@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,9 +28,12 @@ from bench.harness import (
     ROOT,
     coordinator,
     cpu_seconds,
+    machine_info,
+    measured_on,
     pct,
     pin_self,
     summary,
+    write_section,
 )
 
 __all__ = ["main", "run_once"]
@@ -262,38 +263,10 @@ def main() -> None:
         write_docs(table, a.runs)
 
 
-def machine_info() -> dict[str, Any]:
-    import importlib.metadata as md
-    import sqlite3
-
-    versions = {
-        name: md.version(name)
-        for name in ("starlette", "uvicorn", "websockets", "uvloop", "orjson", "cryptography")
-    }
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "versions": versions,
-    }
-
-
 def write_docs(table: str, runs: int) -> None:
-    out = ROOT / "bench" / "results" / "machine.json"
-    m = json.loads(out.read_text()) if out.exists() else machine_info()
-    libs = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    path = ROOT / "docs" / "performance.md"
-    header = (
-        "# Performance\n\n"
-        "Every figure below is written by the benchmark harness (`make bench`), never typed by "
-        "hand.\n\n"
-    )
-    section = (
+    write_section(
         "## Durable socket dispatch (`bench/dispatch.py`)\n\n"
-        f"Measured {m['date']} on {m['machine']} with {m['cpus']} cores, Python {m['python']}, "
-        f"SQLite {m['sqlite']} ({libs}); "
+        f"{measured_on()}; "
         "coordinator pinned to core 0 as a subprocess (SQLite WAL, synchronous=NORMAL, every "
         "transition committed before it is visible), load generator pinned to core 1. "
         f"Median (min-max) over {runs} runs. Latencies are measured in the load generator: "
@@ -301,14 +274,6 @@ def write_docs(table: str, runs: int) -> None:
         "submit→completed to the client receiving the `completed` event.\n\n"
         f"{table}\n"
     )
-    text = path.read_text() if path.exists() else header
-    start = text.find("## Durable socket dispatch")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

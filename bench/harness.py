@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -12,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -121,3 +123,69 @@ def pct(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+    import sqlite3
+
+    versions = {
+        name: md.version(name)
+        for name in (
+            "starlette",
+            "uvicorn",
+            "websockets",
+            "uvloop",
+            "orjson",
+            "cryptography",
+        )
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "versions": versions,
+    }
+
+
+def measured_on() -> str:
+    """The "Measured <date> on <machine> …" sentence, from bench/results/machine.json."""
+    out = ROOT / "bench" / "results" / "machine.json"
+    m = json.loads(out.read_text()) if out.exists() else machine_info()
+    libs = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (
+        f"Measured {m['date']} on {m['machine']} with {m['cpus']} cores, Python {m['python']}, "
+        f"SQLite {m['sqlite']} ({libs})"
+    )
+
+
+DOCS_HEADER = (
+    "# Performance\n\n"
+    "Every figure below is written by the benchmark harness (`make bench`), never typed by "
+    "hand.\n\n"
+)
+TRAILING_SECTION = "## How to reproduce"
+
+
+def write_section(section: str, path: Path | None = None) -> None:
+    """Replace the ``## `` section of ``path`` whose heading line starts ``section``'s heading.
+
+    A new section goes before "How to reproduce" (kept last), else at the end of the file.
+    """
+    path = path or ROOT / "docs" / "performance.md"
+    heading = section.split("\n", 1)[0]
+    assert heading.startswith("## "), heading
+    text = path.read_text() if path.exists() else DOCS_HEADER
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    else:
+        at = text.find(TRAILING_SECTION)
+        if at >= 0:
+            text = text[:at] + section + "\n" + text[at:]
+        else:
+            text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
