@@ -22,6 +22,7 @@ from protocol.types import CloseCode
 from storage.sql import DatabasesJobStore
 from web import rest_admin, rest_jobs, rest_miners
 from web.auth import Authenticator
+from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.ws_client import client_endpoint
@@ -141,6 +142,7 @@ def create_app(
             Route("/health/live", live),
             Route("/health/ready", ready),
             Route("/openapi.json", openapi_endpoint(openapi_document(endpoints, VERSION))),
+            *docs_routes("AITBC Coordinator"),
             WebSocketRoute("/v1/miners/ws", miner_endpoint),
             WebSocketRoute("/v1/jobs/ws", client_endpoint),
             *routes_for(endpoints),

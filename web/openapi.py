@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from web.auth import Role
 from web.http import json_response
 from web.schemas import SCHEMAS
 
@@ -27,6 +28,7 @@ TAGS = [
     {"name": "admin", "description": "Admin key only (§2.4)"},
     {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
     {"name": "health", "description": "Liveness and readiness, no auth"},
+    {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},
 ]
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
@@ -35,12 +37,32 @@ _HEALTH: dict[str, dict[str, Any]] = {
     "/health": {"summary": "Health", "description": "Non-empty JSON object with status ok"},
     "/health/live": {"summary": "Liveness"},
     "/health/ready": {"summary": "Readiness (503 until the dispatcher serves)"},
-    "/openapi.json": {"summary": "This document"},
+}
+
+_JSON_OK = {
+    "200": {
+        "description": "JSON object",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+_HTML_OK = {
+    "200": {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
+}
+
+# Public GET routes outside the Endpoint tables: path -> (summary, tag, responses).
+_PUBLIC: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "/openapi.json": ("This document", "docs", _JSON_OK),
+    "/docs": ("Swagger UI for this document (assets served locally)", "docs", _HTML_OK),
+    "/redoc": ("ReDoc for this document (assets served locally)", "docs", _HTML_OK),
 }
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
 
 
 def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
@@ -77,6 +99,13 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
         if schema is not None:
             entry["content"] = {"application/json": {"schema": _ref(schema)}}
         responses[str(status)] = entry
+    # What web.http._wrap can answer for any route before the handler runs: keep in step.
+    reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
+    if reads_body:
+        responses.setdefault("413", _error("request body too large"))
+    if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
+        # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
+        responses.setdefault("422", _error("invalid request"))
     if endpoint.role is not None:
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
         op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}]
@@ -100,6 +129,19 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
                 "tags": ["health"],
                 "security": [],
                 "responses": {"200": {"description": "JSON object"}},
+            }
+        }
+    paths["/health/ready"]["get"]["responses"]["503"] = {
+        "description": "not ready: starting, shutting down, or the dispatcher failed"
+    }
+    for path, (summary, tag, responses) in _PUBLIC.items():
+        paths[path] = {
+            "get": {
+                "summary": summary,
+                "operationId": f"get_{_slug(path)}",
+                "tags": [tag],
+                "security": [],
+                "responses": responses,
             }
         }
     for endpoint in endpoints:
