@@ -9,6 +9,7 @@ queued, sends the close frame, and the task group ends.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,7 +31,7 @@ log = logging.getLogger("aitbc.coordinator")
 AUTH_TIMEOUT = 5.0
 
 
-class Connection:
+class Connection(ABC):
     role: Role
 
     def __init__(self, core: Coordinator, websocket: WebSocket) -> None:
@@ -162,11 +163,14 @@ class Connection:
 
     # -- hooks ----------------------------------------------------------------------------
 
+    @abstractmethod
     def make_session(self, *, authenticated: bool) -> MinerSession | ClientSession:
-        raise NotImplementedError  # pragma: no cover
+        """The Sans-I/O session for this endpoint."""
 
+    @abstractmethod
     async def handle(self, event: Any, session: Any) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Act on one decoded, legal message."""
 
+    @abstractmethod
     def on_closed(self) -> None:
-        pass
+        """The socket is gone: release what this connection held."""
