@@ -18,7 +18,8 @@ from dispatcher.core import Scheduler, SchedulerConfig
 from dispatcher.receipts import ReceiptSigner
 from dispatcher.runtime import Dispatcher
 from protocol.receipts import load_signing_key
-from protocol.types import CloseCode
+from protocol.records import JobRecord, job_view
+from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
 from web import rest_admin, rest_jobs, rest_miners
 from web.auth import Authenticator
@@ -76,6 +77,10 @@ class Coordinator:
         self.ready = False
         self.close_sockets(CloseCode.INTERNAL_ERROR, "coordinator failure")
         self.on_fatal()
+
+    def job_view(self, rec: JobRecord) -> JSONObject:
+        """The JobView both APIs answer with, including whether any known miner can serve it."""
+        return job_view(rec, servable=self.dispatcher.scheduler.is_servable(rec.constraints))
 
     def close_sockets(
         self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "server shutting down"

@@ -5,12 +5,11 @@ The seed-documentation paths (``/v1/client/jobs…``) are aliases served by the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dispatcher.core import JobSpec
 from dispatcher.errors import InvalidTransition, UnknownJob
 from dispatcher.ids import new_id
-from protocol.records import JobRecord, job_view
 from storage.base import JobQuery
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, Param, json_response
@@ -18,15 +17,12 @@ from web.http import Call, Endpoint, HTTPError, Param, json_response
 if TYPE_CHECKING:
     from starlette.responses import Response
 
+    from protocol.records import JobRecord
+
 __all__ = ["ENDPOINTS", "owned_job"]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
 STATES = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
-
-
-def _view(call: Call, rec: JobRecord) -> dict[str, Any]:
-    servable = call.core.dispatcher.scheduler.is_servable(rec.constraints)
-    return job_view(rec, servable=servable)
 
 
 async def owned_job(call: Call, job_id: str) -> JobRecord:
@@ -50,11 +46,11 @@ async def submit(call: Call) -> Response:
         idempotency_key=body.get("idempotency_key"),
     )
     rec, existed = await call.core.dispatcher.submit_wait(spec)
-    return json_response(_view(call, rec), 200 if existed else 201)
+    return json_response(call.core.job_view(rec), 200 if existed else 201)
 
 
 async def get_job(call: Call) -> Response:
-    return json_response(_view(call, await owned_job(call, call.path("job_id"))))
+    return json_response(call.core.job_view(await owned_job(call, call.path("job_id"))))
 
 
 async def list_jobs(call: Call) -> Response:
@@ -75,7 +71,12 @@ async def list_jobs(call: Call) -> Response:
         )
     )
     return json_response(
-        {"items": [_view(call, r) for r in items], "total": total, "limit": limit, "offset": offset}
+        {
+            "items": [call.core.job_view(r) for r in items],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
     )
 
 
@@ -95,7 +96,7 @@ async def cancel(call: Call) -> Response:
         raise HTTPError(409, "job not cancelable") from None
     except InvalidTransition:
         raise HTTPError(409, "job not cancelable") from None
-    return json_response(_view(call, rec))
+    return json_response(call.core.job_view(rec))
 
 
 async def get_receipt(call: Call) -> Response:

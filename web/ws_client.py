@@ -18,7 +18,6 @@ from protocol.messages import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.records import JobRecord, job_view
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
@@ -26,6 +25,8 @@ from web.connection import Connection
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
+
+    from protocol.records import JobRecord
 
 
 __all__ = ["ClientConnection", "client_endpoint"]
@@ -42,9 +43,6 @@ class ClientConnection(Connection):
         return ClientSession(
             authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
         )
-
-    def view(self, rec: JobRecord) -> dict[str, Any]:
-        return job_view(rec, servable=self.core.dispatcher.scheduler.is_servable(rec.constraints))
 
     async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
         match msg:
@@ -88,7 +86,7 @@ class ClientConnection(Connection):
                 return  # the client left while its job was being committed
             if rec.state not in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED"):
                 dispatcher.fanout.subscribe(sub, [rec.job_id])
-            self.reply(msg.id, job=self.view(rec), duplicate=existed)
+            self.reply(msg.id, job=self.core.job_view(rec), duplicate=existed)
 
         try:
             await dispatcher.submit(spec, committed)
@@ -123,7 +121,9 @@ class ClientConnection(Connection):
         dispatcher = self.core.dispatcher
         try:
             dispatcher.cancel(
-                sub.client_id, msg.job_id, lambda rec: self.reply(msg.id, job=self.view(rec))
+                sub.client_id,
+                msg.job_id,
+                lambda rec: self.reply(msg.id, job=self.core.job_view(rec)),
             )
             return
         except InvalidTransition as exc:
