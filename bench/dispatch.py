@@ -11,6 +11,7 @@ return a result as soon as a job is pushed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from typing import Any
 
 import anyio
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
 
 from bench.harness import (
     CLIENT_KEY,
@@ -35,6 +35,7 @@ from bench.harness import (
     summary,
     write_section,
 )
+from bench.wsload import WSClient, connect
 
 __all__ = ["main", "run_once"]
 
@@ -47,90 +48,89 @@ class Trace:
     completed: dict[str, float] = field(default_factory=dict)  # job id -> t (client saw it)
 
 
-async def miner(
-    url: str, n: int, concurrency: int, ready: anyio.Event, stop: anyio.Event, trace: Trace
-) -> None:
-    async with connect(
-        url, additional_headers={"X-Api-Key": MINER_KEY}, compression=None, max_queue=None
-    ) as ws:
-        await ws.send(
-            orjson.dumps(
-                {
-                    "type": "hello",
-                    "protocol": 1,
-                    "miner_id": f"bench-{n}",
-                    "capabilities": {"gpus": [{"name": "A100"}]},
-                    "concurrency": concurrency,
-                }
-            ).decode()
+class BenchMiner:
+    """Accepts and returns a result the moment a job is pushed (sync, in the read callback)."""
+
+    def __init__(self, n: int, concurrency: int, trace: Trace) -> None:
+        self.hello = orjson.dumps(
+            {
+                "type": "hello",
+                "protocol": 1,
+                "miner_id": f"bench-{n}",
+                "capabilities": {"gpus": [{"name": "A100"}]},
+                "concurrency": concurrency,
+            }
         )
-        await ws.recv()
-        ready.set()
-        async for raw in ws:
-            msg = orjson.loads(raw)
-            if msg["type"] == "job.assign":
-                job_id, attempt = msg["job_id"], msg["attempt"]
-                trace.assigned[job_id] = time.perf_counter()
-                await ws.send(
-                    orjson.dumps(
-                        {"type": "job.accept", "job_id": job_id, "attempt": attempt}
-                    ).decode()
-                )
-                await ws.send(
-                    orjson.dumps(
-                        {
-                            "type": "job.result",
-                            "job_id": job_id,
-                            "attempt": attempt,
-                            "result": {"ok": True},
-                            "metrics": {},
-                        }
-                    ).decode()
-                )
-            if stop.is_set():
-                return
+        self.trace = trace
+        self.ready = asyncio.get_running_loop().create_future()
 
-
-async def client(
-    url: str, total: int, inflight: int, trace: Trace, ids: Any, done: anyio.Event
-) -> None:
-    async with connect(url, additional_headers={"X-Api-Key": CLIENT_KEY}, max_queue=None) as ws:
-        await ws.send('{"type":"hello","protocol":1}')
-        await ws.recv()
-        remaining = total
-
-        async def submit(ws: ClientConnection) -> None:
-            nonlocal remaining
-            remaining -= 1
-            sid = f"s{next(ids)}"
-            trace.sent[sid] = time.perf_counter()
-            await ws.send(
+    def on_message(self, ws: WSClient, raw: bytes) -> None:
+        msg = orjson.loads(raw)
+        kind = msg["type"]
+        if kind == "job.assign":
+            job_id, attempt = msg["job_id"], msg["attempt"]
+            self.trace.assigned[job_id] = time.perf_counter()
+            ws.send(orjson.dumps({"type": "job.accept", "job_id": job_id, "attempt": attempt}))
+            ws.send(
                 orjson.dumps(
                     {
-                        "type": "job.submit",
-                        "id": sid,
-                        "payload": {"type": "bench"},
-                        "constraints": {"gpu": "A100"},
+                        "type": "job.result",
+                        "job_id": job_id,
+                        "attempt": attempt,
+                        "result": {"ok": True},
+                        "metrics": {},
                     }
-                ).decode()
+                )
             )
+        elif kind == "welcome" and not self.ready.done():
+            self.ready.set_result(None)
 
-        for _ in range(min(inflight, remaining)):
-            await submit(ws)
-        outstanding = min(inflight, total)
-        async for raw in ws:
-            msg = orjson.loads(raw)
-            if msg["type"] == "ack":
-                trace.job_of[msg["job"]["job_id"]] = msg["id"]
-            elif msg["type"] == "job.event" and msg["event"] == "completed":
-                trace.completed[msg["job_id"]] = time.perf_counter()
-                outstanding -= 1
-                if remaining > 0:
-                    outstanding += 1
-                    await submit(ws)
-                elif outstanding == 0:
-                    done.set()
-                    return
+
+class BenchClient:
+    """Keeps ``inflight`` jobs outstanding until ``total`` have completed."""
+
+    def __init__(self, total: int, inflight: int, trace: Trace, ids: Any) -> None:
+        self.remaining = total
+        self.inflight = inflight
+        self.outstanding = 0
+        self.trace = trace
+        self.ids = ids
+        self.done = asyncio.get_running_loop().create_future()
+
+    def submit(self, ws: WSClient) -> None:
+        self.remaining -= 1
+        self.outstanding += 1
+        sid = f"s{next(self.ids)}"
+        self.trace.sent[sid] = time.perf_counter()
+        ws.send(
+            orjson.dumps(
+                {
+                    "type": "job.submit",
+                    "id": sid,
+                    "payload": {"type": "bench"},
+                    "constraints": {"gpu": "A100"},
+                }
+            )
+        )
+
+    def on_message(self, ws: WSClient, raw: bytes) -> None:
+        msg = orjson.loads(raw)
+        kind = msg["type"]
+        if kind == "job.event":
+            if msg["event"] == "completed":
+                self.trace.completed[msg["job_id"]] = time.perf_counter()
+                self.outstanding -= 1
+                if self.remaining > 0:
+                    self.submit(ws)
+                elif self.outstanding == 0 and not self.done.done():
+                    self.done.set_result(None)
+        elif kind == "ack":
+            self.trace.job_of[msg["job"]["job_id"]] = msg["id"]
+        elif kind == "welcome":
+            for _ in range(min(self.inflight, self.remaining)):
+                self.submit(ws)
+            if self.remaining == 0 and self.outstanding == 0:
+                self.done.set_result(None)
 
 
 async def run_once(
@@ -138,37 +138,38 @@ async def run_once(
 ) -> dict[str, Any]:
     trace = Trace()
     with coordinator(core=0 if core is not None else None) as server:
-        stop = anyio.Event()
-        ids = count()
-        async with anyio.create_task_group() as tg:
+        conns: list[WSClient] = []
+        try:
             per_miner = max(1, -(-inflight // miners))
             for n in range(miners):
-                ready = anyio.Event()
-                tg.start_soon(miner, server.url("/v1/miners/ws"), n, per_miner, ready, stop, trace)
-                await ready.wait()
-            cpu0 = cpu_seconds(server.proc.pid)
-            t0 = time.perf_counter()
-            dones = []
-            for c in range(clients):
-                done = anyio.Event()
-                dones.append(done)
-                share = jobs // clients + (1 if c < jobs % clients else 0)
-                tg.start_soon(
-                    client,
-                    server.url("/v1/jobs/ws"),
-                    share,
-                    max(1, inflight // clients),
-                    trace,
-                    ids,
-                    done,
+                m = BenchMiner(n, per_miner, trace)
+                ws = await connect(
+                    server.port, "/v1/miners/ws", {"X-Api-Key": MINER_KEY}, m.on_message
                 )
-            with anyio.fail_after(300):
-                for done in dones:
-                    await done.wait()
+                conns.append(ws)
+                ws.send(m.hello)
+                await asyncio.wait_for(m.ready, 20)
+            cpu0 = cpu_seconds(server.proc.pid)
+            lg0 = time.process_time()
+            t0 = time.perf_counter()
+            ids = count()
+            bench_clients = []
+            for c in range(clients):
+                share = jobs // clients + (1 if c < jobs % clients else 0)
+                bc = BenchClient(share, max(1, inflight // clients), trace, ids)
+                bench_clients.append(bc)
+                ws = await connect(
+                    server.port, "/v1/jobs/ws", {"X-Api-Key": CLIENT_KEY}, bc.on_message
+                )
+                conns.append(ws)
+                ws.send(b'{"type":"hello","protocol":1}')
+            await asyncio.wait_for(asyncio.gather(*(bc.done for bc in bench_clients)), 300)
             elapsed = time.perf_counter() - t0
             cpu = cpu_seconds(server.proc.pid) - cpu0
-            stop.set()
-            tg.cancel_scope.cancel()
+            loadgen_cpu = time.process_time() - lg0
+        finally:
+            for ws in conns:
+                ws.close()
     assign_ms, complete_ms = [], []
     for job_id, sid in trace.job_of.items():
         t_sent = trace.sent[sid]
@@ -176,10 +177,12 @@ async def run_once(
             assign_ms.append((trace.assigned[job_id] - t_sent) * 1000)
         if job_id in trace.completed:
             complete_ms.append((trace.completed[job_id] - t_sent) * 1000)
+    done = max(1, len(trace.completed))
     return {
         "jobs": len(trace.completed),
         "jobs_per_s": len(trace.completed) / elapsed,
-        "server_cpu_us_per_job": cpu / max(1, len(trace.completed)) * 1e6,
+        "server_cpu_us_per_job": cpu / done * 1e6,
+        "loadgen_cpu_us_per_job": loadgen_cpu / done * 1e6,
         "assign_p50_ms": pct(assign_ms, 50),
         "assign_p99_ms": pct(assign_ms, 99),
         "complete_p50_ms": pct(complete_ms, 50),

@@ -67,8 +67,10 @@ def _drop_nulls(value: Any) -> Any:
 
 # Where orjson and Python's repr may spell a number differently: exponent form ("1e16"),
 # decimals below 1e-4 (Python switches to "2.5e-05" there) and 17+ integer digits (Python
-# switches to "1.5e+17"). A match (even inside a string) just takes the reference path.
-_RISKY_NUMBER = re.compile(rb"[0-9][eE][-+0-9]|0\.0000|[0-9]{17}\.")
+# switches to "1.5e+17"). In compact JSON a number starts right after ``:``, ``,`` or ``[``;
+# anchoring there keeps hex ids ("...3e5...") off the slow path. A match inside a string
+# just takes the reference path (safe, only slower).
+_RISKY_NUMBER = re.compile(rb"[:,\[]-?(?:[0-9]+(?:\.[0-9]+)?[eE]|0\.0000|[0-9]{17})")
 
 
 def canonical_json_reference(obj: JSONObject) -> bytes:

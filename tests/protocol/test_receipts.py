@@ -443,6 +443,8 @@ def test_fast_canonical_form_is_byte_identical_to_the_reference(obj: dict[str, A
         float("inf"),
         [None, 1],
         {"a": None},
+        [1e16, -2.5e-5, 12345678901234567.0],
+        {"x": [0.00001]},
     ],
 )
 def test_fast_canonical_form_edge_values(value: Any) -> None:
@@ -456,6 +458,26 @@ def test_fast_canonical_form_across_float_magnitudes(exponent: int) -> None:
     for mantissa in (1.0, 2.5, 1.234567891234, 9.999999999999999, -3.3):
         value = mantissa * 10.0**exponent
         assert canonical_json({"v": value}) == canonical_json_reference({"v": value})
+
+
+def test_typical_receipt_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hex ids such as "...3e5..." look like exponents but are strings: no fallback for them."""
+    import protocol.receipts as receipts
+
+    body = {
+        "receipt_id": "019ac3e5e7d0e1e2e3e4e5e6e7e8e9e0",
+        "job_id": "0e10" * 8,
+        "units": 1.25,
+        "unit_price": 0.02,
+        "metadata": {"result": {"text": "note: 1e5 inside a string"}, "list": [1, 2.5]},
+    }
+    expected = canonical_json_reference(body)
+
+    def no_reference(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("the reference serializer was used")
+
+    monkeypatch.setattr(receipts.json, "dumps", no_reference)
+    assert canonical_json(body) == expected
 
 
 def test_drop_nulls_returns_scalars_unchanged() -> None:
