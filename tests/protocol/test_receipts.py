@@ -445,6 +445,9 @@ def test_fast_canonical_form_is_byte_identical_to_the_reference(obj: dict[str, A
         {"a": None},
         [1e16, -2.5e-5, 12345678901234567.0],
         {"x": [0.00001]},
+        ":1e-7",
+        "[1e16,0.00001]",
+        {"a:2e-6": [",0.00001", 3e-6]},
     ],
 )
 def test_fast_canonical_form_edge_values(value: Any) -> None:
