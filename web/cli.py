@@ -13,6 +13,7 @@ import anyio
 import uvicorn
 
 from web.app import create_app
+from web.gctune import tune_gc
 from web.keys import materialize_keys
 from web.settings import Settings, SettingsError
 from web.transport import CoalescingWSProtocol
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     server = build_server(settings, log_level=args.log_level)
+    tune_gc()
     try:
         server.run()
     except (_Stopped, KeyboardInterrupt):
