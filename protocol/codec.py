@@ -76,6 +76,11 @@ def dumps_sorted(value: JSON) -> bytes:
         return b""
 
 
+def json_fragment(text: bytes) -> object:
+    """Already-serialized JSON that ``dumps_sorted`` writes verbatim in its place."""
+    return orjson.Fragment(text)
+
+
 def loads(data: bytes | str) -> JSON:
     """Parse JSON; raises RemoteProtocolError(1007) on malformed input."""
     try:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from protocol.codec import dumps_sorted
+from protocol.codec import dumps_sorted, json_fragment
 
 if TYPE_CHECKING:
     from protocol.types import JSONObject
@@ -65,12 +64,35 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-# Where orjson and Python's repr may spell a number differently: exponent form ("1e16"),
-# decimals below 1e-4 (Python switches to "2.5e-05" there) and 17+ integer digits (Python
-# switches to "1.5e+17"). In compact JSON a number starts right after ``:``, ``,`` or ``[``;
-# anchoring there keeps hex ids ("...3e5...") off the slow path. A match inside a string
-# just takes the reference path (safe, only slower).
-_RISKY_NUMBER = re.compile(rb"[:,\[]-?(?:[0-9]+(?:\.[0-9]+)?[eE]|0\.0000|[0-9]{17})")
+# orjson writes a float exactly as Python's ``repr`` does while repr uses fixed notation,
+# 1e-4 <= |x| < 1e16 (both print the shortest round-trip digits). Outside that range the
+# spellings differ ("1e-5" vs "1e-05", "1e16" vs "1e+16"), and orjson writes NaN/Infinity as
+# null: those floats go in as fragments already spelled the way ``json.dumps`` spells them.
+_FIXED_MIN, _FIXED_MAX = 1e-4, 1e16
+_INFINITIES = {float("inf"): b"Infinity", float("-inf"): b"-Infinity"}
+_VISIT = (dict, list, float)
+
+
+def _python_float(value: float) -> Any:
+    if _FIXED_MIN <= abs(value) < _FIXED_MAX or value == 0.0:
+        return value
+    if value != value:
+        return json_fragment(b"NaN")
+    return json_fragment(_INFINITIES.get(value) or repr(value).encode("ascii"))
+
+
+def _fast_body(value: Any) -> Any:
+    """``_drop_nulls``, with floats orjson would spell differently replaced by fragments."""
+    kind = type(value)
+    if kind is dict:
+        return {
+            k: _fast_body(v) if type(v) in _VISIT else v for k, v in value.items() if v is not None
+        }
+    if kind is list:
+        return [_fast_body(v) if type(v) in _VISIT else v for v in value if v is not None]
+    if kind is float:
+        return _python_float(value)
+    return value
 
 
 def canonical_json_reference(obj: JSONObject) -> bytes:
@@ -81,23 +103,16 @@ def canonical_json_reference(obj: JSONObject) -> bytes:
 def canonical_json(obj: JSONObject) -> bytes:
     """The §4.3 canonical form: nulls dropped recursively, sorted keys, compact, ASCII.
 
-    orjson produces the same bytes as the reference ``json.dumps`` for ASCII text and for
-    numbers written without an exponent, ten times faster. Whenever its output could differ
-    (non-ASCII, an exponent, a ``null`` that can only be NaN/Infinity once nulls are dropped,
-    an integer orjson cannot represent), the reference serializer is used instead. A property
+    orjson produces the same bytes as the reference ``json.dumps`` for ASCII text and, once
+    the floats it would spell differently are handed to it pre-spelled, for every number,
+    several times faster. Whenever its output could still differ (non-ASCII text, DEL, an
+    integer orjson cannot represent) the reference serializer is used instead. A property
     test holds the two byte-identical.
     """
-    body = _drop_nulls(obj)
-    out = dumps_sorted(body)
-    if (
-        not out
-        or not out.isascii()
-        or b"\x7f" in out  # Python escapes DEL as \u007f, orjson does not
-        or b"null" in out
-        or _RISKY_NUMBER.search(out)
-    ):
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return out
+    out = dumps_sorted(_fast_body(obj))
+    if out and out.isascii() and b"\x7f" not in out:  # Python escapes DEL as \u007f
+        return out
+    return canonical_json_reference(obj)
 
 
 def load_signing_key(seed_hex: str) -> Ed25519PrivateKey:

@@ -464,14 +464,16 @@ def test_fast_canonical_form_across_float_magnitudes(exponent: int) -> None:
 
 
 def test_typical_receipt_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hex ids such as "...3e5..." look like exponents but are strings: no fallback for them."""
+    """No fallback for hex ids ("...3e5..."), tiny prices, exponents or NaN: only for text."""
     import protocol.receipts as receipts
 
     body = {
         "receipt_id": "019ac3e5e7d0e1e2e3e4e5e6e7e8e9e0",
         "job_id": "0e10" * 8,
-        "units": 1.25,
+        "units": 0.000123,
         "unit_price": 0.02,
+        "price": 2.46e-06,
+        "extremes": [1e16, -1e-7, float("nan"), float("inf"), 0.0001, 9999999999999998.0],
         "metadata": {"result": {"text": "note: 1e5 inside a string"}, "list": [1, 2.5]},
     }
     expected = canonical_json_reference(body)
