@@ -19,6 +19,7 @@ from dispatcher.fanout import Outbox
 from protocol.codec import encode
 from protocol.messages import Ack, Error
 from protocol.types import CloseCode
+from web.transport import SEND_NOW
 
 if TYPE_CHECKING:
     from protocol.session import ClientSession, MinerSession
@@ -137,11 +138,14 @@ class Connection(ABC):
 
     async def _writer(self, scope: anyio.CancelScope) -> None:
         ws = self.websocket
+        # Under uvicorn with our protocol: a synchronous send (web/transport.py); else ASGI.
+        send_now = ws.scope.get("extensions", {}).get(SEND_NOW)
         try:
             while True:
                 frames = await self.outbox.take()
                 for frame in frames:
-                    await ws.send_text(frame)
+                    if send_now is None or not send_now(frame.encode()):
+                        await ws.send_text(frame)
                 if self.outbox.closed and not len(self.outbox):
                     break
             if self._close is not None and ws.application_state is WebSocketState.CONNECTED:
