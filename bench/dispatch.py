@@ -10,13 +10,11 @@ return a result as soon as a job is pushed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
@@ -25,18 +23,28 @@ from websockets.asyncio.client import ClientConnection, connect
 from bench.harness import (
     CLIENT_KEY,
     MINER_KEY,
-    ROOT,
+    arg_parser,
+    cell,
     coordinator,
     cpu_seconds,
+    in_uvloop,
+    job_count,
+    load_results,
     machine_info,
     measured_on,
+    need_results,
     pct,
     pin_self,
-    summary,
+    ratio,
+    run_plan,
+    save_results,
     write_section,
 )
 
-__all__ = ["main", "run_once"]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["Trace", "client", "drive", "latencies", "main", "miner", "run_once", "table"]
 
 
 @dataclass
@@ -48,8 +56,17 @@ class Trace:
 
 
 async def miner(
-    url: str, n: int, concurrency: int, ready: anyio.Event, stop: anyio.Event, trace: Trace
+    url: str,
+    n: int,
+    concurrency: int,
+    ready: anyio.Event,
+    stop: anyio.Event,
+    trace: Trace,
+    *,
+    accept: bool = True,
 ) -> None:
+    """Accept (unless ``accept`` is false: the ceiling's 4-frame exchange has no accept) and
+    return a result for every pushed job at once."""
     async with connect(
         url, additional_headers={"X-Api-Key": MINER_KEY}, compression=None, max_queue=None
     ) as ws:
@@ -71,11 +88,12 @@ async def miner(
             if msg["type"] == "job.assign":
                 job_id, attempt = msg["job_id"], msg["attempt"]
                 trace.assigned[job_id] = time.perf_counter()
-                await ws.send(
-                    orjson.dumps(
-                        {"type": "job.accept", "job_id": job_id, "attempt": attempt}
-                    ).decode()
-                )
+                if accept:
+                    await ws.send(
+                        orjson.dumps(
+                            {"type": "job.accept", "job_id": job_id, "attempt": attempt}
+                        ).decode()
+                    )
                 await ws.send(
                     orjson.dumps(
                         {
@@ -133,58 +151,81 @@ async def client(
                     return
 
 
-async def run_once(
-    *, jobs: int, inflight: int, miners: int, clients: int, core: int | None
+async def drive(
+    *,
+    pid: int,
+    miner_url: str,
+    client_url: str,
+    jobs: int,
+    inflight: int,
+    miners: int,
+    clients: int,
+    accept: bool = True,
 ) -> dict[str, Any]:
+    """Run ``jobs`` jobs through a server: ``miners`` lean miners, ``clients`` clients keeping
+    ``inflight`` jobs outstanding in all; jobs/s, latencies and the CPU that ``pid`` spent."""
     trace = Trace()
-    with coordinator(core=0 if core is not None else None) as server:
-        stop = anyio.Event()
-        ids = count()
-        async with anyio.create_task_group() as tg:
-            per_miner = max(1, -(-inflight // miners))
-            for n in range(miners):
-                ready = anyio.Event()
-                tg.start_soon(miner, server.url("/v1/miners/ws"), n, per_miner, ready, stop, trace)
-                await ready.wait()
-            cpu0 = cpu_seconds(server.proc.pid)
-            t0 = time.perf_counter()
-            dones = []
-            for c in range(clients):
-                done = anyio.Event()
-                dones.append(done)
-                share = jobs // clients + (1 if c < jobs % clients else 0)
-                tg.start_soon(
-                    client,
-                    server.url("/v1/jobs/ws"),
-                    share,
-                    max(1, inflight // clients),
-                    trace,
-                    ids,
-                    done,
-                )
-            with anyio.fail_after(300):
-                for done in dones:
-                    await done.wait()
-            elapsed = time.perf_counter() - t0
-            cpu = cpu_seconds(server.proc.pid) - cpu0
-            stop.set()
-            tg.cancel_scope.cancel()
-    assign_ms, complete_ms = [], []
-    for job_id, sid in trace.job_of.items():
-        t_sent = trace.sent[sid]
-        if job_id in trace.assigned:
-            assign_ms.append((trace.assigned[job_id] - t_sent) * 1000)
-        if job_id in trace.completed:
-            complete_ms.append((trace.completed[job_id] - t_sent) * 1000)
+    stop = anyio.Event()
+    ids = count()
+    async with anyio.create_task_group() as tg:
+        per_miner = max(1, -(-inflight // miners))
+        for n in range(miners):
+            ready = anyio.Event()
+            tg.start_soon(
+                partial(miner, miner_url, n, per_miner, ready, stop, trace, accept=accept)
+            )
+            await ready.wait()
+        cpu0, own0 = cpu_seconds(pid), time.process_time()
+        t0 = time.perf_counter()
+        dones = []
+        for c in range(clients):
+            done = anyio.Event()
+            dones.append(done)
+            share = jobs // clients + (1 if c < jobs % clients else 0)
+            tg.start_soon(client, client_url, share, max(1, inflight // clients), trace, ids, done)
+        with anyio.fail_after(300):
+            for done in dones:
+                await done.wait()
+        elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds(pid) - cpu0
+        own = time.process_time() - own0
+        stop.set()
+        tg.cancel_scope.cancel()
+    assign_ms, complete_ms = latencies(trace)
     return {
         "jobs": len(trace.completed),
         "jobs_per_s": len(trace.completed) / elapsed,
         "server_cpu_us_per_job": cpu / max(1, len(trace.completed)) * 1e6,
+        # near 100: the load generator, not the server, bounds jobs/s
+        "loadgen_cpu_pct": own / elapsed * 100,
         "assign_p50_ms": pct(assign_ms, 50),
         "assign_p99_ms": pct(assign_ms, 99),
         "complete_p50_ms": pct(complete_ms, 50),
         "complete_p99_ms": pct(complete_ms, 99),
     }
+
+
+def latencies(trace: Trace) -> tuple[list[float], list[float]]:
+    """submit->assign and submit->completed in ms; a job id with no ack is its submit id."""
+    assign_ms, complete_ms = [], []
+    for job_id, t in trace.assigned.items():
+        assign_ms.append((t - trace.sent[trace.job_of.get(job_id, job_id)]) * 1000)
+    for job_id, t in trace.completed.items():
+        complete_ms.append((t - trace.sent[trace.job_of.get(job_id, job_id)]) * 1000)
+    return assign_ms, complete_ms
+
+
+async def run_once(*, jobs: int, inflight: int, miners: int, clients: int) -> dict[str, Any]:
+    with coordinator(core=0) as server:
+        return await drive(
+            pid=server.proc.pid,
+            miner_url=server.url("/v1/miners/ws"),
+            client_url=server.url("/v1/jobs/ws"),
+            jobs=jobs,
+            inflight=inflight,
+            miners=miners,
+            clients=clients,
+        )
 
 
 SCENARIOS = [
@@ -196,82 +237,85 @@ SCENARIOS = [
 ]
 
 
-def render(results: dict[str, list[dict[str, Any]]], runs: int) -> str:
+CEILING_ROW = "100 in flight, 1 miner"  # compared with the ceiling's "100 in flight" rows
+
+
+def table(results: dict[str, list[dict[str, Any]]], first: str = "scenario") -> list[str]:
+    """The rows of a ``drive`` results table (bench/ceiling.py renders its own with it)."""
+    ms = "{:.2f}"
     lines = [
-        "| scenario | jobs/s | server CPU µs/job | submit→assign p50 / p99 ms "
-        "| submit→completed p50 / p99 ms |",
-        "|---|---|---|---|---|",
+        f"| {first} | jobs/s | server CPU µs/job | load generator CPU % "
+        "| submit→assign p50 / p99 ms | submit→completed p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
     ]
     for name, rs in results.items():
-
-        def cell(key: str, fmt: str = "{:.0f}", rs: list[dict[str, Any]] = rs) -> str:
-            s = summary([r[key] for r in rs])
-            return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
-
         lines.append(
-            f"| {name} | {cell('jobs_per_s')} | {cell('server_cpu_us_per_job')} "
-            f"| {cell('assign_p50_ms', '{:.2f}')} / {cell('assign_p99_ms', '{:.2f}')} "
-            f"| {cell('complete_p50_ms', '{:.2f}')} / {cell('complete_p99_ms', '{:.2f}')} |"
+            f"| {name} | {cell(rs, 'jobs_per_s')} | {cell(rs, 'server_cpu_us_per_job')} "
+            f"| {cell(rs, 'loadgen_cpu_pct')} "
+            f"| {cell(rs, 'assign_p50_ms', ms)} / {cell(rs, 'assign_p99_ms', ms)} "
+            f"| {cell(rs, 'complete_p50_ms', ms)} / {cell(rs, 'complete_p99_ms', ms)} |"
         )
+    return lines
+
+
+def render(
+    results: dict[str, list[dict[str, Any]]], ceiling: dict[str, list[dict[str, Any]]] | None
+) -> str:
+    lines = table(results)
+    if ceiling:
+        lines += ["", "| scenario | jobs/s as a fraction of the ceiling's (medians) |", "|---|---|"]
+        for name, rs in results.items():
+            if name.startswith(CEILING_ROW):
+                parts = [
+                    f"{ratio(rs, crs, 'jobs_per_s'):.2f} x “{cname}”"
+                    for cname, crs in ceiling.items()
+                    if cname.startswith("100 in flight")
+                ]
+                lines.append(f"| {name} | {'; '.join(parts)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
-    p.add_argument("--write-docs", action="store_true", help="rewrite docs/performance.md")
-    p.add_argument(
-        "--from-results",
-        action="store_true",
-        help="do not measure: render bench/results/dispatch.json",
-    )
-    a = p.parse_args()
-    out = ROOT / "bench" / "results"
+    a = arg_parser(__doc__).parse_args()
     if a.from_results:
-        results = json.loads((out / "dispatch.json").read_text())
-        runs = len(next(iter(results.values())))
-        print(render(results, runs))
-        if a.write_docs:
-            write_docs(render(results, runs), runs)
-        return
-    machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-    pin_self(1)
-    results = {}
-    for name, inflight, miners, clients, jobs in SCENARIOS:
-        for run in range(a.runs):
-            job = partial(
-                run_once,
-                jobs=max(50, int(jobs * a.scale)),
-                inflight=inflight,
-                miners=miners,
-                clients=clients,
-                core=0,
+        results = need_results(a.results, "dispatch")
+    else:
+        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
+        pin_self(1)
+        plan = [
+            (
+                name,
+                in_uvloop(
+                    partial(
+                        run_once,
+                        jobs=job_count(a, jobs),
+                        inflight=inflight,
+                        miners=miners,
+                        clients=clients,
+                    )
+                ),
             )
-            r = anyio.run(job, backend_options={"use_uvloop": True})
-            results.setdefault(name, []).append(r)
-            print(
-                f"{name} run {run + 1}: {json.dumps({k: round(v, 3) for k, v in r.items()})}",
-                flush=True,
-            )
-    table = render(results, a.runs)
+            for name, inflight, miners, clients, jobs in SCENARIOS
+        ]
+        results = run_plan(plan, a.runs)
+        save_results(a.results, "dispatch", results, machine)
+    table = render(results, load_results(a.results, "ceiling"))
     print(table)
-    out.mkdir(exist_ok=True)
-    (out / "dispatch.json").write_text(json.dumps(results, indent=2))
-    (out / "machine.json").write_text(json.dumps(machine, indent=2))
     if a.write_docs:
-        write_docs(table, a.runs)
+        write_docs(table, len(next(iter(results.values()))), a.results)
 
 
-def write_docs(table: str, runs: int) -> None:
+def write_docs(table: str, runs: int, out: Path) -> None:
     write_section(
         "## Durable socket dispatch (`bench/dispatch.py`)\n\n"
-        f"{measured_on()}; "
+        f"{measured_on(out)}; "
         "coordinator pinned to core 0 as a subprocess (SQLite WAL, synchronous=NORMAL, every "
         "transition committed before it is visible), load generator pinned to core 1. "
         f"Median (min-max) over {runs} runs. Latencies are measured in the load generator: "
         "submit→assign from sending `job.submit` to the miner receiving `job.assign`; "
-        "submit→completed to the client receiving the `completed` event.\n\n"
+        "submit→completed to the client receiving the `completed` event; load generator CPU % "
+        "near 100 means the load generator, not the server, bounded jobs/s. The fractions compare "
+        "the medians with the ceiling's (`bench/ceiling.py`) of the same results folder.\n\n"
         f"{table}\n"
     )
 
