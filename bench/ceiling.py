@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import sqlite3
 import sys
-import tempfile
 from collections import deque
 from functools import partial
 from pathlib import Path
@@ -54,6 +53,7 @@ from bench.harness import (
     process,
     run_plan,
     save_results,
+    scratch,
     write_section,
 )
 
@@ -225,19 +225,21 @@ def serve(argv: list[str]) -> None:
 async def run_once(*, persist: bool, jobs: int, inflight: int, clients: int) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.ceiling", "serve", "--port", str(port)]
-    if persist:
-        cmd += ["--db", str(Path(tempfile.mkdtemp(prefix="aitbc-ceiling-")) / "ceiling.db")]
-    with process(cmd, name="ceiling", ready=partial(http_ok, port, "/health"), core=0) as proc:
-        return await drive(
-            pid=proc.pid,
-            miner_url=f"ws://127.0.0.1:{port}/v1/miners/ws",
-            client_url=f"ws://127.0.0.1:{port}/v1/jobs/ws",
-            jobs=jobs,
-            inflight=inflight,
-            miners=1,
-            clients=clients,
-            accept=False,
-        )
+    ready = partial(http_ok, port, "/health")
+    with scratch("db") as tmp:
+        if persist:
+            cmd += ["--db", str(tmp / "ceiling.db")]
+        with process(cmd, name="ceiling", ready=ready, core=0) as proc:
+            return await drive(
+                pid=proc.pid,
+                miner_url=f"ws://127.0.0.1:{port}/v1/miners/ws",
+                client_url=f"ws://127.0.0.1:{port}/v1/jobs/ws",
+                jobs=jobs,
+                inflight=inflight,
+                miners=1,
+                clients=clients,
+                accept=False,
+            )
 
 
 SCENARIOS = [

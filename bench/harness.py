@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -73,6 +74,14 @@ def http_ok(port: int, path: str) -> bool:
 
 
 @contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A fresh temporary folder, removed afterwards unless an exception left it to look at."""
+    path = Path(tempfile.mkdtemp(prefix=f"aitbc-bench-{name}-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
 def process(
     cmd: list[str],
     *,
@@ -89,9 +98,8 @@ def process(
     """
     if core is not None and len(cores()) > 1:
         cmd = ["taskset", "-c", str(core), *cmd]
-    log_path = Path(tempfile.mkdtemp(prefix=f"aitbc-bench-{name}-")) / f"{name}.log"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    with open(log_path, "wb") as log:
+    with scratch(name) as tmp, open(tmp / f"{name}.log", "wb") as log:
         proc = subprocess.Popen(
             cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log, preexec_fn=raise_nofile
         )
@@ -103,7 +111,7 @@ def process(
                 time.sleep(0.05)
             yield proc
         except BaseException:
-            print(f"{name} log: {log_path}", file=sys.stderr)
+            print(f"{name} log: {tmp / (name + '.log')}", file=sys.stderr)
             raise
         finally:
             proc.terminate()
@@ -117,7 +125,11 @@ def process(
 @contextmanager
 def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> Iterator[Server]:
     """Run ``aitbc-coordinator serve`` on a fresh database, pinned to ``core``."""
-    tmp = Path(tempfile.mkdtemp(prefix="aitbc-bench-"))
+    with scratch("db") as tmp:
+        yield from _coordinator(tmp, core, env)
+
+
+def _coordinator(tmp: Path, core: int | None, env: dict[str, str] | None) -> Iterator[Server]:
     port = free_port()
     # BENCH_SERVER_SCRIPT: run an instrumented entry point instead (profiling experiments).
     entry = os.environ.get("BENCH_SERVER_SCRIPT")
