@@ -294,7 +294,7 @@ def main() -> None:
             )
             for name, persist, inflight, clients, jobs in SCENARIOS
         ]
-        results = run_plan(plan, a.runs)
+        results = run_plan(plan, a.runs, a.only)
         save_results(a.results, "ceiling", results, machine)
     table = render(results)
     print(table)

@@ -297,7 +297,7 @@ def main() -> None:
             )
             for name, inflight, miners, clients, jobs in SCENARIOS
         ]
-        results = run_plan(plan, a.runs)
+        results = run_plan(plan, a.runs, a.only)
         save_results(a.results, "dispatch", results, machine)
     table = render(results, load_results(a.results, "ceiling"))
     print(table)

@@ -238,6 +238,7 @@ def arg_parser(doc: str | None, **defaults: Any) -> argparse.ArgumentParser:
         "--from-results", action="store_true", help="do not measure: render the results file"
     )
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--only", metavar="TEXT", help="run only the scenarios whose name has TEXT")
     p.set_defaults(**defaults)
     return p
 
@@ -267,10 +268,14 @@ def need_results(out: Path, name: str) -> Any:
 
 
 def run_plan(
-    plan: list[tuple[str, Callable[[], dict[str, Any]]]], runs: int
+    plan: list[tuple[str, Callable[[], dict[str, Any]]]], runs: int, only: str | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run every scenario ``runs`` times, one after another; print each run as it ends."""
+    """Run every scenario (whose name has ``only``) ``runs`` times, one after another; print
+    each run as it ends."""
     results: dict[str, list[dict[str, Any]]] = {}
+    plan = [(name, job) for name, job in plan if only is None or only in name]
+    if not plan:
+        raise SystemExit(f"no scenario name has {only!r}")
     for name, job in plan:
         for run in range(runs):
             r = job()

@@ -337,7 +337,7 @@ def main() -> None:
         ]
         pickup = partial(run_pickup, jobs=jobs(PICKUP[1]), park_ms=a.park_ms)
         plan.append((PICKUP[0], in_uvloop(pickup)))
-        results = run_plan(plan, a.runs)
+        results = run_plan(plan, a.runs, a.only)
         save_results(a.results, "rest", results, machine)
     table = render(results)
     print(table)

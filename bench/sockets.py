@@ -196,7 +196,7 @@ def main() -> None:
             latency_jobs=a.jobs or a.latency_jobs,
             settle=a.settle,
         )
-        results = run_plan([(name, in_uvloop(job))], a.runs)
+        results = run_plan([(name, in_uvloop(job))], a.runs, a.only)
         save_results(a.results, "sockets", results, machine)
     table = render(results)
     print(table)

@@ -130,7 +130,7 @@ def peer(core: int | None = 0) -> Iterator[Peer]:
             process(
                 worker_cmd,
                 name="celery",
-                ready=lambda: bool(client.control.ping(timeout=0.5)),
+                ready=lambda: bool(client.control.ping(timeout=0.2)),
                 core=core,
                 env={URL_ENV: url},
             ) as worker,
@@ -262,7 +262,7 @@ def main() -> None:
                 plan.append((name, measured(partial(round_trips, jobs=n))))
             else:
                 plan.append((name, measured(partial(throughput, jobs=n, inflight=inflight))))
-        results = run_plan(plan, a.runs)
+        results = run_plan(plan, a.runs, a.only)
         save_results(a.results, "celery", results, machine)
     table = render(results)
     print(table)
