@@ -1,24 +1,25 @@
 """Durable socket dispatch: jobs/s at N in flight, submit->assign / submit->completed latency.
 
 The coordinator runs as a subprocess pinned to core 0 (fresh SQLite database, every transition
-durable); this load generator runs on core 1 with lean protocol clients (no sleeps, no progress
-frames): clients keep ``--inflight`` jobs outstanding over ``/v1/jobs/ws``; miners accept and
-return a result as soon as a job is pushed.
+durable); this load generator runs on core 1 with lean protocol clients on bare asyncio sockets
+(``bench/rawws.py``; no sleeps, no progress frames): clients keep ``--inflight`` jobs
+outstanding over ``/v1/jobs/ws``; miners accept and return a result as soon as a job is pushed.
 
     python -m bench.dispatch --runs 3 --write-docs
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import count
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
 
 from bench.harness import (
     CLIENT_KEY,
@@ -40,11 +41,13 @@ from bench.harness import (
     save_results,
     write_section,
 )
+from bench.rawws import RawWebSocket, encode_frame, upgrade_request
 
 if TYPE_CHECKING:
+    from asyncio import Future
     from pathlib import Path
 
-__all__ = ["Trace", "client", "drive", "latencies", "main", "miner", "run_once", "table"]
+__all__ = ["LeanClient", "LeanMiner", "Trace", "drive", "latencies", "main", "run_once", "table"]
 
 
 @dataclass
@@ -55,100 +58,119 @@ class Trace:
     completed: dict[str, float] = field(default_factory=dict)  # job id -> t (client saw it)
 
 
-async def miner(
-    url: str,
-    n: int,
-    concurrency: int,
-    ready: anyio.Event,
-    stop: anyio.Event,
-    trace: Trace,
-    *,
-    accept: bool = True,
-) -> None:
-    """Accept (unless ``accept`` is false: the ceiling's 4-frame exchange has no accept) and
-    return a result for every pushed job at once."""
-    async with connect(
-        url, additional_headers={"X-Api-Key": MINER_KEY}, compression=None, max_queue=None
-    ) as ws:
-        await ws.send(
-            orjson.dumps(
-                {
-                    "type": "hello",
-                    "protocol": 1,
-                    "miner_id": f"bench-{n}",
-                    "capabilities": {"gpus": [{"name": "A100"}]},
-                    "concurrency": concurrency,
-                }
-            ).decode()
-        )
-        await ws.recv()
-        ready.set()
-        async for raw in ws:
-            msg = orjson.loads(raw)
-            if msg["type"] == "job.assign":
-                job_id, attempt = msg["job_id"], msg["attempt"]
-                trace.assigned[job_id] = time.perf_counter()
-                if accept:
-                    await ws.send(
-                        orjson.dumps(
-                            {"type": "job.accept", "job_id": job_id, "attempt": attempt}
-                        ).decode()
-                    )
-                await ws.send(
-                    orjson.dumps(
-                        {
-                            "type": "job.result",
-                            "job_id": job_id,
-                            "attempt": attempt,
-                            "result": {"ok": True},
-                            "metrics": {},
-                        }
-                    ).decode()
-                )
-            if stop.is_set():
-                return
+class LeanMiner(RawWebSocket):
+    """``hello``, then for every ``job.assign``: ``job.accept`` (unless ``accept`` is false: the
+    ceiling's 4-frame exchange has none) and ``job.result`` at once, in one write."""
+
+    def __init__(
+        self, url: str, n: int, concurrency: int, trace: Trace, ready: Future[None], accept: bool
+    ) -> None:
+        super().__init__(request_for(url, MINER_KEY))
+        self.n, self.concurrency, self.trace = n, concurrency, trace
+        self.ready, self.accept = ready, accept
+
+    def on_open(self) -> None:
+        hello = {
+            "type": "hello",
+            "protocol": 1,
+            "miner_id": f"bench-{self.n}",
+            "capabilities": {"gpus": [{"name": "A100"}]},
+            "concurrency": self.concurrency,
+        }
+        self.send(orjson.dumps(hello))
+
+    def on_text(self, payload: bytes) -> None:
+        msg = orjson.loads(payload)
+        kind = msg["type"]
+        if kind == "job.assign":
+            job_id, attempt = msg["job_id"], msg["attempt"]
+            self.trace.assigned[job_id] = time.perf_counter()
+            out = b""
+            if self.accept:
+                accept = {"type": "job.accept", "job_id": job_id, "attempt": attempt}
+                out = encode_frame(orjson.dumps(accept))
+            result = {
+                "type": "job.result",
+                "job_id": job_id,
+                "attempt": attempt,
+                "result": {"ok": True},
+                "metrics": {},
+            }
+            assert self.transport is not None
+            self.transport.write(out + encode_frame(orjson.dumps(result)))
+        elif kind == "welcome" and not self.opened:
+            self.opened = True
+            self.ready.set_result(None)
+        elif kind == "error":
+            fail(self.ready, f"miner got {msg}")
+
+    def on_failed(self) -> None:
+        fail(self.ready, "miner socket closed before its welcome")
 
 
-async def client(
-    url: str, total: int, inflight: int, trace: Trace, ids: Any, done: anyio.Event
-) -> None:
-    async with connect(url, additional_headers={"X-Api-Key": CLIENT_KEY}, max_queue=None) as ws:
-        await ws.send('{"type":"hello","protocol":1}')
-        await ws.recv()
-        remaining = total
+class LeanClient(RawWebSocket):
+    """``hello``, then keep ``inflight`` of ``total`` jobs outstanding; ``done`` when all
+    completed."""
 
-        async def submit(ws: ClientConnection) -> None:
-            nonlocal remaining
-            remaining -= 1
-            sid = f"s{next(ids)}"
-            trace.sent[sid] = time.perf_counter()
-            await ws.send(
-                orjson.dumps(
-                    {
-                        "type": "job.submit",
-                        "id": sid,
-                        "payload": {"type": "bench"},
-                        "constraints": {"gpu": "A100"},
-                    }
-                ).decode()
-            )
+    def __init__(
+        self, url: str, total: int, inflight: int, trace: Trace, ids: Any, done: Future[None]
+    ) -> None:
+        super().__init__(request_for(url, CLIENT_KEY))
+        self.remaining, self.inflight, self.outstanding = total, inflight, 0
+        self.trace, self.ids, self.done = trace, ids, done
 
-        for _ in range(min(inflight, remaining)):
-            await submit(ws)
-        outstanding = min(inflight, total)
-        async for raw in ws:
-            msg = orjson.loads(raw)
-            if msg["type"] == "ack":
-                trace.job_of[msg["job"]["job_id"]] = msg["id"]
-            elif msg["type"] == "job.event" and msg["event"] == "completed":
-                trace.completed[msg["job_id"]] = time.perf_counter()
-                outstanding -= 1
-                if remaining > 0:
-                    outstanding += 1
-                    await submit(ws)
-                elif outstanding == 0:
-                    done.set()
-                    return
+    def on_open(self) -> None:
+        self.send(b'{"type":"hello","protocol":1}')
+
+    def submit(self) -> bytes:
+        self.remaining -= 1
+        self.outstanding += 1
+        sid = f"s{next(self.ids)}"
+        self.trace.sent[sid] = time.perf_counter()
+        return encode_frame(orjson.dumps({"type": "job.submit", "id": sid, **JOB}))
+
+    def on_text(self, payload: bytes) -> None:
+        assert self.transport is not None
+        msg = orjson.loads(payload)
+        kind = msg["type"]
+        if kind == "ack" and "job" in msg:
+            self.trace.job_of[msg["job"]["job_id"]] = msg["id"]
+        elif kind == "job.event" and msg["event"] == "completed":
+            self.trace.completed[msg["job_id"]] = time.perf_counter()
+            self.outstanding -= 1
+            if self.remaining > 0:
+                self.transport.write(self.submit())
+            elif self.outstanding == 0 and not self.done.done():
+                self.done.set_result(None)
+        elif kind == "welcome" and not self.opened:
+            self.opened = True
+            first = min(self.inflight, self.remaining)
+            self.transport.write(b"".join(self.submit() for _ in range(first)))
+            if first == 0:
+                self.done.set_result(None)
+        elif kind == "error":
+            fail(self.done, f"client got {msg}")
+
+    def on_failed(self) -> None:
+        fail(self.done, "client socket closed before its welcome")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        fail(self.done, "client socket closed before its jobs completed")
+
+
+JOB = {"payload": {"type": "bench"}, "constraints": {"gpu": "A100"}}
+
+
+def fail(future: Future[None], why: str) -> None:
+    if not future.done():
+        future.set_exception(RuntimeError(why))
+
+
+def request_for(url: str, key: str) -> bytes:
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1", url  # loopback only
+    return upgrade_request(parts.hostname, parts.port or 80, parts.path, {"X-Api-Key": key})
 
 
 async def drive(
@@ -164,33 +186,42 @@ async def drive(
 ) -> dict[str, Any]:
     """Run ``jobs`` jobs through a server: ``miners`` lean miners, ``clients`` clients keeping
     ``inflight`` jobs outstanding in all; jobs/s, latencies and the CPU that ``pid`` spent."""
+    loop = asyncio.get_running_loop()
     trace = Trace()
-    stop = anyio.Event()
     ids = count()
-    async with anyio.create_task_group() as tg:
+    sockets: list[RawWebSocket] = []
+
+    async def open_socket(proto: RawWebSocket, url: str) -> None:
+        sockets.append(proto)
+        parts = urlsplit(url)
+        await loop.create_connection(lambda: proto, parts.hostname, parts.port)
+
+    try:
         per_miner = max(1, -(-inflight // miners))
         for n in range(miners):
-            ready = anyio.Event()
-            tg.start_soon(
-                partial(miner, miner_url, n, per_miner, ready, stop, trace, accept=accept)
-            )
-            await ready.wait()
+            ready: Future[None] = loop.create_future()
+            await open_socket(LeanMiner(miner_url, n, per_miner, trace, ready, accept), miner_url)
+            with anyio.fail_after(10):
+                await ready
         cpu0, own0 = cpu_seconds(pid), time.process_time()
         t0 = time.perf_counter()
         dones = []
         for c in range(clients):
-            done = anyio.Event()
+            done: Future[None] = loop.create_future()
             dones.append(done)
             share = jobs // clients + (1 if c < jobs % clients else 0)
-            tg.start_soon(client, client_url, share, max(1, inflight // clients), trace, ids, done)
-        with anyio.fail_after(300):
-            for done in dones:
-                await done.wait()
+            per_client = max(1, inflight // clients)
+            lean = LeanClient(client_url, share, per_client, trace, ids, done)
+            await open_socket(lean, client_url)
+        with anyio.fail_after(60 + jobs / 100):
+            await asyncio.gather(*dones)
         elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(pid) - cpu0
         own = time.process_time() - own0
-        stop.set()
-        tg.cancel_scope.cancel()
+    finally:
+        for s in sockets:
+            if s.transport is not None:
+                s.transport.abort()
     assign_ms, complete_ms = latencies(trace)
     return {
         "jobs": len(trace.completed),

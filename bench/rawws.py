@@ -1,10 +1,10 @@
-"""A minimal WebSocket client on a bare asyncio protocol, for thousands of idle sockets.
+"""A minimal WebSocket client on a bare asyncio protocol: cheap load-generator sockets.
 
-A ``websockets`` client connection costs the load generator tens of kilobytes and a task; an
-idle miner needs only: the HTTP upgrade, one ``hello`` text frame, the ``welcome``, and pongs
-to the server's pings. Client frames are masked with an all-zero key (a valid frame, no XOR to
-compute; the server never checks the key's randomness). Server frames are parsed without
-extensions (the coordinator disables permessage-deflate).
+A ``websockets`` client connection costs the load generator tens of kilobytes, a task and tens
+of microseconds per frame; the benchmarks' sockets need only the HTTP upgrade, text frames both
+ways, and pongs to the server's pings. Client frames are masked with an all-zero key (a valid
+frame, no XOR to compute; the server never checks the key's randomness). Server frames are
+parsed without extensions (the coordinator disables permessage-deflate).
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ import orjson
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["IdleMiner", "OP_CLOSE", "OP_PING", "OP_PONG", "OP_TEXT", "encode_frame", "parse_frames"]
+__all__ = [
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "IdleMiner",
+    "RawWebSocket",
+    "encode_frame",
+    "parse_frames",
+    "upgrade_request",
+]
 
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
 ZERO_MASK = b"\x00\x00\x00\x00"
@@ -83,22 +93,24 @@ def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
     return frames
 
 
-class IdleMiner(asyncio.Protocol):
-    """Upgrade, send ``hello``, wait for ``welcome`` (then ``on_welcome(True)``), answer pings.
+class RawWebSocket(asyncio.Protocol):
+    """The client side of one WebSocket: upgrade, pongs, close; subclasses get ``on_open`` once
+    upgraded, ``on_text`` per text frame, and ``on_failed`` if the socket ends before
+    ``opened`` was set (by them)."""
 
-    ``on_welcome(False)`` if the connection fails before the welcome; ``closed`` tells whether
-    the server closed it afterwards.
-    """
-
-    def __init__(self, request: bytes, hello: bytes, on_welcome: Callable[[bool], None]) -> None:
-        self.request, self.hello, self.on_welcome = request, hello, on_welcome
+    def __init__(self, request: bytes) -> None:
+        self.request = request
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.upgraded = self.welcomed = self.closed = False
+        self.upgraded = self.opened = self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.write(self.request)  # type: ignore[attr-defined]
+
+    def send(self, payload: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(encode_frame(payload))
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -108,30 +120,63 @@ class IdleMiner(asyncio.Protocol):
             if end < 0:
                 return
             if not self.buf.startswith(b"HTTP/1.1 101"):
-                self._fail()
+                self.transport.close()
                 return
             del self.buf[: end + 4]
             self.upgraded = True
-            self.transport.write(encode_frame(self.hello))
+            self.on_open()
         for opcode, payload in parse_frames(self.buf):
-            if opcode == OP_PING:
+            if opcode == OP_TEXT:
+                self.on_text(payload)
+            elif opcode == OP_PING:
                 self.transport.write(encode_frame(payload, OP_PONG))
             elif opcode == OP_CLOSE:
                 self.closed = True
                 self.transport.close()
-            elif opcode == OP_TEXT and not self.welcomed:
-                if orjson.loads(payload).get("type") != "welcome":
-                    self._fail()
-                    return
-                self.welcomed = True
-                self.on_welcome(True)
-
-    def _fail(self) -> None:
-        assert self.transport is not None
-        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.welcomed:
-            self.welcomed = True  # report once
-            self.on_welcome(False)
+        if not self.opened:
+            self.opened = True  # report once
+            self.on_failed()
+
+    def on_open(self) -> None:
+        pass
+
+    def on_text(self, payload: bytes) -> None:
+        pass
+
+    def on_failed(self) -> None:
+        pass
+
+
+class IdleMiner(RawWebSocket):
+    """Send ``hello`` once upgraded, wait for ``welcome`` (then ``on_welcome(True)``), idle.
+
+    ``on_welcome(False)`` if the connection fails before the welcome; ``closed`` tells whether
+    the server closed it afterwards.
+    """
+
+    def __init__(self, request: bytes, hello: bytes, on_welcome: Callable[[bool], None]) -> None:
+        super().__init__(request)
+        self.hello, self.on_welcome = hello, on_welcome
+
+    @property
+    def welcomed(self) -> bool:
+        return self.opened
+
+    def on_open(self) -> None:
+        self.send(self.hello)
+
+    def on_text(self, payload: bytes) -> None:
+        if self.opened:
+            return
+        if orjson.loads(payload).get("type") != "welcome":
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.opened = True
+        self.on_welcome(True)
+
+    def on_failed(self) -> None:
+        self.on_welcome(False)
