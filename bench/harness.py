@@ -99,10 +99,9 @@ def process(
     if core is not None and len(cores()) > 1:
         cmd = ["taskset", "-c", str(core), *cmd]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    raise_nofile()  # the child inherits it (no preexec_fn: not safe with threads)
     with scratch(name) as tmp, open(tmp / f"{name}.log", "wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log, preexec_fn=raise_nofile
-        )
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + timeout
             while not ready():
