@@ -34,9 +34,17 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
+# Not part of `make test` nor CI. Needs Debian's redis-server (apt-get install -y redis-server)
+# for the Celery peer; each script stops by itself and talks to 127.0.0.1 only.
 bench: $(STAMP)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+	rm -f bench/results/*.json  # the summary reads this run's results only
+	$(BIN)/python -m bench.ceiling --runs 3 --write-docs
 	$(BIN)/python -m bench.dispatch --runs 3 --write-docs
 	$(BIN)/python -m bench.rest --runs 3 --write-docs
+	$(BIN)/python -m bench.sockets --runs 3 --write-docs
+	$(BIN)/python -m bench.peers.celery_redis --runs 3 --write-docs
+	$(BIN)/python -m bench.summary --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,10 +1,13 @@
-"""Shared benchmark plumbing: start the coordinator as a pinned subprocess, stats helpers."""
+"""Shared benchmark plumbing: pinned subprocesses, stats, results files, the docs writer."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -13,15 +16,18 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"  # gitignored: every run's raw figures
 CLIENT_KEY = "bench-client-key-0001"
 MINER_KEY = "bench-miner-key-00001"
 ADMIN_KEY = "bench-admin-key-00001"
@@ -52,10 +58,77 @@ class Server:
         return f"ws://127.0.0.1:{self.port}{path}"
 
 
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A fresh temporary folder, removed afterwards unless an exception left it to look at."""
+    path = Path(tempfile.mkdtemp(prefix=f"aitbc-bench-{name}-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def process(
+    cmd: list[str],
+    *,
+    name: str,
+    ready: Callable[[], bool],
+    core: int | None = 0,
+    env: dict[str, str] | None = None,
+    timeout: float = 20,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` pinned to ``core`` (open-file limit raised), until ``ready()`` holds.
+
+    Output goes to ``<tmp>/<name>.log`` (printed on failure); the process is terminated, then
+    killed, on exit.
+    """
+    if core is not None and len(cores()) > 1:
+        cmd = ["taskset", "-c", str(core), *cmd]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    raise_nofile()  # the child inherits it (no preexec_fn: not safe with threads)
+    with scratch(name) as tmp, open(tmp / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start")
+                time.sleep(0.05)
+            yield proc
+        except BaseException:
+            print(f"{name} log: {tmp / (name + '.log')}", file=sys.stderr)
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @contextmanager
 def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> Iterator[Server]:
     """Run ``aitbc-coordinator serve`` on a fresh database, pinned to ``core``."""
-    tmp = Path(tempfile.mkdtemp(prefix="aitbc-bench-"))
+    with scratch("db") as tmp:
+        yield from _coordinator(tmp, core, env)
+
+
+def _coordinator(tmp: Path, core: int | None, env: dict[str, str] | None) -> Iterator[Server]:
     port = free_port()
     # BENCH_SERVER_SCRIPT: run an instrumented entry point instead (profiling experiments).
     entry = os.environ.get("BENCH_SERVER_SCRIPT")
@@ -70,41 +143,16 @@ def coordinator(*, core: int | None = 0, env: dict[str, str] | None = None) -> I
         "--log-level",
         "warning",
     ]
-    if core is not None and len(cores()) > 1:
-        cmd = ["taskset", "-c", str(core), *cmd]
     full_env = {
-        **os.environ,
         "CLIENT_API_KEYS": CLIENT_KEY,
         "MINER_API_KEYS": MINER_KEY,
         "ADMIN_API_KEYS": ADMIN_KEY,
         "RECEIPT_SIGNING_KEY_HEX": "42" * 32,
-        "PYTHONPATH": str(ROOT),
         **(env or {}),
     }
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("coordinator did not start")
-            time.sleep(0.05)
+    ready = partial(http_ok, port, "/health/ready")
+    with process(cmd, name="coordinator", ready=ready, core=core, env=full_env) as proc:
         yield Server(port, proc, tmp / "bench.db")
-    except BaseException:
-        print(f"coordinator log: {tmp / 'server.log'}", file=sys.stderr)
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,7 +162,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def pct(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank on the sorted values); NaN for no values."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -125,21 +182,40 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over our runs divided by its median over theirs."""
+    return median_of(ours, key) / median_of(theirs, key)
+
+
+def cell(runs: list[dict[str, Any]], key: str, fmt: str = "{:.0f}") -> str:
+    """``median (min-max)`` of ``key`` over the runs, for a report table."""
+    s = summary([r[key] for r in runs])
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
 def machine_info() -> dict[str, Any]:
     import importlib.metadata as md
     import sqlite3
 
-    versions = {
-        name: md.version(name)
-        for name in (
-            "starlette",
-            "uvicorn",
-            "websockets",
-            "uvloop",
-            "orjson",
-            "cryptography",
-        )
-    }
+    versions = {}
+    for name in (
+        "starlette",
+        "uvicorn",
+        "websockets",
+        "uvloop",
+        "orjson",
+        "cryptography",
+        "celery",
+        "redis",
+    ):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass  # the bench extra is not installed: no peer figures either
     return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.machine(),
@@ -150,10 +226,72 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def measured_on() -> str:
-    """The "Measured <date> on <machine> …" sentence, from bench/results/machine.json."""
-    out = ROOT / "bench" / "results" / "machine.json"
-    m = json.loads(out.read_text()) if out.exists() else machine_info()
+def arg_parser(doc: str | None, **defaults: Any) -> argparse.ArgumentParser:
+    """The options every bench script takes (``defaults`` overrides their defaults)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
+    p.add_argument("--jobs", type=int, help="jobs per scenario (overrides --scale)")
+    p.add_argument("--write-docs", action="store_true", help="rewrite docs/performance.md")
+    p.add_argument(
+        "--from-results", action="store_true", help="do not measure: render the results file"
+    )
+    p.add_argument("--results", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--only", metavar="TEXT", help="run only the scenarios whose name has TEXT")
+    p.set_defaults(**defaults)
+    return p
+
+
+def job_count(args: argparse.Namespace, default: int) -> int:
+    """A scenario's job count: ``--jobs``, else ``default`` times ``--scale`` (at least 50)."""
+    return int(args.jobs) if args.jobs else max(50, int(default * args.scale))
+
+
+def save_results(out: Path, name: str, results: Any, machine: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out / "machine.json").write_text(json.dumps(machine, indent=2))
+
+
+def load_results(out: Path, name: str) -> Any:
+    """``<out>/<name>.json``, or None when that benchmark has not run."""
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def need_results(out: Path, name: str) -> Any:
+    results = load_results(out, name)
+    if results is None:
+        raise SystemExit(f"no {out / (name + '.json')}: run the benchmark first")
+    return results
+
+
+def run_plan(
+    plan: list[tuple[str, Callable[[], dict[str, Any]]]], runs: int, only: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every scenario (whose name has ``only``) ``runs`` times, one after another; print
+    each run as it ends."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    plan = [(name, job) for name, job in plan if only is None or only in name]
+    if not plan:
+        raise SystemExit(f"no scenario name has {only!r}")
+    for name, job in plan:
+        for run in range(runs):
+            r = job()
+            results.setdefault(name, []).append(r)
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+            print(f"{name} run {run + 1}: {json.dumps(shown)}", flush=True)
+    return results
+
+
+def in_uvloop(fn: Callable[[], Awaitable[dict[str, Any]]]) -> Callable[[], dict[str, Any]]:
+    """A plan step that runs the coroutine function ``fn`` in a fresh uvloop event loop."""
+    return lambda: anyio.run(fn, backend_options={"use_uvloop": True})
+
+
+def measured_on(out: Path = RESULTS) -> str:
+    """The "Measured <date> on <machine> …" sentence, from ``<out>/machine.json``."""
+    m = load_results(out, "machine") or machine_info()
     libs = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return (
         f"Measured {m['date']} on {m['machine']} with {m['cpus']} cores, Python {m['python']}, "

@@ -23,8 +23,6 @@ this process.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,20 +35,26 @@ from websockets.asyncio.client import connect
 from bench.harness import (
     CLIENT_KEY,
     MINER_KEY,
-    ROOT,
+    arg_parser,
+    cell,
     coordinator,
     cpu_seconds,
+    in_uvloop,
+    job_count,
     machine_info,
     measured_on,
+    need_results,
     pct,
     pin_self,
-    summary,
+    run_plan,
+    save_results,
     write_section,
 )
 from bench.http11 import Client, Response
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 __all__ = ["main", "run_pickup", "run_throughput"]
 
@@ -248,11 +252,6 @@ THROUGHPUT = [
 PICKUP = ("long-poll pickup, 1 waiting poller", 1_000)
 
 
-def cell(rs: list[dict[str, Any]], key: str, fmt: str = "{:.0f}") -> str:
-    s = summary([r[key] for r in rs])
-    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
-
-
 def render(results: dict[str, list[dict[str, Any]]]) -> str:
     ms = "{:.2f}"
     lines = [
@@ -287,11 +286,11 @@ def render(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, runs: int, inflight: int, park_ms: float) -> None:
+def write_docs(table: str, runs: int, inflight: int, park_ms: float, out: Path) -> None:
     write_section(
         "## REST compatibility path (`bench/rest.py`)\n\n"
-        f"{measured_on()}; same set-up as above (coordinator pinned to core 0, load generator "
-        "on core 1, one `Client` with a 200-connection pool). "
+        f"{measured_on(out)}; same set-up as above (coordinator pinned to core 0, load "
+        "generator on core 1, one `Client` with a 200-connection pool). "
         f"Median (min-max) over {runs} runs; every latency is measured in the load generator "
         "from the start of the client's `POST /v1/jobs`.\n\n"
         "- Throughput rows: miners (concurrency 1 each) loop `POST /v1/miners/poll "
@@ -309,59 +308,42 @@ def write_docs(table: str, runs: int, inflight: int, park_ms: float) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply job counts")
+    p = arg_parser(__doc__)
     p.add_argument("--inflight", type=int, default=100)
     p.add_argument("--clients", type=int, default=4, help="concurrent submitting tasks")
     p.add_argument("--park-ms", type=float, default=5.0, help="pause before each pickup submit")
-    p.add_argument("--write-docs", action="store_true", help="rewrite docs/performance.md")
-    p.add_argument(
-        "--from-results", action="store_true", help="do not measure: render bench/results/rest.json"
-    )
     a = p.parse_args()
-    out = ROOT / "bench" / "results"
     if a.from_results:
-        results = json.loads((out / "rest.json").read_text())
-        runs = len(next(iter(results.values())))
-        print(render(results))
-        if a.write_docs:
-            write_docs(render(results), runs, a.inflight, a.park_ms)
-        return
-    machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-    pin_self(1)
-    results: dict[str, list[dict[str, Any]]] = {}
-    jobs: Callable[[int], int] = lambda n: max(50, int(n * a.scale))  # noqa: E731
-    plan: list[tuple[str, Any]] = [
-        (
-            name,
-            partial(
-                run_throughput,
-                jobs=jobs(n),
-                inflight=a.inflight,
-                rest_miners=rest,
-                socket_miners=sock,
-                clients=a.clients,
-            ),
-        )
-        for name, rest, sock, n in THROUGHPUT
-    ]
-    plan.append((PICKUP[0], partial(run_pickup, jobs=jobs(PICKUP[1]), park_ms=a.park_ms)))
-    for name, job in plan:
-        for run in range(a.runs):
-            r = anyio.run(job, backend_options={"use_uvloop": True})
-            results.setdefault(name, []).append(r)
-            print(
-                f"{name} run {run + 1}: {json.dumps({k: round(v, 3) for k, v in r.items()})}",
-                flush=True,
+        results = need_results(a.results, "rest")
+    else:
+        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
+        pin_self(1)
+        jobs = partial(job_count, a)
+        plan = [
+            (
+                name,
+                in_uvloop(
+                    partial(
+                        run_throughput,
+                        jobs=jobs(n),
+                        inflight=a.inflight,
+                        rest_miners=rest,
+                        socket_miners=sock,
+                        clients=a.clients,
+                    )
+                ),
             )
+            for name, rest, sock, n in THROUGHPUT
+        ]
+        pickup = partial(run_pickup, jobs=jobs(PICKUP[1]), park_ms=a.park_ms)
+        plan.append((PICKUP[0], in_uvloop(pickup)))
+        results = run_plan(plan, a.runs, a.only)
+        save_results(a.results, "rest", results, machine)
     table = render(results)
     print(table)
-    out.mkdir(exist_ok=True)
-    (out / "rest.json").write_text(json.dumps(results, indent=2))
-    (out / "machine.json").write_text(json.dumps(machine, indent=2))
     if a.write_docs:
-        write_docs(table, a.runs, a.inflight, a.park_ms)
+        runs = len(next(iter(results.values())))
+        write_docs(table, runs, a.inflight, a.park_ms, a.results)
 
 
 if __name__ == "__main__":

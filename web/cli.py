@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import socket
     from types import FrameType
 
-__all__ = ["build_server", "main"]
+__all__ = ["build_server", "main", "uvicorn_config"]
 
 
 class CoordinatorServer(uvicorn.Server):
@@ -61,8 +61,12 @@ def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorS
 
 
 def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
-    app = create_app(settings)
-    config = uvicorn.Config(
+    return CoordinatorServer(uvicorn_config(create_app(settings), settings, log_level=log_level))
+
+
+def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> uvicorn.Config:
+    """How we run uvicorn (bench/ceiling.py serves its bare app with the same settings)."""
+    return uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -77,7 +81,6 @@ def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
         log_level=log_level,
         timeout_graceful_shutdown=10,
     )
-    return CoordinatorServer(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,68 @@
+"""One tiny run of each new bench script (real subprocesses on 127.0.0.1, a few seconds each).
+
+They check that a script runs to the end by itself and writes figures that make sense, not
+how fast anything is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from bench.harness import ROOT
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.e2e
+
+
+def run_script(module: str, name: str, results: Path, *args: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", module, "--runs", "1", "--results", str(results), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=25, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    assert json.loads((results / "machine.json").read_text())["cpus"] >= 1
+    return out
+
+
+def test_ceiling_tiny_run(tmp_path: Path) -> None:
+    results = run_script(
+        "bench.ceiling", "ceiling", tmp_path, "--jobs", "50", "--only", "100 in flight"
+    )
+    persisted = "100 in flight, group-committed SQLite"
+    assert set(results) == {"100 in flight, no persistence", persisted}
+    for (r,) in results.values():
+        assert r["jobs"] == 50
+        assert r["jobs_per_s"] > 0
+        assert 0 < r["assign_p50_ms"] <= r["complete_p50_ms"]
+
+
+def test_sockets_tiny_run(tmp_path: Path) -> None:
+    results = run_script(
+        "bench.sockets", "sockets", tmp_path, "--sockets", "20", "--jobs", "20", "--settle", "0.1"
+    )
+    ((r,),) = results.values()
+    assert r["sockets"] == 20
+    assert r["handshakes_per_s"] > 0
+    assert r["server_rss_mib"] > 0
+    assert 0 < r["assign_p50_ms"] <= r["complete_p50_ms"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("celery") is None or shutil.which("redis-server") is None,
+    reason="needs the bench extra (pip install -e '.[bench]') and Debian's redis-server",
+)
+def test_celery_peer_tiny_run(tmp_path: Path) -> None:
+    results = run_script(
+        "bench.peers.celery_redis", "celery", tmp_path, "--jobs", "30", "--only", "unloaded"
+    )
+    ((r,),) = results.values()
+    assert r["jobs"] == 30
+    assert 0 < r["round_trip_p50_ms"] <= r["round_trip_p99_ms"]
