@@ -13,6 +13,7 @@ import anyio
 import uvicorn
 
 from web.app import create_app
+from web.asgi import SocketFastPath
 from web.gctune import tune_gc
 from web.keys import materialize_keys
 from web.settings import Settings, SettingsError
@@ -61,7 +62,8 @@ def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorS
 
 
 def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
-    return CoordinatorServer(uvicorn_config(create_app(settings), settings, log_level=log_level))
+    app = SocketFastPath(create_app(settings))
+    return CoordinatorServer(uvicorn_config(app, settings, log_level=log_level))
 
 
 def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> uvicorn.Config:
