@@ -40,6 +40,9 @@ class Outbox:
         self.hard_limit = hard_limit
         self.closed = False
         self.dropped = 0
+        # Set by a connection that can write synchronously: while nothing is queued, ``put``
+        # offers the frame to it first; ``False`` (flow control, closing) queues it as usual.
+        self.direct: Callable[[str], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -47,6 +50,8 @@ class Outbox:
     def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
         """Queue a frame; ``progress`` marks a droppable progress frame of ``job_id``."""
         if self.closed:
+            return
+        if self.direct is not None and not self._frames and self.direct(frame):
             return
         n = len(self._frames)
         if progress and job_id is not None and n >= self.soft_limit:

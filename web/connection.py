@@ -1,9 +1,13 @@
 """The socket pump shared by the miner and client endpoints.
 
-A connection runs two tasks: a reader that feeds frames to a Sans-I/O session and handles the
-decoded messages, and a writer that drains the connection's ``Outbox``. Closing (by the
-session, the dispatcher, an overflow or shutdown) is a request: the writer flushes what is
-queued, sends the close frame, and the task group ends.
+A connection runs a reader that feeds frames to a Sans-I/O session and handles the decoded
+messages, and a writer that drains the connection's ``Outbox``. Closing (by the session, the
+dispatcher, an overflow or shutdown) is a request: the writer flushes what is queued, sends
+the close frame, and the task group ends.
+
+Under uvicorn with our protocol (web/transport.py) frames are written synchronously as they
+are queued, and the writer task is only started when that stops working (flow control) or
+to close: an idle socket then holds no writer task, and a frame costs no task switch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from protocol.types import CloseCode
 from web.transport import SEND_NOW
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from anyio.abc import TaskGroup
+
     from protocol.session import ClientSession, MinerSession
     from web.app import Coordinator
     from web.auth import Principal, Role
@@ -42,6 +50,9 @@ class Connection(ABC):
         self.principal: Principal | None = None
         self._close: tuple[int, str] | None = None
         self._scope = anyio.CancelScope()
+        self._send_now: Callable[[bytes], bool] | None = None
+        self._tasks: TaskGroup | None = None
+        self._writer_started = False
 
     # -- sink interface -------------------------------------------------------------------
 
@@ -69,6 +80,21 @@ class Connection(ABC):
         if self._close is None:
             self._close = (int(code), reason)
         self.outbox.close()
+        self._start_writer()
+
+    def _direct(self, frame: str) -> bool:
+        """``Outbox.direct``: write now; on refusal the writer task takes over for good."""
+        assert self._send_now is not None
+        if self._send_now(frame.encode()):
+            return True
+        self._start_writer()
+        return False
+
+    def _start_writer(self) -> None:
+        self.outbox.direct = None
+        if not self._writer_started and self._tasks is not None:
+            self._writer_started = True
+            self._tasks.start_soon(self._writer, self._tasks.cancel_scope)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -87,12 +113,18 @@ class Connection(ABC):
         self.principal = principal
         session = self.make_session(authenticated=principal is not None)
         self.core.connections.add(self)
+        self._send_now = self.websocket.scope.get("extensions", {}).get(SEND_NOW)
         try:
             with self._scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._writer, tg.cancel_scope)
+                    self._tasks = tg
+                    if self._send_now is None or self._close is not None:
+                        self._start_writer()
+                    else:
+                        self.outbox.direct = self._direct
                     await self._reader(session)
         finally:
+            self._tasks = None
             self.core.connections.discard(self)
             self.outbox.close()
             self.on_closed()
@@ -118,6 +150,7 @@ class Connection(ABC):
             first = False
             if msg["type"] == "websocket.disconnect":
                 self.outbox.close()
+                self._start_writer()
                 break
             text = msg.get("text")
             if text is not None:
@@ -138,8 +171,7 @@ class Connection(ABC):
 
     async def _writer(self, scope: anyio.CancelScope) -> None:
         ws = self.websocket
-        # Under uvicorn with our protocol: a synchronous send (web/transport.py); else ASGI.
-        send_now = ws.scope.get("extensions", {}).get(SEND_NOW)
+        send_now = self._send_now  # falls back to ASGI send frame by frame when refused
         try:
             while True:
                 frames = await self.outbox.take()
