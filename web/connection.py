@@ -85,6 +85,8 @@ class Connection(ABC):
             return
         self.principal = principal
         session = self.make_session(authenticated=principal is not None)
+        if principal is not None:
+            self.on_authenticated()
         self.core.connections.add(self)
         try:
             with self._scope:
@@ -160,6 +162,7 @@ class Connection(ABC):
         else:
             self.principal = principal
             session.authenticated()
+            self.on_authenticated()
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -170,6 +173,9 @@ class Connection(ABC):
     @abstractmethod
     async def handle(self, event: Any, session: Any) -> None:
         """Act on one decoded, legal message."""
+
+    def on_authenticated(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """The peer proved its credential (handshake header or first ``auth`` frame)."""
 
     @abstractmethod
     def on_closed(self) -> None:
