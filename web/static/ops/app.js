@@ -216,6 +216,7 @@ function onFrame(f) {
     case "snapshot":
       S.live = S.everLive = true;
       S.retry = 0;
+      document.body.dataset.snapshots = String(Number(document.body.dataset.snapshots || 0) + 1);
       S.miners = new Map(f.miners.map((m) => [m.miner_id, m]));
       S.queue = f.queue;
       S.counters = f.counters;
