@@ -215,6 +215,7 @@ class Dispatcher:
         self._wake.set()
 
     def _perform(self, actions: list[_Action]) -> None:
+        now = self.clock.now()  # when this batch became durable
         for action in actions:
             if isinstance(action, Persist):
                 e = action.event
@@ -223,7 +224,7 @@ class Dispatcher:
                 self.fanout.publish(
                     action.job.client_id, e.job_id, e.seq, frame, e.event == "progress"
                 )
-                self.tally.observe(action.job, e)
+                self.tally.observe(action.job, e, now)
                 for watch in self.watchers:
                     watch(action.job, e, frame)
                 if e.state in TERMINAL:

@@ -104,15 +104,20 @@ class EventTally:
         self.assign_latency = Histogram(LATENCY_BOUNDS)  # submit -> first assignment
         self.complete_latency = Histogram(LATENCY_BOUNDS)  # submit -> completed
 
-    def observe(self, job: JobRecord, event: EventRecord) -> None:
-        """Count one committed event of ``job`` (the job as of that commit)."""
+    def observe(self, job: JobRecord, event: EventRecord, now: float) -> None:
+        """Count one event of ``job`` committed at ``now``.
+
+        Latencies end at ``now``, when the change became visible (the assignment can be pushed,
+        the result acknowledged), not at ``event.at``: a job dispatched at once has the same
+        ``at`` as its submit, but it still waited for the group commit.
+        """
         kind = event.event
         self.events[kind] = self.events.get(kind, 0) + 1
         if kind == "assigned":
             if event.attempt == 1:
-                self.assign_latency.observe(max(0.0, event.at - job.requested_at))
+                self.assign_latency.observe(max(0.0, now - job.requested_at))
         elif kind == "completed":
-            self.complete_latency.observe(max(0.0, event.at - job.requested_at))
+            self.complete_latency.observe(max(0.0, now - job.requested_at))
         elif kind == "requeued":
             label = requeue_reason(str(event.data.get("reason", "")))
             self.requeues[label] = self.requeues.get(label, 0) + 1

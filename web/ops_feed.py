@@ -102,8 +102,8 @@ class OpsFeed:
             if kind == "completed" or kind == "failed":
                 done = self._done.setdefault(miner_id, [0, 0])
                 done[kind == "failed"] += 1
-        if kind == "assigned" and e.attempt == 1:
-            self._latencies.append(max(0.0, e.at - job.requested_at))
+        if kind == "assigned" and e.attempt == 1:  # submit -> pushed (after the commit)
+            self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
         self.recent.append(frame)
         for outbox in self.watchers:
             outbox.put(frame, job_id=e.job_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dispatcher.stats import REQUEUE_REASONS, EventTally, Histogram, requeue_reason
@@ -27,6 +29,11 @@ def job(requested_at: float = 100.0) -> JobRecord:
 
 def event(kind: str, at: float, attempt: int = 1, **data: object) -> EventRecord:
     return EventRecord("j1", 1, kind, "RUNNING", at, attempt, "m1", data)
+
+
+def observe(t: EventTally, kind: str, committed: float, **kw: Any) -> None:
+    """An event that happened at 100.0 (the submit's time) and was committed later."""
+    t.observe(job(), event(kind, 100.0, **kw), committed)
 
 
 def test_histogram_buckets_are_upper_inclusive_and_cumulative() -> None:
@@ -63,14 +70,14 @@ def test_requeue_reason_labels(text: str, label: str) -> None:
 
 
 def test_tally_counts_events_and_latencies() -> None:
-    """Submit->assign only for the first attempt; submit->complete; requeues by label."""
+    """Latencies run from submit to the commit; assign only for the first attempt."""
     t = EventTally()
-    t.observe(job(), event("queued", 100.0, attempt=0))
-    t.observe(job(), event("assigned", 100.004))
-    t.observe(job(), event("requeued", 101.0, reason="accept timeout"))
-    t.observe(job(), event("assigned", 102.0, attempt=2))
-    t.observe(job(), event("requeued", 103.0))
-    t.observe(job(), event("completed", 103.5))
+    observe(t, "queued", 100.001, attempt=0)
+    observe(t, "assigned", 100.004)
+    observe(t, "requeued", 101.0, reason="accept timeout")
+    observe(t, "assigned", 102.0, attempt=2)
+    observe(t, "requeued", 103.0)
+    observe(t, "completed", 103.5)
     assert t.events == {"queued": 1, "assigned": 2, "requeued": 2, "completed": 1}
     assert t.assign_latency.count == 1
     assert t.assign_latency.sum == pytest.approx(0.004)
@@ -82,6 +89,6 @@ def test_tally_counts_events_and_latencies() -> None:
 def test_tally_clamps_clock_steps_backwards() -> None:
     """A wall clock that stepped back never produces a negative latency."""
     t = EventTally()
-    t.observe(job(requested_at=200.0), event("completed", 199.0))
+    t.observe(job(requested_at=200.0), event("completed", 199.0), 199.0)
     assert t.complete_latency.counts[0] == 1
     assert t.complete_latency.sum == 0.0

@@ -411,5 +411,11 @@ function wire() {
 }
 
 wire();
+// `aitbc-coordinator demo` prints /ops#key=…: keep the key in this tab only, drop it from the URL.
+const fromUrl = location.hash.match(/^#key=(.+)$/);
+if (fromUrl) {
+  sessionStorage.setItem(KEY, decodeURIComponent(fromUrl[1]));
+  history.replaceState(null, "", location.pathname);
+}
 const saved = sessionStorage.getItem(KEY);
 if (saved) signIn(saved);
