@@ -32,14 +32,14 @@ async def shoot(seconds: float, out: Path) -> None:
     printed = anyio.Event()
     stop = anyio.Event()
 
-    def out(line: str) -> None:
+    def show(line: str) -> None:
         lines.append(line)
         printed.set()
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = demo_settings(Path(tmp), "127.0.0.1", 0)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(serve_demo, settings, 16, 6.0, 0.0, out, stop)
+            tg.start_soon(serve_demo, settings, 16, 6.0, 0.0, show, stop)
             await printed.wait()  # the demo prints all its lines at once
             url = next(line.split()[-1] for line in lines if "#key=" in line)
             await anyio.sleep(seconds)  # let the charts fill
@@ -49,7 +49,7 @@ async def shoot(seconds: float, out: Path) -> None:
                 await page.goto(url)
                 await expect(page.locator("#conn-status")).to_have_text("live")
                 await anyio.sleep(3)  # a few deltas and log lines
-                await page.screenshot(path=str(out))
+                await page.screenshot(path=str(out), type="png")
                 await browser.close()
             stop.set()
     print(f"wrote {out}")

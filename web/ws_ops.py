@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.fanout import Outbox
+from protocol.codec import encode
 from protocol.messages import Auth, ClientHello
 from protocol.session import ClientSession
-from protocol.types import ErrorCode
+from protocol.types import PROTOCOL_VERSION, ErrorCode
 from web.auth import Role
 from web.connection import Connection
 
@@ -33,10 +34,14 @@ class OpsConnection(Connection):
         self.outbox = Outbox(self.close, soft_limit=1024, hard_limit=16384)
 
     def make_session(self, *, authenticated: bool) -> ClientSession:
-        # The client session's framing and auth rules; only ``auth`` (and ``hello``) are legal.
-        return ClientSession(
+        # The client socket's framing and auth rules. There is no hello exchange here: once
+        # authenticated, the session is opened with an implicit hello (see ``_open``).
+        session = ClientSession(
             authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
         )
+        if authenticated:
+            _open(session)
+        return session
 
     def on_authenticated(self) -> None:
         self.core.ops.add(self.outbox)
@@ -45,8 +50,8 @@ class OpsConnection(Connection):
         match msg:
             case Auth():
                 self.authenticate(msg.token, session)
-            case ClientHello():
-                pass  # optional: the snapshot does not wait for it
+                if self.principal is not None:
+                    _open(session)
             case _:
                 self.error(
                     ErrorCode.INVALID,
@@ -57,6 +62,12 @@ class OpsConnection(Connection):
 
     def on_closed(self) -> None:
         self.core.ops.discard(self.outbox)
+
+
+def _open(session: ClientSession) -> None:
+    """Feed the implicit hello, so any later frame is handled (and refused) as a request."""
+    session.receive_data(encode(ClientHello(protocol=PROTOCOL_VERSION)))
+    session.events_received()
 
 
 async def ops_endpoint(websocket: WebSocket) -> None:

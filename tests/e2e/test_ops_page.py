@@ -145,7 +145,7 @@ async def test_job_moves_through_states_and_metrics_count_it(server: RunningServ
             await expect(page.locator("#d-timeline li")).to_have_count(4)
             await expect(page.locator("#d-result")).to_contain_text("sopo olleh")
             ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / "ops-page.png"), full_page=True)
+            await page.screenshot(path=str(ARTIFACTS / "ops-page.png"), type="png", full_page=True)
         async with httpx.AsyncClient() as http:
             r = await http.get(
                 f"http://127.0.0.1:{server.port}/metrics", headers={"X-Api-Key": ADMIN_KEY}
