@@ -6,7 +6,9 @@ const KEY = "aitbc-admin-key";
 const PAGE = 50;            // miners per page
 const MAX_JOBS = 500;       // jobs kept from the live stream
 const MAX_LOG = 2000;       // log entries kept
-const SHOWN_LOG = 300;      // log entries rendered
+const SHOWN_LOG = 100;      // log entries rendered (the newest; the box shows ~16)
+const SHOWN_JOBS = 60;      // job rows rendered
+const LIST_EVERY = 250;     // ms between redraws of the job list and the log
 const HISTORY = 300;        // chart points
 
 const $ = (id) => document.getElementById(id);
@@ -21,7 +23,7 @@ const S = {
   sort: { key: "miner_id", dir: 1 }, page: 0, filter: "",
   logKinds: new Set(), logText: "", paused: false,
   openJob: null, detail: null, detailTimer: null,
-  dirty: new Set(), frame: 0,
+  dirty: new Set(), frame: 0, listAt: 0, listTimer: 0,
 };
 
 const charts = {
@@ -54,9 +56,26 @@ function render() {
   if (d.has("queue")) renderQueue();
   if (d.has("kpis")) renderKpis();
   if (d.has("charts")) for (const c of Object.values(charts)) c.draw(S.history);
+  if (d.has("detail")) renderDetail();
+  if (!d.has("jobs") && !d.has("log")) return;
+  // The two lists change with every event: redraw them at most every LIST_EVERY ms.
+  const wait = S.listAt + LIST_EVERY - performance.now();
+  if (wait > 0) {
+    for (const part of ["jobs", "log"]) if (d.has(part)) S.dirty.add(part);
+    if (!S.listTimer) S.listTimer = setTimeout(() => { S.listTimer = 0; mark(); }, wait);
+    return;
+  }
+  S.listAt = performance.now();
   if (d.has("jobs")) renderJobs();
   if (d.has("log") && !S.paused) renderLog();
-  if (d.has("detail")) renderDetail();
+}
+
+// Replace an element's rows only when the markup changed (most deltas touch no visible row).
+const shown = new Map();
+function setRows(id, html) {
+  if (shown.get(id) === html) return;
+  shown.set(id, html);
+  $(id).innerHTML = html;
 }
 
 function sortValue(m, key) {
@@ -79,10 +98,10 @@ function renderMiners() {
   });
   const pages = Math.max(1, Math.ceil(rows.length / PAGE));
   S.page = Math.min(S.page, pages - 1);
-  const shown = rows.slice(S.page * PAGE, S.page * PAGE + PAGE);
+  const page = rows.slice(S.page * PAGE, S.page * PAGE + PAGE);
   $("miner-count").textContent = `${rows.length} of ${S.miners.size}`;
   $("miners-page").textContent = `${S.page + 1}/${pages}`;
-  $("miners").innerHTML = shown.map((m) => `<tr data-miner="${esc(m.miner_id)}">
+  setRows("miners", page.map((m) => `<tr data-miner="${esc(m.miner_id)}">
     <td title="${esc(m.transport)}">${esc(m.miner_id)}</td><td>${esc(m.region ?? "—")}</td>
     <td title="${esc(m.vram_mb)} MiB">${esc((m.gpus || []).join(", ") || "—")}</td>
     <td>${esc((m.models || []).join(", ") || "—")}</td>
@@ -91,7 +110,7 @@ function renderMiners() {
     <td>${esc(hms(m.last_seen))}</td><td>${esc(m.completed)}</td><td>${esc(m.failed)}</td>
     <td>${m.success_rate == null ? "—" : esc((100 * m.success_rate).toFixed(1)) + "%"}</td>
     <td>${m.state === "away" ? "" : `<button data-action="${m.state === "draining" ? "undrain" : "drain"}">${m.state === "draining" ? "Undrain" : "Drain"}</button>
-      <button data-action="disconnect" class="danger">Disconnect</button>`}</td></tr>`).join("");
+      <button data-action="disconnect" class="danger">Disconnect</button>`}</td></tr>`).join(""));
   for (const th of document.querySelectorAll("#miners-table th[data-sort]")) {
     th.classList.toggle("asc", th.dataset.sort === key && dir > 0);
     th.classList.toggle("desc", th.dataset.sort === key && dir < 0);
@@ -130,9 +149,9 @@ function renderJobs() {
     rows.push(`<tr data-job="${esc(j.job_id)}"><td><code>${esc(short(j.job_id))}</code></td>
       <td class="state"><span class="st st-${esc(j.state)}">${esc(j.state)}</span></td>
       <td>${esc(j.event)}</td><td>${esc(j.miner_id ?? "—")}</td><td>${esc(j.attempt)}</td><td>${esc(hms(j.at))}</td></tr>`);
-    if (rows.length >= 200) break;
+    if (rows.length >= SHOWN_JOBS) break;
   }
-  $("jobs").innerHTML = rows.join("");
+  setRows("jobs", rows.join(""));
 }
 
 function logDetail(e) {
@@ -152,7 +171,7 @@ function renderLog() {
     if (text && !(`${e.job_id} ${e.miner_id ?? ""}`.toLowerCase().includes(text))) continue;
     out.push(`<li class="ev-${esc(e.event)}" data-job="${esc(e.job_id)}" data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event.padEnd(9))}</b> ${esc(short(e.job_id))} ${esc(e.state)} ${esc(e.miner_id ?? "")} ${esc(logDetail(e))}</li>`);
   }
-  $("log").innerHTML = out.join("");
+  setRows("log", out.join(""));
 }
 
 function renderDetail() {
