@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 import pytest
 from playwright.async_api import Page, async_playwright, expect
@@ -20,12 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import Ack, JobCancel, JobSubmit
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.e2e.conftest import start_server
 from tests.e2e.manual_miner import ManualMiner, client_session
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from tests.e2e.conftest import Client, RunningServer
+    from web.settings import Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -104,7 +107,8 @@ async def test_sign_in_rejects_wrong_keys_then_goes_live(server: RunningServer) 
 
 
 async def test_miner_appears_and_disappears(server: RunningServer) -> None:
-    """A miner row shows up when the miner connects and goes when it leaves."""
+    """A miner row shows up when the miner connects, drains on a confirmed click, goes when it
+    leaves; a dismissed confirmation changes nothing."""
     async with ops_page(server) as page:
         await sign_in(page)
         await expect(page.locator("#conn-status")).to_have_text("live")
@@ -116,6 +120,15 @@ async def test_miner_appears_and_disappears(server: RunningServer) -> None:
             await expect(row).to_contain_text("A100")
             await expect(row).to_contain_text("idle")
             await expect(page.locator("#kpi-online")).to_have_text("1")
+            await row.locator('button[data-action="drain"]').click()
+            await expect(page.locator("#confirm-text")).to_contain_text("gpu-browser")
+            await page.click("#confirm-yes")
+            await expect(row).to_contain_text("draining")
+            assert server.core.dispatcher.scheduler.miners["gpu-browser"].draining
+            await row.locator('button[data-action="undrain"]').click()
+            await page.click("#confirm-no")  # changed its mind: nothing happens
+            await expect(page.locator("#confirm")).not_to_be_visible()
+            assert server.core.dispatcher.scheduler.miners["gpu-browser"].draining
         await expect(row).to_have_count(0)
         await expect(page.locator("#kpi-online")).to_have_text("0")
 
@@ -179,6 +192,29 @@ async def test_cancel_from_the_page_reaches_the_miner(server: RunningServer) -> 
             await expect(job_state(page, job_id)).to_have_text("CANCELED")
             await expect(page.locator("#d-state")).to_have_text("CANCELED")
             await expect(page.locator("#d-cancel")).to_be_disabled()
+
+
+async def test_page_reconnects_after_a_server_restart(settings: Settings) -> None:
+    """The server stops and a new one starts on the same port and database: the page comes
+    back by itself and shows the job queued before the restart."""
+    async with anyio.create_task_group() as tg:
+        first, uv = await start_server(settings, tg)
+        port = first.port
+        async with ops_page(first) as page:
+            await sign_in(page)
+            await expect(page.locator("#conn-status")).to_have_text("live")
+            async with client_session(first, CLIENT_KEY) as client:
+                await submit(client, "survives the restart")
+            await expect(page.locator("#queue-queued")).to_have_text("1")
+            uv.should_exit = True
+            with anyio.fail_after(15):
+                await first.stopped.wait()
+            second, uv2 = await start_server(settings, tg, port=port)
+            await expect(page.locator("body")).to_have_attribute("data-snapshots", "2")
+            await expect(page.locator("#conn-status")).to_have_text("live")
+            await expect(page.locator("#queue-queued")).to_have_text("1")
+            assert second.core.ops.watchers
+            uv2.should_exit = True
 
 
 async def test_page_reconnects_after_the_server_drops_it(server: RunningServer) -> None:
