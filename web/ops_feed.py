@@ -82,6 +82,8 @@ class OpsFeed:
         """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
         kind = e.event
         if kind == "progress":
+            if e.miner_id is not None:
+                self._seen[e.miner_id] = e.at
             for outbox in self.watchers:
                 outbox.put(frame, job_id=e.job_id, progress=True)
             return
