@@ -226,3 +226,43 @@ async def test_page_reconnects_after_the_server_drops_it(server: RunningServer) 
         server.core.close_sockets()
         await expect(page.locator("body")).to_have_attribute("data-snapshots", "2")
         await expect(page.locator("#conn-status")).to_have_text("live")
+
+
+async def test_requeue_sort_and_filters(server: RunningServer) -> None:
+    """Requeue moves a job to another miner; the miner table sorts and filters; the log filters."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with (
+            ManualMiner(server, MINER_KEY, "zz-first") as first,
+            ManualMiner(server, MINER_KEY, "aa-second") as second,
+        ):
+            await first.connect()
+            job_id = await submit(client, "move me")
+            await first.recv()  # job.assign
+            await second.connect()
+            rows = page.locator("#miners tr")
+            await expect(rows).to_have_count(2)
+            await expect(rows.first).to_have_attribute("data-miner", "aa-second")
+            await page.click('#miners-table th[data-sort="miner_id"]')  # descending now
+            await expect(rows.first).to_have_attribute("data-miner", "zz-first")
+            await page.fill("#miner-filter", "aa-")
+            await expect(rows).to_have_count(1)
+            await page.fill("#miner-filter", "")
+            await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+            await expect(page.locator("#d-requeue")).to_be_enabled()
+            await page.click("#d-requeue")
+            await page.click("#confirm-yes")
+            cancel = await first.expect(JobCancel)
+            assert cancel.reason == "requeued by admin"
+            moved = await second.recv()
+            assert getattr(moved, "job_id", None) == job_id
+            await expect(page.locator("#d-timeline li")).to_have_count(
+                4
+            )  # queued, assigned, requeued, assigned
+            await expect(page.locator("#d-miner")).to_have_text("aa-second")
+            log = page.locator(f'#log li[data-job="{job_id}"]')
+            await expect(log.and_(page.locator('[data-event="requeued"]'))).to_have_count(1)
+            await page.locator('#log-filters input[value="requeued"]').uncheck()
+            await expect(log.and_(page.locator('[data-event="requeued"]'))).to_have_count(0)
+            await page.fill("#log-text", "no-such-job")
+            await expect(log).to_have_count(0)
