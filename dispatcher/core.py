@@ -209,17 +209,64 @@ class Scheduler:
         job = self.jobs.get(job_id)
         if job is None or job.client_id != client_id:
             raise UnknownJob(job_id)
-        transition(job_id, job.state, Action.CANCEL)
+        return self._cancel(job, now, "canceled by client", "canceled")
+
+    def _cancel(
+        self, job: Job, now: float, error: str, revoke_reason: str
+    ) -> tuple[Job, list[Effect]]:
+        transition(job.job_id, job.state, Action.CANCEL)
         self._finish(
             job,
             JobState.CANCELED,
             EventKind.CANCELED,
             now,
-            error="canceled by client",
-            revoke_reason="canceled",
+            error=error,
+            revoke_reason=revoke_reason,
             clear_miner=True,
         )
         return job, self._take()
+
+    # ---- operators (docs/ops.md, "Actions") -------------------------------------------------
+
+    def admin_cancel(self, job_id: str, now: float) -> tuple[Job, list[Effect]]:
+        """Cancel any client's job; raises UnknownJob or InvalidTransition (terminal job)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return self._cancel(job, now, "canceled by admin", "canceled by admin")
+
+    def requeue(self, job_id: str, now: float) -> tuple[Job, list[Effect]]:
+        """Take a RUNNING job back from its miner and queue it again, not charged.
+
+        The miner is told to stop (``Revoke``) and is not offered this job again, so the job
+        moves to another miner. Raises UnknownJob, or InvalidTransition unless RUNNING.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        transition(job_id, job.state, Action.REQUEUE)
+        assert job.miner_id is not None  # every RUNNING job is leased (Rule 2)
+        job.rejected_by.add(job.miner_id)
+        self._revoke(job, "requeued by admin")
+        self._requeue(job, now, "requeued by admin", charged=False)
+        return job, self._take()
+
+    def disconnect_miner(self, miner_id: str, now: float) -> list[Effect]:
+        """Close a connected miner's session; its jobs then go as on any disconnect.
+
+        Raises UnknownMiner unless the miner is connected. Started jobs wait ``resume_grace``
+        (the miner may come back and resume them); a new session may connect at any time.
+        """
+        miner = self._miner(miner_id)
+        self._effects.append(
+            CloseSession(
+                miner_id=miner_id,
+                session_id=miner.session_id,
+                code=CloseCode.NORMAL,
+                reason="disconnected by an operator",
+            )
+        )
+        return self.disconnect(miner_id, miner.session_id, now)
 
     # ---- miners -----------------------------------------------------------------------------
 

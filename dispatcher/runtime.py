@@ -11,6 +11,7 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
 from dispatcher.errors import DispatchError, NotAllowed, Unavailable, UnknownJob, UnknownMiner
 from dispatcher.fanout import Fanout, Subscriber
 from dispatcher.jobs import TERMINAL, JobState
-from dispatcher.stats import DispatcherStatistics
+from dispatcher.stats import (
+    BATCH_BOUNDS,
+    COMMIT_BOUNDS,
+    DispatcherStatistics,
+    EventTally,
+    Histogram,
+)
 from protocol.codec import decode_server_to_miner, encode, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
@@ -35,7 +42,14 @@ if TYPE_CHECKING:
     from dispatcher.clock import Clock
     from dispatcher.core import JobSpec, ResumeInfo, Scheduler
 
-__all__ = ["REST_SESSION_PREFIX", "Dispatcher", "MinerSink", "RestMinerInfo", "event_frame"]
+__all__ = [
+    "REST_SESSION_PREFIX",
+    "Dispatcher",
+    "EventWatcher",
+    "MinerSink",
+    "RestMinerInfo",
+    "event_frame",
+]
 
 REST_SESSION_PREFIX = "rest:"
 
@@ -49,6 +63,8 @@ class MinerSink(Protocol):
 
 
 _Action = Effect | Callable[[], None]
+# Called with every committed job event, its job and its encoded ``job.event`` frame.
+EventWatcher = Callable[[JobRecord, EventRecord, str], None]
 T = TypeVar("T")
 
 
@@ -86,6 +102,11 @@ class Dispatcher:
         # REST miners: last call per miner (liveness for ops/admin) and how long it counts.
         self.rest_online_window = 30.0
         self._rest_seen: dict[str, float] = {}
+        # Observation (docs/ops.md): tallies updated once per committed event or commit.
+        self.tally = EventTally()
+        self.commit_seconds = Histogram(COMMIT_BOUNDS)
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self.watchers: list[EventWatcher] = []
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -132,7 +153,10 @@ class Dispatcher:
             writes, actions = self._writes, self._actions
             self._writes, self._actions = WriteBatch(), []
             if len(writes):
+                started = time.perf_counter()
                 await self.store.commit(writes)
+                self.commit_seconds.observe(time.perf_counter() - started)
+                self.batch_sizes.observe(len(writes))
                 self._batches += 1
                 self._written += len(writes)
                 self._last_batch = len(writes)
@@ -191,13 +215,18 @@ class Dispatcher:
         self._wake.set()
 
     def _perform(self, actions: list[_Action]) -> None:
+        now = self.clock.now()  # when this batch became durable
         for action in actions:
             if isinstance(action, Persist):
                 e = action.event
                 self._remember(action.job)
+                frame = event_frame(e)
                 self.fanout.publish(
-                    action.job.client_id, e.job_id, e.seq, event_frame(e), e.event == "progress"
+                    action.job.client_id, e.job_id, e.seq, frame, e.event == "progress"
                 )
+                self.tally.observe(action.job, e, now)
+                for watch in self.watchers:
+                    watch(action.job, e, frame)
                 if e.state in TERMINAL:
                     self.fanout.forget_job(e.job_id)
             elif isinstance(action, Assign):
@@ -293,6 +322,35 @@ class Dispatcher:
 
     async def cancel_wait(self, client_id: str, job_id: str) -> JobRecord:
         return await self._until_committed(lambda then: self.cancel(client_id, job_id, then))
+
+    # ---- operators (docs/ops.md, "Actions"); each returns once its change is durable ---------
+
+    async def admin_cancel(self, job_id: str) -> JobRecord:
+        """Cancel any job; raises UnknownJob / InvalidTransition (nothing changes)."""
+        self._check_open()
+        job, effects = self.scheduler.admin_cancel(job_id, self.clock.now())
+        return await self._admin_done(job.record(), effects)
+
+    async def requeue(self, job_id: str) -> JobRecord:
+        """Take a RUNNING job back from its miner; raises UnknownJob / InvalidTransition."""
+        self._check_open()
+        job, effects = self.scheduler.requeue(job_id, self.clock.now())
+        return await self._admin_done(job.record(), effects)
+
+    async def _admin_done(self, rec: JobRecord, effects: list[Effect]) -> JobRecord:
+        self._apply(effects)
+        await self._until_committed(self._commit_then)
+        return rec
+
+    async def drain_miner(self, miner_id: str, draining: bool) -> None:
+        """Stop (or resume) offering jobs to a connected miner; raises UnknownMiner."""
+        self.miner_call("set_status", miner_id, concurrency=None, draining=draining)
+        await self._until_committed(self._commit_then)
+
+    async def disconnect_miner(self, miner_id: str) -> None:
+        """Close a connected miner's session (its jobs go as on any disconnect)."""
+        self._apply(self.scheduler.disconnect_miner(miner_id, self.clock.now()))
+        await self._until_committed(self._commit_then)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job as last committed (from memory when recent, else from the store)."""

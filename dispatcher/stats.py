@@ -1,10 +1,126 @@
-"""Frozen statistics snapshots; the ops page renders these and nothing else."""
+"""Statistics: frozen snapshots, and the lock-free tallies behind ``/metrics`` and the ops page.
+
+Rule 1: the frozen ``*Statistics`` snapshots are what the ops page renders.
+Rule 2: ``Histogram`` and ``EventTally`` are updated on the dispatch path, once per committed
+job event or per commit, so an update is a few integer additions: no locks, no label lookups,
+no allocation. Exporters read them when scraped.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["DispatcherStatistics", "SchedulerStatistics"]
+if TYPE_CHECKING:
+    from protocol.records import EventRecord, JobRecord
+
+__all__ = [
+    "BATCH_BOUNDS",
+    "COMMIT_BOUNDS",
+    "LATENCY_BOUNDS",
+    "REQUEUE_REASONS",
+    "DispatcherStatistics",
+    "EventTally",
+    "Histogram",
+    "SchedulerStatistics",
+    "requeue_reason",
+]
+
+# Upper bounds (seconds or writes) of the histogram buckets; +Inf is implicit.
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                  30.0, 60.0, 300.0)  # fmt: skip
+COMMIT_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BOUNDS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+# The requeue reason labels: a small closed set (event texts are free-form; see requeue_reason).
+REQUEUE_REASONS = (
+    "admin",
+    "accept_timeout",
+    "disconnected",
+    "miner_lost",
+    "miner_restarted",
+    "lease_expired",
+    "rejected",
+    "coordinator_restarted",
+    "poll_gone",
+    "retryable_failure",
+)
+_REASON_PREFIXES = (
+    ("requeued by admin", "admin"),
+    ("accept timeout", "accept_timeout"),
+    ("miner disconnected", "disconnected"),
+    ("miner lost", "miner_lost"),
+    ("miner restarted", "miner_restarted"),
+    ("lease expired", "lease_expired"),
+    ("rejected", "rejected"),
+    ("coordinator restarted", "coordinator_restarted"),
+    ("poll gone", "poll_gone"),
+)
+
+
+def requeue_reason(text: str) -> str:
+    """The label of a ``requeued`` event's reason text (anything else is a miner's failure)."""
+    for prefix, label in _REASON_PREFIXES:
+        if text.startswith(prefix):
+            return label
+    return "retryable_failure"
+
+
+class Histogram:
+    """Counts per bucket (``value <= bound``), Prometheus style; ``observe`` is one bisect."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= bound)`` pairs, ending with ``(inf, count)``."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class EventTally:
+    """What committed job events say about the flow of work, since the process started."""
+
+    __slots__ = ("assign_latency", "complete_latency", "events", "requeues")
+
+    def __init__(self) -> None:
+        self.events: dict[str, int] = {}
+        self.requeues: dict[str, int] = {}
+        self.assign_latency = Histogram(LATENCY_BOUNDS)  # submit -> first assignment
+        self.complete_latency = Histogram(LATENCY_BOUNDS)  # submit -> completed
+
+    def observe(self, job: JobRecord, event: EventRecord, now: float) -> None:
+        """Count one event of ``job`` committed at ``now``.
+
+        Latencies end at ``now``, when the change became visible (the assignment can be pushed,
+        the result acknowledged), not at ``event.at``: a job dispatched at once has the same
+        ``at`` as its submit, but it still waited for the group commit.
+        """
+        kind = event.event
+        self.events[kind] = self.events.get(kind, 0) + 1
+        if kind == "assigned":
+            if event.attempt == 1:
+                self.assign_latency.observe(max(0.0, now - job.requested_at))
+        elif kind == "completed":
+            self.complete_latency.observe(max(0.0, now - job.requested_at))
+        elif kind == "requeued":
+            label = requeue_reason(str(event.data.get("reason", "")))
+            self.requeues[label] = self.requeues.get(label, 0) + 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,13 +21,16 @@ from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import rest_admin, rest_jobs, rest_miners
+from web import metrics, rest_admin, rest_jobs, rest_miners, rest_ops
 from web.auth import Authenticator
 from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
+from web.ops_feed import OpsFeed
+from web.ops_page import ops_routes
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
+from web.ws_ops import ops_endpoint
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -70,6 +73,8 @@ class Coordinator:
         self.failed = False
         # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).
         self.on_fatal: Callable[[], None] = lambda: None
+        self.ops = OpsFeed(self)
+        self.metrics = metrics.registry_for(self)
 
     def fatal(self) -> None:
         """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
@@ -112,6 +117,7 @@ def create_app(
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
+                tg.start_soon(core.ops.run)
                 core.ready = True
                 try:
                     yield
@@ -119,6 +125,7 @@ def create_app(
                     core.ready = False
                     core.close_sockets()
                     core.dispatcher.stop()
+                    core.ops.stop()
         finally:
             await core.store.close()
 
@@ -140,7 +147,13 @@ def create_app(
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
-    endpoints = rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS
+    endpoints = (
+        rest_jobs.ENDPOINTS
+        + rest_miners.ENDPOINTS
+        + rest_admin.ENDPOINTS
+        + rest_ops.ENDPOINTS
+        + metrics.ENDPOINTS
+    )
     app = Starlette(
         routes=[
             Route("/health", health),
@@ -150,6 +163,8 @@ def create_app(
             *docs_routes("AITBC Coordinator"),
             WebSocketRoute("/v1/miners/ws", miner_endpoint),
             WebSocketRoute("/v1/jobs/ws", client_endpoint),
+            WebSocketRoute("/v1/admin/ws", ops_endpoint),
+            *ops_routes(),
             *routes_for(endpoints),
         ],
         exception_handlers={HTTPException: http_exception, Exception: internal_error},

@@ -93,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (API_PORT, default 8000)")
     serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
     serve.add_argument("--log-level", default="info")
+    demo = sub.add_parser("demo", help="a demo: temporary database, simulated miners and load")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    demo.add_argument("--miners", type=int, default=12, help="simulated miners (default 12)")
+    demo.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
+    demo.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
 
     try:
         settings = Settings.from_env()
@@ -131,6 +139,27 @@ def main(argv: list[str] | None = None) -> int:
             "aitbc-coordinator: stopped after a dispatcher failure (see the log)", file=sys.stderr
         )
         return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from web.demo import run_demo  # imports the examples' simulated peers
+
+    if args.miners < 0 or args.rate <= 0:
+        print("aitbc-coordinator demo: --miners must be >= 0 and --rate > 0", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        run_demo(
+            host=args.host,
+            port=args.port,
+            miners=args.miners,
+            rate=args.rate,
+            duration=args.duration,
+        )
+    except (_Stopped, KeyboardInterrupt):
+        pass
     return 0
 
 

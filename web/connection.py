@@ -112,6 +112,8 @@ class Connection(ABC):
             return
         self.principal = principal
         session = self.make_session(authenticated=principal is not None)
+        if principal is not None:
+            self.on_authenticated()
         self.core.connections.add(self)
         self._send_now = self.websocket.scope.get("extensions", {}).get(SEND_NOW)
         try:
@@ -196,6 +198,7 @@ class Connection(ABC):
         else:
             self.principal = principal
             session.authenticated()
+            self.on_authenticated()
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -206,6 +209,9 @@ class Connection(ABC):
     @abstractmethod
     async def handle(self, event: Any, session: Any) -> None:
         """Act on one decoded, legal message."""
+
+    def on_authenticated(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """The peer proved its credential (handshake header or first ``auth`` frame)."""
 
     @abstractmethod
     def on_closed(self) -> None:

@@ -28,6 +28,7 @@ TAGS = [
     {"name": "admin", "description": "Admin key only (§2.4)"},
     {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
     {"name": "health", "description": "Liveness and readiness, no auth"},
+    {"name": "ops", "description": "Ops page and Prometheus metrics (docs/ops.md)"},
     {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},
 ]
 
@@ -54,6 +55,7 @@ _PUBLIC: dict[str, tuple[str, str, dict[str, Any]]] = {
     "/openapi.json": ("This document", "docs", _JSON_OK),
     "/docs": ("Swagger UI for this document (assets served locally)", "docs", _HTML_OK),
     "/redoc": ("ReDoc for this document (assets served locally)", "docs", _HTML_OK),
+    "/ops": ("The live ops page (sign in with an admin key; docs/ops.md)", "ops", _HTML_OK),
 }
 
 

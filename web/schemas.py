@@ -259,6 +259,77 @@ SCHEMAS: dict[str, Schema] = {
             }
         },
     },
+    "AdminJobDetail": {
+        "type": "object",
+        "required": ["job", "client_id", "events", "receipt", "receipt_check"],
+        "properties": {
+            "job": {"$ref": "#/components/schemas/JobView"},
+            "client_id": _str,
+            "events": {
+                "type": "array",
+                "description": "every stored event of the job, oldest first (job.event fields)",
+                "items": {
+                    "type": "object",
+                    "required": ["seq", "event", "state", "at", "attempt"],
+                    "properties": {
+                        "seq": {"type": "integer"},
+                        "event": _str,
+                        "state": _str,
+                        "at": {**_str, "format": "date-time"},
+                        "attempt": {"type": "integer"},
+                        "miner_id": _nullable_str,
+                        "data": _obj,
+                    },
+                },
+            },
+            "receipt": {"type": ["object", "null"]},
+            "receipt_check": {
+                "type": "object",
+                "required": ["status", "problems"],
+                "description": "the signed receipt checked by this coordinator",
+                "properties": {
+                    "status": {"enum": ["valid", "invalid", "none"]},
+                    "problems": {"type": "array", "items": _str},
+                },
+            },
+        },
+    },
+    "AdminJobAction": {
+        "type": "object",
+        "required": ["job"],
+        "properties": {"job": {"$ref": "#/components/schemas/JobView"}},
+    },
+    "DrainRequest": {
+        "type": "object",
+        "properties": {
+            "draining": {
+                "type": "boolean",
+                "default": True,
+                "description": "false resumes offering jobs to the miner",
+            }
+        },
+    },
+    "AdminMinerAction": {
+        "type": "object",
+        "required": ["miner_id", "status"],
+        "properties": {
+            "miner_id": _str,
+            "status": {"enum": ["draining", "active", "disconnected"]},
+        },
+    },
+    "OpsSnapshot": {
+        "type": "object",
+        "required": ["at", "miners", "queue", "counters", "history"],
+        "description": "the ops socket's snapshot frame without its type (docs/ops.md)",
+        "properties": {
+            "at": {**_str, "format": "date-time"},
+            "miners": {"type": "array", "items": _obj},
+            "queue": _obj,
+            "counters": _obj,
+            "history": {"type": "array", "items": _obj},
+            "tick_seconds": _num,
+        },
+    },
     "ExplorerReceipts": {
         "type": "object",
         "required": ["jobId", "items"],

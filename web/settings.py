@@ -60,6 +60,17 @@ def _integer(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) 
     return int(value)
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise SettingsError(f"{name}: must be on or off, got {raw!r}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     database_url: str = "sqlite:///./coordinator.db"
@@ -82,6 +93,7 @@ class Settings:
     rest_job_lease_seconds: float = 600.0
     max_poll_wait_seconds: float = 25.0
     environment: str = "development"
+    metrics_public: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +143,7 @@ class Settings:
             rest_job_lease_seconds=_number(env, "REST_JOB_LEASE_SECONDS", 600, 1, 7 * 86400),
             max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
             environment=env.get("ENVIRONMENT", "development"),
+            metrics_public=_switch(env, "METRICS_PUBLIC", False),
         )
         roles = (
             ("CLIENT_API_KEYS", settings.client_api_keys),

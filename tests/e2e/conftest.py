@@ -29,6 +29,7 @@ class RunningServer:
     settings: Settings
     port: int
     app: Any
+    stopped: anyio.Event
 
     def url(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -38,18 +39,31 @@ class RunningServer:
         return self.app.state.core
 
 
-async def start_server(settings: Settings, tg: anyio.abc.TaskGroup) -> tuple[RunningServer, Any]:
+async def start_server(
+    settings: Settings, tg: anyio.abc.TaskGroup, *, port: int = 0
+) -> tuple[RunningServer, Any]:
+    """Serve on 127.0.0.1:``port`` (0: any free port); ``RunningServer.stopped`` is set when the
+    server has shut down and closed its socket."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(512)
     server = build_server(settings, log_level="warning")
     server.config.lifespan = "on"
-    tg.start_soon(server.serve, [sock])
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            sock.close()
+            stopped.set()
+
+    tg.start_soon(serve)
     with anyio.fail_after(10):
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes readiness only as a flag
             await anyio.sleep(0.005)
-    return RunningServer(settings, sock.getsockname()[1], server.config.app), server
+    return RunningServer(settings, sock.getsockname()[1], server.config.app, stopped), server
 
 
 @pytest.fixture

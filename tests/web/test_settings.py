@@ -111,6 +111,7 @@ def test_values_are_parsed() -> None:
         ({"ACCEPT_TIMEOUT_SECONDS": "-1"}, "ACCEPT_TIMEOUT_SECONDS"),
         ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
         ({"WS_MAX_FRAME_BYTES": "10"}, "WS_MAX_FRAME_BYTES"),
+        ({"METRICS_PUBLIC": "maybe"}, "METRICS_PUBLIC"),
         (
             {"CLIENT_API_KEYS": "shared-key-123", "MINER_API_KEYS": "shared-key-123"},
             "MINER_API_KEYS",
@@ -132,6 +133,14 @@ def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) ->
     message = str(info.value)
     assert message.startswith(f"{variable}:")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "public"), [("", False), ("on", True), ("TRUE", True), ("1", True), ("off", False)]
+)
+def test_metrics_public_switch(raw: str, public: bool) -> None:
+    """METRICS_PUBLIC accepts on/off (and true/false, 1/0); default off."""
+    assert Settings.from_env({"METRICS_PUBLIC": raw}).metrics_public is public
 
 
 def test_the_same_key_may_repeat_within_one_role() -> None:
@@ -229,3 +238,10 @@ def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
         main([])
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--rate", "0"], ["--miners", "-1"]])
+def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """``demo`` with a non-positive rate or negative miner count exits 2 before starting."""
+    assert main(["demo", "--port", "0", *args]) == 2
+    assert "--miners must be >= 0 and --rate > 0" in capsys.readouterr().err

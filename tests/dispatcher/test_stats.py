@@ -1,0 +1,94 @@
+"""Ring 2: the lock-free tallies behind /metrics and the ops page (dispatcher/stats.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher.stats import REQUEUE_REASONS, EventTally, Histogram, requeue_reason
+from protocol.records import EventRecord, JobRecord
+
+
+def job(requested_at: float = 100.0) -> JobRecord:
+    return JobRecord(
+        job_id="j1",
+        client_id="c1",
+        state="QUEUED",
+        payload={},
+        constraints={},
+        priority=0,
+        requested_at=requested_at,
+        expires_at=requested_at + 900,
+        attempt=0,
+        failures=0,
+        max_attempts=3,
+        seq=1,
+    )
+
+
+def event(kind: str, at: float, attempt: int = 1, **data: object) -> EventRecord:
+    return EventRecord("j1", 1, kind, "RUNNING", at, attempt, "m1", data)
+
+
+def observe(t: EventTally, kind: str, committed: float, **kw: Any) -> None:
+    """An event that happened at 100.0 (the submit's time) and was committed later."""
+    t.observe(job(), event(kind, 100.0, **kw), committed)
+
+
+def test_histogram_buckets_are_upper_inclusive_and_cumulative() -> None:
+    """A value equal to a bound lands in that bucket; larger ones in +Inf."""
+    h = Histogram((1.0, 2.0))
+    for v in (0.5, 1.0, 1.5, 2.0, 7.0):
+        h.observe(v)
+    assert h.counts == [2, 2, 1]
+    assert h.cumulative() == [(1.0, 2), (2.0, 4), (float("inf"), 5)]
+    assert (h.count, h.sum) == (5, 12.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("requeued by admin", "admin"),
+        ("accept timeout", "accept_timeout"),
+        ("miner disconnected before accepting", "disconnected"),
+        ("miner lost", "miner_lost"),
+        ("miner restarted", "miner_restarted"),
+        ("lease expired", "lease_expired"),
+        ("rejected: busy", "rejected"),
+        ("rejected", "rejected"),
+        ("coordinator restarted", "coordinator_restarted"),
+        ("poll gone", "poll_gone"),
+        ("oom: out of memory", "retryable_failure"),
+        ("", "retryable_failure"),
+    ],
+)
+def test_requeue_reason_labels(text: str, label: str) -> None:
+    """Free-form requeue texts map onto a small closed set of labels."""
+    assert requeue_reason(text) == label
+    assert label in REQUEUE_REASONS
+
+
+def test_tally_counts_events_and_latencies() -> None:
+    """Latencies run from submit to the commit; assign only for the first attempt."""
+    t = EventTally()
+    observe(t, "queued", 100.001, attempt=0)
+    observe(t, "assigned", 100.004)
+    observe(t, "requeued", 101.0, reason="accept timeout")
+    observe(t, "assigned", 102.0, attempt=2)
+    observe(t, "requeued", 103.0)
+    observe(t, "completed", 103.5)
+    assert t.events == {"queued": 1, "assigned": 2, "requeued": 2, "completed": 1}
+    assert t.assign_latency.count == 1
+    assert t.assign_latency.sum == pytest.approx(0.004)
+    assert t.complete_latency.count == 1
+    assert t.complete_latency.sum == pytest.approx(3.5)
+    assert t.requeues == {"accept_timeout": 1, "retryable_failure": 1}
+
+
+def test_tally_clamps_clock_steps_backwards() -> None:
+    """A wall clock that stepped back never produces a negative latency."""
+    t = EventTally()
+    t.observe(job(requested_at=200.0), event("completed", 199.0), 199.0)
+    assert t.complete_latency.counts[0] == 1
+    assert t.complete_latency.sum == 0.0

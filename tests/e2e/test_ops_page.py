@@ -1,0 +1,268 @@
+"""The /ops page in a real browser: Playwright driving the machine's Chromium (Debian package).
+
+Locally these tests skip with a message when ``chromium`` is not installed; where browser tests
+are mandatory (``CI=true``, or ``OPS_BROWSER_TESTS=required``, which ``.ci/run`` sets) they fail
+instead. Playwright's own browser download is never used. Every wait is on a page condition.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocol.messages import Ack, JobCancel, JobSubmit
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.e2e.conftest import start_server
+from tests.e2e.manual_miner import ManualMiner, client_session
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from tests.e2e.conftest import Client, RunningServer
+    from web.settings import Settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 10_000
+
+
+def chromium_or_skip() -> str:
+    path = shutil.which("chromium")
+    if path is not None:
+        return path
+    if os.environ.get("CI") == "true" or os.environ.get("OPS_BROWSER_TESTS") == "required":
+        pytest.fail("browser tests are required here but `chromium` is not installed")
+    pytest.skip("ops page browser tests need Debian's chromium (apt-get install chromium)")
+
+
+@asynccontextmanager
+async def ops_page(server: RunningServer) -> AsyncIterator[Page]:
+    """A fresh browser page on /ops; fails the test if the page throws a script error."""
+    executable = chromium_or_skip()
+    errors: list[str] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(WAIT_MS)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"http://127.0.0.1:{server.port}/ops")
+            yield page
+        finally:
+            await browser.close()
+    assert errors == []
+
+
+async def sign_in(page: Page, key: str = ADMIN_KEY) -> None:
+    await page.fill("#admin-key", key)
+    await page.click("#sign-in")
+
+
+async def submit(client: Client, prompt: str) -> str:
+    await client.send(JobSubmit(id=prompt, payload={"prompt": prompt}, constraints={}))
+    while True:
+        msg = await client.recv()
+        if isinstance(msg, Ack) and msg.id == prompt:
+            return str(msg.fields["job"]["job_id"])
+
+
+def job_state(page: Page, job_id: str) -> Any:
+    return page.locator(f'#jobs tr[data-job="{job_id}"] td.state')
+
+
+async def test_sign_in_rejects_wrong_keys_then_goes_live(server: RunningServer) -> None:
+    """Unknown key and a client key are refused; the admin key opens the live page."""
+    async with ops_page(server) as page:
+        await sign_in(page, "not-a-key-at-all")
+        await expect(page.locator("#signin-error")).to_have_text("Unknown key.")
+        await sign_in(page, CLIENT_KEY)
+        await expect(page.locator("#signin-error")).to_have_text("That key is not an admin key.")
+        assert await page.evaluate("sessionStorage.getItem('aitbc-admin-key')") is None
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await expect(page.locator("#app")).to_be_visible()
+        assert await page.evaluate("sessionStorage.getItem('aitbc-admin-key')") == ADMIN_KEY
+        assert await page.evaluate("localStorage.length") == 0
+        await page.reload()  # the key survives a reload of the tab (sessionStorage)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+
+
+async def test_miner_appears_and_disappears(server: RunningServer) -> None:
+    """A miner row shows up when the miner connects, drains on a confirmed click, goes when it
+    leaves; a dismissed confirmation changes nothing."""
+    async with ops_page(server) as page:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        row = page.locator('#miners tr[data-miner="gpu-browser"]')
+        await expect(row).to_have_count(0)
+        async with ManualMiner(server, MINER_KEY, "gpu-browser") as miner:
+            await miner.connect()
+            await expect(row).to_have_count(1)
+            await expect(row).to_contain_text("A100")
+            await expect(row).to_contain_text("idle")
+            await expect(page.locator("#kpi-online")).to_have_text("1")
+            await row.locator('button[data-action="drain"]').click()
+            await expect(page.locator("#confirm-text")).to_contain_text("gpu-browser")
+            await page.click("#confirm-yes")
+            await expect(row).to_contain_text("draining")
+            assert server.core.dispatcher.scheduler.miners["gpu-browser"].draining
+            await row.locator('button[data-action="undrain"]').click()
+            await page.click("#confirm-no")  # changed its mind: nothing happens
+            await expect(page.locator("#confirm")).not_to_be_visible()
+            assert server.core.dispatcher.scheduler.miners["gpu-browser"].draining
+        await expect(row).to_have_count(0)
+        await expect(page.locator("#kpi-online")).to_have_text("0")
+
+
+async def test_job_moves_through_states_and_metrics_count_it(server: RunningServer) -> None:
+    """QUEUED -> RUNNING -> COMPLETED on screen; the drill-down verifies the receipt."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        job_id = await submit(client, "hello ops")
+        await expect(job_state(page, job_id)).to_have_text("QUEUED")
+        await expect(page.locator("#queue-queued")).to_have_text("1")
+        async with ManualMiner(server, MINER_KEY, "gpu-states") as miner:
+            await miner.connect()
+            await miner.recv()  # job.assign
+            await expect(job_state(page, job_id)).to_have_text("RUNNING")
+            await expect(page.locator('#miners tr[data-miner="gpu-states"]')).to_contain_text(
+                "busy"
+            )
+            miner.client.accept(job_id)
+            miner.client.result(job_id, {"output": "sopo olleh"}, {"duration_ms": 5})
+            await miner.flush()
+            await miner.recv()  # the ack with the receipt
+            await expect(job_state(page, job_id)).to_have_text("COMPLETED")
+            await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+            await expect(page.locator("#d-receipt-badge")).to_have_text("✓ signature verified")
+            await expect(page.locator("#d-timeline li")).to_have_count(4)
+            await expect(page.locator("#d-result")).to_contain_text("sopo olleh")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "ops-page.png"), type="png", full_page=True)
+        async with httpx.AsyncClient() as http:
+            r = await http.get(
+                f"http://127.0.0.1:{server.port}/metrics", headers={"X-Api-Key": ADMIN_KEY}
+            )
+        values = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+        }
+        assert values["aitbc_jobs", (("state", "COMPLETED"),)] == 1
+        assert values["aitbc_job_events_total", (("event", "completed"),)] == 1
+        assert values["aitbc_job_submit_to_complete_seconds_count", ()] == 1
+        assert values["aitbc_sockets_open", (("role", "admin"),)] == 1
+
+
+async def test_cancel_from_the_page_reaches_the_miner(server: RunningServer) -> None:
+    """Cancel in the drill-down (confirmed) sends job.cancel to the miner; the row follows."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with ManualMiner(server, MINER_KEY, "gpu-cancel") as miner:
+            await miner.connect()
+            job_id = await submit(client, "to be canceled")
+            await miner.recv()  # job.assign
+            await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+            await expect(page.locator("#d-state")).to_have_text("RUNNING")
+            await page.click("#d-cancel")
+            await expect(page.locator("#confirm-text")).to_contain_text(job_id)
+            await page.click("#confirm-yes")
+            cancel = await miner.expect(JobCancel)
+            assert (cancel.job_id, cancel.reason) == (job_id, "canceled by admin")
+            await expect(job_state(page, job_id)).to_have_text("CANCELED")
+            await expect(page.locator("#d-state")).to_have_text("CANCELED")
+            await expect(page.locator("#d-cancel")).to_be_disabled()
+
+
+async def test_page_reconnects_after_a_server_restart(settings: Settings) -> None:
+    """The server stops and a new one starts on the same port and database: the page comes
+    back by itself and shows the job queued before the restart."""
+    async with anyio.create_task_group() as tg:
+        first, uv = await start_server(settings, tg)
+        port = first.port
+        async with ops_page(first) as page:
+            await sign_in(page)
+            await expect(page.locator("#conn-status")).to_have_text("live")
+            async with client_session(first, CLIENT_KEY) as client:
+                await submit(client, "survives the restart")
+            await expect(page.locator("#queue-queued")).to_have_text("1")
+            uv.should_exit = True
+            with anyio.fail_after(15):
+                await first.stopped.wait()
+            second, uv2 = await start_server(settings, tg, port=port)
+            await expect(page.locator("body")).to_have_attribute("data-snapshots", "2")
+            await expect(page.locator("#conn-status")).to_have_text("live")
+            await expect(page.locator("#queue-queued")).to_have_text("1")
+            assert second.core.ops.watchers
+            uv2.should_exit = True
+
+
+async def test_page_reconnects_after_the_server_drops_it(server: RunningServer) -> None:
+    """Sockets closed by a shutdown (1001): the page says so, reconnects and is live again."""
+    async with ops_page(server) as page:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await expect(page.locator("body")).to_have_attribute("data-snapshots", "1")
+        server.core.close_sockets()
+        await expect(page.locator("body")).to_have_attribute("data-snapshots", "2")
+        await expect(page.locator("#conn-status")).to_have_text("live")
+
+
+async def test_requeue_sort_and_filters(server: RunningServer) -> None:
+    """Requeue moves a job to another miner; the miner table sorts and filters; the log filters."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with (
+            ManualMiner(server, MINER_KEY, "zz-first") as first,
+            ManualMiner(server, MINER_KEY, "aa-second") as second,
+        ):
+            await first.connect()
+            job_id = await submit(client, "move me")
+            await first.recv()  # job.assign
+            await second.connect()
+            rows = page.locator("#miners tr")
+            await expect(rows).to_have_count(2)
+            await expect(rows.first).to_have_attribute("data-miner", "aa-second")
+            await page.click('#miners-table th[data-sort="miner_id"]')  # descending now
+            await expect(rows.first).to_have_attribute("data-miner", "zz-first")
+            await page.fill("#miner-filter", "aa-")
+            await expect(rows).to_have_count(1)
+            await page.fill("#miner-filter", "")
+            await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+            await expect(page.locator("#d-requeue")).to_be_enabled()
+            await page.click("#d-requeue")
+            await page.click("#confirm-yes")
+            cancel = await first.expect(JobCancel)
+            assert cancel.reason == "requeued by admin"
+            moved = await second.recv()
+            assert getattr(moved, "job_id", None) == job_id
+            await expect(page.locator("#d-timeline li")).to_have_count(
+                4
+            )  # queued, assigned, requeued, assigned
+            await expect(page.locator("#d-miner")).to_have_text("aa-second")
+            log = page.locator(f'#log li[data-job="{job_id}"]')
+            await expect(log.and_(page.locator('[data-event="requeued"]'))).to_have_count(1)
+            await page.locator('#log-filters input[value="requeued"]').uncheck()
+            await expect(log.and_(page.locator('[data-event="requeued"]'))).to_have_count(0)
+            await page.fill("#log-text", "no-such-job")
+            await expect(log).to_have_count(0)

@@ -1,0 +1,70 @@
+"""``/v1/admin/ws`` on a real socket: credentials, snapshot, recent events, live frames."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.e2e.manual_miner import ManualMiner, client_session, close_code
+from tests.e2e.test_ops_page import submit
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import RunningServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def frame(ws: ClientConnection) -> dict[str, Any]:
+    with anyio.fail_after(5):
+        data: dict[str, Any] = json.loads(await ws.recv())
+    return data
+
+
+async def until(ws: ClientConnection, pred: Any) -> dict[str, Any]:
+    while True:
+        f = await frame(ws)
+        if pred(f):
+            return f
+
+
+@pytest.mark.parametrize(("key", "code"), [(CLIENT_KEY, 4403), ("unknown-key-123", 4401)])
+async def test_only_admin_keys(server: RunningServer, key: str, code: int) -> None:
+    """A client key is closed 4403 and an unknown key 4401, by header or by auth frame."""
+    async with connect(server.url("/v1/admin/ws"), additional_headers={"X-Api-Key": key}) as ws:
+        assert await close_code(ws) == code
+    async with connect(server.url("/v1/admin/ws")) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": key}))
+        assert await close_code(ws) == code
+
+
+async def test_snapshot_recent_events_then_live(server: RunningServer) -> None:
+    """Snapshot first, then the recent job events, then live events and a delta."""
+    async with client_session(server, CLIENT_KEY) as client:
+        old = await submit(client, "before")
+        async with connect(server.url("/v1/admin/ws")) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": ADMIN_KEY}))
+            snap = await frame(ws)
+            assert snap["type"] == "snapshot"
+            assert snap["queue"]["queued"] == 1
+            assert snap["miners"] == []
+            replay = await frame(ws)
+            assert (replay["type"], replay["job_id"], replay["event"]) == (
+                "job.event",
+                old,
+                "queued",
+            )
+            await ws.send(json.dumps({"type": "job.submit", "id": "x", "payload": {}}))
+            err = await until(ws, lambda f: f["type"] == "error")
+            assert (err["code"], err["id"]) == ("invalid", "x")
+            async with ManualMiner(server, MINER_KEY, "gpu-ops") as miner:
+                await miner.connect()
+                assigned = await until(ws, lambda f: f.get("event") == "assigned")
+                assert (assigned["job_id"], assigned["miner_id"]) == (old, "gpu-ops")
+                delta = await until(ws, lambda f: f["type"] == "ops.delta" and "miners" in f)
+                assert delta["miners"][0]["miner_id"] == "gpu-ops"
+                assert delta["miners"][0]["state"] == "busy"

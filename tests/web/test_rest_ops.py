@@ -1,0 +1,238 @@
+"""Admin ops routes (drill-down, actions, snapshot), /metrics and the /ops page, in process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.web.rest_harness import Api, running_api
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+ADMIN = {"X-Api-Key": ADMIN_KEY}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path) as a:
+        yield a
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, keyed by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+async def test_job_detail_has_events_and_a_verified_receipt(api: Api) -> None:
+    """GET /v1/admin/jobs/{id}: any client's job, its stored events, receipt 'valid'."""
+    await api.register("m1")
+    job = await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    assert (await api.result(job["job_id"])).status_code == 200
+    detail = await api.admin(f"/v1/admin/jobs/{job['job_id']}")
+    assert detail["job"]["state"] == "COMPLETED"
+    assert detail["client_id"].startswith("client-")
+    assert [e["event"] for e in detail["events"]] == ["queued", "assigned", "started", "completed"]
+    assert detail["receipt_check"] == {"status": "valid", "problems": []}
+    assert detail["receipt"]["job_id"] == job["job_id"]
+
+
+async def test_job_detail_flags_a_tampered_receipt_and_unknown_jobs(api: Api) -> None:
+    """A receipt that no longer matches its signature is 'invalid'; unknown job -> 404."""
+    await api.register("m1")
+    job = await api.submit()
+    await api.poll("m1")
+    await api.result(job["job_id"])
+    d = api.core.dispatcher
+    rec = d._visible[job["job_id"]]
+    d._visible[job["job_id"]] = rec._replace(receipt={**rec.receipt, "units": 999})
+    detail = await api.admin(f"/v1/admin/jobs/{job['job_id']}")
+    assert detail["receipt_check"]["status"] == "invalid"
+    assert detail["receipt_check"]["problems"]
+    pending = await api.submit()
+    assert (await api.admin(f"/v1/admin/jobs/{pending['job_id']}"))["receipt_check"] == {
+        "status": "none",
+        "problems": [],
+    }
+    r = await api.http.get("/v1/admin/jobs/" + "0" * 32, headers=ADMIN)
+    assert (r.status_code, r.json()) == (404, {"detail": f"job {'0' * 32} not found"})
+
+
+async def test_cancel_and_requeue_actions(api: Api) -> None:
+    """Admin cancel ends any client's job; requeue needs RUNNING (409 otherwise)."""
+    await api.register("m1")
+    running = await api.submit()
+    await api.poll("m1")
+    r = await api.http.post(f"/v1/admin/jobs/{running['job_id']}/requeue", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["job"]["state"] == "QUEUED"  # m1 is not offered it again
+    r = await api.http.post(f"/v1/admin/jobs/{running['job_id']}/requeue", headers=ADMIN)
+    assert r.status_code == 409
+    r = await api.http.post(f"/v1/admin/jobs/{running['job_id']}/cancel", headers=ADMIN)
+    assert (r.status_code, r.json()["job"]["state"]) == (200, "CANCELED")
+    assert (await api.job(running["job_id"]))["state"] == "CANCELED"
+    r = await api.http.post(f"/v1/admin/jobs/{running['job_id']}/cancel", headers=ADMIN)
+    assert r.status_code == 409
+    r = await api.http.post("/v1/admin/jobs/nope/cancel", headers=ADMIN)
+    assert r.status_code == 404
+    r = await api.http.post(
+        f"/v1/admin/jobs/{running['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY}
+    )
+    assert r.status_code == 403
+
+
+async def test_drain_and_disconnect_miner(api: Api) -> None:
+    """Drain stops offers (and undrain resumes them); disconnect forgets an idle miner."""
+    await api.register("m1")
+    r = await api.http.post("/v1/admin/miners/m1/drain", headers=ADMIN)
+    assert r.json() == {"miner_id": "m1", "status": "draining"}
+    await api.submit()
+    assert (await api.poll("m1", max_wait=1)).status_code == 204
+    r = await api.http.post("/v1/admin/miners/m1/drain", json={"draining": False}, headers=ADMIN)
+    assert r.json() == {"miner_id": "m1", "status": "active"}
+    assert (await api.poll("m1")).status_code == 200
+    r = await api.http.post("/v1/admin/miners/m9/drain", headers=ADMIN)
+    assert r.status_code == 404
+    r = await api.http.post("/v1/admin/miners/m1/drain", json={"draining": 1}, headers=ADMIN)
+    assert r.status_code == 422
+    r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
+    assert r.json() == {"miner_id": "m1", "status": "disconnected"}
+    r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
+    assert r.status_code == 404
+
+
+async def test_snapshot_shows_miners_queue_and_unservable(api: Api) -> None:
+    """GET /v1/admin/ops: miner rows, queue counts and the 'no miner can serve' groups."""
+    await api.register("m1", capabilities={"gpus": [{"name": "A100", "memory_mb": 40960}]})
+    await api.submit(constraints={"gpu": "H200"})
+    await api.submit(constraints={"gpu": "H200"})
+    await api.submit()
+    await api.poll("m1")
+    snap = await api.admin("/v1/admin/ops")
+    (row,) = snap["miners"]
+    assert row["miner_id"] == "m1"
+    assert (row["gpus"], row["vram_mb"], row["slots_used"], row["state"]) == (
+        ["A100"],
+        40960,
+        1,
+        "busy",
+    )
+    assert snap["queue"]["queued"] == 2
+    assert snap["queue"]["running"] == 1
+    assert snap["queue"]["unservable"] == 2
+    assert snap["queue"]["unservable_groups"] == [{"constraints": {"gpu": "H200"}, "count": 2}]
+
+
+async def test_feed_deltas_carry_only_changes(api: Api) -> None:
+    """A watcher gets the snapshot, then one ops.delta per tick with what changed."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    frames: list[Any] = []
+
+    class Sink:
+        def put(self, frame: str, **_: Any) -> None:
+            frames.append(orjson.loads(frame))
+
+    sink: Any = Sink()
+    feed.add(sink)
+    assert frames[0]["type"] == "snapshot"
+    feed.tick(1000.0)  # the first delta brings the feed's own baseline
+    frames.clear()
+    feed.tick(1000.1)
+    assert frames == []  # nothing changed
+    await api.register("m1")
+    job = await api.submit()
+    feed.tick(1000.5)
+    assert [f["type"] for f in frames] == ["job.event", "ops.delta"]
+    delta = frames[-1]
+    assert [m["miner_id"] for m in delta["miners"]] == ["m1"]
+    assert delta["queue"]["queued"] == 1
+    assert "points" not in delta
+    frames.clear()
+    await api.poll("m1")
+    await api.result(job["job_id"])
+    feed.tick(1001.0)
+    events = [f["event"] for f in frames if f["type"] == "job.event"]
+    assert events == ["assigned", "started", "completed"]
+    delta = frames[-1]
+    assert delta["miners"][0]["completed"] == 1
+    assert delta["miners"][0]["success_rate"] == 1.0
+    (point,) = delta["points"]
+    assert point["completed_per_s"] == 1.0
+    assert point["dispatch_p50_ms"] is not None
+    frames.clear()
+    await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
+    feed.tick(1001.25)
+    assert frames[-1]["removed"] == ["m1"]
+    feed.discard(sink)
+
+
+async def test_metrics_require_admin_and_match_the_jobs_run(api: Api) -> None:
+    """/metrics parses as Prometheus text and its counters match the jobs of this test."""
+    r = await api.http.get("/metrics")
+    assert (r.status_code, r.json()) == (401, {"detail": "Authentication required"})
+    r = await api.http.get("/metrics", headers={"X-Api-Key": MINER_KEY})
+    assert r.status_code == 403
+    await api.register("m1")
+    done = [await api.submit() for _ in range(3)]
+    for job in done:
+        await api.poll("m1")
+        await api.result(job["job_id"])
+    canceled = await api.submit()
+    await api.http.post(f"/v1/admin/jobs/{canceled['job_id']}/cancel", headers=ADMIN)
+    await api.submit()
+    r = await api.http.get("/metrics", headers=ADMIN)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    s = samples(r.text)
+    assert s["aitbc_jobs", (("state", "COMPLETED"),)] == 3
+    assert s["aitbc_jobs", (("state", "CANCELED"),)] == 1
+    assert s["aitbc_jobs", (("state", "QUEUED"),)] == 1
+    assert s["aitbc_job_events_total", (("event", "queued"),)] == 5
+    assert s["aitbc_job_events_total", (("event", "completed"),)] == 3
+    assert s["aitbc_job_submit_to_assign_seconds_count", ()] == 3
+    assert s["aitbc_job_submit_to_complete_seconds_count", ()] == 3
+    assert s["aitbc_job_submit_to_complete_seconds_bucket", (("le", "+Inf"),)] == 3
+    assert s["aitbc_job_requeues_total", (("reason", "admin"),)] == 0
+    assert s["aitbc_miners_online", ()] == 1
+    assert s["aitbc_miners_busy", ()] == 0
+    assert s["aitbc_writer_batch_size_count", ()] >= 1
+    assert s["aitbc_writer_commit_seconds_count", ()] == s["aitbc_writer_batch_size_count", ()]
+    assert s["aitbc_progress_dropped_total", ()] == 0
+    assert s["aitbc_sockets_open", (("role", "miner"),)] == 0
+
+
+async def test_metrics_public_switch(tmp_path: Path) -> None:
+    """METRICS_PUBLIC=on: /metrics answers without a credential."""
+    async with running_api(tmp_path, metrics_public=True) as api:
+        r = await api.http.get("/metrics")
+        assert r.status_code == 200
+        assert "aitbc_jobs" in r.text
+
+
+async def test_ops_page_and_assets_are_served_offline(api: Api) -> None:
+    """/ops is HTML with a strict CSP; every asset it names is served by the app."""
+    r = await api.http.get("/ops")
+    assert r.status_code == 200
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    html = r.text
+    assert "http://" not in html
+    assert "https://" not in html
+    assert '<script type="module" src="/ops/assets/app.js">' in html
+    assert '"/ops/assets/ops.css"' in html
+    for asset in ("/ops/assets/app.js", "/ops/assets/charts.js", "/ops/assets/ops.css"):
+        a = await api.http.get(asset)
+        assert a.status_code == 200, asset
+        assert "https://" not in a.text
+    assert (await api.http.get("/ops/assets/missing.js")).status_code == 404

@@ -1,0 +1,148 @@
+"""``/metrics``: Prometheus text format, read from the dispatcher's tallies when scraped.
+
+Nothing here runs on the dispatch path: the dispatcher keeps plain counters and bucket arrays
+(``dispatcher.stats``) and this collector turns them into metric families at scrape time. Jobs
+by state come from the store (committed state). An admin key is required unless
+``METRICS_PUBLIC=on``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from dispatcher.stats import REQUEUE_REASONS
+from protocol.types import EventKind
+from web.auth import Role
+from web.http import Call, Endpoint, HTTPError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+    from dispatcher.stats import Histogram
+    from web.app import Coordinator
+
+__all__ = ["ENDPOINTS", "CoordinatorCollector"]
+
+JOB_STATES = ("QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED")
+
+
+def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+    buckets = [("+Inf" if b == float("inf") else repr(float(b)), n) for b, n in h.cumulative()]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=h.sum)
+
+
+class CoordinatorCollector:
+    """A prometheus_client collector over one app's Coordinator."""
+
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.job_counts: dict[str, int] = {}  # set from the store just before each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.core.dispatcher
+        stats = d.statistics()
+        jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state (committed)", labels=["state"])
+        for state in JOB_STATES:
+            jobs.add_metric([state], self.job_counts.get(state, 0))
+        yield jobs
+        events = CounterMetricFamily(
+            "aitbc_job_events", "Committed job events since start, by kind", labels=["event"]
+        )
+        for kind in EventKind:
+            events.add_metric([kind.value], d.tally.events.get(kind.value, 0))
+        yield events
+        yield _histogram(
+            "aitbc_job_submit_to_assign_seconds",
+            "Time from submit to the first assignment",
+            d.tally.assign_latency,
+        )
+        yield _histogram(
+            "aitbc_job_submit_to_complete_seconds",
+            "Time from submit to completion",
+            d.tally.complete_latency,
+        )
+        requeues = CounterMetricFamily(
+            "aitbc_job_requeues", "Jobs put back in the queue, by reason", labels=["reason"]
+        )
+        for reason in REQUEUE_REASONS:
+            requeues.add_metric([reason], d.tally.requeues.get(reason, 0))
+        yield requeues
+        miners = d.rest_miners()
+        yield GaugeMetricFamily(
+            "aitbc_miners_online", "Miners online", value=sum(1 for m in miners if m.online)
+        )
+        yield GaugeMetricFamily(
+            "aitbc_miners_busy",
+            "Online miners running at least one job",
+            value=sum(1 for m in miners if m.online and m.inflight),
+        )
+        slots = GaugeMetricFamily("aitbc_miner_slots", "Slots of connected miners", labels=["use"])
+        slots.add_metric(["used"], stats.scheduler.slots_used)
+        slots.add_metric(["total"], stats.scheduler.slots_total)
+        yield slots
+        sockets = GaugeMetricFamily("aitbc_sockets_open", "Open WebSockets", labels=["role"])
+        by_role = {r.value: 0 for r in Role}
+        for conn in list(self.core.connections):
+            by_role[conn.role.value] += 1
+        for role, n in by_role.items():
+            sockets.add_metric([role], n)
+        yield sockets
+        yield _histogram("aitbc_writer_batch_size", "Writes per group commit", d.batch_sizes)
+        yield _histogram(
+            "aitbc_writer_commit_seconds", "Duration of one group commit", d.commit_seconds
+        )
+        yield GaugeMetricFamily(
+            "aitbc_writer_pending", "Writes waiting for the next commit", value=stats.pending_writes
+        )
+        yield CounterMetricFamily(
+            "aitbc_progress_dropped",
+            "Progress events coalesced or dropped under backpressure",
+            value=stats.progress_dropped,
+        )
+
+
+def registry_for(core: Coordinator) -> tuple[CollectorRegistry, CoordinatorCollector]:
+    registry = CollectorRegistry(auto_describe=False)
+    collector = CoordinatorCollector(core)
+    registry.register(collector)
+    return registry, collector
+
+
+async def metrics(call: Call) -> Response:
+    core = call.core
+    if not core.settings.metrics_public:
+        token = core.auth.token_from_headers(call.request.headers)
+        principal = None if token is None else core.auth.from_token(token)
+        if principal is None:
+            detail = "Authentication required" if token is None else "Invalid API key"
+            raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
+        if principal.role is not Role.ADMIN:
+            raise HTTPError(403, "Forbidden")
+    registry, collector = core.metrics
+    collector.job_counts = await core.store.count_jobs()
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        ("/metrics",),
+        metrics,
+        "Prometheus metrics",
+        "ops",
+        description="Prometheus text format (docs/ops.md#metrics). Needs an admin key unless "
+        "METRICS_PUBLIC=on.",
+        responses={
+            200: ("Prometheus text exposition format", None),
+            401: ("missing or unknown credential (METRICS_PUBLIC=off)", "Error"),
+            403: ("credential of another role (METRICS_PUBLIC=off)", "Error"),
+        },
+    ),
+]

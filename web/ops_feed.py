@@ -1,0 +1,311 @@
+"""The ops feed behind ``/v1/admin/ws`` and ``/v1/admin/ops`` (docs/ops.md).
+
+It watches committed job events (``Dispatcher.watchers``: durability before visibility) and
+reads miner state from the scheduler when it builds a frame. Every ``TICK`` it compares the
+miner rows, the queue summary and the counters with what it last sent and pushes one
+``ops.delta`` with the differences, so a watcher gets at most 4 deltas a second however busy the
+coordinator is. Job events go to the watchers as they commit (the live log); progress frames may
+be coalesced or dropped under backpressure like on the client socket. Once a second it records a
+chart point (throughput, dispatch latency p50/p99, queue depth), HISTORY points back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+
+from protocol.types import iso_time
+
+if TYPE_CHECKING:
+    from dispatcher.core import Miner
+    from dispatcher.fanout import Outbox
+    from protocol.records import EventRecord, JobRecord
+    from web.app import Coordinator
+
+__all__ = ["HISTORY", "TICK", "OpsFeed"]
+
+TICK = 0.25
+HISTORY = 300  # chart points (one a second): the last five minutes
+RECENT_EVENTS = 200  # replayed to a new watcher after its snapshot
+TOP_UNSERVABLE = 10
+_TERMINAL = frozenset(("COMPLETED", "FAILED", "CANCELED", "EXPIRED"))
+
+
+class _ActiveJob:
+    __slots__ = ("constraints", "key", "miner_id", "started", "state")
+
+    def __init__(self, constraints: dict[str, Any]) -> None:
+        self.constraints = constraints
+        self.key = orjson.dumps(constraints, option=orjson.OPT_SORT_KEYS)
+        self.state = "QUEUED"
+        self.miner_id: str | None = None
+        self.started = False
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+class OpsFeed:
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.watchers: set[Outbox] = set()
+        self.active: dict[str, _ActiveJob] = {}
+        self.recent: deque[str] = deque(maxlen=RECENT_EVENTS)
+        self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._done: dict[str, list[int]] = {}  # miner id -> [completed, failed]
+        self._seen: dict[str, float] = {}  # miner id -> last job event or connection
+        self._latencies: list[float] = []  # submit -> first assignment, since the last point
+        self._last_point: float | None = None
+        self._point_totals = (0, 0)
+        self._sent_miners: dict[str, tuple[Any, ...]] = {}
+        self._sent_queue: dict[str, Any] = {}
+        self._sent_counters: dict[str, Any] = {}
+        self._new_points: list[dict[str, Any]] = []
+        self._scope: anyio.CancelScope | None = None
+        self._stopped = False
+        core.dispatcher.watchers.append(self.on_event)
+
+    # ---- input ------------------------------------------------------------------------------
+
+    def seed(self) -> None:
+        """After a restart: the active jobs the scheduler restored from the store."""
+        for job in self.core.dispatcher.scheduler.jobs.values():
+            if job.state not in _TERMINAL and job.job_id not in self.active:
+                entry = self.active[job.job_id] = _ActiveJob(job.constraints)
+                entry.state, entry.miner_id, entry.started = job.state, job.miner_id, job.accepted
+
+    def on_event(self, job: JobRecord, e: EventRecord, frame: str) -> None:
+        """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
+        kind = e.event
+        if kind == "progress":
+            if e.miner_id is not None:
+                self._seen[e.miner_id] = e.at
+            for outbox in self.watchers:
+                outbox.put(frame, job_id=e.job_id, progress=True)
+            return
+        if e.state in _TERMINAL:
+            self.active.pop(e.job_id, None)
+        else:
+            entry = self.active.get(e.job_id)
+            if entry is None:
+                entry = self.active[e.job_id] = _ActiveJob(job.constraints)
+            entry.state = e.state
+            entry.miner_id = e.miner_id
+            entry.started = kind == "started" or (kind != "assigned" and entry.started)
+            if kind == "requeued":
+                entry.started = False
+        miner_id = e.miner_id
+        if miner_id is not None:
+            self._seen[miner_id] = e.at
+            if kind == "completed" or kind == "failed":
+                done = self._done.setdefault(miner_id, [0, 0])
+                done[kind == "failed"] += 1
+        if kind == "assigned" and e.attempt == 1:  # submit -> pushed (after the commit)
+            self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
+        self.recent.append(frame)
+        for outbox in self.watchers:
+            outbox.put(frame, job_id=e.job_id)
+
+    # ---- watchers ---------------------------------------------------------------------------
+
+    def add(self, outbox: Outbox) -> None:
+        """A new watcher: its snapshot, then the recent events, then live deltas and events."""
+        outbox.put(orjson.dumps({"type": "snapshot", **self.snapshot()}).decode())
+        for frame in self.recent:
+            outbox.put(frame)
+        self.watchers.add(outbox)
+
+    def discard(self, outbox: Outbox) -> None:
+        self.watchers.discard(outbox)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.core.dispatcher.clock.now()
+        miners = self.core.dispatcher.scheduler.miners
+        return {
+            "at": iso_time(now),
+            "miners": [self._row(m, now) for m in miners.values()],
+            "queue": self._queue(),
+            "counters": self._counters(),
+            "history": list(self.points),
+            "tick_seconds": TICK,
+        }
+
+    def _row(self, m: Miner, now: float) -> dict[str, Any]:
+        caps = m.capabilities
+        gpus = caps.get("gpus")
+        gpu_list = gpus if isinstance(gpus, list) else []
+        models = caps.get("models")
+        done = self._done.get(m.miner_id, (0, 0))
+        finished = done[0] + done[1]
+        if not m.connected:
+            state = "away"  # disconnected, its started jobs wait for a resume
+        elif m.draining:
+            state = "draining"
+        elif m.jobs:
+            state = "busy"
+        else:
+            state = "idle"
+        seen = self._seen.setdefault(m.miner_id, now)
+        return {
+            "miner_id": m.miner_id,
+            "transport": "rest" if m.rest else "websocket",
+            "region": m.region,
+            "gpus": [str(g.get("name", "?")) for g in gpu_list if isinstance(g, dict)],
+            "vram_mb": sum(
+                g.get("memory_mb", 0)
+                for g in gpu_list
+                if isinstance(g, dict) and isinstance(g.get("memory_mb"), int)
+            ),
+            "models": [str(x) for x in models] if isinstance(models, list) else [],
+            "slots_used": len(m.jobs),
+            "slots_total": m.concurrency,
+            "state": state,
+            "last_seen": iso_time(seen),
+            "completed": done[0],
+            "failed": done[1],
+            "success_rate": None if finished == 0 else round(done[0] / finished, 4),
+        }
+
+    def _queue(self) -> dict[str, Any]:
+        scheduler = self.core.dispatcher.scheduler
+        queued = assigned = running = 0
+        by_key: dict[bytes, list[Any]] = {}
+        for entry in self.active.values():
+            if entry.state == "QUEUED":
+                queued += 1
+                group = by_key.get(entry.key)
+                if group is None:
+                    by_key[entry.key] = [entry.constraints, 1]
+                else:
+                    group[1] += 1
+            elif entry.started:
+                running += 1
+            else:
+                assigned += 1
+        unservable = [
+            {"constraints": c, "count": n}
+            for c, n in by_key.values()
+            if not scheduler.is_servable(c)
+        ]
+        unservable.sort(key=lambda u: -int(u["count"]))
+        return {
+            "queued": queued,
+            "assigned": assigned,
+            "running": running,
+            "unservable": sum(int(u["count"]) for u in unservable),
+            "unservable_groups": unservable[:TOP_UNSERVABLE],
+        }
+
+    def _counters(self) -> dict[str, Any]:
+        d = self.core.dispatcher
+        stats = d.statistics()
+        sockets: dict[str, int] = {"miner": 0, "client": 0, "admin": 0}
+        for conn in list(self.core.connections):
+            sockets[conn.role.value] = sockets.get(conn.role.value, 0) + 1
+        return {
+            "events": {str(k): n for k, n in d.tally.events.items()},  # keys may be StrEnums
+            "requeues": dict(d.tally.requeues),
+            "progress_dropped": stats.progress_dropped,
+            "batches": stats.batches,
+            "last_batch_size": stats.last_batch_size,
+            "pending_writes": stats.pending_writes,
+            "sockets": sockets,
+            "subscribers": stats.subscribers,
+        }
+
+    # ---- the clock --------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Record a chart point when a second has passed; send watchers what changed."""
+        if self._last_point is None:
+            self._last_point = now
+        elif now - self._last_point >= 1.0:
+            self._add_point(now)
+        if not self.watchers:
+            self._new_points.clear()
+            return
+        delta = self._delta(now)
+        if delta:
+            frame = orjson.dumps({"type": "ops.delta", "at": iso_time(now), **delta}).decode()
+            for outbox in self.watchers:
+                outbox.put(frame)
+
+    def _add_point(self, now: float) -> None:
+        assert self._last_point is not None
+        events = self.core.dispatcher.tally.events
+        totals = (events.get("completed", 0), events.get("failed", 0))
+        span = now - self._last_point
+        lat = sorted(self._latencies)
+        self._latencies = []
+        queue = self._queue()
+        point = {
+            "t": iso_time(now),
+            "completed_per_s": round((totals[0] - self._point_totals[0]) / span, 3),
+            "failed_per_s": round((totals[1] - self._point_totals[1]) / span, 3),
+            "dispatch_p50_ms": None if not lat else round(1000 * _percentile(lat, 0.5), 3),
+            "dispatch_p99_ms": None if not lat else round(1000 * _percentile(lat, 0.99), 3),
+            "queued": queue["queued"],
+            "running": queue["assigned"] + queue["running"],
+        }
+        self._point_totals = totals
+        self._last_point = now
+        self.points.append(point)
+        self._new_points.append(point)
+
+    def _delta(self, now: float) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        miners = self.core.dispatcher.scheduler.miners
+        changed = []
+        for miner_id, m in miners.items():
+            done = self._done.get(miner_id)
+            sig = (
+                m.session_id,
+                m.connected,
+                m.draining,
+                len(m.jobs),
+                m.concurrency,
+                None if done is None else tuple(done),
+                self._seen.get(miner_id),
+            )
+            if self._sent_miners.get(miner_id) != sig:
+                changed.append(self._row(m, now))
+                self._sent_miners[miner_id] = (*sig[:-1], self._seen.get(miner_id))
+        removed = [mid for mid in self._sent_miners if mid not in miners]
+        for mid in removed:
+            del self._sent_miners[mid]
+            self._seen.pop(mid, None)
+        if changed:
+            delta["miners"] = changed
+        if removed:
+            delta["removed"] = removed
+        queue = self._queue()
+        if queue != self._sent_queue:
+            delta["queue"] = self._sent_queue = queue
+        counters = self._counters()
+        if counters != self._sent_counters:
+            delta["counters"] = self._sent_counters = counters
+        if self._new_points:
+            delta["points"] = self._new_points
+            self._new_points = []
+        return delta
+
+    async def run(self) -> None:
+        """Seed from the restored scheduler, then tick every ``TICK`` seconds until ``stop``."""
+        self.seed()
+        if self._stopped:
+            return
+        with anyio.CancelScope() as self._scope:
+            while True:
+                await anyio.sleep(TICK)
+                self.tick(self.core.dispatcher.clock.now())
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()

@@ -1,0 +1,74 @@
+"""``/v1/admin/ws``: the ops stream (docs/protocol.md "Ops socket", docs/ops.md).
+
+An admin credential, at the handshake or as the first ``auth`` frame (browsers), gets a
+``snapshot``, the recent job events, then ``ops.delta`` frames (at most every 250 ms) and live
+``job.event`` frames. The socket takes no requests: actions go through the admin REST routes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.fanout import Outbox
+from protocol.codec import encode
+from protocol.messages import Auth, ClientHello
+from protocol.session import ClientSession
+from protocol.types import PROTOCOL_VERSION, ErrorCode
+from web.auth import Role
+from web.connection import Connection
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+    from web.app import Coordinator
+
+__all__ = ["OpsConnection", "ops_endpoint"]
+
+
+class OpsConnection(Connection):
+    role = Role.ADMIN
+
+    def __init__(self, core: Coordinator, websocket: WebSocket) -> None:
+        super().__init__(core, websocket)
+        # A page with 1,000 miners and a busy log: more room before it counts as too slow.
+        self.outbox = Outbox(self.close, soft_limit=1024, hard_limit=16384)
+
+    def make_session(self, *, authenticated: bool) -> ClientSession:
+        # The client socket's framing and auth rules. There is no hello exchange here: once
+        # authenticated, the session is opened with an implicit hello (see ``_open``).
+        session = ClientSession(
+            authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
+        )
+        if authenticated:
+            _open(session)
+        return session
+
+    def on_authenticated(self) -> None:
+        self.core.ops.add(self.outbox)
+
+    async def handle(self, msg: Any, session: ClientSession) -> None:
+        match msg:
+            case Auth():
+                self.authenticate(msg.token, session)
+                if self.principal is not None:
+                    _open(session)
+            case _:
+                self.error(
+                    ErrorCode.INVALID,
+                    "the ops socket takes no requests; use the admin REST routes",
+                    request_id=getattr(msg, "id", None),
+                    ref=getattr(msg, "type", None),
+                )
+
+    def on_closed(self) -> None:
+        self.core.ops.discard(self.outbox)
+
+
+def _open(session: ClientSession) -> None:
+    """Feed the implicit hello, so any later frame is handled (and refused) as a request."""
+    session.receive_data(encode(ClientHello(protocol=PROTOCOL_VERSION)))
+    session.events_received()
+
+
+async def ops_endpoint(websocket: WebSocket) -> None:
+    await OpsConnection(websocket.app.state.core, websocket).run()
