@@ -21,7 +21,7 @@ from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import rest_admin, rest_jobs, rest_miners
+from web import rest_admin, rest_jobs, rest_miners, rest_receipts
 from web.auth import Authenticator
 from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
@@ -55,6 +55,8 @@ class Coordinator:
         self.store = store
         self.auth = Authenticator(settings)
         self.signer = ReceiptSigner(load_signing_key(settings.receipt_signing_key_hex))
+        self.signing_keys = rest_receipts.signing_keys(settings)
+        self.signing_keys_document = rest_receipts.signing_keys_document(settings)
         config = SchedulerConfig(
             default_ttl=settings.job_ttl_seconds,
             max_attempts=settings.max_attempts,
@@ -109,6 +111,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
         try:
+            core.signer.resume(await core.store.receipt_chain_head())
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
@@ -140,7 +143,9 @@ def create_app(
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
-    endpoints = rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS
+    endpoints = (
+        rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS + rest_receipts.ENDPOINTS
+    )
     app = Starlette(
         routes=[
             Route("/health", health),
