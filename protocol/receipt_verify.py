@@ -32,6 +32,7 @@ __all__ = [
     "TrustedKey",
     "check_receipt",
     "key_id_from_text",
+    "keys_from_document",
     "result_attestation",
 ]
 
@@ -81,6 +82,32 @@ class TrustedKey:
             "valid_from": self.valid_from,
             "valid_until": self.valid_until,
         }
+
+
+def keys_from_document(doc: Any) -> tuple[TrustedKey, ...]:
+    """The keys of a ``GET /v1/receipts/signing-keys`` answer, to pin.
+
+    Raises:
+        ValueError: the document does not have that shape.
+    """
+    items = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ValueError('not a signing-keys document (no "keys" list)')
+    keys = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("key_id"), str):
+            raise ValueError("every key needs a key_id")
+        window = [item.get("valid_from"), item.get("valid_until")]
+        if any(v is not None and (not isinstance(v, int) or isinstance(v, bool)) for v in window):
+            raise ValueError("valid_from/valid_until must be integers or null")
+        keys.append(
+            TrustedKey(
+                key_id=key_id_from_text(item["key_id"]),
+                valid_from=window[0],
+                valid_until=window[1],
+            )
+        )
+    return tuple(keys)
 
 
 def _pinning(receipt: JSONObject, keys: Sequence[TrustedKey]) -> list[str]:
@@ -160,9 +187,15 @@ class ChainAudit:
         self._seq = 0
         self._hash = CHAIN_GENESIS
 
-    def check(self, receipt: JSONObject) -> ChainBreak | None:
+    def check(self, receipt: Any, stored_seq: int | None = None) -> ChainBreak | None:
+        """The next receipt of the chain; ``stored_seq`` is the place the store filed it at."""
+        if not isinstance(receipt, dict):
+            self.checked += 1
+            return ChainBreak(stored_seq, None, ["receipt is not a JSON object"])
         reasons = check_receipt(receipt, self.keys)
         seq, prev = receipt.get("chain_seq"), receipt.get("prev_hash")
+        if stored_seq is not None and seq != stored_seq:
+            reasons.append(f"chain_seq is {seq!r} but the store files it at {stored_seq}")
         if seq != self._seq + 1:
             reasons.append(f"chain_seq is {seq!r}, expected {self._seq + 1} (a receipt is missing)")
         if prev != self._hash:

@@ -87,5 +87,5 @@ class JobStore(Protocol):
     async def receipt_chain_head(self) -> JSONObject | None:
         """The receipt with the highest ``chain_seq`` (start-up: where the chain continues)."""
 
-    async def receipt_chain(self, after: int, limit: int) -> list[JSONObject]:
-        """Chained receipts with ``chain_seq > after``, in chain order (the audit's pages)."""
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
+        """``(chain_seq, receipt)`` with ``chain_seq > after``, in chain order (audit pages)."""

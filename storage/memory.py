@@ -152,6 +152,6 @@ class InMemoryJobStore:
         self._check_open()
         return self.chain[max(self.chain)] if self.chain else None
 
-    async def receipt_chain(self, after: int, limit: int) -> list[JSONObject]:
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         self._check_open()
-        return [self.chain[n] for n in sorted(self.chain) if n > after][:limit]
+        return [(n, self.chain[n]) for n in sorted(self.chain) if n > after][:limit]

@@ -407,9 +407,10 @@ class DatabasesJobStore:
         )
         return loads(rows[0]._mapping["receipt"]) if rows else None
 
-    async def receipt_chain(self, after: int, limit: int) -> list[JSONObject]:
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         rows = await self._fetch(
-            "SELECT receipt FROM receipts WHERE chain_seq > :a ORDER BY chain_seq LIMIT :n",
+            "SELECT chain_seq, receipt FROM receipts WHERE chain_seq > :a "
+            "ORDER BY chain_seq LIMIT :n",
             {"a": after, "n": limit},
         )
-        return [loads(r._mapping["receipt"]) for r in rows]
+        return [(r._mapping["chain_seq"], loads(r._mapping["receipt"])) for r in rows]

@@ -1,4 +1,7 @@
-"""``aitbc-coordinator serve``: run the coordinator with uvicorn (uvloop, httptools, sansio ws)."""
+"""``aitbc-coordinator serve``: run the coordinator with uvicorn (uvloop, httptools, sansio ws).
+
+``aitbc-coordinator receipts verify|audit`` lives in ``web.cli_receipts``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import anyio
 import uvicorn
 
 from web.app import create_app
+from web.cli_receipts import add_receipts_commands, run_receipts
 from web.keys import materialize_keys
 from web.settings import Settings, SettingsError
 from web.transport import CoalescingWSProtocol
@@ -87,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (API_PORT, default 8000)")
     serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
     serve.add_argument("--log-level", default="info")
+    add_receipts_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "receipts":
+        return run_receipts(args)
 
     try:
         settings = Settings.from_env()

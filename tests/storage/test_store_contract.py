@@ -357,8 +357,9 @@ async def test_receipt_chain_head_and_pages(store: JobStore) -> None:
         head = await store.receipt_chain_head()
         assert head is not None
         assert head["receipt_id"] == "r3"
-        assert [r["receipt_id"] for r in await store.receipt_chain(0, 10)] == ["r1", "r2", "r3"]
-        assert [r["receipt_id"] for r in await store.receipt_chain(1, 1)] == ["r2"]
+        chain = await store.receipt_chain(0, 10)
+        assert [(n, r["receipt_id"]) for n, r in chain] == [(1, "r1"), (2, "r2"), (3, "r3")]
+        assert [r["receipt_id"] for _, r in await store.receipt_chain(1, 1)] == ["r2"]
         assert await store.receipt_chain(3, 10) == []
 
 
@@ -376,7 +377,7 @@ async def test_receipt_chain_seq_is_unique_and_a_clash_writes_nothing(store: Job
         )
     with anyio.fail_after(10):
         assert await store.get_job("j2") is None
-        assert [r["receipt_id"] for r in await store.receipt_chain(0, 10)] == ["r1"]
+        assert [r["receipt_id"] for _, r in await store.receipt_chain(0, 10)] == ["r1"]
     # the same receipt written again (a replayed batch) is not a clash
     await commit(store, batch(receipts=[receipt_row("r1", chain_seq=1)]))
 
@@ -532,7 +533,7 @@ async def test_sqlite_upgrade_from_version_1_keeps_receipts_unchained(tmp_path: 
             assert await s.receipts_for("j1") == [{"receipt_id": "old"}]
             assert await s.receipt_chain_head() is None
             await s.commit(batch(receipts=[receipt_row("r1", chain_seq=1)]))
-            assert [r["receipt_id"] for r in await s.receipt_chain(0, 5)] == ["r1"]
+            assert [r["receipt_id"] for _, r in await s.receipt_chain(0, 5)] == ["r1"]
         finally:
             await s.close()
 
