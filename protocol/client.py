@@ -32,7 +32,7 @@ from protocol.receipts import key_id_for, sign_result
 from protocol.types import PROTOCOL_VERSION, JSONObject
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from protocol.receipts import SigningKey
 
 __all__ = ["MinerClient"]
 
@@ -47,7 +47,7 @@ class MinerClient:
         miner_id: str | None = None,
         concurrency: int = 1,
         region: str | None = None,
-        result_key: Ed25519PrivateKey | None = None,
+        result_key: SigningKey | None = None,
     ) -> None:
         """``result_key``: when given, the hello registers its public key and every result is
         co-signed with it (the receipt then carries the miner's attestation)."""

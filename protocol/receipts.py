@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAIN_GENESIS",
     "RECEIPT_VERSION",
+    "SigningKey",
     "attestation_message",
     "canonical_json",
     "canonical_json_reference",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 RECEIPT_VERSION = "1.0"
+SigningKey = Ed25519PrivateKey  # the one place protocol/ names the crypto library's key type
 # ``prev_hash`` of the first receipt of a chain.
 CHAIN_GENESIS = "0" * 64
 _UNSIGNED = ("signature", "attestations")

@@ -351,3 +351,23 @@ def test_the_python_in_docs_receipts_md_verifies_a_receipt(tmp_path: Path) -> No
         namespace["verify"]({**receipt, "units": receipt["units"] + 1}, public_hex)
     with pytest.raises(ValueError, match="pinned"):
         namespace["verify"](receipt, OLD_PUBLIC.public_bytes_raw().hex())
+
+
+@pytest.mark.anyio
+async def test_the_receipt_routes_are_in_the_openapi_document(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        doc = (await api.http.get("/openapi.json")).json()
+    keys = doc["paths"]["/v1/receipts/signing-keys"]["get"]
+    verify = doc["paths"]["/v1/receipts/verify"]["post"]
+    assert "/v1/receipts/signing-key" in doc["paths"]
+    assert keys["security"] == verify["security"] == []
+    assert keys["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SigningKeys"
+    }
+    assert verify["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/AnyJSON"
+    }
+    receipt = doc["components"]["schemas"]["Receipt"]["properties"]
+    assert {"chain_seq", "prev_hash", "payload_hash", "result_hash", "miner_attestation"} <= set(
+        receipt
+    )
