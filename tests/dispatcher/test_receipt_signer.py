@@ -60,6 +60,13 @@ def test_billing_is_server_observed_and_capped() -> None:
     assert r["metadata"]["metrics_source"] == "miner-claimed"
     cheap = signer(finished_job("j2", constraints={"max_price": 1.0}), None, 101.0)
     assert (cheap["unit_price"], cheap["price"]) == (DEFAULT_UNIT_PRICE, 0.02)
+    for junk in ("cheap", True, None, [1]):  # a max_price that is not a number caps nothing
+        r = signer(finished_job("j4", constraints={"max_price": junk}), 0.5, 101.0)
+        assert r["unit_price"] == 0.5
+    assert (
+        signer(finished_job("j5", constraints={"max_price": "0.1"}), 0.5, 101.0)["unit_price"]
+        == 0.1
+    )
     unstarted = signer(finished_job("j3", started=None), 0.5, 101.0)
     assert (unstarted["units"], unstarted["started_at"]) == (0.0, 101)
 

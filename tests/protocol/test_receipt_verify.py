@@ -91,6 +91,7 @@ def test_pinning_and_validity_windows() -> None:
         "signature.key_id is not a pinned coordinator key"
     ]
     inside = TrustedKey(key_id=KID, valid_from=1002, valid_until=1002)
+    assert inside.as_json() == {"key_id": KID, "valid_from": 1002, "valid_until": 1002}
     assert check_receipt(r, [inside]) == []
     for outside in (
         TrustedKey(key_id=KID, valid_until=1001),
