@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
@@ -78,8 +77,23 @@ def _drop_nulls(value: Any) -> Any:
 
 # Where orjson and Python's repr may spell a number differently: exponent form ("1e16"),
 # decimals below 1e-4 (Python switches to "2.5e-05" there) and 17+ integer digits (Python
-# switches to "1.5e+17"). A match (even inside a string) just takes the reference path.
-_RISKY_NUMBER = re.compile(rb"[0-9][eE][-+0-9]|0\.0000|[0-9]{17}\.")
+# switches to "1.5e+17"), i.e. the regex ``[0-9][eE][-+0-9]|0\.0000|[0-9]{17}\.``. A match
+# (even inside a string) just takes the reference path. The regex costs ~50 ns a byte; the
+# same test as a few substring searches over a case- and digit-folded copy costs ~3.
+_FOLD = bytes(
+    0x30 if 0x30 <= b <= 0x39 else 0x65 if b == 0x45 else 0x2D if b == 0x2B else b
+    for b in range(256)
+)  # digits -> "0", "E" -> "e", "+" -> "-"
+_SEVENTEEN_DIGITS = b"0" * 17 + b"."
+
+
+def _risky_number(out: bytes) -> bool:
+    if b"0.0000" in out:
+        return True
+    folded = out.translate(_FOLD)
+    if _SEVENTEEN_DIGITS in folded:
+        return True
+    return b"0e" in folded and (b"0e-" in folded or b"0e0" in folded)
 
 
 def canonical_json_reference(obj: JSONObject) -> bytes:
@@ -103,7 +117,7 @@ def canonical_json(obj: JSONObject) -> bytes:
         or not out.isascii()
         or b"\x7f" in out  # Python escapes DEL as \u007f, orjson does not
         or b"null" in out
-        or _RISKY_NUMBER.search(out)
+        or _risky_number(out)
     ):
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode("utf-8")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from protocol.receipts import (
     RECEIPT_VERSION,
+    _risky_number,
     canonical_json,
     canonical_json_reference,
     key_id_for,
@@ -464,3 +466,27 @@ def test_drop_nulls_returns_scalars_unchanged() -> None:
 
     assert _drop_nulls(7) == 7
     assert _drop_nulls([1, None, {"a": None, "b": [None]}]) == [1, {"b": []}]
+
+
+_RISKY_REGEX = re.compile(rb"[0-9][eE][-+0-9]|0\.0000|[0-9]{17}\.")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.lists(
+        st.sampled_from(
+            [b"0", b"1", b"9", b".", b"e", b"E", b"-", b"+", b"x", b"0.0000", b"5" * 17]
+        ),
+        max_size=40,
+    ).map(b"".join)
+)
+def test_risky_number_check_equals_its_regex_definition(text: bytes) -> None:
+    """The fast substring test flags exactly what the documented regex matches."""
+    assert _risky_number(text) == bool(_RISKY_REGEX.search(text))
+
+
+@pytest.mark.parametrize(
+    "text", [b"1e5", b"2E-3", b"7e+1", b"0.00001", b"12345678901234567.0", b"x1e", b"1e", b"ee1"]
+)
+def test_risky_number_examples(text: bytes) -> None:
+    assert _risky_number(text) == bool(_RISKY_REGEX.search(text))
