@@ -463,8 +463,13 @@ class Scheduler:
         metrics: JSONObject,
         now: float,
         attempt: int | None = None,
+        attestation: JSONObject | None = None,
     ) -> tuple[Job, list[Effect]]:
-        """The holder's result. A repeat of the accepted result returns the same job."""
+        """The holder's result. A repeat of the accepted result returns the same job.
+
+        ``attestation`` is the miner's (already checked) signature of its result; the receipt
+        carries it.
+        """
         job = self.jobs.get(job_id)
         if (
             job is not None
@@ -477,6 +482,7 @@ class Scheduler:
         if not job.accepted:
             self._start(job, now)
         job.result, job.metrics = result, metrics
+        job.attestation = attestation
         job.finished_at = now
         miner = self.miners[miner_id]
         if self._receipt_factory is not None:

@@ -71,6 +71,7 @@ class Job:
         "accepted",
         "assigned_at",
         "attempt",
+        "attestation",
         "client_id",
         "constraints",
         "error",
@@ -131,6 +132,7 @@ class Job:
         self.result: JSONObject | None = None
         self.metrics: JSONObject | None = None
         self.receipt: JSONObject | None = None
+        self.attestation: JSONObject | None = None  # the miner's signature of its result
         self.error: str | None = None
         self.rejected_by: set[str] = set()
         self.order = 0

@@ -4,6 +4,11 @@ Billing is decided by the server: ``units`` are the seconds the server observed 
 miner's accept and its result; ``unit_price`` is the miner's advertised price capped by the
 job's ``max_price`` (0.02 when the miner advertises none). What the miner claims about itself
 stays in ``metadata.metrics``, labelled ``metrics_source: "miner-claimed"``.
+
+Tamper evidence: every receipt names the hash of the receipt this coordinator signed before it
+(``prev_hash``) and its place in that chain (``chain_seq``), plus the hashes of the job payload
+and result. The chain head lives here, in memory: the scheduler signs at completion, in the
+order the writer commits; ``resume`` loads the head from the store at start-up.
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dispatcher.ids import new_id
-from protocol.receipts import RECEIPT_VERSION, key_id_for, sign_receipt
+from protocol.receipts import (
+    CHAIN_GENESIS,
+    RECEIPT_VERSION,
+    content_hash,
+    key_id_for,
+    receipt_hash,
+    sign_receipt,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,6 +51,15 @@ class ReceiptSigner:
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
         self.key_id = key_id_for(key.public_key())
+        self.chain_seq = 0  # of the last receipt signed
+        self.head_hash = CHAIN_GENESIS
+
+    def resume(self, last: JSONObject | None) -> None:
+        """Continue the chain after ``last``, the newest stored receipt (None: a new chain)."""
+        if last is None:
+            self.chain_seq, self.head_hash = 0, CHAIN_GENESIS
+        else:
+            self.chain_seq, self.head_hash = int(last["chain_seq"]), receipt_hash(last)
 
     def __call__(self, job: Job, miner_price: float | None, now: float) -> JSONObject:
         started = job.started_at if job.started_at is not None else now
@@ -61,6 +82,10 @@ class ReceiptSigner:
             "started_at": int(started),
             "completed_at": int(now),
             "attempt": job.attempt,
+            "chain_seq": self.chain_seq + 1,
+            "prev_hash": self.head_hash,
+            "payload_hash": content_hash(job.payload),
+            "result_hash": content_hash(job.result or {}),
             "metadata": {
                 "job_payload": job.payload,
                 "job_constraints": job.constraints,
@@ -69,4 +94,9 @@ class ReceiptSigner:
                 "metrics_source": "miner-claimed",
             },
         }
-        return sign_receipt(body, self._key, key_id=self.key_id)
+        if job.attestation is not None:
+            body["miner_attestation"] = job.attestation
+        receipt = sign_receipt(body, self._key, key_id=self.key_id)
+        self.chain_seq += 1
+        self.head_hash = receipt_hash(receipt)
+        return receipt

@@ -201,6 +201,7 @@ class Dispatcher:
                             miner_id=job.miner_id,
                             issued_at=event.at,
                             receipt=job.receipt,
+                            chain_seq=job.receipt.get("chain_seq"),
                         )
                     )
             self._actions.append(effect)
@@ -459,10 +460,11 @@ class Dispatcher:
         metrics: JSONObject,
         attempt: int | None,
         then: Callable[[JobRecord], None],
+        attestation: JSONObject | None = None,
     ) -> None:
         """Complete a job; ``then(record)`` (with the receipt) runs once it is durable."""
         job, effects = self.scheduler.complete(
-            miner_id, job_id, result, metrics, self.clock.now(), attempt
+            miner_id, job_id, result, metrics, self.clock.now(), attempt, attestation
         )
         rec = job.record()
         self._actions.append(lambda: then(rec))

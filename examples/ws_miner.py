@@ -5,6 +5,9 @@ streaming ``--chunks`` progress/output chunks, sends the result, and reconnects 
 after a dropped connection (jobs it was running continue and are reported after the resume).
 
     python examples/ws_miner.py --key MINER_KEY --gpu "RTX 4090" --vram-gb 24 --models llama3
+
+With ``--sign-results SEED_HEX`` (a 32-byte Ed25519 seed) the miner registers its public key in
+``hello`` and co-signs every result; the receipts then carry its ``miner_attestation``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from protocol.client import MinerClient
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
+from protocol.receipts import load_signing_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,6 +50,7 @@ class MinerOptions:
     chunks: int = 3
     reconnect: bool = True
     max_jobs: int | None = None  # exit after this many results (None: run forever)
+    result_seed_hex: str | None = None  # co-sign results with this Ed25519 seed
 
     def capabilities(self) -> dict[str, object]:
         caps: dict[str, object] = {"gpus": self.gpus, "models": self.models}
@@ -67,6 +72,9 @@ class SimulatedMiner:
             miner_id=opts.miner_id,
             concurrency=opts.concurrency,
             region=opts.region,
+            result_key=None
+            if opts.result_seed_hex is None
+            else load_signing_key(opts.result_seed_hex),
         )
         self.ws: ClientConnection | None = None
         self.connected = anyio.Event()
@@ -236,6 +244,9 @@ def _parse(argv: list[str] | None) -> MinerOptions:
     p.add_argument("--delay", type=float, default=0.5, help="seconds each job takes")
     p.add_argument("--chunks", type=int, default=3, help="progress chunks per job")
     p.add_argument("--max-jobs", type=int)
+    p.add_argument(
+        "--sign-results", metavar="SEED_HEX", help="co-sign results with this Ed25519 seed"
+    )
     a = p.parse_args(argv)
     gpus: list[dict[str, object]] = [{"name": g, "memory_mb": int(a.vram_gb * 1024)} for g in a.gpu]
     return MinerOptions(
@@ -251,6 +262,7 @@ def _parse(argv: list[str] | None) -> MinerOptions:
         delay=a.delay,
         chunks=a.chunks,
         max_jobs=a.max_jobs,
+        result_seed_hex=a.sign_results,
     )
 
 

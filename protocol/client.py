@@ -8,6 +8,7 @@ Rule: like the server session, no I/O and no clock. Call a command method (``hel
 from __future__ import annotations
 
 from itertools import count
+from typing import TYPE_CHECKING
 
 from protocol.codec import decode_server_to_miner, encode
 from protocol.errors import InvalidState
@@ -27,7 +28,11 @@ from protocol.messages import (
     Status,
     Welcome,
 )
+from protocol.receipts import key_id_for, sign_result
 from protocol.types import PROTOCOL_VERSION, JSONObject
+
+if TYPE_CHECKING:
+    from protocol.receipts import SigningKey
 
 __all__ = ["MinerClient"]
 
@@ -42,8 +47,12 @@ class MinerClient:
         miner_id: str | None = None,
         concurrency: int = 1,
         region: str | None = None,
+        result_key: SigningKey | None = None,
     ) -> None:
+        """``result_key``: when given, the hello registers its public key and every result is
+        co-signed with it (the receipt then carries the miner's attestation)."""
         self.capabilities = capabilities
+        self.result_key = result_key
         self.miner_id = miner_id
         self.concurrency = concurrency
         self.region = region
@@ -65,6 +74,9 @@ class MinerClient:
                 concurrency=self.concurrency,
                 region=self.region,
                 resume_session=self.session_id if resume else None,
+                result_key=None
+                if self.result_key is None
+                else key_id_for(self.result_key.public_key()),
             )
         )
 
@@ -129,9 +141,15 @@ class MinerClient:
         request_id = self.next_id()
         attempt = self._attempt(job_id)
         self.jobs.pop(job_id, None)
+        sig = None if self.result_key is None else sign_result(self.result_key, job_id, result)
         self._send(
             JobResult(
-                job_id=job_id, result=result, metrics=metrics or {}, id=request_id, attempt=attempt
+                job_id=job_id,
+                result=result,
+                metrics=metrics or {},
+                id=request_id,
+                attempt=attempt,
+                result_sig=sig,
             )
         )
         return request_id

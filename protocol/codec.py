@@ -8,6 +8,7 @@ contract prescribes: 1007 for invalid JSON or schema, ``UnknownMessageType`` (no
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, Literal, TypeVar
@@ -107,6 +108,19 @@ def _str(d: JSONObject, key: str, *, max_len: int = _MAX_TEXT) -> str:
 
 def _opt_str(d: JSONObject, key: str, *, max_len: int = _MAX_TEXT) -> str | None:
     return None if d.get(key) is None else _str(d, key, max_len=max_len)
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+_SIG = re.compile(r"[A-Za-z0-9_-]{86}")
+
+
+def _opt_b64(d: JSONObject, key: str, pattern: re.Pattern[str], what: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not pattern.fullmatch(v):
+        raise _bad(key, f"must be {what}")
+    return v
 
 
 def _job_id(d: JSONObject) -> str:
@@ -220,6 +234,9 @@ _MINER: dict[str, _Decoder] = {
         concurrency=_int(d, "concurrency", 1, lo=1, hi=1024),
         region=_opt_str(d, "region", max_len=128),
         resume_session=_opt_str(_obj(d, "resume"), "session_id", max_len=128),
+        result_key=_opt_b64(
+            d, "result_key", _KEY_ID, "an Ed25519 public key as 43 base64url characters"
+        ),
         id=i,
     ),
     "job.accept": lambda d, i: JobAccept(job_id=_job_id(d), attempt=_attempt(d), id=i),
@@ -242,6 +259,9 @@ _MINER: dict[str, _Decoder] = {
         result=_obj(d, "result", required=True),
         metrics=_obj(d, "metrics"),
         attempt=_attempt(d),
+        result_sig=_opt_b64(
+            d, "result_sig", _SIG, "an Ed25519 signature as 86 base64url characters"
+        ),
         id=i,
     ),
     "job.fail": lambda d, i: JobFail(
@@ -438,7 +458,7 @@ def _encode_hello(msg: Hello) -> bytes:
         "capabilities": msg.capabilities,
         "concurrency": msg.concurrency,
     }
-    for k in ("miner_id", "region", "id"):
+    for k in ("miner_id", "region", "result_key", "id"):
         if getattr(msg, k) is not None:
             hello[k] = getattr(msg, k)
     if msg.resume_session is not None:

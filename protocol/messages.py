@@ -82,6 +82,8 @@ class Hello:
     concurrency: int = 1
     region: str | None = None
     resume_session: str | None = None
+    # Optional Ed25519 public key (its 43-character base64url key id) that signs results.
+    result_key: str | None = None
     id: str | None = None
 
 
@@ -116,6 +118,8 @@ class JobResult:
     result: JSONObject
     metrics: JSONObject = field(default_factory=dict)
     attempt: int | None = None
+    # Optional: the miner's Ed25519 signature (base64url) of the result (docs/receipts.md).
+    result_sig: str | None = None
     id: str | None = None
 
 

@@ -13,6 +13,7 @@ reaches the same bytes through orjson when it provably can, and falls back other
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -26,16 +27,26 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
 
 __all__ = [
+    "CHAIN_GENESIS",
     "RECEIPT_VERSION",
+    "SigningKey",
+    "attestation_message",
     "canonical_json",
     "canonical_json_reference",
+    "check_signature",
+    "content_hash",
     "key_id_for",
     "load_signing_key",
+    "receipt_hash",
     "sign_receipt",
+    "sign_result",
     "verify_receipt",
 ]
 
 RECEIPT_VERSION = "1.0"
+SigningKey = Ed25519PrivateKey  # the one place protocol/ names the crypto library's key type
+# ``prev_hash`` of the first receipt of a chain.
+CHAIN_GENESIS = "0" * 64
 _UNSIGNED = ("signature", "attestations")
 
 
@@ -115,6 +126,29 @@ def canonical_json(obj: JSONObject) -> bytes:
     return canonical_json_reference(obj)
 
 
+def content_hash(value: JSONObject) -> str:
+    """SHA-256 (hex) of the canonical JSON of a JSON object: ``payload_hash``/``result_hash``."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def receipt_hash(receipt: JSONObject) -> str:
+    """SHA-256 (hex) of the canonical JSON of the WHOLE receipt, signature included.
+
+    The next receipt of the chain names it as ``prev_hash``.
+    """
+    return hashlib.sha256(canonical_json(receipt)).hexdigest()
+
+
+def attestation_message(job_id: str, result_hash: str) -> bytes:
+    """The bytes a miner signs to attest its result (docs/receipts.md, "Miner co-signature")."""
+    return canonical_json({"job_id": job_id, "result_hash": result_hash, "type": "aitbc.result"})
+
+
+def sign_result(key: Ed25519PrivateKey, job_id: str, result: JSONObject) -> str:
+    """A miner's co-signature of its result: base64url Ed25519 over ``attestation_message``."""
+    return _b64url(key.sign(attestation_message(job_id, content_hash(result))))
+
+
 def load_signing_key(seed_hex: str) -> Ed25519PrivateKey:
     """Build the key from ``RECEIPT_SIGNING_KEY_HEX`` (a 32-byte seed in hex).
 
@@ -150,7 +184,8 @@ def sign_receipt(
     return {**body, "signature": {"alg": "Ed25519", "key_id": kid, "sig": _b64url(sig)}}
 
 
-def _check_signature(body: bytes, sig: Any, label: str) -> list[str]:
+def check_signature(body: bytes, sig: Any, label: str) -> list[str]:
+    """Reasons the ``{"alg","key_id","sig"}`` block ``sig`` does not sign ``body`` (empty: ok)."""
     if not isinstance(sig, dict):
         return [f"{label} is missing or not an object"]
     if sig.get("alg") != "Ed25519":
@@ -173,7 +208,7 @@ def verify_receipt(receipt: Any, *, pinned_key_ids: frozenset[str] | None = None
     if not isinstance(receipt, dict):
         return ["receipt is not a JSON object"]
     body = canonical_json(_signed_part(receipt))
-    reasons = _check_signature(body, receipt.get("signature"), "signature")
+    reasons = check_signature(body, receipt.get("signature"), "signature")
     sig = receipt.get("signature")
     if pinned_key_ids is not None and isinstance(sig, dict):
         key_id = sig.get("key_id")
@@ -183,5 +218,5 @@ def verify_receipt(receipt: Any, *, pinned_key_ids: frozenset[str] | None = None
     if not isinstance(attestations, list):
         return [*reasons, "attestations is not a list"]
     for n, att in enumerate(attestations):
-        reasons += _check_signature(body, att, f"attestations[{n}]")
+        reasons += check_signature(body, att, f"attestations[{n}]")
     return reasons

@@ -23,6 +23,7 @@ class ReceiptRow:
     miner_id: str | None
     issued_at: float
     receipt: JSONObject
+    chain_seq: int | None = None  # place in the coordinator's receipt chain (docs/receipts.md)
 
 
 @dataclass(slots=True)
@@ -82,3 +83,9 @@ class JobStore(Protocol):
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
         """Receipts, newest first (optionally of one job)."""
+
+    async def receipt_chain_head(self) -> JSONObject | None:
+        """The receipt with the highest ``chain_seq`` (start-up: where the chain continues)."""
+
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
+        """``(chain_seq, receipt)`` with ``chain_seq > after``, in chain order (audit pages)."""

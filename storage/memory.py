@@ -24,6 +24,7 @@ class InMemoryJobStore:
         self.events: dict[str, list[EventRecord]] = {}
         self.miners: dict[str, MinerRecord] = {}
         self.receipts: dict[str, tuple[str, float, JSONObject]] = {}
+        self.chain: dict[int, JSONObject] = {}  # chain_seq -> receipt
         self._idem: dict[tuple[str, str], str] = {}  # (client_id, idempotency_key) -> job_id
         self.commits = 0
         self.is_open = False
@@ -49,6 +50,7 @@ class InMemoryJobStore:
             if (e.job_id, e.seq) in seen or any(x.seq == e.seq for x in have):
                 raise Conflict(f"event {e.job_id}#{e.seq} exists")
             seen.add((e.job_id, e.seq))
+        self._check_chain(batch)
         keys: dict[tuple[str, str], str] = {}
         for job in batch.jobs.values():
             if job.idempotency_key is not None:
@@ -67,9 +69,31 @@ class InMemoryJobStore:
         for m in batch.miners.values():
             old_m = self.miners.get(m.miner_id)
             self.miners[m.miner_id] = m if old_m is None else replace(m, key_hash=old_m.key_hash)
-        for r in batch.receipts:
-            self.receipts.setdefault(r.receipt_id, (r.job_id, r.issued_at, r.receipt))
+        self._write_receipts(batch)
         self.commits += 1
+
+    def _check_chain(self, batch: WriteBatch) -> None:
+        """A new receipt may not take a ``chain_seq`` another receipt holds (in store or batch)."""
+        in_batch: dict[int, str] = {}
+        for r in batch.receipts:
+            if r.chain_seq is None or r.receipt_id in self.receipts:
+                continue
+            holder = self.chain.get(r.chain_seq)
+            owner = (
+                holder.get("receipt_id")
+                if holder is not None
+                else in_batch.setdefault(r.chain_seq, r.receipt_id)
+            )
+            if owner != r.receipt_id:
+                raise Conflict(f"receipt chain_seq {r.chain_seq} exists")
+
+    def _write_receipts(self, batch: WriteBatch) -> None:
+        for r in batch.receipts:
+            if r.receipt_id in self.receipts:
+                continue  # a receipt id written again keeps the first receipt
+            self.receipts[r.receipt_id] = (r.job_id, r.issued_at, r.receipt)
+            if r.chain_seq is not None:
+                self.chain[r.chain_seq] = r.receipt
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
         self._check_open()
@@ -123,3 +147,11 @@ class InMemoryJobStore:
         ]
         rows.sort(key=lambda row: (-row[0], row[1]))
         return [r for _, _, r in rows[offset : offset + limit]]
+
+    async def receipt_chain_head(self) -> JSONObject | None:
+        self._check_open()
+        return self.chain[max(self.chain)] if self.chain else None
+
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
+        self._check_open()
+        return [(n, self.chain[n]) for n in sorted(self.chain) if n > after][:limit]

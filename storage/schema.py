@@ -71,6 +71,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX receipts_job ON receipts (job_id)",
         ],
     ),
+    (
+        2,
+        [  # the receipt chain (docs/receipts.md): each receipt's place, unique per store
+            "ALTER TABLE receipts ADD COLUMN chain_seq INTEGER",
+            """CREATE UNIQUE INDEX receipts_chain ON receipts (chain_seq)
+               WHERE chain_seq IS NOT NULL""",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

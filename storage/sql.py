@@ -69,8 +69,8 @@ _UPSERT_MINER = (
     "concurrency = excluded.concurrency, region = excluded.region, last_seen = excluded.last_seen"
 )
 _INSERT_RECEIPT = (
-    "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt) "
-    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
+    "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
 )
 
 
@@ -201,7 +201,14 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
             conn.executemany(
                 _INSERT_RECEIPT,
                 [
-                    (r.receipt_id, r.job_id, r.miner_id, r.issued_at, dumps(r.receipt).decode())
+                    (
+                        r.receipt_id,
+                        r.job_id,
+                        r.miner_id,
+                        r.issued_at,
+                        dumps(r.receipt).decode(),
+                        r.chain_seq,
+                    )
                     for r in batch.receipts
                 ],
             )
@@ -392,3 +399,18 @@ class DatabasesJobStore:
             "SELECT receipt FROM receipts WHERE job_id = :j ORDER BY issued_at", {"j": job_id}
         )
         return [loads(r._mapping["receipt"]) for r in rows]
+
+    async def receipt_chain_head(self) -> JSONObject | None:
+        rows = await self._fetch(
+            "SELECT receipt FROM receipts WHERE chain_seq IS NOT NULL "
+            "ORDER BY chain_seq DESC LIMIT 1"
+        )
+        return loads(rows[0]._mapping["receipt"]) if rows else None
+
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
+        rows = await self._fetch(
+            "SELECT chain_seq, receipt FROM receipts WHERE chain_seq > :a "
+            "ORDER BY chain_seq LIMIT :n",
+            {"a": after, "n": limit},
+        )
+        return [(r._mapping["chain_seq"], loads(r._mapping["receipt"])) for r in rows]

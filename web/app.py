@@ -21,7 +21,7 @@ from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import metrics, rest_admin, rest_jobs, rest_miners, rest_ops
+from web import metrics, rest_admin, rest_jobs, rest_miners, rest_ops, rest_receipts
 from web.auth import Authenticator
 from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
@@ -58,6 +58,8 @@ class Coordinator:
         self.store = store
         self.auth = Authenticator(settings)
         self.signer = ReceiptSigner(load_signing_key(settings.receipt_signing_key_hex))
+        self.signing_keys = rest_receipts.signing_keys(settings)
+        self.signing_keys_document = rest_receipts.signing_keys_document(settings)
         config = SchedulerConfig(
             default_ttl=settings.job_ttl_seconds,
             max_attempts=settings.max_attempts,
@@ -114,6 +116,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
         try:
+            core.signer.resume(await core.store.receipt_chain_head())
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
@@ -151,6 +154,7 @@ def create_app(
         rest_jobs.ENDPOINTS
         + rest_miners.ENDPOINTS
         + rest_admin.ENDPOINTS
+        + rest_receipts.ENDPOINTS
         + rest_ops.ENDPOINTS
         + metrics.ENDPOINTS
     )

@@ -1,4 +1,7 @@
-"""``aitbc-coordinator serve``: run the coordinator with uvicorn (uvloop, httptools, sansio ws)."""
+"""``aitbc-coordinator serve``: run the coordinator with uvicorn (uvloop, httptools, sansio ws).
+
+``aitbc-coordinator receipts verify|audit`` lives in ``web.cli_receipts``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import uvicorn
 
 from web.app import create_app
 from web.asgi import SocketFastPath
+from web.cli_receipts import add_receipts_commands, run_receipts
 from web.gctune import tune_gc
 from web.keys import materialize_keys
 from web.settings import Settings, SettingsError
@@ -99,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--miners", type=int, default=12, help="simulated miners (default 12)")
     demo.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
     demo.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
+    add_receipts_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "receipts":
+        return run_receipts(args)
 
     try:
         settings = Settings.from_env()

@@ -12,7 +12,13 @@ if TYPE_CHECKING:
 
     from web.settings import Settings
 
-__all__ = ["materialize_keys"]
+__all__ = ["materialize_keys", "signing_key_path"]
+
+
+def signing_key_path(settings: Settings) -> Path:
+    """Where a generated receipt signing key is kept (beside the database)."""
+    db = settings.database_path
+    return db.with_name(db.name + ".signing-key")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -47,7 +53,7 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
             admin_api_keys=(keys["admin"],),
         )
     if settings.receipt_signing_key_hex is None:
-        path = db.with_name(db.name + ".signing-key")
+        path = signing_key_path(settings)
         if path.exists():
             seed = path.read_text().strip()
         else:

@@ -1,8 +1,9 @@
 """Admin routes (rest-api.md §2.4) and the public explorer receipt list (§2.7).
 
 Counts come from committed state (the store); miner liveness from the dispatcher. The explorer
-shows receipts without ``metadata`` and ``client``: no job input, output or client identity is
-public (§9 "Data exposure"); the billing fields and the signature stay.
+shows only receipt ids, miner, status, billing and times: no job input, output or client
+identity, nor their hashes, is public (§9 "Data exposure"). The owner's
+``/v1/jobs/{id}/receipts`` has the whole signed receipt.
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ if TYPE_CHECKING:
 __all__ = ["ENDPOINTS", "public_receipt"]
 
 DURATION_SAMPLE = 1000  # completed jobs averaged for avg_miner_job_duration_ms
-PRIVATE_RECEIPT_FIELDS = ("metadata", "client")
+PUBLIC_RECEIPT_FIELDS = (
+    "version",
+    "receipt_id",
+    "job_id",
+    "provider",
+    "status",
+    "units",
+    "unit_type",
+    "unit_price",
+    "price",
+    "started_at",
+    "completed_at",
+)
 
 
 async def _avg_duration_ms(call: Call) -> float:
@@ -88,8 +101,9 @@ async def miners(call: Call) -> Response:
 
 
 def public_receipt(receipt: JSONObject) -> JSONObject:
-    """The receipt minus job input/output and client identity (the signature is kept)."""
-    return {k: v for k, v in receipt.items() if k not in PRIVATE_RECEIPT_FIELDS}
+    """Only ids, miner, status, billing and times: an allow-list, so a new receipt field is
+    private until listed here (no payload, result, client, nor their hashes)."""
+    return {k: receipt[k] for k in PUBLIC_RECEIPT_FIELDS if k in receipt}
 
 
 async def explorer_receipts(call: Call) -> Response:

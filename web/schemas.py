@@ -16,6 +16,11 @@ _str = {"type": "string"}
 _num = {"type": "number"}
 _obj = {"type": "object"}
 _nullable_str = {"type": ["string", "null"]}
+_sig = {
+    "type": "object",
+    "required": ["alg", "key_id", "sig"],
+    "properties": {"alg": _str, "key_id": _str, "sig": _str},
+}
 
 CONSTRAINTS: Schema = {
     "type": "object",
@@ -124,12 +129,59 @@ SCHEMAS: dict[str, Schema] = {
             "price": _num,
             "started_at": {"type": "integer"},
             "completed_at": {"type": "integer"},
-            "metadata": _obj,
-            "signature": {
-                "type": "object",
-                "required": ["alg", "key_id", "sig"],
-                "properties": {"alg": _str, "key_id": _str, "sig": _str},
+            "attempt": {"type": "integer"},
+            "chain_seq": {
+                "type": "integer",
+                "description": "place in this coordinator's receipt chain (1, 2, ...)",
             },
+            "prev_hash": {**_str, "description": "SHA-256 hex of the previous receipt"},
+            "payload_hash": {**_str, "description": "SHA-256 hex of the job payload"},
+            "result_hash": {**_str, "description": "SHA-256 hex of the result"},
+            "miner_attestation": {
+                **_sig,
+                "description": "the miner's signature of job_id and result_hash (optional)",
+            },
+            "metadata": _obj,
+            "signature": _sig,
+        },
+    },
+    "AnyJSON": {"description": "any JSON value"},
+    "SigningKeys": {
+        "type": "object",
+        "required": ["alg", "current", "keys"],
+        "properties": {
+            "alg": {"enum": ["Ed25519"]},
+            "current": {**_nullable_str, "description": "key_id of the current signing key"},
+            "keys": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key_id", "public_key_hex", "status"],
+                    "properties": {
+                        "key_id": {**_str, "description": "unpadded base64url public key"},
+                        "alg": _str,
+                        "public_key_hex": _str,
+                        "status": {"enum": ["current", "previous"]},
+                        "valid_from": {
+                            "type": ["integer", "null"],
+                            "description": "Unix seconds; receipts with an earlier "
+                            "completed_at are not this key's",
+                        },
+                        "valid_until": {"type": ["integer", "null"], "description": "Unix s"},
+                    },
+                },
+            },
+        },
+    },
+    "ReceiptVerdict": {
+        "type": "object",
+        "required": ["valid", "reasons"],
+        "properties": {
+            "valid": {"type": "boolean"},
+            "reasons": {"type": "array", "items": _str},
+            "receipt_id": {"description": "the receipt's receipt_id, as given"},
+            "key_id": {"description": "the key the receipt names, as given"},
+            "receipt_hash": {**_str, "description": "when valid: what the next prev_hash names"},
         },
     },
     "ReceiptList": {
@@ -348,7 +400,10 @@ SCHEMAS: dict[str, Schema] = {
                         "status": _str,
                         "payload": {
                             **_obj,
-                            "description": "the signed receipt without metadata and client",
+                            "description": "the receipt's public fields only: version, receipt_id, "
+                            "job_id, provider, status, units, unit_type, unit_price, price, "
+                            "started_at, completed_at (no payload, result, client, hashes or "
+                            "signature)",
                         },
                     },
                 },

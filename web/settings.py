@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from protocol.receipt_verify import TrustedKey, key_id_from_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -71,6 +74,40 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: must be on or off, got {raw!r}")
 
 
+def _unix_time(name: str, text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SettingsError(
+            f"{name}: {text!r} is not Unix seconds or an ISO-8601 time like 2026-01-31T00:00:00Z"
+        ) from None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+def _previous_keys(env: Mapping[str, str], name: str) -> tuple[TrustedKey, ...]:
+    """``PUBLIC_KEY@FROM/UNTIL`` entries, comma-separated; ``FROM`` may be empty."""
+    keys = []
+    for entry in (e.strip() for e in env.get(name, "").split(",")):
+        if not entry:
+            continue
+        key, _, window = entry.partition("@")
+        start, slash, until = window.partition("/")
+        if not slash or not until.strip():
+            raise SettingsError(f"{name}: {entry!r} needs a validity PUBLIC_KEY@FROM/UNTIL")
+        try:
+            key_id = key_id_from_text(key)
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {key.strip()!r}: {exc}") from None
+        valid_from = _unix_time(name, start.strip()) if start.strip() else None
+        valid_until = _unix_time(name, until.strip())
+        if valid_from is not None and valid_from > valid_until:
+            raise SettingsError(f"{name}: {entry!r} ends before it starts")
+        keys.append(TrustedKey(key_id=key_id, valid_from=valid_from, valid_until=valid_until))
+    return tuple(keys)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     database_url: str = "sqlite:///./coordinator.db"
@@ -80,6 +117,7 @@ class Settings:
     miner_api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
     receipt_signing_key_hex: str | None = None
+    receipt_previous_keys: tuple[TrustedKey, ...] = ()
     job_ttl_seconds: float = 900.0
     heartbeat_interval_seconds: float = 10.0
     heartbeat_timeout_seconds: float = 30.0
@@ -130,6 +168,7 @@ class Settings:
             miner_api_keys=_keys(env, "MINER_API_KEYS"),
             admin_api_keys=_keys(env, "ADMIN_API_KEYS"),
             receipt_signing_key_hex=signing,
+            receipt_previous_keys=_previous_keys(env, "RECEIPT_PREVIOUS_KEYS"),
             job_ttl_seconds=_number(env, "JOB_TTL_SECONDS", 900, 1, 7 * 86400),
             heartbeat_interval_seconds=interval,
             heartbeat_timeout_seconds=timeout,

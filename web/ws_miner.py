@@ -19,8 +19,9 @@ from protocol.messages import (
     Status,
     Welcome,
 )
+from protocol.receipt_verify import result_attestation
 from protocol.session import MinerSession
-from protocol.types import PROTOCOL_VERSION, CloseCode
+from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.connection import Connection
 from web.errors import error_code_for
@@ -41,6 +42,7 @@ class MinerConnection(Connection):
         super().__init__(core, websocket)
         self.miner_id: str | None = None
         self.session_id: str | None = None
+        self.result_key: str | None = None  # registered in hello: results may be co-signed
 
     def make_session(self, *, authenticated: bool) -> MinerSession:
         return MinerSession(
@@ -130,6 +132,7 @@ class MinerConnection(Connection):
             self.close(CloseCode.GOING_AWAY, "server shutting down")
             return
         self.miner_id, self.session_id = miner_id, session_id
+        self.result_key = msg.result_key
 
     def _call(
         self, request_id: str | None, ref: str | None, method: str, *args: Any, **kwargs: Any
@@ -155,9 +158,27 @@ class MinerConnection(Connection):
         def done(rec: JobRecord) -> None:
             self.reply(msg.id, job_id=rec.job_id, receipt=rec.receipt)
 
+        attestation = None
+        if msg.result_sig is not None:
+            if self.result_key is not None:
+                attestation = result_attestation(
+                    self.result_key, msg.job_id, msg.result, msg.result_sig
+                )
+            if attestation is None:
+                text = (
+                    "result_sig does not verify with the result_key of this session's hello"
+                    if self.result_key is not None
+                    else "result_sig needs a result_key in this session's hello"
+                )
+                dispatcher.after_commit(
+                    lambda: self.error(
+                        ErrorCode.INVALID.value, text, request_id=msg.id, ref=msg.job_id
+                    )
+                )
+                return
         try:
             dispatcher.miner_result(
-                self.miner_id, msg.job_id, msg.result, msg.metrics, msg.attempt, done
+                self.miner_id, msg.job_id, msg.result, msg.metrics, msg.attempt, done, attestation
             )
             return
         except UnknownJob:

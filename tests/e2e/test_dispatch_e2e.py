@@ -7,11 +7,14 @@ import pytest
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from protocol.messages import Ack, JobSubmit
+from protocol.receipt_verify import TrustedKey, check_receipt
 from protocol.receipts import key_id_for, load_signing_key, verify_receipt
 from tests.conftest import MINER_KEY, MINER_KEY_2, SIGNING_SEED
 from tests.e2e.conftest import RunningServer, open_client
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+A100_SEED = "22" * 32
 
 
 async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
@@ -28,6 +31,7 @@ async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
             gpus=[{"name": "A100", "memory_mb": 40960}],
             delay=0.05,
             chunks=2,
+            result_seed_hex=A100_SEED,  # co-signs its results
         ),
         log=logs.append,
     )
@@ -79,6 +83,13 @@ async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
         assert receipt["provider"] == expected
         assert receipt["job_id"] == job_id
         assert verify_receipt(receipt, pinned_key_ids=pinned) == []
+        assert check_receipt(receipt, [TrustedKey(key_id=k) for k in pinned]) == []
+        attestation = receipt.get("miner_attestation")
+        if gpu == "A100":
+            assert attestation is not None
+            assert attestation["key_id"] == key_id_for(load_signing_key(A100_SEED).public_key())
+        else:
+            assert attestation is None
     assert {a.job_id for a in a100.assigned} | {a.job_id for a in rtx.assigned} == set(results)
     assert all(results[a.job_id][0] == "A100" for a in a100.assigned)
     assert all(results[a.job_id][0] == "RTX 4090" for a in rtx.assigned)

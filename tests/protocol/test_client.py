@@ -22,6 +22,8 @@ from protocol.messages import (
     Status,
     Welcome,
 )
+from protocol.receipt_verify import result_attestation
+from protocol.receipts import key_id_for, load_signing_key
 from protocol.session import AWAIT_AUTH, AWAIT_HELLO, CLOSING, OPEN
 from protocol.types import CloseCode
 from tests.fakes import SessionPair
@@ -142,6 +144,27 @@ def test_progress_result_and_ack_with_receipt() -> None:
     receipt = {"receipt_id": "r", "job_id": "j1"}
     ack = Ack(id=request_id, fields={"receipt": receipt})
     assert pair.server_send(ack) == [ack]
+
+
+def test_result_key_registers_in_hello_and_co_signs_results() -> None:
+    """With a result key the hello names its public key and every result carries a signature
+    that verifies against it (for this job and result only)."""
+    key = load_signing_key("22" * 32)
+    pair = SessionPair(capabilities=CAPS)
+    pair.client.result_key = key
+    pair.client.hello()
+    [hello] = pair.to_server()
+    assert isinstance(hello, Hello)
+    assert hello.result_key == key_id_for(key.public_key())
+    pair.server_send(welcome(), assign("j1"))
+    pair.client.result("j1", {"text": "hi"})
+    [result] = pair.to_server()
+    assert isinstance(result, JobResult)
+    assert result.result_sig is not None
+    kid = hello.result_key
+    assert result_attestation(kid, "j1", {"text": "hi"}, result.result_sig) is not None
+    assert result_attestation(kid, "j1", {"text": "ho"}, result.result_sig) is None
+    assert result_attestation(kid, "j2", {"text": "hi"}, result.result_sig) is None
 
 
 def test_result_for_unknown_job_is_still_sent() -> None:

@@ -57,6 +57,11 @@ Decoder = Callable[[bytes | str], Any]
 CAPS = {"gpus": [{"name": "RTX 4090", "memory_mb": 24564}], "cuda": "12.4", "models": ["llama3"]}
 RECEIPT = {"receipt_id": "ab" * 16, "signature": {"alg": "Ed25519", "key_id": "k", "sig": "s"}}
 
+RESULT_KEY = (
+    "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"  # an Ed25519 key id: 43 base64url characters
+)
+RESULT_SIG = "Ab-_" * 21 + "AA"  # 86 base64url characters
+
 # (canonical wire object, dataclass): decode(wire) == msg and encode(msg) == wire, as JSON.
 MINER_TO_SERVER: list[Any] = [
     pytest.param({"type": "auth", "token": "tok"}, Auth(token="tok"), id="auth"),
@@ -78,6 +83,7 @@ MINER_TO_SERVER: list[Any] = [
             "region": "eu-west",
             "id": "h1",
             "resume": {"session_id": "sess-1"},
+            "result_key": RESULT_KEY,
         },
         Hello(
             protocol=1,
@@ -86,6 +92,7 @@ MINER_TO_SERVER: list[Any] = [
             concurrency=2,
             region="eu-west",
             resume_session="sess-1",
+            result_key=RESULT_KEY,
             id="h1",
         ),
         id="hello-full",
@@ -132,6 +139,17 @@ MINER_TO_SERVER: list[Any] = [
         },
         JobResult(job_id="j1", result={"text": "hi"}, metrics={"units": 2}, attempt=1, id="m1"),
         id="result",
+    ),
+    pytest.param(
+        {
+            "type": "job.result",
+            "job_id": "j1",
+            "result": {},
+            "metrics": {},
+            "result_sig": RESULT_SIG,
+        },
+        JobResult(job_id="j1", result={}, result_sig=RESULT_SIG),
+        id="result-signed",
     ),
     pytest.param(
         {
@@ -611,6 +629,29 @@ INVALID: list[Any] = [
     ),
     pytest.param(
         decode_miner_frame, _obj(type="hello", protocol=1, resume="sess"), id="resume-not-object"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, result_key=7), id="result-key-int"
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="hello", protocol=1, result_key=RESULT_KEY[:-1]),
+        id="result-key-short",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="hello", protocol=1, result_key="d75a980182b10ab7d54bfed3c964073a"),
+        id="result-key-hex",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.result", job_id="j", result={}, result_sig=RESULT_SIG + "A"),
+        id="result-sig-long",
+    ),
+    pytest.param(
+        decode_miner_frame,
+        _obj(type="job.result", job_id="j", result={}, result_sig="+" * 86),
+        id="result-sig-not-base64url",
     ),
     pytest.param(
         decode_miner_frame,

@@ -16,7 +16,7 @@ from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage.base import JobStore, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
-from storage.schema import SCHEMA_VERSION
+from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore
 
 if TYPE_CHECKING:
@@ -87,14 +87,22 @@ def miner(miner_id: str = "gpu-1", key_hash: str = "a" * 64, **kw: Any) -> Miner
 
 
 def receipt_row(
-    receipt_id: str, job_id: str = "j1", issued_at: float = T0, **extra: Any
+    receipt_id: str,
+    job_id: str = "j1",
+    issued_at: float = T0,
+    chain_seq: int | None = None,
+    **extra: Any,
 ) -> ReceiptRow:
+    body = {"receipt_id": receipt_id, "job_id": job_id, **extra}
+    if chain_seq is not None:
+        body["chain_seq"] = chain_seq
     return ReceiptRow(
         receipt_id=receipt_id,
         job_id=job_id,
         miner_id="gpu-1",
         issued_at=issued_at,
-        receipt={"receipt_id": receipt_id, "job_id": job_id, **extra},
+        receipt=body,
+        chain_seq=chain_seq,
     )
 
 
@@ -333,6 +341,47 @@ async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
         assert await store.get_job("j9") is not None
 
 
+async def test_receipt_chain_head_and_pages(store: JobStore) -> None:
+    """The head is the highest chain_seq; pages come in chain order; unchained rows are skipped."""
+    with anyio.fail_after(10):
+        assert await store.receipt_chain_head() is None
+    await commit(store, batch(receipts=[receipt_row("legacy")]))
+    with anyio.fail_after(10):
+        assert await store.receipt_chain_head() is None
+    await commit(
+        store,
+        batch(receipts=[receipt_row("r1", chain_seq=1), receipt_row("r2", "j2", chain_seq=2)]),
+    )
+    await commit(store, batch(receipts=[receipt_row("r3", "j3", issued_at=T0 - 5, chain_seq=3)]))
+    with anyio.fail_after(10):
+        head = await store.receipt_chain_head()
+        assert head is not None
+        assert head["receipt_id"] == "r3"
+        chain = await store.receipt_chain(0, 10)
+        assert [(n, r["receipt_id"]) for n, r in chain] == [(1, "r1"), (2, "r2"), (3, "r3")]
+        assert [r["receipt_id"] for _, r in await store.receipt_chain(1, 1)] == ["r2"]
+        assert await store.receipt_chain(3, 10) == []
+
+
+async def test_receipt_chain_seq_is_unique_and_a_clash_writes_nothing(store: JobStore) -> None:
+    """Two receipts claiming one place in the chain: Conflict, and the batch is invisible."""
+    await commit(store, batch(receipts=[receipt_row("r1", chain_seq=1)]))
+    with pytest.raises(Conflict):
+        await commit(
+            store, batch(jobs=[job("j2")], receipts=[receipt_row("r9", "j2", chain_seq=1)])
+        )
+    with pytest.raises(Conflict):
+        await commit(
+            store,
+            batch(receipts=[receipt_row("r2", chain_seq=2), receipt_row("r3", chain_seq=2)]),
+        )
+    with anyio.fail_after(10):
+        assert await store.get_job("j2") is None
+        assert [r["receipt_id"] for _, r in await store.receipt_chain(0, 10)] == ["r1"]
+    # the same receipt written again (a replayed batch) is not a clash
+    await commit(store, batch(receipts=[receipt_row("r1", chain_seq=1)]))
+
+
 # ---- atomicity ----------------------------------------------------------------------------
 
 
@@ -399,8 +448,19 @@ async def test_empty_batch_commits(store: JobStore) -> None:
         lambda s: s.find_job("client-1", "k"),
         lambda s: s.events_after("j1", 0),
         lambda s: s.receipts_for("j1"),
+        lambda s: s.receipt_chain_head(),
+        lambda s: s.receipt_chain(0, 10),
     ],
-    ids=["commit", "load_active", "get_job", "find_job", "events_after", "receipts_for"],
+    ids=[
+        "commit",
+        "load_active",
+        "get_job",
+        "find_job",
+        "events_after",
+        "receipts_for",
+        "chain_head",
+        "chain",
+    ],
 )
 async def test_closed_store_raises_storage_error(
     factory: StoreFactory, operation: Callable[[JobStore], Any]
@@ -450,7 +510,32 @@ async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: 
             await again.close()
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
         rows = db.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(SCHEMA_VERSION,)]
+    assert rows == [(version,) for version, _ in MIGRATIONS]
+    assert rows[-1] == (SCHEMA_VERSION,)
+
+
+async def test_sqlite_upgrade_from_version_1_keeps_receipts_unchained(tmp_path: Path) -> None:
+    """A database written before migration 2 upgrades in place; its receipts stay unchained."""
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for sql in MIGRATIONS[0][1]:
+            db.execute(sql)
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute(
+            "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt) "
+            """VALUES ('old', 'j1', 'gpu-1', 1.0, '{"receipt_id":"old"}')"""
+        )
+        db.commit()
+    with anyio.fail_after(20):
+        s = DatabasesJobStore(sqlite_url(tmp_path))
+        await s.open()
+        try:
+            assert await s.receipts_for("j1") == [{"receipt_id": "old"}]
+            assert await s.receipt_chain_head() is None
+            await s.commit(batch(receipts=[receipt_row("r1", chain_seq=1)]))
+            assert [r["receipt_id"] for _, r in await s.receipt_chain(0, 5)] == ["r1"]
+        finally:
+            await s.close()
 
 
 @pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])

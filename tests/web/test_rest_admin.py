@@ -75,7 +75,7 @@ async def test_admin_needs_the_admin_key(api: Api) -> None:
 
 
 async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
-    """Public list without job payload/result/client; billing fields and signature kept."""
+    """Public list: ids, miner, status, units, price, times; never payload/result/client."""
     await api.register("m1")
     job = await api.submit(payload={"prompt": "secret prompt"})
     await api.poll("m1")
@@ -89,11 +89,30 @@ async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
     assert item["miner"] == "m1"
     assert item["status"] == "COMPLETED"
     payload = item["payload"]
-    for kept in ("units", "unit_type", "price", "unit_price", "started_at", "signature"):
-        assert kept in payload
-    assert "metadata" not in payload
-    assert "client" not in payload
+    assert set(payload) == {
+        "version",
+        "receipt_id",
+        "job_id",
+        "provider",
+        "status",
+        "units",
+        "unit_type",
+        "unit_price",
+        "price",
+        "started_at",
+        "completed_at",
+    }
     assert "secret" not in r.text
+    assert "client" not in r.text
+    owner = await api.http.get(
+        f"/v1/jobs/{job['job_id']}/receipts", headers={"X-Api-Key": CLIENT_KEY}
+    )
+    [full] = owner.json()["items"]
+    assert full["metadata"]["job_payload"] == {"prompt": "secret prompt"}
+    assert full["metadata"]["result"] == {"output": "secret output"}
+    for private in ("client", "payload_hash", "result_hash", "prev_hash", "signature"):
+        assert private in full
+        assert full[private] not in payload.values()
     everything = (await api.http.get("/v1/explorer/receipts")).json()
     assert everything["jobId"] == "all"
     assert (await api.http.get("/v1/explorer/receipts?limit=201")).status_code == 422

@@ -23,6 +23,7 @@ VARIABLES = (
     "MINER_API_KEYS",
     "ADMIN_API_KEYS",
     "RECEIPT_SIGNING_KEY_HEX",
+    "RECEIPT_PREVIOUS_KEYS",
     "JOB_TTL_SECONDS",
     "HEARTBEAT_INTERVAL_SECONDS",
     "HEARTBEAT_TIMEOUT_SECONDS",
@@ -78,6 +79,22 @@ def test_values_are_parsed() -> None:
     assert s.max_attempts == 5
 
 
+def test_previous_receipt_keys_are_parsed() -> None:
+    """PUBLIC_KEY@FROM/UNTIL entries: hex or key id; Unix seconds or ISO-8601; FROM optional."""
+    kid = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+    hex_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    s = Settings.from_env(
+        {
+            "RECEIPT_PREVIOUS_KEYS": f" {hex_key}@/2023-11-14T22:13:20Z ,"
+            f"{kid}@1600000000/2023-11-15, "
+        }
+    )
+    assert [(k.key_id, k.valid_from, k.valid_until) for k in s.receipt_previous_keys] == [
+        (kid, None, 1_700_000_000),
+        (kid, 1_600_000_000, 1_700_006_400),
+    ]
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
@@ -99,6 +116,12 @@ def test_values_are_parsed() -> None:
         ({"RECEIPT_SIGNING_KEY_HEX": "zz" * 32}, "RECEIPT_SIGNING_KEY_HEX"),
         ({"RECEIPT_SIGNING_KEY_HEX": "ab" * 16}, "RECEIPT_SIGNING_KEY_HEX"),
         ({"RECEIPT_SIGNING_KEY_HEX": "ab" * 33}, "RECEIPT_SIGNING_KEY_HEX"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@1700000000"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@1/"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 31 + "@/1700000000"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/yesterday"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@20/10"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"DATABASE_URL": "postgresql://db/coordinator"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
         ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),

@@ -1,0 +1,253 @@
+"""``aitbc-coordinator receipts verify|audit`` against a real store written by the app."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.conftest import CLIENT_KEY, SIGNING_SEED
+from tests.web.rest_harness import running_api
+from web.cli import main
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+PUBLIC_HEX = (
+    Ed25519PrivateKey.from_private_bytes(bytes.fromhex(SIGNING_SEED))
+    .public_key()
+    .public_bytes_raw()
+    .hex()
+)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    monkeypatch.chdir(tmp_path)
+    for name in ("RECEIPT_SIGNING_KEY_HEX", "RECEIPT_PREVIOUS_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def issue_receipts(tmp_path: Path, count: int = 3) -> list[dict[str, Any]]:
+    """Run the app and complete ``count`` jobs through a REST miner: their receipts."""
+
+    async def run() -> list[dict[str, Any]]:
+        out = []
+        async with running_api(tmp_path) as api:
+            assert (await api.register("m1")).status_code == 200
+            for _ in range(count):
+                job = await api.submit()
+                assert (await api.poll("m1")).status_code == 200
+                out.append((await api.result(job["job_id"])).json()["receipt"])
+            r = await api.http.get(
+                f"/v1/jobs/{out[0]['job_id']}/receipts", headers={"X-Api-Key": CLIENT_KEY}
+            )
+            assert r.json()["items"] == out[:1]
+        return out
+
+    return anyio.run(run)
+
+
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "coordinator.db"
+
+
+def edit_db(tmp_path: Path, sql: str, *args: Any) -> None:
+    with closing(sqlite3.connect(db_path(tmp_path))) as db:
+        db.execute(sql, args)
+        db.commit()
+
+
+def audit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[int, str]:
+    code = main(["receipts", "audit", "--db", str(db_path(tmp_path))])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# ---- audit --------------------------------------------------------------------------------
+
+
+def test_audit_of_an_intact_chain(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issue_receipts(tmp_path)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    assert audit(capsys, tmp_path) == (0, "receipt chain OK: 3 receipts\n")
+
+
+def test_audit_reports_the_first_tampered_receipt(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    receipts = issue_receipts(tmp_path)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    cheaper = {**receipts[1], "price": 0.0}
+    edit_db(tmp_path, "UPDATE receipts SET receipt = ? WHERE chain_seq = 2", json.dumps(cheaper))
+    code, out = audit(capsys, tmp_path)
+    assert code == 1
+    assert out == (
+        f"chain broken at chain_seq 2 (receipt {receipts[1]['receipt_id']}, 1 receipts fine "
+        "before it): signature does not verify\n"
+    )
+
+
+def test_audit_reports_a_deleted_receipt(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issue_receipts(tmp_path)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    edit_db(tmp_path, "DELETE FROM receipts WHERE chain_seq = 2")
+    code, out = audit(capsys, tmp_path)
+    assert code == 1
+    assert out.startswith("chain broken at chain_seq 3")
+    assert "a receipt is missing" in out
+
+
+def test_audit_pins_the_configured_key(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another configured key: the first receipt is already not the coordinator's."""
+    issue_receipts(tmp_path, 1)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", "77" * 32)
+    code, out = audit(capsys, tmp_path)
+    assert code == 1
+    assert "chain_seq 1" in out
+    assert "not a pinned coordinator key" in out
+
+
+def test_audit_without_a_key_warns_and_checks_integrity(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    issue_receipts(tmp_path, 2)
+    code, out = audit(capsys, tmp_path)
+    assert code == 0
+    assert out.startswith("warning: no signing key configured")
+    assert out.endswith("receipt chain OK: 2 receipts\n")
+
+
+def test_audit_uses_a_generated_key_file(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The development key kept beside the database is the pinned key when none is set."""
+    issue_receipts(tmp_path, 1)
+    (tmp_path / "coordinator.db.signing-key").write_text("77" * 32 + "\n")
+    code, out = audit(capsys, tmp_path)
+    assert (code, "not a pinned coordinator key" in out) == (1, True)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no database at"),
+        ("bad-setting", "RECEIPT_PREVIOUS_KEYS"),
+    ],
+)
+def test_audit_usage_errors_exit_2(
+    env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    setup: str,
+    message: str,
+) -> None:
+    if setup == "bad-setting":
+        env.setenv("RECEIPT_PREVIOUS_KEYS", "nonsense")
+    code, out = audit(capsys, tmp_path)
+    assert code == 2
+    assert message in out
+    assert len(out.strip().splitlines()) == 1
+
+
+# ---- verify -------------------------------------------------------------------------------
+
+
+def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["receipts", "verify", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_verify_a_file_with_a_pinned_key(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    receipts = issue_receipts(tmp_path, 2)
+    ids = [r["receipt_id"] for r in receipts]
+    good = tmp_path / "receipts.json"
+    good.write_text(json.dumps({"items": receipts}))
+    assert run_verify(capsys, str(good), "--key", PUBLIC_HEX) == (0, f"OK {ids[0]}\nOK {ids[1]}\n")
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"status": "ok", "receipt": receipts[0]}))
+    assert run_verify(capsys, str(single), "--key", PUBLIC_HEX)[0] == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([receipts[0], {**receipts[1], "units": 0}, "junk"]))
+    code, out = run_verify(capsys, str(bad), "--key", PUBLIC_HEX)
+    assert code == 1
+    assert out.splitlines() == [
+        f"OK {ids[0]}",
+        f"INVALID {ids[1]}: signature does not verify",
+        "INVALID #2: receipt is not a JSON object",
+    ]
+    other = "0" * 63 + "1"
+    code, out = run_verify(capsys, str(good), "--key", other)
+    assert code == 1
+    assert "not a pinned coordinator key" in out
+
+
+def test_verify_with_keys_url_and_with_configured_keys(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    receipts = issue_receipts(tmp_path, 1)
+    file = tmp_path / "r.json"
+    file.write_text(json.dumps(receipts[0]))
+
+    async def keys_doc() -> Any:
+        async with running_api(tmp_path) as api:
+            return (await api.http.get("/v1/receipts/signing-keys")).json()
+
+    doc = tmp_path / "keys.json"
+    doc.write_text(json.dumps(anyio.run(keys_doc)))
+    assert run_verify(capsys, str(file), "--keys-url", doc.as_uri())[0] == 0
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    assert run_verify(capsys, str(file))[0] == 0
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", "77" * 32)
+    assert run_verify(capsys, str(file))[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "no key to pin"),
+        (("--key", "xyz"), "--key 'xyz'"),
+        (("--keys-url", "file:///nonexistent/keys.json"), "--keys-url"),
+        (("--keys-url", "RECEIPTS"), "--keys-url"),
+    ],
+)
+def test_verify_usage_errors_exit_2(
+    env: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    file = tmp_path / "r.json"
+    file.write_text("{}")
+    args = tuple(file.as_uri() if a == "RECEIPTS" else a for a in args)  # not a keys document
+    code, out = run_verify(capsys, str(file), *args)
+    assert code == 2
+    assert message in out
+
+
+@pytest.mark.parametrize("content", ["not json", None])
+def test_verify_unreadable_input_exits_2(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any
+) -> None:
+    file = tmp_path / "r.json"
+    if content is not None:
+        file.write_text(content)
+    code, out = run_verify(capsys, str(file), "--key", PUBLIC_HEX)
+    assert code == 2
+    assert "r.json" in out
