@@ -15,17 +15,19 @@ from starlette.routing import Route, WebSocketRoute
 
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.core import Scheduler, SchedulerConfig
+from dispatcher.ledger import Ledger
 from dispatcher.receipts import ReceiptSigner
 from dispatcher.runtime import Dispatcher
 from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import rest_admin, rest_jobs, rest_miners
+from web import rest_admin, rest_jobs, rest_miners, rest_users
 from web.auth import Authenticator
 from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
+from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
     from starlette.requests import Request
 
-    from storage.base import JobStore
+    from storage.base import Store
     from web.settings import Settings
 
 __all__ = ["Coordinator", "create_app"]
@@ -48,7 +50,7 @@ VERSION = "0.1.0"
 class Coordinator:
     """Everything a request handler needs, built once per app."""
 
-    def __init__(self, settings: Settings, store: JobStore, clock: Clock) -> None:
+    def __init__(self, settings: Settings, store: Store, clock: Clock) -> None:
         if settings.receipt_signing_key_hex is None:
             raise ValueError("RECEIPT_SIGNING_KEY_HEX must be resolved before create_app")
         self.settings = settings
@@ -64,12 +66,22 @@ class Coordinator:
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
+        self.clock = clock
+        self.wallet = WalletAuth(self.dispatcher, clock, settings.session_ttl_hours * 3600)
+        self.auth.sessions = self.wallet.lookup
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
         self.failed = False
         # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).
         self.on_fatal: Callable[[], None] = lambda: None
+
+    async def load_wallet(self) -> None:
+        """Users, sessions, nonces and balances into memory (before the dispatcher restores)."""
+        snapshot = await self.store.load_wallet(self.clock.now())
+        self.wallet.load(snapshot)
+        self.dispatcher.ledger = Ledger(snapshot.balances)
+        self.dispatcher.settle_payments = self.settings.billing
 
     def fatal(self) -> None:
         """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
@@ -90,7 +102,7 @@ class Coordinator:
 
 
 def create_app(
-    settings: Settings, *, store: JobStore | None = None, clock: Clock | None = None
+    settings: Settings, *, store: Store | None = None, clock: Clock | None = None
 ) -> Starlette:
     store = store or DatabasesJobStore(
         settings.database_url, synchronous=settings.sqlite_synchronous
@@ -109,6 +121,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
         try:
+            await core.load_wallet()
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
@@ -140,7 +153,9 @@ def create_app(
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
-    endpoints = rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS
+    endpoints = (
+        rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS + rest_users.ENDPOINTS
+    )
     app = Starlette(
         routes=[
             Route("/health", health),

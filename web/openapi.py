@@ -27,6 +27,8 @@ TAGS = [
     {"name": "miners", "description": "Polling miners (§2.3); sockets: /v1/miners/ws"},
     {"name": "admin", "description": "Admin key only (§2.4)"},
     {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
+    {"name": "users", "description": "Wallet login, sessions, balances (§2.5, docs/wallet.md)"},
+    {"name": "exchange", "description": "Buy AITBC credit with BTC (§2.6, docs/wallet.md)"},
     {"name": "health", "description": "Liveness and readiness, no auth"},
     {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},
 ]
@@ -106,9 +108,9 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
         # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
         responses.setdefault("422", _error("invalid request"))
-    if endpoint.role is not None:
+    if endpoint.role is not None or endpoint.any_role:
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
-        op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}]
+        op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}]
     else:
         op["security"] = []
     op["responses"] = responses
@@ -164,7 +166,14 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
                 "Bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "the same API key, as Authorization: Bearer <key>",
+                    "description": "an API key or a wallet session token, as "
+                    "Authorization: Bearer <token>",
+                },
+                "SessionToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Session-Token",
+                    "description": "a wallet session token from POST /v1/login (a client)",
                 },
             },
         },

@@ -5,11 +5,13 @@ The seed-documentation paths (``/v1/client/jobs…``) are aliases served by the 
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 from dispatcher.core import JobSpec
 from dispatcher.errors import InvalidTransition, UnknownJob
 from dispatcher.ids import new_id
+from protocol.amounts import AmountError, to_units
 from storage.base import JobQuery
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, Param, json_response
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from protocol.records import JobRecord
+    from protocol.types import JSONObject
 
 __all__ = ["ENDPOINTS", "owned_job"]
 
@@ -33,6 +36,33 @@ async def owned_job(call: Call, job_id: str) -> JobRecord:
     return rec
 
 
+def _payment(call: Call) -> JSONObject | None:
+    """With BILLING=on, a positive ``payment_amount`` is reserved from the caller's account
+    (docs/wallet.md). With billing off the fields are ignored and ``payment_id`` stays null."""
+    body = call.body
+    raw = body.get("payment_amount")
+    if not call.core.settings.billing or raw is None:
+        return None
+    try:
+        amount = to_units(raw, name="payment_amount")
+    except AmountError as exc:
+        raise HTTPError(422, str(exc)) from None
+    if amount < 0:
+        raise HTTPError(422, "payment_amount must not be negative")
+    currency = body.get("payment_currency") or "AITBC"
+    if currency != "AITBC":
+        raise HTTPError(422, "payment_currency: only AITBC is accepted")
+    if amount == 0:
+        return None
+    assert call.principal is not None
+    return {
+        "payment_id": str(uuid.uuid4()),
+        "account": call.principal.account,
+        "amount": amount,
+        "currency": currency,
+    }
+
+
 async def submit(call: Call) -> Response:
     body = call.body
     ttl = body.get("ttl_seconds")
@@ -44,6 +74,7 @@ async def submit(call: Call) -> Response:
         ttl_seconds=None if ttl is None else max(1, ttl),
         priority=body.get("priority") or 0,
         idempotency_key=body.get("idempotency_key"),
+        payment=_payment(call),
     )
     rec, existed = await call.core.dispatcher.submit_wait(spec)
     return json_response(call.core.job_view(rec), 200 if existed else 201)
@@ -136,6 +167,7 @@ ENDPOINTS = [
         responses=_r(
             (201, ("queued (durably stored)", "JobView")),
             (200, ("an earlier job with the same idempotency_key", "JobView")),
+            (402, ("BILLING=on: the balance does not cover payment_amount", "Error")),
             (413, ("body too large", "Error")),
             (422, ("invalid body", "Error")),
         ),

@@ -17,6 +17,104 @@ _num = {"type": "number"}
 _obj = {"type": "object"}
 _nullable_str = {"type": ["string", "null"]}
 
+_amount = {
+    "type": "string",
+    "pattern": "^-?[0-9]+\\.[0-9]{8}$",
+    "description": "exact decimal, 8 places",
+}
+_wallet = {**_str, "maxLength": 64, "description": "0x + 40 hex digits (400 otherwise)"}
+_login = {
+    "wallet_address": _wallet,
+    "nonce": {**_str, "maxLength": 128, "description": "from POST /v1/auth/nonce"},
+    "signature": {
+        **_str,
+        "maxLength": 200,
+        "description": "EIP-191 personal_sign of the login message, hex (0x optional)",
+    },
+}
+WALLET_SCHEMAS: dict[str, Schema] = {
+    "NonceRequest": {
+        "type": "object",
+        "required": ["wallet_address"],
+        "properties": {"wallet_address": _wallet},
+    },
+    "Nonce": {
+        "type": "object",
+        "required": ["wallet_address", "nonce", "expires_at"],
+        "properties": {
+            "wallet_address": _str,
+            "nonce": _str,
+            "expires_at": {"type": "integer", "description": "Unix seconds (now + 300)"},
+            "message": {**_str, "description": "the exact text to sign"},
+        },
+    },
+    "LoginRequest": {
+        "type": "object",
+        "required": ["wallet_address", "nonce", "signature"],
+        "properties": _login,
+    },
+    "RegisterRequest": {
+        "type": "object",
+        "required": ["email", "username", "wallet_address", "nonce", "signature"],
+        "properties": {
+            **_login,
+            "email": {**_str, "maxLength": 254},
+            "username": {**_str, "maxLength": 64},
+            "password": {**_str, "maxLength": 1024, "description": "accepted and ignored"},
+        },
+    },
+    "UserProfile": {
+        "type": "object",
+        "required": ["user_id", "email", "username", "created_at", "session_token"],
+        "properties": {
+            "user_id": _str,
+            "email": _str,
+            "username": _str,
+            "wallet_address": _str,
+            "created_at": {**_str, "format": "date-time"},
+            "session_token": _str,
+        },
+    },
+    "Balance": {
+        "type": "object",
+        "required": ["user_id", "address", "balance", "updated_at"],
+        "properties": {
+            "user_id": _str,
+            "address": _str,
+            "balance": _amount,
+            "available": {**_amount, "description": "balance less reservations in flight"},
+            "currency": _str,
+            "updated_at": {**_str, "format": "date-time"},
+        },
+    },
+    "TransactionList": {
+        "type": "object",
+        "required": ["user_id", "transactions", "total"],
+        "properties": {
+            "user_id": _str,
+            "total": {"type": "integer"},
+            "transactions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": _str,
+                        "type": _str,
+                        "status": _str,
+                        "amount": _amount,
+                        "fee": _amount,
+                        "description": _str,
+                        "reference": _nullable_str,
+                        "created_at": {**_str, "format": "date-time"},
+                        "confirmed_at": {**_str, "format": "date-time"},
+                    },
+                },
+            },
+        },
+    },
+    "Message": {"type": "object", "required": ["message"], "properties": {"message": _str}},
+}
+
 CONSTRAINTS: Schema = {
     "type": "object",
     "description": "Matching constraints (rest-api §3.3); unknown keys are kept and ignored.",
@@ -47,8 +145,13 @@ SCHEMAS: dict[str, Schema] = {
             },
             "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
             "idempotency_key": {**_str, "maxLength": 128},
-            "payment_amount": {"type": ["number", "string", "null"]},
-            "payment_currency": {**_str, "maxLength": 16},
+            "payment_amount": {
+                "type": ["number", "string", "null"],
+                "maxLength": 32,
+                "description": "BILLING=on: reserved from your balance at submission (402 "
+                "when short); the miner is paid the receipt price, the rest comes back",
+            },
+            "payment_currency": {**_str, "maxLength": 16, "description": "AITBC only"},
         },
     },
     "JobView": {
@@ -62,7 +165,11 @@ SCHEMAS: dict[str, Schema] = {
             "expires_at": {**_str, "format": "date-time"},
             "error": _nullable_str,
             "payment_id": _nullable_str,
-            "payment_status": _nullable_str,
+            "payment_status": {
+                "type": ["string", "null"],
+                "enum": ["reserved", "released", "refunded", None],
+            },
+            "payment_amount": _nullable_str,
             "payload": _obj,
             "constraints": _obj,
             "result": {"type": ["object", "null"]},
@@ -284,6 +391,7 @@ SCHEMAS: dict[str, Schema] = {
             },
         },
     },
+    **WALLET_SCHEMAS,
     "Error": {
         "type": "object",
         "required": ["detail"],

@@ -82,6 +82,16 @@ class Settings:
     rest_job_lease_seconds: float = 600.0
     max_poll_wait_seconds: float = 25.0
     environment: str = "development"
+    # Wallet users, billing and the exchange (docs/wallet.md)
+    billing: bool = False
+    session_ttl_hours: float = 24.0
+    btc_to_aitbc_rate: str = "100000"
+    bitcoin_xpub: str | None = None
+    bitcoin_address: str | None = None
+    esplora_url: str | None = None
+    esplora_poll_seconds: float = 30.0
+    btc_confirmations: int = 1
+    payment_ttl_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,7 +141,7 @@ class Settings:
             rest_job_lease_seconds=_number(env, "REST_JOB_LEASE_SECONDS", 600, 1, 7 * 86400),
             max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
             environment=env.get("ENVIRONMENT", "development"),
-        )
+        ).with_(**_wallet_settings(env))
         roles = (
             ("CLIENT_API_KEYS", settings.client_api_keys),
             ("ADMIN_API_KEYS", settings.admin_api_keys),
@@ -149,3 +159,32 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
+    from decimal import Decimal, InvalidOperation
+
+    billing = env.get("BILLING", "off").strip().lower()
+    if billing not in ("on", "off", "true", "false", "1", "0", ""):
+        raise SettingsError("BILLING: must be on or off")
+    rate = env.get("BTC_TO_AITBC_RATE", "100000").strip() or "100000"
+    try:
+        ok = Decimal(rate).is_finite() and 0 < Decimal(rate) <= 10**9
+    except InvalidOperation:
+        ok = False
+    if not ok or Decimal(rate).quantize(Decimal("1e-8")) != Decimal(rate):
+        raise SettingsError("BTC_TO_AITBC_RATE: must be a positive decimal (at most 8 places)")
+    esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
+    if esplora is not None and not esplora.startswith(("http://", "https://")):
+        raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
+    return {
+        "billing": billing in ("on", "true", "1"),
+        "session_ttl_hours": _number(env, "SESSION_TTL_HOURS", 24, 0.01, 24 * 365),
+        "btc_to_aitbc_rate": rate,
+        "bitcoin_xpub": env.get("BITCOIN_XPUB", "").strip() or None,
+        "bitcoin_address": env.get("BITCOIN_ADDRESS", "").strip() or None,
+        "esplora_url": esplora,
+        "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
+        "btc_confirmations": _integer(env, "BTC_CONFIRMATIONS", 1, 0, 1000),
+        "payment_ttl_seconds": _number(env, "PAYMENT_TTL_SECONDS", 3600, 60, 30 * 86400),
+    }

@@ -16,7 +16,7 @@ from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage.base import JobStore, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
-from storage.schema import SCHEMA_VERSION
+from storage.schema import MIGRATIONS
 from storage.sql import DatabasesJobStore
 
 if TYPE_CHECKING:
@@ -450,7 +450,7 @@ async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: 
             await again.close()
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
         rows = db.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(SCHEMA_VERSION,)]
+    assert rows == [(v,) for v, _ in MIGRATIONS]
 
 
 @pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])
