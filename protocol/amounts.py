@@ -32,10 +32,10 @@ def to_units(value: object, *, name: str = "amount") -> int:
         raise AmountError(f"{name} must be a decimal number") from None
     if not d.is_finite():
         raise AmountError(f"{name} must be a finite number")
+    if abs(d) >= Decimal(10) ** 10:  # 1e18 units: sums stay inside 64-bit integers
+        raise AmountError(f"{name} is too large")
     if d.quantize(_PLACES) != d:
         raise AmountError(f"{name} has more than 8 decimal places")
-    if abs(d) >= Decimal(10) ** 11:
-        raise AmountError(f"{name} is too large")
     return int(d.scaleb(8))
 
 

@@ -22,7 +22,7 @@ from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import rest_admin, rest_jobs, rest_miners, rest_users
+from web import rest_admin, rest_jobs, rest_ledger, rest_miners, rest_users
 from web.auth import Authenticator
 from web.docs import docs_routes
 from web.http import RateLimiter, http_exception, internal_error, routes_for
@@ -154,7 +154,11 @@ def create_app(
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
     endpoints = (
-        rest_jobs.ENDPOINTS + rest_miners.ENDPOINTS + rest_admin.ENDPOINTS + rest_users.ENDPOINTS
+        rest_jobs.ENDPOINTS
+        + rest_miners.ENDPOINTS
+        + rest_admin.ENDPOINTS
+        + rest_users.ENDPOINTS
+        + rest_ledger.ENDPOINTS
     )
     app = Starlette(
         routes=[

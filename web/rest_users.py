@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from storage.base import LedgerEntry, UserRecord
     from web.auth import Principal
 
-__all__ = ["ENDPOINTS"]
+__all__ = ["ENDPOINTS", "transaction_view"]
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}$")
 DESCRIPTIONS = {
@@ -132,7 +132,7 @@ async def balance(call: Call) -> Response:
     )
 
 
-def _transaction(e: LedgerEntry) -> dict[str, object]:
+def transaction_view(e: LedgerEntry) -> dict[str, object]:
     at = iso_time(e.at)
     return {
         "id": f"{e.movement_key}#{e.leg}",
@@ -155,7 +155,7 @@ async def transactions(call: Call) -> Response:
     return json_response(
         {
             "user_id": user.user_id,
-            "transactions": [_transaction(e) for e in entries],
+            "transactions": [transaction_view(e) for e in entries],
             "total": total,
         }
     )

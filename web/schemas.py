@@ -87,6 +87,20 @@ WALLET_SCHEMAS: dict[str, Schema] = {
             "updated_at": {**_str, "format": "date-time"},
         },
     },
+    "Transaction": {
+        "type": "object",
+        "properties": {
+            "id": _str,
+            "type": _str,
+            "status": _str,
+            "amount": _amount,
+            "fee": _amount,
+            "description": _str,
+            "reference": _nullable_str,
+            "created_at": {**_str, "format": "date-time"},
+            "confirmed_at": {**_str, "format": "date-time"},
+        },
+    },
     "TransactionList": {
         "type": "object",
         "required": ["user_id", "transactions", "total"],
@@ -95,21 +109,31 @@ WALLET_SCHEMAS: dict[str, Schema] = {
             "total": {"type": "integer"},
             "transactions": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": _str,
-                        "type": _str,
-                        "status": _str,
-                        "amount": _amount,
-                        "fee": _amount,
-                        "description": _str,
-                        "reference": _nullable_str,
-                        "created_at": {**_str, "format": "date-time"},
-                        "confirmed_at": {**_str, "format": "date-time"},
-                    },
-                },
+                "items": {"$ref": "#/components/schemas/Transaction"},
             },
+        },
+    },
+    "Account": {
+        "type": "object",
+        "required": ["account", "balance", "available"],
+        "properties": {
+            "account": _str,
+            "balance": _amount,
+            "available": _amount,
+            "currency": _str,
+            "total": {"type": "integer"},
+            "transactions": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Transaction"},
+            },
+        },
+    },
+    "Credit": {
+        "type": "object",
+        "required": ["amount"],
+        "properties": {
+            "amount": {"type": ["string", "number"], "maxLength": 32, "description": "AITBC"},
+            "note": {**_str, "maxLength": 256},
         },
     },
     "Message": {"type": "object", "required": ["message"], "properties": {"message": _str}},
