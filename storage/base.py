@@ -114,6 +114,7 @@ class WalletSnapshot:
     balances: dict[str, int]  # account -> sum of its entries (non-zero only)
     payments: list[PaymentRecord]  # pending only
     next_address_index: int
+    outpoints: list[tuple[str, int]]  # (txid, vout) already paying a payment
 
 
 @dataclass(slots=True)

@@ -212,6 +212,9 @@ class InMemoryJobStore:
             balances={a: b for a, b in balances.items() if b != 0},
             payments=[p for p in self.payments.values() if p.status == "pending"],
             next_address_index=max(indexes, default=-1) + 1,
+            outpoints=[
+                (p.tx_hash, p.tx_vout or 0) for p in self.payments.values() if p.tx_hash is not None
+            ],
         )
 
     async def ledger_entries(

@@ -121,6 +121,10 @@ def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
             {},
         ),
         "payments": ("SELECT * FROM exchange_payments WHERE status = 'pending'", {}),
+        "outpoints": (
+            "SELECT tx_hash, tx_vout FROM exchange_payments WHERE tx_hash IS NOT NULL",
+            {},
+        ),
         "index": (
             "SELECT COALESCE(MAX(address_index), -1) + 1 AS n FROM exchange_payments",
             {},
@@ -136,6 +140,7 @@ def snapshot(now: float, rows: dict[str, Sequence[Any]]) -> WalletSnapshot:
         balances={r._mapping["account"]: int(r._mapping["balance"]) for r in rows["balances"]},
         payments=[payment(r._mapping) for r in rows["payments"]],
         next_address_index=int(rows["index"][0]._mapping["n"]),
+        outpoints=[(r._mapping["tx_hash"], r._mapping["tx_vout"]) for r in rows["outpoints"]],
     )
 
 

@@ -22,9 +22,11 @@ from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import rest_admin, rest_jobs, rest_ledger, rest_miners, rest_users
+from web import rest_admin, rest_exchange, rest_jobs, rest_ledger, rest_miners, rest_users
 from web.auth import Authenticator
 from web.docs import docs_routes
+from web.esplora import EsploraWatcher
+from web.exchange import Exchange
 from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.wallet_auth import WalletAuth
@@ -32,7 +34,7 @@ from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from anyio.abc import TaskStatus
     from starlette.requests import Request
@@ -69,6 +71,12 @@ class Coordinator:
         self.clock = clock
         self.wallet = WalletAuth(self.dispatcher, clock, settings.session_ttl_hours * 3600)
         self.auth.sessions = self.wallet.lookup
+        self.exchange = Exchange(settings, self.dispatcher, store, clock)
+        self.watcher = None
+        if settings.esplora_url is not None:
+            self.watcher = EsploraWatcher(
+                self.exchange, settings.esplora_url, settings.esplora_poll_seconds, clock
+            )
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
@@ -80,6 +88,7 @@ class Coordinator:
         """Users, sessions, nonces and balances into memory (before the dispatcher restores)."""
         snapshot = await self.store.load_wallet(self.clock.now())
         self.wallet.load(snapshot)
+        self.exchange.load(snapshot)
         self.dispatcher.ledger = Ledger(snapshot.balances)
         self.dispatcher.settle_payments = self.settings.billing
 
@@ -99,6 +108,11 @@ class Coordinator:
     ) -> None:
         for conn in list(self.connections):
             conn.close(code, reason)
+
+
+async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await run()
 
 
 def create_app(
@@ -125,10 +139,14 @@ def create_app(
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
+                watching = anyio.CancelScope()
+                if core.watcher is not None:
+                    tg.start_soon(_in_scope, watching, core.watcher.run)
                 core.ready = True
                 try:
                     yield
                 finally:
+                    watching.cancel()
                     core.ready = False
                     core.close_sockets()
                     core.dispatcher.stop()
@@ -159,6 +177,7 @@ def create_app(
         + rest_admin.ENDPOINTS
         + rest_users.ENDPOINTS
         + rest_ledger.ENDPOINTS
+        + rest_exchange.ENDPOINTS
     )
     app = Starlette(
         routes=[

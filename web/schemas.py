@@ -137,6 +137,59 @@ WALLET_SCHEMAS: dict[str, Schema] = {
         },
     },
     "Message": {"type": "object", "required": ["message"], "properties": {"message": _str}},
+    "PaymentCreate": {
+        "type": "object",
+        "description": "aitbc_amount or btc_amount (or both, agreeing at the rate to 1 sat)",
+        "properties": {
+            "user_id": {**_str, "maxLength": 128, "description": "ignored: the caller pays"},
+            "aitbc_amount": {
+                "type": ["string", "number"],
+                "maxLength": 32,
+                "description": "0.01 to 1000000",
+            },
+            "btc_amount": {"type": ["string", "number"], "maxLength": 32},
+            "eth_amount": {
+                "type": ["string", "number"],
+                "maxLength": 32,
+                "description": "upstream ETH form: refused (400)",
+            },
+        },
+    },
+    "Payment": {
+        "type": "object",
+        "required": ["payment_id", "status", "payment_address", "aitbc_amount", "btc_amount"],
+        "properties": {
+            "payment_id": _str,
+            "user_id": _str,
+            "aitbc_amount": _amount,
+            "btc_amount": _amount,
+            "payment_address": _str,
+            "status": {"enum": ["pending", "confirmed", "expired"]},
+            "created_at": {"type": "integer"},
+            "expires_at": {"type": "integer"},
+            "confirmations": {"type": "integer"},
+            "tx_hash": _nullable_str,
+            "confirmed_at": {"type": ["integer", "null"]},
+        },
+    },
+    "PaymentConfirm": {
+        "type": "object",
+        "properties": {
+            "tx_hash": {**_str, "maxLength": 64, "description": "64 hex digits"},
+            "vout": {"type": "integer", "minimum": 0, "maximum": 100000},
+        },
+    },
+    "Rates": {
+        "type": "object",
+        "required": ["btc_to_aitbc", "aitbc_to_btc"],
+        "properties": {
+            "btc_to_aitbc": _amount,
+            "aitbc_to_btc": _amount,
+            "fee_percent": _num,
+            "currency_pair": _str,
+            "configured": {"type": "boolean"},
+        },
+    },
 }
 
 CONSTRAINTS: Schema = {

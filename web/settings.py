@@ -174,6 +174,14 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         ok = False
     if not ok or Decimal(rate).quantize(Decimal("1e-8")) != Decimal(rate):
         raise SettingsError("BTC_TO_AITBC_RATE: must be a positive decimal (at most 8 places)")
+    xpub = env.get("BITCOIN_XPUB", "").strip() or None
+    if xpub is not None:
+        from web.exchange import AddressBook, XpubError
+
+        try:
+            AddressBook(xpub)
+        except XpubError as exc:
+            raise SettingsError(str(exc)) from None
     esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
     if esplora is not None and not esplora.startswith(("http://", "https://")):
         raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
@@ -181,7 +189,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         "billing": billing in ("on", "true", "1"),
         "session_ttl_hours": _number(env, "SESSION_TTL_HOURS", 24, 0.01, 24 * 365),
         "btc_to_aitbc_rate": rate,
-        "bitcoin_xpub": env.get("BITCOIN_XPUB", "").strip() or None,
+        "bitcoin_xpub": xpub,
         "bitcoin_address": env.get("BITCOIN_ADDRESS", "").strip() or None,
         "esplora_url": esplora,
         "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
