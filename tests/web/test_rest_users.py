@@ -220,3 +220,23 @@ async def test_a_session_is_a_client_on_the_job_routes(tmp_path: Path) -> None:
         assert (await api.http.get("/v1/admin/stats", headers=headers)).status_code == 403
         r = await api.http.post("/v1/miners/register", json={"capabilities": {}}, headers=headers)
         assert r.status_code == 403
+
+
+def test_a_session_token_opens_the_client_socket(tmp_path: Path) -> None:
+    """The client socket takes a session token (Bearer or X-Session-Token) as a client."""
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient
+    from web.app import create_app
+
+    app = create_app(make_settings(tmp_path))
+    with TestClient(app) as c:
+        wallet = address_of(KEY_A)
+        nonce = c.post("/v1/auth/nonce", json={"wallet_address": wallet}).json()["nonce"]
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        user = c.post("/v1/login", json=body).json()
+        token = user["session_token"]
+        for headers in (bearer(token), {"X-Session-Token": token}):
+            with c.websocket_connect("/v1/jobs/ws", headers=headers) as ws:
+                ws.send_json({"type": "hello", "protocol": 1})
+                welcome = ws.receive_json()
+                assert (welcome["type"], welcome["client_id"]) == ("welcome", user["user_id"])
