@@ -554,6 +554,11 @@ class Dispatcher:
         self._rest_connect(record, resume=False)
         await self._until_committed(self._commit_then)
 
+    async def barrier(self) -> None:
+        """Return once everything queued so far is committed (e.g. before a refusal that
+        reveals state, such as a balance that counts uncommitted reservations)."""
+        await self._until_committed(self._commit_then)
+
     def _commit_then(self, then: Callable[[None], None]) -> None:
         """``after_commit`` for ``_until_committed``: ``then(None)`` once all is durable."""
         self.after_commit(lambda: then(None))

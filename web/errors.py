@@ -24,7 +24,7 @@ ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
     UnknownMiner: (ErrorCode.NOT_FOUND, 404),
     NotAllowed: (ErrorCode.CONFLICT, 403),
     Unavailable: (ErrorCode.UNAVAILABLE, 503),
-    PaymentRequired: (ErrorCode.CONFLICT, 402),
+    PaymentRequired: (ErrorCode.PAYMENT_REQUIRED, 402),
 }
 
 

@@ -194,10 +194,12 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
                 elif endpoint.body is not None and endpoint.body_required:
                     raise HTTPError(422, "request body is required (a JSON object)")
             query = _coerce_query(endpoint.query, request)
-            if principal is not None:
-                wait = core.rate_limiter.check(
-                    f"{principal.key_hash}:{endpoint.tag}", time.monotonic()
-                )
+            # Per credential; public POSTs (wallet nonce/login/register) per client address.
+            who = principal.key_hash if principal is not None else None
+            if who is None and endpoint.method == "POST" and request.client is not None:
+                who = f"ip:{request.client.host}"
+            if who is not None:
+                wait = core.rate_limiter.check(f"{who}:{endpoint.tag}", time.monotonic())
                 if wait is not None:
                     raise HTTPError(
                         429, "Rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))}

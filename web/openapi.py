@@ -108,11 +108,10 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
         # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
         responses.setdefault("422", _error("invalid request"))
-    if endpoint.role is not None or endpoint.any_role:
+    authed = endpoint.role is not None or endpoint.any_role
+    if authed or endpoint.method == "POST":  # public POSTs are limited per client address
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
-        op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}]
-    else:
-        op["security"] = []
+    op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
     op["responses"] = responses
     return op
 

@@ -5,15 +5,14 @@ The seed-documentation paths (``/v1/client/jobs…``) are aliases served by the 
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 from dispatcher.core import JobSpec
-from dispatcher.errors import InvalidTransition, UnknownJob
+from dispatcher.errors import InvalidTransition, PaymentRequired, UnknownJob
 from dispatcher.ids import new_id
-from protocol.amounts import AmountError, to_units
 from storage.base import JobQuery
 from web.auth import Role
+from web.billing import job_payment
 from web.http import Call, Endpoint, HTTPError, Param, json_response
 
 if TYPE_CHECKING:
@@ -39,28 +38,16 @@ async def owned_job(call: Call, job_id: str) -> JobRecord:
 def _payment(call: Call) -> JSONObject | None:
     """With BILLING=on, a positive ``payment_amount`` is reserved from the caller's account
     (docs/wallet.md). With billing off the fields are ignored and ``payment_id`` stays null."""
-    body = call.body
-    raw = body.get("payment_amount")
-    if not call.core.settings.billing or raw is None:
-        return None
-    try:
-        amount = to_units(raw, name="payment_amount")
-    except AmountError as exc:
-        raise HTTPError(422, str(exc)) from None
-    if amount < 0:
-        raise HTTPError(422, "payment_amount must not be negative")
-    currency = body.get("payment_currency") or "AITBC"
-    if currency != "AITBC":
-        raise HTTPError(422, "payment_currency: only AITBC is accepted")
-    if amount == 0:
-        return None
     assert call.principal is not None
-    return {
-        "payment_id": str(uuid.uuid4()),
-        "account": call.principal.account,
-        "amount": amount,
-        "currency": currency,
-    }
+    try:
+        return job_payment(
+            call.core.settings,
+            call.principal,
+            call.body.get("payment_amount"),
+            call.body.get("payment_currency"),
+        )
+    except ValueError as exc:
+        raise HTTPError(422, str(exc)) from None
 
 
 async def submit(call: Call) -> Response:
@@ -76,7 +63,11 @@ async def submit(call: Call) -> Response:
         idempotency_key=body.get("idempotency_key"),
         payment=_payment(call),
     )
-    rec, existed = await call.core.dispatcher.submit_wait(spec)
+    try:
+        rec, existed = await call.core.dispatcher.submit_wait(spec)
+    except PaymentRequired:
+        await call.core.dispatcher.barrier()  # the balance it saw may count uncommitted work
+        raise
     return json_response(call.core.job_view(rec), 200 if existed else 201)
 
 

@@ -101,8 +101,11 @@ class WalletAuth:
 
     async def issue_nonce(self, wallet: str) -> NonceRecord:
         now = self.clock.now()
-        if len(self.nonces) >= MAX_OPEN_NONCES:
-            self.nonces = {w: n for w, n in self.nonces.items() if n.expires_at > now}
+        expired: list[str] = []
+        if len(self.nonces) >= MAX_OPEN_NONCES:  # drop expired challenges, here and stored
+            expired = [w for w, n in self.nonces.items() if n.expires_at <= now]
+            for w in expired:
+                del self.nonces[w]
             if len(self.nonces) >= MAX_OPEN_NONCES:
                 raise HTTPError(429, "too many open login challenges; try again later")
         record = NonceRecord(
@@ -111,6 +114,8 @@ class WalletAuth:
         self.nonces[wallet] = record  # a newer challenge replaces the older one
 
         def fill(batch: WriteBatch) -> None:
+            for w in expired:
+                batch.nonces[w] = None
             batch.nonces[wallet] = record
 
         await self.dispatcher.write(fill, [])

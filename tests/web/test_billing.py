@@ -245,3 +245,33 @@ async def test_admin_account_routes_validate(tmp_path: Path) -> None:
             assert r.status_code == 422
         r = await api.http.get("/v1/admin/accounts/miner:m9", headers={"X-Api-Key": CLIENT_KEY})
         assert r.status_code == 403
+
+
+def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
+    """job.submit with payment_amount reserves; short balance: error payment_required."""
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient, client_socket, hello, recv
+    from web.app import create_app
+
+    app = create_app(make_settings(tmp_path, billing=True))
+    with TestClient(app) as c:
+        client_id = app.state.core.auth.from_token(CLIENT_KEY).id
+        r = c.post(
+            f"/v1/admin/accounts/client:{client_id}/credit", json={"amount": "5"}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        with client_socket(c) as ws:
+            hello(ws)
+            ws.send_json({"type": "job.submit", "id": "s1", "payload": {}, "payment_amount": 4})
+            ack = recv(ws)
+            assert (ack["type"], ack["job"]["payment_status"]) == ("ack", "reserved")
+            assert ack["job"]["payment_amount"] == "4.00000000"
+            ws.send_json({"type": "job.submit", "id": "s2", "payload": {}, "payment_amount": "2"})
+            frames = [recv(ws), recv(ws)]  # the first job's queued event, then the refusal
+            error = next(f for f in frames if f["type"] == "error")
+            assert (error["code"], error["id"]) == ("payment_required", "s2")
+            ws.send_json({"type": "job.submit", "id": "s3", "payload": {}, "payment_amount": "x"})
+            error = recv(ws)
+            assert (error["type"], error["code"], error["id"]) == ("error", "invalid", "s3")
+        r = c.get(f"/v1/admin/accounts/client:{client_id}", headers=ADMIN)
+        assert r.json()["balance"] == "1.00000000"

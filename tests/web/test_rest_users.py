@@ -240,3 +240,36 @@ def test_a_session_token_opens_the_client_socket(tmp_path: Path) -> None:
                 ws.send_json({"type": "hello", "protocol": 1})
                 welcome = ws.receive_json()
                 assert (welcome["type"], welcome["client_id"]) == ("welcome", user["user_id"])
+
+
+async def test_public_wallet_posts_are_rate_limited_per_client_address(tmp_path: Path) -> None:
+    """With RATE_LIMIT_PER_MINUTE, nonce requests without a credential are limited per IP."""
+    async with running_api(tmp_path, rate_limit_per_minute=2) as api:
+        wallet = address_of(KEY_A)
+        for _ in range(2):
+            await get_nonce(api.http, wallet)
+        r = await api.http.post("/v1/auth/nonce", json={"wallet_address": wallet})
+        assert r.status_code == 429
+        assert "Retry-After" in r.headers
+
+
+async def test_expired_nonces_are_pruned_at_the_cap(tmp_path: Path) -> None:
+    """At MAX_OPEN_NONCES, expired challenges are dropped (memory and database)."""
+    from web import wallet_auth
+
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        old = wallet_auth.MAX_OPEN_NONCES
+        wallet_auth.MAX_OPEN_NONCES = 2
+        try:
+            await get_nonce(api.http, address_of(KEY_A))
+            await get_nonce(api.http, "0x" + "33" * 20)
+            r = await api.http.post("/v1/auth/nonce", json={"wallet_address": "0x" + "44" * 20})
+            assert r.status_code == 429
+            clock.advance(301)
+            await get_nonce(api.http, "0x" + "44" * 20)
+            assert list(api.core.wallet.nonces) == ["0x" + "44" * 20]
+            snap = await api.core.store.load_wallet(0)
+            assert [n.wallet_address for n in snap.nonces] == ["0x" + "44" * 20]
+        finally:
+            wallet_auth.MAX_OPEN_NONCES = old
