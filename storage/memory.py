@@ -94,6 +94,12 @@ class InMemoryJobStore:
         keys = {(e.movement_key, e.leg) for e in batch.entries}
         if len(keys) != len(batch.entries) or keys & self.entries.keys():
             raise Conflict("ledger movement key exists")
+        if batch.users:
+            self._check_users(batch)
+        if batch.payments:
+            self._check_outpoints(batch)
+
+    def _check_users(self, batch: WriteBatch) -> None:
         wallets = {u.wallet_address for u in self.users.values()}
         emails = {u.email for u in self.users.values()}
         for u in batch.users:
@@ -101,6 +107,8 @@ class InMemoryJobStore:
                 raise Conflict(f"user {u.user_id} / {u.wallet_address} / {u.email} exists")
             wallets.add(u.wallet_address)
             emails.add(u.email)
+
+    def _check_outpoints(self, batch: WriteBatch) -> None:
         taken = {
             (p.tx_hash, p.tx_vout): p.payment_id
             for p in self.payments.values()
