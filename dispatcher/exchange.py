@@ -4,9 +4,10 @@ Rule 1: BTC amounts are satoshis and AITBC amounts units of 1e-8, both integers;
 AITBC per BTC (``BTC_TO_AITBC_RATE``), so ``sats = aitbc_units / rate`` (rounded up: the buyer
 never underpays) and ``aitbc_units = sats * rate`` (rounded down).
 Rule 2: with one shared receiving address (``BITCOIN_ADDRESS``) payments are told apart by
-amount: each pending payment on the address gets a distinct satoshi amount, and only an output
-of exactly that amount pays it. With one address per payment (``BITCOIN_XPUB``) any output of
-at least the amount pays it. An output (txid, vout) pays at most one payment, ever.
+amount: each payment request on the address gets a satoshi amount never asked before, and
+only an output of exactly that amount pays it. With one address per payment
+(``BITCOIN_XPUB``) any output of at least the amount pays it. An output (txid, vout) pays at
+most one payment, ever.
 Rule 3: a payment is confirmed once its output has the required confirmations; the ledger
 credit's key is the payment id, so it is credited once.
 """
@@ -54,7 +55,7 @@ def quote(aitbc_units: int | None, btc_sats: int | None, rate: Decimal) -> tuple
 
 
 def unique_amount(sats: int, taken: set[int]) -> int:
-    """The smallest amount >= ``sats`` that no other pending payment on the address uses."""
+    """The smallest amount >= ``sats`` not in ``taken`` (amounts already asked on the address)."""
     while sats in taken:
         sats += 1
     return sats

@@ -115,6 +115,7 @@ class WalletSnapshot:
     payments: list[PaymentRecord]  # pending only
     next_address_index: int
     outpoints: list[tuple[str, int]]  # (txid, vout) already paying a payment
+    shared_amounts: list[tuple[str, int]]  # (address, sats) of every shared-address payment
 
 
 @dataclass(slots=True)

@@ -223,6 +223,9 @@ class InMemoryJobStore:
             outpoints=[
                 (p.tx_hash, p.tx_vout or 0) for p in self.payments.values() if p.tx_hash is not None
             ],
+            shared_amounts=[
+                (p.address, p.btc_sats) for p in self.payments.values() if p.address_index is None
+            ],
         )
 
     async def ledger_entries(

@@ -125,6 +125,10 @@ def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
             "SELECT tx_hash, tx_vout FROM exchange_payments WHERE tx_hash IS NOT NULL",
             {},
         ),
+        "shared": (
+            "SELECT address, btc_sats FROM exchange_payments WHERE address_index IS NULL",
+            {},
+        ),
         "index": (
             "SELECT COALESCE(MAX(address_index), -1) + 1 AS n FROM exchange_payments",
             {},
@@ -141,6 +145,7 @@ def snapshot(now: float, rows: dict[str, Sequence[Any]]) -> WalletSnapshot:
         payments=[payment(r._mapping) for r in rows["payments"]],
         next_address_index=int(rows["index"][0]._mapping["n"]),
         outpoints=[(r._mapping["tx_hash"], r._mapping["tx_vout"]) for r in rows["outpoints"]],
+        shared_amounts=[(r._mapping["address"], r._mapping["btc_sats"]) for r in rows["shared"]],
     )
 
 

@@ -75,12 +75,18 @@ class Exchange:
         self.clock = clock
         self.pending: dict[str, PaymentRecord] = {}
         self.claimed: set[tuple[str, int]] = set()
+        # Every amount ever asked on a shared address: an amount is never reused, so a late
+        # payment to an expired request (or a repeated one) can never pay someone else's.
+        self.shared_amounts: dict[str, set[int]] = {}
         self.next_index = 0
         self._settling: dict[str, str] = {}  # payment id -> new status, commit in flight
 
     def load(self, snapshot: WalletSnapshot) -> None:
         self.pending = {p.payment_id: p for p in snapshot.payments}
         self.claimed = set(snapshot.outpoints)
+        self.shared_amounts = {}
+        for address, sats in snapshot.shared_amounts:
+            self.shared_amounts.setdefault(address, set()).add(sats)
         self.next_index = snapshot.next_address_index
 
     @property
@@ -109,8 +115,9 @@ class Exchange:
         else:
             assert self.shared_address is not None
             address = self.shared_address
-            taken = {p.btc_sats for p in self.pending.values() if p.address == address}
+            taken = self.shared_amounts.setdefault(address, set())
             sats = unique_amount(sats, taken)
+            taken.add(sats)
         record = PaymentRecord(
             payment_id=str(uuid.uuid4()),
             user_id=principal.id,

@@ -291,18 +291,23 @@ async def test_watcher_matches_exact_unique_amounts_on_a_shared_address(tmp_path
         b = (await create(api, aitbc_amount=1000)).json()
         assert (a["btc_amount"], b["btc_amount"]) == ("0.01000000", "0.01000001")
         fake.pay(SHARED, 1_000_001, txid="cd" * 32, height=99)  # pays b exactly
-        fake.pay(SHARED, 1_000_002, txid="ef" * 32, height=99)  # pays nobody
+        fake.pay(SHARED, 1_000_009, txid="ef" * 32, height=99)  # an amount nobody asked
         await api.core.watcher.poll_once(http)
         assert (await status(api, a["payment_id"])).json()["status"] == "pending"
         assert (await status(api, b["payment_id"])).json()["status"] == "confirmed"
         assert await client_balance(api) == "1000.00000000"
-        c = (await create(api, aitbc_amount=1000)).json()
-        assert c["btc_amount"] == "0.01000001"  # b is no longer pending: its amount is free
-        await api.core.watcher.poll_once(http)  # b's output is spent on b: never pays c
-        assert (await status(api, c["payment_id"])).json()["status"] == "pending"
         clock.advance(3601)
         await api.core.watcher.poll_once(http)
         assert (await status(api, a["payment_id"])).json()["status"] == "expired"
+        fake.pay(SHARED, 1_000_000, txid="aa" * 32, height=100)  # late, to a's expired amount
+        c = (await create(api, aitbc_amount=1000)).json()
+        assert c["btc_amount"] == "0.01000002"  # an amount is never asked twice ...
+        await api.core.watcher.poll_once(http)  # ... so a's late payment never pays c
+        assert (await status(api, c["payment_id"])).json()["status"] == "pending"
+        fake.pay(SHARED, 1_000_002, txid="bb" * 32, height=99)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, c["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "2000.00000000"
 
 
 async def test_watcher_survives_a_failing_api_and_a_restart(tmp_path: Path) -> None:
