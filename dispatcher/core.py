@@ -49,6 +49,7 @@ class JobSpec:
     ttl_seconds: float | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    payment: JSONObject | None = None  # a reservation made by the runtime (docs/wallet.md)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +199,7 @@ class Scheduler:
             expires_at=now + ttl,
             max_attempts=self.config.max_attempts,
             idempotency_key=spec.idempotency_key,
+            payment=spec.payment,
         )
         self._admit(job)
         self._emit(job, EventKind.QUEUED, now)

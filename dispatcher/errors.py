@@ -7,7 +7,9 @@ Tree::
     ├── InvalidTransition    the job's state does not allow this (e.g. cancel a COMPLETED job)
     ├── NotAssigned          a miner acted on a job it does not hold (stale attempt included)
     ├── UnknownMiner         no such miner session
-    └── Unavailable          the dispatcher is not running (starting up or shutting down)
+    ├── Unavailable          the dispatcher is not running (starting up or shutting down)
+    ├── NotAllowed           the credential may not act as this identity
+    └── PaymentRequired      the payer's available balance is short (billing)
 """
 
 from __future__ import annotations
@@ -62,3 +64,10 @@ class NotAllowed(DispatchError):
 
 
 __all__ += ["NotAllowed"]
+
+
+class PaymentRequired(DispatchError):
+    """The paying account's available balance does not cover the amount (nothing changed)."""
+
+
+__all__ += ["PaymentRequired"]

@@ -86,6 +86,7 @@ class Job:
         "needs",
         "order",
         "payload",
+        "payment",
         "priority",
         "queue_token",
         "receipt",
@@ -110,6 +111,7 @@ class Job:
         expires_at: float,
         max_attempts: int,
         idempotency_key: str | None = None,
+        payment: JSONObject | None = None,
     ) -> None:
         self.job_id = job_id
         self.client_id = client_id
@@ -120,6 +122,7 @@ class Job:
         self.expires_at = expires_at
         self.max_attempts = max_attempts
         self.idempotency_key = idempotency_key
+        self.payment = payment
         self.state = JobState.QUEUED
         self.attempt = 0  # fencing token: +1 at every assignment
         self.failures = 0  # attempts charged against max_attempts
@@ -163,6 +166,7 @@ class Job:
             self.receipt,
             self.error,
             self.idempotency_key,
+            self.payment,
         )
 
     @classmethod
@@ -177,6 +181,7 @@ class Job:
             expires_at=rec.expires_at,
             max_attempts=rec.max_attempts,
             idempotency_key=rec.idempotency_key,
+            payment=rec.payment,
         )
         job.state = JobState(rec.state)
         job.attempt, job.failures, job.seq = rec.attempt, rec.failures, rec.seq

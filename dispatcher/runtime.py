@@ -23,6 +23,14 @@ from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
 from dispatcher.errors import DispatchError, NotAllowed, Unavailable, UnknownJob, UnknownMiner
 from dispatcher.fanout import Fanout, Subscriber
 from dispatcher.jobs import TERMINAL, JobState
+from dispatcher.ledger import (
+    Ledger,
+    Movement,
+    job_reservation,
+    job_settlement,
+    payee_account,
+    price_units,
+)
 from dispatcher.stats import (
     BATCH_BOUNDS,
     COMMIT_BOUNDS,
@@ -34,7 +42,7 @@ from protocol.codec import decode_server_to_miner, encode, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
-from storage.base import JobStore, ReceiptRow, WriteBatch
+from storage.base import JobStore, LedgerEntry, ReceiptRow, WriteBatch
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -107,12 +115,19 @@ class Dispatcher:
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.batch_sizes = Histogram(BATCH_BOUNDS)
         self.watchers: list[EventWatcher] = []
+        # Billing (docs/wallet.md): the ledger's in-memory view, loaded by the app before
+        # ``restore``. ``settle_payments`` turns on the per-batch settlement hook: with billing
+        # off and no paid job left, jobs cost nothing extra.
+        self.ledger = Ledger()
+        self.settle_payments = False
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def restore(self) -> None:
         """Rebuild the scheduler from the store (call once, before ``serve``)."""
         jobs, miners = await self.store.load_active()
+        if any(j.payment is not None for j in jobs):
+            self.settle_payments = True  # reservations made while billing was on still settle
         self._bindings = {m.miner_id: m.key_hash for m in miners}
         sessions = {m.miner_id: m.session_id or "" for m in miners}
         self._apply(self.scheduler.restore(jobs, sessions, self.clock.now()))
@@ -188,6 +203,8 @@ class Dispatcher:
 
     def _apply(self, effects: list[Effect]) -> None:
         writes = self._writes
+        if self.settle_payments:
+            self._settle(effects)
         for effect in effects:
             if isinstance(effect, Persist):
                 job, event = effect.job, effect.event
@@ -209,6 +226,64 @@ class Dispatcher:
         deadline = self.scheduler.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
             self._timer_wake.set()
+
+    def _settle(self, effects: list[Effect]) -> None:
+        """Empty the escrow of every paid job that ends in ``effects``, in the same batch."""
+        moves: list[Movement] = []
+        for effect in effects:
+            # One terminal event per job (terminal states are absorbing): settled once.
+            if isinstance(effect, Persist) and effect.event.state in TERMINAL:
+                job, payment = effect.job, effect.job.payment
+                if payment is not None:
+                    payee = None
+                    if job.miner_id is not None:
+                        miner = self.scheduler.miners.get(job.miner_id)
+                        payee = payee_account(job.miner_id, miner.capabilities if miner else {})
+                    moves += job_settlement(
+                        job.job_id, payment, effect.event.state, price_units(job.receipt), payee
+                    )
+        if moves:
+            self.ledger.stage(moves)
+            self._post(moves)
+
+    def _post(self, moves: list[Movement]) -> None:
+        """Write staged movements with the open batch; they count once it commits."""
+        at = self.clock.now()
+        for m in moves:
+            self._writes.entries += (
+                LedgerEntry(
+                    movement_key=m.key,
+                    leg=0,
+                    account=m.src,
+                    amount=-m.amount,
+                    kind=m.kind,
+                    ref=m.ref,
+                    at=at,
+                ),
+                LedgerEntry(
+                    movement_key=m.key,
+                    leg=1,
+                    account=m.dst,
+                    amount=m.amount,
+                    kind=m.kind,
+                    ref=m.ref,
+                    at=at,
+                ),
+            )
+        self._actions.append(lambda: self.ledger.commit(moves))
+        self._wake.set()
+
+    async def write(self, fill: Callable[[WriteBatch], None], moves: list[Movement]) -> None:
+        """Add rows (users, sessions, payments …) and ledger movements to the open batch and
+        return once they are committed. Raises PaymentRequired (nothing written) when a
+        movement would overdraw its source, Unavailable when shutting down."""
+        self._check_open()
+        if moves:
+            self.ledger.stage(moves)
+        fill(self._writes)
+        if moves:
+            self._post(moves)
+        await self._until_committed(self._commit_then)
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run ``action`` once everything queued so far is durable."""
@@ -292,7 +367,17 @@ class Dispatcher:
             if stored is not None:
                 self.after_commit(lambda: then(stored, True))
                 return
+        reserve = None
+        if spec.payment is not None and (
+            spec.idempotency_key is None
+            or self.scheduler.find_idempotent(spec.client_id, spec.idempotency_key) is None
+        ):
+            reserve = [job_reservation(spec.job_id, spec.payment)]
+            self.ledger.stage(reserve)  # PaymentRequired: nothing is queued
+            self.settle_payments = True
         job, effects = self.scheduler.submit(spec, self.clock.now())
+        if reserve is not None:
+            self._post(reserve)
         rec = job.record() if job.job_id == spec.job_id else self._visible.get(job.job_id)
         if rec is None:  # a duplicate of a job whose first submit is not committed yet
             rec = job.record()
@@ -527,6 +612,11 @@ class Dispatcher:
         self._rest_seen[miner_id] = now
         self._writes.miners[miner_id] = record
         self._rest_connect(record, resume=False)
+        await self._until_committed(self._commit_then)
+
+    async def barrier(self) -> None:
+        """Return once everything queued so far is committed (e.g. before a refusal that
+        reveals state, such as a balance that counts uncommitted reservations)."""
         await self._until_committed(self._commit_then)
 
     def _commit_then(self, then: Callable[[None], None]) -> None:

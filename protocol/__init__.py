@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from protocol.amounts import *  # noqa: F403
+from protocol.amounts import __all__ as _amounts
 from protocol.client import *  # noqa: F403
 from protocol.client import __all__ as _client
 from protocol.codec import *  # noqa: F403
@@ -19,4 +21,14 @@ from protocol.session import __all__ as _session
 from protocol.types import *  # noqa: F403
 from protocol.types import __all__ as _types
 
-__all__ = [*_client, *_records, *_codec, *_errors, *_messages, *_receipts, *_session, *_types]
+__all__ = [
+    *_amounts,
+    *_client,
+    *_records,
+    *_codec,
+    *_errors,
+    *_messages,
+    *_receipts,
+    *_session,
+    *_types,
+]

@@ -123,6 +123,19 @@ def _opt_b64(d: JSONObject, key: str, pattern: re.Pattern[str], what: str) -> st
     return v
 
 
+def _opt_amount(d: JSONObject, key: str) -> str | None:
+    """A decimal amount as text (a JSON number is kept as its shortest text)."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise _bad(key, "must be a decimal number or string")
+    text = v if isinstance(v, str) else repr(v)
+    if len(text) > 32:
+        raise _bad(key, "is longer than 32 characters")
+    return text
+
+
 def _job_id(d: JSONObject) -> str:
     v = _str(d, "job_id", max_len=_MAX_JOB_ID)
     if not v:
@@ -290,6 +303,7 @@ _CLIENT: dict[str, _Decoder] = {
         ttl_seconds=_opt_int(d, "ttl_seconds", lo=1, hi=7 * 86400),
         priority=_int(d, "priority", 0, lo=-1000, hi=1000),
         idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
+        payment_amount=_opt_amount(d, "payment_amount"),
         id=i,
     ),
     "subscribe": lambda d, i: Subscribe(job_ids=_job_ids(d, "job_ids"), after=_after(d), id=i),

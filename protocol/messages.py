@@ -201,6 +201,7 @@ class JobSubmit:
     ttl_seconds: int | None = None
     priority: int = 0
     idempotency_key: str | None = None
+    payment_amount: str | None = None  # decimal text; billed only with BILLING=on
     id: str | None = None
 
 

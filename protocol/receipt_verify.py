@@ -152,6 +152,21 @@ def _hashes(receipt: JSONObject) -> list[str]:
     return reasons
 
 
+MAX_DEPTH = 200  # orjson itself stops at 255 levels; real receipts have a handful
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def check_receipt(receipt: Any, keys: Sequence[TrustedKey] | None = None) -> list[str]:
     """Every reason ``receipt`` is not a valid receipt; empty means valid.
 
@@ -162,13 +177,12 @@ def check_receipt(receipt: Any, keys: Sequence[TrustedKey] | None = None) -> lis
     """
     if not isinstance(receipt, dict):
         return ["receipt is not a JSON object"]
-    try:
-        reasons = verify_receipt(receipt)
-        if keys is not None:
-            reasons += _pinning(receipt, keys)
-        return reasons + _miner_attestation(receipt) + _hashes(receipt)
-    except RecursionError:
+    if _depth_exceeds(receipt, MAX_DEPTH):
         return ["receipt is nested too deeply"]
+    reasons = verify_receipt(receipt)
+    if keys is not None:
+        reasons += _pinning(receipt, keys)
+    return reasons + _miner_attestation(receipt) + _hashes(receipt)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from protocol.amounts import format_units
 from protocol.types import JSONObject, iso_time
 
-__all__ = ["EventRecord", "JobRecord", "MinerRecord", "job_view"]
+__all__ = ["EventRecord", "JobRecord", "MinerRecord", "job_view", "payment_status"]
 
 
 class JobRecord(NamedTuple):
@@ -40,6 +41,9 @@ class JobRecord(NamedTuple):
     receipt: JSONObject | None = None
     error: str | None = None
     idempotency_key: str | None = None
+    # Billing (docs/wallet.md): {payment_id, account, amount (units of 1e-8), currency}, set
+    # at submission and never changed; the status follows from the job state.
+    payment: JSONObject | None = None
 
 
 _NO_DATA: JSONObject = {}  # shared default: event data is never mutated after creation
@@ -78,6 +82,7 @@ def job_view(job: JobRecord, *, servable: bool | None = None) -> JSONObject:
         "error": job.error,
         "payment_id": None,
         "payment_status": None,
+        "payment_amount": None,
         "payload": job.payload,
         "constraints": job.constraints,
         "result": job.result,
@@ -88,6 +93,23 @@ def job_view(job: JobRecord, *, servable: bool | None = None) -> JSONObject:
         "finished_at": None if job.finished_at is None else iso_time(job.finished_at),
         "seq": job.seq,
     }
+    if job.payment is not None:
+        view["payment_id"] = job.payment["payment_id"]
+        view["payment_status"] = payment_status(job.state)
+        view["payment_amount"] = format_units(job.payment["amount"])
     if servable is not None:
         view["servable"] = servable
     return view
+
+
+def payment_status(state: str) -> str:
+    """A job's reservation: held while it runs, paid out on completion, else given back.
+
+    The ledger entries of each step are committed with the state change itself, so the state
+    alone tells where the money is.
+    """
+    if state == "COMPLETED":
+        return "released"
+    if state in ("QUEUED", "RUNNING"):
+        return "reserved"
+    return "refunded"

@@ -63,6 +63,7 @@ class ErrorCode(StrEnum):
     NOT_CANCELABLE = "not_cancelable"
     CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"
+    PAYMENT_REQUIRED = "payment_required"
     INTERNAL = "internal"
 
 

@@ -13,7 +13,20 @@ if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
 
-__all__ = ["JobQuery", "JobStore", "ReceiptRow", "WriteBatch"]
+__all__ = [
+    "JobQuery",
+    "JobStore",
+    "LedgerEntry",
+    "NonceRecord",
+    "PaymentRecord",
+    "ReceiptRow",
+    "SessionRecord",
+    "Store",
+    "UserRecord",
+    "WalletSnapshot",
+    "WalletStore",
+    "WriteBatch",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,17 +39,116 @@ class ReceiptRow:
     chain_seq: int | None = None  # place in the coordinator's receipt chain (docs/receipts.md)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserRecord:
+    user_id: str
+    wallet_address: str  # lowercased 0x + 40 hex; unique
+    email: str  # unique
+    username: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionRecord:
+    """A user session: only the SHA-256 of the token is ever stored."""
+
+    token_hash: str
+    user_id: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NonceRecord:
+    """The open login challenge of a wallet (a newer one replaces it; login deletes it)."""
+
+    wallet_address: str
+    nonce: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One leg of a movement: ``amount`` in units of 1e-8 (negative = debit).
+
+    A movement is two entries with the same ``movement_key`` (legs 0 and 1) whose amounts sum
+    to zero; ``(movement_key, leg)`` is unique, so a movement can be written only once.
+    """
+
+    movement_key: str
+    leg: int
+    account: str
+    amount: int
+    kind: str
+    ref: str | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentRecord:
+    """An exchange payment request: BTC in (satoshis), AITBC credited (units of 1e-8)."""
+
+    payment_id: str
+    user_id: str
+    account: str
+    aitbc_units: int
+    btc_sats: int
+    address: str
+    address_index: int | None
+    status: str  # pending | confirmed | expired
+    created_at: float
+    expires_at: float
+    confirmed_at: float | None = None
+    tx_hash: str | None = None
+    tx_vout: int | None = None
+    confirmations: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WalletSnapshot:
+    """What the wallet keeps in memory, as loaded at start-up."""
+
+    users: list[UserRecord]
+    sessions: list[SessionRecord]  # neither revoked nor expired
+    nonces: list[NonceRecord]  # not expired
+    balances: dict[str, int]  # account -> sum of its entries (non-zero only)
+    payments: list[PaymentRecord]  # pending only
+    next_address_index: int
+    outpoints: list[tuple[str, int]]  # (txid, vout) already paying a payment
+    shared_amounts: list[tuple[str, int]]  # (address, sats) of every shared-address payment
+
+
 @dataclass(slots=True)
 class WriteBatch:
-    """Everything one transaction writes. Later job snapshots replace earlier ones."""
+    """Everything one transaction writes. Later job snapshots replace earlier ones.
+
+    The wallet parts (users … payments) are empty unless wallet login or billing is used; a
+    job's ledger entries ride in the same batch as the job change they belong to.
+    """
 
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     events: list[EventRecord] = field(default_factory=list)
     miners: dict[str, MinerRecord] = field(default_factory=dict)
     receipts: list[ReceiptRow] = field(default_factory=list)
+    entries: list[LedgerEntry] = field(default_factory=list)
+    users: list[UserRecord] = field(default_factory=list)
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    nonces: dict[str, NonceRecord | None] = field(default_factory=dict)  # None: delete
+    payments: dict[str, PaymentRecord] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.jobs) + len(self.events) + len(self.miners) + len(self.receipts)
+        return (
+            len(self.jobs)
+            + len(self.events)
+            + len(self.miners)
+            + len(self.receipts)
+            + len(self.entries)
+            + len(self.users)
+            + len(self.sessions)
+            + len(self.nonces)
+            + len(self.payments)
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,3 +201,21 @@ class JobStore(Protocol):
 
     async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         """``(chain_seq, receipt)`` with ``chain_seq > after``, in chain order (audit pages)."""
+
+
+class WalletStore(Protocol):
+    """Reads of users, sessions, the ledger and exchange payments (writes go in batches)."""
+
+    async def load_wallet(self, now: float) -> WalletSnapshot:
+        """Everything the wallet keeps in memory (start-up)."""
+
+    async def ledger_entries(
+        self, account: str, limit: int, offset: int
+    ) -> tuple[list[LedgerEntry], int]:
+        """An account's entries, newest first, and how many it has."""
+
+    async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
+
+
+class Store(JobStore, WalletStore, Protocol):
+    """The whole store as the app uses it."""

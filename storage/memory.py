@@ -8,12 +8,21 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from storage.base import WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
-    from storage.base import JobQuery, WriteBatch
+    from storage.base import (
+        JobQuery,
+        LedgerEntry,
+        NonceRecord,
+        PaymentRecord,
+        SessionRecord,
+        UserRecord,
+        WriteBatch,
+    )
 
 __all__ = ["InMemoryJobStore"]
 
@@ -26,6 +35,11 @@ class InMemoryJobStore:
         self.receipts: dict[str, tuple[str, float, JSONObject]] = {}
         self.chain: dict[int, JSONObject] = {}  # chain_seq -> receipt
         self._idem: dict[tuple[str, str], str] = {}  # (client_id, idempotency_key) -> job_id
+        self.users: dict[str, UserRecord] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.nonces: dict[str, NonceRecord] = {}
+        self.entries: dict[tuple[str, int], LedgerEntry] = {}
+        self.payments: dict[str, PaymentRecord] = {}
         self.commits = 0
         self.is_open = False
 
@@ -58,11 +72,14 @@ class InMemoryJobStore:
                 owner = self._idem.get(key) or keys.setdefault(key, job.job_id)
                 if owner != job.job_id:
                     raise Conflict(f"idempotency key {job.idempotency_key!r} is taken")
+        self._check_wallet(batch)
         self._idem.update(keys)
         for job in batch.jobs.values():
             old = self.jobs.get(job.job_id)
             if old is not None:
-                job = job._replace(payload=old.payload, constraints=old.constraints)
+                job = job._replace(
+                    payload=old.payload, constraints=old.constraints, payment=old.payment
+                )
             self.jobs[job.job_id] = job
         for e in batch.events:
             self.events.setdefault(e.job_id, []).append(e)
@@ -70,6 +87,7 @@ class InMemoryJobStore:
             old_m = self.miners.get(m.miner_id)
             self.miners[m.miner_id] = m if old_m is None else replace(m, key_hash=old_m.key_hash)
         self._write_receipts(batch)
+        self._write_wallet(batch)
         self.commits += 1
 
     def _check_chain(self, batch: WriteBatch) -> None:
@@ -94,6 +112,67 @@ class InMemoryJobStore:
             self.receipts[r.receipt_id] = (r.job_id, r.issued_at, r.receipt)
             if r.chain_seq is not None:
                 self.chain[r.chain_seq] = r.receipt
+
+    def _check_wallet(self, batch: WriteBatch) -> None:
+        """The SQL store's unique constraints, checked before anything is written."""
+        keys = {(e.movement_key, e.leg) for e in batch.entries}
+        if len(keys) != len(batch.entries) or keys & self.entries.keys():
+            raise Conflict("ledger movement key exists")
+        if batch.users:
+            self._check_users(batch)
+        if batch.payments:
+            self._check_outpoints(batch)
+
+    def _check_users(self, batch: WriteBatch) -> None:
+        wallets = {u.wallet_address for u in self.users.values()}
+        emails = {u.email for u in self.users.values()}
+        for u in batch.users:
+            if u.user_id in self.users or u.wallet_address in wallets or u.email in emails:
+                raise Conflict(f"user {u.user_id} / {u.wallet_address} / {u.email} exists")
+            wallets.add(u.wallet_address)
+            emails.add(u.email)
+
+    def _check_outpoints(self, batch: WriteBatch) -> None:
+        taken = {
+            (p.tx_hash, p.tx_vout): p.payment_id
+            for p in self.payments.values()
+            if p.tx_hash is not None
+        }
+        for p in batch.payments.values():
+            if p.tx_hash is not None:
+                owner = taken.setdefault((p.tx_hash, p.tx_vout), p.payment_id)
+                if owner != p.payment_id:
+                    raise Conflict(f"output {p.tx_hash}:{p.tx_vout} already paid a payment")
+
+    def _write_wallet(self, batch: WriteBatch) -> None:
+        for u in batch.users:
+            self.users[u.user_id] = u
+        for s in batch.sessions.values():
+            old_s = self.sessions.get(s.token_hash)
+            self.sessions[s.token_hash] = (
+                s if old_s is None else replace(old_s, revoked_at=s.revoked_at)
+            )
+        for address, nonce in batch.nonces.items():
+            if nonce is None:
+                self.nonces.pop(address, None)
+            else:
+                self.nonces[address] = nonce
+        for p in batch.payments.values():
+            old_p = self.payments.get(p.payment_id)
+            self.payments[p.payment_id] = (
+                p
+                if old_p is None
+                else replace(
+                    old_p,
+                    status=p.status,
+                    confirmed_at=p.confirmed_at,
+                    tx_hash=p.tx_hash,
+                    tx_vout=p.tx_vout,
+                    confirmations=p.confirmations,
+                )
+            )
+        for e in batch.entries:
+            self.entries[e.movement_key, e.leg] = e
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
         self._check_open()
@@ -155,3 +234,40 @@ class InMemoryJobStore:
     async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         self._check_open()
         return [(n, self.chain[n]) for n in sorted(self.chain) if n > after][:limit]
+
+    # ---- wallet -----------------------------------------------------------------------------
+
+    async def load_wallet(self, now: float) -> WalletSnapshot:
+        self._check_open()
+        balances: dict[str, int] = {}
+        for e in self.entries.values():
+            balances[e.account] = balances.get(e.account, 0) + e.amount
+        indexes = [p.address_index for p in self.payments.values() if p.address_index is not None]
+        return WalletSnapshot(
+            users=list(self.users.values()),
+            sessions=[
+                s for s in self.sessions.values() if s.revoked_at is None and s.expires_at > now
+            ],
+            nonces=[n for n in self.nonces.values() if n.expires_at > now],
+            balances={a: b for a, b in balances.items() if b != 0},
+            payments=[p for p in self.payments.values() if p.status == "pending"],
+            next_address_index=max(indexes, default=-1) + 1,
+            outpoints=[
+                (p.tx_hash, p.tx_vout or 0) for p in self.payments.values() if p.tx_hash is not None
+            ],
+            shared_amounts=[
+                (p.address, p.btc_sats) for p in self.payments.values() if p.address_index is None
+            ],
+        )
+
+    async def ledger_entries(
+        self, account: str, limit: int, offset: int
+    ) -> tuple[list[LedgerEntry], int]:
+        self._check_open()
+        found = [e for e in self.entries.values() if e.account == account]
+        found.sort(key=lambda e: (e.at, e.movement_key), reverse=True)
+        return found[offset : offset + limit], len(found)
+
+    async def get_payment(self, payment_id: str) -> PaymentRecord | None:
+        self._check_open()
+        return self.payments.get(payment_id)

@@ -4,7 +4,9 @@ Rule: a migration is never edited once released; add a new one. ``job_events`` i
 ``WITHOUT ROWID`` table (SQLite: its small rows live in the primary-key B-tree, one tree per
 insert instead of two; measured +20% jobs/s). ``jobs`` and ``receipts`` keep rowids: their rows
 are large, and ``WITHOUT ROWID`` made them slower. The applied version is kept in
-``schema_version`` so the same code runs on SQLite and PostgreSQL.
+``schema_version`` (one row per applied migration) so the same code runs on SQLite and
+PostgreSQL; every listed version that has no row is applied, so numbers need not be
+contiguous.
 """
 
 from __future__ import annotations
@@ -77,6 +79,64 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE receipts ADD COLUMN chain_seq INTEGER",
             """CREATE UNIQUE INDEX receipts_chain ON receipts (chain_seq)
                WHERE chain_seq IS NOT NULL""",
+        ],
+    ),
+    # 3: users, sessions, login nonces, the ledger and exchange payments (docs/wallet.md).
+    # Independent of migration 2 (receipts): the runner applies every missing version.
+    # Amounts are INTEGER units of 1e-8 (never floats); a movement's two legs share a key.
+    (
+        3,
+        [
+            """CREATE TABLE users (
+                user_id TEXT PRIMARY KEY,
+                wallet_address TEXT NOT NULL UNIQUE,
+                email TEXT NOT NULL UNIQUE,
+                username TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE user_sessions (
+                token_hash TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION
+            )""",
+            """CREATE TABLE login_nonces (
+                wallet_address TEXT PRIMARY KEY,
+                nonce TEXT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE ledger_entries (
+                movement_key TEXT NOT NULL,
+                leg INTEGER NOT NULL,
+                account TEXT NOT NULL,
+                amount BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                ref TEXT,
+                at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (movement_key, leg)
+            )""",
+            "CREATE INDEX ledger_account ON ledger_entries (account, at)",
+            """CREATE TABLE exchange_payments (
+                payment_id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                account TEXT NOT NULL,
+                aitbc_units BIGINT NOT NULL,
+                btc_sats BIGINT NOT NULL,
+                address TEXT NOT NULL,
+                address_index INTEGER,
+                status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                confirmed_at DOUBLE PRECISION,
+                tx_hash TEXT,
+                tx_vout INTEGER,
+                confirmations INTEGER NOT NULL
+            )""",
+            "CREATE INDEX exchange_payments_status ON exchange_payments (status)",
+            """CREATE UNIQUE INDEX exchange_payments_outpoint ON exchange_payments
+               (tx_hash, tx_vout) WHERE tx_hash IS NOT NULL""",
+            "ALTER TABLE jobs ADD COLUMN payment TEXT",
         ],
     ),
 ]

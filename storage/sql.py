@@ -16,6 +16,7 @@ from databases import Database
 
 from protocol.codec import dumps, loads
 from protocol.records import EventRecord, JobRecord, MinerRecord
+from storage import wallet_sql
 from storage.errors import Conflict, StorageError
 from storage.schema import MIGRATIONS
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from databases.core import Connection
 
     from protocol.types import JSONObject
-    from storage.base import JobQuery, WriteBatch
+    from storage.base import JobQuery, LedgerEntry, PaymentRecord, WalletSnapshot, WriteBatch
 
 __all__ = ["DatabasesJobStore", "map_driver_errors"]
 
@@ -50,13 +51,13 @@ _JOB_COLUMNS = (
     "receipt",
     "error",
     "idempotency_key",
+    "payment",
 )
+_WRITE_ONCE = ("payload", "constraints", "payment")
 _UPSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))}) "
     "ON CONFLICT (job_id) DO UPDATE SET "
-    + ", ".join(
-        f"{c} = excluded.{c}" for c in _JOB_COLUMNS[2:] if c not in ("payload", "constraints")
-    )
+    + ", ".join(f"{c} = excluded.{c}" for c in _JOB_COLUMNS[2:] if c not in _WRITE_ONCE)
 )
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
@@ -115,6 +116,7 @@ def _job_row(j: JobRecord) -> tuple[Any, ...]:
         _text(j.receipt),
         j.error,
         j.idempotency_key,
+        None if j.payment is None else dumps(j.payment).decode(),
     )
 
 
@@ -141,6 +143,7 @@ def _job_record(row: Any) -> JobRecord:
         receipt=_json(m["receipt"]),
         error=m["error"],
         idempotency_key=m["idempotency_key"],
+        payment=_json(m["payment"]),
     )
 
 
@@ -212,6 +215,8 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                     for r in batch.receipts
                 ],
             )
+        if batch.entries or batch.users or batch.sessions or batch.nonces or batch.payments:
+            wallet_sql.write(conn, batch)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -270,11 +275,10 @@ class DatabasesJobStore:
     async def _migrate(self) -> None:
         raw = self._raw
         await raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        async with raw.execute("SELECT MAX(version) FROM schema_version") as cur:
-            row = await cur.fetchone()
-        current = (row[0] if row else None) or 0
+        async with raw.execute("SELECT version FROM schema_version") as cur:
+            applied = {row[0] for row in await cur.fetchall()}
         for version, statements in MIGRATIONS:
-            if version <= current:
+            if version in applied:
                 continue
             await raw.execute("BEGIN")
             try:
@@ -414,3 +418,34 @@ class DatabasesJobStore:
             {"a": after, "n": limit},
         )
         return [(r._mapping["chain_seq"], loads(r._mapping["receipt"])) for r in rows]
+
+    # ---- wallet (storage/wallet_sql.py holds the SQL) ------------------------------------
+
+    async def load_wallet(self, now: float) -> WalletSnapshot:
+        return wallet_sql.snapshot(
+            now,
+            {
+                name: await self._fetch(sql, values)
+                for name, (sql, values) in wallet_sql.snapshot_queries(now).items()
+            },
+        )
+
+    async def ledger_entries(
+        self, account: str, limit: int, offset: int
+    ) -> tuple[list[LedgerEntry], int]:
+        values = {"a": account}
+        total = await self._fetch(
+            "SELECT COUNT(*) AS n FROM ledger_entries WHERE account = :a", values
+        )
+        rows = await self._fetch(
+            "SELECT * FROM ledger_entries WHERE account = :a "
+            "ORDER BY at DESC, movement_key DESC LIMIT :limit OFFSET :offset",
+            {**values, "limit": limit, "offset": offset},
+        )
+        return [wallet_sql.entry(r._mapping) for r in rows], int(total[0]._mapping["n"])
+
+    async def get_payment(self, payment_id: str) -> PaymentRecord | None:
+        rows = await self._fetch(
+            "SELECT * FROM exchange_payments WHERE payment_id = :p", {"p": payment_id}
+        )
+        return wallet_sql.payment(rows[0]._mapping) if rows else None

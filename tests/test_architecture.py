@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE_DISPATCHER = ["jobs", "core", "policy", "effects", "stats", "errors"]
+PURE_DISPATCHER = ["jobs", "core", "policy", "effects", "stats", "errors", "ledger", "exchange"]
 FORBIDDEN_EVERYWHERE_PURE = {
     "asyncio",
     "anyio",

@@ -15,30 +15,44 @@ from starlette.routing import Route, WebSocketRoute
 
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.core import Scheduler, SchedulerConfig
+from dispatcher.ledger import Ledger
 from dispatcher.receipts import ReceiptSigner
 from dispatcher.runtime import Dispatcher
 from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
 from storage.sql import DatabasesJobStore
-from web import metrics, rest_admin, rest_jobs, rest_miners, rest_ops, rest_receipts
+from web import (
+    metrics,
+    rest_admin,
+    rest_exchange,
+    rest_jobs,
+    rest_ledger,
+    rest_miners,
+    rest_ops,
+    rest_receipts,
+    rest_users,
+)
 from web.auth import Authenticator
 from web.docs import docs_routes
+from web.esplora import EsploraWatcher
+from web.exchange import Exchange
 from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
 from web.ops_page import ops_routes
+from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 from web.ws_ops import ops_endpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from anyio.abc import TaskStatus
     from starlette.requests import Request
 
-    from storage.base import JobStore
+    from storage.base import Store
     from web.settings import Settings
 
 __all__ = ["Coordinator", "create_app"]
@@ -51,7 +65,7 @@ VERSION = "0.1.0"
 class Coordinator:
     """Everything a request handler needs, built once per app."""
 
-    def __init__(self, settings: Settings, store: JobStore, clock: Clock) -> None:
+    def __init__(self, settings: Settings, store: Store, clock: Clock) -> None:
         if settings.receipt_signing_key_hex is None:
             raise ValueError("RECEIPT_SIGNING_KEY_HEX must be resolved before create_app")
         self.settings = settings
@@ -69,6 +83,15 @@ class Coordinator:
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
+        self.clock = clock
+        self.wallet = WalletAuth(self.dispatcher, clock, settings.session_ttl_hours * 3600)
+        self.auth.sessions = self.wallet.lookup
+        self.exchange = Exchange(settings, self.dispatcher, store, clock)
+        self.watcher = None
+        if settings.esplora_url is not None:
+            self.watcher = EsploraWatcher(
+                self.exchange, settings.esplora_url, settings.esplora_poll_seconds, clock
+            )
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
         self.ready = False
@@ -77,6 +100,14 @@ class Coordinator:
         self.on_fatal: Callable[[], None] = lambda: None
         self.ops = OpsFeed(self)
         self.metrics = metrics.registry_for(self)
+
+    async def load_wallet(self) -> None:
+        """Users, sessions, nonces and balances into memory (before the dispatcher restores)."""
+        snapshot = await self.store.load_wallet(self.clock.now())
+        self.wallet.load(snapshot)
+        self.exchange.load(snapshot)
+        self.dispatcher.ledger = Ledger(snapshot.balances)
+        self.dispatcher.settle_payments = self.settings.billing
 
     def fatal(self) -> None:
         """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
@@ -96,8 +127,13 @@ class Coordinator:
             conn.close(code, reason)
 
 
+async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await run()
+
+
 def create_app(
-    settings: Settings, *, store: JobStore | None = None, clock: Clock | None = None
+    settings: Settings, *, store: Store | None = None, clock: Clock | None = None
 ) -> Starlette:
     store = store or DatabasesJobStore(
         settings.database_url, synchronous=settings.sqlite_synchronous
@@ -117,14 +153,19 @@ def create_app(
         await core.store.open()
         try:
             core.signer.resume(await core.store.receipt_chain_head())
+            await core.load_wallet()
             await core.dispatcher.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
                 tg.start_soon(core.ops.run)
+                watching = anyio.CancelScope()
+                if core.watcher is not None:
+                    tg.start_soon(_in_scope, watching, core.watcher.run)
                 core.ready = True
                 try:
                     yield
                 finally:
+                    watching.cancel()
                     core.ready = False
                     core.close_sockets()
                     core.dispatcher.stop()
@@ -157,6 +198,9 @@ def create_app(
         + rest_receipts.ENDPOINTS
         + rest_ops.ENDPOINTS
         + metrics.ENDPOINTS
+        + rest_users.ENDPOINTS
+        + rest_ledger.ENDPOINTS
+        + rest_exchange.ENDPOINTS
     )
     app = Starlette(
         routes=[

@@ -1,11 +1,14 @@
-"""Credentials: per-role API key sets, as ``X-Api-Key`` or ``Authorization: Bearer``."""
+"""Credentials: per-role API key sets, as ``X-Api-Key`` or ``Authorization: Bearer``.
+
+Wallet users' session tokens (``X-Session-Token`` or Bearer) are client credentials too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from starlette.datastructures import Headers
@@ -29,15 +32,32 @@ def key_hash(key: str) -> str:
 class Principal:
     role: Role
     key_hash: str
+    user_id: str | None = None  # a wallet user's session (a client)
+    wallet: str | None = None
 
     @property
     def id(self) -> str:
         """A stable, non-secret identity derived from the key (never the key itself)."""
+        if self.user_id is not None:
+            return self.user_id
         return f"{self.role.value}-{self.key_hash[:12]}"
+
+    @property
+    def account(self) -> str:
+        """The ledger account this caller pays from (docs/wallet.md)."""
+        if self.wallet is not None:
+            return f"wallet:{self.wallet}"
+        return f"{self.role.value}:{self.id}"
+
+
+class SessionLookup(Protocol):
+    def __call__(self, token_hash: str) -> Principal | None: ...
 
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
+        # Wallet user sessions (web/wallet_auth.py), consulted after the API keys.
+        self.sessions: SessionLookup = lambda token_hash: None
         self._keys: dict[str, Role] = {}
         for role, keys in (
             (Role.CLIENT, settings.client_api_keys),
@@ -51,11 +71,11 @@ class Authenticator:
         # Only SHA-256 digests are compared, so a dict lookup leaks nothing about the keys.
         digest = key_hash(token)
         role = self._keys.get(digest)
-        return None if role is None else Principal(role, digest)
+        return self.sessions(digest) if role is None else Principal(role, digest)
 
     @staticmethod
     def token_from_headers(headers: Headers) -> str | None:
-        key = headers.get("x-api-key")
+        key = headers.get("x-api-key") or headers.get("x-session-token")
         if key:
             return key.strip()
         auth = headers.get("authorization", "")

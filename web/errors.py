@@ -7,6 +7,7 @@ from dispatcher.errors import (
     InvalidTransition,
     NotAllowed,
     NotAssigned,
+    PaymentRequired,
     Unavailable,
     UnknownJob,
     UnknownMiner,
@@ -23,6 +24,7 @@ ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
     UnknownMiner: (ErrorCode.NOT_FOUND, 404),
     NotAllowed: (ErrorCode.CONFLICT, 403),
     Unavailable: (ErrorCode.UNAVAILABLE, 503),
+    PaymentRequired: (ErrorCode.PAYMENT_REQUIRED, 402),
 }
 
 

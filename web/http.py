@@ -102,6 +102,7 @@ class Endpoint:
     query: tuple[Param, ...] = ()
     responses: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     description: str = ""
+    any_role: bool = False  # a valid credential of any role (role must then be None)
 
 
 class RateLimiter:
@@ -127,16 +128,18 @@ class RateLimiter:
         return None
 
 
-def _authorize(core: Coordinator, request: Request, role: Role | None) -> Principal | None:
+def _authorize(
+    core: Coordinator, request: Request, role: Role | None, any_role: bool = False
+) -> Principal | None:
     token = core.auth.token_from_headers(request.headers)
-    if role is None:
+    if role is None and not any_role:
         return None if token is None else core.auth.from_token(token)
     if token is None:
         raise HTTPError(401, "Authentication required", {"WWW-Authenticate": "Bearer"})
     principal = core.auth.from_token(token)
     if principal is None:
         raise HTTPError(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
-    if principal.role is not role:
+    if role is not None and principal.role is not role:
         raise HTTPError(403, "Forbidden")
     return principal
 
@@ -178,7 +181,7 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         core: Coordinator = request.app.state.core
         try:
-            principal = _authorize(core, request, endpoint.role)
+            principal = _authorize(core, request, endpoint.role, endpoint.any_role)
             body: Any = None
             if endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH"):
                 raw = await _read_body(request, core.settings.max_body_bytes)
@@ -191,10 +194,12 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
                 elif endpoint.body is not None and endpoint.body_required:
                     raise HTTPError(422, "request body is required (a JSON object)")
             query = _coerce_query(endpoint.query, request)
-            if principal is not None:
-                wait = core.rate_limiter.check(
-                    f"{principal.key_hash}:{endpoint.tag}", time.monotonic()
-                )
+            # Per credential; public POSTs (wallet nonce/login/register) per client address.
+            who = principal.key_hash if principal is not None else None
+            if who is None and endpoint.method == "POST" and request.client is not None:
+                who = f"ip:{request.client.host}"
+            if who is not None:
+                wait = core.rate_limiter.check(f"{who}:{endpoint.tag}", time.monotonic())
                 if wait is not None:
                     raise HTTPError(
                         429, "Rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))}

@@ -27,6 +27,8 @@ TAGS = [
     {"name": "miners", "description": "Polling miners (§2.3); sockets: /v1/miners/ws"},
     {"name": "admin", "description": "Admin key only (§2.4)"},
     {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
+    {"name": "users", "description": "Wallet login, sessions, balances (§2.5, docs/wallet.md)"},
+    {"name": "exchange", "description": "Buy AITBC credit with BTC (§2.6, docs/wallet.md)"},
     {"name": "health", "description": "Liveness and readiness, no auth"},
     {"name": "ops", "description": "Ops page and Prometheus metrics (docs/ops.md)"},
     {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},
@@ -108,11 +110,10 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
         # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
         responses.setdefault("422", _error("invalid request"))
-    if endpoint.role is not None:
+    authed = endpoint.role is not None or endpoint.any_role
+    if authed or endpoint.method == "POST":  # public POSTs are limited per client address
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
-        op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}]
-    else:
-        op["security"] = []
+    op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
     op["responses"] = responses
     return op
 
@@ -166,7 +167,14 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
                 "Bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "the same API key, as Authorization: Bearer <key>",
+                    "description": "an API key or a wallet session token, as "
+                    "Authorization: Bearer <token>",
+                },
+                "SessionToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Session-Token",
+                    "description": "a wallet session token from POST /v1/login (a client)",
                 },
             },
         },

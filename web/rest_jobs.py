@@ -8,16 +8,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dispatcher.core import JobSpec
-from dispatcher.errors import InvalidTransition, UnknownJob
+from dispatcher.errors import InvalidTransition, PaymentRequired, UnknownJob
 from dispatcher.ids import new_id
 from storage.base import JobQuery
 from web.auth import Role
+from web.billing import job_payment
 from web.http import Call, Endpoint, HTTPError, Param, json_response
 
 if TYPE_CHECKING:
     from starlette.responses import Response
 
     from protocol.records import JobRecord
+    from protocol.types import JSONObject
 
 __all__ = ["ENDPOINTS", "owned_job"]
 
@@ -33,6 +35,21 @@ async def owned_job(call: Call, job_id: str) -> JobRecord:
     return rec
 
 
+def _payment(call: Call) -> JSONObject | None:
+    """With BILLING=on, a positive ``payment_amount`` is reserved from the caller's account
+    (docs/wallet.md). With billing off the fields are ignored and ``payment_id`` stays null."""
+    assert call.principal is not None
+    try:
+        return job_payment(
+            call.core.settings,
+            call.principal,
+            call.body.get("payment_amount"),
+            call.body.get("payment_currency"),
+        )
+    except ValueError as exc:
+        raise HTTPError(422, str(exc)) from None
+
+
 async def submit(call: Call) -> Response:
     body = call.body
     ttl = body.get("ttl_seconds")
@@ -44,8 +61,13 @@ async def submit(call: Call) -> Response:
         ttl_seconds=None if ttl is None else max(1, ttl),
         priority=body.get("priority") or 0,
         idempotency_key=body.get("idempotency_key"),
+        payment=_payment(call),
     )
-    rec, existed = await call.core.dispatcher.submit_wait(spec)
+    try:
+        rec, existed = await call.core.dispatcher.submit_wait(spec)
+    except PaymentRequired:
+        await call.core.dispatcher.barrier()  # the balance it saw may count uncommitted work
+        raise
     return json_response(call.core.job_view(rec), 200 if existed else 201)
 
 
@@ -136,6 +158,7 @@ ENDPOINTS = [
         responses=_r(
             (201, ("queued (durably stored)", "JobView")),
             (200, ("an earlier job with the same idempotency_key", "JobView")),
+            (402, ("BILLING=on: the balance does not cover payment_amount", "Error")),
             (413, ("body too large", "Error")),
             (422, ("invalid body", "Error")),
         ),

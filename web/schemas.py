@@ -22,6 +22,181 @@ _sig = {
     "properties": {"alg": _str, "key_id": _str, "sig": _str},
 }
 
+_amount = {
+    "type": "string",
+    "pattern": "^-?[0-9]+\\.[0-9]{8}$",
+    "description": "exact decimal, 8 places",
+}
+_wallet = {**_str, "maxLength": 64, "description": "0x + 40 hex digits (400 otherwise)"}
+_login = {
+    "wallet_address": _wallet,
+    "nonce": {**_str, "maxLength": 128, "description": "from POST /v1/auth/nonce"},
+    "signature": {
+        **_str,
+        "maxLength": 200,
+        "description": "EIP-191 personal_sign of the login message, hex (0x optional)",
+    },
+}
+WALLET_SCHEMAS: dict[str, Schema] = {
+    "NonceRequest": {
+        "type": "object",
+        "required": ["wallet_address"],
+        "properties": {"wallet_address": _wallet},
+    },
+    "Nonce": {
+        "type": "object",
+        "required": ["wallet_address", "nonce", "expires_at"],
+        "properties": {
+            "wallet_address": _str,
+            "nonce": _str,
+            "expires_at": {"type": "integer", "description": "Unix seconds (now + 300)"},
+            "message": {**_str, "description": "the exact text to sign"},
+        },
+    },
+    "LoginRequest": {
+        "type": "object",
+        "required": ["wallet_address", "nonce", "signature"],
+        "properties": _login,
+    },
+    "RegisterRequest": {
+        "type": "object",
+        "required": ["email", "username", "wallet_address", "nonce", "signature"],
+        "properties": {
+            **_login,
+            "email": {**_str, "maxLength": 254},
+            "username": {**_str, "maxLength": 64},
+            "password": {**_str, "maxLength": 1024, "description": "accepted and ignored"},
+        },
+    },
+    "UserProfile": {
+        "type": "object",
+        "required": ["user_id", "email", "username", "created_at", "session_token"],
+        "properties": {
+            "user_id": _str,
+            "email": _str,
+            "username": _str,
+            "wallet_address": _str,
+            "created_at": {**_str, "format": "date-time"},
+            "session_token": _str,
+        },
+    },
+    "Balance": {
+        "type": "object",
+        "required": ["user_id", "address", "balance", "updated_at"],
+        "properties": {
+            "user_id": _str,
+            "address": _str,
+            "balance": _amount,
+            "available": {**_amount, "description": "balance less reservations in flight"},
+            "currency": _str,
+            "updated_at": {**_str, "format": "date-time"},
+        },
+    },
+    "Transaction": {
+        "type": "object",
+        "properties": {
+            "id": _str,
+            "type": _str,
+            "status": _str,
+            "amount": _amount,
+            "fee": _amount,
+            "description": _str,
+            "reference": _nullable_str,
+            "created_at": {**_str, "format": "date-time"},
+            "confirmed_at": {**_str, "format": "date-time"},
+        },
+    },
+    "TransactionList": {
+        "type": "object",
+        "required": ["user_id", "transactions", "total"],
+        "properties": {
+            "user_id": _str,
+            "total": {"type": "integer"},
+            "transactions": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Transaction"},
+            },
+        },
+    },
+    "Account": {
+        "type": "object",
+        "required": ["account", "balance", "available"],
+        "properties": {
+            "account": _str,
+            "balance": _amount,
+            "available": _amount,
+            "currency": _str,
+            "total": {"type": "integer"},
+            "transactions": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Transaction"},
+            },
+        },
+    },
+    "Credit": {
+        "type": "object",
+        "required": ["amount"],
+        "properties": {
+            "amount": {"type": ["string", "number"], "maxLength": 32, "description": "AITBC"},
+            "note": {**_str, "maxLength": 256},
+        },
+    },
+    "Message": {"type": "object", "required": ["message"], "properties": {"message": _str}},
+    "PaymentCreate": {
+        "type": "object",
+        "description": "aitbc_amount or btc_amount (or both, agreeing at the rate to 1 sat)",
+        "properties": {
+            "user_id": {**_str, "maxLength": 128, "description": "ignored: the caller pays"},
+            "aitbc_amount": {
+                "type": ["string", "number"],
+                "maxLength": 32,
+                "description": "0.01 to 1000000",
+            },
+            "btc_amount": {"type": ["string", "number"], "maxLength": 32},
+            "eth_amount": {
+                "type": ["string", "number"],
+                "maxLength": 32,
+                "description": "upstream ETH form: refused (400)",
+            },
+        },
+    },
+    "Payment": {
+        "type": "object",
+        "required": ["payment_id", "status", "payment_address", "aitbc_amount", "btc_amount"],
+        "properties": {
+            "payment_id": _str,
+            "user_id": _str,
+            "aitbc_amount": _amount,
+            "btc_amount": _amount,
+            "payment_address": _str,
+            "status": {"enum": ["pending", "confirmed", "expired"]},
+            "created_at": {"type": "integer"},
+            "expires_at": {"type": "integer"},
+            "confirmations": {"type": "integer"},
+            "tx_hash": _nullable_str,
+            "confirmed_at": {"type": ["integer", "null"]},
+        },
+    },
+    "PaymentConfirm": {
+        "type": "object",
+        "properties": {
+            "tx_hash": {**_str, "maxLength": 64, "description": "64 hex digits"},
+            "vout": {"type": "integer", "minimum": 0, "maximum": 100000},
+        },
+    },
+    "Rates": {
+        "type": "object",
+        "required": ["btc_to_aitbc", "aitbc_to_btc"],
+        "properties": {
+            "btc_to_aitbc": _amount,
+            "aitbc_to_btc": _amount,
+            "fee_percent": _num,
+            "currency_pair": _str,
+            "configured": {"type": "boolean"},
+        },
+    },
+}
+
 CONSTRAINTS: Schema = {
     "type": "object",
     "description": "Matching constraints (rest-api §3.3); unknown keys are kept and ignored.",
@@ -52,8 +227,13 @@ SCHEMAS: dict[str, Schema] = {
             },
             "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
             "idempotency_key": {**_str, "maxLength": 128},
-            "payment_amount": {"type": ["number", "string", "null"]},
-            "payment_currency": {**_str, "maxLength": 16},
+            "payment_amount": {
+                "type": ["number", "string", "null"],
+                "maxLength": 32,
+                "description": "BILLING=on: reserved from your balance at submission (402 "
+                "when short); the miner is paid the receipt price, the rest comes back",
+            },
+            "payment_currency": {**_str, "maxLength": 16, "description": "AITBC only"},
         },
     },
     "JobView": {
@@ -67,7 +247,11 @@ SCHEMAS: dict[str, Schema] = {
             "expires_at": {**_str, "format": "date-time"},
             "error": _nullable_str,
             "payment_id": _nullable_str,
-            "payment_status": _nullable_str,
+            "payment_status": {
+                "type": ["string", "null"],
+                "enum": ["reserved", "released", "refunded", None],
+            },
+            "payment_amount": _nullable_str,
             "payload": _obj,
             "constraints": _obj,
             "result": {"type": ["object", "null"]},
@@ -410,6 +594,7 @@ SCHEMAS: dict[str, Schema] = {
             },
         },
     },
+    **WALLET_SCHEMAS,
     "Error": {
         "type": "object",
         "required": ["detail"],

@@ -132,6 +132,16 @@ class Settings:
     max_poll_wait_seconds: float = 25.0
     environment: str = "development"
     metrics_public: bool = False
+    # Wallet users, billing and the exchange (docs/wallet.md)
+    billing: bool = False
+    session_ttl_hours: float = 24.0
+    btc_to_aitbc_rate: str = "100000"
+    bitcoin_xpub: str | None = None
+    bitcoin_address: str | None = None
+    esplora_url: str | None = None
+    esplora_poll_seconds: float = 30.0
+    btc_confirmations: int = 1
+    payment_ttl_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -183,7 +193,7 @@ class Settings:
             max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
-        )
+        ).with_(**_wallet_settings(env))
         roles = (
             ("CLIENT_API_KEYS", settings.client_api_keys),
             ("ADMIN_API_KEYS", settings.admin_api_keys),
@@ -201,3 +211,40 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
+    from decimal import Decimal, InvalidOperation
+
+    billing = env.get("BILLING", "off").strip().lower()
+    if billing not in ("on", "off", "true", "false", "1", "0", ""):
+        raise SettingsError("BILLING: must be on or off")
+    rate = env.get("BTC_TO_AITBC_RATE", "100000").strip() or "100000"
+    try:
+        ok = Decimal(rate).is_finite() and 0 < Decimal(rate) <= 10**9
+    except InvalidOperation:
+        ok = False
+    if not ok or Decimal(rate).quantize(Decimal("1e-8")) != Decimal(rate):
+        raise SettingsError("BTC_TO_AITBC_RATE: must be a positive decimal (at most 8 places)")
+    xpub = env.get("BITCOIN_XPUB", "").strip() or None
+    if xpub is not None:
+        from web.exchange import AddressBook, XpubError
+
+        try:
+            AddressBook(xpub)
+        except XpubError as exc:
+            raise SettingsError(str(exc)) from None
+    esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
+    if esplora is not None and not esplora.startswith(("http://", "https://")):
+        raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
+    return {
+        "billing": billing in ("on", "true", "1"),
+        "session_ttl_hours": _number(env, "SESSION_TTL_HOURS", 24, 0.01, 24 * 365),
+        "btc_to_aitbc_rate": rate,
+        "bitcoin_xpub": xpub,
+        "bitcoin_address": env.get("BITCOIN_ADDRESS", "").strip() or None,
+        "esplora_url": esplora,
+        "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
+        "btc_confirmations": _integer(env, "BTC_CONFIRMATIONS", 1, 0, 1000),
+        "payment_ttl_seconds": _number(env, "PAYMENT_TTL_SECONDS", 3600, 60, 30 * 86400),
+    }

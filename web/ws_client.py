@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.core import JobSpec
-from dispatcher.errors import InvalidTransition, Unavailable, UnknownJob
+from dispatcher.errors import InvalidTransition, PaymentRequired, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
 from dispatcher.ids import new_id
 from protocol.messages import (
@@ -21,6 +21,7 @@ from protocol.messages import (
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
+from web.billing import job_payment
 from web.connection import Connection
 
 if TYPE_CHECKING:
@@ -71,6 +72,12 @@ class ClientConnection(Connection):
         sub = self.subscriber
         assert sub is not None
         dispatcher = self.core.dispatcher
+        assert self.principal is not None
+        try:
+            payment = job_payment(self.core.settings, self.principal, msg.payment_amount, "AITBC")
+        except ValueError as exc:
+            self.error(ErrorCode.INVALID, str(exc), request_id=msg.id, ref=None)
+            return
         spec = JobSpec(
             job_id=new_id(),
             client_id=sub.client_id,
@@ -79,6 +86,7 @@ class ClientConnection(Connection):
             ttl_seconds=msg.ttl_seconds,
             priority=msg.priority,
             idempotency_key=msg.idempotency_key,
+            payment=payment,
         )
 
         def committed(rec: JobRecord, existed: bool) -> None:
@@ -92,6 +100,11 @@ class ClientConnection(Connection):
             await dispatcher.submit(spec, committed)
         except Unavailable:
             self.close(CloseCode.GOING_AWAY, "server shutting down")
+        except PaymentRequired as exc:
+            text = str(exc)
+            dispatcher.after_commit(
+                lambda: self.error(ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref=None)
+            )
 
     async def _subscribe(self, msg: Subscribe) -> None:
         sub = self.subscriber

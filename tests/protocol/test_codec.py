@@ -1034,3 +1034,20 @@ def test_error_classes() -> None:
     assert issubclass(InvalidState, AssertionError)
     unknown = UnknownMessageType("x", "r")
     assert str(unknown) == "unknown message type 'x' (close 1000)"
+
+
+@pytest.mark.parametrize(
+    ("value", "decoded"), [("1.5", "1.5"), (2, "2"), (0.1, "0.1"), (None, None)]
+)
+def test_job_submit_payment_amount_is_kept_as_decimal_text(value: object, decoded: object) -> None:
+    frame = {"type": "job.submit", "payload": {}, "payment_amount": value}
+    msg = decode_client_frame(orjson.dumps(frame))
+    assert isinstance(msg, JobSubmit)
+    assert msg.payment_amount == decoded
+
+
+@pytest.mark.parametrize("value", [True, [1], {"a": 1}, "1" * 33])
+def test_job_submit_refuses_a_malformed_payment_amount(value: object) -> None:
+    frame = {"type": "job.submit", "payload": {}, "payment_amount": value}
+    with pytest.raises(RemoteProtocolError, match="payment_amount"):
+        decode_client_frame(orjson.dumps(frame))

@@ -44,6 +44,7 @@ def test_job_view_of_queued_job() -> None:
         "error": None,
         "payment_id": None,
         "payment_status": None,
+        "payment_amount": None,
         "payload": {"prompt": "hi"},
         "constraints": {"models": ["llama3"]},
         "result": None,
@@ -166,3 +167,24 @@ def test_contract_constants() -> None:
     assert ErrorCode.NOT_ASSIGNED == "not_assigned"
     kinds = "queued assigned started progress requeued completed failed canceled expired"
     assert [str(k) for k in EventKind] == kinds.split()
+
+
+@pytest.mark.parametrize(
+    ("state", "status"),
+    [
+        ("QUEUED", "reserved"),
+        ("RUNNING", "reserved"),
+        ("COMPLETED", "released"),
+        ("FAILED", "refunded"),
+        ("CANCELED", "refunded"),
+        ("EXPIRED", "refunded"),
+    ],
+)
+def test_job_view_of_a_paid_job_shows_its_reservation(state: str, status: str) -> None:
+    """A billed job shows its payment id, the amount as an 8-place string, and the status
+    that its state implies (the ledger moves with the state change)."""
+    pay = {"payment_id": "p-1", "account": "client:c", "amount": 150_000_000, "currency": "AITBC"}
+    view = job_view(job(state=state, payment=pay))
+    assert view["payment_id"] == "p-1"
+    assert view["payment_status"] == status
+    assert view["payment_amount"] == "1.50000000"

@@ -124,7 +124,7 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     with TestClient(app) as c:
         doc = c.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["components"]["securitySchemes"]) == {"ApiKeyHeader", "Bearer"}
+    assert set(doc["components"]["securitySchemes"]) == {"ApiKeyHeader", "Bearer", "SessionToken"}
     for route in app.routes:
         if not isinstance(route, Route):
             continue  # websockets

@@ -1,0 +1,110 @@
+"""Exchange rules: BTC <-> AITBC quotes, unique amounts, matching chain outputs (pure).
+
+Rule 1: BTC amounts are satoshis and AITBC amounts units of 1e-8, both integers; the rate is
+AITBC per BTC (``BTC_TO_AITBC_RATE``), so ``sats = aitbc_units / rate`` (rounded up: the buyer
+never underpays) and ``aitbc_units = sats * rate`` (rounded down).
+Rule 2: with one shared receiving address (``BITCOIN_ADDRESS``) payments are told apart by
+amount: each payment request on the address gets a satoshi amount never asked before, and
+only an output of exactly that amount pays it. With one address per payment
+(``BITCOIN_XPUB``) any output of at least the amount pays it. An output (txid, vout) pays at
+most one payment, ever.
+Rule 3: a payment is confirmed once its output has the required confirmations; the ledger
+credit's key is the payment id, so it is credited once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
+
+__all__ = ["MIN_AITBC_UNITS", "MAX_AITBC_UNITS", "Match", "QuoteError", "find_output", "quote"]
+
+MIN_AITBC_UNITS = 1_000_000  # 0.01 AITBC (upstream minimum)
+MAX_AITBC_UNITS = 10**6 * 10**8  # 1,000,000 AITBC (upstream maximum)
+
+
+class QuoteError(ValueError):
+    """The amounts asked for are not a valid order; the message says why."""
+
+
+def quote(aitbc_units: int | None, btc_sats: int | None, rate: Decimal) -> tuple[int, int]:
+    """(aitbc_units, btc_sats) for an order given in AITBC, in BTC, or both (must agree).
+
+    Raises QuoteError "Amount mismatch" when both are given and differ by more than 1 sat,
+    and for amounts outside [0.01, 1,000,000] AITBC.
+    """
+    if aitbc_units is None and btc_sats is None:
+        raise QuoteError("give aitbc_amount or btc_amount")
+    if btc_sats is not None and btc_sats <= 0:
+        raise QuoteError("btc_amount must be positive")
+    if aitbc_units is not None and aitbc_units <= 0:
+        raise QuoteError("aitbc_amount must be positive")
+    if aitbc_units is not None:
+        sats = int((Decimal(aitbc_units) / rate).to_integral_value(rounding=ROUND_CEILING))
+        if btc_sats is not None and abs(Decimal(btc_sats) - Decimal(aitbc_units) / rate) > 1:
+            raise QuoteError("Amount mismatch")
+        units = aitbc_units
+    else:
+        assert btc_sats is not None
+        sats = btc_sats
+        units = int((Decimal(btc_sats) * rate).to_integral_value(rounding=ROUND_FLOOR))
+    if not MIN_AITBC_UNITS <= units <= MAX_AITBC_UNITS:
+        raise QuoteError("aitbc_amount must be between 0.01 and 1000000")
+    return units, max(sats, 1)
+
+
+def unique_amount(sats: int, taken: set[int]) -> int:
+    """The smallest amount >= ``sats`` not in ``taken`` (amounts already asked on the address)."""
+    while sats in taken:
+        sats += 1
+    return sats
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Match:
+    tx_hash: str
+    vout: int
+    value: int
+    confirmations: int
+
+
+def find_output(
+    txs: list[Any],
+    address: str,
+    sats: int,
+    *,
+    exact: bool,
+    tip_height: int,
+    claimed: set[tuple[str, int]],
+) -> Match | None:
+    """The best unclaimed output paying ``address`` (Esplora ``/address/:a/txs`` shape).
+
+    Malformed entries are skipped. Confirmed outputs are preferred, most confirmations first.
+    """
+    best: Match | None = None
+    for tx in txs if isinstance(txs, list) else []:
+        if not isinstance(tx, dict) or not isinstance(tx.get("txid"), str):
+            continue
+        status = tx.get("status")
+        if not isinstance(status, dict):
+            status = {}
+        height = status.get("block_height")
+        confs = 0
+        if status.get("confirmed") is True and isinstance(height, int) and height <= tip_height:
+            confs = tip_height - height + 1
+        vouts = tx.get("vout")
+        for n, out in enumerate(vouts if isinstance(vouts, list) else []):
+            if not isinstance(out, dict) or out.get("scriptpubkey_address") != address:
+                continue
+            value = out.get("value")
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue
+            if (value != sats if exact else value < sats) or (tx["txid"], n) in claimed:
+                continue
+            if best is None or confs > best.confirmations:
+                best = Match(tx_hash=tx["txid"], vout=n, value=value, confirmations=confs)
+    return best
+
+
+__all__ += ["unique_amount"]

@@ -1,0 +1,225 @@
+"""The credit ledger's rules: accounts, movements, job billing, balances (docs/wallet.md).
+
+Rule 1 (double entry): money only moves; a ``Movement`` takes ``amount`` from ``src`` and gives
+it to ``dst`` and is written as two entries that sum to zero, under an idempotency ``key`` that
+the store keeps unique. Only issuer accounts (``exchange:``, ``system:``) may go below zero:
+their negative balance is the money that entered the system.
+Rule 2 (no overspending): ``Ledger`` holds the committed balance of every account plus the
+debits staged but not yet committed. ``stage`` refuses a movement that would take a spendable
+account below zero counting what is already staged, and runs synchronously, so two
+concurrent requests cannot both spend the same money. Credits count only once committed.
+Rule 3: amounts are integers of 1e-8 (``protocol.amounts``). Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
+from typing import TYPE_CHECKING
+
+from dispatcher.errors import PaymentRequired
+from protocol.amounts import format_units
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from protocol.types import JSONObject
+
+__all__ = [
+    "EXCHANGE_ACCOUNT",
+    "Ledger",
+    "Movement",
+    "client_account",
+    "escrow_account",
+    "exchange_credit",
+    "is_wallet_address",
+    "job_reservation",
+    "job_settlement",
+    "payee_account",
+    "price_units",
+    "wallet_account",
+]
+
+EXCHANGE_ACCOUNT = "exchange:btc"
+ISSUERS = ("exchange:", "system:")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+PAYOUT_KEYS = ("payout_address", "wallet_address")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Movement:
+    key: str
+    src: str
+    dst: str
+    amount: int
+    kind: str
+    ref: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.amount > 0, "a movement moves a positive amount"
+        assert self.src != self.dst
+
+
+def is_wallet_address(value: object) -> bool:
+    return isinstance(value, str) and _ADDRESS.match(value) is not None
+
+
+def wallet_account(address: str) -> str:
+    """A user's account is its wallet: miners can name it as a payout address."""
+    return f"wallet:{address.lower()}"
+
+
+def client_account(client_id: str) -> str:
+    return f"client:{client_id}"
+
+
+def escrow_account(job_id: str) -> str:
+    return f"escrow:{job_id}"
+
+
+def payee_account(miner_id: str, capabilities: JSONObject) -> str:
+    """Where a miner's earnings go: its payout wallet when it named one, else its own account."""
+    for key in PAYOUT_KEYS:
+        address = capabilities.get(key)
+        if is_wallet_address(address):
+            assert isinstance(address, str)
+            return wallet_account(address)
+    return f"miner:{miner_id}"
+
+
+def price_units(receipt: JSONObject | None) -> int:
+    """The receipt's price (a JSON float, 6 places) in units of 1e-8; 0 without a receipt."""
+    price = None if receipt is None else receipt.get("price")
+    if isinstance(price, bool) or not isinstance(price, int | float) or price <= 0:
+        return 0
+    return int((Decimal(repr(price)).scaleb(8)).to_integral_value(rounding=ROUND_DOWN))
+
+
+def job_reservation(job_id: str, payment: JSONObject) -> Movement:
+    """Submission: the job's amount moves from the payer to the job's escrow."""
+    return Movement(
+        key=f"job:{job_id}:reserve",
+        src=payment["account"],
+        dst=escrow_account(job_id),
+        amount=payment["amount"],
+        kind="job_reserve",
+        ref=job_id,
+    )
+
+
+def job_settlement(
+    job_id: str, payment: JSONObject, state: str, price: int, payee: str | None
+) -> list[Movement]:
+    """The job ended in ``state``: empty its escrow.
+
+    COMPLETED pays ``min(price, reserved)`` to ``payee`` and returns the rest; every other end
+    (FAILED, CANCELED, EXPIRED) returns the whole reservation.
+    """
+    escrow, amount = escrow_account(job_id), payment["amount"]
+    paid = min(price, amount) if state == "COMPLETED" and payee is not None else 0
+    out = []
+    if paid > 0:
+        assert payee is not None
+        out.append(
+            Movement(
+                key=f"job:{job_id}:pay",
+                src=escrow,
+                dst=payee,
+                amount=paid,
+                kind="job_payment",
+                ref=job_id,
+            )
+        )
+    if amount - paid > 0:
+        out.append(
+            Movement(
+                key=f"job:{job_id}:refund",
+                src=escrow,
+                dst=payment["account"],
+                amount=amount - paid,
+                kind="job_refund",
+                ref=job_id,
+            )
+        )
+    return out
+
+
+def exchange_credit(payment_id: str, account: str, amount: int) -> Movement:
+    """A confirmed exchange payment: new credit from the exchange issuer (once per payment)."""
+    return Movement(
+        key=f"exchange:{payment_id}",
+        src=EXCHANGE_ACCOUNT,
+        dst=account,
+        amount=amount,
+        kind="exchange_credit",
+        ref=payment_id,
+    )
+
+
+def _checked(account: str) -> bool:
+    """Spendable accounts are checked at staging; issuers may go negative, and an escrow is
+    only ever debited by the settlement of the reservation that filled it."""
+    return not account.startswith(ISSUERS) and not account.startswith("escrow:")
+
+
+class Ledger:
+    """Committed balances plus staged debits: the in-memory view of the ledger (Rule 2)."""
+
+    def __init__(self, balances: dict[str, int] | None = None) -> None:
+        self._balances: dict[str, int] = {a: b for a, b in (balances or {}).items() if b}
+        self._held: dict[str, int] = {}
+
+    def balance(self, account: str) -> int:
+        """Committed balance."""
+        return self._balances.get(account, 0)
+
+    def available(self, account: str) -> int:
+        """Committed balance less the debits staged and not yet committed."""
+        return self._balances.get(account, 0) - self._held.get(account, 0)
+
+    def balances(self) -> dict[str, int]:
+        return dict(self._balances)
+
+    def stage(self, movements: Iterable[Movement]) -> None:
+        """Hold the debits of ``movements`` (all or nothing); raises PaymentRequired."""
+        moves = list(movements)
+        need: dict[str, int] = {}
+        for m in moves:
+            if _checked(m.src):
+                need[m.src] = need.get(m.src, 0) + m.amount
+        for account, amount in need.items():
+            if self.available(account) < amount:
+                raise PaymentRequired(
+                    f"insufficient balance: {format_units(self.available(account))} AITBC "
+                    f"available, {format_units(amount)} AITBC needed"
+                )
+        for m in moves:
+            self._held[m.src] = self._held.get(m.src, 0) + m.amount
+
+    def unstage(self, movements: Iterable[Movement]) -> None:
+        """Give staged debits back (the write they belonged to was not made)."""
+        for m in movements:
+            self._release(m.src, m.amount)
+
+    def commit(self, movements: Iterable[Movement]) -> None:
+        """Staged movements are durable: apply them to the committed balances."""
+        for m in movements:
+            self._release(m.src, m.amount)
+            self._add(m.src, -m.amount)
+            self._add(m.dst, m.amount)
+
+    def _release(self, account: str, amount: int) -> None:
+        left = self._held.get(account, 0) - amount
+        assert left >= 0, "released more than was held"
+        if left:
+            self._held[account] = left
+        else:
+            self._held.pop(account, None)
+
+    def _add(self, account: str, amount: int) -> None:
+        value = self._balances.get(account, 0) + amount
+        if value:
+            self._balances[account] = value
+        else:
+            self._balances.pop(account, None)

@@ -1,0 +1,46 @@
+"""Exact money amounts: integers of 1e-8 (like satoshis), written as decimal strings.
+
+Rule: no float ever holds a balance. Amounts cross the wire as decimal strings with exactly
+8 places (``"10000.00000000"``, the upstream Decimal form); JSON numbers are accepted as input
+and read through their shortest text (``0.1`` is 0.1, not 0.1000000000000000055…).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["UNIT", "AmountError", "format_units", "to_units"]
+
+UNIT = 10**8  # units of 1e-8 in one coin
+_PLACES = Decimal(1).scaleb(-8)
+
+
+class AmountError(ValueError):
+    """Not a valid amount; the message says why."""
+
+
+def to_units(value: object, *, name: str = "amount") -> int:
+    """Parse a decimal string, int or float into units of 1e-8.
+
+    Raises AmountError for anything that is not a finite number or has more than 8 places.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise AmountError(f"{name} must be a decimal number")
+    try:
+        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation:
+        raise AmountError(f"{name} must be a decimal number") from None
+    if not d.is_finite():
+        raise AmountError(f"{name} must be a finite number")
+    if abs(d) >= Decimal(10) ** 10:  # 1e18 units: sums stay inside 64-bit integers
+        raise AmountError(f"{name} is too large")
+    if d.quantize(_PLACES) != d:
+        raise AmountError(f"{name} has more than 8 decimal places")
+    return int(d.scaleb(8))
+
+
+def format_units(units: int) -> str:
+    """Units of 1e-8 as a decimal string with exactly 8 places."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), UNIT)
+    return f"{sign}{whole}.{frac:08d}"

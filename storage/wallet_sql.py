@@ -1,0 +1,157 @@
+"""SQL of the wallet tables: users, sessions, login nonces, ledger entries, payments.
+
+Used by ``storage/sql.py`` only: ``write`` runs inside the group-commit transaction (so a job's
+ledger entries commit with its state change), the rest turn rows into records. Ledger entries
+are plain INSERTs: a movement key written twice is a ``Conflict`` that rolls the whole batch
+back, never a silent double count.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from storage.base import (
+    LedgerEntry,
+    NonceRecord,
+    PaymentRecord,
+    SessionRecord,
+    UserRecord,
+    WalletSnapshot,
+)
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Mapping, Sequence
+
+    from storage.base import WriteBatch
+
+__all__ = ["entry", "payment", "snapshot", "snapshot_queries", "write"]
+
+_INSERT_ENTRY = (
+    "INSERT INTO ledger_entries (movement_key, leg, account, amount, kind, ref, at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_USER = (
+    "INSERT INTO users (user_id, wallet_address, email, username, created_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_UPSERT_SESSION = (
+    "INSERT INTO user_sessions (token_hash, user_id, created_at, expires_at, revoked_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
+    "revoked_at = excluded.revoked_at"
+)
+_UPSERT_NONCE = (
+    "INSERT INTO login_nonces (wallet_address, nonce, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (wallet_address) DO UPDATE SET nonce = excluded.nonce, "
+    "expires_at = excluded.expires_at"
+)
+_DELETE_NONCE = "DELETE FROM login_nonces WHERE wallet_address = ?"
+_PAYMENT_COLUMNS = (
+    "payment_id",
+    "user_id",
+    "account",
+    "aitbc_units",
+    "btc_sats",
+    "address",
+    "address_index",
+    "status",
+    "created_at",
+    "expires_at",
+    "confirmed_at",
+    "tx_hash",
+    "tx_vout",
+    "confirmations",
+)
+_UPSERT_PAYMENT = (
+    f"INSERT INTO exchange_payments ({', '.join(_PAYMENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_PAYMENT_COLUMNS))}) ON CONFLICT (payment_id) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = excluded.{c}"
+        for c in ("status", "confirmed_at", "tx_hash", "tx_vout", "confirmations")
+    )
+)
+
+
+def write(conn: sqlite3.Connection, batch: WriteBatch) -> None:
+    """The wallet part of a batch, on the writer connection, inside its transaction."""
+    if batch.users:
+        conn.executemany(
+            _INSERT_USER,
+            [(u.user_id, u.wallet_address, u.email, u.username, u.created_at) for u in batch.users],
+        )
+    if batch.sessions:
+        conn.executemany(
+            _UPSERT_SESSION,
+            [
+                (s.token_hash, s.user_id, s.created_at, s.expires_at, s.revoked_at)
+                for s in batch.sessions.values()
+            ],
+        )
+    for address, nonce in batch.nonces.items():
+        if nonce is None:
+            conn.execute(_DELETE_NONCE, (address,))
+        else:
+            conn.execute(_UPSERT_NONCE, (address, nonce.nonce, nonce.expires_at))
+    if batch.payments:
+        conn.executemany(
+            _UPSERT_PAYMENT,
+            [tuple(getattr(p, c) for c in _PAYMENT_COLUMNS) for p in batch.payments.values()],
+        )
+    if batch.entries:
+        conn.executemany(
+            _INSERT_ENTRY,
+            [
+                (e.movement_key, e.leg, e.account, e.amount, e.kind, e.ref, e.at)
+                for e in batch.entries
+            ],
+        )
+
+
+def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        "users": ("SELECT * FROM users", {}),
+        "sessions": (
+            "SELECT * FROM user_sessions WHERE revoked_at IS NULL AND expires_at > :now",
+            {"now": now},
+        ),
+        "nonces": ("SELECT * FROM login_nonces WHERE expires_at > :now", {"now": now}),
+        "balances": (
+            "SELECT account, SUM(amount) AS balance FROM ledger_entries GROUP BY account "
+            "HAVING SUM(amount) != 0",
+            {},
+        ),
+        "payments": ("SELECT * FROM exchange_payments WHERE status = 'pending'", {}),
+        "outpoints": (
+            "SELECT tx_hash, tx_vout FROM exchange_payments WHERE tx_hash IS NOT NULL",
+            {},
+        ),
+        "shared": (
+            "SELECT address, btc_sats FROM exchange_payments WHERE address_index IS NULL",
+            {},
+        ),
+        "index": (
+            "SELECT COALESCE(MAX(address_index), -1) + 1 AS n FROM exchange_payments",
+            {},
+        ),
+    }
+
+
+def snapshot(now: float, rows: dict[str, Sequence[Any]]) -> WalletSnapshot:
+    return WalletSnapshot(
+        users=[UserRecord(**dict(r._mapping)) for r in rows["users"]],
+        sessions=[SessionRecord(**dict(r._mapping)) for r in rows["sessions"]],
+        nonces=[NonceRecord(**dict(r._mapping)) for r in rows["nonces"]],
+        balances={r._mapping["account"]: int(r._mapping["balance"]) for r in rows["balances"]},
+        payments=[payment(r._mapping) for r in rows["payments"]],
+        next_address_index=int(rows["index"][0]._mapping["n"]),
+        outpoints=[(r._mapping["tx_hash"], r._mapping["tx_vout"]) for r in rows["outpoints"]],
+        shared_amounts=[(r._mapping["address"], r._mapping["btc_sats"]) for r in rows["shared"]],
+    )
+
+
+def entry(m: Mapping[str, Any]) -> LedgerEntry:
+    return LedgerEntry(**dict(m))
+
+
+def payment(m: Mapping[str, Any]) -> PaymentRecord:
+    return PaymentRecord(**dict(m))

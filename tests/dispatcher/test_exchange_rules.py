@@ -1,0 +1,82 @@
+"""Exchange rules: quotes at the rate, unique amounts, matching chain outputs (pure)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from dispatcher.exchange import QuoteError, find_output, quote, unique_amount
+
+RATE = Decimal(100000)
+
+
+@pytest.mark.parametrize(
+    ("aitbc", "sats", "expected"),
+    [
+        (10_000 * 10**8, None, (10_000 * 10**8, 10_000_000)),
+        (None, 10_000_000, (10_000 * 10**8, 10_000_000)),
+        (10_000 * 10**8, 10_000_000, (10_000 * 10**8, 10_000_000)),
+        (10_000 * 10**8, 10_000_001, (10_000 * 10**8, 10_000_000)),  # within 1 sat
+        (150_000_001, None, (150_000_001, 1501)),  # rounded up: the buyer never underpays
+    ],
+)
+def test_quote(aitbc: int | None, sats: int | None, expected: tuple[int, int]) -> None:
+    assert quote(aitbc, sats, RATE) == expected
+
+
+@pytest.mark.parametrize(
+    ("aitbc", "sats", "message"),
+    [
+        (None, None, "give"),
+        (10_000 * 10**8, 50 * 10**8, "Amount mismatch"),
+        (0, None, "positive"),
+        (None, -1, "positive"),
+        (10**5, None, "between"),
+        (None, 10**12, "between"),
+    ],
+)
+def test_quote_refuses(aitbc: int | None, sats: int | None, message: str) -> None:
+    with pytest.raises(QuoteError, match=message):
+        quote(aitbc, sats, RATE)
+
+
+def test_unique_amount_skips_taken_amounts() -> None:
+    assert unique_amount(100, set()) == 100
+    assert unique_amount(100, {100, 101, 103}) == 102
+
+
+def tx(txid: str, outs: list[tuple[str, Any]], height: int | None = None) -> dict[str, Any]:
+    return {
+        "txid": txid,
+        "status": {"confirmed": height is not None, "block_height": height},
+        "vout": [{"scriptpubkey_address": a, "value": v} for a, v in outs],
+    }
+
+
+def test_find_output_exact_and_at_least() -> None:
+    txs = [tx("t1", [("A", 99), ("A", 100)], height=10), tx("t2", [("A", 150)])]
+    m = find_output(txs, "A", 100, exact=True, tip_height=12, claimed=set())
+    assert m is not None
+    assert (m.tx_hash, m.vout, m.confirmations) == ("t1", 1, 3)
+    m = find_output(txs, "A", 120, exact=False, tip_height=12, claimed=set())
+    assert m is not None
+    assert (m.tx_hash, m.confirmations) == ("t2", 0)
+    assert find_output(txs, "A", 100, exact=True, tip_height=12, claimed={("t1", 1)}) is None
+    assert find_output(txs, "B", 100, exact=False, tip_height=12, claimed=set()) is None
+
+
+def test_find_output_prefers_more_confirmations_and_skips_junk() -> None:
+    junk: list[Any] = [
+        "x",
+        {"txid": 5},
+        {"txid": "j1", "status": "bad", "vout": "bad"},
+        {"txid": "j2", "vout": ["x", {"scriptpubkey_address": "A", "value": True}]},
+        tx("future", [("A", 100)], height=99),  # above the tip: not counted as confirmed
+    ]
+    txs = [*junk, tx("new", [("A", 100)], height=10), tx("old", [("A", 100)], height=5)]
+    m = find_output(txs, "A", 100, exact=True, tip_height=10, claimed=set())
+    assert m is not None
+    assert (m.tx_hash, m.confirmations) == ("old", 6)
+    assert find_output({"not": "a list"}, "A", 1, exact=False, tip_height=1, claimed=set()) is None

@@ -1,0 +1,199 @@
+"""The wallet half of the store contract (users, sessions, nonces, ledger, payments), run
+against both stores; and the migration runner on a database that lacks a middle version."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from protocol.records import JobRecord
+from storage.base import (
+    LedgerEntry,
+    NonceRecord,
+    PaymentRecord,
+    SessionRecord,
+    Store,
+    UserRecord,
+    WriteBatch,
+)
+from storage.errors import Conflict
+from storage.memory import InMemoryJobStore
+from storage.schema import MIGRATIONS
+from storage.sql import DatabasesJobStore
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    if request.param == "memory":
+        return InMemoryJobStore
+    return lambda: DatabasesJobStore(f"sqlite:///{tmp_path / 'w.db'}")
+
+
+@pytest.fixture
+async def store(factory: Callable[[], Store]) -> AsyncIterator[Store]:
+    s = factory()
+    with anyio.fail_after(10):
+        await s.open()
+    yield s
+    with anyio.fail_after(10):
+        await s.close()
+
+
+def user(n: int = 1, **kw: Any) -> UserRecord:
+    fields: dict[str, Any] = {
+        "user_id": f"u{n}",
+        "wallet_address": "0x" + f"{n:02x}" * 20,
+        "email": f"u{n}@x.org",
+        "username": f"user{n}",
+        "created_at": T0,
+    }
+    return UserRecord(**{**fields, **kw})
+
+
+def movement(key: str, src: str, dst: str, amount: int, at: float = T0) -> list[LedgerEntry]:
+    return [
+        LedgerEntry(movement_key=key, leg=0, account=src, amount=-amount, kind="k", ref=key, at=at),
+        LedgerEntry(movement_key=key, leg=1, account=dst, amount=amount, kind="k", ref=key, at=at),
+    ]
+
+
+def payment(pid: str = "p1", **kw: Any) -> PaymentRecord:
+    fields: dict[str, Any] = {
+        "payment_id": pid,
+        "user_id": "u1",
+        "account": "wallet:0x01",
+        "aitbc_units": 10**12,
+        "btc_sats": 10**7,
+        "address": "bc1qexample",
+        "address_index": 0,
+        "status": "pending",
+        "created_at": T0,
+        "expires_at": T0 + 3600,
+    }
+    return PaymentRecord(**{**fields, **kw})
+
+
+async def test_wallet_rows_round_trip(store: Store) -> None:
+    """Users, live sessions, open nonces, balances and pending payments come back."""
+    live = SessionRecord(token_hash="h1", user_id="u1", created_at=T0, expires_at=T0 + 60)
+    old = SessionRecord(token_hash="h2", user_id="u1", created_at=T0, expires_at=T0 + 1)
+    batch = WriteBatch(
+        users=[user(1), user(2)],
+        sessions={"h1": live, "h2": old},
+        nonces={
+            "0xa": NonceRecord(wallet_address="0xa", nonce="n", expires_at=T0 + 300),
+            "0xb": NonceRecord(wallet_address="0xb", nonce="n", expires_at=T0 - 1),
+        },
+        entries=movement("m1", "exchange:btc", "wallet:a", 500)
+        + movement("m2", "wallet:a", "escrow:j", 200),
+        payments={"p1": payment("p1", address_index=4), "p2": payment("p2", status="expired")},
+    )
+    await store.commit(batch)
+    snap = await store.load_wallet(T0 + 10)
+    assert sorted(u.user_id for u in snap.users) == ["u1", "u2"]
+    assert snap.users[0] in (user(1), user(2))
+    assert snap.sessions == [live]
+    assert [n.wallet_address for n in snap.nonces] == ["0xa"]
+    assert snap.balances == {"exchange:btc": -500, "wallet:a": 300, "escrow:j": 200}
+    assert snap.payments == [payment("p1", address_index=4)]
+    assert snap.next_address_index == 5
+    assert await store.get_payment("p2") == payment("p2", status="expired")
+    assert await store.get_payment("nope") is None
+
+
+async def test_revocation_nonce_deletion_and_payment_update(store: Store) -> None:
+    s = SessionRecord(token_hash="h1", user_id="u1", created_at=T0, expires_at=T0 + 60)
+    await store.commit(
+        WriteBatch(
+            sessions={"h1": s},
+            nonces={"0xa": NonceRecord(wallet_address="0xa", nonce="n", expires_at=T0 + 300)},
+            payments={"p1": payment()},
+        )
+    )
+    done = payment(status="confirmed", confirmed_at=T0 + 5, tx_hash="t", tx_vout=1)
+    await store.commit(
+        WriteBatch(
+            sessions={"h1": replace(s, revoked_at=T0 + 1)},
+            nonces={"0xa": None},
+            payments={"p1": replace(done, aitbc_units=1)},  # amounts are written once
+        )
+    )
+    snap = await store.load_wallet(T0)
+    assert (snap.sessions, snap.nonces, snap.payments) == ([], [], [])
+    assert await store.get_payment("p1") == done
+
+
+async def test_ledger_entries_of_an_account_newest_first(store: Store) -> None:
+    await store.commit(WriteBatch(entries=movement("a", "system:admin", "wallet:x", 5, T0)))
+    await store.commit(WriteBatch(entries=movement("b", "wallet:x", "escrow:j", 2, T0 + 1)))
+    entries, total = await store.ledger_entries("wallet:x", 10, 0)
+    assert total == 2
+    assert [(e.movement_key, e.amount) for e in entries] == [("b", -2), ("a", 5)]
+    page, total = await store.ledger_entries("wallet:x", 1, 1)
+    assert ([e.movement_key for e in page], total) == (["a"], 2)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        WriteBatch(entries=movement("m1", "exchange:btc", "wallet:b", 1)),
+        WriteBatch(users=[user(9, wallet_address="0x" + "01" * 20)]),
+        WriteBatch(users=[user(9, email="u1@x.org")]),
+        WriteBatch(payments={"p2": payment("p2", tx_hash="t", tx_vout=0)}),
+    ],
+    ids=["movement-key", "wallet", "email", "outpoint"],
+)
+async def test_uniqueness_conflicts_roll_the_batch_back(store: Store, second: WriteBatch) -> None:
+    """A movement key, wallet, email or paid output used twice: Conflict, nothing written."""
+    await store.commit(
+        WriteBatch(
+            entries=movement("m1", "exchange:btc", "wallet:a", 1),
+            users=[user(1)],
+            payments={"p1": payment("p1", tx_hash="t", tx_vout=0)},
+        )
+    )
+    second.jobs["j9"] = JobRecord(
+        "j9", "c", "QUEUED", {}, {}, 0, T0, T0 + 9, 0, 0, 3, 1, payment={"amount": 1}
+    )
+    with pytest.raises(Conflict):
+        await store.commit(second)
+    assert await store.get_job("j9") is None
+    snap = await store.load_wallet(T0)
+    assert snap.balances == {"exchange:btc": -1, "wallet:a": 1}
+    assert len(snap.users) == 1
+
+
+async def test_a_jobs_payment_is_written_once(store: Store) -> None:
+    pay = {"payment_id": "p", "account": "client:c", "amount": 5, "currency": "AITBC"}
+    rec = JobRecord("j1", "c", "QUEUED", {}, {}, 0, T0, T0 + 9, 0, 0, 3, 1, payment=pay)
+    await store.commit(WriteBatch(jobs={"j1": rec}))
+    await store.commit(WriteBatch(jobs={"j1": rec._replace(state="CANCELED", payment=None)}))
+    got = await store.get_job("j1")
+    assert got is not None
+    assert (got.state, got.payment) == ("CANCELED", pay)
+
+
+async def test_migrations_apply_every_missing_version(tmp_path: Path) -> None:
+    """A database that has versions 1 and 3 but not 2 (or any gap) gets only the missing one."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    first = DatabasesJobStore(url)
+    await first.open()
+    await first.close()
+    with closing(sqlite3.connect(tmp_path / "m.db")) as db:
+        rows = sorted(v for (v,) in db.execute("SELECT version FROM schema_version"))
+    assert rows == sorted(v for v, _ in MIGRATIONS)
+    again = DatabasesJobStore(url)
+    await again.open()  # nothing left to apply: no duplicate table errors
+    await again.close()

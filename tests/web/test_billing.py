@@ -1,0 +1,277 @@
+"""Job billing (BILLING=on): reserve at submission, pay the receipt price, return the rest."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY
+from tests.fakes import FakeClock
+from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.web.wallet_helpers import bearer, login
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = {"X-Api-Key": ADMIN_KEY}
+PAYOUT = "0x" + "ab" * 20
+
+
+async def credit(api: Api, account: str, amount: str) -> None:
+    r = await api.http.post(
+        f"/v1/admin/accounts/{account}/credit", json={"amount": amount}, headers=ADMIN
+    )
+    assert r.status_code == 200, r.text
+
+
+async def account(api: Api, name: str) -> dict[str, Any]:
+    r = await api.http.get(f"/v1/admin/accounts/{name}", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+async def balance(api: Api, user: dict[str, Any]) -> str:
+    r = await api.http.get(
+        f"/v1/users/{user['user_id']}/balance", headers=bearer(user["session_token"])
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["balance"])
+
+
+async def funded_user(api: Api, amount: str = "10") -> dict[str, Any]:
+    user = await login(api.http)
+    await credit(api, f"wallet:{user['wallet_address']}", amount)
+    return user
+
+
+async def submit(api: Api, user: dict[str, Any], amount: Any, **body: Any) -> Any:
+    body.setdefault("payload", {"type": "inference"})
+    return await api.http.post(
+        "/v1/jobs",
+        json={**body, "payment_amount": amount},
+        headers=bearer(user["session_token"]),
+    )
+
+
+async def ledger_total(api: Api) -> int:
+    return sum(api.core.dispatcher.ledger.balances().values())
+
+
+async def test_completion_pays_the_receipt_price_and_returns_the_rest(tmp_path: Path) -> None:
+    """4 reserved; 10 s at 0.1/s: the payout wallet gets 1, the user 3 back, released."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        r = await submit(api, user, "4")
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["payment_status"] == "reserved"
+        assert job["payment_amount"] == "4.00000000"
+        assert job["payment_id"]
+        assert await balance(api, user) == "6.00000000"
+        assert (await account(api, f"escrow:{job['job_id']}"))["balance"] == "4.00000000"
+
+        caps = {"price": 0.1, "payout_address": PAYOUT}
+        assert (await api.register("m1", capabilities=caps)).status_code == 200
+        assert (await api.poll("m1")).status_code == 200
+        clock.advance(10)
+        r = await api.result(job["job_id"], "m1")
+        assert r.json()["receipt"]["price"] == 1.0
+        view = await api.job(job["job_id"], key=user["session_token"])
+        assert (view["state"], view["payment_status"]) == ("COMPLETED", "released")
+        assert await balance(api, user) == "9.00000000"
+        assert (await account(api, f"wallet:{PAYOUT}"))["balance"] == "1.00000000"
+        assert (await account(api, f"escrow:{job['job_id']}"))["balance"] == "0.00000000"
+        assert await ledger_total(api) == 0
+        r = await api.http.get(
+            f"/v1/users/{user['user_id']}/transactions", headers=bearer(user["session_token"])
+        )
+        kinds = [(t["type"], t["amount"]) for t in r.json()["transactions"]]
+        assert sorted(kinds) == sorted(
+            [
+                ("admin_credit", "10.00000000"),
+                ("job_reserve", "-4.00000000"),
+                ("job_refund", "3.00000000"),
+            ]
+        )
+
+
+async def test_price_above_the_reservation_pays_the_reservation(tmp_path: Path) -> None:
+    """The client never pays more than it reserved; a miner without payout wallet is miner:id."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "0.5")).json()
+        await api.register("m1", capabilities={"price": 1})
+        await api.poll("m1")
+        clock.advance(10)
+        await api.result(job["job_id"], "m1")
+        assert (await account(api, "miner:m1"))["balance"] == "0.50000000"
+        assert await balance(api, user) == "9.50000000"
+
+
+async def test_short_balance_is_402_and_changes_nothing(tmp_path: Path) -> None:
+    async with running_api(tmp_path, billing=True) as api:
+        user = await funded_user(api, "1")
+        r = await submit(api, user, "1.00000001")
+        assert r.status_code == 402
+        assert "insufficient balance" in r.json()["detail"]
+        assert await balance(api, user) == "1.00000000"
+        r = await api.http.get("/v1/jobs", headers=bearer(user["session_token"]))
+        assert r.json()["total"] == 0
+        r = await api.http.post(
+            "/v1/jobs", json={"payload": {}, "payment_amount": 1}, headers={"X-Api-Key": CLIENT_KEY}
+        )
+        assert r.status_code == 402  # an API-key client has an account too, empty
+
+
+@pytest.mark.parametrize(
+    ("amount", "status"),
+    [("abc", 422), ("1.000000001", 422), (-1, 422), (True, 422), ("NaN", 422), (0, 201)],
+)
+async def test_invalid_payment_amounts(tmp_path: Path, amount: Any, status: int) -> None:
+    async with running_api(tmp_path, billing=True) as api:
+        user = await funded_user(api)
+        r = await submit(api, user, amount)
+        assert r.status_code == status, r.text
+        if status == 201:
+            assert r.json()["payment_id"] is None
+        r = await submit(api, user, "1", payment_currency="ETH")
+        assert r.status_code == 422
+
+
+async def test_concurrent_submits_cannot_overspend(tmp_path: Path) -> None:
+    """Ten concurrent submits of 3 from a balance of 10: exactly three are accepted."""
+    async with running_api(tmp_path, billing=True) as api:
+        user = await funded_user(api)
+        codes: list[int] = []
+
+        async def one() -> None:
+            codes.append((await submit(api, user, "3")).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(one)
+        assert sorted(codes) == [201] * 3 + [402] * 7
+        assert await balance(api, user) == "1.00000000"
+
+
+@pytest.mark.parametrize("end", ["cancel", "fail", "expire", "failed-result"])
+async def test_every_other_end_refunds_in_full(tmp_path: Path, end: str) -> None:
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "4", ttl_seconds=60)).json()
+        await api.register("m1", capabilities={"price": 0.1})
+        if end != "cancel":
+            assert (await api.poll("m1")).status_code == 200
+        clock.advance(5)
+        if end == "cancel":
+            r = await api.http.post(
+                f"/v1/jobs/{job['job_id']}/cancel", headers=bearer(user["session_token"])
+            )
+            assert r.status_code == 200
+        elif end == "fail":
+            r = await api.http.post(
+                f"/v1/miners/{job['job_id']}/fail",
+                json={"error_code": "E", "error_message": "boom"},
+                headers=miner_headers("m1"),
+            )
+            assert r.status_code == 200
+        elif end == "failed-result":
+            r = await api.result(job["job_id"], "m1", result={"status": "failed", "error": "x"})
+            assert r.status_code == 200
+        else:
+            clock.advance(60)
+            await api.settle()  # the timer loop sees the new time and expires the job
+            await api.core.dispatcher.wait_flushed()
+        view = await api.job(job["job_id"], key=user["session_token"])
+        assert view["payment_status"] == "refunded", view["state"]
+        assert await balance(api, user) == "10.00000000"
+        assert (await account(api, "miner:m1"))["balance"] == "0.00000000"
+        assert await ledger_total(api) == 0
+
+
+async def test_billing_off_ignores_payment_and_leaves_payment_id_null(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        user = await login(api.http)
+        r = await submit(api, user, "4")
+        assert r.status_code == 201
+        assert (r.json()["payment_id"], r.json()["payment_status"]) == (None, None)
+
+
+async def test_idempotent_resubmit_reserves_once(tmp_path: Path) -> None:
+    async with running_api(tmp_path, billing=True) as api:
+        user = await funded_user(api)
+        first = await submit(api, user, "4", idempotency_key="k1")
+        again = await submit(api, user, "4", idempotency_key="k1")
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert first.json()["payment_id"] == again.json()["payment_id"]
+        assert await balance(api, user) == "6.00000000"
+
+
+async def test_balances_and_reservations_survive_a_restart(tmp_path: Path) -> None:
+    """After a restart the balance is read back and a reserved job still settles."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "4")).json()
+    async with running_api(tmp_path, clock) as api:  # billing now off: it still settles
+        assert await balance(api, user) == "6.00000000"
+        r = await api.http.post(
+            f"/v1/jobs/{job['job_id']}/cancel", headers=bearer(user["session_token"])
+        )
+        assert r.json()["payment_status"] == "refunded"
+        assert await balance(api, user) == "10.00000000"
+
+
+async def test_admin_account_routes_validate(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        r = await api.http.get("/v1/admin/accounts/bogus", headers=ADMIN)
+        assert r.status_code == 400
+        r = await api.http.post(
+            "/v1/admin/accounts/exchange:btc/credit", json={"amount": 1}, headers=ADMIN
+        )
+        assert r.status_code == 400
+        for bad in ("x", 0, -2):
+            r = await api.http.post(
+                "/v1/admin/accounts/miner:m9/credit", json={"amount": bad}, headers=ADMIN
+            )
+            assert r.status_code == 422
+        r = await api.http.get("/v1/admin/accounts/miner:m9", headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 403
+
+
+def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
+    """job.submit with payment_amount reserves; short balance: error payment_required."""
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient, client_socket, hello, recv
+    from web.app import create_app
+
+    app = create_app(make_settings(tmp_path, billing=True))
+    with TestClient(app) as c:
+        client_id = app.state.core.auth.from_token(CLIENT_KEY).id
+        r = c.post(
+            f"/v1/admin/accounts/client:{client_id}/credit", json={"amount": "5"}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        with client_socket(c) as ws:
+            hello(ws)
+            ws.send_json({"type": "job.submit", "id": "s1", "payload": {}, "payment_amount": 4})
+            ack = recv(ws)
+            assert (ack["type"], ack["job"]["payment_status"]) == ("ack", "reserved")
+            assert ack["job"]["payment_amount"] == "4.00000000"
+            ws.send_json({"type": "job.submit", "id": "s2", "payload": {}, "payment_amount": "2"})
+            frames = [recv(ws), recv(ws)]  # the first job's queued event, then the refusal
+            error = next(f for f in frames if f["type"] == "error")
+            assert (error["code"], error["id"]) == ("payment_required", "s2")
+            ws.send_json({"type": "job.submit", "id": "s3", "payload": {}, "payment_amount": "x"})
+            error = recv(ws)
+            assert (error["type"], error["code"], error["id"]) == ("error", "invalid", "s3")
+        r = c.get(f"/v1/admin/accounts/client:{client_id}", headers=ADMIN)
+        assert r.json()["balance"] == "1.00000000"

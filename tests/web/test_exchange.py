@@ -1,0 +1,346 @@
+"""The BTC exchange: quotes, addresses, status, admin confirmation, the Esplora watcher."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from bip_utils import Bip44Changes, Bip84, Bip84Coins
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
+from tests.fakes import FakeClock
+from tests.web.rest_harness import Api, running_api
+from tests.web.wallet_helpers import bearer, login
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from starlette.requests import Request
+
+pytestmark = pytest.mark.anyio
+
+ADMIN = {"X-Api-Key": ADMIN_KEY}
+CLIENT = {"X-Api-Key": CLIENT_KEY}
+SHARED = "bc1qsharedaddressfortests000000000000000"
+_ACCOUNT = Bip84.FromSeed(bytes(range(32)), Bip84Coins.BITCOIN).Purpose().Coin().Account(0)
+XPUB = _ACCOUNT.PublicKey().ToExtended()
+TXID = "ab" * 32
+
+
+def derived(index: int) -> str:
+    return str(_ACCOUNT.Change(Bip44Changes.CHAIN_EXT).AddressIndex(index).PublicKey().ToAddress())
+
+
+async def create(api: Api, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+    return await api.http.post("/v1/exchange/create-payment", json=body, headers=headers or CLIENT)
+
+
+async def status(api: Api, pid: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return await api.http.get(f"/v1/exchange/payment-status/{pid}", headers=headers or CLIENT)
+
+
+async def client_balance(api: Api) -> str:
+    r = await api.http.get("/v1/admin/accounts/client:" + api_client_id(api), headers=ADMIN)
+    return str(r.json()["balance"])
+
+
+def api_client_id(api: Api) -> str:
+    principal = api.core.auth.from_token(CLIENT_KEY)
+    return str(principal.id)
+
+
+async def test_rates_are_public_and_exact(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        r = await api.http.get("/v1/exchange/rates")
+        assert r.status_code == 200
+        assert r.json()["btc_to_aitbc"] == "100000.00000000"
+        assert r.json()["aitbc_to_btc"] == "0.00001000"
+
+
+async def test_unconfigured_exchange_is_503(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        r = await create(api, aitbc_amount=100)
+        assert r.status_code == 503
+
+
+async def test_create_with_a_shared_address_gives_unique_amounts(tmp_path: Path) -> None:
+    """10000 AITBC = 0.1 BTC; a second pending order on the address gets 1 sat more."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, bitcoin_address=SHARED) as api:
+        r = await create(api, user_id="u1", aitbc_amount=10000)
+        assert r.status_code == 200, r.text
+        first = r.json()
+        assert first["status"] == "pending"
+        assert (first["aitbc_amount"], first["btc_amount"]) == ("10000.00000000", "0.10000000")
+        assert first["payment_address"] == SHARED
+        assert first["expires_at"] - first["created_at"] == 3600
+        assert (first["confirmations"], first["tx_hash"]) == (0, None)
+        assert first["user_id"] == api_client_id(api)  # the caller, not the body's user_id
+        second = (await create(api, btc_amount="0.1")).json()
+        assert second["btc_amount"] == "0.10000001"
+        assert second["aitbc_amount"] == "10000.00000000"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "detail"),
+    [
+        ({"aitbc_amount": 10000, "btc_amount": "0.5"}, 400, "Amount mismatch"),
+        ({"aitbc_amount": 10000, "eth_amount": 10}, 400, None),
+        ({"aitbc_amount": -1}, 422, None),
+        ({"aitbc_amount": "0.001"}, 422, None),
+        ({"aitbc_amount": 2_000_000}, 422, None),
+        ({"aitbc_amount": "x"}, 422, None),
+        ({}, 422, None),
+        ({"aitbc_amount": 1, "user_id": "bad id!"}, 422, None),
+    ],
+)
+async def test_create_refuses_bad_orders(
+    tmp_path: Path, body: dict[str, Any], code: int, detail: str | None
+) -> None:
+    async with running_api(tmp_path, bitcoin_address=SHARED) as api:
+        r = await create(api, **body)
+        assert r.status_code == code, r.text
+        if detail:
+            assert r.json() == {"detail": detail}
+        ok = await create(api, aitbc_amount=10000, btc_amount="0.1")
+        assert ok.status_code == 200
+
+
+async def test_xpub_gives_each_payment_its_own_address_across_restarts(tmp_path: Path) -> None:
+    async with running_api(tmp_path, bitcoin_xpub=XPUB) as api:
+        a = (await create(api, aitbc_amount=1)).json()
+        b = (await create(api, aitbc_amount=1)).json()
+        assert [a["payment_address"], b["payment_address"]] == [derived(0), derived(1)]
+        assert a["btc_amount"] == b["btc_amount"] == "0.00001000"
+    async with running_api(tmp_path, bitcoin_xpub=XPUB) as api:
+        c = (await create(api, aitbc_amount=1)).json()
+        assert c["payment_address"] == derived(2)
+        assert (await status(api, a["payment_id"])).json()["status"] == "pending"
+
+
+async def test_status_owner_admin_other_and_unknown(tmp_path: Path) -> None:
+    async with running_api(tmp_path, bitcoin_address=SHARED) as api:
+        pid = (await create(api, aitbc_amount=5)).json()["payment_id"]
+        assert (await status(api, pid)).json()["status"] == "pending"
+        assert (await status(api, pid, ADMIN)).status_code == 200
+        r = await status(api, pid, {"X-Api-Key": CLIENT_KEY_2})
+        assert r.status_code == 404
+        r = await status(api, "no-such-payment")
+        assert (r.status_code, r.json()) == (404, {"detail": "Payment not found"})
+
+
+async def test_admin_confirm_credits_exactly_once(tmp_path: Path) -> None:
+    async with running_api(tmp_path, bitcoin_address=SHARED) as api:
+        user = await login(api.http)
+        headers = bearer(user["session_token"])
+        pid = (await create(api, headers, aitbc_amount=10000)).json()["payment_id"]
+        for _ in range(2):
+            r = await api.http.post(
+                f"/v1/admin/payments/{pid}/confirm", json={"tx_hash": TXID}, headers=ADMIN
+            )
+            assert r.status_code == 200, r.text
+            assert (r.json()["status"], r.json()["tx_hash"]) == ("confirmed", TXID)
+        r = await api.http.get(f"/v1/users/{user['user_id']}/balance", headers=headers)
+        assert r.json()["balance"] == "10000.00000000"
+        r = await api.http.get(f"/v1/users/{user['user_id']}/transactions", headers=headers)
+        assert [t["type"] for t in r.json()["transactions"]] == ["exchange_credit"]
+        assert (await status(api, pid, headers)).json()["status"] == "confirmed"
+        r = await api.http.post("/v1/admin/payments/nope/confirm", headers=ADMIN)
+        assert r.status_code == 404
+        other = (await create(api, headers, aitbc_amount=1)).json()["payment_id"]
+        r = await api.http.post(
+            f"/v1/admin/payments/{other}/confirm", json={"tx_hash": TXID}, headers=ADMIN
+        )
+        assert r.status_code == 409  # that output already paid the first payment
+        r = await api.http.post(
+            f"/v1/admin/payments/{other}/confirm", json={"tx_hash": "zz"}, headers=ADMIN
+        )
+        assert r.status_code == 422
+        r = await api.http.post(f"/v1/admin/payments/{other}/confirm", headers=CLIENT)
+        assert r.status_code == 403
+
+
+async def test_unpaid_payment_expires_and_cannot_be_confirmed(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, bitcoin_address=SHARED) as api:
+        pid = (await create(api, aitbc_amount=5)).json()["payment_id"]
+        clock.advance(3599)
+        assert (await status(api, pid)).json()["status"] == "pending"
+        clock.advance(2)
+        assert (await status(api, pid)).json()["status"] == "expired"
+        r = await api.http.post(f"/v1/admin/payments/{pid}/confirm", headers=ADMIN)
+        assert (r.status_code, r.json()) == (409, {"detail": "payment is expired"})
+        assert await client_balance(api) == "0.00000000"
+
+
+# ---- the watcher, against a local Esplora-shaped server -------------------------------------
+
+
+class FakeEsplora:
+    """Serves ``/blocks/tip/height`` and ``/address/{a}/txs`` from dicts the test edits."""
+
+    def __init__(self) -> None:
+        self.tip = 100
+        self.txs: dict[str, list[dict[str, Any]]] = {}
+        self.fail = False
+        self.requests = 0
+
+    def pay(self, address: str, sats: int, txid: str = TXID, height: int | None = None) -> None:
+        status = {"confirmed": height is not None, "block_height": height}
+        self.txs.setdefault(address, []).append(
+            {
+                "txid": txid,
+                "status": status,
+                "vout": [
+                    {"scriptpubkey_address": "bc1qchange", "value": 5},
+                    {"scriptpubkey_address": address, "value": sats},
+                ],
+            }
+        )
+
+    def app(self) -> Starlette:
+        async def tip(request: Request) -> PlainTextResponse:
+            self.requests += 1
+            if self.fail:
+                return PlainTextResponse("down", status_code=503)
+            return PlainTextResponse(str(self.tip))
+
+        async def txs(request: Request) -> JSONResponse:
+            self.requests += 1
+            return JSONResponse(self.txs.get(request.path_params["address"], []))
+
+        return Starlette(
+            routes=[Route("/blocks/tip/height", tip), Route("/address/{address}/txs", txs)]
+        )
+
+
+@asynccontextmanager
+async def esplora_server() -> AsyncIterator[tuple[FakeEsplora, str]]:
+    fake = FakeEsplora()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(fake.app(), log_level="warning", lifespan="off"))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(10):
+                while not server.started:  # noqa: ASYNC110 - uvicorn's readiness is a flag
+                    await anyio.sleep(0.005)
+            yield fake, f"http://127.0.0.1:{sock.getsockname()[1]}"
+            server.should_exit = True
+    finally:
+        sock.close()
+
+
+@asynccontextmanager
+async def watched_api(
+    tmp_path: Path, clock: FakeClock, **settings: Any
+) -> AsyncIterator[tuple[Api, FakeEsplora, httpx.AsyncClient]]:
+    async with (
+        esplora_server() as (fake, url),
+        running_api(
+            tmp_path, clock, esplora_url=url, esplora_poll_seconds=86400.0, **settings
+        ) as api,
+        httpx.AsyncClient(trust_env=False, timeout=5) as http,
+    ):
+        yield api, fake, http
+
+
+async def test_watcher_confirms_a_paid_xpub_address_once(tmp_path: Path) -> None:
+    """An output of at least the amount with one confirmation credits the payer, once."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        p = (await create(api, aitbc_amount=1000)).json()
+        watcher = api.core.watcher
+        await watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        fake.pay(p["payment_address"], 1_000_000 + 7, height=None)  # in the mempool
+        await watcher.poll_once(http)
+        seen = (await status(api, p["payment_id"])).json()
+        assert (seen["status"], seen["tx_hash"], seen["confirmations"]) == ("pending", TXID, 0)
+        clock.advance(4000)  # past expiry, but an output was seen: it waits for it
+        await watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        fake.txs[p["payment_address"]][0]["status"] = {"confirmed": True, "block_height": 100}
+        await watcher.poll_once(http)
+        await watcher.poll_once(http)
+        done = (await status(api, p["payment_id"])).json()
+        assert (done["status"], done["confirmations"]) == ("confirmed", 1)
+        assert await client_balance(api) == "1000.00000000"
+        assert sum(api.core.dispatcher.ledger.balances().values()) == 0
+
+
+async def test_watcher_matches_exact_unique_amounts_on_a_shared_address(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED, btc_confirmations=2) as (
+        api,
+        fake,
+        http,
+    ):
+        a = (await create(api, aitbc_amount=1000)).json()
+        b = (await create(api, aitbc_amount=1000)).json()
+        assert (a["btc_amount"], b["btc_amount"]) == ("0.01000000", "0.01000001")
+        fake.pay(SHARED, 1_000_001, txid="cd" * 32, height=99)  # pays b exactly
+        fake.pay(SHARED, 1_000_009, txid="ef" * 32, height=99)  # an amount nobody asked
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, a["payment_id"])).json()["status"] == "pending"
+        assert (await status(api, b["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "1000.00000000"
+        clock.advance(3601)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, a["payment_id"])).json()["status"] == "expired"
+        fake.pay(SHARED, 1_000_000, txid="aa" * 32, height=100)  # late, to a's expired amount
+        c = (await create(api, aitbc_amount=1000)).json()
+        assert c["btc_amount"] == "0.01000002"  # an amount is never asked twice ...
+        await api.core.watcher.poll_once(http)  # ... so a's late payment never pays c
+        assert (await status(api, c["payment_id"])).json()["status"] == "pending"
+        fake.pay(SHARED, 1_000_002, txid="bb" * 32, height=99)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, c["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "2000.00000000"
+
+
+async def test_watcher_survives_a_failing_api_and_a_restart(tmp_path: Path) -> None:
+    """A 503 from the API fails one poll, changes nothing; state is re-read after a restart."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        p = (await create(api, aitbc_amount=10)).json()
+        fake.fail = True
+        with pytest.raises(httpx.HTTPStatusError):
+            await api.core.watcher.poll_once(http)
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        fake.pay(p["payment_address"], 10_000, height=100)  # 10 AITBC = 0.0001 BTC
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "10.00000000"
+
+
+async def test_the_background_watcher_polls_on_the_clock(tmp_path: Path) -> None:
+    """``run`` polls every ESPLORA_POLL_SECONDS; an API failure is counted and retried."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, _):
+        watcher = api.core.watcher
+        p = (await create(api, aitbc_amount=10)).json()
+        fake.fail = True
+        clock.advance(86400)
+        with anyio.fail_after(10):
+            while watcher.errors < 1:  # noqa: ASYNC110 - real sockets to the fake API
+                await anyio.sleep(0.01)
+        fake.fail = False
+        fake.pay(p["payment_address"], 10_000, height=100)
+        clock.advance(86400)
+        with anyio.fail_after(10):
+            while watcher.polls < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        await api.core.dispatcher.wait_flushed()
+        assert (await status(api, p["payment_id"])).json()["status"] == "confirmed"

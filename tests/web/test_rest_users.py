@@ -1,0 +1,275 @@
+"""Wallet login, sessions, profile, balance and transactions (rest-api.md §2.5, §8 54-57)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY
+from tests.fakes import FakeClock
+from tests.web.rest_harness import running_api
+from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, get_nonce, login, sign
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_nonce_for_a_wallet_and_400_for_a_bad_address(tmp_path: Path) -> None:
+    """A valid address gets a nonce valid 300 s and the exact message; "bad" is 400."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        wallet = address_of(KEY_A)
+        r = await api.http.post("/v1/auth/nonce", json={"wallet_address": wallet})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["wallet_address"] == wallet.lower()
+        assert body["expires_at"] == int(clock.now() + 300)
+        assert body["message"].endswith(f"Wallet: {wallet.lower()}\nNonce: {body['nonce']}")
+        for bad in ("bad", "0x123", "0x" + "g" * 40):
+            r = await api.http.post("/v1/auth/nonce", json={"wallet_address": bad})
+            assert r.status_code == 400
+            assert r.json() == {"detail": "Invalid wallet address"}
+        r = await api.http.post("/v1/auth/nonce", json={})
+        assert r.status_code == 422
+
+
+async def test_login_registers_then_logs_in_the_same_user(tmp_path: Path) -> None:
+    """The first login creates the user; a later one finds it; both tokens are distinct."""
+    async with running_api(tmp_path) as api:
+        first = await login(api.http)
+        assert set(first) >= {"user_id", "email", "username", "created_at", "session_token"}
+        assert first["email"] == f"{address_of(KEY_A).lower()}@aitbc.local"
+        again = await login(api.http, path="/v1/users/login")  # the seed alias
+        assert again["user_id"] == first["user_id"]
+        assert again["session_token"] != first["session_token"]
+
+
+async def test_replayed_nonce_and_foreign_signature_are_401(tmp_path: Path) -> None:
+    """A nonce works once; a signature by another key is refused and burns the nonce."""
+    async with running_api(tmp_path) as api:
+        wallet = address_of(KEY_A)
+        nonce = await get_nonce(api.http, wallet)
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        assert (await api.http.post("/v1/login", json=body)).status_code == 200
+        r = await api.http.post("/v1/login", json=body)
+        assert r.status_code == 401
+        assert "nonce" in r.json()["detail"]
+
+        nonce = await get_nonce(api.http, wallet)
+        forged = {**body, "nonce": nonce, "signature": sign(KEY_B, wallet, nonce)}
+        r = await api.http.post("/v1/login", json=forged)
+        assert r.status_code == 401
+        assert r.json() == {"detail": "Invalid wallet signature"}
+        ok = {**body, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        assert (await api.http.post("/v1/login", json=ok)).status_code == 401  # burnt
+        for garbage in ("0x1234", "zz" * 65, "0x" + "00" * 65):
+            nonce = await get_nonce(api.http, wallet)
+            r = await api.http.post(
+                "/v1/login", json={**body, "nonce": nonce, "signature": garbage}
+            )
+            assert r.status_code == 401
+
+
+async def test_expired_nonce_is_401(tmp_path: Path) -> None:
+    """A nonce older than 300 s no longer logs in."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        wallet = address_of(KEY_A)
+        nonce = await get_nonce(api.http, wallet)
+        clock.advance(301)
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        r = await api.http.post("/v1/login", json=body)
+        assert r.status_code == 401
+
+
+async def test_a_newer_nonce_replaces_the_older_one(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        wallet = address_of(KEY_A)
+        old = await get_nonce(api.http, wallet)
+        await get_nonce(api.http, wallet)
+        body = {"wallet_address": wallet, "nonce": old, "signature": sign(KEY_A, wallet, old)}
+        assert (await api.http.post("/v1/login", json=body)).status_code == 401
+
+
+async def test_register_and_its_conflicts(tmp_path: Path) -> None:
+    """Register with email and username; the same wallet or email again is 400."""
+    async with running_api(tmp_path) as api:
+        user = await login(
+            api.http, path="/v1/register", email="Ann@Example.org", username="ann", password="x"
+        )
+        assert user["email"] == "ann@example.org"
+        assert user["username"] == "ann"
+        wallet = address_of(KEY_A)
+        for key, email, detail in (
+            (KEY_A, "other@example.org", "Wallet already registered"),
+            (KEY_B, "ann@example.org", "Email already registered"),
+            (KEY_B, "not-an-email", "Invalid email address"),
+        ):
+            wallet = address_of(key)
+            nonce = await get_nonce(api.http, wallet)
+            r = await api.http.post(
+                "/v1/register",
+                json={
+                    "wallet_address": wallet,
+                    "nonce": nonce,
+                    "signature": sign(key, wallet, nonce),
+                    "email": email,
+                    "username": "x",
+                },
+            )
+            assert (r.status_code, r.json()["detail"]) == (400, detail)
+
+
+async def test_session_token_as_bearer_or_header_and_logout(tmp_path: Path) -> None:
+    """/users/me works with Bearer and X-Session-Token; garbage 401; logout revokes it."""
+    async with running_api(tmp_path) as api:
+        user = await login(api.http)
+        token = user["session_token"]
+        for headers in (bearer(token), {"X-Session-Token": token}):
+            r = await api.http.get("/v1/users/me", headers=headers)
+            assert r.status_code == 200
+            assert r.json()["user_id"] == user["user_id"]
+            assert r.json()["email"] == user["email"]
+        assert (await api.http.get("/v1/users/me", headers=bearer("garbage"))).status_code == 401
+        assert (await api.http.get("/v1/users/me")).status_code == 401
+        r = await api.http.get("/v1/users/me", headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 404
+        r = await api.http.post("/v1/logout", headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 401
+        r = await api.http.post("/v1/logout", headers=bearer(token))
+        assert r.json() == {"message": "Logged out successfully"}
+        assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 401
+        assert (await api.http.post("/v1/logout", headers=bearer(token))).status_code == 401
+
+
+async def test_session_expires(tmp_path: Path) -> None:
+    """A token stops working after SESSION_TTL_HOURS."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, session_ttl_hours=1.0) as api:
+        token = (await login(api.http))["session_token"]
+        clock.advance(3599)
+        assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 200
+        clock.advance(2)
+        assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 401
+
+
+async def test_sessions_users_and_nonces_survive_a_restart(tmp_path: Path) -> None:
+    """A token, a revocation and an open nonce are read back from the database."""
+    async with running_api(tmp_path) as api:
+        user = await login(api.http)
+        revoked = (await login(api.http))["session_token"]
+        await api.http.post("/v1/logout", headers=bearer(revoked))
+        wallet = address_of(KEY_B)
+        nonce = await get_nonce(api.http, wallet)
+    async with running_api(tmp_path) as api:
+        r = await api.http.get("/v1/users/me", headers=bearer(user["session_token"]))
+        assert r.status_code == 200
+        assert r.json()["user_id"] == user["user_id"]
+        assert (await api.http.get("/v1/users/me", headers=bearer(revoked))).status_code == 401
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_B, wallet, nonce)}
+        assert (await api.http.post("/v1/login", json=body)).status_code == 200
+
+
+async def test_balance_and_transactions_of_self_other_and_admin(tmp_path: Path) -> None:
+    """Own balance 200 (zero, 8 places); another user's 403; an admin reads any; 404 unknown."""
+    async with running_api(tmp_path) as api:
+        a = await login(api.http, KEY_A)
+        b = await login(api.http, KEY_B)
+        r = await api.http.get(
+            f"/v1/users/{a['user_id']}/balance", headers=bearer(a["session_token"])
+        )
+        assert r.status_code == 200
+        body = r.json()
+        assert body["user_id"] == a["user_id"]
+        assert body["address"] == address_of(KEY_A).lower()
+        assert body["balance"] == "0.00000000"
+        assert "updated_at" in body
+        for path in ("balance", "transactions"):
+            r = await api.http.get(
+                f"/v1/users/{b['user_id']}/{path}", headers=bearer(a["session_token"])
+            )
+            assert (r.status_code, r.json()) == (403, {"detail": "Access denied"})
+            r = await api.http.get(
+                f"/v1/users/{b['user_id']}/{path}", headers={"X-Api-Key": ADMIN_KEY}
+            )
+            assert r.status_code == 200
+            r = await api.http.get("/v1/users/nobody/" + path, headers={"X-Api-Key": ADMIN_KEY})
+            assert r.status_code == 404
+        r = await api.http.get(
+            f"/v1/users/{a['user_id']}/transactions", headers=bearer(a["session_token"])
+        )
+        assert r.json() == {"user_id": a["user_id"], "transactions": [], "total": 0}
+
+
+async def test_a_session_is_a_client_on_the_job_routes(tmp_path: Path) -> None:
+    """A user submits and reads its own jobs with its token; not a miner or admin route."""
+    async with running_api(tmp_path) as api:
+        user = await login(api.http)
+        headers = bearer(user["session_token"])
+        r = await api.http.post("/v1/jobs", json={"payload": {"p": 1}}, headers=headers)
+        assert r.status_code == 201
+        job_id = r.json()["job_id"]
+        r = await api.http.get(f"/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200
+        assert r.json()["payment_id"] is None  # billing is off
+        r = await api.http.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 404  # not the API-key client's job
+        assert (await api.http.get("/v1/admin/stats", headers=headers)).status_code == 403
+        r = await api.http.post("/v1/miners/register", json={"capabilities": {}}, headers=headers)
+        assert r.status_code == 403
+
+
+def test_a_session_token_opens_the_client_socket(tmp_path: Path) -> None:
+    """The client socket takes a session token (Bearer or X-Session-Token) as a client."""
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient
+    from web.app import create_app
+
+    app = create_app(make_settings(tmp_path))
+    with TestClient(app) as c:
+        wallet = address_of(KEY_A)
+        nonce = c.post("/v1/auth/nonce", json={"wallet_address": wallet}).json()["nonce"]
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        user = c.post("/v1/login", json=body).json()
+        token = user["session_token"]
+        for headers in (bearer(token), {"X-Session-Token": token}):
+            with c.websocket_connect("/v1/jobs/ws", headers=headers) as ws:
+                ws.send_json({"type": "hello", "protocol": 1})
+                welcome = ws.receive_json()
+                assert (welcome["type"], welcome["client_id"]) == ("welcome", user["user_id"])
+
+
+async def test_public_wallet_posts_are_rate_limited_per_client_address(tmp_path: Path) -> None:
+    """With RATE_LIMIT_PER_MINUTE, nonce requests without a credential are limited per IP."""
+    async with running_api(tmp_path, rate_limit_per_minute=2) as api:
+        wallet = address_of(KEY_A)
+        for _ in range(2):
+            await get_nonce(api.http, wallet)
+        r = await api.http.post("/v1/auth/nonce", json={"wallet_address": wallet})
+        assert r.status_code == 429
+        assert "Retry-After" in r.headers
+
+
+async def test_expired_nonces_are_pruned_at_the_cap(tmp_path: Path) -> None:
+    """At MAX_OPEN_NONCES, expired challenges are dropped (memory and database)."""
+    from web import wallet_auth
+
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        old = wallet_auth.MAX_OPEN_NONCES
+        wallet_auth.MAX_OPEN_NONCES = 2
+        try:
+            await get_nonce(api.http, address_of(KEY_A))
+            await get_nonce(api.http, "0x" + "33" * 20)
+            r = await api.http.post("/v1/auth/nonce", json={"wallet_address": "0x" + "44" * 20})
+            assert r.status_code == 429
+            clock.advance(301)
+            await get_nonce(api.http, "0x" + "44" * 20)
+            assert list(api.core.wallet.nonces) == ["0x" + "44" * 20]
+            snap = await api.core.store.load_wallet(0)
+            assert [n.wallet_address for n in snap.nonces] == ["0x" + "44" * 20]
+        finally:
+            wallet_auth.MAX_OPEN_NONCES = old

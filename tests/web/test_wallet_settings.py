@@ -1,0 +1,54 @@
+"""Wallet, billing and exchange settings (docs/configuration.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.web.test_exchange import XPUB
+from web.settings import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert (s.billing, s.session_ttl_hours, s.btc_to_aitbc_rate) == (False, 24.0, "100000")
+    assert (s.bitcoin_xpub, s.bitcoin_address, s.esplora_url) == (None, None, None)
+    assert (s.btc_confirmations, s.payment_ttl_seconds, s.esplora_poll_seconds) == (1, 3600, 30)
+
+
+def test_values_are_read() -> None:
+    s = Settings.from_env(
+        {
+            "BILLING": "on",
+            "SESSION_TTL_HOURS": "2",
+            "BTC_TO_AITBC_RATE": "250000.5",
+            "BITCOIN_XPUB": XPUB,
+            "BITCOIN_ADDRESS": "bc1qexample",
+            "ESPLORA_URL": "http://127.0.0.1:3002/api/",
+            "BTC_CONFIRMATIONS": "3",
+        }
+    )
+    assert s.billing is True
+    assert s.session_ttl_hours == 2
+    assert s.btc_to_aitbc_rate == "250000.5"
+    assert s.bitcoin_xpub == XPUB
+    assert s.esplora_url == "http://127.0.0.1:3002/api"
+    assert s.btc_confirmations == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BILLING", "maybe"),
+        ("BTC_TO_AITBC_RATE", "-1"),
+        ("BTC_TO_AITBC_RATE", "abc"),
+        ("BTC_TO_AITBC_RATE", "1.000000001"),
+        ("BITCOIN_XPUB", "xpubNotAKey"),
+        ("BITCOIN_XPUB", "hello"),
+        ("ESPLORA_URL", "ftp://x"),
+        ("SESSION_TTL_HOURS", "0"),
+        ("BTC_CONFIRMATIONS", "1.5"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})

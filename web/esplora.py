@@ -1,0 +1,84 @@
+"""The payment watcher: polls an Esplora-compatible API (``ESPLORA_URL``) for each pending
+payment's address and confirms payments whose output has ``BTC_CONFIRMATIONS``.
+
+``poll_once`` is one complete step (tests call it directly, against a local Esplora-shaped
+server); ``run`` waits ``ESPLORA_POLL_SECONDS`` on the app's clock, then polls, and repeats.
+A failing API is logged and tried again next time: it never stops the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+
+from dispatcher.errors import DispatchError
+from dispatcher.exchange import find_output
+from web.http import HTTPError
+
+if TYPE_CHECKING:
+    from dispatcher.clock import Clock
+    from web.exchange import Exchange
+
+__all__ = ["EsploraWatcher"]
+
+log = logging.getLogger("aitbc.coordinator")
+
+
+class EsploraWatcher:
+    def __init__(self, exchange: Exchange, base_url: str, interval: float, clock: Clock) -> None:
+        self.exchange = exchange
+        self.base_url = base_url.rstrip("/")
+        self.interval = interval
+        self.clock = clock
+        self.polls = 0
+        self.errors = 0
+
+    async def poll_once(self, http: httpx.AsyncClient) -> None:
+        """Check every pending payment once, then expire what is due."""
+        exchange = self.exchange
+        if exchange.pending:
+            tip = int((await self._get(http, "/blocks/tip/height")).text.strip())
+            by_address: dict[str, list[str]] = {}
+            for pending in exchange.pending.values():
+                by_address.setdefault(pending.address, []).append(pending.payment_id)
+            for address, ids in by_address.items():
+                txs = (await self._get(http, f"/address/{address}/txs")).json()
+                for payment_id in ids:
+                    p = exchange.pending.get(payment_id)
+                    if p is None:
+                        continue
+                    own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()
+                    match = find_output(
+                        txs,
+                        address,
+                        p.btc_sats,
+                        exact=p.address_index is None,
+                        tip_height=tip,
+                        claimed=exchange.claimed - own,
+                    )
+                    if match is None:
+                        continue
+                    if match.confirmations >= exchange.required_confirmations:
+                        await exchange.confirm(payment_id, match)
+                    else:
+                        await exchange.seen(payment_id, match)
+        await exchange.expire_due()
+        self.polls += 1
+
+    async def _get(self, http: httpx.AsyncClient, path: str) -> httpx.Response:
+        response = await http.get(self.base_url + path)
+        response.raise_for_status()
+        return response
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
+            while True:
+                await self.clock.wait_until(self.clock.now() + self.interval, anyio.Event())
+                try:
+                    await self.poll_once(http)
+                except (httpx.HTTPError, ValueError, HTTPError, DispatchError) as exc:
+                    self.errors += 1
+                    log.warning("payment watcher: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,197 @@
+"""The BTC exchange: payment requests, receiving addresses, confirmation (docs/wallet.md).
+
+Rule 1: pending payments live in memory (loaded at start-up) and every change is committed
+through the dispatcher's writer before it is answered. Decisions that must not race (which
+address index, which unique amount, which chain output, whether a payment is still pending)
+are made synchronously on that state, then written.
+Rule 2: confirming credits ``aitbc_amount`` to the payer's ledger account in the same
+transaction that marks the payment confirmed; the movement key is the payment id, so a payment
+is credited once whoever confirms it (admin or watcher) and however often.
+Rule 3: addresses come from ``BITCOIN_XPUB`` through bip_utils (BIP-84 for zpub/vpub, BIP-44
+for xpub/tpub), never from curve code of our own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from bip_utils import Bip44, Bip44Changes, Bip44Coins, Bip84, Bip84Coins
+
+from dispatcher.exchange import Match, unique_amount
+from dispatcher.ledger import exchange_credit
+from storage.base import PaymentRecord
+from web.http import HTTPError
+
+if TYPE_CHECKING:
+    from dispatcher.clock import Clock
+    from dispatcher.runtime import Dispatcher
+    from storage.base import Store, WalletSnapshot, WriteBatch
+    from web.auth import Principal
+    from web.settings import Settings
+
+__all__ = ["AddressBook", "Exchange", "XpubError"]
+
+
+class XpubError(ValueError):
+    """BITCOIN_XPUB is not an account-level extended public key we can derive from."""
+
+
+class AddressBook:
+    """Receiving addresses: index n of the external chain of an account-level xpub."""
+
+    def __init__(self, xpub: str) -> None:
+        prefix = xpub[:4]
+        try:
+            if prefix in ("zpub", "vpub"):
+                coin = Bip84Coins.BITCOIN if prefix == "zpub" else Bip84Coins.BITCOIN_TESTNET
+                self._chain = Bip84.FromExtendedKey(xpub, coin).Change(Bip44Changes.CHAIN_EXT)
+            elif prefix in ("xpub", "tpub"):
+                coin44 = Bip44Coins.BITCOIN if prefix == "xpub" else Bip44Coins.BITCOIN_TESTNET
+                self._chain = Bip44.FromExtendedKey(xpub, coin44).Change(Bip44Changes.CHAIN_EXT)
+            else:
+                raise XpubError("BITCOIN_XPUB: expected an xpub, tpub, zpub or vpub key")
+        except XpubError:
+            raise
+        except Exception as exc:  # bip_utils raises several types for a bad key
+            raise XpubError(f"BITCOIN_XPUB: not a usable account-level key ({exc})") from None
+
+    def address(self, index: int) -> str:
+        return str(self._chain.AddressIndex(index).PublicKey().ToAddress())
+
+
+class Exchange:
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, store: Store, clock: Clock):
+        self.rate = Decimal(settings.btc_to_aitbc_rate)
+        self.ttl = settings.payment_ttl_seconds
+        self.required_confirmations = settings.btc_confirmations
+        self.watched = settings.esplora_url is not None
+        self.book = None if settings.bitcoin_xpub is None else AddressBook(settings.bitcoin_xpub)
+        self.shared_address = settings.bitcoin_address
+        self.dispatcher = dispatcher
+        self.store = store
+        self.clock = clock
+        self.pending: dict[str, PaymentRecord] = {}
+        self.claimed: set[tuple[str, int]] = set()
+        # Every amount ever asked on a shared address: an amount is never reused, so a late
+        # payment to an expired request (or a repeated one) can never pay someone else's.
+        self.shared_amounts: dict[str, set[int]] = {}
+        self.next_index = 0
+        self._settling: dict[str, str] = {}  # payment id -> new status, commit in flight
+
+    def load(self, snapshot: WalletSnapshot) -> None:
+        self.pending = {p.payment_id: p for p in snapshot.payments}
+        self.claimed = set(snapshot.outpoints)
+        self.shared_amounts = {}
+        for address, sats in snapshot.shared_amounts:
+            self.shared_amounts.setdefault(address, set()).add(sats)
+        self.next_index = snapshot.next_address_index
+
+    @property
+    def configured(self) -> bool:
+        return self.book is not None or self.shared_address is not None
+
+    async def _save(self, record: PaymentRecord, credit: bool = False) -> None:
+        moves = [exchange_credit(record.payment_id, record.account, record.aitbc_units)]
+
+        def fill(batch: WriteBatch) -> None:
+            batch.payments[record.payment_id] = record
+
+        try:
+            await self.dispatcher.write(fill, moves if credit else [])
+        finally:
+            self._settling.pop(record.payment_id, None)
+
+    async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
+        if not self.configured:
+            raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
+        now = self.clock.now()
+        index = None
+        if self.book is not None:
+            index, self.next_index = self.next_index, self.next_index + 1
+            address = self.book.address(index)
+        else:
+            assert self.shared_address is not None
+            address = self.shared_address
+            taken = self.shared_amounts.setdefault(address, set())
+            sats = unique_amount(sats, taken)
+            taken.add(sats)
+        record = PaymentRecord(
+            payment_id=str(uuid.uuid4()),
+            user_id=principal.id,
+            account=principal.account,
+            aitbc_units=aitbc_units,
+            btc_sats=sats,
+            address=address,
+            address_index=index,
+            status="pending",
+            created_at=now,
+            expires_at=now + self.ttl,
+        )
+        self.pending[record.payment_id] = record  # holds the address / amount from now on
+        await self._save(record)
+        return record
+
+    async def get(self, payment_id: str) -> PaymentRecord | None:
+        if not self.watched:
+            await self.expire_due()  # no watcher: expiry happens when someone looks
+        record = self.pending.get(payment_id)
+        return record if record is not None else await self.store.get_payment(payment_id)
+
+    async def confirm(self, payment_id: str, match: Match | None) -> PaymentRecord:
+        """Mark confirmed and credit once; a confirmed payment is returned unchanged."""
+        record = self.pending.pop(payment_id, None)
+        if record is None:
+            if payment_id in self._settling:
+                raise HTTPError(409, f"payment is being {self._settling[payment_id]}; retry")
+            stored = await self.store.get_payment(payment_id)
+            if stored is None:
+                raise HTTPError(404, "Payment not found")
+            if stored.status != "confirmed":
+                raise HTTPError(409, f"payment is {stored.status}")
+            return stored
+        if match is not None and (match.tx_hash, match.vout) != (record.tx_hash, record.tx_vout):
+            if (match.tx_hash, match.vout) in self.claimed:
+                self.pending[payment_id] = record
+                raise HTTPError(409, "that output already paid a payment")
+        confirmed = replace(
+            record,
+            status="confirmed",
+            confirmed_at=self.clock.now(),
+            tx_hash=match.tx_hash if match else record.tx_hash,
+            tx_vout=match.vout if match else record.tx_vout,
+            confirmations=match.confirmations if match else record.confirmations,
+        )
+        if match is not None:
+            self.claimed.add((match.tx_hash, match.vout))
+        self._settling[payment_id] = "confirmed"
+        await self._save(confirmed, credit=True)
+        return confirmed
+
+    async def seen(self, payment_id: str, match: Match) -> None:
+        """An output paying it is on its way (not yet confirmed enough): it will not expire."""
+        record = self.pending.get(payment_id)
+        if record is None or (record.tx_hash, record.confirmations) == (
+            match.tx_hash,
+            match.confirmations,
+        ):
+            return
+        if record.tx_hash is not None:
+            self.claimed.discard((record.tx_hash, record.tx_vout or 0))
+        self.claimed.add((match.tx_hash, match.vout))
+        updated = replace(
+            record, tx_hash=match.tx_hash, tx_vout=match.vout, confirmations=match.confirmations
+        )
+        self.pending[payment_id] = updated
+        await self._save(updated)
+
+    async def expire_due(self) -> None:
+        """Pending payments past their expiry with no output seen become expired."""
+        now = self.clock.now()
+        for record in list(self.pending.values()):
+            if record.expires_at <= now and record.tx_hash is None:
+                if self.pending.pop(record.payment_id, None) is not None:
+                    self._settling[record.payment_id] = "expired"
+                    await self._save(replace(record, status="expired"))

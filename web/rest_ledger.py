@@ -1,0 +1,118 @@
+"""Admin ledger routes: read any account, credit an account (docs/wallet.md).
+
+Accounts: ``wallet:<0x address>`` (a user, or a miner's payout wallet), ``client:<client id>``
+(an API-key client), ``miner:<miner id>``, ``escrow:<job id>``; issuers ``exchange:btc`` and
+``system:admin`` are where money enters (their balances are negative).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import TYPE_CHECKING
+
+from dispatcher.ledger import Movement
+from protocol.amounts import AmountError, format_units, to_units
+from web.auth import Role
+from web.http import Call, Endpoint, HTTPError, Param, json_response
+from web.rest_users import transaction_view
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+
+__all__ = ["ENDPOINTS", "account_view"]
+
+ACCOUNT = re.compile(
+    r"^(wallet:0x[0-9a-f]{40}|(client|miner|escrow):[!-~]{1,128}|exchange:btc|system:admin)$"
+)
+_CREDITABLE = ("wallet:", "client:", "miner:")
+
+
+def _account(call: Call) -> str:
+    account = call.path("account")
+    if not ACCOUNT.match(account):
+        raise HTTPError(400, "invalid account (wallet:0x…, client:…, miner:…, escrow:…)")
+    return account
+
+
+def account_view(call: Call, account: str) -> dict[str, str]:
+    ledger = call.core.dispatcher.ledger
+    return {
+        "account": account,
+        "balance": format_units(ledger.balance(account)),
+        "available": format_units(ledger.available(account)),
+        "currency": "AITBC",
+    }
+
+
+async def get_account(call: Call) -> Response:
+    account = _account(call)
+    entries, total = await call.core.store.ledger_entries(
+        account, call.query["limit"], call.query["offset"]
+    )
+    return json_response(
+        {
+            **account_view(call, account),
+            "transactions": [transaction_view(e) for e in entries],
+            "total": total,
+        }
+    )
+
+
+async def credit(call: Call) -> Response:
+    account = _account(call)
+    if not account.startswith(_CREDITABLE):
+        raise HTTPError(400, "only wallet:, client: and miner: accounts can be credited")
+    try:
+        amount = to_units(call.body["amount"])
+    except AmountError as exc:
+        raise HTTPError(422, str(exc)) from None
+    if amount <= 0:
+        raise HTTPError(422, "amount must be positive")
+    movement = Movement(
+        key=f"admin:{uuid.uuid4()}",
+        src="system:admin",
+        dst=account,
+        amount=amount,
+        kind="admin_credit",
+        ref=call.body.get("note"),
+    )
+    await call.core.dispatcher.write(lambda batch: None, [movement])
+    return json_response(account_view(call, account))
+
+
+_errors = {
+    400: ("invalid account", "Error"),
+    401: ("missing or unknown credential", "Error"),
+    403: ("not an admin credential", "Error"),
+}
+
+ENDPOINTS = [
+    Endpoint(
+        "GET",
+        ("/v1/admin/accounts/{account}",),
+        get_account,
+        "A ledger account: balance and entries, newest first",
+        "admin",
+        role=Role.ADMIN,
+        query=(
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+        ),
+        responses={200: ("the account", "Account"), **_errors},
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/admin/accounts/{account}/credit",),
+        credit,
+        "Credit an account from system:admin (each call is a new movement)",
+        "admin",
+        role=Role.ADMIN,
+        body="Credit",
+        responses={
+            200: ("credited (committed)", "Account"),
+            **_errors,
+            422: ("invalid amount", "Error"),
+        },
+    ),
+]
