@@ -22,7 +22,7 @@ from protocol.receipts import (
     content_hash,
     key_id_for,
     receipt_hash,
-    sign_receipt,
+    sign_receipt_hashed,
 )
 
 if TYPE_CHECKING:
@@ -96,7 +96,6 @@ class ReceiptSigner:
         }
         if job.attestation is not None:
             body["miner_attestation"] = job.attestation
-        receipt = sign_receipt(body, self._key, key_id=self.key_id)
+        receipt, self.head_hash = sign_receipt_hashed(body, self._key, key_id=self.key_id)
         self.chain_seq += 1
-        self.head_hash = receipt_hash(receipt)
         return receipt

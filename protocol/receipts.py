@@ -39,6 +39,7 @@ __all__ = [
     "load_signing_key",
     "receipt_hash",
     "sign_receipt",
+    "sign_receipt_hashed",
     "sign_result",
     "verify_receipt",
 ]
@@ -178,10 +179,27 @@ def sign_receipt(
     Args:
         key_id: the key's id when the caller already has it (saves deriving it per receipt).
     """
+    return sign_receipt_hashed(receipt, key, key_id=key_id)[0]
+
+
+def sign_receipt_hashed(
+    receipt: JSONObject, key: Ed25519PrivateKey, *, key_id: str | None = None
+) -> tuple[JSONObject, str]:
+    """``sign_receipt``, plus the signed receipt's ``receipt_hash`` (the chain's next link).
+
+    The hash reuses the walk of the signed fields: the whole receipt's canonical form is
+    theirs with the ``signature`` object (plain ASCII) added.
+    """
     body = _signed_part(receipt)
-    sig = key.sign(canonical_json(body))
+    fast = _fast_body(body)
+    out = dumps_sorted(fast)
+    plain = bool(out) and out.isascii() and b"\x7f" not in out
+    sig = key.sign(out if plain else canonical_json_reference(body))
     kid = key_id if key_id is not None else key_id_for(key.public_key())
-    return {**body, "signature": {"alg": "Ed25519", "key_id": kid, "sig": _b64url(sig)}}
+    signature = {"alg": "Ed25519", "key_id": kid, "sig": _b64url(sig)}
+    signed = {**body, "signature": signature}
+    whole = dumps_sorted({**fast, "signature": signature}) if plain else canonical_json(signed)
+    return signed, hashlib.sha256(whole).hexdigest()
 
 
 def check_signature(body: bytes, sig: Any, label: str) -> list[str]:

@@ -494,3 +494,23 @@ def test_drop_nulls_returns_scalars_unchanged() -> None:
     for scalar in (7, "text", True):  # a payload or result need not be an object
         assert canonical_json(scalar) == canonical_json_reference(scalar)  # type: ignore[arg-type]
     assert _drop_nulls([1, None, {"a": None, "b": [None]}]) == [1, {"b": []}]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"metadata": {"result": {"text": "é ☃"}}},  # non-ASCII: the reference path
+        {"metadata": {"result": {"text": "\x7f"}}},
+        {"units": 1e-7, "price": float("nan"), "metadata": {"list": [1e16, None]}},
+    ],
+)
+def test_sign_receipt_hashed_returns_the_receipt_hash(extra: dict[str, Any]) -> None:
+    """The hash that saves a walk equals ``receipt_hash`` of the very receipt it signed."""
+    from protocol.receipts import receipt_hash, sign_receipt_hashed
+
+    body = {"version": RECEIPT_VERSION, "receipt_id": "r1", "job_id": "j1", **extra}
+    signed, digest = sign_receipt_hashed(body, KEY)
+    assert digest == receipt_hash(signed)
+    assert signed == sign_receipt(body, KEY)
+    assert verify_receipt(signed) == []
