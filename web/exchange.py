@@ -18,8 +18,6 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from bip_utils import Bip44, Bip44Changes, Bip44Coins, Bip84, Bip84Coins
-
 from dispatcher.exchange import Match, unique_amount
 from dispatcher.ledger import exchange_credit
 from storage.base import PaymentRecord
@@ -43,6 +41,10 @@ class AddressBook:
     """Receiving addresses: index n of the external chain of an account-level xpub."""
 
     def __init__(self, xpub: str) -> None:
+        # Imported here: bip_utils takes a quarter of a second to import, and only a
+        # coordinator with BITCOIN_XPUB needs it.
+        from bip_utils import Bip44, Bip44Changes, Bip44Coins, Bip84, Bip84Coins
+
         prefix = xpub[:4]
         try:
             if prefix in ("zpub", "vpub"):

@@ -18,9 +18,6 @@ import secrets
 import uuid
 from typing import TYPE_CHECKING
 
-from eth_account import Account
-from eth_account.messages import encode_defunct
-
 from storage.base import NonceRecord, SessionRecord, UserRecord
 from web.auth import Principal, Role, key_hash
 from web.http import HTTPError
@@ -55,6 +52,11 @@ def recover_signer(message: str, signature: str) -> str | None:
     sig = signature[2:] if signature.lower().startswith("0x") else signature
     if not re.fullmatch(r"[0-9a-fA-F]{130}", sig):
         return None
+    # Imported on first use: eth-account takes most of a second to import, which every
+    # start of the server and of the CLI would pay.
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
     try:
         address = Account.recover_message(encode_defunct(text=message), signature="0x" + sig)
     except Exception:  # eth-account raises several types for bad points and v values
