@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
 from starlette.websockets import WebSocketDisconnect
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
@@ -19,9 +17,7 @@ if TYPE_CHECKING:
 
     from starlette.testclient import WebSocketTestSession
 
-with warnings.catch_warnings():  # starlette asks for httpx2; the httpx we pin works the same
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
-from starlette.exceptions import StarletteDeprecationWarning
 from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
 
 from web.asgi import SocketFastPath
-
-with warnings.catch_warnings():  # starlette asks for httpx2; the httpx we pin works the same
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
 
 if TYPE_CHECKING:
     from starlette.requests import Request

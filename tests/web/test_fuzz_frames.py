@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from starlette.exceptions import StarletteDeprecationWarning
 
 from tests.conftest import CLIENT_KEY, MINER_KEY, make_settings
 from web.app import create_app
@@ -29,9 +27,7 @@ if TYPE_CHECKING:
 
     from starlette.testclient import WebSocketTestSession
 
-with warnings.catch_warnings():  # starlette asks for httpx2; the httpx we pin works the same
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
+from starlette.testclient import TestClient
 
 ALLOWED_CLOSE_CODES = {1003, 1007, 1009, 4000, 4002, 4401, 4403}
 MAX_FRAME = 2048

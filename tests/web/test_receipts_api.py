@@ -7,23 +7,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from starlette.testclient import TestClient
 
 from tests.conftest import CLIENT_KEY, MINER_KEY, SIGNING_SEED, make_settings
 from tests.web.rest_harness import Api, running_api
 from web.app import create_app
-
-with warnings.catch_warnings():
-    from starlette.exceptions import StarletteDeprecationWarning
-
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
 
 if TYPE_CHECKING:
     from pathlib import Path

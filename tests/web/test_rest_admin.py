@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import re
-import warnings
 from typing import TYPE_CHECKING
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
 from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, make_settings
 from tests.web.rest_harness import Api, miner_headers, running_api
 from web.app import create_app
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
