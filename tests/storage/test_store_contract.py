@@ -178,6 +178,19 @@ async def test_job_upsert_updates_state_but_keeps_payload_and_constraints(store:
     assert got == later._replace(payload=job().payload, constraints=job().constraints)
 
 
+async def test_stored_and_unstored_jobs_in_one_batch_are_both_written(store: JobStore) -> None:
+    """A batch mixing a job already stored and one never seen (neither with its first event)
+    stores both: the SQL store's in-place UPDATE falls back to the upsert when a row is missing.
+    """
+    await commit(store, batch(jobs=[job("j1")], events=[event("j1", 1)]))
+    seen = job("j1", state="RUNNING", miner_id="gpu-1", seq=2)
+    unseen = job("j2", state="RUNNING", miner_id="gpu-2", seq=2)
+    await commit(store, batch(jobs=[seen, unseen], events=[event("j1", 2, "assigned")]))
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") == seen
+        assert await store.get_job("j2") == unseen
+
+
 async def test_later_snapshot_in_a_batch_wins(store: JobStore) -> None:
     """Two snapshots of one job in a batch: the last one assigned to the batch is stored."""
     b = WriteBatch()
