@@ -46,13 +46,10 @@ from bench.harness import (
     http_ok,
     in_uvloop,
     job_count,
-    machine_info,
     measured_on,
-    need_results,
-    pin_self,
     process,
-    run_plan,
-    save_results,
+    results_for,
+    run_count,
     scratch,
     write_section,
 )
@@ -280,12 +277,10 @@ def main() -> None:
         serve(sys.argv[2:])
         return
     a = arg_parser(__doc__).parse_args()
-    if a.from_results:
-        results = need_results(a.results, "ceiling")
-    else:
-        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-        pin_self(1)
-        plan = [
+    results = results_for(
+        a,
+        "ceiling",
+        lambda: [
             (
                 name,
                 in_uvloop(
@@ -299,13 +294,12 @@ def main() -> None:
                 ),
             )
             for name, persist, inflight, clients, jobs in SCENARIOS
-        ]
-        results = run_plan(plan, a.runs, a.only)
-        save_results(a.results, "ceiling", results, machine)
+        ],
+    )
     table = render(results)
     print(table)
     if a.write_docs:
-        write_docs(table, len(next(iter(results.values()))), a.results)
+        write_docs(table, run_count(results), a.results)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,11 @@ from bench.harness import (
     in_uvloop,
     job_count,
     load_results,
-    machine_info,
     measured_on,
-    need_results,
     pct,
-    pin_self,
     ratio,
-    run_plan,
-    save_results,
+    results_for,
+    run_count,
     write_section,
 )
 from bench.rawws import RawWebSocket, encode_frame, upgrade_request
@@ -308,12 +305,10 @@ def render(
 
 def main() -> None:
     a = arg_parser(__doc__).parse_args()
-    if a.from_results:
-        results = need_results(a.results, "dispatch")
-    else:
-        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-        pin_self(1)
-        plan = [
+    results = results_for(
+        a,
+        "dispatch",
+        lambda: [
             (
                 name,
                 in_uvloop(
@@ -327,13 +322,12 @@ def main() -> None:
                 ),
             )
             for name, inflight, miners, clients, jobs in SCENARIOS
-        ]
-        results = run_plan(plan, a.runs, a.only)
-        save_results(a.results, "dispatch", results, machine)
+        ],
+    )
     table = render(results, load_results(a.results, "ceiling"))
     print(table)
     if a.write_docs:
-        write_docs(table, len(next(iter(results.values()))), a.results)
+        write_docs(table, run_count(results), a.results)
 
 
 def write_docs(table: str, runs: int, out: Path) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +25,7 @@ import anyio
 import httpx
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"  # gitignored: every run's raw figures
@@ -282,6 +283,28 @@ def run_plan(
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             print(f"{name} run {run + 1}: {json.dumps(shown)}", flush=True)
     return results
+
+
+Plan = list[tuple[str, Callable[[], dict[str, Any]]]]
+
+
+def results_for(
+    args: argparse.Namespace, name: str, plan: Callable[[], Plan]
+) -> dict[str, list[dict[str, Any]]]:
+    """``<results>/<name>.json`` with ``--from-results``; else measure: the load generator
+    pinned to core 1, every scenario of ``plan()`` run ``--runs`` times, the results saved."""
+    if args.from_results:
+        return need_results(args.results, name)  # type: ignore[no-any-return]
+    machine = machine_info()  # before pinning: the affinity mask shrinks to one core
+    pin_self(1)
+    results = run_plan(plan(), args.runs, args.only)
+    save_results(args.results, name, results, machine)
+    return results
+
+
+def run_count(results: dict[str, list[dict[str, Any]]]) -> int:
+    """How many runs each scenario had (the docs say "over N runs")."""
+    return len(next(iter(results.values())))
 
 
 def in_uvloop(fn: Callable[[], Awaitable[dict[str, Any]]]) -> Callable[[], dict[str, Any]]:

@@ -35,19 +35,17 @@ from websockets.asyncio.client import connect
 from bench.harness import (
     CLIENT_KEY,
     MINER_KEY,
+    Plan,
     arg_parser,
     cell,
     coordinator,
     cpu_seconds,
     in_uvloop,
     job_count,
-    machine_info,
     measured_on,
-    need_results,
     pct,
-    pin_self,
-    run_plan,
-    save_results,
+    results_for,
+    run_count,
     write_section,
 )
 from bench.http11 import Client, Response
@@ -313,13 +311,10 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4, help="concurrent submitting tasks")
     p.add_argument("--park-ms", type=float, default=5.0, help="pause before each pickup submit")
     a = p.parse_args()
-    if a.from_results:
-        results = need_results(a.results, "rest")
-    else:
-        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-        pin_self(1)
-        jobs = partial(job_count, a)
-        plan = [
+    jobs = partial(job_count, a)
+
+    def plan() -> Plan:
+        steps: Plan = [
             (
                 name,
                 in_uvloop(
@@ -336,14 +331,13 @@ def main() -> None:
             for name, rest, sock, n in THROUGHPUT
         ]
         pickup = partial(run_pickup, jobs=jobs(PICKUP[1]), park_ms=a.park_ms)
-        plan.append((PICKUP[0], in_uvloop(pickup)))
-        results = run_plan(plan, a.runs, a.only)
-        save_results(a.results, "rest", results, machine)
+        return [*steps, (PICKUP[0], in_uvloop(pickup))]
+
+    results = results_for(a, "rest", plan)
     table = render(results)
     print(table)
     if a.write_docs:
-        runs = len(next(iter(results.values())))
-        write_docs(table, runs, a.inflight, a.park_ms, a.results)
+        write_docs(table, run_count(results), a.inflight, a.park_ms, a.results)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,11 @@ from bench.harness import (
     coordinator,
     cpu_seconds,
     in_uvloop,
-    machine_info,
     measured_on,
-    need_results,
-    pin_self,
     raise_nofile,
+    results_for,
     rss_bytes,
-    run_plan,
-    save_results,
+    run_count,
     write_section,
 )
 from bench.rawws import IdleMiner, upgrade_request
@@ -183,25 +180,20 @@ def main() -> None:
     p.add_argument("--latency-jobs", type=int, default=1_000)
     p.add_argument("--settle", type=float, default=1.0, help="seconds before reading RSS")
     a = p.parse_args()
-    if a.from_results:
-        results = need_results(a.results, "sockets")
-    else:
-        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-        pin_self(1)
-        name = f"{a.sockets:,} idle miner sockets"
-        job = partial(
-            run_once,
-            sockets=a.sockets,
-            concurrency=a.concurrency,
-            latency_jobs=a.jobs or a.latency_jobs,
-            settle=a.settle,
-        )
-        results = run_plan([(name, in_uvloop(job))], a.runs, a.only)
-        save_results(a.results, "sockets", results, machine)
+    job = partial(
+        run_once,
+        sockets=a.sockets,
+        concurrency=a.concurrency,
+        latency_jobs=a.jobs or a.latency_jobs,
+        settle=a.settle,
+    )
+    results = results_for(
+        a, "sockets", lambda: [(f"{a.sockets:,} idle miner sockets", in_uvloop(job))]
+    )
     table = render(results)
     print(table)
     if a.write_docs:
-        write_docs(table, len(next(iter(results.values()))), a.concurrency, a.results)
+        write_docs(table, run_count(results), a.concurrency, a.results)
 
 
 if __name__ == "__main__":

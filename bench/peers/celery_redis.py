@@ -35,19 +35,17 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from bench.harness import (
+    Plan,
     arg_parser,
     cell,
     cpu_seconds,
     free_port,
     job_count,
-    machine_info,
     measured_on,
-    need_results,
     pct,
-    pin_self,
     process,
-    run_plan,
-    save_results,
+    results_for,
+    run_count,
     write_section,
 )
 
@@ -250,24 +248,22 @@ def write_docs(table: str, runs: int, out: Path) -> None:
 
 def main() -> None:
     a = arg_parser(__doc__).parse_args()
-    if a.from_results:
-        results = need_results(a.results, "celery")
-    else:
-        machine = machine_info()  # before pinning: the affinity mask shrinks to one core
-        pin_self(1)
-        plan = []
+
+    def plan() -> Plan:
+        steps: Plan = []
         for name, inflight, jobs in SCENARIOS:
             n = job_count(a, jobs)
             if inflight == 1:
-                plan.append((name, measured(partial(round_trips, jobs=n))))
+                steps.append((name, measured(partial(round_trips, jobs=n))))
             else:
-                plan.append((name, measured(partial(throughput, jobs=n, inflight=inflight))))
-        results = run_plan(plan, a.runs, a.only)
-        save_results(a.results, "celery", results, machine)
+                steps.append((name, measured(partial(throughput, jobs=n, inflight=inflight))))
+        return steps
+
+    results = results_for(a, "celery", plan)
     table = render(results)
     print(table)
     if a.write_docs:
-        write_docs(table, len(next(iter(results.values()))), a.results)
+        write_docs(table, run_count(results), a.results)
 
 
 if __name__ == "__main__":
