@@ -67,6 +67,14 @@ class Param:
     where: str = "query"
 
 
+def page_params(*, default: int, maximum: int = 500) -> tuple[Param, Param]:
+    """The ``limit`` and ``offset`` query parameters of a paged list."""
+    return (
+        Param("limit", {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}),
+        Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+    )
+
+
 @dataclass(slots=True)
 class Call:
     """What a handler receives: the request, the app core, the caller, the validated input."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.types import iso_time
 from storage.base import JobQuery
 from web.auth import Role
-from web.http import Call, Endpoint, Param, json_response
+from web.http import Call, Endpoint, Param, json_response, page_params
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -169,8 +169,7 @@ ENDPOINTS = [
         "explorer",
         query=(
             Param("job_id", {"type": "string", "maxLength": 128}, "only this job's receipts"),
-            Param("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
-            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+            *page_params(default=50, maximum=200),
         ),
         responses={
             200: ("receipts, newest first", "ExplorerReceipts"),

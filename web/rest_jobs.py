@@ -13,7 +13,7 @@ from dispatcher.ids import new_id
 from storage.base import JobQuery
 from web.auth import Role
 from web.billing import job_payment
-from web.http import Call, Endpoint, HTTPError, Param, json_response
+from web.http import Call, Endpoint, HTTPError, Param, json_response, page_params
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -171,8 +171,7 @@ ENDPOINTS = [
         "jobs",
         role=Role.CLIENT,
         query=(
-            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 20}),
-            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+            *page_params(default=20),
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
             Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
         ),

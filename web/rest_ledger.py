@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dispatcher.ledger import Movement
 from protocol.amounts import AmountError, format_units, to_units
 from web.auth import Role
-from web.http import Call, Endpoint, HTTPError, Param, json_response
+from web.http import Call, Endpoint, HTTPError, json_response, page_params
 from web.rest_users import transaction_view
 
 if TYPE_CHECKING:
@@ -95,10 +95,7 @@ ENDPOINTS = [
         "A ledger account: balance and entries, newest first",
         "admin",
         role=Role.ADMIN,
-        query=(
-            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
-            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
-        ),
+        query=page_params(default=50),
         responses={200: ("the account", "Account"), **_errors},
     ),
     Endpoint(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from protocol.amounts import format_units
 from protocol.types import iso_time
 from web.auth import Role
-from web.http import Call, Endpoint, HTTPError, Param, json_response
+from web.http import Call, Endpoint, HTTPError, json_response, page_params
 from web.wallet_auth import login_message, normalize_wallet
 
 if TYPE_CHECKING:
@@ -246,10 +246,7 @@ ENDPOINTS = [
         "A user's ledger entries, newest first",
         "users",
         any_role=True,
-        query=(
-            Param("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
-            Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
-        ),
+        query=page_params(default=50),
         responses={200: ("entries", "TransactionList"), **_user_path},
     ),
 ]
