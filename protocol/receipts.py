@@ -121,10 +121,16 @@ def canonical_json(obj: JSONObject) -> bytes:
     integer orjson cannot represent) the reference serializer is used instead. A property
     test holds the two byte-identical.
     """
-    out = dumps_sorted(_fast_body(obj))
+    out = _orjson_canonical(_fast_body(obj))
+    return out if out is not None else canonical_json_reference(obj)
+
+
+def _orjson_canonical(fast: Any) -> bytes | None:
+    """orjson's output for a ``_fast_body``, or None where it could differ from the reference."""
+    out = dumps_sorted(fast)
     if out and out.isascii() and b"\x7f" not in out:  # Python escapes DEL as \u007f
         return out
-    return canonical_json_reference(obj)
+    return None
 
 
 def content_hash(value: JSONObject) -> str:
@@ -192,14 +198,13 @@ def sign_receipt_hashed(
     """
     body = _signed_part(receipt)
     fast = _fast_body(body)
-    out = dumps_sorted(fast)
-    plain = bool(out) and out.isascii() and b"\x7f" not in out
-    sig = key.sign(out if plain else canonical_json_reference(body))
+    out = _orjson_canonical(fast)
+    sig = key.sign(out if out is not None else canonical_json_reference(body))
     kid = key_id if key_id is not None else key_id_for(key.public_key())
     signature = {"alg": "Ed25519", "key_id": kid, "sig": _b64url(sig)}
     signed = {**body, "signature": signature}
-    whole = dumps_sorted({**fast, "signature": signature}) if plain else canonical_json(signed)
-    return signed, hashlib.sha256(whole).hexdigest()
+    whole = None if out is None else _orjson_canonical({**fast, "signature": signature})
+    return signed, hashlib.sha256(whole or canonical_json(signed)).hexdigest()
 
 
 def check_signature(body: bytes, sig: Any, label: str) -> list[str]:
