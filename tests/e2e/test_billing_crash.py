@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -25,7 +25,7 @@ import pytest
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.test_crash_recovery import CoordinatorProcess
+from tests.e2e.test_crash_recovery import CoordinatorProcess, _wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -74,12 +74,6 @@ class PaidClient:
                     else:
                         await anyio.sleep(0.02)
                 await anyio.sleep(0.005)
-
-
-async def _wait_for(condition: Any, within: float) -> None:
-    with anyio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 - a tiny poll loop under fail_after
-            await anyio.sleep(0.01)
 
 
 async def _active_jobs(server: CoordinatorProcess) -> int:
