@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -42,11 +42,13 @@ AUTH_TIMEOUT = 5.0
 
 class Connection(ABC):
     role: Role
+    # Outbox soft/hard limits when an endpoint needs other than the defaults.
+    outbox_limits: ClassVar[dict[str, int]] = {}
 
     def __init__(self, core: Coordinator, websocket: WebSocket) -> None:
         self.core = core
         self.websocket = websocket
-        self.outbox = Outbox(self.close)
+        self.outbox = Outbox(self.close, **self.outbox_limits)
         self.principal: Principal | None = None
         self._close: tuple[int, str] | None = None
         self._scope = anyio.CancelScope()

@@ -7,9 +7,8 @@ An admin credential, at the handshake or as the first ``auth`` frame (browsers),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dispatcher.fanout import Outbox
 from protocol.codec import encode
 from protocol.messages import Auth, ClientHello
 from protocol.session import ClientSession
@@ -20,18 +19,14 @@ from web.connection import Connection
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-    from web.app import Coordinator
 
 __all__ = ["OpsConnection", "ops_endpoint"]
 
 
 class OpsConnection(Connection):
     role = Role.ADMIN
-
-    def __init__(self, core: Coordinator, websocket: WebSocket) -> None:
-        super().__init__(core, websocket)
-        # A page with 1,000 miners and a busy log: more room before it counts as too slow.
-        self.outbox = Outbox(self.close, soft_limit=1024, hard_limit=16384)
+    # A page with 1,000 miners and a busy log: more room before it counts as too slow.
+    outbox_limits: ClassVar[dict[str, int]] = {"soft_limit": 1024, "hard_limit": 16384}
 
     def make_session(self, *, authenticated: bool) -> ClientSession:
         # The client socket's framing and auth rules. There is no hello exchange here: once
