@@ -94,6 +94,12 @@ async def map_driver_errors() -> AsyncIterator[None]:
         raise StorageError(str(exc)) from exc
 
 
+def _transient(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_LOCKED / SQLITE_BUSY: another statement holds the database for a moment."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
 def _job_row(j: JobRecord) -> tuple[Any, ...]:
     return (
         j.job_id,
@@ -316,14 +322,24 @@ class DatabasesJobStore:
                 await raw._execute(_commit_batch, raw._conn, batch)
 
     async def maintain(self, interval: float = 1.0) -> None:
-        """Checkpoint the WAL in the background (PASSIVE: never blocks the writer)."""
+        """Checkpoint the WAL in the background (PASSIVE: never blocks the writer).
+
+        A checkpoint is best effort: when SQLite answers "locked" or "busy" (a read on the
+        reader connection holds it, seen right after a restart), this round is skipped and
+        the next one tries again. Any other error stops the store as before.
+        """
         while True:
             await anyio.sleep(interval)
             reader = self._reader
             if reader is None:
                 return
-            async with map_driver_errors():
+            try:
                 await self._pragma(reader.raw_connection, "wal_checkpoint(PASSIVE)")
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc):
+                    raise StorageError(str(exc)) from exc
+            except (sqlite3.Error, ValueError) as exc:
+                raise StorageError(str(exc)) from exc
 
     async def _fetch(self, sql: str, values: dict[str, Any] | None = None) -> Sequence[Any]:
         if self._reader is None:
