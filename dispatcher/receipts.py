@@ -13,16 +13,19 @@ order the writer commits; ``resume`` loads the head from the store at start-up.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from dispatcher.ids import new_id
 from protocol.receipts import (
     CHAIN_GENESIS,
     RECEIPT_VERSION,
-    content_hash,
+    canonical_float,
+    canonical_fragment,
+    canonical_json,
     key_id_for,
     receipt_hash,
-    sign_receipt_hashed,
+    sign_prepared,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +46,10 @@ def _num(value: object) -> float | None:
         return float(value)
     except ValueError:
         return None
+
+
+def _canonical(value: JSONObject) -> bytes:
+    return canonical_json(value) if value else b"{}"
 
 
 class ReceiptSigner:
@@ -68,6 +75,13 @@ class ReceiptSigner:
         cap = _num(job.constraints.get("max_price"))
         if cap is not None:
             unit_price = min(unit_price, cap)
+        price = round(units * unit_price, 6)
+        # Each nested object is serialized once: its canonical bytes give its hash and stand
+        # in for it when the whole body is signed (protocol.receipts.sign_prepared).
+        payload = _canonical(job.payload)
+        result = _canonical(job.result or {})
+        constraints = _canonical(job.constraints)
+        metrics = job.metrics or {}
         body: JSONObject = {
             "version": RECEIPT_VERSION,
             "receipt_id": new_id(),
@@ -78,24 +92,37 @@ class ReceiptSigner:
             "units": units,
             "unit_type": "gpu_seconds",
             "unit_price": float(unit_price),
-            "price": round(units * unit_price, 6),
+            "price": price,
             "started_at": int(started),
             "completed_at": int(now),
             "attempt": job.attempt,
             "chain_seq": self.chain_seq + 1,
             "prev_hash": self.head_hash,
-            "payload_hash": content_hash(job.payload),
-            "result_hash": content_hash(job.result or {}),
+            "payload_hash": hashlib.sha256(payload).hexdigest(),
+            "result_hash": hashlib.sha256(result).hexdigest(),
             "metadata": {
                 "job_payload": job.payload,
                 "job_constraints": job.constraints,
                 "result": job.result,
-                "metrics": job.metrics or {},
+                "metrics": metrics,
                 "metrics_source": "miner-claimed",
             },
         }
+        fast = {k: v for k, v in body.items() if v is not None}
+        for name in ("units", "unit_price", "price"):
+            fast[name] = canonical_float(body[name])
+        metadata = {
+            "job_payload": canonical_fragment(payload),
+            "job_constraints": canonical_fragment(constraints),
+            "metrics": canonical_fragment(_canonical(metrics)),
+            "metrics_source": "miner-claimed",
+        }
+        if job.result is not None:
+            metadata["result"] = canonical_fragment(result)
+        fast["metadata"] = metadata
         if job.attestation is not None:
             body["miner_attestation"] = job.attestation
-        receipt, self.head_hash = sign_receipt_hashed(body, self._key, key_id=self.key_id)
+            fast["miner_attestation"] = canonical_fragment(_canonical(job.attestation))
+        receipt, self.head_hash = sign_prepared(body, fast, self._key, key_id=self.key_id)
         self.chain_seq += 1
         return receipt

@@ -183,3 +183,55 @@ def test_property_any_change_to_a_signed_field_fails(
     original = {k: v for k, v in _SIGNED.items() if k != "signature"}
     assume(canonical_json(signed_part) != canonical_json(original))
     assert "signature does not verify" in check_receipt(changed, PINNED)
+
+
+_JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=6),
+)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3)
+    ),
+    max_leaves=12,
+)
+_OBJECT = st.dictionaries(st.text(max_size=5), _JSON, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=_OBJECT,
+    result=st.none() | _OBJECT,
+    constraints=_OBJECT,
+    metrics=st.none() | _OBJECT,
+    miner_id=st.text(min_size=1, max_size=6),
+    price=st.none() | st.floats(min_value=0, max_value=1e20),
+    now=st.floats(min_value=100, max_value=1e7),
+)
+def test_property_signed_bytes_are_the_reference_canonical_form(
+    payload: dict[str, Any],
+    result: dict[str, Any] | None,
+    constraints: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    miner_id: str,
+    price: float | None,
+    now: float,
+) -> None:
+    """The signer serializes each nested object once (canonical fragments) and orjson writes
+    the top level; whatever the content (non-ASCII, nulls, NaN, huge integers, tiny floats),
+    the signature verifies over the reference canonical form and the chain head is the
+    reference hash of the whole receipt."""
+    job = finished_job()
+    job.payload, job.result, job.constraints, job.metrics = payload, result, constraints, metrics
+    job.miner_id = miner_id
+    signer = ReceiptSigner(KEY)
+    receipt = signer(job, price, now)
+    assert check_receipt(receipt, PINNED) == []
+    assert signer.head_hash == receipt_hash(receipt)
+    assert receipt["payload_hash"] == content_hash(payload)
+    assert receipt["result_hash"] == content_hash(result or {})
+    assert receipt["metadata"]["job_payload"] is payload
