@@ -113,9 +113,6 @@ class _Timer:
         self.when, self.n, self.kind, self.key, self.token = when, n, kind, key, token
         self.dead = False
 
-    def __lt__(self, other: _Timer) -> bool:
-        return (self.when, self.n) < (other.when, other.n)
-
 
 class Scheduler:
     """Owns every active job and every connected miner. See the module rules."""
@@ -134,7 +131,8 @@ class Scheduler:
         self._queue = JobQueue(self._match)
         self._queued = 0
         self._known_caps: dict[Capabilities, int] = {}
-        self._timers: list[_Timer] = []
+        # A heap of (when, n, timer): tuples compare in C, and ``n`` is unique (never a tie).
+        self._timers: list[tuple[float, int, _Timer]] = []
         self._dead_timers = 0
         self._n = 0
         self._effects: list[Effect] = []
@@ -159,10 +157,11 @@ class Scheduler:
         return any(self._match(needs, caps) for caps in self._known_caps)
 
     def next_deadline(self) -> float | None:
-        while self._timers and self._timers[0].dead:
-            heapq.heappop(self._timers)
+        timers = self._timers
+        while timers and timers[0][2].dead:
+            heapq.heappop(timers)
             self._dead_timers -= 1
-        return self._timers[0].when if self._timers else None
+        return timers[0][0] if timers else None
 
     def statistics(self) -> SchedulerStatistics:
         connected = [m for m in self.miners.values() if m.connected]
@@ -529,8 +528,8 @@ class Scheduler:
         return self._take()
 
     def _fire_due(self, now: float) -> None:
-        while self._timers and self._timers[0].when <= now:
-            timer = heapq.heappop(self._timers)
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
             if timer.dead:
                 self._dead_timers -= 1
                 continue
@@ -674,7 +673,7 @@ class Scheduler:
     def _arm(self, when: float, kind: str, key: str, token: object) -> _Timer:
         self._n += 1
         timer = _Timer(when, self._n, kind, key, token)
-        heapq.heappush(self._timers, timer)
+        heapq.heappush(self._timers, (when, self._n, timer))
         return timer
 
     def _kill_timer(self, timer: _Timer | None) -> None:
@@ -684,7 +683,7 @@ class Scheduler:
 
     def _compact_timers(self) -> None:
         if self._dead_timers > 1024 and self._dead_timers * 2 > len(self._timers):
-            self._timers = [t for t in self._timers if not t.dead]
+            self._timers = [t for t in self._timers if not t[2].dead]
             heapq.heapify(self._timers)
             self._dead_timers = 0
 

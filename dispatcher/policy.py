@@ -13,7 +13,9 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from protocol.codec import dumps_sorted
 
 if TYPE_CHECKING:
     from protocol.types import JSONObject
@@ -79,8 +81,26 @@ class JobNeeds:
     models: frozenset[str] = frozenset()
     max_price: float | None = None
 
+    # Parsed classes by their constraints' sorted JSON: jobs mostly repeat a few shapes, and
+    # one shared instance per shape also makes the MatchCache's keys cheap to compare.
+    _parsed: ClassVar[dict[bytes, JobNeeds]] = {}
+
     @classmethod
     def parse(cls, constraints: JSONObject) -> JobNeeds:
+        if not constraints:
+            return _ANY
+        key = dumps_sorted(constraints)
+        needs = cls._parsed.get(key)
+        if needs is None:
+            needs = cls._parse(constraints)
+            if key:  # empty when orjson cannot represent it: parse every time
+                if len(cls._parsed) >= 4096:
+                    cls._parsed.clear()
+                cls._parsed[key] = needs
+        return needs
+
+    @classmethod
+    def _parse(cls, constraints: JSONObject) -> JobNeeds:
         models = constraints.get("models")
         return cls(
             region=_opt_str(constraints.get("region")),
@@ -90,6 +110,9 @@ class JobNeeds:
             models=frozenset(str(m) for m in models) if isinstance(models, list) else frozenset(),
             max_price=_num(constraints.get("max_price")),
         )
+
+
+_ANY = JobNeeds()
 
 
 def matches(needs: JobNeeds, caps: Capabilities) -> bool:
