@@ -178,6 +178,29 @@ async def test_job_upsert_updates_state_but_keeps_payload_and_constraints(store:
     assert got == later._replace(payload=job().payload, constraints=job().constraints)
 
 
+async def test_a_created_job_takes_every_changing_field_of_later_snapshots(
+    store: JobStore,
+) -> None:
+    """Created with its first event, then updated in place: every field that may change does."""
+    await commit(store, batch(jobs=[job()], events=[event("j1", 1)]))
+    done = job(
+        state="COMPLETED",
+        attempt=3,
+        failures=2,
+        seq=9,
+        miner_id="gpu-7",
+        assigned_at=T0 + 1,
+        started_at=T0 + 2,
+        finished_at=T0 + 3,
+        result={"text": "ok ✓"},
+        receipt={"receipt_id": "r9", "price": 1e-05},
+        error="late",
+    )
+    await commit(store, batch(jobs=[done], events=[event("j1", 2, "completed")]))
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") == done
+
+
 async def test_stored_and_unstored_jobs_in_one_batch_are_both_written(store: JobStore) -> None:
     """A batch mixing a job already stored and one never seen (neither with its first event)
     stores both: the SQL store's in-place UPDATE falls back to the upsert when a row is missing.
