@@ -131,6 +131,7 @@ class Scheduler:
         self._queue = JobQueue(self._match)
         self._queued = 0
         self._known_caps: dict[Capabilities, int] = {}
+        self._servable: dict[JobNeeds, bool] = {}  # is_servable verdicts for _known_caps
         # A heap of (when, n, timer): tuples compare in C, and ``n`` is unique (never a tie).
         self._timers: list[tuple[float, int, _Timer]] = []
         self._dead_timers = 0
@@ -154,7 +155,14 @@ class Scheduler:
     def is_servable(self, constraints: JSONObject) -> bool:
         """True when some known miner (connected or within its resume grace) could run it."""
         needs = JobNeeds.parse(constraints)
-        return any(self._match(needs, caps) for caps in self._known_caps)
+        verdict = self._servable.get(needs)
+        if verdict is None:
+            if len(self._servable) >= 4096:
+                self._servable.clear()
+            verdict = self._servable[needs] = any(
+                self._match(needs, caps) for caps in self._known_caps
+            )
+        return verdict
 
     def next_deadline(self) -> float | None:
         timers = self._timers
@@ -340,7 +348,10 @@ class Scheduler:
         miner.rest = rest
         miner.connected = True
         miner.counted = True
-        self._known_caps[miner.caps] = self._known_caps.get(miner.caps, 0) + 1
+        n = self._known_caps.get(miner.caps, 0)
+        if not n:
+            self._servable.clear()  # a new class of miner: verdicts may change
+        self._known_caps[miner.caps] = n + 1
         self._refresh_idle(miner, now)
         return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()
 
@@ -874,6 +885,7 @@ class Scheduler:
             n = self._known_caps.get(miner.caps, 0) - 1
             if n <= 0:
                 self._known_caps.pop(miner.caps, None)
+                self._servable.clear()
             else:
                 self._known_caps[miner.caps] = n
 

@@ -856,6 +856,20 @@ def test_is_servable() -> None:
     assert not s.is_servable({"gpu": "A100"})
 
 
+def test_is_servable_verdicts_stay_right_past_the_memo_bound() -> None:
+    """Verdicts are memoised per constraints class, bounded; past the bound they still hold."""
+    s = make()
+    connect(s, "gpu", capabilities=A100, region="eu")
+    for n in range(4100):
+        assert s.is_servable({"region": "eu", "max_price": n + 1})
+        assert not s.is_servable({"region": f"r{n}"})
+    assert s.is_servable({"gpu": "A100"})
+    assert s.is_servable({"gpu": "A100"})  # the memoised verdict
+    huge = {"gpu": "A100", "note": 2**70}  # no JSON key for its class: parsed every time
+    assert s.is_servable(huge)
+    assert s.is_servable(huge)
+
+
 def test_statistics() -> None:
     """statistics() reports queue, leases, miners, slots, live timers and event counts."""
     s = make()
