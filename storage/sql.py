@@ -93,6 +93,23 @@ _INSERT_RECEIPT = (
 )
 
 
+_RECEIPT, _RECEIPT_REF = "receipt", "$receipt_id"
+# Job rows as ``JobRecord``s: a completed job's receipt is in ``receipts`` (written in the same
+# batch) unless the row kept a copy of its own (older rows, rows written without a receipt row).
+_JOB_SELECT = (
+    "SELECT "
+    + ", ".join(
+        c
+        if c != "receipt"
+        else "CASE WHEN jobs.receipt IS NULL AND jobs.state = 'COMPLETED' THEN (SELECT r.receipt "
+        "FROM receipts AS r WHERE r.job_id = jobs.job_id ORDER BY r.issued_at DESC LIMIT 1) "
+        "ELSE jobs.receipt END AS receipt"
+        for c in _JOB_COLUMNS
+    )
+    + " FROM jobs"
+)
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else dumps(value).decode()
 
@@ -118,14 +135,14 @@ def _transient(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _receipt_text(receipt: JSONObject | None, texts: dict[int, str]) -> str | None:
-    if receipt is None:
+def _receipt_text(receipt: JSONObject | None, stored: dict[int, str]) -> str | None:
+    """The job row's own copy of its receipt: none when the batch stores it in ``receipts``."""
+    if receipt is None or id(receipt) in stored:
         return None
-    text = texts[id(receipt)] = dumps(receipt).decode()
-    return text
+    return dumps(receipt).decode()
 
 
-def _job_update(j: JobRecord, receipts: dict[int, str]) -> tuple[Any, ...]:
+def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
     return (
         j.state,
@@ -137,13 +154,13 @@ def _job_update(j: JobRecord, receipts: dict[int, str]) -> tuple[Any, ...]:
         j.started_at,
         j.finished_at,
         _text(j.result),
-        _receipt_text(j.receipt, receipts),
+        _receipt_text(j.receipt, stored),
         j.error,
         j.job_id,
     )
 
 
-def _job_row(j: JobRecord, receipts: dict[int, str]) -> tuple[Any, ...]:
+def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     return (
         j.job_id,
         j.client_id,
@@ -162,7 +179,7 @@ def _job_row(j: JobRecord, receipts: dict[int, str]) -> tuple[Any, ...]:
         j.started_at,
         j.finished_at,
         _text(j.result),
-        _receipt_text(j.receipt, receipts),
+        _receipt_text(j.receipt, stored),
         j.error,
         j.idempotency_key,
         None if j.payment is None else dumps(j.payment).decode(),
@@ -198,6 +215,10 @@ def _job_record(row: Any) -> JobRecord:
 
 def _event_record(row: Any) -> EventRecord:
     m = row._mapping
+    data = loads(m["data"])
+    ref = data.pop(_RECEIPT_REF, None)
+    if ref is not None:  # the receipt stored once, in ``receipts`` (see ``_event_data``)
+        data[_RECEIPT] = _json(m["stored_receipt"])
     return EventRecord(
         job_id=m["job_id"],
         seq=m["seq"],
@@ -206,32 +227,46 @@ def _event_record(row: Any) -> EventRecord:
         at=m["at"],
         attempt=m["attempt"],
         miner_id=m["miner_id"],
-        data=loads(m["data"]),
+        data=data,
     )
 
 
+def _event_data(e: EventRecord, stored: dict[int, str]) -> str:
+    """The ``data`` column: a receipt this batch stores in ``receipts`` is referenced by id."""
+    data = e.data
+    if not data:
+        return "{}"
+    receipt = data.get(_RECEIPT)
+    if receipt is not None and id(receipt) in stored:
+        data = {k: v for k, v in data.items() if k != _RECEIPT}
+        data[_RECEIPT_REF] = stored[id(receipt)]
+    return dumps(data).decode()
+
+
 def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """Runs on the writer connection's thread: one transaction, one executemany per table."""
+    """Runs on the writer connection's thread: one transaction, one executemany per table.
+
+    A receipt is stored once, in ``receipts``: the job row and the ``completed`` event of the
+    same batch refer to it (``_JOB_SELECT`` and ``events_after`` put it back).
+    """
+    stored = {id(r.receipt): r.receipt_id for r in batch.receipts}
     conn.execute("BEGIN")
     try:
         if batch.jobs:
             created = {e.job_id for e in batch.events if e.seq == 1}
-            receipts: dict[int, str] = {}  # a receipt's text, shared with its receipts row
             inserts, updates = [], []
             for j in batch.jobs.values():
                 if j.job_id in created:
-                    inserts.append(_job_row(j, receipts))
+                    inserts.append(_job_row(j, stored))
                 else:
-                    updates.append(_job_update(j, receipts))
+                    updates.append(_job_update(j, stored))
             if inserts:
                 conn.executemany(_UPSERT_JOB, inserts)
             if updates and conn.executemany(_UPDATE_JOB, updates).rowcount != len(updates):
                 conn.executemany(
                     _UPSERT_JOB,
-                    [_job_row(j, receipts) for j in batch.jobs.values() if j.job_id not in created],
+                    [_job_row(j, stored) for j in batch.jobs.values() if j.job_id not in created],
                 )
-        else:
-            receipts = {}
         if batch.events:
             conn.executemany(
                 _INSERT_EVENT,
@@ -244,7 +279,7 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                         e.at,
                         e.attempt,
                         e.miner_id,
-                        dumps(e.data).decode(),
+                        _event_data(e, stored),
                     )
                     for e in batch.events
                 ],
@@ -274,7 +309,7 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                         r.job_id,
                         r.miner_id,
                         r.issued_at,
-                        receipts.get(id(r.receipt)) or dumps(r.receipt).decode(),
+                        dumps(r.receipt).decode(),
                         r.chain_seq,
                     )
                     for r in batch.receipts
@@ -407,7 +442,7 @@ class DatabasesJobStore:
             return await self._reader.fetch_all(sql, values)
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
-        jobs = await self._fetch("SELECT * FROM jobs WHERE state IN ('QUEUED', 'RUNNING')")
+        jobs = await self._fetch(f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING')")
         miners = await self._fetch("SELECT * FROM miners")
         return [_job_record(r) for r in jobs], [
             MinerRecord(
@@ -423,19 +458,21 @@ class DatabasesJobStore:
         ]
 
     async def get_job(self, job_id: str) -> JobRecord | None:
-        rows = await self._fetch("SELECT * FROM jobs WHERE job_id = :j", {"j": job_id})
+        rows = await self._fetch(f"{_JOB_SELECT} WHERE job_id = :j", {"j": job_id})
         return _job_record(rows[0]) if rows else None
 
     async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
         rows = await self._fetch(
-            "SELECT * FROM jobs WHERE client_id = :c AND idempotency_key = :k",
+            f"{_JOB_SELECT} WHERE client_id = :c AND idempotency_key = :k",
             {"c": client_id, "k": idempotency_key},
         )
         return _job_record(rows[0]) if rows else None
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         rows = await self._fetch(
-            "SELECT * FROM job_events WHERE job_id = :j AND seq > :s ORDER BY seq LIMIT :n",
+            "SELECT e.*, r.receipt AS stored_receipt FROM job_events AS e LEFT JOIN receipts AS r "
+            "ON e.event = 'completed' AND r.receipt_id = json_extract(e.data, '$.\"$receipt_id\"') "
+            "WHERE e.job_id = :j AND e.seq > :s ORDER BY e.seq LIMIT :n",
             {"j": job_id, "s": after, "n": limit},
         )
         return [_event_record(r) for r in rows]
@@ -454,7 +491,7 @@ class DatabasesJobStore:
         cond = " AND ".join(where)
         total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values)
         rows = await self._fetch(
-            f"SELECT * FROM jobs WHERE {cond} ORDER BY requested_at DESC, job_id DESC "
+            f"{_JOB_SELECT} WHERE {cond} ORDER BY requested_at DESC, job_id DESC "
             "LIMIT :limit OFFSET :offset",
             {**values, "limit": query.limit, "offset": query.offset},
         )

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from protocol.records import EventRecord, JobRecord, MinerRecord
-from storage.base import JobStore, ReceiptRow, WriteBatch
+from storage.base import JobQuery, JobStore, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
@@ -199,6 +199,32 @@ async def test_a_created_job_takes_every_changing_field_of_later_snapshots(
     await commit(store, batch(jobs=[done], events=[event("j1", 2, "completed")]))
     with anyio.fail_after(10):
         assert await store.get_job("j1") == done
+
+
+async def test_a_completion_reads_back_its_receipt_from_every_place(store: JobStore) -> None:
+    """The receipt committed with a completion comes back in the job, in the ``completed``
+    event's data and in the receipt lists, whatever the store keeps where (the SQL store keeps
+    one copy, in ``receipts``)."""
+    await commit(store, batch(jobs=[job()], events=[event("j1", 1)]))
+    row = receipt_row("r1", chain_seq=1, price=2e-05, text="ok ✓")
+    done = job("j1", state="COMPLETED", seq=2, miner_id="gpu-1", receipt=row.receipt)
+    completed = event(
+        "j1", 2, "completed", state="COMPLETED", data={"result": {"ok": 1}, "receipt": row.receipt}
+    )
+    other = job("j2", state="COMPLETED", seq=1, receipt={"receipt_id": "own"})
+    await commit(
+        store,
+        batch(jobs=[done, other], events=[completed, event("j2", 1)], receipts=[row]),
+    )
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") == done
+        assert await store.get_job("j2") == other  # no receipts row: the job keeps its own
+        assert await store.events_after("j1", 0) == [event("j1", 1), completed]
+        assert (await store.events_after("j1", 1))[0].data["receipt"] == row.receipt
+        assert await store.receipts_for("j1") == [row.receipt]
+        listed, total = await store.list_jobs(JobQuery(client_id="client-1", limit=10, offset=0))
+    assert total == 2
+    assert {j.job_id: j.receipt for j in listed} == {"j1": row.receipt, "j2": other.receipt}
 
 
 async def test_stored_and_unstored_jobs_in_one_batch_are_both_written(store: JobStore) -> None:
