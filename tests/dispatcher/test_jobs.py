@@ -135,3 +135,16 @@ def test_from_record_not_accepted_without_start_or_when_not_running() -> None:
     assert back.state is C
     assert back.result == {"ok": 1}
     assert back.receipt == {"receipt_id": "r"}
+
+
+def test_ids_are_32_hex_time_ordered_and_distinct_across_pool_refills() -> None:
+    """Ids: 32 lowercase hex, the first 12 the creation time in ms; the random tail never
+    repeats, also across refills of the random pool and after a fork resets it."""
+    from dispatcher import ids
+
+    made = [ids.new_id() for _ in range(2000)]  # several 4 KiB refills
+    ids._forget_pool()  # what a forked child does
+    made += [ids.new_id() for _ in range(10)]
+    assert len(set(made)) == len(made)
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in made)
+    assert made == sorted(made, key=lambda i: i[:12])  # time-ordered prefix
