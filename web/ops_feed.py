@@ -35,14 +35,22 @@ _TERMINAL = frozenset(("COMPLETED", "FAILED", "CANCELED", "EXPIRED"))
 
 
 class _ActiveJob:
-    __slots__ = ("constraints", "key", "miner_id", "started", "state")
+    __slots__ = ("_key", "constraints", "miner_id", "started", "state")
 
     def __init__(self, constraints: dict[str, Any]) -> None:
         self.constraints = constraints
-        self.key = orjson.dumps(constraints, option=orjson.OPT_SORT_KEYS)
+        self._key: bytes | None = None
         self.state = "QUEUED"
         self.miner_id: str | None = None
         self.started = False
+
+    @property
+    def key(self) -> bytes:
+        """The constraints' class (sorted JSON), for grouping the queue; made when first asked
+        (most jobs are assigned at once and never grouped)."""
+        if self._key is None:
+            self._key = orjson.dumps(self.constraints, option=orjson.OPT_SORT_KEYS)
+        return self._key
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
