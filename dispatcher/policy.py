@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.codec import dumps_sorted
@@ -32,6 +32,10 @@ def _num(value: Any) -> float | None:
         return None
 
 
+def _field_hash(value: Capabilities | JobNeeds) -> int:
+    return hash(tuple(getattr(value, f.name) for f in fields(value) if f.compare))
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """The matching-relevant part of a miner's advertised capabilities (hashable)."""
@@ -42,6 +46,15 @@ class Capabilities:
     cuda: str
     models: frozenset[str]
     price: float | None
+    # Both classes key the matching indexes and memos, hashed several times per job: the
+    # hash of the fields is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _field_hash(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def parse(cls, capabilities: JSONObject, region: str | None) -> Capabilities:
@@ -80,6 +93,13 @@ class JobNeeds:
     cuda: str | None = None
     models: frozenset[str] = frozenset()
     max_price: float | None = None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", _field_hash(self))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     # Parsed classes by their constraints' sorted JSON: jobs mostly repeat a few shapes, and
     # one shared instance per shape also makes the MatchCache's keys cheap to compare.
