@@ -17,6 +17,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
 from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
@@ -40,8 +41,9 @@ class SchedulerConfig:
     terminal_retention: int = 10_000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobSpec:
+class JobSpec(NamedTuple):
+    """A submission as the scheduler takes it (a NamedTuple: one per submit)."""
+
     job_id: str
     client_id: str
     payload: JSONObject

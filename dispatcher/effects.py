@@ -29,9 +29,8 @@ class Persist(NamedTuple):
     event: EventRecord
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Assign:
-    """Push ``job.assign`` to the miner's live session."""
+class Assign(NamedTuple):
+    """Push ``job.assign`` to the miner's live session (a NamedTuple: one per assignment)."""
 
     miner_id: str
     session_id: str
