@@ -1,0 +1,150 @@
+"""In-process cost of a job through the dispatcher alone: no sockets, no HTTP.
+
+Builds the real ``Coordinator`` (scheduler, runtime, SQLite store with group commit, receipt
+signer, ops feed, tallies) on a fresh database, connects one fake miner, keeps ``--inflight``
+jobs submitted and has the miner accept and return a result as soon as each is pushed (through
+the same ``Dispatcher`` calls the socket endpoints make). Prints the process CPU time per job.
+
+CPU time on a shared machine is noisy; for A/B comparisons of the dispatcher's logic count
+instructions instead (deterministic for the same code and inputs), e.g.:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.inproc --jobs 500
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m bench.inproc --jobs 2500
+
+and take (Ir(2500) - Ir(500)) / 2000 as the instructions per job (start-up cancels out).
+Instructions do not count the kernel's side of system calls (WAL writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from dispatcher.clock import SystemClock
+from dispatcher.core import JobSpec
+from dispatcher.fanout import Outbox, Subscriber
+from dispatcher.ids import new_id
+from protocol.codec import decode_server_to_miner
+from protocol.messages import JobAssign
+from storage.sql import DatabasesJobStore
+from web.app import Coordinator
+from web.gctune import tune_gc
+from web.settings import Settings
+
+if TYPE_CHECKING:
+    from protocol.records import JobRecord
+
+__all__ = ["main", "run"]
+
+PAYLOAD = {"model": "bench", "prompt": "hello"}
+
+
+class _Sink:
+    """The fake miner's socket: frames pushed to it, read by the driving loop."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    def send_frame(self, frame: str) -> None:
+        self.frames.append(frame)
+
+    def close(self, code: Any, reason: str) -> None:
+        pass
+
+
+async def run(jobs: int, inflight: int, folder: Path) -> dict[str, float]:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": f"sqlite:///{folder / 'inproc.db'}",
+            "CLIENT_API_KEYS": "c" * 32,
+            "MINER_API_KEYS": "m" * 32,
+            "ADMIN_API_KEYS": "a" * 32,
+            "RECEIPT_SIGNING_KEY_HEX": "42" * 32,
+        }
+    )
+    store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
+    core = Coordinator(settings, store, SystemClock())
+    await store.open()
+    core.signer.resume(await store.receipt_chain_head())
+    await core.load_wallet()
+    dispatcher = core.dispatcher
+    await dispatcher.restore()
+    sink = _Sink()
+    delivered: list[object] = []  # what a client socket would be sent (kept, then dropped)
+    client = Subscriber("client-1", Outbox(lambda *_: None))
+    client.outbox.direct = lambda frame: delivered.append(frame) is None
+    sent = completed = 0
+
+    async def submit() -> None:
+        nonlocal sent
+        sent += 1
+        spec = JobSpec(job_id=new_id(), client_id="client-1", payload=PAYLOAD, constraints={})
+
+        def committed(rec: JobRecord, existed: bool) -> None:
+            dispatcher.fanout.subscribe(client, [rec.job_id])
+            delivered.append(core.job_view(rec))
+
+        await dispatcher.submit(spec, committed)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.serve)
+        dispatcher.miner_hello(
+            miner_id="m1",
+            key_hash="k",
+            session_id="s1",
+            sink=sink,
+            capabilities={"gpus": [{"name": "A100"}]},
+            concurrency=inflight,
+            region=None,
+            resume_session=None,
+            then=lambda _: None,
+        )
+        await dispatcher.wait_flushed()
+        tune_gc()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(inflight):
+            await submit()
+        while completed < jobs:
+            await anyio.lowlevel.checkpoint()
+            frames, sink.frames = sink.frames, []
+            for frame in frames:
+                msg = decode_server_to_miner(frame)
+                if isinstance(msg, JobAssign):
+                    dispatcher.miner_call("accept", "m1", msg.job_id, attempt=msg.attempt)
+                    dispatcher.miner_result(
+                        "m1", msg.job_id, {"ok": True}, {}, msg.attempt, delivered.append
+                    )
+                    completed += 1
+                    if sent < jobs:
+                        await submit()
+            delivered.clear()
+        await dispatcher.wait_flushed()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        dispatcher.stop()
+    await store.close()
+    return {"jobs": jobs, "cpu_us_per_job": 1e6 * cpu / jobs, "jobs_per_s": jobs / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--inflight", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="aitbc-inproc-") as folder:
+        out = anyio.run(
+            run, args.jobs, args.inflight, Path(folder), backend_options={"use_uvloop": True}
+        )
+    print(
+        f"{out['jobs']} jobs: {out['cpu_us_per_job']:.1f} us CPU/job, "
+        f"{out['jobs_per_s']:.0f} jobs/s (in process, {args.inflight} in flight)"
+    )
+
+
+if __name__ == "__main__":
+    main()
