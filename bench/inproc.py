@@ -58,7 +58,8 @@ class _Sink:
         pass
 
 
-async def run(jobs: int, inflight: int, folder: Path) -> dict[str, float]:
+async def run(jobs: int, inflight: int, folder: Path, *, gc_tuned: bool = True) -> dict[str, float]:
+    """``gc_tuned``: tune the collector as the server does (``web.gctune``; process-wide)."""
     settings = Settings.from_env(
         {
             "DATABASE_URL": f"sqlite:///{folder / 'inproc.db'}",
@@ -106,7 +107,8 @@ async def run(jobs: int, inflight: int, folder: Path) -> dict[str, float]:
             then=lambda _: None,
         )
         await dispatcher.wait_flushed()
-        tune_gc()
+        if gc_tuned:
+            tune_gc()
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(inflight):
             await submit()

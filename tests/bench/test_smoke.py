@@ -66,3 +66,21 @@ def test_celery_peer_tiny_run(tmp_path: Path) -> None:
     ((r,),) = results.values()
     assert r["jobs"] == 30
     assert 0 < r["round_trip_p50_ms"] <= r["round_trip_p99_ms"]
+
+
+@pytest.mark.anyio
+async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> None:
+    """bench/inproc.py: every submitted job is completed, committed, and its cost reported."""
+    from bench.inproc import run
+    from storage.sql import DatabasesJobStore
+
+    out = await run(40, 5, tmp_path, gc_tuned=False)  # the collector stays as pytest has it
+    assert out["jobs"] == 40
+    assert out["cpu_us_per_job"] > 0
+    store = DatabasesJobStore(f"sqlite:///{tmp_path / 'inproc.db'}")
+    await store.open()
+    try:
+        assert await store.count_jobs() == {"COMPLETED": 40}
+        assert len(await store.list_receipts(None, 100, 0)) == 40
+    finally:
+        await store.close()
