@@ -70,6 +70,14 @@ def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
     return CoordinatorServer(uvicorn_config(app, settings, log_level=log_level))
 
 
+def _http_protocol() -> Any:
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"
+    from web.http_protocol import CoalescingHttpProtocol  # imports httptools
+
+    return CoalescingHttpProtocol
+
+
 def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> uvicorn.Config:
     """How we run uvicorn (bench/ceiling.py serves its bare app with the same settings)."""
     return uvicorn.Config(
@@ -77,7 +85,7 @@ def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> 
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_http_protocol(),
         ws=CoalescingWSProtocol,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval_seconds,
