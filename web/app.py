@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -41,6 +40,7 @@ from web.http import RateLimiter, http_exception, internal_error, routes_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
 from web.ops_page import ops_routes
+from web.routing import CoordinatorApp
 from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from anyio.abc import TaskStatus
+    from starlette.applications import Starlette
     from starlette.requests import Request
 
     from storage.base import Store
@@ -202,7 +203,7 @@ def create_app(
         + rest_ledger.ENDPOINTS
         + rest_exchange.ENDPOINTS
     )
-    app = Starlette(
+    app = CoordinatorApp(
         routes=[
             Route("/health", health),
             Route("/health/live", live),

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Call",
     "Endpoint",
+    "EndpointRoute",
     "HTTPError",
     "JSON",
     "Param",
@@ -223,12 +224,20 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     return run
 
 
+class EndpointRoute(Route):
+    """The route of one path of an ``Endpoint`` (web/routing.py routes these itself)."""
+
+    def __init__(self, path: str, endpoint: Endpoint, handler: Callable[[Request], Any]) -> None:
+        super().__init__(path, handler, methods=[endpoint.method])
+        self.spec = endpoint
+
+
 def routes_for(endpoints: list[Endpoint]) -> list[Route]:
-    routes = []
+    routes: list[Route] = []
     for endpoint in endpoints:
         handler = _wrap(endpoint)
         for path in endpoint.paths:
-            routes.append(Route(path, handler, methods=[endpoint.method]))
+            routes.append(EndpointRoute(path, endpoint, handler))
     return routes
 
 

@@ -1,0 +1,178 @@
+"""The app class: endpoint-table requests skip Starlette's middleware stack and route scan.
+
+Starlette sends every HTTP request through ``ServerErrorMiddleware``, ``ExceptionMiddleware``
+(each wrapping ``send``), a router that tries each of ~60 routes' regex in order, and
+``request_response``'s exception wrapper before our endpoint wrapper (web/http.py) runs;
+profiled under ``bench.rest`` that was a tenth of the server's CPU. ``CoordinatorApp`` finds
+the route of an ``EndpointRoute`` itself and calls its endpoint directly, with the same
+outcome as Starlette's own routing:
+
+- the route is the one Starlette would pick: the first route (in order) that fully matches
+  path and method. A path that equals a parameterless route's path is resolved once, by
+  Starlette's own ``route.matches``, and cached; any other path is matched against the routes
+  with parameters and the mounts, in order (a literal-prefix check before each regex);
+- anything else — no full match (404, 405, trailing-slash redirects), a non-endpoint route
+  (health, docs, ops page), a mount, a ``root_path``, an app with user middleware, debug mode
+  or a body limit — goes through Starlette unchanged;
+- the scope gets what Starlette's router adds (``app``, ``router``, ``route``, ``endpoint``,
+  ``path_params``); an exception the endpoint raises goes through Starlette's own
+  ``ExceptionMiddleware`` and ``ServerErrorMiddleware`` (built once, around an app that
+  re-raises it), so the app's handlers answer as usual. An exception while the response is
+  being sent is left to the server, as Starlette leaves one after the response started.
+
+Tests drive this class directly (``create_app`` returns it), so both paths are exercised;
+tests/web/test_routing.py compares them request by request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
+
+from web.http import EndpointRoute
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["CoordinatorApp", "FastRouter"]
+
+_FALLBACK = None  # a lookup result: let Starlette handle the request
+_ERROR = "aitbc.endpoint_error"
+
+
+class FastRouter:
+    """Resolves ``(method, path)`` to an ``EndpointRoute`` exactly as Starlette's router
+    would, or to ``None`` when Starlette must handle the request."""
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        self.routes = list(routes)
+        self._static_paths = {
+            r.path for r in self.routes if isinstance(r, Route) and not r.param_convertors
+        }
+        self._static: dict[tuple[str, str], EndpointRoute | None] = {}
+        # Everything that could match a path no parameterless route has, in order.
+        self._dynamic: list[tuple[str, BaseRoute]] = []
+        for r in self.routes:
+            if isinstance(r, WebSocketRoute):
+                continue  # never matches an HTTP scope
+            if isinstance(r, Route):
+                if r.param_convertors:
+                    self._dynamic.append((r.path.partition("{")[0], r))
+            else:
+                self._dynamic.append((getattr(r, "path", "").partition("{")[0], r))
+
+    def lookup(self, method: str, path: str) -> tuple[EndpointRoute, dict[str, Any]] | None:
+        if path.endswith("\n"):
+            return _FALLBACK  # ``$`` in a route regex also matches before a final newline
+        if path in self._static_paths:
+            key = (method, path)
+            try:
+                route = self._static[key]
+            except KeyError:
+                route = self._static[key] = self._resolve(method, path)
+            return None if route is None else (route, {})
+        for prefix, r in self._dynamic:
+            if not path.startswith(prefix):
+                continue
+            if isinstance(r, Route):
+                m = r.path_regex.match(path)
+                if m is None:
+                    continue
+                if r.methods and method not in r.methods:
+                    continue  # a partial match: Starlette keeps looking for a full one
+                if not isinstance(r, EndpointRoute):
+                    return _FALLBACK
+                params = m.groupdict()
+                for name, value in params.items():
+                    params[name] = r.param_convertors[name].convert(value)
+                return r, params
+            match, _ = r.matches(_scope(method, path))
+            if match is Match.FULL:
+                return _FALLBACK
+        return _FALLBACK
+
+    def _resolve(self, method: str, path: str) -> EndpointRoute | None:
+        """The route Starlette picks for a parameterless path (its own ``matches``)."""
+        scope = _scope(method, path)
+        for r in self.routes:
+            match, _ = r.matches(scope)
+            if match is Match.FULL:
+                return r if isinstance(r, EndpointRoute) else None
+        return None
+
+
+def _scope(method: str, path: str) -> Scope:
+    return {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+
+
+class CoordinatorApp(Starlette):
+    fast_routes = True  # False: every request through Starlette (tests compare the two)
+    _fast: FastRouter | None = None
+    _fast_routes: list[BaseRoute] | None = None
+    _error_stack: ASGIApp | None = None
+
+    def _router(self) -> FastRouter | None:
+        """The fast router over the current routes, or None when this app must not use one."""
+        if not self.fast_routes or self.debug or self.user_middleware:
+            return None
+        if self.max_body_size is not None:
+            return None
+        if self._fast is None or self._fast_routes != self.routes:
+            self._fast = FastRouter(self.routes)
+            self._fast_routes = list(self.routes)
+        return self._fast
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            router = self._router()
+            hit = None if router is None else router.lookup(scope["method"], scope["path"])
+            if hit is not None:
+                route, params = hit
+                scope["app"] = self
+                scope.setdefault("router", self.router)
+                scope["route"] = route
+                scope["endpoint"] = route.endpoint
+                scope["path_params"] = {**scope.get("path_params", {}), **params}
+                await self._serve(route, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _serve(
+        self, route: EndpointRoute, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        try:
+            response = await route.endpoint(Request(scope, receive, send))
+        except Exception as exc:
+            # Starlette's own exception middlewares decide: an app handler's answer, or the
+            # 500 handler's and a re-raise for the server to log.
+            scope[_ERROR] = exc
+            await self._errors()(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+    def _errors(self) -> ASGIApp:
+        """Starlette's two exception middlewares (as ``build_middleware_stack`` sets them up)
+        around an app that raises the endpoint's exception."""
+        if self._error_stack is None:
+            error_handler = None
+            handlers: dict[Any, Any] = {}
+            for key, value in self.exception_handlers.items():
+                if key in (500, Exception):
+                    error_handler = value
+                else:
+                    handlers[key] = value
+            self._error_stack = ServerErrorMiddleware(
+                ExceptionMiddleware(_reraise, handlers=handlers, debug=self.debug),
+                handler=error_handler,
+                debug=self.debug,
+            )
+        return self._error_stack
+
+
+async def _reraise(scope: Scope, receive: Receive, send: Send) -> None:
+    raise scope.pop(_ERROR)
