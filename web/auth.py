@@ -58,20 +58,22 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         # Wallet user sessions (web/wallet_auth.py), consulted after the API keys.
         self.sessions: SessionLookup = lambda token_hash: None
-        self._keys: dict[str, Role] = {}
+        # An API key's principal never changes: one shared (immutable) object per key.
+        self._keys: dict[str, Principal] = {}
         for role, keys in (
             (Role.CLIENT, settings.client_api_keys),
             (Role.MINER, settings.miner_api_keys),
             (Role.ADMIN, settings.admin_api_keys),
         ):
             for key in keys:
-                self._keys[key_hash(key)] = role
+                digest = key_hash(key)
+                self._keys[digest] = Principal(role, digest)
 
     def from_token(self, token: str) -> Principal | None:
         # Only SHA-256 digests are compared, so a dict lookup leaks nothing about the keys.
         digest = key_hash(token)
-        role = self._keys.get(digest)
-        return self.sessions(digest) if role is None else Principal(role, digest)
+        principal = self._keys.get(digest)
+        return self.sessions(digest) if principal is None else principal
 
     @staticmethod
     def token_from_headers(headers: Headers) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -36,6 +37,7 @@ __all__ = [
     "EndpointRoute",
     "HTTPError",
     "JSON",
+    "JSONBytes",
     "Param",
     "RateLimiter",
     "json_response",
@@ -54,10 +56,31 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+class JSONBytes(Response):
+    """``Response(orjson.dumps(data), media_type="application/json")`` with the raw headers
+    Starlette would build for it written down directly (this is every REST answer)."""
+
+    media_type = "application/json"
+
+    def __init__(self, data: JSON, status: int = 200) -> None:
+        self.status_code = status
+        self.background = None
+        self.body = body = orjson.dumps(data)
+        if status < 200 or status in (204, 304):
+            self.raw_headers = [_JSON_TYPE]
+        else:
+            self.raw_headers = [(b"content-length", b"%d" % len(body)), _JSON_TYPE]
+
+
 def json_response(data: JSON, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
-    )
+    if headers:
+        return Response(
+            orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
+        )
+    return JSONBytes(data, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,17 +177,27 @@ def _authorize(
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body (what ``request.stream()`` yields, read off ``receive`` directly)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is larger than {limit} bytes")
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body is larger than {limit} bytes")
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]:
@@ -186,34 +219,47 @@ def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]
     return out
 
 
+def _rate_limit(
+    limiter: RateLimiter, request: Request, principal: Principal | None, post: bool, suffix: str
+) -> None:
+    """Per credential; public POSTs (wallet nonce/login/register) per client address."""
+    who = principal.key_hash if principal is not None else None
+    if who is None and post and request.client is not None:
+        who = f"ip:{request.client.host}"
+    if who is not None:
+        wait = limiter.check(who + suffix, time.monotonic())
+        if wait is not None:
+            raise HTTPError(
+                429, "Rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))}
+            )
+
+
 def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    role, any_role, handler = endpoint.role, endpoint.any_role, endpoint.handler
+    reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
+    schema = None if endpoint.body is None else SCHEMAS[endpoint.body]
+    public_post = endpoint.method == "POST"
+    rate_suffix = f":{endpoint.tag}"
+
     async def run(request: Request) -> Response:
         core: Coordinator = request.app.state.core
         try:
-            principal = _authorize(core, request, endpoint.role, endpoint.any_role)
+            principal = _authorize(core, request, role, any_role)
             body: Any = None
-            if endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH"):
+            if reads_body:
                 raw = await _read_body(request, core.settings.max_body_bytes)
-                if endpoint.body is not None and raw.strip():
+                if schema is not None and raw and not raw.isspace():
                     try:
                         body = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         raise HTTPError(422, "request body is not valid JSON") from None
-                    validate(SCHEMAS[endpoint.body], body)
-                elif endpoint.body is not None and endpoint.body_required:
+                    validate(schema, body)
+                elif schema is not None and endpoint.body_required:
                     raise HTTPError(422, "request body is required (a JSON object)")
-            query = _coerce_query(endpoint.query, request)
-            # Per credential; public POSTs (wallet nonce/login/register) per client address.
-            who = principal.key_hash if principal is not None else None
-            if who is None and endpoint.method == "POST" and request.client is not None:
-                who = f"ip:{request.client.host}"
-            if who is not None:
-                wait = core.rate_limiter.check(f"{who}:{endpoint.tag}", time.monotonic())
-                if wait is not None:
-                    raise HTTPError(
-                        429, "Rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait)))}
-                    )
-            return await endpoint.handler(Call(request, core, principal, body, query))
+            query = _coerce_query(endpoint.query, request) if endpoint.query else {}
+            if core.rate_limiter.per_minute > 0:
+                _rate_limit(core.rate_limiter, request, principal, public_post, rate_suffix)
+            return await handler(Call(request, core, principal, body, query))
         except ValidationFailed as exc:
             return json_response({"detail": exc.message}, 422)
         except HTTPError as exc:
