@@ -38,7 +38,7 @@ from dispatcher.stats import (
     EventTally,
     Histogram,
 )
-from protocol.codec import decode_server_to_miner, encode, encode_event
+from protocol.codec import encode, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
@@ -308,18 +308,18 @@ class Dispatcher:
             elif isinstance(action, Assign):
                 sink = self._sinks.get(action.session_id)
                 if sink is not None:
-                    sink.send_frame(
-                        encode(
-                            JobAssign(
-                                job_id=action.job_id,
-                                attempt=action.attempt,
-                                payload=action.payload,
-                                constraints=action.constraints,
-                                expires_at=iso_time(action.expires_at),
-                                accept_timeout=action.accept_timeout,
-                            )
-                        ).decode()
+                    msg = JobAssign(
+                        job_id=action.job_id,
+                        attempt=action.attempt,
+                        payload=action.payload,
+                        constraints=action.constraints,
+                        expires_at=iso_time(action.expires_at),
+                        accept_timeout=action.accept_timeout,
                     )
+                    if isinstance(sink, _RestSink):
+                        sink.assign(msg)  # a poll takes the message itself: no frame to parse
+                    else:
+                        sink.send_frame(encode(msg).decode())
             elif isinstance(action, Revoke):
                 sink = self._sinks.get(action.session_id)
                 if sink is not None:
@@ -751,9 +751,10 @@ class _RestSink:
         self.waiters: deque[_PollWaiter] = deque()
 
     def send_frame(self, frame: str) -> None:
-        msg = decode_server_to_miner(frame)
-        if not isinstance(msg, JobAssign):
-            return  # a cancel or lease revoke: the miner learns it from a 409 on its result
+        """Any other frame (a cancel or lease revoke): the miner learns it from a 409 on its
+        result. Assignments come through ``assign``."""
+
+    def assign(self, msg: JobAssign) -> None:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done.is_set():
