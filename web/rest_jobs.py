@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import anyio.lowlevel
+
 from dispatcher.core import JobSpec
 from dispatcher.errors import InvalidTransition, PaymentRequired, UnknownJob
 from dispatcher.ids import new_id
@@ -68,6 +70,9 @@ async def submit(call: Call) -> Response:
     except PaymentRequired:
         await call.core.dispatcher.barrier()  # the balance it saw may count uncommitted work
         raise
+    # The commit that made the job durable may also have assigned it to a waiting long-poll
+    # (woken just after us): let that poll answer first, it is the latency miners wait on.
+    await anyio.lowlevel.checkpoint()
     return json_response(call.core.job_view(rec), 200 if existed else 201)
 
 
