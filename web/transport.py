@@ -12,19 +12,36 @@ frame. ``CoalescingWSProtocol`` also puts ``send_text_now`` in the connection's 
 (``scope["extensions"][SEND_NOW]``): it hands the frame to the websockets state machine and
 the coalescing transport directly, and says ``False`` whenever only the ASGI path may send
 (handshake not done, closing, flow control), so the caller falls back to it.
+
+The opening handshake: uvicorn's httptools protocol has already parsed the upgrade request; it
+rebuilds the bytes and hands them to the websockets ``ServerProtocol``, which parses them again
+into ``Headers`` objects, formats a ``Date`` with ``email.utils`` and serializes a ``Response``
+that uvicorn then edits. For a plain upgrade request (GET, one valid key, version 13, no
+subprotocol or extension offer) ``CoalescingWSProtocol`` checks the few headers that matter
+itself, builds the ASGI scope, and answers ``websocket.accept`` with the response bytes built
+directly (the same status line and headers as the library's); anything else goes the library's
+way unchanged.
 """
 
 from __future__ import annotations
 
+import binascii
+from base64 import b64decode
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.protocol import OPEN, Protocol
+from websockets.utils import accept_key
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["SEND_NOW", "CoalescingTransport", "CoalescingWSProtocol"]
+    from uvicorn._types import ASGISendEvent
+
+__all__ = ["SEND_NOW", "CoalescingTransport", "CoalescingWSProtocol", "plain_upgrade"]
 
 SEND_NOW = "aitbc.send_text_now"
 
@@ -72,13 +89,162 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+# websockets' own limits on a request head (``websockets.http11``): larger ones go its way.
+_MAX_HEAD = 8192
+_MAX_HEADERS = 128
+# Headers whose presence needs the library's negotiation or checks.
+_LIBRARY_HEADERS = (b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin")
+_CHECKED_HEADERS = (
+    b"connection",
+    b"upgrade",
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    *_LIBRARY_HEADERS,
+)
+_RESPONSE_HEAD = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: "
+)
+
+
+def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], str] | None:
+    """``(target, headers, Sec-WebSocket-Accept)`` of a plain, valid upgrade request, else None.
+
+    ``None`` sends the request through the websockets library: anything unusual (another
+    method or version, several keys, a subprotocol or extension offer, an ``Origin``, an
+    oversized head, a bad key) is left to its checks and error responses.
+    """
+    if len(data) > _MAX_HEAD or not data.endswith(b"\r\n\r\n") or not data.isascii():
+        return None
+    lines = data[:-4].split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target, _, protocol = rest.partition(b" ")
+    if method != b"GET" or protocol != b"HTTP/1.1" or not target.startswith(b"/"):
+        return None
+    if len(lines) > _MAX_HEADERS + 1:
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    seen: dict[bytes, list[bytes]] = {name: [] for name in _CHECKED_HEADERS}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name:
+            return None
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        values = seen.get(name.lower())
+        if values is not None:
+            values.append(value)
+    key = _plain_key(seen)
+    return None if key is None else (target, headers, accept_key(key))
+
+
+def _plain_key(seen: dict[bytes, list[bytes]]) -> str | None:
+    """The key when the upgrade headers are exactly the plain ones."""
+    if any(seen[name] for name in _LIBRARY_HEADERS):
+        return None
+    connection = b",".join(seen[b"connection"]).split(b",")
+    if not any(token.strip().lower() == b"upgrade" for token in connection):
+        return None
+    if [v.lower() for v in seen[b"upgrade"]] != [b"websocket"]:
+        return None
+    if seen[b"sec-websocket-version"] != [b"13"] or len(seen[b"sec-websocket-key"]) != 1:
+        return None
+    key = seen[b"sec-websocket-key"][0]
+    try:
+        if len(b64decode(key, validate=True)) != 16:
+            return None
+    except binascii.Error:
+        return None
+    return key.decode()
+
+
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websockets protocol on a coalescing transport."""
+
+    _accept: str | None = None  # Sec-WebSocket-Accept of a lean handshake, until accepted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
         wrapped = CoalescingTransport(transport, self.loop)  # type: ignore[arg-type]
         super().connection_made(wrapped)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.handshake_initiated and self._lean_connect(data):
+            return
+        super().data_received(data)
+
+    def _lean_connect(self, data: bytes) -> bool:
+        """``handle_connect`` for a plain upgrade request, without the library's parse."""
+        request = plain_upgrade(data)
+        if request is None:
+            return False
+        target, headers, self._accept = request
+        raw_path, _, query_string = target.partition(b"?")
+        path = raw_path.decode("ascii")
+        self.handshake_initiated = True
+        # Frames that follow the request are parsed as the library does after its own parse
+        # of the request: the frame parser runs from now on, the state turns OPEN on accept.
+        conn = self.conn
+        conn.parser = Protocol.parse(conn)
+        next(conn.parser)
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": self.scheme,
+            "server": self.server,
+            "client": self.client,
+            "root_path": self.root_path,
+            "path": self.root_path + (unquote(path) if "%" in path else path),
+            "raw_path": self.root_path.encode("ascii") + raw_path,
+            "query_string": query_string,
+            "headers": headers,
+            "subprotocols": [],
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}},
+        }
+        self.queue.put_nowait({"type": "websocket.connect"})
+        task = self.loop.create_task(self.run_asgi())
+        task.add_done_callback(self.on_task_complete)
+        self.tasks.add(task)
+        return True
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if (
+            self._accept is not None
+            and message["type"] == "websocket.accept"
+            and not self.handshake_complete
+            and self.initial_response is None
+        ):
+            await self._lean_accept(message)
+        else:
+            await super().send(message)
+
+    async def _lean_accept(self, message: Any) -> None:
+        """uvicorn's ``websocket.accept`` for a lean handshake: the same response bytes."""
+        await self.writable.wait()
+        if self.disconnected:
+            await super().send(message)  # raises ClientDisconnected
+            return
+        self.logger.info(
+            '%s - "WebSocket %s" [accepted]',
+            get_client_addr(self.scope),
+            get_path_with_query_string(self.scope),
+        )
+        assert self._accept is not None
+        parts = [_RESPONSE_HEAD, self._accept.encode(), b"\r\n"]
+        for name, value in (*self.default_headers, *message.get("headers", ())):
+            parts += [bytes(name).lower(), b": ", bytes(value), b"\r\n"]
+        subprotocol = message.get("subprotocol")
+        if subprotocol:
+            parts += [b"Sec-WebSocket-Protocol: ", subprotocol.encode(), b"\r\n"]
+        parts.append(b"\r\n")
+        self._accept = None
+        if not self.transport.is_closing():
+            self.handshake_complete = True
+            self.conn.state = OPEN
+            self.transport.write(b"".join(parts))
+            self.start_keepalive()
 
     async def run_asgi(self) -> None:
         self.scope["extensions"][SEND_NOW] = self.send_text_now  # type: ignore[assignment]
