@@ -13,6 +13,15 @@ frame. ``CoalescingWSProtocol`` also puts ``send_text_now`` in the connection's 
 the coalescing transport directly, and says ``False`` whenever only the ASGI path may send
 (handshake not done, closing, flow control), so the caller falls back to it.
 
+Receiving: uvicorn puts every text frame in a queue as a message dict and pauses reading until
+the app's task takes it (through starlette's ``receive``, then resumes reading): a task switch
+and two syscalls per frame. A connection in its steady state registers a callback with
+``scope["extensions"][ON_TEXT]``; while it is set, a text frame that arrives when nothing is
+queued goes to the callback synchronously. The callback says ``False`` to have the frame
+queued as before (its task is busy: order is kept, and reading pauses as before). The
+registration returns a ``wake`` function that queues a message carrying ``WAKE``: the callback
+took a frame whose handling must await, and the task takes over from there.
+
 The opening handshake: uvicorn's httptools protocol has already parsed the upgrade request; it
 rebuilds the bytes and hands them to the websockets ``ServerProtocol``, which parses them again
 into ``Headers`` objects, formats a ``Date`` with ``email.utils`` and serializes a ``Response``
@@ -38,12 +47,22 @@ from websockets.utils import accept_key
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from uvicorn._types import ASGISendEvent
 
-__all__ = ["SEND_NOW", "CoalescingTransport", "CoalescingWSProtocol", "plain_upgrade"]
+__all__ = [
+    "ON_TEXT",
+    "SEND_NOW",
+    "WAKE",
+    "CoalescingTransport",
+    "CoalescingWSProtocol",
+    "plain_upgrade",
+]
 
 SEND_NOW = "aitbc.send_text_now"
+ON_TEXT = "aitbc.on_text"
+WAKE = "aitbc.wake"
 
 
 class CoalescingTransport:
@@ -162,6 +181,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websockets protocol on a coalescing transport."""
 
     _accept: str | None = None  # Sec-WebSocket-Accept of a lean handshake, until accepted
+    _on_text: Callable[[bytes | str], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
@@ -247,8 +267,40 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             self.start_keepalive()
 
     async def run_asgi(self) -> None:
-        self.scope["extensions"][SEND_NOW] = self.send_text_now  # type: ignore[assignment]
+        extensions = self.scope["extensions"]
+        extensions[SEND_NOW] = self.send_text_now  # type: ignore[assignment]
+        extensions[ON_TEXT] = self.set_on_text  # type: ignore[assignment]
         await super().run_asgi()
+
+    def set_on_text(self, callback: Callable[[bytes | str], bool] | None) -> Callable[[], None]:
+        """Hand text frames to ``callback`` (``None``: queue them all); returns ``wake``."""
+        self._on_text = callback
+        return self.wake
+
+    def wake(self) -> None:
+        """Queue a message that only says: the task has work (see ``ON_TEXT``)."""
+        self.queue.put_nowait({"type": "websocket.receive", WAKE: True})  # type: ignore[arg-type]
+
+    def send_receive_event_to_app(self) -> None:
+        on_text = self._on_text
+        if (
+            on_text is not None
+            and self.curr_msg_data_type == "text"
+            and not self.close_sent
+            and self.queue.empty()
+        ):
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            text: bytes | str | None = data
+            if not data.isascii():
+                try:
+                    text = data.decode()
+                except UnicodeDecodeError:
+                    text = None  # uvicorn's path closes with 1007
+            if text is not None and on_text(text):
+                self.frames = []
+                return
+        super().send_receive_event_to_app()
 
     def send_text_now(self, data: bytes) -> bool:
         """Send one text frame now; ``False`` when it must go through ASGI ``send`` instead."""
