@@ -33,7 +33,7 @@ from protocol.codec import encode
 from protocol.messages import Ack, Error
 from protocol.session import OPEN
 from protocol.types import CloseCode
-from web.transport import ON_TEXT, SEND_NOW, WAKE
+from web.transport import ACCEPT_NOW, ON_TEXT, SEND_NOW, WAKE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -78,7 +78,7 @@ class Connection(ABC):
         # The receive fast path: the session, and whether the reader waits with nothing to do.
         self._session: MinerSession | ClientSession | None = None
         self._idle = False
-        self._pending: deque[Any] = deque()
+        self._pending: deque[Any] | None = None  # made when a message is first deferred
         self._wake: Callable[[], None] | None = None
 
     # -- sink interface -------------------------------------------------------------------
@@ -128,7 +128,14 @@ class Connection(ABC):
     async def run(self) -> None:
         token = self.core.auth.token_from_headers(self.websocket.headers)
         principal = None if token is None else self.core.auth.from_token(token)
-        await self.websocket.accept()
+        extensions = self.websocket.scope.get("extensions") or {}
+        accept_now = extensions.get(ACCEPT_NOW)
+        if accept_now is not None and accept_now():
+            # What starlette's accept would have recorded after its receive and send.
+            self.websocket.client_state = WebSocketState.CONNECTED
+            self.websocket.application_state = WebSocketState.CONNECTED
+        else:
+            await self.websocket.accept()
         if token is not None and principal is None:
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return
@@ -142,7 +149,6 @@ class Connection(ABC):
         if principal is not None:
             self.on_authenticated()
         self.core.connections.add(self)
-        extensions = self.websocket.scope.get("extensions") or {}
         self._send_now = extensions.get(SEND_NOW)
         set_on_text = extensions.get(ON_TEXT)
         if set_on_text is not None and type(self).handle_now is not Connection.handle_now:
@@ -195,8 +201,9 @@ class Connection(ABC):
                 self._start_writer()
                 break
             if WAKE in msg:
-                while self._pending:
-                    await self._handle_later(self._pending.popleft(), session)
+                pending = self._pending
+                while pending:
+                    await self._handle_later(pending.popleft(), session)
                 continue
             text = msg.get("text")
             if text is not None:
@@ -219,6 +226,8 @@ class Connection(ABC):
         events = session.events_received()
         for i, event in enumerate(events):
             if not self._handle_now(event, session):
+                if self._pending is None:
+                    self._pending = deque()
                 self._pending.extend(events[i:])  # these, then every later frame: the reader
                 self._idle = False
                 assert self._wake is not None

@@ -29,12 +29,14 @@ that uvicorn then edits. For a plain upgrade request (GET, one valid key, versio
 subprotocol or extension offer) ``CoalescingWSProtocol`` checks the few headers that matter
 itself, builds the ASGI scope, and answers ``websocket.accept`` with the response bytes built
 directly (the same status line and headers as the library's); anything else goes the library's
-way unchanged.
+way unchanged. ``scope["extensions"][ACCEPT_NOW]`` takes the ``websocket.connect`` message
+and accepts synchronously, for callers that would otherwise await both through starlette.
 """
 
 from __future__ import annotations
 
 import binascii
+import logging
 from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
 
 __all__ = [
+    "ACCEPT_NOW",
     "ON_TEXT",
     "SEND_NOW",
     "WAKE",
@@ -62,6 +65,7 @@ __all__ = [
 
 SEND_NOW = "aitbc.send_text_now"
 ON_TEXT = "aitbc.on_text"
+ACCEPT_NOW = "aitbc.accept_now"
 WAKE = "aitbc.wake"
 
 
@@ -112,14 +116,13 @@ class CoalescingTransport:
 _MAX_HEAD = 8192
 _MAX_HEADERS = 128
 # Headers whose presence needs the library's negotiation or checks.
-_LIBRARY_HEADERS = (b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin")
-_CHECKED_HEADERS = (
+_LIBRARY_HEADERS = frozenset((b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin"))
+_CHECKED_HEADERS = _LIBRARY_HEADERS | {
     b"connection",
     b"upgrade",
     b"sec-websocket-key",
     b"sec-websocket-version",
-    *_LIBRARY_HEADERS,
-)
+}
 _RESPONSE_HEAD = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: "
@@ -143,38 +146,44 @@ def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], str] |
     if len(lines) > _MAX_HEADERS + 1:
         return None
     headers: list[tuple[bytes, bytes]] = []
-    seen: dict[bytes, list[bytes]] = {name: [] for name in _CHECKED_HEADERS}
+    seen: dict[bytes, list[bytes]] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name:
             return None
         value = value.strip(b" \t")
         headers.append((name, value))
-        values = seen.get(name.lower())
-        if values is not None:
-            values.append(value)
+        lname = name.lower()
+        if lname in _CHECKED_HEADERS:
+            seen.setdefault(lname, []).append(value)
     key = _plain_key(seen)
     return None if key is None else (target, headers, accept_key(key))
 
 
 def _plain_key(seen: dict[bytes, list[bytes]]) -> str | None:
     """The key when the upgrade headers are exactly the plain ones."""
-    if any(seen[name] for name in _LIBRARY_HEADERS):
+    if seen.keys() & _LIBRARY_HEADERS:
         return None
-    connection = b",".join(seen[b"connection"]).split(b",")
-    if not any(token.strip().lower() == b"upgrade" for token in connection):
+    connection = seen.get(b"connection")
+    if connection is None or b"upgrade" not in {
+        token.strip().lower() for token in b",".join(connection).split(b",")
+    }:
         return None
-    if [v.lower() for v in seen[b"upgrade"]] != [b"websocket"]:
+    upgrade, version, keys = (
+        seen.get(b"upgrade"),
+        seen.get(b"sec-websocket-version"),
+        seen.get(b"sec-websocket-key"),
+    )
+    if upgrade is None or len(upgrade) != 1 or upgrade[0].lower() != b"websocket":
         return None
-    if seen[b"sec-websocket-version"] != [b"13"] or len(seen[b"sec-websocket-key"]) != 1:
+    if version != [b"13"] or keys is None or len(keys) != 1:
         return None
-    key = seen[b"sec-websocket-key"][0]
     try:
-        if len(b64decode(key, validate=True)) != 16:
+        if len(b64decode(keys[0], validate=True)) != 16:
             return None
     except binascii.Error:
         return None
-    return key.decode()
+    return keys[0].decode()
 
 
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
@@ -246,11 +255,31 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         if self.disconnected:
             await super().send(message)  # raises ClientDisconnected
             return
-        self.logger.info(
-            '%s - "WebSocket %s" [accepted]',
-            get_client_addr(self.scope),
-            get_path_with_query_string(self.scope),
-        )
+        self._write_accept(message)
+
+    def accept_now(self) -> bool:
+        """Take ``websocket.connect`` and accept, synchronously; ``False``: use ASGI instead."""
+        if (
+            self._accept is None
+            or self.handshake_complete
+            or self.disconnected
+            or self.initial_response is not None
+            or not self.writable.is_set()
+            or self.queue.empty()
+        ):
+            return False
+        connect = self.queue.get_nowait()  # queued first, by ``_lean_connect``
+        assert connect["type"] == "websocket.connect"
+        self._write_accept({})
+        return True
+
+    def _write_accept(self, message: Any) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(
+                '%s - "WebSocket %s" [accepted]',
+                get_client_addr(self.scope),
+                get_path_with_query_string(self.scope),
+            )
         assert self._accept is not None
         parts = [_RESPONSE_HEAD, self._accept.encode(), b"\r\n"]
         for name, value in (*self.default_headers, *message.get("headers", ())):
@@ -270,6 +299,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         extensions = self.scope["extensions"]
         extensions[SEND_NOW] = self.send_text_now  # type: ignore[assignment]
         extensions[ON_TEXT] = self.set_on_text  # type: ignore[assignment]
+        extensions[ACCEPT_NOW] = self.accept_now  # type: ignore[assignment]
         await super().run_asgi()
 
     def set_on_text(self, callback: Callable[[bytes | str], bool] | None) -> Callable[[], None]:

@@ -11,7 +11,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from web.transport import SEND_NOW, CoalescingWSProtocol, plain_upgrade
+from web.transport import ACCEPT_NOW, SEND_NOW, CoalescingWSProtocol, plain_upgrade
 
 pytestmark = pytest.mark.anyio
 
@@ -127,7 +127,9 @@ async def _handshake(cls: type, request: bytes, accept: dict[str, Any]) -> tuple
     proto = _load(app, cls)
     transport = FakeTransport()
     proto.connection_made(transport)
-    proto.data_received(request + Frame(Opcode.TEXT, b"early").serialize(mask=True))
+    proto.data_received(request)
+    assert (getattr(proto, "_accept", None) is not None) is (cls is CoalescingWSProtocol)
+    proto.data_received(Frame(Opcode.TEXT, b"early").serialize(mask=True))
     await accepted.wait()
     await asyncio.sleep(0)  # the end-of-tick flush
     done.set()
@@ -206,3 +208,41 @@ async def test_fallback_requests_behave_as_uvicorn(request_bytes: bytes) -> None
             )
         )
     assert written[0] == written[1]
+
+
+async def test_accept_now_takes_the_connect_message_and_writes_the_same_response() -> None:
+    results: list[object] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        accept_now = scope["extensions"][ACCEPT_NOW]
+        results.append(accept_now())
+        results.append(accept_now())  # accepted already
+        results.append(await receive())  # the connect message was taken: the next frame
+        done.set()
+
+    proto = _load(app)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(HANDSHAKE)
+    proto.data_received(Frame(Opcode.TEXT, b"early").serialize(mask=True))
+    await done.wait()
+    await asyncio.sleep(0)  # the end-of-tick flush
+    assert results == [True, False, {"type": "websocket.receive", "text": "early"}]
+    _, library = await _handshake(WebSocketsSansIOProtocol, HANDSHAKE, {})
+    assert b"".join(transport.writes) == library
+
+
+async def test_accept_now_refuses_requests_that_went_the_library_way() -> None:
+    results: list[object] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        results.append(scope["extensions"][ACCEPT_NOW]())
+        done.set()
+
+    proto = _load(app)
+    proto.connection_made(FakeTransport())
+    proto.data_received(HANDSHAKE.replace(b"Host: t\r\n", b"Host: t\r\nOrigin: http://x\r\n"))
+    await done.wait()
+    assert results == [False]
