@@ -61,6 +61,7 @@ __all__ = [
     "CoalescingTransport",
     "CoalescingWSProtocol",
     "plain_upgrade",
+    "text_frame_head",
 ]
 
 SEND_NOW = "aitbc.send_text_now"
@@ -184,6 +185,15 @@ def _plain_key(seen: dict[bytes, list[bytes]]) -> str | None:
     except binascii.Error:
         return None
     return keys[0].decode()
+
+
+def text_frame_head(size: int) -> bytes:
+    """The header of a final, unmasked text frame of ``size`` bytes (RFC 6455 5.2)."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 1 << 16:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
 
 
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
@@ -342,9 +352,14 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             or not self.writable.is_set()
         ):
             return False
+        conn = self.conn
+        if conn.state is OPEN and not conn.expect_continuation_frame and not conn.extensions:
+            # What ``conn.send_text`` would queue: one final, unmasked text frame.
+            self.transport.write(text_frame_head(len(data)) + data)
+            return True
         try:
-            self.conn.send_text(data)
+            conn.send_text(data)
         except InvalidState:
             return False
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write(b"".join(conn.data_to_send()))
         return True

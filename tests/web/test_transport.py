@@ -11,7 +11,13 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from web.transport import ACCEPT_NOW, SEND_NOW, CoalescingWSProtocol, plain_upgrade
+from web.transport import (
+    ACCEPT_NOW,
+    SEND_NOW,
+    CoalescingWSProtocol,
+    plain_upgrade,
+    text_frame_head,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -246,3 +252,9 @@ async def test_accept_now_refuses_requests_that_went_the_library_way() -> None:
     proto.data_received(HANDSHAKE.replace(b"Host: t\r\n", b"Host: t\r\nOrigin: http://x\r\n"))
     await done.wait()
     assert results == [False]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_head_is_the_library_serialization(size: int) -> None:
+    payload = b"x" * size
+    assert text_frame_head(size) + payload == Frame(Opcode.TEXT, payload).serialize(mask=False)
