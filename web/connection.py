@@ -9,13 +9,13 @@ Under uvicorn with our protocol (web/transport.py) frames are written synchronou
 are queued, and the writer task is only started when that stops working (flow control) or
 to close: an idle socket then holds no writer task, and a frame costs no task switch.
 
-Receiving is the mirror image. Once the session is open and the reader has nothing queued, the
-protocol hands each text frame to ``_on_text`` synchronously (web/transport.py, ``ON_TEXT``):
-the session decodes it and ``handle_now`` acts on each message on the spot. A message
-``handle_now`` declines (it must await the store) goes to ``_pending`` with the rest of its
-frame, the reader is woken, and until it has awaited ``handle`` for each of them every later
-frame is queued behind them, as without the fast path: order is kept, and reading pauses
-while the reader is behind, as it always did.
+Receiving is the mirror image. Once the peer is authenticated (from the ``hello`` on) and the
+reader has nothing queued, the protocol hands each text frame to ``_on_text`` synchronously
+(web/transport.py, ``ON_TEXT``): the session decodes it and ``handle_now`` acts on each
+message on the spot. A message ``handle_now`` declines (it must await the store) goes to
+``_pending`` with the rest of its frame, the reader is woken, and until it has awaited
+``handle`` for each of them every later frame is queued behind them, as without the fast
+path: order is kept, and reading pauses while the reader is behind, as it always did.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from dispatcher.fanout import Outbox
 from protocol.codec import encode
 from protocol.messages import Ack, Error
-from protocol.session import OPEN
 from protocol.types import CloseCode
 from web.transport import ACCEPT_NOW, ON_TEXT, SEND_NOW, WAKE
 
@@ -192,7 +191,7 @@ class Connection(ABC):
                     break
             else:
                 # Frames that arrive while the reader waits here are handled by ``_on_text``.
-                self._idle = fast and session.state is OPEN
+                self._idle = fast
                 msg = await self.websocket.receive()
                 self._idle = False
             first = False

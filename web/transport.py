@@ -41,6 +41,7 @@ from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
@@ -205,6 +206,16 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
         wrapped = CoalescingTransport(transport, self.loop)  # type: ignore[arg-type]
+        # The HTTP protocol that parsed the upgrade request is still the transport's, and has
+        # looked up the addresses already (each lookup makes a socket object and a syscall).
+        http = getattr(transport, "get_protocol", lambda: None)()
+        scheme = getattr(http, "scheme", None)
+        if scheme in ("http", "https") and self.logger.level > TRACE_LOG_LEVEL:
+            self.connections.add(self)
+            self.transport = wrapped  # type: ignore[assignment]
+            self.server, self.client = http.server, http.client  # type: ignore[union-attr]
+            self.scheme = "wss" if scheme == "https" else "ws"
+            return
         super().connection_made(wrapped)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -258,3 +259,23 @@ async def test_accept_now_refuses_requests_that_went_the_library_way() -> None:
 def test_text_frame_head_is_the_library_serialization(size: int) -> None:
     payload = b"x" * size
     assert text_frame_head(size) + payload == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+async def test_addresses_come_from_the_http_protocol_that_parsed_the_upgrade() -> None:
+    class Upgrading(FakeTransport):
+        def get_protocol(self) -> Any:
+            return SimpleNamespace(server=("10.0.0.1", 443), client=("10.0.0.2", 5), scheme="https")
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            raise AssertionError("looked up again")
+
+    proto = _load(lambda *a: None)
+    proto.connection_made(Upgrading())
+    assert (proto.server, proto.client, proto.scheme) == (("10.0.0.1", 443), ("10.0.0.2", 5), "wss")
+    plain = _load(lambda *a: None)
+    plain.connection_made(FakeTransport())  # no HTTP protocol before it: uvicorn's lookups
+    assert (plain.server, plain.client, plain.scheme) == (
+        ("127.0.0.1", 8000),
+        ("127.0.0.1", 5000),
+        "ws",
+    )
