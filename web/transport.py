@@ -29,7 +29,12 @@ that uvicorn then edits. For a plain upgrade request (GET, one valid key, versio
 subprotocol or extension offer) ``CoalescingWSProtocol`` checks the few headers that matter
 itself, builds the ASGI scope, and answers ``websocket.accept`` with the response bytes built
 directly (the same status line and headers as the library's); anything else goes the library's
-way unchanged. ``scope["extensions"][ACCEPT_NOW]`` takes the ``websocket.connect`` message
+way unchanged. After a lean handshake, inbound frames are parsed here too while they are plain
+(final, masked text frames within the size limit): the same payloads go the same way as
+websockets' generator-based parser would send them. The first other frame (control, binary,
+fragment, anything malformed) hands it and the rest of the stream to the library for good;
+both parsers stop only at frame boundaries, so the hand-over is exact.
+``scope["extensions"][ACCEPT_NOW]`` takes the ``websocket.connect`` message
 and accepts synchronously, for callers that would otherwise await both through starlette.
 """
 
@@ -48,6 +53,11 @@ from websockets.exceptions import InvalidState
 from websockets.protocol import OPEN, Protocol
 from websockets.utils import accept_key
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
@@ -61,6 +71,7 @@ __all__ = [
     "WAKE",
     "CoalescingTransport",
     "CoalescingWSProtocol",
+    "plain_text_frames",
     "plain_upgrade",
     "text_frame_head",
 ]
@@ -197,11 +208,46 @@ def text_frame_head(size: int) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big")
 
 
+def plain_text_frames(buf: bytes, limit: int | None) -> tuple[list[bytes], int, bool]:
+    """The payloads of the whole final, masked text frames at the start of ``buf``.
+
+    Returns ``(payloads, end, plain)``: ``end`` is where the frames parsed end; ``plain`` is
+    false when the next frame is another kind (or over ``limit``): the library's from there.
+    """
+    end = len(buf)
+    pos = 0
+    texts: list[bytes] = []
+    while end - pos >= 2:
+        if buf[pos] != 0x81 or buf[pos + 1] < 0x80:  # not FIN+TEXT, or not masked
+            return texts, pos, False
+        length = buf[pos + 1] & 0x7F
+        start = pos + 2
+        if length == 126:
+            if end - start < 2:
+                break
+            length = int.from_bytes(buf[start : start + 2], "big")
+            start += 2
+        elif length == 127:
+            if end - start < 8:
+                break
+            length = int.from_bytes(buf[start : start + 8], "big")
+            start += 8
+        if limit is not None and length > limit:
+            return texts, pos, False  # the library raises PayloadTooBig: 1009
+        if end - start < 4 + length:
+            break
+        texts.append(apply_mask(buf[start + 4 : start + 4 + length], buf[start : start + 4]))
+        pos = start + 4 + length
+    return texts, pos, True
+
+
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websockets protocol on a coalescing transport."""
 
     _accept: str | None = None  # Sec-WebSocket-Accept of a lean handshake, until accepted
     _on_text: Callable[[bytes | str], bool] | None = None
+    _lean_in = False  # inbound frames are parsed by ``_lean_frames`` (see the module doc)
+    _partial = b""  # the start of a frame ``_lean_frames`` has not received whole yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
@@ -219,9 +265,45 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         super().connection_made(wrapped)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        if not self.handshake_initiated and self._lean_connect(data):
+        if self._lean_in:
+            self._lean_frames(data)
+        elif not self.handshake_initiated and self._lean_connect(data):
+            self._lean_in = True  # the library's frame parser is primed, at a boundary
+        else:
+            super().data_received(data)
+
+    def _lean_frames(self, data: bytes) -> None:
+        """Parse plain text frames; hand the rest to the library at the first other one.
+
+        Like uvicorn's ``data_received``, frames parsed from one read are delivered after the
+        whole read is parsed, and not at all when the library finds it malformed.
+        """
+        conn = self.conn
+        if conn.state is not OPEN or self.close_sent:
+            self._lean_in = False
+            data, self._partial = self._partial + data, b""
+            super().data_received(data)
             return
-        super().data_received(data)
+        buf = self._partial + data if self._partial else data
+        limit = conn.max_message_size
+        if conn.max_fragment_size is not None:
+            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
+        texts, pos, plain = plain_text_frames(buf, limit)
+        if plain:
+            self._partial = buf[pos:] if pos else buf
+        else:  # from the first frame that is not plain: the library's
+            self._lean_in = False
+            self._partial = b""
+            conn.receive_data(buf[pos:])
+            if conn.parser_exc is not None:
+                self.handle_parser_exception()
+                return
+        for payload in texts:  # uvicorn's handle_text, for a final frame
+            self.curr_msg_data_type = "text"
+            self.frames = [payload]
+            self.send_receive_event_to_app()
+        if not plain:
+            self.handle_events()
 
     def _lean_connect(self, data: bytes) -> bool:
         """``handle_connect`` for a plain upgrade request, without the library's parse."""

@@ -169,3 +169,29 @@ async def test_a_close_frame_and_binary_frames_take_the_queued_path() -> None:
     out = b"".join(transport.writes)
     assert b"\x88!\x03\xebbinary frames are not supported" in out  # close 1003
     assert conn.log == [("now", "hello")]
+
+
+async def test_a_flood_the_peer_does_not_read_ends_in_4429_and_paused_reading() -> None:
+    Recording.outbox_limits = {"soft_limit": 2, "hard_limit": 4}
+    try:
+        proto, transport, conn = await _open()
+    finally:
+        del Recording.outbox_limits
+    proto.pause_writing()  # the peer reads nothing: the transport's buffer is full
+    proto.data_received(b"".join(hb(f"f{i}") for i in range(10)))
+    # Handled synchronously until the outbox overflowed; the rest waits, unread, in the queue.
+    assert [msg_id for _, msg_id in conn.log[1:]] == ["f0", "f1", "f2", "f3", "f4"]
+    assert conn._close is not None
+    assert conn._close[0] == 4429
+    assert transport.paused
+    proto.resume_writing()
+    await conn.saw("closed")
+    out = b"".join(transport.writes)
+    assert b"\x11\x4doutbound queue overflow" in out  # the close frame, 4429
+    assert _ids([f.decode() for f in _frames(out) if f.startswith(b"{")]) == [
+        "hello",
+        "f0",
+        "f1",
+        "f2",
+        "f3",
+    ]
