@@ -30,9 +30,9 @@ subprotocol or extension offer) ``CoalescingWSProtocol`` checks the few headers 
 itself, builds the ASGI scope, and answers ``websocket.accept`` with the response bytes built
 directly (the same status line and headers as the library's); anything else goes the library's
 way unchanged. After a lean handshake, inbound frames are parsed here too while they are plain
-(final, masked text frames within the size limit): the same payloads go the same way as
-websockets' generator-based parser would send them. The first other frame (control, binary,
-fragment, anything malformed) hands it and the rest of the stream to the library for good;
+(final, masked text frames within the size limit, pings and pongs): the same payloads go the
+same way as websockets' generator-based parser would send them. The first other frame (close,
+binary, fragment, anything malformed) hands it and the rest of the stream to the library for good;
 both parsers stop only at frame boundaries, so the hand-over is exact.
 ``scope["extensions"][ACCEPT_NOW]`` takes the ``websocket.connect`` message
 and accepts synchronously, for callers that would otherwise await both through starlette.
@@ -50,6 +50,7 @@ from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol
 from websockets.utils import accept_key
 
@@ -71,7 +72,7 @@ __all__ = [
     "WAKE",
     "CoalescingTransport",
     "CoalescingWSProtocol",
-    "plain_text_frames",
+    "plain_frames",
     "plain_upgrade",
     "text_frame_head",
 ]
@@ -208,19 +209,24 @@ def text_frame_head(size: int) -> bytes:
     return b"\x81\x7f" + size.to_bytes(8, "big")
 
 
-def plain_text_frames(buf: bytes, limit: int | None) -> tuple[list[bytes], int, bool]:
-    """The payloads of the whole final, masked text frames at the start of ``buf``.
+_TEXT, _PING, _PONG = 0x81, 0x89, 0x8A  # first bytes of final frames without RSV bits
 
-    Returns ``(payloads, end, plain)``: ``end`` is where the frames parsed end; ``plain`` is
-    false when the next frame is another kind (or over ``limit``): the library's from there.
+
+def plain_frames(buf: bytes, limit: int | None) -> tuple[list[tuple[int, bytes]], int, bool]:
+    """The whole final, masked text, ping and pong frames at the start of ``buf``.
+
+    Returns ``(frames, end, plain)``: ``frames`` are ``(first byte, payload)``; ``end`` is
+    where they end; ``plain`` is false when the next frame is another kind, malformed or over
+    ``limit``: the library's from there.
     """
     end = len(buf)
     pos = 0
-    texts: list[bytes] = []
+    frames: list[tuple[int, bytes]] = []
     while end - pos >= 2:
-        if buf[pos] != 0x81 or buf[pos + 1] < 0x80:  # not FIN+TEXT, or not masked
-            return texts, pos, False
+        head = buf[pos]
         length = buf[pos + 1] & 0x7F
+        if buf[pos + 1] < 0x80 or (head != _TEXT and (head not in (_PING, _PONG) or length > 125)):
+            return frames, pos, False  # not masked, or not plain
         start = pos + 2
         if length == 126:
             if end - start < 2:
@@ -233,12 +239,13 @@ def plain_text_frames(buf: bytes, limit: int | None) -> tuple[list[bytes], int, 
             length = int.from_bytes(buf[start : start + 8], "big")
             start += 8
         if limit is not None and length > limit:
-            return texts, pos, False  # the library raises PayloadTooBig: 1009
+            return frames, pos, False  # the library raises PayloadTooBig: 1009
         if end - start < 4 + length:
             break
-        texts.append(apply_mask(buf[start + 4 : start + 4 + length], buf[start : start + 4]))
+        payload = apply_mask(buf[start + 4 : start + 4 + length], buf[start : start + 4])
+        frames.append((head, payload))
         pos = start + 4 + length
-    return texts, pos, True
+    return frames, pos, True
 
 
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
@@ -273,7 +280,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             super().data_received(data)
 
     def _lean_frames(self, data: bytes) -> None:
-        """Parse plain text frames; hand the rest to the library at the first other one.
+        """Parse plain frames; hand the rest to the library at the first other one.
 
         Like uvicorn's ``data_received``, frames parsed from one read are delivered after the
         whole read is parsed, and not at all when the library finds it malformed.
@@ -288,7 +295,10 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         limit = conn.max_message_size
         if conn.max_fragment_size is not None:
             limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
-        texts, pos, plain = plain_text_frames(buf, limit)
+        frames, pos, plain = plain_frames(buf, limit)
+        for head, payload in frames:
+            if head == _PING:  # what websockets does as it parses a ping: queue the pong
+                conn.send_frame(Frame(Opcode.PONG, payload))
         if plain:
             self._partial = buf[pos:] if pos else buf
         else:  # from the first frame that is not plain: the library's
@@ -298,10 +308,15 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             if conn.parser_exc is not None:
                 self.handle_parser_exception()
                 return
-        for payload in texts:  # uvicorn's handle_text, for a final frame
-            self.curr_msg_data_type = "text"
-            self.frames = [payload]
-            self.send_receive_event_to_app()
+        for head, payload in frames:
+            if head == _TEXT:  # uvicorn's handle_text, for a final frame
+                self.curr_msg_data_type = "text"
+                self.frames = [payload]
+                self.send_receive_event_to_app()
+            elif head == _PING:  # uvicorn's: write the pong(s) websockets queued
+                self.handle_ping()
+            else:
+                self.handle_pong(Frame(Opcode.PONG, payload))
         if not plain:
             self.handle_events()
 

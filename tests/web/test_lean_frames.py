@@ -19,7 +19,7 @@ from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
 from tests.web.test_transport import HANDSHAKE, FakeTransport
-from web.transport import CoalescingWSProtocol, plain_text_frames
+from web.transport import CoalescingWSProtocol, plain_frames
 
 MAX_SIZE = 300
 
@@ -105,9 +105,14 @@ def test_lean_parser_matches_websockets(frames: list[tuple[str, int]], cuts: lis
     stream = b"".join(_frame(kind, size) for kind, size in frames)
     points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
-    lean = asyncio.run(_serve(CoalescingWSProtocol, chunks))
-    library = asyncio.run(_serve(WebSocketsSansIOProtocol, chunks))
-    assert lean == library
+    assert _outcome(CoalescingWSProtocol, chunks) == _outcome(WebSocketsSansIOProtocol, chunks)
+
+
+def _outcome(cls: type, chunks: list[bytes]) -> object:
+    try:
+        return asyncio.run(_serve(cls, chunks))
+    except Exception as exc:  # uvicorn raises InvalidState for a bad text and a close in one read
+        return repr(exc)
 
 
 def test_plain_frames_in_pieces_are_parsed_by_the_lean_parser() -> None:
@@ -123,11 +128,18 @@ def test_plain_frames_in_pieces_are_parsed_by_the_lean_parser() -> None:
     assert len(served[0].conn.reader.buffer) == 0
 
 
-def test_plain_text_frames_stops_at_the_first_other_frame() -> None:
+def test_plain_frames_stops_at_the_first_other_frame() -> None:
     plain = Frame(Opcode.TEXT, b"hi").serialize(mask=True)
-    ping = Frame(Opcode.PING, b"").serialize(mask=True)
-    assert plain_text_frames(plain + plain[:3], None) == ([b"hi"], len(plain), True)
-    assert plain_text_frames(plain + ping + plain, None) == ([b"hi"], len(plain), False)
+    ping = Frame(Opcode.PING, b"p").serialize(mask=True)
+    close = Frame(Opcode.CLOSE, b"").serialize(mask=True)
+    hi = (0x81, b"hi")
+    assert plain_frames(plain + plain[:3], None) == ([hi], len(plain), True)
+    assert plain_frames(plain + ping + plain, None) == (
+        [hi, (0x89, b"p"), hi],
+        2 * len(plain) + len(ping),
+        True,
+    )
+    assert plain_frames(plain + close + plain, None) == ([hi], len(plain), False)
     big = Frame(Opcode.TEXT, b"x" * 200).serialize(mask=True)
-    assert plain_text_frames(plain + big, 100) == ([b"hi"], len(plain), False)
-    assert plain_text_frames(big[:3], 100) == ([], 0, True)  # length not known yet
+    assert plain_frames(plain + big, 100) == ([hi], len(plain), False)
+    assert plain_frames(big[:3], 100) == ([], 0, True)  # length not known yet
