@@ -26,23 +26,23 @@ The opening handshake: uvicorn's httptools protocol has already parsed the upgra
 rebuilds the bytes and hands them to the websockets ``ServerProtocol``, which parses them again
 into ``Headers`` objects, formats a ``Date`` with ``email.utils`` and serializes a ``Response``
 that uvicorn then edits. For a plain upgrade request (GET, one valid key, version 13, no
-subprotocol or extension offer) ``CoalescingWSProtocol`` checks the few headers that matter
-itself, builds the ASGI scope, and answers ``websocket.accept`` with the response bytes built
-directly (the same status line and headers as the library's); anything else goes the library's
-way unchanged. After a lean handshake, inbound frames are parsed here too while they are plain
-(final, masked text frames within the size limit, pings and pongs): the same payloads go the
-same way as websockets' generator-based parser would send them. The first other frame (close,
-binary, fragment, anything malformed) hands it and the rest of the stream to the library for good;
+subprotocol or extension offer; ``web.wire.plain_upgrade``) ``CoalescingWSProtocol`` builds
+the ASGI scope itself and answers ``websocket.accept`` with the same response bytes, built
+directly; anything else goes the library's way unchanged. ``scope["extensions"][ACCEPT_NOW]``
+takes the ``websocket.connect`` message and accepts synchronously, for callers that would
+otherwise await both through starlette.
+
+After a lean handshake, inbound frames are parsed here too while they are plain (final, masked
+text frames within the size limit, pings and pongs; ``web.wire.plain_frames``): the payloads go
+where websockets' generator-based parser would send them, and frames of a read the library
+finds malformed are dropped as uvicorn drops them. The first other frame (close, binary,
+fragment, anything malformed) hands itself and the rest of the stream to the library for good;
 both parsers stop only at frame boundaries, so the hand-over is exact.
-``scope["extensions"][ACCEPT_NOW]`` takes the ``websocket.connect`` message
-and accepts synchronously, for callers that would otherwise await both through starlette.
 """
 
 from __future__ import annotations
 
-import binascii
 import logging
-from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -52,12 +52,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol
-from websockets.utils import accept_key
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - websockets built without its C extension
-    from websockets.utils import apply_mask
+from web.wire import PING, RESPONSE_101, TEXT, plain_frames, plain_upgrade, text_frame_head
 
 if TYPE_CHECKING:
     import asyncio
@@ -72,9 +68,6 @@ __all__ = [
     "WAKE",
     "CoalescingTransport",
     "CoalescingWSProtocol",
-    "plain_frames",
-    "plain_upgrade",
-    "text_frame_head",
 ]
 
 SEND_NOW = "aitbc.send_text_now"
@@ -126,128 +119,6 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-# websockets' own limits on a request head (``websockets.http11``): larger ones go its way.
-_MAX_HEAD = 8192
-_MAX_HEADERS = 128
-# Headers whose presence needs the library's negotiation or checks.
-_LIBRARY_HEADERS = frozenset((b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin"))
-_CHECKED_HEADERS = _LIBRARY_HEADERS | {
-    b"connection",
-    b"upgrade",
-    b"sec-websocket-key",
-    b"sec-websocket-version",
-}
-_RESPONSE_HEAD = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: "
-)
-
-
-def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], str] | None:
-    """``(target, headers, Sec-WebSocket-Accept)`` of a plain, valid upgrade request, else None.
-
-    ``None`` sends the request through the websockets library: anything unusual (another
-    method or version, several keys, a subprotocol or extension offer, an ``Origin``, an
-    oversized head, a bad key) is left to its checks and error responses.
-    """
-    if len(data) > _MAX_HEAD or not data.endswith(b"\r\n\r\n") or not data.isascii():
-        return None
-    lines = data[:-4].split(b"\r\n")
-    method, _, rest = lines[0].partition(b" ")
-    target, _, protocol = rest.partition(b" ")
-    if method != b"GET" or protocol != b"HTTP/1.1" or not target.startswith(b"/"):
-        return None
-    if len(lines) > _MAX_HEADERS + 1:
-        return None
-    headers: list[tuple[bytes, bytes]] = []
-    seen: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name:
-            return None
-        value = value.strip(b" \t")
-        headers.append((name, value))
-        lname = name.lower()
-        if lname in _CHECKED_HEADERS:
-            seen.setdefault(lname, []).append(value)
-    key = _plain_key(seen)
-    return None if key is None else (target, headers, accept_key(key))
-
-
-def _plain_key(seen: dict[bytes, list[bytes]]) -> str | None:
-    """The key when the upgrade headers are exactly the plain ones."""
-    if seen.keys() & _LIBRARY_HEADERS:
-        return None
-    connection = seen.get(b"connection")
-    if connection is None or b"upgrade" not in {
-        token.strip().lower() for token in b",".join(connection).split(b",")
-    }:
-        return None
-    upgrade, version, keys = (
-        seen.get(b"upgrade"),
-        seen.get(b"sec-websocket-version"),
-        seen.get(b"sec-websocket-key"),
-    )
-    if upgrade is None or len(upgrade) != 1 or upgrade[0].lower() != b"websocket":
-        return None
-    if version != [b"13"] or keys is None or len(keys) != 1:
-        return None
-    try:
-        if len(b64decode(keys[0], validate=True)) != 16:
-            return None
-    except binascii.Error:
-        return None
-    return keys[0].decode()
-
-
-def text_frame_head(size: int) -> bytes:
-    """The header of a final, unmasked text frame of ``size`` bytes (RFC 6455 5.2)."""
-    if size < 126:
-        return bytes((0x81, size))
-    if size < 1 << 16:
-        return b"\x81\x7e" + size.to_bytes(2, "big")
-    return b"\x81\x7f" + size.to_bytes(8, "big")
-
-
-_TEXT, _PING, _PONG = 0x81, 0x89, 0x8A  # first bytes of final frames without RSV bits
-
-
-def plain_frames(buf: bytes, limit: int | None) -> tuple[list[tuple[int, bytes]], int, bool]:
-    """The whole final, masked text, ping and pong frames at the start of ``buf``.
-
-    Returns ``(frames, end, plain)``: ``frames`` are ``(first byte, payload)``; ``end`` is
-    where they end; ``plain`` is false when the next frame is another kind, malformed or over
-    ``limit``: the library's from there.
-    """
-    end = len(buf)
-    pos = 0
-    frames: list[tuple[int, bytes]] = []
-    while end - pos >= 2:
-        head = buf[pos]
-        length = buf[pos + 1] & 0x7F
-        if buf[pos + 1] < 0x80 or (head != _TEXT and (head not in (_PING, _PONG) or length > 125)):
-            return frames, pos, False  # not masked, or not plain
-        start = pos + 2
-        if length == 126:
-            if end - start < 2:
-                break
-            length = int.from_bytes(buf[start : start + 2], "big")
-            start += 2
-        elif length == 127:
-            if end - start < 8:
-                break
-            length = int.from_bytes(buf[start : start + 8], "big")
-            start += 8
-        if limit is not None and length > limit:
-            return frames, pos, False  # the library raises PayloadTooBig: 1009
-        if end - start < 4 + length:
-            break
-        payload = apply_mask(buf[start + 4 : start + 4 + length], buf[start : start + 4])
-        frames.append((head, payload))
-        pos = start + 4 + length
-    return frames, pos, True
-
-
 class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websockets protocol on a coalescing transport."""
 
@@ -297,7 +168,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
         frames, pos, plain = plain_frames(buf, limit)
         for head, payload in frames:
-            if head == _PING:  # what websockets does as it parses a ping: queue the pong
+            if head == PING:  # what websockets does as it parses a ping: queue the pong
                 conn.send_frame(Frame(Opcode.PONG, payload))
         if plain:
             self._partial = buf[pos:] if pos else buf
@@ -309,11 +180,11 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
                 self.handle_parser_exception()
                 return
         for head, payload in frames:
-            if head == _TEXT:  # uvicorn's handle_text, for a final frame
+            if head == TEXT:  # uvicorn's handle_text, for a final frame
                 self.curr_msg_data_type = "text"
                 self.frames = [payload]
                 self.send_receive_event_to_app()
-            elif head == _PING:  # uvicorn's: write the pong(s) websockets queued
+            elif head == PING:  # uvicorn's: write the pong(s) websockets queued
                 self.handle_ping()
             else:
                 self.handle_pong(Frame(Opcode.PONG, payload))
@@ -399,7 +270,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
                 get_path_with_query_string(self.scope),
             )
         assert self._accept is not None
-        parts = [_RESPONSE_HEAD, self._accept.encode(), b"\r\n"]
+        parts = [RESPONSE_101, self._accept.encode(), b"\r\n"]
         for name, value in (*self.default_headers, *message.get("headers", ())):
             parts += [bytes(name).lower(), b": ", bytes(value), b"\r\n"]
         subprotocol = message.get("subprotocol")

@@ -19,7 +19,8 @@ from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
 from tests.web.test_transport import HANDSHAKE, FakeTransport
-from web.transport import CoalescingWSProtocol, plain_frames
+from web.transport import CoalescingWSProtocol
+from web.wire import plain_frames
 
 MAX_SIZE = 300
 

@@ -12,13 +12,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from web.transport import (
-    ACCEPT_NOW,
-    SEND_NOW,
-    CoalescingWSProtocol,
-    plain_upgrade,
-    text_frame_head,
-)
+from web.transport import ACCEPT_NOW, SEND_NOW, CoalescingWSProtocol
+from web.wire import plain_upgrade, text_frame_head
 
 pytestmark = pytest.mark.anyio
 
