@@ -8,12 +8,21 @@ the close frame, and the task group ends.
 Under uvicorn with our protocol (web/transport.py) frames are written synchronously as they
 are queued, and the writer task is only started when that stops working (flow control) or
 to close: an idle socket then holds no writer task, and a frame costs no task switch.
+
+Receiving is the mirror image. Once the peer is authenticated (from the ``hello`` on) and the
+reader has nothing queued, the protocol hands each text frame to ``_on_text`` synchronously
+(web/transport.py, ``ON_TEXT``): the session decodes it and ``handle_now`` acts on each
+message on the spot. A message ``handle_now`` declines (it must await the store) goes to
+``_pending`` with the rest of its frame, the reader is woken, and until it has awaited
+``handle`` for each of them every later frame is queued behind them, as without the fast
+path: order is kept, and reading pauses while the reader is behind, as it always did.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -23,10 +32,10 @@ from dispatcher.fanout import Outbox
 from protocol.codec import encode
 from protocol.messages import Ack, Error
 from protocol.types import CloseCode
-from web.transport import SEND_NOW
+from web.transport import ACCEPT_NOW, ON_TEXT, SEND_NOW, WAKE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from anyio.abc import TaskGroup
 
@@ -34,10 +43,20 @@ if TYPE_CHECKING:
     from web.app import Coordinator
     from web.auth import Principal, Role
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "run_now"]
 
 log = logging.getLogger("aitbc.coordinator")
 AUTH_TIMEOUT = 5.0
+
+
+def run_now(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine its caller knows completes without suspending, to its end, now."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError(f"{coro!r} suspended; it must be awaited")
 
 
 class Connection(ABC):
@@ -55,6 +74,11 @@ class Connection(ABC):
         self._send_now: Callable[[bytes], bool] | None = None
         self._tasks: TaskGroup | None = None
         self._writer_started = False
+        # The receive fast path: the session, and whether the reader waits with nothing to do.
+        self._session: MinerSession | ClientSession | None = None
+        self._idle = False
+        self._pending: deque[Any] | None = None  # made when a message is first deferred
+        self._wake: Callable[[], None] | None = None
 
     # -- sink interface -------------------------------------------------------------------
 
@@ -103,7 +127,14 @@ class Connection(ABC):
     async def run(self) -> None:
         token = self.core.auth.token_from_headers(self.websocket.headers)
         principal = None if token is None else self.core.auth.from_token(token)
-        await self.websocket.accept()
+        extensions = self.websocket.scope.get("extensions") or {}
+        accept_now = extensions.get(ACCEPT_NOW)
+        if accept_now is not None and accept_now():
+            # What starlette's accept would have recorded after its receive and send.
+            self.websocket.client_state = WebSocketState.CONNECTED
+            self.websocket.application_state = WebSocketState.CONNECTED
+        else:
+            await self.websocket.accept()
         if token is not None and principal is None:
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return
@@ -117,7 +148,11 @@ class Connection(ABC):
         if principal is not None:
             self.on_authenticated()
         self.core.connections.add(self)
-        self._send_now = self.websocket.scope.get("extensions", {}).get(SEND_NOW)
+        self._send_now = extensions.get(SEND_NOW)
+        set_on_text = extensions.get(ON_TEXT)
+        if set_on_text is not None and type(self).handle_now is not Connection.handle_now:
+            self._session = session
+            self._wake = set_on_text(self._on_text)
         try:
             with self._scope:
                 async with anyio.create_task_group() as tg:
@@ -128,6 +163,10 @@ class Connection(ABC):
                         self.outbox.direct = self._direct
                     await self._reader(session)
         finally:
+            if set_on_text is not None and self._wake is not None:
+                set_on_text(None)
+                self._wake = None
+            self._idle = False
             self._tasks = None
             self.core.connections.discard(self)
             self.outbox.close()
@@ -141,6 +180,7 @@ class Connection(ABC):
 
     async def _reader(self, session: MinerSession | ClientSession) -> None:
         first = True
+        fast = self._wake is not None
         while self._close is None:
             if first and self.principal is None:
                 msg = None
@@ -150,28 +190,72 @@ class Connection(ABC):
                     self.close(CloseCode.NOT_AUTHENTICATED, "authentication timeout")
                     break
             else:
+                # Frames that arrive while the reader waits here are handled by ``_on_text``.
+                self._idle = fast
                 msg = await self.websocket.receive()
+                self._idle = False
             first = False
             if msg["type"] == "websocket.disconnect":
                 self.outbox.close()
                 self._start_writer()
                 break
+            if WAKE in msg:
+                pending = self._pending
+                while pending:
+                    await self._handle_later(pending.popleft(), session)
+                continue
             text = msg.get("text")
             if text is not None:
                 session.receive_data(text)
             else:
                 session.receive_binary()
             for event in session.events_received():
-                try:
-                    await self.handle(event, session)
-                except Exception:  # a bug must not take other sessions down
-                    log.exception("internal error in %s connection", self.role.value)
-                    self.close(CloseCode.INTERNAL_ERROR, "internal error")
-            for frame in session.data_to_send():
-                self.outbox.put(frame.decode())
-            if session.close_code is not None:
-                self.close(session.close_code, session.close_reason)
+                if not self._handle_now(event, session):
+                    await self._handle_later(event, session)
+            self._flush(session)
         await anyio.sleep_forever()  # the writer ends the task group after the close frame
+
+    def _on_text(self, data: bytes | str) -> bool:
+        """A text frame, straight from the protocol; ``False``: queue it for the reader."""
+        if not self._idle or self._close is not None:
+            return False
+        session = self._session
+        assert session is not None
+        session.receive_data(data)
+        events = session.events_received()
+        for i, event in enumerate(events):
+            if not self._handle_now(event, session):
+                if self._pending is None:
+                    self._pending = deque()
+                self._pending.extend(events[i:])  # these, then every later frame: the reader
+                self._idle = False
+                assert self._wake is not None
+                self._wake()
+                break
+        self._flush(session)
+        return True
+
+    def _handle_now(self, event: Any, session: MinerSession | ClientSession) -> bool:
+        try:
+            return self.handle_now(event, session)
+        except Exception:  # a bug must not take other sessions down
+            log.exception("internal error in %s connection", self.role.value)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return True
+
+    async def _handle_later(self, event: Any, session: MinerSession | ClientSession) -> None:
+        try:
+            await self.handle(event, session)
+        except Exception:  # a bug must not take other sessions down
+            log.exception("internal error in %s connection", self.role.value)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _flush(self, session: MinerSession | ClientSession) -> None:
+        """What the session itself answered (errors), and its close."""
+        for frame in session.data_to_send():
+            self.outbox.put(frame.decode())
+        if session.close_code is not None:
+            self.close(session.close_code, session.close_reason)
 
     async def _writer(self, scope: anyio.CancelScope) -> None:
         ws = self.websocket
@@ -208,9 +292,15 @@ class Connection(ABC):
     def make_session(self, *, authenticated: bool) -> MinerSession | ClientSession:
         """The Sans-I/O session for this endpoint."""
 
+    def handle_now(self, event: Any, session: Any) -> bool:
+        """Act on one decoded, legal message without awaiting; ``False``: not done, the reader
+        must ``await handle(event)`` (nothing may have changed). A subclass that overrides
+        this gets the receive fast path."""
+        return False
+
     @abstractmethod
     async def handle(self, event: Any, session: Any) -> None:
-        """Act on one decoded, legal message."""
+        """Act on a message ``handle_now`` declined."""
 
     def on_authenticated(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """The peer proved its credential (handshake header or first ``auth`` frame)."""

@@ -22,7 +22,7 @@ from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.billing import job_payment
-from web.connection import Connection
+from web.connection import Connection, run_now
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -45,7 +45,7 @@ class ClientConnection(Connection):
             authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
         )
 
-    async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
+    def handle_now(self, msg: ClientToServer, session: ClientSession) -> bool:
         match msg:
             case Auth():
                 self.authenticate(msg.token, session)
@@ -53,10 +53,9 @@ class ClientConnection(Connection):
                 assert self.principal is not None
                 self.subscriber = Subscriber(self.principal.id, self.outbox)
                 self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
-            case JobSubmit():
-                await self._submit(msg)
-            case Subscribe():
-                await self._subscribe(msg)
+            case JobSubmit() if msg.idempotency_key is None:
+                # Without a key ``Dispatcher.submit`` looks nothing up: it never suspends.
+                run_now(self._submit(msg))
             case Unsubscribe():
                 assert self.subscriber is not None
                 fanout = self.core.dispatcher.fanout
@@ -66,7 +65,20 @@ class ClientConnection(Connection):
                     fanout.unsubscribe(self.subscriber, msg.job_ids)
                 self.reply(msg.id)
             case JobCancelRequest():
-                await self._cancel(msg)
+                return self._cancel_now(msg)
+            case _:
+                return False  # an idempotent submit or a subscribe: they read the store
+        return True
+
+    async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
+        """What ``handle_now`` declined."""
+        match msg:
+            case JobSubmit():
+                await self._submit(msg)
+            case Subscribe():
+                await self._subscribe(msg)
+            case JobCancelRequest():
+                await self._cancel_stored(msg)
 
     async def _submit(self, msg: JobSubmit) -> None:
         sub = self.subscriber
@@ -128,7 +140,8 @@ class ClientConnection(Connection):
         self.reply(msg.id, missing=missing)
         await dispatcher.subscribe(sub, owned, msg.after)
 
-    async def _cancel(self, msg: JobCancelRequest) -> None:
+    def _cancel_now(self, msg: JobCancelRequest) -> bool:
+        """``False`` when the job is not in memory: ``_cancel_stored`` answers."""
         sub = self.subscriber
         assert sub is not None
         dispatcher = self.core.dispatcher
@@ -138,18 +151,26 @@ class ClientConnection(Connection):
                 msg.job_id,
                 lambda rec: self.reply(msg.id, job=self.core.job_view(rec)),
             )
-            return
+            return True
         except InvalidTransition as exc:
             code, text = ErrorCode.NOT_CANCELABLE, str(exc)
         except UnknownJob:
-            rec = await dispatcher.get_job(msg.job_id)
-            if rec is not None and rec.client_id == sub.client_id:
-                code, text = ErrorCode.NOT_CANCELABLE, f"job {msg.job_id} is {rec.state}"
-            else:
-                code, text = ErrorCode.NOT_FOUND, f"job {msg.job_id} not found"
+            return False
         except Unavailable:
             self.close(CloseCode.GOING_AWAY, "server shutting down")
-            return
+            return True
+        dispatcher.after_commit(lambda: self.error(code, text, request_id=msg.id, ref=msg.job_id))
+        return True
+
+    async def _cancel_stored(self, msg: JobCancelRequest) -> None:
+        sub = self.subscriber
+        assert sub is not None
+        dispatcher = self.core.dispatcher
+        rec = await dispatcher.get_job(msg.job_id)
+        if rec is not None and rec.client_id == sub.client_id:
+            code, text = ErrorCode.NOT_CANCELABLE, f"job {msg.job_id} is {rec.state}"
+        else:
+            code, text = ErrorCode.NOT_FOUND, f"job {msg.job_id} not found"
         dispatcher.after_commit(lambda: self.error(code, text, request_id=msg.id, ref=msg.job_id))
 
     def on_closed(self) -> None:

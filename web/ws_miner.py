@@ -49,7 +49,7 @@ class MinerConnection(Connection):
             authenticated=authenticated, max_frame=self.core.settings.max_frame_bytes
         )
 
-    async def handle(self, msg: MinerToServer, session: MinerSession) -> None:
+    def handle_now(self, msg: MinerToServer, session: MinerSession) -> bool:
         dispatcher = self.core.dispatcher
         match msg:
             case Auth():
@@ -92,7 +92,13 @@ class MinerConnection(Connection):
                 if msg.id is not None:
                     dispatcher.after_commit(lambda: self.reply(msg.id))
             case JobResult():
-                await self._result(msg)
+                return self._result_now(msg)
+        return True
+
+    async def handle(self, msg: MinerToServer, session: MinerSession) -> None:
+        """Only a result ``handle_now`` declined: for a job no longer in memory."""
+        assert isinstance(msg, JobResult)
+        await self._stored_result(msg)
 
     def _hello(self, msg: Hello) -> None:
         assert self.principal is not None
@@ -151,7 +157,8 @@ class MinerConnection(Connection):
         if request_id is not None:  # without an id, success is silent
             dispatcher.after_commit(lambda: self.reply(request_id))
 
-    async def _result(self, msg: JobResult) -> None:
+    def _result_now(self, msg: JobResult) -> bool:
+        """``False`` when the job is not in memory (a late retry): ``_stored_result`` answers."""
         dispatcher = self.core.dispatcher
         assert self.miner_id is not None
 
@@ -175,28 +182,34 @@ class MinerConnection(Connection):
                         ErrorCode.INVALID.value, text, request_id=msg.id, ref=msg.job_id
                     )
                 )
-                return
+                return True
         try:
             dispatcher.miner_result(
                 self.miner_id, msg.job_id, msg.result, msg.metrics, msg.attempt, done, attestation
             )
-            return
         except UnknownJob:
-            try:  # a retry for a job that left memory long ago: answer from the store
-                receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id)
-            except UnknownJob as exc:
-                err: DispatchError = exc
-            else:
-                if receipt is not None:
-                    dispatcher.after_commit(
-                        lambda: self.reply(msg.id, job_id=msg.job_id, receipt=receipt)
-                    )
-                    return
-                err = NotAssigned(msg.job_id, self.miner_id)
+            return False
         except DispatchError as exc:
-            err = exc
+            self._refuse(msg, exc)
+        return True
+
+    async def _stored_result(self, msg: JobResult) -> None:
+        """A retry for a job that left memory long ago: answer from the store."""
+        dispatcher = self.core.dispatcher
+        assert self.miner_id is not None
+        try:
+            receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id)
+        except UnknownJob as exc:
+            self._refuse(msg, exc)
+            return
+        if receipt is None:
+            self._refuse(msg, NotAssigned(msg.job_id, self.miner_id))
+            return
+        dispatcher.after_commit(lambda: self.reply(msg.id, job_id=msg.job_id, receipt=receipt))
+
+    def _refuse(self, msg: JobResult, err: DispatchError) -> None:
         code = error_code_for(err)
-        dispatcher.after_commit(
+        self.core.dispatcher.after_commit(
             lambda: self.error(code, str(err), request_id=msg.id, ref=msg.job_id)
         )
 

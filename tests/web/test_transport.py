@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from uvicorn.config import Config
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from web.transport import SEND_NOW, CoalescingWSProtocol
+from web.transport import ACCEPT_NOW, SEND_NOW, CoalescingWSProtocol
+from web.wire import plain_upgrade, text_frame_head
 
 pytestmark = pytest.mark.anyio
 
@@ -100,3 +103,174 @@ async def test_send_text_now_writes_one_coalesced_frame_per_tick_and_refuses_bef
     for _ in range(5):
         await asyncio.sleep(0)
     assert results[-1] is False
+
+
+def _load(app: Any, cls: type = CoalescingWSProtocol) -> Any:
+    config = Config(app=app, ws=cls, lifespan="off", log_level="warning")
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn"), (b"date", b"Thu, 26 Nov 2026 08:00:00 GMT")]
+    return cls(config=config, server_state=state, app_state={})
+
+
+async def _handshake(cls: type, request: bytes, accept: dict[str, Any]) -> tuple[Any, bytes]:
+    """Serve one upgrade ``request`` with ``cls``; the app accepts with ``accept``."""
+    seen: list[Any] = []
+    accepted = asyncio.Event()
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        await send({"type": "websocket.accept", **accept})
+        seen.append(await receive())  # the frame the client sent right after its request
+        accepted.set()
+        await done.wait()
+
+    proto = _load(app, cls)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(request)
+    assert (getattr(proto, "_accept", None) is not None) is (cls is CoalescingWSProtocol)
+    proto.data_received(Frame(Opcode.TEXT, b"early").serialize(mask=True))
+    await accepted.wait()
+    await asyncio.sleep(0)  # the end-of-tick flush
+    done.set()
+    scope = {k: v for k, v in proto.scope.items() if k != "extensions"}
+    assert seen == [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "early"}]
+    return scope, b"".join(transport.writes)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "accept"),
+    [
+        (HANDSHAKE, {}),
+        (HANDSHAKE.replace(b"/ws", b"/w%20s?a=1&b=%20"), {"headers": [(b"X-Extra", b"1")]}),
+        (HANDSHAKE.replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade"), {}),
+    ],
+)
+async def test_lean_handshake_matches_the_library(
+    request_bytes: bytes, accept: dict[str, Any]
+) -> None:
+    """The lean path gives the app the same scope and the peer the same bytes as uvicorn's."""
+    assert plain_upgrade(request_bytes) is not None
+    lean = await _handshake(CoalescingWSProtocol, request_bytes, accept)
+    library = await _handshake(WebSocketsSansIOProtocol, request_bytes, accept)
+    assert lean == library
+    assert lean[1].startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"GET /ws", b"POST /ws"),
+        (b"HTTP/1.1\r\nHost", b"HTTP/1.0\r\nHost"),
+        (b"Version: 13", b"Version: 8"),
+        (b"Connection: Upgrade", b"Connection: keep-alive"),
+        (b"Upgrade: websocket", b"Upgrade: h2c"),
+        (b"dGhlIHNhbXBsZSBub25jZQ==", b"c2hvcnQ="),  # 5 bytes, not 16
+        (b"dGhlIHNhbXBsZSBub25jZQ==", b"not base64!"),
+        (b"Host: t\r\n", b"Host: t\r\nSec-WebSocket-Protocol: chat\r\n"),
+        (b"Host: t\r\n", b"Host: t\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"),
+        (b"Host: t\r\n", b"Host: t\r\nOrigin: http://x\r\n"),
+        (b"Host: t\r\n", b"Host: t\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+        (b"Host: t\r\n", b"Host: t\r\nX-Long: " + b"x" * 9000 + b"\r\n"),
+    ],
+)
+def test_unusual_upgrade_requests_go_the_library_way(old: bytes, new: bytes) -> None:
+    assert plain_upgrade(HANDSHAKE.replace(old, new)) is None
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HANDSHAKE.replace(b"Version: 13", b"Version: 8"),  # 426 from the library
+        HANDSHAKE.replace(b"Host: t\r\n", b"Host: t\r\nSec-WebSocket-Protocol: chat\r\n"),
+    ],
+)
+async def test_fallback_requests_behave_as_uvicorn(request_bytes: bytes) -> None:
+    async def accept(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept", "subprotocol": "chat"})
+
+    written = []
+    for cls in (CoalescingWSProtocol, WebSocketsSansIOProtocol):
+        proto = _load(accept, cls)
+        transport = FakeTransport()
+        proto.connection_made(transport)
+        proto.data_received(request_bytes)
+        for _ in range(4):
+            await asyncio.sleep(0)
+        written.append(
+            b"".join(w for w in transport.writes).split(b"\r\n")[0]
+            + b"|"
+            + b"|".join(
+                line
+                for line in b"".join(transport.writes).split(b"\r\n")
+                if line.lower().startswith((b"sec-websocket", b"upgrade"))
+            )
+        )
+    assert written[0] == written[1]
+
+
+async def test_accept_now_takes_the_connect_message_and_writes_the_same_response() -> None:
+    results: list[object] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        accept_now = scope["extensions"][ACCEPT_NOW]
+        results.append(accept_now())
+        results.append(accept_now())  # accepted already
+        results.append(await receive())  # the connect message was taken: the next frame
+        done.set()
+
+    proto = _load(app)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(HANDSHAKE)
+    proto.data_received(Frame(Opcode.TEXT, b"early").serialize(mask=True))
+    await done.wait()
+    await asyncio.sleep(0)  # the end-of-tick flush
+    assert results == [True, False, {"type": "websocket.receive", "text": "early"}]
+    _, library = await _handshake(WebSocketsSansIOProtocol, HANDSHAKE, {})
+    assert b"".join(transport.writes) == library
+
+
+async def test_accept_now_refuses_requests_that_went_the_library_way() -> None:
+    results: list[object] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        results.append(scope["extensions"][ACCEPT_NOW]())
+        done.set()
+
+    proto = _load(app)
+    proto.connection_made(FakeTransport())
+    proto.data_received(HANDSHAKE.replace(b"Host: t\r\n", b"Host: t\r\nOrigin: http://x\r\n"))
+    await done.wait()
+    assert results == [False]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_head_is_the_library_serialization(size: int) -> None:
+    payload = b"x" * size
+    assert text_frame_head(size) + payload == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+async def test_addresses_come_from_the_http_protocol_that_parsed_the_upgrade() -> None:
+    class Upgrading(FakeTransport):
+        def get_protocol(self) -> Any:
+            return SimpleNamespace(server=("10.0.0.1", 443), client=("10.0.0.2", 5), scheme="https")
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            raise AssertionError("looked up again")
+
+    proto = _load(lambda *a: None)
+    proto.connection_made(Upgrading())
+    assert (proto.server, proto.client, proto.scheme) == (("10.0.0.1", 443), ("10.0.0.2", 5), "wss")
+    plain = _load(lambda *a: None)
+    plain.connection_made(FakeTransport())  # no HTTP protocol before it: uvicorn's lookups
+    assert (plain.server, plain.client, plain.scheme) == (
+        ("127.0.0.1", 8000),
+        ("127.0.0.1", 5000),
+        "ws",
+    )
