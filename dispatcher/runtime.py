@@ -357,7 +357,10 @@ class Dispatcher:
     # ---- clients ----------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
-        """Queue a job; ``then(record, existed)`` runs once it is durable."""
+        """Queue a job; ``then(record, existed)`` runs once it is durable.
+
+        A repeated idempotency key whose job left memory is looked up in the store first.
+        """
         self._check_open()
         if (
             spec.idempotency_key is not None
@@ -367,6 +370,12 @@ class Dispatcher:
             if stored is not None:
                 self.after_commit(lambda: then(stored, True))
                 return
+        self.submit_now(spec, then)
+
+    def submit_now(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
+        """``submit`` without the store lookup: for a spec without an idempotency key (or one
+        already checked). Synchronous, so the socket endpoints call it from the read path."""
+        self._check_open()
         reserve = None
         if spec.payment is not None and (
             spec.idempotency_key is None

@@ -35,7 +35,7 @@ from protocol.types import CloseCode
 from web.transport import ACCEPT_NOW, ON_TEXT, SEND_NOW, WAKE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable
 
     from anyio.abc import TaskGroup
 
@@ -43,20 +43,10 @@ if TYPE_CHECKING:
     from web.app import Coordinator
     from web.auth import Principal, Role
 
-__all__ = ["Connection", "run_now"]
+__all__ = ["Connection"]
 
 log = logging.getLogger("aitbc.coordinator")
 AUTH_TIMEOUT = 5.0
-
-
-def run_now(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine its caller knows completes without suspending, to its end, now."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise RuntimeError(f"{coro!r} suspended; it must be awaited")
 
 
 class Connection(ABC):

@@ -22,9 +22,11 @@ from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.billing import job_payment
-from web.connection import Connection, run_now
+from web.connection import Connection
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from starlette.websockets import WebSocket
 
     from protocol.records import JobRecord
@@ -54,8 +56,7 @@ class ClientConnection(Connection):
                 self.subscriber = Subscriber(self.principal.id, self.outbox)
                 self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
             case JobSubmit() if msg.idempotency_key is None:
-                # Without a key ``Dispatcher.submit`` looks nothing up: it never suspends.
-                run_now(self._submit(msg))
+                self._submit_now(msg)  # no key: nothing to look up in the store
             case Unsubscribe():
                 assert self.subscriber is not None
                 fanout = self.core.dispatcher.fanout
@@ -80,19 +81,35 @@ class ClientConnection(Connection):
             case JobCancelRequest():
                 await self._cancel_stored(msg)
 
+    def _submit_now(self, msg: JobSubmit) -> None:
+        spec = self._spec(msg)
+        if spec is not None:
+            try:
+                self.core.dispatcher.submit_now(spec, self._committed(msg))
+            except (Unavailable, PaymentRequired) as exc:
+                self._refused(msg, exc)
+
     async def _submit(self, msg: JobSubmit) -> None:
-        sub = self.subscriber
-        assert sub is not None
-        dispatcher = self.core.dispatcher
+        """A submit with an idempotency key: a repeat may have to be found in the store."""
+        spec = self._spec(msg)
+        if spec is not None:
+            try:
+                await self.core.dispatcher.submit(spec, self._committed(msg))
+            except (Unavailable, PaymentRequired) as exc:
+                self._refused(msg, exc)
+
+    def _spec(self, msg: JobSubmit) -> JobSpec | None:
+        """The scheduler's spec of a submit, or None after answering a bad payment."""
+        assert self.subscriber is not None
         assert self.principal is not None
         try:
             payment = job_payment(self.core.settings, self.principal, msg.payment_amount, "AITBC")
         except ValueError as exc:
             self.error(ErrorCode.INVALID, str(exc), request_id=msg.id, ref=None)
-            return
-        spec = JobSpec(
+            return None
+        return JobSpec(
             job_id=new_id(),
-            client_id=sub.client_id,
+            client_id=self.subscriber.client_id,
             payload=msg.payload,
             constraints=msg.constraints,
             ttl_seconds=msg.ttl_seconds,
@@ -101,6 +118,12 @@ class ClientConnection(Connection):
             payment=payment,
         )
 
+    def _committed(self, msg: JobSubmit) -> Callable[[JobRecord, bool], None]:
+        """The submit's answer once durable; live events of the job follow it."""
+        sub = self.subscriber
+        assert sub is not None
+        dispatcher = self.core.dispatcher
+
         def committed(rec: JobRecord, existed: bool) -> None:
             if self.outbox.closed:
                 return  # the client left while its job was being committed
@@ -108,15 +131,16 @@ class ClientConnection(Connection):
                 dispatcher.fanout.subscribe(sub, [rec.job_id])
             self.reply(msg.id, job=self.core.job_view(rec), duplicate=existed)
 
-        try:
-            await dispatcher.submit(spec, committed)
-        except Unavailable:
+        return committed
+
+    def _refused(self, msg: JobSubmit, exc: Unavailable | PaymentRequired) -> None:
+        if isinstance(exc, Unavailable):
             self.close(CloseCode.GOING_AWAY, "server shutting down")
-        except PaymentRequired as exc:
-            text = str(exc)
-            dispatcher.after_commit(
-                lambda: self.error(ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref=None)
-            )
+            return
+        text = str(exc)
+        self.core.dispatcher.after_commit(
+            lambda: self.error(ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref=None)
+        )
 
     async def _subscribe(self, msg: Subscribe) -> None:
         sub = self.subscriber
