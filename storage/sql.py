@@ -63,19 +63,20 @@ _UPSERT_JOB = (
 # columns that change: cheaper for SQLite than an upsert, and the write-once JSON (payload,
 # constraints) is encoded once. A snapshot whose row turns out not to exist yet (a batch
 # without the first event: restores, tests) falls back to the upsert.
-_UPDATE_COLUMNS = (
-    "state",
-    "attempt",
-    "failures",
-    "seq",
-    "miner_id",
-    "assigned_at",
-    "started_at",
-    "finished_at",
-    "result",
-    "receipt",
-    "error",
+# Set at submission and never changed afterwards.
+_IMMUTABLE = (
+    "job_id",
+    "client_id",
+    "payload",
+    "constraints",
+    "priority",
+    "requested_at",
+    "expires_at",
+    "max_attempts",
+    "idempotency_key",
+    "payment",
 )
+_UPDATE_COLUMNS = tuple(c for c in _JOB_COLUMNS if c not in _IMMUTABLE)
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATE_COLUMNS)} WHERE job_id = ?"
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
