@@ -54,15 +54,6 @@ _JOB_COLUMNS = (
     "payment",
 )
 _WRITE_ONCE = ("payload", "constraints", "payment")
-_UPSERT_JOB = (
-    f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))}) "
-    "ON CONFLICT (job_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _JOB_COLUMNS[2:] if c not in _WRITE_ONCE)
-)
-# A job's row is written whole with its first event (seq 1); later snapshots only update the
-# columns that change: cheaper for SQLite than an upsert, and the write-once JSON (payload,
-# constraints) is encoded once. A snapshot whose row turns out not to exist yet (a batch
-# without the first event: restores, tests) falls back to the upsert.
 # Set at submission and never changed afterwards.
 _IMMUTABLE = (
     "job_id",
@@ -77,6 +68,17 @@ _IMMUTABLE = (
     "payment",
 )
 _UPDATE_COLUMNS = tuple(c for c in _JOB_COLUMNS if c not in _IMMUTABLE)
+# The order of ``_job_row``'s values: what never changes, then what ``_UPDATE_JOB`` sets.
+_ROW_COLUMNS = _IMMUTABLE + _UPDATE_COLUMNS
+_UPSERT_JOB = "INSERT INTO jobs ({}) VALUES ({}) ON CONFLICT (job_id) DO UPDATE SET {}".format(
+    ", ".join(_ROW_COLUMNS),
+    ", ".join("?" * len(_ROW_COLUMNS)),
+    ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS[2:] if c not in _WRITE_ONCE),
+)
+# A job's row is written whole with its first event (seq 1); later snapshots only update the
+# columns that change: cheaper for SQLite than an upsert, and the write-once JSON (payload,
+# constraints) is encoded once. A snapshot whose row turns out not to exist yet (a batch
+# without the first event: restores, tests) falls back to the upsert.
 _UPDATE_JOB = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATE_COLUMNS)} WHERE job_id = ?"
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
@@ -143,8 +145,8 @@ def _receipt_text(receipt: JSONObject | None, stored: dict[int, str]) -> str | N
     return dumps(receipt).decode()
 
 
-def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
-    """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
+def _job_changes(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
+    """The values of ``_UPDATE_COLUMNS``."""
     return (
         j.state,
         j.attempt,
@@ -157,33 +159,28 @@ def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
         _text(j.result),
         _receipt_text(j.receipt, stored),
         j.error,
-        j.job_id,
     )
 
 
+def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
+    """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
+    return (*_job_changes(j, stored), j.job_id)
+
+
 def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
+    """The ``_UPSERT_JOB`` parameters, in ``_ROW_COLUMNS`` order."""
     return (
         j.job_id,
         j.client_id,
-        j.state,
         _text(j.payload),
         _text(j.constraints),
         j.priority,
         j.requested_at,
         j.expires_at,
-        j.attempt,
-        j.failures,
         j.max_attempts,
-        j.seq,
-        j.miner_id,
-        j.assigned_at,
-        j.started_at,
-        j.finished_at,
-        _text(j.result),
-        _receipt_text(j.receipt, stored),
-        j.error,
         j.idempotency_key,
         None if j.payment is None else dumps(j.payment).decode(),
+        *_job_changes(j, stored),
     )
 
 
