@@ -53,7 +53,15 @@ from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol
 
-from web.wire import PING, RESPONSE_101, TEXT, plain_frames, plain_upgrade, text_frame_head
+from web.wire import (
+    PING,
+    RESPONSE_101,
+    TEXT,
+    frame_need,
+    plain_frames,
+    plain_upgrade,
+    text_frame_head,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -125,7 +133,10 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     _accept: str | None = None  # Sec-WebSocket-Accept of a lean handshake, until accepted
     _on_text: Callable[[bytes | str], bool] | None = None
     _lean_in = False  # inbound frames are parsed by ``_lean_frames`` (see the module doc)
-    _partial = b""  # the start of a frame ``_lean_frames`` has not received whole yet
+    # The start of a frame ``_lean_frames`` has not received whole yet (a bytearray, grown in
+    # place), and the size it needs in all before it is parsed again.
+    _partial: bytes | bytearray = b""
+    _need = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
@@ -159,10 +170,12 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         conn = self.conn
         if conn.state is not OPEN or self.close_sent:
             self._lean_in = False
-            data, self._partial = self._partial + data, b""
+            data, self._partial = bytes(self._partial) + data, b""
             super().data_received(data)
             return
-        buf = self._partial + data if self._partial else data
+        buf = self._buffered(data)
+        if buf is None:
+            return  # the frame being received is not whole yet: nothing to parse
         limit = conn.max_message_size
         if conn.max_fragment_size is not None:
             limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
@@ -171,7 +184,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             if head == PING:  # what websockets does as it parses a ping: queue the pong
                 conn.send_frame(Frame(Opcode.PONG, payload))
         if plain:
-            self._partial = buf[pos:] if pos else buf
+            self._hold(buf, pos)
         else:  # from the first frame that is not plain: the library's
             self._lean_in = False
             self._partial = b""
@@ -190,6 +203,22 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
                 self.handle_pong(Frame(Opcode.PONG, payload))
         if not plain:
             self.handle_events()
+
+    def _hold(self, buf: bytes, pos: int) -> None:
+        """Keep the incomplete frame from ``pos`` (if any) until it is whole."""
+        if pos < len(buf):
+            self._partial = bytearray(buf[pos:])
+            self._need = frame_need(self._partial)
+        else:
+            self._partial = b""
+
+    def _buffered(self, data: bytes) -> bytes | None:
+        """What to parse now: ``data`` after the partial frame held, or None while that frame
+        is still short of the size it needs (``_need``)."""
+        if not self._partial:
+            return data
+        self._partial += data
+        return None if len(self._partial) < self._need else bytes(self._partial)
 
     def _lean_connect(self, data: bytes) -> bool:
         """``handle_connect`` for a plain upgrade request, without the library's parse."""

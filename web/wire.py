@@ -22,6 +22,7 @@ __all__ = [
     "PONG",
     "RESPONSE_101",
     "TEXT",
+    "frame_need",
     "plain_frames",
     "plain_upgrade",
     "text_frame_head",
@@ -147,3 +148,21 @@ def plain_frames(buf: bytes, limit: int | None) -> tuple[list[tuple[int, bytes]]
         frames.append((head, payload))
         pos = start + 4 + length
     return frames, pos, True
+
+
+def frame_need(buf: bytes | bytearray) -> int:
+    """The bytes the masked frame at the start of ``buf`` needs in all (header first).
+
+    A frame that arrives in many reads is parsed once it is whole, not re-parsed at every
+    read: with the buffer re-joined each time, a frame fed a byte at a time would cost
+    quadratic time.
+    """
+    if len(buf) < 2:
+        return 2
+    length = buf[1] & 0x7F
+    head = 2 + (2 if length == 126 else 8 if length == 127 else 0) + 4  # + the mask
+    if len(buf) < head:
+        return head
+    if length >= 126:
+        length = int.from_bytes(buf[2 : head - 4], "big")
+    return head + length

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import given, settings, strategies as st
 from uvicorn.config import Config
@@ -19,8 +19,12 @@ from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
 from tests.web.test_transport import HANDSHAKE, FakeTransport
+from web import transport as transport_module
 from web.transport import CoalescingWSProtocol
-from web.wire import plain_frames
+from web.wire import frame_need, plain_frames
+
+if TYPE_CHECKING:
+    import pytest
 
 MAX_SIZE = 300
 
@@ -64,7 +68,7 @@ SIZES = st.sampled_from([0, 1, 5, 125, 126, 127, 200, MAX_SIZE, MAX_SIZE + 1, 70
 
 
 async def _serve(
-    cls: type, chunks: list[bytes], served: list[Any] | None = None
+    cls: type, chunks: list[bytes], served: list[Any] | None = None, max_size: int = MAX_SIZE
 ) -> tuple[list[Any], bytes, bool]:
     done = asyncio.Event()
     accepted = asyncio.Event()
@@ -75,7 +79,7 @@ async def _serve(
         accepted.set()
         await done.wait()
 
-    config = Config(app=app, ws=cls, lifespan="off", log_level="critical", ws_max_size=MAX_SIZE)
+    config = Config(app=app, ws=cls, lifespan="off", log_level="critical", ws_max_size=max_size)
     config.load()
     state = ServerState()
     state.default_headers = [(b"server", b"uvicorn")]
@@ -144,3 +148,43 @@ def test_plain_frames_stops_at_the_first_other_frame() -> None:
     big = Frame(Opcode.TEXT, b"x" * 200).serialize(mask=True)
     assert plain_frames(plain + big, 100) == ([hi], len(plain), False)
     assert plain_frames(big[:3], 100) == ([], 0, True)  # length not known yet
+
+
+def test_frame_need_is_the_whole_size_of_the_frame_being_received() -> None:
+    """For every length class and every cut of a frame: its whole size once the header is in,
+    else the header's size (at most 14 bytes)."""
+    for size in (0, 125, 126, 70_000):
+        frame = Frame(Opcode.TEXT, b"z" * size).serialize(mask=True)
+        head = len(frame) - size
+        for cut in range(1, head + 3):
+            need = frame_need(frame[:cut])
+            assert need == (len(frame) if cut >= head else min(need, head))
+            assert cut < need or cut >= head
+
+
+def test_a_frame_fed_a_byte_at_a_time_is_parsed_once_it_is_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame that arrives over many reads is parsed when it is whole, not at every read
+    (re-joining and re-parsing a growing buffer per read would be quadratic: a slow peer
+    feeding a 1 MiB frame a byte at a time would pin the server's CPU)."""
+    calls: list[int] = []
+    real = transport_module.plain_frames
+
+    def counting(buf: bytes, limit: int | None) -> Any:
+        calls.append(len(buf))
+        return real(buf, limit)
+
+    monkeypatch.setattr(transport_module, "plain_frames", counting)
+    text = "y" * 20_000
+    stream = Frame(Opcode.TEXT, text.encode()).serialize(mask=True)
+    stream += Frame(Opcode.TEXT, b"next").serialize(mask=True)
+    chunks = [stream[i : i + 1] for i in range(len(stream))]
+    served: list[Any] = []
+    messages, _, closing = asyncio.run(
+        _serve(CoalescingWSProtocol, chunks, served, max_size=1 << 20)
+    )
+    assert [m["text"] for m in messages] == [text, "next"]
+    assert not closing
+    assert served[0]._lean_in
+    assert len(calls) < 20, len(calls)  # a few header steps per frame, not 20,000 parses
