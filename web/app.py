@@ -102,6 +102,13 @@ class Coordinator:
         self.ops = OpsFeed(self)
         self.metrics = metrics.registry_for(self)
 
+    async def restore(self) -> None:
+        """Bring memory back from the opened store: the receipt chain head, the wallet, then the
+        scheduler (in that order: restored jobs may hold reservations)."""
+        self.signer.resume(await self.store.receipt_chain_head())
+        await self.load_wallet()
+        await self.dispatcher.restore()
+
     async def load_wallet(self) -> None:
         """Users, sessions, nonces and balances into memory (before the dispatcher restores)."""
         snapshot = await self.store.load_wallet(self.clock.now())
@@ -153,9 +160,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
         try:
-            core.signer.resume(await core.store.receipt_chain_head())
-            await core.load_wallet()
-            await core.dispatcher.restore()
+            await core.restore()
             async with anyio.create_task_group() as tg:
                 await tg.start(run_dispatcher)
                 tg.start_soon(core.ops.run)
