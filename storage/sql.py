@@ -53,8 +53,7 @@ _JOB_COLUMNS = (
     "idempotency_key",
     "payment",
 )
-_WRITE_ONCE = ("payload", "constraints", "payment")
-# Set at submission and never changed afterwards.
+# Set at submission and never changed afterwards: a later snapshot (update or upsert) keeps them.
 _IMMUTABLE = (
     "job_id",
     "client_id",
@@ -73,7 +72,7 @@ _ROW_COLUMNS = _IMMUTABLE + _UPDATE_COLUMNS
 _UPSERT_JOB = "INSERT INTO jobs ({}) VALUES ({}) ON CONFLICT (job_id) DO UPDATE SET {}".format(
     ", ".join(_ROW_COLUMNS),
     ", ".join("?" * len(_ROW_COLUMNS)),
-    ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS[2:] if c not in _WRITE_ONCE),
+    ", ".join(f"{c} = excluded.{c}" for c in _UPDATE_COLUMNS),
 )
 # A job's row is written whole with its first event (seq 1); later snapshots only update the
 # columns that change: cheaper for SQLite than an upsert, and the write-once JSON (payload,
