@@ -126,11 +126,7 @@ async def test_kill_9_mid_billing_loses_and_double_counts_nothing(tmp_path: Path
                 acked_at_kill = dict(client.acked)
                 assert await server.wait_exit() == -signal.SIGKILL
                 restarted_at = time.time()
-                port = server.port
-                await server.start(port)
-                if server.port != port:
-                    for m in miners:
-                        m.opts.url = server.url("/v1/miners/ws")
+                await server.restart(miners)
                 await _wait_for(lambda: len(client.acked) == JOBS, 40)
                 with anyio.fail_after(30):
                     while await _active_jobs(server):  # noqa: ASYNC110 - a remote process

@@ -107,6 +107,14 @@ class CoordinatorProcess:
                     return resp.status_code == 200
         return False  # exited: most likely the port was taken meanwhile
 
+    async def restart(self, miners: list[SimulatedMiner]) -> None:
+        """Start again on the same port; the miners follow when it was taken meanwhile."""
+        port = self.port
+        await self.start(port)
+        if self.port != port:
+            for m in miners:
+                m.opts.url = self.url("/v1/miners/ws")
+
     def kill9(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -279,12 +287,8 @@ async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path) -> None
                 terminal_seen_at_kill = set(client.terminal)
                 assert await server.wait_exit() == -signal.SIGKILL
 
-                port = server.port
                 restarted_at = time.time()  # every event after this was written by the new process
-                await server.start(port)
-                if server.port != port:  # the old port was taken meanwhile: follow the move
-                    for m in miners:
-                        m.opts.url = server.url("/v1/miners/ws")
+                await server.restart(miners)
                 with anyio.move_on_after(15):
                     await client.done.wait()
                 assert client.done.is_set(), client.describe_pending()
