@@ -27,6 +27,11 @@ _amount = {
     "pattern": "^-?[0-9]+\\.[0-9]{8}$",
     "description": "exact decimal, 8 places",
 }
+# A page of ledger transactions: the user's and an account's answers share it.
+_transaction_page = {
+    "total": {"type": "integer"},
+    "transactions": {"type": "array", "items": {"$ref": "#/components/schemas/Transaction"}},
+}
 _wallet = {**_str, "maxLength": 64, "description": "0x + 40 hex digits (400 otherwise)"}
 _login = {
     "wallet_address": _wallet,
@@ -111,11 +116,7 @@ WALLET_SCHEMAS: dict[str, Schema] = {
         "required": ["user_id", "transactions", "total"],
         "properties": {
             "user_id": _str,
-            "total": {"type": "integer"},
-            "transactions": {
-                "type": "array",
-                "items": {"$ref": "#/components/schemas/Transaction"},
-            },
+            **_transaction_page,
         },
     },
     "Account": {
@@ -126,11 +127,7 @@ WALLET_SCHEMAS: dict[str, Schema] = {
             "balance": _amount,
             "available": _amount,
             "currency": _str,
-            "total": {"type": "integer"},
-            "transactions": {
-                "type": "array",
-                "items": {"$ref": "#/components/schemas/Transaction"},
-            },
+            **_transaction_page,
         },
     },
     "Credit": {
