@@ -17,11 +17,11 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from dispatcher.ids import new_id
+from protocol.codec import json_fragment
 from protocol.receipts import (
     CHAIN_GENESIS,
     RECEIPT_VERSION,
     canonical_float,
-    canonical_fragment,
     canonical_json,
     key_id_for,
     receipt_hash,
@@ -112,17 +112,17 @@ class ReceiptSigner:
         for name in ("units", "unit_price", "price"):
             fast[name] = canonical_float(body[name])
         metadata = {
-            "job_payload": canonical_fragment(payload),
-            "job_constraints": canonical_fragment(constraints),
-            "metrics": canonical_fragment(_canonical(metrics)),
+            "job_payload": json_fragment(payload),
+            "job_constraints": json_fragment(constraints),
+            "metrics": json_fragment(_canonical(metrics)),
             "metrics_source": "miner-claimed",
         }
         if job.result is not None:
-            metadata["result"] = canonical_fragment(result)
+            metadata["result"] = json_fragment(result)
         fast["metadata"] = metadata
         if job.attestation is not None:
             body["miner_attestation"] = job.attestation
-            fast["miner_attestation"] = canonical_fragment(_canonical(job.attestation))
+            fast["miner_attestation"] = json_fragment(_canonical(job.attestation))
         receipt, self.head_hash = sign_prepared(body, fast, self._key, key_id=self.key_id)
         self.chain_seq += 1
         return receipt

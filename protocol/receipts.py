@@ -32,7 +32,6 @@ __all__ = [
     "SigningKey",
     "attestation_message",
     "canonical_float",
-    "canonical_fragment",
     "canonical_json",
     "canonical_json_reference",
     "check_signature",
@@ -88,7 +87,8 @@ _INFINITIES = {float("inf"): b"Infinity", float("-inf"): b"-Infinity"}
 _VISIT = (dict, list, float)
 
 
-def _python_float(value: float) -> Any:
+def canonical_float(value: float) -> Any:
+    """A float as the reference spells it: itself where orjson agrees, else a fragment."""
     if _FIXED_MIN <= abs(value) < _FIXED_MAX or value == 0.0:
         return value
     if value != value:
@@ -106,7 +106,7 @@ def _fast_body(value: Any) -> Any:
     if kind is list:
         return [_fast_body(v) if type(v) in _VISIT else v for v in value if v is not None]
     if kind is float:
-        return _python_float(value)
+        return canonical_float(value)
     return value
 
 
@@ -126,16 +126,6 @@ def canonical_json(obj: JSONObject) -> bytes:
     """
     out = _orjson_canonical(_fast_body(obj))
     return out if out is not None else canonical_json_reference(obj)
-
-
-def canonical_fragment(canonical: bytes) -> Any:
-    """The canonical bytes of a nested value, for a ``sign_prepared`` stand-in."""
-    return json_fragment(canonical)
-
-
-def canonical_float(value: float) -> Any:
-    """A float for a ``sign_prepared`` stand-in: spelled as the reference spells it."""
-    return _python_float(value)
 
 
 def _orjson_canonical(fast: Any) -> bytes | None:
@@ -226,7 +216,7 @@ def sign_prepared(
     """``sign_receipt_hashed`` for a body whose canonical stand-in the caller built.
 
     ``fast`` has the keys of ``body`` that are not null; its nested objects are
-    ``canonical_fragment``s of their ``canonical_json`` (bytes a caller often has already: a
+    ``json_fragment``s of their ``canonical_json`` (bytes a caller often has already: a
     payload is hashed anyway) and its floats go through ``canonical_float``. orjson then only
     writes the top level. Where its output could differ from the reference (non-ASCII text
     at the top level) this falls back to ``sign_receipt_hashed``: same bytes, slower.
