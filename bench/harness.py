@@ -40,8 +40,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The cores this machine lets us use, read once at import: ``pin_self`` shrinks this process's
+# own affinity mask, and the servers it starts afterwards must still be pinned to another core.
+MACHINE_CORES = sorted(os.sched_getaffinity(0))
+
+
 def cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+    return MACHINE_CORES
 
 
 def pin_self(core: int | None) -> None:
@@ -97,7 +102,8 @@ def process(
     Output goes to ``<tmp>/<name>.log`` (printed on failure); the process is terminated, then
     killed, on exit.
     """
-    if core is not None and len(cores()) > 1:
+    pinned = core is not None and len(cores()) > 1
+    if pinned:
         cmd = ["taskset", "-c", str(core), *cmd]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     raise_nofile()  # the child inherits it (no preexec_fn: not safe with threads)
@@ -109,6 +115,8 @@ def process(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start")
                 time.sleep(0.05)
+            if pinned and os.sched_getaffinity(proc.pid) != {core}:
+                raise RuntimeError(f"{name} is not pinned to core {core}")
             yield proc
         except BaseException:
             print(f"{name} log: {tmp / (name + '.log')}", file=sys.stderr)

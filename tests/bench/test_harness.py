@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
 
 from bench.harness import (
     DOCS_HEADER,
+    ROOT,
     arg_parser,
     cell,
     job_count,
@@ -84,3 +88,25 @@ def test_write_section_replaces_inserts_before_reproduce_and_appends(tmp_path: P
     assert text.index("## A") < text.index("## B") < text.index("## How to reproduce")
     assert text.endswith("## How to reproduce\n\nmanual\n")
     assert "second" in text
+
+
+PIN_CHECK = """
+import os, sys, tempfile
+from pathlib import Path
+from bench.harness import pin_self, process
+pin_self(1)  # what results_for does before it starts any server
+marker = Path(tempfile.mkdtemp()) / "up"
+child = f"open({str(marker)!r}, 'w').close(); import time; time.sleep(30)"
+with process([sys.executable, "-c", child], name="pin", ready=marker.exists, core=0) as p:
+    print(sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(p.pid)))
+"""
+
+
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs cores 0 and 1")
+def test_a_server_started_after_pin_self_runs_on_its_own_core() -> None:
+    # Regression: process() used to ask the already pinned load generator how many cores the
+    # machine has, saw one, and left the server on the load generator's core.
+    out = subprocess.run(
+        [sys.executable, "-c", PIN_CHECK], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.split("\n")[0] == "[1] [0]"
