@@ -201,10 +201,16 @@ class Dispatcher:
         if self._closing:
             raise Unavailable("the coordinator is shutting down")
 
-    def _apply(self, effects: list[Effect]) -> None:
+    def _apply(self, effects: list[Effect], reply: _Action | None = None) -> None:
+        """Stage ``effects`` for the open batch. Once it commits, the miner-bound ones (assign,
+        revoke, close) are performed first, then ``reply``, then the events: new work reaches
+        a miner without waiting for the client-bound frames of the same step (order on each
+        socket is unchanged: events never go to miners)."""
         writes = self._writes
+        actions = self._actions
         if self.settle_payments:
             self._settle(effects)
+        persists: list[Persist] = []
         for effect in effects:
             if isinstance(effect, Persist):
                 job, event = effect.job, effect.event
@@ -221,7 +227,12 @@ class Dispatcher:
                             chain_seq=job.receipt.get("chain_seq"),
                         )
                     )
-            self._actions.append(effect)
+                persists.append(effect)
+            else:
+                actions.append(effect)
+        if reply is not None:
+            actions.append(reply)
+        actions += persists
         self._wake.set()
         deadline = self.scheduler.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
@@ -391,8 +402,7 @@ class Dispatcher:
         if rec is None:  # a duplicate of a job whose first submit is not committed yet
             rec = job.record()
         existed = job.job_id != spec.job_id
-        self._actions.append(lambda: then(rec, existed))
-        self._apply(effects)
+        self._apply(effects, reply=lambda: then(rec, existed))
 
     async def submit_wait(self, spec: JobSpec) -> tuple[JobRecord, bool]:
         """``submit`` for request/response callers: returns once the job is durable."""

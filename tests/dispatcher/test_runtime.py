@@ -143,10 +143,10 @@ async def test_nothing_is_visible_while_the_commit_is_in_flight() -> None:
             (who, what.get("event", what.get("type")) if isinstance(what, dict) else what)
             for who, what in h.log
         ] == [
+            ("gpu-1", "job.assign"),  # the miner first: it need not wait for the client's frames
             ("then", (spec.job_id, False)),
             ("outbox", "queued"),
             ("outbox", "assigned"),
-            ("gpu-1", "job.assign"),
         ]
         assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "assigned")]
 
