@@ -54,6 +54,9 @@ class _Sink:
     def send_frame(self, frame: str) -> None:
         self.frames.append(frame)
 
+    def flush(self) -> None:
+        pass
+
     def close(self, code: Any, reason: str) -> None:
         pass
 

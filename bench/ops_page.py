@@ -66,6 +66,9 @@ class Sink:
         if msg["type"] == "job.assign":
             self.assigned.append((self.miner_id, msg["job_id"]))
 
+    def flush(self) -> None:
+        pass
+
     def close(self, code: Any, reason: str) -> None:
         pass
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -67,6 +67,9 @@ class MinerSink(Protocol):
 
     def send_frame(self, frame: str) -> None: ...
 
+    def flush(self) -> None:
+        """Write the frames sent so far now (a socket otherwise writes at the end of the tick)."""
+
     def close(self, code: CloseCode, reason: str) -> None: ...
 
 
@@ -96,6 +99,7 @@ class Dispatcher:
         self._wake = anyio.Event()
         self._timer_wake = anyio.Event()
         self._sleeping_until = math.inf
+        self._rearm = False  # wake the timer task once the open batch has been performed
         self._sinks: dict[str, MinerSink] = {}
         self._bindings: dict[str, str] = {}
         self._batches = 0
@@ -176,6 +180,9 @@ class Dispatcher:
                 self._written += len(writes)
                 self._last_batch = len(writes)
             self._perform(actions)
+            if self._rearm:
+                self._rearm = False
+                self._timer_wake.set()
 
     async def wait_flushed(self) -> None:
         """Wait until everything submitted so far is committed and delivered (tests, shutdown)."""
@@ -236,7 +243,12 @@ class Dispatcher:
         self._wake.set()
         deadline = self.scheduler.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
-            self._timer_wake.set()
+            if actions:
+                # The writer performs these next: it wakes the timer task after them, so the
+                # task's re-arming does not run ahead of this batch's frames.
+                self._rearm = True
+            else:
+                self._timer_wake.set()
 
     def _settle(self, effects: list[Effect]) -> None:
         """Empty the escrow of every paid job that ends in ``effects``, in the same batch."""
@@ -302,6 +314,23 @@ class Dispatcher:
         self._wake.set()
 
     def _perform(self, actions: list[_Action]) -> None:
+        lead: list[Assign] = []
+        for action in actions:
+            if type(action) is not Assign:
+                break
+            lead.append(action)
+        if lead:
+            # The batch opens with assigns (a submit that found an idle miner, see ``_apply``):
+            # write them out before the rest of the batch is performed.
+            self._perform_actions(lead)
+            for assign in lead:
+                sink = self._sinks.get(assign.session_id)
+                if sink is not None:
+                    sink.flush()
+            del actions[: len(lead)]
+        self._perform_actions(actions)
+
+    def _perform_actions(self, actions: Sequence[_Action]) -> None:
         now = self.clock.now()  # when this batch became durable
         for action in actions:
             if isinstance(action, Persist):
@@ -772,6 +801,9 @@ class _RestSink:
     def send_frame(self, frame: str) -> None:
         """Any other frame (a cancel or lease revoke): the miner learns it from a 409 on its
         result. Assignments come through ``assign``."""
+
+    def flush(self) -> None:
+        """A poll answers from its own task: nothing to write here."""
 
     def assign(self, msg: JobAssign) -> None:
         while self.waiters:

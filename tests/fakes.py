@@ -186,11 +186,15 @@ class FakeMinerSink:
         self.log: list[tuple[str, Any]] = [] if log is None else log
         self.frames: list[JSONObject] = []
         self.closed: tuple[int, str] | None = None
+        self.flushed = 0  # how many of ``frames`` a ``flush`` had written out
 
     def send_frame(self, frame: str) -> None:
         msg = json.loads(frame)
         self.frames.append(msg)
         self.log.append((self.name, msg))
+
+    def flush(self) -> None:
+        self.flushed = len(self.frames)
 
     def close(self, code: CloseCode, reason: str) -> None:
         self.closed = (int(code), reason)

@@ -32,7 +32,7 @@ from dispatcher.fanout import Outbox
 from protocol.codec import encode
 from protocol.messages import Ack, Error
 from protocol.types import CloseCode
-from web.transport import ACCEPT_NOW, ON_TEXT, SEND_NOW, WAKE
+from web.transport import ACCEPT_NOW, FLUSH_NOW, ON_TEXT, SEND_NOW, WAKE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,6 +62,7 @@ class Connection(ABC):
         self._close: tuple[int, str] | None = None
         self._scope = anyio.CancelScope()
         self._send_now: Callable[[bytes], bool] | None = None
+        self._flush_now: Callable[[], None] | None = None
         self._tasks: TaskGroup | None = None
         self._writer_started = False
         # The receive fast path: the session, and whether the reader waits with nothing to do.
@@ -74,6 +75,11 @@ class Connection(ABC):
 
     def send_frame(self, frame: str) -> None:
         self.outbox.put(frame)
+
+    def flush(self) -> None:
+        """Write the frames sent so far now rather than at the end of the tick (best effort)."""
+        if self._flush_now is not None and self.outbox.direct is not None:
+            self._flush_now()
 
     def send(self, msg: object) -> None:
         self.outbox.put(encode(msg).decode())
@@ -139,6 +145,7 @@ class Connection(ABC):
             self.on_authenticated()
         self.core.connections.add(self)
         self._send_now = extensions.get(SEND_NOW)
+        self._flush_now = extensions.get(FLUSH_NOW)
         set_on_text = extensions.get(ON_TEXT)
         if set_on_text is not None and type(self).handle_now is not Connection.handle_now:
             self._session = session

@@ -30,7 +30,8 @@ subprotocol or extension offer; ``web.wire.plain_upgrade``) ``CoalescingWSProtoc
 the ASGI scope itself and answers ``websocket.accept`` with the same response bytes, built
 directly; anything else goes the library's way unchanged. ``scope["extensions"][ACCEPT_NOW]``
 takes the ``websocket.connect`` message and accepts synchronously, for callers that would
-otherwise await both through starlette.
+otherwise await both through starlette. ``scope["extensions"][FLUSH_NOW]`` writes the frames
+buffered so far this tick at once (the dispatcher does it for a new job's assign).
 
 After a lean handshake, inbound frames are parsed here too while they are plain (final, masked
 text frames within the size limit, pings and pongs; ``web.wire.plain_frames``): the payloads go
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCEPT_NOW",
+    "FLUSH_NOW",
     "ON_TEXT",
     "SEND_NOW",
     "WAKE",
@@ -81,6 +83,7 @@ __all__ = [
 SEND_NOW = "aitbc.send_text_now"
 ON_TEXT = "aitbc.on_text"
 ACCEPT_NOW = "aitbc.accept_now"
+FLUSH_NOW = "aitbc.flush_now"
 WAKE = "aitbc.wake"
 
 
@@ -318,7 +321,14 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         extensions[SEND_NOW] = self.send_text_now  # type: ignore[assignment]
         extensions[ON_TEXT] = self.set_on_text  # type: ignore[assignment]
         extensions[ACCEPT_NOW] = self.accept_now  # type: ignore[assignment]
+        extensions[FLUSH_NOW] = self.flush_now  # type: ignore[assignment]
         await super().run_asgi()
+
+    def flush_now(self) -> None:
+        """Write what this tick buffered for the socket now, not at the end of the tick."""
+        transport = self.transport
+        if isinstance(transport, CoalescingTransport):
+            transport.flush()
 
     def set_on_text(self, callback: Callable[[bytes | str], bool] | None) -> Callable[[], None]:
         """Hand text frames to ``callback`` (``None``: queue them all); returns ``wake``."""

@@ -151,6 +151,31 @@ async def test_nothing_is_visible_while_the_commit_is_in_flight() -> None:
         assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "assigned")]
 
 
+async def test_a_batch_that_opens_with_assigns_flushes_them_before_the_rest() -> None:
+    """Unloaded, a submit's assign is written out before the client's reply and events are
+    built; a batch that opens with anything else leaves every write to the end of the tick."""
+    async with running() as h:
+        busy, idle = h.miner("gpu-1"), h.miner("gpu-2")
+        await h.flushed()
+        flushed_when_replied: list[tuple[int, int]] = []
+
+        def then(job: Job, existed: bool) -> None:
+            flushed_when_replied.append((busy.flushed, idle.flushed))
+
+        await h.dispatcher.submit(h.spec(), then)  # the batch opens with its assign
+        await h.flushed()
+        assert flushed_when_replied == [(1, 0)]
+        assert [f["type"] for f in busy.frames] == ["job.assign"]
+
+        h.store.block_commits()
+        h.dispatcher.after_commit(lambda: h.log.append(("first", None)))
+        await h.dispatcher.submit(h.spec(), then)  # same batch, after an action: not flushed
+        h.store.release_commits()
+        await h.flushed()
+        assert flushed_when_replied[1] == (1, 0)
+        assert [f["type"] for f in idle.frames] == ["job.assign"]
+
+
 async def test_miner_welcome_waits_for_its_batch() -> None:
     """The welcome callback of a hello runs only once the miner record is stored."""
     async with running() as h:
