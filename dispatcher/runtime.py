@@ -119,6 +119,9 @@ class Dispatcher:
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.batch_sizes = Histogram(BATCH_BOUNDS)
         self.watchers: list[EventWatcher] = []
+        # Set by the web layer: write out the frames a batch produced before the event loop
+        # reads more input (otherwise they leave at the end of the tick).
+        self.flush_writes: Callable[[], None] | None = None
         # Billing (docs/wallet.md): the ledger's in-memory view, loaded by the app before
         # ``restore``. ``settle_payments`` turns on the per-batch settlement hook: with billing
         # off and no paid job left, jobs cost nothing extra.
@@ -329,6 +332,8 @@ class Dispatcher:
                     sink.flush()
             del actions[: len(lead)]
         self._perform_actions(actions)
+        if self.flush_writes is not None:
+            self.flush_writes()
 
     def _perform_actions(self, actions: Sequence[_Action]) -> None:
         now = self.clock.now()  # when this batch became durable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
 from contextlib import asynccontextmanager
@@ -41,6 +42,7 @@ from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
 from web.ops_page import ops_routes
 from web.routing import CoordinatorApp
+from web.transport import TickFlusher
 from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
@@ -159,6 +161,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await core.store.open()
+        core.dispatcher.flush_writes = TickFlusher.of(asyncio.get_running_loop()).flush_all
         try:
             await core.restore()
             async with anyio.create_task_group() as tg:

@@ -44,6 +44,7 @@ both parsers stop only at frame boundaries, so the hand-over is exact.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -76,6 +77,7 @@ __all__ = [
     "ON_TEXT",
     "SEND_NOW",
     "WAKE",
+    "TickFlusher",
     "CoalescingTransport",
     "CoalescingWSProtocol",
 ]
@@ -87,12 +89,44 @@ FLUSH_NOW = "aitbc.flush_now"
 WAKE = "aitbc.wake"
 
 
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TickFlusher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class TickFlusher:
+    """One per event loop: the coalescing transports written to since the last flush, all
+    flushed by one callback at the end of the tick, or earlier by ``flush_all``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[CoalescingTransport] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> TickFlusher:
+        flusher = _FLUSHERS.get(loop)
+        if flusher is None:
+            flusher = _FLUSHERS[loop] = cls(loop)
+        return flusher
+
+    def add(self, transport: CoalescingTransport) -> None:
+        if not self._dirty:
+            self._loop.call_soon(self.flush_all)
+        self._dirty.append(transport)
+
+    def flush_all(self) -> None:
+        """Write every buffer now, in the order the transports were first written to."""
+        dirty, self._dirty = self._dirty, []
+        for transport in dirty:
+            transport.flush()
+
+
 class CoalescingTransport:
     """Wraps a transport: ``write`` buffers until the end of the tick; the rest delegates."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._loop = loop
+        self._flusher = TickFlusher.of(loop)
         self._buffer: list[bytes] = []
         self._scheduled = False
 
@@ -100,7 +134,7 @@ class CoalescingTransport:
         self._buffer.append(bytes(data))
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._flusher.add(self)
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:

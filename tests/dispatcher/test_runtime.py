@@ -176,6 +176,18 @@ async def test_a_batch_that_opens_with_assigns_flushes_them_before_the_rest() ->
         assert [f["type"] for f in idle.frames] == ["job.assign"]
 
 
+async def test_flush_writes_runs_once_a_batch_is_performed() -> None:
+    async with running() as h:
+        h.miner()
+        h.dispatcher.fanout.subscribe_all(h.subscriber())
+        await h.flushed()
+        h.log.clear()
+        h.dispatcher.flush_writes = lambda: h.log.append(("flush_writes", None))
+        await h.submit(h.spec())
+        await h.flushed()
+        assert [who for who, _ in h.log] == ["gpu-1", "then", "outbox", "outbox", "flush_writes"]
+
+
 async def test_miner_welcome_waits_for_its_batch() -> None:
     """The welcome callback of a hello runs only once the miner record is stored."""
     async with running() as h:

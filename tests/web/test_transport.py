@@ -12,7 +12,13 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from web.transport import ACCEPT_NOW, SEND_NOW, CoalescingWSProtocol
+from web.transport import (
+    ACCEPT_NOW,
+    SEND_NOW,
+    CoalescingTransport,
+    CoalescingWSProtocol,
+    TickFlusher,
+)
 from web.wire import plain_upgrade, text_frame_head
 
 pytestmark = pytest.mark.anyio
@@ -274,3 +280,40 @@ async def test_addresses_come_from_the_http_protocol_that_parsed_the_upgrade() -
         ("127.0.0.1", 5000),
         "ws",
     )
+
+
+class LoggedTransport(FakeTransport):
+    def __init__(self, name: str, log: list[tuple[str, bytes]]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def write(self, data: bytes) -> None:
+        self.log.append((self.name, bytes(data)))
+
+
+async def test_one_callback_flushes_every_transport_written_this_tick_in_first_write_order() -> (
+    None
+):
+    loop = asyncio.get_running_loop()
+    log: list[tuple[str, bytes]] = []
+    a, _, c = (CoalescingTransport(LoggedTransport(n, log), loop) for n in "abc")  # type: ignore[arg-type]
+    ready = len(loop._ready)  # type: ignore[attr-defined]
+    c.write(b"1")
+    a.write(b"2")
+    c.write(b"3")
+    assert len(loop._ready) == ready + 1  # type: ignore[attr-defined]
+    assert log == []
+    await asyncio.sleep(0)
+    assert log == [("c", b"13"), ("a", b"2")]  # first written, first out; one write each
+
+
+async def test_flush_all_writes_now_and_leaves_the_callback_nothing() -> None:
+    loop = asyncio.get_running_loop()
+    raw = FakeTransport()
+    wrapped = CoalescingTransport(raw, loop)  # type: ignore[arg-type]
+    wrapped.write(b"x")
+    TickFlusher.of(loop).flush_all()
+    assert raw.writes == [b"x"]
+    wrapped.write(b"y")  # buffers again, for the end of this tick
+    await asyncio.sleep(0)
+    assert raw.writes == [b"x", b"y"]
