@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,3 +86,22 @@ async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> N
         assert len(await store.list_receipts(None, 100, 0)) == 40
     finally:
         await store.close()
+
+
+def test_timeline_entry_point_reports_the_steps_of_unloaded_jobs(tmp_path: Path) -> None:
+    out = tmp_path / "timeline.txt"
+    env = {
+        **os.environ,
+        "BENCH_SERVER_SCRIPT": str(ROOT / "bench" / "timeline.py"),
+        "BENCH_TIMELINE_OUT": str(out),
+    }
+    cmd = [sys.executable, "-m", "bench.dispatch", "--runs", "1", "--results", str(tmp_path)]
+    cmd += ["--jobs", "60", "--only", "1 in flight, 1 miner"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=25, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("server timeline of ")
+    steps = [re.fullmatch(r"\s*([\d.]+)  (.*) \(n=\d+\)", line) for line in lines[1:]]
+    at = {m[2]: float(m[1]) for m in steps if m is not None}
+    assert 0 < at["commit start"] < at["commit end"] < at["assign written to the socket"]
+    assert at["assign written to the socket"] < at["client frames written to the socket"]
