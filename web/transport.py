@@ -156,10 +156,12 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lean_in:
             self._lean_frames(data)
-        elif not self.handshake_initiated and self._lean_connect(data):
-            self._lean_in = True  # the library's frame parser is primed, at a boundary
-        else:
+            return
+        request = None if self.handshake_initiated else plain_upgrade(data)
+        if request is None:
             super().data_received(data)
+        else:
+            self.lean_upgrade(request)
 
     def _lean_frames(self, data: bytes) -> None:
         """Parse plain frames; hand the rest to the library at the first other one.
@@ -220,11 +222,10 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         self._partial += data
         return None if len(self._partial) < self._need else bytes(self._partial)
 
-    def _lean_connect(self, data: bytes) -> bool:
-        """``handle_connect`` for a plain upgrade request, without the library's parse."""
-        request = plain_upgrade(data)
-        if request is None:
-            return False
+    def lean_upgrade(self, request: tuple[bytes, list[tuple[bytes, bytes]], str]) -> None:
+        """``handle_connect`` for a plain upgrade request, as ``web.wire.plain_upgrade`` parsed
+        it (here, or in ``web.http_protocol`` straight from the socket), without the library's
+        parse."""
         target, headers, self._accept = request
         raw_path, _, query_string = target.partition(b"?")
         path = raw_path.decode("ascii")
@@ -254,7 +255,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         task = self.loop.create_task(self.run_asgi())
         task.add_done_callback(self.on_task_complete)
         self.tasks.add(task)
-        return True
+        self._lean_in = True  # the library's frame parser is primed, at a boundary
 
     async def send(self, message: ASGISendEvent) -> None:
         if (

@@ -23,6 +23,16 @@ HANDSHAKE = (
 )
 
 
+def as_rebuilt(request: bytes) -> bytes:
+    """``request`` as uvicorn's httptools protocol rebuilds it for the WebSocket protocol."""
+    first, *lines = request[:-4].split(b"\r\n")
+    headers = [
+        name.lower() + b": " + value.strip()
+        for name, _, value in (line.partition(b":") for line in lines)
+    ]
+    return b"\r\n".join([first, *headers]) + b"\r\n\r\n"
+
+
 class FakeTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
@@ -151,7 +161,10 @@ async def _handshake(cls: type, request: bytes, accept: dict[str, Any]) -> tuple
 async def test_lean_handshake_matches_the_library(
     request_bytes: bytes, accept: dict[str, Any]
 ) -> None:
-    """The lean path gives the app the same scope and the peer the same bytes as uvicorn's."""
+    """The lean path gives the app the same scope and the peer the same bytes as uvicorn's,
+    for the request as uvicorn's HTTP protocol hands it over (test_http_protocol.py compares
+    the whole stack on the request as the client sent it)."""
+    request_bytes = as_rebuilt(request_bytes)
     assert plain_upgrade(request_bytes) is not None
     lean = await _handshake(CoalescingWSProtocol, request_bytes, accept)
     library = await _handshake(WebSocketsSansIOProtocol, request_bytes, accept)
