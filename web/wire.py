@@ -20,12 +20,14 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 
 __all__ = [
     "PING",
+    "PING_HEAD_4",
     "PONG",
     "RESPONSE_101",
     "TEXT",
     "frame_need",
     "plain_frames",
     "plain_upgrade",
+    "pong_frame",
     "text_frame_head",
 ]
 
@@ -118,6 +120,12 @@ def text_frame_head(size: int) -> bytes:
 
 
 TEXT, PING, PONG = 0x81, 0x89, 0x8A  # first bytes of final frames without RSV bits
+PING_HEAD_4 = b"\x89\x04"  # the header of an unmasked ping with a 4-byte payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The unmasked pong answering a ping's ``payload`` (at most 125 bytes, RFC 6455 5.5)."""
+    return bytes((PONG, len(payload))) + payload
 
 
 def plain_frames(buf: bytes, limit: int | None) -> tuple[list[tuple[int, bytes]], int, bool]:
