@@ -72,7 +72,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         protocol.connection_made(self._raw_transport)
         protocol.lean_upgrade(request)
         self._raw_transport.set_protocol(protocol)
+        self._drop_parser()
         return True
+
+    def _drop_parser(self) -> None:
+        """Once upgraded: the parser and this protocol reference each other, a cycle only
+        the garbage collector would free (as ``connection_lost`` does, which never comes)."""
+        self.parser = None  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         if self._coalescing is not None:
@@ -85,3 +91,4 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self.transport = self._raw_transport
             self._coalescing = None
         super().handle_websocket_upgrade()
+        self._drop_parser()  # the parser's last call has returned: it raised the upgrade

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -195,3 +197,25 @@ async def test_a_malformed_upgrade_is_refused_as_uvicorn_refuses_it(request_byte
     assert (scope, seen, written) == (stock_scope, stock_seen, stock_written)
     assert scope is None
     assert written.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize("chunks", [[HANDSHAKE], [HANDSHAKE[:20], HANDSHAKE[20:]]])
+async def test_an_upgraded_http_protocol_is_freed_without_the_garbage_collector(
+    chunks: list[bytes],
+) -> None:
+    """Its parser referenced it back: each upgrade left a cycle for the collector."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    proto, transport = _protocol(app)
+    gone = weakref.ref(proto)
+    gc.disable()
+    try:
+        for chunk in chunks:
+            proto.data_received(chunk)
+        assert isinstance(transport.protocol, CoalescingWSProtocol)
+        del proto
+        assert gone() is None
+    finally:
+        gc.enable()
