@@ -381,3 +381,51 @@ async def test_plain_frames_both_ways_never_need_the_state_machine() -> None:
     assert lean[1].count(b"\x89\x04") == 1
     # Made when first needed, the state machine is OPEN: a close goes the library's way.
     assert ours.conn.state is OPEN
+
+
+async def _unanswered_ping(cls: type) -> tuple[bytes, bool]:
+    """A lean handshake, our keepalive ping, no pong before the timeout."""
+    accepted = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        await receive()  # the disconnect
+
+    config = Config(
+        app=app,
+        ws=cls,
+        lifespan="off",
+        log_level="warning",
+        ws_ping_interval=5.0,
+        ws_ping_timeout=2.0,
+    )
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn")]
+    proto = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(as_rebuilt(HANDSHAKE))
+    await accepted.wait()
+    random.seed(3)
+    proto.stop_keepalive()
+    proto.send_keepalive_ping()
+    assert proto.pong_timer is not None  # the timeout is armed
+    proto.pong_timer.cancel()
+    proto.keepalive_timeout()  # as if it fired
+    await asyncio.sleep(0)
+    proto.connection_lost(None)
+    await asyncio.sleep(0)
+    return b"".join(transport.writes), transport.closing
+
+
+async def test_an_unanswered_keepalive_ping_fails_the_connection_as_uvicorn_does() -> None:
+    lean, library = (
+        await _unanswered_ping(CoalescingWSProtocol),
+        await _unanswered_ping(WebSocketsSansIOProtocol),
+    )
+    assert lean == library
+    assert lean[1] is True
+    assert _frames(lean[0])[-1].startswith(b"\x03\xf3")  # close 1011
