@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
     from uvicorn.config import Config
     from uvicorn.server import ServerState
+    from websockets.http11 import Request
 
 __all__ = [
     "ACCEPT_NOW",
@@ -377,6 +378,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             "state": self.app_state.copy(),
             "extensions": {"websocket.http.response": {}},
         }
+        self._extend(self.scope["extensions"])
         self.queue.put_nowait({"type": "websocket.connect"})
         task = self.loop.create_task(self.run_asgi())
         task.add_done_callback(self.on_task_complete)
@@ -458,12 +460,16 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         else:
             self.schedule_ping()
 
-    async def run_asgi(self) -> None:
-        extensions = self.scope["extensions"]
-        extensions[SEND_NOW] = self.send_text_now  # type: ignore[assignment]
-        extensions[ON_TEXT] = self.set_on_text  # type: ignore[assignment]
-        extensions[ACCEPT_NOW] = self.accept_now  # type: ignore[assignment]
-        await super().run_asgi()
+    def handle_connect(self, event: Request) -> None:
+        """uvicorn's, with our extensions in the scope (set before the app's task starts)."""
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # else uvicorn answered, and made no scope
+            self._extend(self.scope["extensions"])
+
+    def _extend(self, extensions: dict[str, Any]) -> None:
+        extensions[SEND_NOW] = self.send_text_now
+        extensions[ON_TEXT] = self.set_on_text
+        extensions[ACCEPT_NOW] = self.accept_now
 
     def set_on_text(self, callback: Callable[[bytes | str], bool] | None) -> Callable[[], None]:
         """Hand text frames to ``callback`` (``None``: queue them all); returns ``wake``."""
