@@ -89,7 +89,7 @@ class Miner:
         self.session_id = session_id
         self.capabilities: JSONObject = {}
         self.region: str | None = None
-        self.caps = Capabilities.parse({}, None)
+        self.caps = Capabilities.parse({}, None)  # a shared instance: nothing is parsed
         self.concurrency = 1
         self.draining = False
         self.connected = False

@@ -34,7 +34,8 @@ class Outbox:
     ) -> None:
         self._frames: deque[list[str]] = deque()
         self._progress: dict[str, list[str]] = {}
-        self._wake = anyio.Event()
+        # Made by a ``take`` that waits: an idle socket's outbox (most of them) has none.
+        self._wake: anyio.Event | None = None
         self._on_overflow = on_overflow
         self.soft_limit = soft_limit
         self.hard_limit = hard_limit
@@ -65,7 +66,7 @@ class Outbox:
                 return
         if n >= self.hard_limit:
             self.closed = True
-            self._wake.set()
+            self._set_wake()
             self._on_overflow(CloseCode.TOO_SLOW, "outbound queue overflow")
             return
         entry = [frame]
@@ -75,7 +76,7 @@ class Outbox:
                 self._progress[job_id] = entry
             else:  # a later progress frame must not jump over this one
                 self._progress.pop(job_id, None)
-        self._wake.set()
+        self._set_wake()
 
     def take_nowait(self) -> list[str]:
         frames = [e[0] for e in self._frames]
@@ -92,7 +93,11 @@ class Outbox:
 
     def close(self) -> None:
         self.closed = True
-        self._wake.set()
+        self._set_wake()
+
+    def _set_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
 
 class Subscriber:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.codec import dumps_sorted
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from protocol.types import JSONObject
 
 __all__ = ["Capabilities", "IdleIndex", "JobNeeds", "JobQueue", "MatchCache", "matches"]
@@ -32,8 +35,16 @@ def _num(value: Any) -> float | None:
         return None
 
 
+# The compared fields of each class, as one getter returning their tuple (built on first use).
+_COMPARED: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
 def _field_hash(value: Capabilities | JobNeeds) -> int:
-    return hash(tuple(getattr(value, f.name) for f in fields(value) if f.compare))
+    get = _COMPARED.get(type(value))
+    if get is None:
+        names = [f.name for f in fields(value) if f.compare]
+        get = _COMPARED[type(value)] = attrgetter(*names)  # several names: a tuple
+    return hash(get(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +67,29 @@ class Capabilities:
     def __hash__(self) -> int:
         return self._hash
 
+    # Parsed classes by their sorted JSON and region, as for ``JobNeeds``: a fleet's miners
+    # mostly advertise a few shapes, and every hello parses one. Only small documents are
+    # kept (a hello may carry up to a frame of them), and none with a ``null``: orjson writes
+    # NaN and infinities (which no JSON input holds, but a caller's dict may) as ``null`` too.
+    _parsed: ClassVar[dict[tuple[bytes, str | None], Capabilities]] = {}
+    _MAX_KEPT: ClassVar[int] = 2048
+
     @classmethod
     def parse(cls, capabilities: JSONObject, region: str | None) -> Capabilities:
+        if not capabilities and region is None:
+            return _NO_CAPABILITIES
+        key = (dumps_sorted(capabilities), region)
+        caps = cls._parsed.get(key)  # never holds a key with ``null`` (see above)
+        if caps is None:
+            caps = cls._parse(capabilities, region)
+            if 0 < len(key[0]) <= cls._MAX_KEPT and b"null" not in key[0]:  # empty: no JSON
+                if len(cls._parsed) >= 4096:
+                    cls._parsed.clear()
+                cls._parsed[key] = caps
+        return caps
+
+    @classmethod
+    def _parse(cls, capabilities: JSONObject, region: str | None) -> Capabilities:
         gpus = capabilities.get("gpus")
         gpus = [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
         names = frozenset(str(g["name"]) for g in gpus if g.get("name") is not None)
@@ -81,6 +113,9 @@ class Capabilities:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+_NO_CAPABILITIES = Capabilities._parse({}, None)  # a miner's before its hello, and ``{}``'s
 
 
 @dataclass(frozen=True, slots=True)

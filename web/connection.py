@@ -60,7 +60,6 @@ class Connection(ABC):
         self.outbox = Outbox(self.close, **self.outbox_limits)
         self.principal: Principal | None = None
         self._close: tuple[int, str] | None = None
-        self._scope = anyio.CancelScope()
         self._send_now: Callable[[bytes], bool] | None = None
         self._flush_now: Callable[[], None] | None = None
         self._tasks: TaskGroup | None = None
@@ -151,14 +150,13 @@ class Connection(ABC):
             self._session = session
             self._wake = set_on_text(self._on_text)
         try:
-            with self._scope:
-                async with anyio.create_task_group() as tg:
-                    self._tasks = tg
-                    if self._send_now is None or self._close is not None:
-                        self._start_writer()
-                    else:
-                        self.outbox.direct = self._direct
-                    await self._reader(session)
+            async with anyio.create_task_group() as tg:
+                self._tasks = tg
+                if self._send_now is None or self._close is not None:
+                    self._start_writer()
+                else:
+                    self.outbox.direct = self._direct
+                await self._reader(session)
         finally:
             if set_on_text is not None and self._wake is not None:
                 set_on_text(None)

@@ -8,15 +8,24 @@ each into a ``send`` syscall (and, on loopback, a wake-up of the reader). Profil
 flushes it as soon as the response is complete, so a plain response leaves in one syscall
 with no added delay; a streamed response is still flushed at the end of every event-loop
 tick. A WebSocket upgrade gets the real transport (the socket protocol coalesces by itself).
+
+A miner or client socket opens with a plain upgrade request (``web.wire.plain_upgrade``) as
+the connection's first read. ``httptools`` would parse it with a Python callback per header
+into an HTTP scope, and uvicorn would rebuild the request's bytes for the WebSocket protocol
+to parse again; instead such a first read goes straight to ``CoalescingWSProtocol``'s lean
+handshake, parsed once. Anything else (another first read, or a request in several reads)
+goes through ``httptools`` as before.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from web.transport import CoalescingTransport
+from web.transport import CoalescingTransport, CoalescingWSProtocol
+from web.wire import plain_upgrade
 
 if TYPE_CHECKING:
     import asyncio
@@ -26,12 +35,50 @@ __all__ = ["CoalescingHttpProtocol"]
 
 class CoalescingHttpProtocol(HttpToolsProtocol):
     _coalescing: CoalescingTransport | None = None
+    _first = False  # nothing has been read yet
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._first = True
         self._raw_transport = transport
         # uvloop's TCPTransport implements the Transport API without subclassing it.
         self._coalescing = CoalescingTransport(transport, self.loop)
         super().connection_made(self._coalescing)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if self._upgrade_now(data):
+                return
+        super().data_received(data)
+
+    def _upgrade_now(self, data: bytes) -> bool:
+        """``handle_websocket_upgrade`` for a plain upgrade request, without ``httptools``."""
+        ws_class = self.ws_protocol_class
+        if (
+            ws_class is None
+            or not issubclass(ws_class, CoalescingWSProtocol)
+            or self.logger.level <= TRACE_LOG_LEVEL  # uvicorn traces the upgrade
+        ):
+            return False
+        request = plain_upgrade(data)
+        if request is None:
+            return False
+        self.connections.discard(self)
+        self.transport = self._raw_transport
+        self._coalescing = None  # nothing was written to it
+        protocol = ws_class(
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        protocol.connection_made(self._raw_transport)
+        protocol.lean_upgrade(request)
+        self._raw_transport.set_protocol(protocol)
+        self._drop_parser()
+        return True
+
+    def _drop_parser(self) -> None:
+        """Once upgraded: the parser and this protocol reference each other, a cycle only
+        the garbage collector would free (as ``connection_lost`` does, which never comes)."""
+        self.parser = None  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         if self._coalescing is not None:
@@ -44,3 +91,4 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self.transport = self._raw_transport
             self._coalescing = None
         super().handle_websocket_upgrade()
+        self._drop_parser()  # the parser's last call has returned: it raised the upgrade

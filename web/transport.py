@@ -39,11 +39,20 @@ where websockets' generator-based parser would send them, and frames of a read t
 finds malformed are dropped as uvicorn drops them. The first other frame (close, binary,
 fragment, anything malformed) hands itself and the rest of the stream to the library for good;
 both parsers stop only at frame boundaries, so the hand-over is exact.
+
+The websockets state machine (``ServerProtocol``: a UUID, a request parser, a stream reader)
+is made only when something needs it (``conn``). A socket that did a lean handshake and has
+exchanged only plain frames never does: its texts, pongs and keepalive pings are written
+directly, as the state machine would have serialized them; made later, it starts in the
+state it would have reached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import struct
 import weakref
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -52,24 +61,30 @@ from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.protocol import OPEN, Protocol
+from websockets.protocol import CONNECTING, OPEN, Protocol
+from websockets.server import ServerProtocol
 
 from web.wire import (
     PING,
+    PING_HEAD_4,
     RESPONSE_101,
     TEXT,
     frame_need,
     plain_frames,
     plain_upgrade,
+    pong_frame,
     text_frame_head,
 )
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable
 
     from uvicorn._types import ASGISendEvent
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+    from websockets.http11 import Request
 
 __all__ = [
     "ACCEPT_NOW",
@@ -82,6 +97,7 @@ __all__ = [
     "CoalescingWSProtocol",
 ]
 
+_LOGGER = logging.getLogger("uvicorn.error")  # uvicorn's, looked up once
 SEND_NOW = "aitbc.send_text_now"
 ON_TEXT = "aitbc.on_text"
 ACCEPT_NOW = "aitbc.accept_now"
@@ -168,12 +184,99 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websockets protocol on a coalescing transport."""
 
     _accept: str | None = None  # Sec-WebSocket-Accept of a lean handshake, until accepted
+    _lean = False  # the handshake is a lean one
+    _lean_open = False  # and it was accepted (the state machine's OPEN, see ``conn``)
     _on_text: Callable[[bytes | str], bool] | None = None
     _lean_in = False  # inbound frames are parsed by ``_lean_frames`` (see the module doc)
     # The start of a frame ``_lean_frames`` has not received whole yet (a bytearray, grown in
     # place), and the size it needs in all before it is parsed again.
     _partial: bytes | bytearray = b""
     _need = 0
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """uvicorn's ``__init__`` (tests/web/test_transport.py checks it sets the same state),
+        without its lookups of the logger and, until something needs it, the websockets
+        state machine (``conn``)."""
+        if not config.loaded:
+            config.load()  # pragma: no cover - uvicorn's servers load it first
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.logger = _LOGGER
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.transport = None  # type: ignore[assignment]
+        self.server = None
+        self.client = None
+        self.scheme = None  # type: ignore[assignment]
+        self.queue = asyncio.Queue()
+        self.handshake_initiated = False
+        self.handshake_complete = False
+        self.close_sent = False
+        self.disconnected = False
+        self.close_timer = None
+        self.close_timeout = 10.0
+        self.initial_response = None
+        self._conn: ServerProtocol | None = None
+        self.read_paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.ping_interval = config.ws_ping_interval
+        self.ping_timeout = config.ws_ping_timeout
+        self.ping_timer = None
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        self.ping_sent_at = 0.0
+        self.last_ping_rtt = 0.0
+        self.frames = []
+        self.curr_msg_data_type = "bytes"
+
+    @property
+    def conn(self) -> ServerProtocol:
+        """The websockets state machine, made on first use.
+
+        A socket that only did a lean handshake and exchanges plain frames never needs one:
+        ``_lean_frames``, ``send_text_now`` and the keepalive ping write its frames directly.
+        Made later, it is in the state it would be in had it been made at the start: OPEN once
+        a lean handshake was accepted, else CONNECTING (after a lean handshake, with the frame
+        parser running, as ``lean_upgrade`` left it).
+        """
+        conn = self._conn
+        if conn is None:
+            config = self.config
+            extensions = []
+            if config.ws_per_message_deflate:
+                extensions = [
+                    ServerPerMessageDeflateFactory(
+                        server_max_window_bits=12,
+                        client_max_window_bits=12,
+                        compress_settings={"memLevel": 5},
+                    )
+                ]
+            conn = self._conn = ServerProtocol(
+                extensions=extensions,
+                max_size=config.ws_max_size,
+                logger=_LOGGER,
+                state=OPEN if self._lean_open else CONNECTING,
+            )
+            if self._lean and not self._lean_open:
+                conn.parser = Protocol.parse(conn)
+                next(conn.parser)
+        return conn
+
+    @conn.setter
+    def conn(self, value: ServerProtocol) -> None:
+        self._conn = value
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements the Transport API without subclassing it.
@@ -193,10 +296,12 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lean_in:
             self._lean_frames(data)
-        elif not self.handshake_initiated and self._lean_connect(data):
-            self._lean_in = True  # the library's frame parser is primed, at a boundary
-        else:
+            return
+        request = None if self.handshake_initiated else plain_upgrade(data)
+        if request is None:
             super().data_received(data)
+        else:
+            self.lean_upgrade(request)
 
     def _lean_frames(self, data: bytes) -> None:
         """Parse plain frames; hand the rest to the library at the first other one.
@@ -204,8 +309,9 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         Like uvicorn's ``data_received``, frames parsed from one read are delivered after the
         whole read is parsed, and not at all when the library finds it malformed.
         """
-        conn = self.conn
-        if conn.state is not OPEN or self.close_sent:
+        conn = self._conn
+        is_open, limit = self._open_and_limit(conn)
+        if not is_open or self.close_sent:
             self._lean_in = False
             data, self._partial = bytes(self._partial) + data, b""
             super().data_received(data)
@@ -213,33 +319,54 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         buf = self._buffered(data)
         if buf is None:
             return  # the frame being received is not whole yet: nothing to parse
-        limit = conn.max_message_size
-        if conn.max_fragment_size is not None:
-            limit = conn.max_fragment_size if limit is None else min(limit, conn.max_fragment_size)
         frames, pos, plain = plain_frames(buf, limit)
-        for head, payload in frames:
-            if head == PING:  # what websockets does as it parses a ping: queue the pong
-                conn.send_frame(Frame(Opcode.PONG, payload))
+        pongs = b""  # without a state machine: the pongs it would have queued, written at once
+        if conn is None and plain:
+            pongs = b"".join(pong_frame(payload) for head, payload in frames if head == PING)
+        else:
+            conn = self.conn
+            for head, payload in frames:
+                if head == PING:  # what websockets does as it parses a ping: queue the pong
+                    conn.send_frame(Frame(Opcode.PONG, payload))
         if plain:
             self._hold(buf, pos)
         else:  # from the first frame that is not plain: the library's
+            assert conn is not None
             self._lean_in = False
             self._partial = b""
             conn.receive_data(buf[pos:])
             if conn.parser_exc is not None:
                 self.handle_parser_exception()
                 return
+        self._deliver(frames, pongs)
+        if not plain:
+            self.handle_events()
+
+    def _open_and_limit(self, conn: ServerProtocol | None) -> tuple[bool, int | None]:
+        """Whether the state machine is OPEN, and the largest frame payload it accepts."""
+        if conn is None:  # not made yet: OPEN once accepted, with uvicorn's size limit
+            return self._lean_open, self.config.ws_max_size
+        limit, size = conn.max_message_size, conn.max_fragment_size
+        if size is not None:
+            limit = size if limit is None else min(limit, size)
+        return conn.state is OPEN, limit
+
+    def _deliver(self, frames: list[tuple[int, bytes]], pongs: bytes) -> None:
+        """What uvicorn does with each frame; ``pongs``: to write at the first ping, if any
+        (else the pongs are queued in the state machine)."""
         for head, payload in frames:
             if head == TEXT:  # uvicorn's handle_text, for a final frame
                 self.curr_msg_data_type = "text"
                 self.frames = [payload]
                 self.send_receive_event_to_app()
             elif head == PING:  # uvicorn's: write the pong(s) websockets queued
-                self.handle_ping()
+                if pongs:
+                    self.transport.write(pongs)
+                    pongs = b""
+                elif self._conn is not None:
+                    self.handle_ping()
             else:
                 self.handle_pong(Frame(Opcode.PONG, payload))
-        if not plain:
-            self.handle_events()
 
     def _hold(self, buf: bytes, pos: int) -> None:
         """Keep the incomplete frame from ``pos`` (if any) until it is whole."""
@@ -257,20 +384,21 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         self._partial += data
         return None if len(self._partial) < self._need else bytes(self._partial)
 
-    def _lean_connect(self, data: bytes) -> bool:
-        """``handle_connect`` for a plain upgrade request, without the library's parse."""
-        request = plain_upgrade(data)
-        if request is None:
-            return False
+    def lean_upgrade(self, request: tuple[bytes, list[tuple[bytes, bytes]], str]) -> None:
+        """``handle_connect`` for a plain upgrade request, as ``web.wire.plain_upgrade`` parsed
+        it (here, or in ``web.http_protocol`` straight from the socket), without the library's
+        parse."""
         target, headers, self._accept = request
         raw_path, _, query_string = target.partition(b"?")
         path = raw_path.decode("ascii")
         self.handshake_initiated = True
         # Frames that follow the request are parsed as the library does after its own parse
-        # of the request: the frame parser runs from now on, the state turns OPEN on accept.
-        conn = self.conn
-        conn.parser = Protocol.parse(conn)
-        next(conn.parser)
+        # of the request: the frame parser runs from now on, the state turns OPEN on accept
+        # (``conn`` makes the state machine so when it is first needed).
+        self._lean = True
+        if self._conn is not None:
+            self._conn.parser = Protocol.parse(self._conn)
+            next(self._conn.parser)
         self.scope = {
             "type": "websocket",
             "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
@@ -287,11 +415,12 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             "state": self.app_state.copy(),
             "extensions": {"websocket.http.response": {}},
         }
+        self._extend(self.scope["extensions"])
         self.queue.put_nowait({"type": "websocket.connect"})
         task = self.loop.create_task(self.run_asgi())
         task.add_done_callback(self.on_task_complete)
         self.tasks.add(task)
-        return True
+        self._lean_in = True  # the library's frame parser is primed, at a boundary
 
     async def send(self, message: ASGISendEvent) -> None:
         if (
@@ -346,17 +475,39 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         self._accept = None
         if not self.transport.is_closing():
             self.handshake_complete = True
-            self.conn.state = OPEN
+            self._lean_open = True
+            if self._conn is not None:
+                self._conn.state = OPEN
             self.transport.write(b"".join(parts))
             self.start_keepalive()
 
-    async def run_asgi(self) -> None:
-        extensions = self.scope["extensions"]
-        extensions[SEND_NOW] = self.send_text_now  # type: ignore[assignment]
-        extensions[ON_TEXT] = self.set_on_text  # type: ignore[assignment]
-        extensions[ACCEPT_NOW] = self.accept_now  # type: ignore[assignment]
-        extensions[FLUSH_NOW] = self.flush_now  # type: ignore[assignment]
-        await super().run_asgi()
+    def send_keepalive_ping(self) -> None:
+        """uvicorn's, writing the ping frame itself while there is no state machine."""
+        if self._conn is not None:
+            super().send_keepalive_ping()
+            return
+        self.ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.transport.write(PING_HEAD_4 + self.pending_ping_payload)
+        if self.ping_timeout is not None:
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+        else:
+            self.schedule_ping()
+
+    def handle_connect(self, event: Request) -> None:
+        """uvicorn's, with our extensions in the scope (set before the app's task starts)."""
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # else uvicorn answered, and made no scope
+            self._extend(self.scope["extensions"])
+
+    def _extend(self, extensions: dict[str, Any]) -> None:
+        extensions[SEND_NOW] = self.send_text_now
+        extensions[ON_TEXT] = self.set_on_text
+        extensions[ACCEPT_NOW] = self.accept_now
+        extensions[FLUSH_NOW] = self.flush_now
 
     def flush_now(self) -> None:
         """Write what this tick buffered for the socket now, not at the end of the tick."""
@@ -404,6 +555,10 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             or not self.writable.is_set()
         ):
             return False
+        conn = self._conn
+        if conn is None and self._lean_open:  # nothing but plain frames so far
+            self.transport.write(text_frame_head(len(data)) + data)
+            return True
         conn = self.conn
         if conn.state is OPEN and not conn.expect_continuation_frame and not conn.extensions:
             # What ``conn.send_text`` would queue: one final, unmasked text frame.

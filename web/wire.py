@@ -8,6 +8,7 @@ tested byte for byte against the library (tests/web/test_transport.py, test_lean
 from __future__ import annotations
 
 import binascii
+import re
 from base64 import b64decode
 
 from websockets.utils import accept_key
@@ -19,12 +20,14 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 
 __all__ = [
     "PING",
+    "PING_HEAD_4",
     "PONG",
     "RESPONSE_101",
     "TEXT",
     "frame_need",
     "plain_frames",
     "plain_upgrade",
+    "pong_frame",
     "text_frame_head",
 ]
 
@@ -39,6 +42,12 @@ _CHECKED_HEADERS = _LIBRARY_HEADERS | {
     b"sec-websocket-key",
     b"sec-websocket-version",
 }
+# A request head as HTTP/1.1 spells it (RFC 9110 tokens for names, visible characters, spaces
+# and tabs for values, no obsolete line folding), so that one that ``httptools`` or websockets
+# would refuse is never accepted here: the request line, then the header lines.
+_HEAD = re.compile(
+    rb"GET (/[\x21-\x7e]*) HTTP/1\.1((?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*)*)\r\n\r\n"
+)
 RESPONSE_101 = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: "
@@ -48,30 +57,29 @@ RESPONSE_101 = (
 def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], str] | None:
     """``(target, headers, Sec-WebSocket-Accept)`` of a plain, valid upgrade request, else None.
 
-    ``None`` sends the request through the websockets library: anything unusual (another
+    ``headers`` are as ASGI wants them: names lower-cased, values stripped. ``None`` sends the
+    request through ``httptools`` and the websockets library: anything unusual (another
     method or version, several keys, a subprotocol or extension offer, an ``Origin``, an
-    oversized head, a bad key) is left to its checks and error responses.
+    oversized or malformed head, a bad key, bytes after the head) is left to their checks
+    and error responses.
     """
-    if len(data) > _MAX_HEAD or not data.endswith(b"\r\n\r\n") or not data.isascii():
+    if len(data) > _MAX_HEAD:
         return None
-    lines = data[:-4].split(b"\r\n")
-    method, _, rest = lines[0].partition(b" ")
-    target, _, protocol = rest.partition(b" ")
-    if method != b"GET" or protocol != b"HTTP/1.1" or not target.startswith(b"/"):
+    head = _HEAD.fullmatch(data)
+    if head is None:
         return None
-    if len(lines) > _MAX_HEADERS + 1:
+    target, lines = head.group(1), head.group(2).split(b"\r\n")
+    if len(lines) > _MAX_HEADERS + 1:  # the first is empty
         return None
     headers: list[tuple[bytes, bytes]] = []
     seen: dict[bytes, list[bytes]] = {}
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name:
-            return None
+        name, _, value = line.partition(b":")
         value = value.strip(b" \t")
+        name = name.lower()
         headers.append((name, value))
-        lname = name.lower()
-        if lname in _CHECKED_HEADERS:
-            seen.setdefault(lname, []).append(value)
+        if name in _CHECKED_HEADERS:
+            seen.setdefault(name, []).append(value)
     key = _plain_key(seen)
     return None if key is None else (target, headers, accept_key(key))
 
@@ -112,6 +120,12 @@ def text_frame_head(size: int) -> bytes:
 
 
 TEXT, PING, PONG = 0x81, 0x89, 0x8A  # first bytes of final frames without RSV bits
+PING_HEAD_4 = b"\x89\x04"  # the header of an unmasked ping with a 4-byte payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The unmasked pong answering a ping's ``payload`` (at most 125 bytes, RFC 6455 5.5)."""
+    return bytes((PONG, len(payload))) + payload
 
 
 def plain_frames(buf: bytes, limit: int | None) -> tuple[list[tuple[int, bytes]], int, bool]:

@@ -177,6 +177,44 @@ def test_capabilities_parse_non_list_gpus_and_numeric_strings() -> None:
     assert parsed.models == frozenset({"1"})
 
 
+def test_capabilities_parse_shares_one_instance_per_document_and_region() -> None:
+    """Equal documents (in any key order) with the same region parse to one shared, equal
+    instance; another region is another class; no capabilities at all is one instance too."""
+    first = Capabilities.parse({"cuda": "12.4", "gpus": [{"name": "L4", "memory_mb": 1}]}, "r")
+    again = Capabilities.parse({"gpus": [{"memory_mb": 1, "name": "L4"}], "cuda": "12.4"}, "r")
+    assert again is first
+    assert first == Capabilities._parse(
+        {"cuda": "12.4", "gpus": [{"name": "L4", "memory_mb": 1}]}, "r"
+    )
+    assert hash(again) == hash(
+        Capabilities._parse({"cuda": "12.4", "gpus": [{"name": "L4", "memory_mb": 1}]}, "r")
+    )
+    other = Capabilities.parse({"cuda": "12.4", "gpus": [{"name": "L4", "memory_mb": 1}]}, "s")
+    assert other.region == "s"
+    assert first.region == "r"
+    assert Capabilities.parse({}, None) is Capabilities.parse({}, None)
+    assert Capabilities.parse({}, None) == Capabilities._parse({}, None)
+    assert Capabilities.parse({}, "r").region == "r"
+
+
+def test_capabilities_parse_cache_never_conflates_nan_with_null() -> None:
+    """orjson writes NaN as ``null``: such documents are parsed each time, never shared."""
+    unpriced = Capabilities.parse({"price": None}, None)
+    assert unpriced.price is None
+    nan = Capabilities.parse({"price": float("nan")}, None)
+    assert nan.price is not None
+    assert nan.price != nan.price  # NaN
+    assert Capabilities.parse({"price": None}, None).price is None
+
+
+def test_capabilities_parse_keeps_no_large_documents() -> None:
+    big = {"models": [f"model-{i}" for i in range(1000)]}
+    first = Capabilities.parse(big, None)
+    assert len(first.models) == 1000
+    assert Capabilities.parse(big, None) is not first
+    assert Capabilities.parse(big, None) == first
+
+
 def test_jobneeds_parse() -> None:
     """Constraints are normalised: strings, numbers, model sets; junk numbers are dropped."""
     parsed = JobNeeds.parse(

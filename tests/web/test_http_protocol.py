@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.frames import Frame, Opcode
 
 from tests.web.test_transport import HANDSHAKE, FakeTransport
 from web.http_protocol import CoalescingHttpProtocol
@@ -101,3 +106,116 @@ async def test_a_websocket_upgrade_gets_the_real_transport() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
     assert transport.writes[0].startswith(b"HTTP/1.1 101")
+
+
+async def _serve(stock: bool, chunks: list[bytes]) -> tuple[Any, Any, list[Any], bytes]:
+    """Serve an upgrade request (read in ``chunks``) with our protocols or uvicorn's own; the
+    app accepts, then receives the frame the client sent right after its request."""
+    seen: list[Any] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        await send({"type": "websocket.accept"})
+        seen.append(await receive())
+        done.set()
+
+    http_cls = HttpToolsProtocol if stock else CoalescingHttpProtocol
+    config = Config(
+        app=app,
+        ws=WebSocketsSansIOProtocol if stock else CoalescingWSProtocol,
+        lifespan="off",
+        log_level="warning",
+    )
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn"), (b"date", b"Thu, 26 Nov 2026 08:00:00 GMT")]
+    proto = http_cls(config=config, server_state=state, app_state={})
+    transport = UpgradableTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    for chunk in chunks:
+        (transport.protocol or proto).data_received(chunk)
+    if transport.protocol is not None:
+        transport.protocol.data_received(Frame(Opcode.TEXT, b"early").serialize(mask=True))
+        await done.wait()
+    for _ in range(3):
+        await asyncio.sleep(0)  # the end-of-tick flush
+    ws = transport.protocol
+    scope = None if ws is None else {k: v for k, v in ws.scope.items() if k != "extensions"}
+    return proto, scope, seen, b"".join(transport.writes)
+
+
+MIXED_CASE = HANDSHAKE.replace(b"Host: t", b"HOST:t\r\nX-Trace-Id:  a b \t").replace(
+    b"/ws", b"/w%20s?a=1"
+)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HANDSHAKE,
+        MIXED_CASE,
+        HANDSHAKE.replace(b"Connection: Upgrade", b"connection: keep-alive, upgrade"),
+    ],
+)
+async def test_a_plain_upgrade_skips_httptools_and_serves_as_uvicorn(request_bytes: bytes) -> None:
+    """The first read, a plain upgrade request, goes straight to the socket protocol (httptools
+    never starts a request) and the app and the peer see what stock uvicorn gives them."""
+    proto, *ours = await _serve(False, [request_bytes])
+    assert proto.scope is None  # httptools never began a message
+    stock_proto, *stock = await _serve(True, [request_bytes])
+    assert stock_proto.scope is not None
+    assert ours == stock
+    assert ours[1] == [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "early"},
+    ]
+    assert ours[2].startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+
+
+async def test_an_upgrade_in_several_reads_goes_through_httptools() -> None:
+    chunks = [HANDSHAKE[:20], HANDSHAKE[20:]]
+    proto, *ours = await _serve(False, chunks)
+    assert proto.scope is not None  # parsed by httptools, then upgraded as before
+    _, *stock = await _serve(True, chunks)
+    assert ours == stock
+    assert ours[2].startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HANDSHAKE.replace(b"Host: t", b"Bad Name: t"),  # not a token
+        HANDSHAKE.replace(b"Host: t", b"Host: t\x01"),  # a control character
+        HANDSHAKE.replace(b"Host: t", b"Host: t\r\n folded"),  # obsolete line folding
+        HANDSHAKE.replace(b"GET /ws", b"GET /w\x7fs"),
+    ],
+)
+async def test_a_malformed_upgrade_is_refused_as_uvicorn_refuses_it(request_bytes: bytes) -> None:
+    _, scope, seen, written = await _serve(False, [request_bytes])
+    _, stock_scope, stock_seen, stock_written = await _serve(True, [request_bytes])
+    assert (scope, seen, written) == (stock_scope, stock_seen, stock_written)
+    assert scope is None
+    assert written.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize("chunks", [[HANDSHAKE], [HANDSHAKE[:20], HANDSHAKE[20:]]])
+async def test_an_upgraded_http_protocol_is_freed_without_the_garbage_collector(
+    chunks: list[bytes],
+) -> None:
+    """Its parser referenced it back: each upgrade left a cycle for the collector."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    proto, transport = _protocol(app)
+    gone = weakref.ref(proto)
+    gc.disable()
+    try:
+        for chunk in chunks:
+            proto.data_received(chunk)
+        assert isinstance(transport.protocol, CoalescingWSProtocol)
+        del proto
+        assert gone() is None
+    finally:
+        gc.enable()

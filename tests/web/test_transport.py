@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN
 
 from web.transport import (
     ACCEPT_NOW,
@@ -27,6 +29,16 @@ HANDSHAKE = (
     b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
+
+
+def as_rebuilt(request: bytes) -> bytes:
+    """``request`` as uvicorn's httptools protocol rebuilds it for the WebSocket protocol."""
+    first, *lines = request[:-4].split(b"\r\n")
+    headers = [
+        name.lower() + b": " + value.strip()
+        for name, _, value in (line.partition(b":") for line in lines)
+    ]
+    return b"\r\n".join([first, *headers]) + b"\r\n\r\n"
 
 
 class FakeTransport:
@@ -157,7 +169,10 @@ async def _handshake(cls: type, request: bytes, accept: dict[str, Any]) -> tuple
 async def test_lean_handshake_matches_the_library(
     request_bytes: bytes, accept: dict[str, Any]
 ) -> None:
-    """The lean path gives the app the same scope and the peer the same bytes as uvicorn's."""
+    """The lean path gives the app the same scope and the peer the same bytes as uvicorn's,
+    for the request as uvicorn's HTTP protocol hands it over (test_http_protocol.py compares
+    the whole stack on the request as the client sent it)."""
+    request_bytes = as_rebuilt(request_bytes)
     assert plain_upgrade(request_bytes) is not None
     lean = await _handshake(CoalescingWSProtocol, request_bytes, accept)
     library = await _handshake(WebSocketsSansIOProtocol, request_bytes, accept)
@@ -317,3 +332,143 @@ async def test_flush_all_writes_now_and_leaves_the_callback_nothing() -> None:
     wrapped.write(b"y")  # buffers again, for the end of this tick
     await asyncio.sleep(0)
     assert raw.writes == [b"x", b"y"]
+
+
+async def test_init_sets_uvicorns_state_without_a_state_machine() -> None:
+    """Every attribute uvicorn's ``__init__`` sets, with equal values (the websockets state
+    machine aside: ``conn`` makes it on first use, as uvicorn would have made it)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    ours, stock = _load(app), _load(app, WebSocketsSansIOProtocol)
+    assert set(vars(ours)) == set(vars(stock)) - {"conn"} | {"_conn"}
+    skip = {"conn", "_conn", "queue", "writable", "config", "app", "loop"}  # objects
+    assert {k: v for k, v in vars(ours).items() if k not in skip} == {
+        k: v for k, v in vars(stock).items() if k not in skip
+    }
+    assert ours.queue.empty()
+    assert ours.writable.is_set()
+    assert ours._conn is None
+    conn, library = ours.conn, stock.conn  # made now: a fresh one, as uvicorn's
+    assert (conn.state, conn.max_message_size, conn.max_fragment_size, conn.extensions) == (
+        library.state,
+        library.max_message_size,
+        library.max_fragment_size,
+        library.extensions,
+    )
+    assert [(type(e), vars(e)) for e in conn.available_extensions or ()] == [
+        (type(e), vars(e)) for e in library.available_extensions or ()
+    ]
+    assert conn.available_extensions  # the test config offers permessage-deflate
+    assert ours.conn is conn
+
+
+async def _plain_session(cls: type) -> tuple[Any, list[Any], bytes]:
+    """A lean handshake, then only plain frames both ways: texts, the peer's ping, our
+    keepalive ping and the peer's pong to it."""
+    seen: list[Any] = []
+    accepted = asyncio.Event()
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        seen.append(await receive())
+        send_now = scope["extensions"].get(SEND_NOW)  # ours; uvicorn's has only ASGI
+        if send_now is not None:
+            assert send_now(b'{"n":1}')
+        else:
+            await send({"type": "websocket.send", "text": '{"n":1}'})
+        await done.wait()
+
+    config = Config(app=app, ws=cls, lifespan="off", log_level="warning", ws_ping_interval=5.0)
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn")]
+    proto = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(as_rebuilt(HANDSHAKE))
+    await accepted.wait()
+    proto.data_received(
+        Frame(Opcode.TEXT, b"hi").serialize(mask=True)
+        + Frame(Opcode.PING, b"p1").serialize(mask=True)
+        + Frame(Opcode.PING, b"p2").serialize(mask=True)
+    )
+    for _ in range(3):
+        await asyncio.sleep(0)
+    random.seed(7)  # the keepalive ping's payload
+    proto.stop_keepalive()
+    proto.send_keepalive_ping()
+    assert proto.pending_ping_payload is not None
+    proto.data_received(Frame(Opcode.PONG, proto.pending_ping_payload).serialize(mask=True))
+    await asyncio.sleep(0)
+    assert proto.pending_ping_payload is None  # the pong was taken as the answer
+    assert proto.ping_timer is not None  # and the next ping scheduled
+    proto.stop_keepalive()
+    done.set()
+    return proto, seen, b"".join(transport.writes)
+
+
+async def test_plain_frames_both_ways_never_need_the_state_machine() -> None:
+    """Texts, pings and pongs after a lean handshake: no websockets state machine is made,
+    and the app and the peer see what uvicorn's protocol gives them."""
+    ours, *lean = await _plain_session(CoalescingWSProtocol)
+    _, *library = await _plain_session(WebSocketsSansIOProtocol)
+    assert ours._conn is None
+    assert lean == library
+    assert lean[0] == [{"type": "websocket.receive", "text": "hi"}]
+    # Both pongs (written at once, as websockets queues them), our text, our ping.
+    assert _frames(lean[1])[:3] == [b"p1", b"p2", b'{"n":1}']
+    assert lean[1].count(b"\x89\x04") == 1
+    # Made when first needed, the state machine is OPEN: a close goes the library's way.
+    assert ours.conn.state is OPEN
+
+
+async def _unanswered_ping(cls: type) -> tuple[bytes, bool]:
+    """A lean handshake, our keepalive ping, no pong before the timeout."""
+    accepted = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        await receive()  # the disconnect
+
+    config = Config(
+        app=app,
+        ws=cls,
+        lifespan="off",
+        log_level="warning",
+        ws_ping_interval=5.0,
+        ws_ping_timeout=2.0,
+    )
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn")]
+    proto = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(as_rebuilt(HANDSHAKE))
+    await accepted.wait()
+    random.seed(3)
+    proto.stop_keepalive()
+    proto.send_keepalive_ping()
+    assert proto.pong_timer is not None  # the timeout is armed
+    proto.pong_timer.cancel()
+    proto.keepalive_timeout()  # as if it fired
+    await asyncio.sleep(0)
+    proto.connection_lost(None)
+    await asyncio.sleep(0)
+    return b"".join(transport.writes), transport.closing
+
+
+async def test_an_unanswered_keepalive_ping_fails_the_connection_as_uvicorn_does() -> None:
+    lean, library = (
+        await _unanswered_ping(CoalescingWSProtocol),
+        await _unanswered_ping(WebSocketsSansIOProtocol),
+    )
+    assert lean == library
+    assert lean[1] is True
+    assert _frames(lean[0])[-1].startswith(b"\x03\xf3")  # close 1011
