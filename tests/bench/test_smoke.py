@@ -84,3 +84,15 @@ async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> N
         assert len(await store.list_receipts(None, 100, 0)) == 40
     finally:
         await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("protocol", ["layered", "lean"])
+async def test_rest_inproc_runs_jobs_through_either_http_protocol(
+    tmp_path: Path, protocol: str
+) -> None:
+    """bench/rest_inproc.py: submit, poll and result through the protocol; a cost comes back."""
+    from bench.rest_inproc import run
+
+    cost = await run(tmp_path / "rest.db", protocol, jobs=30, warmup=10)
+    assert cost > 0
