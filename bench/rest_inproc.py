@@ -5,7 +5,8 @@ Builds the real app (``create_app`` on a fresh SQLite database, behind the layer
 peer over in-memory transports with the request shapes of ``bench.rest``: a client
 ``POST /v1/jobs``, a miner's ``POST /v1/miners/poll`` that returns it, and its
 ``POST /v1/miners/{id}/result``. Prints the process CPU time per job for each protocol,
-alternating ``--rounds`` times, so that both sides of an A/B share the machine's state:
+alternating ``--rounds`` times, so that both sides of an A/B share the machine's state
+(uvloop, as the server):
 
 - ``layered``: ``CoalescingHttpProtocol`` (web/http_protocol.py), every request through
   uvicorn's cycle and every ASGI layer;
@@ -22,9 +23,11 @@ import logging
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 from uvicorn.server import ServerState
 
@@ -43,6 +46,7 @@ PROTOCOLS: dict[str, type[CoalescingHttpProtocol]] = {
     "layered": CoalescingHttpProtocol,
     "lean": LeanHttpProtocol,
 }
+UVLOOP = {"use_uvloop": True}  # what the server runs on
 JOB = orjson.dumps({"payload": {"type": "bench"}, "constraints": {"gpu": "A100"}})
 REGISTER = orjson.dumps({"capabilities": {"gpus": [{"name": "A100"}]}, "concurrency": 1})
 POLL = orjson.dumps({"max_wait_seconds": 5})
@@ -180,7 +184,8 @@ def main() -> None:
         for r in range(a.rounds):
             for name in names:
                 db = Path(tmp) / f"{name}-{r}.db"
-                costs[name].append(asyncio.run(run(db, name, a.jobs)))
+                cost = anyio.run(partial(run, db, name, a.jobs), backend_options=UVLOOP)
+                costs[name].append(cost)
                 print(f"{name} round {r + 1}: {costs[name][-1]:.0f} µs CPU per job", flush=True)
     for name, values in costs.items():
         print(f"{name}: median {statistics.median(values):.0f} µs CPU per job ({a.jobs} jobs)")
