@@ -73,9 +73,9 @@ def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
 def _http_protocol() -> Any:
     if importlib.util.find_spec("httptools") is None:
         return "h11"
-    from web.http_protocol import CoalescingHttpProtocol  # imports httptools
+    from web.lean_http import LeanHttpProtocol  # imports httptools
 
-    return CoalescingHttpProtocol
+    return LeanHttpProtocol
 
 
 def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> uvicorn.Config:

@@ -37,6 +37,9 @@ from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from web.http import EndpointRoute
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from starlette.responses import Response
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["CoordinatorApp", "FastRouter"]
@@ -129,22 +132,39 @@ class CoordinatorApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
-            router = self._router()
-            hit = None if router is None else router.lookup(scope["method"], scope["path"])
+            hit = self.endpoint_for(scope["method"], scope["path"])
             if hit is not None:
                 route, params = hit
-                scope["app"] = self
-                scope.setdefault("router", self.router)
-                scope["route"] = route
-                scope["endpoint"] = route.endpoint
-                scope["path_params"] = {**scope.get("path_params", {}), **params}
-                await self._serve(route, scope, receive, send)
+                self.enter(scope, route, params)
+                await self.serve(route, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
-    async def _serve(
-        self, route: EndpointRoute, scope: Scope, receive: Receive, send: Send
+    def endpoint_for(self, method: str, path: str) -> tuple[EndpointRoute, dict[str, Any]] | None:
+        """The endpoint route this app serves itself for an HTTP request without a
+        ``root_path``, with its path parameters; None when Starlette must handle it."""
+        router = self._router()
+        return None if router is None else router.lookup(method, path)
+
+    def enter(self, scope: Scope, route: EndpointRoute, params: dict[str, Any]) -> None:
+        """What Starlette's router adds to the scope of a request it routes to ``route``."""
+        scope["app"] = self
+        scope.setdefault("router", self.router)
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        scope["path_params"] = {**scope.get("path_params", {}), **params}
+
+    async def serve(
+        self,
+        route: EndpointRoute,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        write: Callable[[Response], bool] | None = None,
     ) -> None:
+        """Run the endpoint of an ``enter``ed request and send its response: through
+        ``write`` when given and it takes the response (web/lean_http.py), else through the
+        response's own ASGI call."""
         try:
             response = await route.endpoint(Request(scope, receive, send))
         except Exception as exc:
@@ -153,7 +173,8 @@ class CoordinatorApp(Starlette):
             scope[_ERROR] = exc
             await self._errors()(scope, receive, send)
             return
-        await response(scope, receive, send)
+        if write is None or not write(response):
+            await response(scope, receive, send)
 
     def _errors(self) -> ASGIApp:
         """Starlette's two exception middlewares (as ``build_middleware_stack`` sets them up)

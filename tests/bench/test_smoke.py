@@ -105,3 +105,15 @@ def test_timeline_entry_point_reports_the_steps_of_unloaded_jobs(tmp_path: Path)
     at = {m[2]: float(m[1]) for m in steps if m is not None}
     assert 0 < at["commit start"] < at["commit end"] < at["assign written to the socket"]
     assert at["assign written to the socket"] < at["client frames written to the socket"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("protocol", ["layered", "lean"])
+async def test_rest_inproc_runs_jobs_through_either_http_protocol(
+    tmp_path: Path, protocol: str
+) -> None:
+    """bench/rest_inproc.py: submit, poll and result through the protocol; a cost comes back."""
+    from bench.rest_inproc import run
+
+    cost = await run(tmp_path / "rest.db", protocol, jobs=30, warmup=10)
+    assert cost > 0
