@@ -363,6 +363,22 @@ async def test_init_sets_uvicorns_state_without_a_state_machine() -> None:
     assert ours.conn is conn
 
 
+async def _handshaken(
+    cls: type, app: Any, accepted: asyncio.Event, **config: Any
+) -> tuple[Any, FakeTransport]:
+    """A ``cls`` protocol on a fake transport, past the handshake ``app`` accepts."""
+    conf = Config(app=app, ws=cls, lifespan="off", log_level="warning", **config)
+    conf.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"uvicorn")]
+    proto = cls(config=conf, server_state=state, app_state={})
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    proto.data_received(as_rebuilt(HANDSHAKE))
+    await accepted.wait()
+    return proto, transport
+
+
 async def _plain_session(cls: type) -> tuple[Any, list[Any], bytes]:
     """A lean handshake, then only plain frames both ways: texts, the peer's ping, our
     keepalive ping and the peer's pong to it."""
@@ -382,15 +398,7 @@ async def _plain_session(cls: type) -> tuple[Any, list[Any], bytes]:
             await send({"type": "websocket.send", "text": '{"n":1}'})
         await done.wait()
 
-    config = Config(app=app, ws=cls, lifespan="off", log_level="warning", ws_ping_interval=5.0)
-    config.load()
-    state = ServerState()
-    state.default_headers = [(b"server", b"uvicorn")]
-    proto = cls(config=config, server_state=state, app_state={})
-    transport = FakeTransport()
-    proto.connection_made(transport)
-    proto.data_received(as_rebuilt(HANDSHAKE))
-    await accepted.wait()
+    proto, transport = await _handshaken(cls, app, accepted, ws_ping_interval=5.0)
     proto.data_received(
         Frame(Opcode.TEXT, b"hi").serialize(mask=True)
         + Frame(Opcode.PING, b"p1").serialize(mask=True)
@@ -436,22 +444,9 @@ async def _unanswered_ping(cls: type) -> tuple[bytes, bool]:
         accepted.set()
         await receive()  # the disconnect
 
-    config = Config(
-        app=app,
-        ws=cls,
-        lifespan="off",
-        log_level="warning",
-        ws_ping_interval=5.0,
-        ws_ping_timeout=2.0,
+    proto, transport = await _handshaken(
+        cls, app, accepted, ws_ping_interval=5.0, ws_ping_timeout=2.0
     )
-    config.load()
-    state = ServerState()
-    state.default_headers = [(b"server", b"uvicorn")]
-    proto = cls(config=config, server_state=state, app_state={})
-    transport = FakeTransport()
-    proto.connection_made(transport)
-    proto.data_received(as_rebuilt(HANDSHAKE))
-    await accepted.wait()
     random.seed(3)
     proto.stop_keepalive()
     proto.send_keepalive_ping()
