@@ -320,9 +320,13 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         if buf is None:
             return  # the frame being received is not whole yet: nothing to parse
         frames, pos, plain = plain_frames(buf, limit)
-        pongs = b""  # without a state machine: the pongs it would have queued, written at once
-        if conn is None and plain:
+        answered = conn is None and plain
+        if answered:
+            # Without a state machine: the pongs websockets would queue as it parses, written
+            # before anything that delivering this read writes (as its next write would).
             pongs = b"".join(pong_frame(payload) for head, payload in frames if head == PING)
+            if pongs:
+                self.transport.write(pongs)
         else:
             conn = self.conn
             for head, payload in frames:
@@ -338,7 +342,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             if conn.parser_exc is not None:
                 self.handle_parser_exception()
                 return
-        self._deliver(frames, pongs)
+        self._deliver(frames, answered)
         if not plain:
             self.handle_events()
 
@@ -351,19 +355,16 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             limit = size if limit is None else min(limit, size)
         return conn.state is OPEN, limit
 
-    def _deliver(self, frames: list[tuple[int, bytes]], pongs: bytes) -> None:
-        """What uvicorn does with each frame; ``pongs``: to write at the first ping, if any
-        (else the pongs are queued in the state machine)."""
+    def _deliver(self, frames: list[tuple[int, bytes]], answered: bool) -> None:
+        """What uvicorn does with each frame; ``answered``: the pings' pongs are written
+        already (else they are queued in the state machine)."""
         for head, payload in frames:
             if head == TEXT:  # uvicorn's handle_text, for a final frame
                 self.curr_msg_data_type = "text"
                 self.frames = [payload]
                 self.send_receive_event_to_app()
             elif head == PING:  # uvicorn's: write the pong(s) websockets queued
-                if pongs:
-                    self.transport.write(pongs)
-                    pongs = b""
-                elif self._conn is not None:
+                if not answered and self._conn is not None:
                     self.handle_ping()
             else:
                 self.handle_pong(Frame(Opcode.PONG, payload))

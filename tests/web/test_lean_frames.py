@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
@@ -102,6 +102,9 @@ async def _serve(
 
 
 @settings(max_examples=150, deadline=None)
+# Found in CI: a bad text and a ping in one read. websockets queues the pong as it parses, so
+# it goes out before the 1007 close; the lean path once wrote it at the ping, after the close.
+@example(frames=[("bad-utf8", 0), ("ping", 0)], cuts=[])
 @given(
     frames=st.lists(st.tuples(KINDS, SIZES), min_size=1, max_size=8),
     cuts=st.lists(st.integers(min_value=0, max_value=80000), max_size=6),
