@@ -1,4 +1,4 @@
-"""An instrumented coordinator: where an unloaded job's submit→assign time goes, inside the server.
+"""An instrumented coordinator: where an unloaded job's time goes, step by step, inside the server.
 
 Run a benchmark through it (``BENCH_SERVER_SCRIPT``, see bench/harness.py), one job at a time:
 
@@ -6,15 +6,19 @@ Run a benchmark through it (``BENCH_SERVER_SCRIPT``, see bench/harness.py), one 
         python -m bench.dispatch --runs 1 --only "1 in flight, 1 miner" --jobs 5000 \\
         --results /tmp/try
 
+    BENCH_TIMELINE=rest BENCH_TIMELINE_OUT=/tmp/timeline.txt \\
+        BENCH_SERVER_SCRIPT=bench/timeline.py \\
+        python -m bench.rest --runs 1 --only pickup --results /tmp/try
+
 It starts the real coordinator with a few methods wrapped to note, for every job, how many
-microseconds after its ``job.submit`` frame arrived each step was reached: the frame handed to
-the connection, decoded, the scheduler's submit, the commit's start and end, the batch's
-perform, the assign written to the miner's transport and written to the socket, the client's
-frames written to the socket. At exit it writes the median of each over all jobs but the first
+microseconds after the submit arrived (a ``job.submit`` frame; with ``BENCH_TIMELINE=rest``, a
+``POST /v1/jobs`` request) each step was reached: decoding, the scheduler, the commit, the
+batch's perform, the assign (or the long-poll's answer) written to the socket, the client's
+frames (or the 201) written. At exit it writes the median of each over all jobs but the first
 tenth (warm-up) to ``BENCH_TIMELINE_OUT`` (default: standard error, i.e. the coordinator log).
 
-Only meaningful with one job in flight: a submit frame starts the next job's timeline. The
-wrappers cost a few microseconds each, so the figures are a shape, not a measurement to quote.
+Only meaningful with one job in flight: a submit starts the next job's timeline. The wrappers
+cost a few microseconds each, so the figures are a shape, not a measurement to quote.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import dispatcher.core as core_module
 import dispatcher.runtime as runtime_module
 import storage.sql as sql_module
 import web.connection as connection_module
+import web.http as http_module
+import web.http_protocol as http_protocol_module
 import web.transport as transport_module
 
-STEPS = [
+SOCKET_STEPS = [
     "frame handed to the connection",
     "frame decoded",
     "scheduler submit start",
@@ -47,6 +53,21 @@ STEPS = [
     "batch perform end",
     "client frames written to the socket",
 ]
+REST_STEPS = [
+    "credentials checked",
+    "body read",
+    "body validated",
+    "submit handled",
+    "commit start",
+    "commit end",
+    "batch perform start",
+    "job handed to the waiting poll",
+    "batch perform end",
+    "poll answer written to the socket",
+    "201 written to the socket",
+]
+REST = os.environ.get("BENCH_TIMELINE") == "rest"
+STEPS = REST_STEPS if REST else SOCKET_STEPS
 
 _now = time.perf_counter_ns
 _current: dict[str, int] = {}
@@ -72,7 +93,7 @@ def _wrap(cls: Any, name: str, before: str | None = None, after: str | None = No
     setattr(cls, name, wrapper)
 
 
-def _install() -> None:
+def _install_socket() -> None:
     ws = transport_module.CoalescingWSProtocol
     data_received = ws.data_received
 
@@ -90,14 +111,7 @@ def _install() -> None:
     _wrap(core_module.Scheduler, "submit", before=STEPS[2], after=STEPS[3])
     _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[4])
     _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[7], after=STEPS[10])
-    commit = sql_module.DatabasesJobStore.commit
-
-    async def timed_commit(self: Any, batch: Any) -> None:
-        _mark(STEPS[5])
-        await commit(self, batch)
-        _mark(STEPS[6])
-
-    sql_module.DatabasesJobStore.commit = timed_commit  # type: ignore[method-assign]
+    _wrap_commit(STEPS[5], STEPS[6])
     coalescing = transport_module.CoalescingTransport
     write, flush = coalescing.write, coalescing.flush
 
@@ -118,9 +132,63 @@ def _install() -> None:
     coalescing.flush = on_flush  # type: ignore[method-assign]
 
 
+def _wrap_commit(start: str, end: str) -> None:
+    commit = sql_module.DatabasesJobStore.commit
+
+    async def timed_commit(self: Any, batch: Any) -> None:
+        _mark(start)
+        await commit(self, batch)
+        _mark(end)
+
+    sql_module.DatabasesJobStore.commit = timed_commit  # type: ignore[method-assign]
+
+
+def _install_rest() -> None:
+    http = http_protocol_module.CoalescingHttpProtocol  # the lean protocol inherits it
+    data_received = http.data_received
+
+    def on_data(self: Any, data: bytes) -> None:
+        if data.startswith(b"POST /v1/jobs "):
+            if _current:
+                _jobs.append(dict(_current))
+            _current.clear()
+            _current["t0"] = _now()
+        data_received(self, data)
+
+    http.data_received = on_data  # type: ignore[method-assign]
+    # The endpoint wrapper looks these up in its module at every request.
+    _wrap(http_module, "_authorize", after=STEPS[0])
+    read_body = http_module._read_body
+
+    async def timed_read(*args: Any, **kwargs: Any) -> bytes:
+        body = await read_body(*args, **kwargs)
+        _mark(STEPS[1])
+        return body
+
+    http_module._read_body = timed_read  # type: ignore[assignment]
+    _wrap(http_module, "validate", after=STEPS[2])
+    _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[3])
+    _wrap_commit(STEPS[4], STEPS[5])
+    _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[6], after=STEPS[8])
+    _wrap(runtime_module._RestSink, "assign", before=STEPS[7])
+    coalescing = transport_module.CoalescingTransport
+    flush = coalescing.flush
+
+    def on_flush(self: Any) -> None:
+        head = bytes(self._buffer[0][:40]) if self._buffer else b""
+        flush(self)
+        if head.startswith(b"HTTP/1.1 200") and "batch perform start" in _current:
+            _mark(STEPS[9])
+        elif head.startswith(b"HTTP/1.1 201"):
+            _mark(STEPS[10])
+
+    coalescing.flush = on_flush  # type: ignore[method-assign]
+
+
 def report() -> str:
     jobs = _jobs[len(_jobs) // 10 :]
-    lines = [f"server timeline of {len(jobs)} jobs: median µs after the job.submit frame arrived"]
+    what = "POST /v1/jobs" if REST else "the job.submit frame"
+    lines = [f"server timeline of {len(jobs)} jobs: median µs after {what} arrived"]
     for step in STEPS:
         values = [j[step] / 1000 for j in jobs if step in j]
         if values:
@@ -137,7 +205,10 @@ def _write_report() -> None:
 
 
 def main() -> None:
-    _install()
+    if REST:
+        _install_rest()
+    else:
+        _install_socket()
     atexit.register(_write_report)  # the harness stops the server with SIGTERM: a clean exit
     from web.cli import main as serve
 

@@ -88,23 +88,37 @@ async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> N
         await store.close()
 
 
-def test_timeline_entry_point_reports_the_steps_of_unloaded_jobs(tmp_path: Path) -> None:
+def _timeline(tmp_path: Path, env: dict[str, str], *bench: str) -> dict[str, float]:
+    """Run a bench script through bench/timeline.py; its report as {step: median µs}."""
     out = tmp_path / "timeline.txt"
     env = {
         **os.environ,
+        **env,
         "BENCH_SERVER_SCRIPT": str(ROOT / "bench" / "timeline.py"),
         "BENCH_TIMELINE_OUT": str(out),
     }
-    cmd = [sys.executable, "-m", "bench.dispatch", "--runs", "1", "--results", str(tmp_path)]
-    cmd += ["--jobs", "60", "--only", "1 in flight, 1 miner"]
+    cmd = [sys.executable, "-m", *bench, "--runs", "1", "--results", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=25, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = out.read_text().splitlines()
     assert lines[0].startswith("server timeline of ")
     steps = [re.fullmatch(r"\s*([\d.]+)  (.*) \(n=\d+\)", line) for line in lines[1:]]
-    at = {m[2]: float(m[1]) for m in steps if m is not None}
+    return {m[2]: float(m[1]) for m in steps if m is not None}
+
+
+def test_timeline_entry_point_reports_the_steps_of_unloaded_jobs(tmp_path: Path) -> None:
+    at = _timeline(tmp_path, {}, "bench.dispatch", "--jobs", "60", "--only", "1 in flight, 1 miner")
     assert 0 < at["commit start"] < at["commit end"] < at["assign written to the socket"]
     assert at["assign written to the socket"] < at["client frames written to the socket"]
+
+
+def test_timeline_entry_point_follows_a_rest_pickup(tmp_path: Path) -> None:
+    at = _timeline(
+        tmp_path, {"BENCH_TIMELINE": "rest"}, "bench.rest", "--jobs", "40", "--only", "pickup"
+    )
+    assert 0 < at["credentials checked"] < at["commit start"] < at["commit end"]
+    assert at["commit end"] < at["job handed to the waiting poll"]
+    assert at["job handed to the waiting poll"] < at["poll answer written to the socket"]
 
 
 @pytest.mark.anyio
