@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dispatcher.core as core_module
 import dispatcher.runtime as runtime_module
@@ -38,6 +38,9 @@ import web.connection as connection_module
 import web.http as http_module
 import web.http_protocol as http_protocol_module
 import web.transport as transport_module
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SOCKET_STEPS = [
     "frame handed to the connection",
@@ -93,25 +96,44 @@ def _wrap(cls: Any, name: str, before: str | None = None, after: str | None = No
     setattr(cls, name, wrapper)
 
 
-def _install_socket() -> None:
-    ws = transport_module.CoalescingWSProtocol
-    data_received = ws.data_received
+def _wrap_async(cls: Any, name: str, before: str | None = None, after: str | None = None) -> None:
+    original = getattr(cls, name)
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            _mark(before)
+        result = await original(*args, **kwargs)
+        if after:
+            _mark(after)
+        return result
+
+    setattr(cls, name, wrapper)
+
+
+def _start_jobs_on(protocol: Any, is_submit: Callable[[bytes], bool]) -> None:
+    """A read of ``protocol`` that ``is_submit`` starts the next job's timeline."""
+    data_received = protocol.data_received
 
     def on_data(self: Any, data: bytes) -> None:
-        if b'"job.submit"' in data:  # client frames are masked with the zero key: plain text
+        if is_submit(data):
             if _current:
                 _jobs.append(dict(_current))
             _current.clear()
             _current["t0"] = _now()
         data_received(self, data)
 
-    ws.data_received = on_data  # type: ignore[method-assign]
+    protocol.data_received = on_data
+
+
+def _install_socket() -> None:
+    # Client frames are masked with the zero key: their text is plain in the read.
+    _start_jobs_on(transport_module.CoalescingWSProtocol, lambda data: b'"job.submit"' in data)
     _wrap(connection_module.Connection, "_on_text", before=STEPS[0])
     _wrap(connection_module.Connection, "_handle_now", before=STEPS[1])
     _wrap(core_module.Scheduler, "submit", before=STEPS[2], after=STEPS[3])
     _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[4])
     _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[7], after=STEPS[10])
-    _wrap_commit(STEPS[5], STEPS[6])
+    _wrap_async(sql_module.DatabasesJobStore, "commit", before=STEPS[5], after=STEPS[6])
     coalescing = transport_module.CoalescingTransport
     write, flush = coalescing.write, coalescing.flush
 
@@ -132,43 +154,17 @@ def _install_socket() -> None:
     coalescing.flush = on_flush  # type: ignore[method-assign]
 
 
-def _wrap_commit(start: str, end: str) -> None:
-    commit = sql_module.DatabasesJobStore.commit
-
-    async def timed_commit(self: Any, batch: Any) -> None:
-        _mark(start)
-        await commit(self, batch)
-        _mark(end)
-
-    sql_module.DatabasesJobStore.commit = timed_commit  # type: ignore[method-assign]
-
-
 def _install_rest() -> None:
-    http = http_protocol_module.CoalescingHttpProtocol  # the lean protocol inherits it
-    data_received = http.data_received
-
-    def on_data(self: Any, data: bytes) -> None:
-        if data.startswith(b"POST /v1/jobs "):
-            if _current:
-                _jobs.append(dict(_current))
-            _current.clear()
-            _current["t0"] = _now()
-        data_received(self, data)
-
-    http.data_received = on_data  # type: ignore[method-assign]
+    _start_jobs_on(  # the lean protocol inherits it
+        http_protocol_module.CoalescingHttpProtocol,
+        lambda data: data.startswith(b"POST /v1/jobs "),
+    )
     # The endpoint wrapper looks these up in its module at every request.
     _wrap(http_module, "_authorize", after=STEPS[0])
-    read_body = http_module._read_body
-
-    async def timed_read(*args: Any, **kwargs: Any) -> bytes:
-        body = await read_body(*args, **kwargs)
-        _mark(STEPS[1])
-        return body
-
-    http_module._read_body = timed_read  # type: ignore[assignment]
+    _wrap_async(http_module, "_read_body", after=STEPS[1])
     _wrap(http_module, "validate", after=STEPS[2])
     _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[3])
-    _wrap_commit(STEPS[4], STEPS[5])
+    _wrap_async(sql_module.DatabasesJobStore, "commit", before=STEPS[4], after=STEPS[5])
     _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[6], after=STEPS[8])
     _wrap(runtime_module._RestSink, "assign", before=STEPS[7])
     coalescing = transport_module.CoalescingTransport

@@ -317,6 +317,7 @@ class Dispatcher:
         self._wake.set()
 
     def _perform(self, actions: list[_Action]) -> None:
+        now = self.clock.now()  # when this batch became durable
         lead: list[Assign] = []
         for action in actions:
             if type(action) is not Assign:
@@ -325,18 +326,17 @@ class Dispatcher:
         if lead:
             # The batch opens with assigns (a submit that found an idle miner, see ``_apply``):
             # write them out before the rest of the batch is performed.
-            self._perform_actions(lead)
+            self._perform_actions(lead, now)
             for assign in lead:
                 sink = self._sinks.get(assign.session_id)
                 if sink is not None:
                     sink.flush()
-            del actions[: len(lead)]
-        self._perform_actions(actions)
+            actions = actions[len(lead) :]
+        self._perform_actions(actions, now)
         if self.flush_writes is not None:
             self.flush_writes()
 
-    def _perform_actions(self, actions: Sequence[_Action]) -> None:
-        now = self.clock.now()  # when this batch became durable
+    def _perform_actions(self, actions: Sequence[_Action], now: float) -> None:
         for action in actions:
             if isinstance(action, Persist):
                 e = action.event
