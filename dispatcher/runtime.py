@@ -10,6 +10,7 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict, deque
@@ -58,6 +59,8 @@ __all__ = [
     "RestMinerInfo",
     "event_frame",
 ]
+
+log = logging.getLogger("aitbc.coordinator")
 
 REST_SESSION_PREFIX = "rest:"
 
@@ -688,16 +691,26 @@ class Dispatcher:
         self._rest_miner(miner_id)
         self._rest_seen[miner_id] = self.clock.now()
 
-    async def rest_poll(self, miner_id: str, max_wait: float) -> JobAssign | None:
+    async def rest_poll(
+        self,
+        miner_id: str,
+        max_wait: float,
+        answer: Callable[[JobAssign], None] | None = None,
+    ) -> JobAssign | None:
         """Wait up to ``max_wait`` seconds (on ``self.clock``) for a job for this miner.
 
         Returns the assignment only after it is committed. When the wait ends just as an
         assignment was produced for it (``poll_cancel`` says so), the poll waits for that
         commit and returns the job instead of losing it.
+
+        ``answer``, when given, is called with the assignment as soon as it is committed,
+        from the batch that committed it and before this coroutine resumes: the web layer
+        writes the poll's response there and then instead of waiting for its task to run.
+        It must not raise (an exception is logged and the poll answers as if none were given).
         """
         self._check_open()
         sink = self._rest_miner(miner_id)
-        waiter = _PollWaiter()
+        waiter = _PollWaiter(answer)
         sink.waiters.append(waiter)
         self._rest_seen[miner_id] = self.clock.now()
         try:
@@ -788,9 +801,10 @@ class Dispatcher:
 
 
 class _PollWaiter:
-    __slots__ = ("done", "job")
+    __slots__ = ("answer", "done", "job")
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[JobAssign], None] | None) -> None:
+        self.answer = answer
         self.done = anyio.Event()
         self.job: JobAssign | None = None
 
@@ -815,6 +829,11 @@ class _RestSink:
             waiter = self.waiters.popleft()
             if not waiter.done.is_set():
                 waiter.job = msg
+                if waiter.answer is not None:
+                    try:
+                        waiter.answer(msg)
+                    except Exception:
+                        log.exception("answering the long-poll of %s failed", self.miner_id)
                 waiter.done.set()
                 return
         self.dispatcher._rest_orphan(self.miner_id, msg)

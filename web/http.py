@@ -27,11 +27,14 @@ from web.schemas import SCHEMAS, ValidationFailed, validate
 
 if TYPE_CHECKING:
     from starlette.requests import Request
+    from starlette.types import Receive, Scope, Send
 
     from web.app import Coordinator
     from web.auth import Principal, Role
 
 __all__ = [
+    "ALREADY_SENT",
+    "RESPOND_NOW",
     "Call",
     "Endpoint",
     "EndpointRoute",
@@ -83,6 +86,23 @@ def json_response(data: JSON, status: int = 200, headers: dict[str, str] | None 
     return JSONBytes(data, status)
 
 
+# The scope key under which web/lean_http.py offers ``Call.respond_now``.
+RESPOND_NOW = "aitbc.respond_now"
+
+
+class _AlreadySent(Response):
+    """What a handler returns once ``Call.respond_now`` has written its response."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+
+ALREADY_SENT: Response = _AlreadySent()
+
+
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
@@ -111,6 +131,14 @@ class Call:
 
     def path(self, name: str) -> str:
         return str(self.request.path_params[name])
+
+    @property
+    def respond_now(self) -> Callable[[Response], bool] | None:
+        """Writes a response at once, from any task, and says whether it did (False: the
+        handler must return it as usual); None when the server cannot do this for this
+        request (only web/lean_http.py can). A handler that wrote returns ``ALREADY_SENT``."""
+        write: Callable[[Response], bool] | None = self.request.scope.get(RESPOND_NOW)
+        return write
 
     @property
     def caller_id(self) -> str:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import TERMINAL
 from web.auth import Role
-from web.http import Call, Endpoint, HTTPError, Param, json_response
+from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
 
 if TYPE_CHECKING:
     from protocol.messages import JobAssign
@@ -106,13 +106,25 @@ def _assigned(msg: JobAssign) -> JSONObject:
 async def _poll(call: Call, max_wait: Any) -> Response:
     miner_id = _registered(call)
     wait = poll_deadline(max_wait, call.core.settings.max_poll_wait_seconds)
+    respond_now = call.respond_now
+    answered = False
+
+    def answer(msg: JobAssign) -> None:
+        # Called by the batch that committed the assignment: the 200 leaves right there,
+        # before this task is even scheduled again (the latency a waiting miner sees).
+        nonlocal answered
+        assert respond_now is not None
+        answered = respond_now(json_response(_assigned(msg)))
+
     try:
-        msg = await call.core.dispatcher.rest_poll(miner_id, wait)
+        msg = await call.core.dispatcher.rest_poll(
+            miner_id, wait, None if respond_now is None else answer
+        )
     except UnknownMiner:
         raise HTTPError(404, "miner not registered") from None
     if msg is None:
         return Response(status_code=204)
-    return json_response(_assigned(msg))
+    return ALREADY_SENT if answered else json_response(_assigned(msg))
 
 
 async def poll(call: Call) -> Response:

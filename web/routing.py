@@ -34,7 +34,7 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 
-from web.http import EndpointRoute
+from web.http import RESPOND_NOW, EndpointRoute
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -165,6 +165,8 @@ class CoordinatorApp(Starlette):
         """Run the endpoint of an ``enter``ed request and send its response: through
         ``write`` when given and it takes the response (web/lean_http.py), else through the
         response's own ASGI call."""
+        if write is not None:
+            scope[RESPOND_NOW] = write  # for ``Call.respond_now``
         try:
             response = await route.endpoint(Request(scope, receive, send))
         except Exception as exc:
@@ -173,8 +175,10 @@ class CoordinatorApp(Starlette):
             scope[_ERROR] = exc
             await self._errors()(scope, receive, send)
             return
+        finally:
+            scope.pop(RESPOND_NOW, None)  # the scope would hold its own request cycle
         if write is None or not write(response):
-            await response(scope, receive, send)
+            await response(scope, receive, send)  # ``ALREADY_SENT`` sends nothing
 
     def _errors(self) -> ASGIApp:
         """Starlette's two exception middlewares (as ``build_middleware_stack`` sets them up)

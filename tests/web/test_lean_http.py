@@ -133,19 +133,28 @@ SHORT: dict[str, list[tuple[bytes, list[bool]]]] = {
 }
 
 
+def _connect(
+    cls: type[CoalescingHttpProtocol], app: Any, state: ServerState | None = None
+) -> tuple[CoalescingHttpProtocol, FakeTransport, ServerState]:
+    """A connection to ``app`` served by ``cls`` (a new server unless ``state`` is given)."""
+    config = Config(app=app, ws=CoalescingWSProtocol, lifespan="off", log_level="warning")
+    config.load()
+    if state is None:
+        state = ServerState()
+        state.default_headers = list(DEFAULT_HEADERS)
+    proto = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return proto, transport, state
+
+
 async def _run(
     cls: type[CoalescingHttpProtocol], app: Any, writes: list[bytes]
 ) -> list[tuple[bytes, bool, list[bool]]]:
     """Each write's answer: the bytes written back, whether the connection was closed, and
     for each request started, whether it ran in a ``LeanCycle``. A write in ``PARTIAL`` leaves
     its request waiting for the next one."""
-    config = Config(app=app, ws=CoalescingWSProtocol, lifespan="off", log_level="warning")
-    config.load()
-    state = ServerState()
-    state.default_headers = list(DEFAULT_HEADERS)
-    proto = cls(config=config, server_state=state, app_state={})
-    transport = FakeTransport()
-    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto, transport, state = _connect(cls, app)
     started: list[bool] = []
     start = proto._start_asgi_task
 
@@ -241,3 +250,53 @@ async def test_only_layers_that_pass_requests_through_are_skipped(tmp_path: Path
     config.load()
     proto = LeanHttpProtocol(config=config, server_state=ServerState(), app_state={})
     assert proto._endpoints is None  # a root_path: every request the layered way
+
+
+async def _parked_pickup(cls: type[CoalescingHttpProtocol], tmp: Path) -> tuple[bytes, bool]:
+    """A miner's long-poll parks, then a client's submit on another connection is assigned to
+    it: the miner connection's bytes, and whether the poll's 200 had been written by the time
+    the batch that committed the assignment was performed."""
+    ids = itertools.count(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rest_jobs, "new_id", lambda: f"id-{next(ids)}")
+        mp.setattr(rest_miners, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex="t")))
+        db = f"sqlite:///{tmp}/{cls.__name__}.db"
+        app = create_app(make_settings(tmp, database_url=db), clock=FakeClock())
+        async with app.router.lifespan_context(app):
+            miner, miner_out, state = _connect(cls, SocketFastPath(app))
+            client, _, _ = _connect(cls, SocketFastPath(app), state)
+            miner.data_received(req("POST", "/v1/miners/register", MINER, REGISTER))
+            await asyncio.gather(*state.tasks)
+            dispatcher = app.state.core.dispatcher
+            miner.data_received(req("POST", "/v1/miners/poll", MINER, js({"max_wait_seconds": 20})))
+            for _ in range(100):  # until the poll waits on the server
+                if dispatcher.scheduler.miners["m1"].polls:
+                    break
+                await asyncio.sleep(0)
+            assert dispatcher.scheduler.miners["m1"].polls == 1
+            answered_in_batch: list[bool] = []
+            perform = dispatcher._perform
+
+            def watched(actions: Any) -> None:
+                perform(actions)
+                answered_in_batch.append(b"id-1" in b"".join(miner_out.writes))
+
+            mp.setattr(dispatcher, "_perform", watched)
+            client.data_received(req("POST", "/v1/jobs", CLIENT, JOB))
+            await asyncio.gather(*state.tasks)
+            miner.connection_lost(None)
+            client.connection_lost(None)
+            return b"".join(miner_out.writes), answered_in_batch[0]
+
+
+@pytest.mark.anyio
+async def test_a_parked_long_poll_is_answered_by_the_batch_that_commits_its_job(
+    tmp_path: Path,
+) -> None:
+    layered, layered_in_batch = await _parked_pickup(CoalescingHttpProtocol, tmp_path)
+    lean, lean_in_batch = await _parked_pickup(LeanHttpProtocol, tmp_path)
+    assert lean == layered  # the same bytes, whoever writes them
+    assert lean.count(b"HTTP/1.1 200") == 2  # register, then the poll with the job
+    assert b'"job_id":"id-1"' in lean
+    assert lean_in_batch  # written by the batch: no wait for the poll's task to run
+    assert not layered_in_batch  # the ASGI path answers from the poll's task, later
