@@ -695,7 +695,7 @@ class Dispatcher:
         self,
         miner_id: str,
         max_wait: float,
-        answer: Callable[[JobAssign], None] | None = None,
+        answer: Callable[[JobAssign], bool] | None = None,
     ) -> JobAssign | None:
         """Wait up to ``max_wait`` seconds (on ``self.clock``) for a job for this miner.
 
@@ -706,7 +706,9 @@ class Dispatcher:
         ``answer``, when given, is called with the assignment as soon as it is committed,
         from the batch that committed it and before this coroutine resumes: the web layer
         writes the poll's response there and then instead of waiting for its task to run.
-        It must not raise (an exception is logged and the poll answers as if none were given).
+        It returns False when the poll's client is gone: the job is then handed back to the
+        queue (not charged) and this poll returns None. It must not raise (an exception is
+        logged and the poll answers as if none were given).
         """
         self._check_open()
         sink = self._rest_miner(miner_id)
@@ -803,7 +805,7 @@ class Dispatcher:
 class _PollWaiter:
     __slots__ = ("answer", "done", "job")
 
-    def __init__(self, answer: Callable[[JobAssign], None] | None) -> None:
+    def __init__(self, answer: Callable[[JobAssign], bool] | None) -> None:
         self.answer = answer
         self.done = anyio.Event()
         self.job: JobAssign | None = None
@@ -822,21 +824,32 @@ class _RestSink:
         result. Assignments come through ``assign``."""
 
     def flush(self) -> None:
-        """A poll answers from its own task: nothing to write here."""
+        """A poll's answer is written by ``assign`` or by its own task: nothing to do here."""
 
     def assign(self, msg: JobAssign) -> None:
+        """Hand a committed assignment to the oldest waiting poll; with none, or when that
+        poll's client hung up, the job goes back to the queue (``hand_back``, not charged)."""
         while self.waiters:
             waiter = self.waiters.popleft()
-            if not waiter.done.is_set():
-                waiter.job = msg
-                if waiter.answer is not None:
-                    try:
-                        waiter.answer(msg)
-                    except Exception:
-                        log.exception("answering the long-poll of %s failed", self.miner_id)
-                waiter.done.set()
-                return
+            if waiter.done.is_set():
+                continue
+            if not self._answer(waiter, msg):
+                waiter.done.set()  # its client hung up: nobody would read the job
+                break
+            waiter.job = msg
+            waiter.done.set()
+            return
         self.dispatcher._rest_orphan(self.miner_id, msg)
+
+    def _answer(self, waiter: _PollWaiter, msg: JobAssign) -> bool:
+        """Let the poll write its answer now (``rest_poll``); False: its client is gone."""
+        if waiter.answer is None:
+            return True
+        try:
+            return waiter.answer(msg)
+        except Exception:
+            log.exception("answering the long-poll of %s failed", self.miner_id)
+            return True  # its task answers as usual
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Replaced by a socket session of the same miner: pending polls time out as usual."""

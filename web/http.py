@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALREADY_SENT",
-    "RESPOND_NOW",
+    "RESPONDER",
     "Call",
     "Endpoint",
     "EndpointRoute",
@@ -42,6 +42,7 @@ __all__ = [
     "JSON",
     "JSONBytes",
     "Param",
+    "Responder",
     "RateLimiter",
     "json_response",
     "routes_for",
@@ -86,12 +87,23 @@ def json_response(data: JSON, status: int = 200, headers: dict[str, str] | None 
     return JSONBytes(data, status)
 
 
-# The scope key under which web/lean_http.py offers ``Call.respond_now``.
-RESPOND_NOW = "aitbc.respond_now"
+class Responder(Protocol):
+    """A request's cycle that can write a plain response at once, from any task
+    (web/lean_http.py's ``LeanCycle``)."""
+
+    disconnected: bool  # the client has gone away
+
+    def write(self, response: Response) -> bool:
+        """Write ``response`` now; False, having done nothing, when it cannot (flow control,
+        a response already started, the client gone): the handler returns it as usual."""
+
+
+# The scope key under which web/routing.py offers the request's ``Responder``.
+RESPONDER = "aitbc.responder"
 
 
 class _AlreadySent(Response):
-    """What a handler returns once ``Call.respond_now`` has written its response."""
+    """What a handler returns once its ``Call.responder`` has written its response."""
 
     def __init__(self) -> None:
         super().__init__(status_code=200)
@@ -133,12 +145,12 @@ class Call:
         return str(self.request.path_params[name])
 
     @property
-    def respond_now(self) -> Callable[[Response], bool] | None:
-        """Writes a response at once, from any task, and says whether it did (False: the
-        handler must return it as usual); None when the server cannot do this for this
-        request (only web/lean_http.py can). A handler that wrote returns ``ALREADY_SENT``."""
-        write: Callable[[Response], bool] | None = self.request.scope.get(RESPOND_NOW)
-        return write
+    def responder(self) -> Responder | None:
+        """What can write this request's response at once, from another task (a handler that
+        used it returns ``ALREADY_SENT``); None when the server cannot (only web/lean_http.py
+        can, for the requests it serves)."""
+        responder: Responder | None = self.request.scope.get(RESPONDER)
+        return responder
 
     @property
     def caller_id(self) -> str:

@@ -148,7 +148,7 @@ class LeanCycle(RequestResponseCycle):
         await super().run_asgi(self._serve)  # type: ignore[arg-type]
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app.serve(self.route, scope, receive, send, self.write)
+        await self.app.serve(self.route, scope, receive, send, self)
 
     def write(self, response: Response) -> bool:
         """Send ``response`` as uvicorn's ``send`` sends Starlette's two messages for it, in

@@ -106,19 +106,23 @@ def _assigned(msg: JobAssign) -> JSONObject:
 async def _poll(call: Call, max_wait: Any) -> Response:
     miner_id = _registered(call)
     wait = poll_deadline(max_wait, call.core.settings.max_poll_wait_seconds)
-    respond_now = call.respond_now
+    responder = call.responder
     answered = False
 
-    def answer(msg: JobAssign) -> None:
+    def answer(msg: JobAssign) -> bool:
         # Called by the batch that committed the assignment: the 200 leaves right there,
-        # before this task is even scheduled again (the latency a waiting miner sees).
+        # before this task is even scheduled again (the latency a waiting miner sees). A
+        # miner that hung up gets nothing: the dispatcher puts the job back in the queue.
         nonlocal answered
-        assert respond_now is not None
-        answered = respond_now(json_response(_assigned(msg)))
+        assert responder is not None
+        if responder.disconnected:
+            return False
+        answered = responder.write(json_response(_assigned(msg)))
+        return True
 
     try:
         msg = await call.core.dispatcher.rest_poll(
-            miner_id, wait, None if respond_now is None else answer
+            miner_id, wait, None if responder is None else answer
         )
     except UnknownMiner:
         raise HTTPError(404, "miner not registered") from None

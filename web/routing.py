@@ -34,13 +34,12 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 
-from web.http import RESPOND_NOW, EndpointRoute
+from web.http import RESPONDER, EndpointRoute
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from starlette.responses import Response
     from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from web.http import Responder
 
 __all__ = ["CoordinatorApp", "FastRouter"]
 
@@ -160,13 +159,13 @@ class CoordinatorApp(Starlette):
         scope: Scope,
         receive: Receive,
         send: Send,
-        write: Callable[[Response], bool] | None = None,
+        responder: Responder | None = None,
     ) -> None:
         """Run the endpoint of an ``enter``ed request and send its response: through
-        ``write`` when given and it takes the response (web/lean_http.py), else through the
-        response's own ASGI call."""
-        if write is not None:
-            scope[RESPOND_NOW] = write  # for ``Call.respond_now``
+        ``responder`` when given and it takes the response (web/lean_http.py), else through
+        the response's own ASGI call."""
+        if responder is not None:
+            scope[RESPONDER] = responder  # for ``Call.responder``
         try:
             response = await route.endpoint(Request(scope, receive, send))
         except Exception as exc:
@@ -176,8 +175,8 @@ class CoordinatorApp(Starlette):
             await self._errors()(scope, receive, send)
             return
         finally:
-            scope.pop(RESPOND_NOW, None)  # the scope would hold its own request cycle
-        if write is None or not write(response):
+            scope.pop(RESPONDER, None)  # the scope would hold its own request cycle
+        if responder is None or not responder.write(response):
             await response(scope, receive, send)  # ``ALREADY_SENT`` sends nothing
 
     def _errors(self) -> ASGIApp:

@@ -21,6 +21,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 
 from dispatcher import receipts
+from dispatcher.jobs import JobState
 from tests.conftest import CLIENT_KEY, MINER_KEY, make_settings
 from tests.fakes import FakeClock
 from tests.web.test_routing import _tiny_app
@@ -252,15 +253,18 @@ async def test_only_layers_that_pass_requests_through_are_skipped(tmp_path: Path
     assert proto._endpoints is None  # a root_path: every request the layered way
 
 
-async def _parked_pickup(cls: type[CoalescingHttpProtocol], tmp: Path) -> tuple[bytes, bool]:
-    """A miner's long-poll parks, then a client's submit on another connection is assigned to
-    it: the miner connection's bytes, and whether the poll's 200 had been written by the time
-    the batch that committed the assignment was performed."""
+async def _parked_pickup(
+    cls: type[CoalescingHttpProtocol], tmp: Path, *, hang_up: bool = False
+) -> tuple[bytes, bool, Any]:
+    """A miner's long-poll parks (and its client hangs up, with ``hang_up``), then a client's
+    submit on another connection is assigned to it: the miner connection's bytes, whether the
+    poll's answer had been written by the time the batch that committed the assignment was
+    performed, and the job as the scheduler holds it once everything settled."""
     ids = itertools.count(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rest_jobs, "new_id", lambda: f"id-{next(ids)}")
         mp.setattr(rest_miners, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex="t")))
-        db = f"sqlite:///{tmp}/{cls.__name__}.db"
+        db = f"sqlite:///{tmp}/{cls.__name__}{hang_up}.db"
         app = create_app(make_settings(tmp, database_url=db), clock=FakeClock())
         async with app.router.lifespan_context(app):
             miner, miner_out, state = _connect(cls, SocketFastPath(app))
@@ -274,6 +278,8 @@ async def _parked_pickup(cls: type[CoalescingHttpProtocol], tmp: Path) -> tuple[
                     break
                 await asyncio.sleep(0)
             assert dispatcher.scheduler.miners["m1"].polls == 1
+            if hang_up:
+                miner.connection_lost(None)
             answered_in_batch: list[bool] = []
             perform = dispatcher._perform
 
@@ -284,19 +290,34 @@ async def _parked_pickup(cls: type[CoalescingHttpProtocol], tmp: Path) -> tuple[
             mp.setattr(dispatcher, "_perform", watched)
             client.data_received(req("POST", "/v1/jobs", CLIENT, JOB))
             await asyncio.gather(*state.tasks)
-            miner.connection_lost(None)
+            await dispatcher.wait_flushed()
+            if not hang_up:
+                miner.connection_lost(None)
             client.connection_lost(None)
-            return b"".join(miner_out.writes), answered_in_batch[0]
+            job = dispatcher.scheduler.jobs["id-1"]
+            return b"".join(miner_out.writes), answered_in_batch[0], job
 
 
 @pytest.mark.anyio
 async def test_a_parked_long_poll_is_answered_by_the_batch_that_commits_its_job(
     tmp_path: Path,
 ) -> None:
-    layered, layered_in_batch = await _parked_pickup(CoalescingHttpProtocol, tmp_path)
-    lean, lean_in_batch = await _parked_pickup(LeanHttpProtocol, tmp_path)
+    layered, layered_in_batch, _ = await _parked_pickup(CoalescingHttpProtocol, tmp_path)
+    lean, lean_in_batch, job = await _parked_pickup(LeanHttpProtocol, tmp_path)
     assert lean == layered  # the same bytes, whoever writes them
     assert lean.count(b"HTTP/1.1 200") == 2  # register, then the poll with the job
     assert b'"job_id":"id-1"' in lean
     assert lean_in_batch  # written by the batch: no wait for the poll's task to run
     assert not layered_in_batch  # the ASGI path answers from the poll's task, later
+    assert (job.state, job.miner_id, job.attempt) == (JobState.RUNNING, "m1", 1)
+
+
+@pytest.mark.anyio
+async def test_a_job_assigned_to_a_long_poll_whose_miner_hung_up_goes_back_to_the_queue(
+    tmp_path: Path,
+) -> None:
+    out, _, job = await _parked_pickup(LeanHttpProtocol, tmp_path, hang_up=True)
+    assert b"id-1" not in out  # nothing was written to the closed connection
+    # Handed back, not charged: the next poll of any miner gets it (attempt 2 is its fencing
+    # token), instead of it waiting on a miner that is gone until its lease runs out.
+    assert (job.state, job.miner_id, job.failures) == (JobState.QUEUED, None, 0)
