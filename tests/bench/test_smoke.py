@@ -76,9 +76,12 @@ async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> N
     from bench.inproc import run
     from storage.sql import DatabasesJobStore
 
-    out = await run(40, 5, tmp_path, gc_tuned=False)  # the collector stays as pytest has it
+    out = await run(40, 5, tmp_path, gc_tuned=False, breakdown=True)  # pytest's collector
     assert out["jobs"] == 40
     assert out["cpu_us_per_job"] > 0
+    # Both timed parts ran: every job was committed and its receipt signed.
+    assert out["commit_us_per_job"] > 0
+    assert out["sign_us_per_job"] > 0
     store = DatabasesJobStore(f"sqlite:///{tmp_path / 'inproc.db'}")
     await store.open()
     try:
