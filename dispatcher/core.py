@@ -64,6 +64,17 @@ class ResumeInfo:
 ReceiptFactory = Callable[[Job, "float | None", float], JSONObject]
 
 
+# The action that takes a job to each terminal state (``_finish``).
+_FINISH = {
+    JobState.COMPLETED: Action.COMPLETE,
+    JobState.FAILED: Action.FAIL,
+    JobState.CANCELED: Action.CANCEL,
+    JobState.EXPIRED: Action.EXPIRE,
+}
+# The data of an event that carries none: shared, as event data is never mutated once emitted.
+_NO_DATA: JSONObject = {}
+
+
 class Miner:
     """Scheduler-side state of one miner identity."""
 
@@ -466,7 +477,7 @@ class Scheduler:
             data["message"] = message
         if output is not None:
             data["output"] = output
-        self._emit(job, EventKind.PROGRESS, now, **data)
+        self._emit(job, EventKind.PROGRESS, now, data)
         return self._take()
 
     def complete(
@@ -672,7 +683,7 @@ class Scheduler:
         if job.state in ACTIVE:
             job.timers.append(self._arm(job.expires_at, "expire", job.job_id, None))
 
-    def _emit(self, job: Job, kind: EventKind, now: float, **data: object) -> None:
+    def _emit(self, job: Job, kind: EventKind, now: float, data: JSONObject = _NO_DATA) -> None:
         job.seq += 1
         self.counters[kind] += 1
         # Positional (hot path): EventRecord(job_id, seq, event, state, at, attempt, miner_id,
@@ -831,7 +842,7 @@ class Scheduler:
         job.miner_id = None
         job.accepted = False
         job.started_at = None  # per attempt: Job.from_record() derives ``accepted`` from it
-        self._emit(job, EventKind.REQUEUED, now, reason=reason)
+        self._emit(job, EventKind.REQUEUED, now, {"reason": reason})
         self._dispatch(job, now)
 
     def _finish(
@@ -848,13 +859,7 @@ class Scheduler:
     ) -> None:
         if job.state is JobState.QUEUED:
             self._queued -= 1
-        action = {
-            JobState.COMPLETED: Action.COMPLETE,
-            JobState.FAILED: Action.FAIL,
-            JobState.CANCELED: Action.CANCEL,
-            JobState.EXPIRED: Action.EXPIRE,
-        }[state]
-        job.state = transition(job.job_id, job.state, action)
+        job.state = transition(job.job_id, job.state, _FINISH[state])
         assert job.state in TERMINAL
         if revoke_reason is not None:
             self._revoke(job, revoke_reason)
@@ -866,10 +871,9 @@ class Scheduler:
         self._release(job, now)
         if clear_miner:
             job.miner_id = None
-        payload = dict(data or {})
         if error is not None:
-            payload["error"] = error
-        self._emit(job, kind, now, **payload)
+            data = {**data, "error": error} if data else {"error": error}
+        self._emit(job, kind, now, data or _NO_DATA)
         self._retain(job)
 
     def _retain(self, job: Job) -> None:
