@@ -559,7 +559,6 @@ class Scheduler:
                 continue
             timer.dead = True
             self._fire(timer, now)
-        self._compact_timers()
 
     def _fire(self, timer: _Timer, now: float) -> None:
         if timer.kind == "expire":
@@ -704,8 +703,14 @@ class Scheduler:
         if timer is not None and not timer.dead:
             timer.dead = True
             self._dead_timers += 1
+            self._compact_timers()
 
     def _compact_timers(self) -> None:
+        """Drop dead timers once they are most of the heap.
+
+        A dead timer otherwise stays until it reaches the top: a finished job's expiry, a TTL
+        (15 minutes by default) ahead, so the heap would hold every job finished within a TTL.
+        """
         if self._dead_timers > 1024 and self._dead_timers * 2 > len(self._timers):
             self._timers = [t for t in self._timers if not t[2].dead]
             heapq.heapify(self._timers)
