@@ -149,7 +149,8 @@ class Scheduler:
         self._timers: list[tuple[float, int, _Timer]] = []
         self._dead_timers = 0
         self._n = 0
-        self._effects: list[Effect] = []
+        # This call's effects so far; ``_emit`` queues its events bare, ``_take`` wraps them.
+        self._effects: list[Effect | EventRecord] = []
         self._touched: dict[str, Job] = {}
         # Miners whose resume grace ended: (last session, jobs taken from it), so a late resume
         # still learns what was revoked (docs/protocol.md, welcome.revoked).
@@ -638,21 +639,14 @@ class Scheduler:
     def _take(self) -> list[Effect]:
         """Hand over this call's effects, with one job snapshot per job touched.
 
-        ``_emit`` leaves ``Persist.job`` empty; every event of a job in one call shares the
-        snapshot taken here, at the end of the call (one record per job per call, not per
-        event: building records is the scheduler's largest cost).
+        ``_emit`` queues bare events; each becomes a ``Persist`` here, and every event of a
+        job in one call shares the snapshot taken at the end of the call (one record per job
+        per call, not per event: building records is the scheduler's largest cost).
         """
         effects, self._effects = self._effects, []
-        if self._touched:
-            snaps = {job_id: job.record() for job_id, job in self._touched.items()}
-            self._touched = {}
-            effects = [
-                Persist(snaps[e.event.job_id], e.event)
-                if isinstance(e, Persist) and e.job is None
-                else e
-                for e in effects
-            ]
-        return effects
+        snaps = {job_id: job.record() for job_id, job in self._touched.items()}
+        self._touched = {}
+        return [Persist(snaps[e.job_id], e) if isinstance(e, EventRecord) else e for e in effects]
 
     def _miner(self, miner_id: str) -> Miner:
         miner = self.miners.get(miner_id)
@@ -686,12 +680,11 @@ class Scheduler:
         job.seq += 1
         self.counters[kind] += 1
         # Positional (hot path): EventRecord(job_id, seq, event, state, at, attempt, miner_id,
-        # data). The job snapshot is filled in by ``_take``.
-        event = EventRecord(
-            job.job_id, job.seq, kind, job.state, now, job.attempt, job.miner_id, data
+        # data). ``_take`` makes it a ``Persist`` with the job's snapshot.
+        self._effects.append(
+            EventRecord(job.job_id, job.seq, kind, job.state, now, job.attempt, job.miner_id, data)
         )
         self._touched[job.job_id] = job
-        self._effects.append(Persist(None, event))  # type: ignore[arg-type]
 
     def _arm(self, when: float, kind: str, key: str, token: object) -> _Timer:
         self._n += 1
