@@ -64,6 +64,17 @@ class ResumeInfo:
 ReceiptFactory = Callable[[Job, "float | None", float], JSONObject]
 
 
+# The action that takes a job to each terminal state (``_finish``).
+_FINISH = {
+    JobState.COMPLETED: Action.COMPLETE,
+    JobState.FAILED: Action.FAIL,
+    JobState.CANCELED: Action.CANCEL,
+    JobState.EXPIRED: Action.EXPIRE,
+}
+# The data of an event that carries none: shared, as event data is never mutated once emitted.
+_NO_DATA: JSONObject = {}
+
+
 class Miner:
     """Scheduler-side state of one miner identity."""
 
@@ -138,7 +149,8 @@ class Scheduler:
         self._timers: list[tuple[float, int, _Timer]] = []
         self._dead_timers = 0
         self._n = 0
-        self._effects: list[Effect] = []
+        # This call's effects so far; ``_emit`` queues its events bare, ``_take`` wraps them.
+        self._effects: list[Effect | EventRecord] = []
         self._touched: dict[str, Job] = {}
         # Miners whose resume grace ended: (last session, jobs taken from it), so a late resume
         # still learns what was revoked (docs/protocol.md, welcome.revoked).
@@ -466,7 +478,7 @@ class Scheduler:
             data["message"] = message
         if output is not None:
             data["output"] = output
-        self._emit(job, EventKind.PROGRESS, now, **data)
+        self._emit(job, EventKind.PROGRESS, now, data)
         return self._take()
 
     def complete(
@@ -548,7 +560,6 @@ class Scheduler:
                 continue
             timer.dead = True
             self._fire(timer, now)
-        self._compact_timers()
 
     def _fire(self, timer: _Timer, now: float) -> None:
         if timer.kind == "expire":
@@ -628,21 +639,14 @@ class Scheduler:
     def _take(self) -> list[Effect]:
         """Hand over this call's effects, with one job snapshot per job touched.
 
-        ``_emit`` leaves ``Persist.job`` empty; every event of a job in one call shares the
-        snapshot taken here, at the end of the call (one record per job per call, not per
-        event: building records is the scheduler's largest cost).
+        ``_emit`` queues bare events; each becomes a ``Persist`` here, and every event of a
+        job in one call shares the snapshot taken at the end of the call (one record per job
+        per call, not per event: building records is the scheduler's largest cost).
         """
         effects, self._effects = self._effects, []
-        if self._touched:
-            snaps = {job_id: job.record() for job_id, job in self._touched.items()}
-            self._touched = {}
-            effects = [
-                Persist(snaps[e.event.job_id], e.event)
-                if isinstance(e, Persist) and e.job is None
-                else e
-                for e in effects
-            ]
-        return effects
+        snaps = {job_id: job.record() for job_id, job in self._touched.items()}
+        self._touched = {}
+        return [Persist(snaps[e.job_id], e) if isinstance(e, EventRecord) else e for e in effects]
 
     def _miner(self, miner_id: str) -> Miner:
         miner = self.miners.get(miner_id)
@@ -672,16 +676,15 @@ class Scheduler:
         if job.state in ACTIVE:
             job.timers.append(self._arm(job.expires_at, "expire", job.job_id, None))
 
-    def _emit(self, job: Job, kind: EventKind, now: float, **data: object) -> None:
+    def _emit(self, job: Job, kind: EventKind, now: float, data: JSONObject = _NO_DATA) -> None:
         job.seq += 1
         self.counters[kind] += 1
         # Positional (hot path): EventRecord(job_id, seq, event, state, at, attempt, miner_id,
-        # data). The job snapshot is filled in by ``_take``.
-        event = EventRecord(
-            job.job_id, job.seq, kind, job.state, now, job.attempt, job.miner_id, data
+        # data). ``_take`` makes it a ``Persist`` with the job's snapshot.
+        self._effects.append(
+            EventRecord(job.job_id, job.seq, kind, job.state, now, job.attempt, job.miner_id, data)
         )
         self._touched[job.job_id] = job
-        self._effects.append(Persist(None, event))  # type: ignore[arg-type]
 
     def _arm(self, when: float, kind: str, key: str, token: object) -> _Timer:
         self._n += 1
@@ -693,8 +696,14 @@ class Scheduler:
         if timer is not None and not timer.dead:
             timer.dead = True
             self._dead_timers += 1
+            self._compact_timers()
 
     def _compact_timers(self) -> None:
+        """Drop dead timers once they are most of the heap.
+
+        A dead timer otherwise stays until it reaches the top: a finished job's expiry, a TTL
+        (15 minutes by default) ahead, so the heap would hold every job finished within a TTL.
+        """
         if self._dead_timers > 1024 and self._dead_timers * 2 > len(self._timers):
             self._timers = [t for t in self._timers if not t[2].dead]
             heapq.heapify(self._timers)
@@ -831,7 +840,7 @@ class Scheduler:
         job.miner_id = None
         job.accepted = False
         job.started_at = None  # per attempt: Job.from_record() derives ``accepted`` from it
-        self._emit(job, EventKind.REQUEUED, now, reason=reason)
+        self._emit(job, EventKind.REQUEUED, now, {"reason": reason})
         self._dispatch(job, now)
 
     def _finish(
@@ -848,13 +857,7 @@ class Scheduler:
     ) -> None:
         if job.state is JobState.QUEUED:
             self._queued -= 1
-        action = {
-            JobState.COMPLETED: Action.COMPLETE,
-            JobState.FAILED: Action.FAIL,
-            JobState.CANCELED: Action.CANCEL,
-            JobState.EXPIRED: Action.EXPIRE,
-        }[state]
-        job.state = transition(job.job_id, job.state, action)
+        job.state = transition(job.job_id, job.state, _FINISH[state])
         assert job.state in TERMINAL
         if revoke_reason is not None:
             self._revoke(job, revoke_reason)
@@ -866,10 +869,9 @@ class Scheduler:
         self._release(job, now)
         if clear_miner:
             job.miner_id = None
-        payload = dict(data or {})
         if error is not None:
-            payload["error"] = error
-        self._emit(job, kind, now, **payload)
+            data = {**data, "error": error} if data else {"error": error}
+        self._emit(job, kind, now, data or _NO_DATA)
         self._retain(job)
 
     def _retain(self, job: Job) -> None:

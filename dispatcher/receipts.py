@@ -69,6 +69,7 @@ class ReceiptSigner:
             self.chain_seq, self.head_hash = int(last["chain_seq"]), receipt_hash(last)
 
     def __call__(self, job: Job, miner_price: float | None, now: float) -> JSONObject:
+        assert job.miner_id is not None  # the provider: the miner that returned the result
         started = job.started_at if job.started_at is not None else now
         units = round(max(0.0, now - started), 6)
         unit_price = miner_price if miner_price is not None else DEFAULT_UNIT_PRICE
@@ -108,9 +109,6 @@ class ReceiptSigner:
                 "metrics_source": "miner-claimed",
             },
         }
-        fast = {k: v for k, v in body.items() if v is not None}
-        for name in ("units", "unit_price", "price"):
-            fast[name] = canonical_float(body[name])
         metadata = {
             "job_payload": json_fragment(payload),
             "job_constraints": json_fragment(constraints),
@@ -119,7 +117,14 @@ class ReceiptSigner:
         }
         if job.result is not None:
             metadata["result"] = json_fragment(result)
-        fast["metadata"] = metadata
+        # No top-level value is null: ``fast`` keeps them all.
+        fast = {
+            **body,
+            "units": canonical_float(units),
+            "unit_price": canonical_float(body["unit_price"]),
+            "price": canonical_float(price),
+            "metadata": metadata,
+        }
         if job.attestation is not None:
             body["miner_attestation"] = job.attestation
             fast["miner_attestation"] = json_fragment(_canonical(job.attestation))

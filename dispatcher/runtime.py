@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from dispatcher.clock import Clock
     from dispatcher.core import JobSpec, ResumeInfo, Scheduler
+    from dispatcher.jobs import Job
 
 __all__ = [
     "REST_SESSION_PREFIX",
@@ -87,6 +88,16 @@ def event_frame(e: EventRecord) -> str:
     return encode_event(
         e.job_id, e.seq, e.event, e.state, iso_time(e.at), e.attempt, e.miner_id, e.data
     ).decode()
+
+
+def _snapshot(job: Job, effects: list[Effect]) -> JobRecord:
+    """``job.record()`` after the scheduler call that returned ``effects``: the snapshot that
+    call already took of the job when it emitted an event for it (the job as the call left it).
+    """
+    for effect in reversed(effects):
+        if isinstance(effect, Persist) and effect.job.job_id == job.job_id:
+            return effect.job
+    return job.record()
 
 
 class Dispatcher:
@@ -435,7 +446,9 @@ class Dispatcher:
         job, effects = self.scheduler.submit(spec, self.clock.now())
         if reserve is not None:
             self._post(reserve)
-        rec = job.record() if job.job_id == spec.job_id else self._visible.get(job.job_id)
+        rec = (
+            _snapshot(job, effects) if job.job_id == spec.job_id else self._visible.get(job.job_id)
+        )
         if rec is None:  # a duplicate of a job whose first submit is not committed yet
             rec = job.record()
         existed = job.job_id != spec.job_id
@@ -458,7 +471,7 @@ class Dispatcher:
         """Cancel a live job; raises UnknownJob / InvalidTransition (nothing changes)."""
         self._check_open()
         job, effects = self.scheduler.cancel(client_id, job_id, self.clock.now())
-        rec = job.record()
+        rec = _snapshot(job, effects)
         self._actions.append(lambda: then(rec))
         self._apply(effects)
 
@@ -471,13 +484,13 @@ class Dispatcher:
         """Cancel any job; raises UnknownJob / InvalidTransition (nothing changes)."""
         self._check_open()
         job, effects = self.scheduler.admin_cancel(job_id, self.clock.now())
-        return await self._admin_done(job.record(), effects)
+        return await self._admin_done(_snapshot(job, effects), effects)
 
     async def requeue(self, job_id: str) -> JobRecord:
         """Take a RUNNING job back from its miner; raises UnknownJob / InvalidTransition."""
         self._check_open()
         job, effects = self.scheduler.requeue(job_id, self.clock.now())
-        return await self._admin_done(job.record(), effects)
+        return await self._admin_done(_snapshot(job, effects), effects)
 
     async def _admin_done(self, rec: JobRecord, effects: list[Effect]) -> JobRecord:
         self._apply(effects)
@@ -607,7 +620,7 @@ class Dispatcher:
         job, effects = self.scheduler.complete(
             miner_id, job_id, result, metrics, self.clock.now(), attempt, attestation
         )
-        rec = job.record()
+        rec = _snapshot(job, effects)
         self._actions.append(lambda: then(rec))
         self._apply(effects)
 

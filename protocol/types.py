@@ -81,15 +81,23 @@ class EventKind(StrEnum):
     EXPIRED = "expired"
 
 
+# Recently formatted instants: each of a job's instants is formatted several times (its
+# events, the assignment's expiry, the job view), and they come interleaved with other jobs'.
+_iso_texts: dict[float, str] = {}
 _iso_seconds: dict[int, str] = {}
-_iso_last: tuple[float, str] = (-1.0, "")
 
 
 def iso_time(ts: float) -> str:
     """Format Unix seconds as ISO-8601 UTC with millisecond precision and a ``Z`` suffix."""
-    global _iso_last
-    if ts == _iso_last[0]:  # the events of one scheduler call share one timestamp
-        return _iso_last[1]
+    text = _iso_texts.get(ts)
+    if text is None:
+        if len(_iso_texts) >= 4096:
+            _iso_texts.clear()
+        text = _iso_texts[ts] = _format_iso(ts)
+    return text
+
+
+def _format_iso(ts: float) -> str:
     second = int(ts // 1)
     # Round to microseconds first, as datetime does: int(0.123 * 1000) would give 122.
     us = round((ts - second) * 1_000_000)
@@ -102,6 +110,4 @@ def iso_time(ts: float) -> str:
         prefix = _iso_seconds[second] = datetime.fromtimestamp(second, UTC).strftime(
             "%Y-%m-%dT%H:%M:%S"
         )
-    text = f"{prefix}.{us // 1000:03d}Z"
-    _iso_last = (ts, text)
-    return text
+    return f"{prefix}.{us // 1000:03d}Z"

@@ -144,10 +144,16 @@ def _receipt_text(receipt: JSONObject | None, stored: dict[int, str]) -> str | N
     return dumps(receipt).decode()
 
 
+# States and event kinds arrive as ``StrEnum`` members; ``str()`` makes them exact ``str``s
+# before binding. The driver binds an exact str directly, but a str subclass first goes through
+# its adapter lookup (a failed registry probe, then ``__conform__``): bench.inproc measured
+# 31,000 instructions a job less (2%) with the conversion.
+
+
 def _job_changes(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     """The values of ``_UPDATE_COLUMNS``."""
     return (
-        j.state,
+        str(j.state),
         j.attempt,
         j.failures,
         j.seq,
@@ -271,8 +277,8 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                     (
                         e.job_id,
                         e.seq,
-                        e.event,
-                        e.state,
+                        str(e.event),
+                        str(e.state),
                         e.at,
                         e.attempt,
                         e.miner_id,
