@@ -29,7 +29,7 @@ from web import rest_jobs, rest_miners
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.http_protocol import CoalescingHttpProtocol
-from web.lean_http import LeanCycle, LeanHttpProtocol, endpoint_app
+from web.lean_http import LeanCycle, LeanHttpProtocol, _DefaultLines, endpoint_app
 from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
@@ -241,3 +241,37 @@ async def test_only_layers_that_pass_requests_through_are_skipped(tmp_path: Path
     config.load()
     proto = LeanHttpProtocol(config=config, server_state=ServerState(), app_state={})
     assert proto._endpoints is None  # a root_path: every request the layered way
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "extra", [(b"connection", b"close"), (b"x-bad", b"a\nb")], ids=["framing", "invalid"]
+)
+async def test_default_headers_the_lean_path_cannot_write_go_uvicorns_way(
+    tmp_path: Path, extra: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server header (``--header``) uvicorn acts on or refuses: every answer through ASGI
+    # ``send`` (an invalid one fails uvicorn's 500 too: nothing is written, the connection
+    # closes).
+    monkeypatch.setitem(globals(), "DEFAULT_HEADERS", [*DEFAULT_HEADERS, extra])
+    session = [(req("GET", "/v1/jobs", CLIENT), [LEAN])]  # either closes the connection
+    assert await _compare(session, tmp_path) == ({200} if extra[0] == b"connection" else set())
+
+
+def test_default_header_lines_are_rendered_once_per_list() -> None:
+    lines = _DefaultLines()
+    headers = list(DEFAULT_HEADERS)
+    first = lines(headers)
+    assert first == [
+        b"date",
+        b": ",
+        DEFAULT_HEADERS[0][1],
+        b"\r\n",
+        b"server",
+        b": ",
+        b"uvicorn",
+        b"\r\n",
+    ]
+    assert lines(headers) is first
+    assert lines([(b"Server", b"x")]) == [b"server", b": ", b"x", b"\r\n"]
+    assert lines([(b"Connection", b"close")]) is None
