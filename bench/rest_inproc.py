@@ -13,6 +13,16 @@ alternating ``--rounds`` times, so that both sides of an A/B share the machine's
 - ``lean``: ``LeanHttpProtocol`` (web/lean_http.py), what ``aitbc-coordinator serve`` runs.
 
     python -m bench.rest_inproc --jobs 3000 --rounds 3
+
+``--store memory`` swaps SQLite for ``InMemoryJobStore`` (never a product mode) for
+instruction counts under ``valgrind --tool=callgrind``: with SQLite, how many jobs each commit
+takes depends on the database thread's timing, and the count per job moved by a few percent
+between runs of the same code. Without the thread it still moves by some tens of millions of
+instructions a run (timers such as the ops feed's tick run with wall time, which valgrind
+stretches), so compare runs of the same ``--jobs``, not differences of differences:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m bench.rest_inproc --only lean --store memory --rounds 1 --jobs 1500
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import orjson
 from uvicorn.server import ServerState
 
 from bench.harness import CLIENT_KEY, MINER_KEY
+from storage.memory import InMemoryJobStore
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli import uvicorn_config
@@ -107,7 +118,9 @@ class _Peer:
         return payload
 
 
-async def run(db: Path, protocol: str, jobs: int, warmup: int = 500) -> float:
+async def run(
+    db: Path, protocol: str, jobs: int, warmup: int = 500, store: str = "sqlite"
+) -> float:
     """CPU µs per job through ``protocol`` (after ``warmup`` jobs): 4 clients keep 100 jobs
     outstanding, 50 miners poll and post results, as in ``bench.rest``."""
     settings = Settings(
@@ -116,7 +129,7 @@ async def run(db: Path, protocol: str, jobs: int, warmup: int = 500) -> float:
         miner_api_keys=(MINER_KEY,),
         receipt_signing_key_hex="42" * 32,
     )
-    app = create_app(settings)
+    app = create_app(settings, store=InMemoryJobStore() if store == "memory" else None)
     config = uvicorn_config(SocketFastPath(app), settings, log_level="warning")
     config.load()
     state = ServerState()
@@ -176,6 +189,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=3, help="runs of each protocol, alternating")
     p.add_argument("--only", choices=sorted(PROTOCOLS), help="run one protocol")
+    p.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
     a = p.parse_args()
     tune_gc()
     names = [a.only] if a.only else list(PROTOCOLS)
@@ -184,7 +198,9 @@ def main() -> None:
         for r in range(a.rounds):
             for name in names:
                 db = Path(tmp) / f"{name}-{r}.db"
-                cost = anyio.run(partial(run, db, name, a.jobs), backend_options=UVLOOP)
+                cost = anyio.run(
+                    partial(run, db, name, a.jobs, store=a.store), backend_options=UVLOOP
+                )
                 costs[name].append(cost)
                 print(f"{name} round {r + 1}: {costs[name][-1]:.0f} µs CPU per job", flush=True)
     for name, values in costs.items():

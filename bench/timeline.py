@@ -168,17 +168,27 @@ def _install_rest() -> None:
     _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[6], after=STEPS[8])
     _wrap(runtime_module._RestSink, "assign", before=STEPS[7])
     coalescing = transport_module.CoalescingTransport
-    flush = coalescing.flush
+    flush, write_now = coalescing.flush, coalescing.write_now
 
-    def on_flush(self: Any) -> None:
-        head = bytes(self._buffer[0][:40]) if self._buffer else b""
-        flush(self)
+    def answered(head: bytes) -> None:
         if head.startswith(b"HTTP/1.1 200") and "batch perform start" in _current:
             _mark(STEPS[9])
         elif head.startswith(b"HTTP/1.1 201"):
             _mark(STEPS[10])
 
+    def on_flush(self: Any) -> None:  # the layered protocol's responses
+        head = bytes(self._buffer[0][:40]) if self._buffer else b""
+        flush(self)
+        answered(head)
+
+    def on_write_now(self: Any, data: bytes) -> None:  # the lean protocol's
+        direct = not self._buffer  # else write_now flushes, and on_flush marks
+        write_now(self, data)
+        if direct:
+            answered(data[:40])
+
     coalescing.flush = on_flush  # type: ignore[method-assign]
+    coalescing.write_now = on_write_now  # type: ignore[method-assign]
 
 
 def report() -> str:

@@ -19,8 +19,9 @@ routes to an endpoint route itself:
   built as the skipped layers would build it;
 - a plain ``Response`` (no background task, no ``Connection`` or ``Transfer-Encoding``
   header, a ``Content-Length`` equal to its body's length, or none on an empty 204/304) is
-  written as the bytes uvicorn's ``send`` writes for it, in one write; any other response, and
-  every answer of the app's exception handlers, goes through ASGI ``send`` as before.
+  written as the bytes uvicorn's ``send`` writes for it, in one write (the server's default
+  headers, checked and rendered once per list); any other response, and every answer of the
+  app's exception handlers, goes through ASGI ``send`` as before.
 
 Anything else goes uvicorn's way unchanged. tests/web/test_lean_http.py sends the same
 requests to both protocols and compares the bytes that come back.
@@ -47,8 +48,11 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from web.asgi import SocketFastPath
 from web.http_protocol import CoalescingHttpProtocol
 from web.routing import CoordinatorApp
+from web.transport import CoalescingTransport
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from starlette.types import Receive, Scope, Send
 
     from web.http import EndpointRoute
@@ -113,8 +117,6 @@ class LeanHttpProtocol(CoalescingHttpProtocol):
 
         existing_cycle = self.cycle
         self.cycle = LeanCycle(
-            app,
-            route,
             scope=scope,
             transport=self.transport,
             flow=self.flow,
@@ -127,6 +129,7 @@ class LeanHttpProtocol(CoalescingHttpProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
+        self.cycle.app, self.cycle.route = app, route
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(self.cycle, app)  # type: ignore[arg-type]
         else:  # pipelined: queued as uvicorn queues it
@@ -136,19 +139,20 @@ class LeanHttpProtocol(CoalescingHttpProtocol):
 
 class LeanCycle(RequestResponseCycle):
     """uvicorn's request cycle for a request routed to ``route`` of ``app`` (already entered
-    into the scope): runs the endpoint directly and writes a plain response itself."""
+    into the scope): runs the endpoint directly and writes a plain response itself.
 
-    def __init__(self, app: CoordinatorApp, route: EndpointRoute, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.app = app
-        self.route = route
+    ``run_asgi`` and ``_serve`` return their callee's coroutine rather than awaiting it: no
+    frames of their own for every resumption of the request's task to pass through."""
 
-    async def run_asgi(self, app: Any) -> None:
+    app: CoordinatorApp  # set with ``route`` right after uvicorn's constructor
+    route: EndpointRoute
+
+    def run_asgi(self, app: Any) -> Coroutine[Any, Any, None]:
         # uvicorn's wrapper (500 on an exception before the response started, and so on).
-        await super().run_asgi(self._serve)  # type: ignore[arg-type]
+        return super().run_asgi(self._serve)  # type: ignore[arg-type]
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app.serve(self.route, scope, receive, send, self)
+    def _serve(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        return self.app.serve(self.route, scope, receive, send, self)
 
     def write(self, response: Response) -> bool:
         """Send ``response`` as uvicorn's ``send`` sends Starlette's two messages for it, in
@@ -178,7 +182,11 @@ class LeanCycle(RequestResponseCycle):
         if not self.keep_alive:
             content.append(b"connection: close\r\n")
         content += (b"\r\n", body)
-        self.transport.write(b"".join(content))
+        transport = self.transport
+        if isinstance(transport, CoalescingTransport):
+            transport.write_now(b"".join(content))  # on_response would flush it anyway
+        else:
+            transport.write(b"".join(content))
         self.chunked_encoding = False
         self.expected_content_length = 0
         self.response_complete = True
@@ -196,9 +204,12 @@ class LeanCycle(RequestResponseCycle):
         status_line = STATUS_LINE.get(status)
         if status_line is None:
             return None  # uvicorn raises: its error path answers
-        content = [status_line]
+        defaults = _DEFAULT_LINES(self.default_headers)
+        if defaults is None:
+            return None  # uvicorn checks them itself
+        content = [status_line, *defaults]
         length = None
-        for name, value in self.default_headers + raw_headers:
+        for name, value in raw_headers:
             if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
                 return None  # uvicorn raises: its error path answers
             name = name.lower()
@@ -215,3 +226,34 @@ class LeanCycle(RequestResponseCycle):
         elif not length.isdigit() or int(length) != len(body):
             return None  # uvicorn raises: its error path answers
         return content
+
+
+def _plain_lines(headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+    """The lines uvicorn writes for ``headers``, when none is invalid or a framing header
+    (``content-length``, ``connection``, ``transfer-encoding``); else None."""
+    lines: list[bytes] = []
+    for name, value in headers:
+        if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+            return None
+        name = name.lower()
+        if name == b"content-length" or name in _UNSAFE:
+            return None
+        lines += (name, b": ", value, b"\r\n")
+    return lines
+
+
+class _DefaultLines:
+    """``_plain_lines`` of the server's default headers (``server``, ``date``, ``--header``),
+    rendered once per list: uvicorn replaces the list when the date changes, once a second."""
+
+    def __init__(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] | None = None
+        self._lines: list[bytes] | None = None
+
+    def __call__(self, headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+        if headers is not self._headers:
+            self._headers, self._lines = headers, _plain_lines(headers)
+        return self._lines
+
+
+_DEFAULT_LINES = _DefaultLines()

@@ -156,6 +156,15 @@ class CoalescingTransport:
         for chunk in chunks:
             self.write(chunk)
 
+    def write_now(self, data: bytes) -> None:
+        """``write`` then ``flush``: one write, after anything buffered, without a callback
+        for the end of the tick (a whole HTTP response, web/lean_http.py)."""
+        if self._buffer:
+            self._buffer.append(data)
+            self.flush()
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def flush(self) -> None:
         self._scheduled = False
         if not self._buffer:

@@ -125,12 +125,15 @@ def test_timeline_entry_point_follows_a_rest_pickup(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("protocol", ["layered", "lean"])
+@pytest.mark.parametrize(
+    ("protocol", "store"), [("layered", "sqlite"), ("lean", "sqlite"), ("lean", "memory")]
+)
 async def test_rest_inproc_runs_jobs_through_either_http_protocol(
-    tmp_path: Path, protocol: str
+    tmp_path: Path, protocol: str, store: str
 ) -> None:
     """bench/rest_inproc.py: submit, poll and result through the protocol; a cost comes back."""
     from bench.rest_inproc import run
 
-    cost = await run(tmp_path / "rest.db", protocol, jobs=30, warmup=10)
+    cost = await run(tmp_path / "rest.db", protocol, jobs=30, warmup=10, store=store)
     assert cost > 0
+    assert (tmp_path / "rest.db").exists() is (store == "sqlite")

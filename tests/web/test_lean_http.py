@@ -30,7 +30,7 @@ from web import rest_jobs, rest_miners
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.http_protocol import CoalescingHttpProtocol
-from web.lean_http import LeanCycle, LeanHttpProtocol, endpoint_app
+from web.lean_http import LeanCycle, LeanHttpProtocol, _DefaultLines, endpoint_app
 from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
@@ -321,3 +321,37 @@ async def test_a_job_assigned_to_a_long_poll_whose_miner_hung_up_goes_back_to_th
     # Handed back, not charged: the next poll of any miner gets it (attempt 2 is its fencing
     # token), instead of it waiting on a miner that is gone until its lease runs out.
     assert (job.state, job.miner_id, job.failures) == (JobState.QUEUED, None, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "extra", [(b"connection", b"close"), (b"x-bad", b"a\nb")], ids=["framing", "invalid"]
+)
+async def test_default_headers_the_lean_path_cannot_write_go_uvicorns_way(
+    tmp_path: Path, extra: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server header (``--header``) uvicorn acts on or refuses: every answer through ASGI
+    # ``send`` (an invalid one fails uvicorn's 500 too: nothing is written, the connection
+    # closes).
+    monkeypatch.setitem(globals(), "DEFAULT_HEADERS", [*DEFAULT_HEADERS, extra])
+    session = [(req("GET", "/v1/jobs", CLIENT), [LEAN])]  # either closes the connection
+    assert await _compare(session, tmp_path) == ({200} if extra[0] == b"connection" else set())
+
+
+def test_default_header_lines_are_rendered_once_per_list() -> None:
+    lines = _DefaultLines()
+    headers = list(DEFAULT_HEADERS)
+    first = lines(headers)
+    assert first == [
+        b"date",
+        b": ",
+        DEFAULT_HEADERS[0][1],
+        b"\r\n",
+        b"server",
+        b": ",
+        b"uvicorn",
+        b"\r\n",
+    ]
+    assert lines(headers) is first
+    assert lines([(b"Server", b"x")]) == [b"server", b": ", b"x", b"\r\n"]
+    assert lines([(b"Connection", b"close")]) is None

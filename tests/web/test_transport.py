@@ -467,3 +467,20 @@ async def test_an_unanswered_keepalive_ping_fails_the_connection_as_uvicorn_does
     assert lean == library
     assert lean[1] is True
     assert _frames(lean[0])[-1].startswith(b"\x03\xf3")  # close 1011
+
+
+async def test_write_now_writes_after_what_is_buffered_without_a_tick_callback() -> None:
+    loop = asyncio.get_running_loop()
+    raw = FakeTransport()
+    wrapped = CoalescingTransport(raw, loop)  # type: ignore[arg-type]
+    ready = len(loop._ready)  # type: ignore[attr-defined]
+    wrapped.write_now(b"a")
+    assert raw.writes == [b"a"]
+    assert len(loop._ready) == ready  # type: ignore[attr-defined]
+    wrapped.write(b"b")
+    wrapped.write_now(b"c")
+    assert raw.writes == [b"a", b"bc"]  # one write, in order
+    raw.closing = True
+    wrapped.write_now(b"d")
+    await asyncio.sleep(0)
+    assert raw.writes == [b"a", b"bc"]
