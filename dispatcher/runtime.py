@@ -715,6 +715,7 @@ class Dispatcher:
         miner_id: str,
         max_wait: float,
         answer: Callable[[JobAssign], bool] | None = None,
+        hangup: Callable[[Callable[[], None]], None] | None = None,
     ) -> JobAssign | None:
         """Wait up to ``max_wait`` seconds (on ``self.clock``) for a job for this miner.
 
@@ -728,6 +729,11 @@ class Dispatcher:
         It returns False when the poll's client is gone: the job is then handed back to the
         queue (not charged) and this poll returns None. It must not raise (an exception is
         logged and the poll answers as if none were given).
+
+        ``hangup``, when given, is called once with a function the web layer calls when the
+        poll's client goes away while it waits: the poll then ends at once and withdraws its
+        slot, so no job is offered to a miner that is gone. That function may be called at any
+        time, also after the poll ended (it then does nothing).
         """
         self._check_open()
         sink = self._rest_miner(miner_id)
@@ -739,6 +745,8 @@ class Dispatcher:
         except DispatchError:
             sink.waiters.remove(waiter)
             raise
+        if hangup is not None:
+            hangup(waiter.done.set)
         withdrawn = False
         try:
             await self.clock.wait_until(self.clock.now() + max_wait, waiter.done)

@@ -97,6 +97,11 @@ class Responder(Protocol):
         """Write ``response`` now; False, having done nothing, when it cannot (flow control,
         a response already started, the client gone): the handler returns it as usual."""
 
+    def on_hangup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once if the client goes away before the response is written
+        (at once if it is gone already); the request's latest registration replaces any
+        earlier one."""
+
 
 # The scope key under which web/routing.py offers the request's ``Responder``.
 RESPONDER = "aitbc.responder"

@@ -51,7 +51,7 @@ from web.routing import CoordinatorApp
 from web.transport import CoalescingTransport
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
 
     from starlette.types import Receive, Scope, Send
 
@@ -80,6 +80,19 @@ class LeanHttpProtocol(CoalescingHttpProtocol):
         self._endpoints: CoordinatorApp | None = None
         if not self.root_path and self.limit_concurrency is None:
             self._endpoints = endpoint_app(self.app)
+        # The cycle whose handler waits for this connection to close (``LeanCycle.on_hangup``)
+        # and what to call then. uvicorn marks only its newest cycle disconnected, and with
+        # pipelining that is not the one still running.
+        self.hangup: tuple[LeanCycle, Callable[[], None]] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        hangup, self.hangup = self.hangup, None
+        if hangup is not None:
+            cycle, callback = hangup
+            if not cycle.response_complete:
+                cycle.disconnected = True  # its answer, if any, is dropped as uvicorn drops it
+                callback()
 
     def on_headers_complete(self) -> None:
         app = self._endpoints
@@ -129,7 +142,7 @@ class LeanHttpProtocol(CoalescingHttpProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
-        self.cycle.app, self.cycle.route = app, route
+        self.cycle.app, self.cycle.route, self.cycle.owner = app, route, self
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(self.cycle, app)  # type: ignore[arg-type]
         else:  # pipelined: queued as uvicorn queues it
@@ -144,8 +157,9 @@ class LeanCycle(RequestResponseCycle):
     ``run_asgi`` and ``_serve`` return their callee's coroutine rather than awaiting it: no
     frames of their own for every resumption of the request's task to pass through."""
 
-    app: CoordinatorApp  # set with ``route`` right after uvicorn's constructor
+    app: CoordinatorApp  # set with ``route`` and ``owner`` right after uvicorn's constructor
     route: EndpointRoute
+    owner: LeanHttpProtocol
 
     def run_asgi(self, app: Any) -> Coroutine[Any, Any, None]:
         # uvicorn's wrapper (500 on an exception before the response started, and so on).
@@ -195,6 +209,14 @@ class LeanCycle(RequestResponseCycle):
             self.transport.close()
         self.on_response()
         return True
+
+    def on_hangup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the connection closes before this cycle's response is
+        written (``Responder``)."""
+        if self.disconnected or self.transport.is_closing():
+            callback()
+        else:
+            self.owner.hangup = (self, callback)
 
     def _head(
         self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes

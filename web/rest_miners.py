@@ -10,14 +10,17 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.responses import Response
 
-from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
+from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import TERMINAL
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from protocol.messages import JobAssign
     from protocol.types import JSONObject
 
@@ -121,14 +124,43 @@ async def _poll(call: Call, max_wait: Any) -> Response:
         return True
 
     try:
-        msg = await call.core.dispatcher.rest_poll(
-            miner_id, wait, None if responder is None else answer
-        )
+        if responder is not None:
+            msg = await call.core.dispatcher.rest_poll(miner_id, wait, answer, responder.on_hangup)
+        else:
+            msg = await _poll_watching(call, miner_id, wait)
     except UnknownMiner:
         raise HTTPError(404, "miner not registered") from None
     if msg is None:
         return Response(status_code=204)
     return ALREADY_SENT if answered else json_response(_assigned(msg))
+
+
+async def _poll_watching(call: Call, miner_id: str, wait: float) -> JobAssign | None:
+    """``rest_poll`` where no ``Responder`` tells of a hang-up (a request uvicorn serves
+    through the ASGI layers: behind a proxy, say): a second task waits on ``receive``, which
+    says ``http.disconnect`` when the client goes away."""
+    hangups: list[Callable[[], None]] = []
+
+    async def watch() -> None:
+        while (await call.request.receive())["type"] != "http.disconnect":
+            pass
+        for hangup in hangups:
+            hangup()
+
+    outcome: list[JobAssign | None] = []
+    failure: list[DispatchError] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        try:  # raised out of the task group, it would come wrapped in an ExceptionGroup
+            outcome.append(
+                await call.core.dispatcher.rest_poll(miner_id, wait, None, hangups.append)
+            )
+        except DispatchError as exc:
+            failure.append(exc)
+        tasks.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 async def poll(call: Call) -> Response:

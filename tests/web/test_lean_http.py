@@ -13,6 +13,7 @@ import itertools
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import orjson
 import pytest
 from starlette.middleware.gzip import GZipMiddleware
@@ -254,7 +255,7 @@ async def test_only_layers_that_pass_requests_through_are_skipped(tmp_path: Path
 
 
 async def _parked_pickup(
-    cls: type[CoalescingHttpProtocol], tmp: Path, *, hang_up: bool = False
+    cls: type[CoalescingHttpProtocol], tmp: Path, *, hang_up: bool | str = False
 ) -> tuple[bytes, bool, Any]:
     """A miner's long-poll parks (and its client hangs up, with ``hang_up``), then a client's
     submit on another connection is assigned to it: the miner connection's bytes, whether the
@@ -278,8 +279,13 @@ async def _parked_pickup(
                     break
                 await asyncio.sleep(0)
             assert dispatcher.scheduler.miners["m1"].polls == 1
-            if hang_up:
+            if hang_up == "unheard":  # marked gone, the close itself not processed yet
+                miner.cycle.disconnected = True
+            elif hang_up:
                 miner.connection_lost(None)
+                with anyio.fail_after(5):  # the poll ends now, not at its 20 s deadline
+                    await asyncio.gather(*state.tasks)
+                assert dispatcher.scheduler.miners["m1"].polls == 0  # withdrawn
             answered_in_batch: list[bool] = []
             perform = dispatcher._perform
 
@@ -291,7 +297,7 @@ async def _parked_pickup(
             client.data_received(req("POST", "/v1/jobs", CLIENT, JOB))
             await asyncio.gather(*state.tasks)
             await dispatcher.wait_flushed()
-            if not hang_up:
+            if hang_up is not True:
                 miner.connection_lost(None)
             client.connection_lost(None)
             job = dispatcher.scheduler.jobs["id-1"]
@@ -313,14 +319,30 @@ async def test_a_parked_long_poll_is_answered_by_the_batch_that_commits_its_job(
 
 
 @pytest.mark.anyio
-async def test_a_job_assigned_to_a_long_poll_whose_miner_hung_up_goes_back_to_the_queue(
+@pytest.mark.parametrize("cls", [LeanHttpProtocol, CoalescingHttpProtocol])
+async def test_a_long_poll_whose_miner_hung_up_is_withdrawn_at_once(
+    tmp_path: Path, cls: type[CoalescingHttpProtocol]
+) -> None:
+    # The lean path hears it from the connection, the ASGI path from ``receive``: either way
+    # the poll stops counting as a waiting miner, so the next job is never offered to it.
+    out, _, job = await _parked_pickup(cls, tmp_path, hang_up=True)
+    assert b"id-1" not in out  # nothing was written to the closed connection
+    # Never assigned (attempt 0): not offered to the gone miner and handed back.
+    assert (job.state, job.miner_id, job.attempt, job.failures) == (JobState.QUEUED, None, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_job_assigned_to_a_long_poll_whose_miner_just_hung_up_goes_back_to_the_queue(
     tmp_path: Path,
 ) -> None:
-    out, _, job = await _parked_pickup(LeanHttpProtocol, tmp_path, hang_up=True)
-    assert b"id-1" not in out  # nothing was written to the closed connection
-    # Handed back, not charged: the next poll of any miner gets it (attempt 2 is its fencing
-    # token), instead of it waiting on a miner that is gone until its lease runs out.
-    assert (job.state, job.miner_id, job.failures) == (JobState.QUEUED, None, 0)
+    # The assignment was made before the hang-up was heard (the connection is marked
+    # disconnected, the close not yet processed): the batch that commits it finds nobody to
+    # answer and hands the job back, not charged (attempt 1 was the gone miner's). The next
+    # poll of any miner gets it (attempt 2 is its fencing token), instead of it waiting on a
+    # gone miner until its lease runs out.
+    out, _, job = await _parked_pickup(LeanHttpProtocol, tmp_path, hang_up="unheard")
+    assert b"id-1" not in out
+    assert (job.state, job.miner_id, job.attempt, job.failures) == (JobState.QUEUED, None, 1, 0)
 
 
 @pytest.mark.anyio
