@@ -38,6 +38,7 @@ from dispatcher.stats import (
     DispatcherStatistics,
     EventTally,
     Histogram,
+    JobCounts,
 )
 from protocol.codec import encode, encode_event
 from protocol.messages import JobAssign, JobCancel
@@ -135,6 +136,7 @@ class Dispatcher:
         self._rest_seen: dict[str, float] = {}
         # Observation (docs/ops.md): tallies updated once per committed event or commit.
         self.tally = EventTally()
+        self.job_counts = JobCounts()
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.batch_sizes = Histogram(BATCH_BOUNDS)
         self.watchers: list[EventWatcher] = []
@@ -152,6 +154,7 @@ class Dispatcher:
     async def restore(self) -> None:
         """Rebuild the scheduler from the store (call once, before ``serve``)."""
         jobs, miners = await self.store.load_active()
+        self.job_counts.seed(await self.store.count_jobs(), jobs)
         if any(j.payment is not None for j in jobs):
             self.settle_payments = True  # reservations made while billing was on still settle
         self._bindings = {m.miner_id: m.key_hash for m in miners}
@@ -366,6 +369,7 @@ class Dispatcher:
                     action.job.client_id, e.job_id, e.seq, frame, e.event == "progress"
                 )
                 self.tally.observe(action.job, e, now)
+                self.job_counts.observe(e)
                 for watch in self.watchers:
                     watch(action.job, e, frame)
                 if e.state in TERMINAL:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
     from protocol.records import EventRecord, JobRecord
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "DispatcherStatistics",
     "EventTally",
     "Histogram",
+    "JobCounts",
     "SchedulerStatistics",
     "requeue_reason",
 ]
@@ -121,6 +124,47 @@ class EventTally:
         elif kind == "requeued":
             label = requeue_reason(str(event.data.get("reason", "")))
             self.requeues[label] = self.requeues.get(label, 0) + 1
+
+
+_LIVE_STATES = frozenset({"QUEUED", "RUNNING"})  # every other state is final
+
+
+class JobCounts:
+    """Jobs in the store by state, kept in memory: ``/metrics`` and ``/v1/admin/stats`` read
+    them instead of counting the jobs table (a scan of its state index, about 0.1 s per
+    million jobs, on the one reader connection every REST read waits for).
+
+    ``seed`` takes the store's counts once at start-up, with the live jobs the scheduler is
+    rebuilt from; from then on every committed event moves its job to the event's state.
+    A state is final once reached, so only live jobs are remembered.
+    """
+
+    __slots__ = ("_live", "by_state")
+
+    def __init__(self) -> None:
+        self.by_state: dict[str, int] = {}
+        self._live: dict[str, str] = {}  # job id -> state, for jobs not yet in a final state
+
+    def seed(self, counts: Mapping[str, int], live: Iterable[JobRecord]) -> None:
+        self.by_state = {str(state): n for state, n in counts.items()}
+        self._live = {job.job_id: str(job.state) for job in live}
+
+    def observe(self, event: EventRecord) -> None:
+        """Count one committed event (called once per event, in commit order)."""
+        state = event.state
+        job_id = event.job_id
+        old = self._live.get(job_id)
+        if old == state:
+            return
+        by_state = self.by_state
+        if old is not None:
+            by_state[old] -= 1
+        key = str(state)
+        by_state[key] = by_state.get(key, 0) + 1
+        if key in _LIVE_STATES:
+            self._live[job_id] = key
+        elif old is not None:
+            del self._live[job_id]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -158,6 +158,9 @@ class JobQuery:
     job_type: str | None = None
     limit: int = 20
     offset: int = 0
+    # False: don't count the matching jobs (a scan of every match); the total returned is then
+    # only the number of jobs on the page.
+    with_total: bool = True
 
 
 class JobStore(Protocol):
@@ -188,10 +191,11 @@ class JobStore(Protocol):
     async def receipts_for(self, job_id: str) -> list[JSONObject]: ...
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
-        """A page of jobs, newest first, and the total number matching ``query``."""
+        """A page of jobs, newest first, and the total number matching ``query`` (see
+        ``JobQuery.with_total``)."""
 
     async def count_jobs(self) -> dict[str, int]:
-        """Number of jobs per state."""
+        """Number of jobs per state (a scan: the dispatcher's ``JobCounts`` keeps them)."""
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
         """Receipts, newest first (optionally of one job)."""

@@ -210,7 +210,8 @@ class InMemoryJobStore:
             and (query.job_type is None or j.payload.get("type") == query.job_type)
         ]
         found.sort(key=lambda j: (j.requested_at, j.job_id), reverse=True)
-        return found[query.offset : query.offset + query.limit], len(found)
+        page = found[query.offset : query.offset + query.limit]
+        return page, len(found) if query.with_total else len(page)
 
     async def count_jobs(self) -> dict[str, int]:
         self._check_open()

@@ -139,6 +139,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE jobs ADD COLUMN payment TEXT",
         ],
     ),
+    (
+        4,
+        [  # newest-first lists without sorting the whole table: admin jobs and stats (state
+            # filter) and start-up's live jobs read these; clients' lists use jobs_client
+            "DROP INDEX jobs_state",
+            "CREATE INDEX jobs_state ON jobs (state, requested_at)",
+            "CREATE INDEX jobs_requested ON jobs (requested_at)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

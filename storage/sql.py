@@ -492,12 +492,14 @@ class DatabasesJobStore:
             where.append("json_extract(payload, '$.type') = :t")
             values["t"] = query.job_type
         cond = " AND ".join(where)
-        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values)
         rows = await self._fetch(
             f"{_JOB_SELECT} WHERE {cond} ORDER BY requested_at DESC, job_id DESC "
             "LIMIT :limit OFFSET :offset",
             {**values, "limit": query.limit, "offset": query.offset},
         )
+        if not query.with_total:
+            return [_job_record(r) for r in rows], len(rows)
+        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values)
         return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
 
     async def count_jobs(self) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Nothing here runs on the dispatch path: the dispatcher keeps plain counters and bucket arrays
 (``dispatcher.stats``) and this collector turns them into metric families at scrape time. Jobs
-by state come from the store (committed state). An admin key is required unless
+by state are the dispatcher's ``JobCounts``: the store's counts at start-up, moved by every
+committed event since (no query per scrape). An admin key is required unless
 ``METRICS_PUBLIC=on``.
 """
 
@@ -43,14 +44,14 @@ class CoordinatorCollector:
 
     def __init__(self, core: Coordinator) -> None:
         self.core = core
-        self.job_counts: dict[str, int] = {}  # set from the store just before each scrape
 
     def collect(self) -> Iterator[Metric]:
         d = self.core.dispatcher
         stats = d.statistics()
         jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state (committed)", labels=["state"])
+        counts = d.job_counts.by_state  # kept from committed events: no query per scrape
         for state in JOB_STATES:
-            jobs.add_metric([state], self.job_counts.get(state, 0))
+            jobs.add_metric([state], counts.get(state, 0))
         yield jobs
         events = CounterMetricFamily(
             "aitbc_job_events", "Committed job events since start, by kind", labels=["event"]
@@ -125,8 +126,7 @@ async def metrics(call: Call) -> Response:
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
         if principal.role is not Role.ADMIN:
             raise HTTPError(403, "Forbidden")
-    registry, collector = core.metrics
-    collector.job_counts = await core.store.count_jobs()
+    registry, _ = core.metrics
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -40,7 +40,7 @@ PUBLIC_RECEIPT_FIELDS = (
 
 async def _avg_duration_ms(call: Call) -> float:
     jobs, _ = await call.core.store.list_jobs(
-        JobQuery(state="COMPLETED", limit=DURATION_SAMPLE, offset=0)
+        JobQuery(state="COMPLETED", limit=DURATION_SAMPLE, offset=0, with_total=False)
     )
     spans = [
         j.finished_at - j.started_at
@@ -51,7 +51,7 @@ async def _avg_duration_ms(call: Call) -> float:
 
 
 async def stats(call: Call) -> Response:
-    counts = await call.core.store.count_jobs()
+    counts = {state: n for state, n in call.core.dispatcher.job_counts.by_state.items() if n}
     miners = call.core.dispatcher.rest_miners()
     return json_response(
         {
@@ -65,7 +65,7 @@ async def stats(call: Call) -> Response:
 
 
 async def jobs(call: Call) -> Response:
-    items, _ = await call.core.store.list_jobs(JobQuery(limit=100, offset=0))
+    items, _ = await call.core.store.list_jobs(JobQuery(limit=100, offset=0, with_total=False))
     return json_response(
         {
             "items": [

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.stats import REQUEUE_REASONS, EventTally, Histogram, requeue_reason
+from dispatcher.stats import REQUEUE_REASONS, EventTally, Histogram, JobCounts, requeue_reason
 from protocol.records import EventRecord, JobRecord
 
 
@@ -92,3 +92,30 @@ def test_tally_clamps_clock_steps_backwards() -> None:
     t.observe(job(requested_at=200.0), event("completed", 199.0), 199.0)
     assert t.complete_latency.counts[0] == 1
     assert t.complete_latency.sum == 0.0
+
+
+def test_job_counts_follow_each_job_to_its_final_state() -> None:
+    """Seeded with the store's counts and the live jobs; each committed event moves its job
+    to the event's state, once (progress and repeats change nothing); a final state is
+    forgotten."""
+    counts = JobCounts()
+    counts.seed({"COMPLETED": 7, "RUNNING": 1}, [job()._replace(job_id="old", state="RUNNING")])
+
+    def ev(job_id: str, kind: str, state: str) -> EventRecord:
+        return EventRecord(job_id, 1, kind, state, 100.0, 1, "m1", {})
+
+    steps = [
+        (ev("new", "queued", "QUEUED"), {"COMPLETED": 7, "RUNNING": 1, "QUEUED": 1}),
+        (ev("new", "assigned", "RUNNING"), {"COMPLETED": 7, "RUNNING": 2, "QUEUED": 0}),
+        (ev("new", "progress", "RUNNING"), {"COMPLETED": 7, "RUNNING": 2, "QUEUED": 0}),
+        (ev("new", "requeued", "QUEUED"), {"COMPLETED": 7, "RUNNING": 1, "QUEUED": 1}),
+        (ev("old", "completed", "COMPLETED"), {"COMPLETED": 8, "RUNNING": 0, "QUEUED": 1}),
+        (
+            ev("new", "expired", "EXPIRED"),
+            {"COMPLETED": 8, "RUNNING": 0, "QUEUED": 0, "EXPIRED": 1},
+        ),
+    ]
+    for event_, expected in steps:
+        counts.observe(event_)
+        assert counts.by_state == expected
+    assert counts._live == {}  # nothing live is left to remember

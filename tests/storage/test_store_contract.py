@@ -675,3 +675,48 @@ async def test_sqlite_checkpoint_skips_a_locked_round_and_stops_on_other_errors(
         assert seen == ["wal_checkpoint(PASSIVE)"] * 4
     finally:
         await store.close()
+
+
+async def test_list_jobs_without_the_total_gives_the_same_page(store: JobStore) -> None:
+    """``with_total=False``: the same jobs, newest first; the total is only the page's size."""
+    jobs = [
+        job(f"j{i}", requested_at=T0 + i, state="COMPLETED" if i % 2 else "QUEUED")
+        for i in range(5)
+    ]
+    await commit(store, batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+    with anyio.fail_after(10):
+        for state in (None, "COMPLETED"):
+            query = JobQuery(state=state, limit=2, offset=0)
+            full, total = await store.list_jobs(query)
+            page, size = await store.list_jobs(replace(query, with_total=False))
+            assert page == full
+            assert [j.job_id for j in page] == (["j4", "j3"] if state is None else ["j3", "j1"])
+            assert (total, size) == (5 if state is None else 2, 2)
+
+
+async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lists of all clients' jobs (admin jobs; admin stats' newest COMPLETED) walk an index
+    in order: a million jobs would otherwise be sorted per request (about a second here)."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with anyio.fail_after(20):
+        await store.open()
+        fetch = store._fetch
+
+        async def recording(sql: str, values: dict[str, Any] | None = None) -> Any:
+            seen.append((sql, values or {}))
+            return await fetch(sql, values)
+
+        monkeypatch.setattr(store, "_fetch", recording)
+        for state in (None, "COMPLETED"):
+            await store.list_jobs(JobQuery(state=state, limit=100, offset=0, with_total=False))
+        await store.close()
+    assert len(seen) == 2  # no COUNT without the total
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        for sql, values in seen:
+            # The outer query's steps (a job's receipt is a correlated subquery of its own).
+            plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", values) if r[1] == 0]
+            assert not any(step.startswith("SCAN jobs") and "INDEX" not in step for step in plan)
+            assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan  # only ties get sorted

@@ -236,3 +236,57 @@ async def test_ops_page_and_assets_are_served_offline(api: Api) -> None:
         assert a.status_code == 200, asset
         assert "https://" not in a.text
     assert (await api.http.get("/ops/assets/missing.js")).status_code == 404
+
+
+async def test_job_counts_agree_with_the_store_and_survive_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics and /v1/admin/stats count jobs in memory, from committed events, seeded from
+    the store at start-up (never a scan of the jobs table per scrape): after every kind of
+    ending and a restart they equal a count of the jobs table."""
+
+    def jobs_by_state(text: str) -> dict[str, int]:
+        found = {k[1][0][1]: int(v) for k, v in samples(text).items() if k[0] == "aitbc_jobs"}
+        return {state: n for state, n in found.items() if n}
+
+    async with running_api(tmp_path) as api:
+        count_jobs = api.core.store.count_jobs
+        monkeypatch.setattr(api.core.store, "count_jobs", None)  # start-up only
+        await api.register("m1")
+        for _ in range(2):
+            job = await api.submit()
+            await api.poll("m1")
+            await api.result(job["job_id"])
+        failed = await api.submit()
+        await api.poll("m1")
+        r = await api.http.post(
+            f"/v1/miners/{failed['job_id']}/fail",
+            json={"error_code": "oom", "error_message": "out of memory"},
+            headers={"X-Api-Key": MINER_KEY, "X-Miner-ID": "m1"},
+        )
+        assert r.status_code == 200, r.text
+        canceled = await api.submit()
+        await api.http.post(f"/v1/admin/jobs/{canceled['job_id']}/cancel", headers=ADMIN)
+        running = await api.submit()
+        await api.poll("m1")  # RUNNING on m1 when the coordinator stops
+        await api.submit()  # QUEUED
+        await api.core.dispatcher.wait_flushed()
+        stored = await count_jobs()
+        assert stored == {"COMPLETED": 2, "FAILED": 1, "CANCELED": 1, "RUNNING": 1, "QUEUED": 1}
+        r = await api.http.get("/metrics", headers=ADMIN)
+        assert jobs_by_state(r.text) == stored
+        stats = await api.admin("/v1/admin/stats")
+        assert (stats["jobs_by_state"], stats["total_jobs"], stats["active_jobs"]) == (
+            stored,
+            6,
+            2,
+        )
+    async with running_api(tmp_path) as api:  # the same database; m1 is restored
+        r = await api.result(running["job_id"])  # the restored job finishes
+        assert r.status_code == 200, r.text
+        await api.core.dispatcher.wait_flushed()
+        stored = await api.core.store.count_jobs()
+        assert stored == {"COMPLETED": 3, "FAILED": 1, "CANCELED": 1, "QUEUED": 1}
+        r = await api.http.get("/metrics", headers=ADMIN)
+        assert jobs_by_state(r.text) == stored
+        assert (await api.admin("/v1/admin/stats"))["jobs_by_state"] == stored
