@@ -142,10 +142,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         4,
         [  # newest-first lists without sorting the whole table: admin jobs and stats (state
-            # filter) and start-up's live jobs read these; clients' lists use jobs_client
+            # filter) and start-up's live jobs read these; clients' lists use jobs_client; the
+            # public explorer lists receipts newest first
             "DROP INDEX jobs_state",
             "CREATE INDEX jobs_state ON jobs (state, requested_at)",
             "CREATE INDEX jobs_requested ON jobs (requested_at)",
+            "CREATE INDEX receipts_issued ON receipts (issued_at)",
         ],
     ),
 ]
