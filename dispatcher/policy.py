@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from protocol.codec import dumps_sorted
+from protocol.codec import dumps_sorted, trimmed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,7 +85,7 @@ class Capabilities:
             if 0 < len(key[0]) <= cls._MAX_KEPT and b"null" not in key[0]:  # empty: no JSON
                 if len(cls._parsed) >= 4096:
                     cls._parsed.clear()
-                cls._parsed[key] = caps
+                cls._parsed[trimmed(key[0]), region] = caps
         return caps
 
     @classmethod
@@ -151,7 +151,7 @@ class JobNeeds:
             if key:  # empty when orjson cannot represent it: parse every time
                 if len(cls._parsed) >= 4096:
                     cls._parsed.clear()
-                cls._parsed[key] = needs
+                cls._parsed[trimmed(key)] = needs
         return needs
 
     @classmethod

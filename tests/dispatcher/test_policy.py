@@ -411,3 +411,24 @@ def test_job_queue_remove_unknown_class_is_noop() -> None:
     queue = JobQueue(MatchCache())
     queue.remove(needs(gpu="x"), (0, 1, 1, "a"))
     assert queue.classes() == []
+
+
+def test_parsed_class_caches_keep_right_sized_keys() -> None:
+    """The per-shape caches of parsed classes hold up to 4096 keys each; an untrimmed orjson
+    key would keep a 4 KiB buffer (protocol.codec.trimmed)."""
+    import tracemalloc
+
+    JobNeeds._parsed.clear()
+    Capabilities._parsed.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(500):
+            JobNeeds.parse({"gpu": f"G{i}", "min_vram_gb": 8})
+            Capabilities.parse({"gpus": [{"name": f"G{i}", "memory_mb": 8192}]}, None)
+        per_shape = (tracemalloc.get_traced_memory()[0] - before) / 1000
+    finally:
+        tracemalloc.stop()
+        JobNeeds._parsed.clear()
+        Capabilities._parsed.clear()
+    assert per_shape < 2048  # with the 4 KiB buffers: over 4096

@@ -1051,3 +1051,27 @@ def test_job_submit_refuses_a_malformed_payment_amount(value: object) -> None:
     frame = {"type": "job.submit", "payload": {}, "payment_amount": value}
     with pytest.raises(RemoteProtocolError, match="payment_amount"):
         decode_client_frame(orjson.dumps(frame))
+
+
+def _kept_bytes(make: Callable[[int], object], n: int = 2000) -> float:
+    """Traced bytes per object of ``n`` objects made by ``make`` and kept alive."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [make(i) for i in range(n)]
+        per_object = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == n
+    return per_object
+
+
+def test_trimmed_keeps_the_bytes_without_orjsons_spare_buffer() -> None:
+    """orjson's output holds a buffer of at least 4 KiB however short the JSON; what is kept
+    for long (cache keys, a waiting job's class) is ``trimmed`` to its size first."""
+    data = orjson.dumps({"gpu": "A100"})
+    assert codec.trimmed(data) == data
+    assert _kept_bytes(lambda i: orjson.dumps({"i": i})) > 2048  # what trimming is for
+    assert _kept_bytes(lambda i: codec.trimmed(orjson.dumps({"i": i}))) < 256

@@ -1,0 +1,97 @@
+"""Ring 2: the ops feed's queue summary, kept up to date per event (web/ops_feed.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings, strategies as st
+
+from protocol.records import EventRecord, JobRecord
+from tests.fakes import FakeClock
+from web.ops_feed import OpsFeed
+
+CONSTRAINTS = [{"gpu": "A100"}, {"gpu": "H100", "region": "eu"}, {"gpu": "none"}]
+# model state -> {event kind: state after it}; "new" is a job not submitted yet
+MOVES: dict[str, dict[str, str]] = {
+    "new": {"queued": "QUEUED"},
+    "QUEUED": {"assigned": "RUNNING", "canceled": "CANCELED", "expired": "EXPIRED"},
+    "RUNNING": {
+        "started": "RUNNING",
+        "progress": "RUNNING",
+        "requeued": "QUEUED",
+        "completed": "COMPLETED",
+        "failed": "FAILED",
+        "canceled": "CANCELED",
+        "expired": "EXPIRED",
+    },
+}
+KINDS = sorted({kind for moves in MOVES.values() for kind in moves})
+
+
+def summary_by_walking(feed: OpsFeed) -> dict[str, Any]:
+    """The summary as a walk over every active job computes it (the definition)."""
+    queued = assigned = running = 0
+    groups: dict[bytes, list[Any]] = {}
+    for entry in feed.active.values():
+        if entry.state == "QUEUED":
+            queued += 1
+            groups.setdefault(entry.key, [entry.constraints, 0])[1] += 1
+        elif entry.started:
+            running += 1
+        else:
+            assigned += 1
+    unservable = sorted(
+        ({"constraints": c, "count": n} for c, n in groups.values() if c["gpu"] == "none"),
+        key=lambda u: -int(u["count"]),
+    )
+    return {
+        "queued": queued,
+        "assigned": assigned,
+        "running": running,
+        "unservable": sum(u["count"] for u in unservable),
+        "unservable_groups": unservable,
+    }
+
+
+def make_feed() -> OpsFeed:
+    scheduler = SimpleNamespace(jobs={}, is_servable=lambda c: c["gpu"] != "none")
+    dispatcher = SimpleNamespace(watchers=[], scheduler=scheduler, clock=FakeClock())
+    return OpsFeed(SimpleNamespace(dispatcher=dispatcher))  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(KINDS), st.booleans()), max_size=80))
+def test_queue_summary_kept_per_event_equals_a_walk_over_every_active_job(
+    steps: list[tuple[int, str, bool]],
+) -> None:
+    feed = make_feed()
+    model: dict[int, str] = {}
+    attempts: dict[int, int] = {}
+    for n, kind, look in steps:
+        state = MOVES.get(model.get(n, "new"), {}).get(kind)
+        if state is None:
+            continue  # not a move the scheduler makes from this job's state
+        model[n] = state
+        if kind == "assigned":
+            attempts[n] = attempts.get(n, 0) + 1
+        job = JobRecord(
+            job_id=f"j{n}",
+            client_id="c",
+            state=state,
+            payload={},
+            constraints=CONSTRAINTS[n % 3],
+            priority=0,
+            requested_at=0.0,
+            expires_at=900.0,
+            attempt=attempts.get(n, 0),
+            failures=0,
+            max_attempts=3,
+            seq=1,
+        )
+        miner = None if state == "QUEUED" else "m1"
+        event = EventRecord(f"j{n}", 1, kind, state, 1.0, attempts.get(n, 0), miner, {})
+        feed.on_event(job, event, "{}")
+        if look:  # the summary is asked for at any moment, as the clock and watchers do
+            assert feed._queue() == summary_by_walking(feed)
+    assert feed._queue() == summary_by_walking(feed)
