@@ -141,7 +141,7 @@ class Scheduler:
         self._idem: dict[tuple[str, str], str] = {}
         self._match = MatchCache()
         self._idle = IdleIndex(self._match)
-        self._queue = JobQueue(self._match)
+        self._queue = JobQueue(self._match, self._needs_servable)
         self._queued = 0
         self._known_caps: dict[Capabilities, int] = {}
         self._servable: dict[JobNeeds, bool] = {}  # is_servable verdicts for _known_caps
@@ -168,7 +168,9 @@ class Scheduler:
 
     def is_servable(self, constraints: JSONObject) -> bool:
         """True when some known miner (connected or within its resume grace) could run it."""
-        needs = JobNeeds.parse(constraints)
+        return self._needs_servable(JobNeeds.parse(constraints))
+
+    def _needs_servable(self, needs: JobNeeds) -> bool:
         verdict = self._servable.get(needs)
         if verdict is None:
             if len(self._servable) >= 4096:
@@ -365,6 +367,7 @@ class Scheduler:
         n = self._known_caps.get(miner.caps, 0)
         if not n:
             self._servable.clear()  # a new class of miner: verdicts may change
+            self._queue.wake()
         self._known_caps[miner.caps] = n + 1
         self._refresh_idle(miner, now)
         return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()

@@ -248,21 +248,53 @@ class IdleIndex:
 
 # (-priority, order, token, job_id): higher priority first, then submission order (FIFO).
 _Entry = tuple[int, int, int, str]
+# Classes a pick may set aside (ones the freed miner cannot take) before it scans instead.
+_ASIDE_LIMIT = 32
 
 
 class JobQueue:
-    """Queued jobs grouped by constraint class; a heap per class with lazy deletion.
+    """Queued jobs grouped by constraint class; a heap per class with lazy deletion, and a
+    heap of the classes by their heads, so that a freed miner's pick visits classes best head
+    first and stops at the first one it can take: jobs with per-job constraints (a budget in
+    ``max_price``, say) make a class each, and a pick that looked at every class cost
+    milliseconds per job with thousands of them.
+
+    A class no known miner can take (``servable`` says so) is set dormant when a pick meets
+    it: its head leaves ``_heads`` until ``wake`` (a new class of miner is known), so picks do
+    not step over a backlog nobody can run.
 
     ``valid(job_id, token)`` tells whether an entry is still live (the job is QUEUED and was
     not re-pushed since); the owner passes it in so the queue keeps no job state itself.
     """
 
-    def __init__(self, match: MatchCache) -> None:
+    def __init__(self, match: MatchCache, servable: Callable[[JobNeeds], bool]) -> None:
         self._match = match
+        self._servable = servable
+        self._dormant: set[JobNeeds] = set()
         self._classes: dict[JobNeeds, list[_Entry]] = {}
+        # (head, class) for the current head of every class, plus stale pairs (the class's
+        # head has changed since, or the class is gone) dropped when they come to the top.
+        # Entries are unique, so a pair never compares its JobNeeds.
+        self._heads: list[tuple[_Entry, JobNeeds]] = []
 
     def push(self, needs: JobNeeds, priority: int, order: int, token: int, job_id: str) -> None:
-        heapq.heappush(self._classes.setdefault(needs, []), (-priority, order, token, job_id))
+        entry = (-priority, order, token, job_id)
+        heap = self._classes.get(needs)
+        if heap is None:
+            self._classes[needs] = [entry]
+        else:
+            heapq.heappush(heap, entry)
+            if heap[0] is not entry or needs in self._dormant:
+                return
+        heapq.heappush(self._heads, (entry, needs))
+
+    def wake(self) -> None:
+        """A new class of miner is known: dormant classes may match it."""
+        for needs in self._dormant:
+            heap = self._classes.get(needs)
+            if heap:
+                heapq.heappush(self._heads, (heap[0], needs))
+        self._dormant.clear()
 
     def classes(self) -> list[JobNeeds]:
         return list(self._classes)
@@ -275,15 +307,62 @@ class JobQueue:
             valid: ``(job_id, token) -> bool``.
             rejected: ``job_id -> bool``, true when this miner already refused the job.
         """
-        best: tuple[JobNeeds, _Entry] | None = None
-        for needs in list(self._classes):
+        heads, classes = self._heads, self._classes
+        aside: list[tuple[_Entry, JobNeeds]] = []  # pairs this miner cannot take, put back
+        best: _Entry | None = None
+        best_needs: JobNeeds | None = None
+        while heads and (best is None or heads[0][0] < best):
+            entry, needs = heads[0]
+            heap = classes.get(needs)
+            if heap is None or heap[0] is not entry:
+                heapq.heappop(heads)  # stale
+            elif not self._match(needs, caps):
+                if not self._servable(needs):
+                    heapq.heappop(heads)
+                    self._dormant.add(needs)
+                    continue
+                if len(aside) == _ASIDE_LIMIT:  # many classes ahead it cannot take: scan
+                    for pair in aside:
+                        heapq.heappush(heads, pair)
+                    return self._scan(caps, valid, rejected)
+                aside.append(heapq.heappop(heads))
+            elif not valid(entry[3], entry[2]):
+                heapq.heappop(heads)
+                self._pop_head(needs, heap)
+            elif rejected(entry[3]):
+                aside.append(heapq.heappop(heads))
+                candidates = [e for e in heap if valid(e[3], e[2]) and not rejected(e[3])]
+                if candidates:
+                    alternative = min(candidates)
+                    if best is None or alternative < best:
+                        best, best_needs = alternative, needs
+            else:  # nothing after it in ``heads`` is better
+                best, best_needs = entry, needs
+                break
+        for pair in aside:
+            heapq.heappush(heads, pair)
+        return None if best is None or best_needs is None else (best_needs, best)
+
+    def _scan(
+        self, caps: Capabilities, valid: Any, rejected: Any
+    ) -> tuple[JobNeeds, _Entry] | None:
+        """``pick`` by one pass over the classes, for when many classes ahead in ``_heads``
+        are ones this miner cannot take (say, a backlog no connected miner matches, a class
+        per job). A class whose head cannot beat the best found so far costs one comparison.
+        """
+        best: _Entry | None = None
+        best_needs: JobNeeds | None = None
+        dormant = self._dormant
+        for needs, heap in list(self._classes.items()):
+            if (best is not None and heap[0] > best) or needs in dormant:
+                continue
             if not self._match(needs, caps):
                 continue
-            heap = self._classes[needs]
-            while heap and not valid(heap[0][3], heap[0][2]):
-                heapq.heappop(heap)
+            while not valid(heap[0][3], heap[0][2]):
+                self._pop_head(needs, heap)
+                if not heap:
+                    break
             if not heap:
-                del self._classes[needs]
                 continue
             entry = heap[0]
             if rejected(entry[3]):
@@ -291,18 +370,25 @@ class JobQueue:
                 if not candidates:
                     continue
                 entry = min(candidates)
-            if best is None or entry < best[1]:
-                best = (needs, entry)
-        return best
+            if best is None or entry < best:
+                best, best_needs = entry, needs
+        return None if best is None or best_needs is None else (best_needs, best)
 
     def remove(self, needs: JobNeeds, entry: _Entry) -> None:
         heap = self._classes.get(needs)
         if heap is None:
             return
-        if heap and heap[0] == entry:
-            heapq.heappop(heap)
+        if heap[0] is entry or heap[0] == entry:
+            self._pop_head(needs, heap)
         else:
             heap.remove(entry)
             heapq.heapify(heap)
+
+    def _pop_head(self, needs: JobNeeds, heap: list[_Entry]) -> None:
+        """Drop a class's head; the next entry becomes its head (the old pair goes stale)."""
+        heapq.heappop(heap)
         if not heap:
             del self._classes[needs]
+            self._dormant.discard(needs)
+        elif needs not in self._dormant:
+            heapq.heappush(self._heads, (heap[0], needs))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
+from dispatcher import policy
 from dispatcher.policy import Capabilities, IdleIndex, JobNeeds, JobQueue, MatchCache, matches
 
 CAPS: dict[str, Any] = {
@@ -335,7 +337,7 @@ def drain(queue: JobQueue, miner: Capabilities, live: Live) -> list[str]:
 
 def test_job_queue_priority_then_fifo() -> None:
     """Higher priority first; equal priority in submission order, across classes."""
-    queue, live = JobQueue(MatchCache()), Live()
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
     jobs = [
         ("a", 0, needs()),
         ("b", 5, needs(gpu="A100")),
@@ -353,7 +355,7 @@ def test_job_queue_priority_then_fifo() -> None:
 
 def test_job_queue_only_matching_classes() -> None:
     """A miner is only offered jobs whose class it matches."""
-    queue, live = JobQueue(MatchCache()), Live()
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
     for order, (job_id, cls) in enumerate([("a", needs(gpu="A100")), ("b", needs())], 1):
         live.tokens[job_id] = 1
         queue.push(cls, 0, order, 1, job_id)
@@ -364,7 +366,7 @@ def test_job_queue_only_matching_classes() -> None:
 
 def test_job_queue_lazy_deletion() -> None:
     """Stale entries (no longer queued, or re-pushed with a new token) are skipped and dropped."""
-    queue, live = JobQueue(MatchCache()), Live()
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
     for order, job_id in enumerate("abc", start=1):
         live.tokens[job_id] = 1
         queue.push(needs(), 0, order, 1, job_id)
@@ -380,7 +382,7 @@ def test_job_queue_lazy_deletion() -> None:
 
 def test_job_queue_class_of_only_stale_entries_disappears() -> None:
     """A class whose entries are all stale is removed on the next pick."""
-    queue, live = JobQueue(MatchCache()), Live()
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
     queue.push(needs(gpu="A100"), 0, 1, 1, "gone")
     assert queue.pick(caps(), live.valid, live.is_rejected) is None
     assert queue.classes() == []
@@ -388,7 +390,7 @@ def test_job_queue_class_of_only_stale_entries_disappears() -> None:
 
 def test_job_queue_skips_rejected() -> None:
     """Jobs this miner rejected are passed over; a class with only rejected jobs offers none."""
-    queue, live = JobQueue(MatchCache()), Live()
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
     for order, (job_id, cls) in enumerate(
         [("a", needs()), ("b", needs()), ("c", needs(gpu="A100"))], start=1
     ):
@@ -408,7 +410,7 @@ def test_job_queue_skips_rejected() -> None:
 
 def test_job_queue_remove_unknown_class_is_noop() -> None:
     """remove() on a class the queue no longer has does nothing."""
-    queue = JobQueue(MatchCache())
+    queue = JobQueue(MatchCache(), lambda needs: True)
     queue.remove(needs(gpu="x"), (0, 1, 1, "a"))
     assert queue.classes() == []
 
@@ -432,3 +434,86 @@ def test_parsed_class_caches_keep_right_sized_keys() -> None:
         JobNeeds._parsed.clear()
         Capabilities._parsed.clear()
     assert per_shape < 2048  # with the 4 KiB buffers: over 4096
+
+
+_GPUS = ("A100", "H100", "L4")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pick", "cancel", "reject", "connect"]),
+            st.integers(0, 2),  # gpu
+            st.integers(0, 3),  # price step: one class per budget
+            st.integers(-1, 1),  # priority
+        ),
+        max_size=120,
+    ),
+    st.sampled_from([0, 2, 32]),
+)
+def test_job_queue_pick_is_the_best_live_matching_entry(
+    steps: list[tuple[str, int, int, int]], aside_limit: int
+) -> None:
+    """Whatever the mix of classes, stale entries, refusals and dormant classes, a pick is the
+    least (priority, order) live entry of a class the miner matches that it did not refuse
+    (by the heads heap, or by the scan it falls back to after ``aside_limit`` classes)."""
+    saved, policy._ASIDE_LIMIT = policy._ASIDE_LIMIT, aside_limit
+    try:
+        _check_picks(steps)
+    finally:
+        policy._ASIDE_LIMIT = saved
+
+
+def _check_picks(steps: list[tuple[str, int, int, int]]) -> None:
+    known = {caps({"gpus": [{"name": "A100"}], "price": 0.01})}
+    match = MatchCache()
+    queue, live = JobQueue(match, lambda n: any(match(n, c) for c in known)), Live()
+    pushed: dict[str, tuple[Any, tuple[int, int, int, str]]] = {}
+    for order, (op, gpu, step, prio) in enumerate(steps, start=1):
+        miner = caps({"gpus": [{"name": _GPUS[gpu]}], "price": 0.01 + 0.0005 * step})
+        if op == "push":
+            job_id = f"j{order}"
+            cls = needs(gpu=_GPUS[gpu], max_price=0.01 + 0.0005 * step)
+            live.tokens[job_id] = 1
+            queue.push(cls, prio, order, 1, job_id)
+            pushed[job_id] = (cls, (-prio, order, 1, job_id))
+        elif op == "cancel" and live.tokens:
+            live.tokens.pop(sorted(live.tokens)[step % len(live.tokens)])
+        elif op == "reject" and live.tokens:
+            live.rejected.add(sorted(live.tokens)[step % len(live.tokens)])
+        elif op == "connect" and miner not in known:
+            known.add(miner)
+            queue.wake()
+        elif op == "pick":  # by a connected miner's class
+            miner = sorted(known, key=repr)[(gpu + step) % len(known)]
+            expected = min(
+                (
+                    entry
+                    for job_id, (cls, entry) in pushed.items()
+                    if live.valid(job_id, 1) and not live.is_rejected(job_id) and match(cls, miner)
+                ),
+                default=None,
+            )
+            found = queue.pick(miner, live.valid, live.is_rejected)
+            assert (None if found is None else found[1]) == expected
+            if found is not None:
+                queue.remove(*found)
+                live.tokens.pop(found[1][3])
+
+
+def test_job_queue_wakes_dormant_classes_for_a_new_class_of_miner() -> None:
+    """A class no known miner matches goes dormant when a pick steps over it, and comes back
+    when a miner that matches it connects."""
+    a100, h100 = caps({"gpus": [{"name": "A100"}]}), caps({"gpus": [{"name": "H100"}]})
+    known = {a100}
+    match = MatchCache()
+    queue, live = JobQueue(match, lambda n: any(match(n, c) for c in known)), Live()
+    for order, (job_id, gpu) in enumerate([("h", "H100"), ("a", "A100")], start=1):
+        live.tokens[job_id] = 1
+        queue.push(needs(gpu=gpu), 0, order, 1, job_id)
+    assert drain(queue, a100, live) == ["a"]
+    assert queue._dormant == {needs(gpu="H100")}
+    known.add(h100)
+    queue.wake()
+    assert drain(queue, h100, live) == ["h"]
