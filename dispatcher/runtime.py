@@ -39,7 +39,7 @@ from dispatcher.stats import (
     EventTally,
     Histogram,
 )
-from protocol.codec import encode, encode_event
+from protocol.codec import encode, encode_assign, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
@@ -372,19 +372,30 @@ class Dispatcher:
                     self.fanout.forget_job(e.job_id)
             elif isinstance(action, Assign):
                 sink = self._sinks.get(action.session_id)
-                if sink is not None:
-                    msg = JobAssign(
-                        job_id=action.job_id,
-                        attempt=action.attempt,
-                        payload=action.payload,
-                        constraints=action.constraints,
-                        expires_at=iso_time(action.expires_at),
-                        accept_timeout=action.accept_timeout,
+                if sink is None:
+                    continue
+                expires_at = iso_time(action.expires_at)
+                if isinstance(sink, _RestSink):  # a poll takes the message: no frame to parse
+                    sink.assign(
+                        JobAssign(
+                            job_id=action.job_id,
+                            attempt=action.attempt,
+                            payload=action.payload,
+                            constraints=action.constraints,
+                            expires_at=expires_at,
+                            accept_timeout=action.accept_timeout,
+                        )
                     )
-                    if isinstance(sink, _RestSink):
-                        sink.assign(msg)  # a poll takes the message itself: no frame to parse
-                    else:
-                        sink.send_frame(encode(msg).decode())
+                else:
+                    assign = encode_assign(
+                        action.job_id,
+                        action.attempt,
+                        action.payload,
+                        action.constraints,
+                        expires_at,
+                        action.accept_timeout,
+                    )
+                    sink.send_frame(assign.decode())
             elif isinstance(action, Revoke):
                 sink = self._sinks.get(action.session_id)
                 if sink is not None:
