@@ -85,9 +85,9 @@ T = TypeVar("T")
 
 def event_frame(e: EventRecord) -> str:
     """The ``job.event`` text frame of a stored event (encoded once per event)."""
-    return encode_event(
-        e.job_id, e.seq, e.event, e.state, iso_time(e.at), e.attempt, e.miner_id, e.data
-    ).decode()
+    # Unpacked: a NamedTuple's fields read by name each take the interpreter's slow path.
+    job_id, seq, event, state, at, attempt, miner_id, data = e
+    return encode_event(job_id, seq, event, state, iso_time(at), attempt, miner_id, data).decode()
 
 
 def _snapshot(job: Job, effects: list[Effect]) -> JobRecord:
@@ -243,7 +243,7 @@ class Dispatcher:
         persists: list[Persist] = []
         for effect in effects:
             if isinstance(effect, Persist):
-                job, event = effect.job, effect.event
+                job, event = effect
                 writes.jobs[job.job_id] = job
                 writes.events.append(event)
                 if event.event == "completed" and job.receipt is not None:
@@ -359,41 +359,35 @@ class Dispatcher:
     def _perform_actions(self, actions: Sequence[_Action], now: float) -> None:
         for action in actions:
             if isinstance(action, Persist):
-                e = action.event
-                self._remember(action.job)
+                job, e = action
+                self._remember(job)
                 frame = event_frame(e)
-                self.fanout.publish(
-                    action.job.client_id, e.job_id, e.seq, frame, e.event == "progress"
-                )
-                self.tally.observe(action.job, e, now)
+                self.fanout.publish(job.client_id, job.job_id, e.seq, frame, e.event == "progress")
+                self.tally.observe(job, e, now)
                 for watch in self.watchers:
-                    watch(action.job, e, frame)
+                    watch(job, e, frame)
                 if e.state in TERMINAL:
-                    self.fanout.forget_job(e.job_id)
+                    self.fanout.forget_job(job.job_id)
             elif isinstance(action, Assign):
-                sink = self._sinks.get(action.session_id)
+                _, session_id, job_id, attempt, payload, constraints, expires, timeout = action
+                sink = self._sinks.get(session_id)
                 if sink is None:
                     continue
-                expires_at = iso_time(action.expires_at)
+                expires_at = iso_time(expires)
                 if isinstance(sink, _RestSink):  # a poll takes the message: no frame to parse
                     sink.assign(
                         JobAssign(
-                            job_id=action.job_id,
-                            attempt=action.attempt,
-                            payload=action.payload,
-                            constraints=action.constraints,
+                            job_id=job_id,
+                            attempt=attempt,
+                            payload=payload,
+                            constraints=constraints,
                             expires_at=expires_at,
-                            accept_timeout=action.accept_timeout,
+                            accept_timeout=timeout,
                         )
                     )
                 else:
                     assign = encode_assign(
-                        action.job_id,
-                        action.attempt,
-                        action.payload,
-                        action.constraints,
-                        expires_at,
-                        action.accept_timeout,
+                        job_id, attempt, payload, constraints, expires_at, timeout
                     )
                     sink.send_frame(assign.decode())
             elif isinstance(action, Revoke):

@@ -180,9 +180,28 @@ def _job_changes(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     )
 
 
+# ``_job_update`` and ``_fresh_row`` run for nearly every job row: they unpack the record, as
+# a NamedTuple's fields read by name each take the interpreter's slow path (no specialization).
+
+
 def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
-    return (*_job_changes(j, stored), j.job_id)
+    (job_id, _, state, _, _, _, _, _, attempt, failures, _, seq, miner_id, assigned_at,
+     started_at, finished_at, result, receipt, error, _, _) = j  # fmt: skip
+    return (
+        str(state),
+        attempt,
+        failures,
+        seq,
+        miner_id,
+        assigned_at,
+        started_at,
+        finished_at,
+        _text(result),
+        _receipt_text(receipt, stored),
+        error,
+        job_id,
+    )
 
 
 def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
@@ -205,30 +224,33 @@ def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
 def _fresh_row(j: JobRecord) -> tuple[Any, ...] | None:
     """The ``_UPSERT_FRESH_JOB`` parameters (``_job_row`` without ``_FRESH_NULLS``), or None
     when one of those columns is not NULL."""
+    (job_id, client_id, state, payload, constraints, priority, requested_at, expires_at,
+     attempt, failures, max_attempts, seq, miner_id, assigned_at,
+     started_at, finished_at, result, receipt, error, idempotency_key, payment) = j  # fmt: skip
     if (
-        j.started_at is None
-        and j.finished_at is None
-        and j.result is None
-        and j.receipt is None
-        and j.error is None
-        and j.idempotency_key is None
-        and j.payment is None
+        started_at is None
+        and finished_at is None
+        and result is None
+        and receipt is None
+        and error is None
+        and idempotency_key is None
+        and payment is None
     ):
         return (
-            j.job_id,
-            j.client_id,
-            _text(j.payload),
-            _text(j.constraints),
-            j.priority,
-            j.requested_at,
-            j.expires_at,
-            j.max_attempts,
-            str(j.state),
-            j.attempt,
-            j.failures,
-            j.seq,
-            j.miner_id,
-            j.assigned_at,
+            job_id,
+            client_id,
+            _text(payload),
+            _text(constraints),
+            priority,
+            requested_at,
+            expires_at,
+            max_attempts,
+            str(state),
+            attempt,
+            failures,
+            seq,
+            miner_id,
+            assigned_at,
         )
     return None
 
@@ -286,9 +308,8 @@ def _event_record(row: Any) -> EventRecord:
     )
 
 
-def _event_data(e: EventRecord, stored: dict[int, str]) -> str:
+def _event_data(data: JSONObject, stored: dict[int, str]) -> str:
     """The ``data`` column: a receipt this batch stores in ``receipts`` is referenced by id."""
-    data = e.data
     if not data:
         return "{}"
     receipt = data.get(_RECEIPT)
@@ -332,18 +353,18 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         if batch.events:
             conn.executemany(
                 _INSERT_EVENT,
-                [
+                [  # unpacked: a NamedTuple's fields read by name take the slow path
                     (
-                        e.job_id,
-                        e.seq,
-                        str(e.event),
-                        str(e.state),
-                        e.at,
-                        e.attempt,
-                        e.miner_id,
-                        _event_data(e, stored),
+                        job_id,
+                        seq,
+                        str(event),
+                        str(state),
+                        at,
+                        attempt,
+                        miner_id,
+                        _event_data(data, stored),
                     )
-                    for e in batch.events
+                    for job_id, seq, event, state, at, attempt, miner_id, data in batch.events
                 ],
             )
         if batch.miners:
