@@ -40,7 +40,7 @@ from dispatcher.stats import (
     Histogram,
     JobCounts,
 )
-from protocol.codec import encode, encode_event
+from protocol.codec import encode, encode_assign, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
@@ -86,9 +86,9 @@ T = TypeVar("T")
 
 def event_frame(e: EventRecord) -> str:
     """The ``job.event`` text frame of a stored event (encoded once per event)."""
-    return encode_event(
-        e.job_id, e.seq, e.event, e.state, iso_time(e.at), e.attempt, e.miner_id, e.data
-    ).decode()
+    # Unpacked: a NamedTuple's fields read by name each take the interpreter's slow path.
+    job_id, seq, event, state, at, attempt, miner_id, data = e
+    return encode_event(job_id, seq, event, state, iso_time(at), attempt, miner_id, data).decode()
 
 
 def _snapshot(job: Job, effects: list[Effect]) -> JobRecord:
@@ -246,7 +246,7 @@ class Dispatcher:
         persists: list[Persist] = []
         for effect in effects:
             if isinstance(effect, Persist):
-                job, event = effect.job, effect.event
+                job, event = effect
                 writes.jobs[job.job_id] = job
                 writes.events.append(event)
                 if event.event == "completed" and job.receipt is not None:
@@ -362,33 +362,38 @@ class Dispatcher:
     def _perform_actions(self, actions: Sequence[_Action], now: float) -> None:
         for action in actions:
             if isinstance(action, Persist):
-                e = action.event
-                self._remember(action.job)
+                job, e = action
+                self._remember(job)
                 frame = event_frame(e)
-                self.fanout.publish(
-                    action.job.client_id, e.job_id, e.seq, frame, e.event == "progress"
-                )
-                self.tally.observe(action.job, e, now)
+                self.fanout.publish(job.client_id, job.job_id, e.seq, frame, e.event == "progress")
+                self.tally.observe(job, e, now)
                 self.job_counts.observe(e)
                 for watch in self.watchers:
-                    watch(action.job, e, frame)
+                    watch(job, e, frame)
                 if e.state in TERMINAL:
-                    self.fanout.forget_job(e.job_id)
+                    self.fanout.forget_job(job.job_id)
             elif isinstance(action, Assign):
-                sink = self._sinks.get(action.session_id)
-                if sink is not None:
-                    msg = JobAssign(
-                        job_id=action.job_id,
-                        attempt=action.attempt,
-                        payload=action.payload,
-                        constraints=action.constraints,
-                        expires_at=iso_time(action.expires_at),
-                        accept_timeout=action.accept_timeout,
+                _, session_id, job_id, attempt, payload, constraints, expires, timeout = action
+                sink = self._sinks.get(session_id)
+                if sink is None:
+                    continue
+                expires_at = iso_time(expires)
+                if isinstance(sink, _RestSink):  # a poll takes the message: no frame to parse
+                    sink.assign(
+                        JobAssign(
+                            job_id=job_id,
+                            attempt=attempt,
+                            payload=payload,
+                            constraints=constraints,
+                            expires_at=expires_at,
+                            accept_timeout=timeout,
+                        )
                     )
-                    if isinstance(sink, _RestSink):
-                        sink.assign(msg)  # a poll takes the message itself: no frame to parse
-                    else:
-                        sink.send_frame(encode(msg).decode())
+                else:
+                    assign = encode_assign(
+                        job_id, attempt, payload, constraints, expires_at, timeout
+                    )
+                    sink.send_frame(assign.decode())
             elif isinstance(action, Revoke):
                 sink = self._sinks.get(action.session_id)
                 if sink is not None:

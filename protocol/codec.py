@@ -522,4 +522,26 @@ def encode_event(
     return orjson.dumps(frame)
 
 
-__all__ += ["encode_event"]
+def encode_assign(
+    job_id: str,
+    attempt: int,
+    payload: JSONObject,
+    constraints: JSONObject,
+    expires_at: str,
+    accept_timeout: float,
+) -> bytes:
+    """``encode(JobAssign(...))`` without building the message (hot path: one per job)."""
+    return orjson.dumps(
+        {
+            "type": "job.assign",
+            "job_id": job_id,
+            "attempt": attempt,
+            "payload": payload,
+            "constraints": constraints,
+            "expires_at": expires_at,
+            "accept_timeout": accept_timeout,
+        }
+    )
+
+
+__all__ += ["encode_assign", "encode_event"]

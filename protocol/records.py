@@ -73,30 +73,34 @@ class MinerRecord:
 
 def job_view(job: JobRecord, *, servable: bool | None = None) -> JSONObject:
     """The JobView of rest-api.md §2.9 plus this project's extra fields."""
+    # Unpacked: a NamedTuple's fields read by name each take the interpreter's slow path.
+    (job_id, _, state, payload, constraints, priority, requested_at, expires_at, attempt, _,
+     _, seq, miner_id, _, started_at, finished_at, result, receipt, error, _,
+     payment) = job  # fmt: skip
     view: JSONObject = {
-        "job_id": job.job_id,
-        "state": job.state,
-        "assigned_miner_id": job.miner_id,
-        "requested_at": iso_time(job.requested_at),
-        "expires_at": iso_time(job.expires_at),
-        "error": job.error,
+        "job_id": job_id,
+        "state": state,
+        "assigned_miner_id": miner_id,
+        "requested_at": iso_time(requested_at),
+        "expires_at": iso_time(expires_at),
+        "error": error,
         "payment_id": None,
         "payment_status": None,
         "payment_amount": None,
-        "payload": job.payload,
-        "constraints": job.constraints,
-        "result": job.result,
-        "receipt_id": (job.receipt or {}).get("receipt_id"),
-        "attempt": job.attempt,
-        "priority": job.priority,
-        "started_at": None if job.started_at is None else iso_time(job.started_at),
-        "finished_at": None if job.finished_at is None else iso_time(job.finished_at),
-        "seq": job.seq,
+        "payload": payload,
+        "constraints": constraints,
+        "result": result,
+        "receipt_id": (receipt or {}).get("receipt_id"),
+        "attempt": attempt,
+        "priority": priority,
+        "started_at": None if started_at is None else iso_time(started_at),
+        "finished_at": None if finished_at is None else iso_time(finished_at),
+        "seq": seq,
     }
-    if job.payment is not None:
-        view["payment_id"] = job.payment["payment_id"]
-        view["payment_status"] = payment_status(job.state)
-        view["payment_amount"] = format_units(job.payment["amount"])
+    if payment is not None:
+        view["payment_id"] = payment["payment_id"]
+        view["payment_status"] = payment_status(state)
+        view["payment_amount"] = format_units(payment["amount"])
     if servable is not None:
         view["servable"] = servable
     return view

@@ -54,6 +54,7 @@ class _Session(Generic[M]):
 
     _decode: Callable[[bytes | str], M]
     _hello_type: type
+    _handshake_types: tuple[type, ...]  # (Auth, the hello type): refused once OPEN
 
     def __init__(self, *, authenticated: bool, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.state = AWAIT_HELLO if authenticated else AWAIT_AUTH
@@ -95,22 +96,23 @@ class _Session(Generic[M]):
             self.fail(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
 
     def _admit(self, msg: M) -> None:
-        if self.state is AWAIT_AUTH:
+        state = self.state
+        if state is OPEN:  # the steady state first: every message after the handshake
+            if isinstance(msg, self._handshake_types):
+                self.fail(CloseCode.PROTOCOL_ERROR, f"{type(msg).__name__.lower()} after handshake")
+            else:
+                self._events.append(msg)
+        elif state is AWAIT_AUTH:
             if isinstance(msg, Auth):
                 self._events.append(msg)
             else:
                 self.fail(CloseCode.NOT_AUTHENTICATED, "authenticate first")
-        elif self.state is AWAIT_HELLO:
-            if not isinstance(msg, self._hello_type):
-                self.fail(CloseCode.PROTOCOL_ERROR, "expected hello")
-            elif getattr(msg, "protocol", None) != PROTOCOL_VERSION:
-                self.fail(CloseCode.UNSUPPORTED_VERSION, f"protocol {PROTOCOL_VERSION} only")
-            else:
-                self.state = OPEN
-                self._events.append(msg)
-        elif isinstance(msg, Auth | self._hello_type):
-            self.fail(CloseCode.PROTOCOL_ERROR, f"{type(msg).__name__.lower()} after handshake")
+        elif not isinstance(msg, self._hello_type):  # AWAIT_HELLO (CLOSING reads nothing)
+            self.fail(CloseCode.PROTOCOL_ERROR, "expected hello")
+        elif getattr(msg, "protocol", None) != PROTOCOL_VERSION:
+            self.fail(CloseCode.UNSUPPORTED_VERSION, f"protocol {PROTOCOL_VERSION} only")
         else:
+            self.state = OPEN
             self._events.append(msg)
 
     def authenticated(self) -> None:
@@ -159,6 +161,7 @@ class MinerSession(_Session[MinerToServer]):
 
     _decode = staticmethod(decode_miner_frame)
     _hello_type = Hello
+    _handshake_types = (Auth, Hello)
 
 
 class ClientSession(_Session[ClientToServer]):
@@ -166,3 +169,4 @@ class ClientSession(_Session[ClientToServer]):
 
     _decode = staticmethod(decode_client_frame)
     _hello_type = ClientHello
+    _handshake_types = (Auth, ClientHello)

@@ -97,40 +97,40 @@ class OpsFeed:
 
     def on_event(self, job: JobRecord, e: EventRecord, frame: str) -> None:
         """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
-        kind = e.event
+        # Unpacked: a NamedTuple's fields read by name each take the interpreter's slow path.
+        job_id, _, kind, state, at, attempt, miner_id, _ = e
         if kind == "progress":
-            if e.miner_id is not None:
-                self._seen[e.miner_id] = e.at
+            if miner_id is not None:
+                self._seen[miner_id] = at
             for outbox in self.watchers:
-                outbox.put(frame, job_id=e.job_id, progress=True)
+                outbox.put(frame, job_id=job_id, progress=True)
             return
-        if e.state in _TERMINAL:
-            gone = self.active.pop(e.job_id, None)
+        if state in _TERMINAL:
+            gone = self.active.pop(job_id, None)
             if gone is not None:
-                self._uncount(e.job_id, gone)
+                self._uncount(job_id, gone)
         else:
-            entry = self.active.get(e.job_id)
+            entry = self.active.get(job_id)
             if entry is None:
-                entry = self.active[e.job_id] = _ActiveJob(job.constraints)
+                entry = self.active[job_id] = _ActiveJob(job.constraints)
             else:
-                self._uncount(e.job_id, entry)
-            entry.state = e.state
-            entry.miner_id = e.miner_id
+                self._uncount(job_id, entry)
+            entry.state = state
+            entry.miner_id = miner_id
             entry.started = kind == "started" or (kind != "assigned" and entry.started)
             if kind == "requeued":
                 entry.started = False
-            self._count(e.job_id, entry)
-        miner_id = e.miner_id
+            self._count(job_id, entry)
         if miner_id is not None:
-            self._seen[miner_id] = e.at
+            self._seen[miner_id] = at
             if kind == "completed" or kind == "failed":
                 done = self._done.setdefault(miner_id, [0, 0])
                 done[kind == "failed"] += 1
-        if kind == "assigned" and e.attempt == 1:  # submit -> pushed (after the commit)
+        if kind == "assigned" and attempt == 1:  # submit -> pushed (after the commit)
             self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
         self.recent.append(frame)
         for outbox in self.watchers:
-            outbox.put(frame, job_id=e.job_id)
+            outbox.put(frame, job_id=job_id)
 
     def _count(self, job_id: str, entry: _ActiveJob) -> None:
         """Add an active job to the summary: QUEUED, else running once started, else assigned

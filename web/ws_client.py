@@ -48,15 +48,15 @@ class ClientConnection(Connection):
         )
 
     def handle_now(self, msg: ClientToServer, session: ClientSession) -> bool:
-        match msg:
+        match msg:  # the message of every job first (one isinstance per case)
+            case JobSubmit() if msg.idempotency_key is None:
+                self._submit_now(msg)  # no key: nothing to look up in the store
             case Auth():
                 self.authenticate(msg.token, session)
             case ClientHello():
                 assert self.principal is not None
                 self.subscriber = Subscriber(self.principal.id, self.outbox)
                 self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
-            case JobSubmit() if msg.idempotency_key is None:
-                self._submit_now(msg)  # no key: nothing to look up in the store
             case Unsubscribe():
                 assert self.subscriber is not None
                 fanout = self.core.dispatcher.fanout

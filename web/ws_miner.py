@@ -51,13 +51,15 @@ class MinerConnection(Connection):
 
     def handle_now(self, msg: MinerToServer, session: MinerSession) -> bool:
         dispatcher = self.core.dispatcher
-        match msg:
+        match msg:  # the two messages of every job first (one isinstance per case)
+            case JobResult():
+                return self._result_now(msg)
+            case JobAccept():
+                self._call(msg.id, msg.job_id, "accept", msg.job_id, attempt=msg.attempt)
             case Auth():
                 self.authenticate(msg.token, session)
             case Hello():
                 self._hello(msg)
-            case JobAccept():
-                self._call(msg.id, msg.job_id, "accept", msg.job_id, attempt=msg.attempt)
             case JobReject():
                 self._call(
                     msg.id, msg.job_id, "reject", msg.job_id, msg.reason, attempt=msg.attempt
@@ -91,8 +93,6 @@ class MinerConnection(Connection):
             case Heartbeat():
                 if msg.id is not None:
                     dispatcher.after_commit(lambda: self.reply(msg.id))
-            case JobResult():
-                return self._result_now(msg)
         return True
 
     async def handle(self, msg: MinerToServer, session: MinerSession) -> None:

@@ -17,6 +17,7 @@ from protocol.codec import (
     decode_server_to_miner,
     dumps,
     encode,
+    encode_assign,
     encode_event,
     loads,
 )
@@ -1004,6 +1005,22 @@ def test_encode_event_matches_job_event() -> None:
         "miner_id": None,
         "progress": 0.5,
     }
+
+
+def test_encode_assign_matches_job_assign() -> None:
+    """encode_assign (the dispatcher's hot path) writes the bytes encode(JobAssign) writes."""
+    msg = JobAssign(
+        job_id="j",
+        attempt=2,
+        payload={"prompt": "hi", "n": [1, 2]},
+        constraints={"gpu": "A100"},
+        expires_at="2025-01-01T00:00:00.000Z",
+        accept_timeout=10.0,
+    )
+    direct = encode_assign(
+        "j", 2, {"prompt": "hi", "n": [1, 2]}, {"gpu": "A100"}, "2025-01-01T00:00:00.000Z", 10.0
+    )
+    assert direct == encode(msg)
 
 
 def test_encode_unknown_object_raises() -> None:

@@ -722,3 +722,46 @@ async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
             plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", values) if r[1] == 0]
             assert not any(step.startswith("SCAN") and "INDEX" not in step for step in plan)
             assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan  # only ties get sorted
+
+
+async def test_sqlite_rows_with_nulls_in_the_statement_match_the_general_statements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fresh inserts and plain updates (their NULLs written in the SQL, not bound) store the
+    rows, rowids included, that the general upsert and update store."""
+    import storage.sql as sql
+
+    batches = [
+        # all fresh (a submit, assigned or not), then a batch with an idempotency key in it
+        batch(jobs=[job("a"), job("b", state="RUNNING", attempt=1, miner_id="m", assigned_at=T0)]),
+        batch(jobs=[job("c"), job("d", idempotency_key="k"), job("e")]),
+        # plain updates (the receipt is in ``receipts``), then one with an error among them
+        batch(
+            jobs=[
+                job("a", state="COMPLETED", seq=3, result={"ok": 1}, finished_at=T0 + 1),
+                job("b", state="RUNNING", seq=2, started_at=T0 + 1),
+            ],
+            receipts=[receipt_row("r1", "a")],
+        ),
+        batch(jobs=[job("c", state="FAILED", seq=2, error="boom"), job("e", seq=2)]),
+    ]
+
+    async def rows(name: str) -> list[list[Any]]:
+        """The jobs table after each batch."""
+        store = DatabasesJobStore(f"sqlite:///{tmp_path / name}")
+        await store.open()
+        out = []
+        for n, b in enumerate(batches):
+            created = {j.job_id for j in b.jobs.values() if j.seq == 1}
+            b.events[:] = [event(job_id, 1) for job_id in created] if n < 2 else []
+            await commit(store, b)
+            with closing(sqlite3.connect(tmp_path / name)) as db:
+                out.append(db.execute("SELECT rowid, * FROM jobs ORDER BY rowid").fetchall())
+        await store.close()
+        return out
+
+    shortcut = await rows("shortcut.db")
+    monkeypatch.setattr(sql, "_fresh_row", lambda j: None)
+    monkeypatch.setattr(sql, "_plain", lambda update: None)
+    assert shortcut == await rows("general.db")
+    assert [r[1] for r in shortcut[-1]] == ["a", "b", "c", "d", "e"]

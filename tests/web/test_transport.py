@@ -484,3 +484,42 @@ async def test_write_now_writes_after_what_is_buffered_without_a_tick_callback()
     wrapped.write_now(b"d")
     await asyncio.sleep(0)
     assert raw.writes == [b"a", b"bc"]
+
+
+def test_coalescing_transport_has_the_whole_transport_api_and_delegates_the_rest() -> None:
+    """No ``__getattr__`` forwards unknown names (it would slow every attribute access down):
+    every method of ``asyncio.Transport`` is spelled out, and those not about writing pass
+    straight through."""
+    from unittest.mock import MagicMock
+
+    api = {n for n in dir(asyncio.Transport) if not n.startswith("_")}
+    assert api <= set(dir(CoalescingTransport))
+    assert "__getattr__" not in CoalescingTransport.__dict__
+    raw = MagicMock()
+    loop = asyncio.new_event_loop()
+    wrapped = CoalescingTransport(raw, loop)
+    loop.close()
+    calls = {
+        "is_closing": (),
+        "get_extra_info": ("peername", None),
+        "set_protocol": ("p",),
+        "get_protocol": (),
+        "is_reading": (),
+        "pause_reading": (),
+        "resume_reading": (),
+        "set_write_buffer_limits": (10, 5),
+        "get_write_buffer_limits": (),
+        "can_write_eof": (),
+        "abort": (),
+    }
+    assert api - set(calls) == {
+        "close",
+        "write",
+        "writelines",
+        "write_eof",
+        "get_write_buffer_size",
+    }
+    for name, args in calls.items():
+        result = getattr(wrapped, name)(*args)
+        getattr(raw, name).assert_called_once_with(*args)
+        assert result is getattr(raw, name).return_value or result is None
