@@ -203,13 +203,22 @@ class MatchCache:
 
 
 class IdleIndex:
-    """Miners with at least one free slot, grouped by capability class, oldest-free first."""
+    """Miners with at least one free slot, grouped by capability class, oldest-free first.
+
+    A heap holds each class's longest-waiting miner (its stamp), so a pick visits classes
+    oldest first and stops at the first one that can take the job: miners that advertise
+    their own price make a class each, and a pick that looked at every idle class cost
+    milliseconds per job with thousands of idle miners.
+    """
 
     def __init__(self, match: MatchCache) -> None:
         self._match = match
         self._classes: dict[Capabilities, OrderedDict[str, int]] = {}
         self._where: dict[str, Capabilities] = {}
         self._stamp = 0
+        # (stamp of a class's first member, class), plus stale pairs (that member has left,
+        # or the class is gone) dropped when they come to the top. Stamps are unique.
+        self._heads: list[tuple[int, Capabilities]] = []
 
     def __len__(self) -> int:
         return len(self._where)
@@ -221,21 +230,64 @@ class IdleIndex:
         """Insert, or move to the back (it was just given work or just freed)."""
         self.discard(miner_id)
         self._stamp += 1
-        self._classes.setdefault(caps, OrderedDict())[miner_id] = self._stamp
+        members = self._classes.get(caps)
+        if members is None:
+            members = self._classes[caps] = OrderedDict()
+            heapq.heappush(self._heads, (self._stamp, caps))
+        members[miner_id] = self._stamp
         self._where[miner_id] = caps
+        if len(self._heads) > 2 * len(self._classes) + _STALE_SLACK:  # mostly stale pairs
+            self._heads = [(next(iter(m.values())), c) for c, m in self._classes.items()]
+            heapq.heapify(self._heads)
 
     def discard(self, miner_id: str) -> None:
         caps = self._where.pop(miner_id, None)
         if caps is not None:
             members = self._classes[caps]
+            first = next(iter(members)) == miner_id
             del members[miner_id]
             if not members:
                 del self._classes[caps]
+            elif first:  # the next one has waited longest now
+                heapq.heappush(self._heads, (next(iter(members.values())), caps))
 
     def pick(self, needs: JobNeeds, exclude: set[str]) -> str | None:
         """The matching miner that has waited longest; None when no idle miner matches."""
+        heads, classes = self._heads, self._classes
+        aside: list[tuple[int, Capabilities]] = []  # classes that cannot take it, put back
+        best: tuple[int, str] | None = None
+        while heads and (best is None or heads[0][0] < best[0]):
+            stamp, caps = heads[0]
+            members = classes.get(caps)
+            if members is None or next(iter(members.values())) != stamp:
+                heapq.heappop(heads)  # stale
+                continue
+            if not self._match(needs, caps):
+                if len(aside) == _ASIDE_LIMIT:
+                    for pair in aside:
+                        heapq.heappush(heads, pair)
+                    return self._scan(needs, exclude)
+                aside.append(heapq.heappop(heads))
+                continue
+            if not exclude:
+                best = (stamp, next(iter(members)))
+                break
+            aside.append(heapq.heappop(heads))  # its first member may have refused the job
+            for miner_id, member_stamp in members.items():
+                if miner_id not in exclude:
+                    if best is None or member_stamp < best[0]:
+                        best = (member_stamp, miner_id)
+                    break
+        for pair in aside:
+            heapq.heappush(heads, pair)
+        return None if best is None else best[1]
+
+    def _scan(self, needs: JobNeeds, exclude: set[str]) -> str | None:
+        """``pick`` by one pass over the idle classes (many of them cannot take the job)."""
         best: tuple[int, str] | None = None
         for caps, members in self._classes.items():
+            if best is not None and next(iter(members.values())) > best[0]:
+                continue
             if not self._match(needs, caps):
                 continue
             for miner_id, stamp in members.items():
@@ -250,6 +302,8 @@ class IdleIndex:
 _Entry = tuple[int, int, int, str]
 # Classes a pick may set aside (ones the freed miner cannot take) before it scans instead.
 _ASIDE_LIMIT = 32
+# Stale (head, class) pairs a heads heap may hold beyond two per class before it is rebuilt.
+_STALE_SLACK = 1024
 
 
 class JobQueue:
@@ -287,6 +341,9 @@ class JobQueue:
             if heap[0] is not entry or needs in self._dormant:
                 return
         heapq.heappush(self._heads, (entry, needs))
+        if len(self._heads) > 2 * len(self._classes) + _STALE_SLACK:  # mostly stale pairs
+            self._heads = [(h[0], n) for n, h in self._classes.items() if n not in self._dormant]
+            heapq.heapify(self._heads)
 
     def wake(self) -> None:
         """A new class of miner is known: dormant classes may match it."""

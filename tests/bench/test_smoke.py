@@ -137,3 +137,10 @@ async def test_rest_inproc_runs_jobs_through_either_http_protocol(
     cost = await run(tmp_path / "rest.db", protocol, jobs=30, warmup=10, store=store)
     assert cost > 0
     assert (tmp_path / "rest.db").exists() is (store == "sqlite")
+
+
+def test_classes_bench_runs_every_case() -> None:
+    from bench import classes
+
+    assert classes.queued(50, 20, distinct=True, unservable=50) > 0
+    assert classes.idle(50, 20, distinct=True) > 0

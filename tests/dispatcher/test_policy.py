@@ -451,18 +451,21 @@ _GPUS = ("A100", "H100", "L4")
         max_size=120,
     ),
     st.sampled_from([0, 2, 32]),
+    st.sampled_from([0, 1024]),
 )
 def test_job_queue_pick_is_the_best_live_matching_entry(
-    steps: list[tuple[str, int, int, int]], aside_limit: int
+    steps: list[tuple[str, int, int, int]], aside_limit: int, slack: int
 ) -> None:
     """Whatever the mix of classes, stale entries, refusals and dormant classes, a pick is the
     least (priority, order) live entry of a class the miner matches that it did not refuse
     (by the heads heap, or by the scan it falls back to after ``aside_limit`` classes)."""
     saved, policy._ASIDE_LIMIT = policy._ASIDE_LIMIT, aside_limit
+    saved_slack, policy._STALE_SLACK = policy._STALE_SLACK, slack  # 0: rebuilt at once
     try:
         _check_picks(steps)
     finally:
         policy._ASIDE_LIMIT = saved
+        policy._STALE_SLACK = saved_slack
 
 
 def _check_picks(steps: list[tuple[str, int, int, int]]) -> None:
@@ -517,3 +520,75 @@ def test_job_queue_wakes_dormant_classes_for_a_new_class_of_miner() -> None:
     known.add(h100)
     queue.wake()
     assert drain(queue, h100, live) == ["h"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "add", "discard", "pick", "refuse"]),
+            st.integers(0, 3),  # miner
+            st.integers(0, 1),  # gpu
+            st.integers(0, 1),  # price step: a class per price
+        ),
+        max_size=120,
+    ),
+    st.sampled_from([0, 2, 32]),
+    st.sampled_from([0, 1024]),
+)
+def test_idle_index_pick_is_the_longest_waiting_matching_miner(
+    steps: list[tuple[str, int, int, int]], aside_limit: int, slack: int
+) -> None:
+    """A pick is the matching idle miner, not refused, that has waited longest (by the heads
+    heap, or by the scan it falls back to after ``aside_limit`` classes)."""
+    saved, policy._ASIDE_LIMIT = policy._ASIDE_LIMIT, aside_limit
+    saved_slack, policy._STALE_SLACK = policy._STALE_SLACK, slack  # 0: rebuilt at once
+    try:
+        match = MatchCache()
+        index = IdleIndex(match)
+        waiting: list[tuple[str, Capabilities]] = []  # the reference: oldest first
+        exclude: set[str] = set()
+        for op, n, gpu, step in steps:
+            miner_id = f"m{n}"
+            if op == "add":
+                c = caps({"gpus": [{"name": _GPUS[gpu]}], "price": 0.01 + 0.0005 * step})
+                index.add(miner_id, c)
+                waiting = [w for w in waiting if w[0] != miner_id] + [(miner_id, c)]
+            elif op == "discard":
+                index.discard(miner_id)
+                waiting = [w for w in waiting if w[0] != miner_id]
+            elif op == "refuse":
+                exclude.add(miner_id)
+            else:
+                job = needs(gpu=_GPUS[gpu], max_price=0.01 + 0.0005 * step)
+                expected = next((m for m, c in waiting if m not in exclude and match(job, c)), None)
+                assert index.pick(job, exclude) == expected
+            assert len(index) == len(waiting)
+    finally:
+        policy._ASIDE_LIMIT = saved
+        policy._STALE_SLACK = saved_slack
+
+
+def test_idle_index_refusals_and_requeued_miners_keep_the_longest_waiting_first() -> None:
+    """A class whose longest-waiting miner refused the job offers its next one, which may have
+    waited less than another class's; a miner given work and freed again goes to the back."""
+    x = caps({"gpus": [{"name": "A100"}], "price": 0.01})
+    y = caps({"gpus": [{"name": "A100"}], "price": 0.02})
+    job = needs(gpu="A100")
+    index = IdleIndex(MatchCache())
+    for miner_id, c in [("m0", x), ("m1", y), ("m2", x)]:
+        index.add(miner_id, c)
+    assert index.pick(job, {"m0"}) == "m1"  # m2 (class x) waited less than m1
+    index.discard("m1")
+    index.add("m0", x)  # m0 worked and is free again: now the newest
+    assert index.pick(job, set()) == "m2"
+    index.discard("m2")
+    index.add("m1", y)
+    assert index.pick(job, set()) == "m0"
+    index.discard("m0")
+    index.discard("m1")
+    index.add("a", x)
+    index.add("b", y)
+    index.add("c", x)
+    index.discard("a")  # x's longest waiting is c now, who waited less than b
+    assert index.pick(job, set()) == "b"
