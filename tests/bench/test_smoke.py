@@ -139,8 +139,9 @@ async def test_rest_inproc_runs_jobs_through_either_http_protocol(
     assert (tmp_path / "rest.db").exists() is (store == "sqlite")
 
 
-def test_classes_bench_runs_every_case() -> None:
+def test_classes_bench_runs_every_case(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import classes
 
+    monkeypatch.setattr(classes, "_settle", lambda: None)  # no gc.freeze() in the test process
     assert classes.queued(50, 20, distinct=True, unservable=50) > 0
     assert classes.idle(50, 20, distinct=True) > 0
