@@ -3,7 +3,7 @@
 Jobs that carry their own budget (``max_price``) make a constraint class each, and miners
 that advertise their own ``price`` make a capability class each. This times a completion plus
 the next assignment with 50,000 such jobs queued (also with 50,000 classes no miner can take
-queued ahead of them), and a submit plus completion with 10,000 such miners idle.
+queued ahead of them, and with one job the miner refused at the front of one class), and a submit plus completion with 10,000 such miners idle.
 
     python -m bench.classes
 """
@@ -42,14 +42,19 @@ def _settle() -> None:
     gc.freeze()
 
 
-def queued(jobs: int, picks: int, *, distinct: bool, unservable: int = 0) -> float:
-    """µs per completion + next assignment, one miner, ``jobs`` queued."""
+def queued(
+    jobs: int, picks: int, *, distinct: bool, unservable: int = 0, refuse: bool = False
+) -> float:
+    """µs per completion + next assignment, one miner, ``jobs`` queued (``refuse``: the miner
+    first refuses the oldest job, which stays at the front of the queue)."""
     s = Scheduler()
     for i in range(unservable):
         _submit(s, f"u{i}", "H100", 0.02 + i * 1e-7)
     for i in range(jobs):
         _submit(s, f"j{i}", "A100", 0.02 + i * 1e-7 if distinct else 0.05)
     _connect(s, "m1", "A100", 0.01)
+    if refuse:
+        s.reject("m1", next(iter(s.miners["m1"].jobs)), "refused", NOW)
     _settle()
     started = time.perf_counter()
     for _ in range(picks):
@@ -86,6 +91,10 @@ def main() -> None:
         (
             f"{a.jobs} queued, a class per job, {a.jobs} unservable classes ahead",
             lambda: queued(a.jobs, a.picks, distinct=True, unservable=a.jobs),
+        ),
+        (
+            f"{a.jobs} queued, one class, the oldest refused by the miner",
+            lambda: queued(a.jobs, a.picks, distinct=False, refuse=True),
         ),
         (f"{a.miners} idle miners, one class", lambda: idle(a.miners, a.picks, distinct=False)),
         (f"{a.miners} idle miners, a class each", lambda: idle(a.miners, a.picks, distinct=True)),

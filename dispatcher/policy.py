@@ -306,6 +306,33 @@ _ASIDE_LIMIT = 32
 _STALE_SLACK = 1024
 
 
+def _first_acceptable(heap: list[_Entry], valid: Any, rejected: Any) -> tuple[_Entry, int] | None:
+    """The least live entry of ``heap`` the miner did not refuse, and its index, by a
+    best-first walk of the heap's tree from its root: it looks only at entries less than the
+    answer and their children, not at the whole class (a refused job at the front of a long
+    queue)."""
+    frontier = [(heap[0], 0)]
+    size = len(heap)
+    while frontier:
+        entry, i = heapq.heappop(frontier)
+        if valid(entry[3], entry[2]) and not rejected(entry[3]):
+            return entry, i
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < size:
+                heapq.heappush(frontier, (heap[child], child))
+    return None
+
+
+def _remove_at(heap: list[_Entry], i: int) -> None:
+    """Remove ``heap[i]`` in O(log n): the last entry takes its place and is sifted (heapq's
+    own sift steps, the standard recipe)."""
+    last = heap.pop()
+    if i < len(heap):
+        heap[i] = last
+        heapq._siftup(heap, i)  # type: ignore[attr-defined]
+        heapq._siftdown(heap, 0, i)  # type: ignore[attr-defined]
+
+
 class JobQueue:
     """Queued jobs grouped by constraint class; a heap per class with lazy deletion, and a
     heap of the classes by their heads, so that a freed miner's pick visits classes best head
@@ -330,6 +357,8 @@ class JobQueue:
         # head has changed since, or the class is gone) dropped when they come to the top.
         # Entries are unique, so a pair never compares its JobNeeds.
         self._heads: list[tuple[_Entry, JobNeeds]] = []
+        # The last entry a pick found below its class's head (a refused head), and its index.
+        self._found: tuple[_Entry | None, int] = (None, 0)
 
     def push(self, needs: JobNeeds, priority: int, order: int, token: int, job_id: str) -> None:
         entry = (-priority, order, token, job_id)
@@ -388,11 +417,10 @@ class JobQueue:
                 self._pop_head(needs, heap)
             elif rejected(entry[3]):
                 aside.append(heapq.heappop(heads))
-                candidates = [e for e in heap if valid(e[3], e[2]) and not rejected(e[3])]
-                if candidates:
-                    alternative = min(candidates)
-                    if best is None or alternative < best:
-                        best, best_needs = alternative, needs
+                found = _first_acceptable(heap, valid, rejected)
+                if found is not None and (best is None or found[0] < best):
+                    best, best_needs = found[0], needs
+                    self._found = found
             else:  # nothing after it in ``heads`` is better
                 best, best_needs = entry, needs
                 break
@@ -423,10 +451,11 @@ class JobQueue:
                 continue
             entry = heap[0]
             if rejected(entry[3]):
-                candidates = [e for e in heap if valid(e[3], e[2]) and not rejected(e[3])]
-                if not candidates:
+                found = _first_acceptable(heap, valid, rejected)
+                if found is None or (best is not None and found[0] > best):
                     continue
-                entry = min(candidates)
+                entry = found[0]
+                self._found = found
             if best is None or entry < best:
                 best, best_needs = entry, needs
         return None if best is None or best_needs is None else (best_needs, best)
@@ -437,6 +466,10 @@ class JobQueue:
             return
         if heap[0] is entry or heap[0] == entry:
             self._pop_head(needs, heap)
+            return
+        found, i = self._found
+        if found is entry and i < len(heap) and heap[i] is entry:  # where the pick found it
+            _remove_at(heap, i)
         else:
             heap.remove(entry)
             heapq.heapify(heap)

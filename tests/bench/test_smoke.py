@@ -144,4 +144,5 @@ def test_classes_bench_runs_every_case(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(classes, "_settle", lambda: None)  # no gc.freeze() in the test process
     assert classes.queued(50, 20, distinct=True, unservable=50) > 0
+    assert classes.queued(50, 20, distinct=False, refuse=True) > 0
     assert classes.idle(50, 20, distinct=True) > 0

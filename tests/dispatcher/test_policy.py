@@ -592,3 +592,19 @@ def test_idle_index_refusals_and_requeued_miners_keep_the_longest_waiting_first(
     index.add("c", x)
     index.discard("a")  # x's longest waiting is c now, who waited less than b
     assert index.pick(job, set()) == "b"
+
+
+def test_a_refused_job_at_the_front_costs_the_refusing_miner_no_scan_and_no_disorder() -> None:
+    """After refusing the oldest job, a miner drains the rest oldest first (entries are taken
+    from the middle of the class's heap), and the refused job is still first for others."""
+    queue, live = JobQueue(MatchCache(), lambda needs: True), Live()
+    for order in range(1, 201):
+        live.tokens[f"j{order}"] = 1
+        queue.push(needs(), order % 3, order, 1, f"j{order}")  # priorities interleave
+    expected = sorted(
+        (f"j{o}" for o in range(1, 201)), key=lambda j: (-(int(j[1:]) % 3), int(j[1:]))
+    )
+    live.rejected = {expected[0]}
+    assert drain(queue, caps(), live) == expected[1:]
+    live.rejected = set()
+    assert drain(queue, caps(), live) == expected[:1]
