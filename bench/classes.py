@@ -3,7 +3,8 @@
 Jobs that carry their own budget (``max_price``) make a constraint class each, and miners
 that advertise their own ``price`` make a capability class each. This times a completion plus
 the next assignment with 50,000 such jobs queued (also with 50,000 classes no miner can take
-queued ahead of them, and with one job the miner refused at the front of one class), and a submit plus completion with 10,000 such miners idle.
+queued ahead of them, and with one job the miner refused at the front of one class), and a
+submit plus completion with 10,000 such miners idle.
 
     python -m bench.classes
 """
