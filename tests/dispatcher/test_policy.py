@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from dispatcher import policy
 from dispatcher.policy import Capabilities, IdleIndex, JobNeeds, JobQueue, MatchCache, matches
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 CAPS: dict[str, Any] = {
     "gpus": [{"name": "RTX 4090", "memory_mb": 24576}, {"name": "A100", "memory_mb": 81920}],
@@ -436,6 +440,17 @@ def test_parsed_class_caches_keep_right_sized_keys() -> None:
     assert per_shape < 2048  # with the 4 KiB buffers: over 4096
 
 
+@contextmanager
+def _limits(aside_limit: int, slack: int) -> Iterator[None]:
+    """The pick's scan threshold and the heads heaps' stale slack (0: rebuilt at once)."""
+    saved = policy._ASIDE_LIMIT, policy._STALE_SLACK
+    policy._ASIDE_LIMIT, policy._STALE_SLACK = aside_limit, slack
+    try:
+        yield
+    finally:
+        policy._ASIDE_LIMIT, policy._STALE_SLACK = saved
+
+
 _GPUS = ("A100", "H100", "L4")
 
 
@@ -459,13 +474,8 @@ def test_job_queue_pick_is_the_best_live_matching_entry(
     """Whatever the mix of classes, stale entries, refusals and dormant classes, a pick is the
     least (priority, order) live entry of a class the miner matches that it did not refuse
     (by the heads heap, or by the scan it falls back to after ``aside_limit`` classes)."""
-    saved, policy._ASIDE_LIMIT = policy._ASIDE_LIMIT, aside_limit
-    saved_slack, policy._STALE_SLACK = policy._STALE_SLACK, slack  # 0: rebuilt at once
-    try:
+    with _limits(aside_limit, slack):
         _check_picks(steps)
-    finally:
-        policy._ASIDE_LIMIT = saved
-        policy._STALE_SLACK = saved_slack
 
 
 def _check_picks(steps: list[tuple[str, int, int, int]]) -> None:
@@ -541,9 +551,7 @@ def test_idle_index_pick_is_the_longest_waiting_matching_miner(
 ) -> None:
     """A pick is the matching idle miner, not refused, that has waited longest (by the heads
     heap, or by the scan it falls back to after ``aside_limit`` classes)."""
-    saved, policy._ASIDE_LIMIT = policy._ASIDE_LIMIT, aside_limit
-    saved_slack, policy._STALE_SLACK = policy._STALE_SLACK, slack  # 0: rebuilt at once
-    try:
+    with _limits(aside_limit, slack):
         match = MatchCache()
         index = IdleIndex(match)
         waiting: list[tuple[str, Capabilities]] = []  # the reference: oldest first
@@ -564,9 +572,6 @@ def test_idle_index_pick_is_the_longest_waiting_matching_miner(
                 expected = next((m for m, c in waiting if m not in exclude and match(job, c)), None)
                 assert index.pick(job, exclude) == expected
             assert len(index) == len(waiting)
-    finally:
-        policy._ASIDE_LIMIT = saved
-        policy._STALE_SLACK = saved_slack
 
 
 def test_idle_index_refusals_and_requeued_miners_keep_the_longest_waiting_first() -> None:
