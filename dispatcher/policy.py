@@ -306,31 +306,39 @@ _ASIDE_LIMIT = 32
 _STALE_SLACK = 1024
 
 
-def _first_acceptable(heap: list[_Entry], valid: Any, rejected: Any) -> tuple[_Entry, int] | None:
-    """The least live entry of ``heap`` the miner did not refuse, and its index, by a
-    best-first walk of the heap's tree from its root: it looks only at entries less than the
-    answer and their children, not at the whole class (a refused job at the front of a long
-    queue)."""
+def _first_acceptable(heap: list[_Entry], valid: Any, rejected: Any) -> _Entry | None:
+    """The least live entry of ``heap`` the miner did not refuse, by a best-first walk of the
+    heap's tree from its root: it looks only at entries less than the answer and their
+    children, not at the whole class (a refused job at the front of a long queue)."""
     frontier = [(heap[0], 0)]
     size = len(heap)
     while frontier:
         entry, i = heapq.heappop(frontier)
         if valid(entry[3], entry[2]) and not rejected(entry[3]):
-            return entry, i
+            return entry
         for child in (2 * i + 1, 2 * i + 2):
             if child < size:
                 heapq.heappush(frontier, (heap[child], child))
     return None
 
 
-def _remove_at(heap: list[_Entry], i: int) -> None:
-    """Remove ``heap[i]`` in O(log n): the last entry takes its place and is sifted (heapq's
-    own sift steps, the standard recipe)."""
-    last = heap.pop()
-    if i < len(heap):
-        heap[i] = last
-        heapq._siftup(heap, i)  # type: ignore[attr-defined]
-        heapq._siftdown(heap, 0, i)  # type: ignore[attr-defined]
+def _remove(heap: list[_Entry], entry: _Entry) -> None:
+    """Remove ``entry`` from ``heap``: found by a walk that skips every subtree whose root is
+    greater (so it looks at the entries less than it, as ``_first_acceptable`` did), then
+    replaced by the last entry, sifted into place (heapq's own sift steps, the standard
+    recipe)."""
+    stack = [0]
+    while stack:
+        i = stack.pop()
+        if heap[i] == entry:
+            last = heap.pop()
+            if i < len(heap):
+                heap[i] = last
+                heapq._siftup(heap, i)  # type: ignore[attr-defined]
+                heapq._siftdown(heap, 0, i)  # type: ignore[attr-defined]
+            return
+        if heap[i] < entry:
+            stack.extend(child for child in (2 * i + 1, 2 * i + 2) if child < len(heap))
 
 
 class JobQueue:
@@ -357,8 +365,6 @@ class JobQueue:
         # head has changed since, or the class is gone) dropped when they come to the top.
         # Entries are unique, so a pair never compares its JobNeeds.
         self._heads: list[tuple[_Entry, JobNeeds]] = []
-        # The last entry a pick found below its class's head (a refused head), and its index.
-        self._found: tuple[_Entry | None, int] = (None, 0)
 
     def push(self, needs: JobNeeds, priority: int, order: int, token: int, job_id: str) -> None:
         entry = (-priority, order, token, job_id)
@@ -418,9 +424,8 @@ class JobQueue:
             elif rejected(entry[3]):
                 aside.append(heapq.heappop(heads))
                 found = _first_acceptable(heap, valid, rejected)
-                if found is not None and (best is None or found[0] < best):
-                    best, best_needs = found[0], needs
-                    self._found = found
+                if found is not None and (best is None or found < best):
+                    best, best_needs = found, needs
             else:  # nothing after it in ``heads`` is better
                 best, best_needs = entry, needs
                 break
@@ -452,10 +457,9 @@ class JobQueue:
             entry = heap[0]
             if rejected(entry[3]):
                 found = _first_acceptable(heap, valid, rejected)
-                if found is None or (best is not None and found[0] > best):
+                if found is None or (best is not None and found > best):
                     continue
-                entry = found[0]
-                self._found = found
+                entry = found
             if best is None or entry < best:
                 best, best_needs = entry, needs
         return None if best is None or best_needs is None else (best_needs, best)
@@ -464,15 +468,10 @@ class JobQueue:
         heap = self._classes.get(needs)
         if heap is None:
             return
-        if heap[0] is entry or heap[0] == entry:
+        if heap[0] == entry:
             self._pop_head(needs, heap)
-            return
-        found, i = self._found
-        if found is entry and i < len(heap) and heap[i] is entry:  # where the pick found it
-            _remove_at(heap, i)
-        else:
-            heap.remove(entry)
-            heapq.heapify(heap)
+        else:  # an entry below a head the miner refused
+            _remove(heap, entry)
 
     def _pop_head(self, needs: JobNeeds, heap: list[_Entry]) -> None:
         """Drop a class's head; the next entry becomes its head (the old pair goes stale)."""

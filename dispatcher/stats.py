@@ -12,6 +12,8 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dispatcher.jobs import ACTIVE
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
@@ -126,9 +128,6 @@ class EventTally:
             self.requeues[label] = self.requeues.get(label, 0) + 1
 
 
-_LIVE_STATES = frozenset({"QUEUED", "RUNNING"})  # every other state is final
-
-
 class JobCounts:
     """Jobs in the store by state, kept in memory: ``/metrics`` and ``/v1/admin/stats`` read
     them instead of counting the jobs table (a scan of its state index, about 0.1 s per
@@ -161,7 +160,7 @@ class JobCounts:
             by_state[old] -= 1
         key = str(state)
         by_state[key] = by_state.get(key, 0) + 1
-        if key in _LIVE_STATES:
+        if key in ACTIVE:  # every other state is final
             self._live[job_id] = key
         elif old is not None:
             del self._live[job_id]

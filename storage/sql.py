@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import AsyncExitStack, asynccontextmanager
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,7 +22,7 @@ from storage.errors import Conflict, StorageError
 from storage.schema import MIGRATIONS
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Iterable, Sequence
 
     from databases.core import Connection
 
@@ -92,6 +93,22 @@ _UPSERT_FRESH_JOB = _UPSERT_JOB.replace(
     ", ".join("NULL" if c in _FRESH_NULLS else "?" for c in _ROW_COLUMNS),
 )
 _UPDATE_PLAIN_JOB = _UPDATE_JOB.replace("receipt = ?, error = ?", "receipt = NULL, error = NULL")
+_PLAIN_NULLS = ("receipt", "error")
+
+
+def _split(
+    columns: tuple[str, ...], nulls: Iterable[str]
+) -> tuple[itemgetter[Any], itemgetter[Any]]:
+    """Getters of the values of ``nulls`` and of the other ``columns``, from a row in that order."""
+    at = {c: i for i, c in enumerate(columns)}
+    return itemgetter(*(at[c] for c in nulls)), itemgetter(
+        *(i for c, i in at.items() if c not in nulls)
+    )
+
+
+# A row whose ``nulls`` values are all None binds only the rest (``_fresh_row``, ``_plain``).
+_FRESH_NULL_VALUES, _FRESH_VALUES = _split(_ROW_COLUMNS, _FRESH_NULLS)
+_PLAIN_NULL_VALUES, _PLAIN_VALUES = _split((*_UPDATE_COLUMNS, "job_id"), _PLAIN_NULLS)
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -164,29 +181,9 @@ def _receipt_text(receipt: JSONObject | None, stored: dict[int, str]) -> str | N
 
 
 def _job_changes(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
-    """The values of ``_UPDATE_COLUMNS``."""
-    return (
-        str(j.state),
-        j.attempt,
-        j.failures,
-        j.seq,
-        j.miner_id,
-        j.assigned_at,
-        j.started_at,
-        j.finished_at,
-        _text(j.result),
-        _receipt_text(j.receipt, stored),
-        j.error,
-    )
-
-
-# ``_job_update`` and ``_fresh_row`` run for nearly every job row: they unpack the record, as
-# a NamedTuple's fields read by name each take the interpreter's slow path (no specialization).
-
-
-def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
-    """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
-    (job_id, _, state, _, _, _, _, _, attempt, failures, _, seq, miner_id, assigned_at,
+    """The values of ``_UPDATE_COLUMNS``. Unpacked: it runs for nearly every job row, and a
+    NamedTuple's fields read by name each take the interpreter's slow path."""
+    (_, _, state, _, _, _, _, _, attempt, failures, _, seq, miner_id, assigned_at,
      started_at, finished_at, result, receipt, error, _, _) = j  # fmt: skip
     return (
         str(state),
@@ -200,67 +197,45 @@ def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
         _text(result),
         _receipt_text(receipt, stored),
         error,
-        job_id,
     )
+
+
+def _job_update(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
+    """The ``_UPDATE_JOB`` parameters: the changing columns, then the key."""
+    return (*_job_changes(j, stored), j.job_id)
 
 
 def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     """The ``_UPSERT_JOB`` parameters, in ``_ROW_COLUMNS`` order."""
+    (job_id, client_id, _, payload, constraints, priority, requested_at, expires_at,
+     _, _, max_attempts, _, _, _, _, _, _, _, _, idempotency_key, payment) = j  # fmt: skip
     return (
-        j.job_id,
-        j.client_id,
-        _text(j.payload),
-        _text(j.constraints),
-        j.priority,
-        j.requested_at,
-        j.expires_at,
-        j.max_attempts,
-        j.idempotency_key,
-        None if j.payment is None else dumps(j.payment).decode(),
+        job_id,
+        client_id,
+        _text(payload),
+        _text(constraints),
+        priority,
+        requested_at,
+        expires_at,
+        max_attempts,
+        idempotency_key,
+        None if payment is None else dumps(payment).decode(),
         *_job_changes(j, stored),
     )
 
 
-def _fresh_row(j: JobRecord) -> tuple[Any, ...] | None:
-    """The ``_UPSERT_FRESH_JOB`` parameters (``_job_row`` without ``_FRESH_NULLS``), or None
-    when one of those columns is not NULL."""
-    (job_id, client_id, state, payload, constraints, priority, requested_at, expires_at,
-     attempt, failures, max_attempts, seq, miner_id, assigned_at,
-     started_at, finished_at, result, receipt, error, idempotency_key, payment) = j  # fmt: skip
-    if (
-        started_at is None
-        and finished_at is None
-        and result is None
-        and receipt is None
-        and error is None
-        and idempotency_key is None
-        and payment is None
-    ):
-        return (
-            job_id,
-            client_id,
-            _text(payload),
-            _text(constraints),
-            priority,
-            requested_at,
-            expires_at,
-            max_attempts,
-            str(state),
-            attempt,
-            failures,
-            seq,
-            miner_id,
-            assigned_at,
-        )
-    return None
+def _fresh_row(row: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The ``_UPSERT_FRESH_JOB`` parameters of a ``_job_row`` whose ``_FRESH_NULLS`` columns
+    are all NULL, else None."""
+    nulls = _FRESH_NULL_VALUES(row)
+    return _FRESH_VALUES(row) if nulls.count(None) == len(nulls) else None
 
 
 def _plain(update: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """The ``_UPDATE_PLAIN_JOB`` parameters of a ``_job_update`` whose receipt copy and error
     are NULL, else None."""
-    if update[9] is None and update[10] is None:
-        return (*update[:9], update[11])
-    return None
+    nulls = _PLAIN_NULL_VALUES(update)
+    return _PLAIN_VALUES(update) if nulls.count(None) == len(nulls) else None
 
 
 def _job_record(row: Any) -> JobRecord:
@@ -330,7 +305,7 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     try:
         if batch.jobs:
             created = {e.job_id for e in batch.events if e.seq == 1}
-            new = [j for j in batch.jobs.values() if j.job_id in created]
+            new = [_job_row(j, stored) for j in batch.jobs.values() if j.job_id in created]
             updates = [
                 _job_update(j, stored) for j in batch.jobs.values() if j.job_id not in created
             ]
@@ -340,7 +315,7 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                 if len(fresh) == len(new):
                     conn.executemany(_UPSERT_FRESH_JOB, fresh)
                 else:
-                    conn.executemany(_UPSERT_JOB, [_job_row(j, stored) for j in new])
+                    conn.executemany(_UPSERT_JOB, new)
             plain = [row for row in map(_plain, updates) if row is not None]
             sql, rows = (
                 (_UPDATE_PLAIN_JOB, plain) if len(plain) == len(updates) else (_UPDATE_JOB, updates)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from protocol.codec import dumps_sorted
 from protocol.types import iso_time
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class _ActiveJob:
         (most jobs are assigned at once and never grouped). A ``str``: the bytes orjson
         returns keep a 4 KiB buffer each, for as long as the job waits."""
         if self._key is None:
-            self._key = orjson.dumps(self.constraints, option=orjson.OPT_SORT_KEYS).decode()
+            self._key = dumps_sorted(self.constraints).decode()
         return self._key
 
 

@@ -147,20 +147,18 @@ async def _poll_watching(call: Call, miner_id: str, wait: float) -> JobAssign | 
         for hangup in hangups:
             hangup()
 
-    outcome: list[JobAssign | None] = []
-    failure: list[DispatchError] = []
+    msg: JobAssign | None = None
+    failure: DispatchError | None = None
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(watch)
         try:  # raised out of the task group, it would come wrapped in an ExceptionGroup
-            outcome.append(
-                await call.core.dispatcher.rest_poll(miner_id, wait, None, hangups.append)
-            )
+            msg = await call.core.dispatcher.rest_poll(miner_id, wait, None, hangups.append)
         except DispatchError as exc:
-            failure.append(exc)
+            failure = exc
         tasks.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    if failure is not None:
+        raise failure
+    return msg
 
 
 async def poll(call: Call) -> Response:
