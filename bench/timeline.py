@@ -15,7 +15,9 @@ microseconds after the submit arrived (a ``job.submit`` frame; with ``BENCH_TIME
 ``POST /v1/jobs`` request) each step was reached: decoding, the scheduler, the commit, the
 batch's perform, the assign (or the long-poll's answer) written to the socket, the client's
 frames (or the 201) written. At exit it writes the median of each over all jobs but the first
-tenth (warm-up) to ``BENCH_TIMELINE_OUT`` (default: standard error, i.e. the coordinator log).
+tenth (warm-up) to ``BENCH_TIMELINE_OUT`` (default: standard error, i.e. the coordinator log),
+then each step's median gap from the one before over all jobs and over the slowest 2%: whether
+the tail comes from one step or from all of them.
 
 Only meaningful with one job in flight: a submit starts the next job's timeline. The wrappers
 cost a few microseconds each, so the figures are a shape, not a measurement to quote.
@@ -199,7 +201,31 @@ def report() -> str:
         values = [j[step] / 1000 for j in jobs if step in j]
         if values:
             lines.append(f"  {statistics.median(values):8.1f}  {step} (n={len(values)})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tail(jobs)) + "\n"
+
+
+def _tail(jobs: list[dict[str, int]]) -> list[str]:
+    """Where the slowest 2% of jobs lost their time: each step's median gap from the step
+    before it, over all jobs and over the jobs whose last step came latest."""
+    steps = [s for s in STEPS if all(s in j for j in jobs)]
+    if not jobs or not steps:
+        return []
+    last = steps[-1] if REST else "assign written to the socket"
+    if last not in steps:
+        return []
+    ranked = sorted(jobs, key=lambda j: j[last])
+    slow = ranked[-max(1, len(ranked) // 50) :]
+
+    def gaps(group: list[dict[str, int]]) -> list[float]:
+        return [
+            statistics.median(j[s] - (j[steps[i - 1]] if i else 0) for j in group) / 1000
+            for i, s in enumerate(steps)
+        ]
+
+    lines = [f"step gaps (median µs): all jobs | slowest {len(slow)} by '{last}'"]
+    for step, a, b in zip(steps, gaps(jobs), gaps(slow), strict=True):
+        lines.append(f"  {a:8.1f} | {b:8.1f}  {step}")
+    return lines
 
 
 def _write_report() -> None:
