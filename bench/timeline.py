@@ -62,6 +62,8 @@ REST_STEPS = [
     "credentials checked",
     "body read",
     "body validated",
+    "scheduler submit start",
+    "scheduler submit end",
     "submit handled",
     "commit start",
     "commit end",
@@ -165,18 +167,19 @@ def _install_rest() -> None:
     _wrap(http_module, "_authorize", after=STEPS[0])
     _wrap_async(http_module, "_read_body", after=STEPS[1])
     _wrap(http_module, "validate", after=STEPS[2])
-    _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[3])
-    _wrap_async(sql_module.DatabasesJobStore, "commit", before=STEPS[4], after=STEPS[5])
-    _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[6], after=STEPS[8])
-    _wrap(runtime_module._RestSink, "assign", before=STEPS[7])
+    _wrap(core_module.Scheduler, "submit", before=STEPS[3], after=STEPS[4])
+    _wrap(runtime_module.Dispatcher, "submit_now", after=STEPS[5])
+    _wrap_async(sql_module.DatabasesJobStore, "commit", before=STEPS[6], after=STEPS[7])
+    _wrap(runtime_module.Dispatcher, "_perform", before=STEPS[8], after=STEPS[10])
+    _wrap(runtime_module._RestSink, "assign", before=STEPS[9])
     coalescing = transport_module.CoalescingTransport
     flush, write_now = coalescing.flush, coalescing.write_now
 
     def answered(head: bytes) -> None:
         if head.startswith(b"HTTP/1.1 200") and "batch perform start" in _current:
-            _mark(STEPS[9])
+            _mark(STEPS[11])
         elif head.startswith(b"HTTP/1.1 201"):
-            _mark(STEPS[10])
+            _mark(STEPS[12])
 
     def on_flush(self: Any) -> None:  # the layered protocol's responses
         head = bytes(self._buffer[0][:40]) if self._buffer else b""
@@ -206,13 +209,15 @@ def report() -> str:
 
 def _tail(jobs: list[dict[str, int]]) -> list[str]:
     """Where the slowest 2% of jobs lost their time: each step's median gap from the step
-    before it, over all jobs and over the jobs whose last step came latest."""
-    steps = [s for s in STEPS if all(s in j for j in jobs)]
-    if not jobs or not steps:
+    before it (steps in the order of their medians), over all jobs and over the jobs whose
+    work reached the miner last (the assign or the long-poll's answer written)."""
+    last = "poll answer written to the socket" if REST else "assign written to the socket"
+    if not jobs or not all(last in j for j in jobs):
         return []
-    last = steps[-1] if REST else "assign written to the socket"
-    if last not in steps:
-        return []
+    steps = sorted(
+        (s for s in STEPS if all(s in j for j in jobs)),
+        key=lambda s: statistics.median(j[s] for j in jobs),
+    )
     ranked = sorted(jobs, key=lambda j: j[last])
     slow = ranked[-max(1, len(ranked) // 50) :]
 

@@ -106,7 +106,12 @@ def _timeline(tmp_path: Path, env: dict[str, str], *bench: str) -> dict[str, flo
     lines = out.read_text().splitlines()
     assert lines[0].startswith("server timeline of ")
     steps = [re.fullmatch(r"\s*([\d.]+)  (.*) \(n=\d+\)", line) for line in lines[1:]]
-    return {m[2]: float(m[1]) for m in steps if m is not None}
+    at = {m[2]: float(m[1]) for m in steps if m is not None}
+    # Then the tail: every step's gap over all jobs and over the slowest 2%.
+    tail = lines[lines.index(next(x for x in lines if x.startswith("step gaps"))) + 1 :]
+    gaps = [re.fullmatch(r"\s*(-?[\d.]+) \|\s*(-?[\d.]+)  (.*)", line) for line in tail]
+    assert sorted(m[3] for m in gaps if m is not None) == sorted(at)
+    return at
 
 
 def test_timeline_entry_point_reports_the_steps_of_unloaded_jobs(tmp_path: Path) -> None:
@@ -119,7 +124,9 @@ def test_timeline_entry_point_follows_a_rest_pickup(tmp_path: Path) -> None:
     at = _timeline(
         tmp_path, {"BENCH_TIMELINE": "rest"}, "bench.rest", "--jobs", "40", "--only", "pickup"
     )
-    assert 0 < at["credentials checked"] < at["commit start"] < at["commit end"]
+    assert 0 < at["credentials checked"] < at["body validated"] < at["scheduler submit start"]
+    assert at["scheduler submit start"] < at["scheduler submit end"] < at["commit start"]
+    assert at["commit start"] < at["commit end"]
     assert at["commit end"] < at["job handed to the waiting poll"]
     assert at["job handed to the waiting poll"] < at["poll answer written to the socket"]
 
