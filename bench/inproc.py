@@ -18,6 +18,10 @@ Instructions do not count the kernel's side of system calls (WAL writes).
 cheaper: the group commits (the store's ``commit``: SQLite and the rows it is given) and the
 Ed25519 signatures of the receipts; the rest is the dispatcher's Python (scheduler, runtime,
 fan-out, receipts' other work, the fake miner's decoding).
+
+It also prints the database pages the commits wrote per job: the WAL's growth over the run
+(nothing checkpoints it here), a count that does not depend on the machine. Compare it at
+``--inflight 1``, where every commit stands alone, as when the server is unloaded.
 """
 
 from __future__ import annotations
@@ -104,6 +108,18 @@ class _TimedKey:
         self.sign = timer.sync(key.sign)
 
 
+_WAL_FRAME_HEADER = 24  # bytes before each page in the WAL (sqlite.org/fileformat.html)
+
+
+def _wal_bytes(folder: Path) -> int:
+    return (folder / "inproc.db-wal").stat().st_size
+
+
+def _page_size(folder: Path) -> int:
+    with (folder / "inproc.db-wal").open("rb") as wal:
+        return int.from_bytes(wal.read(12)[8:12], "big")  # the WAL header's page size
+
+
 async def run(
     jobs: int, inflight: int, folder: Path, *, gc_tuned: bool = True, breakdown: bool = False
 ) -> dict[str, float]:
@@ -161,6 +177,7 @@ async def run(
         if gc_tuned:
             tune_gc()
         commits.seconds = signs.seconds = 0.0
+        wal_before = _wal_bytes(folder)
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(inflight):
             await submit()
@@ -180,9 +197,15 @@ async def run(
             delivered.clear()
         await dispatcher.wait_flushed()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        pages = (_wal_bytes(folder) - wal_before) / (_WAL_FRAME_HEADER + _page_size(folder))
         dispatcher.stop()
     await store.close()
-    out = {"jobs": jobs, "cpu_us_per_job": 1e6 * cpu / jobs, "jobs_per_s": jobs / wall}
+    out = {
+        "jobs": jobs,
+        "cpu_us_per_job": 1e6 * cpu / jobs,
+        "jobs_per_s": jobs / wall,
+        "wal_pages_per_job": pages / jobs,
+    }
     if breakdown:
         out["commit_us_per_job"] = 1e6 * commits.seconds / jobs
         out["sign_us_per_job"] = 1e6 * signs.seconds / jobs
@@ -202,7 +225,8 @@ def main() -> None:
         )
     print(
         f"{out['jobs']} jobs: {out['cpu_us_per_job']:.1f} us CPU/job, "
-        f"{out['jobs_per_s']:.0f} jobs/s (in process, {args.inflight} in flight)"
+        f"{out['jobs_per_s']:.0f} jobs/s (in process, {args.inflight} in flight), "
+        f"{out['wal_pages_per_job']:.2f} WAL pages written per job"
     )
     if args.breakdown:
         commit, sign = out["commit_us_per_job"], out["sign_us_per_job"]

@@ -82,6 +82,8 @@ async def test_inproc_runs_every_job_through_the_dispatcher(tmp_path: Path) -> N
     # Both timed parts ran: every job was committed and its receipt signed.
     assert out["commit_us_per_job"] > 0
     assert out["sign_us_per_job"] > 0
+    # Each job's rows reached the WAL: at least the pages of its own events and row.
+    assert out["wal_pages_per_job"] > 0
     store = DatabasesJobStore(f"sqlite:///{tmp_path / 'inproc.db'}")
     await store.open()
     try:
