@@ -10,7 +10,7 @@ fatal) or a close code (fatal), exactly as the contract's table says.
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from protocol.codec import decode_client_frame, decode_miner_frame, encode
 from protocol.errors import InvalidState, RemoteProtocolError, UnknownMessageType
@@ -55,6 +55,10 @@ class _Session(Generic[M]):
     _decode: Callable[[bytes | str], M]
     _hello_type: type
     _handshake_types: tuple[type, ...]  # (Auth, the hello type): refused once OPEN
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handshake_types = (Auth, cls._hello_type)
 
     def __init__(self, *, authenticated: bool, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.state = AWAIT_HELLO if authenticated else AWAIT_AUTH
@@ -161,7 +165,6 @@ class MinerSession(_Session[MinerToServer]):
 
     _decode = staticmethod(decode_miner_frame)
     _hello_type = Hello
-    _handshake_types = (Auth, Hello)
 
 
 class ClientSession(_Session[ClientToServer]):
@@ -169,4 +172,3 @@ class ClientSession(_Session[ClientToServer]):
 
     _decode = staticmethod(decode_client_frame)
     _hello_type = ClientHello
-    _handshake_types = (Auth, ClientHello)

@@ -22,7 +22,7 @@ from storage.errors import Conflict, StorageError
 from storage.schema import MIGRATIONS
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
     from databases.core import Connection
 
@@ -96,19 +96,26 @@ _UPDATE_PLAIN_JOB = _UPDATE_JOB.replace("receipt = ?, error = ?", "receipt = NUL
 _PLAIN_NULLS = ("receipt", "error")
 
 
-def _split(
+def _nulls_said(
     columns: tuple[str, ...], nulls: Iterable[str]
-) -> tuple[itemgetter[Any], itemgetter[Any]]:
-    """Getters of the values of ``nulls`` and of the other ``columns``, from a row in that order."""
+) -> Callable[[tuple[Any, ...]], tuple[Any, ...] | None]:
+    """For a row in ``columns`` order: the values of the other columns when those of ``nulls``
+    (at least two) are all None, which the statement then says as NULL; else None."""
     at = {c: i for i, c in enumerate(columns)}
-    return itemgetter(*(at[c] for c in nulls)), itemgetter(
-        *(i for c, i in at.items() if c not in nulls)
-    )
+    null_values = itemgetter(*(at[c] for c in nulls))
+    values = itemgetter(*(i for c, i in at.items() if c not in nulls))
+
+    def bound(row: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        said = null_values(row)
+        return values(row) if said.count(None) == len(said) else None
+
+    return bound
 
 
-# A row whose ``nulls`` values are all None binds only the rest (``_fresh_row``, ``_plain``).
-_FRESH_NULL_VALUES, _FRESH_VALUES = _split(_ROW_COLUMNS, _FRESH_NULLS)
-_PLAIN_NULL_VALUES, _PLAIN_VALUES = _split((*_UPDATE_COLUMNS, "job_id"), _PLAIN_NULLS)
+# The ``_UPSERT_FRESH_JOB`` parameters of a ``_job_row``, or None when it cannot be used.
+_fresh_row = _nulls_said(_ROW_COLUMNS, _FRESH_NULLS)
+# The ``_UPDATE_PLAIN_JOB`` parameters of a ``_job_update``, or None when it cannot be used.
+_plain = _nulls_said((*_UPDATE_COLUMNS, "job_id"), _PLAIN_NULLS)
 _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -222,20 +229,6 @@ def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
         None if payment is None else dumps(payment).decode(),
         *_job_changes(j, stored),
     )
-
-
-def _fresh_row(row: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The ``_UPSERT_FRESH_JOB`` parameters of a ``_job_row`` whose ``_FRESH_NULLS`` columns
-    are all NULL, else None."""
-    nulls = _FRESH_NULL_VALUES(row)
-    return _FRESH_VALUES(row) if nulls.count(None) == len(nulls) else None
-
-
-def _plain(update: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The ``_UPDATE_PLAIN_JOB`` parameters of a ``_job_update`` whose receipt copy and error
-    are NULL, else None."""
-    nulls = _PLAIN_NULL_VALUES(update)
-    return _PLAIN_VALUES(update) if nulls.count(None) == len(nulls) else None
 
 
 def _job_record(row: Any) -> JobRecord:

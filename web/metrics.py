@@ -109,11 +109,10 @@ class CoordinatorCollector:
         )
 
 
-def registry_for(core: Coordinator) -> tuple[CollectorRegistry, CoordinatorCollector]:
+def registry_for(core: Coordinator) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    collector = CoordinatorCollector(core)
-    registry.register(collector)
-    return registry, collector
+    registry.register(CoordinatorCollector(core))
+    return registry
 
 
 async def metrics(call: Call) -> Response:
@@ -126,8 +125,7 @@ async def metrics(call: Call) -> Response:
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
         if principal.role is not Role.ADMIN:
             raise HTTPError(403, "Forbidden")
-    registry, _ = core.metrics
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(core.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 ENDPOINTS = [

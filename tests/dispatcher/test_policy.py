@@ -451,6 +451,12 @@ def _limits(aside_limit: int, slack: int) -> Iterator[None]:
         policy._ASIDE_LIMIT, policy._STALE_SLACK = saved
 
 
+# ``_limits``' arguments for the property tests: the scan at once, soon or rarely; the heads
+# heaps rebuilt at once or rarely.
+_ASIDE_LIMITS = st.sampled_from([0, 2, 32])
+_SLACKS = st.sampled_from([0, 1024])
+
+
 _GPUS = ("A100", "H100", "L4")
 
 
@@ -465,8 +471,8 @@ _GPUS = ("A100", "H100", "L4")
         ),
         max_size=120,
     ),
-    st.sampled_from([0, 2, 32]),
-    st.sampled_from([0, 1024]),
+    _ASIDE_LIMITS,
+    _SLACKS,
 )
 def test_job_queue_pick_is_the_best_live_matching_entry(
     steps: list[tuple[str, int, int, int]], aside_limit: int, slack: int
@@ -543,8 +549,8 @@ def test_job_queue_wakes_dormant_classes_for_a_new_class_of_miner() -> None:
         ),
         max_size=120,
     ),
-    st.sampled_from([0, 2, 32]),
-    st.sampled_from([0, 1024]),
+    _ASIDE_LIMITS,
+    _SLACKS,
 )
 def test_idle_index_pick_is_the_longest_waiting_matching_miner(
     steps: list[tuple[str, int, int, int]], aside_limit: int, slack: int
