@@ -3,7 +3,8 @@
 Rule 1 (durability before visibility): every scheduler call appends its store writes to the
 *open batch* and its visible effects (pushes, fan-out, replies) to the same batch's action list.
 One writer task commits a batch in one transaction and only then performs its actions, in order.
-While a commit is in flight the next batch fills up: that is the group commit.
+While a commit is in flight the next batch fills up: that is the group commit. A woken writer
+first lets runnable work join the open batch (``_gather``).
 Rule 2: the methods adapters call are sync (they never block); only reads that may hit the
 store (``get_job``, ``subscribe``) and ``serve`` are async.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
 from dispatcher.errors import DispatchError, NotAllowed, Unavailable, UnknownJob, UnknownMiner
@@ -65,6 +67,8 @@ __all__ = [
 log = logging.getLogger("aitbc.coordinator")
 
 REST_SESSION_PREFIX = "rest:"
+# At most this many event-loop turns a woken writer waits for more work to join its batch.
+GATHER_TURNS = 4
 
 
 class MinerSink(Protocol):
@@ -193,6 +197,7 @@ class Dispatcher:
                 self._idle.set()
                 self._wake = self.new_event()
                 await self._wake.wait()
+            await self._gather()
             if self._idle.is_set():  # keep the event wait_flushed() may already be waiting on
                 self._idle = self.new_event()
             writes, actions = self._writes, self._actions
@@ -209,6 +214,21 @@ class Dispatcher:
             if self._rearm:
                 self._rearm = False
                 self._timer_wake.set()
+
+    async def _gather(self) -> None:
+        """Group commit: let work that is already runnable join the open batch first.
+
+        One turn of the event loop handles what it has read but not yet dispatched (another
+        miner's hello, another client's submit); another turn follows only while the batch
+        keeps growing, up to ``GATHER_TURNS``. Unloaded that is one empty turn, a few µs. In
+        a burst of miner handshakes the writer otherwise committed each hello on its own
+        (docs/performance.md: 1.15 commits per handshake, 0.4 with this).
+        """
+        for _ in range(GATHER_TURNS):
+            size = len(self._writes) + len(self._actions)
+            await anyio.lowlevel.checkpoint()
+            if len(self._writes) + len(self._actions) == size:
+                return
 
     async def wait_flushed(self) -> None:
         """Wait until everything submitted so far is committed and delivered (tests, shutdown)."""

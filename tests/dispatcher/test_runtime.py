@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
 from dispatcher.errors import NotAllowed, Unavailable
 from dispatcher.fanout import Subscriber
-from dispatcher.runtime import Dispatcher
+from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
 from tests.fakes import FakeClock, FakeMinerSink, RecordingOutbox, RecordingStore
 
@@ -268,6 +269,45 @@ async def test_submits_during_a_commit_share_the_next_batch() -> None:
         stats = h.dispatcher.statistics()
         assert stats.last_batch_size == 10
         assert stats.pending_writes == 0
+
+
+async def test_work_runnable_when_the_writer_wakes_joins_its_batch() -> None:
+    """The woken writer gives runnable work a loop turn to join the batch before it commits.
+
+    A burst of hellos otherwise committed one by one (docs/performance.md, handshakes)."""
+    async with running() as h:
+        await h.flushed()
+        before = len(h.store.batches)
+
+        async def second_hello() -> None:
+            h.miner("gpu-2")
+
+        h.miner("gpu-1")  # wakes the writer; the task below is only runnable so far
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second_hello)
+        await h.flushed()
+        assert [list(b.miners) for b in h.store.batches[before:]] == [["gpu-1", "gpu-2"]]
+        assert h.entries("welcome") == ["gpu-1", "gpu-2"]
+
+
+async def test_the_writer_gathers_for_at_most_gather_turns() -> None:
+    """Work that keeps coming does not hold the commit back longer than GATHER_TURNS turns."""
+    async with running() as h:
+        await h.flushed()
+        before = len(h.store.batches)
+
+        async def a_hello_each_turn() -> None:
+            for i in range(2, 12):
+                h.miner(f"gpu-{i}")
+                await anyio.lowlevel.checkpoint()
+
+        h.miner("gpu-1")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a_hello_each_turn)
+        await h.flushed()
+        batches = [list(b.miners) for b in h.store.batches[before:]]
+        assert batches[0] == [f"gpu-{i}" for i in range(1, GATHER_TURNS + 2)]
+        assert [m for batch in batches for m in batch] == [f"gpu-{i}" for i in range(1, 12)]
 
 
 async def test_idempotent_submit_returns_the_same_job() -> None:
