@@ -290,6 +290,27 @@ async def test_work_runnable_when_the_writer_wakes_joins_its_batch() -> None:
         assert h.entries("welcome") == ["gpu-1", "gpu-2"]
 
 
+async def test_a_batch_that_assigns_a_job_is_committed_without_gathering() -> None:
+    """New work for a miner is not held back for other runnable work (unloaded latency)."""
+    async with running() as h:
+        h.miner("gpu-1")
+        await h.flushed()
+        before = len(h.store.batches)
+
+        async def second_hello() -> None:
+            h.miner("gpu-2")
+
+        spec = h.spec()
+        h.dispatcher.submit_now(spec, lambda job, existed: None)  # assigned to gpu-1 at once
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second_hello)  # runnable only after the writer woke
+        await h.flushed()
+        batches = h.store.batches[before:]
+        assert [list(b.jobs) for b in batches] == [[spec.job_id], []]
+        assert [list(b.miners) for b in batches] == [[], ["gpu-2"]]
+        assert [f["type"] for f in h.entries("gpu-1")] == ["job.assign"]
+
+
 async def test_the_writer_gathers_for_at_most_gather_turns() -> None:
     """Work that keeps coming does not hold the commit back longer than GATHER_TURNS turns."""
     async with running() as h:
