@@ -70,6 +70,10 @@ class Harness:
         )
         return sink
 
+    async def miner_later(self, miner_id: str) -> None:
+        """``miner`` from a task of its own: the hello happens when that task runs."""
+        self.miner(miner_id)
+
     def subscriber(self, client_id: str = "c1") -> Subscriber:
         return Subscriber(client_id, RecordingOutbox(self.log))
 
@@ -279,12 +283,9 @@ async def test_work_runnable_when_the_writer_wakes_joins_its_batch() -> None:
         await h.flushed()
         before = len(h.store.batches)
 
-        async def second_hello() -> None:
-            h.miner("gpu-2")
-
         h.miner("gpu-1")  # wakes the writer; the task below is only runnable so far
         async with anyio.create_task_group() as tg:
-            tg.start_soon(second_hello)
+            tg.start_soon(h.miner_later, "gpu-2")
         await h.flushed()
         assert [list(b.miners) for b in h.store.batches[before:]] == [["gpu-1", "gpu-2"]]
         assert h.entries("welcome") == ["gpu-1", "gpu-2"]
@@ -297,13 +298,10 @@ async def test_a_batch_that_assigns_a_job_is_committed_without_gathering() -> No
         await h.flushed()
         before = len(h.store.batches)
 
-        async def second_hello() -> None:
-            h.miner("gpu-2")
-
         spec = h.spec()
         h.dispatcher.submit_now(spec, lambda job, existed: None)  # assigned to gpu-1 at once
         async with anyio.create_task_group() as tg:
-            tg.start_soon(second_hello)  # runnable only after the writer woke
+            tg.start_soon(h.miner_later, "gpu-2")  # runnable only after the writer woke
         await h.flushed()
         batches = h.store.batches[before:]
         assert [list(b.jobs) for b in batches] == [[spec.job_id], []]
