@@ -281,7 +281,7 @@ class Dispatcher:
                             miner_id=job.miner_id,
                             issued_at=event.at,
                             receipt=job.receipt,
-                            chain_seq=job.receipt.get("chain_seq"),
+                            chain_seq=job.receipt["chain_seq"],
                         )
                     )
                 persists.append(effect)

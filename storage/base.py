@@ -36,7 +36,7 @@ class ReceiptRow:
     miner_id: str | None
     issued_at: float
     receipt: JSONObject
-    chain_seq: int | None = None  # place in the coordinator's receipt chain (docs/receipts.md)
+    chain_seq: int  # place in the coordinator's receipt chain (docs/receipts.md)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,7 +188,8 @@ class JobStore(Protocol):
         self, job_id: str, after: int, limit: int = 10_000
     ) -> list[EventRecord]: ...
 
-    async def receipts_for(self, job_id: str) -> list[JSONObject]: ...
+    async def receipts_for(self, job_id: str) -> list[JSONObject]:
+        """The receipt the job's row names (none before it completes, or for an unknown job)."""
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
         """A page of jobs, newest first, and the total number matching ``query`` (see
@@ -198,10 +199,11 @@ class JobStore(Protocol):
         """Number of jobs per state (a scan: the dispatcher's ``JobCounts`` keeps them)."""
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
-        """Receipts, newest first (optionally of one job)."""
+        """Receipts, newest first in chain order (or only the job's, as ``receipts_for``)."""
 
     async def receipt_chain_head(self) -> JSONObject | None:
-        """The receipt with the highest ``chain_seq`` (start-up: where the chain continues)."""
+        """The receipt with the highest ``chain_seq`` (start-up: where the chain continues).
+        Receipts from before the chain (numbered below 1 by migration 5) are never the head."""
 
     async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         """``(chain_seq, receipt)`` with ``chain_seq > after``, in chain order (audit pages)."""

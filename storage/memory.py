@@ -32,7 +32,7 @@ class InMemoryJobStore:
         self.jobs: dict[str, JobRecord] = {}
         self.events: dict[str, list[EventRecord]] = {}
         self.miners: dict[str, MinerRecord] = {}
-        self.receipts: dict[str, tuple[str, float, JSONObject]] = {}
+        self.receipts: dict[str, JSONObject] = {}  # receipt_id -> receipt
         self.chain: dict[int, JSONObject] = {}  # chain_seq -> receipt
         self._idem: dict[tuple[str, str], str] = {}  # (client_id, idempotency_key) -> job_id
         self.users: dict[str, UserRecord] = {}
@@ -94,7 +94,7 @@ class InMemoryJobStore:
         """A new receipt may not take a ``chain_seq`` another receipt holds (in store or batch)."""
         in_batch: dict[int, str] = {}
         for r in batch.receipts:
-            if r.chain_seq is None or r.receipt_id in self.receipts:
+            if r.receipt_id in self.receipts:
                 continue
             holder = self.chain.get(r.chain_seq)
             owner = (
@@ -109,9 +109,7 @@ class InMemoryJobStore:
         for r in batch.receipts:
             if r.receipt_id in self.receipts:
                 continue  # a receipt id written again keeps the first receipt
-            self.receipts[r.receipt_id] = (r.job_id, r.issued_at, r.receipt)
-            if r.chain_seq is not None:
-                self.chain[r.chain_seq] = r.receipt
+            self.receipts[r.receipt_id] = self.chain[r.chain_seq] = r.receipt
 
     def _check_wallet(self, batch: WriteBatch) -> None:
         """The SQL store's unique constraints, checked before anything is written."""
@@ -197,8 +195,9 @@ class InMemoryJobStore:
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]:
         self._check_open()
-        rows = [(t, r) for j, t, r in self.receipts.values() if j == job_id]
-        return [r for _, r in sorted(rows, key=lambda row: row[0])]
+        job = self.jobs.get(job_id)
+        receipt_id = None if job is None or job.receipt is None else job.receipt.get("receipt_id")
+        return [self.receipts[receipt_id]] if receipt_id in self.receipts else []
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
         self._check_open()
@@ -209,7 +208,7 @@ class InMemoryJobStore:
             and (query.state is None or j.state == query.state)
             and (query.job_type is None or j.payload.get("type") == query.job_type)
         ]
-        found.sort(key=lambda j: (j.requested_at, j.job_id), reverse=True)
+        found.reverse()  # newest first: insertion order, as the SQL store's rowid
         page = found[query.offset : query.offset + query.limit]
         return page, len(found) if query.with_total else len(page)
 
@@ -222,11 +221,11 @@ class InMemoryJobStore:
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
         self._check_open()
-        rows = [
-            (t, rid, r) for rid, (j, t, r) in self.receipts.items() if job_id is None or j == job_id
-        ]
-        rows.sort(key=lambda row: (-row[0], row[1]))
-        return [r for _, _, r in rows[offset : offset + limit]]
+        if job_id:
+            rows = await self.receipts_for(job_id)
+        else:  # newest first: the chain's order
+            rows = [self.chain[n] for n in sorted(self.chain, reverse=True)]
+        return rows[offset : offset + limit]
 
     async def receipt_chain_head(self) -> JSONObject | None:
         self._check_open()

@@ -150,6 +150,46 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX receipts_issued ON receipts (issued_at)",
         ],
     ),
+    # 5: fewer B-trees written per job (docs/performance.md: WAL pages per job). A job's row
+    # names its receipt (``receipt_id``), so its receipts need no ``receipts_job``. The chain
+    # place is the receipts table's rowid (``chain_seq INTEGER PRIMARY KEY``): the chain audit,
+    # the chain head and the newest-first explorer read the table itself, replacing
+    # ``receipts_chain`` and ``receipts_issued``, and the rowid keeps a place unique. Receipts
+    # from before the chain (migration 2) are numbered -1, -2, ... newest first, after every
+    # chained one. Job lists read newest first in insertion (rowid) order, which every index
+    # carries: ``jobs_requested`` goes, ``jobs_state`` and ``jobs_client`` key one column.
+    (
+        5,
+        [
+            "ALTER TABLE jobs ADD COLUMN receipt_id TEXT",
+            """UPDATE jobs SET receipt_id = (
+                   SELECT r.receipt_id FROM receipts AS r WHERE r.job_id = jobs.job_id
+                   ORDER BY r.issued_at DESC LIMIT 1)
+               WHERE state = 'COMPLETED'""",
+            """CREATE TABLE receipts_v5 (
+                chain_seq INTEGER PRIMARY KEY,
+                receipt_id TEXT NOT NULL UNIQUE,
+                job_id TEXT NOT NULL,
+                miner_id TEXT,
+                issued_at DOUBLE PRECISION NOT NULL,
+                receipt TEXT NOT NULL
+            )""",
+            """INSERT INTO receipts_v5 (chain_seq, receipt_id, job_id, miner_id, issued_at, receipt)
+               SELECT chain_seq, receipt_id, job_id, miner_id, issued_at, receipt FROM receipts
+               WHERE chain_seq IS NOT NULL""",
+            """INSERT INTO receipts_v5 (chain_seq, receipt_id, job_id, miner_id, issued_at, receipt)
+               SELECT -ROW_NUMBER() OVER (ORDER BY issued_at DESC, receipt_id),
+                      receipt_id, job_id, miner_id, issued_at, receipt
+               FROM receipts WHERE chain_seq IS NULL""",
+            "DROP TABLE receipts",
+            "ALTER TABLE receipts_v5 RENAME TO receipts",
+            "DROP INDEX jobs_requested",
+            "DROP INDEX jobs_state",
+            "CREATE INDEX jobs_state ON jobs (state)",
+            "DROP INDEX jobs_client",
+            "CREATE INDEX jobs_client ON jobs (client_id)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -67,7 +67,8 @@ _IMMUTABLE = (
     "idempotency_key",
     "payment",
 )
-_UPDATE_COLUMNS = tuple(c for c in _JOB_COLUMNS if c not in _IMMUTABLE)
+# ``receipt_id`` is stored, not read back: it names the job's receipt in ``receipts``.
+_UPDATE_COLUMNS = (*(c for c in _JOB_COLUMNS if c not in _IMMUTABLE), "receipt_id")
 # The order of ``_job_row``'s values: what never changes, then what ``_UPDATE_JOB`` sets.
 _ROW_COLUMNS = _IMMUTABLE + _UPDATE_COLUMNS
 _UPSERT_JOB = "INSERT INTO jobs ({}) VALUES ({}) ON CONFLICT (job_id) DO UPDATE SET {}".format(
@@ -86,7 +87,16 @@ _UPDATE_JOB = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _UPDATE_COLUMNS)}
 # and has no idempotency key or payment (``_fresh_row``); a later snapshot without an error or a
 # receipt copy of its own (the receipt is in ``receipts``) updates them to NULL (``_plain``).
 _FRESH_NULLS = frozenset(
-    ("idempotency_key", "payment", "started_at", "finished_at", "result", "receipt", "error")
+    (
+        "idempotency_key",
+        "payment",
+        "started_at",
+        "finished_at",
+        "result",
+        "receipt",
+        "error",
+        "receipt_id",
+    )
 )
 _UPSERT_FRESH_JOB = _UPSERT_JOB.replace(
     ", ".join("?" * len(_ROW_COLUMNS)),
@@ -130,18 +140,24 @@ _INSERT_RECEIPT = (
     "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
 )
+# The receipt a job's row names (``jobs.receipt_id``, migration 5), oldest first.
+_JOB_RECEIPTS = (
+    "SELECT r.receipt FROM jobs AS j JOIN receipts AS r ON r.receipt_id = j.receipt_id "
+    "WHERE j.job_id = :j"
+)
 
 
 _RECEIPT, _RECEIPT_REF = "receipt", "$receipt_id"
-# Job rows as ``JobRecord``s: a completed job's receipt is in ``receipts`` (written in the same
-# batch) unless the row kept a copy of its own (older rows, rows written without a receipt row).
+# Job rows as ``JobRecord``s: a completed job's receipt is the ``receipts`` row its
+# ``receipt_id`` names (written in the same batch) unless the row kept a copy of its own (older
+# rows, rows written without a receipt row).
 _JOB_SELECT = (
     "SELECT "
     + ", ".join(
         c
         if c != "receipt"
-        else "CASE WHEN jobs.receipt IS NULL AND jobs.state = 'COMPLETED' THEN (SELECT r.receipt "
-        "FROM receipts AS r WHERE r.job_id = jobs.job_id ORDER BY r.issued_at DESC LIMIT 1) "
+        else "CASE WHEN jobs.receipt IS NULL AND jobs.receipt_id IS NOT NULL THEN (SELECT "
+        "r.receipt FROM receipts AS r WHERE r.receipt_id = jobs.receipt_id) "
         "ELSE jobs.receipt END AS receipt"
         for c in _JOB_COLUMNS
     )
@@ -204,6 +220,7 @@ def _job_changes(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
         _text(result),
         _receipt_text(receipt, stored),
         error,
+        None if receipt is None else receipt.get("receipt_id"),
     )
 
 
@@ -541,8 +558,7 @@ class DatabasesJobStore:
             values["t"] = query.job_type
         cond = " AND ".join(where)
         rows = await self._fetch(
-            f"{_JOB_SELECT} WHERE {cond} ORDER BY requested_at DESC, job_id DESC "
-            "LIMIT :limit OFFSET :offset",
+            f"{_JOB_SELECT} WHERE {cond} ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset",
             {**values, "limit": query.limit, "offset": query.offset},
         )
         if not query.with_total:
@@ -555,24 +571,25 @@ class DatabasesJobStore:
         return {r._mapping["state"]: int(r._mapping["n"]) for r in rows}
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
-        cond, values = ("job_id = :j", {"j": job_id}) if job_id else ("1 = 1", {})
-        rows = await self._fetch(
-            f"SELECT receipt FROM receipts WHERE {cond} ORDER BY issued_at DESC, receipt_id "
-            "LIMIT :limit OFFSET :offset",
-            {**values, "limit": limit, "offset": offset},
-        )
+        if job_id:
+            rows = await self._fetch(
+                f"{_JOB_RECEIPTS} LIMIT :limit OFFSET :offset",
+                {"j": job_id, "limit": limit, "offset": offset},
+            )
+        else:  # newest first: the chain's order (pre-chain receipts last, see migration 5)
+            rows = await self._fetch(
+                "SELECT receipt FROM receipts ORDER BY chain_seq DESC LIMIT :limit OFFSET :offset",
+                {"limit": limit, "offset": offset},
+            )
         return [loads(r._mapping["receipt"]) for r in rows]
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]:
-        rows = await self._fetch(
-            "SELECT receipt FROM receipts WHERE job_id = :j ORDER BY issued_at", {"j": job_id}
-        )
+        rows = await self._fetch(_JOB_RECEIPTS, {"j": job_id})
         return [loads(r._mapping["receipt"]) for r in rows]
 
     async def receipt_chain_head(self) -> JSONObject | None:
         rows = await self._fetch(
-            "SELECT receipt FROM receipts WHERE chain_seq IS NOT NULL "
-            "ORDER BY chain_seq DESC LIMIT 1"
+            "SELECT receipt FROM receipts WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1"
         )
         return loads(rows[0]._mapping["receipt"]) if rows else None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import closing
@@ -90,12 +91,10 @@ def receipt_row(
     receipt_id: str,
     job_id: str = "j1",
     issued_at: float = T0,
-    chain_seq: int | None = None,
+    chain_seq: int = 1,
     **extra: Any,
 ) -> ReceiptRow:
-    body = {"receipt_id": receipt_id, "job_id": job_id, **extra}
-    if chain_seq is not None:
-        body["chain_seq"] = chain_seq
+    body = {"receipt_id": receipt_id, "job_id": job_id, "chain_seq": chain_seq, **extra}
     return ReceiptRow(
         receipt_id=receipt_id,
         job_id=job_id,
@@ -363,30 +362,44 @@ async def test_miner_upsert_keeps_the_first_key_hash(store: JobStore) -> None:
 # ---- receipts -----------------------------------------------------------------------------
 
 
-async def test_receipts_for_returns_a_jobs_receipts_by_issue_time(store: JobStore) -> None:
-    """receipts_for lists one job's receipts, oldest first."""
+async def test_receipts_for_gives_the_receipt_the_jobs_row_names(store: JobStore) -> None:
+    """receipts_for: the receipt of a completed job's row; nothing for a job without a stored
+    receipt, for an unknown job, or for a receipt no job row names."""
+    r1, r2 = receipt_row("r1"), receipt_row("r2", "j2", chain_seq=2)
     await commit(
         store,
         batch(
-            receipts=[
-                receipt_row("r2", issued_at=T0 + 2),
-                receipt_row("r1", issued_at=T0 + 1),
-                receipt_row("rx", job_id="j2", issued_at=T0),
-            ]
+            jobs=[
+                job("j1", state="COMPLETED", receipt=r1.receipt),
+                job("j2"),  # still queued: r2 is not its receipt (yet)
+                job("j4", state="COMPLETED", receipt={"receipt_id": "own"}),
+            ],
+            events=[event("j1", 1), event("j2", 1), event("j4", 1)],
+            receipts=[r1, r2],
         ),
     )
     with anyio.fail_after(10):
-        assert [r["receipt_id"] for r in await store.receipts_for("j1")] == ["r1", "r2"]
-        assert [r["receipt_id"] for r in await store.receipts_for("j2")] == ["rx"]
+        assert await store.receipts_for("j1") == [r1.receipt]
+        assert await store.list_receipts("j1", 10, 0) == [r1.receipt]
+        assert await store.list_receipts("j1", 10, 1) == []
+        assert await store.receipts_for("j2") == []
         assert await store.receipts_for("j3") == []
+        assert await store.receipts_for("j4") == []  # its row keeps its own copy, no row here
 
 
-async def test_receipts_issued_at_the_same_time_are_all_returned(store: JobStore) -> None:
-    """Receipts with equal issue times do not break the ordering."""
-    await commit(store, batch(receipts=[receipt_row("r1"), receipt_row("r2")]))
+async def test_receipts_list_newest_first_in_chain_order(store: JobStore) -> None:
+    """The explorer's list: highest ``chain_seq`` first, whatever the issue times say."""
+    rows = [
+        receipt_row("r1", issued_at=T0 + 5, chain_seq=1),
+        receipt_row("r2", issued_at=T0 + 5, chain_seq=2),
+        receipt_row("r3", issued_at=T0 - 9, chain_seq=3),
+    ]
+    await commit(store, batch(receipts=rows[:2]))
+    await commit(store, batch(receipts=rows[2:]))
     with anyio.fail_after(10):
-        got = await store.receipts_for("j1")
-    assert sorted(r["receipt_id"] for r in got) == ["r1", "r2"]
+        assert await store.list_receipts(None, 10, 0) == [r.receipt for r in reversed(rows)]
+        assert await store.list_receipts(None, 1, 1) == [rows[1].receipt]
+        assert await store.list_receipts(None, 5, 3) == []
 
 
 async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
@@ -397,17 +410,14 @@ async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
         batch(jobs=[job("j9")], receipts=[receipt_row("r1", version=2)]),
     )
     with anyio.fail_after(10):
-        assert await store.receipts_for("j1") == [
-            {"receipt_id": "r1", "job_id": "j1", "version": 1}
+        assert await store.list_receipts(None, 10, 0) == [
+            {"receipt_id": "r1", "job_id": "j1", "chain_seq": 1, "version": 1}
         ]
         assert await store.get_job("j9") is not None
 
 
 async def test_receipt_chain_head_and_pages(store: JobStore) -> None:
-    """The head is the highest chain_seq; pages come in chain order; unchained rows are skipped."""
-    with anyio.fail_after(10):
-        assert await store.receipt_chain_head() is None
-    await commit(store, batch(receipts=[receipt_row("legacy")]))
+    """The head is the highest chain_seq; pages come in chain order."""
     with anyio.fail_after(10):
         assert await store.receipt_chain_head() is None
     await commit(
@@ -567,7 +577,7 @@ async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: 
             assert await again.get_job("j1") == job("j1", idempotency_key="k1")
             assert await again.find_job("client-1", "k1") == job("j1", idempotency_key="k1")
             assert await again.events_after("j1", 0) == [event("j1", 1)]
-            assert await again.receipts_for("j1") == [receipt_row("r1").receipt]
+            assert await again.receipt_chain(0, 5) == [(1, receipt_row("r1").receipt)]
             assert await again.load_active() == ([job("j1", idempotency_key="k1")], [miner()])
             await again.close()
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
@@ -592,12 +602,88 @@ async def test_sqlite_upgrade_from_version_1_keeps_receipts_unchained(tmp_path: 
         s = DatabasesJobStore(sqlite_url(tmp_path))
         await s.open()
         try:
-            assert await s.receipts_for("j1") == [{"receipt_id": "old"}]
+            assert await s.list_receipts(None, 5, 0) == [{"receipt_id": "old"}]
             assert await s.receipt_chain_head() is None
             await s.commit(batch(receipts=[receipt_row("r1", chain_seq=1)]))
             assert [r["receipt_id"] for _, r in await s.receipt_chain(0, 5)] == ["r1"]
         finally:
             await s.close()
+
+
+def _v4_job(db: sqlite3.Connection, job_id: str, state: str, receipt: str | None = None) -> None:
+    db.execute(
+        "INSERT INTO jobs (job_id, client_id, state, payload, constraints, priority, "
+        "requested_at, expires_at, attempt, failures, max_attempts, seq, receipt) "
+        "VALUES (?, 'client-1', ?, '{}', '{}', 0, 1.0, 901.0, 1, 0, 3, 1, ?)",
+        (job_id, state, receipt),
+    )
+
+
+def _v4_receipt(db: sqlite3.Connection, rid: str, job_id: str, at: float, n: int | None) -> None:
+    body = {"receipt_id": rid, **({} if n is None else {"chain_seq": n})}
+    db.execute(
+        "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
+        "VALUES (?, ?, 'gpu-1', ?, ?, ?)",
+        (rid, job_id, at, json.dumps(body), n),
+    )
+
+
+async def test_sqlite_upgrade_to_version_5_finds_every_receipt_without_the_old_indexes(
+    tmp_path: Path,
+) -> None:
+    """Migration 5 on a database of version 4: jobs name their receipts, the chain is the
+    receipts table's order (receipts from before the chain follow it, newest first), and the
+    four indexes it replaces are gone."""
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, statements in MIGRATIONS[:4]:
+            for sql in statements:
+                db.execute(sql)
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        assert [v for v, _ in MIGRATIONS[:4]] == [1, 2, 3, 4]
+        _v4_receipt(db, "old-1", "j0", 1.0, None)
+        _v4_receipt(db, "old-2", "jx", 2.0, None)
+        _v4_receipt(db, "r2", "j2", 4.0, 2)
+        _v4_receipt(db, "r1", "j1", 3.0, 1)
+        _v4_job(db, "j0", "COMPLETED")  # its receipt is in receipts (unchained)
+        _v4_job(db, "j1", "COMPLETED")
+        _v4_job(db, "j2", "COMPLETED", receipt='{"receipt_id":"r2","copy":true}')
+        _v4_job(db, "j3", "QUEUED")
+        db.commit()
+    with anyio.fail_after(20):
+        s = DatabasesJobStore(sqlite_url(tmp_path))
+        await s.open()
+        try:
+            got = {j: await s.get_job(j) for j in ("j0", "j1", "j2", "j3")}
+            assert {j: r.receipt if r else None for j, r in got.items()} == {
+                "j0": {"receipt_id": "old-1"},
+                "j1": {"receipt_id": "r1", "chain_seq": 1},
+                "j2": {"receipt_id": "r2", "copy": True},  # the row's own copy wins, as before
+                "j3": None,
+            }
+            assert await s.receipts_for("j0") == [{"receipt_id": "old-1"}]
+            assert await s.receipts_for("j2") == [{"receipt_id": "r2", "chain_seq": 2}]
+            assert await s.receipts_for("j3") == []
+            head = await s.receipt_chain_head()
+            assert head == {"receipt_id": "r2", "chain_seq": 2}
+            assert [(n, r["receipt_id"]) for n, r in await s.receipt_chain(0, 9)] == [
+                (1, "r1"),
+                (2, "r2"),
+            ]
+            explorer = [r["receipt_id"] for r in await s.list_receipts(None, 9, 0)]
+            assert explorer == ["r2", "r1", "old-2", "old-1"]
+            await s.commit(batch(receipts=[receipt_row("r3", "j9", chain_seq=3)]))
+            assert [n for n, _ in await s.receipt_chain(1, 9)] == [2, 3]
+            with pytest.raises(Conflict):  # a place in the chain is still unique
+                await s.commit(batch(receipts=[receipt_row("r4", "j9", chain_seq=2)]))
+            jobs, total = await s.list_jobs(JobQuery(client_id="client-1", limit=9, offset=0))
+            assert ([j.job_id for j in jobs], total) == (["j3", "j2", "j1", "j0"], 4)
+        finally:
+            await s.close()
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert not names & {"receipts_job", "receipts_chain", "receipts_issued", "jobs_requested"}
+    assert {"jobs_state", "jobs_client"} <= names
 
 
 @pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])
@@ -698,8 +784,8 @@ async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lists of all clients' jobs (admin jobs; admin stats' newest COMPLETED) and of all
-    receipts (the public explorer) walk an index in order: a million rows would otherwise be
-    sorted per request (about a second here)."""
+    receipts (the public explorer) walk a table (rowid order) or an index in order: a million
+    rows would otherwise be sorted per request (about a second here)."""
     store = DatabasesJobStore(sqlite_url(tmp_path))
     seen: list[tuple[str, dict[str, Any]]] = []
     with anyio.fail_after(20):
@@ -718,10 +804,12 @@ async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
         await store.close()
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
         for sql, values in seen:
-            # The outer query's steps (a job's receipt is a correlated subquery of its own).
+            # The outer query's steps (a job's receipt is a correlated subquery of its own): a
+            # walk of the table in rowid order, or of the state index, never a sort.
             plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", values) if r[1] == 0]
-            assert not any(step.startswith("SCAN") and "INDEX" not in step for step in plan)
-            assert "USE TEMP B-TREE FOR ORDER BY" not in plan, plan  # only ties get sorted
+            walks = ("SCAN jobs", "SEARCH jobs USING INDEX jobs_state (state=?)", "SCAN receipts")
+            assert [s for s in plan if not s.startswith("CORRELATED")] in [[w] for w in walks]
+            assert not any("TEMP B-TREE" in step for step in plan), plan
 
 
 async def test_sqlite_rows_with_nulls_in_the_statement_match_the_general_statements(
