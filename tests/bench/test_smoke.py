@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from bench.harness import ROOT
+from storage.base import JobQuery
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -155,3 +156,38 @@ def test_classes_bench_runs_every_case(monkeypatch: pytest.MonkeyPatch) -> None:
     assert classes.queued(50, 20, distinct=True, unservable=50) > 0
     assert classes.queued(50, 20, distinct=False, refuse=True) > 0
     assert classes.idle(50, 20, distinct=True) > 0
+
+
+@pytest.mark.anyio
+async def test_store_scale_builds_what_the_upgrade_keeps_whole(tmp_path: Path) -> None:
+    """bench/store_scale.py: a database it builds at version 4 upgrades with every completed
+    job's receipt found through its row and the whole chain in order; the lists are timed."""
+    from bench import store_scale
+    from storage.sql import DatabasesJobStore
+
+    path = tmp_path / "scale.db"
+    store_scale.build(path, 40, 4, receipt_bytes=10)
+    await store_scale.measure(path, 40)
+    store = DatabasesJobStore(f"sqlite:///{path}")
+    await store.open()
+    try:
+        jobs, _ = await store.list_jobs(JobQuery(limit=100, offset=0))
+        assert [j.job_id for j in jobs] == [f"{i:032x}" for i in reversed(range(40))]
+        assert all(j.receipt is not None and j.receipt["n"] == int(j.job_id, 16) for j in jobs)
+        chain = await store.receipt_chain(0, 100)
+        assert [(n, r["n"]) for n, r in chain] == [(i + 1, i) for i in range(40)]
+    finally:
+        await store.close()
+
+
+def test_store_scale_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import store_scale
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["store_scale", "--jobs", "30", "--receipt-bytes", "10"])
+        store_scale.main()
+    out = capsys.readouterr().out
+    assert re.search(r"first start \(migrations\): \d+\.\d s", out), out
+    for name in ("100 newest jobs", "a client's 100 newest jobs", "50 newest receipts"):
+        assert re.search(rf"{name}: \d+\.\d\d ms", out), out
+    assert re.search(r"file: \d+ MB before, \d+ MB after", out), out
