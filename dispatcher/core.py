@@ -156,6 +156,10 @@ class Scheduler:
         # still learns what was revoked (docs/protocol.md, welcome.revoked).
         self._lost: OrderedDict[str, tuple[str, list[str]]] = OrderedDict()
         self.counters: dict[str, int] = {k.value: 0 for k in EventKind}
+        # Ids of the miners added, dropped, or whose session, connection, drain state,
+        # concurrency or held jobs changed since ``take_changed_miners`` (the ops feed's deltas
+        # look at these instead of every miner).
+        self._changed_miners: set[str] = set()
 
     # ---- queries ----------------------------------------------------------------------------
 
@@ -179,6 +183,11 @@ class Scheduler:
                 self._match(needs, caps) for caps in self._known_caps
             )
         return verdict
+
+    def take_changed_miners(self) -> set[str]:
+        """The miners changed since the last call (see ``_changed_miners``), and forget them."""
+        changed, self._changed_miners = self._changed_miners, set()
+        return changed
 
     def next_deadline(self) -> float | None:
         timers = self._timers
@@ -370,6 +379,7 @@ class Scheduler:
             self._queue.wake()
         self._known_caps[miner.caps] = n + 1
         self._refresh_idle(miner, now)
+        self._changed_miners.add(miner_id)
         return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()
 
     def disconnect(self, miner_id: str, session_id: str, now: float) -> list[Effect]:
@@ -378,6 +388,7 @@ class Scheduler:
         if miner is None or miner.session_id != session_id or not miner.connected:
             return []  # an older, replaced session
         miner.connected = False
+        self._changed_miners.add(miner_id)
         self._idle.discard(miner_id)
         for job_id in list(miner.jobs):
             job = self.jobs[job_id]
@@ -399,6 +410,7 @@ class Scheduler:
             miner.concurrency = concurrency
         if draining is not None:
             miner.draining = draining
+        self._changed_miners.add(miner_id)
         self._refresh_idle(miner, now)
         return self._take()
 
@@ -631,6 +643,7 @@ class Scheduler:
                     )
                 miner.jobs[job.job_id] = None
                 miner.concurrency = len(miner.jobs)
+                self._changed_miners.add(job.miner_id)
                 if not job.accepted:
                     self._requeue(job, now, "coordinator restarted", charged=False)
         # (A restored miner whose last job was requeued above is dropped by ``_release``.)
@@ -758,6 +771,7 @@ class Scheduler:
         job.accepted = False
         job.assigned_at = now
         miner.jobs[job.job_id] = None
+        self._changed_miners.add(miner.miner_id)
         if miner.rest:
             miner.polls -= 1
         if miner.free > 0:
@@ -802,6 +816,7 @@ class Scheduler:
         if miner is None or job.job_id not in miner.jobs:
             return
         del miner.jobs[job.job_id]
+        self._changed_miners.add(miner.miner_id)
         if miner.connected:
             self._refresh_idle(miner, now)
         elif not miner.jobs and not miner.revoked and miner.grace_timer is not None:
@@ -903,3 +918,4 @@ class Scheduler:
         self._idle.discard(miner.miner_id)
         if self.miners.get(miner.miner_id) is miner:
             del self.miners[miner.miner_id]
+            self._changed_miners.add(miner.miner_id)

@@ -853,15 +853,22 @@ class Dispatcher:
     # ---- observation ------------------------------------------------------------------------
 
     def statistics(self) -> DispatcherStatistics:
+        """Everything, the scheduler's figures included (those walk every miner)."""
         return DispatcherStatistics(
             scheduler=self.scheduler.statistics(),
-            batches=self._batches,
             writes=self._written,
-            last_batch_size=self._last_batch,
-            pending_writes=len(self._writes),
-            subscribers=self.fanout.subscriber_count,
-            progress_dropped=self.fanout.progress_dropped,
+            **self.writer_statistics(),
         )
+
+    def writer_statistics(self) -> dict[str, int]:
+        """The writer's and the fan-out's figures: cheap, no walk over miners or jobs."""
+        return {
+            "batches": self._batches,
+            "last_batch_size": self._last_batch,
+            "pending_writes": len(self._writes),
+            "subscribers": self.fanout.subscriber_count,
+            "progress_dropped": self.fanout.progress_dropped,
+        }
 
 
 class _PollWaiter:

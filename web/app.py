@@ -97,6 +97,7 @@ class Coordinator:
             )
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
+        self.sockets = {"miner": 0, "client": 0, "admin": 0}  # open connections by role
         self.ready = False
         self.failed = False
         # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).

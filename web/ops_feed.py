@@ -79,6 +79,7 @@ class OpsFeed:
         self._ungrouped: dict[str, _ActiveJob] = {}  # QUEUED, not yet counted in a group
         self._groups: dict[str, list[Any]] = {}  # class -> [constraints, QUEUED jobs]
         self._sent_miners: dict[str, tuple[Any, ...]] = {}
+        self._event_miners: set[str] = set()  # named by job events since the last delta
         self._sent_queue: dict[str, Any] = {}
         self._sent_counters: dict[str, Any] = {}
         self._new_points: list[dict[str, Any]] = []
@@ -103,6 +104,7 @@ class OpsFeed:
         if kind == "progress":
             if miner_id is not None:
                 self._seen[miner_id] = at
+                self._event_miners.add(miner_id)
             for outbox in self.watchers:
                 outbox.put(frame, job_id=job_id, progress=True)
             return
@@ -124,6 +126,7 @@ class OpsFeed:
             self._count(job_id, entry)
         if miner_id is not None:
             self._seen[miner_id] = at
+            self._event_miners.add(miner_id)
             if kind == "completed" or kind == "failed":
                 done = self._done.setdefault(miner_id, [0, 0])
                 done[kind == "failed"] += 1
@@ -161,7 +164,13 @@ class OpsFeed:
 
     def add(self, outbox: Outbox) -> None:
         """A new watcher: its snapshot, then the recent events, then live deltas and events."""
+        if not self.watchers:  # deltas are kept only while watched: start from this snapshot
+            self._sent_miners = {}
+            self._changed_miners()
         outbox.put(orjson.dumps({"type": "snapshot", **self.snapshot()}).decode())
+        if not self.watchers:
+            miners = self.core.dispatcher.scheduler.miners
+            self._sent_miners = {mid: self._signature(mid, m) for mid, m in miners.items()}
         for frame in self.recent:
             outbox.put(frame)
         self.watchers.add(outbox)
@@ -245,19 +254,12 @@ class OpsFeed:
 
     def _counters(self) -> dict[str, Any]:
         d = self.core.dispatcher
-        stats = d.statistics()
-        sockets: dict[str, int] = {"miner": 0, "client": 0, "admin": 0}
-        for conn in list(self.core.connections):
-            sockets[conn.role.value] = sockets.get(conn.role.value, 0) + 1
+        stats = d.writer_statistics()
         return {
             "events": {str(k): n for k, n in d.tally.events.items()},  # keys may be StrEnums
             "requeues": dict(d.tally.requeues),
-            "progress_dropped": stats.progress_dropped,
-            "batches": stats.batches,
-            "last_batch_size": stats.last_batch_size,
-            "pending_writes": stats.pending_writes,
-            "sockets": sockets,
-            "subscribers": stats.subscribers,
+            **stats,
+            "sockets": dict(self.core.sockets),
         }
 
     # ---- the clock --------------------------------------------------------------------------
@@ -270,6 +272,7 @@ class OpsFeed:
             self._add_point(now)
         if not self.watchers:
             self._new_points.clear()
+            self._changed_miners()  # a new watcher starts from a snapshot
             return
         delta = self._delta(now)
         if delta:
@@ -299,28 +302,45 @@ class OpsFeed:
         self.points.append(point)
         self._new_points.append(point)
 
+    def _changed_miners(self) -> set[str]:
+        """The miners that may have changed since the last call: the scheduler's, and those
+        named by job events (their counts and last-seen times are kept here)."""
+        changed = self.core.dispatcher.scheduler.take_changed_miners()
+        changed |= self._event_miners
+        self._event_miners = set()
+        return changed
+
+    def _signature(self, miner_id: str, m: Miner) -> tuple[Any, ...]:
+        """What a miner's row shows (``_row``), compared to know whether to send it again."""
+        done = self._done.get(miner_id)
+        return (
+            m.session_id,
+            m.connected,
+            m.draining,
+            len(m.jobs),
+            m.concurrency,
+            None if done is None else tuple(done),
+            self._seen.get(miner_id),
+        )
+
     def _delta(self, now: float) -> dict[str, Any]:
+        """What changed since the last delta: only the miners that may have changed are looked
+        at (with 10,000 miners, a walk over all of them every tick was most of the feed's cost)."""
         delta: dict[str, Any] = {}
         miners = self.core.dispatcher.scheduler.miners
         changed = []
-        for miner_id, m in miners.items():
-            done = self._done.get(miner_id)
-            sig = (
-                m.session_id,
-                m.connected,
-                m.draining,
-                len(m.jobs),
-                m.concurrency,
-                None if done is None else tuple(done),
-                self._seen.get(miner_id),
-            )
+        removed = []
+        for miner_id in sorted(self._changed_miners()):
+            m = miners.get(miner_id)
+            if m is None:
+                if self._sent_miners.pop(miner_id, None) is not None:
+                    removed.append(miner_id)
+                self._seen.pop(miner_id, None)
+                continue
+            sig = self._signature(miner_id, m)
             if self._sent_miners.get(miner_id) != sig:
                 changed.append(self._row(m, now))
                 self._sent_miners[miner_id] = (*sig[:-1], self._seen.get(miner_id))
-        removed = [mid for mid in self._sent_miners if mid not in miners]
-        for mid in removed:
-            del self._sent_miners[mid]
-            self._seen.pop(mid, None)
         if changed:
             delta["miners"] = changed
         if removed:

@@ -1232,3 +1232,42 @@ def test_forgotten_sessions_are_bounded() -> None:
     assert info.revoked == ()  # m1's memory was evicted by m2's
     info, _ = connect(s, "m2", "m2-s2", resume="m2-s1", now=30.0)
     assert info.revoked == ("j1",)
+
+
+def test_changed_miners_name_every_miner_whose_row_can_change() -> None:
+    """take_changed_miners (the ops feed's deltas): each miner added or dropped, or whose
+    connection, drain state, concurrency or held jobs changed, even where no job event names
+    it (a job requeued after the grace names no miner); each call forgets what it returned."""
+    s = make()
+    connect(s, "m1")
+    connect(s, "m2")
+    assert s.take_changed_miners() == {"m1", "m2"}
+    assert s.take_changed_miners() == set()
+    submit(s, "j1", now=1.0)
+    (holder,) = [m for m in ("m1", "m2") if held(s, m)]
+    other = "m2" if holder == "m1" else "m1"
+    assert s.take_changed_miners() == {holder}
+    s.accept(holder, "j1", 1.0)
+    assert s.take_changed_miners() == set()
+    s.set_status(other, concurrency=2, draining=None, now=1.0)
+    assert s.take_changed_miners() == {other}
+    s.set_status(other, concurrency=None, draining=True, now=1.0)
+    assert s.take_changed_miners() == {other}
+    s.disconnect(holder, f"{holder}-s1", 2.0)
+    assert s.take_changed_miners() == {holder}
+    s.tick(2.0 + s.config.resume_grace)  # the grace ends: the job is requeued, the miner gone
+    assert holder not in s.miners
+    assert s.take_changed_miners() == {holder}
+    connect(s, "m3", now=30.0)  # takes the requeued job
+    assert held(s, "m3") == ["j1"]
+    assert s.take_changed_miners() == {"m3"}
+    s.accept("m3", "j1", 31.0)
+    s.complete("m3", "j1", {"ok": True}, {}, 32.0)
+    assert s.take_changed_miners() == {"m3"}
+    restored = make()
+    restored.restore(
+        [record("r1", "RUNNING", attempt=1, miner_id="m9", assigned_at=1.0, started_at=2.0)],
+        {"m9": "m9-s1"},
+        10.0,
+    )
+    assert restored.take_changed_miners() == {"m9"}

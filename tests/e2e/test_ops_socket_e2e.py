@@ -32,6 +32,15 @@ async def until(ws: ClientConnection, pred: Any) -> dict[str, Any]:
             return f
 
 
+async def socket_counts(server: RunningServer) -> dict[str, int]:
+    """The open sockets by role, from the snapshot of one more admin socket (counted too)."""
+    async with connect(server.url("/v1/admin/ws")) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": ADMIN_KEY}))
+        snap = await frame(ws)
+    counts: dict[str, int] = snap["counters"]["sockets"]
+    return counts
+
+
 @pytest.mark.parametrize(("key", "code"), [(CLIENT_KEY, 4403), ("unknown-key-123", 4401)])
 async def test_only_admin_keys(server: RunningServer, key: str, code: int) -> None:
     """A client key is closed 4403 and an unknown key 4401, by header or by auth frame."""
@@ -68,3 +77,7 @@ async def test_snapshot_recent_events_then_live(server: RunningServer) -> None:
                 delta = await until(ws, lambda f: f["type"] == "ops.delta" and "miners" in f)
                 assert delta["miners"][0]["miner_id"] == "gpu-ops"
                 assert delta["miners"][0]["state"] == "busy"
+                assert await socket_counts(server) == {"miner": 1, "client": 1, "admin": 2}
+            # The miner left before accepting: its job is requeued and the miner dropped.
+            await until(ws, lambda f: "gpu-ops" in f.get("removed", []))
+            assert await socket_counts(server) == {"miner": 0, "client": 1, "admin": 2}

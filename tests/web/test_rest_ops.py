@@ -178,6 +178,74 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
     feed.discard(sink)
 
 
+async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_shows(
+    api: Api,
+) -> None:
+    """Deltas look only at the miners that changed (the scheduler's and the job events'
+    list), yet after every step a watcher's table equals a fresh snapshot's."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    table: dict[str, Any] = {}
+
+    class Sink:
+        def put(self, frame: str, **_: Any) -> None:
+            f = orjson.loads(frame)
+            if f["type"] == "snapshot":
+                table.update({m["miner_id"]: m for m in f["miners"]})
+            elif f["type"] == "ops.delta":
+                table.update({m["miner_id"]: m for m in f.get("miners", [])})
+                for gone in f.get("removed", []):
+                    del table[gone]
+
+    async def drain(miner_id: str, draining: bool) -> None:
+        r = await api.http.post(
+            f"/v1/admin/miners/{miner_id}/drain", json={"draining": draining}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+
+    async def disconnect(miner_id: str) -> None:
+        r = await api.http.post(f"/v1/admin/miners/{miner_id}/disconnect", headers=ADMIN)
+        assert r.status_code == 200, r.text
+
+    jobs: list[str] = []
+
+    async def run(miner_id: str) -> None:
+        jobs.append((await api.submit())["job_id"])
+        assert (await api.poll(miner_id)).status_code == 200
+        assert (await api.result(jobs[-1], miner_id)).status_code == 200
+
+    async def hold(miner_id: str) -> None:
+        jobs.append((await api.submit())["job_id"])
+        assert (await api.poll(miner_id)).status_code == 200
+
+    await api.register("m1")
+    sink: Any = Sink()
+    feed.add(sink)
+    steps = [
+        lambda: api.register("m2"),
+        lambda: api.register("m3"),
+        lambda: run("m1"),
+        lambda: hold("m2"),
+        lambda: drain("m3", True),
+        lambda: run("m1"),
+        lambda: drain("m3", False),
+        lambda: disconnect("m3"),
+        lambda: api.result(jobs[1], "m2"),
+        lambda: api.register("m3"),
+        lambda: disconnect("m1"),
+    ]
+    t = 1000.0
+    for n, step in enumerate(steps):
+        await step()
+        t += 0.25
+        feed.tick(t)
+        fresh = {m["miner_id"]: m for m in feed.snapshot()["miners"]}
+        assert table == fresh, f"after step {n}"
+    assert sorted(table) == ["m2", "m3"]
+    assert table["m2"]["completed"] == 1
+    feed.discard(sink)
+
+
 async def test_metrics_require_admin_and_match_the_jobs_run(api: Api) -> None:
     """/metrics parses as Prometheus text and its counters match the jobs of this test."""
     r = await api.http.get("/metrics")
