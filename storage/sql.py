@@ -140,7 +140,7 @@ _INSERT_RECEIPT = (
     "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
 )
-# The receipt a job's row names (``jobs.receipt_id``, migration 5), oldest first.
+# The receipt a job's row names (``jobs.receipt_id``, migration 5): none or one.
 _JOB_RECEIPTS = (
     "SELECT r.receipt FROM jobs AS j JOIN receipts AS r ON r.receipt_id = j.receipt_id "
     "WHERE j.job_id = :j"

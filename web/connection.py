@@ -143,7 +143,7 @@ class Connection(ABC):
         if principal is not None:
             self.on_authenticated()
         self.core.connections.add(self)
-        self.core.sockets[self.role.value] = self.core.sockets.get(self.role.value, 0) + 1
+        self.core.sockets[self.role.value] += 1
         self._send_now = extensions.get(SEND_NOW)
         self._flush_now = extensions.get(FLUSH_NOW)
         set_on_text = extensions.get(ON_TEXT)

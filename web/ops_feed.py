@@ -164,11 +164,11 @@ class OpsFeed:
 
     def add(self, outbox: Outbox) -> None:
         """A new watcher: its snapshot, then the recent events, then live deltas and events."""
-        if not self.watchers:  # deltas are kept only while watched: start from this snapshot
-            self._sent_miners = {}
+        first = not self.watchers  # deltas are kept only while watched: start from this snapshot
+        if first:
             self._changed_miners()
         outbox.put(orjson.dumps({"type": "snapshot", **self.snapshot()}).decode())
-        if not self.watchers:
+        if first:
             miners = self.core.dispatcher.scheduler.miners
             self._sent_miners = {mid: self._signature(mid, m) for mid, m in miners.items()}
         for frame in self.recent:
@@ -340,7 +340,7 @@ class OpsFeed:
             sig = self._signature(miner_id, m)
             if self._sent_miners.get(miner_id) != sig:
                 changed.append(self._row(m, now))
-                self._sent_miners[miner_id] = (*sig[:-1], self._seen.get(miner_id))
+                self._sent_miners[miner_id] = self._signature(miner_id, m)  # _row set its seen
         if changed:
             delta["miners"] = changed
         if removed:
