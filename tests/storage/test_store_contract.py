@@ -733,36 +733,6 @@ async def test_sqlite_reader_and_writer_are_separate_connections(tmp_path: Path)
         await store.close()
 
 
-async def test_sqlite_checkpoint_skips_a_locked_round_and_stops_on_other_errors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A PASSIVE checkpoint that meets "database table is locked" is retried next round;
-    any other driver error still stops the store (the dispatcher then fails loudly)."""
-    store = DatabasesJobStore(sqlite_url(tmp_path))
-    await store.open()
-    answers = [
-        sqlite3.OperationalError("database table is locked"),
-        sqlite3.OperationalError("database is busy"),
-        None,
-        sqlite3.OperationalError("disk I/O error"),
-    ]
-    seen: list[str] = []
-
-    async def pragma(raw: Any, text: str) -> None:
-        seen.append(text)
-        answer = answers.pop(0)
-        if answer is not None:
-            raise answer
-
-    monkeypatch.setattr(store, "_pragma", pragma)
-    try:
-        with anyio.fail_after(10), pytest.raises(StorageError, match="disk I/O error"):
-            await store.maintain(0.001)
-        assert seen == ["wal_checkpoint(PASSIVE)"] * 4
-    finally:
-        await store.close()
-
-
 async def test_list_jobs_without_the_total_gives_the_same_page(store: JobStore) -> None:
     """``with_total=False``: the same jobs, newest first; the total is only the page's size."""
     jobs = [

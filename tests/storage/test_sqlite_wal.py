@@ -1,0 +1,167 @@
+"""The SQLite store's WAL upkeep: background checkpoints, and a WAL that restarts under load."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import storage.sql
+from storage.errors import StorageError
+from storage.sql import DatabasesJobStore
+from tests.storage.test_store_contract import batch, event, job, sqlite_url
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[DatabasesJobStore]:
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def reader(store: DatabasesJobStore) -> Any:
+    assert store._reader is not None
+    return store._reader.raw_connection
+
+
+async def fill(store: DatabasesJobStore, prefix: str, n: int) -> None:
+    for i in range(n):
+        await store.commit(batch(jobs=[job(f"{prefix}{i}")], events=[event(f"{prefix}{i}", 1)]))
+
+
+async def test_a_checkpoint_skips_a_locked_round_and_stops_on_other_errors(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PASSIVE checkpoint that meets "database table is locked" is retried next round;
+    any other driver error still stops the store (the dispatcher then fails loudly)."""
+    answers = [
+        sqlite3.OperationalError("database table is locked"),
+        sqlite3.OperationalError("database is busy"),
+        None,
+        sqlite3.OperationalError("disk I/O error"),
+    ]
+    rounds = 0
+
+    async def checkpoint(raw: Any) -> tuple[int, int, int]:
+        nonlocal rounds
+        rounds += 1
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        return 0, 0, 0
+
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    with anyio.fail_after(10), pytest.raises(StorageError, match="disk I/O error"):
+        await store.maintain(0.001)
+    assert rounds == 4
+
+
+async def test_a_wal_that_every_round_leaves_behind_is_restarted(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load commits land while every checkpoint runs, so no round ends with
+    every frame checkpointed and SQLite never writes the WAL from its start again: the file
+    grew without end. Past ``wal_restart_frames`` the last round of a catch-up holds the
+    writer: the commit asked for meanwhile waits, and then starts the WAL over."""
+    await fill(store, "before", 10)
+    log = (await store._checkpoint(reader(store)))[1]
+    assert log >= 20
+    await fill(store, "load", 10)
+    store.wal_restart_frames = 20
+    real = store._checkpoint
+    rounds: list[tuple[bool, bool]] = []  # (writer held, the commit asked during it landed)
+
+    async with anyio.create_task_group() as tg:
+
+        async def checkpoint_under_load(raw: Any) -> tuple[int, int, int]:
+            landed = anyio.Event()
+
+            async def commit() -> None:
+                await fill(store, f"late{len(rounds)}-", 1)
+                landed.set()
+
+            tg.start_soon(commit)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            answer = await real(raw)
+            rounds.append((store._held is not None, landed.is_set()))
+            return answer
+
+        monkeypatch.setattr(store, "_checkpoint", checkpoint_under_load)
+        with anyio.fail_after(10):
+            await store._checkpoint_round(reader(store))
+    assert rounds[0] == (False, True)
+    assert rounds[-1] == (True, False)
+    assert store._held is None
+    busy, frames, _ = await real(reader(store))
+    assert busy == 0
+    assert 0 < frames < log  # only the commit that waited: the WAL began again under it
+
+
+async def test_a_small_wal_is_left_to_restart_by_itself(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below ``wal_restart_frames`` a round is one checkpoint: commits never wait."""
+    await fill(store, "j", 3)
+    calls: list[object] = []
+    real = store._checkpoint
+
+    async def checkpoint(raw: Any) -> tuple[int, int, int]:
+        calls.append(store._held)
+        return await real(raw)
+
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    await store._checkpoint_round(reader(store))
+    assert calls == [None]
+
+
+async def test_the_held_round_releases_the_writer_when_it_fails(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint error in the held round stops the store, and no commit stays parked."""
+    store.wal_restart_frames = 0
+    answers: list[tuple[int, int, int] | None] = [(0, 10, 10), (0, 11, 11), None]
+
+    async def checkpoint(raw: Any) -> tuple[int, int, int]:
+        answer = answers.pop(0)
+        if answer is None:
+            assert store._held is not None
+            raise sqlite3.OperationalError("disk I/O error")
+        return answer
+
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    with anyio.fail_after(10), pytest.raises(StorageError, match="disk I/O error"):
+        await store.maintain(0.001)
+    assert store._held is None
+    with anyio.fail_after(10):
+        await fill(store, "after", 1)
+
+
+async def test_a_restarted_wal_file_is_cut_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``journal_size_limit``: after a burst, the WAL file shrinks once the WAL restarts."""
+    monkeypatch.setattr(storage.sql, "WAL_SIZE_LIMIT", 0)
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        await fill(store, "burst", 50)
+        wal = tmp_path / "store.db-wal"
+        grown = wal.stat().st_size
+        await store._checkpoint_round(reader(store))
+        await fill(store, "after", 1)
+        assert wal.stat().st_size < grown // 4
+    finally:
+        await store.close()
