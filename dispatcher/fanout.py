@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["Fanout", "Outbox", "Subscriber"]
 
 
+def _closed(code: CloseCode, reason: str) -> None:
+    """``Outbox._on_overflow`` once closed: never called (a closed outbox takes no frames)."""
+
+
 class Outbox:
     """Frames waiting to be written to one socket."""
 
@@ -93,6 +97,10 @@ class Outbox:
 
     def close(self) -> None:
         self.closed = True
+        # A closed outbox takes no more frames: drop the callbacks, which are the owning
+        # connection's methods (a reference cycle only the collector would free).
+        self.direct = None
+        self._on_overflow = _closed
         self._set_wake()
 
     def _set_wake(self) -> None:

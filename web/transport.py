@@ -556,6 +556,20 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         extensions[ACCEPT_NOW] = self.accept_now
         extensions[FLUSH_NOW] = self.flush_now
 
+    def on_task_complete(self, task: asyncio.Task[None]) -> None:
+        """uvicorn's, then our methods leave the scope: the app is done with it.
+
+        The scope is the protocol's and holds the methods, which hold the protocol: a
+        reference cycle that kept every closed socket's objects (about 45 tracked, ~19 KiB)
+        until the collector's oldest generation ran, and made that pass long.
+        """
+        super().on_task_complete(task)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            extensions = scope["extensions"]
+            for key in (SEND_NOW, ON_TEXT, ACCEPT_NOW, FLUSH_NOW):
+                extensions.pop(key, None)
+
     def flush_now(self) -> None:
         """Write what this tick buffered for the socket now, not at the end of the tick."""
         transport = self.transport
