@@ -422,6 +422,10 @@ class DatabasesJobStore:
         self._raw: Any = None  # the writer connection's aiosqlite driver object
         self._held: anyio.Event | None = None  # set while commits wait for a checkpoint
         self.wal_restart_frames = WAL_RESTART_FRAMES
+        # For /metrics: frames in the WAL at the last checkpoint, and the rounds that held
+        # the writer so that the WAL would restart.
+        self.wal_frames = 0
+        self.wal_restarts = 0
 
     async def open(self) -> None:
         async with map_driver_errors():
@@ -544,6 +548,7 @@ class DatabasesJobStore:
         self._held = hold = anyio.Event()
         try:
             await self._checkpoint(raw)
+            self.wal_restarts += 1
         finally:
             self._held = None
             hold.set()
@@ -552,8 +557,9 @@ class DatabasesJobStore:
         """``wal_checkpoint(PASSIVE)``: (busy, frames in the WAL, frames checkpointed)."""
         async with raw.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
             row = await cursor.fetchone()
-        busy, log, done = row
-        return int(busy), int(log), int(done)
+        busy, log, done = int(row[0]), int(row[1]), int(row[2])
+        self.wal_frames = log
+        return busy, log, done
 
     async def _fetch(self, sql: str, values: dict[str, Any] | None = None) -> Sequence[Any]:
         if self._reader is None:

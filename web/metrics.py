@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from dispatcher.stats import REQUEUE_REASONS
 from protocol.types import EventKind
+from storage.sql import DatabasesJobStore
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError
 
@@ -102,6 +103,18 @@ class CoordinatorCollector:
         yield GaugeMetricFamily(
             "aitbc_writer_pending", "Writes waiting for the next commit", value=stats.pending_writes
         )
+        store = d.store
+        if isinstance(store, DatabasesJobStore):
+            yield GaugeMetricFamily(
+                "aitbc_store_wal_frames",
+                "Frames in the SQLite WAL at the last checkpoint",
+                value=store.wal_frames,
+            )
+            yield CounterMetricFamily(
+                "aitbc_store_wal_restarts",
+                "Checkpoints that held commits so that the WAL would restart",
+                value=store.wal_restarts,
+            )
         yield CounterMetricFamily(
             "aitbc_progress_dropped",
             "Progress events coalesced or dropped under backpressure",

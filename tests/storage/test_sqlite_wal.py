@@ -105,7 +105,9 @@ async def test_a_wal_that_every_round_leaves_behind_is_restarted(
     assert rounds[0] == (False, True)
     assert rounds[-1] == (True, False)
     assert store._held is None
+    assert store.wal_restarts == 1
     busy, frames, _ = await real(reader(store))
+    assert store.wal_frames == frames
     assert busy == 0
     assert 0 < frames < log  # only the commit that waited: the WAL began again under it
 
