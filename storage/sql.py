@@ -417,8 +417,12 @@ class DatabasesJobStore:
         # A second Database on purpose: ``databases`` hands out one connection per task, so
         # two connections from one Database opened in the same task are the SAME connection.
         self._read_db = Database(url)
+        # And a third for checkpoints, so that a round never waits behind a slow read on the
+        # reader's thread (the last round of a restart holds every commit while it runs).
+        self._checkpoint_db = Database(url)
         self._stack = AsyncExitStack()
         self._reader: Connection | None = None
+        self._checkpointer: Connection | None = None
         self._raw: Any = None  # the writer connection's aiosqlite driver object
         self._held: anyio.Event | None = None  # set while commits wait for a checkpoint
         self.wal_restart_frames = WAL_RESTART_FRAMES
@@ -441,6 +445,11 @@ class DatabasesJobStore:
             await self._read_db.connect()
             self._reader = await self._stack.enter_async_context(self._read_db.connection())
             await self._pragmas(self._reader.raw_connection)
+            await self._checkpoint_db.connect()
+            self._checkpointer = await self._stack.enter_async_context(
+                self._checkpoint_db.connection()
+            )
+            await self._pragmas(self._checkpointer.raw_connection)
 
     @staticmethod
     async def _pragma(raw: Any, pragma: str) -> None:
@@ -481,7 +490,8 @@ class DatabasesJobStore:
             await self._stack.aclose()
             await self._db.disconnect()
             await self._read_db.disconnect()
-        self._raw = self._reader = None
+            await self._checkpoint_db.disconnect()
+        self._raw = self._reader = self._checkpointer = None
 
     async def commit(self, batch: WriteBatch) -> None:
         if self._held is not None:  # a checkpoint round that lets the WAL restart
@@ -496,7 +506,7 @@ class DatabasesJobStore:
                 # threads share a core and executemany re-takes the GIL for every row, so the
                 # writer queued behind the loop (measured: 10-17 ms per commit vs 1.4 ms
                 # inline). The fsyncs of NORMAL mode happen in checkpoints, which
-                # ``maintain()`` runs on the reader's thread, never on the loop.
+                # ``maintain()`` runs on the checkpointer's thread, never on the loop.
                 _commit_batch(raw._conn, batch)
             else:
                 # FULL: every commit fsyncs, so wait for it on the driver's thread (one hop
@@ -506,17 +516,18 @@ class DatabasesJobStore:
     async def maintain(self, interval: float = 1.0) -> None:
         """Checkpoint the WAL in the background (PASSIVE: never blocks the writer).
 
-        A checkpoint is best effort: when SQLite answers "locked" or "busy" (a read on the
-        reader connection holds it, seen right after a restart), this round is skipped and
-        the next one tries again. Any other error stops the store as before.
+        A checkpoint is best effort: when SQLite answers "locked" or "busy" (a read holds
+        it, seen right after a restart), this round is skipped and the next one tries
+        again. Any other error stops the store as before. Checkpoints have a connection (and
+        so a thread) of their own: the reader's may be busy with a long list.
         """
         while True:
             await anyio.sleep(interval)
-            reader = self._reader
-            if reader is None:
+            checkpointer = self._checkpointer
+            if checkpointer is None:
                 return
             try:
-                await self._checkpoint_round(reader.raw_connection)
+                await self._checkpoint_round(checkpointer.raw_connection)
             except sqlite3.OperationalError as exc:
                 if not _transient(exc):
                     raise StorageError(str(exc)) from exc
@@ -527,9 +538,9 @@ class DatabasesJobStore:
         """One PASSIVE checkpoint; when the WAL has stopped restarting, make it restart.
 
         SQLite writes the WAL from its start again only when a write transaction begins with
-        every frame already checkpointed. Commits land while a round runs on the reader's
-        thread (the writer never waits for it), so under steady load no round ever catches
-        up and the file grew without end (355 MB in 8 s of unloaded dispatch). Past
+        every frame already checkpointed. Commits land while a round runs on the
+        checkpointer's thread (the writer never waits for it), so under steady load no round
+        ever caught up and the file grew without end (355 MB in 8 s of unloaded dispatch). Past
         ``wal_restart_frames``, more rounds follow while each still leaves many frames
         behind, then one last round holds the writer (``commit`` waits for it) so that it
         ends with nothing behind; the next commit then writes from the WAL's start, and

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 import storage.sql
@@ -31,9 +33,9 @@ async def store(tmp_path: Path) -> AsyncIterator[DatabasesJobStore]:
         await store.close()
 
 
-def reader(store: DatabasesJobStore) -> Any:
-    assert store._reader is not None
-    return store._reader.raw_connection
+def checkpointer(store: DatabasesJobStore) -> Any:
+    assert store._checkpointer is not None
+    return store._checkpointer.raw_connection
 
 
 async def fill(store: DatabasesJobStore, prefix: str, n: int) -> None:
@@ -76,7 +78,7 @@ async def test_a_wal_that_every_round_leaves_behind_is_restarted(
     grew without end. Past ``wal_restart_frames`` the last round of a catch-up holds the
     writer: the commit asked for meanwhile waits, and then starts the WAL over."""
     await fill(store, "before", 10)
-    log = (await store._checkpoint(reader(store)))[1]
+    log = (await store._checkpoint(checkpointer(store)))[1]
     assert log >= 20
     await fill(store, "load", 10)
     store.wal_restart_frames = 20
@@ -101,12 +103,12 @@ async def test_a_wal_that_every_round_leaves_behind_is_restarted(
 
         monkeypatch.setattr(store, "_checkpoint", checkpoint_under_load)
         with anyio.fail_after(10):
-            await store._checkpoint_round(reader(store))
+            await store._checkpoint_round(checkpointer(store))
     assert rounds[0] == (False, True)
     assert rounds[-1] == (True, False)
     assert store._held is None
     assert store.wal_restarts == 1
-    busy, frames, _ = await real(reader(store))
+    busy, frames, _ = await real(checkpointer(store))
     assert store.wal_frames == frames
     assert busy == 0
     assert 0 < frames < log  # only the commit that waited: the WAL began again under it
@@ -125,7 +127,7 @@ async def test_a_small_wal_is_left_to_restart_by_itself(
         return await real(raw)
 
     monkeypatch.setattr(store, "_checkpoint", checkpoint)
-    await store._checkpoint_round(reader(store))
+    await store._checkpoint_round(checkpointer(store))
     assert calls == [None]
 
 
@@ -162,8 +164,35 @@ async def test_a_restarted_wal_file_is_cut_back(
         await fill(store, "burst", 50)
         wal = tmp_path / "store.db-wal"
         grown = wal.stat().st_size
-        await store._checkpoint_round(reader(store))
+        await store._checkpoint_round(checkpointer(store))
         await fill(store, "after", 1)
         assert wal.stat().st_size < grown // 4
     finally:
         await store.close()
+
+
+async def test_a_checkpoint_does_not_wait_behind_a_read(store: DatabasesJobStore) -> None:
+    """Checkpoints have their own connection: a round (whose last checkpoint may hold every
+    commit) runs while the reader's thread is busy with a long read."""
+    await fill(store, "j", 30)
+    store.wal_restart_frames = 0  # this round holds the writer for its last checkpoint
+    assert store._reader is not None
+    busy_reader = threading.Event()
+    release = threading.Event()
+
+    def long_read() -> None:
+        busy_reader.set()
+        release.wait(10)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store._reader.raw_connection._execute, long_read)
+        await anyio.to_thread.run_sync(busy_reader.wait, 10)
+        try:
+            with anyio.fail_after(5):
+                tg.start_soon(store.maintain, 0.001)
+                while store.wal_restarts == 0:  # noqa: ASYNC110 - bounded poll (style §4.7)
+                    await anyio.sleep(0.001)
+                await fill(store, "after", 1)
+        finally:
+            release.set()
+        tg.cancel_scope.cancel()

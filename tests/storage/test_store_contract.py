@@ -715,13 +715,19 @@ def test_sqlite_store_refuses_unsupported_configuration(url: str, synchronous: s
 
 
 async def test_sqlite_reader_and_writer_are_separate_connections(tmp_path: Path) -> None:
-    """Reads and checkpoints never run on the writer's connection (databases shares one
-    connection per task, so the store opens two Database objects)."""
+    """Reads and checkpoints run on connections of their own, not the writer's (databases
+    shares one connection per task, so the store opens three Database objects)."""
     store = DatabasesJobStore(sqlite_url(tmp_path))
     await store.open()
     try:
         assert store._reader is not None
-        assert store._reader.raw_connection is not store._raw
+        assert store._checkpointer is not None
+        connections = {
+            id(store._raw),
+            id(store._reader.raw_connection),
+            id(store._checkpointer.raw_connection),
+        }
+        assert len(connections) == 3
         async with anyio.create_task_group() as tg:  # commits while checkpoints run
             tg.start_soon(store.maintain, 0.001)
             for n in range(50):
