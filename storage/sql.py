@@ -550,16 +550,17 @@ class DatabasesJobStore:
         if busy or log < self.wal_restart_frames:
             return
         for _ in range(_CATCH_UP_ROUNDS):
-            busy, grown, _ = await self._checkpoint(raw)
+            busy, frames, _ = await self._checkpoint(raw)
             if busy:
                 return
-            grown, log = grown - log, grown  # frames committed during the round before
-            if grown < _CATCH_UP_FRAMES:
+            added, log = frames - log, frames  # committed while the round before ran
+            if added < _CATCH_UP_FRAMES:
                 break
         self._held = hold = anyio.Event()
         try:
-            await self._checkpoint(raw)
-            self.wal_restarts += 1
+            busy, log, done = await self._checkpoint(raw)
+            if not busy and done == log:  # else a read holds older frames: next round
+                self.wal_restarts += 1
         finally:
             self._held = None
             hold.set()

@@ -196,3 +196,22 @@ async def test_a_checkpoint_does_not_wait_behind_a_read(store: DatabasesJobStore
         finally:
             release.set()
         tg.cancel_scope.cancel()
+
+
+async def test_a_held_round_that_a_read_kept_short_is_not_counted(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read holding older frames stops the checkpoint short of the WAL's end: the WAL does
+    not restart, so ``wal_restarts`` (the metric) does not count the round."""
+    store.wal_restart_frames = 0
+    answers = [(0, 10, 10), (0, 11, 11), (0, 12, 5), (0, 12, 12), (0, 13, 13), (0, 13, 13)]
+
+    async def checkpoint(raw: Any) -> tuple[int, int, int]:
+        return answers.pop(0)
+
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    await store._checkpoint_round(checkpointer(store))
+    assert store.wal_restarts == 0
+    await store._checkpoint_round(checkpointer(store))
+    assert store.wal_restarts == 1
+    assert store._held is None
