@@ -90,11 +90,8 @@ class CoordinatorCollector:
         slots.add_metric(["total"], stats.scheduler.slots_total)
         yield slots
         sockets = GaugeMetricFamily("aitbc_sockets_open", "Open WebSockets", labels=["role"])
-        by_role = {r.value: 0 for r in Role}
-        for conn in list(self.core.connections):
-            by_role[conn.role.value] += 1
-        for role, n in by_role.items():
-            sockets.add_metric([role], n)
+        for role in Role:  # counted as connections open and close: no walk over them
+            sockets.add_metric([role.value], self.core.sockets[role.value])
         yield sockets
         yield _histogram("aitbc_writer_batch_size", "Writes per group commit", d.batch_sizes)
         yield _histogram(
