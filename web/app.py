@@ -33,7 +33,7 @@ from web import (
     rest_receipts,
     rest_users,
 )
-from web.auth import Authenticator
+from web.auth import Authenticator, Role
 from web.docs import docs_routes
 from web.esplora import EsploraWatcher
 from web.exchange import Exchange
@@ -97,7 +97,7 @@ class Coordinator:
             )
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.connections: set[Any] = set()
-        self.sockets = {"miner": 0, "client": 0, "admin": 0}  # open connections by role
+        self.sockets = {role.value: 0 for role in Role}  # open connections by role
         self.ready = False
         self.failed = False
         # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).

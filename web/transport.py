@@ -102,6 +102,13 @@ SEND_NOW = "aitbc.send_text_now"
 ON_TEXT = "aitbc.on_text"
 ACCEPT_NOW = "aitbc.accept_now"
 FLUSH_NOW = "aitbc.flush_now"
+# What ``_extend`` puts in a socket's scope: each key and the protocol method it names.
+_EXTENSIONS = (
+    (SEND_NOW, "send_text_now"),
+    (ON_TEXT, "set_on_text"),
+    (ACCEPT_NOW, "accept_now"),
+    (FLUSH_NOW, "flush_now"),
+)
 WAKE = "aitbc.wake"
 
 
@@ -551,10 +558,8 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             self._extend(self.scope["extensions"])
 
     def _extend(self, extensions: dict[str, Any]) -> None:
-        extensions[SEND_NOW] = self.send_text_now
-        extensions[ON_TEXT] = self.set_on_text
-        extensions[ACCEPT_NOW] = self.accept_now
-        extensions[FLUSH_NOW] = self.flush_now
+        for key, method in _EXTENSIONS:
+            extensions[key] = getattr(self, method)
 
     def on_task_complete(self, task: asyncio.Task[None]) -> None:
         """uvicorn's, then our methods leave the scope: the app is done with it.
@@ -567,7 +572,7 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:
             extensions = scope["extensions"]
-            for key in (SEND_NOW, ON_TEXT, ACCEPT_NOW, FLUSH_NOW):
+            for key, _ in _EXTENSIONS:
                 extensions.pop(key, None)
 
     def flush_now(self) -> None:
