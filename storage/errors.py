@@ -4,12 +4,13 @@ Tree::
 
     StorageError          the store failed (driver error, closed store, corrupt row)
     ├── NotFound          the row does not exist
-    └── Conflict          a uniqueness rule was violated
+    ├── Conflict          a uniqueness rule was violated
+    └── StoreInUse        another coordinator holds the database (storage.owner)
 """
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "NotFound", "StorageError"]
+__all__ = ["Conflict", "NotFound", "StorageError", "StoreInUse"]
 
 
 class StorageError(Exception):
@@ -21,4 +22,8 @@ class NotFound(StorageError):
 
 
 class Conflict(StorageError):
+    pass
+
+
+class StoreInUse(StorageError):
     pass

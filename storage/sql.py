@@ -7,18 +7,21 @@ per batch on the writer connection's raw driver, and one COMMIT per batch.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from contextlib import AsyncExitStack, asynccontextmanager
 from operator import itemgetter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from databases import Database
+from databases import Database, DatabaseURL
 
 from protocol.codec import dumps, loads
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
 from storage.errors import Conflict, StorageError
+from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS
 
 if TYPE_CHECKING:
@@ -402,15 +405,23 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
 
 
 class DatabasesJobStore:
-    """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request."""
+    """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request.
 
-    def __init__(self, url: str, *, synchronous: str = "NORMAL") -> None:
+    ``exclusive`` (the default): the store holds the database's owner lock while it is open
+    (``storage.owner``), so that a second coordinator on the same file is refused with
+    ``StoreInUse`` instead of dispatching the same jobs. Read-only tools pass False.
+    """
+
+    def __init__(self, url: str, *, synchronous: str = "NORMAL", exclusive: bool = True) -> None:
         if not url.startswith("sqlite"):
             raise StorageError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]!r}")
         if synchronous not in ("NORMAL", "FULL"):
             raise StorageError("synchronous must be NORMAL or FULL")
         self.url = url
         self.synchronous = synchronous
+        database = DatabaseURL(url).database
+        in_memory = database in ("", ":memory:") or "mode=memory" in url
+        self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
         # The writer connection is opened on aiosqlite's thread and then committed to from
         # the event loop (see ``commit``); SQLite itself is built thread-safe (serialized).
         self._db = Database(url, check_same_thread=False)
@@ -431,7 +442,24 @@ class DatabasesJobStore:
         self.wal_frames = 0
         self.wal_restarts = 0
 
+    def claim(self) -> None:
+        """Take the owner lock now (``open`` does too): ``StoreInUse`` if another holds it."""
+        if self.owner is not None:
+            self.owner.acquire()
+
     async def open(self) -> None:
+        self.claim()
+        try:
+            await self._connect()
+        except BaseException:
+            # Close what did open (connections, their threads) and let the lock go.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.close()
+            if self.owner is not None:
+                self.owner.release()
+            raise
+
+    async def _connect(self) -> None:
         async with map_driver_errors():
             await self._db.connect()
             writer = await self._stack.enter_async_context(self._db.connection())
@@ -486,12 +514,16 @@ class DatabasesJobStore:
                 raise
 
     async def close(self) -> None:
-        async with map_driver_errors():
-            await self._stack.aclose()
-            await self._db.disconnect()
-            await self._read_db.disconnect()
-            await self._checkpoint_db.disconnect()
-        self._raw = self._reader = self._checkpointer = None
+        try:
+            async with map_driver_errors():
+                await self._stack.aclose()
+                await self._db.disconnect()
+                await self._read_db.disconnect()
+                await self._checkpoint_db.disconnect()
+        finally:
+            self._raw = self._reader = self._checkpointer = None
+            if self.owner is not None:
+                self.owner.release()
 
     async def commit(self, batch: WriteBatch) -> None:
         if self._held is not None:  # a checkpoint round that lets the WAL restart

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 
+from storage.errors import StoreInUse
+from storage.sql import DatabasesJobStore
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
@@ -26,6 +28,8 @@ from web.transport import CoalescingWSProtocol
 if TYPE_CHECKING:
     import socket
     from types import FrameType
+
+    from storage.base import Store
 
 __all__ = ["build_server", "main", "uvicorn_config"]
 
@@ -55,8 +59,10 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stopped(signum)
 
 
-def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorServer:
-    server = _build_server(settings, log_level)
+def build_server(
+    settings: Settings, *, log_level: str = "info", store: Store | None = None
+) -> CoordinatorServer:
+    server = _build_server(settings, log_level, store)
 
     def stop() -> None:
         server.should_exit = True
@@ -65,8 +71,8 @@ def build_server(settings: Settings, *, log_level: str = "info") -> CoordinatorS
     return server
 
 
-def _build_server(settings: Settings, log_level: str) -> CoordinatorServer:
-    app = SocketFastPath(create_app(settings))
+def _build_server(settings: Settings, log_level: str, store: Store | None) -> CoordinatorServer:
+    app = SocketFastPath(create_app(settings, store=store))
     return CoordinatorServer(uvicorn_config(app, settings, log_level=log_level))
 
 
@@ -130,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         changes["api_port"] = args.port
     if args.db:
         changes["database_url"] = f"sqlite:///{args.db}"
-    settings, lines = materialize_keys(settings.with_(**changes))
+    settings = settings.with_(**changes)
+    # Refuse a second coordinator on the same database before anything is written beside it.
+    store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
+    try:
+        store.claim()
+    except StoreInUse as exc:
+        print(f"aitbc-coordinator: {exc}", file=sys.stderr)
+        return 1
+    settings, lines = materialize_keys(settings)
     for line in lines:
         print(line, flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # handlers it found installed: ours turn that into a clean exit 0.
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    server = build_server(settings, log_level=args.log_level)
+    server = build_server(settings, log_level=args.log_level, store=store)
     tune_gc()
     try:
         server.run()

@@ -149,7 +149,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 async def _walk(settings: Settings, keys: tuple[TrustedKey, ...] | None) -> int:
-    store = DatabasesJobStore(settings.database_url)
+    store = DatabasesJobStore(settings.database_url, exclusive=False)  # the server may run
     await store.open()
     try:
         audit = ChainAudit(keys)

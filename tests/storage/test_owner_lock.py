@@ -1,0 +1,167 @@
+"""One coordinator per SQLite database: the store's owner lock (storage/owner.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import anyio.lowlevel
+import pytest
+
+from storage.errors import StoreInUse
+from storage.owner import OwnerLock, lock_path
+from storage.sql import DatabasesJobStore
+from tests.storage.test_store_contract import batch, job, sqlite_url
+from web.cli import main
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+# A process that takes the lock and says so, then waits for stdin to close.
+HOLDER = """
+import sys
+from pathlib import Path
+from storage.owner import OwnerLock
+OwnerLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _connection_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the owner lock of ``tmp_path/store.db``."""
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "store.db")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "held\n"
+            yield proc
+        finally:
+            proc.kill()
+
+
+async def test_a_second_store_on_one_file_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    """Two dispatching stores never share a file; the lock goes when the first closes."""
+    first = DatabasesJobStore(sqlite_url(tmp_path))
+    await first.open()
+    second = DatabasesJobStore(sqlite_url(tmp_path))
+    try:
+        with pytest.raises(StoreInUse, match=f"in use by another coordinator \\(pid {os.getpid()}"):
+            await second.open()
+        assert second._raw is None  # refused before any connection was made
+    finally:
+        await first.close()
+    await second.open()
+    await second.close()
+
+
+async def test_a_symlink_to_the_file_shares_its_lock(tmp_path: Path) -> None:
+    """The lock is the file's, not the name's: a symlinked path is refused too."""
+    first = DatabasesJobStore(sqlite_url(tmp_path))
+    await first.open()
+    (tmp_path / "link.db").symlink_to(tmp_path / "store.db")
+    link = DatabasesJobStore(f"sqlite:///{tmp_path / 'link.db'}")
+    try:
+        with pytest.raises(StoreInUse):
+            await link.open()
+    finally:
+        await link.close()  # a no-op unless it wrongly opened
+        await first.close()
+
+
+async def test_a_read_only_store_opens_beside_the_owner(tmp_path: Path) -> None:
+    """``exclusive=False`` (the receipts audit) reads a database a coordinator holds."""
+    owner = DatabasesJobStore(sqlite_url(tmp_path))
+    await owner.open()
+    try:
+        await owner.commit(batch(jobs=[job("j1")]))
+        reader = DatabasesJobStore(sqlite_url(tmp_path), exclusive=False)
+        await reader.open()
+        try:
+            assert (await reader.get_job("j1")) is not None
+        finally:
+            await reader.close()
+        assert owner.owner is not None
+        assert owner.owner.held  # the reader took nothing away
+    finally:
+        await owner.close()
+
+
+async def test_a_store_that_fails_to_open_lets_the_lock_go(tmp_path: Path) -> None:
+    """A database SQLite cannot read leaves neither the lock nor an open connection behind
+    (a connection's thread would keep the process from exiting)."""
+    (tmp_path / "store.db").write_bytes(b"not a database" * 512)
+    before = _connection_threads()
+    broken = DatabasesJobStore(sqlite_url(tmp_path))
+    with pytest.raises(Exception, match="not a database"):
+        await broken.open()
+    assert _connection_threads() == before
+    lock = OwnerLock(tmp_path / "store.db")
+    lock.acquire()  # would raise StoreInUse if the failed open had kept it
+    lock.release()
+
+
+async def test_another_process_holds_the_lock_until_it_dies(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    """The refusal names the holder's pid; killed with -9, it leaves no stale lock behind."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    with pytest.raises(StoreInUse, match=f"\\(pid {holder.pid}\\)"):
+        await store.open()
+    holder.kill()
+    holder.wait()
+    await store.open()
+    await store.close()
+    assert lock_path(tmp_path / "store.db").exists()  # kept: removing it would race a newcomer
+
+
+def test_serve_on_a_held_database_exits_1_with_one_line(
+    tmp_path: Path,
+    holder: subprocess.Popen[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve`` refuses before it writes keys or starts a server, and says who holds it."""
+    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "store.db")]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"aitbc-coordinator: {tmp_path / 'store.db'} is in use by another coordinator "
+        f"(pid {holder.pid}): stop it, or give this one a database of its own "
+        "(DATABASE_URL or --db)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no keys generated
+
+
+async def test_the_lock_holds_while_the_store_serves(tmp_path: Path) -> None:
+    """Held from open to close, not just at open: a claim in between is refused."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        await store.commit(batch(jobs=[job("j1")]))
+        await anyio.lowlevel.checkpoint()
+        with pytest.raises(StoreInUse):
+            OwnerLock(tmp_path / "store.db").acquire()
+    finally:
+        await store.close()
