@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
     from storage.base import JobQuery, LedgerEntry, PaymentRecord, WalletSnapshot, WriteBatch
 
-__all__ = ["DatabasesJobStore", "map_driver_errors"]
+__all__ = ["DatabasesJobStore", "check_database", "map_driver_errors"]
 
 _JOB_COLUMNS = (
     "job_id",
@@ -404,6 +404,44 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         raise
 
 
+def _newer_schema(applied: set[int]) -> str | None:
+    """Why a database whose applied migrations are ``applied`` is not ours to run, if it is not:
+    a newer coordinator wrote it (its rows may mean what this build cannot know)."""
+    known = {version for version, _ in MIGRATIONS}
+    unknown = sorted(applied - known)
+    if not unknown:
+        return None
+    return (
+        f"the database has schema version {unknown[-1]}, newer than this coordinator knows "
+        f"({max(known)}): run the coordinator that wrote it, or a newer one"
+    )
+
+
+def check_database(url: str) -> None:
+    """Before serving: ``StorageError`` with a one-line reason when the file at ``url`` exists
+    but cannot be this store's database (not SQLite, unreadable, or from a newer coordinator).
+    A missing file is fine: ``open`` creates it."""
+    path = Path(DatabaseURL(url).database)
+    if not path.exists():
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_schema")}
+            applied = (
+                {r[0] for r in con.execute("SELECT version FROM schema_version")}
+                if "schema_version" in tables
+                else set()
+            )
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from None
+    refusal = _newer_schema(applied)
+    if refusal is not None:
+        raise StorageError(f"{path}: {refusal}")
+
+
 class DatabasesJobStore:
     """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request.
 
@@ -500,6 +538,9 @@ class DatabasesJobStore:
         await raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         async with raw.execute("SELECT version FROM schema_version") as cur:
             applied = {row[0] for row in await cur.fetchall()}
+        refusal = _newer_schema(applied)
+        if refusal is not None:
+            raise StorageError(refusal)
         for version, statements in MIGRATIONS:
             if version in applied:
                 continue

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 
-from storage.errors import StoreInUse
-from storage.sql import DatabasesJobStore
+from storage.errors import StorageError
+from storage.sql import DatabasesJobStore, check_database
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
@@ -137,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.db:
         changes["database_url"] = f"sqlite:///{args.db}"
     settings = settings.with_(**changes)
-    # Refuse a second coordinator on the same database before anything is written beside it.
+    # Refuse a second coordinator on the same database, or a file that is not one we can run
+    # on, before anything is written beside it.
     store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
     try:
         store.claim()
-    except StoreInUse as exc:
+        check_database(settings.database_url)
+    except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 1
     settings, lines = materialize_keys(settings)

@@ -1,19 +1,23 @@
-"""One coordinator per SQLite database: the store's owner lock (storage/owner.py)."""
+"""What a SQLite store refuses to open, and how: a database another coordinator holds (the
+owner lock, storage/owner.py), a file that is not a database, a schema from a newer build."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 from typing import TYPE_CHECKING
 
+import anyio
 import anyio.lowlevel
 import pytest
 
-from storage.errors import StoreInUse
+from storage.errors import StorageError, StoreInUse
 from storage.owner import OwnerLock, lock_path
-from storage.sql import DatabasesJobStore
+from storage.schema import SCHEMA_VERSION
+from storage.sql import DatabasesJobStore, check_database
 from tests.storage.test_store_contract import batch, job, sqlite_url
 from web.cli import main
 
@@ -165,3 +169,90 @@ async def test_the_lock_holds_while_the_store_serves(tmp_path: Path) -> None:
             OwnerLock(tmp_path / "store.db").acquire()
     finally:
         await store.close()
+
+
+def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return main(["serve", "--port", "0", "--db", str(tmp_path / "store.db")])
+
+
+def _newer(tmp_path: Path) -> None:
+    """Mark the database at ``tmp_path/store.db`` as written by a newer coordinator."""
+    con = sqlite3.connect(tmp_path / "store.db")
+    con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    con.commit()
+    con.close()
+
+
+def _versions(tmp_path: Path) -> list[int]:
+    con = sqlite3.connect(tmp_path / "store.db")
+    try:
+        return sorted(r[0] for r in con.execute("SELECT version FROM schema_version"))
+    finally:
+        con.close()
+
+
+async def test_a_database_from_a_newer_coordinator_is_refused_untouched(tmp_path: Path) -> None:
+    """Its rows may mean what this build cannot know: no migration runs, nothing is written."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    await store.close()
+    _newer(tmp_path)
+    before = _versions(tmp_path)
+    newer = f"schema version {SCHEMA_VERSION + 1}, newer than this coordinator knows"
+    with pytest.raises(StorageError, match=newer):
+        await DatabasesJobStore(sqlite_url(tmp_path)).open()
+    with pytest.raises(StorageError, match=newer):
+        check_database(sqlite_url(tmp_path))
+    assert _versions(tmp_path) == before
+    OwnerLock(tmp_path / "store.db").acquire()  # the refused open let the lock go
+
+
+def test_check_database_accepts_a_missing_or_current_file_and_names_a_broken_one(
+    tmp_path: Path,
+) -> None:
+    check_database(sqlite_url(tmp_path))  # missing: open creates it
+    assert not (tmp_path / "store.db").exists()  # and the check did not
+    (tmp_path / "store.db").write_bytes(b"not a database" * 512)
+    with pytest.raises(StorageError, match=r"cannot open .*store\.db: file is not a database"):
+        check_database(sqlite_url(tmp_path))
+
+
+async def test_check_database_accepts_a_database_this_build_wrote(tmp_path: Path) -> None:
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    await store.close()
+    check_database(sqlite_url(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["not a database", "newer schema"])
+def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """No traceback, no server, and no keys generated beside a file that is not ours."""
+    if case == "not a database":
+        (tmp_path / "store.db").write_bytes(b"not a database" * 512)
+        expected = f"cannot open {tmp_path / 'store.db'}: file is not a database"
+    else:
+        anyio.run(_create, tmp_path)
+        _newer(tmp_path)
+        expected = f"schema version {SCHEMA_VERSION + 1}, newer than this coordinator knows"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _serve(tmp_path, monkeypatch) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("aitbc-coordinator: ")
+    assert expected in err
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert not [name for name in after if name not in before and "key" in name]
+
+
+async def _create(tmp_path: Path) -> None:
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    await store.close()
