@@ -418,10 +418,14 @@ def _newer_schema(applied: set[int]) -> str | None:
 
 
 def check_database(url: str) -> None:
-    """Before serving: ``StorageError`` with a one-line reason when the file at ``url`` exists
-    but cannot be this store's database (not SQLite, unreadable, or from a newer coordinator).
-    A missing file is fine: ``open`` creates it."""
+    """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
+    cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable, or
+    from a newer coordinator). A missing file is fine: ``open`` creates it."""
     path = Path(DatabaseURL(url).database)
+    if path.is_dir():
+        raise StorageError(f"cannot open {path}: it is a folder, not a database file")
+    if not path.parent.is_dir():
+        raise StorageError(f"cannot create {path}: the folder {path.parent} does not exist")
     if not path.exists():
         return
     try:

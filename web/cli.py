@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # on, before anything is written beside it.
     store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
     try:
-        store.claim()
         check_database(settings.database_url)
+        store.claim()
     except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 1

@@ -171,12 +171,6 @@ async def test_the_lock_holds_while_the_store_serves(tmp_path: Path) -> None:
         await store.close()
 
 
-def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    return main(["serve", "--port", "0", "--db", str(tmp_path / "store.db")])
-
-
 def _newer(tmp_path: Path) -> None:
     """Mark the database at ``tmp_path/store.db`` as written by a newer coordinator."""
     con = sqlite3.connect(tmp_path / "store.db")
@@ -226,7 +220,7 @@ async def test_check_database_accepts_a_database_this_build_wrote(tmp_path: Path
     check_database(sqlite_url(tmp_path))
 
 
-@pytest.mark.parametrize("case", ["not a database", "newer schema"])
+@pytest.mark.parametrize("case", ["not a database", "newer schema", "a folder", "no folder"])
 def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -234,15 +228,24 @@ def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     case: str,
 ) -> None:
     """No traceback, no server, and no keys generated beside a file that is not ours."""
+    db = tmp_path / "store.db"
     if case == "not a database":
-        (tmp_path / "store.db").write_bytes(b"not a database" * 512)
-        expected = f"cannot open {tmp_path / 'store.db'}: file is not a database"
-    else:
+        db.write_bytes(b"not a database" * 512)
+        expected = f"cannot open {db}: file is not a database"
+    elif case == "newer schema":
         anyio.run(_create, tmp_path)
         _newer(tmp_path)
         expected = f"schema version {SCHEMA_VERSION + 1}, newer than this coordinator knows"
+    elif case == "a folder":
+        db.mkdir()
+        expected = f"cannot open {db}: it is a folder, not a database file"
+    else:
+        db = tmp_path / "missing" / "store.db"
+        expected = f"cannot create {db}: the folder {db.parent} does not exist"
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert _serve(tmp_path, monkeypatch) == 1
+    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "--port", "0", "--db", str(db)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert len(err.splitlines()) == 1
