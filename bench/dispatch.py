@@ -180,11 +180,13 @@ async def drive(
     miners: int,
     clients: int,
     accept: bool = True,
+    trace: Trace | None = None,
 ) -> dict[str, Any]:
     """Run ``jobs`` jobs through a server: ``miners`` lean miners, ``clients`` clients keeping
-    ``inflight`` jobs outstanding in all; jobs/s, latencies and the CPU that ``pid`` spent."""
+    ``inflight`` jobs outstanding in all; jobs/s, latencies and the CPU that ``pid`` spent.
+    ``trace``: record into this one (to read every job's times afterwards)."""
     loop = asyncio.get_running_loop()
-    trace = Trace()
+    trace = Trace() if trace is None else trace
     ids = count()
     sockets: list[RawWebSocket] = []
 

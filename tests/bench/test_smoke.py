@@ -191,3 +191,28 @@ def test_store_scale_reports_every_figure(capsys: pytest.CaptureFixture[str]) ->
     for name in ("100 newest jobs", "a client's 100 newest jobs", "50 newest receipts"):
         assert re.search(rf"{name}: \d+\.\d\d ms", out), out
     assert re.search(r"file: \d+ MB before, \d+ MB after", out), out
+
+
+@pytest.mark.parametrize("mode", ["off", "nosync", "flush"])
+def test_tail_runs_through_each_checkpoint_mode(tmp_path: Path, mode: str) -> None:
+    """``bench.tail`` through ``bench/checkpoint_modes.py``: the server starts in every mode
+    and the run reports its percentiles and slow jobs."""
+    env = {
+        **os.environ,
+        "CKPT_MODE": mode,
+        "BENCH_SERVER_SCRIPT": str(ROOT / "bench" / "checkpoint_modes.py"),
+    }
+    cmd = [sys.executable, "-m", "bench.tail", "--jobs", "60"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=25, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = done.stdout.splitlines()
+    figures = re.fullmatch(
+        r"60 jobs, server \d+ µs CPU/job; submit→assign p50 ([\d.]+) p99 ([\d.]+) "
+        r"p99\.9 ([\d.]+) max ([\d.]+) ms",
+        first,
+    )
+    assert figures is not None, first
+    p50, p99, p999, top = map(float, figures.groups())
+    assert 0 < p50 <= p99 <= p999 <= top
+    assert second.startswith("at or above p99 (s:ms): ")
+    assert len(second.split()) >= 6  # the p99 job at least
