@@ -245,7 +245,9 @@ def latencies(trace: Trace) -> tuple[list[float], list[float]]:
     return assign_ms, complete_ms
 
 
-async def run_once(*, jobs: int, inflight: int, miners: int, clients: int) -> dict[str, Any]:
+async def run_once(
+    *, jobs: int, inflight: int, miners: int, clients: int, trace: Trace | None = None
+) -> dict[str, Any]:
     with coordinator(core=0) as server:
         return await drive(
             pid=server.proc.pid,
@@ -255,6 +257,7 @@ async def run_once(*, jobs: int, inflight: int, miners: int, clients: int) -> di
             inflight=inflight,
             miners=miners,
             clients=clients,
+            trace=trace,
         )
 
 

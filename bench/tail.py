@@ -17,8 +17,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from bench.dispatch import Trace, drive
-from bench.harness import coordinator, pct
+from bench.dispatch import Trace, run_once
+from bench.harness import pct
 
 __all__ = ["main", "run", "slow_jobs"]
 
@@ -41,17 +41,7 @@ def slow_jobs(trace: Trace) -> tuple[list[float], list[tuple[float, float]]]:
 
 async def run(jobs: int) -> dict[str, Any]:
     trace = Trace()
-    with coordinator(core=0) as server:
-        result = await drive(
-            pid=server.proc.pid,
-            miner_url=server.url("/v1/miners/ws"),
-            client_url=server.url("/v1/jobs/ws"),
-            jobs=jobs,
-            inflight=1,
-            miners=1,
-            clients=1,
-            trace=trace,
-        )
+    result = await run_once(jobs=jobs, inflight=1, miners=1, clients=1, trace=trace)
     ms, slow = slow_jobs(trace)
     return {
         "jobs": result["jobs"],
