@@ -494,11 +494,9 @@ class DatabasesJobStore:
         try:
             await self._connect()
         except BaseException:
-            # Close what did open (connections, their threads) and let the lock go.
+            # Close what did open (connections, their threads); ``close`` lets the lock go.
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self.close()
-            if self.owner is not None:
-                self.owner.release()
             raise
 
     async def _connect(self) -> None:

@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.with_(**changes)
     # Refuse a second coordinator on the same database, or a file that is not one we can run
     # on, before anything is written beside it.
-    store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
     try:
         check_database(settings.database_url)
+        store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
         store.claim()
     except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
