@@ -451,7 +451,9 @@ class DatabasesJobStore:
 
     ``exclusive`` (the default): the store holds the database's owner lock while it is open
     (``storage.owner``), so that a second coordinator on the same file is refused with
-    ``StoreInUse`` instead of dispatching the same jobs. Read-only tools pass False.
+    ``StoreInUse`` instead of dispatching the same jobs. Read-only tools pass False; such a
+    store never migrates (a newer tool would change the schema under a running coordinator):
+    it refuses a database whose schema is not this build's.
     """
 
     def __init__(self, url: str, *, synchronous: str = "NORMAL", exclusive: bool = True) -> None:
@@ -463,6 +465,7 @@ class DatabasesJobStore:
         self.synchronous = synchronous
         database = DatabaseURL(url).database
         in_memory = database in ("", ":memory:") or "mode=memory" in url
+        self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
         # The writer connection is opened on aiosqlite's thread and then committed to from
         # the event loop (see ``commit``); SQLite itself is built thread-safe (serialized).
@@ -537,12 +540,29 @@ class DatabasesJobStore:
 
     async def _migrate(self) -> None:
         raw = self._raw
-        await raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        async with raw.execute("SELECT version FROM schema_version") as cur:
-            applied = {row[0] for row in await cur.fetchall()}
+        if self.exclusive:
+            await raw.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+        async with raw.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name = 'schema_version'"
+        ) as cur:
+            versioned = bool(await cur.fetchall())
+        applied: set[int] = set()
+        if versioned:
+            async with raw.execute("SELECT version FROM schema_version") as cur:
+                applied = {row[0] for row in await cur.fetchall()}
         refusal = _newer_schema(applied)
         if refusal is not None:
             raise StorageError(refusal)
+        missing = [version for version, _ in MIGRATIONS if version not in applied]
+        if missing and not self.exclusive:  # only the owner migrates
+            raise StorageError(
+                "the database has no coordinator schema yet: start the coordinator on it first"
+                if not applied
+                else f"the database's schema is older than this build's (it lacks version "
+                f"{missing[-1]}): start the coordinator on it once, which upgrades it"
+            )
         for version, statements in MIGRATIONS:
             if version in applied:
                 continue

@@ -16,7 +16,7 @@ import pytest
 
 from storage.errors import StorageError, StoreInUse
 from storage.owner import OwnerLock, lock_path
-from storage.schema import SCHEMA_VERSION
+from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore, check_database
 from tests.storage.test_store_contract import batch, job, sqlite_url
 from web.cli import main
@@ -259,3 +259,55 @@ async def _create(tmp_path: Path) -> None:
     store = DatabasesJobStore(sqlite_url(tmp_path))
     await store.open()
     await store.close()
+
+
+def _older(tmp_path: Path) -> None:
+    """A database at ``tmp_path/store.db`` with every migration but the last applied."""
+    con = sqlite3.connect(tmp_path / "store.db")
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for version, statements in MIGRATIONS[:-1]:
+        for sql in statements:
+            con.execute(sql)
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    con.commit()
+    con.close()
+
+
+async def test_only_the_owner_migrates(tmp_path: Path) -> None:
+    """A read-only store (the audit) refuses an older schema instead of upgrading it under a
+    coordinator that may be running on it; the owner then upgrades it as before."""
+    _older(tmp_path)
+    before = _versions(tmp_path)
+    reader = DatabasesJobStore(sqlite_url(tmp_path), exclusive=False)
+    lacks = f"older than this build's \\(it lacks version {SCHEMA_VERSION}\\): start the"
+    with pytest.raises(StorageError, match=lacks):
+        await reader.open()
+    assert _versions(tmp_path) == before
+    owner = DatabasesJobStore(sqlite_url(tmp_path))
+    await owner.open()
+    await owner.close()
+    assert _versions(tmp_path) == [*before, SCHEMA_VERSION]
+
+
+async def test_a_read_only_store_creates_nothing_in_an_empty_file(tmp_path: Path) -> None:
+    reader = DatabasesJobStore(sqlite_url(tmp_path), exclusive=False)
+    with pytest.raises(StorageError, match="no coordinator schema yet"):
+        await reader.open()
+    con = sqlite3.connect(tmp_path / "store.db")
+    try:
+        assert con.execute("SELECT name FROM sqlite_schema").fetchall() == []
+    finally:
+        con.close()
+
+
+def test_receipts_audit_of_an_older_database_exits_2_and_leaves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "42" * 32)
+    _older(tmp_path)
+    before = _versions(tmp_path)
+    assert main(["receipts", "audit", "--db", str(tmp_path / "store.db")]) == 2
+    out, err = capsys.readouterr()
+    assert len((out + err).splitlines()) == 1
+    assert "start the coordinator on it once, which upgrades it" in out + err
+    assert _versions(tmp_path) == before
