@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import logging
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,6 @@ from web.settings import Settings, SettingsError
 from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
-    import socket
     from types import FrameType
 
     from storage.base import Store
@@ -103,6 +103,19 @@ def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> 
     )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it, but before anything starts: a port in
+    use is then one line and exit 1, not an app that starts up and shuts down again."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aitbc-coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 1
+    try:
+        listener = _listen(settings.api_host, settings.api_port)
+    except OSError as exc:
+        where = f"{settings.api_host}:{settings.api_port}"
+        print(f"aitbc-coordinator: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
+        return 1
     settings, lines = materialize_keys(settings)
     for line in lines:
         print(line, flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
     print(
-        f"AITBC coordinator on http://{settings.api_host}:{settings.api_port} "
+        f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
         f"(database {settings.database_url})",
         flush=True,
     )
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     server = build_server(settings, log_level=args.log_level, store=store)
     tune_gc()
     try:
-        server.run()
+        server.run(sockets=[listener])
     except (_Stopped, KeyboardInterrupt):
         pass
     if server.core.failed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
 from typing import TYPE_CHECKING
 
@@ -253,6 +254,26 @@ def test_serve_with_an_invalid_setting_exits_2(
     assert len(lines) == 1
     assert variable in lines[0]
     assert list(tmp_path.iterdir()) == []  # nothing was created: no keys, no database
+
+
+def test_serve_on_a_port_in_use_exits_1_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The port is bound before anything starts: one line naming it, no keys, no app."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--db", str(tmp_path / "c.db")])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"aitbc-coordinator: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert not [p for p in tmp_path.iterdir() if "key" in p.name]
 
 
 def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
