@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from storage.base import Store
 
-__all__ = ["build_server", "main", "uvicorn_config"]
+__all__ = ["build_server", "listen_socket", "main", "uvicorn_config"]
 
 
 class CoordinatorServer(uvicorn.Server):
@@ -103,7 +103,7 @@ def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> 
     )
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound as uvicorn binds it, but before anything starts: a port in
     use is then one line and exit 1, not an app that starts up and shuts down again."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 1
     try:
-        listener = _listen(settings.api_host, settings.api_port)
+        listener = listen_socket(settings.api_host, settings.api_port)
     except OSError as exc:
         where = f"{settings.api_host}:{settings.api_port}"
         print(f"aitbc-coordinator: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
@@ -198,6 +198,14 @@ def _demo(args: argparse.Namespace) -> int:
     if args.miners < 0 or args.rate <= 0:
         print("aitbc-coordinator demo: --miners must be >= 0 and --rate > 0", file=sys.stderr)
         return 2
+    try:
+        listener = listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"aitbc-coordinator demo: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -207,6 +215,7 @@ def _demo(args: argparse.Namespace) -> int:
             miners=args.miners,
             rate=args.rate,
             duration=args.duration,
+            listener=listener,
         )
     except (_Stopped, KeyboardInterrupt):
         pass

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from web.cli import build_server
 from web.settings import Settings
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
 __all__ = ["demo_settings", "run_demo", "serve_demo"]
@@ -62,14 +64,16 @@ async def serve_demo(
     duration: float,
     out: Callable[[str], None],
     stop: anyio.Event | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
-    """Serve with simulated peers until ``stop`` is set, ``duration`` passes, or a signal."""
+    """Serve with simulated peers until ``stop`` is set, ``duration`` passes, or a signal.
+    ``listener``: a socket already bound to the settings' address (``listen_socket``)."""
     load = _load_module()
     server = build_server(settings, log_level="warning")
     async with anyio.create_task_group() as tg:
 
         async def serve() -> None:
-            await server.serve()
+            await server.serve(sockets=None if listener is None else [listener])
             tg.cancel_scope.cancel()
 
         tg.start_soon(serve)
@@ -117,6 +121,7 @@ def run_demo(
     rate: float = 4.0,
     duration: float = 0.0,
     out: Callable[[str], None] = print,
+    listener: socket.socket | None = None,
 ) -> None:
     """Run the demo until the server stops (signal, or ``duration`` seconds when > 0)."""
     directory = Path(tempfile.mkdtemp(prefix="aitbc-demo-"))
@@ -124,7 +129,7 @@ def run_demo(
         settings = demo_settings(directory, host, port)
         uvloop = importlib.util.find_spec("uvloop") is not None
         anyio.run(
-            serve_demo,
+            partial(serve_demo, listener=listener),
             settings,
             miners,
             rate,

@@ -289,3 +289,14 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], args: li
     """``demo`` with a non-positive rate or negative miner count exits 2 before starting."""
     assert main(["demo", "--port", "0", *args]) == 2
     assert "--miners must be >= 0 and --rate > 0" in capsys.readouterr().err
+
+
+def test_demo_on_a_port_in_use_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", "--port", str(port), "--duration", "1"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"aitbc-coordinator demo: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
