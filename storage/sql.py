@@ -404,6 +404,14 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         raise
 
 
+def _applied_versions(conn: sqlite3.Connection) -> set[int]:
+    """The migrations a database records as applied (none when it has no ``schema_version``)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    if "schema_version" not in tables:
+        return set()
+    return {r[0] for r in conn.execute("SELECT version FROM schema_version")}
+
+
 def _newer_schema(applied: set[int]) -> str | None:
     """Why a database whose applied migrations are ``applied`` is not ours to run, if it is not:
     a newer coordinator wrote it (its rows may mean what this build cannot know)."""
@@ -431,12 +439,7 @@ def check_database(url: str) -> None:
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_schema")}
-            applied = (
-                {r[0] for r in con.execute("SELECT version FROM schema_version")}
-                if "schema_version" in tables
-                else set()
-            )
+            applied = _applied_versions(con)
         finally:
             con.close()
     except sqlite3.Error as exc:
@@ -544,14 +547,7 @@ class DatabasesJobStore:
             await raw.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
-        async with raw.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name = 'schema_version'"
-        ) as cur:
-            versioned = bool(await cur.fetchall())
-        applied: set[int] = set()
-        if versioned:
-            async with raw.execute("SELECT version FROM schema_version") as cur:
-                applied = {row[0] for row in await cur.fetchall()}
+        applied = await raw._execute(_applied_versions, raw._conn)
         refusal = _newer_schema(applied)
         if refusal is not None:
             raise StorageError(refusal)

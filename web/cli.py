@@ -116,6 +116,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _listen_or_say(command: str, host: str, port: int) -> socket.socket | None:
+    """``listen_socket``, or None after one line on stderr saying why it cannot bind."""
+    try:
+        return listen_socket(host, port)
+    except OSError as exc:
+        print(f"{command}: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aitbc-coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,11 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 1
-    try:
-        listener = listen_socket(settings.api_host, settings.api_port)
-    except OSError as exc:
-        where = f"{settings.api_host}:{settings.api_port}"
-        print(f"aitbc-coordinator: cannot listen on {where}: {exc.strerror}", file=sys.stderr)
+    listener = _listen_or_say("aitbc-coordinator", settings.api_host, settings.api_port)
+    if listener is None:
         return 1
     settings, lines = materialize_keys(settings)
     for line in lines:
@@ -198,13 +204,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.miners < 0 or args.rate <= 0:
         print("aitbc-coordinator demo: --miners must be >= 0 and --rate > 0", file=sys.stderr)
         return 2
-    try:
-        listener = listen_socket(args.host, args.port)
-    except OSError as exc:
-        print(
-            f"aitbc-coordinator demo: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+    listener = _listen_or_say("aitbc-coordinator demo", args.host, args.port)
+    if listener is None:
         return 1
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
