@@ -8,6 +8,7 @@ per batch on the writer connection's raw driver, and one COMMIT per batch.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from contextlib import AsyncExitStack, asynccontextmanager
 from operator import itemgetter
@@ -404,6 +405,15 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
         raise
 
 
+def _sync_file(path: str) -> None:
+    """``fdatasync`` a file by name (a checkpoint connection's thread runs it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def _applied_versions(conn: sqlite3.Connection) -> set[int]:
     """The migrations a database records as applied (none when it has no ``schema_version``)."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
@@ -470,6 +480,7 @@ class DatabasesJobStore:
         in_memory = database in ("", ":memory:") or "mode=memory" in url
         self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
+        self._file = None if in_memory else database  # the database file, synced in rounds
         # The writer connection is opened on aiosqlite's thread and then committed to from
         # the event loop (see ``commit``); SQLite itself is built thread-safe (serialized).
         self._db = Database(url, check_same_thread=False)
@@ -622,7 +633,7 @@ class DatabasesJobStore:
             except sqlite3.OperationalError as exc:
                 if not _transient(exc):
                     raise StorageError(str(exc)) from exc
-            except (sqlite3.Error, ValueError) as exc:
+            except (sqlite3.Error, ValueError, OSError) as exc:  # OSError: a failed sync
                 raise StorageError(str(exc)) from exc
 
     async def _checkpoint_round(self, raw: Any) -> None:
@@ -647,6 +658,12 @@ class DatabasesJobStore:
             added, log = frames - log, frames  # committed while the round before ran
             if added < _CATCH_UP_FRAMES:
                 break
+        if self._file is not None:
+            # The rounds so far copied pages into the database file without syncing it
+            # (SQLite syncs it only in a round that reaches the WAL's end): sync them now,
+            # while commits go on, so the held round's own sync has only its few pages to
+            # write (measured: that sync held every commit for ~11 ms, every ~2 s unloaded).
+            await raw._execute(_sync_file, self._file)
         self._held = hold = anyio.Event()
         try:
             busy, log, done = await self._checkpoint(raw)

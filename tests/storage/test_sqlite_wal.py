@@ -215,3 +215,47 @@ async def test_a_held_round_that_a_read_kept_short_is_not_counted(
     await store._checkpoint_round(checkpointer(store))
     assert store.wal_restarts == 1
     assert store._held is None
+
+
+async def test_the_database_file_is_synced_before_the_writer_is_held(
+    store: DatabasesJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds that stop short of the WAL's end copy pages into the database file without
+    syncing it; the held round's sync would write them all while every commit waits. So the
+    file is synced first, on the checkpointer's thread, while commits still go on."""
+    await fill(store, "j", 10)
+    store.wal_restart_frames = 0
+    steps: list[str] = []
+    real_sync, real_checkpoint = storage.sql._sync_file, store._checkpoint
+
+    def sync(path: str) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        steps.append(f"sync {path} held={store._held is not None}")
+        real_sync(path)
+
+    async def checkpoint(raw: Any) -> tuple[int, int, int]:
+        steps.append(f"checkpoint held={store._held is not None}")
+        return await real_checkpoint(raw)
+
+    monkeypatch.setattr(storage.sql, "_sync_file", sync)
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    await store._checkpoint_round(checkpointer(store))
+    assert steps[-2:] == [f"sync {tmp_path / 'store.db'} held=False", "checkpoint held=True"]
+    assert store.wal_restarts == 1
+
+
+async def test_a_failed_sync_stops_the_store(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync error is not retried (the kernel may already have dropped the pages it could
+    not write): it stops the store, and no commit stays parked."""
+    await fill(store, "j", 3)
+    store.wal_restart_frames = 0
+
+    def sync(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage.sql, "_sync_file", sync)
+    with anyio.fail_after(10), pytest.raises(StorageError, match="Input/output error"):
+        await store.maintain(0.001)
+    assert store._held is None
