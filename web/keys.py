@@ -12,13 +12,29 @@ if TYPE_CHECKING:
 
     from web.settings import Settings
 
-__all__ = ["materialize_keys", "signing_key_path"]
+__all__ = ["key_file", "materialize_keys", "signing_key_path"]
+
+
+def key_file(settings: Settings, suffix: str) -> Path:
+    """The file beside the database that ends in ``suffix`` (``.keys.json``, ``.signing-key``).
+
+    Beside the database file itself: a database reached through a symlink keeps its keys next
+    to the file the link names, so every path to one database finds the same keys (as every
+    path finds the same owner lock). Keys that an older build wrote beside the link are still
+    used where no keys are beside the file.
+    """
+    given = settings.database_path
+    beside_given = given.with_name(given.name + suffix)
+    real = given.resolve()
+    beside_real = real.with_name(real.name + suffix)
+    if beside_given.resolve() == beside_real:  # no link on the way: keep the path as given
+        return beside_given
+    return beside_given if beside_given.exists() and not beside_real.exists() else beside_real
 
 
 def signing_key_path(settings: Settings) -> Path:
     """Where a generated receipt signing key is kept (beside the database)."""
-    db = settings.database_path
-    return db.with_name(db.name + ".signing-key")
+    return key_file(settings, ".signing-key")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -34,9 +50,8 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
     now: a key is printed once, on the start that created it, never again).
     """
     lines: list[str] = []
-    db = settings.database_path
     if not (settings.client_api_keys or settings.miner_api_keys or settings.admin_api_keys):
-        path = db.with_name(db.name + ".keys.json")
+        path = key_file(settings, ".keys.json")
         if path.exists():
             keys = json.loads(path.read_text())
         else:

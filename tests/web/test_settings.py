@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from web.cli import main
-from web.keys import materialize_keys
+from web.keys import materialize_keys, signing_key_path
 from web.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -221,6 +221,43 @@ def test_keys_go_beside_the_database_in_a_new_directory(tmp_path: Path) -> None:
     assert lines
     assert (tmp_path / "nested" / "c.db.keys.json").exists()
     assert (tmp_path / "nested" / "c.db.signing-key").exists()
+
+
+def test_a_database_reached_through_a_link_keeps_one_set_of_keys(tmp_path: Path) -> None:
+    """Keys go beside the database file itself: through a symlink or by its own path, a
+    coordinator finds the same keys, so one database's receipts are signed by one key."""
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "c.db"
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    by_link, lines = materialize_keys(Settings(database_url=f"sqlite:///{link}"))
+    assert lines
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "c.db.keys.json",
+        "c.db.signing-key",
+    ]
+    by_path, lines_again = materialize_keys(Settings(database_url=f"sqlite:///{real}"))
+    assert lines_again == []
+    assert by_path.with_(database_url=by_link.database_url) == by_link
+    assert (
+        signing_key_path(by_link) == signing_key_path(by_path) == real.with_name("c.db.signing-key")
+    )
+
+
+def test_keys_an_older_build_kept_beside_the_link_are_still_used(tmp_path: Path) -> None:
+    """Before keys followed the link, they were written beside it: a start through the same
+    link keeps using them rather than generating (and signing with) new ones."""
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "data" / "c.db")
+    (tmp_path / "link.db.signing-key").write_text("33" * 32 + "\n")
+    keys = {"client": "client-k", "miner": "miner-k", "admin": "admin-k"}
+    (tmp_path / "link.db.keys.json").write_text(json.dumps(keys))
+    settings, lines = materialize_keys(Settings(database_url=f"sqlite:///{link}"))
+    assert lines == []
+    assert settings.receipt_signing_key_hex == "33" * 32
+    assert settings.client_api_keys == ("client-k",)
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 # ---- CLI ----------------------------------------------------------------------------------
