@@ -439,6 +439,11 @@ _TYPES: dict[type, str] = {
 }
 
 
+def message_type(msg: object) -> str | None:
+    """The ``type`` a protocol message is sent with (None: not a message of the contract)."""
+    return _TYPES.get(type(msg))
+
+
 def encode(msg: object) -> bytes:
     """Encode any protocol message to the bytes of one text frame.
 
@@ -544,4 +549,4 @@ def encode_assign(
     )
 
 
-__all__ += ["encode_assign", "encode_event"]
+__all__ += ["encode_assign", "encode_event", "message_type"]

@@ -153,7 +153,10 @@ class Connection(ABC):
         try:
             async with anyio.create_task_group() as tg:
                 self._tasks = tg
-                if self._send_now is None or self._close is not None:
+                # Frames queued before now (an ops socket's snapshot, put there when its
+                # handshake credential was accepted) go out through the writer: ``direct``
+                # only writes while nothing is queued, so they would wait for good.
+                if self._send_now is None or self._close is not None or len(self.outbox):
                     self._start_writer()
                 else:
                     self.outbox.direct = self._direct

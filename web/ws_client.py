@@ -105,7 +105,7 @@ class ClientConnection(Connection):
         try:
             payment = job_payment(self.core.settings, self.principal, msg.payment_amount, "AITBC")
         except ValueError as exc:
-            self.error(ErrorCode.INVALID, str(exc), request_id=msg.id, ref=None)
+            self.error(ErrorCode.INVALID, str(exc), request_id=msg.id, ref="job.submit")
             return None
         return JobSpec(
             job_id=new_id(),
@@ -139,7 +139,9 @@ class ClientConnection(Connection):
             return
         text = str(exc)
         self.core.dispatcher.after_commit(
-            lambda: self.error(ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref=None)
+            lambda: self.error(
+                ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref="job.submit"
+            )
         )
 
     async def _subscribe(self, msg: Subscribe) -> None:

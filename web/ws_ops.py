@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from protocol.codec import encode
+from protocol.codec import encode, message_type
 from protocol.messages import Auth, ClientHello
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, ErrorCode
@@ -52,7 +52,7 @@ class OpsConnection(Connection):
                     ErrorCode.INVALID,
                     "the ops socket takes no requests; use the admin REST routes",
                     request_id=getattr(msg, "id", None),
-                    ref=getattr(msg, "type", None),
+                    ref=message_type(msg),
                 )
 
     def on_closed(self) -> None:

@@ -51,12 +51,16 @@ async def test_only_admin_keys(server: RunningServer, key: str, code: int) -> No
         assert await close_code(ws) == code
 
 
-async def test_snapshot_recent_events_then_live(server: RunningServer) -> None:
-    """Snapshot first, then the recent job events, then live events and a delta."""
+@pytest.mark.parametrize("by_header", [False, True], ids=["auth frame", "header"])
+async def test_snapshot_recent_events_then_live(server: RunningServer, by_header: bool) -> None:
+    """Snapshot first, then the recent job events, then live events and a delta; the same
+    whether the admin key comes in the handshake's header or in an ``auth`` frame."""
+    headers = {"X-Api-Key": ADMIN_KEY} if by_header else {}
     async with client_session(server, CLIENT_KEY) as client:
         old = await submit(client, "before")
-        async with connect(server.url("/v1/admin/ws")) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": ADMIN_KEY}))
+        async with connect(server.url("/v1/admin/ws"), additional_headers=headers) as ws:
+            if not by_header:
+                await ws.send(json.dumps({"type": "auth", "token": ADMIN_KEY}))
             snap = await frame(ws)
             assert snap["type"] == "snapshot"
             assert snap["queue"]["queued"] == 1
@@ -70,6 +74,9 @@ async def test_snapshot_recent_events_then_live(server: RunningServer) -> None:
             await ws.send(json.dumps({"type": "job.submit", "id": "x", "payload": {}}))
             err = await until(ws, lambda f: f["type"] == "error")
             assert (err["code"], err["id"]) == ("invalid", "x")
+            await ws.send(json.dumps({"type": "subscribe", "job_ids": "all"}))
+            err = await until(ws, lambda f: f["type"] == "error")
+            assert (err["code"], err.get("id"), err["ref"]) == ("invalid", None, "subscribe")
             async with ManualMiner(server, MINER_KEY, "gpu-ops") as miner:
                 await miner.connect()
                 assigned = await until(ws, lambda f: f.get("event") == "assigned")

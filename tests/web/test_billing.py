@@ -273,5 +273,20 @@ def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
             ws.send_json({"type": "job.submit", "id": "s3", "payload": {}, "payment_amount": "x"})
             error = recv(ws)
             assert (error["type"], error["code"], error["id"]) == ("error", "invalid", "s3")
+            # Without an id, an error names the type it refuses (protocol.md, framing).
+            ws.send_json({"type": "job.submit", "payload": {}, "payment_amount": "x"})
+            assert recv(ws) == {
+                "type": "error",
+                "code": "invalid",
+                "message": error["message"],
+                "ref": "job.submit",
+            }
+            ws.send_json({"type": "job.submit", "payload": {}, "payment_amount": "2"})
+            error = recv(ws)
+            assert (error["code"], error.get("id"), error["ref"]) == (
+                "payment_required",
+                None,
+                "job.submit",
+            )
         r = c.get(f"/v1/admin/accounts/client:{client_id}", headers=ADMIN)
         assert r.json()["balance"] == "1.00000000"
