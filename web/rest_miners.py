@@ -162,7 +162,8 @@ async def _poll_watching(call: Call, miner_id: str, wait: float) -> JobAssign | 
 
 
 async def poll(call: Call) -> Response:
-    return await _poll(call, call.body.get("max_wait_seconds", 15))
+    max_wait = call.body.get("max_wait_seconds")  # a null is the default, as when left out
+    return await _poll(call, 15 if max_wait is None else max_wait)
 
 
 async def poll_get(call: Call) -> Response:

@@ -148,6 +148,18 @@ async def test_poll_assigns_and_shows_running(api: Api) -> None:
     assert got["assigned_miner_id"] == "m1"
 
 
+async def test_a_null_max_wait_is_the_default(api: Api) -> None:
+    """Optional fields may be sent as null (upstream clients do): a null wait is the default
+    wait, not a 500."""
+    await api.register()
+    job = await api.submit()
+    r = await api.http.post(
+        "/v1/miners/poll", json={"max_wait_seconds": None}, headers=miner_headers("m1")
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["job_id"] == job["job_id"]
+
+
 async def test_one_job_two_concurrent_pollers_exactly_one_wins(api: Api) -> None:
     """24: two miners polling concurrently for one job: one 200, one 204."""
     await api.register("m1")
