@@ -170,7 +170,9 @@ ENDPOINTS = [
     ),
     Endpoint(
         "GET",
-        ("/v1/jobs",),
+        # Upstream declared /v1/jobs/history after /v1/jobs/{job_id}, which shadowed it (404
+        # "job not found", rest-api.md §9): here it is the same list, reachable.
+        ("/v1/jobs", "/v1/jobs/history"),
         list_jobs,
         "List your jobs, newest first",
         "jobs",

@@ -162,6 +162,23 @@ async def test_list_jobs_page_newest_first_own_only(api: Api) -> None:
     assert body["total"] == 2
 
 
+async def test_jobs_history_is_the_job_list_not_a_job_lookup(api: Api) -> None:
+    """§9: upstream's /v1/jobs/history was shadowed by /v1/jobs/{job_id} (always 404). Here it
+    lists the caller's jobs as /v1/jobs does, with the same query parameters."""
+    first = await api.submit()
+    api.clock.advance(1)
+    second = await api.submit()
+    await api.http.post(f"/v1/jobs/{first['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY})
+    headers = {"X-Api-Key": CLIENT_KEY}
+    r = await api.http.get("/v1/jobs/history", headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == (await api.http.get("/v1/jobs", headers=headers)).json()
+    assert [j["job_id"] for j in r.json()["items"]] == [second["job_id"], first["job_id"]]
+    r = await api.http.get("/v1/jobs/history?status=canceled&limit=5", headers=headers)
+    assert [j["job_id"] for j in r.json()["items"]] == [first["job_id"]]
+    assert r.json()["limit"] == 5
+
+
 async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
     """14: status=queued returns only QUEUED jobs."""
     queued = await api.submit()
