@@ -14,6 +14,7 @@ with ``NotAssigned`` and changes nothing.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ class SchedulerConfig:
     resume_grace: float = 15.0
     rest_lease: float = 600.0
     terminal_retention: int = 10_000
+    # A miner that refused a job (reject, accept timeout) is offered it again only after this
+    # pause, doubled for each further refusal of that job and capped: other miners first.
+    reject_pause: float = 5.0
+    reject_pause_max: float = 300.0
 
 
 class JobSpec(NamedTuple):
@@ -117,6 +122,10 @@ class Miner:
     def free(self) -> int:
         free = self.concurrency - len(self.jobs)
         return min(free, self.polls) if self.rest else free
+
+
+_NOT_PAUSED = (0.0, 0)  # (offered again from, refusals) of a miner that never refused
+_NOBODY: set[str] = set()  # never changed: ``IdleIndex.pick`` only reads it
 
 
 class _Timer:
@@ -280,7 +289,7 @@ class Scheduler:
             raise UnknownJob(job_id)
         transition(job_id, job.state, Action.REQUEUE)
         assert job.miner_id is not None  # every RUNNING job is leased (Rule 2)
-        job.rejected_by.add(job.miner_id)
+        job.rejected_by[job.miner_id] = (math.inf, 0)  # moved elsewhere for good
         self._revoke(job, "requeued by admin")
         self._requeue(job, now, "requeued by admin", charged=False)
         return job, self._take()
@@ -460,13 +469,14 @@ class Scheduler:
     def reject(
         self, miner_id: str, job_id: str, reason: str, now: float, attempt: int | None = None
     ) -> list[Effect]:
-        """Back to the queue; this miner is not offered the job again.
+        """Back to the queue; this miner is offered the job again only after a pause
+        (``_refused``), so other matching miners get it first.
 
         A reject before accepting is free. After accepting, the attempt has started and is
         charged like a retryable failure (otherwise a reject would dodge ``max_attempts``).
         """
         job = self._held(miner_id, job_id, attempt)
-        job.rejected_by.add(miner_id)
+        self._refused(job, miner_id, now)
         self._requeue(
             job, now, f"rejected: {reason}" if reason else "rejected", charged=job.accepted
         )
@@ -602,9 +612,15 @@ class Scheduler:
                 and not job.accepted
             ):
                 assert job.miner_id is not None
-                job.rejected_by.add(job.miner_id)
+                self._refused(job, job.miner_id, now)
                 self._revoke(job, "accept timeout")
                 self._requeue(job, now, "accept timeout", charged=False)
+        elif timer.kind == "reoffer":
+            job = self.jobs.get(timer.key)
+            if job is not None and job.state is JobState.QUEUED and job.queue_token == timer.token:
+                job.queue_token += 1  # its queue entry goes stale: it is dispatched anew
+                self._queued -= 1
+                self._dispatch(job, now)
         else:  # grace
             miner = self.miners.get(timer.key)
             if miner is not None and not miner.connected and miner.session_id == timer.token:
@@ -735,12 +751,37 @@ class Scheduler:
         job = self.jobs.get(job_id)
         return job is not None and job.state is JobState.QUEUED and job.queue_token == token
 
+    def _refused(self, job: Job, miner_id: str, now: float) -> None:
+        """``miner_id`` refused ``job``: pause before offering it to that miner again, the pause
+        doubling with each refusal of this job by this miner (protocol.md: repeated rejects
+        lower the miner's priority for the job)."""
+        _, count = job.rejected_by.get(miner_id, _NOT_PAUSED)
+        pause = min(self.config.reject_pause * 2.0**count, self.config.reject_pause_max)
+        job.rejected_by[miner_id] = (now + pause, count + 1)
+
+    @staticmethod
+    def _paused(job: Job, now: float) -> set[str]:
+        """The miners ``job`` is not offered to at ``now``."""
+        rejected = job.rejected_by
+        if not rejected:
+            return _NOBODY
+        return {m for m, (until, _) in rejected.items() if until > now}
+
+    def _arm_reoffer(self, job: Job, now: float) -> None:
+        """A job some miner refused went into the queue: dispatch it again when the first
+        pause ends (that miner may be idle by then, with nothing else to wake it)."""
+        ends = [until for until, _ in job.rejected_by.values() if now < until < math.inf]
+        if ends:
+            job.timers.append(self._arm(min(ends), "reoffer", job.job_id, job.queue_token))
+
     def _dispatch(self, job: Job, now: float) -> None:
         """A job became queued: hand it to the idle matching miner that waited longest."""
         assert isinstance(job.needs, JobNeeds)
-        miner_id = self._idle.pick(job.needs, job.rejected_by)
+        miner_id = self._idle.pick(job.needs, self._paused(job, now))
         if miner_id is None:
             self._push(job)
+            if job.rejected_by:
+                self._arm_reoffer(job, now)
         else:
             self._assign(job, self.miners[miner_id], now)
 
@@ -751,7 +792,9 @@ class Scheduler:
             return
         while miner.free > 0:
             found = self._queue.pick(
-                miner.caps, self._valid_entry, lambda j: miner.miner_id in self.jobs[j].rejected_by
+                miner.caps,
+                self._valid_entry,
+                lambda j: self.jobs[j].rejected_by.get(miner.miner_id, _NOT_PAUSED)[0] > now,
             )
             if found is None:
                 break

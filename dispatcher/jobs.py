@@ -137,7 +137,8 @@ class Job:
         self.receipt: JSONObject | None = None
         self.attestation: JSONObject | None = None  # the miner's signature of its result
         self.error: str | None = None
-        self.rejected_by: set[str] = set()
+        # miner id -> (offered to it again from, refusals so far): see Scheduler._refused
+        self.rejected_by: dict[str, tuple[float, int]] = {}
         self.order = 0
         self.queue_token = 0
         self.needs: object = None

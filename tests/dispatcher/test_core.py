@@ -254,8 +254,9 @@ def test_progress_before_accept_starts_the_job() -> None:
     assert s.tick(10.0) == []  # accepted: no accept timeout
 
 
-def test_reject_requeues_uncharged_and_not_offered_again() -> None:
-    """A reject requeues without charging; that miner is not offered the job again."""
+def test_reject_requeues_uncharged_and_other_miners_come_first() -> None:
+    """A reject requeues without charging; during its pause that miner gets other work, and
+    another matching miner gets the job."""
     s = make()
     connect(s, "m1")
     submit(s, "j1")
@@ -275,6 +276,50 @@ def test_reject_requeues_uncharged_and_not_offered_again() -> None:
     [persist] = s.reject("m2", "j1", "", 4.0)
     assert isinstance(persist, Persist)
     assert persist.event.data == {"reason": "rejected"}
+
+
+def test_a_refusing_miner_is_offered_the_job_again_after_a_growing_pause() -> None:
+    """protocol.md: a reject returns the job to the queue, and repeated rejects lower the
+    miner's priority for it. With one matching miner the job must not wait for its TTL: that
+    miner gets it back once its pause ends (5 s, then 10 s: doubled per refusal, capped), the
+    pause's end being a deadline of its own; no accept in time counts as a refusal too."""
+    s = make(reject_pause=5.0, reject_pause_max=8.0, accept_timeout=2.0)
+
+    def next_wake_after(now: float) -> float | None:
+        """The next deadline once the stale ones (earlier attempts' timers) have fired."""
+        while (deadline := s.next_deadline()) is not None and deadline <= now:
+            assert assigns(s.tick(deadline)) == []
+        return s.next_deadline()
+
+    connect(s, "m1")
+    submit(s, "j1")
+    s.reject("m1", "j1", "busy", 1.0)
+    assert next_wake_after(5.999) == 6.0
+    assert state(s, "j1") is JobState.QUEUED
+    assert assigns(s.tick(6.0)) == [("m1", "j1", 2)]
+    s.reject("m1", "j1", "busy", 7.0, attempt=2)
+    assert next_wake_after(14.999) == 15.0  # capped: 10 s would pass reject_pause_max
+    assert assigns(s.tick(15.0)) == [("m1", "j1", 3)]
+    assert summary(s.tick(17.0))[0] == ("revoke", "m1", "j1", "accept timeout")  # a refusal
+    assert state(s, "j1") is JobState.QUEUED
+    assert next_wake_after(24.999) == 25.0
+    assert assigns(s.tick(25.0)) == [("m1", "j1", 4)]
+    job = s.job("j1")
+    assert job is not None
+    assert job.failures == 0  # none was charged
+
+
+def test_a_pause_ending_while_another_miner_runs_the_job_changes_nothing() -> None:
+    """The re-offer only applies to a job still queued under the same queue entry."""
+    s = make(reject_pause=5.0)
+    connect(s, "m1")
+    submit(s, "j1")
+    s.reject("m1", "j1", "busy", 1.0)
+    _, effects = connect(s, "m2", now=2.0)
+    assert assigns(effects) == [("m2", "j1", 2)]
+    assert assigns(s.tick(6.0)) == []
+    assert held(s, "m2") == ["j1"]
+    assert state(s, "j1") is JobState.RUNNING
 
 
 def test_acting_on_unknown_or_unheld_job() -> None:

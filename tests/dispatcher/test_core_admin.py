@@ -71,6 +71,10 @@ def test_requeue_without_other_miner_waits_in_queue() -> None:
     assert state(s, "j1") is JobState.QUEUED
     assert s.statistics().jobs_queued == 1
     assert held(s, "m1") == []
+    # Not a refusal with a pause: the admin moved it off that miner for good.
+    s.tick(s.config.reject_pause_max + 10.0)
+    assert held(s, "m1") == []
+    assert state(s, "j1") is JobState.QUEUED
 
 
 def test_requeue_errors() -> None:

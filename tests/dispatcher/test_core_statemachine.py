@@ -453,7 +453,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.pushed))
     @rule(data=st.data())
     def reject(self, data: st.DataObject) -> None:
-        """A miner rejects a job: never offered to it again; charged only once it was started."""
+        """A miner rejects a job: not offered to it again during a pause; charged only once it
+        was started."""
         miner_id, job_id, attempt, valid = self.lease(data)
         if not valid:
             self.unchanged(
@@ -647,7 +648,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for job in self.s.jobs.values():
             if job.state is JobState.RUNNING:
                 assert holders.get(job.job_id) == job.miner_id
-                assert job.miner_id not in job.rejected_by
+                # never pushed to a miner during its pause after refusing the job
+                paused_until, _ = job.rejected_by.get(job.miner_id, (0.0, 0))
+                assert job.assigned_at is not None
+                assert paused_until <= job.assigned_at
 
     @invariant()
     def miners_know_what_they_hold(self) -> None:
@@ -680,10 +684,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert isinstance(job.needs, JobNeeds)
             for miner_id, miner in self.s.miners.items():
                 if miner.connected and not miner.draining and miner.free > 0:
-                    assert miner_id in job.rejected_by or not matches(job.needs, miner.caps), (
-                        job.job_id,
-                        miner_id,
-                    )
+                    paused = job.rejected_by.get(miner_id, (0.0, 0))[0] > self.now
+                    assert paused or not matches(job.needs, miner.caps), (job.job_id, miner_id)
 
     @invariant()
     def terminal_states_are_absorbing(self) -> None:

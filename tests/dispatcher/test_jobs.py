@@ -103,7 +103,7 @@ def test_new_job_defaults() -> None:
     assert (job.attempt, job.failures, job.seq) == (0, 0, 0)
     assert job.miner_id is None
     assert not job.accepted
-    assert job.rejected_by == set()
+    assert job.rejected_by == {}
 
 
 def test_record_round_trip() -> None:
