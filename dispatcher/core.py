@@ -402,6 +402,8 @@ class Scheduler:
         for job_id in list(miner.jobs):
             job = self.jobs[job_id]
             if not job.accepted:
+                # Its accept may have been on the way: a resume names the job in ``revoked``.
+                self._revoke(job, "miner disconnected before accepting")
                 self._requeue(job, now, "miner disconnected before accepting", charged=False)
         if miner.jobs:
             miner.grace_timer = self._arm(
@@ -409,6 +411,8 @@ class Scheduler:
             )
         else:
             self._drop_miner(miner)
+            if miner.revoked:
+                self._remember_lost(miner, miner.revoked)
         return self._take()
 
     def set_status(
@@ -628,9 +632,7 @@ class Scheduler:
                 for job_id in list(miner.jobs):
                     self._requeue(self.jobs[job_id], now, "miner lost", charged=True)
                 self._drop_miner(miner)
-                self._lost[miner.miner_id] = (miner.session_id, taken)
-                while len(self._lost) > self.config.terminal_retention:
-                    self._lost.popitem(last=False)
+                self._remember_lost(miner, taken)
 
     # ---- recovery ---------------------------------------------------------------------------
 
@@ -953,6 +955,12 @@ class Scheduler:
                 self._servable.clear()
             else:
                 self._known_caps[miner.caps] = n
+
+    def _remember_lost(self, miner: Miner, taken: list[str]) -> None:
+        """A dropped miner's session and the jobs taken from it, for a late resume."""
+        self._lost[miner.miner_id] = (miner.session_id, taken)
+        while len(self._lost) > self.config.terminal_retention:
+            self._lost.popitem(last=False)
 
     def _drop_miner(self, miner: Miner) -> None:
         self._kill_timer(miner.grace_timer)

@@ -1229,13 +1229,38 @@ def test_resume_after_grace_ended_lists_the_taken_jobs_as_revoked() -> None:
     s.accept("m1", "j1", 1.0)
     s.disconnect("m1", "m1-s1", 5.0)
     s.tick(20.0)  # grace over: j1 requeued
-    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=30.0)
+    info, effects = connect(s, "m1", "m1-s2", resume="m1-s1", now=30.0)
     assert info.resumed == ()
     assert info.revoked == ("j1",)
+    assert assigns(effects) == [("m1", "j1", 2)]  # the idle miner takes it again
+    s.complete("m1", "j1", {}, {}, 30.5, attempt=2)
     # Only the session that held the jobs learns about them, and only once.
     s.disconnect("m1", "m1-s2", 31.0)
     info, _ = connect(s, "m1", "m1-s3", resume="m1-s2", now=32.0)
     assert info.revoked == ()
+
+
+def test_a_job_taken_before_its_accept_is_named_in_revoked_on_resume() -> None:
+    """A job pushed but not accepted when the socket dropped goes back to the queue at once;
+    its accept may have been on the way, so the miner's resume names it in ``revoked`` (the
+    job may already run elsewhere), with or without a started job that waited for it."""
+    s = make()
+    connect(s, "m1", concurrency=2)
+    submit(s, "j1", now=0.0)
+    submit(s, "j2", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    s.disconnect("m1", "m1-s1", 2.0)
+    assert state(s, "j2") is JobState.QUEUED
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", concurrency=2, now=3.0)
+    assert (info.resumed, info.revoked) == (("j1",), ("j2",))
+    # Nothing started: the miner is dropped at once, and a late resume still learns it.
+    s = make()
+    connect(s, "m1")
+    submit(s, "j1", now=0.0)
+    s.disconnect("m1", "m1-s1", 2.0)
+    assert "m1" not in s.miners
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=3.0)
+    assert (info.resumed, info.revoked) == ((), ("j1",))
 
 
 def test_resume_with_an_unknown_session_after_grace_revokes_nothing() -> None:

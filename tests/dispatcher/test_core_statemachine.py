@@ -67,6 +67,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.prev_held: dict[str, int] = {}
         # miner -> (grace deadline, session, [(job, attempt)] started when it disconnected)
         self.away: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
+        # miner -> the jobs pushed but not accepted when its socket closed (taken at once; its
+        # resume, or a later hello, names them in ``revoked``)
+        self.taken: dict[str, list[str]] = {}
         # miner -> (session, jobs) taken when its grace ended: revoked on a late resume
         self.lost: dict[str, tuple[str, list[str]]] = {}
 
@@ -293,6 +296,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         lost = self.lost.pop(miner_id, None)
         late = lost[1] if old is None and lost is not None and resume_session == lost[0] else []
+        taken = self.taken.pop(miner_id, []) if watch is not None else []
         capabilities, region = profile
         info, effects = self.s.connect(
             miner_id,
@@ -326,7 +330,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if resumed_ok:
             # it keeps what it holds; jobs canceled or expired while it was away are revoked
             assert list(info.resumed) == held_before
-            assert sorted(info.revoked) == sorted(revoked_away)
+            assert sorted(info.revoked) == sorted(revoked_away + taken)
             for job_id in info.resumed:
                 job = self.s.jobs[job_id]
                 assert job.state is JobState.RUNNING
@@ -335,7 +339,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             # a restart: everything it held or lost meanwhile is revoked and requeued;
             # only a started attempt counts against the job (like a disconnect)
             assert info.resumed == ()
-            assert sorted(info.revoked) == sorted(revoked_away + held_before + late)
+            assert sorted(info.revoked) == sorted(revoked_away + taken + held_before + late)
             for job_id, (failures, accepted) in before.items():
                 job = self.s.jobs[job_id]
                 assert job.failures == failures + accepted or job.state is JobState.FAILED
@@ -397,8 +401,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         if started:
             assert self.s.miners[miner_id].grace_timer is not None
             self.away[miner_id] = (self.now + CONFIG.resume_grace, session, started)
+            self.taken[miner_id] = [j for j, _ in unaccepted]
         else:
             assert miner_id not in self.s.miners
+            if unaccepted:  # dropped at once: a late resume of this session still learns it
+                self.lost[miner_id] = (session, [j for j, _ in unaccepted])
 
     @rule(
         miner_id=st.sampled_from(MINERS),
@@ -575,7 +582,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             if now >= due:
                 assert miner_id not in self.s.miners or self.s.miners[miner_id].connected
                 self.check_released(started)
-                self.lost[miner_id] = (session, [j for j, _ in started])
+                taken = self.taken.pop(miner_id, [])
+                self.lost[miner_id] = (session, [j for j, _ in started] + taken)
                 del self.away[miner_id]
 
     def let_go(self, miner_id: str, job_id: str) -> None:
@@ -604,6 +612,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pushed = {p for p in self.pushed if p[1] in {r.job_id for r in records}}
         self.away = {}
         self.lost = {}
+        self.taken = {}
         started: dict[str, list[tuple[str, int]]] = {}
         for rec in sorted(records, key=lambda r: r.requested_at):
             if rec.state == JobState.RUNNING and accepted[rec.job_id]:
