@@ -819,11 +819,19 @@ class Dispatcher:
             lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then)
         )
 
-    async def rest_fail(self, miner_id: str, job_id: str, error_code: str, message: str) -> None:
-        """Fail a job held by a REST miner (not retried); returns once durable."""
+    async def rest_fail(
+        self, miner_id: str, job_id: str, error_code: str, message: str, *, retryable: bool = False
+    ) -> None:
+        """A REST miner's failure of a job it holds: FAILED, or with ``retryable`` queued again
+        (charged an attempt; FAILED once they are used up). Returns once durable."""
         self._rest_seen[miner_id] = self.clock.now()
         self.miner_call(
-            "fail", miner_id, job_id, error_code=error_code, error_message=message, retryable=False
+            "fail",
+            miner_id,
+            job_id,
+            error_code=error_code,
+            error_message=message,
+            retryable=retryable,
         )
         await self._until_committed(self._commit_then)
 

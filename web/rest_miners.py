@@ -215,21 +215,35 @@ async def result_by_body(call: Call) -> Response:
     return await _submit_result(call, job_id)
 
 
-async def _fail(call: Call, job_id: str, code: str, message: str) -> None:
+async def _fail(
+    call: Call, job_id: str, code: str, message: str, *, retryable: bool = False
+) -> None:
+    """Report a failure of a job this miner holds; a repeat of the report that already failed
+    it (a retry after a lost answer) is answered as the first one was."""
+    miner_id = miner_id_for(call)
     try:
-        await call.core.dispatcher.rest_fail(miner_id_for(call), job_id, code, message)
-    except UnknownJob:
-        await _job_state(call, job_id)  # 404 when it never existed
-        raise HTTPError(409, "job is not assigned to this miner") from None
-    except NotAssigned:
-        state = await _job_state(call, job_id)
-        detail = f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
+        await call.core.dispatcher.rest_fail(miner_id, job_id, code, message, retryable=retryable)
+    except (UnknownJob, NotAssigned):
+        rec = await call.core.dispatcher.get_job(job_id)
+        if rec is None:
+            raise HTTPError(404, "job not found") from None
+        if rec.state == "FAILED" and rec.miner_id == miner_id and rec.error == message:
+            return
+        detail = (
+            f"job is {rec.state}" if rec.state in TERMINAL else "job is not assigned to this miner"
+        )
         raise HTTPError(409, detail) from None
 
 
 async def fail(call: Call) -> Response:
     body = call.body
-    await _fail(call, call.path("job_id"), body["error_code"], body["error_message"])
+    await _fail(
+        call,
+        call.path("job_id"),
+        body["error_code"],
+        body["error_message"],
+        retryable=bool(body.get("retryable")),
+    )
     return json_response({"status": "ok"})
 
 

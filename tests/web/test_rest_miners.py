@@ -383,6 +383,47 @@ async def test_failed_status_in_result_fails_the_job(api: Api) -> None:
     assert got["error"] == "x"
 
 
+async def test_a_repeated_failure_report_is_answered_as_the_first(api: Api) -> None:
+    """[ours] results are idempotent (the production miner retries a POST whose answer it
+    lost): a failure reported again, through /result or /fail, gets the same 200; another
+    report for the failed job is still a 409."""
+    job = await started(api)
+    for _ in range(2):
+        r = await api.result(job["job_id"], result={"status": "failed", "error": "x"})
+        assert (r.status_code, r.json()) == (200, {"status": "ok", "receipt": None})
+    r = await api.result(job["job_id"], result={"status": "failed", "error": "other"})
+    assert (r.status_code, r.json()) == (409, {"detail": "job is FAILED"})
+    r = await api.result(job["job_id"], result={"status": "completed"})
+    assert r.status_code == 409
+    second = await api.submit()
+    assert (await api.poll()).json()["job_id"] == second["job_id"]
+    path = f"/v1/miners/{second['job_id']}/fail"
+    body = {"error_code": "E1", "error_message": "boom"}
+    for _ in range(2):
+        r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert (await api.job(second["job_id"]))["state"] == "FAILED"
+
+
+async def test_a_retryable_failure_queues_the_job_again(api: Api) -> None:
+    """[ours] RUNNING -> QUEUED on a retryable failure while attempts remain (charged one),
+    then FAILED once they are used up (3 by default)."""
+    job = await started(api)
+    path = f"/v1/miners/{job['job_id']}/fail"
+    body = {"error_code": "OOM", "error_message": "out of memory", "retryable": True}
+    for _ in range(2):
+        r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+        assert r.status_code == 200
+        got = await api.job(job["job_id"])
+        assert (got["state"], got["assigned_miner_id"]) == ("QUEUED", None)
+        assert (await api.poll()).json()["job_id"] == job["job_id"]
+    r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+    assert r.status_code == 200
+    got = await api.job(job["job_id"])
+    assert got["state"] == "FAILED"
+    assert got["error"] == "max attempts reached (3): OOM: out of memory"
+
+
 async def test_result_after_cancel_is_409(api: Api) -> None:
     """51 [fix]: cancel while RUNNING, then result -> 409; the job stays CANCELED."""
     job = await started(api)
