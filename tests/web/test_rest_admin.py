@@ -10,6 +10,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, make_settings
+from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
 from web.app import create_app
 
@@ -39,6 +40,26 @@ async def test_admin_stats_counts_match(api: Api) -> None:
     assert stats["active_jobs"] == 2
     assert stats["online_miners"] == 1
     assert stats["avg_miner_job_duration_ms"] >= 0
+
+
+async def test_online_miners_counts_the_production_miners_active_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """§9 [bug] upstream's online_miners ignores miners whose heartbeat says "active" (the
+    production miner's status). Here a heartbeat of any status keeps a miner online; one whose
+    last call is older than HEARTBEAT_TIMEOUT_SECONDS is not."""
+    async with running_api(tmp_path, clock=FakeClock()) as api:
+        await api.register("m1")
+        await api.register("m2")
+        assert (await api.admin("/v1/admin/stats"))["online_miners"] == 2
+        api.clock.advance(25)
+        body = {"status": "active", "current_jobs": 0}
+        r = await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers("m1"))
+        assert r.status_code == 200
+        api.clock.advance(25)  # m2: 50 s since its last call, past the 30 s timeout
+        assert (await api.admin("/v1/admin/stats"))["online_miners"] == 1
+        miners = {m["miner_id"]: m for m in (await api.admin("/v1/admin/miners"))["items"]}
+        assert (miners["m1"]["status"], miners["m2"]["status"]) == ("ONLINE", "OFFLINE")
 
 
 async def test_admin_jobs_and_miners(api: Api) -> None:

@@ -179,6 +179,26 @@ async def test_jobs_history_is_the_job_list_not_a_job_lookup(api: Api) -> None:
     assert r.json()["limit"] == 5
 
 
+async def test_list_jobs_by_job_type_and_the_seed_doc_aliases(api: Api) -> None:
+    """``job_type`` matches ``payload.type``; the seed doc's ``POST /v1/client/jobs`` submits
+    and ``GET /v1/client/jobs/{id}/receipts`` lists receipts, as the main routes do."""
+    headers = {"X-Api-Key": CLIENT_KEY}
+    r = await api.http.post(
+        "/v1/client/jobs", json={"payload": {"type": "inference"}}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    inference = r.json()
+    await api.submit(payload={"type": "training"})
+    await api.submit(payload={"prompt": "no type"})
+    r = await api.http.get("/v1/jobs?job_type=inference", headers=headers)
+    assert [j["job_id"] for j in r.json()["items"]] == [inference["job_id"]]
+    assert r.json()["total"] == 1
+    path = f"/jobs/{inference['job_id']}/receipts"
+    alias = await api.http.get(f"/v1/client{path}", headers=headers)
+    assert alias.status_code == 200
+    assert alias.json() == (await api.http.get(f"/v1{path}", headers=headers)).json()
+
+
 async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
     """14: status=queued returns only QUEUED jobs."""
     queued = await api.submit()
