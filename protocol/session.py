@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from protocol.codec import decode_client_frame, decode_miner_frame, encode
 from protocol.errors import InvalidState, RemoteProtocolError, UnknownMessageType
-from protocol.messages import Auth, ClientHello, ClientToServer, Error, Hello, MinerToServer
+from protocol.messages import (
+    Auth,
+    ClientHello,
+    ClientToServer,
+    Error,
+    Heartbeat,
+    Hello,
+    MinerToServer,
+)
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 
 if TYPE_CHECKING:
@@ -55,6 +63,7 @@ class _Session(Generic[M]):
     _decode: Callable[[bytes | str], M]
     _hello_type: type
     _handshake_types: tuple[type, ...]  # (Auth, the hello type): refused once OPEN
+    _ignored_before_hello: tuple[type, ...] = ()  # legal at any time, meaningless before hello
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -111,6 +120,8 @@ class _Session(Generic[M]):
                 self._events.append(msg)
             else:
                 self.fail(CloseCode.NOT_AUTHENTICATED, "authenticate first")
+        elif isinstance(msg, self._ignored_before_hello):
+            pass  # AWAIT_HELLO: e.g. a miner's heartbeat sent before its hello
         elif not isinstance(msg, self._hello_type):  # AWAIT_HELLO (CLOSING reads nothing)
             self.fail(CloseCode.PROTOCOL_ERROR, "expected hello")
         elif getattr(msg, "protocol", None) != PROTOCOL_VERSION:
@@ -165,6 +176,8 @@ class MinerSession(_Session[MinerToServer]):
 
     _decode = staticmethod(decode_miner_frame)
     _hello_type = Hello
+    # protocol.md: a heartbeat frame is legal at any time; before hello it says nothing yet.
+    _ignored_before_hello = (Heartbeat,)
 
 
 class ClientSession(_Session[ClientToServer]):

@@ -143,7 +143,6 @@ def test_hello_wrong_protocol_closes_4002(kind: type[Session], version: int) -> 
 NOT_HELLO: list[Any] = [
     pytest.param(MinerSession, AUTH, id="miner-auth"),
     pytest.param(MinerSession, b'{"type":"job.accept","job_id":"j"}', id="miner-accept"),
-    pytest.param(MinerSession, b'{"type":"heartbeat"}', id="miner-heartbeat"),
     pytest.param(MinerSession, b'{"type":"status","draining":true}', id="miner-status"),
     pytest.param(ClientSession, AUTH, id="client-auth"),
     pytest.param(ClientSession, b'{"type":"job.submit","payload":{}}', id="client-submit"),
@@ -159,6 +158,18 @@ def test_non_hello_first_closes_4000(kind: type[Session], frame: bytes) -> None:
     session.receive_data(frame)
     assert_closed(session, CloseCode.PROTOCOL_ERROR)
     assert session.close_reason == "expected hello"
+
+
+def test_a_heartbeat_before_hello_is_ignored() -> None:
+    """protocol.md: a miner's heartbeat frame is legal at any time; before hello it is read
+    and dropped (no event, no close), and the hello that follows opens the session."""
+    session = MinerSession(authenticated=True)
+    session.receive_data(b'{"type":"heartbeat","metrics":{"gpu_util":0.5}}')
+    assert session.events_received() == []
+    assert session.state is AWAIT_HELLO
+    session.receive_data(HELLOS[MinerSession])
+    assert session.state is OPEN
+    assert [type(m) for m in session.events_received()] == [Hello]
 
 
 @pytest.mark.parametrize("kind", KINDS)
