@@ -665,12 +665,20 @@ class Dispatcher:
         self._actions.append(lambda: then(rec))
         self._apply(effects)
 
-    async def stored_receipt(self, miner_id: str, job_id: str) -> JSONObject | None:
-        """For a retried result of a job no longer in memory: its receipt, if this miner's."""
+    async def stored_receipt(
+        self, miner_id: str, job_id: str, attempt: int | None = None
+    ) -> JSONObject | None:
+        """For a retried result of a job no longer in memory: its receipt, if this miner
+        completed it (in ``attempt``, when given: a stale attempt's retry is refused, as it is
+        while the job is in memory); None otherwise."""
         rec = await self.store.get_job(job_id)
         if rec is None:
             raise UnknownJob(job_id)
-        if rec.state == JobState.COMPLETED and rec.miner_id == miner_id:
+        if (
+            rec.state == JobState.COMPLETED
+            and rec.miner_id == miner_id
+            and (attempt is None or attempt == rec.attempt)
+        ):
             return rec.receipt
         return None
 

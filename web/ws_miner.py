@@ -198,7 +198,7 @@ class MinerConnection(Connection):
         dispatcher = self.core.dispatcher
         assert self.miner_id is not None
         try:
-            receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id)
+            receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id, msg.attempt)
         except UnknownJob as exc:
             self._refuse(msg, exc)
             return

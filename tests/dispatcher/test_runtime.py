@@ -693,3 +693,23 @@ async def test_disconnect_before_accept_requeues_to_another_miner() -> None:
             "requeued",
             "assigned",
         ]
+
+
+async def test_a_stored_receipt_answers_only_the_attempt_that_completed() -> None:
+    """A result retried after its job left memory is answered from the store: the receipt
+    for the miner and attempt that completed it, nothing for another attempt or miner."""
+    async with running() as h:
+        receipt = {"receipt_id": "r1", "chain_seq": 1}
+        h.dispatcher.scheduler._receipt_factory = lambda job, price, now: receipt
+        spec = h.spec()
+        await h.submit(spec)
+        h.miner("gpu-1")
+        await h.flushed()
+        h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+        h.dispatcher.miner_result("gpu-1", spec.job_id, {"ok": 1}, {}, None, lambda job: None)
+        await h.flushed()
+        with anyio.fail_after(5):
+            assert await h.dispatcher.stored_receipt("gpu-1", spec.job_id) == receipt
+            assert await h.dispatcher.stored_receipt("gpu-1", spec.job_id, 1) == receipt
+            assert await h.dispatcher.stored_receipt("gpu-1", spec.job_id, 2) is None
+            assert await h.dispatcher.stored_receipt("gpu-2", spec.job_id, 1) is None
