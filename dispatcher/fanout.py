@@ -111,13 +111,14 @@ class Outbox:
 class Subscriber:
     """One client connection's subscriptions: explicit job ids and/or all its own jobs."""
 
-    __slots__ = ("all", "buffers", "client_id", "job_ids", "outbox")
+    __slots__ = ("all", "buffers", "client_id", "job_ids", "muted", "outbox")
 
     def __init__(self, client_id: str, outbox: Outbox) -> None:
         self.client_id = client_id
         self.outbox = outbox
         self.job_ids: set[str] = set()
         self.all = False
+        self.muted: set[str] = set()  # jobs unsubscribed by name while following "all"
         # job id -> (last replayed seq, live frames held back while replaying)
         self.buffers: dict[str, list[tuple[int, str, bool]]] = {}
 
@@ -140,6 +141,7 @@ class Fanout:
     def subscribe(self, sub: Subscriber, job_ids: Iterable[str]) -> None:
         for job_id in job_ids:
             sub.job_ids.add(job_id)
+            sub.muted.discard(job_id)
             self._by_job.setdefault(job_id, set()).add(sub)
 
     def subscribe_all(self, sub: Subscriber) -> None:
@@ -149,6 +151,8 @@ class Fanout:
     def unsubscribe(self, sub: Subscriber, job_ids: Iterable[str] | None = None) -> None:
         """Drop the given subscriptions, or all of them (``None``)."""
         targets = list(sub.job_ids) if job_ids is None else list(job_ids)
+        if job_ids is not None and sub.all:
+            sub.muted.update(targets)  # else the client route would still deliver them
         for job_id in targets:
             sub.job_ids.discard(job_id)
             subs = self._by_job.get(job_id)
@@ -161,6 +165,7 @@ class Fanout:
             sub.outbox.dropped = 0
         if job_ids is None and sub.all:
             sub.all = False
+            sub.muted.clear()
             subs = self._by_client.get(sub.client_id)
             if subs is not None:
                 subs.discard(sub)
@@ -171,7 +176,7 @@ class Fanout:
         for sub in self._by_job.get(job_id, ()):
             sub.deliver(job_id, seq, frame, progress)
         for sub in self._by_client.get(client_id, ()):
-            if job_id not in sub.job_ids:
+            if job_id not in sub.job_ids and job_id not in sub.muted:
                 sub.deliver(job_id, seq, frame, progress)
 
     def forget_job(self, job_id: str) -> None:

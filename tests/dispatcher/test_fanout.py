@@ -236,6 +236,25 @@ async def test_unsubscribe_some_jobs() -> None:
     assert s.job_ids == {"j2"}
 
 
+async def test_unsubscribing_a_job_while_following_all_stops_it() -> None:
+    """Following "all", unsubscribing named jobs stops those (it was acked but changed
+    nothing); the rest of the client's jobs still arrive, and naming a job again resumes it."""
+    fanout, s = Fanout(), sub()
+    fanout.subscribe_all(s)
+    fanout.subscribe(s, ["j1"])
+    fanout.unsubscribe(s, ["j1", "j2"])
+    for job_id in ("j1", "j2", "j3"):
+        fanout.publish("c1", job_id, 1, frame(job_id, 1, "queued"), False)
+    assert got(s) == [("j3", 1)]
+    fanout.subscribe(s, ["j2"])
+    fanout.publish("c1", "j2", 2, frame("j2", 2, "assigned"), False)
+    assert got(s) == [("j2", 2)]
+    fanout.unsubscribe(s)
+    fanout.subscribe_all(s)  # a new "all" starts with nothing muted
+    fanout.publish("c1", "j1", 2, frame("j1", 2, "assigned"), False)
+    assert got(s) == [("j1", 2)]
+
+
 async def test_unsubscribe_everything() -> None:
     """unsubscribe(sub) drops job and "all" subscriptions; nothing is left behind."""
     fanout, s, other = Fanout(), sub(), sub()
