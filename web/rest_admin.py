@@ -8,6 +8,9 @@ identity, nor their hashes, is public (§9 "Data exposure"). The owner's
 
 from __future__ import annotations
 
+import os
+import resource
+import shutil
 from typing import TYPE_CHECKING, Any
 
 from protocol.types import iso_time
@@ -60,6 +63,58 @@ async def stats(call: Call) -> Response:
             "online_miners": sum(1 for m in miners if m.online),
             "avg_miner_job_duration_ms": await _avg_duration_ms(call),
             "jobs_by_state": counts,
+        }
+    )
+
+
+def _system(call: Call) -> JSONObject:
+    """The host as this process sees it: load, own memory, the database's disk."""
+    load1, load5, load15 = os.getloadavg()
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    folder = call.core.settings.database_path.resolve().parent
+    disk = shutil.disk_usage(folder) if folder.is_dir() else None
+    return {
+        "cpu": {
+            "count": os.cpu_count() or 1,
+            "load_1m": load1,
+            "load_5m": load5,
+            "load_15m": load15,
+        },
+        "mem": {"process_max_rss_mib": round(rss_kib / 1024, 1)},
+        "disk": None
+        if disk is None
+        else {
+            "path": str(folder),
+            "total_gib": round(disk.total / 2**30, 2),
+            "free_gib": round(disk.free / 2**30, 2),
+        },
+    }
+
+
+async def status(call: Call) -> Response:
+    """Upstream's intended ``/v1/admin/status`` (its own always answered an error, §9)."""
+    counts = call.core.dispatcher.job_counts.by_state
+    miners = call.core.dispatcher.rest_miners()
+    online = sum(1 for m in miners if m.online)
+    queued = counts.get("QUEUED", 0)
+    # Degraded: work waits and no miner is online to take it.
+    healthy = not (queued and not online)
+    return json_response(
+        {
+            "jobs": {
+                "total": sum(counts.values()),
+                "active": queued + counts.get("RUNNING", 0),
+                "completed": counts.get("COMPLETED", 0),
+                "failed": counts.get("FAILED", 0),
+            },
+            "miners": {
+                "total": len(miners),
+                "online": online,
+                "offline": len(miners) - online,
+                "avg_job_duration_ms": await _avg_duration_ms(call),
+            },
+            "system": _system(call),
+            "status": "healthy" if healthy else "degraded",
         }
     )
 
@@ -142,6 +197,16 @@ ENDPOINTS = [
         "admin",
         role=Role.ADMIN,
         responses={200: ("counts (committed state)", "AdminStats"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/admin/status",),
+        status,
+        "Jobs, miners, host; healthy or degraded",
+        "admin",
+        role=Role.ADMIN,
+        description="`degraded` while jobs are queued and no miner is online.",
+        responses={200: ("status (committed state)", "AdminStatus"), **_auth},
     ),
     Endpoint(
         "GET",

@@ -437,6 +437,34 @@ SCHEMAS: dict[str, Schema] = {
         },
     },
     "Ok": {"type": "object", "required": ["status"], "properties": {"status": _str}},
+    "AdminStatus": {
+        "type": "object",
+        "required": ["jobs", "miners", "system", "status"],
+        "properties": {
+            "jobs": {
+                "type": "object",
+                "required": ["total", "active", "completed", "failed"],
+                "properties": {
+                    "total": {"type": "integer"},
+                    "active": {"type": "integer", "description": "QUEUED + RUNNING"},
+                    "completed": {"type": "integer"},
+                    "failed": {"type": "integer"},
+                },
+            },
+            "miners": {
+                "type": "object",
+                "required": ["total", "online", "offline", "avg_job_duration_ms"],
+                "properties": {
+                    "total": {"type": "integer"},
+                    "online": {"type": "integer"},
+                    "offline": {"type": "integer"},
+                    "avg_job_duration_ms": _num,
+                },
+            },
+            "system": _obj,
+            "status": {"type": "string", "enum": ["healthy", "degraded"]},
+        },
+    },
     "AdminStats": {
         "type": "object",
         "required": ["total_jobs", "active_jobs", "online_miners", "avg_miner_job_duration_ms"],

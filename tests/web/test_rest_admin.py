@@ -62,6 +62,31 @@ async def test_online_miners_counts_the_production_miners_active_heartbeat(
         assert (miners["m1"]["status"], miners["m2"]["status"]) == ("ONLINE", "OFFLINE")
 
 
+async def test_admin_status_reports_jobs_miners_host_and_health(tmp_path: Path) -> None:
+    """§9 [bug] upstream's /v1/admin/status always answered {"status":"error"}: here it has the
+    intended shape, and says degraded while jobs wait with no miner online."""
+    async with running_api(tmp_path, clock=FakeClock()) as api:
+        await api.register("m1")
+        done = await api.submit()
+        await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        await api.result(done["job_id"])
+        status = await api.admin("/v1/admin/status")
+        assert status["jobs"] == {"total": 2, "active": 1, "completed": 1, "failed": 0}
+        assert {k: status["miners"][k] for k in ("total", "online", "offline")} == {
+            "total": 1,
+            "online": 1,
+            "offline": 0,
+        }
+        assert status["miners"]["avg_job_duration_ms"] >= 0
+        assert status["status"] == "healthy"
+        assert status["system"]["cpu"]["count"] >= 1
+        assert status["system"]["disk"]["free_gib"] > 0
+        api.clock.advance(60)  # m1 silent past HEARTBEAT_TIMEOUT_SECONDS; one job still queued
+        status = await api.admin("/v1/admin/status")
+        assert (status["miners"]["online"], status["status"]) == (0, "degraded")
+
+
 async def test_admin_jobs_and_miners(api: Api) -> None:
     """/v1/admin/jobs lists newest first; /v1/admin/miners shows inflight and liveness."""
     await api.register("m1", concurrency=2, region="eu")
