@@ -177,10 +177,10 @@ async def _job_state(call: Call, job_id: str) -> str:
     return rec.state
 
 
-async def _submit_result(call: Call, job_id: str) -> Response:
+async def _submit_result(
+    call: Call, job_id: str, result: JSONObject, metrics: JSONObject
+) -> Response:
     miner_id = miner_id_for(call)
-    body = call.body
-    result, metrics = body["result"], body.get("metrics") or {}
     dispatcher = call.core.dispatcher
     if result.get("status") == "failed":  # the production miner reports failures here
         error = result.get("error")
@@ -205,14 +205,17 @@ async def _submit_result(call: Call, job_id: str) -> Response:
 
 
 async def result_by_path(call: Call) -> Response:
-    return await _submit_result(call, call.path("job_id"))
+    body = call.body
+    return await _submit_result(
+        call, call.path("job_id"), body["result"], body.get("metrics") or {}
+    )
 
 
 async def result_by_body(call: Call) -> Response:
     job_id = call.body.get("job_id")
     if not isinstance(job_id, str) or not job_id:
         raise HTTPError(422, "body.job_id is required")
-    return await _submit_result(call, job_id)
+    return await _submit_result(call, job_id, call.body["result"], call.body.get("metrics") or {})
 
 
 async def _fail(
@@ -245,6 +248,26 @@ async def fail(call: Call) -> Response:
         retryable=bool(body.get("retryable")),
     )
     return json_response({"status": "ok"})
+
+
+def _own_path(call: Call) -> None:
+    """The upstream routes that name the miner in the path: only that miner may use them."""
+    if call.path("miner_id") != miner_id_for(call):
+        raise HTTPError(403, "the path names another miner")
+
+
+async def fail_by_miner_path(call: Call) -> Response:
+    """Upstream's ``/v1/miners/{miner_id}/jobs/{job_id}/fail`` (always 500 there, §9)."""
+    _own_path(call)
+    return await fail(call)
+
+
+async def complete(call: Call) -> Response:
+    """Upstream's ``/v1/miners/{miner_id}/jobs/{job_id}/complete`` (500 after committing there,
+    §9): ``output`` is the result; a receipt the miner sends is ignored, the server signs its
+    own, as on ``/result``."""
+    _own_path(call)
+    return await _submit_result(call, call.path("job_id"), call.body["output"], {})
 
 
 _auth = {
@@ -353,5 +376,34 @@ ENDPOINTS = [
         role=Role.MINER,
         body="JobFailSubmit",
         responses=_r((200, ("the job is FAILED; the slot is free", "Ok")), *_result_errors),
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{miner_id}/jobs/{job_id}/fail",),
+        fail_by_miner_path,
+        "Report a job failure (upstream's secondary route)",
+        "miners",
+        role=Role.MINER,
+        body="JobFailSubmit",
+        responses=_r(
+            (200, ("the job is FAILED; the slot is free", "Ok")),
+            *_result_errors,
+            (403, ("the path names another miner", "Error")),
+        ),
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{miner_id}/jobs/{job_id}/complete",),
+        complete,
+        "Complete a job (upstream's secondary route; output is the result)",
+        "miners",
+        role=Role.MINER,
+        body="JobComplete",
+        responses=_r(
+            (200, ("accepted; the signed receipt", "ResultAccepted")),
+            *_result_errors,
+            (403, ("the path names another miner", "Error")),
+        ),
+        description="A receipt in the body is ignored: the coordinator signs its own.",
     ),
 ]

@@ -426,6 +426,11 @@ SCHEMAS: dict[str, Schema] = {
             "receipt": {"oneOf": [{"$ref": "#/components/schemas/Receipt"}, {"type": "null"}]},
         },
     },
+    "JobComplete": {
+        "type": "object",
+        "required": ["output"],
+        "properties": {"output": _obj, "receipt": _obj},
+    },
     "JobFailSubmit": {
         "type": "object",
         "required": ["error_code", "error_message"],

@@ -424,6 +424,38 @@ async def test_a_retryable_failure_queues_the_job_again(api: Api) -> None:
     assert got["error"] == "max attempts reached (3): OOM: out of memory"
 
 
+async def test_upstream_secondary_fail_and_complete_routes_work(api: Api) -> None:
+    """§9 [bug] upstream's /v1/miners/{m}/jobs/{j}/fail always answered 500 and /complete 500
+    after committing. Here they do what /fail and /result do, for the miner the path names
+    (another miner's name is 403); /complete's output is the result, and a receipt the miner
+    sends is ignored: the coordinator signs its own."""
+    job = await started(api)
+    path = f"/v1/miners/m1/jobs/{job['job_id']}/complete"
+    body = {"output": {"text": "done"}, "receipt": {"forged": True}}
+    r = await api.http.post(
+        f"/v1/miners/m2/jobs/{job['job_id']}/complete", json=body, headers=miner_headers("m1")
+    )
+    assert r.status_code == 403
+    r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+    assert r.status_code == 200, r.text
+    receipt = r.json()["receipt"]
+    assert verify_receipt(receipt) == []
+    assert "forged" not in receipt
+    assert receipt["metadata"]["result"] == {"text": "done"}
+    assert (await api.job(job["job_id"]))["state"] == "COMPLETED"
+    r = await api.http.post(path, json=body, headers=miner_headers("m1"))  # a retry: same
+    assert r.json()["receipt"] == receipt
+    second = await api.submit()
+    assert (await api.poll()).json()["job_id"] == second["job_id"]
+    fail = {"error_code": "E1", "error_message": "boom"}
+    r = await api.http.post(
+        f"/v1/miners/m1/jobs/{second['job_id']}/fail", json=fail, headers=miner_headers("m1")
+    )
+    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    got = await api.job(second["job_id"])
+    assert (got["state"], got["error"]) == ("FAILED", "boom")
+
+
 async def test_result_after_cancel_is_409(api: Api) -> None:
     """51 [fix]: cancel while RUNNING, then result -> 409; the job stays CANCELED."""
     job = await started(api)
