@@ -239,6 +239,8 @@ async def _fail(
 
 
 async def fail(call: Call) -> Response:
+    if "miner_id" in call.request.path_params:  # upstream's /v1/miners/{m}/jobs/{j}/fail
+        _own_path(call)
     body = call.body
     await _fail(
         call,
@@ -254,12 +256,6 @@ def _own_path(call: Call) -> None:
     """The upstream routes that name the miner in the path: only that miner may use them."""
     if call.path("miner_id") != miner_id_for(call):
         raise HTTPError(403, "the path names another miner")
-
-
-async def fail_by_miner_path(call: Call) -> Response:
-    """Upstream's ``/v1/miners/{miner_id}/jobs/{job_id}/fail`` (always 500 there, §9)."""
-    _own_path(call)
-    return await fail(call)
 
 
 async def complete(call: Call) -> Response:
@@ -369,26 +365,17 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
-        ("/v1/miners/{job_id}/fail",),
+        # The second path is upstream's secondary route (always 500 there, §9).
+        ("/v1/miners/{job_id}/fail", "/v1/miners/{miner_id}/jobs/{job_id}/fail"),
         fail,
         "Report a job failure",
-        "miners",
-        role=Role.MINER,
-        body="JobFailSubmit",
-        responses=_r((200, ("the job is FAILED; the slot is free", "Ok")), *_result_errors),
-    ),
-    Endpoint(
-        "POST",
-        ("/v1/miners/{miner_id}/jobs/{job_id}/fail",),
-        fail_by_miner_path,
-        "Report a job failure (upstream's secondary route)",
         "miners",
         role=Role.MINER,
         body="JobFailSubmit",
         responses=_r(
             (200, ("the job is FAILED; the slot is free", "Ok")),
             *_result_errors,
-            (403, ("the path names another miner", "Error")),
+            (403, ("another role's key, or the path names another miner", "Error")),
         ),
     ),
     Endpoint(
