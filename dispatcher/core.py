@@ -758,7 +758,8 @@ class Scheduler:
         doubling with each refusal of this job by this miner (protocol.md: repeated rejects
         lower the miner's priority for the job)."""
         _, count = job.rejected_by.get(miner_id, _NOT_PAUSED)
-        pause = min(self.config.reject_pause * 2.0**count, self.config.reject_pause_max)
+        # The exponent is capped: a float power past 2**1023 raises OverflowError.
+        pause = min(self.config.reject_pause * 2.0 ** min(count, 32), self.config.reject_pause_max)
         job.rejected_by[miner_id] = (now + pause, count + 1)
 
     @staticmethod

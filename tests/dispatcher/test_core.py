@@ -309,6 +309,23 @@ def test_a_refusing_miner_is_offered_the_job_again_after_a_growing_pause() -> No
     assert job.failures == 0  # none was charged
 
 
+def test_a_miner_may_refuse_a_job_any_number_of_times() -> None:
+    """The pause stays at its cap however often one miner refuses one job (a week-long TTL
+    allows thousands of refusals at a 5-minute pause; the doubling must not overflow)."""
+    s = make(reject_pause=5.0, reject_pause_max=300.0, max_ttl=7 * 86400.0)
+    connect(s, "m1")
+    submit(s, "j1", ttl_seconds=7 * 86400.0)
+    now = 0.0
+    for n in range(1, 1100):
+        s.reject("m1", "j1", "busy", now, attempt=n)
+        pause = min(5.0 * 2.0 ** min(n - 1, 10), 300.0)
+        assert assigns(s.tick(now + pause)) == [("m1", "j1", n + 1)]
+        now += pause
+    job = s.job("j1")
+    assert job is not None
+    assert job.rejected_by["m1"] == (now, 1099)
+
+
 def test_a_pause_ending_while_another_miner_runs_the_job_changes_nothing() -> None:
     """The re-offer only applies to a job still queued under the same queue entry."""
     s = make(reject_pause=5.0)
