@@ -27,6 +27,7 @@ __all__ = ["ENDPOINTS", "owned_job"]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
 STATES = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
+MAX_JOB_PAGE = 500  # GET /v1/jobs: the largest page
 
 
 async def owned_job(call: Call, job_id: str) -> JobRecord:
@@ -87,7 +88,9 @@ async def list_jobs(call: Call) -> Response:
         state = str(state).upper()
         if state not in STATES:
             raise HTTPError(422, f"query parameter status must be one of {', '.join(STATES)}")
-    limit, offset = q["limit"], q["offset"]
+    # Upstream has no cap on limit and the CLI passes the user's through: a larger one is
+    # read as the largest page rather than refused.
+    limit, offset = min(q["limit"], MAX_JOB_PAGE), q["offset"]
     items, total = await call.core.store.list_jobs(
         JobQuery(
             client_id=call.caller_id,
@@ -178,7 +181,13 @@ ENDPOINTS = [
         "jobs",
         role=Role.CLIENT,
         query=(
-            *page_params(default=20),
+            Param(
+                "limit",
+                {"type": "integer", "minimum": 1, "default": 20},
+                f"page size; above {MAX_JOB_PAGE} it is read as {MAX_JOB_PAGE} (the answer's "
+                "limit says so)",
+            ),
+            page_params(default=20)[1],
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
             Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
         ),

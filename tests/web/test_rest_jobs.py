@@ -199,6 +199,17 @@ async def test_list_jobs_by_job_type_and_the_seed_doc_aliases(api: Api) -> None:
     assert alias.json() == (await api.http.get(f"/v1{path}", headers=headers)).json()
 
 
+async def test_a_job_page_larger_than_the_cap_is_read_as_the_cap(api: Api) -> None:
+    """Upstream has no cap on limit, and the CLI passes the user's --limit through: a larger
+    one gets the largest page (500), and the answer's limit says so; below 1 is still 422."""
+    job = await api.submit()
+    headers = {"X-Api-Key": CLIENT_KEY}
+    r = await api.http.get("/v1/jobs?limit=1000000", headers=headers)
+    assert r.status_code == 200, r.text
+    assert (r.json()["limit"], [j["job_id"] for j in r.json()["items"]]) == (500, [job["job_id"]])
+    assert (await api.http.get("/v1/jobs?limit=0", headers=headers)).status_code == 422
+
+
 async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
     """14: status=queued returns only QUEUED jobs."""
     queued = await api.submit()
