@@ -204,8 +204,11 @@ CONSTRAINTS: Schema = {
         "models": {"type": "array", "items": {**_str, "maxLength": 256}, "maxItems": 256},
         "region": {**_str, "maxLength": 128},
         "max_price": {**_num, "minimum": 0},
-        "min_reputation": {**_num},
-        "bond_required": {"type": "boolean"},
+        "min_reputation": {**_num, "description": "accepted, not enforced (no reputation yet)"},
+        "bond_required": {
+            "type": "boolean",
+            "description": "accepted, not enforced (no miner bonds yet)",
+        },
     },
 }
 
