@@ -216,3 +216,24 @@ def test_tail_runs_through_each_checkpoint_mode(tmp_path: Path, mode: str) -> No
     assert 0 < p50 <= p99 <= p999 <= top
     assert second.startswith("at or above p99 (s:ms): ")
     assert len(second.split()) >= 6  # the p99 job at least
+
+
+def test_tail_runs_through_the_commit_stall_report(tmp_path: Path) -> None:
+    """``bench.tail`` through ``bench/commit_stalls.py``: the server's exit writes the report of
+    held-round waits, slow commits and checkpoint rounds."""
+    out = tmp_path / "stalls.txt"
+    env = {
+        **os.environ,
+        "STALLS_OUT": str(out),
+        "BENCH_SERVER_SCRIPT": str(ROOT / "bench" / "commit_stalls.py"),
+    }
+    cmd = [sys.executable, "-m", "bench.tail", "--jobs", "60"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=25, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    held, slow, rounds = out.read_text().splitlines()
+    number_list = r"(none|[\d.]+( [\d.]+)*)"
+    assert re.fullmatch(
+        rf"commits that waited for a held checkpoint round \(ms\): {number_list}", held
+    )
+    assert re.fullmatch(rf"other commits over 5 ms \(ms\): {number_list}", slow)
+    assert re.fullmatch(r"checkpoint rounds: \d+, longest [\d.]+ ms", rounds), rounds
