@@ -13,8 +13,6 @@ round counts, and so does time the event-loop thread spent blocked in the kernel
 
 from __future__ import annotations
 
-import atexit
-import os
 import runpy
 import sys
 import time
@@ -24,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.exit_report import write_at_exit  # noqa: E402
 from storage.sql import DatabasesJobStore  # noqa: E402
 
 SLOW_MS = 5.0
@@ -67,16 +66,8 @@ def report() -> str:
     )
 
 
-def _write_report() -> None:
-    out = os.environ.get("STALLS_OUT")
-    if out:
-        Path(out).write_text(report())
-    else:
-        sys.stderr.write(report())
-
-
 if __name__ == "__main__":
     patch()
-    atexit.register(_write_report)
+    write_at_exit(report, "STALLS_OUT")
     sys.argv[0] = "web.cli"
     runpy.run_module("web.cli", run_name="__main__")

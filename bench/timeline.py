@@ -25,12 +25,10 @@ cost a few microseconds each, so the figures are a shape, not a measurement to q
 
 from __future__ import annotations
 
-import atexit
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dispatcher.core as core_module
@@ -40,6 +38,7 @@ import web.connection as connection_module
 import web.http as http_module
 import web.http_protocol as http_protocol_module
 import web.transport as transport_module
+from bench.exit_report import write_at_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -233,20 +232,12 @@ def _tail(jobs: list[dict[str, int]]) -> list[str]:
     return lines
 
 
-def _write_report() -> None:
-    out = os.environ.get("BENCH_TIMELINE_OUT")
-    if out:
-        Path(out).write_text(report())
-    else:
-        sys.stderr.write(report())
-
-
 def main() -> None:
     if REST:
         _install_rest()
     else:
         _install_socket()
-    atexit.register(_write_report)  # the harness stops the server with SIGTERM: a clean exit
+    write_at_exit(report, "BENCH_TIMELINE_OUT")
     from web.cli import main as serve
 
     sys.argv[0] = "aitbc-coordinator"
