@@ -764,11 +764,8 @@ class Scheduler:
 
     @staticmethod
     def _paused(job: Job, now: float) -> set[str]:
-        """The miners ``job`` is not offered to at ``now``."""
-        rejected = job.rejected_by
-        if not rejected:
-            return _NOBODY
-        return {m for m, (until, _) in rejected.items() if until > now}
+        """The miners ``job`` is not offered to at ``now`` (some miner refused it)."""
+        return {m for m, (until, _) in job.rejected_by.items() if until > now}
 
     def _arm_reoffer(self, job: Job, now: float) -> None:
         """A job some miner refused went into the queue: dispatch it again when the first
@@ -780,10 +777,11 @@ class Scheduler:
     def _dispatch(self, job: Job, now: float) -> None:
         """A job became queued: hand it to the idle matching miner that waited longest."""
         assert isinstance(job.needs, JobNeeds)
-        miner_id = self._idle.pick(job.needs, self._paused(job, now))
+        refused = job.rejected_by  # empty for nearly every job: no set to build
+        miner_id = self._idle.pick(job.needs, self._paused(job, now) if refused else _NOBODY)
         if miner_id is None:
             self._push(job)
-            if job.rejected_by:
+            if refused:
                 self._arm_reoffer(job, now)
         else:
             self._assign(job, self.miners[miner_id], now)

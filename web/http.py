@@ -128,10 +128,20 @@ class Param:
     where: str = "query"
 
 
-def page_params(*, default: int, maximum: int = 500) -> tuple[Param, Param]:
-    """The ``limit`` and ``offset`` query parameters of a paged list."""
+def page_params(*, default: int, maximum: int = 500, clamp: bool = False) -> tuple[Param, Param]:
+    """The ``limit`` and ``offset`` query parameters of a paged list. ``clamp``: a larger
+    ``limit`` is not refused, the handler reads it as ``maximum``."""
+    limit: dict[str, Any] = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": maximum,
+        "default": default,
+    }
+    if clamp:
+        del limit["maximum"]
+    said = f"page size; above {maximum} it is read as {maximum} (the answer's limit says so)"
     return (
-        Param("limit", {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}),
+        Param("limit", limit, said if clamp else ""),
         Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
     )
 

@@ -53,14 +53,24 @@ async def _avg_duration_ms(call: Call) -> float:
     return round(1000 * sum(spans) / len(spans), 3) if spans else 0.0
 
 
-async def stats(call: Call) -> Response:
+def _overview(call: Call) -> tuple[dict[str, int], int, int]:
+    """Committed job counts by state (the non-zero ones), and the miners known and online."""
     counts = {state: n for state, n in call.core.dispatcher.job_counts.by_state.items() if n}
     miners = call.core.dispatcher.rest_miners()
+    return counts, len(miners), sum(1 for m in miners if m.online)
+
+
+def _active(counts: dict[str, int]) -> int:
+    return counts.get("QUEUED", 0) + counts.get("RUNNING", 0)
+
+
+async def stats(call: Call) -> Response:
+    counts, _, online = _overview(call)
     return json_response(
         {
             "total_jobs": sum(counts.values()),
-            "active_jobs": counts.get("QUEUED", 0) + counts.get("RUNNING", 0),
-            "online_miners": sum(1 for m in miners if m.online),
+            "active_jobs": _active(counts),
+            "online_miners": online,
             "avg_miner_job_duration_ms": await _avg_duration_ms(call),
             "jobs_by_state": counts,
         }
@@ -93,24 +103,21 @@ def _system(call: Call) -> JSONObject:
 
 async def status(call: Call) -> Response:
     """Upstream's intended ``/v1/admin/status`` (its own always answered an error, §9)."""
-    counts = call.core.dispatcher.job_counts.by_state
-    miners = call.core.dispatcher.rest_miners()
-    online = sum(1 for m in miners if m.online)
-    queued = counts.get("QUEUED", 0)
+    counts, known, online = _overview(call)
     # Degraded: work waits and no miner is online to take it.
-    healthy = not (queued and not online)
+    healthy = not (counts.get("QUEUED") and not online)
     return json_response(
         {
             "jobs": {
                 "total": sum(counts.values()),
-                "active": queued + counts.get("RUNNING", 0),
+                "active": _active(counts),
                 "completed": counts.get("COMPLETED", 0),
                 "failed": counts.get("FAILED", 0),
             },
             "miners": {
-                "total": len(miners),
+                "total": known,
                 "online": online,
-                "offline": len(miners) - online,
+                "offline": known - online,
                 "avg_job_duration_ms": await _avg_duration_ms(call),
             },
             "system": _system(call),

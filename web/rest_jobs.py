@@ -181,13 +181,7 @@ ENDPOINTS = [
         "jobs",
         role=Role.CLIENT,
         query=(
-            Param(
-                "limit",
-                {"type": "integer", "minimum": 1, "default": 20},
-                f"page size; above {MAX_JOB_PAGE} it is read as {MAX_JOB_PAGE} (the answer's "
-                "limit says so)",
-            ),
-            page_params(default=20)[1],
+            *page_params(default=20, maximum=MAX_JOB_PAGE, clamp=True),
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
             Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
         ),

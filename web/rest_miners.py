@@ -177,6 +177,13 @@ async def _job_state(call: Call, job_id: str) -> str:
     return rec.state
 
 
+def _not_held(state: str) -> HTTPError:
+    """The 409 for a result or failure from a miner that does not hold the job."""
+    return HTTPError(
+        409, f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
+    )
+
+
 async def _submit_result(
     call: Call, job_id: str, result: JSONObject, metrics: JSONObject
 ) -> Response:
@@ -198,24 +205,25 @@ async def _submit_result(
             raise HTTPError(409, "job is not assigned to this miner") from None
         return json_response({"status": "ok", "receipt": receipt})
     except NotAssigned:
-        state = await _job_state(call, job_id)
-        detail = f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
-        raise HTTPError(409, detail) from None
+        raise _not_held(await _job_state(call, job_id)) from None
     return json_response({"status": "ok", "receipt": rec.receipt})
 
 
-async def result_by_path(call: Call) -> Response:
+async def _submit_body(call: Call, job_id: str) -> Response:
+    """A ``JobResultSubmit`` body's result for ``job_id``."""
     body = call.body
-    return await _submit_result(
-        call, call.path("job_id"), body["result"], body.get("metrics") or {}
-    )
+    return await _submit_result(call, job_id, body["result"], body.get("metrics") or {})
+
+
+async def result_by_path(call: Call) -> Response:
+    return await _submit_body(call, call.path("job_id"))
 
 
 async def result_by_body(call: Call) -> Response:
     job_id = call.body.get("job_id")
     if not isinstance(job_id, str) or not job_id:
         raise HTTPError(422, "body.job_id is required")
-    return await _submit_result(call, job_id, call.body["result"], call.body.get("metrics") or {})
+    return await _submit_body(call, job_id)
 
 
 async def _fail(
@@ -232,10 +240,7 @@ async def _fail(
             raise HTTPError(404, "job not found") from None
         if rec.state == "FAILED" and rec.miner_id == miner_id and rec.error == message:
             return
-        detail = (
-            f"job is {rec.state}" if rec.state in TERMINAL else "job is not assigned to this miner"
-        )
-        raise HTTPError(409, detail) from None
+        raise _not_held(rec.state) from None
 
 
 async def fail(call: Call) -> Response:
