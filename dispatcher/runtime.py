@@ -631,10 +631,18 @@ class Dispatcher:
 
     def _bind(self, miner_id: str, key_hash: str) -> None:
         """A miner id belongs to the key that first used it (NotAllowed for any other)."""
+        self.check_key(miner_id, key_hash)
+        self._bindings[miner_id] = key_hash
+
+    def check_key(self, miner_id: str, key_hash: str) -> None:
+        """Raise NotAllowed when ``miner_id`` is bound to a key other than ``key_hash``.
+
+        Every REST miner call names its miner (``X-Miner-ID``): without this check another
+        miner key could poll that miner's jobs or report results for them.
+        """
         bound = self._bindings.get(miner_id)
         if bound is not None and bound != key_hash:
             raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
-        self._bindings[miner_id] = key_hash
 
     def miner_gone(self, miner_id: str, session_id: str) -> None:
         if self._sinks.get(session_id) is not None:

@@ -48,14 +48,18 @@ CONSTRAINT_DEFAULTS: dict[str, Any] = {
 
 
 def miner_id_for(call: Call) -> str:
-    """``X-Miner-ID`` when sent, else a stable id derived from the key (never the key)."""
-    assert call.principal is not None
+    """``X-Miner-ID`` when sent, else a stable id derived from the key (never the key).
+
+    An id bound to another key (its first user's) is refused with 403 on every route.
+    """
+    principal = call.principal
+    assert principal is not None
     given = call.request.headers.get("x-miner-id", "").strip()
-    if given:
-        if len(given) > 128:
-            raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
-        return given
-    return f"miner-{call.principal.key_hash[:12]}"
+    if len(given) > 128:
+        raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
+    miner_id = given or f"miner-{principal.key_hash[:12]}"
+    call.core.dispatcher.check_key(miner_id, principal.key_hash)
+    return miner_id
 
 
 def poll_deadline(max_wait: float, cap: float) -> float:

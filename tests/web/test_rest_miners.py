@@ -104,6 +104,31 @@ async def test_miner_id_bound_to_first_key(api: Api) -> None:
     assert r.status_code == 403
 
 
+async def test_miner_id_of_another_key_refused_on_every_route(api: Api) -> None:
+    """The binding holds beyond register: another key naming m1 cannot heartbeat, poll (take
+    m1's jobs), report results or failures for it; the real m1 still can."""
+    await api.register("m1")
+    job = await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    other = miner_headers("m1", MINER_KEY_2)
+    job_id = job["job_id"]
+    calls = [
+        ("/v1/miners/heartbeat", {}),
+        ("/v1/miners/poll", {"max_wait_seconds": 1}),
+        (f"/v1/miners/{job_id}/result", {"result": {"output": "forged"}}),
+        (f"/v1/miners/{job_id}/fail", {"error_code": "x", "error_message": "forged"}),
+        ("/v1/miner/result", {"job_id": job_id, "result": {"output": "forged"}}),
+    ]
+    for path, body in calls:
+        r = await api.http.post(path, json=body, headers=other)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "bound to another key" in r.json()["detail"]
+    assert (await api.job(job_id))["state"] == "RUNNING"
+    r = await api.result(job_id, "m1")
+    assert r.status_code == 200
+    assert r.json()["receipt"]["provider"] == "m1"
+
+
 # ---- polling and assignment (22-33) -------------------------------------------------------
 
 
