@@ -391,6 +391,22 @@ class Scheduler:
         self._changed_miners.add(miner_id)
         return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()
 
+    def leave(self, miner_id: str, now: float) -> list[Effect]:
+        """A connected miner deregistered: it is forgotten, and the jobs it held go back to the
+        queue at once, as on a restart (a started attempt counts against the job).
+
+        Raises UnknownMiner unless the miner is connected.
+        """
+        miner = self._miner(miner_id)
+        miner.connected = False  # first, so that no job it gives back returns to it
+        miner.polls = 0
+        self._idle.discard(miner_id)
+        for job_id in list(miner.jobs):
+            job = self.jobs[job_id]
+            self._requeue(job, now, "miner deregistered", charged=job.accepted)
+        self._drop_miner(miner)
+        return self._take()
+
     def disconnect(self, miner_id: str, session_id: str, now: float) -> list[Effect]:
         """The socket of ``session_id`` closed. Started jobs wait ``resume_grace``."""
         miner = self.miners.get(miner_id)

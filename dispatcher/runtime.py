@@ -717,13 +717,18 @@ class Dispatcher:
         capabilities: JSONObject,
         concurrency: int,
         region: str | None,
+        update: bool = False,
     ) -> None:
         """Register (or re-register) a polling miner; returns once it is durable.
 
         The id is bound to the key that first used it (NotAllowed otherwise). Re-registering
-        is a restart: jobs the miner held go back to the queue.
+        is a restart: jobs the miner held go back to the queue. ``update=True`` (``PUT
+        …/capabilities``) changes a registered miner in place instead: it keeps its jobs
+        (UnknownMiner when it is not registered).
         """
         self._check_open()
+        if update:
+            self._rest_miner(miner_id)
         self._bind(miner_id, key_hash)
         now = self.clock.now()
         record = MinerRecord(
@@ -737,7 +742,39 @@ class Dispatcher:
         )
         self._rest_seen[miner_id] = now
         self._writes.miners[miner_id] = record
-        self._rest_connect(record, resume=False)
+        self._rest_connect(record, resume=update)
+        await self._until_committed(self._commit_then)
+
+    async def rest_deregister(self, miner_id: str) -> None:
+        """Remove a polling miner (``DELETE /v1/miners/{id}``); returns once it is durable.
+
+        The jobs it held go back to the queue (a started attempt is charged, as when a miner
+        re-registers), its waiting polls end empty, and later calls get UnknownMiner until it
+        registers again. The id stays bound to its key. Raises UnknownMiner unless ``miner_id``
+        is a registered REST miner.
+        """
+        self._check_open()
+        sink = self._rest_miner(miner_id)
+        miner = self.scheduler.miners[miner_id]
+        self._writes.miners[miner_id] = MinerRecord(  # no session: not restored at start-up
+            miner_id=miner_id,
+            key_hash=self._bindings[miner_id],
+            session_id=None,
+            capabilities=miner.capabilities,
+            concurrency=miner.concurrency,
+            region=miner.region,
+            last_seen=self.clock.now(),
+        )
+        del self._sinks[REST_SESSION_PREFIX + miner_id]
+        self._rest_seen.pop(miner_id, None)
+        self._apply(self.scheduler.leave(miner_id, self.clock.now()))
+        waiters = list(sink.waiters)
+
+        def end_polls() -> None:
+            for waiter in waiters:
+                waiter.done.set()
+
+        self.after_commit(end_polls)
         await self._until_committed(self._commit_then)
 
     async def barrier(self) -> None:

@@ -71,19 +71,55 @@ def poll_deadline(max_wait: float, cap: float) -> float:
     return max(0.0, min(float(max_wait) - 1.0, cap))
 
 
-async def register(call: Call) -> Response:
+async def _register(call: Call, miner_id: str, *, update: bool = False) -> None:
+    """Register ``miner_id`` from a ``MinerRegister`` body (``update``: keep its jobs)."""
     assert call.principal is not None
     body = call.body
-    miner_id = miner_id_for(call)
     region = body.get("region")
-    await call.core.dispatcher.rest_register(
-        miner_id=miner_id,
-        key_hash=call.principal.key_hash,
-        capabilities=body["capabilities"],
-        concurrency=body.get("concurrency") or 1,
-        region=None if region is None else str(region),
-    )
+    try:
+        await call.core.dispatcher.rest_register(
+            miner_id=miner_id,
+            key_hash=call.principal.key_hash,
+            capabilities=body["capabilities"],
+            concurrency=body.get("concurrency") or 1,
+            region=None if region is None else str(region),
+            update=update,
+        )
+    except UnknownMiner:
+        raise HTTPError(404, "miner not registered") from None
+
+
+async def register(call: Call) -> Response:
+    miner_id = miner_id_for(call)
+    await _register(call, miner_id)
     return json_response({"status": "ok", "session_token": uuid.uuid4().hex, "miner_id": miner_id})
+
+
+async def update_capabilities(call: Call) -> Response:
+    """Upstream's ``PUT /v1/miners/{miner_id}/capabilities`` (it re-registered the caller,
+    whatever the path said, §9): the miner the path names, only by itself, keeping its jobs."""
+    miner_id = _own_path(call)
+    await _register(call, miner_id, update=True)
+    return json_response(
+        {
+            "miner_id": miner_id,
+            "status": "updated",
+            "capabilities": call.body["capabilities"],
+            "session_token": uuid.uuid4().hex,
+        }
+    )
+
+
+async def deregister(call: Call) -> Response:
+    """Upstream's ``DELETE /v1/miners/{miner_id}`` (any miner key could deregister any miner,
+    and a deregistered miner could still poll, §9): only by itself; its jobs go back to the
+    queue and it must register again before it polls."""
+    miner_id = _own_path(call)
+    try:
+        await call.core.dispatcher.rest_deregister(miner_id)
+    except UnknownMiner:
+        raise HTTPError(404, "miner not registered") from None
+    return json_response({"miner_id": miner_id, "status": "deregistered"})
 
 
 def _registered(call: Call) -> str:
@@ -261,10 +297,12 @@ async def fail(call: Call) -> Response:
     return json_response({"status": "ok"})
 
 
-def _own_path(call: Call) -> None:
+def _own_path(call: Call) -> str:
     """The upstream routes that name the miner in the path: only that miner may use them."""
-    if call.path("miner_id") != miner_id_for(call):
+    miner_id = miner_id_for(call)
+    if call.path("miner_id") != miner_id:
         raise HTTPError(403, "the path names another miner")
+    return miner_id
 
 
 async def complete(call: Call) -> Response:
@@ -301,6 +339,8 @@ _POLL_DESCRIPTION = (
     "Long-poll: the server holds the request until a matching job is assigned to this miner, "
     "answering at the latest max(0, max_wait_seconds - 1) s (capped by MAX_POLL_WAIT_SECONDS)."
 )
+
+_own = (403, ("another role's key, or the path names another miner", "Error"))
 
 ENDPOINTS = [
     Endpoint(
@@ -384,7 +424,7 @@ ENDPOINTS = [
         responses=_r(
             (200, ("the job is FAILED; the slot is free", "Ok")),
             *_result_errors,
-            (403, ("another role's key, or the path names another miner", "Error")),
+            _own,
         ),
     ),
     Endpoint(
@@ -398,8 +438,37 @@ ENDPOINTS = [
         responses=_r(
             (200, ("accepted; the signed receipt", "ResultAccepted")),
             *_result_errors,
-            (403, ("the path names another miner", "Error")),
+            _own,
         ),
         description="A receipt in the body is ignored: the coordinator signs its own.",
+    ),
+    Endpoint(
+        "PUT",
+        ("/v1/miners/{miner_id}/capabilities",),
+        update_capabilities,
+        "Update a registered miner's capabilities",
+        "miners",
+        role=Role.MINER,
+        body="MinerRegister",
+        responses=_r(
+            (200, ("updated; the jobs it holds stay with it", "MinerUpdated")),
+            _unregistered,
+            (422, ("invalid body (capabilities is required)", "Error")),
+            _own,
+        ),
+        description="Only the miner the path names (X-Miner-ID, else the key's id) may call "
+        "it. Unlike POST /v1/miners/register, which restarts the miner, it keeps its jobs.",
+    ),
+    Endpoint(
+        "DELETE",
+        ("/v1/miners/{miner_id}",),
+        deregister,
+        "Deregister a polling miner",
+        "miners",
+        role=Role.MINER,
+        responses=_r((200, ("deregistered", "MinerDeregistered")), _unregistered, _own),
+        description="Only the miner the path names may call it. Its jobs go back to the "
+        "queue (a started attempt counts against the job), its waiting polls end with 204, "
+        "and it must register again before it polls. The id stays bound to its key.",
     ),
 ]

@@ -393,6 +393,21 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["status", "session_token"],
         "properties": {"status": {"const": "ok"}, "session_token": _str, "miner_id": _str},
     },
+    "MinerUpdated": {
+        "type": "object",
+        "required": ["miner_id", "status", "capabilities", "session_token"],
+        "properties": {
+            "miner_id": _str,
+            "status": {"const": "updated"},
+            "capabilities": _obj,
+            "session_token": _str,
+        },
+    },
+    "MinerDeregistered": {
+        "type": "object",
+        "required": ["miner_id", "status"],
+        "properties": {"miner_id": _str, "status": {"const": "deregistered"}},
+    },
     "MinerHeartbeat": {
         "type": "object",
         "description": "Extra keys are accepted and ignored; inflight is never trusted.",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from dispatcher.core import JobSpec, Scheduler, SchedulerConfig
 from dispatcher.effects import Assign, Effect, Persist
 from dispatcher.errors import UnknownMiner
@@ -253,3 +255,25 @@ def test_a_stale_lease_timer_does_nothing_after_the_job_moved_on() -> None:
     assert s.tick(1.0 + LEASE) == []
     job = s.jobs["a"]
     assert (job.state, job.miner_id, job.attempt) == ("RUNNING", "m2", 2)
+
+
+def test_leave_requeues_charged_and_forgets_the_miner() -> None:
+    """A deregistered miner's started job goes back to the queue with the attempt charged (as
+    on a restart), never back to the miner that left, even with a poll of it waiting."""
+    s = make()
+    register(s, "m1", concurrency=2)
+    register(s, "m2")
+    s.submit(spec("a"), 1.0)
+    assert assigns(s.poll("m1", 2.0)) == ["a"]
+    s.poll("m1", 2.5)  # m1's second slot waits: it must not get the job back
+    effects = s.leave("m1", 4.0)
+    assert (events(effects), assigns(effects)) == (["requeued"], [])
+    job = s.job("a")
+    assert job is not None
+    assert (job.state, job.failures) == ("QUEUED", 1)
+    assert "m1" not in s.miners
+    assert s.poll_cancel("m1")  # a poll still waiting on the web side withdraws quietly
+    assert assigns(s.poll("m2", 5.0)) == ["a"]
+    assert job.attempt == 2
+    with pytest.raises(UnknownMiner):
+        s.leave("m1", 5.0)

@@ -540,3 +540,99 @@ async def test_rest_miner_survives_a_restart(tmp_path: Path) -> None:
         assert (await api.result(job["job_id"])).status_code == 200
         nxt = await api.submit()
         assert (await api.poll()).json()["job_id"] == nxt["job_id"]
+
+
+# ---- upstream's secondary routes: PUT …/capabilities, DELETE (rest-api.md §2.3) ------------
+
+
+async def test_capabilities_update_keeps_the_running_job_and_matches_anew(api: Api) -> None:
+    """PUT …/capabilities changes the miner in place: the job it runs stays its own (unlike a
+    re-register, a restart), and jobs needing the new capability now reach it."""
+    job = await started(api)
+    caps = {"gpus": [{"name": "A100", "memory_gb": 80}]}
+    r = await api.http.put(
+        "/v1/miners/m1/capabilities",
+        json={"capabilities": caps, "concurrency": 2},
+        headers=miner_headers("m1"),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {k: body[k] for k in ("miner_id", "status", "capabilities")} == {
+        "miner_id": "m1",
+        "status": "updated",
+        "capabilities": caps,
+    }
+    assert body["session_token"]
+    got = await api.job(job["job_id"])
+    assert (got["state"], got["assigned_miner_id"]) == ("RUNNING", "m1")
+    gpu_job = await api.submit(constraints={"gpu": "A100"})
+    r = await api.poll("m1")  # concurrency 2: a second slot, for a job only an A100 can run
+    assert r.status_code == 200, r.text
+    assert r.json()["job_id"] == gpu_job["job_id"]
+    assert (await api.result(job["job_id"])).status_code == 200
+
+
+async def test_capabilities_update_refusals(api: Api) -> None:
+    await api.register("m1")
+    put = api.http.put
+    body = {"capabilities": {}}
+    r = await put("/v1/miners/m2/capabilities", json=body, headers=miner_headers("m1"))
+    assert r.status_code == 403  # the path names another miner
+    r = await put("/v1/miners/m2/capabilities", json=body, headers=miner_headers("m2"))
+    assert r.status_code == 404  # never registered: register first
+    r = await put("/v1/miners/m1/capabilities", json={}, headers=miner_headers("m1"))
+    assert r.status_code == 422
+
+
+async def test_deregister_requeues_its_job_and_stops_its_polls(api: Api) -> None:
+    """DELETE: the job goes to the next miner, the miner's late result is refused, its polls
+    are 404 until it registers again (upstream let a deregistered miner poll on)."""
+    job = await started(api)
+    r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"miner_id": "m1", "status": "deregistered"}
+    got = await api.job(job["job_id"])
+    assert (got["state"], got["assigned_miner_id"]) == ("QUEUED", None)
+    assert (await api.poll("m1")).status_code == 404
+    assert (await api.result(job["job_id"], "m1")).status_code in (404, 409)
+    assert (await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))).status_code == 404
+    await api.register("m2")
+    r = await api.poll("m2")
+    assert (r.json()["job_id"], r.json()["attempt"]) == (job["job_id"], 2)
+
+
+async def test_deregister_ends_a_waiting_poll(api: Api) -> None:
+    await api.register()
+    bg = Background()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bg.run, api.poll("m1", 20))
+            while api.core.dispatcher.scheduler.miners["m1"].polls == 0:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+            assert r.status_code == 200
+    assert bg.response is not None
+    assert bg.response.status_code == 204
+
+
+async def test_deregister_only_by_the_miner_itself(api: Api) -> None:
+    await api.register("m1")
+    await api.register("m2", key=MINER_KEY_2)
+    r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m2", MINER_KEY_2))
+    assert r.status_code == 403  # the path names another miner
+    r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1", MINER_KEY_2))
+    assert r.status_code == 403  # m1 is bound to another key
+    assert (await api.poll("m1")).status_code == 204  # still registered
+
+
+async def test_deregistered_miner_stays_gone_after_a_restart(tmp_path: Path) -> None:
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        await api.register("m1")
+        assert (
+            await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+        ).status_code == 200
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        assert (await api.poll("m1")).status_code == 404
+        assert (await api.register("m1", key=MINER_KEY_2)).status_code == 403  # still bound
+        assert (await api.register("m1")).status_code == 200
+        assert (await api.poll("m1")).status_code == 204
