@@ -151,7 +151,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if kind == "requeued":
             reason = data["reason"]
             charged = reason in ("miner lost", "e: m") or (
-                reason in ("miner restarted", "rejected: no") and prev.started_at is not None
+                reason in ("miner restarted", "miner deregistered", "rejected: no")
+                and prev.started_at is not None
             )
             assert rec.failures == prev.failures + charged, (reason, prev, rec)
             assert rec.failures < rec.max_attempts
@@ -406,6 +407,23 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert miner_id not in self.s.miners
             if unaccepted:  # dropped at once: a late resume of this session still learns it
                 self.lost[miner_id] = (session, [j for j, _ in unaccepted])
+
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        """A miner deregisters: everything it held goes back at once (a started attempt is
+        charged, as on a restart), never to itself, and it is forgotten."""
+        live = sorted(m for m, miner in self.s.miners.items() if miner.connected)
+        if not live:
+            return
+        miner_id = data.draw(st.sampled_from(live))
+        held = [(j, self.s.jobs[j].attempt) for j in self.s.miners[miner_id].jobs]
+        effects = self.s.leave(miner_id, self.now)
+        assert not [e for e in effects if isinstance(e, Assign) and e.miner_id == miner_id]
+        self.apply(effects)
+        self.check_released(held)
+        assert miner_id not in self.s.miners
+        self.belief[miner_id] = set()
+        event(f"leave: held={len(held)}")
 
     @rule(
         miner_id=st.sampled_from(MINERS),
