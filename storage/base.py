@@ -19,6 +19,7 @@ __all__ = [
     "LedgerEntry",
     "NonceRecord",
     "PaymentRecord",
+    "PaymentStats",
     "ReceiptRow",
     "SessionRecord",
     "Store",
@@ -103,6 +104,16 @@ class PaymentRecord:
     tx_hash: str | None = None
     tx_vout: int | None = None
     confirmations: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PaymentStats:
+    """Exchange payment figures (the public ``/v1/exchange/market-stats``)."""
+
+    total: int  # every payment ever requested, whatever its status
+    pending: int
+    confirmed_units: int  # AITBC (units of 1e-8) of the payments confirmed since the time asked
+    confirmed_sats: int  # and the satoshis they asked
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,6 +232,10 @@ class WalletStore(Protocol):
         """An account's entries, newest first, and how many it has."""
 
     async def get_payment(self, payment_id: str) -> PaymentRecord | None: ...
+
+    async def payment_stats(self, since: float) -> PaymentStats:
+        """How many payments there are and how many are pending; the AITBC and satoshis of
+        those confirmed at or after ``since`` (one pass over the payments)."""
 
 
 class Store(JobStore, WalletStore, Protocol):

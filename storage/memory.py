@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from storage.base import WalletSnapshot
+from storage.base import PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
@@ -271,3 +271,17 @@ class InMemoryJobStore:
     async def get_payment(self, payment_id: str) -> PaymentRecord | None:
         self._check_open()
         return self.payments.get(payment_id)
+
+    async def payment_stats(self, since: float) -> PaymentStats:
+        self._check_open()
+        recent = [
+            p
+            for p in self.payments.values()
+            if p.status == "confirmed" and p.confirmed_at is not None and p.confirmed_at >= since
+        ]
+        return PaymentStats(
+            total=len(self.payments),
+            pending=sum(1 for p in self.payments.values() if p.status == "pending"),
+            confirmed_units=sum(p.aitbc_units for p in recent),
+            confirmed_sats=sum(p.btc_sats for p in recent),
+        )

@@ -21,6 +21,7 @@ from databases import Database, DatabaseURL
 from protocol.codec import dumps, loads
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
+from storage.base import PaymentStats
 from storage.errors import Conflict, StorageError
 from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS
@@ -143,6 +144,15 @@ _UPSERT_MINER = (
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
+)
+# The exchange's public figures (/v1/exchange/market-stats), in one pass over the payments.
+_RECENTLY_CONFIRMED = "status = 'confirmed' AND confirmed_at >= :since"
+_PAYMENT_STATS = (
+    "SELECT COUNT(*) AS total, "
+    "COALESCE(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0) AS pending, "
+    f"COALESCE(SUM(CASE WHEN {_RECENTLY_CONFIRMED} THEN aitbc_units ELSE 0 END), 0) AS units, "
+    f"COALESCE(SUM(CASE WHEN {_RECENTLY_CONFIRMED} THEN btc_sats ELSE 0 END), 0) AS sats "
+    "FROM exchange_payments"
 )
 # The receipt a job's row names (``jobs.receipt_id``, migration 5): none or one.
 _JOB_RECEIPTS = (
@@ -809,3 +819,13 @@ class DatabasesJobStore:
             "SELECT * FROM exchange_payments WHERE payment_id = :p", {"p": payment_id}
         )
         return wallet_sql.payment(rows[0]._mapping) if rows else None
+
+    async def payment_stats(self, since: float) -> PaymentStats:
+        rows = await self._fetch(_PAYMENT_STATS, {"since": since})
+        m = rows[0]._mapping
+        return PaymentStats(
+            total=int(m["total"]),
+            pending=int(m["pending"]),
+            confirmed_units=int(m["units"]),
+            confirmed_sats=int(m["sats"]),
+        )

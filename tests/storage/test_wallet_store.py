@@ -175,6 +175,41 @@ async def test_uniqueness_conflicts_roll_the_batch_back(store: Store, second: Wr
     assert len(snap.users) == 1
 
 
+async def test_payment_stats_count_all_and_sum_the_recently_confirmed(store: Store) -> None:
+    """Totals count every payment; the sums take only those confirmed at or after ``since``
+    (a payment confirmed by a later batch counts from its confirmation)."""
+    empty = await store.payment_stats(T0)
+    assert (empty.total, empty.pending, empty.confirmed_units, empty.confirmed_sats) == (0, 0, 0, 0)
+    confirmed = {"status": "confirmed", "tx_vout": 0}
+    await store.commit(
+        WriteBatch(
+            payments={
+                "p1": payment("p1"),
+                "p2": payment("p2", status="expired"),
+                "old": payment("old", **confirmed, confirmed_at=T0 - 1, tx_hash="t0"),
+                "edge": payment(
+                    "edge", **confirmed, confirmed_at=T0, tx_hash="t1", aitbc_units=7, btc_sats=3
+                ),
+                "p3": payment("p3", aitbc_units=11, btc_sats=5),
+            }
+        )
+    )
+    await store.commit(
+        WriteBatch(
+            payments={
+                "p3": payment(
+                    "p3", **confirmed, confirmed_at=T0 + 9, tx_hash="t2", aitbc_units=11, btc_sats=5
+                )
+            }
+        )
+    )
+    stats = await store.payment_stats(T0)
+    assert (stats.total, stats.pending) == (5, 1)
+    assert (stats.confirmed_units, stats.confirmed_sats) == (7 + 11, 3 + 5)
+    later = await store.payment_stats(T0 + 10)
+    assert (later.total, later.pending, later.confirmed_units, later.confirmed_sats) == (5, 1, 0, 0)
+
+
 async def test_a_jobs_payment_is_written_once(store: Store) -> None:
     pay = {"payment_id": "p", "account": "client:c", "amount": 5, "currency": "AITBC"}
     rec = JobRecord("j1", "c", "QUEUED", {}, {}, 0, T0, T0 + 9, 0, 0, 3, 1, payment=pay)
