@@ -3,6 +3,7 @@
 ``POST /v1/exchange/create-payment`` takes ``aitbc_amount`` or ``btc_amount`` (or both, which
 must agree at ``BTC_TO_AITBC_RATE``) and answers with a receiving address; confirmation (by the
 Esplora watcher or ``POST /v1/admin/payments/{id}/confirm``) credits the payer once.
+``GET /v1/exchange/market-stats`` reports the configured price and the stored payments.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from starlette.responses import Response
 
     from storage.base import PaymentRecord
@@ -24,6 +27,7 @@ __all__ = ["ENDPOINTS", "payment_view"]
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _TXID = re.compile(r"^[0-9a-fA-F]{64}$")
+_DAY_SECONDS = 86400.0  # market-stats' "daily" window
 
 
 def payment_view(p: PaymentRecord) -> dict[str, Any]:
@@ -76,15 +80,39 @@ async def payment_status(call: Call) -> Response:
     return json_response(payment_view(record))
 
 
+def _aitbc_to_btc(rate: Decimal) -> str:
+    """The BTC price of one AITBC at ``rate`` (AITBC per BTC), to the satoshi."""
+    return format_units(round(10**8 / rate))
+
+
 async def rates(call: Call) -> Response:
     rate = call.core.exchange.rate
     return json_response(
         {
             "btc_to_aitbc": format_units(to_units(rate)),
-            "aitbc_to_btc": format_units(round(10**8 / rate)),
+            "aitbc_to_btc": _aitbc_to_btc(rate),
             "fee_percent": 0,
             "currency_pair": "BTC/AITBC",
             "configured": call.core.exchange.configured,
+        }
+    )
+
+
+async def market_stats(call: Call) -> Response:
+    """Upstream's market stats, from what this exchange knows: the price is the configured
+    rate, so there is no price history and no 24 h change (upstream hard-coded 5.2)."""
+    exchange = call.core.exchange
+    if not exchange.watched:
+        await exchange.expire_due()  # as payment-status: no watcher, expiry when someone looks
+    stats = await call.core.store.payment_stats(exchange.clock.now() - _DAY_SECONDS)
+    return json_response(
+        {
+            "price": _aitbc_to_btc(exchange.rate),
+            "price_change_24h": None,
+            "daily_volume": format_units(stats.confirmed_units),
+            "daily_volume_btc": format_units(stats.confirmed_sats),
+            "total_payments": stats.total,
+            "pending_payments": stats.pending,
         }
     )
 
@@ -136,6 +164,17 @@ ENDPOINTS = [
         "The BTC/AITBC rate (BTC_TO_AITBC_RATE)",
         "exchange",
         responses={200: ("rates as exact decimals", "Rates")},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/exchange/market-stats",),
+        market_stats,
+        "Price (BTC per AITBC) and the last 24 h of confirmed payments",
+        "exchange",
+        description="`price` is the configured rate (as `/v1/exchange/rates`' `aitbc_to_btc`), "
+        "so `price_change_24h` is null: there is no price history. `daily_volume` and "
+        "`daily_volume_btc` add up the payments confirmed in the last 24 hours.",
+        responses={200: ("price and payment figures (committed state)", "MarketStats")},
     ),
     Endpoint(
         "POST",

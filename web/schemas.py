@@ -192,6 +192,34 @@ WALLET_SCHEMAS: dict[str, Schema] = {
             "configured": {"type": "boolean"},
         },
     },
+    "MarketStats": {
+        "type": "object",
+        "required": [
+            "price",
+            "price_change_24h",
+            "daily_volume",
+            "daily_volume_btc",
+            "total_payments",
+            "pending_payments",
+        ],
+        "properties": {
+            "price": {**_amount, "description": "BTC per AITBC at BTC_TO_AITBC_RATE"},
+            "price_change_24h": {
+                "type": "null",
+                "description": "always null: the price is configured, there is no history",
+            },
+            "daily_volume": {
+                **_amount,
+                "description": "AITBC of the payments confirmed in the last 24 hours",
+            },
+            "daily_volume_btc": {**_amount, "description": "the BTC those payments asked"},
+            "total_payments": {
+                "type": "integer",
+                "description": "every payment requested (pending, confirmed or expired)",
+            },
+            "pending_payments": {"type": "integer"},
+        },
+    },
 }
 
 CONSTRAINTS: Schema = {

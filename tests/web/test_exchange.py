@@ -66,6 +66,54 @@ async def test_rates_are_public_and_exact(tmp_path: Path) -> None:
         assert r.json()["aitbc_to_btc"] == "0.00001000"
 
 
+async def market_stats(api: Api) -> dict[str, Any]:
+    r = await api.http.get("/v1/exchange/market-stats")  # public: no credential
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+async def test_market_stats_count_payments_and_the_last_days_volume(tmp_path: Path) -> None:
+    """Price from the configured rate, no invented 24 h change; volume = payments confirmed in
+    the last 24 h (AITBC and BTC, exact decimals); pending ones expire when stats are read."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, bitcoin_address=SHARED) as api:
+        assert await market_stats(api) == {
+            "price": "0.00001000",
+            "price_change_24h": None,
+            "daily_volume": "0.00000000",
+            "daily_volume_btc": "0.00000000",
+            "total_payments": 0,
+            "pending_payments": 0,
+        }
+        paid = (await create(api, aitbc_amount=10000)).json()["payment_id"]
+        await create(api, aitbc_amount=5)
+        clock.advance(1800)
+        await create(api, aitbc_amount="0.5")
+        r = await api.http.post(f"/v1/admin/payments/{paid}/confirm", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        stats = await market_stats(api)
+        assert (stats["total_payments"], stats["pending_payments"]) == (3, 2)
+        assert (stats["daily_volume"], stats["daily_volume_btc"]) == (
+            "10000.00000000",
+            "0.10000000",
+        )
+        clock.advance(1801)  # the 5 AITBC order is past its hour; the 0.5 one is not
+        stats = await market_stats(api)
+        assert (stats["total_payments"], stats["pending_payments"]) == (3, 1)
+        assert stats["daily_volume"] == "10000.00000000"
+        clock.advance(86400 - 1801)  # 24 h after the confirmation: still in the window
+        assert (await market_stats(api))["daily_volume"] == "10000.00000000"
+        clock.advance(1)
+        stats = await market_stats(api)
+        assert (stats["daily_volume"], stats["daily_volume_btc"]) == ("0.00000000", "0.00000000")
+        assert (stats["total_payments"], stats["pending_payments"]) == (3, 0)
+    async with running_api(tmp_path, btc_to_aitbc_rate="250000") as api:
+        stats = await market_stats(api)
+        assert (stats["price"], stats["price_change_24h"]) == ("0.00000400", None)
+        assert stats["total_payments"] == 3
+
+
 async def test_unconfigured_exchange_is_503(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
         r = await create(api, aitbc_amount=100)
