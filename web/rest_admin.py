@@ -4,6 +4,10 @@ Counts come from committed state (the store); miner liveness from the dispatcher
 shows only receipt ids, miner, status, billing and times: no job input, output or client
 identity, nor their hashes, is public (§9 "Data exposure"). The owner's
 ``/v1/jobs/{id}/receipts`` has the whole signed receipt.
+
+The debug routes never show a secret: a configured key appears only as the non-secret id the
+coordinator already uses for it (``<role>-<sha256(key)[:12]>``), and of the settings only
+harmless ones (no database URL, xpub or Esplora URL, which may carry credentials).
 """
 
 from __future__ import annotations
@@ -13,19 +17,25 @@ import resource
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from dispatcher.errors import NotAllowed
 from protocol.types import iso_time
 from storage.base import JobQuery
-from web.auth import Role
-from web.http import Call, Endpoint, Param, json_response, page_params
+from web.auth import Principal, Role, key_hash
+from web.http import Call, Endpoint, HTTPError, Param, json_response, page_params
 
 if TYPE_CHECKING:
     from starlette.responses import Response
 
     from protocol.types import JSONObject
 
-__all__ = ["ENDPOINTS", "public_receipt"]
+__all__ = ["ENDPOINTS", "TEST_MINER_ID", "public_receipt"]
 
 DURATION_SAMPLE = 1000  # completed jobs averaged for avg_miner_job_duration_ms
+TEST_MINER_ID = "debug-test-miner"
+# The key the test miner is bound to: none. A real key's hash is 64 hex digits, never this, so
+# no credential can register, poll or report as the test miner (it never takes a job) and no
+# real miner can ever be confused with it (its id stays refused to every key: 403).
+_TEST_MINER_KEY_HASH = "debug:no-key"
 PUBLIC_RECEIPT_FIELDS = (
     "version",
     "receipt_id",
@@ -162,6 +172,61 @@ async def miners(call: Call) -> Response:
     return json_response({"items": items})
 
 
+async def key_check(call: Call) -> Response:
+    """Upstream's only use of ADMIN_API_KEYS; here the role check in front of it did the work."""
+    assert call.principal is not None
+    return json_response(
+        {"status": "ok", "role": call.principal.role.value, "key_id": call.principal.id}
+    )
+
+
+def _key_ids(role: Role, keys: tuple[str, ...]) -> JSONObject:
+    """A key list masked: how many keys, and the id each is known by (never a key's text)."""
+    return {"count": len(keys), "ids": [Principal(role, key_hash(k)).id for k in keys]}
+
+
+async def debug_settings(call: Call) -> Response:
+    s = call.core.settings
+    return json_response(
+        {
+            "client_api_keys": _key_ids(Role.CLIENT, s.client_api_keys),
+            "miner_api_keys": _key_ids(Role.MINER, s.miner_api_keys),
+            "admin_api_keys": _key_ids(Role.ADMIN, s.admin_api_keys),
+            "receipt_key_id": call.core.signer.key_id,  # the public key's id, as published
+            "database": s.database_url.partition(":")[0],  # the kind only, never the URL
+            "environment": s.environment,
+            "job_ttl_seconds": s.job_ttl_seconds,
+            "heartbeat_interval_seconds": s.heartbeat_interval_seconds,
+            "heartbeat_timeout_seconds": s.heartbeat_timeout_seconds,
+            "max_attempts": s.max_attempts,
+            "billing": s.billing,
+            "exchange_configured": call.core.exchange.configured,
+        }
+    )
+
+
+async def create_test_miner(call: Call) -> Response:
+    """Register (again: refresh) the REST miner ``debug-test-miner``, as ``/v1/miners/register``
+    would; it is bound to no key, so it shows in the lists but never polls or takes a job."""
+    existed = TEST_MINER_ID in call.core.dispatcher.scheduler.miners
+    try:
+        await call.core.dispatcher.rest_register(
+            miner_id=TEST_MINER_ID,
+            key_hash=_TEST_MINER_KEY_HASH,
+            capabilities={
+                "gpus": [{"name": "debug-gpu", "memory_mb": 1024}],
+                "models": ["debug-model"],
+                "debug": True,
+            },
+            concurrency=1,
+            region=None,
+        )
+    except NotAllowed:
+        detail = f"miner id {TEST_MINER_ID!r} is held by a real miner (bound to its key)"
+        raise HTTPError(409, detail) from None
+    return json_response({"miner_id": TEST_MINER_ID, "status": "updated" if existed else "created"})
+
+
 def public_receipt(receipt: JSONObject) -> JSONObject:
     """Only ids, miner, status, billing and times: an allow-list, so a new receipt field is
     private until listed here (no payload, result, client, nor their hashes)."""
@@ -232,6 +297,44 @@ ENDPOINTS = [
         "admin",
         role=Role.ADMIN,
         responses={200: ("miners", "AdminMinerList"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/admin/test-key",),
+        key_check,
+        "Check an admin key",
+        "admin",
+        role=Role.ADMIN,
+        responses={200: ("the key is an admin key", "AdminKeyCheck"), **_auth},
+    ),
+    Endpoint(
+        "GET",
+        ("/v1/admin/debug-settings",),
+        debug_settings,
+        "Configured key lists (masked) and harmless settings",
+        "admin",
+        role=Role.ADMIN,
+        description="A key list is `{count, ids}`: each key's non-secret id "
+        "(`<role>-<sha256(key)[:12]>`, the client id or derived miner id it appears as "
+        "elsewhere), never any character of the key. No database URL, signing key, xpub or "
+        "Esplora URL.",
+        responses={200: ("masked keys and settings", "AdminDebugSettings"), **_auth},
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/admin/debug/create-test-miner",),
+        create_test_miner,
+        "Register (or refresh) the REST miner debug-test-miner",
+        "admin",
+        role=Role.ADMIN,
+        description="Registered as `POST /v1/miners/register` would, with fixed capabilities, "
+        "but bound to no key: no credential can poll or report as it (it never takes a job), "
+        "and any key that tries to register the id gets 403. No body.",
+        responses={
+            200: ("created, or updated when it existed", "TestMiner"),
+            409: ("a real miner already holds the id", "Error"),
+            **_auth,
+        },
     ),
     Endpoint(
         "GET",

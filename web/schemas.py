@@ -27,6 +27,19 @@ _amount = {
     "pattern": "^-?[0-9]+\\.[0-9]{8}$",
     "description": "exact decimal, 8 places",
 }
+# A configured key list as the admin debug settings show it: never a key's text.
+_key_ids = {
+    "type": "object",
+    "required": ["count", "ids"],
+    "properties": {
+        "count": {"type": "integer"},
+        "ids": {
+            "type": "array",
+            "items": _str,
+            "description": "each key's non-secret id, <role>-<sha256(key)[:12]>",
+        },
+    },
+}
 # A page of ledger transactions: the user's and an account's answers share it.
 _transaction_page = {
     "total": {"type": "integer"},
@@ -528,6 +541,41 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "mean run time of the newest 1000 completed jobs",
             },
             "jobs_by_state": _obj,
+        },
+    },
+    "AdminKeyCheck": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"const": "ok"},
+            "role": {"enum": ["admin"]},
+            "key_id": {**_str, "description": "admin-<sha256(key)[:12]>, never the key"},
+        },
+    },
+    "AdminDebugSettings": {
+        "type": "object",
+        "required": ["client_api_keys", "miner_api_keys", "admin_api_keys"],
+        "properties": {
+            "client_api_keys": _key_ids,
+            "miner_api_keys": _key_ids,
+            "admin_api_keys": _key_ids,
+            "receipt_key_id": {**_str, "description": "the receipt signing key's public id"},
+            "database": {**_str, "description": "the database kind (sqlite), not its URL"},
+            "environment": _str,
+            "job_ttl_seconds": _num,
+            "heartbeat_interval_seconds": _num,
+            "heartbeat_timeout_seconds": _num,
+            "max_attempts": {"type": "integer"},
+            "billing": {"type": "boolean"},
+            "exchange_configured": {"type": "boolean"},
+        },
+    },
+    "TestMiner": {
+        "type": "object",
+        "required": ["miner_id", "status"],
+        "properties": {
+            "miner_id": {"const": "debug-test-miner"},
+            "status": {"enum": ["created", "updated"]},
         },
     },
     "AdminJobList": {

@@ -1,4 +1,5 @@
-"""Admin stats/jobs/miners (rest-api.md §2.4, §8 item 60), explorer receipts (§2.7), OpenAPI."""
+"""Admin stats/jobs/miners and debug routes (rest-api.md §2.4, §8 item 60), explorer receipts
+(§2.7), OpenAPI."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, make_settings
+from tests.conftest import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    CLIENT_KEY_2,
+    MINER_KEY,
+    MINER_KEY_2,
+    SIGNING_SEED,
+    make_settings,
+)
 from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
 from web.app import create_app
+from web.auth import key_hash
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -113,6 +123,142 @@ async def test_admin_needs_the_admin_key(api: Api) -> None:
     """A client key on an admin route -> 403."""
     r = await api.http.get("/v1/admin/stats", headers={"X-Api-Key": CLIENT_KEY})
     assert r.status_code == 403
+
+
+DEBUG_ROUTES = [
+    ("GET", "/v1/admin/test-key"),
+    ("GET", "/v1/admin/debug-settings"),
+    ("POST", "/v1/admin/debug/create-test-miner"),
+]
+TEST_MINER = "debug-test-miner"
+
+
+@pytest.mark.parametrize(("method", "path"), DEBUG_ROUTES)
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, 401),
+        ({"X-Api-Key": "not-a-configured-key"}, 401),
+        ({"X-Api-Key": CLIENT_KEY}, 403),
+        ({"X-Api-Key": MINER_KEY}, 403),
+        ({"Authorization": f"Bearer {MINER_KEY}"}, 403),
+    ],
+    ids=["none", "unknown", "client", "miner", "miner-bearer"],
+)
+async def test_debug_routes_need_an_admin_key(
+    api: Api, method: str, path: str, headers: dict[str, str], code: int
+) -> None:
+    """Upstream's test-key answered 401 to any key not in ADMIN_API_KEYS: here the usual role
+    check, on all three debug routes (and a refused call creates no test miner)."""
+    r = await api.http.request(method, path, headers=headers)
+    assert r.status_code == code, r.text
+    assert set(r.json()) == {"detail"}
+    assert (await api.admin("/v1/admin/miners"))["items"] == []
+
+
+async def test_test_key_accepts_an_admin_key(api: Api) -> None:
+    for headers in ({"X-Api-Key": ADMIN_KEY}, {"Authorization": f"Bearer {ADMIN_KEY}"}):
+        r = await api.http.get("/v1/admin/test-key", headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "status": "ok",
+            "role": "admin",
+            "key_id": f"admin-{key_hash(ADMIN_KEY)[:12]}",
+        }
+        assert ADMIN_KEY not in r.text
+
+
+def key_id(role: str, key: str) -> str:
+    return f"{role}-{key_hash(key)[:12]}"
+
+
+async def test_debug_settings_masks_every_key_and_leaks_no_secret(tmp_path: Path) -> None:
+    """A key list is its count and the keys' ids (the id a client key's jobs carry); a few
+    harmless settings; no key, signing seed or database path appears anywhere in the body."""
+    second_admin = "admin-second-key-zzzzzzz"
+    async with running_api(
+        tmp_path,
+        admin_api_keys=(ADMIN_KEY, second_admin),
+        job_ttl_seconds=120.0,
+        heartbeat_interval_seconds=4.0,
+        heartbeat_timeout_seconds=12.0,
+        billing=True,
+        environment="staging",
+    ) as api:
+        r = await api.http.get("/v1/admin/debug-settings", headers={"X-Api-Key": second_admin})
+        assert r.status_code == 200, r.text
+        secrets = (CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, MINER_KEY_2, ADMIN_KEY, second_admin)
+        for secret in (*secrets, SIGNING_SEED, SIGNING_SEED.upper(), str(tmp_path)):
+            assert secret not in r.text, secret
+        body = r.json()
+        assert body.pop("client_api_keys") == {
+            "count": 2,
+            "ids": [key_id("client", CLIENT_KEY), key_id("client", CLIENT_KEY_2)],
+        }
+        assert body.pop("miner_api_keys") == {
+            "count": 2,
+            "ids": [key_id("miner", MINER_KEY), key_id("miner", MINER_KEY_2)],
+        }
+        assert body.pop("admin_api_keys") == {
+            "count": 2,
+            "ids": [key_id("admin", ADMIN_KEY), key_id("admin", second_admin)],
+        }
+        await api.submit()  # the id shown for CLIENT_KEY is the client id its jobs carry
+        [job] = (await api.admin("/v1/admin/jobs"))["items"]
+        assert job["client_id"] == key_id("client", CLIENT_KEY)
+        published = (await api.http.get("/v1/receipts/signing-keys")).text
+        assert body.pop("receipt_key_id") in published
+        assert body == {
+            "database": "sqlite",
+            "environment": "staging",
+            "job_ttl_seconds": 120.0,
+            "heartbeat_interval_seconds": 4.0,
+            "heartbeat_timeout_seconds": 12.0,
+            "max_attempts": 3,
+            "billing": True,
+            "exchange_configured": False,
+        }
+
+
+async def test_create_test_miner_registers_then_refreshes_bound_to_no_key(tmp_path: Path) -> None:
+    """Registered as /v1/miners/register would (listed, online, stored); again: "updated",
+    also after a restart. Bound to no configured key: no miner key can register it or act
+    for it (403), so a real miner is never confused with it."""
+    create = "/v1/admin/debug/create-test-miner"
+    admin = {"X-Api-Key": ADMIN_KEY}
+    async with running_api(tmp_path) as api:
+        r = await api.http.post(create, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"miner_id": TEST_MINER, "status": "created"}
+        [listed] = (await api.admin("/v1/admin/miners"))["items"]
+        assert (listed["miner_id"], listed["status"], listed["transport"]) == (
+            TEST_MINER,
+            "ONLINE",
+            "rest",
+        )
+        [stored] = (await api.core.store.load_active())[1]
+        assert stored.miner_id == TEST_MINER
+        assert stored.capabilities["gpus"]
+        keys = (CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, MINER_KEY_2, ADMIN_KEY)
+        assert stored.key_hash not in {key_hash(k) for k in keys}
+        r = await api.http.post(create, headers=admin, json={"ignored": True})
+        assert r.json() == {"miner_id": TEST_MINER, "status": "updated"}
+        for key in (MINER_KEY, MINER_KEY_2):
+            assert (await api.register(TEST_MINER, key=key)).status_code == 403
+            assert (await api.poll(TEST_MINER, key=key)).status_code == 403
+    async with running_api(tmp_path) as api:
+        r = await api.http.post(create, headers=admin)
+        assert r.json() == {"miner_id": TEST_MINER, "status": "updated"}
+        assert (await api.register(TEST_MINER)).status_code == 403
+
+
+async def test_create_test_miner_refuses_an_id_a_real_miner_holds(api: Api) -> None:
+    """A miner that registered as debug-test-miner keeps it: 409, and it still polls."""
+    assert (await api.register(TEST_MINER)).status_code == 200
+    r = await api.http.post("/v1/admin/debug/create-test-miner", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 409, r.text
+    assert "real miner" in r.json()["detail"]
+    assert (await api.poll(TEST_MINER)).status_code == 204
 
 
 async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
