@@ -165,6 +165,7 @@ class WriteBatch:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobQuery:
     client_id: str | None = None
+    miner_id: str | None = None  # the job's current or last miner
     state: str | None = None
     job_type: str | None = None
     limit: int = 20

@@ -205,6 +205,7 @@ class InMemoryJobStore:
             j
             for j in self.jobs.values()
             if (query.client_id is None or j.client_id == query.client_id)
+            and (query.miner_id is None or j.miner_id == query.miner_id)
             and (query.state is None or j.state == query.state)
             and (query.job_type is None or j.payload.get("type") == query.job_type)
         ]

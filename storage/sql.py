@@ -738,6 +738,9 @@ class DatabasesJobStore:
         if query.client_id is not None:
             where.append("client_id = :c")
             values["c"] = query.client_id
+        if query.miner_id is not None:
+            where.append("miner_id = :m")
+            values["m"] = query.miner_id
         if query.state is not None:
             where.append("state = :s")
             values["s"] = query.state

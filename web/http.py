@@ -255,6 +255,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# Query parameters are text: these schema types are converted before they are validated.
+_QUERY_NUMBERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "integer": (int, "an integer"),
+    "number": (float, "a finite number"),
+}
+
+
 def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in params:
@@ -264,11 +271,15 @@ def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]
                 out[p.name] = p.schema["default"]
             continue
         value: Any = raw
-        if p.schema.get("type") == "integer":
+        kind = p.schema.get("type")
+        if kind in _QUERY_NUMBERS:
+            convert, said = _QUERY_NUMBERS[kind]
             try:
-                value = int(raw)
+                value = convert(raw)
             except ValueError:
-                raise ValidationFailed(f"query parameter {p.name} must be an integer") from None
+                raise ValidationFailed(f"query parameter {p.name} must be {said}") from None
+            if value != value or value in (math.inf, -math.inf):
+                raise ValidationFailed(f"query parameter {p.name} must be {said}")
         validate(p.schema, value, f"query parameter {p.name}")
         out[p.name] = value
     return out

@@ -23,11 +23,16 @@ if TYPE_CHECKING:
     from protocol.records import JobRecord
     from protocol.types import JSONObject
 
-__all__ = ["ENDPOINTS", "owned_job"]
+__all__ = ["ENDPOINTS", "JOB_PAGE", "job_page", "owned_job", "state_filter"]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
 STATES = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
 MAX_JOB_PAGE = 500  # GET /v1/jobs: the largest page
+# The query parameters of a job list (``job_page``), besides its state filter.
+JOB_PAGE = (
+    *page_params(default=20, maximum=MAX_JOB_PAGE, clamp=True),
+    Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
+)
 
 
 async def owned_job(call: Call, job_id: str) -> JobRecord:
@@ -81,33 +86,41 @@ async def get_job(call: Call) -> Response:
     return json_response(call.core.job_view(await owned_job(call, call.path("job_id"))))
 
 
+def state_filter(value: object, name: str) -> str | None:
+    """A job state from query parameter ``name``, case-insensitive (422 for anything else)."""
+    if value is None:
+        return None
+    state = str(value).upper()
+    if state not in STATES:
+        raise HTTPError(422, f"query parameter {name} must be one of {', '.join(STATES)}")
+    return state
+
+
+async def job_page(
+    call: Call, *, client_id: str | None = None, miner_id: str | None = None, state: str | None
+) -> tuple[list[JSONObject], int, int, int]:
+    """A page of the matching jobs (and the query's ``job_type``), newest first: (views,
+    total, limit, offset). Upstream has no cap on ``limit`` and the CLI passes the user's
+    through: a larger one is read as the largest page rather than refused."""
+    q = call.query
+    limit, offset = min(q["limit"], MAX_JOB_PAGE), q["offset"]
+    query = JobQuery(
+        client_id=client_id,
+        miner_id=miner_id,
+        state=state,
+        job_type=q.get("job_type"),
+        limit=limit,
+        offset=offset,
+    )
+    items, total = await call.core.store.list_jobs(query)
+    return [call.core.job_view(r) for r in items], total, limit, offset
+
+
 async def list_jobs(call: Call) -> Response:
     q = call.query
-    state = q.get("status") or q.get("state")
-    if state is not None:
-        state = str(state).upper()
-        if state not in STATES:
-            raise HTTPError(422, f"query parameter status must be one of {', '.join(STATES)}")
-    # Upstream has no cap on limit and the CLI passes the user's through: a larger one is
-    # read as the largest page rather than refused.
-    limit, offset = min(q["limit"], MAX_JOB_PAGE), q["offset"]
-    items, total = await call.core.store.list_jobs(
-        JobQuery(
-            client_id=call.caller_id,
-            state=state,
-            job_type=q.get("job_type"),
-            limit=limit,
-            offset=offset,
-        )
-    )
-    return json_response(
-        {
-            "items": [call.core.job_view(r) for r in items],
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-        }
-    )
+    state = state_filter(q.get("status") or q.get("state"), "status")
+    items, total, limit, offset = await job_page(call, client_id=call.caller_id, state=state)
+    return json_response({"items": items, "total": total, "limit": limit, "offset": offset})
 
 
 async def get_result(call: Call) -> Response:
@@ -181,9 +194,8 @@ ENDPOINTS = [
         "jobs",
         role=Role.CLIENT,
         query=(
-            *page_params(default=20, maximum=MAX_JOB_PAGE, clamp=True),
+            *JOB_PAGE,
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
-            Param("job_type", {"type": "string", "maxLength": 128}, "matches payload.type"),
         ),
         responses=_r(
             (200, ("a page of jobs; total counts every match", "JobList")),

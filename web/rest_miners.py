@@ -17,6 +17,7 @@ from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMin
 from dispatcher.jobs import TERMINAL
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
+from web.rest_jobs import JOB_PAGE, job_page, state_filter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,6 +108,18 @@ async def update_capabilities(call: Call) -> Response:
             "capabilities": call.body["capabilities"],
             "session_token": uuid.uuid4().hex,
         }
+    )
+
+
+async def own_jobs(call: Call) -> Response:
+    """Upstream's ``POST /v1/miners/{miner_id}/jobs`` (any miner could list any miner's jobs,
+    §9): the jobs this miner holds or ran last, newest first; only by itself. ``min_reward``
+    is accepted and ignored, as upstream did."""
+    miner_id = _own_path(call)
+    state = state_filter(call.query.get("job_status"), "job_status")
+    items, total, limit, offset = await job_page(call, miner_id=miner_id, state=state)
+    return json_response(
+        {"jobs": items, "total": total, "limit": limit, "offset": offset, "miner_id": miner_id}
     )
 
 
@@ -470,5 +483,25 @@ ENDPOINTS = [
         description="Only the miner the path names may call it. Its jobs go back to the "
         "queue (a started attempt counts against the job), its waiting polls end with 204, "
         "and it must register again before it polls. The id stays bound to its key.",
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{miner_id}/jobs",),
+        own_jobs,
+        "List this miner's jobs, newest first",
+        "miners",
+        role=Role.MINER,
+        query=(
+            *JOB_PAGE,
+            Param("job_status", {"type": "string", "maxLength": 16}, "job state"),
+            Param("min_reward", {"type": "number"}, "accepted and ignored (as upstream)"),
+        ),
+        responses=_r(
+            (200, ("a page of jobs; total counts every match", "MinerJobList")),
+            (422, ("invalid query parameter", "Error")),
+            _own,
+        ),
+        description="Only the miner the path names may call it. A job is listed under the "
+        "miner that holds it or ran it last (a job requeued elsewhere moves to its new miner).",
     ),
 ]

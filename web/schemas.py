@@ -315,6 +315,17 @@ SCHEMAS: dict[str, Schema] = {
             "offset": {"type": "integer"},
         },
     },
+    "MinerJobList": {
+        "type": "object",
+        "required": ["jobs", "total", "limit", "offset", "miner_id"],
+        "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobView"}},
+            "total": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "miner_id": _str,
+        },
+    },
     "JobResult": {
         "type": "object",
         "required": ["result", "receipt"],

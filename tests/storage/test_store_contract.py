@@ -756,6 +756,24 @@ async def test_list_jobs_without_the_total_gives_the_same_page(store: JobStore) 
             assert (total, size) == (5 if state is None else 2, 2)
 
 
+async def test_list_jobs_by_miner(store: JobStore) -> None:
+    """``miner_id``: the jobs whose current or last miner it is, newest first, with the state
+    filter on top."""
+    jobs = [
+        job("j0", state="COMPLETED", miner_id="gpu-1", seq=2),
+        job("j1", state="RUNNING", miner_id="gpu-2", seq=2),
+        job("j2", state="RUNNING", miner_id="gpu-1", seq=2),
+        job("j3"),
+    ]
+    await commit(store, batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+    with anyio.fail_after(10):
+        found, total = await store.list_jobs(JobQuery(miner_id="gpu-1", limit=10, offset=0))
+        assert ([j.job_id for j in found], total) == (["j2", "j0"], 2)
+        query = JobQuery(miner_id="gpu-1", state="COMPLETED", limit=10, offset=0)
+        found, total = await store.list_jobs(query)
+        assert ([j.job_id for j in found], total) == (["j0"], 1)
+
+
 async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

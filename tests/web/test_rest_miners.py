@@ -636,3 +636,30 @@ async def test_deregistered_miner_stays_gone_after_a_restart(tmp_path: Path) -> 
         assert (await api.register("m1", key=MINER_KEY_2)).status_code == 403  # still bound
         assert (await api.register("m1")).status_code == 200
         assert (await api.poll("m1")).status_code == 204
+
+
+async def test_own_jobs_lists_this_miners_jobs_newest_first(api: Api) -> None:
+    """POST /v1/miners/{id}/jobs: only the jobs the miner holds or ran, filtered by state and
+    type; only the miner itself may list them (upstream: any miner key, any miner)."""
+    done = await started(api, "m1")
+    assert (await api.result(done["job_id"], "m1")).status_code == 200
+    running = await started(api, "m1")
+    await started(api, "m2")
+    h = miner_headers("m1")
+    r = await api.http.post("/v1/miners/m1/jobs?min_reward=5", headers=h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [j["job_id"] for j in body["jobs"]] == [running["job_id"], done["job_id"]]
+    assert (body["total"], body["limit"], body["offset"], body["miner_id"]) == (2, 20, 0, "m1")
+    r = await api.http.post("/v1/miners/m1/jobs?job_status=completed&limit=1", headers=h)
+    assert [j["state"] for j in r.json()["jobs"]] == ["COMPLETED"]
+    r = await api.http.post("/v1/miners/m1/jobs?job_type=other", headers=h)
+    assert r.json()["total"] == 0
+    r = await api.http.post("/v1/miners/m1/jobs?job_status=bogus", headers=h)
+    assert r.status_code == 422
+    assert "job_status" in r.json()["detail"]
+    for bad in ("abc", "nan", "inf"):
+        r = await api.http.post(f"/v1/miners/m1/jobs?min_reward={bad}", headers=h)
+        assert r.status_code == 422
+        assert r.json()["detail"] == "query parameter min_reward must be a finite number"
+    assert (await api.http.post("/v1/miners/m2/jobs", headers=h)).status_code == 403
