@@ -21,6 +21,7 @@ __all__ = [
     "MinerId",
     "SessionId",
     "iso_time",
+    "parse_instant",
 ]
 
 PROTOCOL_VERSION = 1
@@ -85,6 +86,15 @@ class EventKind(StrEnum):
 # events, the assignment's expiry, the job view), and they come interleaved with other jobs'.
 _iso_texts: dict[float, str] = {}
 _iso_seconds: dict[int, str] = {}
+
+
+def parse_instant(text: str) -> int:
+    """Unix seconds from text that is Unix seconds or an ISO-8601 time (UTC unless it names an
+    offset), e.g. ``1767139200`` or ``2026-01-31T00:00:00Z``; ValueError otherwise."""
+    if text.isdigit():
+        return int(text)
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def iso_time(ts: float) -> str:

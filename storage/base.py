@@ -17,6 +17,7 @@ __all__ = [
     "JobQuery",
     "JobStore",
     "LedgerEntry",
+    "MinerEarnings",
     "NonceRecord",
     "PaymentRecord",
     "PaymentStats",
@@ -104,6 +105,16 @@ class PaymentRecord:
     tx_hash: str | None = None
     tx_vout: int | None = None
     confirmations: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MinerEarnings:
+    """A miner's receipts issued in a time window (``miner_earnings``)."""
+
+    completed: int  # receipts naming the miner as provider
+    billed: int  # the sum of their prices, in units of 1e-8
+    paid: int  # what the ledger paid out for those jobs (billing on), in units of 1e-8
+    recent: list[JSONObject]  # the newest receipts, newest first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +230,12 @@ class JobStore(Protocol):
 
     async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         """``(chain_seq, receipt)`` with ``chain_seq > after``, in chain order (audit pages)."""
+
+    async def miner_earnings(
+        self, miner_id: str, since: float, until: float, recent: int
+    ) -> MinerEarnings:
+        """The receipts of ``miner_id`` issued in ``[since, until)``: how many, their prices'
+        sum, the job payments the ledger made for them, and the ``recent`` newest."""
 
 
 class WalletStore(Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from storage.base import PaymentStats, WalletSnapshot
+from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ class InMemoryJobStore:
         self.miners: dict[str, MinerRecord] = {}
         self.receipts: dict[str, JSONObject] = {}  # receipt_id -> receipt
         self.chain: dict[int, JSONObject] = {}  # chain_seq -> receipt
+        self.issued: dict[str, tuple[str | None, float]] = {}  # receipt_id -> (miner, issued_at)
         self._idem: dict[tuple[str, str], str] = {}  # (client_id, idempotency_key) -> job_id
         self.users: dict[str, UserRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
@@ -110,6 +111,7 @@ class InMemoryJobStore:
             if r.receipt_id in self.receipts:
                 continue  # a receipt id written again keeps the first receipt
             self.receipts[r.receipt_id] = self.chain[r.chain_seq] = r.receipt
+            self.issued[r.receipt_id] = (r.miner_id, r.issued_at)
 
     def _check_wallet(self, batch: WriteBatch) -> None:
         """The SQL store's unique constraints, checked before anything is written."""
@@ -273,6 +275,28 @@ class InMemoryJobStore:
         self._check_open()
         return self.payments.get(payment_id)
 
+    async def miner_earnings(
+        self, miner_id: str, since: float, until: float, recent: int
+    ) -> MinerEarnings:
+        self._check_open()
+        mine = [
+            self.chain[n]
+            for n in sorted(self.chain, reverse=True)
+            if (m := self.issued[self.chain[n]["receipt_id"]])[0] == miner_id
+            and since <= m[1] < until
+        ]
+        jobs = {r["job_id"] for r in mine}
+        return MinerEarnings(
+            completed=len(mine),
+            billed=sum(_price_units(r.get("price")) for r in mine),
+            paid=sum(
+                e.amount
+                for e in self.entries.values()
+                if e.kind == "job_payment" and e.amount > 0 and e.ref in jobs
+            ),
+            recent=mine[:recent],
+        )
+
     async def payment_stats(self, since: float) -> PaymentStats:
         self._check_open()
         recent = [
@@ -286,3 +310,10 @@ class InMemoryJobStore:
             confirmed_units=sum(p.aitbc_units for p in recent),
             confirmed_sats=sum(p.btc_sats for p in recent),
         )
+
+
+def _price_units(price: object) -> int:
+    """A receipt's price in units of 1e-8, as the SQL store sums it (0 when absent)."""
+    if isinstance(price, bool) or not isinstance(price, int | float):
+        return 0
+    return max(0, round(price * 100_000_000))

@@ -21,7 +21,7 @@ from databases import Database, DatabaseURL
 from protocol.codec import dumps, loads
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
-from storage.base import PaymentStats
+from storage.base import MinerEarnings, PaymentStats
 from storage.errors import Conflict, StorageError
 from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS
@@ -140,6 +140,12 @@ _UPSERT_MINER = (
     "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (miner_id) DO UPDATE SET "
     "session_id = excluded.session_id, capabilities = excluded.capabilities, "
     "concurrency = excluded.concurrency, region = excluded.region, last_seen = excluded.last_seen"
+)
+# The sum of receipts' prices in units of 1e-8 (a price has at most 6 places, so rounding the
+# product gives the exact units; no price or a negative one counts 0).
+_PRICE_UNITS = (
+    "COALESCE(SUM(MAX(0, CAST(ROUND(COALESCE(json_extract(receipt, '$.price'), 0) "
+    "* 100000000) AS INTEGER))), 0)"
 )
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
@@ -801,6 +807,28 @@ class DatabasesJobStore:
                 name: await self._fetch(sql, values)
                 for name, (sql, values) in wallet_sql.snapshot_queries(now).items()
             },
+        )
+
+    async def miner_earnings(
+        self, miner_id: str, since: float, until: float, recent: int
+    ) -> MinerEarnings:
+        values = {"m": miner_id, "a": since, "b": until}
+        mine = "FROM receipts WHERE miner_id = :m AND issued_at >= :a AND issued_at < :b"
+        totals = await self._fetch(f"SELECT COUNT(*) AS n, {_PRICE_UNITS} AS billed {mine}", values)
+        paid = await self._fetch(
+            "SELECT COALESCE(SUM(amount), 0) AS paid FROM ledger_entries "
+            f"WHERE kind = 'job_payment' AND amount > 0 AND ref IN (SELECT job_id {mine})",
+            values,
+        )
+        rows = await self._fetch(
+            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k", {**values, "k": recent}
+        )
+        row = totals[0]._mapping
+        return MinerEarnings(
+            completed=int(row["n"]),
+            billed=int(row["billed"]),
+            paid=int(paid[0]._mapping["paid"]),
+            recent=[loads(r._mapping["receipt"]) for r in rows],
         )
 
     async def ledger_entries(

@@ -7,6 +7,7 @@ seed-documentation paths (``/v1/miner/…``) are aliases served by the same hand
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import TERMINAL
+from protocol.types import parse_instant
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
 from web.rest_jobs import JOB_PAGE, job_page, state_filter
@@ -120,6 +122,62 @@ async def own_jobs(call: Call) -> Response:
     items, total, limit, offset = await job_page(call, miner_id=miner_id, state=state)
     return json_response(
         {"jobs": items, "total": total, "limit": limit, "offset": offset, "miner_id": miner_id}
+    )
+
+
+EARNINGS_HISTORY = 20  # receipts listed in ``earnings_history``, newest first
+
+
+def _instant(call: Call, name: str) -> float | None:
+    text = call.query.get(name)
+    if text is None:
+        return None
+    try:
+        return float(parse_instant(str(text)))
+    except ValueError:
+        raise HTTPError(
+            422, f"query parameter {name} must be Unix seconds or an ISO-8601 time"
+        ) from None
+
+
+def _aitbc(units: int) -> float:
+    return round(units / 100_000_000, 8)
+
+
+async def earnings(call: Call) -> Response:
+    """Upstream's ``POST /v1/miners/{miner_id}/earnings`` (sums of the jobs' payment amounts;
+    the time range was echoed but not used): here the sums of the receipts the coordinator
+    signed for this miner, issued in ``[from_time, to_time)`` when given; only by itself.
+    ``paid_earnings`` is what the ledger paid out for those jobs (billing on), the rest is
+    pending."""
+    miner_id = _own_path(call)
+    since, until = _instant(call, "from_time"), _instant(call, "to_time")
+    found = await call.core.store.miner_earnings(
+        miner_id,
+        0.0 if since is None else since,
+        math.inf if until is None else until,
+        EARNINGS_HISTORY,
+    )
+    return json_response(
+        {
+            "miner_id": miner_id,
+            "total_earnings": _aitbc(found.billed),
+            "pending_earnings": _aitbc(max(0, found.billed - found.paid)),
+            "paid_earnings": _aitbc(found.paid),
+            "completed_jobs": found.completed,
+            "currency": "AITBC",
+            "from_time": call.query.get("from_time"),
+            "to_time": call.query.get("to_time"),
+            "earnings_history": [
+                {
+                    "job_id": r.get("job_id"),
+                    "receipt_id": r.get("receipt_id"),
+                    "amount": r.get("price"),
+                    "completed_at": r.get("completed_at"),
+                }
+                for r in found.recent
+            ],
+        }
     )
 
 
@@ -353,6 +411,7 @@ _POLL_DESCRIPTION = (
     "answering at the latest max(0, max_wait_seconds - 1) s (capped by MAX_POLL_WAIT_SECONDS)."
 )
 
+_TIME = "receipts issued from this time: Unix seconds or ISO-8601"
 _own = (403, ("another role's key, or the path names another miner", "Error"))
 
 ENDPOINTS = [
@@ -503,5 +562,26 @@ ENDPOINTS = [
         ),
         description="Only the miner the path names may call it. A job is listed under the "
         "miner that holds it or ran it last (a job requeued elsewhere moves to its new miner).",
+    ),
+    Endpoint(
+        "POST",
+        ("/v1/miners/{miner_id}/earnings",),
+        earnings,
+        "This miner's earnings, from its signed receipts",
+        "miners",
+        role=Role.MINER,
+        query=(
+            Param("from_time", {"type": "string", "maxLength": 64}, _TIME),
+            Param("to_time", {"type": "string", "maxLength": 64}, _TIME + " (excluded)"),
+        ),
+        responses=_r(
+            (200, ("sums over the miner's receipts", "MinerEarnings")),
+            (422, ("a time that is neither Unix seconds nor ISO-8601", "Error")),
+            _own,
+        ),
+        description="Only the miner the path names may call it. total_earnings sums the "
+        "prices of the receipts issued for its jobs (in AITBC); paid_earnings is what the "
+        "ledger paid out for them (BILLING=on), pending_earnings the rest; earnings_history "
+        f"lists the newest {EARNINGS_HISTORY} receipts.",
     ),
 ]

@@ -326,6 +326,40 @@ SCHEMAS: dict[str, Schema] = {
             "miner_id": _str,
         },
     },
+    "MinerEarnings": {
+        "type": "object",
+        "required": [
+            "miner_id",
+            "total_earnings",
+            "pending_earnings",
+            "paid_earnings",
+            "completed_jobs",
+            "currency",
+            "earnings_history",
+        ],
+        "properties": {
+            "miner_id": _str,
+            "total_earnings": {"type": "number"},
+            "pending_earnings": {"type": "number"},
+            "paid_earnings": {"type": "number"},
+            "completed_jobs": {"type": "integer"},
+            "currency": {"const": "AITBC"},
+            "from_time": _nullable_str,
+            "to_time": _nullable_str,
+            "earnings_history": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "job_id": _str,
+                        "receipt_id": _str,
+                        "amount": {"type": "number"},
+                        "completed_at": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    },
     "JobResult": {
         "type": "object",
         "required": ["result", "receipt"],

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.receipt_verify import TrustedKey, key_id_from_text
+from protocol.types import parse_instant
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -75,15 +75,12 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _unix_time(name: str, text: str) -> int:
-    if text.isdigit():
-        return int(text)
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_instant(text)
     except ValueError:
         raise SettingsError(
             f"{name}: {text!r} is not Unix seconds or an ISO-8601 time like 2026-01-31T00:00:00Z"
         ) from None
-    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _previous_keys(env: Mapping[str, str], name: str) -> tuple[TrustedKey, ...]:

@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from protocol.records import EventRecord, JobRecord, MinerRecord
-from storage.base import JobQuery, JobStore, ReceiptRow, WriteBatch
+from storage.base import JobQuery, JobStore, LedgerEntry, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
@@ -772,6 +772,48 @@ async def test_list_jobs_by_miner(store: JobStore) -> None:
         query = JobQuery(miner_id="gpu-1", state="COMPLETED", limit=10, offset=0)
         found, total = await store.list_jobs(query)
         assert ([j.job_id for j in found], total) == (["j0"], 1)
+
+
+async def test_miner_earnings_sum_its_receipts_in_the_window(store: JobStore) -> None:
+    """A miner's receipts issued in [since, until): count, prices summed exactly in units of
+    1e-8, the job payments the ledger made for those jobs only, the newest first."""
+
+    def row(n: int, miner: str, at: float, price: Any) -> ReceiptRow:
+        r = receipt_row(f"r{n}", f"j{n}", issued_at=at, chain_seq=n, price=price)
+        return replace(r, miner_id=miner)
+
+    def paid(n: int, amount: int) -> list[LedgerEntry]:
+        legs = ((0, f"escrow:j{n}", -amount), (1, "miner:gpu-1", amount))
+        return [
+            LedgerEntry(
+                movement_key=f"job:j{n}:pay",
+                leg=leg,
+                account=account,
+                amount=units,
+                kind="job_payment",
+                ref=f"j{n}",
+                at=T0,
+            )
+            for leg, account, units in legs
+        ]
+
+    rows = [
+        row(1, "gpu-1", T0, 0.1),
+        row(2, "gpu-1", T0 + 10, 0.000003),
+        row(3, "gpu-2", T0 + 10, 5.0),
+        row(4, "gpu-1", T0 + 20, 0.2),  # outside [T0, T0 + 20)
+        row(5, "gpu-1", T0 + 5, None),  # no price: counts 0
+    ]
+    b = batch(receipts=rows)
+    b.entries = [*paid(1, 7_000_000), *paid(3, 1), *paid(4, 2)]
+    await commit(store, b)
+    with anyio.fail_after(10):
+        got = await store.miner_earnings("gpu-1", T0, T0 + 20, 2)
+    assert (got.completed, got.billed, got.paid) == (3, 10_000_300, 7_000_000)
+    assert [r["receipt_id"] for r in got.recent] == ["r5", "r2"]
+    with anyio.fail_after(10):
+        none = await store.miner_earnings("gpu-9", T0, T0 + 20, 2)
+    assert (none.completed, none.billed, none.paid, none.recent) == (0, 0, 0, [])
 
 
 async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(

@@ -290,3 +290,38 @@ def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
             )
         r = c.get(f"/v1/admin/accounts/client:{client_id}", headers=ADMIN)
         assert r.json()["balance"] == "1.00000000"
+
+
+async def test_miner_earnings_split_paid_and_pending(tmp_path: Path) -> None:
+    """POST /v1/miners/{id}/earnings: the receipts' prices, of which the ledger paid what the
+    client had reserved; the rest is pending."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "0.5")).json()
+        await api.register("m1", capabilities={"price": 1})
+        await api.poll("m1")
+        clock.advance(10)
+        receipt = (await api.result(job["job_id"], "m1")).json()["receipt"]
+        r = await api.http.post("/v1/miners/m1/earnings", headers=miner_headers("m1"))
+        assert r.status_code == 200, r.text
+        got = r.json()
+    assert receipt["price"] == 10.0
+    assert {k: got[k] for k in got if k != "earnings_history"} == {
+        "miner_id": "m1",
+        "total_earnings": 10.0,
+        "pending_earnings": 9.5,
+        "paid_earnings": 0.5,
+        "completed_jobs": 1,
+        "currency": "AITBC",
+        "from_time": None,
+        "to_time": None,
+    }
+    assert got["earnings_history"] == [
+        {
+            "job_id": job["job_id"],
+            "receipt_id": receipt["receipt_id"],
+            "amount": 10.0,
+            "completed_at": receipt["completed_at"],
+        }
+    ]

@@ -10,7 +10,9 @@ import pytest
 
 from dispatcher.clock import SystemClock
 from protocol.receipts import verify_receipt
+from protocol.types import iso_time
 from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2
+from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
 
 if TYPE_CHECKING:
@@ -663,3 +665,38 @@ async def test_own_jobs_lists_this_miners_jobs_newest_first(api: Api) -> None:
         assert r.status_code == 422
         assert r.json()["detail"] == "query parameter min_reward must be a finite number"
     assert (await api.http.post("/v1/miners/m2/jobs", headers=h)).status_code == 403
+
+
+async def test_earnings_window_and_refusals(tmp_path: Path) -> None:
+    """from_time/to_time (Unix seconds or ISO-8601) bound the receipts counted; upstream
+    echoed them and summed everything. Only the miner itself may ask."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        first = await started(api, "m1", price=0.5)
+        clock.advance(2)
+        assert (await api.result(first["job_id"], "m1")).status_code == 200  # price 1.0
+        clock.advance(100)
+        second = await api.submit()
+        assert (await api.poll("m1")).json()["job_id"] == second["job_id"]
+        clock.advance(4)
+        assert (await api.result(second["job_id"], "m1")).status_code == 200  # price 2.0
+        split = int(clock.now()) - 50
+        h = miner_headers("m1")
+
+        async def earned(query: str) -> Any:
+            r = await api.http.post(f"/v1/miners/m1/earnings{query}", headers=h)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        everything = await earned("")
+        assert (everything["total_earnings"], everything["completed_jobs"]) == (3.0, 2)
+        assert everything["pending_earnings"] == 3.0  # billing off: nothing is paid out
+        iso = iso_time(split).replace(".000Z", "Z")
+        late = await earned(f"?from_time={iso}")
+        assert (late["total_earnings"], late["completed_jobs"], late["from_time"]) == (2.0, 1, iso)
+        early = await earned(f"?to_time={split}")
+        assert [e["job_id"] for e in early["earnings_history"]] == [first["job_id"]]
+        r = await api.http.post("/v1/miners/m1/earnings?from_time=yesterday", headers=h)
+        assert r.status_code == 422
+        assert "from_time" in r.json()["detail"]
+        assert (await api.http.post("/v1/miners/m2/earnings", headers=h)).status_code == 403
