@@ -56,7 +56,10 @@ class FastRouter:
         self._static_paths = {
             r.path for r in self.routes if isinstance(r, Route) and not r.param_convertors
         }
-        self._static: dict[tuple[str, str], EndpointRoute | None] = {}
+        # A parameterless path's route for a method, with the path parameters it took: another
+        # method may pick a route with parameters (DELETE /v1/miners/register is
+        # DELETE /v1/miners/{miner_id}).
+        self._static: dict[tuple[str, str], tuple[EndpointRoute, dict[str, Any]] | None] = {}
         # Everything that could match a path no parameterless route has, in order.
         self._dynamic: list[tuple[str, BaseRoute]] = []
         for r in self.routes:
@@ -74,10 +77,10 @@ class FastRouter:
         if path in self._static_paths:
             key = (method, path)
             try:
-                route = self._static[key]
+                found = self._static[key]
             except KeyError:
-                route = self._static[key] = self._resolve(method, path)
-            return None if route is None else (route, {})
+                found = self._static[key] = self._resolve(method, path)
+            return None if found is None else (found[0], dict(found[1]))  # a request's own
         for prefix, r in self._dynamic:
             if not path.startswith(prefix):
                 continue
@@ -98,13 +101,16 @@ class FastRouter:
                 return _FALLBACK
         return _FALLBACK
 
-    def _resolve(self, method: str, path: str) -> EndpointRoute | None:
-        """The route Starlette picks for a parameterless path (its own ``matches``)."""
+    def _resolve(self, method: str, path: str) -> tuple[EndpointRoute, dict[str, Any]] | None:
+        """The route Starlette picks for a parameterless path (its own ``matches``), with the
+        path parameters it took."""
         scope = _scope(method, path)
         for r in self.routes:
-            match, _ = r.matches(scope)
+            match, child = r.matches(scope)
             if match is Match.FULL:
-                return r if isinstance(r, EndpointRoute) else None
+                if not isinstance(r, EndpointRoute):
+                    return None
+                return r, dict(child.get("path_params", {}))
         return None
 
 
