@@ -11,6 +11,7 @@ chart point (throughput, dispatch latency p50/p99, queue depth), HISTORY points 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,14 @@ if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord
     from web.app import Coordinator
 
-__all__ = ["HISTORY", "TICK", "OpsFeed"]
+__all__ = ["HISTORY", "LOAD_FIGURES", "TICK", "OpsFeed", "load_figures"]
 
 TICK = 0.25
 HISTORY = 300  # chart points (one a second): the last five minutes
 RECENT_EVENTS = 200  # replayed to a new watcher after its snapshot
 TOP_UNSERVABLE = 10
+LOAD_FIGURES = 8  # numbers shown per miner from what it reports about its load
+_LOAD_NAME = 32  # characters of a figure's name
 _TERMINAL = frozenset(("COMPLETED", "FAILED", "CANCELED", "EXPIRED"))
 
 
@@ -55,6 +58,29 @@ class _ActiveJob:
         return self._key
 
 
+def load_figures(report: object, *, skip: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The numbers of a miner's load report (a ``heartbeat`` or ``status`` frame's ``metrics``,
+    a REST heartbeat body and its ``metadata``), for the ops page: finite numbers at the top
+    level or one object down (named ``outer.inner``), the first ``LOAD_FIGURES`` names in
+    order, each name cut to 32 characters. Everything else (text, lists, deeper objects, the
+    names in ``skip``) is left out: a miner's report is shown, never trusted."""
+    out: dict[str, float] = {}
+    if not isinstance(report, dict):
+        return out
+    for name, value in report.items():
+        if name in skip:
+            continue
+        inner = value.items() if isinstance(value, dict) else ((None, value),)
+        for sub, number in inner:
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                continue
+            if number != number or number in (math.inf, -math.inf):
+                continue
+            label = str(name) if sub is None else f"{name}.{sub}"
+            out[label[:_LOAD_NAME]] = round(float(number), 4)
+    return dict(sorted(out.items())[:LOAD_FIGURES])
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -67,7 +93,8 @@ class OpsFeed:
         self.recent: deque[str] = deque(maxlen=RECENT_EVENTS)
         self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._done: dict[str, list[int]] = {}  # miner id -> [completed, failed]
-        self._seen: dict[str, float] = {}  # miner id -> last job event or connection
+        self._seen: dict[str, float] = {}  # miner id -> last job event, connection or report
+        self._load: dict[str, dict[str, float]] = {}  # miner id -> its last load figures
         self._latencies: list[float] = []  # submit -> first assignment, since the last point
         self._last_point: float | None = None
         self._point_totals = (0, 0)
@@ -96,6 +123,15 @@ class OpsFeed:
                 entry = self.active[job.job_id] = _ActiveJob(job.constraints)
                 entry.state, entry.miner_id, entry.started = job.state, job.miner_id, job.accepted
                 self._count(job.job_id, entry)
+
+    def on_load(self, miner_id: str, report: object, *, skip: frozenset[str] = frozenset()) -> None:
+        """A connected miner reported its load (``load_figures``): shown in its row from the
+        next delta on, and counted as a sign of life. Not state: nothing is stored."""
+        if miner_id not in self.core.dispatcher.scheduler.miners:
+            return
+        self._load[miner_id] = load_figures(report, skip=skip)
+        self._seen[miner_id] = self.core.dispatcher.clock.now()
+        self._event_miners.add(miner_id)
 
     def on_event(self, job: JobRecord, e: EventRecord, frame: str) -> None:
         """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
@@ -226,6 +262,7 @@ class OpsFeed:
             "completed": done[0],
             "failed": done[1],
             "success_rate": None if finished == 0 else round(done[0] / finished, 4),
+            "load": self._load.get(m.miner_id, {}),
         }
 
     def _queue(self) -> dict[str, Any]:
@@ -321,6 +358,7 @@ class OpsFeed:
             m.concurrency,
             None if done is None else tuple(done),
             self._seen.get(miner_id),
+            self._load.get(miner_id),
         )
 
     def _delta(self, now: float) -> dict[str, Any]:
@@ -336,6 +374,7 @@ class OpsFeed:
                 if self._sent_miners.pop(miner_id, None) is not None:
                     removed.append(miner_id)
                 self._seen.pop(miner_id, None)
+                self._load.pop(miner_id, None)
                 continue
             sig = self._signature(miner_id, m)
             if self._sent_miners.get(miner_id) != sig:

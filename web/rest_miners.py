@@ -125,6 +125,7 @@ async def own_jobs(call: Call) -> Response:
     )
 
 
+_NOT_LOAD = frozenset(("inflight",))  # a REST heartbeat's claim about its slots, not load
 EARNINGS_HISTORY = 20  # receipts listed in ``earnings_history``, newest first
 
 
@@ -203,7 +204,9 @@ def _registered(call: Call) -> str:
 
 
 async def heartbeat(call: Call) -> Response:
-    _registered(call)  # ``inflight`` and ``status`` are never trusted: slots come from leases
+    miner_id = _registered(call)  # ``inflight`` is never trusted: slots come from leases
+    # Its numbers (``metadata``'s too) are load figures for the ops page, nothing more.
+    call.core.ops.on_load(miner_id, call.body or {}, skip=_NOT_LOAD)
     return json_response({"status": "ok"})
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from dispatcher.core import ResumeInfo
     from protocol.records import JobRecord
+    from protocol.types import JSONObject
 
 __all__ = ["MinerConnection", "miner_endpoint"]
 
@@ -90,10 +91,17 @@ class MinerConnection(Connection):
                 self._call(
                     msg.id, None, "set_status", concurrency=msg.concurrency, draining=msg.draining
                 )
+                self._load(msg.metrics)
             case Heartbeat():
+                self._load(msg.metrics)
                 if msg.id is not None:
                     dispatcher.after_commit(lambda: self.reply(msg.id))
         return True
+
+    def _load(self, metrics: JSONObject | None) -> None:
+        """A ``heartbeat``'s or ``status``'s metrics: load figures for the ops page."""
+        if metrics is not None and self.miner_id is not None:
+            self.core.ops.on_load(self.miner_id, metrics)
 
     async def handle(self, msg: MinerToServer, session: MinerSession) -> None:
         """Only a result ``handle_now`` declined: for a job no longer in memory."""

@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol.messages import Ack, JobCancel, JobSubmit
+from protocol.messages import Ack, Heartbeat, JobCancel, JobSubmit
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import start_server
 from tests.e2e.manual_miner import ManualMiner, client_session
@@ -119,6 +119,9 @@ async def test_miner_appears_and_disappears(server: RunningServer) -> None:
             await expect(row).to_have_count(1)
             await expect(row).to_contain_text("A100")
             await expect(row).to_contain_text("idle")
+            await expect(row.locator("td.load")).to_have_text("—")
+            await miner.send(Heartbeat(metrics={"gpu": {"util": 0.73}, "temp_c": 61, "note": "x"}))
+            await expect(row.locator("td.load")).to_have_text("gpu.util 0.73 · temp_c 61")
             await expect(page.locator("#kpi-online")).to_have_text("1")
             await row.locator('button[data-action="drain"]').click()
             await expect(page.locator("#confirm-text")).to_contain_text("gpu-browser")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from protocol.records import EventRecord, JobRecord
+from protocol.types import iso_time
 from tests.fakes import FakeClock
-from web.ops_feed import OpsFeed
+from tests.web.rest_harness import miner_headers, running_api
+from web.ops_feed import LOAD_FIGURES, OpsFeed, load_figures
 
 CONSTRAINTS = [{"gpu": "A100"}, {"gpu": "H100", "region": "eu"}, {"gpu": "none"}]
 # model state -> {event kind: state after it}; "new" is a job not submitted yet
@@ -26,6 +29,9 @@ MOVES: dict[str, dict[str, str]] = {
         "expired": "EXPIRED",
     },
 }
+if TYPE_CHECKING:
+    from pathlib import Path
+
 KINDS = sorted({kind for moves in MOVES.values() for kind in moves})
 
 
@@ -95,3 +101,50 @@ def test_queue_summary_kept_per_event_equals_a_walk_over_every_active_job(
         if look:  # the summary is asked for at any moment, as the clock and watchers do
             assert feed._queue() == summary_by_walking(feed)
     assert feed._queue() == summary_by_walking(feed)
+
+
+def test_load_figures_keep_only_finite_numbers_one_level_deep() -> None:
+    report = {
+        "gpu": {"util": 0.7312345, "name": "A100", "deep": {"x": 1}},
+        "temp_c": 61,
+        "ok": True,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "list": [1, 2],
+        "inflight": 3,
+        "x" * 40: 1.5,
+    }
+    assert load_figures(report, skip=frozenset({"inflight"})) == {
+        "gpu.util": 0.7312,
+        "temp_c": 61.0,
+        "x" * 32: 1.5,
+    }
+    many = {f"k{i:02d}": i for i in range(20)}
+    assert list(load_figures(many)) == [f"k{i:02d}" for i in range(LOAD_FIGURES)]
+    assert load_figures("busy") == {}
+    assert load_figures(None) == {}
+
+
+@pytest.mark.anyio
+async def test_rest_heartbeat_numbers_reach_the_miners_row_in_the_next_delta(
+    tmp_path: Path,
+) -> None:
+    """A REST heartbeat's numbers (``metadata``'s too; not ``inflight``) are the miner's load
+    figures: its row changes, so the next delta sends it, and it counts as a sign of life."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        assert (await api.register("m1")).status_code == 200
+        ops = api.core.ops
+        ops._delta(clock.now())
+        clock.advance(5)
+        body = {"status": "active", "inflight": 3, "current_jobs": 1, "metadata": {"util": 0.5}}
+        r = await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers("m1"))
+        assert r.status_code == 200
+        delta = ops._delta(clock.now())
+        [row] = delta["miners"]
+        assert row["load"] == {"current_jobs": 1.0, "metadata.util": 0.5}
+        assert row["last_seen"] == iso_time(clock.now())
+        assert "miners" not in ops._delta(clock.now())  # unchanged: not sent again
+        body["metadata"] = {"util": 0.9}  # a new figure, same instant: sent again
+        await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers("m1"))
+        assert ops._delta(clock.now())["miners"][0]["load"]["metadata.util"] == 0.9

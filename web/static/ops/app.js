@@ -84,6 +84,12 @@ function sortValue(m, key) {
   return v ?? "";
 }
 
+// A miner's last load report (heartbeat or status metrics): "name value" pairs.
+function loadText(load) {
+  const pairs = Object.entries(load || {});
+  return pairs.length ? pairs.map(([k, v]) => `${k} ${v}`).join(" · ") : "—";
+}
+
 function renderMiners() {
   const f = S.filter.toLowerCase();
   let rows = [...S.miners.values()];
@@ -109,6 +115,7 @@ function renderMiners() {
     <td><span class="st st-${esc(m.state)}">${esc(m.state)}</span></td>
     <td>${esc(hms(m.last_seen))}</td><td>${esc(m.completed)}</td><td>${esc(m.failed)}</td>
     <td>${m.success_rate == null ? "—" : esc((100 * m.success_rate).toFixed(1)) + "%"}</td>
+    <td class="load">${esc(loadText(m.load))}</td>
     <td>${m.state === "away" ? "" : `<button data-action="${m.state === "draining" ? "undrain" : "drain"}">${m.state === "draining" ? "Undrain" : "Drain"}</button>
       <button data-action="disconnect" class="danger">Disconnect</button>`}</td></tr>`).join(""));
   for (const th of document.querySelectorAll("#miners-table th[data-sort]")) {
