@@ -51,6 +51,7 @@ class MinerOptions:
     reconnect: bool = True
     max_jobs: int | None = None  # exit after this many results (None: run forever)
     result_seed_hex: str | None = None  # co-sign results with this Ed25519 seed
+    load_interval: float = 5.0  # seconds between load reports (heartbeats); 0: none
 
     def capabilities(self) -> dict[str, object]:
         caps: dict[str, object] = {"gpus": self.gpus, "models": self.models}
@@ -116,8 +117,22 @@ class SimulatedMiner:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._connect_loop, tg)
+            if self.opts.load_interval > 0:
+                tg.start_soon(self._report_load)
             await self._done.wait()
             tg.cancel_scope.cancel()
+
+    async def _report_load(self) -> None:
+        """A heartbeat with this miner's load every ``load_interval`` seconds while it is
+        connected: the coordinator's ops page shows the figures in the miner's row."""
+        while True:
+            await anyio.sleep(self.opts.load_interval)
+            if self.welcomed.is_set():
+                busy = len(self._running)
+                self.client.heartbeat(
+                    {"jobs_running": busy, "utilization": round(busy / self.opts.concurrency, 3)}
+                )
+                await self.flush()
 
     async def _connect_loop(self, tg: anyio.abc.TaskGroup) -> None:
         backoff = 0.05
@@ -245,6 +260,9 @@ def _parse(argv: list[str] | None) -> MinerOptions:
     p.add_argument("--chunks", type=int, default=3, help="progress chunks per job")
     p.add_argument("--max-jobs", type=int)
     p.add_argument(
+        "--load-interval", type=float, default=5.0, help="seconds between load reports (0: none)"
+    )
+    p.add_argument(
         "--sign-results", metavar="SEED_HEX", help="co-sign results with this Ed25519 seed"
     )
     a = p.parse_args(argv)
@@ -263,6 +281,7 @@ def _parse(argv: list[str] | None) -> MinerOptions:
         chunks=a.chunks,
         max_jobs=a.max_jobs,
         result_seed_hex=a.sign_results,
+        load_interval=a.load_interval,
     )
 
 

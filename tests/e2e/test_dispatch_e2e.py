@@ -93,3 +93,28 @@ async def test_jobs_reach_only_matching_miners_and_client_sees_full_lifecycle(
     assert {a.job_id for a in a100.assigned} | {a.job_id for a in rtx.assigned} == set(results)
     assert all(results[a.job_id][0] == "A100" for a in a100.assigned)
     assert all(results[a.job_id][0] == "RTX 4090" for a in rtx.assigned)
+
+
+async def test_example_miner_reports_its_load_to_the_ops_feed(server: RunningServer) -> None:
+    """examples/ws_miner.py sends a heartbeat with its load every --load-interval; the ops
+    feed shows the figures in its row."""
+    miner = SimulatedMiner(
+        MinerOptions(
+            url=server.url("/v1/miners/ws"),
+            key=MINER_KEY,
+            miner_id="gpu-load",
+            concurrency=2,
+            load_interval=0.02,
+        ),
+        log=lambda _: None,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(miner.run)
+        with anyio.fail_after(5):
+            while True:
+                rows = {m["miner_id"]: m for m in server.core.ops.snapshot()["miners"]}
+                if rows.get("gpu-load", {}).get("load"):
+                    break
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert rows["gpu-load"]["load"] == {"jobs_running": 0.0, "utilization": 0.0}
