@@ -101,16 +101,23 @@ async def test_completion_pays_the_receipt_price_and_returns_the_rest(tmp_path: 
         )
 
 
+async def priced_job(api: Api, clock: FakeClock) -> tuple[Any, Any, Any]:
+    """A funded user reserves 0.5 for a job that miner m1 (price 1/s) runs for 10 s:
+    (user, job, receipt)."""
+    user = await funded_user(api)
+    job = (await submit(api, user, "0.5")).json()
+    await api.register("m1", capabilities={"price": 1})
+    await api.poll("m1")
+    clock.advance(10)
+    receipt = (await api.result(job["job_id"], "m1")).json()["receipt"]
+    return user, job, receipt
+
+
 async def test_price_above_the_reservation_pays_the_reservation(tmp_path: Path) -> None:
     """The client never pays more than it reserved; a miner without payout wallet is miner:id."""
     clock = FakeClock()
     async with running_api(tmp_path, clock, billing=True) as api:
-        user = await funded_user(api)
-        job = (await submit(api, user, "0.5")).json()
-        await api.register("m1", capabilities={"price": 1})
-        await api.poll("m1")
-        clock.advance(10)
-        await api.result(job["job_id"], "m1")
+        user, _, _ = await priced_job(api, clock)
         assert (await account(api, "miner:m1"))["balance"] == "0.50000000"
         assert await balance(api, user) == "9.50000000"
 
@@ -297,12 +304,7 @@ async def test_miner_earnings_split_paid_and_pending(tmp_path: Path) -> None:
     client had reserved; the rest is pending."""
     clock = FakeClock()
     async with running_api(tmp_path, clock, billing=True) as api:
-        user = await funded_user(api)
-        job = (await submit(api, user, "0.5")).json()
-        await api.register("m1", capabilities={"price": 1})
-        await api.poll("m1")
-        clock.advance(10)
-        receipt = (await api.result(job["job_id"], "m1")).json()["receipt"]
+        _, job, receipt = await priced_job(api, clock)
         r = await api.http.post("/v1/miners/m1/earnings", headers=miner_headers("m1"))
         assert r.status_code == 200, r.text
         got = r.json()

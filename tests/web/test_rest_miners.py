@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -48,6 +49,19 @@ class Background:
 
     async def run(self, coro: Any) -> None:
         self.response = await coro
+
+
+@asynccontextmanager
+async def parked_poll(api: Api, miner_id: str = "m1") -> AsyncIterator[Background]:
+    """A 20 s poll of ``miner_id`` waiting in the server while the block runs; its response
+    is in the ``Background`` once the block has ended (the poll ended too)."""
+    bg = Background()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bg.run, api.poll(miner_id, 20))
+            while api.core.dispatcher.scheduler.miners[miner_id].polls == 0:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            yield bg
 
 
 # ---- registration and heartbeat (18-21) ---------------------------------------------------
@@ -148,13 +162,8 @@ async def test_poll_with_nothing_queued_is_204_empty_within_max_wait(api: Api) -
 async def test_waiting_poll_gets_a_job_submitted_afterwards(api: Api) -> None:
     """A poll waiting in the server is answered by a later submit (a real long-poll)."""
     await api.register()
-    bg = Background()
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(bg.run, api.poll("m1", 20))
-            while api.core.dispatcher.scheduler.miners["m1"].polls == 0:  # noqa: ASYNC110 - bounded poll
-                await anyio.sleep(0.01)
-            job = await api.submit()
+    async with parked_poll(api) as bg:
+        job = await api.submit()
     assert bg.response is not None
     assert bg.response.status_code == 200
     assert bg.response.json()["job_id"] == job["job_id"]
@@ -605,14 +614,9 @@ async def test_deregister_requeues_its_job_and_stops_its_polls(api: Api) -> None
 
 async def test_deregister_ends_a_waiting_poll(api: Api) -> None:
     await api.register()
-    bg = Background()
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(bg.run, api.poll("m1", 20))
-            while api.core.dispatcher.scheduler.miners["m1"].polls == 0:  # noqa: ASYNC110 - bounded poll
-                await anyio.sleep(0.01)
-            r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
-            assert r.status_code == 200
+    async with parked_poll(api) as bg:
+        r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+        assert r.status_code == 200
     assert bg.response is not None
     assert bg.response.status_code == 204
 
