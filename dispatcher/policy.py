@@ -382,10 +382,8 @@ class JobQueue:
 
     def wake(self) -> None:
         """A new class of miner is known: dormant classes may match it."""
-        for needs in self._dormant:
-            heap = self._classes.get(needs)
-            if heap:
-                heapq.heappush(self._heads, (heap[0], needs))
+        for needs in self._dormant:  # each has entries: _pop_head forgets an emptied class
+            heapq.heappush(self._heads, (self._classes[needs][0], needs))
         self._dormant.clear()
 
     def classes(self) -> list[JobNeeds]:
@@ -457,7 +455,7 @@ class JobQueue:
             entry = heap[0]
             if rejected(entry[3]):
                 found = _first_acceptable(heap, valid, rejected)
-                if found is None or (best is not None and found > best):
+                if found is None:
                     continue
                 entry = found
             if best is None or entry < best:

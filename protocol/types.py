@@ -93,7 +93,10 @@ def parse_instant(text: str) -> int:
     offset), e.g. ``1767139200`` or ``2026-01-31T00:00:00Z``; ValueError otherwise."""
     if text.isdigit():
         return int(text)
-    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time") from None
     return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 

@@ -119,3 +119,13 @@ def test_job_counts_follow_each_job_to_its_final_state() -> None:
         counts.observe(event_)
         assert counts.by_state == expected
     assert counts._live == {}  # nothing live is left to remember
+
+
+def test_job_counts_count_a_final_event_of_a_job_never_seen_live() -> None:
+    """A job that ends without a live state in memory (say, seeded without it) is counted in
+    its final state and not remembered."""
+    counts = JobCounts()
+    counts.seed({}, [])
+    counts.observe(EventRecord("ghost", 3, "completed", "COMPLETED", 100.0, 1, "m1", {}))
+    assert counts.by_state == {"COMPLETED": 1}
+    assert counts._live == {}

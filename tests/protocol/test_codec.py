@@ -1092,3 +1092,8 @@ def test_trimmed_keeps_the_bytes_without_orjsons_spare_buffer() -> None:
     assert codec.trimmed(data) == data
     assert _kept_bytes(lambda i: orjson.dumps({"i": i})) > 2048  # what trimming is for
     assert _kept_bytes(lambda i: codec.trimmed(orjson.dumps({"i": i}))) < 256
+
+
+def test_message_type_names_contract_messages_only() -> None:
+    assert codec.message_type(JobSubmit(id="1", payload={})) == "job.submit"
+    assert codec.message_type(object()) is None

@@ -8,8 +8,16 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from protocol import types
 from protocol.records import EventRecord, JobRecord, MinerRecord, job_view
-from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode, EventKind, iso_time
+from protocol.types import (
+    PROTOCOL_VERSION,
+    CloseCode,
+    ErrorCode,
+    EventKind,
+    iso_time,
+    parse_instant,
+)
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -188,3 +196,33 @@ def test_job_view_of_a_paid_job_shows_its_reservation(state: str, status: str) -
     assert view["payment_id"] == "p-1"
     assert view["payment_status"] == status
     assert view["payment_amount"] == "1.50000000"
+
+
+def test_iso_time_cache_is_bounded() -> None:
+    """The cache of formatted instants starts over at 4,096; every answer stays right."""
+    for i in range(4100):
+        ts = T0 + i / 1000
+        assert (
+            iso_time(ts)
+            == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        )
+    assert len(types._iso_texts) <= 4096
+
+
+@pytest.mark.parametrize(
+    ("text", "unix"),
+    [
+        ("1767139200", 1767139200),
+        ("2026-01-31T00:00:00Z", 1769817600),
+        ("2026-01-31T01:00:00+01:00", 1769817600),
+        ("2026-01-31T00:00:00", 1769817600),  # no offset: UTC
+    ],
+)
+def test_parse_instant(text: str, unix: int) -> None:
+    assert parse_instant(text) == unix
+
+
+@pytest.mark.parametrize("text", ["yesterday", "", "-5", "1.5", "2026-13-01"])
+def test_parse_instant_refuses_anything_else(text: str) -> None:
+    with pytest.raises(ValueError, match="is not Unix seconds or an ISO-8601 time"):
+        parse_instant(text)
