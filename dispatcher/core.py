@@ -393,7 +393,8 @@ class Scheduler:
 
     def leave(self, miner_id: str, now: float) -> list[Effect]:
         """A connected miner deregistered: it is forgotten, and the jobs it held go back to the
-        queue at once, as on a restart (a started attempt counts against the job).
+        queue at once, not charged: the miner handed them back, and a REST miner's job counts
+        as started from its assignment, before any poll may have delivered it.
 
         Raises UnknownMiner unless the miner is connected.
         """
@@ -403,7 +404,7 @@ class Scheduler:
         self._idle.discard(miner_id)
         for job_id in list(miner.jobs):
             job = self.jobs[job_id]
-            self._requeue(job, now, "miner deregistered", charged=job.accepted)
+            self._requeue(job, now, "miner deregistered", charged=False)
         self._drop_miner(miner)
         return self._take()
 
@@ -862,7 +863,14 @@ class Scheduler:
     def _arm_lease(self, job: Job, now: float) -> None:
         start = job.started_at if job.started_at is not None else now
         when = min(start + self.config.rest_lease, job.expires_at)
-        job.timers.append(self._arm(when, "lease", job.job_id, job.attempt))
+        kept = []
+        for timer in job.timers:  # a resumed miner re-arms its leases: one timer each
+            if isinstance(timer, _Timer) and timer.kind == "lease":
+                self._kill_timer(timer)
+            else:
+                kept.append(timer)
+        kept.append(self._arm(when, "lease", job.job_id, job.attempt))
+        job.timers = kept
 
     def _start(self, job: Job, now: float) -> None:
         job.state = transition(job.job_id, job.state, Action.ACCEPT)

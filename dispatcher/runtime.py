@@ -634,6 +634,10 @@ class Dispatcher:
         self.check_key(miner_id, key_hash)
         self._bindings[miner_id] = key_hash
 
+    def bound_key(self, miner_id: str) -> str | None:
+        """The key hash ``miner_id`` is bound to (None: no key has used it yet)."""
+        return self._bindings.get(miner_id)
+
     def check_key(self, miner_id: str, key_hash: str) -> None:
         """Raise NotAllowed when ``miner_id`` is bound to a key other than ``key_hash``.
 
@@ -748,10 +752,10 @@ class Dispatcher:
     async def rest_deregister(self, miner_id: str) -> None:
         """Remove a polling miner (``DELETE /v1/miners/{id}``); returns once it is durable.
 
-        The jobs it held go back to the queue (a started attempt is charged, as when a miner
-        re-registers), its waiting polls end empty, and later calls get UnknownMiner until it
-        registers again. The id stays bound to its key. Raises UnknownMiner unless ``miner_id``
-        is a registered REST miner.
+        The jobs it held go back to the queue, not charged (``Scheduler.leave``), its waiting
+        polls end empty, and later calls get UnknownMiner until it registers again. The id
+        stays bound to its key. Raises UnknownMiner unless ``miner_id`` is a registered REST
+        miner.
         """
         self._check_open()
         sink = self._rest_miner(miner_id)
@@ -839,7 +843,7 @@ class Dispatcher:
         try:
             await self.clock.wait_until(self.clock.now() + max_wait, waiter.done)
             if waiter.job is None:
-                withdrawn = self.scheduler.poll_cancel(miner_id)
+                withdrawn = self._withdraw(miner_id, sink)
                 if not withdrawn:  # an assignment was made for us: wait for its commit
                     with anyio.move_on_after(30):
                         await waiter.done.wait()
@@ -853,7 +857,14 @@ class Dispatcher:
                 if waiter in sink.waiters:
                     sink.waiters.remove(waiter)
                     if not withdrawn:
-                        self.scheduler.poll_cancel(miner_id)
+                        self._withdraw(miner_id, sink)
+
+    def _withdraw(self, miner_id: str, sink: _RestSink) -> bool:
+        """``poll_cancel`` for a poll of ``sink``; nothing once that miner deregistered (its
+        polls went with it, and the slots now counted belong to a new registration)."""
+        if self._sinks.get(REST_SESSION_PREFIX + miner_id) is not sink:
+            return True
+        return self.scheduler.poll_cancel(miner_id)
 
     def _rest_orphan(self, miner_id: str, msg: JobAssign) -> None:
         try:

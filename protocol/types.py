@@ -5,6 +5,7 @@ Rule: nothing here performs I/O or reads a clock. Times are passed in as Unix se
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any, NewType, TypeAlias
@@ -88,16 +89,21 @@ _iso_texts: dict[float, str] = {}
 _iso_seconds: dict[int, str] = {}
 
 
-def parse_instant(text: str) -> int:
-    """Unix seconds from text that is Unix seconds or an ISO-8601 time (UTC unless it names an
-    offset), e.g. ``1767139200`` or ``2026-01-31T00:00:00Z``; ValueError otherwise."""
-    if text.isdigit():
-        return int(text)
+def parse_instant(text: str) -> float:
+    """Unix seconds from text that is Unix seconds (any finite number, e.g. ``1767139200`` or
+    ``1767139200.5``) or an ISO-8601 time (UTC unless it names an offset, e.g.
+    ``2026-01-31T00:00:00Z``); ValueError otherwise."""
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        seconds = float(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time") from None
-    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time") from None
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    if seconds != seconds or seconds in (math.inf, -math.inf):
+        raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time")
+    return seconds
 
 
 def iso_time(ts: float) -> str:

@@ -506,8 +506,13 @@ class DatabasesJobStore:
         # And a third for checkpoints, so that a round never waits behind a slow read on the
         # reader's thread (the last round of a restart holds every commit while it runs).
         self._checkpoint_db = Database(url)
+        # And a fourth for the reads that walk a whole table (a miner's jobs and earnings, a
+        # job-type filter, the exchange's totals): on a big store they take seconds, which
+        # must not hold up the indexed reads every client and miner waits on.
+        self._scan_db = Database(url)
         self._stack = AsyncExitStack()
         self._reader: Connection | None = None
+        self._scanner: Connection | None = None
         self._checkpointer: Connection | None = None
         self._raw: Any = None  # the writer connection's aiosqlite driver object
         self._held: anyio.Event | None = None  # set while commits wait for a checkpoint
@@ -551,6 +556,9 @@ class DatabasesJobStore:
                 self._checkpoint_db.connection()
             )
             await self._pragmas(self._checkpointer.raw_connection)
+            await self._scan_db.connect()
+            self._scanner = await self._stack.enter_async_context(self._scan_db.connection())
+            await self._pragmas(self._scanner.raw_connection)
 
     @staticmethod
     async def _pragma(raw: Any, pragma: str) -> None:
@@ -606,8 +614,9 @@ class DatabasesJobStore:
                 await self._db.disconnect()
                 await self._read_db.disconnect()
                 await self._checkpoint_db.disconnect()
+                await self._scan_db.disconnect()
         finally:
-            self._raw = self._reader = self._checkpointer = None
+            self._raw = self._reader = self._checkpointer = self._scanner = None
             if self.owner is not None:
                 self.owner.release()
 
@@ -697,11 +706,15 @@ class DatabasesJobStore:
         self.wal_frames = log
         return busy, log, done
 
-    async def _fetch(self, sql: str, values: dict[str, Any] | None = None) -> Sequence[Any]:
-        if self._reader is None:
+    async def _fetch(
+        self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
+    ) -> Sequence[Any]:
+        """Rows of a read; ``scan``: one that walks a table, on the scanning connection."""
+        conn = self._scanner if scan else self._reader
+        if conn is None:
             raise StorageError("store is closed")
         async with map_driver_errors():
-            return await self._reader.fetch_all(sql, values)
+            return await conn.fetch_all(sql, values)
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
         jobs = await self._fetch(f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING')")
@@ -754,13 +767,15 @@ class DatabasesJobStore:
             where.append("json_extract(payload, '$.type') = :t")
             values["t"] = query.job_type
         cond = " AND ".join(where)
+        scan = query.miner_id is not None or query.job_type is not None  # no index for these
         rows = await self._fetch(
             f"{_JOB_SELECT} WHERE {cond} ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset",
             {**values, "limit": query.limit, "offset": query.offset},
+            scan=scan,
         )
         if not query.with_total:
             return [_job_record(r) for r in rows], len(rows)
-        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values)
+        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
         return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
 
     async def count_jobs(self) -> dict[str, int]:
@@ -814,14 +829,21 @@ class DatabasesJobStore:
     ) -> MinerEarnings:
         values = {"m": miner_id, "a": since, "b": until}
         mine = "FROM receipts WHERE miner_id = :m AND issued_at >= :a AND issued_at < :b"
-        totals = await self._fetch(f"SELECT COUNT(*) AS n, {_PRICE_UNITS} AS billed {mine}", values)
+        # Scans of receipts and ledger entries (no index by miner or by reference: the hot
+        # path writes fewer trees), on the scanning connection.
+        totals = await self._fetch(
+            f"SELECT COUNT(*) AS n, {_PRICE_UNITS} AS billed {mine}", values, scan=True
+        )
         paid = await self._fetch(
             "SELECT COALESCE(SUM(amount), 0) AS paid FROM ledger_entries "
             f"WHERE kind = 'job_payment' AND amount > 0 AND ref IN (SELECT job_id {mine})",
             values,
+            scan=True,
         )
         rows = await self._fetch(
-            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k", {**values, "k": recent}
+            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k",
+            {**values, "k": recent},
+            scan=True,
         )
         row = totals[0]._mapping
         return MinerEarnings(
@@ -852,7 +874,7 @@ class DatabasesJobStore:
         return wallet_sql.payment(rows[0]._mapping) if rows else None
 
     async def payment_stats(self, since: float) -> PaymentStats:
-        rows = await self._fetch(_PAYMENT_STATS, {"since": since})
+        rows = await self._fetch(_PAYMENT_STATS, {"since": since}, scan=True)
         m = rows[0]._mapping
         return PaymentStats(
             total=int(m["total"]),

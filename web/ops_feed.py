@@ -126,12 +126,13 @@ class OpsFeed:
 
     def on_load(self, miner_id: str, report: object, *, skip: frozenset[str] = frozenset()) -> None:
         """A connected miner reported its load (``load_figures``): shown in its row from the
-        next delta on, and counted as a sign of life. Not state: nothing is stored."""
+        next delta on when the figures changed. Not state: nothing is stored."""
         if miner_id not in self.core.dispatcher.scheduler.miners:
             return
-        self._load[miner_id] = load_figures(report, skip=skip)
-        self._seen[miner_id] = self.core.dispatcher.clock.now()
-        self._event_miners.add(miner_id)
+        figures = load_figures(report, skip=skip)
+        if self._load.get(miner_id) != figures:
+            self._load[miner_id] = figures
+            self._event_miners.add(miner_id)
 
     def on_event(self, job: JobRecord, e: EventRecord, frame: str) -> None:
         """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
@@ -309,7 +310,10 @@ class OpsFeed:
             self._add_point(now)
         if not self.watchers:
             self._new_points.clear()
-            self._changed_miners()  # a new watcher starts from a snapshot
+            miners = self.core.dispatcher.scheduler.miners
+            for miner_id in self._changed_miners():  # a new watcher starts from a snapshot
+                if miner_id not in miners:  # gone: forget what was kept for its row
+                    self._forget(miner_id)
             return
         delta = self._delta(now)
         if delta:
@@ -347,6 +351,11 @@ class OpsFeed:
         self._event_miners = set()
         return changed
 
+    def _forget(self, miner_id: str) -> None:
+        self._sent_miners.pop(miner_id, None)
+        self._seen.pop(miner_id, None)
+        self._load.pop(miner_id, None)
+
     def _signature(self, miner_id: str, m: Miner) -> tuple[Any, ...]:
         """What a miner's row shows (``_row``), compared to know whether to send it again."""
         done = self._done.get(miner_id)
@@ -371,10 +380,9 @@ class OpsFeed:
         for miner_id in sorted(self._changed_miners()):
             m = miners.get(miner_id)
             if m is None:
-                if self._sent_miners.pop(miner_id, None) is not None:
+                if self._sent_miners.get(miner_id) is not None:
                     removed.append(miner_id)
-                self._seen.pop(miner_id, None)
-                self._load.pop(miner_id, None)
+                self._forget(miner_id)
                 continue
             sig = self._signature(miner_id, m)
             if self._sent_miners.get(miner_id) != sig:

@@ -17,7 +17,7 @@ import resource
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.errors import NotAllowed
+from dispatcher.errors import NotAllowed, UnknownMiner
 from protocol.types import iso_time
 from storage.base import JobQuery
 from web.auth import Principal, Role, key_hash
@@ -227,6 +227,19 @@ async def create_test_miner(call: Call) -> Response:
     return json_response({"miner_id": TEST_MINER_ID, "status": "updated" if existed else "created"})
 
 
+async def remove_test_miner(call: Call) -> Response:
+    """Deregister ``debug-test-miner`` (no key can: it is bound to none). While registered it
+    is a known class of miner, so jobs only it could run are reported servable."""
+    dispatcher = call.core.dispatcher
+    if dispatcher.bound_key(TEST_MINER_ID) != _TEST_MINER_KEY_HASH:
+        raise HTTPError(404, f"no {TEST_MINER_ID} is registered")
+    try:
+        await dispatcher.rest_deregister(TEST_MINER_ID)
+    except UnknownMiner:
+        raise HTTPError(404, f"no {TEST_MINER_ID} is registered") from None
+    return json_response({"miner_id": TEST_MINER_ID, "status": "deregistered"})
+
+
 def public_receipt(receipt: JSONObject) -> JSONObject:
     """Only ids, miner, status, billing and times: an allow-list, so a new receipt field is
     private until listed here (no payload, result, client, nor their hashes)."""
@@ -333,6 +346,21 @@ ENDPOINTS = [
         responses={
             200: ("created, or updated when it existed", "TestMiner"),
             409: ("a real miner already holds the id", "Error"),
+            **_auth,
+        },
+    ),
+    Endpoint(
+        "DELETE",
+        ("/v1/admin/debug/test-miner",),
+        remove_test_miner,
+        "Deregister the REST miner debug-test-miner",
+        "admin",
+        role=Role.ADMIN,
+        description="The only way to remove it (no key is its own). A real miner that holds "
+        "the id is left alone (404).",
+        responses={
+            200: ("deregistered", "MinerDeregistered"),
+            404: ("no debug-test-miner is registered", "Error"),
             **_auth,
         },
     ),

@@ -134,7 +134,7 @@ def _instant(call: Call, name: str) -> float | None:
     if text is None:
         return None
     try:
-        return float(parse_instant(str(text)))
+        return parse_instant(str(text))
     except ValueError:
         raise HTTPError(
             422, f"query parameter {name} must be Unix seconds or an ISO-8601 time"
@@ -543,7 +543,7 @@ ENDPOINTS = [
         role=Role.MINER,
         responses=_r((200, ("deregistered", "MinerDeregistered")), _unregistered, _own),
         description="Only the miner the path names may call it. Its jobs go back to the "
-        "queue (a started attempt counts against the job), its waiting polls end with 204, "
+        "queue, not charged against their attempts, its waiting polls end with 204, "
         "and it must register again before it polls. The id stays bound to its key.",
     ),
     Endpoint(

@@ -76,7 +76,7 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 def _unix_time(name: str, text: str) -> int:
     try:
-        return parse_instant(text)
+        return int(parse_instant(text))
     except ValueError:
         raise SettingsError(
             f"{name}: {text!r} is not Unix seconds or an ISO-8601 time like 2026-01-31T00:00:00Z"

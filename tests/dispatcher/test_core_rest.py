@@ -257,9 +257,9 @@ def test_a_stale_lease_timer_does_nothing_after_the_job_moved_on() -> None:
     assert (job.state, job.miner_id, job.attempt) == ("RUNNING", "m2", 2)
 
 
-def test_leave_requeues_charged_and_forgets_the_miner() -> None:
-    """A deregistered miner's started job goes back to the queue with the attempt charged (as
-    on a restart), never back to the miner that left, even with a poll of it waiting."""
+def test_leave_requeues_uncharged_and_forgets_the_miner() -> None:
+    """A deregistered miner's job goes back to the queue, not charged (its poll may never have
+    delivered it), never back to the miner that left, even with a poll of it waiting."""
     s = make()
     register(s, "m1", concurrency=2)
     register(s, "m2")
@@ -270,10 +270,36 @@ def test_leave_requeues_charged_and_forgets_the_miner() -> None:
     assert (events(effects), assigns(effects)) == (["requeued"], [])
     job = s.job("a")
     assert job is not None
-    assert (job.state, job.failures) == ("QUEUED", 1)
+    assert (job.state, job.failures) == ("QUEUED", 0)
     assert "m1" not in s.miners
     assert s.poll_cancel("m1")  # a poll still waiting on the web side withdraws quietly
     assert assigns(s.poll("m2", 5.0)) == ["a"]
     assert job.attempt == 2
     with pytest.raises(UnknownMiner):
         s.leave("m1", 5.0)
+
+
+def test_a_resumed_rest_miner_keeps_one_lease_timer_per_job() -> None:
+    """Each resume (a capabilities update, a restart) re-arms the job's lease: the old timer
+    is dropped, so updates do not pile timers up."""
+    s = make()
+    register(s, "m1")
+    s.submit(spec("a"), 1.0)
+    assert assigns(s.poll("m1", 2.0)) == ["a"]
+    job = s.job("a")
+    assert job is not None
+    for n in range(5):
+        s.connect(
+            "m1",
+            "rest:m1",
+            capabilities={},
+            concurrency=1,
+            region=None,
+            resume_session="rest:m1",
+            now=3.0 + n,
+            rest=True,
+        )
+    leases = [t for t in job.timers if getattr(t, "kind", None) == "lease"]
+    assert len(leases) == 1
+    assert leases[0].when == 2.0 + LEASE  # still from the start: a resume adds no run time
+    assert len(s._timers) - s._dead_timers <= 2  # the lease and the job's expiry

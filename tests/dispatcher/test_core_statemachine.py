@@ -151,8 +151,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if kind == "requeued":
             reason = data["reason"]
             charged = reason in ("miner lost", "e: m") or (
-                reason in ("miner restarted", "miner deregistered", "rejected: no")
-                and prev.started_at is not None
+                reason in ("miner restarted", "rejected: no") and prev.started_at is not None
             )
             assert rec.failures == prev.failures + charged, (reason, prev, rec)
             assert rec.failures < rec.max_attempts
@@ -410,8 +409,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def leave(self, data: st.DataObject) -> None:
-        """A miner deregisters: everything it held goes back at once (a started attempt is
-        charged, as on a restart), never to itself, and it is forgotten."""
+        """A miner deregisters: everything it held goes back at once, not charged, never to
+        itself, and it is forgotten."""
         live = sorted(m for m, miner in self.s.miners.items() if miner.connected)
         if not live:
             return

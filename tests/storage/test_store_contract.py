@@ -889,3 +889,41 @@ async def test_sqlite_rows_with_nulls_in_the_statement_match_the_general_stateme
     monkeypatch.setattr(sql, "_plain", lambda update: None)
     assert shortcut == await rows("general.db")
     assert [r[1] for r in shortcut[-1]] == ["a", "b", "c", "d", "e"]
+
+
+async def test_sqlite_table_scans_never_hold_up_indexed_reads(tmp_path: Path) -> None:
+    """A miner's job list and earnings, a job-type filter and the exchange's totals walk whole
+    tables: they run on a connection of their own, so a job read answers while one is stuck."""
+    s = DatabasesJobStore(sqlite_url(tmp_path))
+    with anyio.fail_after(10):
+        await s.open()
+    try:
+        await commit(s, batch(jobs=[job("j1", miner_id="gpu-1")], events=[event("j1", 1)]))
+        scanner = s._scanner
+        assert scanner is not None
+        gate, entered = anyio.Event(), anyio.Event()
+        fetch_all = scanner.fetch_all
+
+        async def stuck(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await gate.wait()
+            return await fetch_all(*args, **kwargs)
+
+        scanner.fetch_all = stuck  # type: ignore[method-assign]
+        scans = [
+            lambda: s.list_jobs(JobQuery(miner_id="gpu-1", limit=5, offset=0)),
+            lambda: s.list_jobs(JobQuery(client_id="client-1", job_type="x", limit=5, offset=0)),
+            lambda: s.miner_earnings("gpu-1", 0.0, 1e12, 5),
+            lambda: s.payment_stats(0.0),
+        ]
+        for scan in scans:
+            gate, entered = anyio.Event(), anyio.Event()
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(scan)
+                    await entered.wait()  # the scan waits on its own connection...
+                    assert (await s.get_job("j1")) is not None  # ...the reader answers
+                    gate.set()
+    finally:
+        with anyio.fail_after(10):
+            await s.close()

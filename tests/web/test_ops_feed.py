@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from protocol.records import EventRecord, JobRecord
-from protocol.types import iso_time
 from tests.fakes import FakeClock
 from tests.web.rest_harness import miner_headers, running_api
 from web.ops_feed import LOAD_FIGURES, OpsFeed, load_figures
@@ -130,7 +129,8 @@ async def test_rest_heartbeat_numbers_reach_the_miners_row_in_the_next_delta(
     tmp_path: Path,
 ) -> None:
     """A REST heartbeat's numbers (``metadata``'s too; not ``inflight``) are the miner's load
-    figures: its row changes, so the next delta sends it, and it counts as a sign of life."""
+    figures: its row changes, so the next delta sends it; the same figures again send
+    nothing, and a gone miner's figures are forgotten even while nobody watches."""
     clock = FakeClock()
     async with running_api(tmp_path, clock) as api:
         assert (await api.register("m1")).status_code == 200
@@ -143,8 +143,13 @@ async def test_rest_heartbeat_numbers_reach_the_miners_row_in_the_next_delta(
         delta = ops._delta(clock.now())
         [row] = delta["miners"]
         assert row["load"] == {"current_jobs": 1.0, "metadata.util": 0.5}
-        assert row["last_seen"] == iso_time(clock.now())
-        assert "miners" not in ops._delta(clock.now())  # unchanged: not sent again
-        body["metadata"] = {"util": 0.9}  # a new figure, same instant: sent again
+        clock.advance(5)
+        await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers("m1"))
+        assert "miners" not in ops._delta(clock.now())  # the same figures: not sent again
+        body["metadata"] = {"util": 0.9}
         await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers("m1"))
         assert ops._delta(clock.now())["miners"][0]["load"]["metadata.util"] == 0.9
+        assert not ops.watchers
+        await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+        ops.tick(clock.now())
+        assert "m1" not in ops._load

@@ -129,6 +129,7 @@ DEBUG_ROUTES = [
     ("GET", "/v1/admin/test-key"),
     ("GET", "/v1/admin/debug-settings"),
     ("POST", "/v1/admin/debug/create-test-miner"),
+    ("DELETE", "/v1/admin/debug/test-miner"),
 ]
 TEST_MINER = "debug-test-miner"
 
@@ -252,12 +253,33 @@ async def test_create_test_miner_registers_then_refreshes_bound_to_no_key(tmp_pa
         assert (await api.register(TEST_MINER)).status_code == 403
 
 
+async def test_the_test_miner_can_be_removed_and_stays_removed(tmp_path: Path) -> None:
+    """DELETE /v1/admin/debug/test-miner: gone from the lists and the known classes (a job
+    only it could run is no longer servable), also after a restart; a second DELETE is 404."""
+    admin = {"X-Api-Key": ADMIN_KEY}
+    remove = "/v1/admin/debug/test-miner"
+    async with running_api(tmp_path) as api:
+        await api.http.post("/v1/admin/debug/create-test-miner", headers=admin)
+        assert (await api.submit(constraints={"models": ["debug-model"]}))["servable"] is True
+        r = await api.http.delete(remove, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"miner_id": TEST_MINER, "status": "deregistered"}
+        assert (await api.admin("/v1/admin/miners"))["items"] == []
+        assert (await api.submit(constraints={"models": ["debug-model"]}))["servable"] is False
+        assert (await api.http.delete(remove, headers=admin)).status_code == 404
+    async with running_api(tmp_path) as api:
+        assert (await api.admin("/v1/admin/miners"))["items"] == []
+
+
 async def test_create_test_miner_refuses_an_id_a_real_miner_holds(api: Api) -> None:
     """A miner that registered as debug-test-miner keeps it: 409, and it still polls."""
     assert (await api.register(TEST_MINER)).status_code == 200
     r = await api.http.post("/v1/admin/debug/create-test-miner", headers={"X-Api-Key": ADMIN_KEY})
     assert r.status_code == 409, r.text
     assert "real miner" in r.json()["detail"]
+    assert (await api.poll(TEST_MINER)).status_code == 204
+    r = await api.http.delete("/v1/admin/debug/test-miner", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 404  # the real miner keeps its registration
     assert (await api.poll(TEST_MINER)).status_code == 204
 
 

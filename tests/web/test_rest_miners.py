@@ -698,9 +698,47 @@ async def test_earnings_window_and_refusals(tmp_path: Path) -> None:
         iso = iso_time(split).replace(".000Z", "Z")
         late = await earned(f"?from_time={iso}")
         assert (late["total_earnings"], late["completed_jobs"], late["from_time"]) == (2.0, 1, iso)
-        early = await earned(f"?to_time={split}")
+        early = await earned(f"?to_time={split}.5")  # fractional Unix seconds too
         assert [e["job_id"] for e in early["earnings_history"]] == [first["job_id"]]
         r = await api.http.post("/v1/miners/m1/earnings?from_time=yesterday", headers=h)
         assert r.status_code == 422
         assert "from_time" in r.json()["detail"]
         assert (await api.http.post("/v1/miners/m2/earnings", headers=h)).status_code == 403
+
+
+async def test_a_poll_ended_by_deregistration_leaves_a_new_registrations_poll_alone(
+    api: Api,
+) -> None:
+    """The miner deregisters, registers again and polls before the deregistration commits:
+    the old poll, ending afterwards, must not withdraw the new poll's slot (which would leave
+    it waiting with no job ever offered)."""
+    await api.register("m1")
+    d = api.core.dispatcher
+    key = d._bindings["m1"]
+    results: dict[str, Any] = {}
+
+    async def run(name: str, coro: Any) -> None:
+        results[name] = await coro
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "old", d.rest_poll("m1", 20))
+            while d.scheduler.miners["m1"].polls == 0:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            # All three run up to their commit wait before the writer's next batch.
+            tg.start_soon(run, "delete", d.rest_deregister("m1"))
+            tg.start_soon(
+                run,
+                "register",
+                d.rest_register(
+                    miner_id="m1", key_hash=key, capabilities={}, concurrency=1, region=None
+                ),
+            )
+            tg.start_soon(run, "new", d.rest_poll("m1", 20))
+            while "old" not in results:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            await api.settle()
+            assert d.scheduler.miners["m1"].polls == 1
+            job = await api.submit()
+    assert results["old"] is None
+    assert results["new"].job_id == job["job_id"]
