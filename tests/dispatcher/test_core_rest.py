@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.core import JobSpec, Scheduler, SchedulerConfig
+from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
 from dispatcher.effects import Assign, Effect, Persist
 from dispatcher.errors import UnknownMiner
 
@@ -27,17 +27,28 @@ def spec(job_id: str, ttl: float | None = None, **constraints: Any) -> JobSpec:
     )
 
 
-def register(s: Scheduler, miner_id: str = "m1", concurrency: int = 1, **caps: Any) -> None:
-    s.connect(
+def register(
+    s: Scheduler,
+    miner_id: str = "m1",
+    concurrency: int = 1,
+    *,
+    now: float = 0.0,
+    resume: bool = False,
+    **caps: Any,
+) -> ResumeInfo:
+    """A REST miner registers (``resume``: its session comes back, as after a restart)."""
+    session = f"rest:{miner_id}"
+    info, _ = s.connect(
         miner_id,
-        f"rest:{miner_id}",
+        session,
         capabilities=caps,
         concurrency=concurrency,
         region=None,
-        resume_session=None,
-        now=0.0,
+        resume_session=session if resume else None,
+        now=now,
         rest=True,
     )
+    return info
 
 
 def assigns(effects: list[Effect]) -> list[str]:
@@ -196,16 +207,7 @@ def test_restored_rest_miner_keeps_its_running_job() -> None:
     rec = s.jobs["a"].record()
     fresh = make()
     fresh.restore([rec], {"m1": "rest:m1"}, 50.0)
-    info, _ = fresh.connect(
-        "m1",
-        "rest:m1",
-        capabilities={},
-        concurrency=1,
-        region=None,
-        resume_session="rest:m1",
-        now=50.0,
-        rest=True,
-    )
+    info = register(fresh, now=50.0, resume=True)
     assert info.resumed == ("a",)
     assert fresh.jobs["a"].state == "RUNNING"
     fresh.tick(60.0)  # past the resume grace: nothing is lost
@@ -289,16 +291,7 @@ def test_a_resumed_rest_miner_keeps_one_lease_timer_per_job() -> None:
     job = s.job("a")
     assert job is not None
     for n in range(5):
-        s.connect(
-            "m1",
-            "rest:m1",
-            capabilities={},
-            concurrency=1,
-            region=None,
-            resume_session="rest:m1",
-            now=3.0 + n,
-            rest=True,
-        )
+        register(s, now=3.0 + n, resume=True)
     leases = [t for t in job.timers if getattr(t, "kind", None) == "lease"]
     assert len(leases) == 1
     assert leases[0].when == 2.0 + LEASE  # still from the start: a resume adds no run time

@@ -828,16 +828,19 @@ async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
         await store.open()
         fetch = store._fetch
 
-        async def recording(sql: str, values: dict[str, Any] | None = None) -> Any:
+        async def recording(sql: str, values: dict[str, Any] | None = None, **kw: Any) -> Any:
             seen.append((sql, values or {}))
-            return await fetch(sql, values)
+            return await fetch(sql, values, **kw)
 
         monkeypatch.setattr(store, "_fetch", recording)
-        for state in (None, "COMPLETED"):
-            await store.list_jobs(JobQuery(state=state, limit=100, offset=0, with_total=False))
-        assert len(seen) == 2  # no COUNT without the total
-        await store.list_receipts(None, 50, 0)  # the public explorer's list
-        await store.close()
+        try:
+            for state in (None, "COMPLETED"):
+                query = JobQuery(state=state, limit=100, offset=0, with_total=False)
+                await store.list_jobs(query)
+            assert len(seen) == 2  # no COUNT without the total
+            await store.list_receipts(None, 50, 0)  # the public explorer's list
+        finally:
+            await store.close()
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
         for sql, values in seen:
             # The outer query's steps (a job's receipt is a correlated subquery of its own): a
