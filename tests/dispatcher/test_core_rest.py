@@ -296,3 +296,18 @@ def test_a_resumed_rest_miner_keeps_one_lease_timer_per_job() -> None:
     assert len(leases) == 1
     assert leases[0].when == 2.0 + LEASE  # still from the start: a resume adds no run time
     assert len(s._timers) - s._dead_timers <= 2  # the lease and the job's expiry
+
+
+def test_a_lease_outlived_by_its_attempt_changes_nothing_when_it_fires() -> None:
+    """A job requeued before its lease ran out (here its miner deregistered) keeps the old
+    lease timer until it fires; then it finds another state or attempt and does nothing."""
+    s = make()
+    register(s, "m1")
+    s.submit(spec("a"), 1.0)
+    assert assigns(s.poll("m1", 2.0)) == ["a"]
+    s.leave("m1", 3.0)
+    job = s.job("a")
+    assert job is not None
+    assert (job.state, job.attempt) == ("QUEUED", 1)
+    assert s.tick(2.0 + LEASE + 1) == []
+    assert (job.state, job.attempt, job.failures) == ("QUEUED", 1, 0)
