@@ -87,7 +87,12 @@ class Coordinator:
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
         self.clock = clock
-        self.wallet = WalletAuth(self.dispatcher, clock, settings.session_ttl_hours * 3600)
+        self.wallet = WalletAuth(
+            self.dispatcher,
+            clock,
+            settings.session_ttl_hours * 3600,
+            settings.admin_wallet_addresses,
+        )
         self.auth.sessions = self.wallet.lookup
         self.exchange = Exchange(settings, self.dispatcher, store, clock)
         self.watcher = None

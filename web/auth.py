@@ -34,6 +34,11 @@ class Principal:
     key_hash: str
     user_id: str | None = None  # a wallet user's session (a client)
     wallet: str | None = None
+    admin: bool = False  # a wallet in ADMIN_WALLET_ADDRESSES: a client that is an admin too
+
+    def acts_as(self, role: Role) -> bool:
+        """Whether this caller may use what ``role`` may (an admin wallet: client and admin)."""
+        return self.role is role or (self.admin and role is Role.ADMIN)
 
     @property
     def id(self) -> str:

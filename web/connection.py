@@ -133,7 +133,7 @@ class Connection(ABC):
         if token is not None and principal is None:
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return
-        if principal is not None and principal.role is not self.role:
+        if principal is not None and not principal.acts_as(self.role):
             await self._close_now(
                 CloseCode.FORBIDDEN, f"a {self.role.value} credential is required"
             )
@@ -279,7 +279,7 @@ class Connection(ABC):
         principal = self.core.auth.from_token(token)
         if principal is None:
             self.close(CloseCode.NOT_AUTHENTICATED, "unknown credential")
-        elif principal.role is not self.role:
+        elif not principal.acts_as(self.role):
             self.close(CloseCode.FORBIDDEN, f"a {self.role.value} credential is required")
         else:
             self.principal = principal

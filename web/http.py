@@ -226,7 +226,7 @@ def _authorize(
     principal = core.auth.from_token(token)
     if principal is None:
         raise HTTPError(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
-    if role is not None and principal.role is not role:
+    if role is not None and not principal.acts_as(role):
         raise HTTPError(403, "Forbidden")
     return principal
 

@@ -133,7 +133,7 @@ async def metrics(call: Call) -> Response:
         if principal is None:
             detail = "Authentication required" if token is None else "Invalid API key"
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
-        if principal.role is not Role.ADMIN:
+        if not principal.acts_as(Role.ADMIN):
             raise HTTPError(403, "Forbidden")
     return Response(generate_latest(core.metrics), media_type=CONTENT_TYPE_LATEST)
 

@@ -175,9 +175,7 @@ async def miners(call: Call) -> Response:
 async def key_check(call: Call) -> Response:
     """Upstream's only use of ADMIN_API_KEYS; here the role check in front of it did the work."""
     assert call.principal is not None
-    return json_response(
-        {"status": "ok", "role": call.principal.role.value, "key_id": call.principal.id}
-    )
+    return json_response({"status": "ok", "role": Role.ADMIN.value, "key_id": call.principal.id})
 
 
 def _key_ids(role: Role, keys: tuple[str, ...]) -> JSONObject:

@@ -75,7 +75,7 @@ async def payment_status(call: Call) -> Response:
     record = await call.core.exchange.get(call.path("payment_id"))
     principal = call.principal
     assert principal is not None
-    if record is None or (principal.role is not Role.ADMIN and record.user_id != principal.id):
+    if record is None or (not principal.acts_as(Role.ADMIN) and record.user_id != principal.id):
         raise HTTPError(404, "Payment not found")
     return json_response(payment_view(record))
 

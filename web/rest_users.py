@@ -107,7 +107,7 @@ def _owned_user(call: Call) -> UserRecord:
     user_id = call.path("user_id")
     principal = call.principal
     assert principal is not None
-    if principal.role is not Role.ADMIN and principal.user_id != user_id:
+    if not principal.acts_as(Role.ADMIN) and principal.user_id != user_id:
         raise HTTPError(403, "Access denied")
     user = call.core.wallet.users.get(user_id)
     if user is None:

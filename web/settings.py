@@ -6,6 +6,7 @@ Invalid values stop the start with a one-line message naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = ["Settings", "SettingsError"]
+
+
+_WALLET = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 class SettingsError(ValueError):
@@ -134,6 +138,8 @@ class Settings:
     session_ttl_hours: float = 24.0
     btc_to_aitbc_rate: str = "100000"
     bitcoin_xpub: str | None = None
+    # Wallets whose logged-in users are also admins (lowercased 0x addresses).
+    admin_wallet_addresses: frozenset[str] = frozenset()
     bitcoin_address: str | None = None
     esplora_url: str | None = None
     esplora_poll_seconds: float = 30.0
@@ -244,4 +250,20 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
         "btc_confirmations": _integer(env, "BTC_CONFIRMATIONS", 1, 0, 1000),
         "payment_ttl_seconds": _number(env, "PAYMENT_TTL_SECONDS", 3600, 60, 30 * 86400),
+        "admin_wallet_addresses": _wallets(env, "ADMIN_WALLET_ADDRESSES"),
     }
+
+
+def _wallets(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma-separated list of wallet addresses (0x and 40 hex digits), lowercased."""
+    out = set()
+    for item in env.get(name, "").split(","):
+        address = item.strip()
+        if not address:
+            continue
+        if not _WALLET.match(address):
+            raise SettingsError(
+                f"{name}: {address!r} is not a wallet address (0x and 40 hex digits)"
+            )
+        out.add(address.lower())
+    return frozenset(out)

@@ -65,10 +65,17 @@ def recover_signer(message: str, signature: str) -> str | None:
 
 
 class WalletAuth:
-    def __init__(self, dispatcher: Dispatcher, clock: Clock, session_ttl: float) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        session_ttl: float,
+        admin_wallets: frozenset[str] = frozenset(),
+    ) -> None:
         self.dispatcher = dispatcher
         self.clock = clock
         self.session_ttl = session_ttl
+        self.admin_wallets = frozenset(a.lower() for a in admin_wallets)  # as users' are
         self.users: dict[str, UserRecord] = {}
         self.by_wallet: dict[str, str] = {}
         self.by_email: dict[str, str] = {}
@@ -89,7 +96,8 @@ class WalletAuth:
     # ---- credentials ------------------------------------------------------------------------
 
     def lookup(self, token_hash: str) -> Principal | None:
-        """The client principal of a live session token (``Authenticator.sessions``)."""
+        """The client principal of a live session token (``Authenticator.sessions``), an
+        admin too when its wallet is listed in ``ADMIN_WALLET_ADDRESSES``."""
         session = self.sessions.get(token_hash)
         if session is None:
             return None
@@ -97,7 +105,10 @@ class WalletAuth:
             del self.sessions[token_hash]
             return None
         user = self.users[session.user_id]
-        return Principal(Role.CLIENT, token_hash, user.user_id, user.wallet_address)
+        wallet = user.wallet_address
+        return Principal(
+            Role.CLIENT, token_hash, user.user_id, wallet, admin=wallet in self.admin_wallets
+        )
 
     # ---- nonce, login, register, logout -----------------------------------------------------
 

@@ -21,6 +21,7 @@ from tests.conftest import (
 )
 from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, login
 from web.app import create_app
 from web.auth import key_hash
 
@@ -380,3 +381,25 @@ def test_rest_miner_and_socket_miner_share_one_queue(tmp_path: Path) -> None:
             assert r.json()["job_id"] == second["job_id"]
         stats = c.get("/v1/admin/stats", headers={"X-Api-Key": ADMIN_KEY}).json()
         assert stats["total_jobs"] == 2
+
+
+async def test_a_wallet_in_admin_wallet_addresses_is_an_admin_and_still_a_client(
+    tmp_path: Path,
+) -> None:
+    """ADMIN_WALLET_ADDRESSES: that wallet's session opens the admin routes (and /metrics)
+    and keeps its client routes; another wallet's session gets 403 on admin routes."""
+    admin_wallet = address_of(KEY_A)
+    async with running_api(tmp_path, admin_wallet_addresses=frozenset({admin_wallet})) as api:
+        admin_user = await login(api.http, KEY_A)
+        plain_user = await login(api.http, KEY_B)
+        admin, plain = bearer(admin_user["session_token"]), bearer(plain_user["session_token"])
+        for path in ("/v1/admin/stats", "/v1/admin/miners", "/v1/admin/test-key", "/metrics"):
+            assert (await api.http.get(path, headers=admin)).status_code == 200, path
+            assert (await api.http.get(path, headers=plain)).status_code == 403, path
+        r = await api.http.post("/v1/jobs", json={"payload": {"x": 1}}, headers=admin)
+        assert r.status_code == 201, r.text
+        other = f"/v1/users/{plain_user['user_id']}/balance"
+        assert (await api.http.get(other, headers=admin)).status_code in (200, 404)
+        assert (await api.http.get(other, headers=plain)).status_code in (200, 404)
+        mine = f"/v1/users/{admin_user['user_id']}/balance"
+        assert (await api.http.get(mine, headers=plain)).status_code == 403

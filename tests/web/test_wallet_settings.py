@@ -13,6 +13,7 @@ def test_defaults() -> None:
     assert (s.billing, s.session_ttl_hours, s.btc_to_aitbc_rate) == (False, 24.0, "100000")
     assert (s.bitcoin_xpub, s.bitcoin_address, s.esplora_url) == (None, None, None)
     assert (s.btc_confirmations, s.payment_ttl_seconds, s.esplora_poll_seconds) == (1, 3600, 30)
+    assert s.admin_wallet_addresses == frozenset()
 
 
 def test_values_are_read() -> None:
@@ -25,8 +26,10 @@ def test_values_are_read() -> None:
             "BITCOIN_ADDRESS": "bc1qexample",
             "ESPLORA_URL": "http://127.0.0.1:3002/api/",
             "BTC_CONFIRMATIONS": "3",
+            "ADMIN_WALLET_ADDRESSES": " 0x" + "AB" * 20 + ", ,0x" + "cd" * 20,
         }
     )
+    assert s.admin_wallet_addresses == {"0x" + "ab" * 20, "0x" + "cd" * 20}
     assert s.billing is True
     assert s.session_ttl_hours == 2
     assert s.btc_to_aitbc_rate == "250000.5"
@@ -47,6 +50,8 @@ def test_values_are_read() -> None:
         ("ESPLORA_URL", "ftp://x"),
         ("SESSION_TTL_HOURS", "0"),
         ("BTC_CONFIRMATIONS", "1.5"),
+        ("ADMIN_WALLET_ADDRESSES", "0x1234"),
+        ("ADMIN_WALLET_ADDRESSES", "0x" + "ab" * 20 + ",admin"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
