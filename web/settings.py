@@ -197,15 +197,7 @@ class Settings:
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
         ).with_(**_wallet_settings(env))
-        roles = (
-            ("CLIENT_API_KEYS", settings.client_api_keys),
-            ("ADMIN_API_KEYS", settings.admin_api_keys),
-            ("MINER_API_KEYS", settings.miner_api_keys),
-        )
-        for i, (name, keys) in enumerate(roles):
-            for other, other_keys in roles[:i]:
-                if set(keys) & set(other_keys):
-                    raise SettingsError(f"{name}: a key is also configured in {other}")
+        _check_keys(settings, env.get("SECRET_KEY", "").strip())
         return settings
 
     @property
@@ -214,6 +206,22 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_keys(settings: Settings, secret: str) -> None:
+    """No key serves two roles. Upstream's ``SECRET_KEY`` signs nothing here (no JWTs): as
+    upstream, it is only checked not to be an API key (a secret pasted in the wrong place)."""
+    roles = (
+        ("CLIENT_API_KEYS", settings.client_api_keys),
+        ("ADMIN_API_KEYS", settings.admin_api_keys),
+        ("MINER_API_KEYS", settings.miner_api_keys),
+    )
+    for i, (name, keys) in enumerate(roles):
+        for other, other_keys in roles[:i]:
+            if set(keys) & set(other_keys):
+                raise SettingsError(f"{name}: a key is also configured in {other}")
+        if secret and secret in keys:
+            raise SettingsError(f"SECRET_KEY: equals a key of {name}")
 
 
 def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:

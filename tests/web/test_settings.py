@@ -148,6 +148,7 @@ def test_previous_receipt_keys_are_parsed() -> None:
             {"CLIENT_API_KEYS": "shared-key-123", "ADMIN_API_KEYS": "shared-key-123"},
             "ADMIN_API_KEYS",
         ),
+        ({"MINER_API_KEYS": "miner-key-123", "SECRET_KEY": "miner-key-123"}, "SECRET_KEY"),
     ],
 )
 def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -165,6 +166,11 @@ def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) ->
 def test_metrics_public_switch(raw: str, public: bool) -> None:
     """METRICS_PUBLIC accepts on/off (and true/false, 1/0); default off."""
     assert Settings.from_env({"METRICS_PUBLIC": raw}).metrics_public is public
+
+
+def test_a_secret_key_that_is_no_api_key_is_accepted() -> None:
+    settings = Settings.from_env({"MINER_API_KEYS": "miner-key-123", "SECRET_KEY": "other-1"})
+    assert settings.miner_api_keys == ("miner-key-123",)
 
 
 def test_the_same_key_may_repeat_within_one_role() -> None:
