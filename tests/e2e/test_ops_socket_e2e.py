@@ -6,14 +6,19 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, make_settings
+from tests.e2e.conftest import start_server
 from tests.e2e.manual_miner import ManualMiner, client_session, close_code
 from tests.e2e.test_ops_page import submit
+from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, login
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.e2e.conftest import RunningServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -88,3 +93,25 @@ async def test_snapshot_recent_events_then_live(server: RunningServer, by_header
             # The miner left before accepting: its job is requeued and the miner dropped.
             await until(ws, lambda f: "gpu-ops" in f.get("removed", []))
             assert await socket_counts(server) == {"miner": 0, "client": 1, "admin": 2}
+
+
+async def test_an_admin_wallets_session_opens_the_ops_socket(tmp_path: Path) -> None:
+    """ADMIN_WALLET_ADDRESSES: a listed wallet's session gets the snapshot, by header or by
+    ``auth`` frame; another wallet's session is closed 4403."""
+    settings = make_settings(tmp_path, admin_wallet_addresses=frozenset({address_of(KEY_A)}))
+    async with anyio.create_task_group() as tg:
+        server, uv = await start_server(settings, tg)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+                admin = (await login(http, KEY_A))["session_token"]
+                plain = (await login(http, KEY_B))["session_token"]
+            async with connect(server.url("/v1/admin/ws"), additional_headers=bearer(admin)) as ws:
+                assert (await frame(ws))["type"] == "snapshot"
+            async with connect(server.url("/v1/admin/ws")) as ws:
+                await ws.send(json.dumps({"type": "auth", "token": admin}))
+                assert (await frame(ws))["type"] == "snapshot"
+            async with connect(server.url("/v1/admin/ws")) as ws:
+                await ws.send(json.dumps({"type": "auth", "token": plain}))
+                assert await close_code(ws) == 4403
+        finally:
+            uv.should_exit = True
