@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING
 
 from dispatcher.errors import PaymentRequired
@@ -37,7 +36,6 @@ __all__ = [
     "job_reservation",
     "job_settlement",
     "payee_account",
-    "price_units",
     "wallet_account",
 ]
 
@@ -86,14 +84,6 @@ def payee_account(miner_id: str, capabilities: JSONObject) -> str:
             assert isinstance(address, str)
             return wallet_account(address)
     return f"miner:{miner_id}"
-
-
-def price_units(receipt: JSONObject | None) -> int:
-    """The receipt's price (a JSON float, 6 places) in units of 1e-8; 0 without a receipt."""
-    price = None if receipt is None else receipt.get("price")
-    if isinstance(price, bool) or not isinstance(price, int | float) or price <= 0:
-        return 0
-    return int((Decimal(repr(price)).scaleb(8)).to_integral_value(rounding=ROUND_DOWN))
 
 
 def job_reservation(job_id: str, payment: JSONObject) -> Movement:

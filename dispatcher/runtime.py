@@ -32,7 +32,6 @@ from dispatcher.ledger import (
     job_reservation,
     job_settlement,
     payee_account,
-    price_units,
 )
 from dispatcher.stats import (
     BATCH_BOUNDS,
@@ -42,6 +41,7 @@ from dispatcher.stats import (
     Histogram,
     JobCounts,
 )
+from protocol.amounts import price_units
 from protocol.codec import encode, encode_assign, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
@@ -644,7 +644,7 @@ class Dispatcher:
         Every REST miner call names its miner (``X-Miner-ID``): without this check another
         miner key could poll that miner's jobs or report results for them.
         """
-        bound = self._bindings.get(miner_id)
+        bound = self.bound_key(miner_id)
         if bound is not None and bound != key_hash:
             raise NotAllowed(f"miner id {miner_id!r} is bound to another key")
 

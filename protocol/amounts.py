@@ -7,9 +7,13 @@ and read through their shortest text (``0.1`` is 0.1, not 0.1000000000000000055â
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
-__all__ = ["UNIT", "AmountError", "format_units", "to_units"]
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["UNIT", "AmountError", "format_units", "price_units", "to_units"]
 
 UNIT = 10**8  # units of 1e-8 in one coin
 _PLACES = Decimal(1).scaleb(-8)
@@ -44,3 +48,12 @@ def format_units(units: int) -> str:
     sign = "-" if units < 0 else ""
     whole, frac = divmod(abs(units), UNIT)
     return f"{sign}{whole}.{frac:08d}"
+
+
+def price_units(receipt: Mapping[str, object] | None) -> int:
+    """The receipt's price (a JSON float, 6 places) in units of 1e-8; 0 without a receipt or
+    a positive price."""
+    price = None if receipt is None else receipt.get("price")
+    if isinstance(price, bool) or not isinstance(price, int | float) or price <= 0:
+        return 0
+    return int((Decimal(repr(price)).scaleb(8)).to_integral_value(rounding=ROUND_DOWN))

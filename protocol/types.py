@@ -101,7 +101,7 @@ def parse_instant(text: str) -> float:
         except ValueError:
             raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time") from None
         return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-    if seconds != seconds or seconds in (math.inf, -math.inf):
+    if not math.isfinite(seconds):
         raise ValueError(f"{text!r} is not Unix seconds or an ISO-8601 time")
     return seconds
 

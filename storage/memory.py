@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from protocol.amounts import price_units
 from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
@@ -288,7 +289,7 @@ class InMemoryJobStore:
         jobs = {r["job_id"] for r in mine}
         return MinerEarnings(
             completed=len(mine),
-            billed=sum(_price_units(r.get("price")) for r in mine),
+            billed=sum(price_units(r) for r in mine),
             paid=sum(
                 e.amount
                 for e in self.entries.values()
@@ -310,10 +311,3 @@ class InMemoryJobStore:
             confirmed_units=sum(p.aitbc_units for p in recent),
             confirmed_sats=sum(p.btc_sats for p in recent),
         )
-
-
-def _price_units(price: object) -> int:
-    """A receipt's price in units of 1e-8, as the SQL store sums it (0 when absent)."""
-    if isinstance(price, bool) or not isinstance(price, int | float):
-        return 0
-    return max(0, round(price * 100_000_000))

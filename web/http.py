@@ -278,7 +278,7 @@ def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]
                 value = convert(raw)
             except ValueError:
                 raise ValidationFailed(f"query parameter {p.name} must be {said}") from None
-            if value != value or value in (math.inf, -math.inf):
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValidationFailed(f"query parameter {p.name} must be {said}")
         validate(p.schema, value, f"query parameter {p.name}")
         out[p.name] = value

@@ -74,7 +74,7 @@ def load_figures(report: object, *, skip: frozenset[str] = frozenset()) -> dict[
         for sub, number in inner:
             if isinstance(number, bool) or not isinstance(number, int | float):
                 continue
-            if number != number or number in (math.inf, -math.inf):
+            if isinstance(number, float) and not math.isfinite(number):
                 continue
             label = str(name) if sub is None else f"{name}.{sub}"
             out[label[:_LOAD_NAME]] = round(float(number), 4)

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import TERMINAL
+from protocol.amounts import UNIT
 from protocol.types import parse_instant
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
@@ -142,7 +143,7 @@ def _instant(call: Call, name: str) -> float | None:
 
 
 def _aitbc(units: int) -> float:
-    return round(units / 100_000_000, 8)
+    return round(units / UNIT, 8)
 
 
 async def earnings(call: Call) -> Response:

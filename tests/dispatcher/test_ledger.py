@@ -20,10 +20,9 @@ from dispatcher.ledger import (
     job_reservation,
     job_settlement,
     payee_account,
-    price_units,
     wallet_account,
 )
-from protocol.amounts import AmountError, format_units, to_units
+from protocol.amounts import AmountError, format_units, price_units, to_units
 
 WALLET = "0x" + "Ab" * 20
 PAY: dict[str, Any] = {"payment_id": "p", "account": "client:c1", "amount": 400, "currency": "A"}
