@@ -35,6 +35,10 @@ TAGS = [
 ]
 
 _PATH_PARAM = re.compile(r"{([^}]+)}")
+_TEXT = {"type": "string"}
+# Job ids are the coordinator's own (32 hex digits): a literal path beside a ``{job_id}`` one,
+# such as /v1/jobs/history, is never a job id.
+_PATH_SCHEMAS = {"job_id": SCHEMAS["JobView"]["properties"]["job_id"]}
 
 _HEALTH: dict[str, dict[str, Any]] = {
     "/health": {"summary": "Health", "description": "Non-empty JSON object with status ok"},
@@ -82,7 +86,7 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
             f"Alias of {endpoint.method} {endpoint.paths[0]}. " + op.get("description", "")
         ).strip()
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(name, _TEXT)}
         for name in _PATH_PARAM.findall(path)
     ]
     for p in endpoint.query:
