@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,14 +27,14 @@ from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
     from databases.core import Connection
 
     from protocol.types import JSONObject
     from storage.base import JobQuery, LedgerEntry, PaymentRecord, WalletSnapshot, WriteBatch
 
-__all__ = ["DatabasesJobStore", "check_database", "map_driver_errors"]
+__all__ = ["DatabasesJobStore", "SqlStore", "check_database", "map_driver_errors"]
 
 _JOB_COLUMNS = (
     "job_id",
@@ -140,12 +140,6 @@ _UPSERT_MINER = (
     "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (miner_id) DO UPDATE SET "
     "session_id = excluded.session_id, capabilities = excluded.capabilities, "
     "concurrency = excluded.concurrency, region = excluded.region, last_seen = excluded.last_seen"
-)
-# The sum of receipts' prices in units of 1e-8 (a price has at most 6 places, so rounding the
-# product gives the exact units; no price or a negative one counts 0).
-_PRICE_UNITS = (
-    "COALESCE(SUM(MAX(0, CAST(ROUND(COALESCE(json_extract(receipt, '$.price'), 0) "
-    "* 100000000) AS INTEGER))), 0)"
 )
 _INSERT_RECEIPT = (
     "INSERT INTO receipts (receipt_id, job_id, miner_id, issued_at, receipt, chain_seq) "
@@ -334,6 +328,63 @@ def _event_data(data: JSONObject, stored: dict[int, str]) -> str:
     return dumps(data).decode()
 
 
+def _row_statements(
+    batch: WriteBatch, stored: dict[int, str]
+) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """Every statement of a batch but the job rows' (each dialect writes those its own way),
+    with its rows, in the order they are written; ``?`` placeholders."""
+    if batch.events:
+        yield (
+            _INSERT_EVENT,
+            [  # unpacked: a NamedTuple's fields read by name take the slow path
+                (
+                    job_id,
+                    seq,
+                    str(event),
+                    str(state),
+                    at,
+                    attempt,
+                    miner_id,
+                    _event_data(data, stored),
+                )
+                for job_id, seq, event, state, at, attempt, miner_id, data in batch.events
+            ],
+        )
+    if batch.miners:
+        yield (
+            _UPSERT_MINER,
+            [
+                (
+                    m.miner_id,
+                    m.key_hash,
+                    m.session_id,
+                    dumps(m.capabilities).decode(),
+                    m.concurrency,
+                    m.region,
+                    m.last_seen,
+                )
+                for m in batch.miners.values()
+            ],
+        )
+    if batch.receipts:
+        yield (
+            _INSERT_RECEIPT,
+            [
+                (
+                    r.receipt_id,
+                    r.job_id,
+                    r.miner_id,
+                    r.issued_at,
+                    dumps(r.receipt).decode(),
+                    r.chain_seq,
+                )
+                for r in batch.receipts
+            ],
+        )
+    if batch.entries or batch.users or batch.sessions or batch.nonces or batch.payments:
+        yield from wallet_sql.statements(batch)
+
+
 def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     """Runs on the writer connection's thread: one transaction, one executemany per table.
 
@@ -365,56 +416,8 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
                     _UPSERT_JOB,
                     [_job_row(j, stored) for j in batch.jobs.values() if j.job_id not in created],
                 )
-        if batch.events:
-            conn.executemany(
-                _INSERT_EVENT,
-                [  # unpacked: a NamedTuple's fields read by name take the slow path
-                    (
-                        job_id,
-                        seq,
-                        str(event),
-                        str(state),
-                        at,
-                        attempt,
-                        miner_id,
-                        _event_data(data, stored),
-                    )
-                    for job_id, seq, event, state, at, attempt, miner_id, data in batch.events
-                ],
-            )
-        if batch.miners:
-            conn.executemany(
-                _UPSERT_MINER,
-                [
-                    (
-                        m.miner_id,
-                        m.key_hash,
-                        m.session_id,
-                        dumps(m.capabilities).decode(),
-                        m.concurrency,
-                        m.region,
-                        m.last_seen,
-                    )
-                    for m in batch.miners.values()
-                ],
-            )
-        if batch.receipts:
-            conn.executemany(
-                _INSERT_RECEIPT,
-                [
-                    (
-                        r.receipt_id,
-                        r.job_id,
-                        r.miner_id,
-                        r.issued_at,
-                        dumps(r.receipt).decode(),
-                        r.chain_seq,
-                    )
-                    for r in batch.receipts
-                ],
-            )
-        if batch.entries or batch.users or batch.sessions or batch.nonces or batch.payments:
-            wallet_sql.write(conn, batch)
+        for sql, rows in _row_statements(batch, stored):
+            conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -475,7 +478,210 @@ def check_database(url: str) -> None:
         raise StorageError(f"{path}: {refusal}")
 
 
-class DatabasesJobStore:
+class SqlStore:
+    """The reads every SQL store shares, over ``databases`` connections that a subclass opens
+    (``_reader`` for indexed reads, ``_scanner`` for reads that walk a table) and the few SQL
+    spellings that differ between dialects. Subclasses open, close and write."""
+
+    _reader: Connection | None
+    _scanner: Connection | None
+
+    # The sum of receipts' prices in units of 1e-8 (a price has at most 6 places, so rounding
+    # the product gives the exact units; no price or a negative one counts 0).
+    _PRICE_UNITS = (
+        "COALESCE(SUM(MAX(0, CAST(ROUND(COALESCE(json_extract(receipt, '$.price'), 0) "
+        "* 100000000) AS INTEGER))), 0)"
+    )
+
+    @staticmethod
+    def _json_text(column: str, key: str) -> str:
+        """SQL for the value of ``key`` in the JSON object stored as text in ``column``."""
+        return f"json_extract({column}, '$.\"{key}\"')"
+
+    def _driver_errors(self) -> AbstractAsyncContextManager[None]:
+        """The driver's exceptions as ``StorageError``s."""
+        return map_driver_errors()
+
+    async def _fetch(
+        self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
+    ) -> Sequence[Any]:
+        """Rows of a read; ``scan``: one that walks a table, on the scanning connection."""
+        conn = self._scanner if scan else self._reader
+        if conn is None:
+            raise StorageError("store is closed")
+        async with self._driver_errors():
+            return await conn.fetch_all(sql, values)
+
+    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        jobs = await self._fetch(f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING')")
+        miners = await self._fetch("SELECT * FROM miners")
+        return [_job_record(r) for r in jobs], [
+            MinerRecord(
+                miner_id=m["miner_id"],
+                key_hash=m["key_hash"],
+                session_id=m["session_id"],
+                capabilities=loads(m["capabilities"]),
+                concurrency=m["concurrency"],
+                region=m["region"],
+                last_seen=m["last_seen"],
+            )
+            for m in (r._mapping for r in miners)
+        ]
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        rows = await self._fetch(f"{_JOB_SELECT} WHERE job_id = :j", {"j": job_id})
+        return _job_record(rows[0]) if rows else None
+
+    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
+        rows = await self._fetch(
+            f"{_JOB_SELECT} WHERE client_id = :c AND idempotency_key = :k",
+            {"c": client_id, "k": idempotency_key},
+        )
+        return _job_record(rows[0]) if rows else None
+
+    async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
+        rows = await self._fetch(
+            "SELECT e.*, r.receipt AS stored_receipt FROM job_events AS e LEFT JOIN receipts AS r "
+            "ON e.event = 'completed' AND r.receipt_id = "
+            f"{self._json_text('e.data', _RECEIPT_REF)} "
+            "WHERE e.job_id = :j AND e.seq > :s ORDER BY e.seq LIMIT :n",
+            {"j": job_id, "s": after, "n": limit},
+        )
+        return [_event_record(r) for r in rows]
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
+        where, values = ["1 = 1"], {}
+        if query.client_id is not None:
+            where.append("client_id = :c")
+            values["c"] = query.client_id
+        if query.miner_id is not None:
+            where.append("miner_id = :m")
+            values["m"] = query.miner_id
+        if query.state is not None:
+            where.append("state = :s")
+            values["s"] = query.state
+        if query.job_type is not None:
+            where.append(f"{self._json_text('payload', 'type')} = :t")
+            values["t"] = query.job_type
+        cond = " AND ".join(where)
+        scan = query.miner_id is not None or query.job_type is not None  # no index for these
+        rows = await self._fetch(
+            f"{_JOB_SELECT} WHERE {cond} ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset",
+            {**values, "limit": query.limit, "offset": query.offset},
+            scan=scan,
+        )
+        if not query.with_total:
+            return [_job_record(r) for r in rows], len(rows)
+        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
+        return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
+
+    async def count_jobs(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r._mapping["state"]: int(r._mapping["n"]) for r in rows}
+
+    async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
+        if job_id:
+            rows = await self._fetch(
+                f"{_JOB_RECEIPTS} LIMIT :limit OFFSET :offset",
+                {"j": job_id, "limit": limit, "offset": offset},
+            )
+        else:  # newest first: the chain's order (pre-chain receipts last, see migration 5)
+            rows = await self._fetch(
+                "SELECT receipt FROM receipts ORDER BY chain_seq DESC LIMIT :limit OFFSET :offset",
+                {"limit": limit, "offset": offset},
+            )
+        return [loads(r._mapping["receipt"]) for r in rows]
+
+    async def receipts_for(self, job_id: str) -> list[JSONObject]:
+        rows = await self._fetch(_JOB_RECEIPTS, {"j": job_id})
+        return [loads(r._mapping["receipt"]) for r in rows]
+
+    async def receipt_chain_head(self) -> JSONObject | None:
+        rows = await self._fetch(
+            "SELECT receipt FROM receipts WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1"
+        )
+        return loads(rows[0]._mapping["receipt"]) if rows else None
+
+    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
+        rows = await self._fetch(
+            "SELECT chain_seq, receipt FROM receipts WHERE chain_seq > :a "
+            "ORDER BY chain_seq LIMIT :n",
+            {"a": after, "n": limit},
+        )
+        return [(r._mapping["chain_seq"], loads(r._mapping["receipt"])) for r in rows]
+
+    # ---- wallet (storage/wallet_sql.py holds the SQL) ------------------------------------
+
+    async def load_wallet(self, now: float) -> WalletSnapshot:
+        return wallet_sql.snapshot(
+            now,
+            {
+                name: await self._fetch(sql, values)
+                for name, (sql, values) in wallet_sql.snapshot_queries(now).items()
+            },
+        )
+
+    async def miner_earnings(
+        self, miner_id: str, since: float, until: float, recent: int
+    ) -> MinerEarnings:
+        values = {"m": miner_id, "a": since, "b": until}
+        mine = "FROM receipts WHERE miner_id = :m AND issued_at >= :a AND issued_at < :b"
+        # Scans of receipts and ledger entries (no index by miner or by reference: the hot
+        # path writes fewer trees), on the scanning connection.
+        totals = await self._fetch(
+            f"SELECT COUNT(*) AS n, {self._PRICE_UNITS} AS billed {mine}", values, scan=True
+        )
+        paid = await self._fetch(
+            "SELECT COALESCE(SUM(amount), 0) AS paid FROM ledger_entries "
+            f"WHERE kind = 'job_payment' AND amount > 0 AND ref IN (SELECT job_id {mine})",
+            values,
+            scan=True,
+        )
+        rows = await self._fetch(
+            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k",
+            {**values, "k": recent},
+            scan=True,
+        )
+        row = totals[0]._mapping
+        return MinerEarnings(
+            completed=int(row["n"]),
+            billed=int(row["billed"]),
+            paid=int(paid[0]._mapping["paid"]),
+            recent=[loads(r._mapping["receipt"]) for r in rows],
+        )
+
+    async def ledger_entries(
+        self, account: str, limit: int, offset: int
+    ) -> tuple[list[LedgerEntry], int]:
+        values = {"a": account}
+        total = await self._fetch(
+            "SELECT COUNT(*) AS n FROM ledger_entries WHERE account = :a", values
+        )
+        rows = await self._fetch(
+            "SELECT * FROM ledger_entries WHERE account = :a "
+            "ORDER BY at DESC, movement_key DESC LIMIT :limit OFFSET :offset",
+            {**values, "limit": limit, "offset": offset},
+        )
+        return [wallet_sql.entry(r._mapping) for r in rows], int(total[0]._mapping["n"])
+
+    async def get_payment(self, payment_id: str) -> PaymentRecord | None:
+        rows = await self._fetch(
+            "SELECT * FROM exchange_payments WHERE payment_id = :p", {"p": payment_id}
+        )
+        return wallet_sql.payment(rows[0]._mapping) if rows else None
+
+    async def payment_stats(self, since: float) -> PaymentStats:
+        rows = await self._fetch(_PAYMENT_STATS, {"since": since}, scan=True)
+        m = rows[0]._mapping
+        return PaymentStats(
+            total=int(m["total"]),
+            pending=int(m["pending"]),
+            confirmed_units=int(m["units"]),
+            confirmed_sats=int(m["sats"]),
+        )
+
+
+class DatabasesJobStore(SqlStore):
     """SQLite (WAL) store. ``synchronous`` is NORMAL by default, FULL on request.
 
     ``exclusive`` (the default): the store holds the database's owner lock while it is open
@@ -705,180 +911,3 @@ class DatabasesJobStore:
         busy, log, done = int(row[0]), int(row[1]), int(row[2])
         self.wal_frames = log
         return busy, log, done
-
-    async def _fetch(
-        self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
-    ) -> Sequence[Any]:
-        """Rows of a read; ``scan``: one that walks a table, on the scanning connection."""
-        conn = self._scanner if scan else self._reader
-        if conn is None:
-            raise StorageError("store is closed")
-        async with map_driver_errors():
-            return await conn.fetch_all(sql, values)
-
-    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
-        jobs = await self._fetch(f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING')")
-        miners = await self._fetch("SELECT * FROM miners")
-        return [_job_record(r) for r in jobs], [
-            MinerRecord(
-                miner_id=m["miner_id"],
-                key_hash=m["key_hash"],
-                session_id=m["session_id"],
-                capabilities=loads(m["capabilities"]),
-                concurrency=m["concurrency"],
-                region=m["region"],
-                last_seen=m["last_seen"],
-            )
-            for m in (r._mapping for r in miners)
-        ]
-
-    async def get_job(self, job_id: str) -> JobRecord | None:
-        rows = await self._fetch(f"{_JOB_SELECT} WHERE job_id = :j", {"j": job_id})
-        return _job_record(rows[0]) if rows else None
-
-    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
-        rows = await self._fetch(
-            f"{_JOB_SELECT} WHERE client_id = :c AND idempotency_key = :k",
-            {"c": client_id, "k": idempotency_key},
-        )
-        return _job_record(rows[0]) if rows else None
-
-    async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
-        rows = await self._fetch(
-            "SELECT e.*, r.receipt AS stored_receipt FROM job_events AS e LEFT JOIN receipts AS r "
-            "ON e.event = 'completed' AND r.receipt_id = json_extract(e.data, '$.\"$receipt_id\"') "
-            "WHERE e.job_id = :j AND e.seq > :s ORDER BY e.seq LIMIT :n",
-            {"j": job_id, "s": after, "n": limit},
-        )
-        return [_event_record(r) for r in rows]
-
-    async def list_jobs(self, query: JobQuery) -> tuple[list[JobRecord], int]:
-        where, values = ["1 = 1"], {}
-        if query.client_id is not None:
-            where.append("client_id = :c")
-            values["c"] = query.client_id
-        if query.miner_id is not None:
-            where.append("miner_id = :m")
-            values["m"] = query.miner_id
-        if query.state is not None:
-            where.append("state = :s")
-            values["s"] = query.state
-        if query.job_type is not None:
-            where.append("json_extract(payload, '$.type') = :t")
-            values["t"] = query.job_type
-        cond = " AND ".join(where)
-        scan = query.miner_id is not None or query.job_type is not None  # no index for these
-        rows = await self._fetch(
-            f"{_JOB_SELECT} WHERE {cond} ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset",
-            {**values, "limit": query.limit, "offset": query.offset},
-            scan=scan,
-        )
-        if not query.with_total:
-            return [_job_record(r) for r in rows], len(rows)
-        total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
-        return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
-
-    async def count_jobs(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-        return {r._mapping["state"]: int(r._mapping["n"]) for r in rows}
-
-    async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
-        if job_id:
-            rows = await self._fetch(
-                f"{_JOB_RECEIPTS} LIMIT :limit OFFSET :offset",
-                {"j": job_id, "limit": limit, "offset": offset},
-            )
-        else:  # newest first: the chain's order (pre-chain receipts last, see migration 5)
-            rows = await self._fetch(
-                "SELECT receipt FROM receipts ORDER BY chain_seq DESC LIMIT :limit OFFSET :offset",
-                {"limit": limit, "offset": offset},
-            )
-        return [loads(r._mapping["receipt"]) for r in rows]
-
-    async def receipts_for(self, job_id: str) -> list[JSONObject]:
-        rows = await self._fetch(_JOB_RECEIPTS, {"j": job_id})
-        return [loads(r._mapping["receipt"]) for r in rows]
-
-    async def receipt_chain_head(self) -> JSONObject | None:
-        rows = await self._fetch(
-            "SELECT receipt FROM receipts WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1"
-        )
-        return loads(rows[0]._mapping["receipt"]) if rows else None
-
-    async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
-        rows = await self._fetch(
-            "SELECT chain_seq, receipt FROM receipts WHERE chain_seq > :a "
-            "ORDER BY chain_seq LIMIT :n",
-            {"a": after, "n": limit},
-        )
-        return [(r._mapping["chain_seq"], loads(r._mapping["receipt"])) for r in rows]
-
-    # ---- wallet (storage/wallet_sql.py holds the SQL) ------------------------------------
-
-    async def load_wallet(self, now: float) -> WalletSnapshot:
-        return wallet_sql.snapshot(
-            now,
-            {
-                name: await self._fetch(sql, values)
-                for name, (sql, values) in wallet_sql.snapshot_queries(now).items()
-            },
-        )
-
-    async def miner_earnings(
-        self, miner_id: str, since: float, until: float, recent: int
-    ) -> MinerEarnings:
-        values = {"m": miner_id, "a": since, "b": until}
-        mine = "FROM receipts WHERE miner_id = :m AND issued_at >= :a AND issued_at < :b"
-        # Scans of receipts and ledger entries (no index by miner or by reference: the hot
-        # path writes fewer trees), on the scanning connection.
-        totals = await self._fetch(
-            f"SELECT COUNT(*) AS n, {_PRICE_UNITS} AS billed {mine}", values, scan=True
-        )
-        paid = await self._fetch(
-            "SELECT COALESCE(SUM(amount), 0) AS paid FROM ledger_entries "
-            f"WHERE kind = 'job_payment' AND amount > 0 AND ref IN (SELECT job_id {mine})",
-            values,
-            scan=True,
-        )
-        rows = await self._fetch(
-            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k",
-            {**values, "k": recent},
-            scan=True,
-        )
-        row = totals[0]._mapping
-        return MinerEarnings(
-            completed=int(row["n"]),
-            billed=int(row["billed"]),
-            paid=int(paid[0]._mapping["paid"]),
-            recent=[loads(r._mapping["receipt"]) for r in rows],
-        )
-
-    async def ledger_entries(
-        self, account: str, limit: int, offset: int
-    ) -> tuple[list[LedgerEntry], int]:
-        values = {"a": account}
-        total = await self._fetch(
-            "SELECT COUNT(*) AS n FROM ledger_entries WHERE account = :a", values
-        )
-        rows = await self._fetch(
-            "SELECT * FROM ledger_entries WHERE account = :a "
-            "ORDER BY at DESC, movement_key DESC LIMIT :limit OFFSET :offset",
-            {**values, "limit": limit, "offset": offset},
-        )
-        return [wallet_sql.entry(r._mapping) for r in rows], int(total[0]._mapping["n"])
-
-    async def get_payment(self, payment_id: str) -> PaymentRecord | None:
-        rows = await self._fetch(
-            "SELECT * FROM exchange_payments WHERE payment_id = :p", {"p": payment_id}
-        )
-        return wallet_sql.payment(rows[0]._mapping) if rows else None
-
-    async def payment_stats(self, since: float) -> PaymentStats:
-        rows = await self._fetch(_PAYMENT_STATS, {"since": since}, scan=True)
-        m = rows[0]._mapping
-        return PaymentStats(
-            total=int(m["total"]),
-            pending=int(m["pending"]),
-            confirmed_units=int(m["units"]),
-            confirmed_sats=int(m["sats"]),
-        )

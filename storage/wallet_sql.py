@@ -1,6 +1,6 @@
 """SQL of the wallet tables: users, sessions, login nonces, ledger entries, payments.
 
-Used by ``storage/sql.py`` only: ``write`` runs inside the group-commit transaction (so a job's
+Used by the SQL stores only: ``statements`` run inside the group-commit transaction (so a job's
 ledger entries commit with its state change), the rest turn rows into records. Ledger entries
 are plain INSERTs: a movement key written twice is a ``Conflict`` that rolls the whole batch
 back, never a silent double count.
@@ -20,12 +20,11 @@ from storage.base import (
 )
 
 if TYPE_CHECKING:
-    import sqlite3
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     from storage.base import WriteBatch
 
-__all__ = ["entry", "payment", "snapshot", "snapshot_queries", "write"]
+__all__ = ["entry", "payment", "snapshot", "snapshot_queries", "statements"]
 
 _INSERT_ENTRY = (
     "INSERT INTO ledger_entries (movement_key, leg, account, amount, kind, ref, at) "
@@ -72,33 +71,36 @@ _UPSERT_PAYMENT = (
 )
 
 
-def write(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    """The wallet part of a batch, on the writer connection, inside its transaction."""
+def statements(batch: WriteBatch) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """The wallet part of a batch: each statement with its rows (``?`` placeholders), in the
+    order the writer runs them inside the batch's transaction."""
     if batch.users:
-        conn.executemany(
+        yield (
             _INSERT_USER,
             [(u.user_id, u.wallet_address, u.email, u.username, u.created_at) for u in batch.users],
         )
     if batch.sessions:
-        conn.executemany(
+        yield (
             _UPSERT_SESSION,
             [
                 (s.token_hash, s.user_id, s.created_at, s.expires_at, s.revoked_at)
                 for s in batch.sessions.values()
             ],
         )
-    for address, nonce in batch.nonces.items():
-        if nonce is None:
-            conn.execute(_DELETE_NONCE, (address,))
-        else:
-            conn.execute(_UPSERT_NONCE, (address, nonce.nonce, nonce.expires_at))
+    if batch.nonces:  # an address appears once in a batch: deletes and upserts never clash
+        gone = [(address,) for address, nonce in batch.nonces.items() if nonce is None]
+        if gone:
+            yield _DELETE_NONCE, gone
+        new = [(a, n.nonce, n.expires_at) for a, n in batch.nonces.items() if n is not None]
+        if new:
+            yield _UPSERT_NONCE, new
     if batch.payments:
-        conn.executemany(
+        yield (
             _UPSERT_PAYMENT,
             [tuple(getattr(p, c) for c in _PAYMENT_COLUMNS) for p in batch.payments.values()],
         )
     if batch.entries:
-        conn.executemany(
+        yield (
             _INSERT_ENTRY,
             [
                 (e.movement_key, e.leg, e.account, e.amount, e.kind, e.ref, e.at)
