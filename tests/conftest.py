@@ -1,4 +1,5 @@
-"""Shared fixtures: keys, settings factory, anyio backend (asyncio only: we ship on asyncio)."""
+"""Shared fixtures: keys, settings factory, anyio backend (asyncio only: we ship on asyncio),
+and ``postgres_url`` (a fresh database on a real PostgreSQL server, tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from web.settings import Settings
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+pytest_plugins = ["tests.postgres"]
 
 # ``make coverage`` runs the pure layers' tests with this profile: the same examples every run,
 # so 100% branch coverage does not depend on the random draw (the usual runs stay random).
