@@ -89,7 +89,7 @@ def test_a_cluster_that_cannot_start_says_why_on_one_line() -> None:
     """Its port is taken: the error names pg_ctl and ends in the server log's last lines."""
     tools = find_tools()
     if tools is None:
-        pytest.skip("initdb/pg_ctl are not installed")
+        unavailable("initdb/pg_ctl are not installed (postgresql)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
