@@ -116,9 +116,7 @@ def throwaway_cluster(initdb: str, pg_ctl: str, port: int) -> Iterator[PostgresS
         run(initdb, "-D", data, *"-A trust -U postgres -E UTF8 --locale=C --no-sync".split())
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
         try:
-            run(
-                pg_ctl, "-D", data, "-l", str(log), "-o", options, "-w", "-t", str(START_S), "start"
-            )
+            run(pg_ctl, "start", "-w", f"-t{START_S}", "-D", data, "-l", str(log), "-o", options)
             yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres")
         finally:  # also after a failed start: a server pg_ctl gave up waiting for may be running
             stop = [*as_owner, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]
