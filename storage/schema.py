@@ -7,11 +7,15 @@ are large, and ``WITHOUT ROWID`` made them slower. The applied version is kept i
 ``schema_version`` (one row per applied migration) so the same code runs on SQLite and
 PostgreSQL; every listed version that has no row is applied, so numbers need not be
 contiguous.
+
+PostgreSQL (``storage/postgres.py``) has a list of its own, ``PG_MIGRATIONS``: its first entry
+creates the schema as SQLite's migrations 1-5 leave it, in one transaction, and records all five
+versions. A later migration is added to both lists, under the same number.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = ["MIGRATIONS", "PG_MIGRATIONS", "SCHEMA_VERSION"]
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -193,3 +197,120 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# PostgreSQL: (versions recorded, statements). Every integer is BIGINT (SQLite's INTEGER is 64
+# bits); ``jobs.rowid`` is a column here, the insertion order that newest-first job lists read
+# (SQLite's implicit rowid), so the shared reads name it the same way; indexes end in it.
+PG_MIGRATIONS: list[tuple[tuple[int, ...], list[str]]] = [
+    (
+        (1, 2, 3, 4, 5),
+        [
+            """CREATE TABLE jobs (
+                rowid BIGSERIAL NOT NULL UNIQUE,
+                job_id TEXT PRIMARY KEY,
+                client_id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                constraints TEXT NOT NULL,
+                priority BIGINT NOT NULL,
+                requested_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                attempt BIGINT NOT NULL,
+                failures BIGINT NOT NULL,
+                max_attempts BIGINT NOT NULL,
+                seq BIGINT NOT NULL,
+                miner_id TEXT,
+                assigned_at DOUBLE PRECISION,
+                started_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                result TEXT,
+                receipt TEXT,
+                error TEXT,
+                idempotency_key TEXT,
+                payment TEXT,
+                receipt_id TEXT
+            )""",
+            "CREATE INDEX jobs_state ON jobs (state, rowid)",
+            "CREATE INDEX jobs_client ON jobs (client_id, rowid)",
+            """CREATE UNIQUE INDEX jobs_idempotency ON jobs (client_id, idempotency_key)
+               WHERE idempotency_key IS NOT NULL""",
+            """CREATE TABLE job_events (
+                job_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                event TEXT NOT NULL,
+                state TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                attempt BIGINT NOT NULL,
+                miner_id TEXT,
+                data TEXT NOT NULL,
+                PRIMARY KEY (job_id, seq)
+            )""",
+            """CREATE TABLE miners (
+                miner_id TEXT PRIMARY KEY,
+                key_hash TEXT NOT NULL,
+                session_id TEXT,
+                capabilities TEXT NOT NULL,
+                concurrency BIGINT NOT NULL,
+                region TEXT,
+                last_seen DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE receipts (
+                chain_seq BIGINT PRIMARY KEY,
+                receipt_id TEXT NOT NULL UNIQUE,
+                job_id TEXT NOT NULL,
+                miner_id TEXT,
+                issued_at DOUBLE PRECISION NOT NULL,
+                receipt TEXT NOT NULL
+            )""",
+            """CREATE TABLE users (
+                user_id TEXT PRIMARY KEY,
+                wallet_address TEXT NOT NULL UNIQUE,
+                email TEXT NOT NULL UNIQUE,
+                username TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE user_sessions (
+                token_hash TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION
+            )""",
+            """CREATE TABLE login_nonces (
+                wallet_address TEXT PRIMARY KEY,
+                nonce TEXT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE ledger_entries (
+                movement_key TEXT NOT NULL,
+                leg BIGINT NOT NULL,
+                account TEXT NOT NULL,
+                amount BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                ref TEXT,
+                at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (movement_key, leg)
+            )""",
+            "CREATE INDEX ledger_account ON ledger_entries (account, at)",
+            """CREATE TABLE exchange_payments (
+                payment_id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                account TEXT NOT NULL,
+                aitbc_units BIGINT NOT NULL,
+                btc_sats BIGINT NOT NULL,
+                address TEXT NOT NULL,
+                address_index BIGINT,
+                status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                confirmed_at DOUBLE PRECISION,
+                tx_hash TEXT,
+                tx_vout BIGINT,
+                confirmations BIGINT NOT NULL
+            )""",
+            "CREATE INDEX exchange_payments_status ON exchange_payments (status)",
+            """CREATE UNIQUE INDEX exchange_payments_outpoint ON exchange_payments
+               (tx_hash, tx_vout) WHERE tx_hash IS NOT NULL""",
+        ],
+    ),
+]

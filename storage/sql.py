@@ -1,4 +1,5 @@
-"""``DatabasesJobStore``: the SQL store. The only module that imports databases/aiosqlite.
+"""``DatabasesJobStore``: the SQLite store (the only module that imports aiosqlite/sqlite3),
+and ``SqlStore``: the reads it shares with the PostgreSQL store (storage/postgres.py).
 
 ``databases`` owns the connections, migrations and reads. The group-commit writer does not pay
 per-statement SQL compilation: it uses pre-built SQL and one ``executemany`` per statement type

@@ -59,13 +59,19 @@ def test_pure_dispatcher_modules(module: str) -> None:
 
 
 def test_third_party_ownership() -> None:
-    """databases/aiosqlite only in storage/sql.py; starlette/uvicorn only in web/."""
+    """Database drivers only in their store: databases/aiosqlite in storage/sql.py, asyncpg
+    (and databases) in storage/postgres.py; starlette/uvicorn only in web/."""
     for path in ROOT.glob("*/*.py"):
         if path.parts[-2] not in {"protocol", "storage", "dispatcher", "web"}:
             continue
         tops = {n.split(".")[0] for n in imports_of(path)}
-        if tops & {"databases", "aiosqlite"}:
-            assert path.relative_to(ROOT).as_posix() == "storage/sql.py"
+        where = path.relative_to(ROOT).as_posix()
+        if tops & {"aiosqlite", "sqlite3"}:
+            assert where == "storage/sql.py", where
+        if "asyncpg" in tops:
+            assert where == "storage/postgres.py", where
+        if "databases" in tops:
+            assert where in ("storage/sql.py", "storage/postgres.py"), where
         if tops & {"starlette", "uvicorn"}:
             assert path.parts[-2] == "web", path
 

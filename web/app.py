@@ -21,7 +21,7 @@ from dispatcher.runtime import Dispatcher
 from protocol.receipts import load_signing_key
 from protocol.records import JobRecord, job_view
 from protocol.types import CloseCode, JSONObject
-from storage.sql import DatabasesJobStore
+from storage.backends import store_for
 from web import (
     metrics,
     rest_admin,
@@ -151,9 +151,7 @@ async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]
 def create_app(
     settings: Settings, *, store: Store | None = None, clock: Clock | None = None
 ) -> Starlette:
-    store = store or DatabasesJobStore(
-        settings.database_url, synchronous=settings.sqlite_synchronous
-    )
+    store = store or store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
     core = Coordinator(settings, store, clock or SystemClock())
 
     async def run_dispatcher(*, task_status: TaskStatus[None]) -> None:

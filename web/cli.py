@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 
+from storage.backends import check_store, shown_url, store_for
 from storage.errors import StorageError
-from storage.sql import DatabasesJobStore, check_database
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     # Refuse a second coordinator on the same database, or a file that is not one we can run
     # on, before anything is written beside it.
     try:
-        check_database(settings.database_url)
-        store = DatabasesJobStore(settings.database_url, synchronous=settings.sqlite_synchronous)
+        check_store(settings.database_url)
+        store = store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
         store.claim()
     except StorageError as exc:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
     print(
         f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
-        f"(database {settings.database_url})",
+        f"(database {shown_url(settings.database_url)})",
         flush=True,
     )
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal with the

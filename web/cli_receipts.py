@@ -23,8 +23,8 @@ from protocol.receipt_verify import (
     key_id_from_text,
     keys_from_document,
 )
+from storage.backends import shown_url, store_for
 from storage.errors import StorageError
-from storage.sql import DatabasesJobStore
 from web.keys import signing_key_path
 from web.rest_receipts import signing_keys
 from web.settings import Settings, SettingsError
@@ -134,7 +134,7 @@ def _audit(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.db:
         settings = settings.with_(database_url=f"sqlite:///{args.db}")
-    if not settings.database_path.exists():
+    if not settings.is_postgres and not settings.database_path.exists():
         raise _Usage(f"no database at {settings.database_path}")
     keys = _configured_keys(settings)
     if keys is None:
@@ -145,11 +145,11 @@ def _audit(args: argparse.Namespace) -> int:
     try:
         return anyio.run(_walk, settings, keys)
     except StorageError as exc:
-        raise _Usage(f"{settings.database_url}: {exc}") from None
+        raise _Usage(f"{shown_url(settings.database_url)}: {exc}") from None
 
 
 async def _walk(settings: Settings, keys: tuple[TrustedKey, ...] | None) -> int:
-    store = DatabasesJobStore(settings.database_url, exclusive=False)  # the server may run
+    store = store_for(settings.database_url, exclusive=False)  # the server may run
     await store.open()
     try:
         audit = ChainAudit(keys)

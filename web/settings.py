@@ -10,9 +10,11 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from protocol.receipt_verify import TrustedKey, key_id_from_text
 from protocol.types import parse_instant
+from storage.backends import is_postgres_url
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -149,9 +151,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        url = env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip()
-        if not url.startswith("sqlite:///"):
-            raise SettingsError("DATABASE_URL: only sqlite:///PATH is supported by this build")
+        url = _database_url(env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip())
         port = _number(env, "API_PORT", 8000, 0, 65535)
         if port != int(port):
             raise SettingsError("API_PORT: must be an integer")
@@ -201,11 +201,36 @@ class Settings:
         return settings
 
     @property
+    def is_postgres(self) -> bool:
+        return is_postgres_url(self.database_url)
+
+    @property
     def database_path(self) -> Path:
+        """The SQLite database file, beside which its generated keys are kept. On PostgreSQL,
+        ``<database name>`` in the working directory: the same files go there."""
+        if self.is_postgres:
+            return Path(urlsplit(self.database_url).path.lstrip("/"))
         return Path(self.database_url.removeprefix("sqlite:///"))
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _database_url(url: str) -> str:
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    if is_postgres_url(url):
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise SettingsError(f"DATABASE_URL: not a valid PostgreSQL URL ({exc})") from None
+        name = parts.path.lstrip("/")
+        if parts.hostname and name and "/" not in name:
+            return url
+    raise SettingsError(
+        "DATABASE_URL: must be sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    )
 
 
 def _check_keys(settings: Settings, secret: str) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import asyncpg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import ClientHello, ClientWelcome, JobEvent, ServerToClient
+from storage.backends import is_postgres_url
 from tests.conftest import CLIENT_KEY, make_settings
 from web.cli import build_server
 
@@ -66,8 +70,39 @@ async def start_server(
     return RunningServer(settings, sock.getsockname()[1], server.config.app, stopped), server
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend's database in turn: a file of ``tmp_path``, or a fresh PostgreSQL one."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'coordinator.db'}"
+
+
+async def fetch_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` (portable SQL) on the database ``url`` names, as tuples."""
+    if is_postgres_url(url):
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+        return db.execute(sql).fetchall()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_backends`` run once on SQLite and once on PostgreSQL."""
+    if "settings" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
+        metafunc.parametrize("settings", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The server's settings: on SQLite, or on PostgreSQL for the ``both_backends`` run."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        return make_settings(tmp_path, database_url=request.getfixturevalue("postgres_url"))
     return make_settings(tmp_path)
 
 

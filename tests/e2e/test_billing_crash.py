@@ -10,11 +10,9 @@ no account is negative, and the client's balance is what it started with minus w
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import signal
-import sqlite3
 import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -25,6 +23,7 @@ import pytest
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.e2e.conftest import fetch_rows
 from tests.e2e.test_crash_recovery import CoordinatorProcess, _wait_for
 
 if TYPE_CHECKING:
@@ -85,10 +84,11 @@ async def _active_jobs(server: CoordinatorProcess) -> int:
 
 
 @pytest.mark.timeout(90)
-async def test_kill_9_mid_billing_loses_and_double_counts_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "billing.db"
+async def test_kill_9_mid_billing_loses_and_double_counts_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
     with (tmp_path / "coordinator.log").open("a") as log:
-        server = CoordinatorProcess(db, log)
+        server = CoordinatorProcess(database_url, log)
         server.env["BILLING"] = "on"
         try:
             await server.start()
@@ -140,18 +140,18 @@ async def test_kill_9_mid_billing_loses_and_double_counts_nothing(tmp_path: Path
             print((tmp_path / "coordinator.log").read_text()[-3000:])
 
     assert client.refused == []
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        entries = conn.execute(
-            "SELECT movement_key, leg, account, amount, kind, ref, at FROM ledger_entries"
-        ).fetchall()
-        jobs = {
-            job_id: (state, payment, receipt)
-            for job_id, state, payment, receipt in conn.execute(
-                # A receipt is stored once, in ``receipts`` (older rows: in the job row).
-                "SELECT j.job_id, j.state, j.payment, COALESCE(j.receipt, r.receipt) "
-                "FROM jobs AS j LEFT JOIN receipts AS r ON r.job_id = j.job_id"
-            )
-        }
+    entries = await fetch_rows(
+        database_url, "SELECT movement_key, leg, account, amount, kind, ref, at FROM ledger_entries"
+    )
+    jobs = {
+        job_id: (state, payment, receipt)
+        for job_id, state, payment, receipt in await fetch_rows(
+            database_url,
+            # A receipt is stored once, in ``receipts`` (older rows: in the job row).
+            "SELECT j.job_id, j.state, j.payment, COALESCE(j.receipt, r.receipt) "
+            "FROM jobs AS j LEFT JOIN receipts AS r ON r.job_id = j.job_id",
+        )
+    }
     assert set(client.acked.values()) <= set(jobs)
     assert sum(e[3] for e in entries) == 0
     by_key: dict[str, list[int]] = {}

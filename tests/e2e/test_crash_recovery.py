@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,8 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import Ack, ClientHello, ClientWelcome, JobEvent, JobSubmit, Subscribe
-from storage.sql import DatabasesJobStore
+from storage.backends import store_for
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, MINER_KEY_2, SIGNING_SEED
+from tests.e2e.conftest import fetch_rows
 
 if TYPE_CHECKING:
     from anyio.abc import Process
@@ -47,10 +46,9 @@ def _free_port() -> int:
 
 
 class CoordinatorProcess:
-    """``aitbc-coordinator serve`` as a subprocess on one database file."""
+    """``aitbc-coordinator serve`` as a subprocess on one database (``DATABASE_URL``)."""
 
-    def __init__(self, db: Path, log: IO[str]) -> None:
-        self.db = db
+    def __init__(self, database_url: str, log: IO[str]) -> None:
         self.log = log
         self.port = 0
         self.proc: Process | None = None
@@ -62,6 +60,7 @@ class CoordinatorProcess:
             "RECEIPT_SIGNING_KEY_HEX": SIGNING_SEED,
             "RESUME_GRACE_SECONDS": "3",
             "ACCEPT_TIMEOUT_SECONDS": "1",
+            "DATABASE_URL": database_url,
         }
 
     def url(self, path: str) -> str:
@@ -80,8 +79,6 @@ class CoordinatorProcess:
                     "serve",
                     "--port",
                     str(self.port),
-                    "--db",
-                    str(self.db),
                     "--log-level",
                     "warning",
                 ],
@@ -247,14 +244,11 @@ async def _wait_for(condition: Any, within: float) -> None:
             await anyio.sleep(0.005)
 
 
-async def _stored(db: Path) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, int]]:
+async def _stored(url: str) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, int]]:
     """Jobs, event logs and receipt counts, read with the project's own store."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        ids = [r[0] for r in conn.execute("SELECT job_id FROM jobs")]
-        receipts = dict(
-            conn.execute("SELECT job_id, COUNT(*) FROM receipts GROUP BY job_id").fetchall()
-        )
-    store = DatabasesJobStore(f"sqlite:///{db}")
+    ids = [r[0] for r in await fetch_rows(url, "SELECT job_id FROM jobs")]
+    receipts = dict(await fetch_rows(url, "SELECT job_id, COUNT(*) FROM receipts GROUP BY job_id"))
+    store = store_for(url)
     await store.open()
     try:
         jobs = {j: await store.get_job(j) for j in ids}
@@ -265,13 +259,13 @@ async def _stored(db: Path) -> tuple[dict[str, Any], dict[str, list[Any]], dict[
 
 
 @pytest.mark.timeout(60)
-async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path) -> None:
-    """SIGKILL mid-load, restart on the same db: every acknowledged job exists, ends in exactly
-    one terminal state (one completed event at most), and the client misses no event."""
-    db = tmp_path / "c.db"
+async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path, database_url: str) -> None:
+    """SIGKILL mid-load, restart on the same database: every acknowledged job exists, ends in
+    exactly one terminal state (one completed event at most), and the client misses no event.
+    On PostgreSQL, the restart also finds the killed process's owner lock gone."""
     miner_logs: list[str] = []
     with (tmp_path / "coordinator.log").open("a") as log:
-        server = CoordinatorProcess(db, log)
+        server = CoordinatorProcess(database_url, log)
         try:
             await server.start()
             client = LoadClient(server)
@@ -301,7 +295,7 @@ async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path) -> None
             await server.stop_now()
             print((tmp_path / "coordinator.log").read_text()[-4000:])
 
-    jobs, events, receipts = await _stored(db)
+    jobs, events, receipts = await _stored(database_url)
 
     print(
         f"sessions={client.sessions} acked_at_kill={len(acked_at_kill)} "

@@ -12,7 +12,7 @@ from protocol.receipts import key_id_for, load_signing_key, verify_receipt
 from tests.conftest import MINER_KEY, MINER_KEY_2, SIGNING_SEED
 from tests.e2e.conftest import RunningServer, open_client
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.both_backends]
 
 A100_SEED = "22" * 32
 

@@ -23,7 +23,7 @@ from tests.e2e.manual_miner import ManualMiner, client_session
 if TYPE_CHECKING:
     from tests.e2e.conftest import Client, RunningServer
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.both_backends]
 
 
 async def _submit(client: Client, request_id: str, prompt: str) -> str:

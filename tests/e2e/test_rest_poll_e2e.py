@@ -26,6 +26,7 @@ async def _until(predicate: object) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.both_backends
 @pytest.mark.parametrize("forwarded", [False, True], ids=["lean", "asgi"])
 async def test_a_miner_that_hangs_up_during_its_long_poll_is_offered_no_job(
     server: RunningServer, forwarded: bool

@@ -1,4 +1,5 @@
-"""The ``JobStore`` contract, run against every store: in-memory and SQLite (on a file)."""
+"""The ``JobStore`` contract, run against every store: in-memory, SQLite (on a file) and
+PostgreSQL (a fresh database of the test server, tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage.base import JobQuery, JobStore, LedgerEntry, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
+from storage.postgres import PostgresJobStore
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore
 
@@ -34,10 +36,13 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     if request.param == "memory":
         return InMemoryJobStore
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return lambda: PostgresJobStore(url)
     return lambda: DatabasesJobStore(sqlite_url(tmp_path))
 
 

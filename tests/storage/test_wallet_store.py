@@ -23,6 +23,7 @@ from storage.base import (
 )
 from storage.errors import Conflict
 from storage.memory import InMemoryJobStore
+from storage.postgres import PostgresJobStore
 from storage.schema import MIGRATIONS
 from storage.sql import DatabasesJobStore
 
@@ -34,10 +35,13 @@ pytestmark = pytest.mark.anyio
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
     if request.param == "memory":
         return InMemoryJobStore
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return lambda: PostgresJobStore(url)
     return lambda: DatabasesJobStore(f"sqlite:///{tmp_path / 'w.db'}")
 
 

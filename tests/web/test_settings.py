@@ -49,6 +49,26 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.receipt_signing_key_hex is None
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://aitbc:s3cret@db.internal:5432/coordinator",
+        "postgres://aitbc@db.internal/coordinator",
+        "postgresql+asyncpg://aitbc@127.0.0.1/coordinator",
+    ],
+)
+def test_a_postgresql_url_is_taken_and_its_local_files_are_named_after_the_database(
+    url: str,
+) -> None:
+    """Generated keys of a PostgreSQL coordinator are kept in the working directory, named
+    after the database (``coordinator.keys.json``), as SQLite's are beside its file."""
+    s = Settings.from_env({"DATABASE_URL": url})
+    assert s.database_url == url
+    assert s.is_postgres
+    assert s.database_path.as_posix() == "coordinator"
+    assert not Settings.from_env({"DATABASE_URL": "sqlite:///c.db"}).is_postgres
+
+
 def test_values_are_parsed() -> None:
     """Numbers, key lists (comma-separated or JSON) and choices are read from the environment."""
     s = Settings.from_env(
@@ -123,8 +143,12 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 31 + "@/1700000000"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/yesterday"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@20/10"}, "RECEIPT_PREVIOUS_KEYS"),
-        ({"DATABASE_URL": "postgresql://db/coordinator"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://db/coordinator"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://db"}, "DATABASE_URL"),  # no database named
+        ({"DATABASE_URL": "postgresql:///coordinator"}, "DATABASE_URL"),  # no host
+        ({"DATABASE_URL": "postgresql://db:port/coordinator"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///"}, "DATABASE_URL"),
         ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),
         ({"SQLITE_SYNCHRONOUS": "EXTRA"}, "SQLITE_SYNCHRONOUS"),
         ({"CLIENT_API_KEYS": "short"}, "CLIENT_API_KEYS"),
@@ -273,7 +297,7 @@ def test_keys_an_older_build_kept_beside_the_link_are_still_used(tmp_path: Path)
     ("variable", "value"),
     [
         ("API_PORT", "not-a-port"),
-        ("DATABASE_URL", "postgresql://db/x"),
+        ("DATABASE_URL", "mysql://db/x"),
         ("HEARTBEAT_TIMEOUT_SECONDS", "0"),
         ("CLIENT_API_KEYS", "short"),
     ],

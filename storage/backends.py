@@ -1,0 +1,53 @@
+"""Which store a ``DATABASE_URL`` names: SQLite (``sqlite:///PATH``, the embedded default) or
+PostgreSQL (``postgresql://…``). Light to import: a backend's driver loads when it is chosen."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.postgres import PostgresJobStore
+    from storage.sql import DatabasesJobStore
+
+__all__ = ["POSTGRES_SCHEMES", "check_store", "is_postgres_url", "shown_url", "store_for"]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def store_for(
+    url: str, *, synchronous: str = "NORMAL", exclusive: bool = True
+) -> DatabasesJobStore | PostgresJobStore:
+    """The (unopened) store for ``url``; ``synchronous`` is SQLite's, ``exclusive`` both's."""
+    if is_postgres_url(url):
+        from storage.postgres import PostgresJobStore
+
+        return PostgresJobStore(url, exclusive=exclusive)
+    from storage.sql import DatabasesJobStore
+
+    return DatabasesJobStore(url, synchronous=synchronous, exclusive=exclusive)
+
+
+def check_store(url: str) -> None:
+    """Before serving: a one-line ``StorageError`` when ``url`` cannot be this coordinator's
+    database (see ``storage.sql.check_database`` and ``storage.postgres.check_postgres``)."""
+    if is_postgres_url(url):
+        from storage.postgres import check_postgres
+
+        check_postgres(url)
+    else:
+        from storage.sql import check_database
+
+        check_database(url)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages and logs may show it: a password becomes ``***``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, place = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{place}"

@@ -1,0 +1,246 @@
+"""``PostgresJobStore``: the SQL store on PostgreSQL (``DATABASE_URL=postgresql://…``).
+
+The reads are ``SqlStore``'s, through ``databases`` (asyncpg). The group-commit writer runs each
+batch as one transaction on the writer connection's raw asyncpg driver: one ``executemany`` per
+statement type, with the statements prepared once (asyncpg caches them), one COMMIT. PostgreSQL
+fsyncs its WAL at every commit (``synchronous_commit`` is the server's setting), so a batch is
+durable when ``commit`` returns, as with SQLite.
+
+One coordinator per database, as on SQLite: the dispatching store holds a session advisory lock
+(``pg_try_advisory_lock``) on its writer connection while it is open. The server drops it when
+that connection ends, crash included, so it never goes stale. Several coordinator nodes on one
+database are not built yet: a second one is refused with ``StoreInUse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from databases import Database
+
+from storage.backends import POSTGRES_SCHEMES, is_postgres_url, shown_url
+from storage.errors import Conflict, StorageError, StoreInUse
+from storage.schema import PG_MIGRATIONS
+from storage.sql import (
+    _UPSERT_JOB,
+    SqlStore,
+    _job_row,
+    _newer_schema,
+    _row_statements,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from storage.base import WriteBatch
+
+__all__ = ["PostgresJobStore", "check_postgres"]
+
+# The advisory lock the dispatching store holds (per database: the key is scoped to it).
+OWNER_LOCK_KEY = 0x41495442  # "AITB"
+_CONNECT_TIMEOUT = 10.0
+_numbered_cache: dict[str, str] = {}
+
+
+def _driver_url(url: str) -> str:
+    """The URL ``databases`` and asyncpg accept (``postgres://`` is libpq's short spelling)."""
+    for scheme in POSTGRES_SCHEMES[1:]:
+        if url.startswith(scheme):
+            return "postgresql://" + url.removeprefix(scheme)
+    return url
+
+
+def _numbered(sql: str) -> str:
+    """``sql`` with its ``?`` placeholders as asyncpg's ``$1, $2, …`` (none sit in literals)."""
+    out = _numbered_cache.get(sql)
+    if out is None:
+        parts = sql.split("?")
+        out = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+        _numbered_cache[sql] = out
+    return out
+
+
+@asynccontextmanager
+async def _map_errors() -> AsyncIterator[None]:
+    """asyncpg's exceptions (and a lost connection) as ``StorageError`` subclasses."""
+    try:
+        yield
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise Conflict(str(exc)) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StorageError(str(exc) or type(exc).__name__) from exc
+
+
+async def _commit_batch(conn: Any, batch: WriteBatch) -> None:
+    """One transaction: every job snapshot as an upsert (whole rows: later snapshots keep what
+    never changes), then the other rows, one ``executemany`` per statement."""
+    stored = {id(r.receipt): r.receipt_id for r in batch.receipts}
+    async with conn.transaction():
+        if batch.jobs:
+            await conn.executemany(
+                _numbered(_UPSERT_JOB), [_job_row(j, stored) for j in batch.jobs.values()]
+            )
+        for sql, rows in _row_statements(batch, stored):
+            await conn.executemany(_numbered(sql), rows)
+
+
+async def _applied_versions(conn: Any) -> set[int]:
+    if await conn.fetchval("SELECT to_regclass('schema_version')") is None:
+        return set()
+    return {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+
+
+async def _lock_holder(conn: Any) -> str:
+    """`` (PostgreSQL backend pid N, from ADDRESS)`` of the session holding the owner lock."""
+    row = await conn.fetchrow(
+        "SELECT l.pid, a.client_addr FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a "
+        "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.objid = $1 LIMIT 1",
+        OWNER_LOCK_KEY,
+    )
+    if row is None:
+        return ""
+    where = f", from {row['client_addr']}" if row["client_addr"] is not None else ""
+    return f" (PostgreSQL backend pid {row['pid']}{where})"
+
+
+def _in_use(url: str, holder: str) -> StoreInUse:
+    return StoreInUse(
+        f"{shown_url(url)} is in use by another coordinator{holder}: stop it, or give this one a "
+        "database of its own (DATABASE_URL)"
+    )
+
+
+async def _preflight(url: str) -> None:
+    try:
+        conn = await asyncpg.connect(_driver_url(url), timeout=_CONNECT_TIMEOUT)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StorageError(f"cannot connect to {shown_url(url)}: {exc}") from None
+    try:
+        async with _map_errors():
+            refusal = _newer_schema(await _applied_versions(conn))
+            if refusal is not None:
+                raise StorageError(f"{shown_url(url)}: {refusal}")
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
+                raise _in_use(url, await _lock_holder(conn))
+    finally:
+        await conn.close()  # the lock, if taken, goes with the session
+
+
+def check_postgres(url: str) -> None:
+    """Before serving: a one-line ``StorageError`` when the database cannot be reached, was
+    written by a newer coordinator, or has a coordinator already (``StoreInUse``). ``open``
+    takes the lock for real; this only makes the usual refusals come before anything starts."""
+    asyncio.run(_preflight(url))
+
+
+class PostgresJobStore(SqlStore):
+    """PostgreSQL store. ``exclusive`` as ``DatabasesJobStore``'s: the dispatching store holds
+    the database's owner lock and migrates; read-only tools pass False."""
+
+    _PRICE_UNITS = (
+        "COALESCE(SUM(GREATEST(0, CAST(ROUND(CAST(COALESCE(CAST(receipt AS jsonb) ->> 'price', "
+        "'0') AS DOUBLE PRECISION) * 100000000) AS BIGINT))), 0)"
+    )
+
+    @staticmethod
+    def _json_text(column: str, key: str) -> str:
+        return f"(CAST({column} AS jsonb) ->> '{key}')"
+
+    def __init__(self, url: str, *, exclusive: bool = True) -> None:
+        if not is_postgres_url(url):
+            raise StorageError(f"not a PostgreSQL URL: {url.split(':', 1)[0]!r}")
+        self.url = url
+        self.exclusive = exclusive
+        driver_url = _driver_url(url)
+        # As on SQLite, separate pools of one connection each: the writer's, the indexed
+        # reads', and the scans' (a scan must not hold up the reads clients wait on).
+        self._db = Database(driver_url, min_size=1, max_size=1)
+        self._read_db = Database(driver_url, min_size=1, max_size=1)
+        self._scan_db = Database(driver_url, min_size=1, max_size=1)
+        self._stack = AsyncExitStack()
+        self._reader = None
+        self._scanner = None
+        self._raw: Any = None  # the writer connection's asyncpg connection
+
+    def _driver_errors(self) -> AbstractAsyncContextManager[None]:
+        return _map_errors()
+
+    def claim(self) -> None:
+        """Nothing to take before ``open``: the lock lives on the writer's connection."""
+
+    async def open(self) -> None:
+        try:
+            await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> None:
+        try:
+            await asyncio.wait_for(self._db.connect(), _CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise StorageError(f"cannot connect to {shown_url(self.url)}: {exc}") from None
+        async with _map_errors():
+            writer = await self._stack.enter_async_context(self._db.connection())
+            self._raw = writer.raw_connection
+            if self.exclusive:
+                if not await self._raw.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
+                    raise _in_use(self.url, await _lock_holder(self._raw))
+            await self._migrate()
+            await self._read_db.connect()
+            self._reader = await self._stack.enter_async_context(self._read_db.connection())
+            await self._scan_db.connect()
+            self._scanner = await self._stack.enter_async_context(self._scan_db.connection())
+
+    async def _migrate(self) -> None:
+        raw = self._raw
+        if self.exclusive:
+            await raw.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+        applied = await _applied_versions(raw)
+        refusal = _newer_schema(applied)
+        if refusal is not None:
+            raise StorageError(refusal)
+        missing = [v for versions, _ in PG_MIGRATIONS for v in versions if v not in applied]
+        if missing and not self.exclusive:  # only the owner migrates
+            raise StorageError(
+                "the database has no coordinator schema yet: start the coordinator on it first"
+                if not applied
+                else f"the database's schema is older than this build's (it lacks version "
+                f"{missing[-1]}): start the coordinator on it once, which upgrades it"
+            )
+        for versions, statements in PG_MIGRATIONS:
+            if all(v in applied for v in versions):
+                continue
+            async with raw.transaction():
+                for sql in statements:
+                    await raw.execute(sql)
+                await raw.executemany(
+                    "INSERT INTO schema_version (version) VALUES ($1)", [(v,) for v in versions]
+                )
+
+    async def close(self) -> None:
+        try:
+            async with _map_errors():
+                await self._stack.aclose()
+                for db in (self._db, self._read_db, self._scan_db):
+                    if db.is_connected:
+                        await db.disconnect()
+        finally:
+            self._raw = self._reader = self._scanner = None
+
+    async def commit(self, batch: WriteBatch) -> None:
+        raw = self._raw
+        if raw is None:
+            raise StorageError("store is closed")
+        async with _map_errors():
+            await _commit_batch(raw, batch)
+
+    async def maintain(self) -> None:
+        """Nothing to do: PostgreSQL checkpoints and vacuums by itself."""

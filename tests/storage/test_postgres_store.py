@@ -1,0 +1,173 @@
+"""What only the PostgreSQL store does: its schema against SQLite's, migrations, the owner lock,
+the start-up checks, read-only use. (The shared contract: test_store_contract.py.)"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from contextlib import closing
+from typing import TYPE_CHECKING
+
+import anyio
+import asyncpg
+import pytest
+
+from storage.backends import shown_url, store_for
+from storage.errors import StorageError, StoreInUse
+from storage.postgres import PostgresJobStore, check_postgres
+from storage.schema import MIGRATIONS, SCHEMA_VERSION
+from storage.sql import DatabasesJobStore
+from tests.storage.test_store_contract import batch, event, job, miner, receipt_row
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+
+async def _columns_pg(url: str) -> dict[str, list[str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+        )
+    finally:
+        await conn.close()
+    tables: dict[str, list[str]] = {}
+    for r in rows:
+        tables.setdefault(r["table_name"], []).append(r["column_name"])
+    return tables
+
+
+def _columns_sqlite(path: Path) -> dict[str, list[str]]:
+    with closing(sqlite3.connect(path)) as db:
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")] for t in names}
+
+
+async def test_the_schema_has_sqlites_tables_and_columns(postgres_url: str, tmp_path: Path) -> None:
+    """Every table and column SQLite's migrations leave, under the same names (so the shared
+    reads and writes fit both); PostgreSQL's jobs add only their ``rowid`` (SQLite's is
+    implicit)."""
+    with anyio.fail_after(20):
+        for s in (PostgresJobStore(postgres_url), DatabasesJobStore(f"sqlite:///{tmp_path}/s.db")):
+            await s.open()
+            await s.close()
+        pg = await _columns_pg(postgres_url)
+    lite = _columns_sqlite(tmp_path / "s.db")
+    assert pg["jobs"][0] == "rowid"
+    pg["jobs"] = pg["jobs"][1:]
+    assert {t: sorted(c) for t, c in pg.items()} == {t: sorted(c) for t, c in lite.items()}
+
+
+async def test_reopen_keeps_data_and_records_every_version_once(postgres_url: str) -> None:
+    with anyio.fail_after(20):
+        first = PostgresJobStore(postgres_url)
+        await first.open()
+        await first.commit(
+            batch(
+                jobs=[job("j1", idempotency_key="k1")],
+                events=[event("j1", 1)],
+                miners=[miner()],
+                receipts=[receipt_row("r1")],
+            )
+        )
+        await first.close()
+        for _ in range(2):
+            again = PostgresJobStore(postgres_url)
+            await again.open()
+            assert await again.get_job("j1") == job("j1", idempotency_key="k1")
+            assert await again.load_active() == ([job("j1", idempotency_key="k1")], [miner()])
+            assert await again.receipt_chain(0, 5) == [(1, receipt_row("r1").receipt)]
+            await again.close()
+        conn = await asyncpg.connect(postgres_url)
+        versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_version")]
+        await conn.close()
+    assert sorted(versions) == [v for v, _ in MIGRATIONS]
+    assert max(versions) == SCHEMA_VERSION
+
+
+async def test_a_second_coordinator_is_refused_until_the_first_closes(postgres_url: str) -> None:
+    """The owner lock: a second dispatching store on the database gets ``StoreInUse`` naming
+    the holder (as the start-up check does); once the first closes, it opens."""
+    with anyio.fail_after(20):
+        first = PostgresJobStore(postgres_url)
+        await first.open()
+        try:
+            second = PostgresJobStore(postgres_url)
+            with pytest.raises(StoreInUse, match=r"in use by another coordinator \(PostgreSQL"):
+                await second.open()
+            with pytest.raises(StoreInUse, match="in use by another coordinator"):
+                await anyio.to_thread.run_sync(check_postgres, postgres_url)
+            # A read-only tool may open it meanwhile, and sees the owner's commits.
+            await first.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            reader = PostgresJobStore(postgres_url, exclusive=False)
+            await reader.open()
+            assert await reader.get_job("j1") == job("j1")
+            await reader.close()
+        finally:
+            await first.close()
+        await anyio.to_thread.run_sync(check_postgres, postgres_url)
+        second = PostgresJobStore(postgres_url)
+        await second.open()
+        assert await second.get_job("j1") == job("j1")
+        await second.close()
+
+
+async def test_a_read_only_store_never_creates_the_schema(postgres_url: str) -> None:
+    with anyio.fail_after(10):
+        reader = PostgresJobStore(postgres_url, exclusive=False)
+        with pytest.raises(StorageError, match="no coordinator schema yet"):
+            await reader.open()
+        assert "schema_version" not in await _columns_pg(postgres_url)
+
+
+async def test_a_database_from_a_newer_coordinator_is_refused(postgres_url: str) -> None:
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        await s.close()
+        conn = await asyncpg.connect(postgres_url)
+        await conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+        await conn.close()
+        with pytest.raises(StorageError, match="schema version 99, newer than this coordinator"):
+            await anyio.to_thread.run_sync(check_postgres, postgres_url)
+        with pytest.raises(StorageError, match="schema version 99"):
+            await PostgresJobStore(postgres_url).open()
+
+
+async def test_an_unreachable_server_is_one_clear_error() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql://someone:hunter2@127.0.0.1:{port}/db"
+    with anyio.fail_after(20):
+        with pytest.raises(StorageError, match="cannot connect to") as checked:
+            await anyio.to_thread.run_sync(check_postgres, url)
+        with pytest.raises(StorageError, match="cannot connect to") as opened:
+            await PostgresJobStore(url).open()
+    for exc in (checked.value, opened.value):
+        assert "hunter2" not in str(exc)
+        assert "\n" not in str(exc)
+
+
+def test_store_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
+    for url in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql+asyncpg://u@h/db"):
+        assert isinstance(store_for(url), PostgresJobStore)
+    assert isinstance(store_for(f"sqlite:///{tmp_path}/x.db"), DatabasesJobStore)
+    with pytest.raises(StorageError):
+        PostgresJobStore("sqlite:///x.db")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:p@ss:w@rd@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("sqlite:///a@b.db", "sqlite:///a@b.db"),
+    ],
+)
+def test_shown_urls_never_carry_a_password(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
