@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import socket
 import statistics
@@ -15,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -141,27 +143,53 @@ def _coordinator(tmp: Path, core: int | None, env: dict[str, str] | None) -> Ite
     port = free_port()
     # BENCH_SERVER_SCRIPT: run an instrumented entry point instead (profiling experiments).
     entry = os.environ.get("BENCH_SERVER_SCRIPT")
-    cmd = [
-        sys.executable,
-        *([entry] if entry else ["-m", "web.cli"]),
-        "serve",
-        "--port",
-        str(port),
-        "--db",
-        str(tmp / "bench.db"),
-        "--log-level",
-        "warning",
-    ]
-    full_env = {
-        "CLIENT_API_KEYS": CLIENT_KEY,
-        "MINER_API_KEYS": MINER_KEY,
-        "ADMIN_API_KEYS": ADMIN_KEY,
-        "RECEIPT_SIGNING_KEY_HEX": "42" * 32,
-        **(env or {}),
-    }
-    ready = partial(http_ok, port, "/health/ready")
-    with process(cmd, name="coordinator", ready=ready, core=core, env=full_env) as proc:
-        yield Server(port, proc, tmp / "bench.db")
+    # BENCH_POSTGRES_URL (a server's maintenance database, e.g.
+    # postgresql://postgres@127.0.0.1:5432/postgres): run on a fresh PostgreSQL database of that
+    # server instead of a SQLite file; it is dropped afterwards. The server is not pinned.
+    postgres = os.environ.get("BENCH_POSTGRES_URL")
+    with fresh_postgres(postgres) if postgres else nullcontext(None) as database_url:
+        cmd = [
+            sys.executable,
+            *([entry] if entry else ["-m", "web.cli"]),
+            "serve",
+            "--port",
+            str(port),
+            *([] if database_url else ["--db", str(tmp / "bench.db")]),
+            "--log-level",
+            "warning",
+        ]
+        full_env = {
+            "CLIENT_API_KEYS": CLIENT_KEY,
+            "MINER_API_KEYS": MINER_KEY,
+            "ADMIN_API_KEYS": ADMIN_KEY,
+            "RECEIPT_SIGNING_KEY_HEX": "42" * 32,
+            **({"DATABASE_URL": database_url} if database_url else {}),
+            **(env or {}),
+        }
+        ready = partial(http_ok, port, "/health/ready")
+        with process(cmd, name="coordinator", ready=ready, core=core, env=full_env) as proc:
+            yield Server(port, proc, tmp / "bench.db")
+
+
+@contextmanager
+def fresh_postgres(server_url: str) -> Iterator[str]:
+    """A new empty database on the PostgreSQL server ``server_url`` names, dropped on exit."""
+    import asyncpg
+
+    name = f"bench_{secrets.token_hex(6)}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f"CREATE DATABASE {name}"))
+    try:
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def cpu_seconds(pid: int) -> float:

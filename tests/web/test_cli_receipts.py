@@ -8,6 +8,7 @@ from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -36,22 +37,22 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
 
 def issue_receipts(tmp_path: Path, count: int = 3) -> list[dict[str, Any]]:
     """Run the app and complete ``count`` jobs through a REST miner: their receipts."""
+    return anyio.run(_issue, tmp_path, count)
 
-    async def run() -> list[dict[str, Any]]:
-        out = []
-        async with running_api(tmp_path) as api:
-            assert (await api.register("m1")).status_code == 200
-            for _ in range(count):
-                job = await api.submit()
-                assert (await api.poll("m1")).status_code == 200
-                out.append((await api.result(job["job_id"])).json()["receipt"])
-            r = await api.http.get(
-                f"/v1/jobs/{out[0]['job_id']}/receipts", headers={"X-Api-Key": CLIENT_KEY}
-            )
-            assert r.json()["items"] == out[:1]
-        return out
 
-    return anyio.run(run)
+async def _issue(tmp_path: Path, count: int, **settings: Any) -> list[dict[str, Any]]:
+    out = []
+    async with running_api(tmp_path, **settings) as api:
+        assert (await api.register("m1")).status_code == 200
+        for _ in range(count):
+            job = await api.submit()
+            assert (await api.poll("m1")).status_code == 200
+            out.append((await api.result(job["job_id"])).json()["receipt"])
+        r = await api.http.get(
+            f"/v1/jobs/{out[0]['job_id']}/receipts", headers={"X-Api-Key": CLIENT_KEY}
+        )
+        assert r.json()["items"] == out[:1]
+    return out
 
 
 def db_path(tmp_path: Path) -> Path:
@@ -79,6 +80,33 @@ def test_audit_of_an_intact_chain(
     issue_receipts(tmp_path)
     env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
     assert audit(capsys, tmp_path) == (0, "receipt chain OK: 3 receipts\n")
+
+
+@pytest.mark.anyio
+async def test_audit_of_a_postgresql_chain_reads_database_url(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_url: str
+) -> None:
+    """On PostgreSQL the audit reads ``DATABASE_URL`` (no file to check), and finds a receipt
+    edited in the database."""
+    receipts = await _issue(tmp_path, 3, database_url=postgres_url)
+    env.setenv("DATABASE_URL", postgres_url)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+
+    def run() -> tuple[int, str]:
+        code = main(["receipts", "audit"])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    assert await anyio.to_thread.run_sync(run) == (0, "receipt chain OK: 3 receipts\n")
+    conn = await asyncpg.connect(postgres_url)
+    await conn.execute(
+        "UPDATE receipts SET receipt = $1 WHERE chain_seq = 3",
+        json.dumps({**receipts[2], "price": 0.0}),
+    )
+    await conn.close()
+    code, out = await anyio.to_thread.run_sync(run)
+    assert code == 1
+    assert out.startswith("chain broken at chain_seq 3 ")
 
 
 def test_audit_reports_the_first_tampered_receipt(
