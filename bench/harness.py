@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -178,18 +179,22 @@ def fresh_postgres(server_url: str) -> Iterator[str]:
 
     name = f"bench_{secrets.token_hex(6)}"
 
-    async def run(sql: str) -> None:
+    async def execute(sql: str) -> None:
         conn = await asyncpg.connect(server_url)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(run(f"CREATE DATABASE {name}"))
+    def run(sql: str) -> None:  # on a thread of its own: the caller may be in an event loop
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, execute(sql)).result()
+
+    run(f"CREATE DATABASE {name}")
     try:
         yield server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def cpu_seconds(pid: int) -> float:
