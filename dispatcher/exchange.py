@@ -14,6 +14,7 @@ credit's key is the payment id, so it is credited once.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
@@ -69,6 +70,16 @@ class Match:
     confirmations: int
 
 
+# Esplora's answers are not trusted to be sane: a txid is 64 hex digits (a stored text), and
+# heights beyond this are refused (a confirmation count is a stored 64-bit integer).
+_TXID = re.compile(r"[0-9a-f]{64}")
+MAX_HEIGHT = 1 << 40
+
+
+def _is_txid(value: object) -> bool:
+    return isinstance(value, str) and _TXID.fullmatch(value) is not None
+
+
 def find_output(
     txs: list[Any],
     address: str,
@@ -84,14 +95,18 @@ def find_output(
     """
     best: Match | None = None
     for tx in txs if isinstance(txs, list) else []:
-        if not isinstance(tx, dict) or not isinstance(tx.get("txid"), str):
+        if not isinstance(tx, dict) or not _is_txid(tx.get("txid")):
             continue
         status = tx.get("status")
         if not isinstance(status, dict):
             status = {}
         height = status.get("block_height")
         confs = 0
-        if status.get("confirmed") is True and isinstance(height, int) and height <= tip_height:
+        if (
+            status.get("confirmed") is True
+            and isinstance(height, int)
+            and 0 <= height <= tip_height <= MAX_HEIGHT
+        ):
             confs = tip_height - height + 1
         vouts = tx.get("vout")
         for n, out in enumerate(vouts if isinstance(vouts, list) else []):

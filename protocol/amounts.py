@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["UNIT", "AmountError", "format_units", "price_units", "to_units"]
+__all__ = ["MAX_RECEIPT_UNITS", "UNIT", "AmountError", "format_units", "price_units", "to_units"]
 
 UNIT = 10**8  # units of 1e-8 in one coin
+# What one receipt counts at most in a miner's earnings (a miner may advertise any finite
+# price): the stores' sums stay exact and never overflow (storage/sql.py ``_PRICE_UNITS``).
+MAX_RECEIPT_UNITS = 10**18
 _PLACES = Decimal(1).scaleb(-8)
 
 

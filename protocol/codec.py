@@ -47,6 +47,8 @@ from protocol.types import JSON, JSONObject
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "NUL_REFUSED",
+    "contains_nul",
     "decode_client_frame",
     "decode_miner_frame",
     "decode_server_to_client",
@@ -55,6 +57,7 @@ __all__ = [
     "dumps_sorted",
     "encode",
     "loads",
+    "may_contain_nul",
     "trimmed",
 ]
 
@@ -95,6 +98,31 @@ def loads(data: bytes | str) -> JSON:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise RemoteProtocolError("malformed JSON") from exc
+
+
+# JSON spells NUL only as this escape (a raw control character is malformed JSON).
+_NUL_ESCAPE, _NUL_ESCAPE_TEXT = b"\\u0000", "\\u0000"
+NUL_REFUSED = "strings must not contain NUL (\\u0000)"
+
+
+def contains_nul(value: JSON) -> bool:
+    """Whether any string of ``value``, a key included, holds the NUL character.
+
+    Input is refused with it (``NUL_REFUSED``): PostgreSQL cannot store NUL in text, and a
+    store must never be handed a value it cannot commit."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(contains_nul(v) for v in value)
+    return False
+
+
+def may_contain_nul(data: bytes | str) -> bool:
+    """False when the JSON text ``data`` surely has no NUL (its escape is absent): the check
+    every input pays; ``contains_nul`` then decides the rare rest."""
+    return (_NUL_ESCAPE in data) if isinstance(data, bytes) else (_NUL_ESCAPE_TEXT in data)
 
 
 # ---- field readers ------------------------------------------------------------------------
@@ -233,11 +261,14 @@ def _id_list(d: JSONObject, key: str) -> tuple[str, ...]:
     return tuple(v)
 
 
+_MAX_SEQ = 2**62  # event numbers fit the stores' 64-bit integers
+
+
 def _after(d: JSONObject) -> dict[str, int]:
     v = _obj(d, "after")
     for k, seq in v.items():
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise _bad("after", f"entry {k!r} must be a non-negative integer")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= _MAX_SEQ:
+            raise _bad("after", f"entry {k!r} must be an integer from 0 to 2**62")
     return v
 
 
@@ -346,7 +377,7 @@ _SERVER_TO_CLIENT: dict[str, _Decoder] = {
     ),
     "job.event": lambda d, i: JobEvent(
         job_id=_job_id(d),
-        seq=_int(d, "seq", lo=1, hi=2**62),
+        seq=_int(d, "seq", lo=1, hi=_MAX_SEQ),
         event=_str(d, "event"),
         state=_str(d, "state"),
         at=_str(d, "at"),
@@ -372,6 +403,8 @@ for _table in (_SERVER_TO_MINER, _SERVER_TO_CLIENT):
 
 def _decode(data: bytes | str, table: dict[str, _Decoder]) -> Any:
     obj = loads(data)
+    if may_contain_nul(data) and contains_nul(obj):
+        raise RemoteProtocolError(f"invalid frame: {NUL_REFUSED}")
     if not isinstance(obj, dict):
         raise RemoteProtocolError("frame is not a JSON object")
     msg_type = obj.get("type")

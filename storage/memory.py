@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from protocol.amounts import price_units
+from protocol.amounts import MAX_RECEIPT_UNITS, price_units
 from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
@@ -289,7 +289,7 @@ class InMemoryJobStore:
         jobs = {r["job_id"] for r in mine}
         return MinerEarnings(
             completed=len(mine),
-            billed=sum(price_units(r) for r in mine),
+            billed=sum(min(price_units(r), MAX_RECEIPT_UNITS) for r in mine),
             paid=sum(
                 e.amount
                 for e in self.entries.values()

@@ -15,9 +15,11 @@ database are not built yet: a second one is refused with ``StoreInUse``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import asyncpg
 from databases import Database
 
@@ -33,7 +35,7 @@ from storage.sql import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from storage.base import WriteBatch
 
@@ -42,6 +44,7 @@ __all__ = ["PostgresJobStore", "check_postgres"]
 # The advisory lock the dispatching store holds (per database: the key is scoped to it).
 OWNER_LOCK_KEY = 0x41495442  # "AITB"
 _CONNECT_TIMEOUT = 10.0
+READ_CONNECTIONS = 4  # of the indexed reads' pool
 _numbered_cache: dict[str, str] = {}
 
 
@@ -70,7 +73,12 @@ async def _map_errors() -> AsyncIterator[None]:
         yield
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise Conflict(str(exc)) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+        OSError,
+    ) as exc:
         raise StorageError(str(exc) or type(exc).__name__) from exc
 
 
@@ -142,14 +150,23 @@ class PostgresJobStore(SqlStore):
     """PostgreSQL store. ``exclusive`` as ``DatabasesJobStore``'s: the dispatching store holds
     the database's owner lock and migrates; read-only tools pass False."""
 
-    _PRICE_UNITS = (
-        "COALESCE(SUM(GREATEST(0, CAST(ROUND(CAST(COALESCE(CAST(receipt AS jsonb) ->> 'price', "
-        "'0') AS DOUBLE PRECISION) * 100000000) AS BIGINT))), 0)"
-    )
-
     @staticmethod
     def _json_text(column: str, key: str) -> str:
-        return f"(CAST({column} AS jsonb) ->> '{key}')"
+        # PostgreSQL's JSON parser refuses a document holding a "\u0000" escape (it cannot be
+        # text). Input with NUL is refused (protocol.codec.contains_nul), so only rows written
+        # some other way can hold one: they read as having no such field, instead of failing
+        # the whole query.
+        return (
+            f"(CASE WHEN strpos({column}, '\\u0000') = 0 "
+            f"THEN CAST({column} AS json) ->> '{key}' END)"
+        )
+
+    # NUMERIC: exact, and no sum overflows it.
+    _PRICE_UNITS = (
+        "COALESCE(SUM(GREATEST(0, LEAST(1e18, ROUND(CAST(COALESCE("
+        + _json_text("receipt", "price")
+        + ", '0') AS NUMERIC) * 100000000)))), 0)"
+    )
 
     def __init__(self, url: str, *, exclusive: bool = True) -> None:
         if not is_postgres_url(url):
@@ -157,18 +174,28 @@ class PostgresJobStore(SqlStore):
         self.url = url
         self.exclusive = exclusive
         driver_url = _driver_url(url)
-        # As on SQLite, separate pools of one connection each: the writer's, the indexed
-        # reads', and the scans' (a scan must not hold up the reads clients wait on).
+        # Three pools: the writer's one connection, held for the store's life (it holds the
+        # owner lock), and the reads' and the scans' (a scan must not hold up the reads clients
+        # wait on). A read takes a connection from its pool for each query, so a connection
+        # the server or the network ended is replaced: only the read that met it fails.
         self._db = Database(driver_url, min_size=1, max_size=1)
-        self._read_db = Database(driver_url, min_size=1, max_size=1)
+        self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS)
         self._scan_db = Database(driver_url, min_size=1, max_size=1)
         self._stack = AsyncExitStack()
-        self._reader = None
-        self._scanner = None
+        self._reader = self._scanner = None  # SqlStore's pinned connections: unused here
         self._raw: Any = None  # the writer connection's asyncpg connection
 
     def _driver_errors(self) -> AbstractAsyncContextManager[None]:
         return _map_errors()
+
+    async def _fetch(
+        self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
+    ) -> Sequence[Any]:
+        db = self._scan_db if scan else self._read_db
+        if self._raw is None:
+            raise StorageError("store is closed")
+        async with _map_errors():
+            return await db.fetch_all(sql, values)
 
     def claim(self) -> None:
         """Nothing to take before ``open``: the lock lives on the writer's connection."""
@@ -177,25 +204,29 @@ class PostgresJobStore(SqlStore):
         try:
             await self._connect()
         except BaseException:
-            await self.close()
+            # Close what did open; the error that stopped the open is the one to report.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.close()
             raise
 
     async def _connect(self) -> None:
-        try:
-            await asyncio.wait_for(self._db.connect(), _CONNECT_TIMEOUT)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StorageError(f"cannot connect to {shown_url(self.url)}: {exc}") from None
+        await self._connect_pool(self._db)
         async with _map_errors():
             writer = await self._stack.enter_async_context(self._db.connection())
-            self._raw = writer.raw_connection
+            raw = writer.raw_connection
             if self.exclusive:
-                if not await self._raw.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
-                    raise _in_use(self.url, await _lock_holder(self._raw))
+                if not await raw.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
+                    raise _in_use(self.url, await _lock_holder(raw))
+            self._raw = raw
             await self._migrate()
-            await self._read_db.connect()
-            self._reader = await self._stack.enter_async_context(self._read_db.connection())
-            await self._scan_db.connect()
-            self._scanner = await self._stack.enter_async_context(self._scan_db.connection())
+        await self._connect_pool(self._read_db)
+        await self._connect_pool(self._scan_db)
+
+    async def _connect_pool(self, db: Database) -> None:
+        try:
+            await asyncio.wait_for(db.connect(), _CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise StorageError(f"cannot connect to {shown_url(self.url)}: {exc}") from None
 
     async def _migrate(self) -> None:
         raw = self._raw
@@ -233,7 +264,7 @@ class PostgresJobStore(SqlStore):
                     if db.is_connected:
                         await db.disconnect()
         finally:
-            self._raw = self._reader = self._scanner = None
+            self._raw = None
 
     async def commit(self, batch: WriteBatch) -> None:
         raw = self._raw

@@ -488,10 +488,13 @@ class SqlStore:
     _scanner: Connection | None
 
     # The sum of receipts' prices in units of 1e-8 (a price has at most 6 places, so rounding
-    # the product gives the exact units; no price or a negative one counts 0).
+    # the product gives the exact units; no price or a negative one counts 0). A receipt
+    # counts at most 1e18 units (protocol.amounts.MAX_RECEIPT_UNITS), and the sum is TOTAL's
+    # float, which is exact up to 2**53 units (90 million coins) and never overflows as SUM of
+    # integers does (a miner's advertised price is any finite number).
     _PRICE_UNITS = (
-        "COALESCE(SUM(MAX(0, CAST(ROUND(COALESCE(json_extract(receipt, '$.price'), 0) "
-        "* 100000000) AS INTEGER))), 0)"
+        "COALESCE(TOTAL(MAX(0, MIN(1e18, ROUND(COALESCE(json_extract(receipt, '$.price'), 0) "
+        "* 100000000)))), 0)"
     )
 
     @staticmethod
@@ -543,8 +546,8 @@ class SqlStore:
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         rows = await self._fetch(
             "SELECT e.*, r.receipt AS stored_receipt FROM job_events AS e LEFT JOIN receipts AS r "
-            "ON e.event = 'completed' AND r.receipt_id = "
-            f"{self._json_text('e.data', _RECEIPT_REF)} "
+            "ON r.receipt_id = CASE WHEN e.event = 'completed' THEN "  # CASE: only their data
+            f"{self._json_text('e.data', _RECEIPT_REF)} END "  # is parsed as JSON
             "WHERE e.job_id = :j AND e.seq > :s ORDER BY e.seq LIMIT :n",
             {"j": job_id, "s": after, "n": limit},
         )

@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dispatcher.errors import DispatchError
+from protocol.codec import NUL_REFUSED, contains_nul, may_contain_nul
 from web.errors import http_status_for
 from web.schemas import SCHEMAS, ValidationFailed, validate
 
@@ -157,7 +158,10 @@ class Call:
     query: dict[str, Any]
 
     def path(self, name: str) -> str:
-        return str(self.request.path_params[name])
+        value = str(self.request.path_params[name])
+        if "\x00" in value:
+            raise HTTPError(422, f"path parameter {name} must not contain NUL")
+        return value
 
     @property
     def responder(self) -> Responder | None:
@@ -270,6 +274,8 @@ def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]
             if "default" in p.schema:
                 out[p.name] = p.schema["default"]
             continue
+        if "\x00" in raw:
+            raise ValidationFailed(f"query parameter {p.name} must not contain NUL")
         value: Any = raw
         kind = p.schema.get("type")
         if kind in _QUERY_NUMBERS:
@@ -319,6 +325,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
                         body = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         raise HTTPError(422, "request body is not valid JSON") from None
+                    if may_contain_nul(raw) and contains_nul(body):
+                        raise HTTPError(422, f"request body {NUL_REFUSED}")
                     validate(schema, body)
                 elif schema is not None and endpoint.body_required:
                     raise HTTPError(422, "request body is required (a JSON object)")

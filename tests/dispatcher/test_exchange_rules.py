@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal
 from typing import Any
 
@@ -47,9 +48,14 @@ def test_unique_amount_skips_taken_amounts() -> None:
     assert unique_amount(100, {100, 101, 103}) == 102
 
 
-def tx(txid: str, outs: list[tuple[str, Any]], height: int | None = None) -> dict[str, Any]:
+def h(name: str) -> str:
+    """A txid (64 hex digits) named after ``name``."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def tx(name: str, outs: list[tuple[str, Any]], height: int | None = None) -> dict[str, Any]:
     return {
-        "txid": txid,
+        "txid": h(name),
         "status": {"confirmed": height is not None, "block_height": height},
         "vout": [{"scriptpubkey_address": a, "value": v} for a, v in outs],
     }
@@ -59,11 +65,11 @@ def test_find_output_exact_and_at_least() -> None:
     txs = [tx("t1", [("A", 99), ("A", 100)], height=10), tx("t2", [("A", 150)])]
     m = find_output(txs, "A", 100, exact=True, tip_height=12, claimed=set())
     assert m is not None
-    assert (m.tx_hash, m.vout, m.confirmations) == ("t1", 1, 3)
+    assert (m.tx_hash, m.vout, m.confirmations) == (h("t1"), 1, 3)
     m = find_output(txs, "A", 120, exact=False, tip_height=12, claimed=set())
     assert m is not None
-    assert (m.tx_hash, m.confirmations) == ("t2", 0)
-    assert find_output(txs, "A", 100, exact=True, tip_height=12, claimed={("t1", 1)}) is None
+    assert (m.tx_hash, m.confirmations) == (h("t2"), 0)
+    assert find_output(txs, "A", 100, exact=True, tip_height=12, claimed={(h("t1"), 1)}) is None
     assert find_output(txs, "B", 100, exact=False, tip_height=12, claimed=set()) is None
 
 
@@ -71,12 +77,19 @@ def test_find_output_prefers_more_confirmations_and_skips_junk() -> None:
     junk: list[Any] = [
         "x",
         {"txid": 5},
-        {"txid": "j1", "status": "bad", "vout": "bad"},
-        {"txid": "j2", "vout": ["x", {"scriptpubkey_address": "A", "value": True}]},
+        {"txid": h("j1"), "status": "bad", "vout": "bad"},
+        {"txid": h("j2"), "vout": ["x", {"scriptpubkey_address": "A", "value": True}]},
         tx("future", [("A", 100)], height=99),  # above the tip: not counted as confirmed
+        tx("negative", [("A", 100)], height=-5),  # not a height: not counted as confirmed
+        {**tx("short", [("A", 100)], height=9), "txid": "ab" * 31},  # not a txid: skipped
+        {**tx("nul", [("A", 100)], height=9), "txid": "a\x00" + "b" * 62},
     ]
     txs = [*junk, tx("new", [("A", 100)], height=10), tx("old", [("A", 100)], height=5)]
     m = find_output(txs, "A", 100, exact=True, tip_height=10, claimed=set())
     assert m is not None
-    assert (m.tx_hash, m.confirmations) == ("old", 6)
+    assert (m.tx_hash, m.confirmations) == (h("old"), 6)
+    # A tip past any real chain's height confirms nothing (its counts would not fit a column).
+    too_high = find_output(txs, "A", 100, exact=True, tip_height=10**20, claimed=set())
+    assert too_high is not None
+    assert too_high.confirmations == 0
     assert find_output({"not": "a list"}, "A", 1, exact=False, tip_height=1, claimed=set()) is None

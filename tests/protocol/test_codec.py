@@ -1097,3 +1097,44 @@ def test_trimmed_keeps_the_bytes_without_orjsons_spare_buffer() -> None:
 def test_message_type_names_contract_messages_only() -> None:
     assert codec.message_type(JobSubmit(id="1", payload={})) == "job.submit"
     assert codec.message_type(object()) is None
+
+
+# ---- NUL: refused in every string of a frame (PostgreSQL cannot store it) -------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type": "hello", "protocol": 1, "miner_id": "a\\u0000b"}',
+        b'{"type": "hello", "protocol": 1, "region": "\\u0000"}',
+        b'{"type": "hello", "protocol": 1, "capabilities": {"gpus": [{"name": "A\\u0000"}]}}',
+        b'{"type": "hello", "protocol": 1, "capabilities": {"k\\u0000": 1}}',
+        '{"type": "hello", "protocol": 1, "region": "\\u0000"}',  # text, as websockets gives
+    ],
+)
+def test_a_string_with_nul_anywhere_in_a_frame_is_refused(frame: bytes | str) -> None:
+    with pytest.raises(RemoteProtocolError, match=r"NUL \(\\u0000\)"):
+        codec.decode_miner_frame(frame)
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul() -> None:
+    """The text ``\\u0000`` (a backslash, then "u0000") is an ordinary string."""
+    hello = codec.decode_miner_frame(b'{"type": "hello", "protocol": 1, "region": "\\\\u0000"}')
+    assert hello.region == "\\u0000"  # type: ignore[union-attr]
+
+
+def test_contains_nul_walks_keys_values_and_lists() -> None:
+    assert not codec.contains_nul({"a": [1, "b", {"c": None}], "d": 2.5})
+    assert codec.contains_nul({"a": [1, {"c": "x\x00"}]})
+    assert codec.contains_nul({"a\x00": 1})
+    assert codec.contains_nul(["\x00"])
+    assert not codec.may_contain_nul(b'{"a": "b"}')
+    assert codec.may_contain_nul('{"a": "\\u0000"}')
+
+
+def test_after_beyond_the_stores_integers_is_refused() -> None:
+    frame = {"type": "subscribe", "id": "s", "job_ids": ["j"], "after": {"j": 2**62 + 1}}
+    with pytest.raises(RemoteProtocolError, match="from 0 to 2"):
+        codec.decode_client_frame(orjson.dumps(frame))
+    frame["after"] = {"j": 2**62}
+    assert codec.decode_client_frame(orjson.dumps(frame)).after == {"j": 2**62}  # type: ignore[union-attr]

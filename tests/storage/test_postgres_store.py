@@ -3,6 +3,7 @@ the start-up checks, read-only use. (The shared contract: test_store_contract.py
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 from contextlib import closing
@@ -13,6 +14,7 @@ import asyncpg
 import pytest
 
 from storage.backends import shown_url, store_for
+from storage.base import JobQuery
 from storage.errors import StorageError, StoreInUse
 from storage.postgres import PostgresJobStore, check_postgres
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
@@ -171,3 +173,60 @@ def test_store_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
 )
 def test_shown_urls_never_carry_a_password(url: str, shown: str) -> None:
     assert shown_url(url) == shown
+
+
+async def test_reads_recover_from_a_lost_connection(postgres_url: str) -> None:
+    """A read connection the server ends (an admin, an idle timeout, a proxy) fails the read
+    that meets it, and the next read gets a new one; the writer's connection is untouched."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0  # the scan pool
+            writer = await s._raw.fetchval("SELECT pg_backend_pid()")
+            admin = await asyncpg.connect(postgres_url)
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid NOT IN ($1, pg_backend_pid())",
+                writer,
+            )
+            await admin.close()
+            assert ended >= 2
+            for _ in range(2):  # at most the first read of each pool meets a dead connection
+                with contextlib.suppress(StorageError):
+                    await s.get_job("j1")
+                with contextlib.suppress(StorageError):
+                    await s.list_jobs(JobQuery(job_type="none"))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
+            await s.commit(batch(jobs=[job("j2")], events=[event("j2", 1)]))
+            assert await s.get_job("j2") == job("j2")
+        finally:
+            await s.close()
+
+
+async def test_nul_escapes_already_stored_do_not_break_reads(postgres_url: str) -> None:
+    """Input with NUL is refused (tests/web/test_nul_input.py), but a row written some other
+    way with a ``\\u0000`` escape in its JSON must not break the queries that read JSON
+    fields: PostgreSQL's JSON parser refuses the whole document. Such a row reads as having no
+    such field."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            nul = job("j1", payload={"type": "t", "prompt": "a\x00b"})
+            await s.commit(
+                batch(
+                    jobs=[nul],
+                    events=[event("j1", 1, data={"message": "x\x00"}), event("j1", 2, "progress")],
+                )
+            )
+            await s.commit(batch(jobs=[job("j2", payload={"type": "t"})], events=[event("j2", 1)]))
+            assert [e.seq for e in await s.events_after("j1", 0)] == [1, 2]
+            assert (await s.list_jobs(JobQuery(job_type="t")))[0] == [
+                job("j2", payload={"type": "t"})
+            ]
+        finally:
+            await s.close()

@@ -14,6 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from protocol.amounts import MAX_RECEIPT_UNITS
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage.base import JobQuery, JobStore, LedgerEntry, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
@@ -819,6 +820,12 @@ async def test_miner_earnings_sum_its_receipts_in_the_window(store: JobStore) ->
     with anyio.fail_after(10):
         none = await store.miner_earnings("gpu-9", T0, T0 + 20, 2)
     assert (none.completed, none.billed, none.paid, none.recent) == (0, 0, 0, [])
+    # A miner may advertise any finite price: each receipt counts at most 1e18 units, and the
+    # sum neither overflows nor loses a unit (SQLite's TOTAL is a float, exact up to 2**53).
+    await commit(store, batch(receipts=[row(6, "gpu-3", T0, 1e300), row(7, "gpu-3", T0, 1e300)]))
+    with anyio.fail_after(10):
+        huge = await store.miner_earnings("gpu-3", T0, T0 + 20, 0)
+    assert (huge.completed, huge.billed) == (2, 2 * MAX_RECEIPT_UNITS)
 
 
 async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(
