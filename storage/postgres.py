@@ -214,6 +214,11 @@ class PostgresJobStore(SqlStore):
         async with _map_errors():
             writer = await self._stack.enter_async_context(self._db.connection())
             raw = writer.raw_connection
+            # The writer's session is idle whenever nothing happens; a server that ends idle
+            # sessions (idle_session_timeout, PostgreSQL 14+) must not end this one: its loss
+            # stops the coordinator. (A server without the setting has no such timeout.)
+            with contextlib.suppress(asyncpg.UndefinedObjectError):
+                await raw.execute("SET idle_session_timeout = 0")
             if self.exclusive:
                 if not await raw.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
                     raise _in_use(self.url, await _lock_holder(raw))

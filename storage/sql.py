@@ -517,7 +517,9 @@ class SqlStore:
             return await conn.fetch_all(sql, values)
 
     async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
-        jobs = await self._fetch(f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING')")
+        jobs = await self._fetch(  # in submission order (the scheduler's tie-break)
+            f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING') ORDER BY jobs.rowid"
+        )
         miners = await self._fetch("SELECT * FROM miners")
         return [_job_record(r) for r in jobs], [
             MinerRecord(

@@ -230,3 +230,22 @@ async def test_nul_escapes_already_stored_do_not_break_reads(postgres_url: str) 
             ]
         finally:
             await s.close()
+
+
+async def test_the_writer_session_is_exempt_from_idle_session_timeout(postgres_url: str) -> None:
+    """A server that ends idle sessions would end the writer's in any quiet minute, and with
+    it the coordinator: the writer turns the timeout off for its own session."""
+    with anyio.fail_after(20):
+        admin = await asyncpg.connect(postgres_url)
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET idle_session_timeout = '50s'")
+        await admin.close()
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            assert await s._raw.fetchval("SHOW idle_session_timeout") == "0"
+            other = await asyncpg.connect(postgres_url)  # the database's setting holds
+            assert await other.fetchval("SHOW idle_session_timeout") == "50s"
+            await other.close()
+        finally:
+            await s.close()

@@ -298,6 +298,19 @@ async def test_load_active_returns_only_queued_and_running(store: JobStore) -> N
     assert sorted(m.miner_id for m in miners) == ["m1", "m2"]
 
 
+async def test_load_active_gives_jobs_in_the_order_they_were_stored(store: JobStore) -> None:
+    """Submission order: the rebuilt queue's tie-break between jobs of the same time."""
+    order = ["j-c", "j-a", "j-d", "j-b"]
+    for job_id in order[:2]:
+        await commit(store, batch(jobs=[job(job_id)], events=[event(job_id, 1)]))
+    await commit(
+        store, batch(jobs=[job(j) for j in order[2:]], events=[event(j, 1) for j in order[2:]])
+    )
+    await commit(store, batch(jobs=[job("j-c", state="RUNNING", seq=2)], events=[event("j-c", 2)]))
+    jobs, _ = await active(store)
+    assert [j.job_id for j in jobs] == order
+
+
 async def test_load_active_sees_a_job_leave_the_active_set(store: JobStore) -> None:
     """A job that became terminal in a later batch is no longer active."""
     await commit(store, batch(jobs=[job("j1"), job("j2")]))
