@@ -19,7 +19,6 @@ import contextlib
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import asyncpg
 from databases import Database
 
@@ -32,6 +31,7 @@ from storage.sql import (
     _job_row,
     _newer_schema,
     _row_statements,
+    check_schema,
 )
 
 if TYPE_CHECKING:
@@ -197,17 +197,7 @@ class PostgresJobStore(SqlStore):
         async with _map_errors():
             return await db.fetch_all(sql, values)
 
-    def claim(self) -> None:
-        """Nothing to take before ``open``: the lock lives on the writer's connection."""
-
-    async def open(self) -> None:
-        try:
-            await self._connect()
-        except BaseException:
-            # Close what did open; the error that stopped the open is the one to report.
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self.close()
-            raise
+    # ``claim``: nothing to take before ``open``, the lock lives on the writer's connection.
 
     async def _connect(self) -> None:
         await self._connect_pool(self._db)
@@ -240,17 +230,7 @@ class PostgresJobStore(SqlStore):
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
         applied = await _applied_versions(raw)
-        refusal = _newer_schema(applied)
-        if refusal is not None:
-            raise StorageError(refusal)
-        missing = [v for versions, _ in PG_MIGRATIONS for v in versions if v not in applied]
-        if missing and not self.exclusive:  # only the owner migrates
-            raise StorageError(
-                "the database has no coordinator schema yet: start the coordinator on it first"
-                if not applied
-                else f"the database's schema is older than this build's (it lacks version "
-                f"{missing[-1]}): start the coordinator on it once, which upgrades it"
-            )
+        check_schema(applied, [v for vs, _ in PG_MIGRATIONS for v in vs], exclusive=self.exclusive)
         for versions, statements in PG_MIGRATIONS:
             if all(v in applied for v in versions):
                 continue

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
     from storage.base import JobQuery, LedgerEntry, PaymentRecord, WalletSnapshot, WriteBatch
 
-__all__ = ["DatabasesJobStore", "SqlStore", "check_database", "map_driver_errors"]
+__all__ = ["DatabasesJobStore", "SqlStore", "check_database", "check_schema", "map_driver_errors"]
 
 _JOB_COLUMNS = (
     "job_id",
@@ -455,6 +455,23 @@ def _newer_schema(applied: set[int]) -> str | None:
     )
 
 
+def check_schema(applied: set[int], versions: list[int], *, exclusive: bool) -> None:
+    """``StorageError`` when a store may not run on a database whose applied migrations are
+    ``applied`` (this build's are ``versions``): a newer coordinator wrote it, or a read-only
+    store (not ``exclusive``: only the owner migrates) finds migrations missing."""
+    refusal = _newer_schema(applied)
+    if refusal is not None:
+        raise StorageError(refusal)
+    missing = [version for version in versions if version not in applied]
+    if missing and not exclusive:
+        raise StorageError(
+            "the database has no coordinator schema yet: start the coordinator on it first"
+            if not applied
+            else f"the database's schema is older than this build's (it lacks version "
+            f"{missing[-1]}): start the coordinator on it once, which upgrades it"
+        )
+
+
 def check_database(url: str) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
     cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable, or
@@ -505,6 +522,27 @@ class SqlStore:
     def _driver_errors(self) -> AbstractAsyncContextManager[None]:
         """The driver's exceptions as ``StorageError``s."""
         return map_driver_errors()
+
+    def claim(self) -> None:
+        """Take the database's owner lock now, where the backend can before ``open``."""
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        """Claim, connect, migrate: ``StoreInUse`` if another coordinator holds the database."""
+        self.claim()
+        try:
+            await self._connect()
+        except BaseException:
+            # Close what did open (connections, their threads); ``close`` lets the lock go.
+            # The error that stopped the open is the one to report.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.close()
+            raise
 
     async def _fetch(
         self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
@@ -739,16 +777,6 @@ class DatabasesJobStore(SqlStore):
         if self.owner is not None:
             self.owner.acquire()
 
-    async def open(self) -> None:
-        self.claim()
-        try:
-            await self._connect()
-        except BaseException:
-            # Close what did open (connections, their threads); ``close`` lets the lock go.
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self.close()
-            raise
-
     async def _connect(self) -> None:
         async with map_driver_errors():
             await self._db.connect()
@@ -795,17 +823,7 @@ class DatabasesJobStore(SqlStore):
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
         applied = await raw._execute(_applied_versions, raw._conn)
-        refusal = _newer_schema(applied)
-        if refusal is not None:
-            raise StorageError(refusal)
-        missing = [version for version, _ in MIGRATIONS if version not in applied]
-        if missing and not self.exclusive:  # only the owner migrates
-            raise StorageError(
-                "the database has no coordinator schema yet: start the coordinator on it first"
-                if not applied
-                else f"the database's schema is older than this build's (it lacks version "
-                f"{missing[-1]}): start the coordinator on it once, which upgrades it"
-            )
+        check_schema(applied, [version for version, _ in MIGRATIONS], exclusive=self.exclusive)
         for version, statements in MIGRATIONS:
             if version in applied:
                 continue

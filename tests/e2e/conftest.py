@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncpg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import ClientHello, ClientWelcome, JobEvent, ServerToClient
-from storage.backends import is_postgres_url
 from tests.conftest import CLIENT_KEY, make_settings
 from web.cli import build_server
 
@@ -68,26 +64,6 @@ async def start_server(
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes readiness only as a flag
             await anyio.sleep(0.005)
     return RunningServer(settings, sock.getsockname()[1], server.config.app, stopped), server
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each backend's database in turn: a file of ``tmp_path``, or a fresh PostgreSQL one."""
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite:///{tmp_path / 'coordinator.db'}"
-
-
-async def fetch_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
-    """The rows of ``sql`` (portable SQL) on the database ``url`` names, as tuples."""
-    if is_postgres_url(url):
-        conn = await asyncpg.connect(url)
-        try:
-            return [tuple(r) for r in await conn.fetch(sql)]
-        finally:
-            await conn.close()
-    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
-        return db.execute(sql).fetchall()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -23,8 +23,8 @@ import pytest
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.conftest import fetch_rows
 from tests.e2e.test_crash_recovery import CoordinatorProcess, _wait_for
+from tests.postgres import fetch_rows
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -23,7 +23,7 @@ from protocol.codec import decode_server_to_client, encode
 from protocol.messages import Ack, ClientHello, ClientWelcome, JobEvent, JobSubmit, Subscribe
 from storage.backends import store_for
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, MINER_KEY_2, SIGNING_SEED
-from tests.e2e.conftest import fetch_rows
+from tests.postgres import fetch_rows
 
 if TYPE_CHECKING:
     from anyio.abc import Process

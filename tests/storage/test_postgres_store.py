@@ -17,9 +17,8 @@ from storage.backends import shown_url, store_for
 from storage.base import JobQuery
 from storage.errors import StorageError, StoreInUse
 from storage.postgres import PostgresJobStore, check_postgres
-from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore
-from tests.storage.test_store_contract import batch, event, job, miner, receipt_row
+from tests.storage.test_store_contract import batch, event, job
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,33 +60,6 @@ async def test_the_schema_has_sqlites_tables_and_columns(postgres_url: str, tmp_
     assert pg["jobs"][0] == "rowid"
     pg["jobs"] = pg["jobs"][1:]
     assert {t: sorted(c) for t, c in pg.items()} == {t: sorted(c) for t, c in lite.items()}
-
-
-async def test_reopen_keeps_data_and_records_every_version_once(postgres_url: str) -> None:
-    with anyio.fail_after(20):
-        first = PostgresJobStore(postgres_url)
-        await first.open()
-        await first.commit(
-            batch(
-                jobs=[job("j1", idempotency_key="k1")],
-                events=[event("j1", 1)],
-                miners=[miner()],
-                receipts=[receipt_row("r1")],
-            )
-        )
-        await first.close()
-        for _ in range(2):
-            again = PostgresJobStore(postgres_url)
-            await again.open()
-            assert await again.get_job("j1") == job("j1", idempotency_key="k1")
-            assert await again.load_active() == ([job("j1", idempotency_key="k1")], [miner()])
-            assert await again.receipt_chain(0, 5) == [(1, receipt_row("r1").receipt)]
-            await again.close()
-        conn = await asyncpg.connect(postgres_url)
-        versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_version")]
-        await conn.close()
-    assert sorted(versions) == [v for v, _ in MIGRATIONS]
-    assert max(versions) == SCHEMA_VERSION
 
 
 async def test_a_second_coordinator_is_refused_until_the_first_closes(postgres_url: str) -> None:

@@ -16,12 +16,14 @@ import pytest
 
 from protocol.amounts import MAX_RECEIPT_UNITS
 from protocol.records import EventRecord, JobRecord, MinerRecord
+from storage.backends import store_for
 from storage.base import JobQuery, JobStore, LedgerEntry, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
 from storage.postgres import PostgresJobStore
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore
+from tests.postgres import fetch_rows
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -575,11 +577,11 @@ async def test_never_opened_store_refuses_commits(factory: StoreFactory) -> None
 # ---- SQLite only --------------------------------------------------------------------------
 
 
-async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: Path) -> None:
-    """Data survives a reopen of the file; migrations run once (one schema_version row)."""
-    url = sqlite_url(tmp_path)
+async def test_reopen_keeps_data_and_migrations_are_idempotent(database_url: str) -> None:
+    """Data survives a reopen (SQLite's file, PostgreSQL's database); migrations run once (one
+    schema_version row each: on PostgreSQL its one baseline records them all)."""
     with anyio.fail_after(20):
-        first = DatabasesJobStore(url)
+        first = store_for(database_url)
         await first.open()
         await first.commit(
             batch(
@@ -591,7 +593,7 @@ async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: 
         )
         await first.close()
         for _ in range(2):
-            again = DatabasesJobStore(url)
+            again = store_for(database_url)
             await again.open()
             assert await again.get_job("j1") == job("j1", idempotency_key="k1")
             assert await again.find_job("client-1", "k1") == job("j1", idempotency_key="k1")
@@ -599,10 +601,9 @@ async def test_sqlite_reopen_keeps_data_and_migrations_are_idempotent(tmp_path: 
             assert await again.receipt_chain(0, 5) == [(1, receipt_row("r1").receipt)]
             assert await again.load_active() == ([job("j1", idempotency_key="k1")], [miner()])
             await again.close()
-    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
-        rows = db.execute("SELECT version FROM schema_version").fetchall()
-    assert rows == [(version,) for version, _ in MIGRATIONS]
-    assert rows[-1] == (SCHEMA_VERSION,)
+        rows = await fetch_rows(database_url, "SELECT version FROM schema_version")
+    assert sorted(rows) == [(version,) for version, _ in MIGRATIONS]
+    assert max(rows) == (SCHEMA_VERSION,)
 
 
 async def test_sqlite_upgrade_from_version_1_keeps_receipts_unchained(tmp_path: Path) -> None:

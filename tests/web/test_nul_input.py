@@ -51,13 +51,6 @@ NUL_REQUESTS: list[tuple[str, str, dict[str, str], Any]] = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite:///{tmp_path / 'coordinator.db'}"
-
-
 async def test_nul_anywhere_in_a_request_is_a_422_and_the_coordinator_goes_on(
     tmp_path: Path, database_url: str
 ) -> None:
