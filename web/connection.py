@@ -20,6 +20,7 @@ path: order is kept, and reading pauses while the reader is behind, as it always
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
@@ -114,6 +115,12 @@ class Connection(ABC):
     def _start_writer(self) -> None:
         self.outbox.direct = None
         if not self._writer_started and self._tasks is not None:
+            if asyncio.current_task() is None:
+                # A frame handled in the protocol's callback (``_on_text``), outside any task:
+                # no task can be started from here. The reader starts the writer when woken.
+                assert self._wake is not None
+                self._wake()
+                return
             self._writer_started = True
             self._tasks.start_soon(self._writer, self._tasks.cancel_scope)
 
@@ -182,6 +189,8 @@ class Connection(ABC):
         first = True
         fast = self._wake is not None
         while self._close is None:
+            if self.outbox.direct is None and not self._writer_started:
+                self._start_writer()  # asked for by ``_on_text`` (see ``_start_writer``)
             if first and self.principal is None:
                 msg = None
                 with anyio.move_on_after(AUTH_TIMEOUT):
@@ -213,6 +222,7 @@ class Connection(ABC):
                 if not self._handle_now(event, session):
                     await self._handle_later(event, session)
             self._flush(session)
+        self._start_writer()  # if ``_on_text`` closed, it could not start the writer itself
         await anyio.sleep_forever()  # the writer ends the task group after the close frame
 
     def _on_text(self, data: bytes | str) -> bool:
