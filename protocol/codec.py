@@ -9,7 +9,7 @@ contract prescribes: 1007 for invalid JSON or schema, ``UnknownMessageType`` (no
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import fields
 from typing import Any, Literal, TypeVar
 
@@ -46,9 +46,12 @@ from protocol.messages import (
 from protocol.types import JSON, JSONObject
 
 __all__ = [
+    "DEPTH_REFUSED",
+    "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "NUL_REFUSED",
     "contains_nul",
+    "input_refusal",
     "decode_client_frame",
     "decode_miner_frame",
     "decode_server_to_client",
@@ -58,6 +61,7 @@ __all__ = [
     "encode",
     "loads",
     "may_contain_nul",
+    "too_deep",
     "trimmed",
 ]
 
@@ -117,6 +121,47 @@ def contains_nul(value: JSON) -> bool:
     if isinstance(value, list):
         return any(contains_nul(v) for v in value)
     return False
+
+
+# orjson reads 1024 levels of nesting but writes only 254, and every stored document wraps
+# the input a few levels deeper (a receipt holds the job's payload): input deeper than this is
+# refused, where a commit would otherwise fail (and a failed commit stops the coordinator).
+MAX_DEPTH = 64
+DEPTH_REFUSED = f"JSON must not nest more than {MAX_DEPTH} levels deep"
+
+
+def too_deep(data: bytes | str, value: JSON) -> bool:
+    """Whether the parsed JSON ``value`` (text ``data``) nests more than ``MAX_DEPTH`` levels.
+
+    The bracket count of the text bounds the depth: only input with that many is walked."""
+    if isinstance(data, bytes):
+        brackets = data.count(b"[") + data.count(b"{")
+    else:
+        brackets = data.count("[") + data.count("{")
+    if brackets <= MAX_DEPTH:
+        return False
+    todo: list[tuple[JSON, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Iterable[JSON] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        todo.extend((child, depth + 1) for child in children)
+    return False
+
+
+def input_refusal(data: bytes | str, value: JSON) -> str | None:
+    """Why parsed input cannot be taken whatever its schema (NUL, nesting), or None."""
+    if may_contain_nul(data) and contains_nul(value):
+        return NUL_REFUSED
+    if too_deep(data, value):
+        return DEPTH_REFUSED
+    return None
 
 
 def may_contain_nul(data: bytes | str) -> bool:
@@ -403,8 +448,9 @@ for _table in (_SERVER_TO_MINER, _SERVER_TO_CLIENT):
 
 def _decode(data: bytes | str, table: dict[str, _Decoder]) -> Any:
     obj = loads(data)
-    if may_contain_nul(data) and contains_nul(obj):
-        raise RemoteProtocolError(f"invalid frame: {NUL_REFUSED}")
+    refusal = input_refusal(data, obj)
+    if refusal is not None:
+        raise RemoteProtocolError(f"invalid frame: {refusal}")
     if not isinstance(obj, dict):
         raise RemoteProtocolError("frame is not a JSON object")
     msg_type = obj.get("type")

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dispatcher.errors import DispatchError
-from protocol.codec import NUL_REFUSED, contains_nul, may_contain_nul
+from protocol.codec import input_refusal
 from web.errors import http_status_for
 from web.schemas import SCHEMAS, ValidationFailed, validate
 
@@ -325,8 +325,9 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
                         body = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         raise HTTPError(422, "request body is not valid JSON") from None
-                    if may_contain_nul(raw) and contains_nul(body):
-                        raise HTTPError(422, f"request body {NUL_REFUSED}")
+                    refusal = input_refusal(raw, body)
+                    if refusal is not None:
+                        raise HTTPError(422, f"request body: {refusal}")
                     validate(schema, body)
                 elif schema is not None and endpoint.body_required:
                     raise HTTPError(422, "request body is required (a JSON object)")

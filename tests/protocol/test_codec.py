@@ -1138,3 +1138,31 @@ def test_after_beyond_the_stores_integers_is_refused() -> None:
         codec.decode_client_frame(orjson.dumps(frame))
     frame["after"] = {"j": 2**62}
     assert codec.decode_client_frame(orjson.dumps(frame)).after == {"j": 2**62}  # type: ignore[union-attr]
+
+
+# ---- nesting: deeper than the stores can write back is refused -----------------------------
+
+
+def _nested(levels: int) -> str:
+    """A heartbeat frame whose ``note`` nests so that the frame is ``levels`` deep."""
+    return '{"type": "heartbeat", "note": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+
+def test_a_frame_nested_deeper_than_max_depth_is_refused() -> None:
+    codec.decode_miner_frame(_nested(codec.MAX_DEPTH))
+    with pytest.raises(RemoteProtocolError, match="more than 64 levels"):
+        codec.decode_miner_frame(_nested(codec.MAX_DEPTH + 1))
+    with pytest.raises(RemoteProtocolError, match="more than 64 levels"):
+        codec.decode_miner_frame(_nested(1000))  # orjson reads it; no store could write it
+
+
+def test_too_deep_counts_objects_and_lists_and_skips_flat_input() -> None:
+    deep: Any = "x"
+    for n in range(codec.MAX_DEPTH + 1):
+        deep = {"k": deep} if n % 2 else [deep]
+    text = orjson.dumps(deep)
+    assert codec.too_deep(text, deep)
+    assert codec.too_deep(text.decode(), deep)
+    wide = [[1], {"a": [2]}] * 100  # many brackets, shallow: walked, not refused
+    assert not codec.too_deep(orjson.dumps(wide), wide)
+    assert codec.input_refusal(orjson.dumps(wide), wide) is None

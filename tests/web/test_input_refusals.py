@@ -1,8 +1,11 @@
-"""NUL (``\\u0000``) in any string a request carries is a 422, on both stores.
+"""Input no store can write back is a 422, on both stores: NUL (``\\u0000``) in any string
+of a request, and JSON nested deeper than ``protocol.codec.MAX_DEPTH``.
 
-PostgreSQL cannot store NUL in text: before this rule one request with it made a commit fail,
-which stops the coordinator (a failed commit always does). Found by review on PostgreSQL;
-SQLite gets the same rule, so a database moves between the two without surprises.
+A failed commit stops the coordinator, so each was one request away from stopping it. NUL:
+PostgreSQL cannot store it in text (found by review on PostgreSQL; SQLite gets the same rule,
+so a database moves between the two without surprises). Depth: orjson reads 1024 levels but
+writes 254, so a payload 300 deep was accepted and then failed its commit (found by a hunt,
+on both stores).
 """
 
 from __future__ import annotations
@@ -50,8 +53,18 @@ NUL_REQUESTS: list[tuple[str, str, dict[str, str], Any]] = [
     ),
 ]
 
+DEEP: Any = []
+for _ in range(300):
+    DEEP = [DEEP]
+DEEP_REQUESTS: list[tuple[str, str, dict[str, str], Any]] = [
+    ("POST", "/v1/jobs", CLIENT, {"payload": {"type": "t", "x": DEEP}}),
+    ("POST", "/v1/jobs", CLIENT, {"payload": {"type": "t"}, "constraints": {"x": DEEP}}),
+    ("POST", "/v1/miners/register", miner_headers("m1"), {"capabilities": {"x": DEEP}}),
+    ("POST", f"/v1/miners/{JOB}/result", miner_headers("m1"), {"result": {"x": DEEP}}),
+]
 
-async def test_nul_anywhere_in_a_request_is_a_422_and_the_coordinator_goes_on(
+
+async def test_refused_input_is_a_422_and_the_coordinator_goes_on(
     tmp_path: Path, database_url: str
 ) -> None:
     async with running_api(tmp_path, database_url=database_url, billing=True) as api:
@@ -59,6 +72,10 @@ async def test_nul_anywhere_in_a_request_is_a_422_and_the_coordinator_goes_on(
             r = await api.http.request(method, path, headers=headers, json=body)
             assert r.status_code == 422, (path, r.status_code, r.text)
             assert "NUL" in r.json()["detail"], (path, r.text)
+        for method, path, headers, body in DEEP_REQUESTS:
+            r = await api.http.request(method, path, headers=headers, json=body)
+            assert r.status_code == 422, (path, r.status_code, r.text)
+            assert "levels deep" in r.json()["detail"], (path, r.text)
         # Everything still commits: a job runs through to its receipt.
         assert (await api.register("m1")).status_code == 200
         job = await api.submit()
