@@ -7,6 +7,7 @@ and read through their shortest text (``0.1`` is 0.1, not 0.1000000000000000055â
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ UNIT = 10**8  # units of 1e-8 in one coin
 # price): the stores' sums stay exact and never overflow (storage/sql.py ``_PRICE_UNITS``).
 MAX_RECEIPT_UNITS = 10**18
 _PLACES = Decimal(1).scaleb(-8)
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class AmountError(ValueError):
@@ -33,13 +35,18 @@ def to_units(value: object, *, name: str = "amount") -> int:
     """
     if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
         raise AmountError(f"{name} must be a decimal number")
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
+        # Decimal() also takes "1_0", other scripts' digits, "NaN" and "Infinity"
+        raise AmountError(f"{name} must be a decimal number")
     try:
         d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
     except InvalidOperation:
         raise AmountError(f"{name} must be a decimal number") from None
     if not d.is_finite():
         raise AmountError(f"{name} must be a finite number")
-    if abs(d) >= Decimal(10) ** 10:  # 1e18 units: sums stay inside 64-bit integers
+    # 1e10 coins (1e18 units: sums stay inside 64-bit integers). ``adjusted`` (the exponent of
+    # the leading digit), not arithmetic: arithmetic on 1e1000000 overflows the decimal context.
+    if d.adjusted() >= 10:
         raise AmountError(f"{name} is too large")
     if d.quantize(_PLACES) != d:
         raise AmountError(f"{name} has more than 8 decimal places")

@@ -284,7 +284,9 @@ def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]
                 value = convert(raw)
             except ValueError:
                 raise ValidationFailed(f"query parameter {p.name} must be {said}") from None
-            if isinstance(value, float) and not math.isfinite(value):
+            if (isinstance(value, float) and not math.isfinite(value)) or (
+                isinstance(value, int) and not -(2**63) <= value < 2**63
+            ):  # beyond what a float holds exactly or a store's integer column: never a 500
                 raise ValidationFailed(f"query parameter {p.name} must be {said}")
         validate(p.schema, value, f"query parameter {p.name}")
         out[p.name] = value

@@ -463,7 +463,12 @@ ENDPOINTS = [
         "Wait for the next job (seed-doc alias of POST /v1/miners/poll)",
         "miners",
         role=Role.MINER,
-        query=(Param("max_wait_seconds", {"type": "integer", "minimum": 0, "default": 15}),),
+        query=(
+            Param(
+                "max_wait_seconds",
+                {"type": "integer", "minimum": 0, "maximum": 3600, "default": 15},
+            ),
+        ),
         responses=_poll_responses,
         description=_POLL_DESCRIPTION,
     ),

@@ -37,6 +37,9 @@ PAY: dict[str, Any] = {"payment_id": "p", "account": "client:c1", "amount": 400,
         (3, 300_000_000),
         ("-2.5", -250_000_000),
         (Decimal("1.10000000"), 110_000_000),
+        (" 9999999999.99999999 ", 999_999_999_999_999_999),
+        ("1e3", 100_000_000_000),
+        (".5", 50_000_000),
     ],
 )
 def test_to_units_is_exact(value: object, units: int) -> None:
@@ -44,7 +47,13 @@ def test_to_units_is_exact(value: object, units: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["x", "", "1e400000", "NaN", "Infinity", "0.000000001", True, None, [1], 1e12, "1e10"]
+    "value",
+    [
+        *("x", "", "1e400000", "NaN", "Infinity", "0.000000001", True, None, [1], 1e12, "1e10"),
+        # Past the decimal context: arithmetic on them raised Overflow (a 500), found by a hunt.
+        *("1e1000000", "-1e1000000", Decimal("1e1000000"), "10000000000"),
+        *("1_0", "\u0661", "+-1", "1e", "e5"),  # Decimal() takes the first two
+    ],
 )
 def test_to_units_refuses_what_is_not_an_8_place_amount(value: object) -> None:
     with pytest.raises(AmountError):

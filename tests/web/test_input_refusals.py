@@ -84,3 +84,19 @@ async def test_refused_input_is_a_422_and_the_coordinator_goes_on(
         assert done.status_code == 200, done.text
         assert done.json()["receipt"]["job_id"] == job["job_id"]
         assert not api.core.failed
+
+
+async def test_query_integers_past_64_bits_are_a_422(tmp_path: Path) -> None:
+    """A query integer too big for a float or a store column (a poll's wait of 1e309 seconds
+    was an OverflowError, a 500: found by a hunt)."""
+    async with running_api(tmp_path) as api:
+        assert (await api.register("m1")).status_code == 200
+        huge = "1" + "0" * 309
+        for path, headers in [
+            (f"/v1/miner/jobs?max_wait_seconds={huge}", miner_headers("m1")),
+            ("/v1/miner/jobs?max_wait_seconds=3601", miner_headers("m1")),
+            (f"/v1/jobs?limit={2**63}", CLIENT),
+            (f"/v1/jobs?offset=-{2**63 + 1}", CLIENT),
+        ]:
+            r = await api.http.get(path, headers=headers)
+            assert r.status_code == 422, (path, r.status_code, r.text)
