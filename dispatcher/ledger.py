@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from dispatcher.errors import PaymentRequired
 from protocol.amounts import format_units
@@ -41,7 +41,7 @@ __all__ = [
 
 EXCHANGE_ACCOUNT = "exchange:btc"
 ISSUERS = ("exchange:", "system:")
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 PAYOUT_KEYS = ("payout_address", "wallet_address")
 
 
@@ -59,8 +59,9 @@ class Movement:
         assert self.src != self.dst
 
 
-def is_wallet_address(value: object) -> bool:
-    return isinstance(value, str) and _ADDRESS.match(value) is not None
+def is_wallet_address(value: object) -> TypeGuard[str]:
+    """``0x`` and 40 hex digits, the whole text (a trailing newline is not one)."""
+    return isinstance(value, str) and _ADDRESS.fullmatch(value) is not None
 
 
 def wallet_account(address: str) -> str:

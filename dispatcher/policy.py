@@ -17,6 +17,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from protocol.codec import dumps_sorted, trimmed
+from protocol.types import finite_number
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -24,15 +25,6 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
 
 __all__ = ["Capabilities", "IdleIndex", "JobNeeds", "JobQueue", "MatchCache", "matches"]
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 # The compared fields of each class, as one getter returning their tuple (built on first use).
@@ -93,7 +85,7 @@ class Capabilities:
         gpus = capabilities.get("gpus")
         gpus = [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
         names = frozenset(str(g["name"]) for g in gpus if g.get("name") is not None)
-        vram = max((_num(g.get("memory_mb")) or 0.0 for g in gpus), default=0.0)
+        vram = max((finite_number(g.get("memory_mb")) or 0.0 for g in gpus), default=0.0)
         models = capabilities.get("models")
         models = frozenset(str(m) for m in models) if isinstance(models, list) else frozenset()
         cuda = capabilities.get("cuda")
@@ -103,7 +95,7 @@ class Capabilities:
             vram_mb=vram,
             cuda="" if cuda is None else str(cuda),
             models=models,
-            price=_num(capabilities.get("price")),
+            price=finite_number(capabilities.get("price")),
         )
 
     @property
@@ -160,10 +152,10 @@ class JobNeeds:
         return cls(
             region=_opt_str(constraints.get("region")),
             gpu=_opt_str(constraints.get("gpu")),
-            min_vram_gb=_num(constraints.get("min_vram_gb")),
+            min_vram_gb=finite_number(constraints.get("min_vram_gb")),
             cuda=_opt_str(constraints.get("cuda")),
             models=frozenset(str(m) for m in models) if isinstance(models, list) else frozenset(),
-            max_price=_num(constraints.get("max_price")),
+            max_price=finite_number(constraints.get("max_price")),
         )
 
 

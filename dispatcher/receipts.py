@@ -27,6 +27,7 @@ from protocol.receipts import (
     receipt_hash,
     sign_prepared,
 )
+from protocol.types import finite_number
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,15 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_UNIT_PRICE", "ReceiptSigner"]
 
 DEFAULT_UNIT_PRICE = 0.02
-
-
-def _num(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 def _canonical(value: JSONObject) -> bytes:
@@ -73,7 +65,7 @@ class ReceiptSigner:
         started = job.started_at if job.started_at is not None else now
         units = round(max(0.0, now - started), 6)
         unit_price = miner_price if miner_price is not None else DEFAULT_UNIT_PRICE
-        cap = _num(job.constraints.get("max_price"))
+        cap = finite_number(job.constraints.get("max_price"))
         if cap is not None:
             unit_price = min(unit_price, cap)
         price = round(units * unit_price, 6)

@@ -21,6 +21,7 @@ __all__ = [
     "JobId",
     "MinerId",
     "SessionId",
+    "finite_number",
     "iso_time",
     "parse_instant",
 ]
@@ -87,6 +88,18 @@ class EventKind(StrEnum):
 # events, the assignment's expiry, the job view), and they come interleaved with other jobs'.
 _iso_texts: dict[float, str] = {}
 _iso_seconds: dict[int, str] = {}
+
+
+def finite_number(value: object) -> float | None:
+    """A JSON number, or numeric text, as a finite float; None for anything else (booleans,
+    "nan", "inf", 1e400, an integer past a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_instant(text: str) -> float:

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "payment_view"]
 
-_USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_TXID = re.compile(r"^[0-9a-fA-F]{64}$")
+_USER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_TXID = re.compile(r"[0-9a-fA-F]{64}")
 _DAY_SECONDS = 86400.0  # market-stats' "daily" window
 
 
@@ -60,7 +60,7 @@ async def create_payment(call: Call) -> Response:
     if body.get("eth_amount") is not None:
         raise HTTPError(400, "ETH payments are not supported: send btc_amount (or aitbc_amount)")
     user_id = body.get("user_id")
-    if user_id is not None and not _USER_ID.match(str(user_id)):
+    if user_id is not None and not _USER_ID.fullmatch(str(user_id)):
         raise HTTPError(422, "user_id must be 1-128 characters of A-Z a-z 0-9 _ -")
     aitbc, btc = _amount(body, "aitbc_amount"), _amount(body, "btc_amount")
     try:
@@ -120,7 +120,7 @@ async def market_stats(call: Call) -> Response:
 async def admin_confirm(call: Call) -> Response:
     body = call.body or {}
     tx_hash = body.get("tx_hash")
-    if tx_hash is not None and not _TXID.match(tx_hash):
+    if tx_hash is not None and not _TXID.fullmatch(tx_hash):
         raise HTTPError(422, "tx_hash must be 64 hex digits")
     match = None
     if tx_hash is not None:

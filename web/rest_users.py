@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "transaction_view"]
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}$")
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}")
 DESCRIPTIONS = {
     "job_reserve": "payment reserved for job",
     "job_payment": "payment for job",
@@ -69,7 +69,7 @@ async def register(call: Call) -> Response:
     wallet = normalize_wallet(body["wallet_address"])
     email = str(body["email"]).strip().lower()
     username = str(body["username"]).strip()
-    if not _EMAIL.match(email):
+    if not _EMAIL.fullmatch(email):
         raise HTTPError(400, "Invalid email address")
     if not username:
         raise HTTPError(400, "username must not be empty")

@@ -6,12 +6,12 @@ Invalid values stop the start with a one-line message naming the variable.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
 from protocol.types import parse_instant
 from storage.backends import is_postgres_url
@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = ["Settings", "SettingsError"]
-
-
-_WALLET = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 class SettingsError(ValueError):
@@ -294,7 +291,7 @@ def _wallets(env: Mapping[str, str], name: str) -> frozenset[str]:
         address = item.strip()
         if not address:
             continue
-        if not _WALLET.match(address):
+        if not is_wallet_address(address):
             raise SettingsError(
                 f"{name}: {address!r} is not a wallet address (0x and 40 hex digits)"
             )

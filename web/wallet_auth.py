@@ -18,6 +18,7 @@ import secrets
 import uuid
 from typing import TYPE_CHECKING
 
+from dispatcher.ledger import is_wallet_address
 from storage.base import NonceRecord, SessionRecord, UserRecord
 from web.auth import Principal, Role, key_hash
 from web.http import HTTPError
@@ -31,8 +32,6 @@ __all__ = ["NONCE_TTL", "WalletAuth", "login_message", "normalize_wallet", "reco
 
 NONCE_TTL = 300.0
 MAX_OPEN_NONCES = 100_000
-_WALLET = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
 
 
 def login_message(wallet: str, nonce: str) -> str:
@@ -42,7 +41,7 @@ def login_message(wallet: str, nonce: str) -> str:
 
 def normalize_wallet(value: object) -> str:
     """Lowercased ``0x`` + 40 hex, or 400 "Invalid wallet address"."""
-    if not isinstance(value, str) or not _WALLET.match(value):
+    if not is_wallet_address(value):
         raise HTTPError(400, "Invalid wallet address")
     return value.lower()
 

@@ -205,12 +205,11 @@ def test_capabilities_parse_shares_one_instance_per_document_and_region() -> Non
 
 def test_capabilities_parse_cache_never_conflates_nan_with_null() -> None:
     """orjson writes NaN as ``null``: such documents are parsed each time, never shared."""
-    unpriced = Capabilities.parse({"price": None}, None)
-    assert unpriced.price is None
-    nan = Capabilities.parse({"price": float("nan")}, None)
-    assert nan.price is not None
-    assert nan.price != nan.price  # NaN
-    assert Capabilities.parse({"price": None}, None).price is None
+    assert Capabilities.parse({"cuda": None}, None).cuda == ""
+    assert Capabilities.parse({"cuda": float("nan")}, None).cuda == "nan"
+    assert Capabilities.parse({"cuda": None}, None).cuda == ""
+    # A price that is not a finite number is no price at all (a receipt cannot carry it).
+    assert Capabilities.parse({"price": float("nan")}, None).price is None
 
 
 def test_capabilities_parse_keeps_no_large_documents() -> None:

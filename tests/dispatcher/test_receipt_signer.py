@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 from hypothesis import assume, given, settings, strategies as st
 
 from dispatcher.jobs import Job
+from dispatcher.policy import Capabilities
 from dispatcher.receipts import DEFAULT_UNIT_PRICE, ReceiptSigner
 from protocol.receipt_verify import ChainAudit, TrustedKey, check_receipt
 from protocol.receipts import (
@@ -19,6 +21,7 @@ from protocol.receipts import (
     receipt_hash,
     sign_result,
 )
+from protocol.types import finite_number
 
 SEED = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
 MINER_SEED = "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb"
@@ -60,7 +63,9 @@ def test_billing_is_server_observed_and_capped() -> None:
     assert r["metadata"]["metrics_source"] == "miner-claimed"
     cheap = signer(finished_job("j2", constraints={"max_price": 1.0}), None, 101.0)
     assert (cheap["unit_price"], cheap["price"]) == (DEFAULT_UNIT_PRICE, 0.02)
-    for junk in ("cheap", True, None, [1]):  # a max_price that is not a number caps nothing
+    # A max_price that is not a finite number caps nothing ("nan" once signed a NaN price,
+    # which the store wrote as null, so the receipt never verified: found by a hunt).
+    for junk in ("cheap", True, None, [1], "nan", "inf", "-inf", "1e400", 10**400):
         r = signer(finished_job("j4", constraints={"max_price": junk}), 0.5, 101.0)
         assert r["unit_price"] == 0.5
     assert (
@@ -235,3 +240,18 @@ def test_property_signed_bytes_are_the_reference_canonical_form(
     assert receipt["payload_hash"] == content_hash(payload)
     assert receipt["result_hash"] == content_hash(result or {})
     assert receipt["metadata"]["job_payload"] is payload
+
+
+def test_a_miner_price_that_is_not_a_finite_number_is_no_price() -> None:
+    """Capabilities are parsed by ``Capabilities.parse``: a price of "nan", "inf", 1e400 or an
+    integer past a float's range is no price (the default is billed), and the receipt
+    verifies after a round trip through JSON."""
+    signer = ReceiptSigner(KEY)
+    for n, junk in enumerate(("nan", "inf", "-inf", "1e400", 10**400, True)):
+        caps = Capabilities.parse({"price": junk}, None)
+        assert caps.unit_price is None
+        receipt = signer(finished_job(f"j{n}"), caps.unit_price, 101.0)
+        assert receipt["unit_price"] == DEFAULT_UNIT_PRICE
+        assert check_receipt(orjson.loads(orjson.dumps(receipt)), PINNED) == []
+    assert Capabilities.parse({"price": "0.5"}, None).unit_price == 0.5
+    assert finite_number(-0.0) == 0.0

@@ -100,3 +100,13 @@ async def test_query_integers_past_64_bits_are_a_422(tmp_path: Path) -> None:
         ]:
             r = await api.http.get(path, headers=headers)
             assert r.status_code == 422, (path, r.status_code, r.text)
+
+
+async def test_a_wallet_address_with_a_trailing_newline_is_no_address(tmp_path: Path) -> None:
+    """``$`` also matched before a final newline: such an address got a nonce of its own."""
+    wallet = "0x" + "ab" * 20
+    async with running_api(tmp_path) as api:
+        for bad in (wallet + "\n", wallet + "\n\n", " " + wallet):
+            r = await api.http.post("/v1/auth/nonce", json={"wallet_address": bad})
+            assert r.status_code == 400, (bad, r.text)
+        assert (await api.http.post("/v1/auth/nonce", json={"wallet_address": wallet})).is_success
