@@ -59,6 +59,13 @@ def miner_id_for(call: Call) -> str:
     principal = call.principal
     assert principal is not None
     given = call.request.headers.get("x-miner-id", "").strip()
+    if not given.isascii():
+        # Header bytes arrive as latin-1 text; an id's UTF-8 bytes are read as UTF-8, so
+        # "é" names the same miner as a socket's hello (JSON, UTF-8) does.
+        try:
+            given = given.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(422, "X-Miner-ID is not UTF-8 text") from None
     if len(given) > 128:
         raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
     miner_id = given or f"miner-{principal.key_hash[:12]}"
