@@ -8,7 +8,7 @@ and read through their shortest text (``0.1`` is 0.1, not 0.1000000000000000055â
 from __future__ import annotations
 
 import re
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,15 +38,13 @@ def to_units(value: object, *, name: str = "amount") -> int:
     if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
         # Decimal() also takes "1_0", other scripts' digits, "NaN" and "Infinity"
         raise AmountError(f"{name} must be a decimal number")
-    try:
-        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    except InvalidOperation:
-        raise AmountError(f"{name} must be a decimal number") from None
-    if not d.is_finite():
+    # Every value left is one Decimal takes (text matched the pattern above).
+    d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not d.is_finite():  # a float or Decimal NaN or infinity
         raise AmountError(f"{name} must be a finite number")
     # 1e10 coins (1e18 units: sums stay inside 64-bit integers). ``adjusted`` (the exponent of
     # the leading digit), not arithmetic: arithmetic on 1e1000000 overflows the decimal context.
-    if d.adjusted() >= 10:
+    if d and d.adjusted() >= 10:  # (a zero's exponent says nothing: 0e1000000 is 0)
         raise AmountError(f"{name} is too large")
     if d.quantize(_PLACES) != d:
         raise AmountError(f"{name} has more than 8 decimal places")

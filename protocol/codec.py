@@ -134,6 +134,8 @@ def too_deep(data: bytes | str, value: JSON) -> bool:
     """Whether the parsed JSON ``value`` (text ``data``) nests more than ``MAX_DEPTH`` levels.
 
     The bracket count of the text bounds the depth: only input with that many is walked."""
+    if len(data) <= 2 * MAX_DEPTH:  # too short to hold MAX_DEPTH + 1 pairs of brackets
+        return False
     if isinstance(data, bytes):
         brackets = data.count(b"[") + data.count(b"{")
     else:

@@ -107,7 +107,7 @@ async def _lock_holder(conn: Any) -> str:
         "SELECT l.pid, a.client_addr FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a "
         "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
         "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND l.objid = $1 LIMIT 1",
+        "AND l.classid = 0 AND l.objid = $1 AND l.objsubid = 1 LIMIT 1",  # one bigint key
         OWNER_LOCK_KEY,
     )
     if row is None:
@@ -152,14 +152,10 @@ class PostgresJobStore(SqlStore):
 
     @staticmethod
     def _json_text(column: str, key: str) -> str:
-        # PostgreSQL's JSON parser refuses a document holding a "\u0000" escape (it cannot be
-        # text). Input with NUL is refused (protocol.codec.contains_nul), so only rows written
-        # some other way can hold one: they read as having no such field, instead of failing
-        # the whole query.
-        return (
-            f"(CASE WHEN strpos({column}, '\\u0000') = 0 "
-            f"THEN CAST({column} AS json) ->> '{key}' END)"
-        )
+        # json, not jsonb (which would store a parsed copy first). PostgreSQL's JSON parser
+        # refuses a document with a "\\u0000" escape (it cannot be text): input with NUL is
+        # refused (protocol.codec.input_refusal), so no stored document has one.
+        return f"(CAST({column} AS json) ->> '{key}')"
 
     # NUMERIC: exact, and no sum overflows it.
     _PRICE_UNITS = (
@@ -242,14 +238,15 @@ class PostgresJobStore(SqlStore):
                 )
 
     async def close(self) -> None:
+        self._raw = None  # first: reads and commits from now on are "store is closed"
         try:
             async with _map_errors():
                 await self._stack.aclose()
-                for db in (self._db, self._read_db, self._scan_db):
-                    if db.is_connected:
-                        await db.disconnect()
         finally:
-            self._raw = None
+            for db in (self._db, self._read_db, self._scan_db):
+                if db.is_connected:
+                    with contextlib.suppress(Exception):  # each pool closes whatever happened
+                        await db.disconnect()
 
     async def commit(self, batch: WriteBatch) -> None:
         raw = self._raw

@@ -58,14 +58,16 @@ def miner_id_for(call: Call) -> str:
     """
     principal = call.principal
     assert principal is not None
-    given = call.request.headers.get("x-miner-id", "").strip()
+    given = call.request.headers.get("x-miner-id", "")
     if not given.isascii():
         # Header bytes arrive as latin-1 text; an id's UTF-8 bytes are read as UTF-8, so
-        # "é" names the same miner as a socket's hello (JSON, UTF-8) does.
+        # "é" names the same miner as a socket's hello (JSON, UTF-8) does. Decoded before it
+        # is stripped: latin-1 "\x85" and "\xa0" are spaces to Python and UTF-8 bytes too.
         try:
             given = given.encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPError(422, "X-Miner-ID is not UTF-8 text") from None
+    given = given.strip()
     if len(given) > 128:
         raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
     miner_id = given or f"miner-{principal.key_hash[:12]}"

@@ -40,6 +40,7 @@ PAY: dict[str, Any] = {"payment_id": "p", "account": "client:c1", "amount": 400,
         (" 9999999999.99999999 ", 999_999_999_999_999_999),
         ("1e3", 100_000_000_000),
         (".5", 50_000_000),
+        ("0e1000000", 0),
     ],
 )
 def test_to_units_is_exact(value: object, units: int) -> None:
@@ -53,6 +54,7 @@ def test_to_units_is_exact(value: object, units: int) -> None:
         # Past the decimal context: arithmetic on them raised Overflow (a 500), found by a hunt.
         *("1e1000000", "-1e1000000", Decimal("1e1000000"), "10000000000"),
         *("1_0", "\u0661", "+-1", "1e", "e5"),  # Decimal() takes the first two
+        *(float("nan"), float("inf"), Decimal("NaN"), Decimal("-Infinity")),
     ],
 )
 def test_to_units_refuses_what_is_not_an_8_place_amount(value: object) -> None:

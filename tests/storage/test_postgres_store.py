@@ -179,31 +179,6 @@ async def test_reads_recover_from_a_lost_connection(postgres_url: str) -> None:
             await s.close()
 
 
-async def test_nul_escapes_already_stored_do_not_break_reads(postgres_url: str) -> None:
-    """Input with NUL is refused (tests/web/test_nul_input.py), but a row written some other
-    way with a ``\\u0000`` escape in its JSON must not break the queries that read JSON
-    fields: PostgreSQL's JSON parser refuses the whole document. Such a row reads as having no
-    such field."""
-    with anyio.fail_after(20):
-        s = PostgresJobStore(postgres_url)
-        await s.open()
-        try:
-            nul = job("j1", payload={"type": "t", "prompt": "a\x00b"})
-            await s.commit(
-                batch(
-                    jobs=[nul],
-                    events=[event("j1", 1, data={"message": "x\x00"}), event("j1", 2, "progress")],
-                )
-            )
-            await s.commit(batch(jobs=[job("j2", payload={"type": "t"})], events=[event("j2", 1)]))
-            assert [e.seq for e in await s.events_after("j1", 0)] == [1, 2]
-            assert (await s.list_jobs(JobQuery(job_type="t")))[0] == [
-                job("j2", payload={"type": "t"})
-            ]
-        finally:
-            await s.close()
-
-
 async def test_the_writer_session_is_exempt_from_idle_session_timeout(postgres_url: str) -> None:
     """A server that ends idle sessions would end the writer's in any quiet minute, and with
     it the coordinator: the writer turns the timeout off for its own session."""

@@ -234,6 +234,35 @@ async def test_a_completion_reads_back_its_receipt_from_every_place(store: JobSt
     assert {j.job_id: j.receipt for j in listed} == {"j1": row.receipt, "j2": other.receipt}
 
 
+async def test_text_spelling_a_nul_escape_is_ordinary_text(store: JobStore) -> None:
+    """A backslash then "u0000" (six characters, allowed: it is no NUL) in a payload, a result
+    and a receipt reads back everywhere, found by the queries that read JSON fields: a
+    PostgreSQL guard against NUL escapes once hid such jobs from type filters and their
+    receipts from replays."""
+    text = "print('\\u0000')"
+    assert len(text) == 15
+    payload = {"type": "echo", "note": text}
+    await commit(store, batch(jobs=[job(payload=payload)], events=[event("j1", 1)]))
+    row = receipt_row("r1", chain_seq=1, price=0.5, note=text)
+    row = replace(row, miner_id="gpu-1")
+    done = job(
+        "j1", payload=payload, state="COMPLETED", seq=2, miner_id="gpu-1", receipt=row.receipt
+    )
+    completed = event(
+        "j1",
+        2,
+        "completed",
+        state="COMPLETED",
+        data={"result": {"text": text}, "receipt": row.receipt},
+    )
+    await commit(store, batch(jobs=[done], events=[completed], receipts=[row]))
+    with anyio.fail_after(10):
+        assert (await store.events_after("j1", 1))[0].data["receipt"] == row.receipt
+        assert (await store.list_jobs(JobQuery(job_type="echo")))[0] == [done]
+        earned = await store.miner_earnings("gpu-1", T0 - 1, T0 + 1, 1)
+    assert (earned.completed, earned.billed) == (1, 50_000_000)
+
+
 async def test_stored_and_unstored_jobs_in_one_batch_are_both_written(store: JobStore) -> None:
     """A batch mixing a job already stored and one never seen (neither with its first event)
     stores both: the SQL store's in-place UPDATE falls back to the upsert when a row is missing.

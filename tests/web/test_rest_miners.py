@@ -116,10 +116,11 @@ async def test_miner_id_is_derived_from_the_key_never_the_key(api: Api) -> None:
 async def test_a_utf8_miner_id_header_names_the_same_miner_as_a_socket_hello(api: Api) -> None:
     """Header bytes are latin-1 text to the server; UTF-8 ones are read as UTF-8 ("é" was
     "Ã©", another miner than a socket's hello names). Bytes that are not UTF-8: 422."""
-    headers = {"X-Api-Key": MINER_KEY, "X-Miner-ID": "gpu-é-✓".encode()}
-    r = await api.http.post("/v1/miners/register", json={"capabilities": {}}, headers=headers)
-    assert r.status_code == 200, r.text
-    assert r.json()["miner_id"] == "gpu-é-✓"
+    for name in ("gpu-é-✓", "gpu-à", "gpu-Å", "gpu-ą"):  # the last three end in 0xA0 / 0x85
+        headers = {"X-Api-Key": MINER_KEY, "X-Miner-ID": name.encode()}
+        r = await api.http.post("/v1/miners/register", json={"capabilities": {}}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["miner_id"] == name
     bad = {"X-Api-Key": MINER_KEY, "X-Miner-ID": b"gpu-\xe9"}  # latin-1 é alone
     r = await api.http.post("/v1/miners/register", json={"capabilities": {}}, headers=bad)
     assert r.status_code == 422
