@@ -113,6 +113,7 @@ class Dispatcher:
         self.fanout = Fanout()
         self.running = False
         self._closing = False
+        self._waiting: set[anyio.Event] = set()  # ``_until_committed`` callers (see there)
         self._writes = WriteBatch()
         self._actions: list[_Action] = []
         # Makes the Events of the hot paths (two per batch, one per waiting request). Plain
@@ -180,6 +181,11 @@ class Dispatcher:
             task_status.started()
             try:
                 await self._write_loop()
+            except BaseException:
+                self._closing = True  # a failed commit: nothing more is taken, and nobody waits
+                for done in list(self._waiting):
+                    done.set()
+                raise
             finally:
                 self.running = False
                 tg.cancel_scope.cancel()
@@ -442,7 +448,11 @@ class Dispatcher:
                 self._visible.pop(old, None)
 
     async def _until_committed(self, start: Callable[[Callable[[T], None]], None]) -> T:
-        """Run ``start(then)`` and wait until ``then`` is called after the commit."""
+        """Run ``start(then)`` and wait until ``then`` is called after the commit.
+
+        Raises ``Unavailable`` at once when the writer stops on a failed commit (the process
+        then shuts down): the caller gets an answer instead of waiting for the shutdown.
+        """
         done = self.new_event()
         box: list[T] = []
 
@@ -451,7 +461,17 @@ class Dispatcher:
             done.set()
 
         start(then)
-        await done.wait()
+        return await self._wait_committed(done, box)
+
+    async def _wait_committed(self, done: anyio.Event, box: list[T]) -> T:
+        """Wait for ``done``; ``box`` then holds the answer, unless the writer failed."""
+        self._waiting.add(done)
+        try:
+            await done.wait()
+        finally:
+            self._waiting.discard(done)
+        if not box:
+            raise Unavailable("the coordinator is stopping: a commit failed")
         return box[0]
 
     # ---- clients ----------------------------------------------------------------------------
@@ -505,8 +525,7 @@ class Dispatcher:
             done.set()
 
         await self.submit(spec, then)
-        await done.wait()
-        return box[0]
+        return await self._wait_committed(done, box)
 
     def cancel(self, client_id: str, job_id: str, then: Callable[[JobRecord], None]) -> None:
         """Cancel a live job; raises UnknownJob / InvalidTransition (nothing changes)."""

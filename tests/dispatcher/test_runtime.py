@@ -242,6 +242,41 @@ async def test_a_failed_commit_never_performs_its_actions() -> None:
     assert seen == []
 
 
+async def test_a_failed_commit_answers_every_waiting_caller_at_once() -> None:
+    """Callers waiting for their commit (a REST submit, a miner's result) get ``Unavailable``
+    when the writer stops on a failed commit, instead of waiting for the process to shut down;
+    later calls are refused the same way."""
+    store = RecordingStore()  # never opened: its commit raises StorageError
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+    answers: list[str] = []
+
+    async def submit_and_wait(job_id: str) -> None:
+        try:
+            await dispatcher.submit_wait(
+                JobSpec(job_id=job_id, client_id="c1", payload={}, constraints={})
+            )
+        except Unavailable as exc:
+            answers.append(f"{job_id}: {exc}")
+
+    async def two_waiting_then_serve() -> None:
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(submit_and_wait, "j1")
+            outer.start_soon(submit_and_wait, "j2")
+            await anyio.wait_all_tasks_blocked()
+            await dispatcher.serve()
+
+    with anyio.fail_after(5), pytest.raises(ExceptionGroup):
+        await two_waiting_then_serve()
+    assert sorted(answers) == [
+        "j1: the coordinator is stopping: a commit failed",
+        "j2: the coordinator is stopping: a commit failed",
+    ]
+    with pytest.raises(Unavailable):
+        await dispatcher.submit_wait(
+            JobSpec(job_id="j3", client_id="c1", payload={}, constraints={})
+        )
+
+
 # ---- group commit -------------------------------------------------------------------------
 
 
