@@ -22,15 +22,15 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "account_view"]
 
-ACCOUNT = re.compile(
-    r"^(wallet:0x[0-9a-f]{40}|(client|miner|escrow):[!-~]{1,128}|exchange:btc|system:admin)$"
+ACCOUNT = re.compile(  # matched whole (``$`` also matched before a final newline)
+    r"wallet:0x[0-9a-f]{40}|(client|miner|escrow):[!-~]{1,128}|exchange:btc|system:admin"
 )
 _CREDITABLE = ("wallet:", "client:", "miner:")
 
 
 def _account(call: Call) -> str:
     account = call.path("account")
-    if not ACCOUNT.match(account):
+    if not ACCOUNT.fullmatch(account):
         raise HTTPError(400, "invalid account (wallet:0x…, client:…, miner:…, escrow:…)")
     return account
 

@@ -13,7 +13,7 @@ from protocol.amounts import format_units
 from protocol.types import iso_time
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response, page_params
-from web.wallet_auth import login_message, normalize_wallet
+from web.wallet_auth import AUTO_EMAIL_DOMAIN, login_message, normalize_wallet
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -71,6 +71,9 @@ async def register(call: Call) -> Response:
     username = str(body["username"]).strip()
     if not _EMAIL.fullmatch(email):
         raise HTTPError(400, "Invalid email address")
+    if email.endswith("@" + AUTO_EMAIL_DOMAIN):
+        # Logins of unregistered wallets get these addresses (``<wallet>@aitbc.local``).
+        raise HTTPError(400, f"Email addresses @{AUTO_EMAIL_DOMAIN} are reserved")
     if not username:
         raise HTTPError(400, "username must not be empty")
     user, token = await call.core.wallet.login(

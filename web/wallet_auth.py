@@ -28,7 +28,18 @@ if TYPE_CHECKING:
     from dispatcher.runtime import Dispatcher
     from storage.base import WalletSnapshot, WriteBatch
 
-__all__ = ["NONCE_TTL", "WalletAuth", "login_message", "normalize_wallet", "recover_signer"]
+__all__ = [
+    "AUTO_EMAIL_DOMAIN",
+    "NONCE_TTL",
+    "WalletAuth",
+    "login_message",
+    "normalize_wallet",
+    "recover_signer",
+]
+
+# A wallet that logs in unregistered gets ``<wallet>@aitbc.local`` (as upstream); registration
+# refuses the domain, so no one can take such an address first.
+AUTO_EMAIL_DOMAIN = "aitbc.local"
 
 NONCE_TTL = 300.0
 MAX_OPEN_NONCES = 100_000
@@ -173,7 +184,9 @@ class WalletAuth:
                 what = "Wallet" if user_id is not None else "Email"
                 raise HTTPError(400, f"{what} already registered")
         elif user_id is None:
-            email = f"{wallet}@aitbc.local"
+            email = f"{wallet}@{AUTO_EMAIL_DOMAIN}"  # upstream's; register refuses the domain
+            while email in self.by_email:  # never a commit's unique violation (it would stop
+                email = f"{wallet}+{secrets.token_hex(4)}@{AUTO_EMAIL_DOMAIN}"  # the process)
             username = f"user_{wallet[-8:]}_{secrets.token_hex(4)}"
         if user_id is None:
             new_user = UserRecord(

@@ -239,8 +239,13 @@ async def test_balances_and_reservations_survive_a_restart(tmp_path: Path) -> No
 
 async def test_admin_account_routes_validate(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
-        r = await api.http.get("/v1/admin/accounts/bogus", headers=ADMIN)
-        assert r.status_code == 400
+        for bogus in ("bogus", "client:x%0A", "client:x%0A%0A"):  # whole text, no newline
+            r = await api.http.get(f"/v1/admin/accounts/{bogus}", headers=ADMIN)
+            assert r.status_code == 400, bogus
+            r = await api.http.post(
+                f"/v1/admin/accounts/{bogus}/credit", json={"amount": 1}, headers=ADMIN
+            )
+            assert r.status_code == 400, bogus
         r = await api.http.post(
             "/v1/admin/accounts/exchange:btc/credit", json={"amount": 1}, headers=ADMIN
         )

@@ -107,6 +107,7 @@ async def test_register_and_its_conflicts(tmp_path: Path) -> None:
             (KEY_A, "other@example.org", "Wallet already registered"),
             (KEY_B, "ann@example.org", "Email already registered"),
             (KEY_B, "not-an-email", "Invalid email address"),
+            (KEY_B, "x@AITBC.local", "Email addresses @aitbc.local are reserved"),
         ):
             wallet = address_of(key)
             nonce = await get_nonce(api.http, wallet)
@@ -121,6 +122,33 @@ async def test_register_and_its_conflicts(tmp_path: Path) -> None:
                 },
             )
             assert (r.status_code, r.json()["detail"]) == (400, detail)
+
+
+async def test_a_login_never_collides_with_a_taken_email(tmp_path: Path) -> None:
+    """An unregistered wallet's login makes a user ``<wallet>@aitbc.local``. Taking that address
+    first once made the login's commit fail, which stops the coordinator (found by a hunt):
+    registration refuses the domain, and the login never reuses a taken address."""
+    async with running_api(tmp_path) as api:
+        wallet_a = address_of(KEY_A).lower()
+        nonce = await get_nonce(api.http, address_of(KEY_B))
+        r = await api.http.post(
+            "/v1/register",
+            json={
+                "wallet_address": address_of(KEY_B),
+                "nonce": nonce,
+                "signature": sign(KEY_B, address_of(KEY_B), nonce),
+                "email": f"{wallet_a}@aitbc.local",
+                "username": "b",
+            },
+        )
+        assert r.status_code == 400
+        # The same collision through the store's memory (as a user from before this rule):
+        api.core.wallet.by_email[f"{wallet_a}@aitbc.local"] = "someone-else"
+        user = await login(api.http)
+        assert user["email"].startswith(f"{wallet_a}+")
+        assert user["email"].endswith("@aitbc.local")
+        assert not api.core.failed
+        assert (await login(api.http))["user_id"] == user["user_id"]
 
 
 async def test_session_token_as_bearer_or_header_and_logout(tmp_path: Path) -> None:
