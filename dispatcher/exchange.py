@@ -76,7 +76,8 @@ _TXID = re.compile(r"[0-9a-f]{64}")
 MAX_HEIGHT = 1 << 40
 
 
-def _is_txid(value: object) -> bool:
+def is_txid(value: object) -> bool:
+    """64 lowercase hex digits, the whole text."""
     return isinstance(value, str) and _TXID.fullmatch(value) is not None
 
 
@@ -95,7 +96,7 @@ def find_output(
     """
     best: Match | None = None
     for tx in txs if isinstance(txs, list) else []:
-        if not isinstance(tx, dict) or not _is_txid(tx.get("txid")):
+        if not isinstance(tx, dict) or not is_txid(tx.get("txid")):
             continue
         status = tx.get("status")
         if not isinstance(status, dict):
@@ -122,4 +123,4 @@ def find_output(
     return best
 
 
-__all__ += ["unique_amount"]
+__all__ += ["is_txid", "unique_amount"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,6 @@ __all__ = ["PostgresJobStore", "check_postgres"]
 OWNER_LOCK_KEY = 0x41495442  # "AITB"
 _CONNECT_TIMEOUT = 10.0
 READ_CONNECTIONS = 4  # of the indexed reads' pool
-_numbered_cache: dict[str, str] = {}
 
 
 def _driver_url(url: str) -> str:
@@ -56,14 +56,11 @@ def _driver_url(url: str) -> str:
     return url
 
 
+@functools.cache
 def _numbered(sql: str) -> str:
     """``sql`` with its ``?`` placeholders as asyncpg's ``$1, $2, …`` (none sit in literals)."""
-    out = _numbered_cache.get(sql)
-    if out is None:
-        parts = sql.split("?")
-        out = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
-        _numbered_cache[sql] = out
-    return out
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
 
 
 @asynccontextmanager
@@ -116,25 +113,33 @@ async def _lock_holder(conn: Any) -> str:
     return f" (PostgreSQL backend pid {row['pid']}{where})"
 
 
-def _in_use(url: str, holder: str) -> StoreInUse:
-    return StoreInUse(
-        f"{shown_url(url)} is in use by another coordinator{holder}: stop it, or give this one a "
-        "database of its own (DATABASE_URL)"
-    )
+async def _take_owner_lock(conn: Any, url: str) -> None:
+    """Take the owner lock on ``conn``'s session; ``StoreInUse`` naming the holder if taken."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
+        raise StoreInUse(
+            f"{shown_url(url)} is in use by another coordinator{await _lock_holder(conn)}: stop "
+            "it, or give this one a database of its own (DATABASE_URL)"
+        )
+
+
+@asynccontextmanager
+async def _connecting(url: str) -> AsyncIterator[None]:
+    """A connection that fails (refused, timed out, bad credentials) as one clear line."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StorageError(f"cannot connect to {shown_url(url)}: {exc}") from None
 
 
 async def _preflight(url: str) -> None:
-    try:
+    async with _connecting(url):
         conn = await asyncpg.connect(_driver_url(url), timeout=_CONNECT_TIMEOUT)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StorageError(f"cannot connect to {shown_url(url)}: {exc}") from None
     try:
         async with _map_errors():
             refusal = _newer_schema(await _applied_versions(conn))
             if refusal is not None:
                 raise StorageError(f"{shown_url(url)}: {refusal}")
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
-                raise _in_use(url, await _lock_holder(conn))
+            await _take_owner_lock(conn, url)
     finally:
         await conn.close()  # the lock, if taken, goes with the session
 
@@ -206,18 +211,15 @@ class PostgresJobStore(SqlStore):
             with contextlib.suppress(asyncpg.UndefinedObjectError):
                 await raw.execute("SET idle_session_timeout = 0")
             if self.exclusive:
-                if not await raw.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
-                    raise _in_use(self.url, await _lock_holder(raw))
+                await _take_owner_lock(raw, self.url)
             self._raw = raw
             await self._migrate()
         await self._connect_pool(self._read_db)
         await self._connect_pool(self._scan_db)
 
     async def _connect_pool(self, db: Database) -> None:
-        try:
+        async with _connecting(self.url):
             await asyncio.wait_for(db.connect(), _CONNECT_TIMEOUT)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise StorageError(f"cannot connect to {shown_url(self.url)}: {exc}") from None
 
     async def _migrate(self) -> None:
         raw = self._raw

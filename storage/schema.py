@@ -198,6 +198,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+
+def _bigints(sql: str) -> str:
+    """SQLite DDL for PostgreSQL, where INTEGER is 32 bits: BIGINT, as SQLite's INTEGER is."""
+    return sql.replace(" INTEGER", " BIGINT")
+
+
+# Migration 3's wallet tables, which no later migration changed: PostgreSQL's baseline takes
+# them as they are (migration 3's other statement adds a column to ``jobs``).
+_WALLET_TABLES = [sql for sql in dict(MIGRATIONS)[3] if not sql.startswith("ALTER TABLE jobs")]
+
 # PostgreSQL: (versions recorded, statements). Every integer is BIGINT (SQLite's INTEGER is 64
 # bits); ``jobs.rowid`` is a column here, the insertion order that newest-first job lists read
 # (SQLite's implicit rowid), so the shared reads name it the same way; indexes end in it.
@@ -262,55 +272,7 @@ PG_MIGRATIONS: list[tuple[tuple[int, ...], list[str]]] = [
                 issued_at DOUBLE PRECISION NOT NULL,
                 receipt TEXT NOT NULL
             )""",
-            """CREATE TABLE users (
-                user_id TEXT PRIMARY KEY,
-                wallet_address TEXT NOT NULL UNIQUE,
-                email TEXT NOT NULL UNIQUE,
-                username TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL
-            )""",
-            """CREATE TABLE user_sessions (
-                token_hash TEXT PRIMARY KEY,
-                user_id TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL,
-                expires_at DOUBLE PRECISION NOT NULL,
-                revoked_at DOUBLE PRECISION
-            )""",
-            """CREATE TABLE login_nonces (
-                wallet_address TEXT PRIMARY KEY,
-                nonce TEXT NOT NULL,
-                expires_at DOUBLE PRECISION NOT NULL
-            )""",
-            """CREATE TABLE ledger_entries (
-                movement_key TEXT NOT NULL,
-                leg BIGINT NOT NULL,
-                account TEXT NOT NULL,
-                amount BIGINT NOT NULL,
-                kind TEXT NOT NULL,
-                ref TEXT,
-                at DOUBLE PRECISION NOT NULL,
-                PRIMARY KEY (movement_key, leg)
-            )""",
-            "CREATE INDEX ledger_account ON ledger_entries (account, at)",
-            """CREATE TABLE exchange_payments (
-                payment_id TEXT PRIMARY KEY,
-                user_id TEXT NOT NULL,
-                account TEXT NOT NULL,
-                aitbc_units BIGINT NOT NULL,
-                btc_sats BIGINT NOT NULL,
-                address TEXT NOT NULL,
-                address_index BIGINT,
-                status TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL,
-                expires_at DOUBLE PRECISION NOT NULL,
-                confirmed_at DOUBLE PRECISION,
-                tx_hash TEXT,
-                tx_vout BIGINT,
-                confirmations BIGINT NOT NULL
-            )""",
-            "CREATE INDEX exchange_payments_status ON exchange_payments (status)",
-            """CREATE UNIQUE INDEX exchange_payments_outpoint ON exchange_payments
-               (tx_hash, tx_vout) WHERE tx_hash IS NOT NULL""",
+            *map(_bigints, _WALLET_TABLES),
         ],
     ),
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.exchange import Match, QuoteError, quote
+from dispatcher.exchange import Match, QuoteError, is_txid, quote
 from protocol.amounts import AmountError, format_units, to_units
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["ENDPOINTS", "payment_view"]
 
 _USER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_TXID = re.compile(r"[0-9a-fA-F]{64}")
 _DAY_SECONDS = 86400.0  # market-stats' "daily" window
 
 
@@ -120,7 +119,7 @@ async def market_stats(call: Call) -> Response:
 async def admin_confirm(call: Call) -> Response:
     body = call.body or {}
     tx_hash = body.get("tx_hash")
-    if tx_hash is not None and not _TXID.fullmatch(tx_hash):
+    if tx_hash is not None and not is_txid(tx_hash.lower()):
         raise HTTPError(422, "tx_hash must be 64 hex digits")
     match = None
     if tx_hash is not None:
