@@ -199,13 +199,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def _bigints(sql: str) -> str:
-    """SQLite DDL for PostgreSQL, where INTEGER is 32 bits: BIGINT, as SQLite's INTEGER is."""
-    return sql.replace(" INTEGER", " BIGINT")
+def _for_postgres(sql: str) -> str:
+    """SQLite DDL for PostgreSQL: INTEGER is 32 bits there, so BIGINT (SQLite's INTEGER is 64),
+    and every table has a heap (no ``WITHOUT ROWID``)."""
+    return sql.replace(" INTEGER", " BIGINT").replace(" WITHOUT ROWID", "")
 
 
-# Migration 3's wallet tables, which no later migration changed: PostgreSQL's baseline takes
-# them as they are (migration 3's other statement adds a column to ``jobs``).
+# What PostgreSQL's baseline takes as it is from released migrations no later one changed:
+# migration 1's idempotency index, event log and miners, and migration 3's wallet tables (its
+# other statement adds a column to ``jobs``).
+_UNCHANGED_SINCE_1 = [
+    sql
+    for sql in dict(MIGRATIONS)[1]
+    if sql.startswith(
+        ("CREATE UNIQUE INDEX jobs_idempotency", "CREATE TABLE job_events", "CREATE TABLE miners")
+    )
+]
 _WALLET_TABLES = [sql for sql in dict(MIGRATIONS)[3] if not sql.startswith("ALTER TABLE jobs")]
 
 # PostgreSQL: (versions recorded, statements). Every integer is BIGINT (SQLite's INTEGER is 64
@@ -242,28 +251,7 @@ PG_MIGRATIONS: list[tuple[tuple[int, ...], list[str]]] = [
             )""",
             "CREATE INDEX jobs_state ON jobs (state, rowid)",
             "CREATE INDEX jobs_client ON jobs (client_id, rowid)",
-            """CREATE UNIQUE INDEX jobs_idempotency ON jobs (client_id, idempotency_key)
-               WHERE idempotency_key IS NOT NULL""",
-            """CREATE TABLE job_events (
-                job_id TEXT NOT NULL,
-                seq BIGINT NOT NULL,
-                event TEXT NOT NULL,
-                state TEXT NOT NULL,
-                at DOUBLE PRECISION NOT NULL,
-                attempt BIGINT NOT NULL,
-                miner_id TEXT,
-                data TEXT NOT NULL,
-                PRIMARY KEY (job_id, seq)
-            )""",
-            """CREATE TABLE miners (
-                miner_id TEXT PRIMARY KEY,
-                key_hash TEXT NOT NULL,
-                session_id TEXT,
-                capabilities TEXT NOT NULL,
-                concurrency BIGINT NOT NULL,
-                region TEXT,
-                last_seen DOUBLE PRECISION NOT NULL
-            )""",
+            *map(_for_postgres, _UNCHANGED_SINCE_1),
             """CREATE TABLE receipts (
                 chain_seq BIGINT PRIMARY KEY,
                 receipt_id TEXT NOT NULL UNIQUE,
@@ -272,7 +260,7 @@ PG_MIGRATIONS: list[tuple[tuple[int, ...], list[str]]] = [
                 issued_at DOUBLE PRECISION NOT NULL,
                 receipt TEXT NOT NULL
             )""",
-            *map(_bigints, _WALLET_TABLES),
+            *map(_for_postgres, _WALLET_TABLES),
         ],
     ),
 ]
