@@ -113,6 +113,11 @@ async def _lock_holder(conn: Any) -> str:
     return f" (PostgreSQL backend pid {row['pid']}{where})"
 
 
+_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+)
+
+
 async def _take_owner_lock(conn: Any, url: str) -> None:
     """Take the owner lock on ``conn``'s session; ``StoreInUse`` naming the holder if taken."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
@@ -212,6 +217,10 @@ class PostgresJobStore(SqlStore):
                 await raw.execute("SET idle_session_timeout = 0")
             if self.exclusive:
                 await _take_owner_lock(raw, self.url)
+                # The lock goes with this session; the server ends the session of a
+                # coordinator whose host died or was cut off after about 25 s of silence
+                # instead of the kernel's two hours, so a standby can take over.
+                await raw.execute(_KEEPALIVES)
             self._raw = raw
             await self._migrate()
         await self._connect_pool(self._read_db)

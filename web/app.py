@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import platform
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -38,20 +35,19 @@ from web.docs import docs_routes
 from web.esplora import EsploraWatcher
 from web.exchange import Exchange
 from web.http import RateLimiter, http_exception, internal_error, routes_for
+from web.lifecycle import lifespan_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
 from web.ops_page import ops_routes
 from web.routing import CoordinatorApp
-from web.transport import TickFlusher
 from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
 from web.ws_ops import ops_endpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Callable
 
-    from anyio.abc import TaskStatus
     from starlette.applications import Starlette
     from starlette.requests import Request
 
@@ -105,6 +101,9 @@ class Coordinator:
         self.sockets = {role.value: 0 for role in Role}  # open connections by role
         self.ready = False
         self.failed = False
+        # Waiting for another coordinator to let go of the store (STANDBY): every request but
+        # the health checks is refused until this one has taken over and rebuilt its memory.
+        self.standby = settings.standby
         # Called when the dispatcher dies; the CLI's server uses it to exit (status 1).
         self.on_fatal: Callable[[], None] = lambda: None
         self.ops = OpsFeed(self)
@@ -143,48 +142,12 @@ class Coordinator:
             conn.close(code, reason)
 
 
-async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
-    with scope:
-        await run()
-
-
 def create_app(
     settings: Settings, *, store: Store | None = None, clock: Clock | None = None
 ) -> Starlette:
     store = store or store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
     core = Coordinator(settings, store, clock or SystemClock())
-
-    async def run_dispatcher(*, task_status: TaskStatus[None]) -> None:
-        try:
-            await core.dispatcher.serve(task_status=task_status)
-        except Exception:
-            # Never keep serving without a dispatcher: say why, and take the process down.
-            log.exception("dispatcher failed; shutting the coordinator down")
-            core.fatal()
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await core.store.open()
-        core.dispatcher.flush_writes = TickFlusher.of(asyncio.get_running_loop()).flush_all
-        try:
-            await core.restore()
-            async with anyio.create_task_group() as tg:
-                await tg.start(run_dispatcher)
-                tg.start_soon(core.ops.run)
-                watching = anyio.CancelScope()
-                if core.watcher is not None:
-                    tg.start_soon(_in_scope, watching, core.watcher.run)
-                core.ready = True
-                try:
-                    yield
-                finally:
-                    watching.cancel()
-                    core.ready = False
-                    core.close_sockets()
-                    core.dispatcher.stop()
-                    core.ops.stop()
-        finally:
-            await core.store.close()
+    lifespan = lifespan_for(core)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -200,6 +163,8 @@ def create_app(
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> JSONResponse:
+        if core.standby:
+            return JSONResponse({"status": "standby", "database": "in use"}, status_code=503)
         if core.ready and core.dispatcher.running and not core.failed:
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)

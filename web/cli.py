@@ -17,12 +17,12 @@ import anyio
 import uvicorn
 
 from storage.backends import check_store, shown_url, store_for
-from storage.errors import StorageError
+from storage.errors import StorageError, StoreInUse
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
 from web.gctune import tune_gc
-from web.keys import materialize_keys
+from web.keys import KeysMissing, materialize_keys
 from web.settings import Settings, SettingsError
 from web.transport import CoalescingWSProtocol
 
@@ -125,6 +125,39 @@ def _listen_or_say(command: str, host: str, port: int) -> socket.socket | None:
         return None
 
 
+def _with_arguments(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``serve``'s options over the environment's settings."""
+    changes: dict[str, object] = {}
+    if args.host:
+        changes["api_host"] = args.host
+    if args.port is not None:
+        changes["api_port"] = args.port
+    if args.db:
+        changes["database_url"] = f"sqlite:///{args.db}"
+    if args.standby:
+        changes["standby"] = True
+    return settings.with_(**changes)
+
+
+def _claimed_store_or_say(settings: Settings) -> Store | None:
+    """The store to serve, its owner lock taken where the backend can take it before opening;
+    None after one line on stderr. Refuses a second coordinator on the same database (a
+    standby waits for it instead), or a file that is not one we can run on, before anything
+    is written beside it."""
+    try:
+        store = store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
+        try:
+            check_store(settings.database_url)
+            store.claim()
+        except StoreInUse:
+            if not settings.standby:
+                raise
+    except StorageError as exc:
+        print(f"aitbc-coordinator: {exc}", file=sys.stderr)
+        return None
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aitbc-coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (API_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (API_PORT, default 8000)")
     serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
+    serve.add_argument(
+        "--standby",
+        action="store_true",
+        help="wait for the coordinator holding the database to stop, then take over (STANDBY)",
+    )
     serve.add_argument("--log-level", default="info")
     demo = sub.add_parser("demo", help="a demo: temporary database, simulated miners and load")
     demo.add_argument("--host", default="127.0.0.1")
@@ -151,33 +189,26 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
         return 2
-    changes: dict[str, object] = {}
-    if args.host:
-        changes["api_host"] = args.host
-    if args.port is not None:
-        changes["api_port"] = args.port
-    if args.db:
-        changes["database_url"] = f"sqlite:///{args.db}"
-    settings = settings.with_(**changes)
-    # Refuse a second coordinator on the same database, or a file that is not one we can run
-    # on, before anything is written beside it.
-    try:
-        check_store(settings.database_url)
-        store = store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
-        store.claim()
-    except StorageError as exc:
-        print(f"aitbc-coordinator: {exc}", file=sys.stderr)
+    settings = _with_arguments(settings, args)
+    store = _claimed_store_or_say(settings)
+    if store is None:
         return 1
     listener = _listen_or_say("aitbc-coordinator", settings.api_host, settings.api_port)
     if listener is None:
         return 1
-    settings, lines = materialize_keys(settings)
+    try:
+        settings, lines = materialize_keys(settings)
+    except KeysMissing as exc:
+        listener.close()
+        print(f"aitbc-coordinator: {exc}", file=sys.stderr)
+        return 2
     for line in lines:
         print(line, flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
     print(
         f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
-        f"(database {shown_url(settings.database_url)})",
+        f"(database {shown_url(settings.database_url)})"
+        + (" as a standby: it takes over when the database is free" if settings.standby else ""),
         flush=True,
     )
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal with the

@@ -137,6 +137,9 @@ class Connection(ABC):
             self.websocket.application_state = WebSocketState.CONNECTED
         else:
             await self.websocket.accept()
+        if self.core.standby:
+            await self._close_now(CloseCode.GOING_AWAY, "standby: not serving yet")
+            return
         if token is not None and principal is None:
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return

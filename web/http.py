@@ -308,6 +308,9 @@ def _rate_limit(
             )
 
 
+STANDBY_DETAIL = "standby: another coordinator holds the database; try again shortly"
+
+
 def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     role, any_role, handler = endpoint.role, endpoint.any_role, endpoint.handler
     reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
@@ -317,6 +320,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
 
     async def run(request: Request) -> Response:
         core: Coordinator = request.app.state.core
+        if core.standby:
+            return json_response({"detail": STANDBY_DETAIL}, 503, {"Retry-After": "1"})
         try:
             principal = _authorize(core, request, role, any_role)
             body: Any = None

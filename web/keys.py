@@ -12,7 +12,11 @@ if TYPE_CHECKING:
 
     from web.settings import Settings
 
-__all__ = ["key_file", "materialize_keys", "signing_key_path"]
+__all__ = ["KeysMissing", "key_file", "materialize_keys", "signing_key_path"]
+
+
+class KeysMissing(Exception):
+    """A standby found neither configured keys nor the primary's stored ones."""
 
 
 def key_file(settings: Settings, suffix: str) -> Path:
@@ -52,6 +56,8 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
     lines: list[str] = []
     if not (settings.client_api_keys or settings.miner_api_keys or settings.admin_api_keys):
         path = key_file(settings, ".keys.json")
+        if settings.standby and not path.exists():
+            raise KeysMissing(_missing("no API keys are configured", path))
         if path.exists():
             keys = json.loads(path.read_text())
         else:
@@ -69,6 +75,8 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
         )
     if settings.receipt_signing_key_hex is None:
         path = signing_key_path(settings)
+        if settings.standby and not path.exists():
+            raise KeysMissing(_missing("RECEIPT_SIGNING_KEY_HEX is not set", path))
         if path.exists():
             seed = path.read_text().strip()
         else:
@@ -78,3 +86,12 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
             lines.append(f"Generated a receipt signing key (stored in {path}).")
         settings = settings.with_(receipt_signing_key_hex=seed)
     return settings, lines
+
+
+def _missing(what: str, path: Path) -> str:
+    # A standby generating keys of its own would take over with credentials no miner or
+    # client holds, and sign receipts with a key nobody pinned.
+    return (
+        f"STANDBY: {what} and {path} does not exist: a standby uses the primary's keys "
+        "(set them in the environment, or start it where the primary keeps its key files)"
+    )

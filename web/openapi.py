@@ -117,6 +117,8 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     authed = endpoint.role is not None or endpoint.any_role
     if authed or endpoint.method == "POST":  # public POSTs are limited per client address
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
+    # A standby waiting for the database (Retry-After), or a coordinator whose commit failed.
+    responses.setdefault("503", _error("unavailable: a standby, or the coordinator is stopping"))
     op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
     op["responses"] = responses
     return op
@@ -139,7 +141,8 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
             }
         }
     paths["/health/ready"]["get"]["responses"]["503"] = {
-        "description": "not ready: starting, shutting down, or the dispatcher failed"
+        "description": "not ready: starting, a standby waiting for the database "
+        '("status": "standby"), shutting down, or the dispatcher failed'
     }
     for path, (summary, tag, responses) in _PUBLIC.items():
         paths[path] = {

@@ -132,6 +132,8 @@ class Settings:
     max_poll_wait_seconds: float = 25.0
     environment: str = "development"
     metrics_public: bool = False
+    # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
+    standby: bool = False
     # Wallet users, billing and the exchange (docs/wallet.md)
     billing: bool = False
     session_ttl_hours: float = 24.0
@@ -193,6 +195,7 @@ class Settings:
             max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
+            standby=_switch(env, "STANDBY", False),
         ).with_(**_wallet_settings(env))
         _check_keys(settings, env.get("SECRET_KEY", "").strip())
         return settings

@@ -48,8 +48,9 @@ def _free_port() -> int:
 class CoordinatorProcess:
     """``aitbc-coordinator serve`` as a subprocess on one database (``DATABASE_URL``)."""
 
-    def __init__(self, database_url: str, log: IO[str]) -> None:
+    def __init__(self, database_url: str, log: IO[str], *args: str) -> None:
         self.log = log
+        self.args = args  # more ``serve`` arguments
         self.port = 0
         self.proc: Process | None = None
         self.env = {
@@ -81,6 +82,7 @@ class CoordinatorProcess:
                     str(self.port),
                     "--log-level",
                     "warning",
+                    *self.args,
                 ],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -258,16 +260,42 @@ async def _stored(url: str) -> tuple[dict[str, Any], dict[str, list[Any]], dict[
     return jobs, events, receipts
 
 
+async def _standby_refuses_work(standby: CoordinatorProcess) -> None:
+    """A waiting standby: alive, not ready, REST 503 and sockets closed 1001."""
+    async with httpx.AsyncClient(trust_env=False, timeout=2.0) as http:
+        base = f"http://127.0.0.1:{standby.port}"
+        ready = await http.get(f"{base}/health/ready")
+        assert (ready.status_code, ready.json()["status"]) == (503, "standby")
+        submit = await http.post(f"{base}/v1/jobs", json={}, headers={"X-Api-Key": CLIENT_KEY})
+        assert submit.status_code == 503
+    async with connect(
+        standby.url("/v1/jobs/ws"), additional_headers={"X-Api-Key": CLIENT_KEY}
+    ) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+
+
 @pytest.mark.timeout(60)
-async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path, database_url: str) -> None:
-    """SIGKILL mid-load, restart on the same database: every acknowledged job exists, ends in
-    exactly one terminal state (one completed event at most), and the client misses no event.
-    On PostgreSQL, the restart also finds the killed process's owner lock gone."""
+@pytest.mark.parametrize("takeover", ["restart", "standby"])
+async def test_kill_9_mid_load_loses_no_acknowledged_job(
+    tmp_path: Path, database_url: str, takeover: str
+) -> None:
+    """SIGKILL mid-load, then the same database served again, by a restart or by a standby
+    that was waiting for it (``serve --standby``; the client and miners then reconnect to its
+    port): every acknowledged job exists, ends in exactly one terminal state (one completed
+    event at most), and the client misses no event. On PostgreSQL, the new owner also finds
+    the killed process's owner lock gone."""
     miner_logs: list[str] = []
     with (tmp_path / "coordinator.log").open("a") as log:
         server = CoordinatorProcess(database_url, log)
+        standby = CoordinatorProcess(database_url, log, "--standby")
         try:
             await server.start()
+            if takeover == "standby":
+                await standby.start()
+                await _standby_refuses_work(standby)
             client = LoadClient(server)
             miners = [_miner(server, i, miner_logs) for i in range(4)]
             async with anyio.create_task_group() as tg:
@@ -282,7 +310,13 @@ async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path, databas
                 assert await server.wait_exit() == -signal.SIGKILL
 
                 restarted_at = time.time()  # every event after this was written by the new process
-                await server.restart(miners)
+                if takeover == "restart":
+                    await server.restart(miners)
+                else:
+                    await server.stop_now()
+                    server, client.server = standby, standby
+                    for m in miners:
+                        m.opts.url = standby.url("/v1/miners/ws")
                 with anyio.move_on_after(15):
                     await client.done.wait()
                 assert client.done.is_set(), client.describe_pending()
@@ -293,6 +327,7 @@ async def test_kill_9_mid_load_loses_no_acknowledged_job(tmp_path: Path, databas
             assert await server.wait_exit() == 0
         finally:
             await server.stop_now()
+            await standby.stop_now()
             print((tmp_path / "coordinator.log").read_text()[-4000:])
 
     jobs, events, receipts = await _stored(database_url)

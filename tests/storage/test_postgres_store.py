@@ -191,6 +191,11 @@ async def test_the_writer_session_is_exempt_from_idle_session_timeout(postgres_u
         await s.open()
         try:
             assert await s._raw.fetchval("SHOW idle_session_timeout") == "0"
+            # The owner lock's session: a dead coordinator host lets go of it in ~25 s.
+            assert [
+                await s._raw.fetchval(f"SHOW tcp_keepalives_{name}")
+                for name in ("idle", "interval", "count")
+            ] == ["10", "5", "3"]
             other = await asyncpg.connect(postgres_url)  # the database's setting holds
             assert await other.fetchval("SHOW idle_session_timeout") == "50s"
             await other.close()

@@ -34,6 +34,7 @@ VARIABLES = (
     "RESUME_GRACE_SECONDS",
     "WS_MAX_FRAME_BYTES",
     "ENVIRONMENT",
+    "STANDBY",
 )
 
 
@@ -160,6 +161,7 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
         ({"WS_MAX_FRAME_BYTES": "10"}, "WS_MAX_FRAME_BYTES"),
         ({"METRICS_PUBLIC": "maybe"}, "METRICS_PUBLIC"),
+        ({"STANDBY": "later"}, "STANDBY"),
         (
             {"CLIENT_API_KEYS": "shared-key-123", "MINER_API_KEYS": "shared-key-123"},
             "MINER_API_KEYS",
@@ -190,6 +192,11 @@ def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) ->
 def test_metrics_public_switch(raw: str, public: bool) -> None:
     """METRICS_PUBLIC accepts on/off (and true/false, 1/0); default off."""
     assert Settings.from_env({"METRICS_PUBLIC": raw}).metrics_public is public
+
+
+def test_standby_switch() -> None:
+    assert Settings.from_env({}).standby is False
+    assert Settings.from_env({"STANDBY": "on"}).standby is True
 
 
 def test_a_secret_key_that_is_no_api_key_is_accepted() -> None:
@@ -367,3 +374,34 @@ def test_demo_on_a_port_in_use_exits_1_with_one_line(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err.splitlines() == [
         f"aitbc-coordinator demo: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+@pytest.mark.parametrize("missing", ["keys", "signing key"])
+def test_a_standby_never_generates_keys(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    missing: str,
+) -> None:
+    """A standby takes over with the primary's credentials and signing key, or not at all:
+    one line, exit 2, nothing written."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if missing == "signing key":
+        monkeypatch.setenv("CLIENT_API_KEYS", "client-key-123")
+    assert main(["serve", "--port", "0", "--standby", "--db", str(tmp_path / "c.db")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("aitbc-coordinator: STANDBY: ")
+    expected = "c.db.keys.json" if missing == "keys" else "c.db.signing-key"
+    assert expected in line
+    assert not [p for p in tmp_path.iterdir() if "key" in p.name]
+
+
+def test_a_standby_uses_the_keys_the_primary_stored(tmp_path: Path) -> None:
+    base = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    primary, _ = materialize_keys(base)
+    standby, lines = materialize_keys(base.with_(standby=True))
+    assert lines == []
+    assert standby == primary.with_(standby=True)

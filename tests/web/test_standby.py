@@ -1,0 +1,112 @@
+"""A standby (``STANDBY=on``): serves health checks and refuses the rest while another
+coordinator holds the database, then takes over with the memory rebuilt from the store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from storage.backends import store_for
+from tests.conftest import CLIENT_KEY
+from tests.web.rest_harness import running_api
+from web.http import STANDBY_DETAIL
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import httpx
+
+    from tests.web.rest_harness import Api
+
+pytestmark = pytest.mark.anyio
+
+
+async def _held(url: str) -> Any:
+    """Another coordinator's hold on the database: its store, opened (owner lock taken)."""
+    holder = store_for(url)
+    await holder.open()
+    return holder
+
+
+async def _until_ready(api: Api, within: float = 10) -> httpx.Response:
+    with anyio.fail_after(within):
+        while True:
+            resp = await api.http.get("/health/ready")
+            if resp.status_code != 503:
+                return resp
+            await anyio.sleep(0.02)
+
+
+async def test_a_standby_refuses_work_until_the_store_is_free_then_serves_what_it_holds(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with running_api(tmp_path, database_url=database_url) as primary:
+        queued = await primary.submit()
+    holder = await _held(database_url)
+    try:
+        async with running_api(tmp_path, database_url=database_url, standby=True) as api:
+            assert (await api.http.get("/health")).json()["status"] == "ok"
+            ready = await api.http.get("/health/ready")
+            assert (ready.status_code, ready.json()["status"]) == (503, "standby")
+            for method, path in [
+                ("POST", "/v1/jobs"),
+                ("GET", f"/v1/jobs/{queued['job_id']}"),
+                ("POST", "/v1/miners/poll"),
+            ]:
+                resp = await api.http.request(
+                    method, path, json={}, headers={"X-Api-Key": CLIENT_KEY}
+                )
+                assert resp.status_code == 503, (path, resp.text)
+                assert resp.json() == {"detail": STANDBY_DETAIL}
+                assert resp.headers["retry-after"] == "1"
+
+            await holder.close()
+            assert (await _until_ready(api)).json()["status"] == "ready"
+            assert (await api.job(queued["job_id"]))["state"] == "QUEUED"
+            assert (await api.submit())["state"] == "QUEUED"
+    finally:
+        await holder.close()
+
+
+async def test_a_standby_stopped_while_waiting_leaves_the_store_to_its_holder(
+    tmp_path: Path, database_url: str
+) -> None:
+    holder = await _held(database_url)
+    try:
+        async with running_api(tmp_path, database_url=database_url, standby=True) as api:
+            assert (await api.http.get("/health/ready")).status_code == 503
+        assert not api.core.ready
+        assert api.core.standby
+        # The holder still owns it: a third store is refused.
+        third = store_for(database_url)
+        with pytest.raises(Exception, match="in use"):
+            await third.open()
+    finally:
+        await holder.close()
+
+
+async def test_a_failed_take_over_stops_the_coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    holder = await _held(url)
+    stopped: list[bool] = []
+    try:
+        async with running_api(tmp_path, database_url=url, standby=True) as api:
+            core = api.core
+            core.on_fatal = lambda: stopped.append(True)
+
+            async def broken_restore() -> None:
+                raise RuntimeError("restore failed")
+
+            monkeypatch.setattr(core, "restore", broken_restore)
+            await holder.close()
+            with anyio.fail_after(10):
+                while not stopped:  # noqa: ASYNC110 - a tiny poll loop under fail_after
+                    await anyio.sleep(0.02)
+            assert core.failed
+            assert (await api.http.get("/health/ready")).status_code == 503
+    finally:
+        await holder.close()

@@ -1,0 +1,128 @@
+"""The app's lifespan: own the store, rebuild memory from it, serve, then stop in order.
+
+A standby (``STANDBY=on``) yields at once and serves health checks while it waits for the
+store's owner lock, then does the same start-up as any coordinator (docs/configuration.md,
+"Standby").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from storage.backends import shown_url
+from storage.errors import StoreInUse
+from web.transport import TickFlusher
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from anyio.abc import TaskStatus
+
+    from web.app import Coordinator
+
+__all__ = ["STANDBY_POLL_SECONDS", "lifespan_for"]
+
+log = logging.getLogger("aitbc.coordinator")
+
+# How often a standby tries to take the store's owner lock.
+STANDBY_POLL_SECONDS = 0.5
+
+
+def lifespan_for(core: Coordinator) -> Callable[[Any], Any]:
+    """The ``lifespan=`` of ``core``'s app."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        stopping = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            if core.standby:
+                # Serve at once (health, and 503 / close 1001 for the rest) while waiting.
+                tg.start_soon(_take_over, core, stopping)
+            else:
+                await tg.start(_serve, core, stopping)
+            try:
+                yield
+            finally:
+                if core.standby:
+                    tg.cancel_scope.cancel()  # still waiting or restoring: nothing to flush
+                stopping.set()
+
+    return lifespan
+
+
+async def _serve(
+    core: Coordinator, stopping: anyio.Event, *, task_status: TaskStatus[None]
+) -> None:
+    """Own the store, rebuild memory from it and serve until ``stopping`` is set."""
+    await _own_store(core)
+    core.dispatcher.flush_writes = TickFlusher.of(asyncio.get_running_loop()).flush_all
+    try:
+        await core.restore()
+        async with anyio.create_task_group() as tg:
+            await tg.start(_run_dispatcher, core)
+            tg.start_soon(core.ops.run)
+            watching = anyio.CancelScope()
+            if core.watcher is not None:
+                tg.start_soon(_in_scope, watching, core.watcher.run)
+            core.standby = False
+            core.ready = True
+            task_status.started()
+            try:
+                await stopping.wait()
+            finally:
+                watching.cancel()
+                core.ready = False
+                core.close_sockets()
+                core.dispatcher.stop()
+                core.ops.stop()
+    finally:
+        await core.store.close()
+
+
+async def _own_store(core: Coordinator) -> None:
+    """Open the store; a standby waits while another coordinator holds it."""
+    where = shown_url(core.settings.database_url)
+    waiting = False
+    while True:
+        try:
+            await core.store.open()
+        except StoreInUse:
+            if not core.standby:
+                raise
+            if not waiting:
+                waiting = True
+                log.info("standby: %s is in use by another coordinator; waiting for it", where)
+            await anyio.sleep(STANDBY_POLL_SECONDS)
+        else:
+            if waiting:
+                log.info("standby: took over %s", where)
+            return
+
+
+async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
+    """A standby's ``_serve``: failing to take over stops the process like a dispatcher
+    failure (the start-up it stands in for would have failed too)."""
+    try:
+        await _serve(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
+    except Exception:
+        log.exception("standby: taking over failed; shutting the coordinator down")
+        core.fatal()
+
+
+async def _run_dispatcher(core: Coordinator, *, task_status: TaskStatus[None]) -> None:
+    try:
+        await core.dispatcher.serve(task_status=task_status)
+    except Exception:
+        # Never keep serving without a dispatcher: say why, and take the process down.
+        log.exception("dispatcher failed; shutting the coordinator down")
+        core.fatal()
+
+
+async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await run()
