@@ -237,3 +237,20 @@ def test_tail_runs_through_the_commit_stall_report(tmp_path: Path) -> None:
     )
     assert re.fullmatch(rf"other commits over 5 ms \(ms\): {number_list}", slow)
     assert re.fullmatch(r"checkpoint rounds: \d+, longest [\d.]+ ms", rounds), rounds
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_failover_runs_to_a_standby_that_holds_every_job(how: str) -> None:
+    """``bench.failover``: the standby takes over after the signal and holds every acked job
+    (the script checks that itself and exits non-zero otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_POSTGRES_URL"}
+    cmd = [sys.executable, "-m", "bench.failover", "--jobs", "30", "--runs", "1", "--signal", how]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figure = re.fullmatch(
+        rf"SQLite, 30 queued jobs, SIG{how.upper()} → standby ready: median (\d+) ms "
+        r"\(min \d+, max \d+\) over 1 runs",
+        done.stdout.strip(),
+    )
+    assert figure is not None, done.stdout
+    assert int(figure.group(1)) > 0
