@@ -3,18 +3,22 @@
     python examples/ws_client.py --key CLIENT_KEY --prompt "hello world"
 
 On a dropped connection it reconnects and re-subscribes with ``after`` = the last ``seq`` it
-saw, so no event is missed or shown twice.
+saw, so no event is missed or shown twice. The submit carries an idempotency key, so a submit
+whose acknowledgement was lost with the connection is not run twice. Give ``--url`` more than
+once (a coordinator and its standby) and each reconnect tries the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import anyio
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,7 +37,7 @@ from protocol.messages import (
 from protocol.receipts import verify_receipt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 __all__ = ["follow_job", "main"]
 
@@ -41,30 +45,44 @@ TERMINAL = {"completed", "failed", "canceled", "expired"}
 
 
 async def follow_job(
-    url: str, key: str, submit: JobSubmit, *, out: Callable[[str], None] = print
+    url: str | Sequence[str],
+    key: str,
+    submit: JobSubmit,
+    *,
+    out: Callable[[str], None] = print,
+    retry_after: float = 0.5,
 ) -> list[JobEvent]:
-    """Submit, then collect every event of the job until a terminal one; returns them."""
+    """Submit, then collect every event of the job until a terminal one; returns them.
+
+    ``url`` may list several coordinators (one and its standby): each reconnect tries the next.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
+    if submit.idempotency_key is None:
+        submit = dataclasses.replace(submit, idempotency_key=f"ws-client-{uuid.uuid4()}")
     events: list[JobEvent] = []
     job_id: str | None = None
+    attempt = 0
     while True:
+        target = urls[attempt % len(urls)]
+        attempt += 1
         try:
-            async with connect(url, additional_headers={"X-Api-Key": key}) as ws:
+            async with connect(target, additional_headers={"X-Api-Key": key}) as ws:
                 await ws.send(encode(ClientHello(protocol=1)).decode())
-                if job_id is None:
+                if job_id is None:  # not acknowledged yet: the key makes a resubmit safe
                     await ws.send(encode(submit).decode())
                 else:
-                    last = events[-1].seq if events else 0
-                    await ws.send(
-                        encode(
-                            Subscribe(id="resub", job_ids=(job_id,), after={job_id: last})
-                        ).decode()
-                    )
+                    await _resubscribe(ws, job_id, events)
                 async for raw in ws:
                     msg = decode_server_to_client(raw)
                     if isinstance(msg, Ack) and msg.id == submit.id:
                         job_id = str(msg.fields["job"]["job_id"])
                         out(f"submitted {job_id}")
+                        if msg.fields.get("duplicate"):
+                            # Stored by an earlier attempt: replay what that connection lost.
+                            await _resubscribe(ws, job_id, events)
                     elif isinstance(msg, JobEvent) and msg.job_id == job_id:
+                        if events and msg.seq <= events[-1].seq:
+                            continue  # a live copy of an event the replay already gave
                         events.append(msg)
                         extra = {k: v for k, v in msg.data.items() if k != "receipt"}
                         out(f"#{msg.seq} {msg.event:<9} {msg.state:<9} {json.dumps(extra)}")
@@ -73,13 +91,23 @@ async def follow_job(
                     elif isinstance(msg, Error):
                         out(f"error {msg.code}: {msg.message}")
         except (ConnectionClosed, OSError) as exc:
-            out(f"connection lost ({exc!r}); reconnecting")
-            await anyio.sleep(0.5)
+            out(f"connection to {target} lost ({exc!r}); reconnecting")
+            await anyio.sleep(retry_after)
+
+
+async def _resubscribe(ws: ClientConnection, job_id: str, events: list[JobEvent]) -> None:
+    last = events[-1].seq if events else 0
+    await ws.send(encode(Subscribe(id="resub", job_ids=(job_id,), after={job_id: last})).decode())
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="submit a job and follow it live")
-    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/jobs/ws")
+    p.add_argument(
+        "--url",
+        action="append",
+        help="the client socket's URL (default ws://127.0.0.1:8000/v1/jobs/ws); repeat it "
+        "for a standby: each reconnect tries the next",
+    )
     p.add_argument("--key", required=True, help="a client API key")
     p.add_argument("--prompt", default="hello")
     p.add_argument("--model")
@@ -92,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["model"] = a.model
     constraints = {k: v for k, v in (("gpu", a.gpu), ("region", a.region)) if v}
     submit = JobSubmit(id="submit", payload=payload, constraints=constraints, ttl_seconds=a.ttl)
-    events = anyio.run(follow_job, a.url, a.key, submit)
+    urls = a.url or ["ws://127.0.0.1:8000/v1/jobs/ws"]
+    events = anyio.run(follow_job, urls, a.key, submit)
     receipt = events[-1].data.get("receipt")
     if receipt:
         reasons = verify_receipt(receipt)

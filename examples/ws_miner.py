@@ -38,6 +38,7 @@ __all__ = ["MinerOptions", "SimulatedMiner", "main"]
 @dataclass(kw_only=True)
 class MinerOptions:
     url: str = "ws://127.0.0.1:8000/v1/miners/ws"
+    standby_urls: list[str] = field(default_factory=list)  # tried in turn after ``url``
     key: str = ""
     miner_id: str | None = None
     gpus: list[dict[str, object]] = field(default_factory=list)
@@ -136,10 +137,14 @@ class SimulatedMiner:
 
     async def _connect_loop(self, tg: anyio.abc.TaskGroup) -> None:
         backoff = 0.05
+        attempt = 0
         while True:
+            urls = [self.opts.url, *self.opts.standby_urls]
+            target = urls[attempt % len(urls)]
+            attempt += 1
             try:
                 async with connect(
-                    self.opts.url,
+                    target,
                     additional_headers={"X-Api-Key": self.opts.key},
                     compression=None,
                     open_timeout=5,
@@ -154,7 +159,7 @@ class SimulatedMiner:
                         for event in self.client.events_received():
                             self._on_event(event, tg)
             except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as exc:
-                self.log(f"connection lost: {exc!r}")
+                self.log(f"connection to {target} lost: {exc!r}")
             finally:
                 self.ws = None
                 if self.welcomed.is_set():  # a fresh event only once the last one was used:
@@ -246,7 +251,12 @@ class SimulatedMiner:
 
 def _parse(argv: list[str] | None) -> MinerOptions:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/miners/ws")
+    p.add_argument(
+        "--url",
+        action="append",
+        help="the miner socket's URL (default ws://127.0.0.1:8000/v1/miners/ws); repeat it "
+        "for a standby: each reconnect tries the next",
+    )
     p.add_argument("--key", required=True, help="a miner API key")
     p.add_argument("--miner-id")
     p.add_argument("--gpu", action="append", default=[], help="GPU name (repeatable)")
@@ -268,7 +278,8 @@ def _parse(argv: list[str] | None) -> MinerOptions:
     a = p.parse_args(argv)
     gpus: list[dict[str, object]] = [{"name": g, "memory_mb": int(a.vram_gb * 1024)} for g in a.gpu]
     return MinerOptions(
-        url=a.url,
+        url=(a.url or ["ws://127.0.0.1:8000/v1/miners/ws"])[0],
+        standby_urls=(a.url or [])[1:],
         key=a.key,
         miner_id=a.miner_id,
         gpus=gpus,

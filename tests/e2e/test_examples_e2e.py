@@ -1,0 +1,65 @@
+"""The example client and miner (examples/) against real servers: a job followed to its
+verified receipt, trying a standby first, and a resubmission answered from the store."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from examples.ws_client import follow_job
+from examples.ws_miner import MinerOptions, SimulatedMiner
+from protocol.messages import JobSubmit
+from protocol.receipts import verify_receipt
+from tests.conftest import CLIENT_KEY, MINER_KEY
+from tests.e2e.conftest import RunningServer, start_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def test_the_examples_pass_over_a_standby_and_a_resubmit_replays_the_stored_job(
+    server: RunningServer,
+) -> None:
+    miner_logs: list[str] = []
+    client_lines: list[str] = []
+    submit = JobSubmit(id="submit", payload={"prompt": "hi"}, idempotency_key="example-1")
+    async with anyio.create_task_group() as tg:
+        # A standby on the same database: it refuses everything while ``server`` holds it.
+        standby, standby_uv = await start_server(server.settings.with_(standby=True), tg)
+        miner = SimulatedMiner(
+            MinerOptions(
+                url=standby.url("/v1/miners/ws"),
+                standby_urls=[server.url("/v1/miners/ws")],
+                key=MINER_KEY,
+                delay=0.01,
+                chunks=2,
+                load_interval=0,
+            ),
+            log=miner_logs.append,
+        )
+        tg.start_soon(miner.run)
+        urls = [standby.url("/v1/jobs/ws"), server.url("/v1/jobs/ws")]
+        with anyio.fail_after(20):
+            events = await follow_job(
+                urls, CLIENT_KEY, submit, out=client_lines.append, retry_after=0.01
+            )
+            again = await follow_job(
+                server.url("/v1/jobs/ws"), CLIENT_KEY, submit, out=client_lines.append
+            )
+        standby_uv.should_exit = True
+        tg.cancel_scope.cancel()
+
+    kinds = [e.event for e in events]
+    assert kinds[0] == "queued"
+    assert kinds[-1] == "completed"
+    assert verify_receipt(events[-1].data["receipt"]) == []
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+    # Both tried the standby first and were turned away (1001), then found the coordinator.
+    assert any(f"connection to {urls[0]} lost" in line for line in client_lines)
+    assert any(standby.url("/v1/miners/ws") in line and "1001" in line for line in miner_logs)
+    # The same idempotency key again: the stored job, its whole history replayed, not a rerun.
+    assert len({line for line in client_lines if line.startswith("submitted ")}) == 1
+    assert [e.seq for e in again] == list(range(1, again[-1].seq + 1))
+    replayed = {(e.seq, e.event) for e in again}
+    assert {(e.seq, e.event) for e in events} <= replayed
+    assert again[-1].data["receipt"] == events[-1].data["receipt"]
