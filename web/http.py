@@ -194,6 +194,9 @@ class Endpoint:
     responses: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     description: str = ""
     any_role: bool = False  # a valid credential of any role (role must then be None)
+    # A GET also answers HEAD (Starlette's default); False for a GET that changes state (the
+    # seed doc's long-poll assigns a job), whose HEAD would drop the answer naming what changed.
+    head: bool = True
 
 
 class RateLimiter:
@@ -357,6 +360,8 @@ class EndpointRoute(Route):
 
     def __init__(self, path: str, endpoint: Endpoint, handler: Callable[[Request], Any]) -> None:
         super().__init__(path, handler, methods=[endpoint.method])
+        if not endpoint.head and self.methods is not None:
+            self.methods.discard("HEAD")  # 405, as for any other method it does not serve
         self.spec = endpoint
 
 

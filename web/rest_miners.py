@@ -472,6 +472,7 @@ ENDPOINTS = [
         "Wait for the next job (seed-doc alias of POST /v1/miners/poll)",
         "miners",
         role=Role.MINER,
+        head=False,  # a HEAD would take a job and drop the answer that names it
         query=(
             Param(
                 "max_wait_seconds",

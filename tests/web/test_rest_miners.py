@@ -556,6 +556,22 @@ async def test_seed_doc_aliases(api: Api) -> None:
     assert r.json()["receipt"]["job_id"] == job["job_id"]
 
 
+async def test_head_of_the_get_poll_takes_no_job(api: Api) -> None:
+    """HEAD /v1/miner/jobs is refused (405, Allow: GET): as the HEAD Starlette adds to every
+    GET route it ran the poll, assigned a queued job, and the server dropped the body that
+    named it, so the job sat RUNNING for a miner that never saw it until its lease ended."""
+    h = miner_headers("m1")
+    await api.register()
+    job = await api.submit()
+    r = await api.http.head("/v1/miner/jobs?max_wait_seconds=1", headers=h)
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET"
+    got = await api.job(job["job_id"])
+    assert got["state"] == "QUEUED"
+    r = await api.http.get("/v1/miner/jobs?max_wait_seconds=1", headers=h)
+    assert r.json()["job_id"] == job["job_id"]
+
+
 async def test_rest_miner_survives_a_restart(tmp_path: Path) -> None:
     """A miner registered before a restart can poll after it without registering again."""
     async with running_api(tmp_path, clock=SystemClock()) as api:
