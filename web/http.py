@@ -351,6 +351,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)
         except DispatchError as exc:
             return json_response({"detail": str(exc)}, http_status_for(exc))
+        except ClientDisconnect:
+            return ALREADY_SENT  # gone before its body ended: nobody to answer
 
     return run
 

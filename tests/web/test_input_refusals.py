@@ -110,3 +110,46 @@ async def test_a_wallet_address_with_a_trailing_newline_is_no_address(tmp_path: 
             r = await api.http.post("/v1/auth/nonce", json={"wallet_address": bad})
             assert r.status_code == 400, (bad, r.text)
         assert (await api.http.post("/v1/auth/nonce", json={"wallet_address": wallet})).is_success
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_client_gone_before_its_body_ended_is_no_server_error(
+    tmp_path: Path, fast: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up halfway through its body gets nothing, and nothing is logged:
+    the ``ClientDisconnect`` reading the body went up as an unhandled exception (the 500
+    handler's traceback and uvicorn's "Exception in ASGI application" per request, so any
+    client could flood the error log). Found by a hunt against a served coordinator."""
+    async with running_api(tmp_path) as api:
+        api.app.fast_routes = fast
+        messages = [
+            {"type": "http.request", "body": b'{"payload":', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return messages.pop(0)
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/jobs",
+            "raw_path": b"/v1/jobs",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"x-api-key", CLIENT_KEY.encode()), (b"content-length", b"100")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        with caplog.at_level("ERROR"):
+            await api.app(scope, receive, send)
+        assert sent == []
+        assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+        assert (await api.http.get("/v1/jobs", headers=CLIENT)).json()["items"] == []
