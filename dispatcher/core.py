@@ -414,6 +414,7 @@ class Scheduler:
         if miner is None or miner.session_id != session_id or not miner.connected:
             return []  # an older, replaced session
         miner.connected = False
+        miner.polls = 0  # a REST miner's waiting polls end with its session
         self._changed_miners.add(miner_id)
         self._idle.discard(miner_id)
         for job_id in list(miner.jobs):

@@ -1012,7 +1012,10 @@ class _RestSink:
             return True  # its task answers as usual
 
     def close(self, code: CloseCode, reason: str) -> None:
-        """Replaced by a socket session of the same miner: pending polls time out as usual."""
+        """The session ended (an operator's disconnect, or a socket session of the same miner
+        replaced it): its waiting polls end now, empty (the scheduler no longer counts them)."""
+        for waiter in self.waiters:
+            waiter.done.set()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

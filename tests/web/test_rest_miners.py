@@ -12,7 +12,7 @@ import pytest
 from dispatcher.clock import SystemClock
 from protocol.receipts import verify_receipt
 from protocol.types import iso_time
-from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, MINER_KEY_2
 from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
 
@@ -649,6 +649,35 @@ async def test_deregister_ends_a_waiting_poll(api: Api) -> None:
         assert r.status_code == 200
     assert bg.response is not None
     assert bg.response.status_code == 204
+
+
+async def test_an_operator_disconnect_ends_a_rest_miners_polls_and_leaves_no_slot(
+    api: Api,
+) -> None:
+    """POST /v1/admin/miners/{id}/disconnect of a polling miner that holds a job: its waiting
+    poll ends at once (204), and once it registers again (within the resume grace) queued
+    jobs wait for its next polls. Before, the poll waited out its deadline and still counted
+    as waiting after the registration, so a job was assigned to no poll, handed back ("poll
+    gone") and cost an attempt number (found by a hunt)."""
+    await api.register("m1", concurrency=2)
+    first = await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    admin = {"X-Api-Key": ADMIN_KEY}
+    async with parked_poll(api) as bg:
+        r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=admin)
+        assert r.status_code == 200, r.text
+    assert bg.response is not None
+    assert bg.response.status_code == 204
+    assert (await api.register("m1", concurrency=2)).status_code == 200
+    job = await api.submit()
+    await api.settle()
+    got = await api.job(job["job_id"])
+    assert (got["state"], got["attempt"]) == ("QUEUED", 0)
+    # Both slots poll: the first job (requeued by the restart) on its second attempt, and
+    # this one on its first: neither went to an empty slot in between.
+    polls = [(await api.poll("m1")).json() for _ in "ab"]
+    taken = {p["job_id"]: p["attempt"] for p in polls}
+    assert taken == {first["job_id"]: 2, job["job_id"]: 1}
 
 
 async def test_deregister_only_by_the_miner_itself(api: Api) -> None:
