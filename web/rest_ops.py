@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from protocol.receipts import verify_receipt
+from protocol.receipt_verify import check_receipt
 from protocol.types import iso_time
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response
@@ -34,7 +34,9 @@ async def job_detail(call: Call) -> Response:
     if rec.receipt is None:
         status = "none"
     else:
-        problems = verify_receipt(rec.receipt, pinned_key_ids=frozenset((core.signer.key_id,)))
+        # As /v1/receipts/verify checks it: every published key (previous ones too, each in
+        # its validity period), the miner's co-signature and the payload/result hashes.
+        problems = check_receipt(rec.receipt, core.signing_keys)
         status = "invalid" if problems else "valid"
     body: dict[str, Any] = {
         "job": core.job_view(rec),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from protocol.receipt_verify import TrustedKey
+from protocol.receipts import key_id_for, load_signing_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.web.rest_harness import Api, running_api
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 ADMIN = {"X-Api-Key": ADMIN_KEY}
+OLD_SEED = "22" * 32  # the signing key before a rotation
 
 
 @pytest.fixture
@@ -46,6 +50,25 @@ async def test_job_detail_has_events_and_a_verified_receipt(api: Api) -> None:
     assert [e["event"] for e in detail["events"]] == ["queued", "assigned", "started", "completed"]
     assert detail["receipt_check"] == {"status": "valid", "problems": []}
     assert detail["receipt"]["job_id"] == job["job_id"]
+
+
+async def test_job_detail_checks_receipts_against_every_published_key(tmp_path: Path) -> None:
+    """After a key rotation (docs/receipts.md), receipts signed with the previous key are
+    'valid' in the drill-down as they are at /v1/receipts/verify; it checked the current key
+    only and called every older receipt invalid (found by a hunt)."""
+    async with running_api(tmp_path, receipt_signing_key_hex=OLD_SEED) as api:
+        await api.register("m1")
+        job = await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        assert (await api.result(job["job_id"])).status_code == 200
+    old = load_signing_key(OLD_SEED).public_key()
+    until = int(time.time()) + 1
+    previous = (TrustedKey(key_id=key_id_for(old), valid_until=until),)
+    async with running_api(tmp_path, receipt_previous_keys=previous) as api:
+        detail = await api.admin(f"/v1/admin/jobs/{job['job_id']}")
+        assert detail["receipt_check"] == {"status": "valid", "problems": []}
+        r = await api.http.post("/v1/receipts/verify", json=detail["receipt"])
+        assert r.json()["valid"] is True
 
 
 async def test_job_detail_flags_a_tampered_receipt_and_unknown_jobs(api: Api) -> None:
