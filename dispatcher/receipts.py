@@ -14,6 +14,7 @@ order the writer commits; ``resume`` loads the head from the store at start-up.
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import TYPE_CHECKING
 
 from dispatcher.ids import new_id
@@ -68,7 +69,10 @@ class ReceiptSigner:
         cap = finite_number(job.constraints.get("max_price"))
         if cap is not None:
             unit_price = min(unit_price, cap)
-        price = round(units * unit_price, 6)
+        # A huge (finite) advertised price times the units can pass a float's range: JSON has
+        # no infinity (it would be stored as null, never verify and break the chain), so the
+        # price saturates at the largest float.
+        price = min(round(units * unit_price, 6), sys.float_info.max)
         # Each nested object is serialized once: its canonical bytes give its hash and stand
         # in for it when the whole body is signed (protocol.receipts.sign_prepared).
         payload = _canonical(job.payload)

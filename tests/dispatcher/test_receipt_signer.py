@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings, strategies as st
 from dispatcher.jobs import Job
 from dispatcher.policy import Capabilities
 from dispatcher.receipts import DEFAULT_UNIT_PRICE, ReceiptSigner
+from protocol.amounts import price_units
 from protocol.receipt_verify import ChainAudit, TrustedKey, check_receipt
 from protocol.receipts import (
     CHAIN_GENESIS,
@@ -255,3 +256,19 @@ def test_a_miner_price_that_is_not_a_finite_number_is_no_price() -> None:
         assert check_receipt(orjson.loads(orjson.dumps(receipt)), PINNED) == []
     assert Capabilities.parse({"price": "0.5"}, None).unit_price == 0.5
     assert finite_number(-0.0) == 0.0
+
+
+def test_a_price_past_a_floats_range_is_the_largest_float() -> None:
+    """units * unit_price of a huge (finite) advertised price overflowed to infinity: the
+    receipt was signed with it, stored and served with ``price: null`` (JSON has no
+    infinity), so it never verified and the next receipt's prev_hash named bytes no store
+    held; with billing the settlement raised OverflowError in the batch (a 500 for a result
+    already applied in memory). Found by a hunt. The price saturates instead."""
+    signer = ReceiptSigner(KEY)
+    for n, price in enumerate((1e308, 1.7976931348623157e308)):
+        receipt = signer(finished_job(f"j{n}"), price, 105.0)
+        assert receipt["price"] == 1.7976931348623157e308
+        stored = orjson.loads(orjson.dumps(receipt))
+        assert check_receipt(stored, PINNED) == []
+        assert receipt_hash(stored) == signer.head_hash
+        assert price_units(stored) > 0

@@ -122,6 +122,25 @@ async def test_price_above_the_reservation_pays_the_reservation(tmp_path: Path) 
         assert await balance(api, user) == "9.50000000"
 
 
+async def test_a_price_past_a_floats_range_pays_the_reservation(tmp_path: Path) -> None:
+    """A miner advertising 1e308 per second, 10 s: the price overflowed to infinity and the
+    settlement raised OverflowError in the batch, a 500 for a result already applied in
+    memory (found by a hunt). Now the price saturates and the reservation is paid."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "0.5")).json()
+        await api.register("m1", capabilities={"price": 1e308})
+        await api.poll("m1")
+        clock.advance(10)
+        r = await api.result(job["job_id"], "m1")
+        assert r.status_code == 200, r.text
+        assert r.json()["receipt"]["price"] == 1.7976931348623157e308
+        assert (await api.job(job["job_id"], user["session_token"]))["state"] == "COMPLETED"
+        assert (await account(api, "miner:m1"))["balance"] == "0.50000000"
+        assert await balance(api, user) == "9.50000000"
+
+
 async def test_short_balance_is_402_and_changes_nothing(tmp_path: Path) -> None:
     async with running_api(tmp_path, billing=True) as api:
         user = await funded_user(api, "1")
