@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
 
 __all__ = [
+    "ADMIN_ACCOUNT",
     "EXCHANGE_ACCOUNT",
+    "MAX_ISSUED",
     "Ledger",
     "Movement",
     "client_account",
@@ -40,7 +42,12 @@ __all__ = [
 ]
 
 EXCHANGE_ACCOUNT = "exchange:btc"
+ADMIN_ACCOUNT = "system:admin"
 ISSUERS = ("exchange:", "system:")
+# The most money the issuers may create together (1e10 AITBC): every balance, and every sum
+# of entries a store adds up, then fits a 64-bit integer (SQLite's SUM raises on overflow,
+# and the balances are such a sum at start-up).
+MAX_ISSUED = 10**18
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 PAYOUT_KEYS = ("payout_address", "wallet_address")
 
@@ -171,6 +178,10 @@ class Ledger:
 
     def balances(self) -> dict[str, int]:
         return dict(self._balances)
+
+    def issued(self) -> int:
+        """The money the issuers created, counting their debits staged but not committed."""
+        return -self.available(EXCHANGE_ACCOUNT) - self.available(ADMIN_ACCOUNT)
 
     def stage(self, movements: Iterable[Movement]) -> None:
         """Hold the debits of ``movements`` (all or nothing); raises PaymentRequired."""

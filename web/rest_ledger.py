@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING
 
-from dispatcher.ledger import Movement
+from dispatcher.ledger import ADMIN_ACCOUNT, MAX_ISSUED, Movement
 from protocol.amounts import AmountError, format_units, to_units
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response, page_params
@@ -69,9 +69,16 @@ async def credit(call: Call) -> Response:
         raise HTTPError(422, str(exc)) from None
     if amount <= 0:
         raise HTTPError(422, "amount must be positive")
+    issued = call.core.dispatcher.ledger.issued()  # staged with no await between: race-free
+    if issued + amount > MAX_ISSUED:
+        raise HTTPError(
+            409,
+            f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
+            f"{format_units(issued)} AITBC are issued",
+        )
     movement = Movement(
         key=f"admin:{uuid.uuid4()}",
-        src="system:admin",
+        src=ADMIN_ACCOUNT,
         dst=account,
         amount=amount,
         kind="admin_credit",
@@ -109,6 +116,7 @@ ENDPOINTS = [
         responses={
             200: ("credited (committed)", "Account"),
             **_errors,
+            409: ("the AITBC issued in all would pass 10000000000", "Error"),
             422: ("invalid amount", "Error"),
         },
     ),

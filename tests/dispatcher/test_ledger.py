@@ -10,7 +10,9 @@ from hypothesis import given, strategies as st
 
 from dispatcher.errors import PaymentRequired
 from dispatcher.ledger import (
+    ADMIN_ACCOUNT,
     EXCHANGE_ACCOUNT,
+    MAX_ISSUED,
     Ledger,
     Movement,
     client_account,
@@ -192,6 +194,16 @@ def test_issuers_and_escrows_are_not_checked_at_staging() -> None:
     ledger.commit([credit])
     assert ledger.balance(EXCHANGE_ACCOUNT) == -7
     assert ledger.balance("wallet:u") == 7
+
+
+def test_issued_counts_both_issuers_and_staged_credits() -> None:
+    ledger = Ledger({EXCHANGE_ACCOUNT: -7, ADMIN_ACCOUNT: -3, "wallet:u": 10})
+    assert ledger.issued() == 10
+    credit = Movement(key="a", src=ADMIN_ACCOUNT, dst="client:c", amount=5, kind="admin_credit")
+    ledger.stage([credit])
+    assert ledger.issued() == 15
+    ledger.commit([credit])
+    assert ledger.issued() == 15 <= MAX_ISSUED
 
 
 def test_partial_commit_keeps_the_rest_held_and_spent_accounts_vanish() -> None:

@@ -351,3 +351,32 @@ async def test_miner_earnings_split_paid_and_pending(tmp_path: Path) -> None:
             "completed_at": receipt["completed_at"],
         }
     ]
+
+
+async def test_credits_never_issue_more_than_the_ledger_holds(tmp_path: Path) -> None:
+    """Admin credits together stay within 1e10 AITBC (every stored sum fits 64 bits): ten
+    credits of the largest amount once made SQLite's SUM overflow, so the coordinator could
+    not start again. Concurrent credits are counted before they commit."""
+    half = "6000000000"  # 6e9 AITBC: two would pass 1e10
+    async with running_api(tmp_path) as api:
+        codes: list[int] = []
+
+        async def one(name: str, amount: str = "9999999999") -> None:
+            r = await api.http.post(
+                f"/v1/admin/accounts/{name}/credit", json={"amount": amount}, headers=ADMIN
+            )
+            codes.append(r.status_code)
+            if r.status_code != 200:
+                assert r.json()["detail"].startswith("the ledger holds at most"), r.text
+
+        async with anyio.create_task_group() as tg:
+            for name in ("miner:m1", "miner:m2", "client:c1"):
+                tg.start_soon(one, name, half)
+        assert sorted(codes) == [200, 409, 409]
+        for _ in range(10):  # the largest amount: refused, the total would pass 1e10
+            await one("miner:m3")
+        assert codes.count(200) == 1
+        before = api.core.dispatcher.ledger.balances()
+        assert before["system:admin"] == -6 * 10**17
+    async with running_api(tmp_path) as api:  # it starts again, with the same balances
+        assert api.core.dispatcher.ledger.balances() == before
