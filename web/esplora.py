@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import httpx
+import orjson
 
 from dispatcher.errors import DispatchError
 from dispatcher.exchange import find_output
@@ -45,7 +46,9 @@ class EsploraWatcher:
             for pending in exchange.pending.values():
                 by_address.setdefault(pending.address, []).append(pending.payment_id)
             for address, ids in by_address.items():
-                txs = (await self._get(http, f"/address/{address}/txs")).json()
+                # orjson: nesting past 1024 is a ValueError like any bad answer (the stdlib
+                # parser raised RecursionError, which ended the watcher's task and the app's)
+                txs = orjson.loads((await self._get(http, f"/address/{address}/txs")).content)
                 for payment_id in ids:
                     p = exchange.pending.get(payment_id)
                     if p is None:

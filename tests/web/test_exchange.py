@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import pytest
 import uvicorn
 from bip_utils import Bip44Changes, Bip84, Bip84Coins
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
@@ -241,6 +242,7 @@ class FakeEsplora:
         self.txs: dict[str, list[dict[str, Any]]] = {}
         self.fail = False
         self.requests = 0
+        self.body: bytes | None = None  # the txs answer as is, when set
 
     def pay(self, address: str, sats: int, txid: str = TXID, height: int | None = None) -> None:
         status = {"confirmed": height is not None, "block_height": height}
@@ -262,8 +264,10 @@ class FakeEsplora:
                 return PlainTextResponse("down", status_code=503)
             return PlainTextResponse(str(self.tip))
 
-        async def txs(request: Request) -> JSONResponse:
+        async def txs(request: Request) -> Response:
             self.requests += 1
+            if self.body is not None:
+                return Response(self.body, media_type="application/json")
             return JSONResponse(self.txs.get(request.path_params["address"], []))
 
         return Starlette(
@@ -371,6 +375,24 @@ async def test_watcher_survives_a_failing_api_and_a_restart(tmp_path: Path) -> N
         await api.core.watcher.poll_once(http)
         assert (await status(api, p["payment_id"])).json()["status"] == "confirmed"
         assert await client_balance(api) == "10.00000000"
+
+
+async def test_a_deeply_nested_answer_is_an_api_error(tmp_path: Path) -> None:
+    """Esplora's JSON is read with a depth limit: 100,000 nested arrays fail the poll as a
+    ValueError, which the watcher logs and retries. The stdlib parser raised RecursionError,
+    which ``run`` does not catch (its task took the app down), or, with the recursion limit
+    eth-account's import sets (100,000), crashed the process (segmentation fault)."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        await create(api, aitbc_amount=10)
+        fake.body = b"[" * 100_000 + b"]" * 100_000
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(1000)  # the interpreter's (this process imported eth-account)
+        try:
+            with pytest.raises(ValueError, match="depth"):
+                await api.core.watcher.poll_once(http)
+        finally:
+            sys.setrecursionlimit(limit)
 
 
 async def test_the_background_watcher_polls_on_the_clock(tmp_path: Path) -> None:
