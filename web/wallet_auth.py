@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 import uuid
 from typing import TYPE_CHECKING
 
@@ -63,9 +64,14 @@ def recover_signer(message: str, signature: str) -> str | None:
     if not re.fullmatch(r"[0-9a-fA-F]{130}", sig):
         return None
     # Imported on first use: eth-account takes most of a second to import, which every
-    # start of the server and of the CLI would pay.
+    # start of the server and of the CLI would pay. Its import (py_ecc) sets the recursion
+    # limit to 100,000, past what the C stack holds: deep recursion would then crash the
+    # process instead of raising RecursionError, so the limit is put back.
+    limit = sys.getrecursionlimit()
     from eth_account import Account
     from eth_account.messages import encode_defunct
+
+    sys.setrecursionlimit(limit)
 
     try:
         address = Account.recover_message(encode_defunct(text=message), signature="0x" + sig)

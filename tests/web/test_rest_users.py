@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -301,3 +303,20 @@ async def test_expired_nonces_are_pruned_at_the_cap(tmp_path: Path) -> None:
             assert [n.wallet_address for n in snap.nonces] == ["0x" + "44" * 20]
         finally:
             wallet_auth.MAX_OPEN_NONCES = old
+
+
+def test_checking_a_signature_keeps_the_recursion_limit() -> None:
+    """eth-account's import (py_ecc) sets the recursion limit to 100,000, past what the C stack
+    holds: deep recursion then crashed the process instead of raising RecursionError. The
+    first login imports it; the limit is put back. (A fresh interpreter: this one imported
+    eth-account for the helpers.)"""
+    code = (
+        "import sys; from web.wallet_auth import recover_signer; "
+        "before = sys.getrecursionlimit(); recover_signer('m', '0x' + '11' * 65); "
+        "print(before, sys.getrecursionlimit())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, after = out.stdout.split()
+    assert after == before
