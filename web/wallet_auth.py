@@ -17,6 +17,7 @@ import re
 import secrets
 import sys
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING
 
 from dispatcher.ledger import is_wallet_address
@@ -96,12 +97,16 @@ class WalletAuth:
         self.by_wallet: dict[str, str] = {}
         self.by_email: dict[str, str] = {}
         self.sessions: dict[str, SessionRecord] = {}
+        # (expires_at, token hash) oldest first: sessions expire in the order they are made
+        # (one TTL), so each login drops the expired ones from the front (see ``_expire``).
+        self._expiries: deque[tuple[float, str]] = deque()
         self.nonces: dict[str, NonceRecord] = {}
 
     def load(self, snapshot: WalletSnapshot) -> None:
         for user in snapshot.users:
             self._remember(user)
         self.sessions = {s.token_hash: s for s in snapshot.sessions}
+        self._expiries = deque(sorted((s.expires_at, s.token_hash) for s in snapshot.sessions))
         self.nonces = {n.wallet_address: n for n in snapshot.nonces}
 
     def _remember(self, user: UserRecord) -> None:
@@ -219,8 +224,17 @@ class WalletAuth:
             batch.sessions[session.token_hash] = session
 
         await self.dispatcher.write(fill, [])
+        self._expire(self.clock.now())
         self.sessions[session.token_hash] = session
+        self._expiries.append((session.expires_at, session.token_hash))
         return self.users[user_id], token
+
+    def _expire(self, now: float) -> None:
+        """Forget the sessions that have expired (``lookup`` only dropped the ones whose token
+        was tried again, so memory grew with every login)."""
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            self.sessions.pop(expiries.popleft()[1], None)
 
     async def logout(self, token_hash: str) -> None:
         session = self.sessions.pop(token_hash, None)

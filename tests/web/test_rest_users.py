@@ -186,6 +186,26 @@ async def test_session_expires(tmp_path: Path) -> None:
         assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 401
 
 
+async def test_expired_sessions_leave_memory_without_being_used(tmp_path: Path) -> None:
+    """A session only left memory when its token was tried after expiry: one a client never
+    used again stayed until a restart, so memory grew with every login. Each login now drops
+    the sessions that have expired (the oldest first: they expire in login order)."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, session_ttl_hours=1.0) as api:
+        wallet = api.core.wallet
+        for _ in range(3):
+            await login(api.http)
+            clock.advance(1200)
+        assert len(wallet.sessions) == 3
+        token = (await login(api.http))["session_token"]  # the first one expired
+        assert len(wallet.sessions) == 3
+        await api.http.post("/v1/logout", headers=bearer(token))
+        clock.advance(3600)
+        last = (await login(api.http))["session_token"]
+        assert len(wallet.sessions) == 1
+        assert (await api.http.get("/v1/users/me", headers=bearer(last))).status_code == 200
+
+
 async def test_sessions_users_and_nonces_survive_a_restart(tmp_path: Path) -> None:
     """A token, a revocation and an open nonce are read back from the database."""
     async with running_api(tmp_path) as api:
