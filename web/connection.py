@@ -249,6 +249,14 @@ class Connection(ABC):
         return True
 
     def _handle_now(self, event: Any, session: MinerSession | ClientSession) -> bool:
+        principal = self.principal
+        if (
+            principal is not None
+            and principal.user_id is not None
+            and self.core.auth.sessions(principal.key_hash) is None
+        ):  # a wallet session logged out or expired since: nothing more is done for it
+            self.close(CloseCode.NOT_AUTHENTICATED, "session logged out or expired")
+            return True
         try:
             return self.handle_now(event, session)
         except Exception:  # a bug must not take other sessions down

@@ -292,6 +292,44 @@ def test_a_session_token_opens_the_client_socket(tmp_path: Path) -> None:
                 assert (welcome["type"], welcome["client_id"]) == ("welcome", user["user_id"])
 
 
+@pytest.mark.parametrize("end", ["logout", "expiry"])
+def test_a_socket_dies_with_its_session(tmp_path: Path, end: str) -> None:
+    """A client socket opened with a session token stops with it: once the session is logged
+    out or expired, its next message closes it (4401) before it is acted on. The socket kept
+    submitting paid jobs from the wallet after logout (found by a hunt)."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient, hello, recv
+    from web.app import create_app
+
+    clock = FakeClock()
+    app = create_app(make_settings(tmp_path, billing=True, session_ttl_hours=1.0), clock=clock)
+    with TestClient(app) as c:
+        wallet = address_of(KEY_A)
+        nonce = c.post("/v1/auth/nonce", json={"wallet_address": wallet}).json()["nonce"]
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        token = c.post("/v1/login", json=body).json()["session_token"]
+        account = f"/v1/admin/accounts/wallet:{wallet.lower()}"
+        admin = {"X-Api-Key": ADMIN_KEY}
+        assert c.post(account + "/credit", json={"amount": "5"}, headers=admin).status_code == 200
+        with c.websocket_connect("/v1/jobs/ws", headers=bearer(token)) as ws:
+            hello(ws)
+            first = {"id": "s1", "payload": {}, "payment_amount": 1, "ttl_seconds": 86400}
+            ws.send_json({"type": "job.submit", **first})
+            assert recv(ws)["type"] == "ack"
+            assert recv(ws)["type"] == "job.event"
+            if end == "logout":
+                assert c.post("/v1/logout", headers=bearer(token)).status_code == 200
+            else:
+                clock.advance(3601)
+            ws.send_json({"type": "job.submit", "id": "s2", "payload": {}, "payment_amount": 1})
+            with pytest.raises(WebSocketDisconnect) as info:
+                recv(ws)
+            assert info.value.code == 4401
+        assert c.get(account, headers=admin).json()["balance"] == "4.00000000"
+
+
 async def test_public_wallet_posts_are_rate_limited_per_client_address(tmp_path: Path) -> None:
     """With RATE_LIMIT_PER_MINUTE, nonce requests without a credential are limited per IP."""
     async with running_api(tmp_path, rate_limit_per_minute=2) as api:
