@@ -190,10 +190,22 @@ class Exchange:
         await self._save(updated)
 
     async def expire_due(self) -> None:
-        """Pending payments past their expiry with no output seen become expired."""
+        """Pending payments past their expiry with no output seen become expired, all in one
+        write (one commit each made a read wait for as many commits as were overdue)."""
         now = self.clock.now()
-        for record in list(self.pending.values()):
-            if record.expires_at <= now and record.tx_hash is None:
-                if self.pending.pop(record.payment_id, None) is not None:
-                    self._settling[record.payment_id] = "expired"
-                    await self._save(replace(record, status="expired"))
+        due = [r for r in self.pending.values() if r.expires_at <= now and r.tx_hash is None]
+        if not due:
+            return
+        for record in due:
+            del self.pending[record.payment_id]
+            self._settling[record.payment_id] = "expired"
+
+        def fill(batch: WriteBatch) -> None:
+            for record in due:
+                batch.payments[record.payment_id] = replace(record, status="expired")
+
+        try:
+            await self.dispatcher.write(fill, [])
+        finally:
+            for record in due:
+                self._settling.pop(record.payment_id, None)

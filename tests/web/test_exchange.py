@@ -231,6 +231,22 @@ async def test_unpaid_payment_expires_and_cannot_be_confirmed(tmp_path: Path) ->
         assert await client_balance(api) == "0.00000000"
 
 
+async def test_overdue_payments_expire_in_one_commit(tmp_path: Path) -> None:
+    """Reading a status expires every overdue payment in one write: each was committed on its
+    own, one after the other, so with many overdue payments the read (and the public
+    market-stats) waited for as many commits."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, bitcoin_address=SHARED) as api:
+        ids = [(await create(api, aitbc_amount=1)).json()["payment_id"] for _ in range(20)]
+        clock.advance(3601)
+        before = api.core.dispatcher.writer_statistics()["batches"]
+        assert (await status(api, ids[0])).json()["status"] == "expired"
+        assert api.core.dispatcher.writer_statistics()["batches"] == before + 1
+        for pid in ids:
+            assert (await status(api, pid)).json()["status"] == "expired"
+        assert api.core.exchange.pending == {}
+
+
 # ---- the watcher, against a local Esplora-shaped server -------------------------------------
 
 
