@@ -19,10 +19,19 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
-__all__ = ["MIN_AITBC_UNITS", "MAX_AITBC_UNITS", "Match", "QuoteError", "find_output", "quote"]
+__all__ = [
+    "MIN_AITBC_UNITS",
+    "MAX_AITBC_UNITS",
+    "MAX_SATS",
+    "Match",
+    "QuoteError",
+    "find_output",
+    "quote",
+]
 
 MIN_AITBC_UNITS = 1_000_000  # 0.01 AITBC (upstream minimum)
 MAX_AITBC_UNITS = 10**6 * 10**8  # 1,000,000 AITBC (upstream maximum)
+MAX_SATS = 21_000_000 * 10**8  # every bitcoin there will be: no order asks more
 
 
 class QuoteError(ValueError):
@@ -33,7 +42,7 @@ def quote(aitbc_units: int | None, btc_sats: int | None, rate: Decimal) -> tuple
     """(aitbc_units, btc_sats) for an order given in AITBC, in BTC, or both (must agree).
 
     Raises QuoteError "Amount mismatch" when both are given and differ by more than 1 sat,
-    and for amounts outside [0.01, 1,000,000] AITBC.
+    for amounts outside [0.01, 1,000,000] AITBC, and beyond 21,000,000 BTC.
     """
     if aitbc_units is None and btc_sats is None:
         raise QuoteError("give aitbc_amount or btc_amount")
@@ -50,6 +59,8 @@ def quote(aitbc_units: int | None, btc_sats: int | None, rate: Decimal) -> tuple
         assert btc_sats is not None
         sats = btc_sats
         units = int((Decimal(btc_sats) * rate).to_integral_value(rounding=ROUND_FLOOR))
+    if sats > MAX_SATS:  # at a tiny rate, 10^22 sats overflowed the payment's 64-bit column
+        raise QuoteError("btc_amount must be at most 21000000 BTC")
     if not MIN_AITBC_UNITS <= units <= MAX_AITBC_UNITS:
         raise QuoteError("aitbc_amount must be between 0.01 and 1000000")
     return units, max(sats, 1)

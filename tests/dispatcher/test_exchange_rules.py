@@ -36,6 +36,7 @@ def test_quote(aitbc: int | None, sats: int | None, expected: tuple[int, int]) -
         (None, -1, "positive"),
         (10**5, None, "between"),
         (None, 10**12, "between"),
+        (None, 21 * 10**14 + 1, "at most 21000000 BTC"),
     ],
 )
 def test_quote_refuses(aitbc: int | None, sats: int | None, message: str) -> None:

@@ -164,6 +164,20 @@ async def test_create_refuses_bad_orders(
         assert ok.status_code == 200
 
 
+async def test_an_order_beyond_all_bitcoin_is_refused(tmp_path: Path) -> None:
+    """At a rate of 0.00000001 AITBC per BTC (accepted by the settings), 1,000,000 AITBC was
+    10^22 satoshis: the payment's commit overflowed its 64-bit column and stopped the
+    coordinator. No order asks more than the 21 million BTC there are."""
+    rate = {"btc_to_aitbc_rate": "0.00000001"}
+    async with running_api(tmp_path, bitcoin_address=SHARED, **rate) as api:
+        r = await create(api, aitbc_amount=1000000)
+        assert r.status_code == 422, r.text
+        assert r.json() == {"detail": "btc_amount must be at most 21000000 BTC"}
+        r = await create(api, aitbc_amount="0.21")  # 21,000,000 BTC exactly
+        assert (r.status_code, r.json()["btc_amount"]) == (200, "21000000.00000000")
+        assert api.core.ready
+
+
 async def test_xpub_gives_each_payment_its_own_address_across_restarts(tmp_path: Path) -> None:
     async with running_api(tmp_path, bitcoin_xpub=XPUB) as api:
         a = (await create(api, aitbc_amount=1)).json()
