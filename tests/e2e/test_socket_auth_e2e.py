@@ -170,3 +170,27 @@ async def test_bad_frame_after_hello_closes_only_that_socket(server: RunningServ
         ack = await _recv_miner(good)
         assert isinstance(ack, Ack)
         assert ack.id == "hb"
+
+
+async def test_a_session_socket_closes_4401_after_logout(server: RunningServer) -> None:
+    """Over the transport's receive fast path: the next frame after the session's logout
+    closes the socket with 4401 and is not acted on."""
+    import httpx
+
+    from tests.web.wallet_helpers import KEY_A, address_of, sign
+
+    base = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10) as http:
+        wallet = address_of(KEY_A)
+        r = await http.post("/v1/auth/nonce", json={"wallet_address": wallet})
+        nonce = r.json()["nonce"]
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        token = (await http.post("/v1/login", json=body)).json()["session_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        async with connect(server.url(CLIENTS), additional_headers=headers, compression=None) as ws:
+            await ws.send('{"type":"hello","protocol":1}')
+            assert isinstance(await _recv_client(ws), ClientWelcome)
+            assert (await http.post("/v1/logout", headers=headers)).status_code == 200
+            await ws.send('{"type":"job.submit","id":"s1","payload":{}}')
+            assert await close_code(ws) == 4401
+    assert sum(server.core.dispatcher.job_counts.by_state.values()) == 0
