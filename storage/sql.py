@@ -676,7 +676,7 @@ class SqlStore:
             f"SELECT COUNT(*) AS n, {self._PRICE_UNITS} AS billed {mine}", values, scan=True
         )
         paid = await self._fetch(
-            "SELECT COALESCE(SUM(amount), 0) AS paid FROM ledger_entries "
+            f"SELECT {wallet_sql.split_sum('amount', 'paid')} FROM ledger_entries "
             f"WHERE kind = 'job_payment' AND amount > 0 AND ref IN (SELECT job_id {mine})",
             values,
             scan=True,
@@ -690,7 +690,7 @@ class SqlStore:
         return MinerEarnings(
             completed=int(row["n"]),
             billed=int(row["billed"]),
-            paid=int(paid[0]._mapping["paid"]),
+            paid=wallet_sql.exact_sum(paid[0]._mapping, "paid"),
             recent=[loads(r._mapping["receipt"]) for r in rows],
         )
 

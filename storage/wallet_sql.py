@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 
     from storage.base import WriteBatch
 
-__all__ = ["entry", "payment", "snapshot", "snapshot_queries", "statements"]
+__all__ = [
+    "entry",
+    "exact_sum",
+    "payment",
+    "snapshot",
+    "snapshot_queries",
+    "split_sum",
+    "statements",
+]
 
 _INSERT_ENTRY = (
     "INSERT INTO ledger_entries (movement_key, leg, account, amount, kind, ref, at) "
@@ -69,6 +77,31 @@ _UPSERT_PAYMENT = (
         for c in ("status", "confirmed_at", "tx_hash", "tx_vout", "confirmations")
     )
 )
+
+
+# An amount is at most 1e18 units but a sum of them is not bounded, and SQLite's SUM of integers
+# fails past 64 bits ("integer overflow": at start-up, the coordinator could not load its
+# balances). Sums are taken in two parts that cannot overflow, an amount's billions and its
+# remainder (``/`` truncates towards zero in SQLite and PostgreSQL alike; no ``%``, which the
+# ``databases`` driver takes for a placeholder), and put back together in Python by ``exact_sum``.
+_PART = 1_000_000_000
+
+
+def _rest(expr: str) -> str:
+    return f"({expr}) - ({expr}) / {_PART} * {_PART}"
+
+
+def split_sum(expr: str, name: str) -> str:
+    """SQL for the two parts of ``SUM(expr)``, as columns ``<name>_high`` and ``<name>_low``."""
+    return (
+        f"COALESCE(SUM(({expr}) / {_PART}), 0) AS {name}_high, "
+        f"COALESCE(SUM({_rest(expr)}), 0) AS {name}_low"
+    )
+
+
+def exact_sum(m: Mapping[str, Any], name: str) -> int:
+    """The sum ``split_sum`` read as ``name``."""
+    return int(m[f"{name}_high"]) * _PART + int(m[f"{name}_low"])
 
 
 def statements(batch: WriteBatch) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
@@ -117,9 +150,9 @@ def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
             {"now": now},
         ),
         "nonces": ("SELECT * FROM login_nonces WHERE expires_at > :now", {"now": now}),
-        "balances": (
-            "SELECT account, SUM(amount) AS balance FROM ledger_entries GROUP BY account "
-            "HAVING SUM(amount) != 0",
+        "balances": (  # zero when both parts are: the rest is sorted out in ``snapshot``
+            f"SELECT account, {split_sum('amount', 'balance')} FROM ledger_entries "
+            f"GROUP BY account HAVING SUM(amount / {_PART}) != 0 OR SUM({_rest('amount')}) != 0",
             {},
         ),
         "payments": ("SELECT * FROM exchange_payments WHERE status = 'pending'", {}),
@@ -143,7 +176,13 @@ def snapshot(now: float, rows: dict[str, Sequence[Any]]) -> WalletSnapshot:
         users=[UserRecord(**dict(r._mapping)) for r in rows["users"]],
         sessions=[SessionRecord(**dict(r._mapping)) for r in rows["sessions"]],
         nonces=[NonceRecord(**dict(r._mapping)) for r in rows["nonces"]],
-        balances={r._mapping["account"]: int(r._mapping["balance"]) for r in rows["balances"]},
+        balances={
+            account: balance
+            for account, balance in (
+                (r._mapping["account"], exact_sum(r._mapping, "balance")) for r in rows["balances"]
+            )
+            if balance
+        },
         payments=[payment(r._mapping) for r in rows["payments"]],
         next_address_index=int(rows["index"][0]._mapping["n"]),
         outpoints=[(r._mapping["tx_hash"], r._mapping["tx_vout"]) for r in rows["outpoints"]],

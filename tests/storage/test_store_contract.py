@@ -865,10 +865,13 @@ async def test_miner_earnings_sum_its_receipts_in_the_window(store: JobStore) ->
     assert (none.completed, none.billed, none.paid, none.recent) == (0, 0, 0, [])
     # A miner may advertise any finite price: each receipt counts at most 1e18 units, and the
     # sum neither overflows nor loses a unit (SQLite's TOTAL is a float, exact up to 2**53).
-    await commit(store, batch(receipts=[row(6, "gpu-3", T0, 1e300), row(7, "gpu-3", T0, 1e300)]))
+    # And what the ledger paid for them is summed exactly past 64 bits.
+    b = batch(receipts=[row(6, "gpu-3", T0, 1e300), row(7, "gpu-3", T0, 1e300)])
+    b.entries = [*paid(6, 5 * 10**18), *paid(7, 5 * 10**18)]
+    await commit(store, b)
     with anyio.fail_after(10):
         huge = await store.miner_earnings("gpu-3", T0, T0 + 20, 0)
-    assert (huge.completed, huge.billed) == (2, 2 * MAX_RECEIPT_UNITS)
+    assert (huge.completed, huge.billed, huge.paid) == (2, 2 * MAX_RECEIPT_UNITS, 10**19)
 
 
 async def test_sqlite_newest_first_lists_read_an_index_not_a_sort_of_the_table(

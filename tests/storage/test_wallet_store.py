@@ -117,6 +117,18 @@ async def test_wallet_rows_round_trip(store: Store) -> None:
     assert await store.get_payment("nope") is None
 
 
+async def test_balances_past_64_bits_load_exactly(store: Store) -> None:
+    """An amount is at most 1e18 units, but a balance is any number of them: ten of the largest
+    admin credits sum past 64 bits, and the coordinator must still start (SQLite's SUM of
+    integers failed with "integer overflow", so every start-up failed)."""
+    big = 999_999_999_900_000_000
+    for n in range(10):
+        await store.commit(WriteBatch(entries=movement(f"m{n}", "system:admin", "wallet:a", big)))
+    await store.commit(WriteBatch(entries=movement("back", "wallet:a", "wallet:b", 3)))
+    snap = await store.load_wallet(T0)
+    assert snap.balances == {"system:admin": -10 * big, "wallet:a": 10 * big - 3, "wallet:b": 3}
+
+
 async def test_revocation_nonce_deletion_and_payment_update(store: Store) -> None:
     s = SessionRecord(token_hash="h1", user_id="u1", created_at=T0, expires_at=T0 + 60)
     await store.commit(
