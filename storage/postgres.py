@@ -30,8 +30,8 @@ from storage.sql import (
     _UPSERT_JOB,
     SqlStore,
     _job_row,
-    _newer_schema,
     _row_statements,
+    _schema_refusal,
     check_schema,
 )
 
@@ -92,10 +92,19 @@ async def _commit_batch(conn: Any, batch: WriteBatch) -> None:
             await conn.executemany(_numbered(sql), rows)
 
 
-async def _applied_versions(conn: Any) -> set[int]:
+async def _applied_versions(conn: Any) -> tuple[set[int], set[str]]:
+    """As SQLite's: the applied migrations, and the names of the tables, indexes and views in
+    the schema the store's statements create in (the first of the search path)."""
+    names = {
+        r[0]
+        for r in await conn.fetch(
+            "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+        )
+    }
     if await conn.fetchval("SELECT to_regclass('schema_version')") is None:
-        return set()
-    return {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+        return set(), names
+    return {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}, names
 
 
 async def _lock_holder(conn: Any) -> str:
@@ -141,7 +150,7 @@ async def _preflight(url: str) -> None:
         conn = await asyncpg.connect(_driver_url(url), timeout=_CONNECT_TIMEOUT)
     try:
         async with _map_errors():
-            refusal = _newer_schema(await _applied_versions(conn))
+            refusal = _schema_refusal(*await _applied_versions(conn))
             if refusal is not None:
                 raise StorageError(f"{shown_url(url)}: {refusal}")
             await _take_owner_lock(conn, url)
@@ -232,12 +241,13 @@ class PostgresJobStore(SqlStore):
 
     async def _migrate(self) -> None:
         raw = self._raw
-        if self.exclusive:
+        applied, names = await _applied_versions(raw)
+        known = [v for vs, _ in PG_MIGRATIONS for v in vs]
+        check_schema(applied, names, known, exclusive=self.exclusive)
+        if self.exclusive:  # after the check: a database that is not ours is left as it was
             await raw.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
-        applied = await _applied_versions(raw)
-        check_schema(applied, [v for vs, _ in PG_MIGRATIONS for v in vs], exclusive=self.exclusive)
         for versions, statements in PG_MIGRATIONS:
             if all(v in applied for v in versions):
                 continue

@@ -15,7 +15,9 @@ versions. A later migration is added to both lists, under the same number.
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "PG_MIGRATIONS", "SCHEMA_VERSION"]
+import re
+
+__all__ = ["MIGRATIONS", "OUR_NAMES", "PG_MIGRATIONS", "SCHEMA_VERSION"]
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -264,3 +266,12 @@ PG_MIGRATIONS: list[tuple[tuple[int, ...], list[str]]] = [
         ],
     ),
 ]
+
+# The tables and indexes the migrations create: a database that records no migration yet has one
+# of them is another program's (migration 1 would fail on it, midway through start-up).
+OUR_NAMES = frozenset(
+    re.findall(
+        r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) (\w+)",
+        "\n".join(sql for _, statements in MIGRATIONS + PG_MIGRATIONS for sql in statements),
+    )
+)

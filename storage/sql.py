@@ -25,7 +25,7 @@ from storage import wallet_sql
 from storage.base import MinerEarnings, PaymentStats
 from storage.errors import Conflict, StorageError
 from storage.owner import OwnerLock
-from storage.schema import MIGRATIONS
+from storage.schema import MIGRATIONS, OUR_NAMES
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -434,32 +434,43 @@ def _sync_file(path: str) -> None:
         os.close(fd)
 
 
-def _applied_versions(conn: sqlite3.Connection) -> set[int]:
-    """The migrations a database records as applied (none when it has no ``schema_version``)."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-    if "schema_version" not in tables:
-        return set()
-    return {r[0] for r in conn.execute("SELECT version FROM schema_version")}
+def _applied_versions(conn: sqlite3.Connection) -> tuple[set[int], set[str]]:
+    """The migrations a database records as applied (none when it has no ``schema_version``),
+    and the names of its tables, indexes and views."""
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
+    if "schema_version" not in names:
+        return set(), names
+    return {r[0] for r in conn.execute("SELECT version FROM schema_version")}, names
 
 
-def _newer_schema(applied: set[int]) -> str | None:
-    """Why a database whose applied migrations are ``applied`` is not ours to run, if it is not:
-    a newer coordinator wrote it (its rows may mean what this build cannot know)."""
+def _schema_refusal(applied: set[int], names: set[str]) -> str | None:
+    """Why a database whose applied migrations are ``applied`` (and whose tables and indexes are
+    ``names``) is not ours to run, if it is not: a newer coordinator wrote it (its rows may mean
+    what this build cannot know), or it is another program's (a name of ours, no migration)."""
     known = {version for version, _ in MIGRATIONS}
     unknown = sorted(applied - known)
-    if not unknown:
-        return None
-    return (
-        f"the database has schema version {unknown[-1]}, newer than this coordinator knows "
-        f"({max(known)}): run the coordinator that wrote it, or a newer one"
-    )
+    if unknown:
+        return (
+            f"the database has schema version {unknown[-1]}, newer than this coordinator knows "
+            f"({max(known)}): run the coordinator that wrote it, or a newer one"
+        )
+    clash = sorted(names & OUR_NAMES)
+    if not applied and clash:
+        return (
+            f"not a coordinator database: it has a {clash[0]!r} of its own and no coordinator "
+            "schema; give the coordinator a database of its own"
+        )
+    return None
 
 
-def check_schema(applied: set[int], versions: list[int], *, exclusive: bool) -> None:
+def check_schema(
+    applied: set[int], names: set[str], versions: list[int], *, exclusive: bool
+) -> None:
     """``StorageError`` when a store may not run on a database whose applied migrations are
-    ``applied`` (this build's are ``versions``): a newer coordinator wrote it, or a read-only
-    store (not ``exclusive``: only the owner migrates) finds migrations missing."""
-    refusal = _newer_schema(applied)
+    ``applied`` (this build's are ``versions``): a newer coordinator wrote it, another program
+    did (``_schema_refusal``), or a read-only store (not ``exclusive``: only the owner
+    migrates) finds migrations missing."""
+    refusal = _schema_refusal(applied, names)
     if refusal is not None:
         raise StorageError(refusal)
     missing = [version for version in versions if version not in applied]
@@ -474,8 +485,8 @@ def check_schema(applied: set[int], versions: list[int], *, exclusive: bool) -> 
 
 def check_database(url: str) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
-    cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable, or
-    from a newer coordinator). A missing file is fine: ``open`` creates it."""
+    cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable,
+    from a newer coordinator, or another program's). A missing file is fine: ``open`` creates it."""
     path = Path(DatabaseURL(url).database)
     if path.is_dir():
         raise StorageError(f"cannot open {path}: it is a folder, not a database file")
@@ -486,12 +497,12 @@ def check_database(url: str) -> None:
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            applied = _applied_versions(con)
+            applied, names = _applied_versions(con)
         finally:
             con.close()
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open {path}: {exc}") from None
-    refusal = _newer_schema(applied)
+    refusal = _schema_refusal(applied, names)
     if refusal is not None:
         raise StorageError(f"{path}: {refusal}")
 
@@ -818,12 +829,14 @@ class DatabasesJobStore(SqlStore):
 
     async def _migrate(self) -> None:
         raw = self._raw
-        if self.exclusive:
+        applied, names = await raw._execute(_applied_versions, raw._conn)
+        check_schema(
+            applied, names, [version for version, _ in MIGRATIONS], exclusive=self.exclusive
+        )
+        if self.exclusive:  # after the check: a database that is not ours is left as it was
             await raw.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
             )
-        applied = await raw._execute(_applied_versions, raw._conn)
-        check_schema(applied, [version for version, _ in MIGRATIONS], exclusive=self.exclusive)
         for version, statements in MIGRATIONS:
             if version in applied:
                 continue

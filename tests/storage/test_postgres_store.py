@@ -111,6 +111,23 @@ async def test_a_database_from_a_newer_coordinator_is_refused(postgres_url: str)
             await PostgresJobStore(postgres_url).open()
 
 
+async def test_another_programs_database_is_refused_untouched(postgres_url: str) -> None:
+    """A table of ours by name and no coordinator schema: another program's database, refused
+    on one line before anything is written (migration 1 failed midway through start-up)."""
+    with anyio.fail_after(20):
+        conn = await asyncpg.connect(postgres_url)
+        await conn.execute("CREATE TABLE receipts (id BIGINT PRIMARY KEY, body TEXT)")
+        await conn.close()
+        before = await _columns_pg(postgres_url)
+        refusal = "not a coordinator database: it has a 'receipts' of its own"
+        with pytest.raises(StorageError, match=refusal):
+            await anyio.to_thread.run_sync(check_postgres, postgres_url)
+        for exclusive in (True, False):
+            with pytest.raises(StorageError, match=refusal):
+                await PostgresJobStore(postgres_url, exclusive=exclusive).open()
+        assert await _columns_pg(postgres_url) == before
+
+
 async def test_an_unreachable_server_is_one_clear_error() -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 from typing import TYPE_CHECKING
 
 import anyio
@@ -220,7 +221,9 @@ async def test_check_database_accepts_a_database_this_build_wrote(tmp_path: Path
     check_database(sqlite_url(tmp_path))
 
 
-@pytest.mark.parametrize("case", ["not a database", "newer schema", "a folder", "no folder"])
+@pytest.mark.parametrize(
+    "case", ["not a database", "newer schema", "another program's", "a folder", "no folder"]
+)
 def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -236,6 +239,9 @@ def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
         anyio.run(_create, tmp_path)
         _newer(tmp_path)
         expected = f"schema version {SCHEMA_VERSION + 1}, newer than this coordinator knows"
+    elif case == "another program's":
+        _foreign(db)
+        expected = f"{db}: not a coordinator database: it has a 'jobs' of its own"
     elif case == "a folder":
         db.mkdir()
         expected = f"cannot open {db}: it is a folder, not a database file"
@@ -253,6 +259,41 @@ def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     assert expected in err
     after = sorted(p.name for p in tmp_path.iterdir())
     assert not [name for name in after if name not in before and "key" in name]
+
+
+def _foreign(db: Path) -> list[tuple[str, str]]:
+    """Another program's SQLite database at ``db``, with a table named as one of ours; its
+    objects."""
+    with closing(sqlite3.connect(db)) as con:
+        con.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, title TEXT)")
+        con.execute("INSERT INTO jobs (title) VALUES ('theirs')")
+        con.commit()
+        return con.execute("SELECT type, name FROM sqlite_schema ORDER BY name").fetchall()
+
+
+async def test_another_programs_database_is_refused_untouched(tmp_path: Path) -> None:
+    """A database that records no migration but has a table of ours by name is not ours: one
+    line, and nothing written (migration 1 failed on the clash: a traceback at start-up, after
+    ``schema_version`` had been created in the other program's database)."""
+    db = tmp_path / "store.db"
+    before = _foreign(db)
+    refusal = "not a coordinator database: it has a 'jobs' of its own"
+    with pytest.raises(StorageError, match=refusal):
+        check_database(sqlite_url(tmp_path))
+    for exclusive in (True, False):
+        with pytest.raises(StorageError, match=refusal):
+            await DatabasesJobStore(sqlite_url(tmp_path), exclusive=exclusive).open()
+    with closing(sqlite3.connect(db)) as con:
+        assert (
+            con.execute("SELECT type, name FROM sqlite_schema ORDER BY name").fetchall() == before
+        )
+    # A database with tables of its own under other names takes the coordinator's beside them.
+    other = tmp_path / "other.db"
+    with closing(sqlite3.connect(other)) as con:
+        con.execute("CREATE TABLE notes (body TEXT)")
+    store = DatabasesJobStore(f"sqlite:///{other}")
+    await store.open()
+    await store.close()
 
 
 async def _create(tmp_path: Path) -> None:
