@@ -136,6 +136,23 @@ async def _take_owner_lock(conn: Any, url: str) -> None:
         )
 
 
+# Server encodings that hold every character: UTF8, and SQL_ASCII (bytes kept as sent). Any
+# other (LATIN1, WIN1252, ...) cannot store most of Unicode: a client's payload in Japanese
+# then failed its commit, and a failed commit stops the coordinator.
+_ENCODINGS = ("UTF8", "SQL_ASCII")
+
+
+async def _encoding_refusal(conn: Any) -> str | None:
+    """Why a dispatching store may not use ``conn``'s database for its encoding, if it may not."""
+    encoding = await conn.fetchval("SHOW server_encoding")
+    if encoding in _ENCODINGS:
+        return None
+    return (
+        f"the database's encoding is {encoding}, which cannot store every character clients and "
+        "miners send: give the coordinator a UTF8 database (CREATE DATABASE ... ENCODING 'UTF8')"
+    )
+
+
 @asynccontextmanager
 async def _connecting(url: str) -> AsyncIterator[None]:
     """A connection that fails (refused, timed out, bad credentials) as one clear line."""
@@ -150,7 +167,9 @@ async def _preflight(url: str) -> None:
         conn = await asyncpg.connect(_driver_url(url), timeout=_CONNECT_TIMEOUT)
     try:
         async with _map_errors():
-            refusal = _schema_refusal(*await _applied_versions(conn))
+            refusal = _schema_refusal(*await _applied_versions(conn)) or await _encoding_refusal(
+                conn
+            )
             if refusal is not None:
                 raise StorageError(f"{shown_url(url)}: {refusal}")
             await _take_owner_lock(conn, url)
@@ -160,7 +179,8 @@ async def _preflight(url: str) -> None:
 
 def check_postgres(url: str) -> None:
     """Before serving: a one-line ``StorageError`` when the database cannot be reached, was
-    written by a newer coordinator, or has a coordinator already (``StoreInUse``). ``open``
+    written by a newer coordinator or another program, has an encoding that cannot store every
+    character, or has a coordinator already (``StoreInUse``). ``open``
     takes the lock for real; this only makes the usual refusals come before anything starts."""
     asyncio.run(_preflight(url))
 
@@ -225,6 +245,9 @@ class PostgresJobStore(SqlStore):
             with contextlib.suppress(asyncpg.UndefinedObjectError):
                 await raw.execute("SET idle_session_timeout = 0")
             if self.exclusive:
+                refusal = await _encoding_refusal(raw)
+                if refusal is not None:
+                    raise StorageError(f"{shown_url(self.url)}: {refusal}")
                 await _take_owner_lock(raw, self.url)
                 # The lock goes with this session; the server ends the session of a
                 # coordinator whose host died or was cut off after about 25 s of silence

@@ -4,6 +4,7 @@ the start-up checks, read-only use. (The shared contract: test_store_contract.py
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
 import sqlite3
 from contextlib import closing
@@ -18,10 +19,13 @@ from storage.base import JobQuery
 from storage.errors import StorageError, StoreInUse
 from storage.postgres import PostgresJobStore, check_postgres
 from storage.sql import DatabasesJobStore
+from tests.postgres import admin
 from tests.storage.test_store_contract import batch, event, job
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.anyio
 
@@ -126,6 +130,44 @@ async def test_another_programs_database_is_refused_untouched(postgres_url: str)
             with pytest.raises(StorageError, match=refusal):
                 await PostgresJobStore(postgres_url, exclusive=exclusive).open()
         assert await _columns_pg(postgres_url) == before
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+async def test_a_database_whose_encoding_cannot_store_unicode_is_refused(
+    postgres_server: PostgresServer, encoding: str
+) -> None:
+    """LATIN1 cannot store most characters: a client's payload in Japanese failed its commit,
+    which stops the coordinator. Such a database is refused at start-up; SQL_ASCII keeps any
+    bytes, and serves."""
+    name = f"enc_{encoding.lower()}_{secrets.token_hex(4)}"
+    await admin(
+        postgres_server,
+        f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0",
+    )
+    url = postgres_server.database_url(name)
+    try:
+        with anyio.fail_after(20):
+            if encoding == "LATIN1":
+                refusal = "the database's encoding is LATIN1, which cannot store every character"
+                with pytest.raises(StorageError, match=refusal):
+                    await anyio.to_thread.run_sync(check_postgres, url)
+                with pytest.raises(StorageError, match=refusal):
+                    await PostgresJobStore(url).open()
+                return
+            await anyio.to_thread.run_sync(check_postgres, url)
+            store = PostgresJobStore(url)
+            await store.open()
+            try:
+                rec = job("j1", payload={"type": "翻訳", "text": "日本語 é 🎉"})
+                await store.commit(batch(jobs=[rec], events=[event("j1", 1)]))
+                assert await store.get_job("j1") == rec
+                found, _ = await store.list_jobs(JobQuery(job_type="翻訳"))
+                assert found == [rec]
+            finally:
+                await store.close()
+    finally:
+        await admin(postgres_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def test_an_unreachable_server_is_one_clear_error() -> None:
