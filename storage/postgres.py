@@ -196,6 +196,14 @@ class PostgresJobStore(SqlStore):
         # refused (protocol.codec.input_refusal), so no stored document has one.
         return f"(CAST({column} AS json) ->> '{key}')"
 
+    @classmethod
+    def _json_string(cls, column: str, key: str) -> str:
+        # ``->>`` spells any JSON value as text (the number 5 as '5', true as 'true').
+        return (
+            f"CASE WHEN json_typeof(CAST({column} AS json) -> '{key}') = 'string' "
+            f"THEN {cls._json_text(column, key)} END"
+        )
+
     # NUMERIC: exact, and no sum overflows it.
     _PRICE_UNITS = (
         "COALESCE(SUM(GREATEST(0, LEAST(1e18, ROUND(CAST(COALESCE("

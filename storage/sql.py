@@ -530,6 +530,12 @@ class SqlStore:
         """SQL for the value of ``key`` in the JSON object stored as text in ``column``."""
         return f"json_extract({column}, '$.\"{key}\"')"
 
+    @classmethod
+    def _json_string(cls, column: str, key: str) -> str:
+        """SQL for the value of ``key`` when it is a JSON string (else NULL or a non-text value,
+        which equals no text: SQLite's ``json_extract`` gives numbers as numbers)."""
+        return cls._json_text(column, key)
+
     def _driver_errors(self) -> AbstractAsyncContextManager[None]:
         """The driver's exceptions as ``StorageError``s."""
         return map_driver_errors()
@@ -616,7 +622,7 @@ class SqlStore:
             where.append("state = :s")
             values["s"] = query.state
         if query.job_type is not None:
-            where.append(f"{self._json_text('payload', 'type')} = :t")
+            where.append(f"{self._json_string('payload', 'type')} = :t")
             values["t"] = query.job_type
         cond = " AND ".join(where)
         scan = query.miner_id is not None or query.job_type is not None  # no index for these

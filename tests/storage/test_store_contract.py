@@ -988,3 +988,16 @@ async def test_sqlite_table_scans_never_hold_up_indexed_reads(tmp_path: Path) ->
     finally:
         with anyio.fail_after(10):
             await s.close()
+
+
+async def test_job_type_matches_a_string_type_only(store: JobStore) -> None:
+    """``job_type`` is text and matches a payload whose ``type`` is that string, on every store
+    (PostgreSQL's ``->>`` spells any JSON value as text: ``?job_type=5`` also listed a job whose
+    type is the number 5, and ``true`` one whose type is true; the others never did)."""
+    types: list[Any] = ["5", 5, 5.0, True, "true", None, {"a": 1}, [1]]
+    jobs = [job(f"j{n}", payload={"type": t}) for n, t in enumerate(types)]
+    await commit(store, batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+    for wanted, ids in (("5", ["j0"]), ("true", ["j4"]), ("5.0", []), ('{"a": 1}', [])):
+        with anyio.fail_after(10):
+            found, total = await store.list_jobs(JobQuery(job_type=wanted))
+        assert ([j.job_id for j in found], total) == (ids, len(ids)), wanted
