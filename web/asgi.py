@@ -6,21 +6,25 @@ the session wrapper. ``SocketFastPath`` looks the path up in a dict of the app's
 ``WebSocketRoute``s and calls the endpoint directly; measured with ``bench.sockets``, about
 5 KiB less per idle socket and fewer calls per handshake. HTTP requests, lifespan and any
 other WebSocket path go through the Starlette app unchanged (tests drive that app directly,
-so both paths are exercised).
+so both paths are exercised), except that a start-up failing on a ``StorageError`` (a damaged
+database, an unreachable server) is reported as its one line instead of Starlette's traceback.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
+from storage.errors import StorageError
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from starlette.applications import Starlette
-    from starlette.types import Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
 __all__ = ["SocketFastPath"]
 
@@ -42,4 +46,20 @@ class SocketFastPath:
                 scope["app"] = self.app  # what ``websocket.app`` reads
                 await endpoint(WebSocket(scope, receive, send))
                 return
+        if scope["type"] == "lifespan":
+            send = _storage_failure_in_one_line(send)
         await self.app(scope, receive, send)
+
+
+def _storage_failure_in_one_line(send: Send) -> Send:
+    """``send`` for the lifespan: Starlette reports a failed start-up with the traceback of the
+    exception it is handling, which uvicorn logs; a ``StorageError``'s own line says it all."""
+
+    async def lifespan_send(message: Message) -> None:
+        if message["type"] == "lifespan.startup.failed":
+            exc = sys.exc_info()[1]  # Starlette sends this while it handles the exception
+            if isinstance(exc, StorageError):
+                message = {**message, "message": f"cannot start: {exc}"}
+        await send(message)
+
+    return lifespan_send

@@ -19,7 +19,7 @@ from storage.errors import StorageError, StoreInUse
 from storage.owner import OwnerLock, lock_path
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore, check_database
-from tests.storage.test_store_contract import batch, job, sqlite_url
+from tests.storage.test_store_contract import batch, event, job, sqlite_url
 from web.cli import main
 
 if TYPE_CHECKING:
@@ -294,6 +294,41 @@ async def test_another_programs_database_is_refused_untouched(tmp_path: Path) ->
     store = DatabasesJobStore(f"sqlite:///{other}")
     await store.open()
     await store.close()
+
+
+async def _corrupt_jobs(tmp_path: Path) -> None:
+    """A coordinator database at ``tmp_path/store.db`` whose jobs table is damaged deep inside:
+    its header, schema and ``schema_version`` read fine."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    jobs = [job(f"j{n}", payload={"type": "x", "blob": "y" * 2000}) for n in range(50)]
+    await store.commit(batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+    await store.close()
+    db = tmp_path / "store.db"
+    with closing(sqlite3.connect(db)) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (root,) = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'jobs'").fetchone()
+        (size,) = con.execute("PRAGMA page_size").fetchone()
+    with db.open("r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xab" * size)
+
+
+def test_serve_on_a_database_damaged_deep_inside_stops_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up checks read only the schema; the damage shows when the app loads the live
+    jobs: the reason is one line (it was Starlette's traceback, twice chained), then uvicorn's
+    start-up failure (exit status 3)."""
+    anyio.run(_corrupt_jobs, tmp_path)
+    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--port", "0", "--log-level", "warning", "--db", str(tmp_path / "store.db")])
+    assert stopped.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "cannot start: database disk image is malformed\n" in err
 
 
 async def _create(tmp_path: Path) -> None:
