@@ -4,12 +4,21 @@ PostgreSQL (``postgresql://…``). Light to import: a backend's driver loads whe
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from storage.postgres import PostgresJobStore
     from storage.sql import DatabasesJobStore
 
-__all__ = ["POSTGRES_SCHEMES", "check_store", "is_postgres_url", "shown_url", "store_for"]
+__all__ = [
+    "POSTGRES_SCHEMES",
+    "check_store",
+    "is_postgres_url",
+    "shown_url",
+    "sqlite_file",
+    "sqlite_url",
+    "store_for",
+]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
 
@@ -51,3 +60,16 @@ def shown_url(url: str) -> str:
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{place}"
+
+
+def sqlite_url(path: str) -> str:
+    """The ``DATABASE_URL`` of the SQLite file ``path`` (``--db``): characters a URL reads
+    otherwise (``#``, ``?``, ``%``, a space) are escaped, so that the store opens that file."""
+    return "sqlite:///" + quote(path)
+
+
+def sqlite_file(url: str) -> str:
+    """The file a ``sqlite:///`` URL names, as the store reads it (unescaped, without a query)."""
+    from storage.sql import database_file
+
+    return database_file(url)

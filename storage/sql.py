@@ -35,7 +35,14 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
     from storage.base import JobQuery, LedgerEntry, PaymentRecord, WalletSnapshot, WriteBatch
 
-__all__ = ["DatabasesJobStore", "SqlStore", "check_database", "check_schema", "map_driver_errors"]
+__all__ = [
+    "DatabasesJobStore",
+    "SqlStore",
+    "check_database",
+    "check_schema",
+    "database_file",
+    "map_driver_errors",
+]
 
 _JOB_COLUMNS = (
     "job_id",
@@ -483,11 +490,17 @@ def check_schema(
         )
 
 
+def database_file(url: str) -> str:
+    """The file a ``sqlite:///`` URL names, as the store opens it (``databases`` unescapes it and
+    drops a query)."""
+    return str(DatabaseURL(url).database)
+
+
 def check_database(url: str) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
     cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable,
     from a newer coordinator, or another program's). A missing file is fine: ``open`` creates it."""
-    path = Path(DatabaseURL(url).database)
+    path = Path(database_file(url))
     if path.is_dir():
         raise StorageError(f"cannot open {path}: it is a folder, not a database file")
     if not path.parent.is_dir():
@@ -759,7 +772,7 @@ class DatabasesJobStore(SqlStore):
             raise StorageError("synchronous must be NORMAL or FULL")
         self.url = url
         self.synchronous = synchronous
-        database = DatabaseURL(url).database
+        database = database_file(url)
         in_memory = database in ("", ":memory:") or "mode=memory" in url
         self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import uvicorn
 
-from storage.backends import check_store, shown_url, store_for
+from storage.backends import check_store, shown_url, sqlite_url, store_for
 from storage.errors import StorageError, StoreInUse
 from web.app import create_app
 from web.asgi import SocketFastPath
@@ -133,7 +133,7 @@ def _with_arguments(settings: Settings, args: argparse.Namespace) -> Settings:
     if args.port is not None:
         changes["api_port"] = args.port
     if args.db:
-        changes["database_url"] = f"sqlite:///{args.db}"
+        changes["database_url"] = sqlite_url(args.db)
     if args.standby:
         changes["standby"] = True
     return settings.with_(**changes)

@@ -23,7 +23,7 @@ from protocol.receipt_verify import (
     key_id_from_text,
     keys_from_document,
 )
-from storage.backends import shown_url, store_for
+from storage.backends import shown_url, sqlite_url, store_for
 from storage.errors import StorageError
 from web.keys import signing_key_path
 from web.rest_receipts import signing_keys
@@ -133,7 +133,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.db:
-        settings = settings.with_(database_url=f"sqlite:///{args.db}")
+        settings = settings.with_(database_url=sqlite_url(args.db))
     if not settings.is_postgres and not settings.database_path.exists():
         raise _Usage(f"no database at {settings.database_path}")
     keys = _configured_keys(settings)

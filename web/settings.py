@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
 from protocol.types import parse_instant
-from storage.backends import is_postgres_url
+from storage.backends import is_postgres_url, sqlite_file
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -210,7 +210,7 @@ class Settings:
         ``<database name>`` in the working directory: the same files go there."""
         if self.is_postgres:
             return Path(urlsplit(self.database_url).path.lstrip("/"))
-        return Path(self.database_url.removeprefix("sqlite:///"))
+        return Path(sqlite_file(self.database_url))
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

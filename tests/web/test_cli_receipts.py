@@ -109,6 +109,24 @@ async def test_audit_of_a_postgresql_chain_reads_database_url(
     assert out.startswith("chain broken at chain_seq 3 ")
 
 
+def test_audit_of_a_file_whose_name_a_url_would_misread(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--db`` names a file, whatever its characters: ``#`` and ``?`` ended the path of the
+    URL it became (the audit read ``chain`` and found no schema there) and ``%41`` was read as
+    ``A``."""
+    issue_receipts(tmp_path)
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    for name in ("chain #1.db", "chain?x=1.db", "chain %41.db"):
+        db = tmp_path / name
+        db_path(tmp_path).rename(db)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main(["receipts", "audit", "--db", str(db)]) == 0, name
+        assert capsys.readouterr().out == "receipt chain OK: 3 receipts\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing else opened
+        db.rename(db_path(tmp_path))
+
+
 def test_audit_reports_the_first_tampered_receipt(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
