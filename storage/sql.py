@@ -773,7 +773,14 @@ class DatabasesJobStore(SqlStore):
         self.url = url
         self.synchronous = synchronous
         database = database_file(url)
-        in_memory = database in ("", ":memory:") or "mode=memory" in url
+        if database in ("", ":memory:"):
+            # Each connection would open a database of its own: the readers would find no
+            # tables (the app failed at start-up with "no such table: receipts").
+            raise StorageError(
+                "a SQLite :memory: database is private to one connection, and the store opens "
+                "several: name a file (or file:NAME?mode=memory&cache=shared)"
+            )
+        in_memory = "mode=memory" in url
         self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
         self._file = None if in_memory else database  # the database file, synced in rounds

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,7 +25,6 @@ from web.cli import main
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 pytestmark = pytest.mark.anyio
 
@@ -222,7 +222,8 @@ async def test_check_database_accepts_a_database_this_build_wrote(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "case", ["not a database", "newer schema", "another program's", "a folder", "no folder"]
+    "case",
+    ["not a database", "newer schema", "another program's", "a folder", "no folder", "memory"],
 )
 def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     tmp_path: Path,
@@ -245,6 +246,9 @@ def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     elif case == "a folder":
         db.mkdir()
         expected = f"cannot open {db}: it is a folder, not a database file"
+    elif case == "memory":  # each connection would have its own: readers found no tables
+        db = Path(":memory:")
+        expected = "a SQLite :memory: database is private to one connection"
     else:
         db = tmp_path / "missing" / "store.db"
         expected = f"cannot create {db}: the folder {db.parent} does not exist"
