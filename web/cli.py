@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         server.run(sockets=[listener])
     except (_Stopped, KeyboardInterrupt):
         pass
+    finally:
+        listener.close()  # also when uvicorn exits on a failed start-up (SystemExit)
     if server.core.failed:
         print(
             "aitbc-coordinator: stopped after a dispatcher failure (see the log)", file=sys.stderr

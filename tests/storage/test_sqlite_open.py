@@ -3,6 +3,7 @@ owner lock, storage/owner.py), a file that is not a database, a schema from a ne
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import subprocess
@@ -330,6 +331,7 @@ def test_serve_on_a_database_damaged_deep_inside_stops_without_a_traceback(
     with pytest.raises(SystemExit) as stopped:
         main(["serve", "--port", "0", "--log-level", "warning", "--db", str(tmp_path / "store.db")])
     assert stopped.value.code == 3
+    gc.collect()  # the listening socket was closed: no ResourceWarning
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "cannot start: database disk image is malformed\n" in err
