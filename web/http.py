@@ -314,6 +314,26 @@ def _rate_limit(
 STANDBY_DETAIL = "standby: another coordinator holds the database; try again shortly"
 
 
+def _parsed_body(raw: bytes, schema: Any, required: bool) -> Any:
+    """The request body ``raw`` as JSON checked against ``schema`` (None: not read as JSON);
+    None when there is none and none is required."""
+    if schema is None:
+        return None
+    if not raw or raw.isspace():
+        if required:
+            raise HTTPError(422, "request body is required (a JSON object)")
+        return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise HTTPError(422, "request body is not valid JSON") from None
+    refusal = input_refusal(raw, body)
+    if refusal is not None:
+        raise HTTPError(422, f"request body: {refusal}")
+    validate(schema, body)
+    return body
+
+
 def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     role, any_role, handler = endpoint.role, endpoint.any_role, endpoint.handler
     reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
@@ -330,17 +350,7 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             body: Any = None
             if reads_body:
                 raw = await _read_body(request, core.settings.max_body_bytes)
-                if schema is not None and raw and not raw.isspace():
-                    try:
-                        body = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        raise HTTPError(422, "request body is not valid JSON") from None
-                    refusal = input_refusal(raw, body)
-                    if refusal is not None:
-                        raise HTTPError(422, f"request body: {refusal}")
-                    validate(schema, body)
-                elif schema is not None and endpoint.body_required:
-                    raise HTTPError(422, "request body is required (a JSON object)")
+                body = _parsed_body(raw, schema, endpoint.body_required)
             query = _coerce_query(endpoint.query, request) if endpoint.query else {}
             if core.rate_limiter.per_minute > 0:
                 _rate_limit(core.rate_limiter, request, principal, public_post, rate_suffix)
