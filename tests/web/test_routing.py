@@ -174,7 +174,10 @@ def _tiny_app(tmp_path: Path) -> CoordinatorApp:
     )
     settings_ = make_settings(tmp_path)
     app.state.core = SimpleNamespace(
-        settings=settings_, auth=Authenticator(settings_), rate_limiter=RateLimiter(0)
+        settings=settings_,
+        auth=Authenticator(settings_),
+        rate_limiter=RateLimiter(0),
+        standby=False,
     )
     return app
 
