@@ -40,6 +40,7 @@ class Outbox:
         self._progress: dict[str, list[str]] = {}
         # Made by a ``take`` that waits: an idle socket's outbox (most of them) has none.
         self._wake: anyio.Event | None = None
+        self._taken: anyio.Event | None = None  # made by ``drained`` when it waits
         self._on_overflow = on_overflow
         self.soft_limit = soft_limit
         self.hard_limit = hard_limit
@@ -86,6 +87,7 @@ class Outbox:
         frames = [e[0] for e in self._frames]
         self._frames.clear()
         self._progress.clear()
+        self._set_taken()
         return frames
 
     async def take(self) -> list[str]:
@@ -95,6 +97,14 @@ class Outbox:
             await self._wake.wait()
         return self.take_nowait()
 
+    async def drained(self, below: int) -> None:
+        """Wait until fewer than ``below`` frames are queued (the writer took them) or the
+        outbox is closed: a producer that must not drop frames (a replay) waits for the peer."""
+        while len(self._frames) >= below and not self.closed:
+            if self._taken is None:
+                self._taken = anyio.Event()
+            await self._taken.wait()
+
     def close(self) -> None:
         self.closed = True
         # A closed outbox takes no more frames: drop the callbacks, which are the owning
@@ -102,10 +112,16 @@ class Outbox:
         self.direct = None
         self._on_overflow = _closed
         self._set_wake()
+        self._set_taken()
 
     def _set_wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _set_taken(self) -> None:
+        if self._taken is not None:
+            self._taken.set()
+            self._taken = None
 
 
 class Subscriber:

@@ -69,6 +69,8 @@ log = logging.getLogger("aitbc.coordinator")
 REST_SESSION_PREFIX = "rest:"
 # At most this many event-loop turns a woken writer waits for more work to join its batch.
 GATHER_TURNS = 4
+# Events a replay reads from the store at a time (``Dispatcher.subscribe``).
+REPLAY_PAGE = 1000
 
 
 class MinerSink(Protocol):
@@ -594,10 +596,7 @@ class Dispatcher:
             sub.buffers[job_id] = held
             self.fanout.subscribe(sub, [job_id])
             try:
-                last = after.get(job_id, 0)
-                for event in await self.store.events_after(job_id, last):
-                    sub.outbox.put(event_frame(event), job_id=job_id)
-                    last = event.seq
+                last = await self._replay(sub, job_id, after.get(job_id, 0))
             finally:
                 del sub.buffers[job_id]
             for seq, frame, progress in held:
@@ -606,6 +605,22 @@ class Dispatcher:
             if rec.state in TERMINAL and last >= rec.seq:
                 self.fanout.unsubscribe(sub, [job_id])  # nothing can follow a terminal event
         return missing
+
+    async def _replay(self, sub: Subscriber, job_id: str, last: int) -> int:
+        """Queue the stored events of ``job_id`` after ``last``, page by page; returns the last
+        seq queued. Replayed frames are never dropped: past half the outbox's soft limit the
+        replay waits for the socket to take them (a long log would overflow it, 4429)."""
+        outbox = sub.outbox
+        room = max(1, outbox.soft_limit // 2)
+        while True:
+            page = await self.store.events_after(job_id, last, REPLAY_PAGE)
+            for event in page:
+                if len(outbox) >= room:
+                    await outbox.drained(room)
+                outbox.put(event_frame(event), job_id=job_id)
+                last = event.seq
+            if len(page) < REPLAY_PAGE or outbox.closed:
+                return last
 
     # ---- miners -----------------------------------------------------------------------------
 

@@ -181,6 +181,31 @@ async def test_take_resets_coalescing() -> None:
     assert seqs(box.outbox.take_nowait()) == [("filler", 1), ("j", 2)]
 
 
+@pytest.mark.parametrize("end", ["take", "close"])
+async def test_drained_waits_until_the_frames_are_taken_or_the_outbox_closes(end: str) -> None:
+    """drained(n) returns at once below n queued frames, else once a take or close happens."""
+    box = Box()
+    box.fill(3)
+    waited: list[int] = []
+
+    async def replay() -> None:
+        await box.outbox.drained(4)  # 3 queued: returns at once
+        box.fill(1)
+        await box.outbox.drained(4)
+        waited.append(len(box.outbox))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replay)
+            await anyio.wait_all_tasks_blocked()
+            assert waited == []
+            if end == "take":
+                assert len(box.outbox.take_nowait()) == 4
+            else:
+                box.outbox.close()
+    assert waited == [0 if end == "take" else 4]
+
+
 # ---- Fanout -------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -571,6 +572,57 @@ async def test_resubscribing_without_after_does_not_replay_twice() -> None:
             await h.dispatcher.subscribe(sub, [spec.job_id], {})
             await h.dispatcher.subscribe(sub, [spec.job_id], {})
         assert events(sub.outbox) == [(spec.job_id, 1, "queued")]
+
+
+async def _streamed_job(h: Harness, chunks: int) -> str:
+    """A completed job with ``chunks`` progress events: ``chunks + 4`` events in all."""
+    h.miner()
+    spec = h.spec()
+    await h.submit(spec)
+    await h.flushed()
+    for _ in range(chunks):
+        h.dispatcher.miner_call("progress", "gpu-1", spec.job_id, output="tok ")
+    h.dispatcher.miner_result("gpu-1", spec.job_id, {"text": "ok"}, {}, None, lambda job: None)
+    await h.flushed()
+    return spec.job_id
+
+
+async def test_subscribe_replays_a_log_longer_than_one_store_read() -> None:
+    """A job with more events than one ``events_after`` returns (10,000) replays them all, its
+    terminal event included (the replay stopped at the 10,000th: a streamed job never ended)."""
+    async with running() as h:
+        job_id = await _streamed_job(h, 10_010)
+        sub = Subscriber("c1", RecordingOutbox(soft_limit=100_000, hard_limit=200_000))
+        with anyio.fail_after(10):
+            await h.dispatcher.subscribe(sub, [job_id], {})
+        seqs = [seq for _, seq, _ in events(sub.outbox)]
+        assert seqs == list(range(1, 10_015))
+        assert sub.job_ids == set()  # the terminal event was replayed: nothing follows it
+
+
+async def test_a_long_replay_waits_for_the_socket_instead_of_overflowing() -> None:
+    """Replayed frames are never dropped, so the replay waits while the outbox is full; it
+    closed the socket 4429 (a full outbox) whatever the client's speed."""
+    async with running() as h:
+        job_id = await _streamed_job(h, 5_000)
+        sub = h.subscriber()
+        seqs: list[int] = []
+
+        async def socket_writer() -> None:
+            while not sub.outbox.closed:
+                for frame in await sub.outbox.take():
+                    seqs.append(json.loads(frame)["seq"])
+                await anyio.lowlevel.checkpoint()  # a slow peer: one batch per turn
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(socket_writer)
+            with anyio.fail_after(10):
+                await h.dispatcher.subscribe(sub, [job_id], {})
+                while len(seqs) < 5_004 and not sub.outbox.closed:
+                    await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+        assert sub.outbox.overflows == []
+        assert seqs == list(range(1, 5_005))
 
 
 # ---- flushing and shutdown ----------------------------------------------------------------
