@@ -577,33 +577,48 @@ class Dispatcher:
         return await self.store.get_job(job_id)
 
     async def subscribe(
-        self, sub: Subscriber, job_ids: list[str], after: dict[str, int]
+        self,
+        sub: Subscriber,
+        job_ids: list[str],
+        after: dict[str, int],
+        *,
+        follow_all: bool = False,
     ) -> list[str]:
         """Replay stored events with ``seq > after[job]``, then go live; returns unknown ids.
+        ``follow_all``: the socket follows every job of its client from now on ("all").
 
         Live events that arrive during the replay are held back and only those newer than the
-        replay are delivered, so the client sees every event exactly once, in order.
+        replay are delivered, so the client sees every event exactly once, in order. They are
+        held from the start for every job to replay, not from its turn: a job followed through
+        "all" would otherwise reach the socket live while an earlier job replays, then again.
         """
         missing = []
+        pending: dict[str, list[tuple[int, str, bool]]] = {}
         for job_id in job_ids:
-            rec = await self.get_job(job_id)
-            if rec is None or rec.client_id != sub.client_id:
-                missing.append(job_id)
-                continue
-            if job_id in sub.job_ids and job_id not in after:
-                continue
-            held: list[tuple[int, str, bool]] = []
-            sub.buffers[job_id] = held
-            self.fanout.subscribe(sub, [job_id])
-            try:
+            if job_id not in pending and (job_id not in sub.job_ids or job_id in after):
+                pending[job_id] = sub.buffers[job_id] = []
+        if follow_all:
+            self.fanout.subscribe_all(sub)
+        try:
+            for job_id in job_ids:
+                rec = await self.get_job(job_id)
+                if rec is None or rec.client_id != sub.client_id:
+                    missing.append(job_id)
+                    continue
+                held = pending.get(job_id)
+                if held is None:  # followed already, and not named in ``after`` (or named twice)
+                    continue
+                self.fanout.subscribe(sub, [job_id])
                 last = await self._replay(sub, job_id, after.get(job_id, 0))
-            finally:
+                del pending[job_id], sub.buffers[job_id]
+                for seq, frame, progress in held:
+                    if seq > last:
+                        sub.outbox.put(frame, job_id=job_id, progress=progress)
+                if rec.state in TERMINAL and last >= rec.seq:
+                    self.fanout.unsubscribe(sub, [job_id])  # nothing can follow a terminal event
+        finally:
+            for job_id in pending:  # unknown or foreign, or a read failed
                 del sub.buffers[job_id]
-            for seq, frame, progress in held:
-                if seq > last:
-                    sub.outbox.put(frame, job_id=job_id, progress=progress)
-            if rec.state in TERMINAL and last >= rec.seq:
-                self.fanout.unsubscribe(sub, [job_id])  # nothing can follow a terminal event
         return missing
 
     async def _replay(self, sub: Subscriber, job_id: str, last: int) -> int:

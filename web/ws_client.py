@@ -148,11 +148,8 @@ class ClientConnection(Connection):
         sub = self.subscriber
         assert sub is not None
         dispatcher = self.core.dispatcher
-        if msg.job_ids == "all":
-            dispatcher.fanout.subscribe_all(sub)
-            ids = list(msg.after)
-        else:
-            ids = list(msg.job_ids)
+        follow_all = msg.job_ids == "all"
+        ids = list(msg.after) if follow_all else list(msg.job_ids)
         owned: list[str] = []
         missing: list[str] = []
         for job_id in ids:
@@ -164,7 +161,7 @@ class ClientConnection(Connection):
             self.error(ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id)
         # The contract answers first, then replays each job's stored events, then goes live.
         self.reply(msg.id, missing=missing)
-        await dispatcher.subscribe(sub, owned, msg.after)
+        await dispatcher.subscribe(sub, owned, msg.after, follow_all=follow_all)
 
     def _cancel_now(self, msg: JobCancelRequest) -> bool:
         """``False`` when the job is not in memory: ``_cancel_stored`` answers."""

@@ -561,6 +561,45 @@ async def test_subscribe_reports_unknown_and_foreign_jobs() -> None:
         assert len(sub.outbox) == 0
 
 
+@pytest.mark.parametrize("follow_all", [True, False], ids=["all", "named-under-all"])
+async def test_a_job_waiting_its_turn_to_replay_holds_its_live_events(follow_all: bool) -> None:
+    """While the first job replays, the second one's live events (reaching the socket through
+    its "all" subscription) are held until its own replay: each seq once, in order (they went
+    out at once and again in the replay)."""
+    async with running() as h:
+        h.miner(concurrency=2)
+        first, second = h.spec(), h.spec()
+        await h.submit(first)
+        await h.submit(second)
+        await h.flushed()
+        sub = h.subscriber()
+        if not follow_all:
+            h.dispatcher.fanout.subscribe_all(sub)
+        h.store.block_reads()
+        ids = [first.job_id, second.job_id]
+
+        async def subscribe() -> None:
+            after = dict.fromkeys(ids, 0)
+            if follow_all:
+                await h.dispatcher.subscribe(sub, ids, after, follow_all=True)
+            else:
+                await h.dispatcher.subscribe(sub, ids, after)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscribe)
+            await h.settle()  # the first job's replay waits for its store read
+            h.dispatcher.miner_call("accept", "gpu-1", second.job_id)
+            await h.flushed()
+            h.store.release_reads()
+        assert events(sub.outbox) == [
+            (first.job_id, 1, "queued"),
+            (first.job_id, 2, "assigned"),
+            (second.job_id, 1, "queued"),
+            (second.job_id, 2, "assigned"),
+            (second.job_id, 3, "started"),
+        ]
+
+
 async def test_resubscribing_without_after_does_not_replay_twice() -> None:
     """A second subscribe to a job already followed is a no-op."""
     async with running() as h:
