@@ -164,11 +164,19 @@ class Fanout:
         sub.all = True
         self._by_client.setdefault(sub.client_id, set()).add(sub)
 
-    def unsubscribe(self, sub: Subscriber, job_ids: Iterable[str] | None = None) -> None:
-        """Drop the given subscriptions, or all of them (``None``)."""
+    def unsubscribe(
+        self,
+        sub: Subscriber,
+        job_ids: Iterable[str] | None = None,
+        *,
+        live: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Drop the given subscriptions, or all of them (``None``). ``live(job_id)``: whether
+        the job can still have events (only those need muting while following "all")."""
         targets = list(sub.job_ids) if job_ids is None else list(job_ids)
         if job_ids is not None and sub.all:
-            sub.muted.update(targets)  # else the client route would still deliver them
+            # Else the client route would still deliver them.
+            sub.muted.update(targets if live is None else filter(live, targets))
         for job_id in targets:
             sub.job_ids.discard(job_id)
             subs = self._by_job.get(job_id)
@@ -195,10 +203,14 @@ class Fanout:
             if job_id not in sub.job_ids and job_id not in sub.muted:
                 sub.deliver(job_id, seq, frame, progress)
 
-    def forget_job(self, job_id: str) -> None:
-        """A terminal job's live subscriptions end (replay stays available from the store)."""
+    def forget_job(self, job_id: str, client_id: str | None = None) -> None:
+        """A terminal job's live subscriptions end (replay stays available from the store);
+        the sockets of its client that follow "all" no longer need to mute it."""
         for sub in self._by_job.pop(job_id, ()):
             sub.job_ids.discard(job_id)
+        if client_id is not None:
+            for sub in self._by_client.get(client_id, ()):
+                sub.muted.discard(job_id)
 
     @property
     def progress_dropped(self) -> int:

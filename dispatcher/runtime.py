@@ -405,7 +405,7 @@ class Dispatcher:
                 for watch in self.watchers:
                     watch(job, e, frame)
                 if e.state in TERMINAL:
-                    self.fanout.forget_job(job.job_id)
+                    self.fanout.forget_job(job.job_id, job.client_id)
             elif isinstance(action, Assign):
                 _, session_id, job_id, attempt, payload, constraints, expires, timeout = action
                 sink = self._sinks.get(session_id)
@@ -620,6 +620,26 @@ class Dispatcher:
             for job_id in pending:  # unknown or foreign, or a read failed
                 del sub.buffers[job_id]
         return missing
+
+    def unsubscribe(self, sub: Subscriber, job_ids: Sequence[str] | None = None) -> None:
+        """Stop following the given jobs, or everything (``None``). While the socket follows
+        "all", only this client's jobs that can still have events are muted: any other id
+        names nothing that could arrive (a client muting made-up ids grew memory for good).
+        """
+        if job_ids is None:
+            self.fanout.unsubscribe(sub)
+            return
+
+        def live(job_id: str) -> bool:
+            job = self.scheduler.jobs.get(job_id)
+            if job is None or job.client_id != sub.client_id:
+                return False
+            if job.state not in TERMINAL:
+                return True
+            rec = self._visible.get(job_id)  # its terminal event may not be published yet
+            return rec is not None and rec.state not in TERMINAL
+
+        self.fanout.unsubscribe(sub, job_ids, live=live)
 
     async def _replay(self, sub: Subscriber, job_id: str, last: int) -> int:
         """Queue the stored events of ``job_id`` after ``last``, page by page; returns the last

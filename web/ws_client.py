@@ -59,11 +59,8 @@ class ClientConnection(Connection):
                 self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
             case Unsubscribe():
                 assert self.subscriber is not None
-                fanout = self.core.dispatcher.fanout
-                if msg.job_ids == "all":
-                    fanout.unsubscribe(self.subscriber)
-                else:
-                    fanout.unsubscribe(self.subscriber, msg.job_ids)
+                job_ids = None if msg.job_ids == "all" else msg.job_ids
+                self.core.dispatcher.unsubscribe(self.subscriber, job_ids)
                 self.reply(msg.id)
             case JobCancelRequest():
                 return self._cancel_now(msg)

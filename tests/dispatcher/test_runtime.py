@@ -600,6 +600,26 @@ async def test_a_job_waiting_its_turn_to_replay_holds_its_live_events(follow_all
         ]
 
 
+async def test_a_job_whose_end_is_not_yet_published_is_muted_until_it_is() -> None:
+    """Unsubscribing (while following "all") a job whose terminal event waits for its commit
+    mutes it: that event is not delivered, and the job is then forgotten."""
+    async with running() as h:
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        sub = h.subscriber()
+        h.dispatcher.fanout.subscribe_all(sub)
+        h.store.block_commits()
+        h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
+        await h.settle()
+        h.dispatcher.unsubscribe(sub, [spec.job_id, "unknown"])
+        assert sub.muted == {spec.job_id}
+        h.store.release_commits()
+        await h.flushed()
+        assert events(sub.outbox) == []
+        assert sub.muted == set()
+
+
 async def test_resubscribing_without_after_does_not_replay_twice() -> None:
     """A second subscribe to a job already followed is a no-op."""
     async with running() as h:

@@ -234,6 +234,32 @@ def test_subscribe_replays_a_jobs_events_on_a_new_connection(client: TestClient)
     assert [f["type"] for f in frames[2:]] == ["job.event", "job.event"]
 
 
+def test_unsubscribing_ids_while_following_all_keeps_only_live_own_jobs_muted(
+    client: TestClient,
+) -> None:
+    """While following "all", an unsubscribed id is remembered only while it names a live job of
+    this client: every id was kept for the socket's life (a client grew the coordinator's memory
+    without bound with unsubscribe frames of made-up ids), and an ended job stayed."""
+    core: Any = client.app.state.core  # type: ignore[attr-defined]
+    with client_socket(client, CLIENT_KEY_2) as other:
+        hello(other)
+        foreign = submit(other, "o1")["job"]["job_id"]
+    with client_socket(client) as ws:
+        hello(ws)
+        mine = submit(ws, "s1")["job"]["job_id"]
+        assert recv(ws)["event"] == "queued"
+        ws.send_json({"type": "subscribe", "id": "all", "job_ids": "all"})
+        assert recv(ws) == {"type": "ack", "id": "all", "missing": []}
+        made_up = [f"nope-{i}" for i in range(1000)]
+        ws.send_json({"type": "unsubscribe", "id": "u1", "job_ids": [*made_up, foreign, mine]})
+        assert recv(ws) == {"type": "ack", "id": "u1"}
+        (conn,) = [c for c in core.connections if getattr(c, "subscriber", None) is not None]
+        assert conn.subscriber.muted == {mine}
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": mine})
+        assert recv(ws)["type"] == "ack"  # no canceled event follows: the job is muted
+        assert conn.subscriber.muted == set()  # the canceled event was published with the ack
+
+
 def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
     """With a matching miner connected the job is servable and pushed to it as job.assign."""
     with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
