@@ -615,7 +615,8 @@ class Dispatcher:
                     if seq > last:
                         sub.outbox.put(frame, job_id=job_id, progress=progress)
                 if rec.state in TERMINAL and last >= rec.seq:
-                    self.fanout.unsubscribe(sub, [job_id])  # nothing can follow a terminal event
+                    # Nothing can follow a terminal event: nothing to mute under "all" either.
+                    self.fanout.unsubscribe(sub, [job_id], live=lambda _: False)
         finally:
             for job_id in pending:  # unknown or foreign, or a read failed
                 del sub.buffers[job_id]

@@ -548,6 +548,23 @@ async def test_subscribe_to_a_terminal_job_replays_and_ends() -> None:
         assert h.dispatcher.fanout.subscriber_count == 0
 
 
+async def test_a_terminal_job_replayed_while_following_all_is_not_kept_muted() -> None:
+    """Ending the subscription of a replayed terminal job mutes nothing while following "all":
+    no event can follow (each such job was kept in the socket's muted set for its life)."""
+    async with running() as h:
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
+        await h.flushed()
+        sub = h.subscriber()
+        h.dispatcher.fanout.subscribe_all(sub)
+        with anyio.fail_after(5):
+            await h.dispatcher.subscribe(sub, [spec.job_id], {spec.job_id: 0})
+        assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "canceled")]
+        assert (sub.job_ids, sub.muted) == (set(), set())
+
+
 async def test_subscribe_reports_unknown_and_foreign_jobs() -> None:
     """Jobs that do not exist or belong to another client are returned as missing."""
     async with running() as h:
