@@ -681,8 +681,13 @@ class Scheduler:
                 miner.concurrency = len(miner.jobs)
                 self._changed_miners.add(job.miner_id)
                 if not job.accepted:
+                    # Its accept may have been on the way: a resume names it in ``revoked``.
+                    self._revoke(job, "coordinator restarted")
                     self._requeue(job, now, "coordinator restarted", charged=False)
-        # (A restored miner whose last job was requeued above is dropped by ``_release``.)
+        for miner in list(self.miners.values()):
+            if not miner.jobs:  # every job it held was requeued above: nothing to resume
+                self._drop_miner(miner)
+                self._remember_lost(miner, miner.revoked)
         self._fire_due(now)
         return self._take()
 

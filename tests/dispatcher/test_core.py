@@ -1099,6 +1099,28 @@ def test_restore_queued_running_and_unaccepted() -> None:
     assert job.state is JobState.COMPLETED
 
 
+def test_a_job_requeued_by_restore_is_revoked_from_its_miner() -> None:
+    """An assigned, unaccepted job requeued at restart was taken from its miner (whose accept
+    may have been lost with the crash): its resume lists it in ``revoked``, whether it has
+    started jobs left to resume or none (it was listed nowhere, so the miner ran it on)."""
+    s = make()
+    s.restore(
+        [
+            record("lone", "RUNNING", attempt=1, miner_id="m1", assigned_at=1.0),
+            record("a", "RUNNING", attempt=1, miner_id="m2", assigned_at=1.0, requested_at=1.0),
+            record("b", "RUNNING", attempt=1, miner_id="m2", started_at=1.0, requested_at=2.0),
+        ],
+        {"m1": "m1-s1", "m2": "m2-s1"},
+        10.0,
+    )
+    assert "m1" not in s.miners  # nothing to resume: no grace to wait out
+    assert s.statistics().miners_in_grace == 1
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=11.0)
+    assert info == ResumeInfo(resumed=(), revoked=("lone",))
+    info, _ = connect(s, "m2", "m2-s2", concurrency=2, resume="m2-s1", now=11.0)
+    assert info == ResumeInfo(resumed=("b",), revoked=("a",))
+
+
 def test_restore_grace_expires_without_miner() -> None:
     """A restored started job is requeued (charged) when its miner does not return in time."""
     s = make()

@@ -631,10 +631,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.lost = {}
         self.taken = {}
         started: dict[str, list[tuple[str, int]]] = {}
+        unaccepted: dict[str, list[str]] = {}  # requeued by the restart: revoked on resume
         for rec in sorted(records, key=lambda r: r.requested_at):
-            if rec.state == JobState.RUNNING and accepted[rec.job_id]:
+            if rec.state == JobState.RUNNING:
                 assert rec.miner_id is not None
-                started.setdefault(rec.miner_id, []).append((rec.job_id, rec.attempt))
+                if accepted[rec.job_id]:
+                    started.setdefault(rec.miner_id, []).append((rec.job_id, rec.attempt))
+                else:
+                    unaccepted.setdefault(rec.miner_id, []).append(rec.job_id)
         effects = self.s.restore(records, dict(self.last_session), self.now)
         event(
             f"restart: {len(records)} active, requeued="
@@ -656,6 +660,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 miner.session_id,
                 started[miner_id],
             )
+            self.taken[miner_id] = unaccepted.get(miner_id, [])
+        for miner_id, jobs in unaccepted.items():
+            if miner_id not in self.s.miners:  # dropped at once, as after a disconnect
+                self.lost[miner_id] = (self.last_session.get(miner_id, ""), jobs)
         assert set(started) >= set(self.s.miners)
 
     # ---- invariants ---------------------------------------------------------------------
