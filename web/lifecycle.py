@@ -81,7 +81,10 @@ async def _serve(
                 core.dispatcher.stop()
                 core.ops.stop()
     finally:
-        await core.store.close()
+        # A standby stopped while it restores gets here cancelled: close all the same (its
+        # connections, their threads, the owner lock), as ``open`` does when it fails.
+        with anyio.CancelScope(shield=True):
+            await core.store.close()
 
 
 async def _own_store(core: Coordinator) -> None:

@@ -110,3 +110,31 @@ async def test_a_failed_take_over_stops_the_coordinator(
             assert (await api.http.get("/health/ready")).status_code == 503
     finally:
         await holder.close()
+
+
+async def test_a_standby_stopped_while_restoring_closes_the_store_and_lets_go_of_it(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = await _held(database_url)
+    restoring = anyio.Event()
+    try:
+        async with running_api(tmp_path, database_url=database_url, standby=True) as api:
+            core = api.core
+
+            async def slow_restore() -> None:
+                restoring.set()
+                await anyio.sleep_forever()
+
+            monkeypatch.setattr(core, "restore", slow_restore)
+            await holder.close()
+            with anyio.fail_after(10):
+                await restoring.wait()
+        # Stopped mid-restore: the store was closed (its connections too), so a third
+        # coordinator can open it.
+        assert core.store._raw is None
+        assert not any(db.is_connected for db in (core.store._db, core.store._read_db))
+        third = store_for(database_url)
+        await third.open()
+        await third.close()
+    finally:
+        await holder.close()
