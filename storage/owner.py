@@ -19,7 +19,7 @@ import fcntl
 import os
 from typing import TYPE_CHECKING
 
-from storage.errors import StoreInUse
+from storage.errors import StorageError, StoreInUse
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,13 +45,15 @@ class OwnerLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock (a no-op when this object holds it); ``StoreInUse`` when another does."""
+        """Take the lock (a no-op when this object holds it); ``StoreInUse`` when another does,
+        ``StorageError`` when the lock file cannot be opened."""
         if self._fd is not None:
             return
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreInUse(f"cannot create the lock file {self.path}: {exc.strerror}") from None
+            # Not another coordinator: a standby must not wait for this to change.
+            raise StorageError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

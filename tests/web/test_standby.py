@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from storage.backends import store_for
+from storage.owner import lock_path
 from tests.conftest import CLIENT_KEY
 from tests.web.rest_harness import running_api
 from web.http import STANDBY_DETAIL
@@ -138,3 +139,19 @@ async def test_a_standby_stopped_while_restoring_closes_the_store_and_lets_go_of
         await third.close()
     finally:
         await holder.close()
+
+
+async def test_a_standby_whose_lock_file_cannot_be_made_stops_instead_of_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nobody holds the database: the lock file cannot be opened (a directory in its place;
+    # a read-only directory or a file of another user alike). That is no other coordinator,
+    # so waiting for one to let go would wait for ever.
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    lock_path(tmp_path / "coordinator.db").mkdir()
+    async with running_api(tmp_path, database_url=url, standby=True) as api:
+        with anyio.fail_after(10):
+            while not api.core.failed:  # noqa: ASYNC110 - a tiny poll loop under fail_after
+                await anyio.sleep(0.02)
+    assert "in use by another coordinator" not in caplog.text
+    assert "cannot create the lock file" in caplog.text
