@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         listener.close()  # also when uvicorn exits on a failed start-up (SystemExit)
     if server.core.failed:
-        print(
-            "aitbc-coordinator: stopped after a dispatcher failure (see the log)", file=sys.stderr
-        )
+        # A standby that failed to take over is still one (the flag goes when it has).
+        what = "its take-over failed" if server.core.standby else "a dispatcher failure"
+        print(f"aitbc-coordinator: stopped after {what} (see the log)", file=sys.stderr)
         return 1
     return 0
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from storage.backends import shown_url
-from storage.errors import StoreInUse
+from storage.errors import StorageError, StoreInUse
 from web.transport import TickFlusher
 
 if TYPE_CHECKING:
@@ -112,6 +112,11 @@ async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
     failure (the start-up it stands in for would have failed too)."""
     try:
         await _serve(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
+    except StorageError as exc:
+        # The store's refusal (a schema from a newer build, an unreadable file, a server it
+        # cannot reach) is one line, as at any start-up.
+        log.error("standby: taking over failed, shutting the coordinator down: %s", exc)
+        core.fatal()
     except Exception:
         log.exception("standby: taking over failed; shutting the coordinator down")
         core.fatal()

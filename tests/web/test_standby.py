@@ -3,6 +3,9 @@ coordinator holds the database, then takes over with the memory rebuilt from the
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -155,3 +158,24 @@ async def test_a_standby_whose_lock_file_cannot_be_made_stops_instead_of_waiting
                 await anyio.sleep(0.02)
     assert "in use by another coordinator" not in caplog.text
     assert "cannot create the lock file" in caplog.text
+
+
+async def test_a_take_over_refused_by_the_store_is_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The holder was a newer build: its schema is one this standby cannot run on.
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    holder = await _held(url)
+    try:
+        with closing(sqlite3.connect(tmp_path / "coordinator.db")) as db:
+            db.execute("INSERT INTO schema_version (version) VALUES (999)")
+            db.commit()
+        async with running_api(tmp_path, database_url=url, standby=True) as api:
+            await holder.close()
+            with anyio.fail_after(10):
+                while not api.core.failed:  # noqa: ASYNC110 - a tiny poll loop under fail_after
+                    await anyio.sleep(0.02)
+    finally:
+        await holder.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.exc_info, "schema version 999" in r.getMessage()) for r in errors] == [(None, True)]
