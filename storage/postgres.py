@@ -122,8 +122,12 @@ async def _lock_holder(conn: Any) -> str:
     return f" (PostgreSQL backend pid {row['pid']}{where})"
 
 
+# Keepalives probe only a connection with nothing unacknowledged: when the host dies or is cut
+# off right after the server replied (under load, the usual moment), the server retransmits
+# its reply for ~15 min (tcp_retries2) instead; tcp_user_timeout bounds that at 25 s too.
 _KEEPALIVES = (
-    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; "
+    "SET tcp_user_timeout = 25000"
 )
 
 

@@ -255,6 +255,9 @@ async def test_the_writer_session_is_exempt_from_idle_session_timeout(postgres_u
                 await s._raw.fetchval(f"SHOW tcp_keepalives_{name}")
                 for name in ("idle", "interval", "count")
             ] == ["10", "5", "3"]
+            # ... also when the server's last reply was never acknowledged (keepalives only
+            # probe an idle connection; a retransmitting one waits ~15 min without this).
+            assert await s._raw.fetchval("SHOW tcp_user_timeout") == "25000"
             other = await asyncpg.connect(postgres_url)  # the database's setting holds
             assert await other.fetchval("SHOW idle_session_timeout") == "50s"
             await other.close()
