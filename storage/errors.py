@@ -5,12 +5,13 @@ Tree::
     StorageError          the store failed (driver error, closed store, corrupt row)
     ├── NotFound          the row does not exist
     ├── Conflict          a uniqueness rule was violated
-    └── StoreInUse        another coordinator holds the database (storage.owner)
+    ├── StoreInUse        another coordinator holds the database (storage.owner)
+    └── StoreUnreachable  the database server cannot be connected to (PostgreSQL)
 """
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "NotFound", "StorageError", "StoreInUse"]
+__all__ = ["Conflict", "NotFound", "StorageError", "StoreInUse", "StoreUnreachable"]
 
 
 class StorageError(Exception):
@@ -27,3 +28,7 @@ class Conflict(StorageError):
 
 class StoreInUse(StorageError):
     pass
+
+
+class StoreUnreachable(StorageError):
+    """No connection could be made: a standby keeps waiting through it."""

@@ -24,7 +24,7 @@ import asyncpg
 from databases import Database
 
 from storage.backends import POSTGRES_SCHEMES, is_postgres_url, shown_url
-from storage.errors import Conflict, StorageError, StoreInUse
+from storage.errors import Conflict, StorageError, StoreInUse, StoreUnreachable
 from storage.schema import PG_MIGRATIONS
 from storage.sql import (
     _UPSERT_JOB,
@@ -163,7 +163,7 @@ async def _connecting(url: str) -> AsyncIterator[None]:
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StorageError(f"cannot connect to {shown_url(url)}: {exc}") from None
+        raise StoreUnreachable(f"cannot connect to {shown_url(url)}: {exc}") from None
 
 
 async def _preflight(url: str) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from storage.backends import shown_url
-from storage.errors import StorageError, StoreInUse
+from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from web.transport import TickFlusher
 
 if TYPE_CHECKING:
@@ -88,9 +88,11 @@ async def _serve(
 
 
 async def _own_store(core: Coordinator) -> None:
-    """Open the store; a standby waits while another coordinator holds it."""
+    """Open the store; a standby waits while another coordinator holds it, and while the
+    database server cannot be reached (a server restart ends the holder's lock too)."""
     where = shown_url(core.settings.database_url)
     waiting = False
+    unreachable = False
     while True:
         try:
             await core.store.open()
@@ -100,6 +102,14 @@ async def _own_store(core: Coordinator) -> None:
             if not waiting:
                 waiting = True
                 log.info("standby: %s is in use by another coordinator; waiting for it", where)
+            unreachable = False
+            await anyio.sleep(STANDBY_POLL_SECONDS)
+        except StoreUnreachable as exc:
+            if not core.standby:
+                raise
+            if not unreachable:
+                unreachable = waiting = True
+                log.warning("standby: %s; still waiting", exc)
             await anyio.sleep(STANDBY_POLL_SECONDS)
         else:
             if waiting:
@@ -113,8 +123,8 @@ async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
     try:
         await _serve(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
     except StorageError as exc:
-        # The store's refusal (a schema from a newer build, an unreadable file, a server it
-        # cannot reach) is one line, as at any start-up.
+        # The store's refusal (a schema from a newer build, an unreadable file, a lock file
+        # it cannot make) is one line, as at any start-up.
         log.error("standby: taking over failed, shutting the coordinator down: %s", exc)
         core.fatal()
     except Exception:

@@ -14,6 +14,7 @@ import pytest
 from storage.backends import store_for
 from storage.owner import lock_path
 from tests.conftest import CLIENT_KEY
+from tests.postgres import admin
 from tests.web.rest_harness import running_api
 from web.http import STANDBY_DETAIL
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from tests.postgres import PostgresServer
     from tests.web.rest_harness import Api
 
 pytestmark = pytest.mark.anyio
@@ -179,3 +181,29 @@ async def test_a_take_over_refused_by_the_store_is_one_log_line(
         await holder.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.exc_info, "schema version 999" in r.getMessage()) for r in errors] == [(None, True)]
+
+
+async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connections(
+    tmp_path: Path,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server restart or maintenance window (here: the database refusing connections) ends the
+    # primary's session and its lock: the standby must still be there to take over after it.
+    name = postgres_url.rsplit("/", 1)[1]
+    holder = await _held(postgres_url)
+    try:
+        async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
+            await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            try:
+                with anyio.fail_after(10):
+                    while "cannot connect" not in caplog.text:  # noqa: ASYNC110 - bounded poll
+                        await anyio.sleep(0.02)
+            finally:
+                await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert not api.core.failed
+            await holder.close()
+            assert (await _until_ready(api)).json()["status"] == "ready"
+    finally:
+        await holder.close()
