@@ -163,7 +163,7 @@ def create_app(
         return JSONResponse({"status": "alive"})
 
     async def ready(request: Request) -> JSONResponse:
-        if core.standby:
+        if core.standby and not core.failed:
             return JSONResponse({"status": "standby", "database": "in use"}, status_code=503)
         if core.ready and core.dispatcher.running and not core.failed:
             return JSONResponse({"status": "ready", "database": "connected"})

@@ -39,12 +39,14 @@ def lifespan_for(core: Coordinator) -> Callable[[Any], Any]:
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         stopping = anyio.Event()
+        if not core.standby:
+            await _start(core)  # outside a task group: a StorageError stays one line
         async with anyio.create_task_group() as tg:
             if core.standby:
                 # Serve at once (health, and 503 / close 1001 for the rest) while waiting.
                 tg.start_soon(_take_over, core, stopping)
             else:
-                await tg.start(_serve, core, stopping)
+                await tg.start(_run, core, stopping)
             try:
                 yield
             finally:
@@ -55,14 +57,20 @@ def lifespan_for(core: Coordinator) -> Callable[[Any], Any]:
     return lifespan
 
 
-async def _serve(
-    core: Coordinator, stopping: anyio.Event, *, task_status: TaskStatus[None]
-) -> None:
-    """Own the store, rebuild memory from it and serve until ``stopping`` is set."""
+async def _start(core: Coordinator) -> None:
+    """Own the store and rebuild memory from it (the store is closed again if that fails)."""
     await _own_store(core)
     core.dispatcher.flush_writes = TickFlusher.of(asyncio.get_running_loop()).flush_all
     try:
         await core.restore()
+    except BaseException:
+        await _close(core)
+        raise
+
+
+async def _run(core: Coordinator, stopping: anyio.Event, *, task_status: TaskStatus[None]) -> None:
+    """Serve from the started store until ``stopping`` is set; then stop in order and close."""
+    try:
         async with anyio.create_task_group() as tg:
             await tg.start(_run_dispatcher, core)
             tg.start_soon(core.ops.run)
@@ -81,10 +89,14 @@ async def _serve(
                 core.dispatcher.stop()
                 core.ops.stop()
     finally:
-        # A standby stopped while it restores gets here cancelled: close all the same (its
-        # connections, their threads, the owner lock), as ``open`` does when it fails.
-        with anyio.CancelScope(shield=True):
-            await core.store.close()
+        await _close(core)
+
+
+async def _close(core: Coordinator) -> None:
+    # A standby stopped while it restores gets here cancelled: close all the same (its
+    # connections, their threads, the owner lock), as ``open`` does when it fails.
+    with anyio.CancelScope(shield=True):
+        await core.store.close()
 
 
 async def _own_store(core: Coordinator) -> None:
@@ -118,10 +130,11 @@ async def _own_store(core: Coordinator) -> None:
 
 
 async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
-    """A standby's ``_serve``: failing to take over stops the process like a dispatcher
+    """A standby's start-up: failing to take over stops the process like a dispatcher
     failure (the start-up it stands in for would have failed too)."""
     try:
-        await _serve(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
+        await _start(core)
+        await _run(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
     except StorageError as exc:
         # The store's refusal (a schema from a newer build, an unreadable file, a lock file
         # it cannot make) is one line, as at any start-up.

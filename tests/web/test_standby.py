@@ -113,7 +113,8 @@ async def test_a_failed_take_over_stops_the_coordinator(
                 while not stopped:  # noqa: ASYNC110 - a tiny poll loop under fail_after
                     await anyio.sleep(0.02)
             assert core.failed
-            assert (await api.http.get("/health/ready")).status_code == 503
+            ready = await api.http.get("/health/ready")
+            assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
     finally:
         await holder.close()
 
