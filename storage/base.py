@@ -192,6 +192,10 @@ class JobStore(Protocol):
     async def open(self) -> None:
         """Connect and apply migrations."""
 
+    async def owner_free(self) -> bool:
+        """Whether ``open`` would get the database's owner lock now (a standby's poll, cheaper
+        than an ``open`` that is refused)."""
+
     async def close(self) -> None: ...
 
     async def maintain(self) -> None:

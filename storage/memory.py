@@ -48,6 +48,9 @@ class InMemoryJobStore:
     async def open(self) -> None:
         self.is_open = True
 
+    async def owner_free(self) -> bool:
+        return True  # nothing to share: a memory store is its process's own
+
     async def maintain(self) -> None:
         """Nothing to maintain in memory; returns at once."""
 

@@ -20,6 +20,7 @@ import functools
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import asyncpg
 from databases import Database
 
@@ -231,6 +232,7 @@ class PostgresJobStore(SqlStore):
         self._stack = AsyncExitStack()
         self._reader = self._scanner = None  # SqlStore's pinned connections: unused here
         self._raw: Any = None  # the writer connection's asyncpg connection
+        self._probe: Any = None  # a standby's one connection for polling the owner lock
 
     def _driver_errors(self) -> AbstractAsyncContextManager[None]:
         return _map_errors()
@@ -293,8 +295,35 @@ class PostgresJobStore(SqlStore):
                     "INSERT INTO schema_version (version) VALUES ($1)", [(v,) for v in versions]
                 )
 
+    async def owner_free(self) -> bool:
+        """Whether the owner lock is free now, asked on one connection kept between polls (a
+        standby's ``open`` per poll would start a server session and a pool every time);
+        ``StoreUnreachable`` when the server cannot be asked."""
+        try:
+            async with _connecting(self.url):
+                if self._probe is None:
+                    self._probe = await asyncpg.connect(
+                        _driver_url(self.url), timeout=_CONNECT_TIMEOUT
+                    )
+                free = await self._probe.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY)
+                if free:
+                    await self._probe.execute("SELECT pg_advisory_unlock($1)", OWNER_LOCK_KEY)
+        except StoreUnreachable:
+            await self._close_probe()  # lost (e.g. a server restart): a new one next time
+            raise
+        if free:
+            await self._close_probe()  # done waiting: ``open`` takes the lock for real
+        return bool(free)
+
+    async def _close_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await probe.close(timeout=_CONNECT_TIMEOUT)
+
     async def close(self) -> None:
         self._raw = None  # first: reads and commits from now on are "store is closed"
+        await self._close_probe()
         try:
             async with _map_errors():
                 await self._stack.aclose()

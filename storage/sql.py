@@ -23,7 +23,7 @@ from protocol.codec import dumps, loads
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
 from storage.base import MinerEarnings, PaymentStats
-from storage.errors import Conflict, StorageError
+from storage.errors import Conflict, StorageError, StoreInUse
 from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS, OUR_NAMES
 
@@ -555,6 +555,15 @@ class SqlStore:
 
     def claim(self) -> None:
         """Take the database's owner lock now, where the backend can before ``open``."""
+
+    async def owner_free(self) -> bool:
+        """Whether ``open`` would get the owner lock now (a standby's poll): on SQLite, taking
+        the lock is as cheap as asking, so this takes it, and ``open`` keeps it."""
+        try:
+            self.claim()
+        except StoreInUse:
+            return False
+        return True
 
     async def _connect(self) -> None:
         raise NotImplementedError

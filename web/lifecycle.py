@@ -8,6 +8,7 @@ store's owner lock, then does the same start-up as any coordinator (docs/configu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -102,31 +103,41 @@ async def _close(core: Coordinator) -> None:
 async def _own_store(core: Coordinator) -> None:
     """Open the store; a standby waits while another coordinator holds it, and while the
     database server cannot be reached (a server restart ends the holder's lock too)."""
+    if not core.standby:
+        await core.store.open()
+        return
+    try:
+        await _wait_and_open(core)
+    except BaseException:
+        # Stopped while waiting: let go of what a poll keeps (a PostgreSQL store's connection).
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await core.store.close()
+        raise
+
+
+async def _wait_and_open(core: Coordinator) -> None:
     where = shown_url(core.settings.database_url)
-    waiting = False
-    unreachable = False
+    waiting = unreachable = False
     while True:
         try:
-            await core.store.open()
+            if await core.store.owner_free():
+                await core.store.open()  # StoreInUse still, if another standby was first
+                if waiting:
+                    log.info("standby: took over %s", where)
+                return
         except StoreInUse:
-            if not core.standby:
-                raise
-            if not waiting:
-                waiting = True
-                log.info("standby: %s is in use by another coordinator; waiting for it", where)
-            unreachable = False
-            await anyio.sleep(STANDBY_POLL_SECONDS)
+            pass
         except StoreUnreachable as exc:
-            if not core.standby:
-                raise
             if not unreachable:
                 unreachable = waiting = True
                 log.warning("standby: %s; still waiting", exc)
             await anyio.sleep(STANDBY_POLL_SECONDS)
-        else:
-            if waiting:
-                log.info("standby: took over %s", where)
-            return
+            continue
+        if not waiting:
+            waiting = True
+            log.info("standby: %s is in use by another coordinator; waiting for it", where)
+        unreachable = False
+        await anyio.sleep(STANDBY_POLL_SECONDS)
 
 
 async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:

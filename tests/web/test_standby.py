@@ -3,6 +3,7 @@ coordinator holds the database, then takes over with the memory rebuilt from the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from contextlib import closing
@@ -14,8 +15,9 @@ import pytest
 from storage.backends import store_for
 from storage.owner import lock_path
 from tests.conftest import CLIENT_KEY
-from tests.postgres import admin
+from tests.postgres import admin, fetch_rows
 from tests.web.rest_harness import running_api
+from web import lifecycle
 from web.http import STANDBY_DETAIL
 
 if TYPE_CHECKING:
@@ -197,6 +199,12 @@ async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connect
     try:
         async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
             await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            # As a restart would: every session ends, the holder's lock and the poll's too.
+            await admin(
+                postgres_server,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+            )
             try:
                 with anyio.fail_after(10):
                     while "cannot connect" not in caplog.text:  # noqa: ASYNC110 - bounded poll
@@ -204,7 +212,48 @@ async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connect
             finally:
                 await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             assert not api.core.failed
-            await holder.close()
             assert (await _until_ready(api)).json()["status"] == "ready"
+    finally:
+        with contextlib.suppress(Exception):  # its sessions were ended under it
+            await holder.close()
+
+
+@pytest.mark.parametrize("stop_while_waiting", [False, True])
+async def test_a_postgres_standby_polls_on_one_connection(
+    tmp_path: Path,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_while_waiting: bool,
+) -> None:
+    """Not a pool opened and refused every poll (a new server session and two log lines each
+    time): one kept connection asks, and is closed once free, or when the standby stops."""
+    monkeypatch.setattr(lifecycle, "STANDBY_POLL_SECONDS", 0.01)
+    holder = await _held(postgres_url)
+    count_sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    try:
+        [(before,)] = await fetch_rows(postgres_url, count_sessions)
+        caplog.set_level(logging.INFO)
+        async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
+            store = api.core.store
+            polls: list[bool] = []
+            ask = store.owner_free
+
+            async def counted() -> bool:
+                polls.append(await ask())
+                return polls[-1]
+
+            monkeypatch.setattr(store, "owner_free", counted)
+            with anyio.fail_after(10):
+                while len(polls) < 20:  # noqa: ASYNC110 - a tiny poll loop under fail_after
+                    await anyio.sleep(0.01)
+            assert not any(polls)
+            assert [r for r in caplog.records if r.name == "databases"] == []
+            [(waiting,)] = await fetch_rows(postgres_url, count_sessions)
+            assert waiting == before + 1  # the poll's one connection
+            if not stop_while_waiting:
+                await holder.close()
+                assert (await _until_ready(api)).json()["status"] == "ready"
+        assert store._probe is None
     finally:
         await holder.close()
