@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import signal
 import socket
 import sys
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from web.demo import run_demo  # imports the examples' simulated peers
 
-    if args.miners < 0 or args.rate <= 0:
+    if args.miners < 0 or not 0 < args.rate < math.inf:
         print("aitbc-coordinator demo: --miners must be >= 0 and --rate > 0", file=sys.stderr)
         return 2
     listener = _listen_or_say("aitbc-coordinator demo", args.host, args.port)
@@ -242,6 +243,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    # The signal reaches the server's task inside the demo's task group, which wraps it.
     try:
         run_demo(
             host=args.host,
@@ -251,7 +253,7 @@ def _demo(args: argparse.Namespace) -> int:
             duration=args.duration,
             listener=listener,
         )
-    except (_Stopped, KeyboardInterrupt):
+    except* (_Stopped, KeyboardInterrupt):
         pass
     return 0
 

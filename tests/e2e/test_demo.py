@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import anyio
 import httpx
 import pytest
 
-from web.demo import demo_settings, serve_demo
+from web.demo import CHECKOUT, demo_settings, serve_demo
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -44,3 +47,32 @@ async def test_demo_prints_the_ops_url_and_work_flows(tmp_path: Path) -> None:
                     await anyio.sleep(0.1)
                 assert (await http.get("/ops")).status_code == 200
         stop.set()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_the_demo_stops_on_ctrl_c_with_exit_0(signum: signal.Signals) -> None:
+    """``make demo`` runs until Ctrl-C (docs/ops.md): that stops it, exit 0, no traceback.
+    The signal reached uvicorn's server task inside the demo's
+    task group, which wrapped the handler's exception in an exception group: a traceback and
+    exit 1."""
+    proc = await anyio.open_process(
+        [sys.executable, "-m", "web.cli", "demo", "--port", "0", "--miners", "1", "--rate", "1"],
+        cwd=CHECKOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    out = ""
+    with anyio.fail_after(30):
+        async for chunk in proc.stdout:
+            out += chunk.decode()
+            if "Ctrl-C stops the demo" in out:
+                break
+    assert re.search(r"http://\S+/ops#key=", out), out
+    proc.send_signal(signum)
+    with anyio.fail_after(30):
+        code = await proc.wait()
+        err = b"".join([chunk async for chunk in proc.stderr]).decode()
+    assert "Traceback" not in err, err[-3000:]
+    assert code == 0, err

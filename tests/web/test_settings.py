@@ -358,7 +358,9 @@ def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["--rate", "0"], ["--miners", "-1"]])
+@pytest.mark.parametrize(
+    "args", [["--rate", "0"], ["--miners", "-1"], ["--rate", "nan"], ["--rate", "inf"]]
+)
 def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
     """``demo`` with a non-positive rate or negative miner count exits 2 before starting."""
     assert main(["demo", "--port", "0", *args]) == 2
