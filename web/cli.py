@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
+from uvicorn.config import LOG_LEVELS
 
 from storage.backends import check_store, shown_url, sqlite_url, store_for
 from storage.errors import StorageError, StoreInUse
@@ -159,22 +160,33 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
     return store
 
 
+def _port(text: str) -> int:
+    """An ``argparse`` type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not between 0 and 65535")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aitbc-coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the coordinator")
     serve.add_argument("--host", help="listen address (API_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (API_PORT, default 8000)")
+    serve.add_argument("--port", type=_port, help="listen port (API_PORT, default 8000)")
     serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
     serve.add_argument(
         "--standby",
         action="store_true",
         help="wait for the coordinator holding the database to stop, then take over (STANDBY)",
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     demo = sub.add_parser("demo", help="a demo: temporary database, simulated miners and load")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    demo.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     demo.add_argument("--miners", type=int, default=12, help="simulated miners (default 12)")
     demo.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
     demo.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
@@ -205,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in lines:
         print(line, flush=True)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=LOG_LEVELS[args.log_level], format="%(levelname)s %(name)s %(message)s"
+    )
     print(
         f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
         f"(database {shown_url(settings.database_url)})"

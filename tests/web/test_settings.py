@@ -350,6 +350,38 @@ def test_serve_on_a_port_in_use_exits_1_with_one_line(
     assert not [p for p in tmp_path.iterdir() if "key" in p.name]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "99999"], "argument --port: 99999 is not between 0 and 65535"),
+        (["serve", "--port", "-1"], "argument --port: -1 is not between 0 and 65535"),
+        (["serve", "--port", "http"], "argument --port: 'http' is not a port number"),
+        (["serve", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+        (["demo", "--port", "70000"], "argument --port: 70000 is not between 0 and 65535"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    """A port out of range or an unknown log level is a usage error (exit 2) before anything
+    starts: no traceback from the bind (``OverflowError``) or from ``logging`` after the keys
+    were generated and printed."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in err.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     """Without a command the CLI exits with a usage error."""
     with pytest.raises(SystemExit) as info:
