@@ -24,7 +24,7 @@ from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
 from web.gctune import tune_gc
-from web.keys import KeysMissing, materialize_keys
+from web.keys import KeyFileError, materialize_keys
 from web.settings import Settings, SettingsError
 from web.transport import CoalescingWSProtocol
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         settings, lines = materialize_keys(settings)
-    except KeysMissing as exc:
+    except KeyFileError as exc:
         listener.close()
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from protocol.receipt_verify import (
 )
 from storage.backends import shown_url, sqlite_url, store_for
 from storage.errors import StorageError
-from web.keys import signing_key_path
+from web.keys import KeyFileError, read_signing_key, signing_key_path
 from web.rest_receipts import signing_keys
 from web.settings import Settings, SettingsError
 
@@ -65,7 +65,7 @@ def run_receipts(args: argparse.Namespace) -> int:
         if args.receipts_command == "verify":
             return _verify(args)
         return _audit(args)
-    except (_Usage, SettingsError) as exc:
+    except (_Usage, SettingsError, KeyFileError) as exc:
         print(f"aitbc-coordinator receipts: {exc}", file=sys.stderr)
         return 2
 
@@ -76,7 +76,7 @@ def _configured_keys(settings: Settings) -> tuple[TrustedKey, ...] | None:
         path = signing_key_path(settings)
         if not path.exists():
             return None
-        settings = settings.with_(receipt_signing_key_hex=path.read_text().strip())
+        settings = settings.with_(receipt_signing_key_hex=read_signing_key(path))
     return signing_keys(settings)
 
 

@@ -12,10 +12,23 @@ if TYPE_CHECKING:
 
     from web.settings import Settings
 
-__all__ = ["KeysMissing", "key_file", "materialize_keys", "signing_key_path"]
+__all__ = [
+    "KeyFileError",
+    "KeysMissing",
+    "key_file",
+    "materialize_keys",
+    "read_signing_key",
+    "signing_key_path",
+]
+
+ROLES = ("client", "miner", "admin")
 
 
-class KeysMissing(Exception):
+class KeyFileError(Exception):
+    """Keys cannot be had: one line naming the file."""
+
+
+class KeysMissing(KeyFileError):
     """A standby found neither configured keys nor the primary's stored ones."""
 
 
@@ -59,11 +72,9 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
         if settings.standby and not path.exists():
             raise KeysMissing(_missing("no API keys are configured", path))
         if path.exists():
-            keys = json.loads(path.read_text())
+            keys = _read_api_keys(path)
         else:
-            keys = {
-                role: f"{role}-{secrets.token_urlsafe(24)}" for role in ("client", "miner", "admin")
-            }
+            keys = {role: f"{role}-{secrets.token_urlsafe(24)}" for role in ROLES}
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_private(path, json.dumps(keys, indent=2) + "\n")
             lines.append(f"Generated development API keys (stored in {path}):")
@@ -78,7 +89,7 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
         if settings.standby and not path.exists():
             raise KeysMissing(_missing("RECEIPT_SIGNING_KEY_HEX is not set", path))
         if path.exists():
-            seed = path.read_text().strip()
+            seed = read_signing_key(path)
         else:
             seed = secrets.token_hex(32)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +97,46 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
             lines.append(f"Generated a receipt signing key (stored in {path}).")
         settings = settings.with_(receipt_signing_key_hex=seed)
     return settings, lines
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _read_api_keys(path: Path) -> dict[str, str]:
+    """The generated API keys stored in ``path``: ``KeyFileError`` unless it holds a JSON object
+    with a key for each role."""
+    try:
+        keys = json.loads(_read(path))
+    except ValueError:
+        keys = None
+    if not isinstance(keys, dict) or not all(
+        isinstance(keys.get(role), str) and keys[role].strip() for role in ROLES
+    ):
+        raise KeyFileError(
+            f"{path} is damaged: it must be a JSON object with a key for each of client, miner "
+            "and admin (restore it, or set the *_API_KEYS variables)"
+        )
+    return {role: keys[role] for role in ROLES}
+
+
+def read_signing_key(path: Path) -> str:
+    """The generated receipt signing seed stored in ``path``: ``KeyFileError`` unless it is 64
+    hex digits."""
+    seed = _read(path).strip()
+    try:
+        valid = len(bytes.fromhex(seed)) == 32
+    except ValueError:
+        valid = False
+    if not valid:
+        raise KeyFileError(
+            f"{path} is damaged: it must hold a 32-byte Ed25519 seed as 64 hex digits "
+            "(restore it, or set RECEIPT_SIGNING_KEY_HEX)"
+        )
+    return seed
 
 
 def _missing(what: str, path: Path) -> str:

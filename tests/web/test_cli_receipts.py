@@ -208,6 +208,26 @@ def test_audit_usage_errors_exit_2(
     assert len(out.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["verify", "audit"])
+def test_a_damaged_signing_key_file_exits_2_with_one_line(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """The generated ``<database>.signing-key`` that both commands fall back on, damaged: one
+    line naming it, exit 2 (it was a traceback)."""
+    issue_receipts(tmp_path, 1)
+    key = tmp_path / "coordinator.db.signing-key"
+    key.write_text("garbage\n")
+    file = tmp_path / "r.json"
+    file.write_text("{}")
+    args = [str(file)] if command == "verify" else ["--db", str(db_path(tmp_path))]
+    code = main(["receipts", command, *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert key.name in line
+
+
 # ---- verify -------------------------------------------------------------------------------
 
 

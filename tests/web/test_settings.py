@@ -433,6 +433,51 @@ def test_a_standby_never_generates_keys(
     assert not [p for p in tmp_path.iterdir() if "key" in p.name]
 
 
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [
+        ("c.db.keys.json", '{"client": "client-key-1", "miner": "miner-key-1"'),  # cut short
+        ("c.db.keys.json", '{"client": "client-key-1", "miner": "miner-key-1"}'),  # no admin
+        ("c.db.keys.json", '["client-key-1"]'),
+        ("c.db.keys.json", b"\xff\xfe"),
+        ("c.db.keys.json", None),  # a folder
+        ("c.db.signing-key", "not hex\n"),
+        ("c.db.signing-key", "11" * 31 + "\n"),
+        ("c.db.signing-key", None),
+    ],
+)
+def test_a_damaged_key_file_stops_serve_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    file: str,
+    content: str | bytes | None,
+) -> None:
+    """The generated key files are read again on later starts: a damaged one is one line naming
+    it and exit 2 (it was a traceback), and nothing is generated in its place."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    materialize_keys(Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}"))
+    path = tmp_path / file
+    path.unlink()
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "c.db")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("aitbc-coordinator: ")
+    assert str(path) in line
+    assert [p for p in sorted(p.name for p in tmp_path.iterdir()) if "key" in p] == [
+        p for p in before if "key" in p
+    ]
+
+
 def test_a_standby_uses_the_keys_the_primary_stored(tmp_path: Path) -> None:
     base = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}")
     primary, _ = materialize_keys(base)
