@@ -25,6 +25,7 @@ from protocol.receipt_verify import (
 )
 from storage.backends import shown_url, sqlite_url, store_for
 from storage.errors import StorageError
+from storage.sql import check_database
 from web.keys import KeyFileError, read_signing_key, signing_key_path
 from web.rest_receipts import signing_keys
 from web.settings import Settings, SettingsError
@@ -116,6 +117,8 @@ def _verify(args: argparse.Namespace) -> int:
         doc = json.loads(text)
     except (OSError, ValueError) as exc:
         raise _Usage(f"{args.file}: {exc}") from None
+    except RecursionError:
+        raise _Usage(f"{args.file}: JSON nested too deeply") from None
     keys = _pinned(args)
     bad = 0
     for n, receipt in enumerate(_receipts_in(doc)):
@@ -134,8 +137,13 @@ def _audit(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.db:
         settings = settings.with_(database_url=sqlite_url(args.db))
-    if not settings.is_postgres and not settings.database_path.exists():
-        raise _Usage(f"no database at {settings.database_path}")
+    if not settings.is_postgres:
+        if not settings.database_path.exists():
+            raise _Usage(f"no database at {settings.database_path}")
+        try:
+            check_database(settings.database_url)  # a folder, not SQLite, from a newer build
+        except StorageError as exc:
+            raise _Usage(str(exc)) from None
     keys = _configured_keys(settings)
     if keys is None:
         print(

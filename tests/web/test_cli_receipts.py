@@ -191,6 +191,8 @@ def test_audit_uses_a_generated_key_file(
     [
         ("missing", "no database at"),
         ("bad-setting", "RECEIPT_PREVIOUS_KEYS"),
+        ("folder", "it is a folder, not a database file"),
+        ("not-sqlite", "file is not a database"),
     ],
 )
 def test_audit_usage_errors_exit_2(
@@ -202,6 +204,10 @@ def test_audit_usage_errors_exit_2(
 ) -> None:
     if setup == "bad-setting":
         env.setenv("RECEIPT_PREVIOUS_KEYS", "nonsense")
+    elif setup == "folder":  # aiosqlite's thread was left to fail after the loop closed
+        db_path(tmp_path).mkdir()
+    elif setup == "not-sqlite":
+        db_path(tmp_path).write_text("hello")
     code, out = audit(capsys, tmp_path)
     assert code == 2
     assert message in out
@@ -307,13 +313,18 @@ def test_verify_usage_errors_exit_2(
     assert message in out
 
 
-@pytest.mark.parametrize("content", ["not json", None])
+@pytest.mark.parametrize("content", ["not json", None, "[" * 100_000, b"\xff\xfe"])
 def test_verify_unreadable_input_exits_2(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any
 ) -> None:
+    """Missing, not JSON, nested deeper than the parser goes (a RecursionError traceback), not
+    UTF-8: one line naming the file, exit 2."""
     file = tmp_path / "r.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is not None:
         file.write_text(content)
     code, out = run_verify(capsys, str(file), "--key", PUBLIC_HEX)
     assert code == 2
-    assert "r.json" in out
+    [line] = out.splitlines()
+    assert "r.json" in line
