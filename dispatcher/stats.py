@@ -49,6 +49,7 @@ REQUEUE_REASONS = (
     "rejected",
     "coordinator_restarted",
     "poll_gone",
+    "deregistered",
     "retryable_failure",
 )
 _REASON_PREFIXES = (
@@ -61,6 +62,7 @@ _REASON_PREFIXES = (
     ("rejected", "rejected"),
     ("coordinator restarted", "coordinator_restarted"),
     ("poll gone", "poll_gone"),
+    ("miner deregistered", "deregistered"),
 )
 
 

@@ -59,6 +59,7 @@ def test_histogram_buckets_are_upper_inclusive_and_cumulative() -> None:
         ("rejected", "rejected"),
         ("coordinator restarted", "coordinator_restarted"),
         ("poll gone", "poll_gone"),
+        ("miner deregistered", "deregistered"),  # was counted as a miner's failure
         ("oom: out of memory", "retryable_failure"),
         ("", "retryable_failure"),
     ],
