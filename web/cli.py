@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["build_server", "listen_socket", "main", "uvicorn_config"]
 
 
+SOCKET_CLOSE_GRACE = 2.0  # seconds a shutdown waits for the sockets' close handshakes
+
+
 class CoordinatorServer(uvicorn.Server):
     """Closes our sockets with 1001 before uvicorn's own shutdown (which would send 1012)."""
 
@@ -47,6 +50,11 @@ class CoordinatorServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         core = self.core
         core.close_sockets()
+        # The connections write their 1001 from their own tasks: give those the time to (and
+        # the peers to answer), since uvicorn's shutdown closes any socket still open with 1012.
+        with anyio.move_on_after(SOCKET_CLOSE_GRACE):
+            while core.connections:  # noqa: ASYNC110 - a connection leaves this set as it ends
+                await anyio.sleep(0.01)
         if core.dispatcher.running:
             with anyio.move_on_after(10):
                 await core.dispatcher.wait_flushed()
