@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import orjson
 
 from protocol.receipt_verify import (
     ChainAudit,
@@ -113,12 +114,13 @@ def _receipts_in(doc: Any) -> Sequence[Any]:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-        doc = json.loads(text)
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        # orjson, as the REST route: it refuses nesting deeper than 1,024 levels, where the
+        # standard parser recursed until RecursionError, or a crash of the whole process where
+        # the recursion limit was raised (py_ecc, which eth-account imports, raises it to 100,000)
+        doc = orjson.loads(data)
     except (OSError, ValueError) as exc:
         raise _Usage(f"{args.file}: {exc}") from None
-    except RecursionError:
-        raise _Usage(f"{args.file}: JSON nested too deeply") from None
     keys = _pinned(args)
     bad = 0
     for n, receipt in enumerate(_receipts_in(doc)):

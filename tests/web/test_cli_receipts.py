@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
@@ -317,14 +318,21 @@ def test_verify_usage_errors_exit_2(
 def test_verify_unreadable_input_exits_2(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any
 ) -> None:
-    """Missing, not JSON, nested deeper than the parser goes (a RecursionError traceback), not
-    UTF-8: one line naming the file, exit 2."""
+    """Missing, not JSON, nested deeper than the parser goes, not UTF-8: one line naming the
+    file, exit 2. The deep one was a RecursionError traceback, or a segmentation fault where
+    the recursion limit was raised as py_ecc (which eth-account imports for wallet logins)
+    raises it: so it is read under that limit here."""
     file = tmp_path / "r.json"
     if isinstance(content, bytes):
         file.write_bytes(content)
     elif content is not None:
         file.write_text(content)
-    code, out = run_verify(capsys, str(file), "--key", PUBLIC_HEX)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 100_000))
+    try:
+        code, out = run_verify(capsys, str(file), "--key", PUBLIC_HEX)
+    finally:
+        sys.setrecursionlimit(limit)
     assert code == 2
     [line] = out.splitlines()
     assert "r.json" in line
