@@ -8,7 +8,6 @@ Exit status: 0 all valid, 1 something invalid, 2 bad usage or input.
 
 from __future__ import annotations
 
-import json
 import sys
 import urllib.request
 from pathlib import Path
@@ -92,7 +91,7 @@ def _pinned(args: argparse.Namespace) -> tuple[TrustedKey, ...]:
     if args.keys_url:
         try:
             with urllib.request.urlopen(args.keys_url, timeout=10) as answer:
-                keys += keys_from_document(json.loads(answer.read()))
+                keys += keys_from_document(orjson.loads(answer.read()))
         except (OSError, ValueError) as exc:
             raise _Usage(f"--keys-url {args.keys_url}: {exc}") from None
     if not keys:

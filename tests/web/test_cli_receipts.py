@@ -297,6 +297,7 @@ def test_verify_with_keys_url_and_with_configured_keys(
         (("--key", "xyz"), "--key 'xyz'"),
         (("--keys-url", "file:///nonexistent/keys.json"), "--keys-url"),
         (("--keys-url", "RECEIPTS"), "--keys-url"),
+        (("--keys-url", "DEEP"), "--keys-url"),  # was a RecursionError traceback
     ],
 )
 def test_verify_usage_errors_exit_2(
@@ -308,7 +309,12 @@ def test_verify_usage_errors_exit_2(
 ) -> None:
     file = tmp_path / "r.json"
     file.write_text("{}")
-    args = tuple(file.as_uri() if a == "RECEIPTS" else a for a in args)  # not a keys document
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    args = tuple(
+        {"RECEIPTS": file.as_uri(), "DEEP": deep.as_uri()}.get(a, a)  # not a keys document
+        for a in args
+    )
     code, out = run_verify(capsys, str(file), *args)
     assert code == 2
     assert message in out
