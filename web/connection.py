@@ -144,9 +144,7 @@ class Connection(ABC):
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return
         if principal is not None and not principal.acts_as(self.role):
-            await self._close_now(
-                CloseCode.FORBIDDEN, f"a {self.role.value} credential is required"
-            )
+            await self._close_now(CloseCode.FORBIDDEN, self._role_required())
             return
         self.principal = principal
         session = self.make_session(authenticated=principal is not None)
@@ -181,6 +179,10 @@ class Connection(ABC):
             self.core.sockets[self.role.value] -= 1
             self.outbox.close()
             self.on_closed()
+
+    def _role_required(self) -> str:
+        article = "an" if self.role.value[0] in "aeiou" else "a"
+        return f"{article} {self.role.value} credential is required"
 
     async def _close_now(self, code: int, reason: str) -> None:
         try:
@@ -301,7 +303,7 @@ class Connection(ABC):
         if principal is None:
             self.close(CloseCode.NOT_AUTHENTICATED, "unknown credential")
         elif not principal.acts_as(self.role):
-            self.close(CloseCode.FORBIDDEN, f"a {self.role.value} credential is required")
+            self.close(CloseCode.FORBIDDEN, self._role_required())
         else:
             self.principal = principal
             session.authenticated()

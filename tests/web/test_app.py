@@ -284,23 +284,24 @@ def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "key", "code"),
+    ("path", "key", "code", "reason"),
     [
-        ("/v1/jobs/ws", "not-a-configured-key", 4401),
-        ("/v1/jobs/ws", MINER_KEY, 4403),
-        ("/v1/jobs/ws", ADMIN_KEY, 4403),
-        ("/v1/miners/ws", CLIENT_KEY, 4403),
-        ("/v1/miners/ws", "not-a-configured-key", 4401),
+        ("/v1/jobs/ws", "not-a-configured-key", 4401, "unknown credential"),
+        ("/v1/jobs/ws", MINER_KEY, 4403, "a client credential is required"),
+        ("/v1/jobs/ws", ADMIN_KEY, 4403, "a client credential is required"),
+        ("/v1/miners/ws", CLIENT_KEY, 4403, "a miner credential is required"),
+        ("/v1/miners/ws", "not-a-configured-key", 4401, "unknown credential"),
+        ("/v1/admin/ws", CLIENT_KEY, 4403, "an admin credential is required"),
     ],
 )
 def test_bad_credentials_close_the_socket(
-    client: TestClient, path: str, key: str, code: int
+    client: TestClient, path: str, key: str, code: int, reason: str
 ) -> None:
     """An unknown key closes 4401; a key of the wrong role closes 4403."""
     with client.websocket_connect(path, headers={"Authorization": f"Bearer {key}"}) as ws:
         with pytest.raises(WebSocketDisconnect) as info:
             ws.receive_json()
-    assert info.value.code == code
+    assert (info.value.code, info.value.reason) == (code, reason)
 
 
 def test_auth_frame_authenticates_a_browser(client: TestClient) -> None:
