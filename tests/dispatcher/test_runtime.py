@@ -532,14 +532,20 @@ async def test_subscribe_after_skips_what_the_client_has() -> None:
         assert events(sub.outbox) == [(spec.job_id, 3, "started")]
 
 
+async def _canceled_job(h: Harness) -> JobSpec:
+    """A job submitted and canceled (its log: queued, canceled), committed."""
+    spec = h.spec()
+    await h.submit(spec)
+    await h.flushed()
+    h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
+    await h.flushed()
+    return spec
+
+
 async def test_subscribe_to_a_terminal_job_replays_and_ends() -> None:
     """A finished job replays its whole log and leaves no live subscription behind."""
     async with running() as h:
-        spec = h.spec()
-        await h.submit(spec)
-        await h.flushed()
-        h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
-        await h.flushed()
+        spec = await _canceled_job(h)
         sub = h.subscriber()
         with anyio.fail_after(5):
             assert await h.dispatcher.subscribe(sub, [spec.job_id], {}) == []
@@ -552,11 +558,7 @@ async def test_a_terminal_job_replayed_while_following_all_is_not_kept_muted() -
     """Ending the subscription of a replayed terminal job mutes nothing while following "all":
     no event can follow (each such job was kept in the socket's muted set for its life)."""
     async with running() as h:
-        spec = h.spec()
-        await h.submit(spec)
-        await h.flushed()
-        h.dispatcher.cancel("c1", spec.job_id, lambda job: None)
-        await h.flushed()
+        spec = await _canceled_job(h)
         sub = h.subscriber()
         h.dispatcher.fanout.subscribe_all(sub)
         with anyio.fail_after(5):
