@@ -142,6 +142,9 @@ class Dispatcher:
         # REST miners: last call per miner (liveness for ops/admin) and how long it counts.
         self.rest_online_window = 30.0
         self._rest_seen: dict[str, float] = {}
+        # REST miners an operator disconnected: their next call reconnects them (resuming
+        # what they still hold), as a socket miner's reconnect does, not a 404 for ever.
+        self._rest_away: dict[str, MinerRecord] = {}
         # Observation (docs/ops.md): tallies updated once per committed event or commit.
         self.tally = EventTally()
         self.job_counts = JobCounts()
@@ -565,8 +568,21 @@ class Dispatcher:
         await self._until_committed(self._commit_then)
 
     async def disconnect_miner(self, miner_id: str) -> None:
-        """Close a connected miner's session (its jobs go as on any disconnect)."""
-        self._apply(self.scheduler.disconnect_miner(miner_id, self.clock.now()))
+        """Close a connected miner's session (its jobs go as on any disconnect). A REST miner
+        is reconnected by its next call (``_rest_miner``), as a socket miner reconnects."""
+        now = self.clock.now()
+        miner = self.scheduler.miners.get(miner_id)
+        if miner is not None and miner.rest and miner_id in self._bindings:
+            self._rest_away[miner_id] = MinerRecord(
+                miner_id=miner_id,
+                key_hash=self._bindings[miner_id],
+                session_id=REST_SESSION_PREFIX + miner_id,
+                capabilities=miner.capabilities,
+                concurrency=miner.concurrency,
+                region=miner.region,
+                last_seen=now,
+            )
+        self._apply(self.scheduler.disconnect_miner(miner_id, now))
         await self._until_committed(self._commit_then)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -815,6 +831,7 @@ class Dispatcher:
             last_seen=now,
         )
         self._rest_seen[miner_id] = now
+        self._rest_away.pop(miner_id, None)
         self._writes.miners[miner_id] = record
         self._rest_connect(record, resume=update)
         await self._until_committed(self._commit_then)
@@ -861,6 +878,9 @@ class Dispatcher:
         self.after_commit(lambda: then(None))
 
     def _rest_miner(self, miner_id: str) -> _RestSink:
+        away = self._rest_away.pop(miner_id, None)
+        if away is not None:  # back after an operator's disconnect: resume, as at start-up
+            self._rest_connect(away, resume=True)
         miner = self.scheduler.miners.get(miner_id)
         sink = self._sinks.get(REST_SESSION_PREFIX + miner_id)
         if miner is None or not miner.rest or not isinstance(sink, _RestSink):

@@ -801,3 +801,47 @@ async def test_a_poll_ended_by_deregistration_leaves_a_new_registrations_poll_al
             job = await api.submit()
     assert results["old"] is None
     assert results["new"].job_id == job["job_id"]
+
+
+async def test_a_rest_miner_disconnected_by_an_operator_is_back_at_its_next_call(api: Api) -> None:
+    """The production miner registers only at start-up: after an operator's disconnect its
+    next poll reconnects it and resumes the job it still runs, as a socket miner's reconnect
+    does (every call got 404 until it registered again, i.e. until someone restarted it)."""
+    await api.register("m1", concurrency=2)
+    held = await api.submit()
+    assert (await api.poll("m1")).json()["job_id"] == held["job_id"]
+    r = await api.http.post("/v1/admin/miners/m1/disconnect", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 200, r.text
+    # Its result comes first (the production miner runs a job, then posts it): accepted, on
+    # the job's first attempt.
+    assert (await api.result(held["job_id"], "m1")).status_code == 200
+    done = await api.job(held["job_id"])
+    assert (done["state"], done["attempt"]) == ("COMPLETED", 1)
+    queued = await api.submit()
+    polled = await api.poll("m1")
+    assert polled.status_code == 200, polled.text
+    assert (polled.json()["job_id"], polled.json()["attempt"]) == (queued["job_id"], 1)
+    # Once back it is disconnected like any connected miner.
+    r = await api.http.post("/v1/admin/miners/m1/disconnect", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 200, r.text
+    heartbeat = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
+    assert heartbeat.status_code == 200, heartbeat.text
+
+
+async def test_a_rest_miner_back_after_an_operators_disconnect_keeps_its_job(
+    tmp_path: Path,
+) -> None:
+    """Back within the resume grace (here by a heartbeat), it resumes the job it runs: the
+    grace passing does not requeue it."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        held = await started(api, "m1")
+        r = await api.http.post("/v1/admin/miners/m1/disconnect", headers={"X-Api-Key": ADMIN_KEY})
+        assert r.status_code == 200, r.text
+        h = miner_headers("m1")
+        assert (await api.http.post("/v1/miners/heartbeat", json={}, headers=h)).status_code == 200
+        clock.advance(api.core.settings.resume_grace_seconds + 1)
+        await api.settle()
+        job = await api.job(held["job_id"])
+        assert (job["state"], job["attempt"]) == ("RUNNING", 1)
+        assert (await api.result(held["job_id"], "m1")).status_code == 200
