@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 
 from storage.backends import store_for
+from storage.errors import StorageError
 from storage.owner import lock_path
 from tests.conftest import CLIENT_KEY
 from tests.postgres import admin, fetch_rows
@@ -21,6 +22,7 @@ from web import lifecycle
 from web.http import STANDBY_DETAIL
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     import httpx
@@ -31,11 +33,24 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.anyio
 
 
-async def _held(url: str) -> Any:
-    """Another coordinator's hold on the database: its store, opened (owner lock taken)."""
+@asynccontextmanager
+async def _holding(url: str) -> AsyncIterator[Any]:
+    """Another coordinator's hold on the database: its store, opened (owner lock taken), and
+    closed on the way out (again, when the test let go of it itself; a test that ended its
+    sessions on the server leaves it nothing to close cleanly)."""
     holder = store_for(url)
     await holder.open()
-    return holder
+    try:
+        yield holder
+    finally:
+        with contextlib.suppress(StorageError):
+            await holder.close()
+
+
+async def _until(condition: Callable[[], object], within: float = 10) -> None:
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - a tiny poll loop under fail_after
+            await anyio.sleep(0.01)
 
 
 async def _until_ready(api: Api, within: float = 10) -> httpx.Response:
@@ -52,8 +67,7 @@ async def test_a_standby_refuses_work_until_the_store_is_free_then_serves_what_i
 ) -> None:
     async with running_api(tmp_path, database_url=database_url) as primary:
         queued = await primary.submit()
-    holder = await _held(database_url)
-    try:
+    async with _holding(database_url) as holder:
         async with running_api(tmp_path, database_url=database_url, standby=True) as api:
             assert (await api.http.get("/health")).json()["status"] == "ok"
             ready = await api.http.get("/health/ready")
@@ -74,15 +88,12 @@ async def test_a_standby_refuses_work_until_the_store_is_free_then_serves_what_i
             assert (await _until_ready(api)).json()["status"] == "ready"
             assert (await api.job(queued["job_id"]))["state"] == "QUEUED"
             assert (await api.submit())["state"] == "QUEUED"
-    finally:
-        await holder.close()
 
 
 async def test_a_standby_stopped_while_waiting_leaves_the_store_to_its_holder(
     tmp_path: Path, database_url: str
 ) -> None:
-    holder = await _held(database_url)
-    try:
+    async with _holding(database_url):
         async with running_api(tmp_path, database_url=database_url, standby=True) as api:
             assert (await api.http.get("/health/ready")).status_code == 503
         assert not api.core.ready
@@ -91,17 +102,14 @@ async def test_a_standby_stopped_while_waiting_leaves_the_store_to_its_holder(
         third = store_for(database_url)
         with pytest.raises(Exception, match="in use"):
             await third.open()
-    finally:
-        await holder.close()
 
 
 async def test_a_failed_take_over_stops_the_coordinator(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    holder = await _held(url)
     stopped: list[bool] = []
-    try:
+    async with _holding(url) as holder:
         async with running_api(tmp_path, database_url=url, standby=True) as api:
             core = api.core
             core.on_fatal = lambda: stopped.append(True)
@@ -111,22 +119,17 @@ async def test_a_failed_take_over_stops_the_coordinator(
 
             monkeypatch.setattr(core, "restore", broken_restore)
             await holder.close()
-            with anyio.fail_after(10):
-                while not stopped:  # noqa: ASYNC110 - a tiny poll loop under fail_after
-                    await anyio.sleep(0.02)
+            await _until(lambda: stopped)
             assert core.failed
             ready = await api.http.get("/health/ready")
             assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
-    finally:
-        await holder.close()
 
 
 async def test_a_standby_stopped_while_restoring_closes_the_store_and_lets_go_of_it(
     tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    holder = await _held(database_url)
     restoring = anyio.Event()
-    try:
+    async with _holding(database_url) as holder:
         async with running_api(tmp_path, database_url=database_url, standby=True) as api:
             core = api.core
 
@@ -145,8 +148,6 @@ async def test_a_standby_stopped_while_restoring_closes_the_store_and_lets_go_of
         third = store_for(database_url)
         await third.open()
         await third.close()
-    finally:
-        await holder.close()
 
 
 async def test_a_standby_whose_lock_file_cannot_be_made_stops_instead_of_waiting(
@@ -158,9 +159,7 @@ async def test_a_standby_whose_lock_file_cannot_be_made_stops_instead_of_waiting
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
     lock_path(tmp_path / "coordinator.db").mkdir()
     async with running_api(tmp_path, database_url=url, standby=True) as api:
-        with anyio.fail_after(10):
-            while not api.core.failed:  # noqa: ASYNC110 - a tiny poll loop under fail_after
-                await anyio.sleep(0.02)
+        await _until(lambda: api.core.failed)
     assert "in use by another coordinator" not in caplog.text
     assert "cannot create the lock file" in caplog.text
 
@@ -170,18 +169,13 @@ async def test_a_take_over_refused_by_the_store_is_one_log_line(
 ) -> None:
     # The holder was a newer build: its schema is one this standby cannot run on.
     url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    holder = await _held(url)
-    try:
+    async with _holding(url) as holder:
         with closing(sqlite3.connect(tmp_path / "coordinator.db")) as db:
             db.execute("INSERT INTO schema_version (version) VALUES (999)")
             db.commit()
         async with running_api(tmp_path, database_url=url, standby=True) as api:
             await holder.close()
-            with anyio.fail_after(10):
-                while not api.core.failed:  # noqa: ASYNC110 - a tiny poll loop under fail_after
-                    await anyio.sleep(0.02)
-    finally:
-        await holder.close()
+            await _until(lambda: api.core.failed)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.exc_info, "schema version 999" in r.getMessage()) for r in errors] == [(None, True)]
 
@@ -195,8 +189,7 @@ async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connect
     # A server restart or maintenance window (here: the database refusing connections) ends the
     # primary's session and its lock: the standby must still be there to take over after it.
     name = postgres_url.rsplit("/", 1)[1]
-    holder = await _held(postgres_url)
-    try:
+    async with _holding(postgres_url):
         async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
             await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
             # As a restart would: every session ends, the holder's lock and the poll's too.
@@ -206,16 +199,11 @@ async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connect
                 f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
             )
             try:
-                with anyio.fail_after(10):
-                    while "cannot connect" not in caplog.text:  # noqa: ASYNC110 - bounded poll
-                        await anyio.sleep(0.02)
+                await _until(lambda: "cannot connect" in caplog.text)
             finally:
                 await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             assert not api.core.failed
             assert (await _until_ready(api)).json()["status"] == "ready"
-    finally:
-        with contextlib.suppress(Exception):  # its sessions were ended under it
-            await holder.close()
 
 
 @pytest.mark.parametrize("stop_while_waiting", [False, True])
@@ -229,9 +217,8 @@ async def test_a_postgres_standby_polls_on_one_connection(
     """Not a pool opened and refused every poll (a new server session and two log lines each
     time): one kept connection asks, and is closed once free, or when the standby stops."""
     monkeypatch.setattr(lifecycle, "STANDBY_POLL_SECONDS", 0.01)
-    holder = await _held(postgres_url)
     count_sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-    try:
+    async with _holding(postgres_url) as holder:
         [(before,)] = await fetch_rows(postgres_url, count_sessions)
         caplog.set_level(logging.INFO)
         async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
@@ -244,9 +231,7 @@ async def test_a_postgres_standby_polls_on_one_connection(
                 return polls[-1]
 
             monkeypatch.setattr(store, "owner_free", counted)
-            with anyio.fail_after(10):
-                while len(polls) < 20:  # noqa: ASYNC110 - a tiny poll loop under fail_after
-                    await anyio.sleep(0.01)
+            await _until(lambda: len(polls) >= 20)
             assert not any(polls)
             assert [r for r in caplog.records if r.name == "databases"] == []
             [(waiting,)] = await fetch_rows(postgres_url, count_sessions)
@@ -255,5 +240,3 @@ async def test_a_postgres_standby_polls_on_one_connection(
                 await holder.close()
                 assert (await _until_ready(api)).json()["status"] == "ready"
         assert store._probe is None
-    finally:
-        await holder.close()
