@@ -7,6 +7,8 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
+from protocol.receipts import load_signing_key
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -128,14 +130,12 @@ def read_signing_key(path: Path) -> str:
     hex digits."""
     seed = _read(path).strip()
     try:
-        valid = len(bytes.fromhex(seed)) == 32
+        load_signing_key(seed)
     except ValueError:
-        valid = False
-    if not valid:
         raise KeyFileError(
             f"{path} is damaged: it must hold a 32-byte Ed25519 seed as 64 hex digits "
             "(restore it, or set RECEIPT_SIGNING_KEY_HEX)"
-        )
+        ) from None
     return seed
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
+from protocol.receipts import load_signing_key
 from protocol.types import parse_instant
 from storage.backends import is_postgres_url, sqlite_file
 
@@ -160,8 +161,7 @@ class Settings:
         signing = env.get("RECEIPT_SIGNING_KEY_HEX", "").strip() or None
         if signing is not None:
             try:
-                if len(bytes.fromhex(signing)) != 32:
-                    raise ValueError
+                load_signing_key(signing)
             except ValueError:
                 raise SettingsError(
                     "RECEIPT_SIGNING_KEY_HEX: must be 64 hex digits (a 32-byte Ed25519 seed)"
