@@ -570,19 +570,10 @@ class Dispatcher:
     async def disconnect_miner(self, miner_id: str) -> None:
         """Close a connected miner's session (its jobs go as on any disconnect). A REST miner
         is reconnected by its next call (``_rest_miner``), as a socket miner reconnects."""
-        now = self.clock.now()
         miner = self.scheduler.miners.get(miner_id)
         if miner is not None and miner.rest and miner_id in self._bindings:
-            self._rest_away[miner_id] = MinerRecord(
-                miner_id=miner_id,
-                key_hash=self._bindings[miner_id],
-                session_id=REST_SESSION_PREFIX + miner_id,
-                capabilities=miner.capabilities,
-                concurrency=miner.concurrency,
-                region=miner.region,
-                last_seen=now,
-            )
-        self._apply(self.scheduler.disconnect_miner(miner_id, now))
+            self._rest_away[miner_id] = self._rest_record(miner_id, REST_SESSION_PREFIX + miner_id)
+        self._apply(self.scheduler.disconnect_miner(miner_id, self.clock.now()))
         await self._until_committed(self._commit_then)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -846,27 +837,26 @@ class Dispatcher:
         """
         self._check_open()
         sink = self._rest_miner(miner_id)
+        # No session: not restored at start-up.
+        self._writes.miners[miner_id] = self._rest_record(miner_id, None)
+        del self._sinks[REST_SESSION_PREFIX + miner_id]
+        self._rest_seen.pop(miner_id, None)
+        self._apply(self.scheduler.leave(miner_id, self.clock.now()))
+        self.after_commit(lambda: sink.close(CloseCode.NORMAL, "deregistered"))  # polls end
+        await self._until_committed(self._commit_then)
+
+    def _rest_record(self, miner_id: str, session_id: str | None) -> MinerRecord:
+        """The stored row of the REST miner ``miner_id`` as the scheduler has it now."""
         miner = self.scheduler.miners[miner_id]
-        self._writes.miners[miner_id] = MinerRecord(  # no session: not restored at start-up
+        return MinerRecord(
             miner_id=miner_id,
             key_hash=self._bindings[miner_id],
-            session_id=None,
+            session_id=session_id,
             capabilities=miner.capabilities,
             concurrency=miner.concurrency,
             region=miner.region,
             last_seen=self.clock.now(),
         )
-        del self._sinks[REST_SESSION_PREFIX + miner_id]
-        self._rest_seen.pop(miner_id, None)
-        self._apply(self.scheduler.leave(miner_id, self.clock.now()))
-        waiters = list(sink.waiters)
-
-        def end_polls() -> None:
-            for waiter in waiters:
-                waiter.done.set()
-
-        self.after_commit(end_polls)
-        await self._until_committed(self._commit_then)
 
     async def barrier(self) -> None:
         """Return once everything queued so far is committed (e.g. before a refusal that
