@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -51,6 +52,26 @@ __all__ = [
 
 log = logging.getLogger("aitbc.coordinator")
 JSON = Any
+
+
+class _IdConvertor(Convertor[str]):
+    """``{name:id}``: a path parameter that may contain "/" (a miner id may: "rack-2/gpu-1").
+
+    Starlette's ``{name}`` stops at the first "/" (so did upstream's), and the server decodes
+    "%2F" before routing, so such an id could not reach a route naming it, sent either way.
+    Unlike ``{name:path}`` (``.*``) this matches line breaks too, as ``{name}`` does: a
+    trailing "\n" stays in the id instead of being dropped before ``$``."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("id", _IdConvertor())
 
 
 class HTTPError(Exception):

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from web.http import Endpoint
 
-__all__ = ["TAGS", "openapi_document", "openapi_endpoint"]
+__all__ = ["TAGS", "documented", "openapi_document", "openapi_endpoint"]
 
 TAGS = [
     {"name": "jobs", "description": "Client job routes (rest-api.md §2.2)"},
@@ -34,8 +34,11 @@ TAGS = [
     {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},
 ]
 
-_PATH_PARAM = re.compile(r"{([^}]+)}")
+# A parameter with a convertor (``{miner_id:id}``: a miner id may contain "/", web/http.py) is
+# documented as a plain one: the server decodes "%2F" before routing, so "/" arrives either way.
+_PATH_PARAM = re.compile(r"{([^}:]+)(?::[^}]*)?}")
 _TEXT = {"type": "string"}
+_WITH_SLASH = "may contain '/' (sent as is or as %2F)"
 # Job ids are the coordinator's own (32 hex digits): a literal path beside a ``{job_id}`` one,
 # such as /v1/jobs/history, is never a job id.
 _PATH_SCHEMAS = {"job_id": SCHEMAS["JobView"]["properties"]["job_id"]}
@@ -73,9 +76,21 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
 
 
+def _path_params(path: str) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = []
+    for m in _PATH_PARAM.finditer(path):
+        name = m.group(1)
+        schema = _PATH_SCHEMAS.get(name, _TEXT)
+        param = {"name": name, "in": "path", "required": True, "schema": schema}
+        if m.group().endswith(":id}"):
+            param["description"] = _WITH_SLASH
+        params.append(param)
+    return params
+
+
 def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     op: dict[str, Any] = {
-        "operationId": f"{endpoint.method.lower()}_{_slug(path)}",
+        "operationId": f"{endpoint.method.lower()}_{_slug(documented(path))}",
         "summary": endpoint.summary,
         "tags": [endpoint.tag],
     }
@@ -83,12 +98,10 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
         op["description"] = endpoint.description
     if path != endpoint.paths[0]:
         op["description"] = (
-            f"Alias of {endpoint.method} {endpoint.paths[0]}. " + op.get("description", "")
+            f"Alias of {endpoint.method} {documented(endpoint.paths[0])}. "
+            + op.get("description", "")
         ).strip()
-    params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(name, _TEXT)}
-        for name in _PATH_PARAM.findall(path)
-    ]
+    params = _path_params(path)
     for p in endpoint.query:
         param: dict[str, Any] = {"name": p.name, "in": p.where, "schema": p.schema}
         if p.description:
@@ -124,6 +137,11 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     return op
 
 
+def documented(path: str) -> str:
+    """A route's path as OpenAPI writes it: ``{name}`` without a Starlette convertor."""
+    return _PATH_PARAM.sub(r"{\1}", path)
+
+
 def _slug(path: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", path.lower()).strip("_")
 
@@ -156,7 +174,8 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
         }
     for endpoint in endpoints:
         for path in endpoint.paths:
-            paths.setdefault(path, {})[endpoint.method.lower()] = _operation(endpoint, path)
+            op = _operation(endpoint, path)
+            paths.setdefault(documented(path), {})[endpoint.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {

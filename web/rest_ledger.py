@@ -97,7 +97,7 @@ _errors = {
 ENDPOINTS = [
     Endpoint(
         "GET",
-        ("/v1/admin/accounts/{account}",),
+        ("/v1/admin/accounts/{account:id}",),
         get_account,
         "A ledger account: balance and entries, newest first",
         "admin",
@@ -107,7 +107,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
-        ("/v1/admin/accounts/{account}/credit",),
+        ("/v1/admin/accounts/{account:id}/credit",),
         credit,
         "Credit an account from system:admin (each call is a new movement)",
         "admin",

@@ -506,7 +506,7 @@ ENDPOINTS = [
     Endpoint(
         "POST",
         # The second path is upstream's secondary route (always 500 there, §9).
-        ("/v1/miners/{job_id}/fail", "/v1/miners/{miner_id}/jobs/{job_id}/fail"),
+        ("/v1/miners/{job_id}/fail", "/v1/miners/{miner_id:id}/jobs/{job_id}/fail"),
         fail,
         "Report a job failure",
         "miners",
@@ -520,7 +520,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
-        ("/v1/miners/{miner_id}/jobs/{job_id}/complete",),
+        ("/v1/miners/{miner_id:id}/jobs/{job_id}/complete",),
         complete,
         "Complete a job (upstream's secondary route; output is the result)",
         "miners",
@@ -535,7 +535,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "PUT",
-        ("/v1/miners/{miner_id}/capabilities",),
+        ("/v1/miners/{miner_id:id}/capabilities",),
         update_capabilities,
         "Update a registered miner's capabilities",
         "miners",
@@ -552,7 +552,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "DELETE",
-        ("/v1/miners/{miner_id}",),
+        ("/v1/miners/{miner_id:id}",),
         deregister,
         "Deregister a polling miner",
         "miners",
@@ -564,7 +564,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
-        ("/v1/miners/{miner_id}/jobs",),
+        ("/v1/miners/{miner_id:id}/jobs",),
         own_jobs,
         "List this miner's jobs, newest first",
         "miners",
@@ -584,7 +584,7 @@ ENDPOINTS = [
     ),
     Endpoint(
         "POST",
-        ("/v1/miners/{miner_id}/earnings",),
+        ("/v1/miners/{miner_id:id}/earnings",),
         earnings,
         "This miner's earnings, from its signed receipts",
         "miners",

@@ -150,7 +150,7 @@ ENDPOINTS = [
     ),
     _admin(
         "POST",
-        "/v1/admin/miners/{miner_id}/drain",
+        "/v1/admin/miners/{miner_id:id}/drain",
         drain_miner,
         "Stop offering jobs to a connected miner (running jobs continue), or resume",
         {
@@ -162,7 +162,7 @@ ENDPOINTS = [
     ),
     _admin(
         "POST",
-        "/v1/admin/miners/{miner_id}/disconnect",
+        "/v1/admin/miners/{miner_id:id}/disconnect",
         disconnect_miner,
         "Close a connected miner's session (started jobs wait resume_grace, others requeue)",
         {

@@ -278,6 +278,14 @@ async def test_admin_account_routes_validate(tmp_path: Path) -> None:
         assert r.status_code == 403
 
 
+async def test_the_account_of_a_miner_id_with_a_slash_is_reachable(tmp_path: Path) -> None:
+    """miner:rack-2/gpu-1, sent as is or as "%2F": "{account}" stopped at the "/" (404)."""
+    async with running_api(tmp_path) as api:
+        await credit(api, "miner:rack-2%2Fgpu-1", "2")
+        got = await account(api, "miner:rack-2/gpu-1")
+        assert (got["account"], got["balance"]) == ("miner:rack-2/gpu-1", "2.00000000")
+
+
 def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
     """job.submit with payment_amount reserves; short balance: error payment_required."""
     from tests.conftest import make_settings

@@ -845,3 +845,31 @@ async def test_a_rest_miner_back_after_an_operators_disconnect_keeps_its_job(
         job = await api.job(held["job_id"])
         assert (job["state"], job["attempt"]) == ("RUNNING", 1)
         assert (await api.result(held["job_id"], "m1")).status_code == 200
+
+
+@pytest.mark.parametrize("slash", ["/", "%2F"])
+async def test_a_miner_id_with_a_slash_reaches_its_own_path_routes(api: Api, slash: str) -> None:
+    """An id such as "rack-2/gpu-1" named in the path, as sent ("/") or percent-encoded
+    ("%2F", which the server decodes before routing), reaches the routes that name the miner:
+    upstream's "{miner_id}" stops at the first "/", so they answered 404."""
+    miner = "rack-2/gpu-1"
+    at = "/v1/miners/" + miner.replace("/", slash)
+    h = miner_headers(miner)
+    job = await started(api, miner)
+    r = await api.http.put(f"{at}/capabilities", json={"capabilities": {}}, headers=h)
+    assert (r.status_code, r.json()["miner_id"]) == (200, miner), r.text
+    r = await api.http.post(f"{at}/jobs", headers=h)
+    assert (r.status_code, r.json()["miner_id"], r.json()["total"]) == (200, miner, 1), r.text
+    r = await api.http.post(f"{at}/jobs/{job['job_id']}/complete", json={"output": {}}, headers=h)
+    assert r.status_code == 200, r.text
+    r = await api.http.post(f"{at}/earnings", headers=h)
+    assert (r.status_code, r.json()["completed_jobs"]) == (200, 1), r.text
+    second = await api.submit()
+    assert (await api.poll(miner)).json()["job_id"] == second["job_id"]
+    fail = {"error_code": "E1", "error_message": "boom"}
+    r = await api.http.post(f"{at}/jobs/{second['job_id']}/fail", json=fail, headers=h)
+    assert r.status_code == 200, r.text
+    r = await api.http.post(f"{at}/jobs", headers=miner_headers("rack-2"))
+    assert r.status_code == 403  # "rack-2" is another miner: the path names all of the id
+    r = await api.http.delete(at, headers=h)
+    assert r.json() == {"miner_id": miner, "status": "deregistered"}

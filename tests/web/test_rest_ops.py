@@ -135,6 +135,16 @@ async def test_drain_and_disconnect_miner(api: Api) -> None:
     assert r.status_code == 404
 
 
+async def test_drain_and_disconnect_reach_a_miner_id_with_a_slash(api: Api) -> None:
+    """The ops page sends "rack-2/gpu-1" as encodeURIComponent does ("%2F"); the server
+    decodes it before routing, so "{miner_id}" (which stops at "/") answered 404."""
+    await api.register("rack-2/gpu-1")
+    r = await api.http.post("/v1/admin/miners/rack-2%2Fgpu-1/drain", headers=ADMIN)
+    assert r.json() == {"miner_id": "rack-2/gpu-1", "status": "draining"}
+    r = await api.http.post("/v1/admin/miners/rack-2/gpu-1/disconnect", headers=ADMIN)
+    assert r.json() == {"miner_id": "rack-2/gpu-1", "status": "disconnected"}
+
+
 async def test_snapshot_shows_miners_queue_and_unservable(api: Api) -> None:
     """GET /v1/admin/ops: miner rows, queue counts and the 'no miner can serve' groups."""
     await api.register("m1", capabilities={"gpus": [{"name": "A100", "memory_mb": 40960}]})
