@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "account_view"]
 
-ACCOUNT = re.compile(  # matched whole (``$`` also matched before a final newline)
-    r"wallet:0x[0-9a-f]{40}|(client|miner|escrow):[!-~]{1,128}|exchange:btc|system:admin"
+# Matched whole (``$`` also matched before a final newline). An id is any text of up to 128
+# characters but control characters: a miner id is UTF-8 (X-Miner-ID, a socket hello), so
+# "gpu-é" or "rack 2/gpu 1" has an account too (with "/": the route's ``{account:id}``).
+ACCOUNT = re.compile(
+    r"wallet:0x[0-9a-f]{40}|(client|miner|escrow):[^\x00-\x1f\x7f-\x9f]{1,128}"
+    r"|exchange:btc|system:admin"
 )
 _CREDITABLE = ("wallet:", "client:", "miner:")
 

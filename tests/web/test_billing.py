@@ -286,6 +286,19 @@ async def test_the_account_of_a_miner_id_with_a_slash_is_reachable(tmp_path: Pat
         assert (got["account"], got["balance"]) == ("miner:rack-2/gpu-1", "2.00000000")
 
 
+@pytest.mark.parametrize("miner_id", ["gpu-é-✓", "gpu box 7", "矿工-" + "m" * 125])
+async def test_the_account_of_any_miner_id_is_reachable(tmp_path: Path, miner_id: str) -> None:
+    """Miner ids are UTF-8 text of up to 128 characters (X-Miner-ID, a socket hello): the
+    account route took only printable ASCII, so these miners' accounts were a 400."""
+    async with running_api(tmp_path) as api:
+        await credit(api, f"miner:{miner_id}", "2")
+        got = await account(api, f"miner:{miner_id}")
+        assert (got["account"], got["balance"]) == (f"miner:{miner_id}", "2.00000000")
+        for bogus in ("miner:" + "m" * 129, "miner:a%09b"):  # too long; a control character
+            r = await api.http.get(f"/v1/admin/accounts/{bogus}", headers=ADMIN)
+            assert r.status_code == 400, bogus
+
+
 def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
     """job.submit with payment_amount reserves; short balance: error payment_required."""
     from tests.conftest import make_settings
