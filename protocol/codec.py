@@ -49,6 +49,7 @@ __all__ = [
     "DEPTH_REFUSED",
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
+    "MAX_SEQ",
     "NUL_REFUSED",
     "contains_nul",
     "input_refusal",
@@ -308,13 +309,13 @@ def _id_list(d: JSONObject, key: str) -> tuple[str, ...]:
     return tuple(v)
 
 
-_MAX_SEQ = 2**62  # event numbers fit the stores' 64-bit integers
+MAX_SEQ = 2**62  # event numbers fit the stores' 64-bit integers
 
 
 def _after(d: JSONObject) -> dict[str, int]:
     v = _obj(d, "after")
     for k, seq in v.items():
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= _MAX_SEQ:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
             raise _bad("after", f"entry {k!r} must be an integer from 0 to 2**62")
     return v
 
@@ -424,7 +425,7 @@ _SERVER_TO_CLIENT: dict[str, _Decoder] = {
     ),
     "job.event": lambda d, i: JobEvent(
         job_id=_job_id(d),
-        seq=_int(d, "seq", lo=1, hi=_MAX_SEQ),
+        seq=_int(d, "seq", lo=1, hi=MAX_SEQ),
         event=_str(d, "event"),
         state=_str(d, "state"),
         at=_str(d, "at"),

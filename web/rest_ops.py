@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from protocol.codec import MAX_SEQ
 from protocol.receipt_verify import check_receipt
 from protocol.types import iso_time
 from web.auth import Role
-from web.http import Call, Endpoint, HTTPError, json_response
+from web.http import Call, Endpoint, HTTPError, Param, json_response
 
 if TYPE_CHECKING:
     from starlette.responses import Response
 
 __all__ = ["ENDPOINTS"]
+
+# The most events one drill-down answers; ``next_after`` says where the next page starts.
+EVENT_PAGE = 10_000
 
 
 async def snapshot(call: Call) -> Response:
@@ -29,7 +33,10 @@ async def job_detail(call: Call) -> Response:
     rec = await core.dispatcher.get_job(job_id)
     if rec is None:
         raise HTTPError(404, f"job {job_id} not found")
-    events = await core.store.events_after(job_id, 0)
+    after, limit = call.query["after"], call.query["limit"]
+    events = await core.store.events_after(job_id, after, limit + 1)  # one more: is there?
+    more = len(events) > limit
+    del events[limit:]
     problems: list[str] = []
     if rec.receipt is None:
         status = "none"
@@ -53,6 +60,7 @@ async def job_detail(call: Call) -> Response:
             }
             for e in events
         ],
+        "next_after": events[-1].seq if more else None,
         "receipt": rec.receipt,
         "receipt_check": {"status": status, "problems": problems},
     }
@@ -122,7 +130,23 @@ ENDPOINTS = [
         "/v1/admin/jobs/{job_id}",
         job_detail,
         "Any job with its stored events and its receipt, checked",
-        {200: ("the job", "AdminJobDetail"), 404: ("no such job", "Error")},
+        {
+            200: ("the job", "AdminJobDetail"),
+            404: ("no such job", "Error"),
+            422: ("invalid after or limit", "Error"),
+        },
+        query=(
+            Param(
+                "after",
+                {"type": "integer", "minimum": 0, "maximum": MAX_SEQ, "default": 0},
+                "only the events with a greater seq (a subscribe's after)",
+            ),
+            Param(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": EVENT_PAGE, "default": EVENT_PAGE},
+                "at most this many events",
+            ),
+        ),
     ),
     _admin(
         "POST",

@@ -666,13 +666,14 @@ SCHEMAS: dict[str, Schema] = {
     },
     "AdminJobDetail": {
         "type": "object",
-        "required": ["job", "client_id", "events", "receipt", "receipt_check"],
+        "required": ["job", "client_id", "events", "next_after", "receipt", "receipt_check"],
         "properties": {
             "job": {"$ref": "#/components/schemas/JobView"},
             "client_id": _str,
             "events": {
                 "type": "array",
-                "description": "every stored event of the job, oldest first (job.event fields)",
+                "description": "the job's stored events after ?after, oldest first, at most "
+                "?limit of them (job.event fields)",
                 "items": {
                     "type": "object",
                     "required": ["seq", "event", "state", "at", "attempt"],
@@ -686,6 +687,11 @@ SCHEMAS: dict[str, Schema] = {
                         "data": _obj,
                     },
                 },
+            },
+            "next_after": {
+                "type": ["integer", "null"],
+                "description": "more events follow: ask again with this as ?after (the "
+                "last seq here); null when these reach the newest stored event",
             },
             "receipt": {"type": ["object", "null"]},
             "receipt_check": {

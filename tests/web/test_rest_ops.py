@@ -52,6 +52,30 @@ async def test_job_detail_has_events_and_a_verified_receipt(api: Api) -> None:
     assert detail["receipt"]["job_id"] == job["job_id"]
 
 
+async def test_job_detail_pages_through_a_log_longer_than_one_answer(api: Api) -> None:
+    """A streamed job's log can outgrow one answer (10,000 events): the answer says where the
+    next page starts (next_after, a subscribe's after), and ?after&limit page through the
+    rest. The view stopped at the 10,000th event silently: the job's end was never shown."""
+    await api.register("m1")
+    job = await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    for _ in range(10_000):
+        api.core.dispatcher.miner_call("progress", "m1", job["job_id"], output="tok ")
+    assert (await api.result(job["job_id"])).status_code == 200
+    at = f"/v1/admin/jobs/{job['job_id']}"
+    first = await api.admin(at)
+    assert (len(first["events"]), first["next_after"]) == (10_000, 10_000)
+    rest = await api.admin(f"{at}?after=10000")
+    assert [e["seq"] for e in rest["events"]] == [10_001, 10_002, 10_003, 10_004]
+    assert (rest["events"][-1]["event"], rest["next_after"]) == ("completed", None)
+    page = await api.admin(f"{at}?after=1&limit=2")
+    assert ([e["seq"] for e in page["events"]], page["next_after"]) == ([2, 3], 3)
+    assert (await api.admin(f"{at}?after=10004"))["events"] == []
+    for bad in ("after=-1", "limit=0", "limit=10001", "after=x"):
+        r = await api.http.get(f"{at}?{bad}", headers=ADMIN)
+        assert r.status_code == 422, bad
+
+
 async def test_job_detail_checks_receipts_against_every_published_key(tmp_path: Path) -> None:
     """After a key rotation (docs/receipts.md), receipts signed with the previous key are
     'valid' in the drill-down as they are at /v1/receipts/verify; it checked the current key

@@ -195,7 +195,8 @@ function renderDetail() {
   $("d-error").textContent = j.error ?? "";
   $("d-cancel").disabled = !(j.state === "QUEUED" || j.state === "RUNNING");
   $("d-requeue").disabled = j.state !== "RUNNING";
-  $("d-timeline").innerHTML = d.events.map((e) => `<li data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event)}</b> → ${esc(e.state)} (attempt ${esc(e.attempt)}${e.miner_id ? ", " + esc(e.miner_id) : ""}) ${esc(logDetail(e))}</li>`).join("");
+  $("d-timeline").innerHTML = d.events.map((e) => `<li data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event)}</b> → ${esc(e.state)} (attempt ${esc(e.attempt)}${e.miner_id ? ", " + esc(e.miner_id) : ""}) ${esc(logDetail(e))}</li>`).join("")
+    + (d.next_after == null ? "" : `<li>… the events after seq ${esc(d.next_after)} are not shown (GET /v1/admin/jobs/${esc(j.job_id)}?after=${esc(d.next_after)})</li>`);
   $("d-payload").textContent = JSON.stringify(j.payload, null, 2);
   $("d-result").textContent = j.result == null ? "—" : JSON.stringify(j.result, null, 2);
   $("d-receipt").textContent = d.receipt == null ? "—" : JSON.stringify(d.receipt, null, 2);
