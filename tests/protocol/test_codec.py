@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -1166,3 +1167,37 @@ def test_too_deep_counts_objects_and_lists_and_skips_flat_input() -> None:
     wide = [[1], {"a": [2]}] * 100  # many brackets, shallow: walked, not refused
     assert not codec.too_deep(orjson.dumps(wide), wide)
     assert codec.input_refusal(orjson.dumps(wide), wide) is None
+
+
+# ---- integers past 64 bits: orjson reads them as floats, so they would come back changed ---
+
+
+@pytest.mark.parametrize(
+    ("frame", "where"),
+    [
+        (b'{"type":"job.submit","id":"s","payload":{"n":18446744073709551616}}', "payload.n"),
+        (
+            b'{"type":"job.submit","id":"s","payload":{"a":[1,{"b":-9223372036854775809}]}}',
+            "payload.a[1].b",
+        ),
+        (
+            '{"type":"job.submit","id":"s","payload":{},"constraints":{"x":' + "9" * 300 + "}}",
+            "constraints.x",
+        ),  # text, as websockets gives (orjson: "infinity" from 309 digits)
+    ],
+)
+def test_an_integer_orjson_would_read_as_a_float_is_refused_naming_where(
+    frame: bytes | str, where: str
+) -> None:
+    with pytest.raises(RemoteProtocolError, match=rf"^invalid frame: {re.escape(where)} is an"):
+        codec.decode_client_frame(frame)
+
+
+def test_integers_orjson_keeps_and_long_digit_strings_pass() -> None:
+    """-2**63 to 2**64 - 1 are integers to orjson and round-trip; digits in a string are text."""
+    payload = {"lo": -(2**63), "hi": 2**64 - 1, "s": "1" * 40, "f": 1.5e300}
+    frame = orjson.dumps({"type": "job.submit", "id": "s", "payload": payload})
+    msg = codec.decode_client_frame(frame)
+    assert msg.payload == payload  # type: ignore[union-attr]
+    assert orjson.loads(orjson.dumps(msg.payload)) == payload  # type: ignore[union-attr]
+    assert codec.input_refusal(b"[" + b"1" * 30 + b".5]", [1e29]) is None  # a float: as sent

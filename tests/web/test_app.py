@@ -304,6 +304,21 @@ def test_bad_credentials_close_the_socket(
     assert (info.value.code, info.value.reason) == (code, reason)
 
 
+def test_a_submit_with_an_integer_past_64_bits_closes_1007_naming_where(
+    client: TestClient,
+) -> None:
+    """orjson reads 2**64 as a float: the job was stored with 1.8446744073709552e+19, not what
+    the client sent. Like any frame that breaks the schema it closes 1007; nothing is stored."""
+    with client_socket(client) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.submit", "id": "s1", "payload": {"n": [2**64]}})
+        with pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_json()
+    reason = "invalid frame: payload.n[0] is an integer beyond 64 bits (send it as a string)"
+    assert (info.value.code, info.value.reason) == (1007, reason)
+    assert client.app.state.core.dispatcher.scheduler.jobs == {}
+
+
 def test_auth_frame_authenticates_a_browser(client: TestClient) -> None:
     """Without headers, an auth frame first authenticates the socket."""
     with client.websocket_connect("/v1/jobs/ws") as ws:
