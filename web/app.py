@@ -124,6 +124,11 @@ class Coordinator:
         self.dispatcher.ledger = Ledger(snapshot.balances)
         self.dispatcher.settle_payments = self.settings.billing
 
+    @property
+    def serving(self) -> bool:
+        """Ready to serve (``/health/ready`` 200): taken over, started, not failed."""
+        return self.ready and self.dispatcher.running and not self.failed
+
     def fatal(self) -> None:
         """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
         self.failed = True
@@ -165,7 +170,7 @@ def create_app(
     async def ready(request: Request) -> JSONResponse:
         if core.standby and not core.failed:
             return JSONResponse({"status": "standby", "database": "in use"}, status_code=503)
-        if core.ready and core.dispatcher.running and not core.failed:
+        if core.serving:
             return JSONResponse({"status": "ready", "database": "connected"})
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 

@@ -218,6 +218,8 @@ class Endpoint:
     # A GET also answers HEAD (Starlette's default); False for a GET that changes state (the
     # seed doc's long-poll assigns a job), whose HEAD would drop the answer naming what changed.
     head: bool = True
+    # Served by a standby too (``_wrap`` answers 503 for every other route while it waits).
+    standby: bool = False
 
 
 class RateLimiter:
@@ -361,10 +363,11 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     schema = None if endpoint.body is None else SCHEMAS[endpoint.body]
     public_post = endpoint.method == "POST"
     rate_suffix = f":{endpoint.tag}"
+    refused_on_standby = not endpoint.standby
 
     async def run(request: Request) -> Response:
         core: Coordinator = request.app.state.core
-        if core.standby:
+        if core.standby and refused_on_standby:
             return json_response({"detail": STANDBY_DETAIL}, 503, {"Retry-After": "1"})
         try:
             principal = _authorize(core, request, role, any_role)

@@ -47,7 +47,18 @@ class CoordinatorCollector:
         self.core = core
 
     def collect(self) -> Iterator[Metric]:
-        d = self.core.dispatcher
+        core = self.core
+        yield GaugeMetricFamily(
+            "aitbc_standby",
+            "1 while this coordinator is a standby waiting for the database",
+            value=int(core.standby),
+        )
+        yield GaugeMetricFamily(
+            "aitbc_ready", "1 while it serves (/health/ready is 200)", value=int(core.serving)
+        )
+        if core.standby:
+            return  # the rest would describe a dispatcher that has restored nothing yet
+        d = core.dispatcher
         stats = d.statistics()
         jobs = GaugeMetricFamily("aitbc_jobs", "Jobs by state (committed)", labels=["state"])
         counts = d.job_counts.by_state  # kept from committed events: no query per scrape
@@ -146,11 +157,13 @@ ENDPOINTS = [
         "Prometheus metrics",
         "ops",
         description="Prometheus text format (docs/ops.md#metrics). Needs an admin key unless "
-        "METRICS_PUBLIC=on.",
+        "METRICS_PUBLIC=on. A standby answers it too, with aitbc_standby 1 and aitbc_ready 0 "
+        "only.",
         responses={
             200: ("Prometheus text exposition format", None),
             401: ("missing or unknown credential (METRICS_PUBLIC=off)", "Error"),
             403: ("credential of another role (METRICS_PUBLIC=off)", "Error"),
         },
+        standby=True,
     ),
 ]

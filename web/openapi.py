@@ -114,6 +114,13 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
             "required": endpoint.body_required,
             "content": {"application/json": {"schema": _ref(endpoint.body)}},
         }
+    authed = endpoint.role is not None or endpoint.any_role
+    op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
+    op["responses"] = _responses(endpoint, authed)
+    return op
+
+
+def _responses(endpoint: Endpoint, authed: bool) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, (description, schema) in sorted(endpoint.responses.items()):
         entry: dict[str, Any] = {"description": description}
@@ -127,14 +134,14 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
     if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
         # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
         responses.setdefault("422", _error("invalid request"))
-    authed = endpoint.role is not None or endpoint.any_role
     if authed or endpoint.method == "POST":  # public POSTs are limited per client address
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})
     # A standby waiting for the database (Retry-After), or a coordinator whose commit failed.
-    responses.setdefault("503", _error("unavailable: a standby, or the coordinator is stopping"))
-    op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
-    op["responses"] = responses
-    return op
+    if not endpoint.standby:
+        responses.setdefault(
+            "503", _error("unavailable: a standby, or the coordinator is stopping")
+        )
+    return responses
 
 
 def documented(path: str) -> str:

@@ -15,9 +15,10 @@ import pytest
 from storage.backends import store_for
 from storage.errors import StorageError
 from storage.owner import lock_path
-from tests.conftest import CLIENT_KEY
+from tests.conftest import ADMIN_KEY, CLIENT_KEY
 from tests.postgres import admin, fetch_rows
 from tests.web.rest_harness import running_api
+from tests.web.test_rest_ops import samples
 from web import lifecycle
 from web.http import STANDBY_DETAIL
 
@@ -88,6 +89,29 @@ async def test_a_standby_refuses_work_until_the_store_is_free_then_serves_what_i
             assert (await _until_ready(api)).json()["status"] == "ready"
             assert (await api.job(queued["job_id"]))["state"] == "QUEUED"
             assert (await api.submit())["state"] == "QUEUED"
+
+
+async def test_a_standby_answers_metrics_saying_it_is_one(tmp_path: Path) -> None:
+    """A Prometheus scraping both nodes gets 200 from the standby too (it was the standby 503
+    of every other route), with aitbc_standby 1 and aitbc_ready 0 and nothing else: the rest
+    would describe a dispatcher that has restored nothing yet. Once it has taken over it says
+    0 and 1, beside every other series. The admin key is still required."""
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    async with _holding(url) as holder:
+        async with running_api(tmp_path, database_url=url, standby=True) as api:
+            assert (await api.http.get("/metrics")).status_code == 401
+            r = await api.http.get("/metrics", headers={"X-Api-Key": ADMIN_KEY})
+            assert r.status_code == 200, r.text
+            assert samples(r.text) == {
+                ("aitbc_standby", ()): 1.0,
+                ("aitbc_ready", ()): 0.0,
+            }
+            await holder.close()
+            await _until_ready(api)
+            r = await api.http.get("/metrics", headers={"X-Api-Key": ADMIN_KEY})
+            got = samples(r.text)
+            assert (got["aitbc_standby", ()], got["aitbc_ready", ()]) == (0.0, 1.0)
+            assert got["aitbc_jobs", (("state", "QUEUED"),)] == 0.0
 
 
 async def test_a_standby_stopped_while_waiting_leaves_the_store_to_its_holder(
