@@ -81,6 +81,23 @@ def load_figures(report: object, *, skip: frozenset[str] = frozenset()) -> dict[
     return dict(sorted(out.items())[:LOAD_FIGURES])
 
 
+# A row's total GPU memory is at most what the page's JavaScript reads exactly. The miner's
+# own figures are each within 64 bits (input is), but their sum need not be, and orjson
+# writes no wider int: a row it cannot write failed the snapshot (500) and, with the page
+# open, the feed's tick, which stopped the coordinator.
+_MAX_VRAM_MB = 2**53 - 1
+
+
+def _vram_mb(gpus: list[Any]) -> int:
+    """The sum of the GPUs' ``memory_mb`` that are non-negative integers, capped."""
+    total = 0
+    for g in gpus:
+        mb = g.get("memory_mb") if isinstance(g, dict) else None
+        if isinstance(mb, int) and mb > 0:
+            total += mb
+    return min(total, _MAX_VRAM_MB)
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -250,11 +267,7 @@ class OpsFeed:
             "transport": "rest" if m.rest else "websocket",
             "region": m.region,
             "gpus": [str(g.get("name", "?")) for g in gpu_list if isinstance(g, dict)],
-            "vram_mb": sum(
-                g.get("memory_mb", 0)
-                for g in gpu_list
-                if isinstance(g, dict) and isinstance(g.get("memory_mb"), int)
-            ),
+            "vram_mb": _vram_mb(gpu_list),
             "models": [str(x) for x in models] if isinstance(models, list) else [],
             "slots_used": len(m.jobs),
             "slots_total": m.concurrency,

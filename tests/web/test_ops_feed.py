@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from protocol.records import EventRecord, JobRecord
-from tests.fakes import FakeClock
+from tests.conftest import ADMIN_KEY
+from tests.fakes import FakeClock, RecordingOutbox
 from tests.web.rest_harness import miner_headers, running_api
 from web.ops_feed import LOAD_FIGURES, OpsFeed, load_figures
 
@@ -153,3 +154,27 @@ async def test_rest_heartbeat_numbers_reach_the_miners_row_in_the_next_delta(
         await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
         ops.tick(clock.now())
         assert "m1" not in ops._load
+
+
+@pytest.mark.anyio
+async def test_gpu_memory_summing_past_64_bits_is_shown_capped_not_fatal(tmp_path: Path) -> None:
+    """GPU ``memory_mb`` values each within 64 bits but summing past them made the miner's row
+    unwritable (orjson writes no wider int): GET /v1/admin/ops answered 500, and with the ops
+    page open the feed's next delta raised in its task, which stopped the coordinator; any
+    miner key could (found by the REST hunt). A row's ``vram_mb`` now adds the non-negative
+    integers, capped at 2**53 - 1 (what the page's JavaScript reads exactly)."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        watcher = RecordingOutbox()
+        ops.add(watcher)
+        wide = [{"name": "a", "memory_mb": 2**64 - 1}] * 2 + [{"name": "b", "memory_mb": -(2**63)}]
+        assert (await api.register("m1", capabilities={"gpus": wide})).status_code == 200
+        assert (await api.register("m2", capabilities={"gpus": wide[2:]})).status_code == 200
+        clock.advance(1)
+        ops.tick(clock.now())
+        [delta] = [f for _, f in watcher.log if f["type"] == "ops.delta"]
+        assert {m["miner_id"]: m["vram_mb"] for m in delta["miners"]} == {"m1": 2**53 - 1, "m2": 0}
+        r = await api.http.get("/v1/admin/ops", headers={"X-Api-Key": ADMIN_KEY})
+        assert r.status_code == 200, r.text
+        assert not api.core.failed
