@@ -34,6 +34,8 @@ _CREDITABLE = ("wallet:", "client:", "miner:")
 
 def _account(call: Call) -> str:
     account = call.path("account")
+    if account.startswith("wallet:"):  # an address in any case names its lowercase account
+        account = account.lower()  # (ledger.wallet_account), as every other route reads it
     if not ACCOUNT.fullmatch(account):
         raise HTTPError(400, "invalid account (wallet:0x…, client:…, miner:…, escrow:…)")
     return account

@@ -299,6 +299,20 @@ async def test_the_account_of_any_miner_id_is_reachable(tmp_path: Path, miner_id
             assert r.status_code == 400, bogus
 
 
+async def test_a_wallet_account_is_named_in_any_case(tmp_path: Path) -> None:
+    """A wallet's account is its address lowercased, and every other route takes an address
+    in any case (the EIP-55 mixed case wallets show): the admin account routes refused that
+    spelling (400), so an operator pasting it from a wallet could not credit or read it."""
+    mixed = "0x" + "aB" * 20
+    async with running_api(tmp_path) as api:
+        await credit(api, f"wallet:{mixed}", "3")
+        got = await account(api, f"wallet:{mixed.upper().replace('X', 'x')}")
+        assert (got["account"], got["balance"]) == (f"wallet:{mixed.lower()}", "3.00000000")
+        assert (await account(api, f"wallet:{mixed.lower()}"))["balance"] == "3.00000000"
+        r = await api.http.get(f"/v1/admin/accounts/WALLET:{mixed}", headers=ADMIN)
+        assert r.status_code == 400  # the kind is spelt as it is
+
+
 def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
     """job.submit with payment_amount reserves; short balance: error payment_required."""
     from tests.conftest import make_settings
