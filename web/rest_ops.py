@@ -78,7 +78,8 @@ async def requeue_job(call: Call) -> Response:
 
 
 async def drain_miner(call: Call) -> Response:
-    draining = bool((call.body or {}).get("draining", True))
+    draining = (call.body or {}).get("draining")
+    draining = True if draining is None else bool(draining)  # null: not given, as validated
     miner_id = call.path("miner_id")
     await call.core.dispatcher.drain_miner(miner_id, draining)
     return json_response({"miner_id": miner_id, "status": "draining" if draining else "active"})

@@ -159,6 +159,15 @@ async def test_drain_and_disconnect_miner(api: Api) -> None:
     assert r.status_code == 404
 
 
+async def test_a_null_draining_is_the_default(api: Api) -> None:
+    """The schema reads an optional field's null as not given (upstream clients send nulls),
+    so {"draining": null} is a drain, as {} is; it resumed the miner (bool(None))."""
+    await api.register("m1")
+    for body in ({}, {"draining": None}):
+        r = await api.http.post("/v1/admin/miners/m1/drain", json=body, headers=ADMIN)
+        assert r.json() == {"miner_id": "m1", "status": "draining"}, body
+
+
 async def test_drain_and_disconnect_reach_a_miner_id_with_a_slash(api: Api) -> None:
     """The ops page sends "rack-2/gpu-1" as encodeURIComponent does ("%2F"); the server
     decodes it before routing, so "{miner_id}" (which stops at "/") answered 404."""
