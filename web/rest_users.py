@@ -189,7 +189,6 @@ ENDPOINTS = [
         responses={
             200: ("the nonce and the exact message to sign", "Nonce"),
             400: ("Invalid wallet address", "Error"),
-            429: ("too many open challenges", "Error"),
         },
     ),
     Endpoint(

@@ -44,6 +44,10 @@ __all__ = [
 AUTO_EMAIL_DOMAIN = "aitbc.local"
 
 NONCE_TTL = 300.0
+# Open challenges of wallets that have no user yet (anyone can ask for any number of them). At
+# the cap the oldest is dropped: a flood of requests only shortens how long a newcomer's
+# challenge lasts (this many newer requests), where a refusal at the cap (429) had locked every
+# login out. Registered wallets' challenges are not counted: at most one per user.
 MAX_OPEN_NONCES = 100_000
 
 
@@ -101,6 +105,8 @@ class WalletAuth:
         # (one TTL), so each login drops the expired ones from the front (see ``_expire``).
         self._expiries: deque[tuple[float, str]] = deque()
         self.nonces: dict[str, NonceRecord] = {}
+        # The wallets without a user that have an open challenge, oldest first (MAX_OPEN_NONCES).
+        self._newcomers: dict[str, None] = {}
 
     def load(self, snapshot: WalletSnapshot) -> None:
         for user in snapshot.users:
@@ -108,6 +114,11 @@ class WalletAuth:
         self.sessions = {s.token_hash: s for s in snapshot.sessions}
         self._expiries = deque(sorted((s.expires_at, s.token_hash) for s in snapshot.sessions))
         self.nonces = {n.wallet_address: n for n in snapshot.nonces}
+        self._newcomers = {
+            n.wallet_address: None
+            for n in sorted(snapshot.nonces, key=lambda n: n.expires_at)
+            if n.wallet_address not in self.by_wallet
+        }
 
     def _remember(self, user: UserRecord) -> None:
         self.users[user.user_id] = user
@@ -135,20 +146,22 @@ class WalletAuth:
 
     async def issue_nonce(self, wallet: str) -> NonceRecord:
         now = self.clock.now()
-        expired: list[str] = []
-        if len(self.nonces) >= MAX_OPEN_NONCES:  # drop expired challenges, here and stored
-            expired = [w for w, n in self.nonces.items() if n.expires_at <= now]
-            for w in expired:
-                del self.nonces[w]
-            if len(self.nonces) >= MAX_OPEN_NONCES:
-                raise HTTPError(429, "too many open login challenges; try again later")
+        dropped: list[str] = []
+        if wallet not in self.by_wallet:
+            newcomers = self._newcomers
+            newcomers.pop(wallet, None)  # to the back: the newest
+            while len(newcomers) >= MAX_OPEN_NONCES:  # the oldest goes, here and stored
+                oldest = next(iter(newcomers))
+                del newcomers[oldest], self.nonces[oldest]
+                dropped.append(oldest)
+            newcomers[wallet] = None
         record = NonceRecord(
             wallet_address=wallet, nonce=secrets.token_urlsafe(16), expires_at=now + NONCE_TTL
         )
         self.nonces[wallet] = record  # a newer challenge replaces the older one
 
         def fill(batch: WriteBatch) -> None:
-            for w in expired:
+            for w in dropped:
                 batch.nonces[w] = None
             batch.nonces[wallet] = record
 
@@ -161,6 +174,7 @@ class WalletAuth:
         if record is None or not isinstance(nonce, str) or record.nonce != nonce:
             raise HTTPError(401, "Invalid or expired nonce")
         del self.nonces[wallet]
+        self._newcomers.pop(wallet, None)
         if record.expires_at <= self.clock.now():
             raise HTTPError(401, "Invalid or expired nonce")
 

@@ -16,6 +16,8 @@ from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, get_nonce
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tests.web.rest_harness import Api
+
 pytestmark = pytest.mark.anyio
 
 
@@ -341,26 +343,63 @@ async def test_public_wallet_posts_are_rate_limited_per_client_address(tmp_path:
         assert "Retry-After" in r.headers
 
 
-async def test_expired_nonces_are_pruned_at_the_cap(tmp_path: Path) -> None:
-    """At MAX_OPEN_NONCES, expired challenges are dropped (memory and database)."""
+async def _log_in_with(api: Api, key: str, nonce: str) -> int:
+    wallet = address_of(key)
+    body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(key, wallet, nonce)}
+    return (await api.http.post("/v1/login", json=body)).status_code
+
+
+async def test_a_flood_of_nonce_requests_does_not_lock_out_logins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the rate limit off, MAX_OPEN_NONCES requests for random wallets in a nonce's
+    lifetime (about 333 a second) answered every other wallet 429, so no one could log in. At
+    the cap the oldest newcomer's challenge goes (memory and database), and registered wallets'
+    challenges are not counted, so a flood never touches them."""
     from web import wallet_auth
 
+    monkeypatch.setattr(wallet_auth, "MAX_OPEN_NONCES", 3)
+    flood = iter(f"0x{n:040x}" for n in range(1, 100))
+    async with running_api(tmp_path, FakeClock()) as api:
+        for _ in range(3):
+            await get_nonce(api.http, next(flood))
+        first = await get_nonce(api.http, address_of(KEY_A))  # a newcomer, at the cap
+        for _ in range(2):
+            await get_nonce(api.http, next(flood))
+        assert await _log_in_with(api, KEY_A, first) == 200  # now registered
+        again = await get_nonce(api.http, address_of(KEY_A))
+        newcomer = await get_nonce(api.http, address_of(KEY_B))
+        for _ in range(3):
+            await get_nonce(api.http, next(flood))
+        assert await _log_in_with(api, KEY_B, newcomer) == 401  # three newer: it went first
+        assert await _log_in_with(api, KEY_A, again) == 200
+        assert len(api.core.wallet.nonces) == 3
+        snap = await api.core.store.load_wallet(0)
+        assert {n.wallet_address for n in snap.nonces} == set(api.core.wallet.nonces)
+
+
+async def test_the_oldest_newcomer_goes_first_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Challenges are reloaded oldest first; a registered wallet's is not counted."""
+    from web import wallet_auth
+
+    monkeypatch.setattr(wallet_auth, "MAX_OPEN_NONCES", 2)
     clock = FakeClock()
     async with running_api(tmp_path, clock) as api:
-        old = wallet_auth.MAX_OPEN_NONCES
-        wallet_auth.MAX_OPEN_NONCES = 2
-        try:
-            await get_nonce(api.http, address_of(KEY_A))
-            await get_nonce(api.http, "0x" + "33" * 20)
-            r = await api.http.post("/v1/auth/nonce", json={"wallet_address": "0x" + "44" * 20})
-            assert r.status_code == 429
-            clock.advance(301)
-            await get_nonce(api.http, "0x" + "44" * 20)
-            assert list(api.core.wallet.nonces) == ["0x" + "44" * 20]
-            snap = await api.core.store.load_wallet(0)
-            assert [n.wallet_address for n in snap.nonces] == ["0x" + "44" * 20]
-        finally:
-            wallet_auth.MAX_OPEN_NONCES = old
+        await login(api.http, KEY_A)
+        mine = await get_nonce(api.http, address_of(KEY_A))
+        for n in (1, 2):
+            clock.advance(1)
+            await get_nonce(api.http, f"0x{n:040x}")
+    async with running_api(tmp_path, clock) as api:
+        await get_nonce(api.http, f"0x{3:040x}")
+        assert set(api.core.wallet.nonces) == {
+            address_of(KEY_A).lower(),
+            f"0x{2:040x}",
+            f"0x{3:040x}",
+        }
+        assert await _log_in_with(api, KEY_A, mine) == 200
 
 
 def test_checking_a_signature_keeps_the_recursion_limit() -> None:
