@@ -9,7 +9,7 @@ A failing API is logged and tried again next time: it never stops the coordinato
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -21,11 +21,17 @@ from web.http import HTTPError
 
 if TYPE_CHECKING:
     from dispatcher.clock import Clock
+    from dispatcher.exchange import Match
+    from storage.base import PaymentRecord
     from web.exchange import Exchange
 
 __all__ = ["EsploraWatcher"]
 
 log = logging.getLogger("aitbc.coordinator")
+
+
+def _lists(txs: Any, txid: str) -> bool:
+    return isinstance(txs, list) and any(isinstance(t, dict) and t.get("txid") == txid for t in txs)
 
 
 class EsploraWatcher:
@@ -50,26 +56,47 @@ class EsploraWatcher:
                 # parser raised RecursionError, which ended the watcher's task and the app's)
                 txs = orjson.loads((await self._get(http, f"/address/{address}/txs")).content)
                 for payment_id in ids:
-                    p = exchange.pending.get(payment_id)
-                    if p is None:
-                        continue
-                    own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()
-                    match = find_output(
-                        txs,
-                        address,
-                        p.btc_sats,
-                        exact=p.address_index is None,
-                        tip_height=tip,
-                        claimed=exchange.claimed - own,
-                    )
-                    if match is None:
-                        continue
-                    if match.confirmations >= exchange.required_confirmations:
-                        await exchange.confirm(payment_id, match)
-                    else:
-                        await exchange.seen(payment_id, match)
+                    await self._check(http, payment_id, txs, tip)
         await exchange.expire_due()
         self.polls += 1
+
+    async def _check(self, http: httpx.AsyncClient, payment_id: str, txs: Any, tip: int) -> None:
+        """Confirm, record or lose one pending payment's output (``txs``: its address's)."""
+        exchange = self.exchange
+        p = exchange.pending.get(payment_id)
+        if p is None:
+            return
+        match = self._find(p, txs, tip)
+        if match is None and p.tx_hash is not None and not _lists(txs, p.tx_hash):
+            # The address's answer lists its newest transactions only, and a replaced or
+            # evicted transaction is in no list: ask for the one seen by its txid.
+            response = await http.get(f"{self.base_url}/tx/{p.tx_hash}")
+            if response.status_code == 404:
+                await exchange.lose(payment_id, p.tx_hash)
+                return
+            response.raise_for_status()
+            tx = orjson.loads(response.content)
+            p = exchange.pending.get(payment_id)  # as it is after the wait
+            if p is None:
+                return
+            match = self._find(p, [tx], tip)
+        if match is None:
+            return
+        if match.confirmations >= exchange.required_confirmations:
+            await exchange.confirm(payment_id, match)
+        else:
+            await exchange.seen(payment_id, match)
+
+    def _find(self, p: PaymentRecord, txs: Any, tip: int) -> Match | None:
+        own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()
+        return find_output(
+            txs,
+            p.address,
+            p.btc_sats,
+            exact=p.address_index is None,
+            tip_height=tip,
+            claimed=self.exchange.claimed - own,
+        )
 
     async def _get(self, http: httpx.AsyncClient, path: str) -> httpx.Response:
         response = await http.get(self.base_url + path)

@@ -13,6 +13,7 @@ for xpub/tpub), never from curve code of our own.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 from decimal import Decimal
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
     from web.settings import Settings
 
 __all__ = ["AddressBook", "Exchange", "XpubError"]
+
+log = logging.getLogger("aitbc.coordinator")
+
+# A payment whose transaction went missing expires no sooner than this after it was found
+# missing, even past its deadline: an Esplora server that restarts answers 404 for mempool
+# transactions until it has reloaded its mempool.
+LOST_GRACE_SECONDS = 600.0
 
 
 class XpubError(ValueError):
@@ -82,6 +90,11 @@ class Exchange:
         self.shared_amounts: dict[str, set[int]] = {}
         self.next_index = 0
         self._settling: dict[str, str] = {}  # payment id -> new status, commit in flight
+        # Pending payments whose recorded transaction the chain API no longer knows, with when
+        # it was found missing: they wait again (and expire) but keep the outpoint, so it never
+        # pays another payment. Not stored: after a restart the watcher's first poll finds them
+        # again (and their grace starts again).
+        self.lost: dict[str, float] = {}
 
     def load(self, snapshot: WalletSnapshot) -> None:
         self.pending = {p.payment_id: p for p in snapshot.payments}
@@ -168,6 +181,7 @@ class Exchange:
         )
         if match is not None:
             self.claimed.add((match.tx_hash, match.vout))
+        self.lost.pop(payment_id, None)
         self._settling[payment_id] = "confirmed"
         await self._save(confirmed, credit=True)
         return confirmed
@@ -175,10 +189,10 @@ class Exchange:
     async def seen(self, payment_id: str, match: Match) -> None:
         """An output paying it is on its way (not yet confirmed enough): it will not expire."""
         record = self.pending.get(payment_id)
-        if record is None or (record.tx_hash, record.confirmations) == (
-            match.tx_hash,
-            match.confirmations,
-        ):
+        if record is None:
+            return
+        self.lost.pop(payment_id, None)
+        if (record.tx_hash, record.confirmations) == (match.tx_hash, match.confirmations):
             return
         if record.tx_hash is not None:
             self.claimed.discard((record.tx_hash, record.tx_vout or 0))
@@ -189,15 +203,44 @@ class Exchange:
         self.pending[payment_id] = updated
         await self._save(updated)
 
-    async def expire_due(self) -> None:
-        """Pending payments past their expiry with no output seen become expired, all in one
-        write (one commit each made a read wait for as many commits as were overdue)."""
+    async def lose(self, payment_id: str, tx_hash: str) -> None:
+        """The chain API no longer knows the transaction recorded for it (replaced, evicted):
+        it waits for a payment again and expires at its deadline (or LOST_GRACE_SECONDS from
+        now, whichever is later), keeping the outpoint."""
+        record = self.pending.get(payment_id)
+        if record is None or record.tx_hash != tx_hash or payment_id in self.lost:
+            return
         now = self.clock.now()
-        due = [r for r in self.pending.values() if r.expires_at <= now and r.tx_hash is None]
+        self.lost[payment_id] = now
+        log.warning(
+            "payment %s: its transaction %s is unknown to the chain API (replaced or evicted); "
+            "it waits for a payment again and expires at %d",
+            payment_id,
+            tx_hash,
+            max(record.expires_at, now + LOST_GRACE_SECONDS),
+        )
+        if record.confirmations:
+            updated = replace(record, confirmations=0)
+            self.pending[payment_id] = updated
+            await self._save(updated)
+
+    async def expire_due(self) -> None:
+        """Pending payments past their expiry with no output seen (or one lost for
+        LOST_GRACE_SECONDS) become expired, all in one write (one commit each made a read wait
+        for as many commits as were overdue)."""
+        now = self.clock.now()
+        lost_before = now - LOST_GRACE_SECONDS
+        due = [
+            r
+            for r in self.pending.values()
+            if r.expires_at <= now
+            and (r.tx_hash is None or self.lost.get(r.payment_id, now) <= lost_before)
+        ]
         if not due:
             return
         for record in due:
             del self.pending[record.payment_id]
+            self.lost.pop(record.payment_id, None)
             self._settling[record.payment_id] = "expired"
 
         def fill(batch: WriteBatch) -> None:

@@ -265,7 +265,8 @@ async def test_overdue_payments_expire_in_one_commit(tmp_path: Path) -> None:
 
 
 class FakeEsplora:
-    """Serves ``/blocks/tip/height`` and ``/address/{a}/txs`` from dicts the test edits."""
+    """Serves ``/blocks/tip/height``, ``/address/{a}/txs`` and ``/tx/{txid}`` (404 for a txid
+    no address lists) from dicts the test edits."""
 
     def __init__(self) -> None:
         self.tip = 100
@@ -300,8 +301,20 @@ class FakeEsplora:
                 return Response(self.body, media_type="application/json")
             return JSONResponse(self.txs.get(request.path_params["address"], []))
 
+        async def tx(request: Request) -> Response:
+            self.requests += 1
+            for listed in self.txs.values():
+                for t in listed:
+                    if t["txid"] == request.path_params["txid"]:
+                        return JSONResponse(t)
+            return PlainTextResponse("Transaction not found", status_code=404)
+
         return Starlette(
-            routes=[Route("/blocks/tip/height", tip), Route("/address/{address}/txs", txs)]
+            routes=[
+                Route("/blocks/tip/height", tip),
+                Route("/address/{address}/txs", txs),
+                Route("/tx/{txid}", tx),
+            ]
         )
 
 
@@ -444,3 +457,83 @@ async def test_the_background_watcher_polls_on_the_clock(tmp_path: Path) -> None
                 await anyio.sleep(0.01)
         await api.core.dispatcher.wait_flushed()
         assert (await status(api, p["payment_id"])).json()["status"] == "confirmed"
+
+
+async def test_a_vanished_transaction_waits_again_then_expires(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction seen in the mempool that the API no longer knows (replaced, evicted: 404)
+    kept its payment pending for ever. The payment waits again and expires at its deadline,
+    keeping the lost outpoint (it never pays anything else), also after a restart, and the
+    log says why; if the transaction comes back before then, it is credited once."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        p = (await create(api, aitbc_amount=10)).json()
+        back = (await create(api, aitbc_amount=10)).json()
+        for payment in (p, back):
+            fake.pay(payment["payment_address"], 10_000, txid=payment["payment_id"][:8] * 8)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["tx_hash"] is not None
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        watcher = api.core.watcher
+        clock.advance(1800)
+        await watcher.poll_once(http)  # the two transactions are gone
+        assert "is unknown to the chain API" in caplog.text
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        fake.pay(back["payment_address"], 10_000, txid=back["payment_id"][:8] * 8, height=100)
+        await watcher.poll_once(http)  # one comes back, confirmed
+        assert (await status(api, back["payment_id"])).json()["status"] == "confirmed"
+        clock.advance(1801)
+        await watcher.poll_once(http)
+        lost = (await status(api, p["payment_id"])).json()
+        assert (lost["status"], lost["tx_hash"]) == ("expired", p["payment_id"][:8] * 8)
+        fake.pay(p["payment_address"], 10_000, txid=p["payment_id"][:8] * 8, height=100)
+        await watcher.poll_once(http)  # too late: the expired payment keeps its outpoint
+        assert (await status(api, p["payment_id"])).json()["status"] == "expired"
+        assert await client_balance(api) == "10.00000000"
+        assert sum(api.core.dispatcher.ledger.balances().values()) == 0
+
+
+async def test_a_seen_transaction_off_the_first_page_is_looked_up(tmp_path: Path) -> None:
+    """``/address/:a/txs`` lists the newest transactions only: a busy shared address pushes a
+    seen payment's transaction off it. The watcher looks it up by txid and confirms it."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+        p = (await create(api, aitbc_amount=1000)).json()
+        fake.pay(SHARED, 1_000_000)
+        await api.core.watcher.poll_once(http)
+        fake.txs["elsewhere"] = fake.txs.pop(SHARED)  # not listed, still known by its txid
+        fake.txs["elsewhere"][0]["status"] = {"confirmed": True, "block_height": 100}
+        await api.core.watcher.poll_once(http)
+        done = (await status(api, p["payment_id"])).json()
+        assert (done["status"], done["confirmations"]) == ("confirmed", 1)
+        assert await client_balance(api) == "1000.00000000"
+
+
+async def test_a_transaction_lost_past_the_deadline_has_a_grace(tmp_path: Path) -> None:
+    """Past its deadline, a payment whose transaction went missing expires only once it has
+    been missing for LOST_GRACE_SECONDS (an API that restarts forgets its mempool a while);
+    found again in that time, it is confirmed."""
+    from web.exchange import LOST_GRACE_SECONDS
+
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        watcher = api.core.watcher
+        p = (await create(api, aitbc_amount=10)).json()
+        q = (await create(api, aitbc_amount=10)).json()
+        for payment, txid in ((p, TXID), (q, "cd" * 32)):
+            fake.pay(payment["payment_address"], 10_000, txid=txid)
+        await watcher.poll_once(http)
+        clock.advance(4000)
+        saved, fake.txs = fake.txs, {}
+        await watcher.poll_once(http)
+        clock.advance(LOST_GRACE_SECONDS - 1)
+        await watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        fake.txs = {q["payment_address"]: saved[q["payment_address"]]}
+        fake.txs[q["payment_address"]][0]["status"] = {"confirmed": True, "block_height": 100}
+        clock.advance(1)
+        await watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "expired"
+        assert (await status(api, q["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "10.00000000"
