@@ -4,10 +4,12 @@ Rule 1: BTC amounts are satoshis and AITBC amounts units of 1e-8, both integers;
 AITBC per BTC (``BTC_TO_AITBC_RATE``), so ``sats = aitbc_units / rate`` (rounded up: the buyer
 never underpays) and ``aitbc_units = sats * rate`` (rounded down).
 Rule 2: with one shared receiving address (``BITCOIN_ADDRESS``) payments are told apart by
-amount: each payment request on the address gets a satoshi amount never asked before, and
-only an output of exactly that amount pays it. With one address per payment
-(``BITCOIN_XPUB``) any output of at least the amount pays it. An output (txid, vout) pays at
-most one payment, ever.
+amount: each payment request on the address gets a satoshi amount no pending payment holds and
+no payment settled (confirmed or expired) in the last ``AMOUNT_HOLD_SECONDS`` held, and only an
+output of exactly that amount, not in a block older than the request (``BLOCK_TIME_SLACK``
+allowed), pays it: a late payment to an expired request cannot pay a later one of the same
+amount. With one address per payment (``BITCOIN_XPUB``) any output of at least the amount pays
+it. An output (txid, vout) pays at most one payment, ever.
 Rule 3: a payment is confirmed once its output has the required confirmations; the ledger
 credit's key is the payment id, so it is credited once.
 """
@@ -17,9 +19,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Container
 
 __all__ = [
+    "AMOUNT_HOLD_SECONDS",
+    "BLOCK_TIME_SLACK",
     "MIN_AITBC_UNITS",
     "MAX_AITBC_UNITS",
     "MAX_SATS",
@@ -32,6 +39,11 @@ __all__ = [
 MIN_AITBC_UNITS = 1_000_000  # 0.01 AITBC (upstream minimum)
 MAX_AITBC_UNITS = 10**6 * 10**8  # 1,000,000 AITBC (upstream maximum)
 MAX_SATS = 21_000_000 * 10**8  # every bitcoin there will be: no order asks more
+# A shared address's amount stays held this long after its payment settled (a late payment
+# is mined by then, so the block-time rule keeps it from paying the amount's next request).
+AMOUNT_HOLD_SECONDS = 86400.0
+# A block's timestamp may be up to two hours off the time it was mined (consensus allows).
+BLOCK_TIME_SLACK = 7200.0
 
 
 class QuoteError(ValueError):
@@ -66,8 +78,8 @@ def quote(aitbc_units: int | None, btc_sats: int | None, rate: Decimal) -> tuple
     return units, max(sats, 1)
 
 
-def unique_amount(sats: int, taken: set[int]) -> int:
-    """The smallest amount >= ``sats`` not in ``taken`` (amounts already asked on the address)."""
+def unique_amount(sats: int, taken: Container[int]) -> int:
+    """The smallest amount >= ``sats`` not in ``taken`` (amounts held on the address)."""
     while sats in taken:
         sats += 1
     return sats
@@ -100,10 +112,12 @@ def find_output(
     exact: bool,
     tip_height: int,
     claimed: set[tuple[str, int]],
+    mined_after: float | None = None,
 ) -> Match | None:
     """The best unclaimed output paying ``address`` (Esplora ``/address/:a/txs`` shape).
 
     Malformed entries are skipped. Confirmed outputs are preferred, most confirmations first.
+    With ``mined_after``, outputs in a block whose ``block_time`` is earlier are skipped too.
     """
     best: Match | None = None
     for tx in txs if isinstance(txs, list) else []:
@@ -120,6 +134,9 @@ def find_output(
             and 0 <= height <= tip_height <= MAX_HEIGHT
         ):
             confs = tip_height - height + 1
+        mined = status.get("block_time")
+        if confs and mined_after is not None and isinstance(mined, int) and mined < mined_after:
+            continue
         vouts = tx.get("vout")
         for n, out in enumerate(vouts if isinstance(vouts, list) else []):
             if not isinstance(out, dict) or out.get("scriptpubkey_address") != address:

@@ -106,6 +106,13 @@ class PaymentRecord:
     tx_vout: int | None = None
     confirmations: int = 0
 
+    @property
+    def settled_at(self) -> float | None:
+        """When it was confirmed, or its deadline once expired; None while pending."""
+        if self.status == "pending":
+            return None
+        return self.confirmed_at if self.confirmed_at is not None else self.expires_at
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MinerEarnings:
@@ -138,7 +145,9 @@ class WalletSnapshot:
     payments: list[PaymentRecord]  # pending only
     next_address_index: int
     outpoints: list[tuple[str, int]]  # (txid, vout) already paying a payment
-    shared_amounts: list[tuple[str, int]]  # (address, sats) of every shared-address payment
+    # (address, sats, settled at: confirmed_at, else expires_at; None while pending) of the
+    # shared-address payments pending or settled at or after the time ``load_wallet`` was given
+    shared_amounts: list[tuple[str, int, float | None]]
 
 
 @dataclass(slots=True)
@@ -245,8 +254,9 @@ class JobStore(Protocol):
 class WalletStore(Protocol):
     """Reads of users, sessions, the ledger and exchange payments (writes go in batches)."""
 
-    async def load_wallet(self, now: float) -> WalletSnapshot:
-        """Everything the wallet keeps in memory (start-up)."""
+    async def load_wallet(self, now: float, settled_since: float | None = None) -> WalletSnapshot:
+        """Everything the wallet keeps in memory (start-up); the shared-address amounts of
+        payments pending or settled at or after ``settled_since`` (all when None)."""
 
     async def ledger_entries(
         self, account: str, limit: int, offset: int

@@ -244,7 +244,7 @@ class InMemoryJobStore:
 
     # ---- wallet -----------------------------------------------------------------------------
 
-    async def load_wallet(self, now: float) -> WalletSnapshot:
+    async def load_wallet(self, now: float, settled_since: float | None = None) -> WalletSnapshot:
         self._check_open()
         balances: dict[str, int] = {}
         for e in self.entries.values():
@@ -263,7 +263,10 @@ class InMemoryJobStore:
                 (p.tx_hash, p.tx_vout or 0) for p in self.payments.values() if p.tx_hash is not None
             ],
             shared_amounts=[
-                (p.address, p.btc_sats) for p in self.payments.values() if p.address_index is None
+                (p.address, p.btc_sats, p.settled_at)
+                for p in self.payments.values()
+                if p.address_index is None
+                and (p.settled_at is None or settled_since is None or p.settled_at >= settled_since)
             ],
         )
 

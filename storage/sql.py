@@ -695,12 +695,12 @@ class SqlStore:
 
     # ---- wallet (storage/wallet_sql.py holds the SQL) ------------------------------------
 
-    async def load_wallet(self, now: float) -> WalletSnapshot:
+    async def load_wallet(self, now: float, settled_since: float | None = None) -> WalletSnapshot:
         return wallet_sql.snapshot(
             now,
             {
                 name: await self._fetch(sql, values)
-                for name, (sql, values) in wallet_sql.snapshot_queries(now).items()
+                for name, (sql, values) in wallet_sql.snapshot_queries(now, settled_since).items()
             },
         )
 

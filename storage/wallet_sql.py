@@ -142,7 +142,23 @@ def statements(batch: WriteBatch) -> Iterator[tuple[str, list[tuple[Any, ...]]]]
         )
 
 
-def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
+# When a payment settled: its confirmation, or its deadline for an expired one (NULL: pending).
+_SETTLED = "CASE WHEN status = 'pending' THEN NULL ELSE COALESCE(confirmed_at, expires_at) END"
+
+
+def snapshot_queries(
+    now: float, settled_since: float | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    shared = f"SELECT address, btc_sats, {_SETTLED} AS settled FROM exchange_payments"
+    shared_values: dict[str, Any] = {}
+    if settled_since is None:
+        shared += " WHERE address_index IS NULL"
+    else:
+        shared += (
+            " WHERE address_index IS NULL AND (status = 'pending' OR "
+            "COALESCE(confirmed_at, expires_at) >= :since)"
+        )
+        shared_values["since"] = settled_since
     return {
         "users": ("SELECT * FROM users", {}),
         "sessions": (
@@ -160,10 +176,7 @@ def snapshot_queries(now: float) -> dict[str, tuple[str, dict[str, Any]]]:
             "SELECT tx_hash, tx_vout FROM exchange_payments WHERE tx_hash IS NOT NULL",
             {},
         ),
-        "shared": (
-            "SELECT address, btc_sats FROM exchange_payments WHERE address_index IS NULL",
-            {},
-        ),
+        "shared": (shared, shared_values),
         "index": (
             "SELECT COALESCE(MAX(address_index), -1) + 1 AS n FROM exchange_payments",
             {},
@@ -186,7 +199,10 @@ def snapshot(now: float, rows: dict[str, Sequence[Any]]) -> WalletSnapshot:
         payments=[payment(r._mapping) for r in rows["payments"]],
         next_address_index=int(rows["index"][0]._mapping["n"]),
         outpoints=[(r._mapping["tx_hash"], r._mapping["tx_vout"]) for r in rows["outpoints"]],
-        shared_amounts=[(r._mapping["address"], r._mapping["btc_sats"]) for r in rows["shared"]],
+        shared_amounts=[
+            (r._mapping["address"], r._mapping["btc_sats"], r._mapping["settled"])
+            for r in rows["shared"]
+        ],
     )
 
 

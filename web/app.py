@@ -12,6 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.core import Scheduler, SchedulerConfig
+from dispatcher.exchange import AMOUNT_HOLD_SECONDS
 from dispatcher.ledger import Ledger
 from dispatcher.receipts import ReceiptSigner
 from dispatcher.runtime import Dispatcher
@@ -118,7 +119,8 @@ class Coordinator:
 
     async def load_wallet(self) -> None:
         """Users, sessions, nonces and balances into memory (before the dispatcher restores)."""
-        snapshot = await self.store.load_wallet(self.clock.now())
+        now = self.clock.now()
+        snapshot = await self.store.load_wallet(now, settled_since=now - AMOUNT_HOLD_SECONDS)
         self.wallet.load(snapshot)
         self.exchange.load(snapshot)
         self.dispatcher.ledger = Ledger(snapshot.balances)

@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from dispatcher.errors import DispatchError
-from dispatcher.exchange import find_output
+from dispatcher.exchange import BLOCK_TIME_SLACK, find_output
 from web.http import HTTPError
 
 if TYPE_CHECKING:
@@ -89,13 +89,15 @@ class EsploraWatcher:
 
     def _find(self, p: PaymentRecord, txs: Any, tip: int) -> Match | None:
         own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()
+        shared = p.address_index is None  # exact amounts, which are reused: no older block
         return find_output(
             txs,
             p.address,
             p.btc_sats,
-            exact=p.address_index is None,
+            exact=shared,
             tip_height=tip,
             claimed=self.exchange.claimed - own,
+            mined_after=p.created_at - BLOCK_TIME_SLACK if shared else None,
         )
 
     async def _get(self, http: httpx.AsyncClient, path: str) -> httpx.Response:

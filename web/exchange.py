@@ -13,13 +13,15 @@ for xpub/tpub), never from curve code of our own.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import uuid
 from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from dispatcher.exchange import Match, unique_amount
+from dispatcher.exchange import AMOUNT_HOLD_SECONDS, Match, unique_amount
 from dispatcher.ledger import exchange_credit
 from storage.base import PaymentRecord
 from web.http import HTTPError
@@ -85,9 +87,10 @@ class Exchange:
         self.clock = clock
         self.pending: dict[str, PaymentRecord] = {}
         self.claimed: set[tuple[str, int]] = set()
-        # Every amount ever asked on a shared address: an amount is never reused, so a late
-        # payment to an expired request (or a repeated one) can never pay someone else's.
-        self.shared_amounts: dict[str, set[int]] = {}
+        # The amounts held on a shared address: sats -> when free again (inf while pending,
+        # AMOUNT_HOLD_SECONDS after settling), and the settled ones in the order they free up.
+        self.shared_amounts: dict[str, dict[int, float]] = {}
+        self._freeing: list[tuple[float, str, int]] = []
         self.next_index = 0
         self._settling: dict[str, str] = {}  # payment id -> new status, commit in flight
         # Pending payments whose recorded transaction the chain API no longer knows, with when
@@ -99,10 +102,37 @@ class Exchange:
     def load(self, snapshot: WalletSnapshot) -> None:
         self.pending = {p.payment_id: p for p in snapshot.payments}
         self.claimed = set(snapshot.outpoints)
-        self.shared_amounts = {}
-        for address, sats in snapshot.shared_amounts:
-            self.shared_amounts.setdefault(address, set()).add(sats)
+        self.shared_amounts, self._freeing = {}, []
+        # The longest hold of an amount wins: settled ones by time, then the pending ones.
+        rows = sorted(snapshot.shared_amounts, key=lambda r: math.inf if r[2] is None else r[2])
+        for address, sats, settled in rows:
+            self._hold(address, sats, settled)
         self.next_index = snapshot.next_address_index
+
+    def _hold(self, address: str, sats: int, settled: float | None) -> None:
+        """Hold ``sats`` on a shared address: for good while pending (``settled`` None), else
+        until AMOUNT_HOLD_SECONDS after it settled."""
+        held = self.shared_amounts.setdefault(address, {})
+        if settled is None:
+            held[sats] = math.inf
+        else:
+            held[sats] = free_at = settled + AMOUNT_HOLD_SECONDS
+            heapq.heappush(self._freeing, (free_at, address, sats))
+
+    def _free_up(self, now: float) -> None:
+        """Let go of the amounts whose hold has ended."""
+        freeing = self._freeing
+        while freeing and freeing[0][0] <= now:
+            free_at, address, sats = heapq.heappop(freeing)
+            held = self.shared_amounts[address]
+            if held.get(sats) == free_at:  # not held again since
+                del held[sats]
+
+    def _settled(self, record: PaymentRecord) -> None:
+        if record.address_index is None:
+            settled = record.settled_at
+            assert settled is not None
+            self._hold(record.address, record.btc_sats, settled)
 
     @property
     def configured(self) -> bool:
@@ -130,9 +160,9 @@ class Exchange:
         else:
             assert self.shared_address is not None
             address = self.shared_address
-            taken = self.shared_amounts.setdefault(address, set())
-            sats = unique_amount(sats, taken)
-            taken.add(sats)
+            self._free_up(now)
+            sats = unique_amount(sats, self.shared_amounts.get(address, {}))
+            self._hold(address, sats, None)  # no other pending payment asks it
         record = PaymentRecord(
             payment_id=str(uuid.uuid4()),
             user_id=principal.id,
@@ -182,6 +212,7 @@ class Exchange:
         if match is not None:
             self.claimed.add((match.tx_hash, match.vout))
         self.lost.pop(payment_id, None)
+        self._settled(confirmed)
         self._settling[payment_id] = "confirmed"
         await self._save(confirmed, credit=True)
         return confirmed
@@ -238,17 +269,19 @@ class Exchange:
         ]
         if not due:
             return
-        for record in due:
+        expired = [replace(record, status="expired") for record in due]
+        for record in expired:
             del self.pending[record.payment_id]
             self.lost.pop(record.payment_id, None)
+            self._settled(record)
             self._settling[record.payment_id] = "expired"
 
         def fill(batch: WriteBatch) -> None:
-            for record in due:
-                batch.payments[record.payment_id] = replace(record, status="expired")
+            for record in expired:
+                batch.payments[record.payment_id] = record
 
         try:
             await self.dispatcher.write(fill, [])
         finally:
-            for record in due:
+            for record in expired:
                 self._settling.pop(record.payment_id, None)

@@ -94,3 +94,26 @@ def test_find_output_prefers_more_confirmations_and_skips_junk() -> None:
     assert too_high is not None
     assert too_high.confirmations == 0
     assert find_output({"not": "a list"}, "A", 1, exact=False, tip_height=1, claimed=set()) is None
+
+
+def test_find_output_mined_after_skips_older_blocks_only() -> None:
+    """``mined_after``: a confirmed output in a block timed earlier is skipped; a later block, a
+    block without a time and the mempool are not."""
+
+    def at(name: str, height: int | None, block_time: object) -> dict[str, Any]:
+        t = tx(name, [("A", 100)], height=height)
+        t["status"]["block_time"] = block_time
+        return t
+
+    def found(*txs: dict[str, Any]) -> str | None:
+        m = find_output(
+            list(txs), "A", 100, exact=True, tip_height=10, claimed=set(), mined_after=500
+        )
+        return None if m is None else m.tx_hash
+
+    assert found(at("old", 5, 499)) is None
+    assert found(at("old", 5, 499), at("new", 9, 500)) == h("new")
+    assert found(at("untimed", 5, None)) == h("untimed")
+    assert found(at("mempool", None, 1)) == h("mempool")
+    old = [at("old", 5, 499)]
+    assert find_output(old, "A", 100, exact=True, tip_height=10, claimed=set()) is not None

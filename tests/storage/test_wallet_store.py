@@ -117,6 +117,31 @@ async def test_wallet_rows_round_trip(store: Store) -> None:
     assert await store.get_payment("nope") is None
 
 
+async def test_shared_amounts_of_pending_and_recently_settled_payments(store: Store) -> None:
+    """A shared address's amounts come back with when their payment settled (confirmed_at, or
+    expires_at once expired; None while pending), those settled before ``settled_since`` left
+    out; xpub payments never."""
+    shared = {"address_index": None, "address": "bc1qshared"}
+    await store.commit(
+        WriteBatch(
+            payments={
+                "open": payment("open", btc_sats=1, **shared),
+                "paid": payment(
+                    "paid", btc_sats=2, status="confirmed", confirmed_at=T0 + 9, **shared
+                ),
+                "gone": payment("gone", btc_sats=3, status="expired", **shared),
+                "xpub": payment("xpub", btc_sats=4),
+            }
+        )
+    )
+    everything = {("bc1qshared", 1, None), ("bc1qshared", 2, T0 + 9), ("bc1qshared", 3, T0 + 3600)}
+    assert set((await store.load_wallet(T0)).shared_amounts) == everything
+    recent = (await store.load_wallet(T0, settled_since=T0 + 10)).shared_amounts
+    assert set(recent) == everything - {("bc1qshared", 2, T0 + 9)}
+    late = (await store.load_wallet(T0, settled_since=T0 + 3601)).shared_amounts
+    assert late == [("bc1qshared", 1, None)]
+
+
 async def test_balances_past_64_bits_load_exactly(store: Store) -> None:
     """An amount is at most 1e18 units, but a balance is any number of them: ten of the largest
     admin credits sum past 64 bits, and the coordinator must still start (SQLite's SUM of

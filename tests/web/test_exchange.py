@@ -275,8 +275,17 @@ class FakeEsplora:
         self.requests = 0
         self.body: bytes | None = None  # the txs answer as is, when set
 
-    def pay(self, address: str, sats: int, txid: str = TXID, height: int | None = None) -> None:
-        status = {"confirmed": height is not None, "block_height": height}
+    def pay(
+        self,
+        address: str,
+        sats: int,
+        txid: str = TXID,
+        height: int | None = None,
+        block_time: float | None = None,
+    ) -> None:
+        status: dict[str, Any] = {"confirmed": height is not None, "block_height": height}
+        if block_time is not None:
+            status["block_time"] = int(block_time)
         self.txs.setdefault(address, []).append(
             {
                 "txid": txid,
@@ -396,7 +405,7 @@ async def test_watcher_matches_exact_unique_amounts_on_a_shared_address(tmp_path
         assert (await status(api, a["payment_id"])).json()["status"] == "expired"
         fake.pay(SHARED, 1_000_000, txid="aa" * 32, height=100)  # late, to a's expired amount
         c = (await create(api, aitbc_amount=1000)).json()
-        assert c["btc_amount"] == "0.01000002"  # an amount is never asked twice ...
+        assert c["btc_amount"] == "0.01000002"  # a's amount is held a day ...
         await api.core.watcher.poll_once(http)  # ... so a's late payment never pays c
         assert (await status(api, c["payment_id"])).json()["status"] == "pending"
         fake.pay(SHARED, 1_000_002, txid="bb" * 32, height=99)
@@ -537,3 +546,51 @@ async def test_a_transaction_lost_past_the_deadline_has_a_grace(tmp_path: Path) 
         assert (await status(api, p["payment_id"])).json()["status"] == "expired"
         assert (await status(api, q["payment_id"])).json()["status"] == "confirmed"
         assert await client_balance(api) == "10.00000000"
+
+
+async def test_shared_address_amounts_are_reused_a_day_after_settlement(tmp_path: Path) -> None:
+    """Each request on a shared address got an amount never asked before, so the extra
+    satoshis grew with every payment ever made. An amount is free again a day after its payment
+    was confirmed or expired (a restart keeps what is held); two pending payments never share
+    one; and an output older than the request (late, or lost) never pays it."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+        a = (await create(api, aitbc_amount=1000)).json()  # will expire, paid late
+        b = (await create(api, aitbc_amount=1000)).json()  # will be confirmed
+        c = (await create(api, aitbc_amount=1000)).json()  # will expire, its tx lost
+        assert [p["btc_amount"] for p in (a, b, c)] == ["0.01000000", "0.01000001", "0.01000002"]
+        fake.pay(SHARED, 1_000_001, txid="bb" * 32, height=100, block_time=clock.now())
+        fake.pay(SHARED, 1_000_002, txid="cc" * 32)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, b["payment_id"])).json()["status"] == "confirmed"
+        lost = fake.txs[SHARED].pop()
+        await api.core.watcher.poll_once(http)
+        clock.advance(3601)
+        await api.core.watcher.poll_once(http)
+        late = clock.now()
+        fake.pay(SHARED, 1_000_000, txid="aa" * 32, height=101, block_time=late)
+        await api.core.watcher.poll_once(http)  # a's late payment: a is expired
+        assert (await status(api, a["payment_id"])).json()["status"] == "expired"
+        assert (await status(api, c["payment_id"])).json()["status"] == "expired"
+        clock.advance(86400 - 3601 - 1)  # b's amount is held until a day after its credit
+        d = (await create(api, aitbc_amount=1000)).json()
+        assert d["btc_amount"] == "0.01000003"
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+        clock.advance(1)
+        e = (await create(api, aitbc_amount=1000)).json()  # b's amount; d's is held
+        f = (await create(api, aitbc_amount=1000)).json()  # a's and c's are still held
+        assert [e["btc_amount"], f["btc_amount"]] == ["0.01000001", "0.01000004"]
+        clock.advance(3600)  # a's and c's amounts are free
+        await api.core.watcher.poll_once(http)  # d, e and f expire: theirs are held
+        g, h, i = [(await create(api, aitbc_amount=1000)).json() for _ in range(3)]
+        assert [p["btc_amount"] for p in (g, h, i)] == ["0.01000000", "0.01000002", "0.01000005"]
+        fake.tip = 120
+        fake.pay(SHARED, 1_000_000, txid="aa" * 32, height=101, block_time=late)
+        lost["status"] = {"confirmed": True, "block_height": 120, "block_time": int(clock.now())}
+        fake.txs[SHARED].append(lost)  # c's lost transaction confirms after all: still c's
+        fake.pay(SHARED, 1_000_005, txid="dd" * 32, height=120, block_time=clock.now() - 60)
+        await api.core.watcher.poll_once(http)  # a's late payment is older than g
+        assert (await status(api, g["payment_id"])).json()["status"] == "pending"
+        assert (await status(api, h["payment_id"])).json()["status"] == "pending"
+        assert (await status(api, i["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "2000.00000000"
