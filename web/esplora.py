@@ -70,12 +70,15 @@ class EsploraWatcher:
         if match is None and p.tx_hash is not None and not _lists(txs, p.tx_hash):
             # The address's answer lists its newest transactions only, and a replaced or
             # evicted transaction is in no list: ask for the one seen by its txid.
-            response = await http.get(f"{self.base_url}/tx/{p.tx_hash}")
-            if response.status_code == 404:
+            try:
+                tx = await self._lookup(http, p.tx_hash)
+            except (httpx.HTTPError, ValueError) as exc:  # this payment waits for the next poll
+                self.errors += 1
+                log.warning("payment watcher: tx %s: %s: %s", p.tx_hash, type(exc).__name__, exc)
+                return
+            if tx is None:
                 await exchange.lose(payment_id, p.tx_hash)
                 return
-            response.raise_for_status()
-            tx = orjson.loads(response.content)
             p = exchange.pending.get(payment_id)  # as it is after the wait
             if p is None:
                 return
@@ -86,6 +89,14 @@ class EsploraWatcher:
             await exchange.confirm(payment_id, match)
         else:
             await exchange.seen(payment_id, match)
+
+    async def _lookup(self, http: httpx.AsyncClient, txid: str) -> Any:
+        """The transaction ``txid``, or None when the API does not know it (404)."""
+        response = await http.get(f"{self.base_url}/tx/{txid}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return orjson.loads(response.content)
 
     def _find(self, p: PaymentRecord, txs: Any, tip: int) -> Match | None:
         own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()

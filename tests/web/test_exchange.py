@@ -274,6 +274,7 @@ class FakeEsplora:
         self.fail = False
         self.requests = 0
         self.body: bytes | None = None  # the txs answer as is, when set
+        self.broken: set[str] = set()  # txids whose lookup fails (502)
 
     def pay(
         self,
@@ -312,6 +313,8 @@ class FakeEsplora:
 
         async def tx(request: Request) -> Response:
             self.requests += 1
+            if request.path_params["txid"] in self.broken:
+                return PlainTextResponse("bad gateway", status_code=502)
             for listed in self.txs.values():
                 for t in listed:
                     if t["txid"] == request.path_params["txid"]:
@@ -594,3 +597,27 @@ async def test_shared_address_amounts_are_reused_a_day_after_settlement(tmp_path
         assert (await status(api, h["payment_id"])).json()["status"] == "pending"
         assert (await status(api, i["payment_id"])).json()["status"] == "confirmed"
         assert await client_balance(api) == "2000.00000000"
+
+
+async def test_a_failed_transaction_lookup_fails_only_its_payment(tmp_path: Path) -> None:
+    """A lookup by txid that fails (502, not 404) leaves that payment as it is for the next
+    poll, counted as an error; the poll goes on with the other payments and expiry."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        watcher = api.core.watcher
+        p, q, r = [(await create(api, aitbc_amount=10)).json() for _ in range(3)]
+        fake.pay(p["payment_address"], 10_000)
+        await watcher.poll_once(http)
+        saved, fake.txs = fake.txs, {}
+        fake.broken.add(TXID)
+        fake.pay(q["payment_address"], 10_000, txid="cd" * 32, height=100)
+        clock.advance(3601)
+        await watcher.poll_once(http)
+        assert watcher.errors == 1
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        assert (await status(api, q["payment_id"])).json()["status"] == "confirmed"
+        assert (await status(api, r["payment_id"])).json()["status"] == "expired"
+        fake.broken.clear()
+        fake.txs.update(saved)
+        await watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
