@@ -44,8 +44,10 @@ class EsploraWatcher:
         self.errors = 0
 
     async def poll_once(self, http: httpx.AsyncClient) -> None:
-        """Check every pending payment once, then expire what is due."""
+        """Check every pending payment once, then expire what was due when the poll began (what
+        fell due during it may have been paid after its address was read)."""
         exchange = self.exchange
+        began = self.clock.now()
         if exchange.pending:
             tip = int((await self._get(http, "/blocks/tip/height")).text.strip())
             by_address: dict[str, list[str]] = {}
@@ -57,7 +59,7 @@ class EsploraWatcher:
                 txs = orjson.loads((await self._get(http, f"/address/{address}/txs")).content)
                 for payment_id in ids:
                     await self._check(http, payment_id, txs, tip)
-        await exchange.expire_due()
+        await exchange.expire_due(began)
         self.polls += 1
 
     async def _check(self, http: httpx.AsyncClient, payment_id: str, txs: Any, tip: int) -> None:

@@ -22,7 +22,7 @@ from tests.web.rest_harness import Api, running_api
 from tests.web.wallet_helpers import bearer, login
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from starlette.requests import Request
@@ -275,6 +275,7 @@ class FakeEsplora:
         self.requests = 0
         self.body: bytes | None = None  # the txs answer as is, when set
         self.broken: set[str] = set()  # txids whose lookup fails (502)
+        self.on_txs: Callable[[str], None] | None = None  # called with each address asked
 
     def pay(
         self,
@@ -309,6 +310,8 @@ class FakeEsplora:
             self.requests += 1
             if self.body is not None:
                 return Response(self.body, media_type="application/json")
+            if self.on_txs is not None:
+                self.on_txs(request.path_params["address"])
             return JSONResponse(self.txs.get(request.path_params["address"], []))
 
         async def tx(request: Request) -> Response:
@@ -621,3 +624,28 @@ async def test_a_failed_transaction_lookup_fails_only_its_payment(tmp_path: Path
         fake.txs.update(saved)
         await watcher.poll_once(http)
         assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+
+
+async def test_a_slow_poll_expires_only_what_was_due_when_it_began(tmp_path: Path) -> None:
+    """The watcher expired what was due when its poll ended, so a payment whose deadline fell
+    during a slow poll (many addresses) expired though it was paid in time, after its address
+    had been read. A poll expires what was due when it began: the next poll finds the output."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        q = (await create(api, aitbc_amount=10)).json()  # its address is read first
+        p = (await create(api, aitbc_amount=10)).json()
+
+        def slow(address: str) -> None:
+            if address == p["payment_address"]:
+                fake.pay(q["payment_address"], 10_000)  # in time, after q's address was read
+                clock.advance(2)
+
+        clock.advance(3599)
+        fake.on_txs = slow
+        await api.core.watcher.poll_once(http)
+        fake.on_txs = None
+        assert (await status(api, q["payment_id"])).json()["status"] == "pending"
+        await api.core.watcher.poll_once(http)
+        seen = (await status(api, q["payment_id"])).json()
+        assert (seen["status"], seen["tx_hash"]) == ("pending", TXID)
+        assert (await status(api, p["payment_id"])).json()["status"] == "expired"
