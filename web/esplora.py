@@ -73,18 +73,18 @@ class EsploraWatcher:
             # The address's answer lists its newest transactions only, and a replaced or
             # evicted transaction is in no list: ask for the one seen by its txid.
             try:
-                tx = await self._lookup(http, p.tx_hash)
+                found = await self._lookup(http, p.tx_hash)
             except (httpx.HTTPError, ValueError) as exc:  # this payment waits for the next poll
                 self.errors += 1
                 log.warning("payment watcher: tx %s: %s: %s", p.tx_hash, type(exc).__name__, exc)
                 return
-            if tx is None:
+            if not found:
                 await exchange.lose(payment_id, p.tx_hash)
                 return
             p = exchange.pending.get(payment_id)  # as it is after the wait
             if p is None:
                 return
-            match = self._find(p, [tx], tip)
+            match = self._find(p, found, tip)
         if match is None:
             return
         if match.confirmations >= exchange.required_confirmations:
@@ -92,13 +92,13 @@ class EsploraWatcher:
         else:
             await exchange.seen(payment_id, match)
 
-    async def _lookup(self, http: httpx.AsyncClient, txid: str) -> Any:
-        """The transaction ``txid``, or None when the API does not know it (404)."""
+    async def _lookup(self, http: httpx.AsyncClient, txid: str) -> list[Any]:
+        """``[the transaction txid]``, or ``[]`` when the API does not know it (404)."""
         response = await http.get(f"{self.base_url}/tx/{txid}")
         if response.status_code == 404:
-            return None
+            return []
         response.raise_for_status()
-        return orjson.loads(response.content)
+        return [orjson.loads(response.content)]
 
     def _find(self, p: PaymentRecord, txs: Any, tip: int) -> Match | None:
         own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()

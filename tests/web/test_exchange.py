@@ -275,6 +275,7 @@ class FakeEsplora:
         self.requests = 0
         self.body: bytes | None = None  # the txs answer as is, when set
         self.broken: set[str] = set()  # txids whose lookup fails (502)
+        self.nulls: set[str] = set()  # txids whose lookup answers 200 null
         self.on_txs: Callable[[str], None] | None = None  # called with each address asked
 
     def pay(
@@ -318,6 +319,8 @@ class FakeEsplora:
             self.requests += 1
             if request.path_params["txid"] in self.broken:
                 return PlainTextResponse("bad gateway", status_code=502)
+            if request.path_params["txid"] in self.nulls:
+                return Response(b"null", media_type="application/json")
             for listed in self.txs.values():
                 for t in listed:
                     if t["txid"] == request.path_params["txid"]:
@@ -649,3 +652,19 @@ async def test_a_slow_poll_expires_only_what_was_due_when_it_began(tmp_path: Pat
         seen = (await status(api, q["payment_id"])).json()
         assert (seen["status"], seen["tx_hash"]) == ("pending", TXID)
         assert (await status(api, p["payment_id"])).json()["status"] == "expired"
+
+
+async def test_a_lookup_answering_null_does_not_lose_the_transaction(tmp_path: Path) -> None:
+    """Only a 404 says the API does not know a transaction; a 200 ``null`` is a bad answer."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        p = (await create(api, aitbc_amount=10)).json()
+        fake.pay(p["payment_address"], 10_000)
+        await api.core.watcher.poll_once(http)
+        fake.txs, fake.nulls = {}, {TXID}
+        clock.advance(4000)
+        await api.core.watcher.poll_once(http)
+        clock.advance(4000)
+        await api.core.watcher.poll_once(http)
+        assert api.core.exchange.lost == {}
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
