@@ -140,7 +140,7 @@ class WalletSnapshot:
 
     users: list[UserRecord]
     sessions: list[SessionRecord]  # neither revoked nor expired
-    nonces: list[NonceRecord]  # not expired
+    nonces: list[NonceRecord]  # all, expired too: only the wallet's cap deletes them
     balances: dict[str, int]  # account -> sum of its entries (non-zero only)
     payments: list[PaymentRecord]  # pending only
     next_address_index: int

@@ -255,7 +255,7 @@ class InMemoryJobStore:
             sessions=[
                 s for s in self.sessions.values() if s.revoked_at is None and s.expires_at > now
             ],
-            nonces=[n for n in self.nonces.values() if n.expires_at > now],
+            nonces=list(self.nonces.values()),
             balances={a: b for a, b in balances.items() if b != 0},
             payments=[p for p in self.payments.values() if p.status == "pending"],
             next_address_index=max(indexes, default=-1) + 1,

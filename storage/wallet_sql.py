@@ -165,7 +165,7 @@ def snapshot_queries(
             "SELECT * FROM user_sessions WHERE revoked_at IS NULL AND expires_at > :now",
             {"now": now},
         ),
-        "nonces": ("SELECT * FROM login_nonces WHERE expires_at > :now", {"now": now}),
+        "nonces": ("SELECT * FROM login_nonces", {}),  # expired too: the wallet drops them
         "balances": (  # zero when both parts are: the rest is sorted out in ``snapshot``
             f"SELECT account, {split_sum('amount', 'balance')} FROM ledger_entries "
             f"GROUP BY account HAVING SUM(amount / {_PART}) != 0 OR SUM({_rest('amount')}) != 0",

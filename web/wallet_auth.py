@@ -113,6 +113,8 @@ class WalletAuth:
             self._remember(user)
         self.sessions = {s.token_hash: s for s in snapshot.sessions}
         self._expiries = deque(sorted((s.expires_at, s.token_hash) for s in snapshot.sessions))
+        # Expired ones too (refused at login): they are stored until the cap drops them, oldest
+        # first, so the stored rows stay as bounded as these (a restart left them for good).
         self.nonces = {n.wallet_address: n for n in snapshot.nonces}
         self._newcomers = {
             n.wallet_address: None

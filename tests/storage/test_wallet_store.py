@@ -90,7 +90,8 @@ def payment(pid: str = "p1", **kw: Any) -> PaymentRecord:
 
 
 async def test_wallet_rows_round_trip(store: Store) -> None:
-    """Users, live sessions, open nonces, balances and pending payments come back."""
+    """Users, live sessions, every nonce (expired too), balances and pending payments come
+    back."""
     live = SessionRecord(token_hash="h1", user_id="u1", created_at=T0, expires_at=T0 + 60)
     old = SessionRecord(token_hash="h2", user_id="u1", created_at=T0, expires_at=T0 + 1)
     batch = WriteBatch(
@@ -109,7 +110,7 @@ async def test_wallet_rows_round_trip(store: Store) -> None:
     assert sorted(u.user_id for u in snap.users) == ["u1", "u2"]
     assert snap.users[0] in (user(1), user(2))
     assert snap.sessions == [live]
-    assert [n.wallet_address for n in snap.nonces] == ["0xa"]
+    assert sorted(n.wallet_address for n in snap.nonces) == ["0xa", "0xb"]  # expired too
     assert snap.balances == {"exchange:btc": -500, "wallet:a": 300, "escrow:j": 200}
     assert snap.payments == [payment("p1", address_index=4)]
     assert snap.next_address_index == 5

@@ -402,6 +402,31 @@ async def test_the_oldest_newcomer_goes_first_after_a_restart(
         assert await _log_in_with(api, KEY_A, mine) == 200
 
 
+async def test_nonces_stored_stay_bounded_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up loaded only the unexpired nonces, so the expired rows were left in the database
+    for good: each flood followed by a restart added up to MAX_OPEN_NONCES rows more. Every
+    stored nonce is loaded (an expired one is refused at login) and goes at the cap."""
+    from web import wallet_auth
+
+    monkeypatch.setattr(wallet_auth, "MAX_OPEN_NONCES", 3)
+    clock = FakeClock()
+    flood = iter(f"0x{n:040x}" for n in range(1, 100))
+    for _ in range(3):
+        async with running_api(tmp_path, clock) as api:
+            for _ in range(3):
+                await get_nonce(api.http, next(flood))
+            stored = (await api.core.store.load_wallet(0)).nonces
+            assert len(stored) == 3
+        clock.advance(301)
+    async with running_api(tmp_path, clock) as api:
+        old = next(n for n in stored if n.wallet_address == f"0x{9:040x}")
+        body = {"wallet_address": old.wallet_address, "nonce": old.nonce, "signature": "0x"}
+        r = await api.http.post("/v1/login", json=body)
+        assert (r.status_code, r.json()) == (401, {"detail": "Invalid or expired nonce"})
+
+
 def test_checking_a_signature_keeps_the_recursion_limit() -> None:
     """eth-account's import (py_ecc) sets the recursion limit to 100,000, past what the C stack
     holds: deep recursion then crashed the process instead of raising RecursionError. The
