@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from dispatcher.errors import DispatchError
-from dispatcher.exchange import BLOCK_TIME_SLACK, find_output
+from dispatcher.exchange import BLOCK_TIME_SLACK, find_output, is_txid
 from web.http import HTTPError
 
 if TYPE_CHECKING:
@@ -28,6 +28,20 @@ if TYPE_CHECKING:
 __all__ = ["EsploraWatcher"]
 
 log = logging.getLogger("aitbc.coordinator")
+
+
+CHAIN_PAGE = 25  # confirmed transactions per page of ``/address/:a/txs`` (Esplora's)
+MAX_PAGES = 100  # older pages read per address and poll, at most
+
+
+def _mined(tx: Any, since: float | None = None) -> bool | None:
+    """None for an unconfirmed ``tx``; else whether its block's time is at or after ``since``
+    (True without ``since`` or a time)."""
+    status = tx.get("status") if isinstance(tx, dict) else None
+    if not isinstance(status, dict) or status.get("confirmed") is not True:
+        return None
+    at = status.get("block_time")
+    return since is None or not isinstance(at, int) or at >= since
 
 
 def _lists(txs: Any, txid: str) -> bool:
@@ -51,16 +65,40 @@ class EsploraWatcher:
         if exchange.pending:
             tip = int((await self._get(http, "/blocks/tip/height")).text.strip())
             by_address: dict[str, list[str]] = {}
+            since: dict[str, float] = {}  # the address's oldest pending payment's request
             for pending in exchange.pending.values():
                 by_address.setdefault(pending.address, []).append(pending.payment_id)
+                since[pending.address] = min(
+                    since.get(pending.address, pending.created_at), pending.created_at
+                )
             for address, ids in by_address.items():
-                # orjson: nesting past 1024 is a ValueError like any bad answer (the stdlib
-                # parser raised RecursionError, which ended the watcher's task and the app's)
-                txs = orjson.loads((await self._get(http, f"/address/{address}/txs")).content)
+                txs = await self._txs(http, address, since[address] - BLOCK_TIME_SLACK)
                 for payment_id in ids:
                     await self._check(http, payment_id, txs, tip)
         await exchange.expire_due(began)
         self.polls += 1
+
+    async def _txs(self, http: httpx.AsyncClient, address: str, since: float) -> Any:
+        """The address's transactions: the first answer (unconfirmed ones and the newest
+        confirmed), then older confirmed pages while a full page's oldest was mined at or after
+        ``since`` (or has no time), at most MAX_PAGES of them."""
+        # orjson: nesting past 1024 is a ValueError like any bad answer (the stdlib parser
+        # raised RecursionError, which ended the watcher's task and the app's)
+        txs = orjson.loads((await self._get(http, f"/address/{address}/txs")).content)
+        if not isinstance(txs, list):
+            return txs
+        page = [t for t in txs if isinstance(t, dict) and _mined(t) is not None]
+        for _ in range(MAX_PAGES):
+            last = page[-1] if len(page) >= CHAIN_PAGE else None
+            if last is None or not is_txid(last.get("txid")) or _mined(last, since) is False:
+                break
+            page = orjson.loads(
+                (await self._get(http, f"/address/{address}/txs/chain/{last['txid']}")).content
+            )
+            if not isinstance(page, list):
+                break
+            txs.extend(page)
+        return txs
 
     async def _check(self, http: httpx.AsyncClient, payment_id: str, txs: Any, tip: int) -> None:
         """Confirm, record or lose one pending payment's output (``txs``: its address's)."""

@@ -277,6 +277,10 @@ class FakeEsplora:
         self.broken: set[str] = set()  # txids whose lookup fails (502)
         self.nulls: set[str] = set()  # txids whose lookup answers 200 null
         self.on_txs: Callable[[str], None] | None = None  # called with each address asked
+        # Answer as Esplora does: newest first, at most 50 unconfirmed and 25 confirmed, older
+        # confirmed ones by pages of 25 (``/address/{a}/txs/chain/{last txid}``).
+        self.paged = False
+        self.chain_pages = 0
 
     def pay(
         self,
@@ -300,6 +304,12 @@ class FakeEsplora:
             }
         )
 
+    @staticmethod
+    def chain(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The confirmed ones, newest first (highest block, then last paid)."""
+        confirmed = [t for t in reversed(listed) if t["status"]["confirmed"]]
+        return sorted(confirmed, key=lambda t: -t["status"]["block_height"])
+
     def app(self) -> Starlette:
         async def tip(request: Request) -> PlainTextResponse:
             self.requests += 1
@@ -313,27 +323,39 @@ class FakeEsplora:
                 return Response(self.body, media_type="application/json")
             if self.on_txs is not None:
                 self.on_txs(request.path_params["address"])
-            return JSONResponse(self.txs.get(request.path_params["address"], []))
+            listed = self.txs.get(request.path_params["address"], [])
+            if not self.paged:
+                return JSONResponse(listed)
+            mempool = [t for t in reversed(listed) if not t["status"]["confirmed"]]
+            return JSONResponse(mempool[:50] + self.chain(listed)[:25])
 
-        async def tx(request: Request) -> Response:
+        async def chain(request: Request) -> Response:
             self.requests += 1
-            if request.path_params["txid"] in self.broken:
-                return PlainTextResponse("bad gateway", status_code=502)
-            if request.path_params["txid"] in self.nulls:
-                return Response(b"null", media_type="application/json")
-            for listed in self.txs.values():
-                for t in listed:
-                    if t["txid"] == request.path_params["txid"]:
-                        return JSONResponse(t)
-            return PlainTextResponse("Transaction not found", status_code=404)
+            self.chain_pages += 1
+            listed = self.chain(self.txs.get(request.path_params["address"], []))
+            after = [t["txid"] for t in listed].index(request.path_params["last"]) + 1
+            return JSONResponse(listed[after : after + 25])
 
         return Starlette(
             routes=[
                 Route("/blocks/tip/height", tip),
                 Route("/address/{address}/txs", txs),
-                Route("/tx/{txid}", tx),
+                Route("/address/{address}/txs/chain/{last}", chain),
+                Route("/tx/{txid}", self.tx),
             ]
         )
+
+    async def tx(self, request: Request) -> Response:
+        self.requests += 1
+        txid = request.path_params["txid"]
+        if txid in self.broken:
+            return PlainTextResponse("bad gateway", status_code=502)
+        if txid in self.nulls:
+            return Response(b"null", media_type="application/json")
+        for t in (t for listed in self.txs.values() for t in listed):
+            if t["txid"] == txid:
+                return JSONResponse(t)
+        return PlainTextResponse("Transaction not found", status_code=404)
 
 
 @asynccontextmanager
@@ -668,3 +690,24 @@ async def test_a_lookup_answering_null_does_not_lose_the_transaction(tmp_path: P
         await api.core.watcher.poll_once(http)
         assert api.core.exchange.lost == {}
         assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+
+
+async def test_the_watcher_reads_older_pages_of_a_busy_address(tmp_path: Path) -> None:
+    """Esplora lists an address's 25 newest confirmed transactions, older ones by pages: on a
+    busy shared address, payments whose outputs were on a later page were never found and
+    expired unpaid. The watcher reads older pages until they are older than its oldest
+    pending payment (BLOCK_TIME_SLACK allowed)."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+        fake.paged = True
+        for n in range(100):  # old traffic on the address
+            fake.pay(SHARED, 5_000 + n, txid=f"{n:064x}", height=50, block_time=clock.now() - 1e6)
+        ids = [(await create(api, aitbc_amount=1000)).json()["payment_id"] for _ in range(30)]
+        for n in range(30):
+            txid = f"{n + 1000:064x}"
+            fake.pay(SHARED, 1_000_000 + n, txid=txid, height=100, block_time=clock.now())
+        await api.core.watcher.poll_once(http)
+        statuses = [(await status(api, pid)).json()["status"] for pid in ids]
+        assert statuses == ["confirmed"] * 30
+        assert fake.chain_pages == 1  # the second page reached the old traffic: no third
+        assert await client_balance(api) == "30000.00000000"
