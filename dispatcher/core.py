@@ -152,6 +152,7 @@ class Scheduler:
         self._idle = IdleIndex(self._match)
         self._queue = JobQueue(self._match, self._needs_servable)
         self._queued = 0
+        self._stale_entries = 0  # queue entries gone stale without a pick (``_entry_gone``)
         self._known_caps: dict[Capabilities, int] = {}
         self._servable: dict[JobNeeds, bool] = {}  # is_servable verdicts for _known_caps
         # A heap of (when, n, timer): tuples compare in C, and ``n`` is unique (never a tie).
@@ -642,6 +643,7 @@ class Scheduler:
             if job is not None and job.state is JobState.QUEUED and job.queue_token == timer.token:
                 job.queue_token += 1  # its queue entry goes stale: it is dispatched anew
                 self._queued -= 1
+                self._entry_gone()
                 self._dispatch(job, now)
         else:  # grace
             miner = self.miners.get(timer.key)
@@ -771,6 +773,16 @@ class Scheduler:
         self._queued += 1
         assert isinstance(job.needs, JobNeeds)
         self._queue.push(job.needs, job.priority, job.order, job.queue_token, job.job_id)
+
+    def _entry_gone(self) -> None:
+        """A queued job left the queue without a pick (it ended, or is offered anew): its entry
+        stays in its class until a pick reaches it, and none reaches a class no miner matches
+        (jobs no miner can run, canceled or expired, stayed for good). Once the stale entries
+        are over 1024 and outnumber the live ones, the queue drops them all."""
+        self._stale_entries += 1
+        if self._stale_entries > 1024 and self._stale_entries > self._queued:
+            self._queue.compact(self._valid_entry)
+            self._stale_entries = 0
 
     def _valid_entry(self, job_id: str, token: int) -> bool:
         job = self.jobs.get(job_id)
@@ -947,10 +959,13 @@ class Scheduler:
         revoke_reason: str | None = None,
         clear_miner: bool = False,
     ) -> None:
-        if job.state is JobState.QUEUED:
+        queued = job.state is JobState.QUEUED
+        if queued:
             self._queued -= 1
         job.state = transition(job.job_id, job.state, _FINISH[state])
         assert job.state in TERMINAL
+        if queued:
+            self._entry_gone()
         if revoke_reason is not None:
             self._revoke(job, revoke_reason)
         job.error = error

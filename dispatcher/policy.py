@@ -454,6 +454,21 @@ class JobQueue:
                 best, best_needs = entry, needs
         return None if best is None or best_needs is None else (best_needs, best)
 
+    def compact(self, valid: Callable[[str, int], bool]) -> None:
+        """Drop every entry that is no longer live (``valid``). A pick drops a stale entry only
+        once it is the head of its class, and no pick looks at a class no miner matches: the
+        entries of the jobs that ended there (canceled, expired) would stay for good."""
+        classes: dict[JobNeeds, list[_Entry]] = {}
+        for needs, heap in self._classes.items():
+            live = [entry for entry in heap if valid(entry[3], entry[2])]
+            if live:
+                heapq.heapify(live)
+                classes[needs] = live
+        self._classes = classes
+        self._dormant = {needs for needs in self._dormant if needs in classes}
+        self._heads = [(h[0], n) for n, h in classes.items() if n not in self._dormant]
+        heapq.heapify(self._heads)
+
     def remove(self, needs: JobNeeds, entry: _Entry) -> None:
         heap = self._classes.get(needs)
         if heap is None:

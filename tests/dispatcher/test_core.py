@@ -1243,6 +1243,30 @@ def test_many_dead_timers_are_compacted() -> None:
     assert s.next_deadline() == 5000.0
 
 
+def _queue_entries(s: Scheduler) -> int:
+    return sum(len(heap) for heap in s._queue._classes.values())
+
+
+def test_queued_jobs_that_end_unpicked_leave_the_queue() -> None:
+    """Jobs no miner can run wait in the queue; those canceled or expired there leave it, in
+    bulk once they are most of it: no pick reaches their class, so they stayed for good (and
+    with them, memory grew with every such job for the life of the process)."""
+    s = make()
+    submit(s, "keep", now=0.0, ttl_seconds=10_000, constraints={"gpu": "H100"})
+    for cycle in range(30):
+        now = 10.0 * cycle
+        for i in range(100):
+            submit(s, f"j{cycle}-{i}", now=now, ttl_seconds=5, constraints={"gpu": "H100"})
+        for i in range(0, 100, 2):
+            s.cancel("c1", f"j{cycle}-{i}", now + 1)
+        s.tick(now + 6)  # the other half expires
+        assert _queue_entries(s) <= 1 + 1024 + 100
+    assert s.statistics().jobs_queued == 1
+    _, effects = connect(s, capabilities={"gpus": [{"name": "H100"}]}, now=400.0)
+    assert [e.job_id for e in effects if isinstance(e, Assign)] == ["keep"]
+    assert _queue_entries(s) <= 1024  # stale entries, fewer than the bound
+
+
 def test_stale_timers_are_ignored() -> None:
     """Defensive guards: timers whose job or miner is gone, or whose token is stale, do nothing."""
     s = make()

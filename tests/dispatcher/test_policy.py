@@ -784,6 +784,32 @@ def test_removing_a_dormant_classs_head_keeps_it_dormant() -> None:
     assert drain(queue, h100, live) == ["h2"]
 
 
+def test_job_queue_compact_keeps_only_live_entries_and_their_dormancy() -> None:
+    """compact() drops stale entries everywhere, also in dormant classes no pick looks at; a
+    class left empty goes (dormant or not), and a dormant class with live jobs stays dormant."""
+    a100, h100 = caps({"gpus": [{"name": "A100"}]}), caps({"gpus": [{"name": "H100"}]})
+    known = {a100}
+    match = MatchCache()
+    queue, live = JobQueue(match, lambda n: any(match(n, c) for c in known)), Live()
+    jobs = [("h1", "H100"), ("h2", "H100"), ("x1", "X"), ("a1", "A100"), ("a2", "A100")]
+    jobs += [("b1", "B")]
+    for order, (job_id, gpu) in enumerate(jobs, start=1):
+        live.tokens[job_id] = 1
+        queue.push(needs(gpu=gpu), 0, order, 1, job_id)
+    assert queue.pick(a100, live.valid, live.is_rejected) is not None
+    assert queue._dormant == {needs(gpu="H100"), needs(gpu="X")}  # B was not reached
+    for job_id in ("h1", "x1", "a1", "b1"):  # canceled or expired while queued
+        del live.tokens[job_id]
+    queue.compact(live.valid)
+    assert sorted(queue.classes(), key=str) == [needs(gpu="A100"), needs(gpu="H100")]
+    assert [e[3] for heap in queue._classes.values() for e in heap] == ["h2", "a2"]
+    assert queue._dormant == {needs(gpu="H100")}
+    assert drain(queue, a100, live) == ["a2"]
+    known.add(h100)
+    queue.wake()
+    assert drain(queue, h100, live) == ["h2"]
+
+
 def test_remove_of_an_entry_not_in_the_heap_changes_nothing() -> None:
     heap = [(0, 1, 1, "a"), (0, 2, 1, "b"), (0, 3, 1, "c")]
     policy._remove(heap, (0, 9, 1, "z"))
