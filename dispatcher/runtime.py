@@ -929,7 +929,7 @@ class Dispatcher:
                         await waiter.done.wait()
             return waiter.job
         finally:
-            self._rest_seen[miner_id] = self.clock.now()
+            self._rest_alive(miner_id)  # not when it deregistered meanwhile
             if waiter.job is None:
                 # Unanswered or cancelled (client gone): withdraw. An assignment already in
                 # flight then finds no waiter and is handed back to the queue.
@@ -958,7 +958,7 @@ class Dispatcher:
         self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject
     ) -> JobRecord:
         """Complete a job held by a REST miner; returns the committed record (with receipt)."""
-        self._rest_seen[miner_id] = self.clock.now()
+        self._rest_alive(miner_id)
         return await self._until_committed(
             lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then)
         )
@@ -968,7 +968,7 @@ class Dispatcher:
     ) -> None:
         """A REST miner's failure of a job it holds: FAILED, or with ``retryable`` queued again
         (charged an attempt; FAILED once they are used up). Returns once durable."""
-        self._rest_seen[miner_id] = self.clock.now()
+        self._rest_alive(miner_id)
         self.miner_call(
             "fail",
             miner_id,
@@ -978,6 +978,13 @@ class Dispatcher:
             retryable=retryable,
         )
         await self._until_committed(self._commit_then)
+
+    def _rest_alive(self, miner_id: str) -> None:
+        """Record a call of ``miner_id`` when it is a registered REST miner: an id no REST
+        miner holds (made up, or deregistered) stayed in ``_rest_seen`` for good."""
+        miner = self.scheduler.miners.get(miner_id)
+        if miner is not None and miner.rest:
+            self._rest_seen[miner_id] = self.clock.now()
 
     def rest_miners(self) -> list[RestMinerInfo]:
         """Every miner the scheduler knows, with liveness (REST: a call within the window)."""

@@ -651,6 +651,27 @@ async def test_deregister_ends_a_waiting_poll(api: Api) -> None:
     assert bg.response.status_code == 204
 
 
+async def test_calls_of_unregistered_miner_ids_leave_nothing_in_memory(api: Api) -> None:
+    """Results and failures under ids no REST miner holds (made up, or deregistered while a
+    poll waited) are refused and leave no liveness entry: each such id stayed in memory for
+    the life of the process, so a miner key could grow it without bound."""
+    d = api.core.dispatcher
+    body = {"error_code": "E1", "error_message": "boom"}
+    for i in range(20):
+        assert (await api.result("e" * 32, f"ghost-{i}")).status_code == 404
+        path = "/v1/miners/" + "e" * 32 + "/fail"
+        r = await api.http.post(path, json=body, headers=miner_headers(f"ghost-{i}"))
+        assert r.status_code == 404
+    assert d._rest_seen == {}
+    await api.register("m1")
+    async with parked_poll(api) as bg:
+        r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+        assert r.status_code == 200
+    assert bg.response is not None
+    assert bg.response.status_code == 204
+    assert d._rest_seen == {}
+
+
 async def test_an_operator_disconnect_ends_a_rest_miners_polls_and_leaves_no_slot(
     api: Api,
 ) -> None:
