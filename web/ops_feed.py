@@ -220,7 +220,7 @@ class OpsFeed:
         """A new watcher: its snapshot, then the recent events, then live deltas and events."""
         first = not self.watchers  # deltas are kept only while watched: start from this snapshot
         if first:
-            self._changed_miners()
+            self._forget_gone()
         outbox.put(orjson.dumps({"type": "snapshot", **self.snapshot()}).decode())
         if first:
             miners = self.core.dispatcher.scheduler.miners
@@ -323,10 +323,7 @@ class OpsFeed:
             self._add_point(now)
         if not self.watchers:
             self._new_points.clear()
-            miners = self.core.dispatcher.scheduler.miners
-            for miner_id in self._changed_miners():  # a new watcher starts from a snapshot
-                if miner_id not in miners:  # gone: forget what was kept for its row
-                    self._forget(miner_id)
+            self._forget_gone()  # a new watcher starts from a snapshot
             return
         delta = self._delta(now)
         if delta:
@@ -363,6 +360,14 @@ class OpsFeed:
         changed |= self._event_miners
         self._event_miners = set()
         return changed
+
+    def _forget_gone(self) -> None:
+        """Take the changed miners (no delta will name them) and forget what was kept for the
+        rows of those that are gone (taken unlooked-at by a first watcher, they stayed)."""
+        miners = self.core.dispatcher.scheduler.miners
+        for miner_id in self._changed_miners():
+            if miner_id not in miners:
+                self._forget(miner_id)
 
     def _forget(self, miner_id: str) -> None:
         self._sent_miners.pop(miner_id, None)

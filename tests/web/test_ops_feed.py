@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from dispatcher.fanout import Outbox
 from protocol.records import EventRecord, JobRecord
 from tests.conftest import ADMIN_KEY
 from tests.fakes import FakeClock, RecordingOutbox
@@ -178,3 +179,30 @@ async def test_gpu_memory_summing_past_64_bits_is_shown_capped_not_fatal(tmp_pat
         r = await api.http.get("/v1/admin/ops", headers={"X-Api-Key": ADMIN_KEY})
         assert r.status_code == 200, r.text
         assert not api.core.failed
+
+
+@pytest.mark.anyio
+async def test_miners_gone_before_a_watcher_opens_are_forgotten(tmp_path: Path) -> None:
+    """Miners come and go, and so do ops pages: a miner gone just before the first watcher
+    opens leaves nothing behind. That watcher took the pending miner changes without looking
+    at them, so the last activity and load figures of each such miner stayed for good."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        for i in range(10):
+            miner_id = f"m{i}"
+            assert (await api.register(miner_id)).status_code == 200
+            body = {"status": "active", "metadata": {"util": 0.5}}
+            await api.http.post("/v1/miners/heartbeat", json=body, headers=miner_headers(miner_id))
+            watcher = Outbox(lambda code, reason: None)
+            ops.add(watcher)
+            clock.advance(1)
+            ops.tick(clock.now())  # its row is sent: last activity and load are kept for it
+            ops.discard(watcher)
+            await api.http.delete(f"/v1/miners/{miner_id}", headers=miner_headers(miner_id))
+            later = Outbox(lambda code, reason: None)
+            ops.add(later)  # before the next tick
+            ops.discard(later)
+            ops.tick(clock.now())
+        assert (ops._seen, ops._load, ops._sent_miners) == ({}, {}, {})
