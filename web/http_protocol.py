@@ -80,6 +80,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         the garbage collector would free (as ``connection_lost`` does, which never comes)."""
         self.parser = None  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # The cycle holds this protocol (its ``on_response``), which holds the cycle: a
+        # reference cycle only the collector would free, kept until its oldest generation ran.
+        self.cycle = None  # type: ignore[assignment]
+        self.pipeline.clear()  # requests that will never run: their cycles hold it as well
+
     def on_response_complete(self) -> None:
         if self._coalescing is not None:
             self._coalescing.flush()

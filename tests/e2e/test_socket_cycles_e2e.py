@@ -13,13 +13,16 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from protocol.messages import Ack, JobSubmit
-from tests.conftest import MINER_KEY
+from tests.conftest import CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import RunningServer, open_client
 from web.connection import Connection
+from web.http_protocol import CoalescingHttpProtocol
 from web.transport import CoalescingTransport, CoalescingWSProtocol
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 OURS = (Connection, CoalescingWSProtocol, CoalescingTransport)
+HTTP = (CoalescingHttpProtocol, RequestResponseCycle, CoalescingTransport)
 
 
 def cyclic_garbage() -> Iterator[object]:
@@ -75,6 +79,45 @@ async def test_closed_miner_and_client_sockets_leave_no_reference_cycles(
         for _ in range(20):  # the app's tasks return, then their done callbacks run
             await anyio.lowlevel.checkpoint()
         left = [type(o).__name__ for o in cyclic_garbage() if isinstance(o, OURS)]
+        assert left == []
+        del earlier
+    finally:
+        gc.enable()
+
+
+async def test_closed_http_connections_leave_no_reference_cycles(server: RunningServer) -> None:
+    """A REST miner's connections (register, a poll that takes a job, its result, a poll that
+    waits in vain) and a client's: once closed, none of the server's protocol, request cycle
+    or transport objects is left in a reference cycle. The protocol held its last request's
+    cycle, which holds the protocol: each closed connection stayed until the collector's
+    oldest generation ran (rarely, with the server's thresholds; web/gctune.py)."""
+    list(cyclic_garbage())
+    earlier = [o for o in gc.get_objects() if isinstance(o, HTTP)]
+    base = f"http://127.0.0.1:{server.port}"
+    miner = {"X-Api-Key": MINER_KEY, "X-Miner-ID": "rest-c"}
+    gc.disable()
+    try:
+        for _ in range(3):
+            async with httpx.AsyncClient(base_url=base) as http:
+                r = await http.post("/v1/miners/register", json={"capabilities": {}}, headers=miner)
+                assert r.status_code == 200, r.text
+                r = await http.post(
+                    "/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY}
+                )
+                assert r.status_code == 201, r.text
+                r = await http.post("/v1/miners/poll", json={"max_wait_seconds": 1}, headers=miner)
+                assert r.status_code == 200, r.text
+                path = f"/v1/miners/{r.json()['job_id']}/result"
+                r = await http.post(path, json={"result": {}}, headers=miner)
+                assert r.status_code == 200, r.text
+                r = await http.post("/v1/miners/poll", json={"max_wait_seconds": 1}, headers=miner)
+                assert r.status_code == 204, r.text
+        with anyio.fail_after(5):
+            while server.core.dispatcher.scheduler.miners["rest-c"].polls:  # noqa: ASYNC110 - bounded poll (style §4.7)
+                await anyio.sleep(0.001)
+        for _ in range(20):  # the server's tasks return, then their done callbacks run
+            await anyio.lowlevel.checkpoint()
+        left = [type(o).__name__ for o in cyclic_garbage() if isinstance(o, HTTP)]
         assert left == []
         del earlier
     finally:
