@@ -590,44 +590,61 @@ class Dispatcher:
         after: dict[str, int],
         *,
         follow_all: bool = False,
+        answer: Callable[[list[str]], None] | None = None,
     ) -> list[str]:
-        """Replay stored events with ``seq > after[job]``, then go live; returns unknown ids.
-        ``follow_all``: the socket follows every job of its client from now on ("all").
+        """Read each named job once, then ``answer(missing)`` (the ids unknown or not this
+        client's, each once), then replay the stored events with ``seq > after[job]`` of the
+        others and go live; returns ``missing``. ``follow_all``: the socket follows every job of
+        its client from the answer on ("all").
 
         Live events that arrive during the replay are held back and only those newer than the
         replay are delivered, so the client sees every event exactly once, in order. They are
         held from the start for every job to replay, not from its turn: a job followed through
         "all" would otherwise reach the socket live while an earlier job replays, then again.
         """
-        missing = []
         pending: dict[str, list[tuple[int, str, bool]]] = {}
         for job_id in job_ids:
             if job_id not in pending and (job_id not in sub.job_ids or job_id in after):
                 pending[job_id] = sub.buffers[job_id] = []
-        if follow_all:
-            self.fanout.subscribe_all(sub)
         try:
-            for job_id in job_ids:
-                rec = await self.get_job(job_id)
-                if rec is None or rec.client_id != sub.client_id:
-                    missing.append(job_id)
-                    continue
+            owned, missing = await self._owned(sub.client_id, job_ids)
+            if answer is not None:
+                answer(missing)
+            if follow_all:
+                self.fanout.subscribe_all(sub)
+            for job_id, rec in owned.items():
                 held = pending.get(job_id)
-                if held is None:  # followed already, and not named in ``after`` (or named twice)
+                if held is None:  # followed already, and not named in ``after``
                     continue
                 self.fanout.subscribe(sub, [job_id])
-                last = await self._replay(sub, job_id, after.get(job_id, 0))
+                last, ended = await self._replay(sub, job_id, after.get(job_id, 0))
                 del pending[job_id], sub.buffers[job_id]
                 for seq, frame, progress in held:
                     if seq > last:
                         sub.outbox.put(frame, job_id=job_id, progress=progress)
-                if rec.state in TERMINAL and last >= rec.seq:
+                # ``rec`` was read before the replays: the job may have ended since.
+                if ended or (rec.state in TERMINAL and last >= rec.seq):
                     # Nothing can follow a terminal event: nothing to mute under "all" either.
                     self.fanout.unsubscribe(sub, [job_id], live=lambda _: False)
         finally:
             for job_id in pending:  # unknown or foreign, or a read failed
                 del sub.buffers[job_id]
         return missing
+
+    async def _owned(
+        self, client_id: str, job_ids: list[str]
+    ) -> tuple[dict[str, JobRecord], list[str]]:
+        """The named jobs of ``client_id`` by id, and the other ids (unknown or another
+        client's): each id read once, in order."""
+        owned: dict[str, JobRecord] = {}
+        missing: list[str] = []
+        for job_id in dict.fromkeys(job_ids):
+            rec = await self.get_job(job_id)
+            if rec is None or rec.client_id != client_id:
+                missing.append(job_id)
+            else:
+                owned[job_id] = rec
+        return owned, missing
 
     def unsubscribe(self, sub: Subscriber, job_ids: Sequence[str] | None = None) -> None:
         """Stop following the given jobs, or everything (``None``). While the socket follows
@@ -649,12 +666,14 @@ class Dispatcher:
 
         self.fanout.unsubscribe(sub, job_ids, live=live)
 
-    async def _replay(self, sub: Subscriber, job_id: str, last: int) -> int:
+    async def _replay(self, sub: Subscriber, job_id: str, last: int) -> tuple[int, bool]:
         """Queue the stored events of ``job_id`` after ``last``, page by page; returns the last
-        seq queued. Replayed frames are never dropped: past half the outbox's soft limit the
-        replay waits for the socket to take them (a long log would overflow it, 4429)."""
+        seq queued and whether that event ended the job. Replayed frames are never dropped:
+        past half the outbox's soft limit the replay waits for the socket to take them (a long
+        log would overflow it, 4429)."""
         outbox = sub.outbox
         room = max(1, outbox.soft_limit // 2)
+        ended = False
         while True:
             page = await self.store.events_after(job_id, last, REPLAY_PAGE)
             for event in page:
@@ -662,8 +681,9 @@ class Dispatcher:
                     await outbox.drained(room)
                 outbox.put(event_frame(event), job_id=job_id)
                 last = event.seq
+                ended = event.state in TERMINAL
             if len(page) < REPLAY_PAGE or outbox.closed:
-                return last
+                return last, ended
 
     # ---- miners -----------------------------------------------------------------------------
 

@@ -144,21 +144,20 @@ class ClientConnection(Connection):
     async def _subscribe(self, msg: Subscribe) -> None:
         sub = self.subscriber
         assert sub is not None
-        dispatcher = self.core.dispatcher
         follow_all = msg.job_ids == "all"
         ids = list(msg.after) if follow_all else list(msg.job_ids)
-        owned: list[str] = []
-        missing: list[str] = []
-        for job_id in ids:
-            rec = await dispatcher.get_job(job_id)
-            (owned if rec is not None and rec.client_id == sub.client_id else missing).append(
-                job_id
-            )
-        for job_id in missing:
-            self.error(ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id)
-        # The contract answers first, then replays each job's stored events, then goes live.
-        self.reply(msg.id, missing=missing)
-        await dispatcher.subscribe(sub, owned, msg.after, follow_all=follow_all)
+
+        def answer(missing: list[str]) -> None:
+            for job_id in missing:
+                self.error(
+                    ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id
+                )
+            # The contract answers first, then replays each job's stored events, then goes live.
+            self.reply(msg.id, missing=missing)
+
+        await self.core.dispatcher.subscribe(
+            sub, ids, msg.after, follow_all=follow_all, answer=answer
+        )
 
     def _cancel_now(self, msg: JobCancelRequest) -> bool:
         """``False`` when the job is not in memory: ``_cancel_stored`` answers."""

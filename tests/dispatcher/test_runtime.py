@@ -619,6 +619,34 @@ async def test_a_job_waiting_its_turn_to_replay_holds_its_live_events(follow_all
         ]
 
 
+async def test_a_job_that_ends_while_waiting_its_turn_leaves_no_subscription() -> None:
+    """The jobs of a subscribe are read before the first replay; one that ends while an earlier
+    job replays still leaves no live subscription once its terminal event is replayed."""
+    async with running() as h:
+        first, second = h.spec(), h.spec()
+        await h.submit(first)
+        await h.submit(second)
+        await h.flushed()
+        sub = h.subscriber()
+        h.store.block_reads()
+
+        async def subscribe() -> None:
+            await h.dispatcher.subscribe(sub, [first.job_id, second.job_id], {})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(subscribe)
+            await h.settle()  # both jobs read; the first job's replay waits for its store read
+            h.dispatcher.cancel("c1", second.job_id, lambda job: None)
+            await h.flushed()
+            h.store.release_reads()
+        assert events(sub.outbox) == [
+            (first.job_id, 1, "queued"),
+            (second.job_id, 1, "queued"),
+            (second.job_id, 2, "canceled"),
+        ]
+        assert sub.job_ids == {first.job_id}
+
+
 async def test_a_job_whose_end_is_not_yet_published_is_muted_until_it_is() -> None:
     """Unsubscribing (while following "all") a job whose terminal event waits for its commit
     mutes it: that event is not delivered, and the job is then forgotten."""

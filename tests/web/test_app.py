@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
+from storage.memory import InMemoryJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
 from web.app import create_app
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from starlette.testclient import WebSocketTestSession
+
+    from protocol.records import JobRecord
 
 from starlette.testclient import TestClient
 
@@ -232,6 +235,35 @@ def test_subscribe_replays_a_jobs_events_on_a_new_connection(client: TestClient)
     # The ack comes before the replay (protocol: "-> ack {id}, then for each job ...").
     assert frames[1] == {"type": "ack", "id": "sub1", "missing": ["nope"]}
     assert [f["type"] for f in frames[2:]] == ["job.event", "job.event"]
+
+
+class CountingStore(InMemoryJobStore):
+    """The in-memory store, recording the ids ``get_job`` is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        self.reads.append(job_id)
+        return await super().get_job(job_id)
+
+
+def test_subscribe_reads_each_named_job_once(tmp_path: Path) -> None:
+    """A subscribe looks each job up once: every unknown id cost two store reads (one to answer
+    ``missing``, one more before replaying), and a job named twice is read once."""
+    store = CountingStore()
+    with TestClient(create_app(make_settings(tmp_path), store=store)) as c, client_socket(c) as ws:
+        hello(ws)
+        ws.send_json({"type": "subscribe", "id": "s", "job_ids": ["nope-1", "nope-2", "nope-1"]})
+        frames = [recv(ws) for _ in range(3)]
+    assert [(f["type"], f.get("ref")) for f in frames] == [
+        ("error", "nope-1"),
+        ("error", "nope-2"),
+        ("ack", None),
+    ]
+    assert frames[2]["missing"] == ["nope-1", "nope-2"]
+    assert store.reads == ["nope-1", "nope-2"]
 
 
 def test_unsubscribing_ids_while_following_all_keeps_only_live_own_jobs_muted(
