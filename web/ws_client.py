@@ -25,14 +25,19 @@ from web.billing import job_payment
 from web.connection import Connection
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
 
     from starlette.websockets import WebSocket
 
     from protocol.records import JobRecord
 
 
-__all__ = ["ClientConnection", "client_endpoint"]
+__all__ = ["MAX_SUBSCRIBE_JOBS", "ClientConnection", "client_endpoint"]
+
+# Jobs one subscribe may name (in ``job_ids``, or in ``after`` with "all"): each is read from
+# the store, and each unknown one answered with an error frame. Below the outbox's hard limit,
+# so that those errors cannot overflow the socket's own outbox (4429).
+MAX_SUBSCRIBE_JOBS = 1000
 
 
 class ClientConnection(Connection):
@@ -64,6 +69,9 @@ class ClientConnection(Connection):
                 self.reply(msg.id)
             case JobCancelRequest():
                 return self._cancel_now(msg)
+            case Subscribe() if len(_named(msg)) > MAX_SUBSCRIBE_JOBS:
+                text = f"a subscribe may name at most {MAX_SUBSCRIBE_JOBS} jobs; split it"
+                self.error(ErrorCode.INVALID, text, request_id=msg.id, ref="subscribe")
             case _:
                 return False  # an idempotent submit or a subscribe: they read the store
         return True
@@ -144,8 +152,7 @@ class ClientConnection(Connection):
     async def _subscribe(self, msg: Subscribe) -> None:
         sub = self.subscriber
         assert sub is not None
-        follow_all = msg.job_ids == "all"
-        ids = list(msg.after) if follow_all else list(msg.job_ids)
+        ids = list(_named(msg))
 
         def answer(missing: list[str]) -> None:
             for job_id in missing:
@@ -156,7 +163,7 @@ class ClientConnection(Connection):
             self.reply(msg.id, missing=missing)
 
         await self.core.dispatcher.subscribe(
-            sub, ids, msg.after, follow_all=follow_all, answer=answer
+            sub, ids, msg.after, follow_all=msg.job_ids == "all", answer=answer
         )
 
     def _cancel_now(self, msg: JobCancelRequest) -> bool:
@@ -195,6 +202,11 @@ class ClientConnection(Connection):
     def on_closed(self) -> None:
         if self.subscriber is not None:
             self.core.dispatcher.fanout.unsubscribe(self.subscriber)
+
+
+def _named(msg: Subscribe) -> Collection[str]:
+    """The jobs a subscribe names: ``job_ids``, or with "all" those in ``after``."""
+    return msg.after if msg.job_ids == "all" else msg.job_ids
 
 
 async def client_endpoint(websocket: WebSocket) -> None:

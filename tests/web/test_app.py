@@ -11,6 +11,7 @@ from starlette.websockets import WebSocketDisconnect
 from storage.memory import InMemoryJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
 from web.app import create_app
+from web.ws_client import MAX_SUBSCRIBE_JOBS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -264,6 +265,34 @@ def test_subscribe_reads_each_named_job_once(tmp_path: Path) -> None:
     ]
     assert frames[2]["missing"] == ["nope-1", "nope-2"]
     assert store.reads == ["nope-1", "nope-2"]
+
+
+@pytest.mark.parametrize("follow_all", [False, True], ids=["job_ids", "all-after"])
+def test_a_subscribe_naming_too_many_jobs_is_refused_before_any_read(
+    tmp_path: Path, follow_all: bool
+) -> None:
+    """A subscribe naming more than MAX_SUBSCRIBE_JOBS jobs gets one ``error`` ``invalid`` and
+    changes nothing: one naming 200,000 made-up ids cost two store reads and an error frame
+    each (and over the outbox's hard limit of errors, its own socket was closed 4429)."""
+    store = CountingStore()
+    ids = [f"n{i}" for i in range(MAX_SUBSCRIBE_JOBS + 1)]
+    named: dict[str, Any] = (
+        {"job_ids": "all", "after": dict.fromkeys(ids, 0)} if follow_all else {"job_ids": ids}
+    )
+    with TestClient(create_app(make_settings(tmp_path), store=store)) as c, client_socket(c) as ws:
+        hello(ws)
+        ws.send_json({"type": "subscribe", "id": "big", **named})
+        err = recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "big", "invalid")
+        assert store.reads == []
+        mine = submit(ws, "s1")["job"]["job_id"]  # the socket is still open, following nothing
+        assert recv(ws)["event"] == "queued"
+        ws.send_json({"type": "subscribe", "id": "ok", "job_ids": ids[:MAX_SUBSCRIBE_JOBS]})
+        frames = [recv(ws) for _ in range(MAX_SUBSCRIBE_JOBS + 1)]
+        assert frames[-1] == {"type": "ack", "id": "ok", "missing": ids[:MAX_SUBSCRIBE_JOBS]}
+        core: Any = c.app.state.core  # type: ignore[attr-defined]
+        (conn,) = [x for x in core.connections if getattr(x, "subscriber", None) is not None]
+        assert (conn.subscriber.all, conn.subscriber.job_ids) == (False, {mine})
 
 
 def test_unsubscribing_ids_while_following_all_keeps_only_live_own_jobs_muted(
