@@ -295,6 +295,32 @@ def test_a_subscribe_naming_too_many_jobs_is_refused_before_any_read(
         assert (conn.subscriber.all, conn.subscriber.job_ids) == (False, {mine})
 
 
+def test_a_job_followed_through_all_is_replayed_when_named_without_after(
+    client: TestClient,
+) -> None:
+    """Naming a job in a subscribe replays its log, ``after`` or not, when the socket follows it
+    only through "all" (the contract: "for each job: every stored event with seq > after");
+    only a job the socket follows by name is not replayed again. Its live events then arrive
+    once each."""
+    with client_socket(client) as watcher, client_socket(client) as ws:
+        hello(watcher)
+        watcher.send_json({"type": "subscribe", "id": "all", "job_ids": "all"})
+        assert recv(watcher) == {"type": "ack", "id": "all", "missing": []}
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert (recv(watcher)["seq"], recv(ws)["seq"]) == (1, 1)
+        watcher.send_json({"type": "subscribe", "id": "named", "job_ids": [job_id]})
+        assert recv(watcher) == {"type": "ack", "id": "named", "missing": []}
+        replayed = recv(watcher)
+        assert (replayed["job_id"], replayed["seq"], replayed["event"]) == (job_id, 1, "queued")
+        watcher.send_json({"type": "subscribe", "id": "again", "job_ids": [job_id]})
+        assert recv(watcher) == {"type": "ack", "id": "again", "missing": []}  # by name now
+        ws.send_json({"type": "job.cancel", "id": "c1", "job_id": job_id})
+        assert recv(watcher)["event"] == "canceled"
+        watcher.send_json({"type": "unsubscribe", "id": "u1", "job_ids": "all"})
+        assert recv(watcher) == {"type": "ack", "id": "u1"}  # nothing else came before it
+
+
 def test_unsubscribing_ids_while_following_all_keeps_only_live_own_jobs_muted(
     client: TestClient,
 ) -> None:
