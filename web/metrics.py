@@ -125,8 +125,8 @@ class CoordinatorCollector:
             )
         yield CounterMetricFamily(
             "aitbc_progress_dropped",
-            "Progress events coalesced or dropped under backpressure",
-            value=stats.progress_dropped,
+            "Progress events coalesced or dropped under backpressure (client and ops sockets)",
+            value=stats.progress_dropped + self.core.ops.progress_dropped,
         )
 
 

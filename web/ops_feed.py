@@ -129,6 +129,7 @@ class OpsFeed:
         self._new_points: list[dict[str, Any]] = []
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
+        self._dropped_before = 0  # progress frames dropped for watchers that left
         core.dispatcher.watchers.append(self.on_event)
 
     # ---- input ------------------------------------------------------------------------------
@@ -230,7 +231,16 @@ class OpsFeed:
         self.watchers.add(outbox)
 
     def discard(self, outbox: Outbox) -> None:
-        self.watchers.discard(outbox)
+        if outbox in self.watchers:  # keep its drop count in the total
+            self.watchers.discard(outbox)
+            self._dropped_before += outbox.dropped
+            outbox.dropped = 0
+
+    @property
+    def progress_dropped(self) -> int:
+        """Progress frames coalesced or dropped for the watchers under backpressure, since
+        start (``Fanout.progress_dropped`` counts the client sockets')."""
+        return self._dropped_before + sum(outbox.dropped for outbox in self.watchers)
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -306,6 +316,7 @@ class OpsFeed:
     def _counters(self) -> dict[str, Any]:
         d = self.core.dispatcher
         stats = d.writer_statistics()
+        stats["progress_dropped"] += self.progress_dropped  # the watchers' too, as in /metrics
         return {
             "events": {str(k): n for k, n in d.tally.events.items()},  # keys may be StrEnums
             "requeues": dict(d.tally.requeues),

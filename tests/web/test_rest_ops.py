@@ -9,6 +9,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.fanout import Outbox
 from protocol.receipt_verify import TrustedKey
 from protocol.receipts import key_id_for, load_signing_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
@@ -207,6 +208,8 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
     frames: list[Any] = []
 
     class Sink:
+        dropped = 0  # an Outbox's drop count: this one keeps every frame
+
         def put(self, frame: str, **_: Any) -> None:
             frames.append(orjson.loads(frame))
 
@@ -254,6 +257,8 @@ async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_sho
     table: dict[str, Any] = {}
 
     class Sink:
+        dropped = 0  # an Outbox's drop count: this one keeps every frame
+
         def put(self, frame: str, **_: Any) -> None:
             f = orjson.loads(frame)
             if f["type"] == "snapshot":
@@ -348,6 +353,34 @@ async def test_metrics_require_admin_and_match_the_jobs_run(api: Api) -> None:
     store = api.core.dispatcher.store
     assert s["aitbc_store_wal_frames", ()] == store.wal_frames
     assert s["aitbc_store_wal_restarts_total", ()] == store.wal_restarts == 0
+
+
+async def test_progress_dropped_for_an_ops_watcher_is_counted(api: Api) -> None:
+    """Progress frames an ops watcher's full outbox coalesced or dropped are counted in
+    /metrics and in the ops counters, also after it left, like a client socket's (they were
+    counted nowhere)."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    watcher = Outbox(lambda code, reason: None, soft_limit=2, hard_limit=8)
+    feed.add(watcher)  # never drained: a stalled page
+    await api.register("m1")
+    job_id = (await api.submit())["job_id"]
+    assert (await api.poll("m1")).status_code == 200
+    for n in range(20):
+        api.core.dispatcher.miner_call("progress", "m1", job_id, progress=n / 20)
+    await api.core.dispatcher.wait_flushed()
+    dropped = watcher.dropped
+    assert dropped > 0
+
+    async def counted() -> tuple[float, int]:
+        r = await api.http.get("/metrics", headers=ADMIN)
+        return samples(r.text)["aitbc_progress_dropped_total", ()], feed.snapshot()["counters"][
+            "progress_dropped"
+        ]
+
+    assert await counted() == (dropped, dropped)
+    feed.discard(watcher)
+    assert await counted() == (dropped, dropped)
 
 
 async def test_metrics_public_switch(tmp_path: Path) -> None:
