@@ -618,6 +618,10 @@ class Dispatcher:
                     continue
                 self.fanout.subscribe(sub, [job_id])
                 last, ended = await self._replay(sub, job_id, after.get(job_id, 0))
+                if self.running and self._unpublished(job_id, last):
+                    # The replay read events of a batch committed but not yet performed: hold
+                    # on until it is, or they would reach the socket again when published.
+                    await self._until_committed(self._commit_then)
                 del pending[job_id], sub.buffers[job_id]
                 for seq, frame, progress in held:
                     if seq > last:
@@ -630,6 +634,15 @@ class Dispatcher:
             for job_id in pending:  # unknown or foreign, or a read failed
                 del sub.buffers[job_id]
         return missing
+
+    def _unpublished(self, job_id: str, seq: int) -> bool:
+        """Whether event ``seq`` of ``job_id`` may be stored but not yet published: later than
+        the job as last published, or the job is active but nothing of it was published since
+        the start (a replay reads the store, which has a batch before its events go out)."""
+        rec = self._visible.get(job_id)
+        if rec is None:
+            return job_id in self.scheduler.jobs
+        return rec.seq < seq
 
     async def _owned(
         self, client_id: str, job_ids: list[str]

@@ -136,9 +136,13 @@ class RecordingStore(InMemoryJobStore):
         self._commit_gate: anyio.Event | None = None
         self._read_gate: anyio.Event | None = None
         self._snapshot_first = True
+        self._store_first = False
 
-    def block_commits(self) -> None:
+    def block_commits(self, *, stored: bool = False) -> None:
+        """``stored``: store each batch (readable at once) before it waits at the gate, as a
+        commit that a read on another connection sees before the writer is resumed."""
         self._commit_gate = anyio.Event()
+        self._store_first = stored
 
     def release_commits(self) -> None:
         gate, self._commit_gate = self._commit_gate, None
@@ -158,13 +162,17 @@ class RecordingStore(InMemoryJobStore):
     async def commit(self, batch: WriteBatch) -> None:
         self.batches.append(batch)
         gate = self._commit_gate
+        stored = gate is not None and self._store_first
+        if stored:
+            await super().commit(batch)
         if gate is not None:
             self.waiting += 1
             try:
                 await gate.wait()
             finally:
                 self.waiting -= 1
-        await super().commit(batch)
+        if not stored:
+            await super().commit(batch)
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         gate = self._read_gate

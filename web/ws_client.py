@@ -162,9 +162,12 @@ class ClientConnection(Connection):
             # The contract answers first, then replays each job's stored events, then goes live.
             self.reply(msg.id, missing=missing)
 
-        await self.core.dispatcher.subscribe(
-            sub, ids, msg.after, follow_all=msg.job_ids == "all", answer=answer
-        )
+        try:
+            await self.core.dispatcher.subscribe(
+                sub, ids, msg.after, follow_all=msg.job_ids == "all", answer=answer
+            )
+        except Unavailable:  # a commit failed: the coordinator is stopping
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
 
     def _cancel_now(self, msg: JobCancelRequest) -> bool:
         """``False`` when the job is not in memory: ``_cancel_stored`` answers."""

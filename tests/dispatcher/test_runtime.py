@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -517,6 +518,39 @@ async def test_subscribe_replays_then_merges_live_events_exactly_once(snapshot_f
         await h.flushed()
         assert events(sub.outbox) == [(job_id, 5, "completed")]
         assert job_id not in sub.job_ids  # a terminal event ends the live subscription
+
+
+@pytest.mark.parametrize(
+    ("ends", "follow_all"),
+    [(False, False), (True, False), (True, True)],
+    ids=["started", "completed", "completed-under-all"],
+)
+async def test_an_event_replayed_before_it_is_published_is_delivered_once(
+    ends: bool, follow_all: bool
+) -> None:
+    """A replay can read events whose commit is done but not yet performed (a read on another
+    connection sees them before the writer is resumed); published after the replay, they
+    reached the socket a second time."""
+    async with running() as h:
+        spec = await _job_with_two_events(h)
+        job_id = spec.job_id
+        h.store.block_commits(stored=True)
+        h.dispatcher.miner_call("accept", "gpu-1", job_id)
+        if ends:
+            h.dispatcher.miner_result("gpu-1", job_id, {"text": "ok"}, {}, None, lambda job: None)
+        await h.settle()
+        assert h.store.waiting == 1  # stored, not yet published
+        sub = h.subscriber()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(h.dispatcher.subscribe, sub, [job_id], {}, follow_all=follow_all))
+            await h.settle()
+            h.store.release_commits()
+        await h.flushed()
+        tail = [(3, "started"), (4, "completed")] if ends else [(3, "started")]
+        assert events(sub.outbox) == [(job_id, 1, "queued"), (job_id, 2, "assigned")] + [
+            (job_id, seq, kind) for seq, kind in tail
+        ]
+        assert sub.job_ids == (set() if ends else {job_id})
 
 
 async def test_subscribe_after_skips_what_the_client_has() -> None:
