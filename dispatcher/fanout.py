@@ -3,7 +3,8 @@
 Rule 1: publishing never blocks and never grows memory without bound. Each connection has an
 ``Outbox`` with a soft and a hard limit. Past the soft limit, ``progress`` frames for a job
 replace that job's still-unsent progress frame (coalescing) or are dropped; every other frame
-is kept. Past the hard limit the connection is closed 4429 (too slow).
+is kept. Past the hard limit the connection is closed 4429 (too slow). Frames held back
+while a job replays (``Subscriber.buffers``) coalesce their progress past the soft limit too.
 Rule 2: a frame is encoded once and the same ``str`` is queued for every recipient.
 """
 
@@ -140,10 +141,15 @@ class Subscriber:
 
     def deliver(self, job_id: str, seq: int, frame: str, progress: bool) -> None:
         buffer = self.buffers.get(job_id)
-        if buffer is not None:
-            buffer.append((seq, frame, progress))
-        else:
+        if buffer is None:
             self.outbox.put(frame, job_id=job_id, progress=progress)
+        elif progress and len(buffer) >= self.outbox.soft_limit and buffer[-1][2]:
+            # Held while the job replays (which may wait for a stalled socket): past the soft
+            # limit, progress coalesces as in the outbox, or it would be held without bound.
+            buffer[-1] = (seq, frame, progress)
+            self.outbox.dropped += 1
+        else:
+            buffer.append((seq, frame, progress))
 
 
 class Fanout:

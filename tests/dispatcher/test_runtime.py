@@ -765,6 +765,39 @@ async def test_a_long_replay_waits_for_the_socket_instead_of_overflowing() -> No
         assert seqs == list(range(1, 5_005))
 
 
+async def test_live_progress_held_while_replaying_to_a_stalled_socket_stays_bounded() -> None:
+    """While a replay waits for a socket that stopped reading, the job's live progress is held
+    back coalesced past the outbox's soft limit, as the outbox itself would: every frame was
+    kept, so a client that stalled its replay grew the coordinator's memory by each token its
+    job streamed, for as long as it kept the socket open (never 4429: the outbox stayed full
+    but not over)."""
+    async with running() as h:
+        h.miner()
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+        job_id = spec.job_id
+        h.dispatcher.miner_call("accept", "gpu-1", job_id)
+        for _ in range(40):
+            h.dispatcher.miner_call("progress", "gpu-1", job_id, output="tok ")
+        await h.flushed()
+        sub = h.subscriber()
+        sub.outbox.soft_limit, sub.outbox.hard_limit = 8, 64
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(h.dispatcher.subscribe, sub, [job_id], {})
+            await h.settle()
+            assert len(sub.outbox) == 4  # half the soft limit: the replay waits for the socket
+            for _ in range(1000):
+                h.dispatcher.miner_call("progress", "gpu-1", job_id, output="tok ")
+            await h.flushed()
+            held = sub.buffers[job_id]
+            assert len(held) <= sub.outbox.soft_limit
+            assert held[-1][0] == 1043  # the newest progress is kept
+            assert sub.outbox.dropped == 1000 - len(held)
+            sub.outbox.close()  # the client leaves: the replay ends
+        assert sub.buffers == {}
+
+
 # ---- flushing and shutdown ----------------------------------------------------------------
 
 
