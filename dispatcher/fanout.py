@@ -158,15 +158,20 @@ class Fanout:
     def __init__(self) -> None:
         self._by_job: dict[str, set[Subscriber]] = {}
         self._by_client: dict[str, set[Subscriber]] = {}
+        # Every subscriber that followed something and has not left: its drops count while it
+        # is open, also once it follows nothing (the total must never go down).
+        self._members: set[Subscriber] = set()
         self._dropped_before = 0
 
     def subscribe(self, sub: Subscriber, job_ids: Iterable[str]) -> None:
+        self._members.add(sub)
         for job_id in job_ids:
             sub.job_ids.add(job_id)
             sub.muted.discard(job_id)
             self._by_job.setdefault(job_id, set()).add(sub)
 
     def subscribe_all(self, sub: Subscriber) -> None:
+        self._members.add(sub)
         sub.all = True
         self._by_client.setdefault(sub.client_id, set()).add(sub)
 
@@ -191,6 +196,7 @@ class Fanout:
                 if not subs:
                     del self._by_job[job_id]
         if job_ids is None:  # the subscriber is leaving: keep its drop count in the total
+            self._members.discard(sub)
             self._dropped_before += sub.outbox.dropped
             sub.outbox.dropped = 0
         if job_ids is None and sub.all:
@@ -221,7 +227,7 @@ class Fanout:
     @property
     def progress_dropped(self) -> int:
         """Progress frames coalesced or dropped under backpressure, since start."""
-        return self._dropped_before + sum(sub.outbox.dropped for sub in self._subscribers())
+        return self._dropped_before + sum(sub.outbox.dropped for sub in self._members)
 
     def _subscribers(self) -> set[Subscriber]:
         return {s for subs in (*self._by_job.values(), *self._by_client.values()) for s in subs}

@@ -344,3 +344,24 @@ def test_progress_drops_are_counted_for_live_and_departed_subscribers() -> None:
     assert fanout.progress_dropped == 3
     fanout.unsubscribe(sub)
     assert fanout.progress_dropped == 3
+
+
+@pytest.mark.parametrize("ends", ["forget_job", "unsubscribe"])
+def test_progress_drops_stay_counted_while_a_subscriber_follows_nothing(ends: str) -> None:
+    """A socket whose jobs all ended (or that unsubscribed them) but is still open keeps its
+    drops in the total: they left the count until the socket closed, so the counter went down
+    and then up again (a Prometheus counter reset)."""
+    fanout = Fanout()
+    outbox = Outbox(lambda code, reason: None, soft_limit=1, hard_limit=100)
+    sub = Subscriber("c1", outbox)
+    fanout.subscribe(sub, ["j1"])
+    for seq in range(1, 5):
+        fanout.publish("c1", "j1", seq, f"p{seq}", True)
+    assert fanout.progress_dropped == 3
+    if ends == "forget_job":
+        fanout.forget_job("j1", "c1")
+    else:
+        fanout.unsubscribe(sub, ["j1"])
+    assert (fanout.subscriber_count, fanout.progress_dropped) == (0, 3)
+    fanout.unsubscribe(sub)  # the socket closes
+    assert fanout.progress_dropped == 3
