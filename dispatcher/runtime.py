@@ -512,11 +512,10 @@ class Dispatcher:
         job, effects = self.scheduler.submit(spec, self.clock.now())
         if reserve is not None:
             self._post(reserve)
-        rec = (
-            _snapshot(job, effects) if job.job_id == spec.job_id else self._visible.get(job.job_id)
-        )
-        if rec is None:  # a duplicate of a job whose first submit is not committed yet
-            rec = job.record()
+        # A repeat answers with the job as it is now, not as last published: the answer goes
+        # out with the open batch, after everything the scheduler did so far is committed and
+        # published (the job's end in flight included, which the asker would otherwise miss).
+        rec = _snapshot(job, effects) if job.job_id == spec.job_id else job.record()
         existed = job.job_id != spec.job_id
         self._apply(effects, reply=lambda: then(rec, existed))
 

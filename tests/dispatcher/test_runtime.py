@@ -380,6 +380,32 @@ async def test_idempotent_submit_returns_the_same_job() -> None:
         assert list(h.store.jobs) == [first.job_id]
 
 
+async def test_a_repeated_submit_answers_the_state_its_answer_follows() -> None:
+    """A repeat of a job whose end is being committed answers with the ended job, as it is
+    once the answer goes out: it answered with the job as last published (RUNNING), after that
+    end was published, so the client's socket followed a job that would send nothing more and
+    never learnt that it had ended."""
+    async with running() as h:
+        h.miner()
+        first = h.spec(idempotency_key="k1")
+        await h.submit(first)
+        await h.flushed()
+        h.store.block_commits()
+        h.dispatcher.miner_call("accept", "gpu-1", first.job_id)
+        h.dispatcher.miner_result("gpu-1", first.job_id, {"text": "ok"}, {}, None, lambda j: None)
+        await h.settle()
+        assert h.store.waiting == 1  # the end is being committed
+        answers: list[tuple[str, str, bool]] = []
+        with anyio.fail_after(5):
+            await h.dispatcher.submit(
+                h.spec(idempotency_key="k1"),
+                lambda rec, existed: answers.append((rec.job_id, rec.state, existed)),
+            )
+        h.store.release_commits()
+        await h.flushed()
+        assert answers == [(first.job_id, "COMPLETED", True)]
+
+
 async def test_idempotent_submit_finds_a_job_only_the_store_remembers() -> None:
     """After a restart a finished job's key is found in the store and answered as a duplicate."""
     async with running() as h:
