@@ -673,8 +673,11 @@ class Dispatcher:
                 return False
             if job.state not in TERMINAL:
                 return True
-            rec = self._visible.get(job_id)  # its terminal event may not be published yet
-            return rec is not None and rec.state not in TERMINAL
+            # Its terminal event may not be published yet: then the job as last published is
+            # not terminal, or there is none (a job restored at start-up that had no event
+            # since). A published end stays in ``_visible`` while the scheduler keeps the job.
+            rec = self._visible.get(job_id)
+            return rec is None or rec.state not in TERMINAL
 
         self.fanout.unsubscribe(sub, job_ids, live=live)
 

@@ -727,6 +727,27 @@ async def test_a_job_whose_end_is_not_yet_published_is_muted_until_it_is() -> No
         assert sub.muted == set()
 
 
+async def test_a_restored_job_whose_end_is_not_yet_published_is_muted_until_it_is() -> None:
+    """As above for a job restored at start-up that had no event since (nothing of it
+    published yet): it was not muted, and its end reached the socket after the unsubscribe."""
+    async with running() as h:
+        spec = h.spec()
+        await h.submit(spec)
+        await h.flushed()
+    async with running(h.store) as h2:
+        sub = h2.subscriber()
+        h2.dispatcher.fanout.subscribe_all(sub)
+        h2.store.block_commits()
+        h2.dispatcher.cancel("c1", spec.job_id, lambda job: None)
+        await h2.settle()
+        h2.dispatcher.unsubscribe(sub, [spec.job_id])
+        assert sub.muted == {spec.job_id}
+        h2.store.release_commits()
+        await h2.flushed()
+        assert events(sub.outbox) == []
+        assert sub.muted == set()
+
+
 async def test_resubscribing_without_after_does_not_replay_twice() -> None:
     """A second subscribe to a job already followed is a no-op."""
     async with running() as h:
