@@ -11,6 +11,7 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -897,6 +898,15 @@ class Dispatcher:
         """Return once everything queued so far is committed (e.g. before a refusal that
         reveals state, such as a balance that counts uncommitted reservations)."""
         await self._until_committed(self._commit_then)
+
+    async def before_refusal(self) -> None:
+        """Wait until the state a refusal was decided on is durable, as ``barrier`` (a refusal
+        must not reveal uncommitted state: a job whose end is being committed is not
+        cancelable yet). Returns at once when the writer is not running: nothing more commits.
+        """
+        if self.running:
+            with contextlib.suppress(Unavailable):  # the writer stopped on a failed commit
+                await self.barrier()
 
     def _commit_then(self, then: Callable[[None], None]) -> None:
         """``after_commit`` for ``_until_committed``: ``then(None)`` once all is durable."""

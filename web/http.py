@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dispatcher.errors import DispatchError
+from dispatcher.errors import DispatchError, Unavailable
 from protocol.codec import input_refusal
 from web.errors import http_status_for
 from web.schemas import SCHEMAS, ValidationFailed, validate
@@ -384,6 +384,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         except HTTPError as exc:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)
         except DispatchError as exc:
+            if not isinstance(exc, Unavailable):
+                await core.dispatcher.before_refusal()
             return json_response({"detail": str(exc)}, http_status_for(exc))
         except ClientDisconnect:
             return ALREADY_SENT  # gone before its body ended: nobody to answer

@@ -138,6 +138,7 @@ async def cancel(call: Call) -> Response:
         await owned_job(call, job_id)  # 404 unless it is ours and simply no longer live
         raise HTTPError(409, "job not cancelable") from None
     except InvalidTransition:
+        await call.core.dispatcher.before_refusal()
         raise HTTPError(409, "job not cancelable") from None
     return json_response(call.core.job_view(rec))
 

@@ -329,6 +329,7 @@ async def _submit_result(
             raise HTTPError(409, "job is not assigned to this miner") from None
         return json_response({"status": "ok", "receipt": receipt})
     except NotAssigned:
+        await dispatcher.before_refusal()
         raise _not_held(await _job_state(call, job_id)) from None
     return json_response({"status": "ok", "receipt": rec.receipt})
 
@@ -359,6 +360,7 @@ async def _fail(
     try:
         await call.core.dispatcher.rest_fail(miner_id, job_id, code, message, retryable=retryable)
     except (UnknownJob, NotAssigned):
+        await call.core.dispatcher.before_refusal()
         rec = await call.core.dispatcher.get_job(job_id)
         if rec is None:
             raise HTTPError(404, "job not found") from None

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from dispatcher.clock import Clock
+    from storage.base import Store
 
 
 class Api:
@@ -87,10 +88,10 @@ def miner_headers(miner_id: str | None, key: str = MINER_KEY) -> dict[str, str]:
 
 @asynccontextmanager
 async def running_api(
-    tmp_path: Path, clock: Clock | None = None, **settings: Any
+    tmp_path: Path, clock: Clock | None = None, store: Store | None = None, **settings: Any
 ) -> AsyncIterator[Api]:
     clock = SystemClock() if clock is None else clock
-    app = create_app(make_settings(tmp_path, **settings), clock=clock)
+    app = create_app(make_settings(tmp_path, **settings), store=store, clock=clock)
     with anyio.fail_after(20):
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

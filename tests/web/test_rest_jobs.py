@@ -6,15 +6,18 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, running_api
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
     from pathlib import Path
+
+    import httpx
 
 pytestmark = pytest.mark.anyio
 
@@ -272,6 +275,34 @@ async def test_cancel_terminal_is_409_and_foreign_is_404(api: Api) -> None:
         f"/v1/jobs/{other['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY_2}
     )
     assert r.status_code == 404
+
+
+async def test_a_cancel_refused_by_an_end_not_yet_durable_waits_for_it(tmp_path: Path) -> None:
+    """A cancel refused because the job has just ended is answered once that end is committed
+    (the 409 went out at once: a crash before the commit left the job running, though its
+    client had been told it could no longer be canceled)."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        assert (await api.register()).status_code == 200
+        job = await api.submit()
+        assert (await api.poll()).json()["job_id"] == job["job_id"]
+        answers: list[tuple[str, int]] = []
+
+        async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
+            answers.append((name, (await request).status_code))
+
+        store.block_commits()
+        cancel = api.http.post(
+            f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY}
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer, "result", api.result(job["job_id"]))
+            await api.settle()  # the result's commit is in flight
+            tg.start_soon(answer, "cancel", cancel)
+            await api.settle()
+            assert answers == []
+            store.release_commits()
+        assert answers == [("result", 200), ("cancel", 409)]
 
 
 async def test_not_found_and_method_not_allowed_are_json(api: Api) -> None:

@@ -13,11 +13,11 @@ from dispatcher.clock import SystemClock
 from protocol.receipts import verify_receipt
 from protocol.types import iso_time
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, MINER_KEY_2
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, miner_headers, running_api
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
     from pathlib import Path
 
     import httpx
@@ -514,6 +514,43 @@ async def test_result_after_cancel_is_409(api: Api) -> None:
     r = await api.result(job["job_id"])
     assert r.status_code == 409
     assert (await api.job(job["job_id"]))["state"] == "CANCELED"
+
+
+@pytest.mark.parametrize("report", ["result", "fail"])
+async def test_a_report_refused_by_a_cancel_not_yet_durable_waits_for_it(
+    tmp_path: Path, report: str
+) -> None:
+    """A result or failure refused because the job was just canceled is answered once the
+    cancel is committed (the 409 went out at once: a crash before the commit left the job
+    running on a miner that had dropped it, until its lease ran out)."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        job = await started(api)
+        answers: list[tuple[str, int]] = []
+
+        async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
+            answers.append((name, (await request).status_code))
+
+        store.block_commits()
+        cancel = api.http.post(
+            f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY}
+        )
+        fail = {"error_code": "E1", "error_message": "boom"}
+        refused = (
+            api.result(job["job_id"])
+            if report == "result"
+            else api.http.post(
+                f"/v1/miners/m1/jobs/{job['job_id']}/fail", json=fail, headers=miner_headers("m1")
+            )
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer, "cancel", cancel)
+            await api.settle()  # the cancel's commit is in flight
+            tg.start_soon(answer, report, refused)
+            await api.settle()
+            assert answers == []
+            store.release_commits()
+        assert answers == [("cancel", 200), (report, 409)]
 
 
 async def test_expired_job_seen_expired_and_never_polled(api: Api) -> None:
