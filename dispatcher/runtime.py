@@ -85,7 +85,7 @@ class MinerSink(Protocol):
     def close(self, code: CloseCode, reason: str) -> None: ...
 
 
-_Action = Effect | Callable[[], None]
+_Action = Persist | Assign | Revoke | Callable[[], None]  # a CloseSession: see _closer
 # Called with every committed job event, its job and its encoded ``job.event`` frame.
 EventWatcher = Callable[[JobRecord, EventRecord, str], None]
 T = TypeVar("T")
@@ -297,10 +297,13 @@ class Dispatcher:
                         )
                     )
                 persists.append(effect)
+            elif isinstance(effect, Assign):
+                actions.append(effect)
+                self._urgent = True
+            elif isinstance(effect, CloseSession):
+                actions.append(self._closer(effect))
             else:
                 actions.append(effect)
-                if isinstance(effect, Assign):
-                    self._urgent = True
         if reply is not None:
             actions.append(reply)
         actions += persists
@@ -438,12 +441,22 @@ class Dispatcher:
                     sink.send_frame(
                         encode(JobCancel(job_id=action.job_id, reason=action.reason)).decode()
                     )
-            elif isinstance(action, CloseSession):
-                sink = self._sinks.pop(action.session_id, None)
-                if sink is not None:
-                    sink.close(action.code, action.reason)
             else:
                 action()
+
+    def _closer(self, close: CloseSession) -> Callable[[], None]:
+        """Close the session's sink as it is now, once the batch is durable. A REST miner's
+        session id is reused: when it is back by then (its next call after an operator's
+        disconnect), it has a sink of its own (``_rest_connect``), which stays."""
+        session_id, sink = close.session_id, self._sinks.get(close.session_id)
+
+        def perform() -> None:
+            if sink is not None:
+                if self._sinks.get(session_id) is sink:
+                    del self._sinks[session_id]
+                sink.close(close.code, close.reason)
+
+        return perform
 
     def _remember(self, rec: JobRecord) -> None:
         self._visible[rec.job_id] = rec
@@ -811,9 +824,12 @@ class Dispatcher:
 
     def _rest_connect(self, m: MinerRecord, *, resume: bool) -> None:
         assert m.session_id is not None
-        sink = self._sinks.get(m.session_id)
-        if not isinstance(sink, _RestSink):
-            sink = self._sinks[m.session_id] = _RestSink(self, m.miner_id)
+        miner = self.scheduler.miners.get(m.miner_id)
+        live = miner is not None and miner.connected and miner.session_id == m.session_id
+        if not (live and isinstance(self._sinks.get(m.session_id), _RestSink)):
+            # Not a live REST session (new, or back after an operator's disconnect whose close
+            # may still wait for its commit): a sink of its own, which that close leaves alone.
+            self._sinks[m.session_id] = _RestSink(self, m.miner_id)
         _, effects = self.scheduler.connect(
             m.miner_id,
             m.session_id,

@@ -886,6 +886,39 @@ async def test_a_rest_miner_disconnected_by_an_operator_is_back_at_its_next_call
     assert heartbeat.status_code == 200, heartbeat.text
 
 
+async def test_a_rest_miner_back_while_its_disconnect_commits_stays_back(tmp_path: Path) -> None:
+    """A heartbeat that arrives while the operator's disconnect is being committed brings the
+    miner back at once; the disconnect's close, performed after that commit, must not end the
+    new session (it dropped its sink: every later poll was 404 until the miner registered
+    again, and a job assigned to it meanwhile reached nobody)."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        held = await started(api, "m1")
+        answers: dict[str, int] = {}
+
+        async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
+            answers[name] = (await request).status_code
+
+        store.block_commits()
+        submit = api.http.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY})
+        disconnect = api.http.post(
+            "/v1/admin/miners/m1/disconnect", headers={"X-Api-Key": ADMIN_KEY}
+        )
+        heartbeat = api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer, "submit", submit)  # another client's: a commit in flight
+            await api.settle()
+            tg.start_soon(answer, "disconnect", disconnect)
+            await api.settle()  # its close waits for the batch in flight
+            tg.start_soon(answer, "heartbeat", heartbeat)
+            await api.settle()
+            store.release_commits()
+        assert answers == {"submit": 201, "disconnect": 200, "heartbeat": 200}
+        assert (await api.result(held["job_id"], "m1")).status_code == 200
+        polled = await api.poll("m1")  # the job submitted above
+        assert polled.status_code == 200, polled.text
+
+
 async def test_a_rest_miner_back_after_an_operators_disconnect_keeps_its_job(
     tmp_path: Path,
 ) -> None:
