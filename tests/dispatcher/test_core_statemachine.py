@@ -2,8 +2,9 @@
 
 Rules submit jobs, connect/disconnect/resume miners, change their status, act on the jobs
 they were pushed (accept, reject, progress, complete, fail — including stale attempts),
-cancel jobs and advance time. After every step the invariants of core.py's module docstring
-are checked against the scheduler's state and against every effect it returned.
+cancel jobs, play the operator (cancel, requeue, disconnect) and advance time. After every
+step the invariants of core.py's module docstring are checked against the scheduler's state
+and against every effect it returned.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from dispatcher.core import JobSpec, Scheduler, SchedulerConfig
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
-from dispatcher.errors import InvalidTransition, NotAssigned, UnknownJob
+from dispatcher.errors import InvalidTransition, NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import ACTIVE, TERMINAL, Job, JobState
 from dispatcher.policy import JobNeeds, matches
 from protocol.types import CloseCode, JSONObject
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from protocol.records import JobRecord
 
 MINERS = ("m0", "m1", "m2")
@@ -126,8 +129,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                     assert miner.connected
                     assert effect.session_id == miner.session_id
                 case CloseSession():
-                    assert effect.code is CloseCode.REPLACED
-                    assert effect.session_id != self.s.miners[effect.miner_id].session_id
+                    self.check_close(effect)
         for persist in last.values():  # a job's last snapshot of a call is current
             assert persist.job.seq == persist.event.seq
             assert persist.job.state == persist.event.state
@@ -140,6 +142,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             miner = self.s.miners[miner_id]
             assert len(miner.jobs) <= miner.concurrency
         self.prev_held = {m: len(miner.jobs) for m, miner in self.s.miners.items()}
+
+    def check_close(self, close: CloseSession) -> None:
+        """A session is closed when a newer one replaced it, or by an operator (then it is
+        over: its miner is away or gone)."""
+        miner = self.s.miners.get(close.miner_id)
+        if close.code is CloseCode.REPLACED:
+            assert miner is not None
+            assert close.session_id != miner.session_id
+        else:
+            assert close.code is CloseCode.NORMAL
+            assert miner is None or not miner.connected
 
     @staticmethod
     def check_charging(prev: JobRecord | None, rec: JobRecord, kind: str, data: JSONObject) -> None:
@@ -259,6 +272,50 @@ class SchedulerMachine(RuleBasedStateMachine):
             miner = None if miner_id is None else self.s.miners.get(miner_id)
             assert miner is None or job_id not in miner.jobs  # the slot is free
             self.apply(effects)
+
+    @rule(data=st.data())
+    def admin_cancel(self, data: st.DataObject) -> None:
+        """An operator cancels any client's job (an ended one is refused, nothing changes)."""
+        if not self.s.jobs:
+            return
+        job_id = data.draw(st.sampled_from(sorted(self.s.jobs)))
+        job = self.s.jobs[job_id]
+        if job.state in TERMINAL:
+            self.unchanged(job_id, lambda: self.s.admin_cancel(job_id, self.now), InvalidTransition)
+            return
+        _, effects = self.s.admin_cancel(job_id, self.now)
+        assert (job.state, job.miner_id) == (JobState.CANCELED, None)
+        self.apply(effects)
+
+    @rule(data=st.data())
+    def admin_requeue(self, data: st.DataObject) -> None:
+        """An operator takes a RUNNING job back from its miner (connected or away): queued
+        again, not charged, never offered to that miner again; anything else is refused."""
+        running = sorted(j.job_id for j in self.s.jobs.values() if j.state is JobState.RUNNING)
+        pool = running if running and data.draw(st.integers(0, 3)) else sorted(self.s.jobs)
+        if not pool:
+            return
+        job_id = data.draw(st.sampled_from(pool))
+        job = self.s.jobs[job_id]
+        if job.state is not JobState.RUNNING:
+            self.unchanged(job_id, lambda: self.s.requeue(job_id, self.now), InvalidTransition)
+            return
+        miner_id, attempt, failures = job.miner_id, job.attempt, job.failures
+        assert miner_id is not None
+        connected = self.s.miners[miner_id].connected
+        _, effects = self.s.requeue(job_id, self.now)
+        revokes = [e for e in effects if isinstance(e, Revoke)]
+        assert [(r.miner_id, r.job_id) for r in revokes] == (
+            [(miner_id, job_id)] if connected else []
+        )
+        self.apply(effects)
+        assert job.failures == failures
+        assert job.miner_id != miner_id
+        self.check_released([(job_id, attempt)])
+        if miner_id in self.away:  # taken while away: its resume names the job in ``revoked``
+            due, session, started = self.away[miner_id]
+            self.away[miner_id] = (due, session, [p for p in started if p[0] != job_id])
+            self.taken.setdefault(miner_id, []).append(job_id)
 
     # ---- miners -------------------------------------------------------------------------
 
@@ -388,12 +445,45 @@ class SchedulerMachine(RuleBasedStateMachine):
         if miner is None or not miner.connected:
             assert self.s.disconnect(miner_id, self.last_session.get(miner_id, "x"), self.now) == []
             return
+        self.gone(miner_id, lambda: self.s.disconnect(miner_id, miner.session_id, self.now))
+
+    @rule(data=st.data())
+    def operator_disconnect(self, data: st.DataObject) -> None:
+        """An operator closes a miner's session: as if its socket closed (UnknownMiner unless
+        it is connected)."""
+        miner_id = data.draw(st.sampled_from(MINERS))
+        miner = self.s.miners.get(miner_id)
+        if miner is None or not miner.connected:
+            before = self.s.statistics()
+            try:
+                self.s.disconnect_miner(miner_id, self.now)
+            except UnknownMiner:
+                pass
+            else:  # pragma: no cover - a failure of the scheduler
+                raise AssertionError(f"expected UnknownMiner for {miner_id}")
+            assert self.s.statistics() == before
+            assert self.s._effects == []
+            return
+        session = miner.session_id
+
+        def call() -> list[Effect]:
+            effects = self.s.disconnect_miner(miner_id, self.now)
+            closes = [e for e in effects if isinstance(e, CloseSession)]
+            assert [(c.session_id, c.code) for c in closes] == [(session, CloseCode.NORMAL)]
+            return effects
+
+        self.gone(miner_id, call)
+
+    def gone(self, miner_id: str, call: Callable[[], list[Effect]]) -> None:
+        """``call()`` ends the live session of ``miner_id``: unaccepted jobs go back at once,
+        started ones wait for the resume grace."""
+        miner = self.s.miners[miner_id]
         session = miner.session_id
         unaccepted = [
             (j, self.s.jobs[j].attempt) for j in miner.jobs if not self.s.jobs[j].accepted
         ]
         started = [(j, self.s.jobs[j].attempt) for j in miner.jobs if self.s.jobs[j].accepted]
-        effects = self.s.disconnect(miner_id, session, self.now)
+        effects = call()
         assert not [e for e in effects if isinstance(e, Assign) and e.miner_id == miner_id]
         self.apply(effects)
         self.check_released(unaccepted)  # unaccepted jobs go back at once
