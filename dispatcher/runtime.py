@@ -928,10 +928,16 @@ class Dispatcher:
         """``after_commit`` for ``_until_committed``: ``then(None)`` once all is durable."""
         self.after_commit(lambda: then(None))
 
-    def _rest_miner(self, miner_id: str) -> _RestSink:
+    def _rest_back(self, miner_id: str) -> None:
+        """Any call of a REST miner an operator disconnected brings it back: it resumes what
+        it still holds, as at start-up (a result it posts is then that of a connected miner,
+        paid to the payout wallet its capabilities name)."""
         away = self._rest_away.pop(miner_id, None)
-        if away is not None:  # back after an operator's disconnect: resume, as at start-up
+        if away is not None:
             self._rest_connect(away, resume=True)
+
+    def _rest_miner(self, miner_id: str) -> _RestSink:
+        self._rest_back(miner_id)
         miner = self.scheduler.miners.get(miner_id)
         sink = self._sinks.get(REST_SESSION_PREFIX + miner_id)
         if miner is None or not miner.rest or not isinstance(sink, _RestSink):
@@ -1019,6 +1025,7 @@ class Dispatcher:
         self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject
     ) -> JobRecord:
         """Complete a job held by a REST miner; returns the committed record (with receipt)."""
+        self._rest_back(miner_id)
         self._rest_alive(miner_id)
         return await self._until_committed(
             lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then)
@@ -1029,6 +1036,7 @@ class Dispatcher:
     ) -> None:
         """A REST miner's failure of a job it holds: FAILED, or with ``retryable`` queued again
         (charged an attempt; FAILED once they are used up). Returns once durable."""
+        self._rest_back(miner_id)
         self._rest_alive(miner_id)
         self.miner_call(
             "fail",

@@ -101,6 +101,27 @@ async def test_completion_pays_the_receipt_price_and_returns_the_rest(tmp_path: 
         )
 
 
+async def test_a_result_after_an_operators_disconnect_pays_the_payout_wallet(
+    tmp_path: Path,
+) -> None:
+    """A REST miner an operator disconnected posts the result of the job it ran: its payout
+    wallet is paid (the completion dropped the away miner before the payment was staged, which
+    then went to miner:m1 as for a miner that named no wallet)."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, billing=True) as api:
+        user = await funded_user(api)
+        job = (await submit(api, user, "4")).json()
+        caps = {"price": 0.1, "payout_address": PAYOUT}
+        assert (await api.register("m1", capabilities=caps)).status_code == 200
+        assert (await api.poll("m1")).status_code == 200
+        r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        clock.advance(10)
+        assert (await api.result(job["job_id"], "m1")).status_code == 200
+        assert (await account(api, f"wallet:{PAYOUT}"))["balance"] == "1.00000000"
+        assert (await account(api, "miner:m1"))["balance"] == "0.00000000"
+
+
 async def priced_job(api: Api, clock: FakeClock) -> tuple[Any, Any, Any]:
     """A funded user reserves 0.5 for a job that miner m1 (price 1/s) runs for 10 s:
     (user, job, receipt)."""
