@@ -72,3 +72,32 @@ async def test_requeue_drain_and_disconnect() -> None:
         assert second.closed == (1000, "disconnected by an operator")
         with pytest.raises(UnknownMiner):
             await h.dispatcher.disconnect_miner("gpu-2")
+
+
+async def test_a_rest_registration_while_its_socket_replacement_commits_keeps_its_polls() -> None:
+    """A REST miner registers again while the socket session that replaced it is being
+    committed: the replaced session's close, performed after that commit, ends the old REST
+    session only (it dropped the new one's sink: every poll was refused as unregistered)."""
+    async with running() as h:
+        d = h.dispatcher
+
+        async def register() -> None:
+            await d.rest_register(
+                miner_id="gpu-1", key_hash="k" * 64, capabilities={}, concurrency=1, region=None
+            )
+
+        with anyio.fail_after(5):
+            await register()
+        h.store.block_commits()
+        h.miner("gpu-1")  # a socket session of the same miner replaces the REST one
+        await h.settle()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(register)
+            await h.settle()
+            h.store.release_commits()
+        spec = h.spec()
+        await h.submit(spec)
+        with anyio.fail_after(5):
+            polled = await d.rest_poll("gpu-1", 0)
+        assert polled is not None
+        assert polled.job_id == spec.job_id
