@@ -117,6 +117,7 @@ class Dispatcher:
         self.running = False
         self._closing = False
         self._waiting: set[anyio.Event] = set()  # ``_until_committed`` callers (see there)
+        self._gone: str | None = None  # why, once the writer has stopped: nothing more commits
         self._writes = WriteBatch()
         self._actions: list[_Action] = []
         # Makes the Events of the hot paths (two per batch, one per waiting request). Plain
@@ -189,11 +190,13 @@ class Dispatcher:
                 await self._write_loop()
             except BaseException:
                 self._closing = True  # a failed commit: nothing more is taken, and nobody waits
+                self._gone = "the coordinator is stopping: a commit failed"
                 for done in list(self._waiting):
                     done.set()
                 raise
             finally:
                 self.running = False
+                self._gone = self._gone or "the coordinator is shutting down"
                 tg.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -483,14 +486,17 @@ class Dispatcher:
         return await self._wait_committed(done, box)
 
     async def _wait_committed(self, done: anyio.Event, box: list[T]) -> T:
-        """Wait for ``done``; ``box`` then holds the answer, unless the writer failed."""
-        self._waiting.add(done)
-        try:
-            await done.wait()
-        finally:
-            self._waiting.discard(done)
+        """Wait for ``done``; ``box`` then holds the answer, unless the writer stopped first
+        (a failed commit; or shutdown, for work queued after its last batch): then nothing
+        more is committed, and the caller is refused at once."""
+        if self._gone is None:
+            self._waiting.add(done)
+            try:
+                await done.wait()
+            finally:
+                self._waiting.discard(done)
         if not box:
-            raise Unavailable("the coordinator is stopping: a commit failed")
+            raise Unavailable(self._gone or "the coordinator is stopping: a commit failed")
         return box[0]
 
     # ---- clients ----------------------------------------------------------------------------

@@ -579,6 +579,37 @@ async def test_an_event_replayed_before_it_is_published_is_delivered_once(
         assert sub.job_ids == (set() if ends else {job_id})
 
 
+async def test_a_call_after_a_failed_commit_is_refused_at_once() -> None:
+    """A REST miner's result that arrives once the writer has stopped on a failed commit is
+    answered ``Unavailable`` at once (it waited for a commit that never came, until the
+    process went down)."""
+    store = _FailingStore()
+    await store.open()
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+
+    def spec(job_id: str) -> JobSpec:
+        return JobSpec(job_id=job_id, client_id="c1", payload={}, constraints={})
+
+    async def serve() -> None:
+        with pytest.raises(ExceptionGroup):
+            await dispatcher.serve()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            await dispatcher.rest_register(
+                miner_id="m1", key_hash="k" * 64, capabilities={}, concurrency=1, region=None
+            )
+            await dispatcher.submit_wait(spec("j1"))
+            polled = await dispatcher.rest_poll("m1", 0)
+            assert polled is not None
+            store.fail = True
+            with pytest.raises(Unavailable):
+                await dispatcher.submit_wait(spec("j2"))
+        with pytest.raises(Unavailable):
+            await dispatcher.rest_result("m1", "j1", {}, {})
+
+
 async def test_subscribe_after_skips_what_the_client_has() -> None:
     """``after`` replays only newer events, then live events follow."""
     async with running() as h:
