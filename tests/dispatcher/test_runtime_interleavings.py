@@ -1,4 +1,5 @@
-"""``Dispatcher`` under random interleavings: miner and client calls, subscribes with any
+"""``Dispatcher`` under random interleavings: miner and client calls, the miner leaving and
+coming back, time passing (accept timeouts, expiry, the resume grace), subscribes with any
 ``after``, duplicate submits, and commits and store reads held open at random points.
 
 Whatever the order, every subscriber sees each event of a job it follows once, in order, with
@@ -64,6 +65,7 @@ step = st.one_of(
     st.tuples(st.just("subscribe"), st.integers(0, 3)),
     st.tuples(st.just("follow_all"), st.integers(0, 3)),
     st.tuples(st.just("duplicate"), st.integers(0, JOBS - 1)),
+    st.tuples(st.sampled_from(["advance", "gone", "back"]), st.just(0)),
 )
 
 
@@ -102,6 +104,17 @@ class World:
             await anyio.wait_all_tasks_blocked()
         else:
             getattr(self, kind)(arg)
+
+    def advance(self, _: object) -> None:
+        """Time passes: accept timeouts, expiry and the resume grace fire."""
+        self.h.clock.advance(5.0)
+
+    def gone(self, _: object) -> None:
+        self.h.dispatcher.miner_gone("gpu-1", "gpu-1-session")
+
+    def back(self, _: object) -> None:
+        """The miner says hello again (a restart: what it held goes back to the queue)."""
+        self.h.miner(concurrency=JOBS)
 
     def block(self, stored_first: bool) -> None:
         if not self.blocked:
@@ -177,7 +190,7 @@ async def test_every_subscriber_sees_each_event_once_in_order_and_only_once_stor
 ) -> None:
     async with running(max_attempts=5) as h:
         h.miner(concurrency=JOBS)
-        specs = [h.spec(idempotency_key=f"k{i}") for i in range(JOBS)]
+        specs = [h.spec(idempotency_key=f"k{i}", ttl_seconds=20 + 10 * i) for i in range(JOBS)]
         for spec in specs:
             await h.submit(spec)
         await h.flushed()
