@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from dispatcher.jobs import Job
+    from storage.base import WriteBatch
 
 pytestmark = pytest.mark.anyio
 
@@ -577,6 +578,53 @@ async def test_an_event_replayed_before_it_is_published_is_delivered_once(
             (job_id, seq, kind) for seq, kind in tail
         ]
         assert sub.job_ids == (set() if ends else {job_id})
+
+
+class _FailingStore(RecordingStore):
+    """Once ``fail`` is set, every commit stores its batch and then raises (a lost connection)."""
+
+    fail = False
+
+    async def commit(self, batch: WriteBatch) -> None:
+        await super().commit(batch)
+        if self.fail:
+            raise StorageError("connection lost")
+
+
+async def test_a_replay_waiting_for_a_batch_whose_commit_fails_ends() -> None:
+    """The replay that waits for the batch in flight to be published is let go, refused
+    ``Unavailable``, when that commit fails (the writer stops and never publishes it)."""
+    store = _FailingStore()
+    await store.open()
+    dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
+    spec = JobSpec(job_id="j1", client_id="c1", payload={}, constraints={})
+    sub = Subscriber("c1", RecordingOutbox())
+    refused: list[str] = []
+
+    async def serve() -> None:
+        with pytest.raises(ExceptionGroup):
+            await dispatcher.serve()
+
+    async def subscribe() -> None:
+        with pytest.raises(Unavailable) as caught:
+            await dispatcher.subscribe(sub, ["j1"], {})
+        refused.append(str(caught.value))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            await anyio.wait_all_tasks_blocked()
+            dispatcher.submit_now(spec, lambda rec, existed: None)
+            await dispatcher.wait_flushed()
+            store.block_commits(stored=True)
+            store.fail = True
+            dispatcher.cancel("c1", "j1", lambda rec: None)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(subscribe)
+            await anyio.wait_all_tasks_blocked()
+            store.release_commits()
+    assert refused == ["the coordinator is stopping: a commit failed"]
+    assert events(sub.outbox) == [("j1", 1, "queued"), ("j1", 2, "canceled")]
 
 
 async def test_a_call_after_a_failed_commit_is_refused_at_once() -> None:

@@ -118,7 +118,7 @@ class World:
 
     def block(self, stored_first: bool) -> None:
         if not self.blocked:
-            self.h.store.block_commits(stored_first=stored_first)
+            self.h.store.block_commits(stored=stored_first)
             self.blocked = True
 
     def release(self, _: object) -> None:
