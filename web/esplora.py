@@ -59,9 +59,12 @@ class EsploraWatcher:
 
     async def poll_once(self, http: httpx.AsyncClient) -> None:
         """Check every pending payment once, then expire what was due when the poll began (what
-        fell due during it may have been paid after its address was read)."""
+        fell due during it may have been paid after its address was read). An address the API
+        fails to list holds up its own payments only: they are not expired (they may have been
+        paid), and the others are checked as usual."""
         exchange = self.exchange
         began = self.clock.now()
+        unread: set[str] = set()
         if exchange.pending:
             tip = int((await self._get(http, "/blocks/tip/height")).text.strip())
             by_address: dict[str, list[str]] = {}
@@ -72,10 +75,16 @@ class EsploraWatcher:
                     since.get(pending.address, pending.created_at), pending.created_at
                 )
             for address, ids in by_address.items():
-                txs = await self._txs(http, address, since[address] - BLOCK_TIME_SLACK)
+                try:
+                    txs = await self._txs(http, address, since[address] - BLOCK_TIME_SLACK)
+                except (httpx.HTTPError, ValueError) as exc:  # its payments wait: maybe paid
+                    self.errors += 1
+                    log.warning("payment watcher: %s: %s: %s", address, type(exc).__name__, exc)
+                    unread.add(address)
+                    continue
                 for payment_id in ids:
                     await self._check(http, payment_id, txs, tip)
-        await exchange.expire_due(began)
+        await exchange.expire_due(began, unread)
         self.polls += 1
 
     async def _txs(self, http: httpx.AsyncClient, address: str, since: float) -> Any:

@@ -27,6 +27,8 @@ from storage.base import PaymentRecord
 from web.http import HTTPError
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from dispatcher.clock import Clock
     from dispatcher.runtime import Dispatcher
     from storage.base import Store, WalletSnapshot, WriteBatch
@@ -255,10 +257,11 @@ class Exchange:
             self.pending[payment_id] = updated
             await self._save(updated)
 
-    async def expire_due(self, now: float | None = None) -> None:
+    async def expire_due(self, now: float | None = None, unread: Collection[str] = ()) -> None:
         """Pending payments past their expiry with no output seen (or one lost for
         LOST_GRACE_SECONDS) become expired, all in one write (one commit each made a read wait
-        for as many commits as were overdue). ``now``: the time to judge by (the clock's)."""
+        for as many commits as were overdue). ``now``: the time to judge by (the clock's);
+        ``unread``: addresses the watcher could not read, whose payments wait."""
         if now is None:
             now = self.clock.now()
         lost_before = now - LOST_GRACE_SECONDS
@@ -266,6 +269,7 @@ class Exchange:
             r
             for r in self.pending.values()
             if r.expires_at <= now
+            and r.address not in unread
             and (r.tx_hash is None or self.lost.get(r.payment_id, now) <= lost_before)
         ]
         if not due:

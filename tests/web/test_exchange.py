@@ -276,6 +276,7 @@ class FakeEsplora:
         self.body: bytes | None = None  # the txs answer as is, when set
         self.broken: set[str] = set()  # txids whose lookup fails (502)
         self.nulls: set[str] = set()  # txids whose lookup answers 200 null
+        self.broken_addresses: set[str] = set()  # addresses whose list fails (500)
         self.on_txs: Callable[[str], None] | None = None  # called with each address asked
         # Answer as Esplora does: newest first, at most 50 unconfirmed and 25 confirmed, older
         # confirmed ones by pages of 25 (``/address/{a}/txs/chain/{last txid}``).
@@ -323,6 +324,8 @@ class FakeEsplora:
                 return Response(self.body, media_type="application/json")
             if self.on_txs is not None:
                 self.on_txs(request.path_params["address"])
+            if request.path_params["address"] in self.broken_addresses:
+                return PlainTextResponse("internal error", status_code=500)
             listed = self.txs.get(request.path_params["address"], [])
             if not self.paged:
                 return JSONResponse(listed)
@@ -460,9 +463,11 @@ async def test_watcher_survives_a_failing_api_and_a_restart(tmp_path: Path) -> N
         assert await client_balance(api) == "10.00000000"
 
 
-async def test_a_deeply_nested_answer_is_an_api_error(tmp_path: Path) -> None:
-    """Esplora's JSON is read with a depth limit: 100,000 nested arrays fail the poll as a
-    ValueError, which the watcher logs and retries. The stdlib parser raised RecursionError,
+async def test_a_deeply_nested_answer_is_an_api_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Esplora's JSON is read with a depth limit: 100,000 nested arrays fail the address's read
+    as a ValueError, which the watcher logs and retries. The stdlib parser raised RecursionError,
     which ``run`` does not catch (its task took the app down), or, with the recursion limit
     eth-account's import sets (100,000), crashed the process (segmentation fault)."""
     clock = FakeClock()
@@ -472,10 +477,11 @@ async def test_a_deeply_nested_answer_is_an_api_error(tmp_path: Path) -> None:
         limit = sys.getrecursionlimit()
         sys.setrecursionlimit(1000)  # the interpreter's (this process imported eth-account)
         try:
-            with pytest.raises(ValueError, match="depth"):
-                await api.core.watcher.poll_once(http)
+            await api.core.watcher.poll_once(http)  # its address counts as not read
         finally:
             sys.setrecursionlimit(limit)
+        assert api.core.watcher.errors == 1
+        assert "depth" in caplog.text
 
 
 async def test_the_background_watcher_polls_on_the_clock(tmp_path: Path) -> None:
@@ -674,6 +680,30 @@ async def test_a_slow_poll_expires_only_what_was_due_when_it_began(tmp_path: Pat
         seen = (await status(api, q["payment_id"])).json()
         assert (seen["status"], seen["tx_hash"]) == ("pending", TXID)
         assert (await status(api, p["payment_id"])).json()["status"] == "expired"
+
+
+async def test_an_address_the_api_fails_holds_up_only_its_own_payments(tmp_path: Path) -> None:
+    """One address whose list the API fails failed the whole poll: no other payment was
+    confirmed and nothing expired. Now only that address's payments wait (and are not expired:
+    they may have been paid); the others are confirmed or expired as usual."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        bad = (await create(api, aitbc_amount=10)).json()
+        paid = (await create(api, aitbc_amount=10)).json()
+        unpaid = (await create(api, aitbc_amount=10)).json()
+        fake.broken_addresses.add(bad["payment_address"])
+        fake.pay(paid["payment_address"], 10_000, height=100)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, paid["payment_id"])).json()["status"] == "confirmed"
+        clock.advance(3601)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, unpaid["payment_id"])).json()["status"] == "expired"
+        assert (await status(api, bad["payment_id"])).json()["status"] == "pending"
+        assert api.core.watcher.errors == 2
+        fake.broken_addresses.clear()
+        fake.pay(bad["payment_address"], 10_000, txid="cc" * 32, height=100)  # seen late
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, bad["payment_id"])).json()["status"] == "confirmed"
 
 
 async def test_a_lookup_answering_null_does_not_lose_the_transaction(tmp_path: Path) -> None:
