@@ -9,6 +9,7 @@ generation ran, and that pass took 0.7 s.
 from __future__ import annotations
 
 import gc
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -26,7 +27,7 @@ from web.http_protocol import CoalescingHttpProtocol
 from web.transport import CoalescingTransport, CoalescingWSProtocol
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -45,17 +46,32 @@ def cyclic_garbage() -> Iterator[object]:
         gc.set_debug(0)
 
 
+@asynccontextmanager
+async def no_cycles_left(kinds: tuple[type, ...]) -> AsyncIterator[None]:
+    """Run the block with the collector off, then check that no object of ``kinds`` it made
+    is left in a reference cycle (once the server's tasks have returned)."""
+    list(cyclic_garbage())  # what earlier tests left
+    # Held until the end: objects of earlier tests that only become garbage during this one
+    # (their harness lets go of them late) stay out of the count.
+    earlier = [o for o in gc.get_objects() if isinstance(o, kinds)]
+    gc.disable()
+    try:
+        yield
+        for _ in range(20):  # the server's tasks return, then their done callbacks run
+            await anyio.lowlevel.checkpoint()
+        left = [type(o).__name__ for o in cyclic_garbage() if isinstance(o, kinds)]
+        assert left == []
+        del earlier
+    finally:
+        gc.enable()
+
+
 async def test_closed_miner_and_client_sockets_leave_no_reference_cycles(
     server: RunningServer,
 ) -> None:
     """A miner and a client that ran a job and disconnected: none of the server's connection,
     protocol or transport objects is left in a reference cycle."""
-    list(cyclic_garbage())  # what earlier tests left
-    # Held until the end: objects of earlier tests that only become garbage during this one
-    # (their harness lets go of them late) stay out of the count.
-    earlier = [o for o in gc.get_objects() if isinstance(o, OURS)]
-    gc.disable()
-    try:
+    async with no_cycles_left(OURS):
         miner = SimulatedMiner(
             MinerOptions(url=server.url("/v1/miners/ws"), key=MINER_KEY, miner_id="gpu-c"),
             log=lambda line: None,
@@ -76,13 +92,6 @@ async def test_closed_miner_and_client_sockets_leave_no_reference_cycles(
         with anyio.fail_after(5):
             while server.core.connections:  # noqa: ASYNC110 - bounded poll (style §4.7)
                 await anyio.sleep(0.001)
-        for _ in range(20):  # the app's tasks return, then their done callbacks run
-            await anyio.lowlevel.checkpoint()
-        left = [type(o).__name__ for o in cyclic_garbage() if isinstance(o, OURS)]
-        assert left == []
-        del earlier
-    finally:
-        gc.enable()
 
 
 async def test_closed_http_connections_leave_no_reference_cycles(server: RunningServer) -> None:
@@ -91,12 +100,9 @@ async def test_closed_http_connections_leave_no_reference_cycles(server: Running
     or transport objects is left in a reference cycle. The protocol held its last request's
     cycle, which holds the protocol: each closed connection stayed until the collector's
     oldest generation ran (rarely, with the server's thresholds; web/gctune.py)."""
-    list(cyclic_garbage())
-    earlier = [o for o in gc.get_objects() if isinstance(o, HTTP)]
     base = f"http://127.0.0.1:{server.port}"
     miner = {"X-Api-Key": MINER_KEY, "X-Miner-ID": "rest-c"}
-    gc.disable()
-    try:
+    async with no_cycles_left(HTTP):
         for _ in range(3):
             async with httpx.AsyncClient(base_url=base) as http:
                 r = await http.post("/v1/miners/register", json={"capabilities": {}}, headers=miner)
@@ -115,10 +121,3 @@ async def test_closed_http_connections_leave_no_reference_cycles(server: Running
         with anyio.fail_after(5):
             while server.core.dispatcher.scheduler.miners["rest-c"].polls:  # noqa: ASYNC110 - bounded poll (style §4.7)
                 await anyio.sleep(0.001)
-        for _ in range(20):  # the server's tasks return, then their done callbacks run
-            await anyio.lowlevel.checkpoint()
-        left = [type(o).__name__ for o in cyclic_garbage() if isinstance(o, HTTP)]
-        assert left == []
-        del earlier
-    finally:
-        gc.enable()

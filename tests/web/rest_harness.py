@@ -13,11 +13,12 @@ from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, make_settings
 from web.app import create_app
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable
     from pathlib import Path
 
     from dispatcher.clock import Clock
     from storage.base import Store
+    from tests.fakes import RecordingStore
 
 
 class Api:
@@ -68,6 +69,9 @@ class Api:
             f"/v1/miners/{job_id}/result", json=body, headers=miner_headers(miner_id, key)
         )
 
+    async def cancel(self, job_id: str, key: str = CLIENT_KEY) -> httpx.Response:
+        return await self.http.post(f"/v1/jobs/{job_id}/cancel", headers={"X-Api-Key": key})
+
     async def admin(self, path: str) -> dict[str, Any]:
         r = await self.http.get(path, headers={"X-Api-Key": ADMIN_KEY})
         assert r.status_code == 200, r.text
@@ -77,6 +81,27 @@ class Api:
     async def settle(self) -> None:
         with anyio.fail_after(5):
             await anyio.wait_all_tasks_blocked()
+
+
+async def answered_after_commit(
+    api: Api, store: RecordingStore, *requests: tuple[str, Awaitable[httpx.Response]]
+) -> list[tuple[str, int]]:
+    """Send ``requests`` one after the other, each once the previous one's commit is in
+    flight (commits held), check that none is answered before the commits are released, and
+    return their ``(name, status)`` in the order they were answered."""
+    answers: list[tuple[str, int]] = []
+
+    async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
+        answers.append((name, (await request).status_code))
+
+    store.block_commits()
+    async with anyio.create_task_group() as tg:
+        for name, request in requests:
+            tg.start_soon(answer, name, request)
+            await api.settle()
+        assert answers == []
+        store.release_commits()
+    return answers
 
 
 def miner_headers(miner_id: str | None, key: str = MINER_KEY) -> dict[str, str]:

@@ -6,18 +6,16 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
 from tests.fakes import FakeClock, RecordingStore
-from tests.web.rest_harness import Api, running_api
+from tests.web.rest_harness import Api, answered_after_commit, running_api
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
-    import httpx
 
 pytestmark = pytest.mark.anyio
 
@@ -286,22 +284,9 @@ async def test_a_cancel_refused_by_an_end_not_yet_durable_waits_for_it(tmp_path:
         assert (await api.register()).status_code == 200
         job = await api.submit()
         assert (await api.poll()).json()["job_id"] == job["job_id"]
-        answers: list[tuple[str, int]] = []
-
-        async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
-            answers.append((name, (await request).status_code))
-
-        store.block_commits()
-        cancel = api.http.post(
-            f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY}
+        answers = await answered_after_commit(
+            api, store, ("result", api.result(job["job_id"])), ("cancel", api.cancel(job["job_id"]))
         )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(answer, "result", api.result(job["job_id"]))
-            await api.settle()  # the result's commit is in flight
-            tg.start_soon(answer, "cancel", cancel)
-            await api.settle()
-            assert answers == []
-            store.release_commits()
         assert answers == [("result", 200), ("cancel", 409)]
 
 

@@ -14,7 +14,7 @@ from protocol.receipts import verify_receipt
 from protocol.types import iso_time
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, MINER_KEY_2
 from tests.fakes import FakeClock, RecordingStore
-from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable
@@ -526,15 +526,6 @@ async def test_a_report_refused_by_a_cancel_not_yet_durable_waits_for_it(
     store = RecordingStore()
     async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
         job = await started(api)
-        answers: list[tuple[str, int]] = []
-
-        async def answer(name: str, request: Awaitable[httpx.Response]) -> None:
-            answers.append((name, (await request).status_code))
-
-        store.block_commits()
-        cancel = api.http.post(
-            f"/v1/jobs/{job['job_id']}/cancel", headers={"X-Api-Key": CLIENT_KEY}
-        )
         fail = {"error_code": "E1", "error_message": "boom"}
         refused = (
             api.result(job["job_id"])
@@ -543,13 +534,9 @@ async def test_a_report_refused_by_a_cancel_not_yet_durable_waits_for_it(
                 f"/v1/miners/m1/jobs/{job['job_id']}/fail", json=fail, headers=miner_headers("m1")
             )
         )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(answer, "cancel", cancel)
-            await api.settle()  # the cancel's commit is in flight
-            tg.start_soon(answer, report, refused)
-            await api.settle()
-            assert answers == []
-            store.release_commits()
+        answers = await answered_after_commit(
+            api, store, ("cancel", api.cancel(job["job_id"])), (report, refused)
+        )
         assert answers == [("cancel", 200), (report, 409)]
 
 
