@@ -49,10 +49,12 @@ from protocol.types import JSON, JSONObject
 __all__ = [
     "DEPTH_REFUSED",
     "MAX_DEPTH",
+    "CONTROL_CHARACTERS",
     "MAX_ID_LENGTH",
     "MAX_SEQ",
     "NUL_REFUSED",
     "contains_nul",
+    "has_control_character",
     "input_refusal",
     "decode_client_frame",
     "decode_miner_frame",
@@ -124,6 +126,18 @@ def contains_nul(value: JSON) -> bool:
     if isinstance(value, list):
         return any(contains_nul(v) for v in value)
     return False
+
+
+# C0, DEL and C1: the characters no id (a miner's, a client's) may hold, wherever it comes
+# from (a socket hello, X-Miner-ID, an admin account route's ``miner:<id>``). A regular
+# expression class body, so a route's pattern can refuse the same set.
+CONTROL_CHARACTERS = "\\x00-\\x1f\\x7f-\\x9f"
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
+
+
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a control character (``CONTROL_CHARACTERS``)."""
+    return _CONTROL.search(text) is not None
 
 
 # orjson reads 1024 levels of nesting but writes only 254, and every stored document wraps
@@ -280,6 +294,13 @@ def _job_id(d: JSONObject) -> str:
     return v
 
 
+def _miner_id(d: JSONObject) -> str | None:
+    v = _opt_str(d, "miner_id", max_len=128)
+    if v is not None and has_control_character(v):
+        raise _bad("miner_id", "must not contain control characters")
+    return v
+
+
 def _int(d: JSONObject, key: str, default: int | None = None, *, lo: int, hi: int) -> int:
     v = d.get(key)
     if v is None:
@@ -382,7 +403,7 @@ _MINER: dict[str, _Decoder] = {
     "auth": lambda d, i: Auth(token=_str(d, "token", max_len=4096), id=i),
     "hello": lambda d, i: Hello(
         protocol=_int(d, "protocol", lo=0, hi=1_000_000),
-        miner_id=_opt_str(d, "miner_id", max_len=128),
+        miner_id=_miner_id(d),
         capabilities=_obj(d, "capabilities"),
         concurrency=_int(d, "concurrency", 1, lo=1, hi=1024),
         region=_opt_str(d, "region", max_len=128),

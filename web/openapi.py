@@ -132,7 +132,8 @@ def _responses(endpoint: Endpoint, authed: bool) -> dict[str, Any]:
     if reads_body:
         responses.setdefault("413", _error("request body too large"))
     if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
-        # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters
+        # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters or
+        # with a control character
         responses.setdefault("422", _error("invalid request"))
     if authed or endpoint.method == "POST":  # public POSTs are limited per client address
         responses.setdefault("429", {"description": "rate limited (Retry-After)"})

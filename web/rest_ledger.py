@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher.ledger import ADMIN_ACCOUNT, MAX_ISSUED, Movement
 from protocol.amounts import AmountError, format_units, to_units
+from protocol.codec import CONTROL_CHARACTERS
 from web.auth import Role
 from web.http import Call, Endpoint, HTTPError, json_response, page_params
 from web.rest_users import transaction_view
@@ -23,10 +24,12 @@ if TYPE_CHECKING:
 __all__ = ["ENDPOINTS", "account_view"]
 
 # Matched whole (``$`` also matched before a final newline). An id is any text of up to 128
-# characters but control characters: a miner id is UTF-8 (X-Miner-ID, a socket hello), so
-# "gpu-é" or "rack 2/gpu 1" has an account too (with "/": the route's ``{account:id}``).
+# characters but control characters (C0, DEL, C1: what a hello and X-Miner-ID refuse in a
+# miner id, so every miner's account can be read): a miner id is UTF-8 (X-Miner-ID, a socket
+# hello), so "gpu-é" or "rack 2/gpu 1" has an account too (with "/": the route's
+# ``{account:id}``).
 ACCOUNT = re.compile(
-    r"wallet:0x[0-9a-f]{40}|(client|miner|escrow):[^\x00-\x1f\x7f-\x9f]{1,128}"
+    rf"wallet:0x[0-9a-f]{{40}}|(client|miner|escrow):[^{CONTROL_CHARACTERS}]{{1,128}}"
     r"|exchange:btc|system:admin"
 )
 _CREDITABLE = ("wallet:", "client:", "miner:")

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMiner
 from dispatcher.jobs import TERMINAL
 from protocol.amounts import UNIT
+from protocol.codec import has_control_character
 from protocol.types import parse_instant
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
@@ -70,6 +71,8 @@ def miner_id_for(call: Call) -> str:
     given = given.strip()
     if len(given) > 128:
         raise HTTPError(422, "X-Miner-ID is longer than 128 characters")
+    if has_control_character(given):  # as a hello: its ledger account must be readable
+        raise HTTPError(422, "X-Miner-ID must not contain control characters")
     miner_id = given or f"miner-{principal.key_hash[:12]}"
     call.core.dispatcher.check_key(miner_id, principal.key_hash)
     return miner_id

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, strategies as st
 
 from protocol import codec
 from protocol.codec import (
@@ -20,6 +21,7 @@ from protocol.codec import (
     encode,
     encode_assign,
     encode_event,
+    has_control_character,
     loads,
 )
 from protocol.errors import (
@@ -626,6 +628,16 @@ INVALID: list[Any] = [
     pytest.param(
         decode_miner_frame, _obj(type="hello", protocol=1, miner_id="m" * 129), id="miner-id-long"
     ),
+    # control characters (C0, DEL, C1): refused as the admin account route refuses them
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="a\nb"), id="miner-id-newline"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="a\x7f"), id="miner-id-del"
+    ),
+    pytest.param(
+        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="\x85a"), id="miner-id-c1"
+    ),
     pytest.param(
         decode_miner_frame, _obj(type="hello", protocol=1, region=["eu"]), id="region-list"
     ),
@@ -897,6 +909,21 @@ def test_invalid_fields_close_1007(decoder: Decoder, frame: dict[str, Any] | byt
         decoder(data)
     assert not isinstance(info.value, UnknownMessageType)
     assert info.value.close_code == CloseCode.INVALID_DATA == 1007
+
+
+@given(st.text(max_size=128))
+def test_a_hello_miner_id_is_any_text_without_control_characters(miner_id: str) -> None:
+    """The id a hello names is accepted exactly when the admin account route would take its
+    ``miner:`` account (no C0, DEL or C1 character): else 1007, naming the field (NUL is
+    refused in any string before that)."""
+    data = orjson.dumps(_obj(type="hello", protocol=1, miner_id=miner_id))
+    if any(c <= "\x1f" or "\x7f" <= c <= "\x9f" for c in miner_id):
+        assert has_control_character(miner_id)
+        with pytest.raises(RemoteProtocolError, match=r"'miner_id' must not contain control|NUL"):
+            decode_miner_frame(data)
+    else:
+        assert not has_control_character(miner_id)
+        assert decode_miner_frame(data).miner_id == miner_id
 
 
 MALFORMED: list[Any] = [

@@ -367,6 +367,20 @@ def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
             assert [recv(ws)["event"] for _ in range(2)] == ["queued", "assigned"]
 
 
+def test_a_hello_naming_a_miner_id_with_a_control_character_closes_1007(
+    client: TestClient,
+) -> None:
+    """A socket miner could name itself "a\\nb", whose ledger account the admin route refuses
+    (control characters): such a hello breaks the schema like any other field, 1007."""
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "a\nb"})
+        with pytest.raises(WebSocketDisconnect) as info:
+            miner.receive_json()
+    reason = "field 'miner_id' must not contain control characters"
+    assert (info.value.code, info.value.reason) == (1007, reason)
+    assert client.app.state.core.dispatcher.scheduler.miners == {}
+
+
 # ---- authentication -----------------------------------------------------------------------
 
 
