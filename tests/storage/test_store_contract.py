@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import closing
 from dataclasses import replace
@@ -864,9 +865,10 @@ async def test_miner_earnings_sum_its_receipts_in_the_window(store: JobStore) ->
         none = await store.miner_earnings("gpu-9", T0, T0 + 20, 2)
     assert (none.completed, none.billed, none.paid, none.recent) == (0, 0, 0, [])
     # A miner may advertise any finite price: each receipt counts at most 1e18 units, and the
-    # sum neither overflows nor loses a unit (SQLite's TOTAL is a float, exact up to 2**53).
+    # sum neither overflows nor loses a unit (SQLite's TOTAL is a float, exact up to 2**53),
+    # the largest float too (a receipt's price saturates there; times 1e8 it is infinite).
     # And what the ledger paid for them is summed exactly past 64 bits.
-    b = batch(receipts=[row(6, "gpu-3", T0, 1e300), row(7, "gpu-3", T0, 1e300)])
+    b = batch(receipts=[row(6, "gpu-3", T0, 1e300), row(7, "gpu-3", T0, sys.float_info.max)])
     b.entries = [*paid(6, 5 * 10**18), *paid(7, 5 * 10**18)]
     await commit(store, b)
     with anyio.fail_after(10):

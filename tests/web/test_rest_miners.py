@@ -801,6 +801,23 @@ async def test_own_jobs_lists_this_miners_jobs_newest_first(api: Api) -> None:
     assert (await api.http.post("/v1/miners/m2/jobs", headers=h)).status_code == 403
 
 
+async def test_earnings_of_prices_near_the_float_maximum_stay_finite(tmp_path: Path) -> None:
+    """A miner advertising 1e308 gets receipts priced at the largest float; after two of them
+    the sums must stay numbers (an infinite sum is written as null), as must the history."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        for _ in range(2):
+            job = await started(api, "m1", price=1e308)
+            clock.advance(10)
+            assert (await api.result(job["job_id"], "m1")).status_code == 200
+        r = await api.http.post("/v1/miners/m1/earnings", headers=miner_headers("m1"))
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["total_earnings"] == got["pending_earnings"] == 2 * 10**10  # 1e18 units each
+        assert got["paid_earnings"] == 0.0
+        assert [e["amount"] for e in got["earnings_history"]] == [1.7976931348623157e308] * 2
+
+
 async def test_earnings_window_and_refusals(tmp_path: Path) -> None:
     """from_time/to_time (Unix seconds or ISO-8601) bound the receipts counted; upstream
     echoed them and summed everything. Only the miner itself may ask."""
