@@ -40,6 +40,9 @@ class SchedulerConfig:
     resume_grace: float = 15.0
     rest_lease: float = 600.0
     terminal_retention: int = 10_000
+    # Ended jobs are also kept only while the bytes of their payloads and results (as received,
+    # ``JobSpec.size`` and ``complete(size=...)``) add up to at most this (docs/architecture.md).
+    terminal_retention_bytes: int = 256 << 20
     # A miner that refused a job (reject, accept timeout) is offered it again only after this
     # pause, doubled for each further refusal of that job and capped: other miners first.
     reject_pause: float = 5.0
@@ -57,6 +60,9 @@ class JobSpec(NamedTuple):
     priority: int = 0
     idempotency_key: str | None = None
     payment: JSONObject | None = None  # a reservation made by the runtime (docs/wallet.md)
+    # The submission's size as received (its frame or body, in bytes): what the job's payload
+    # counts against ``terminal_retention_bytes`` once it ends. Never encoded again to find it.
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,7 +152,9 @@ class Scheduler:
         self._receipt_factory = receipt_factory
         self.jobs: dict[str, Job] = {}
         self.miners: dict[str, Miner] = {}
-        self._terminal: OrderedDict[str, None] = OrderedDict()
+        # Ended jobs still in ``jobs``, oldest first, with their sizes (``_retain``).
+        self._terminal: OrderedDict[str, int] = OrderedDict()
+        self._terminal_bytes = 0
         self._idem: dict[tuple[str, str], str] = {}
         self._match = MatchCache()
         self._idle = IdleIndex(self._match)
@@ -243,6 +251,7 @@ class Scheduler:
             idempotency_key=spec.idempotency_key,
             payment=spec.payment,
         )
+        job.size = spec.size
         self._admit(job)
         self._emit(job, EventKind.QUEUED, now)
         self._dispatch(job, now)
@@ -538,11 +547,12 @@ class Scheduler:
         now: float,
         attempt: int | None = None,
         attestation: JSONObject | None = None,
+        size: int = 0,
     ) -> tuple[Job, list[Effect]]:
         """The holder's result. A repeat of the accepted result returns the same job.
 
         ``attestation`` is the miner's (already checked) signature of its result; the receipt
-        carries it.
+        carries it. ``size``: the result's message as received, in bytes (``_retain``).
         """
         job = self.jobs.get(job_id)
         if (
@@ -557,6 +567,7 @@ class Scheduler:
             self._start(job, now)
         job.result, job.metrics = result, metrics
         job.attestation = attestation
+        job.size += size
         job.finished_at = now
         miner = self.miners[miner_id]
         if self._receipt_factory is not None:
@@ -982,10 +993,17 @@ class Scheduler:
         self._retain(job)
 
     def _retain(self, job: Job) -> None:
-        """Keep recent terminal jobs for idempotent retries; the store has the rest."""
-        self._terminal[job.job_id] = None
-        while len(self._terminal) > self.config.terminal_retention:
-            old_id, _ = self._terminal.popitem(last=False)
+        """Keep recent ended jobs for idempotent retries and late results; the store has the
+        rest. At most ``terminal_retention`` of them, and while their sizes (payload and result
+        as received) add up to ``terminal_retention_bytes``; the newest stays in any case."""
+        self._terminal[job.job_id] = job.size
+        self._terminal_bytes += job.size
+        terminal, config = self._terminal, self.config
+        while len(terminal) > config.terminal_retention or (
+            self._terminal_bytes > config.terminal_retention_bytes and len(terminal) > 1
+        ):
+            old_id, size = terminal.popitem(last=False)
+            self._terminal_bytes -= size
             old = self.jobs.pop(old_id, None)
             if old is not None and old.idempotency_key is not None:
                 self._idem.pop((old.client_id, old.idempotency_key), None)

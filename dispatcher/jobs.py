@@ -94,6 +94,7 @@ class Job:
         "requested_at",
         "result",
         "seq",
+        "size",
         "started_at",
         "state",
         "timers",
@@ -143,6 +144,7 @@ class Job:
         self.queue_token = 0
         self.needs: object = None
         self.timers: list[object] = []
+        self.size = 0  # bytes of its payload and result as received (Scheduler._retain)
 
     def record(self) -> JobRecord:
         # Positional on purpose (hot path); the order is JobRecord's field order.

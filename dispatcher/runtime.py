@@ -136,11 +136,12 @@ class Dispatcher:
         self._written = 0
         self._last_batch = 0
         self._idle = anyio.Event()
-        # The latest COMMITTED record of every job the scheduler holds, plus recent terminal
-        # ones: what reads may show (never the scheduler's uncommitted in-memory state).
+        # The latest COMMITTED record of every job the scheduler holds: what reads may show
+        # (never the scheduler's uncommitted in-memory state). An ended job's record goes when
+        # the scheduler lets the job go (``_remember``): its payload and result are the same
+        # objects as the scheduler's, so its retention bounds (count and bytes) bound both.
         self._visible: dict[str, JobRecord] = {}
         self._visible_terminal: OrderedDict[str, None] = OrderedDict()
-        self.visible_retention = 10_000
         # REST miners: last call per miner (liveness for ops/admin) and how long it counts.
         self.rest_online_window = 30.0
         self._rest_seen: dict[str, float] = {}
@@ -464,9 +465,15 @@ class Dispatcher:
     def _remember(self, rec: JobRecord) -> None:
         self._visible[rec.job_id] = rec
         if rec.state in TERMINAL:
-            self._visible_terminal[rec.job_id] = None
-            while len(self._visible_terminal) > self.visible_retention:
-                old, _ = self._visible_terminal.popitem(last=False)
+            # Ended jobs are published in the order they ended, and the scheduler lets them go
+            # oldest first: the ones it let go are the oldest published ones.
+            ended, jobs = self._visible_terminal, self.scheduler.jobs
+            ended[rec.job_id] = None
+            while ended:
+                old = next(iter(ended))
+                if old in jobs:
+                    break
+                del ended[old]
                 self._visible.pop(old, None)
 
     async def _until_committed(self, start: Callable[[Callable[[T], None]], None]) -> T:
@@ -800,10 +807,12 @@ class Dispatcher:
         attempt: int | None,
         then: Callable[[JobRecord], None],
         attestation: JSONObject | None = None,
+        size: int = 0,
     ) -> None:
-        """Complete a job; ``then(record)`` (with the receipt) runs once it is durable."""
+        """Complete a job; ``then(record)`` (with the receipt) runs once it is durable.
+        ``size``: the result's message as received, in bytes (``Scheduler.complete``)."""
         job, effects = self.scheduler.complete(
-            miner_id, job_id, result, metrics, self.clock.now(), attempt, attestation
+            miner_id, job_id, result, metrics, self.clock.now(), attempt, attestation, size
         )
         rec = _snapshot(job, effects)
         self._actions.append(lambda: then(rec))
@@ -1028,13 +1037,13 @@ class Dispatcher:
             pass  # the job moved on meanwhile (canceled, expired): nothing to hand back
 
     async def rest_result(
-        self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject
+        self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject, size: int = 0
     ) -> JobRecord:
         """Complete a job held by a REST miner; returns the committed record (with receipt)."""
         self._rest_back(miner_id)
         self._rest_alive(miner_id)
         return await self._until_committed(
-            lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then)
+            lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then, size=size)
         )
 
     async def rest_fail(

@@ -397,11 +397,13 @@ def _after(d: JSONObject) -> dict[str, int]:
 
 # ---- per-type decoders --------------------------------------------------------------------
 
-_Decoder = Callable[[JSONObject, "str | None"], Any]
+# (the decoded object, its ``id``, the frame's length): the length becomes the ``size`` of
+# the messages that carry a job's payload or result (what the scheduler counts it as).
+_Decoder = Callable[[JSONObject, "str | None", int], Any]
 
 _MINER: dict[str, _Decoder] = {
-    "auth": lambda d, i: Auth(token=_str(d, "token", max_len=4096), id=i),
-    "hello": lambda d, i: Hello(
+    "auth": lambda d, i, n: Auth(token=_str(d, "token", max_len=4096), id=i),
+    "hello": lambda d, i, n: Hello(
         protocol=_int(d, "protocol", lo=0, hi=1_000_000),
         miner_id=_miner_id(d),
         capabilities=_obj(d, "capabilities"),
@@ -413,14 +415,14 @@ _MINER: dict[str, _Decoder] = {
         ),
         id=i,
     ),
-    "job.accept": lambda d, i: JobAccept(job_id=_job_id(d), attempt=_attempt(d), id=i),
-    "job.reject": lambda d, i: JobReject(
+    "job.accept": lambda d, i, n: JobAccept(job_id=_job_id(d), attempt=_attempt(d), id=i),
+    "job.reject": lambda d, i, n: JobReject(
         job_id=_job_id(d),
         reason=_opt_str(d, "reason", max_len=1024) or "",
         attempt=_attempt(d),
         id=i,
     ),
-    "job.progress": lambda d, i: JobProgress(
+    "job.progress": lambda d, i, n: JobProgress(
         job_id=_job_id(d),
         progress=_opt_float(d, "progress", lo=0.0, hi=1.0),
         message=_opt_str(d, "message"),
@@ -428,7 +430,7 @@ _MINER: dict[str, _Decoder] = {
         attempt=_attempt(d),
         id=i,
     ),
-    "job.result": lambda d, i: JobResult(
+    "job.result": lambda d, i, n: JobResult(
         job_id=_job_id(d),
         result=_obj(d, "result", required=True),
         metrics=_obj(d, "metrics"),
@@ -437,8 +439,9 @@ _MINER: dict[str, _Decoder] = {
             d, "result_sig", _SIG, "an Ed25519 signature as 86 base64url characters"
         ),
         id=i,
+        size=n,
     ),
-    "job.fail": lambda d, i: JobFail(
+    "job.fail": lambda d, i, n: JobFail(
         job_id=_job_id(d),
         error_code=_str(d, "error_code", max_len=256),
         error_message=_str(d, "error_message"),
@@ -446,19 +449,19 @@ _MINER: dict[str, _Decoder] = {
         attempt=_attempt(d),
         id=i,
     ),
-    "status": lambda d, i: Status(
+    "status": lambda d, i, n: Status(
         concurrency=_opt_int(d, "concurrency", lo=1, hi=1024),
         draining=_opt_bool(d, "draining"),
         metrics=_opt_obj(d, "metrics"),
         id=i,
     ),
-    "heartbeat": lambda d, i: Heartbeat(metrics=_opt_obj(d, "metrics"), id=i),
+    "heartbeat": lambda d, i, n: Heartbeat(metrics=_opt_obj(d, "metrics"), id=i),
 }
 
 _CLIENT: dict[str, _Decoder] = {
     "auth": _MINER["auth"],
-    "hello": lambda d, i: ClientHello(protocol=_int(d, "protocol", lo=0, hi=1_000_000), id=i),
-    "job.submit": lambda d, i: JobSubmit(
+    "hello": lambda d, i, n: ClientHello(protocol=_int(d, "protocol", lo=0, hi=1_000_000), id=i),
+    "job.submit": lambda d, i, n: JobSubmit(
         payload=_obj(d, "payload", required=True),
         constraints=_obj(d, "constraints"),
         ttl_seconds=_opt_int(d, "ttl_seconds", lo=1, hi=7 * 86400),
@@ -466,14 +469,15 @@ _CLIENT: dict[str, _Decoder] = {
         idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
         payment_amount=_opt_amount(d, "payment_amount"),
         id=i,
+        size=n,
     ),
-    "subscribe": lambda d, i: Subscribe(job_ids=_job_ids(d, "job_ids"), after=_after(d), id=i),
-    "unsubscribe": lambda d, i: Unsubscribe(job_ids=_job_ids(d, "job_ids"), id=i),
-    "job.cancel": lambda d, i: JobCancelRequest(job_id=_job_id(d), id=i),
+    "subscribe": lambda d, i, n: Subscribe(job_ids=_job_ids(d, "job_ids"), after=_after(d), id=i),
+    "unsubscribe": lambda d, i, n: Unsubscribe(job_ids=_job_ids(d, "job_ids"), id=i),
+    "job.cancel": lambda d, i, n: JobCancelRequest(job_id=_job_id(d), id=i),
 }
 
 _SERVER_TO_MINER: dict[str, _Decoder] = {
-    "welcome": lambda d, i: Welcome(
+    "welcome": lambda d, i, n: Welcome(
         protocol=_int(d, "protocol", lo=0, hi=1_000_000),
         session_id=_str(d, "session_id"),
         miner_id=_str(d, "miner_id"),
@@ -482,7 +486,7 @@ _SERVER_TO_MINER: dict[str, _Decoder] = {
         resumed=_id_list(d, "resumed"),
         revoked=_id_list(d, "revoked"),
     ),
-    "job.assign": lambda d, i: JobAssign(
+    "job.assign": lambda d, i, n: JobAssign(
         job_id=_job_id(d),
         attempt=_int(d, "attempt", lo=0, hi=1_000_000),
         payload=_obj(d, "payload"),
@@ -490,15 +494,15 @@ _SERVER_TO_MINER: dict[str, _Decoder] = {
         expires_at=_str(d, "expires_at"),
         accept_timeout=_float(d, "accept_timeout", 10.0),
     ),
-    "job.cancel": lambda d, i: JobCancel(job_id=_job_id(d), reason=_str(d, "reason")),
+    "job.cancel": lambda d, i, n: JobCancel(job_id=_job_id(d), reason=_str(d, "reason")),
 }
 
 _EVENT_KEYS = frozenset({"type", "job_id", "seq", "event", "state", "at", "attempt", "miner_id"})
 _SERVER_TO_CLIENT: dict[str, _Decoder] = {
-    "welcome": lambda d, i: ClientWelcome(
+    "welcome": lambda d, i, n: ClientWelcome(
         protocol=_int(d, "protocol", lo=0, hi=1_000_000), client_id=_str(d, "client_id")
     ),
-    "job.event": lambda d, i: JobEvent(
+    "job.event": lambda d, i, n: JobEvent(
         job_id=_job_id(d),
         seq=_int(d, "seq", lo=1, hi=MAX_SEQ),
         event=_str(d, "event"),
@@ -511,7 +515,7 @@ _SERVER_TO_CLIENT: dict[str, _Decoder] = {
 }
 
 
-def _replies(d: JSONObject, i: str | None) -> Ack | Error:
+def _replies(d: JSONObject, i: str | None, n: int) -> Ack | Error:
     if d["type"] == "ack":
         if i is None:
             raise _bad("id", "is required on ack")
@@ -541,7 +545,7 @@ def _decode(data: bytes | str, table: dict[str, _Decoder]) -> Any:
     if decoder is None:
         raise UnknownMessageType(msg_type[:64], raw_id)
     try:
-        return decoder(obj, raw_id)
+        return decoder(obj, raw_id, len(data))
     except RemoteProtocolError:
         raise
     except (TypeError, ValueError, AttributeError) as exc:  # e.g. float() of a string
@@ -655,7 +659,7 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELDS.get(cls)
     if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls) if f.metadata.get("wire", True))
     return names
 
 

@@ -42,6 +42,13 @@ __all__ = [
 ]
 
 
+def _size() -> int:
+    """A message's ``size``: the length of the frame it was decoded from, as received (what
+    its job's payload or result counts as in the scheduler's memory bound). Not a field of the
+    wire format: ``encode`` leaves it out, and equality ignores it."""
+    return field(default=0, compare=False, repr=False, metadata={"wire": False})
+
+
 # ---- shared -------------------------------------------------------------------------------
 
 
@@ -121,6 +128,7 @@ class JobResult:
     # Optional: the miner's Ed25519 signature (base64url) of the result (docs/receipts.md).
     result_sig: str | None = None
     id: str | None = None
+    size: int = _size()  # not sent: the frame's length as received (0 when built here)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,6 +211,7 @@ class JobSubmit:
     idempotency_key: str | None = None
     payment_amount: str | None = None  # decimal text; billed only with BILLING=on
     id: str | None = None
+    size: int = _size()  # not sent: the frame's length as received (0 when built here)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -80,6 +80,7 @@ class Coordinator:
             accept_timeout=settings.accept_timeout_seconds,
             resume_grace=settings.resume_grace_seconds,
             rest_lease=settings.rest_job_lease_seconds,
+            terminal_retention_bytes=settings.terminal_retention_bytes,
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds

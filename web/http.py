@@ -177,6 +177,7 @@ class Call:
     principal: Principal | None
     body: Any
     query: dict[str, Any]
+    size: int = 0  # the body's length in bytes, as received
 
     def path(self, name: str) -> str:
         value = str(self.request.path_params[name])
@@ -372,13 +373,14 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         try:
             principal = _authorize(core, request, role, any_role)
             body: Any = None
+            raw = b""
             if reads_body:
                 raw = await _read_body(request, core.settings.max_body_bytes)
                 body = _parsed_body(raw, schema, endpoint.body_required)
             query = _coerce_query(endpoint.query, request) if endpoint.query else {}
             if core.rate_limiter.per_minute > 0:
                 _rate_limit(core.rate_limiter, request, principal, public_post, rate_suffix)
-            return await handler(Call(request, core, principal, body, query))
+            return await handler(Call(request, core, principal, body, query, len(raw)))
         except ValidationFailed as exc:
             return json_response({"detail": exc.message}, 422)
         except HTTPError as exc:

@@ -70,6 +70,7 @@ async def submit(call: Call) -> Response:
         priority=body.get("priority") or 0,
         idempotency_key=body.get("idempotency_key"),
         payment=_payment(call),
+        size=call.size,
     )
     try:
         rec, existed = await call.core.dispatcher.submit_wait(spec)

@@ -321,7 +321,7 @@ async def _submit_result(
         await _fail(call, job_id, "failed", "job failed" if error is None else str(error))
         return json_response({"status": "ok", "receipt": None})
     try:
-        rec = await dispatcher.rest_result(miner_id, job_id, result, metrics)
+        rec = await dispatcher.rest_result(miner_id, job_id, result, metrics, call.size)
     except UnknownJob:
         # Not in memory: a retry of a result accepted long ago, or a job that ended otherwise.
         try:

@@ -131,6 +131,7 @@ class Settings:
     rate_limit_per_minute: int = 0
     rest_job_lease_seconds: float = 600.0
     max_poll_wait_seconds: float = 25.0
+    terminal_retention_bytes: int = 256 << 20
     environment: str = "development"
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
@@ -193,6 +194,9 @@ class Settings:
             rate_limit_per_minute=_integer(env, "RATE_LIMIT_PER_MINUTE", 0, 0, 1_000_000),
             rest_job_lease_seconds=_number(env, "REST_JOB_LEASE_SECONDS", 600, 1, 7 * 86400),
             max_poll_wait_seconds=_number(env, "MAX_POLL_WAIT_SECONDS", 25, 1, 300),
+            terminal_retention_bytes=_integer(
+                env, "TERMINAL_RETENTION_BYTES", 256 << 20, 0, 1 << 40
+            ),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),

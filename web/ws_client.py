@@ -121,6 +121,7 @@ class ClientConnection(Connection):
             priority=msg.priority,
             idempotency_key=msg.idempotency_key,
             payment=payment,
+            size=msg.size,
         )
 
     def _committed(self, msg: JobSubmit) -> Callable[[JobRecord, bool], None]:

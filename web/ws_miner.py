@@ -193,7 +193,14 @@ class MinerConnection(Connection):
                 return True
         try:
             dispatcher.miner_result(
-                self.miner_id, msg.job_id, msg.result, msg.metrics, msg.attempt, done, attestation
+                self.miner_id,
+                msg.job_id,
+                msg.result,
+                msg.metrics,
+                msg.attempt,
+                done,
+                attestation,
+                msg.size,
             )
         except UnknownJob:
             return False

@@ -896,6 +896,58 @@ def test_idempotency_key_forgotten_after_retention() -> None:
     assert s.find_idempotent("c1", "k1") is again
 
 
+def _end_big_jobs(s: Scheduler, n: int, kib: int) -> None:
+    """``n`` jobs of ``c1`` (keys ``k0``…), each completed by ``m1`` with a result of ``kib``
+    KiB, counted as received (a 1 KiB submission and the result's size)."""
+    for i in range(n):
+        submit(s, f"j{i}", idempotency_key=f"k{i}", size=1024)
+        s.accept("m1", f"j{i}", 1.0)
+        result = {"image": "x" * (kib * 1024) + str(i)}  # a new string, as a decode makes
+        s.complete("m1", f"j{i}", result, {}, 2.0, size=kib * 1024 + 64)
+
+
+def test_ended_jobs_are_kept_within_a_byte_budget() -> None:
+    """Ended jobs also leave memory, oldest first, once their payloads and results (sizes as
+    received) pass ``terminal_retention_bytes``, with their idempotency keys; the newest stays
+    even alone over the budget (a late result of the job just ended is still answered)."""
+    s = make(terminal_retention_bytes=3 * (100 * 1024 + 1024 + 64))
+    connect(s, "m1")
+    _end_big_jobs(s, 5, 100)
+    assert [j for j in ("j0", "j1", "j2", "j3", "j4") if s.job(j)] == ["j2", "j3", "j4"]
+    assert s.find_idempotent("c1", "k1") is None
+    assert s.find_idempotent("c1", "k2") is s.job("j2")
+    job, effects = s.complete("m1", "j4", {"image": "again"}, {}, 3.0, size=10)
+    assert job is s.job("j4")  # the same completion, unchanged
+    assert job.result != {"image": "again"}
+    assert effects == []
+    submit(s, "big", size=10 << 20)
+    s.accept("m1", "big", 4.0)
+    s.complete("m1", "big", {}, {}, 5.0)
+    assert [j for j in ("j4", "big") if s.job(j)] == ["big"]
+    assert s.statistics().jobs_in_memory == 1
+
+
+def test_memory_held_by_ended_jobs_stays_within_the_byte_budget() -> None:
+    """Measured (tracemalloc): 100 jobs ended with 100 KiB results held 10 MiB, however small
+    the budget, as only their number (10,000) was bounded; now about the budget (1 MiB)."""
+    import gc
+    import tracemalloc
+
+    s = make(terminal_retention_bytes=1 << 20)
+    connect(s, "m1")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _end_big_jobs(s, 100, 100)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(s.jobs) == 10  # 1 MiB of 101 KiB jobs
+    assert grown < 1.5 * (1 << 20), grown
+
+
 def test_is_servable() -> None:
     """Servable iff a connected miner, or one in its resume grace, could match."""
     s = make()

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
-from dispatcher.errors import NotAllowed, Unavailable
+from dispatcher.errors import NotAllowed, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
 from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
@@ -424,6 +424,48 @@ async def test_idempotent_submit_finds_a_job_only_the_store_remembers() -> None:
         assert h2.entries("then") == [(first.job_id, True)]
         assert len(store.batches) == batches
         assert list(store.jobs) == [first.job_id]
+
+
+async def test_ended_jobs_past_the_byte_budget_are_read_from_the_store() -> None:
+    """Ended jobs the scheduler lets go for its byte budget leave the published records with
+    them (one retention bounds both), and each read falls back to the store: a duplicate
+    submit is answered with the job, a late result finds no job in memory (the adapters then
+    answer from ``stored_receipt``), a read gets the job as stored, result included."""
+    async with running(terminal_retention_bytes=1000) as h:
+        h.miner(concurrency=3)
+        d = h.dispatcher
+
+        async def run(n: int, *, held: bool = False) -> list[str]:
+            """``n`` jobs ended with 800 bytes each; ``held``: their ends in one batch."""
+            specs = [h.spec(idempotency_key=uuid.uuid4().hex, size=100) for _ in range(n)]
+            for spec in specs:
+                await h.submit(spec)
+                await h.flushed()
+                d.miner_call("accept", "gpu-1", spec.job_id)
+                await h.flushed()
+            if held:  # the scheduler lets jobs go before their ends are published
+                h.store.block_commits()
+            for spec in specs:
+                result = {"image": "x" * 600}
+                d.miner_result("gpu-1", spec.job_id, result, {}, None, lambda r: None, size=700)
+            h.store.release_commits()
+            await h.flushed()
+            return [spec.job_id for spec in specs]
+
+        first, _, last = await run(3)
+        assert set(d._visible) == set(d.scheduler.jobs) == {last}
+        rec = await d.get_job(first)
+        assert rec is not None
+        assert (rec.state, rec.result) == ("COMPLETED", {"image": "x" * 600})
+        key = h.store.jobs[first].idempotency_key
+        await h.submit(h.spec(idempotency_key=key))
+        await h.flushed()
+        assert h.entries("then")[-1] == (first, True)
+        with pytest.raises(UnknownJob):
+            d.miner_result("gpu-1", first, {"image": "late"}, {}, None, lambda r: None)
+        assert await d.stored_receipt("gpu-1", first) is None  # no signer here: no receipt
+        *_, newest = await run(2, held=True)
+        assert set(d._visible) == set(d.scheduler.jobs) == {newest}
 
 
 # ---- timers -------------------------------------------------------------------------------

@@ -999,7 +999,7 @@ def test_unknown_type_without_id_and_long_name() -> None:
 def test_decoder_crash_becomes_1007(monkeypatch: pytest.MonkeyPatch) -> None:
     """A TypeError/ValueError inside a per-type decoder is still a 1007, never a raw crash."""
 
-    def broken(d: dict[str, Any], i: str | None) -> object:
+    def broken(d: dict[str, Any], i: str | None, n: int) -> object:
         return float(d["x"])
 
     monkeypatch.setitem(codec._MINER, "broken", broken)
@@ -1228,3 +1228,19 @@ def test_integers_orjson_keeps_and_long_digit_strings_pass() -> None:
     assert msg.payload == payload  # type: ignore[union-attr]
     assert orjson.loads(orjson.dumps(msg.payload)) == payload  # type: ignore[union-attr]
     assert codec.input_refusal(b"[" + b"1" * 30 + b".5]", [1e29]) is None  # a float: as sent
+
+
+def test_a_submit_or_result_knows_its_frame_length_and_never_sends_it() -> None:
+    """``size`` (what the scheduler counts a job's payload or result as) is the length of the
+    frame decoded; ``encode`` leaves it out, and equality ignores it."""
+    frame = b'{"type":"job.submit","payload":{"prompt":"hi"}}'
+    submit = decode_client_frame(frame)
+    assert isinstance(submit, JobSubmit)
+    assert submit.size == len(frame)
+    assert submit == JobSubmit(payload={"prompt": "hi"})
+    assert b"size" not in encode(submit)
+    frame = b'{"type":"job.result","job_id":"' + b"a" * 32 + b'","result":{"x":1}}'
+    result = decode_miner_frame(frame)
+    assert isinstance(result, JobResult)
+    assert result.size == len(frame)
+    assert b"size" not in encode(result)

@@ -473,3 +473,34 @@ def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> N
         clock.advance(6)
         event = recv(ws)  # pytest-timeout bounds the wait if the timer never fires
         assert (event["job_id"], event["event"], event["state"]) == (job_id, "expired", "EXPIRED")
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def test_socket_jobs_count_their_frames_against_the_retention_bytes(client: TestClient) -> None:
+    """A job's payload and result count as the frames that brought them (submit, with an
+    idempotency key or not, and result): what TERMINAL_RETENTION_BYTES bounds once it ends."""
+    scheduler = client.app.state.core.dispatcher.scheduler  # type: ignore[attr-defined]
+    with (
+        client_socket(client) as ws,
+        client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner,
+    ):
+        hello(ws)
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        for key in (None, "k1"):
+            fields = {} if key is None else {"idempotency_key": key}
+            submit_frame = {"type": "job.submit", "id": "s1", "payload": {"image": "p" * 50_000}}
+            ws.send_json({**submit_frame, **fields})
+            while (ack := recv(ws))["type"] != "ack":
+                pass  # the events of the job before
+            job_id = ack["job"]["job_id"]
+            assign = recv(miner)
+            assert (assign["type"], assign["job_id"]) == ("job.assign", job_id)
+            miner.send_json({"type": "job.accept", "job_id": job_id})
+            result = {"image": "r" * 80_000}
+            miner.send_json({"type": "job.result", "id": "r1", "job_id": job_id, "result": result})
+            while recv(miner)["type"] != "ack":
+                pass
+            assert 130_000 < scheduler._terminal[job_id] < 130_500

@@ -994,3 +994,13 @@ async def test_a_miner_id_with_a_slash_reaches_its_own_path_routes(api: Api, sla
     assert r.status_code == 403  # "rack-2" is another miner: the path names all of the id
     r = await api.http.delete(at, headers=h)
     assert r.json() == {"miner_id": miner, "status": "deregistered"}
+
+
+async def test_rest_jobs_count_their_bodies_against_the_retention_bytes(api: Api) -> None:
+    """A job's payload and result count as the bodies that brought them: what
+    TERMINAL_RETENTION_BYTES bounds once it ends."""
+    assert (await api.register("m1")).status_code == 200
+    job = await api.submit(payload={"image": "p" * 50_000})
+    assert (await api.poll("m1")).json()["job_id"] == job["job_id"]
+    assert (await api.result(job["job_id"], result={"image": "r" * 80_000})).status_code == 200
+    assert 130_000 < api.core.dispatcher.scheduler._terminal[job["job_id"]] < 130_500

@@ -33,6 +33,7 @@ VARIABLES = (
     "ACCEPT_TIMEOUT_SECONDS",
     "RESUME_GRACE_SECONDS",
     "WS_MAX_FRAME_BYTES",
+    "TERMINAL_RETENTION_BYTES",
     "ENVIRONMENT",
     "STANDBY",
 )
@@ -84,6 +85,7 @@ def test_values_are_parsed() -> None:
             "HEARTBEAT_TIMEOUT_SECONDS": "5",
             "SQLITE_SYNCHRONOUS": "full",
             "MAX_ATTEMPTS": "5",
+            "TERMINAL_RETENTION_BYTES": "1048576",
         }
     )
     assert s.database_path.as_posix() == "data/c.db"
@@ -99,6 +101,7 @@ def test_values_are_parsed() -> None:
     )
     assert s.sqlite_synchronous == "FULL"
     assert s.max_attempts == 5
+    assert s.terminal_retention_bytes == 1 << 20
 
 
 def test_previous_receipt_keys_are_parsed() -> None:
@@ -160,6 +163,7 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"ACCEPT_TIMEOUT_SECONDS": "-1"}, "ACCEPT_TIMEOUT_SECONDS"),
         ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
         ({"WS_MAX_FRAME_BYTES": "10"}, "WS_MAX_FRAME_BYTES"),
+        ({"TERMINAL_RETENTION_BYTES": "-1"}, "TERMINAL_RETENTION_BYTES"),
         ({"METRICS_PUBLIC": "maybe"}, "METRICS_PUBLIC"),
         ({"STANDBY": "later"}, "STANDBY"),
         (
