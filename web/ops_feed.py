@@ -32,6 +32,9 @@ __all__ = ["HISTORY", "LOAD_FIGURES", "TICK", "OpsFeed", "load_figures"]
 TICK = 0.25
 HISTORY = 300  # chart points (one a second): the last five minutes
 RECENT_EVENTS = 200  # replayed to a new watcher after its snapshot
+# ... while their frames add up to at most this (a completed event carries its result, up to
+# a whole frame: 200 of 1 MiB held 200 MiB); the newest is kept in any case.
+RECENT_BYTES = 4 << 20
 TOP_UNSERVABLE = 10
 LOAD_FIGURES = 8  # numbers shown per miner from what it reports about its load
 _LOAD_NAME = 32  # characters of a figure's name
@@ -107,7 +110,8 @@ class OpsFeed:
         self.core = core
         self.watchers: set[Outbox] = set()
         self.active: dict[str, _ActiveJob] = {}
-        self.recent: deque[str] = deque(maxlen=RECENT_EVENTS)
+        self.recent: deque[str] = deque()
+        self._recent_bytes = 0
         self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._done: dict[str, list[int]] = {}  # miner id -> [completed, failed]
         self._seen: dict[str, float] = {}  # miner id -> last job event, connection or report
@@ -187,9 +191,19 @@ class OpsFeed:
                 done[kind == "failed"] += 1
         if kind == "assigned" and attempt == 1:  # submit -> pushed (after the commit)
             self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
-        self.recent.append(frame)
+        self._keep_recent(frame)
         for outbox in self.watchers:
             outbox.put(frame, job_id=job_id)
+
+    def _keep_recent(self, frame: str) -> None:
+        """Keep ``frame`` for new watchers: the last RECENT_EVENTS within RECENT_BYTES."""
+        recent = self.recent
+        recent.append(frame)
+        self._recent_bytes += len(frame)
+        while len(recent) > RECENT_EVENTS or (
+            self._recent_bytes > RECENT_BYTES and len(recent) > 1
+        ):
+            self._recent_bytes -= len(recent.popleft())
 
     def _count(self, job_id: str, entry: _ActiveJob) -> None:
         """Add an active job to the summary: QUEUED, else running once started, else assigned

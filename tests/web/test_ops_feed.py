@@ -13,7 +13,7 @@ from protocol.records import EventRecord, JobRecord
 from tests.conftest import ADMIN_KEY
 from tests.fakes import FakeClock, RecordingOutbox
 from tests.web.rest_harness import miner_headers, running_api
-from web.ops_feed import LOAD_FIGURES, OpsFeed, load_figures
+from web.ops_feed import LOAD_FIGURES, RECENT_BYTES, RECENT_EVENTS, OpsFeed, load_figures
 
 CONSTRAINTS = [{"gpu": "A100"}, {"gpu": "H100", "region": "eu"}, {"gpu": "none"}]
 # model state -> {event kind: state after it}; "new" is a job not submitted yet
@@ -102,6 +102,25 @@ def test_queue_summary_kept_per_event_equals_a_walk_over_every_active_job(
         if look:  # the summary is asked for at any moment, as the clock and watchers do
             assert feed._queue() == summary_by_walking(feed)
     assert feed._queue() == summary_by_walking(feed)
+
+
+def test_recent_events_for_new_watchers_are_bounded_in_bytes() -> None:
+    """The events replayed to a new watcher were the last 200 frames, whole: 200 completed
+    events of 1 MiB results held 200 MiB. Now also at most RECENT_BYTES of them (the newest
+    kept in any case), and still at most RECENT_EVENTS."""
+    feed = make_feed()
+    job = JobRecord("j1", "c", "COMPLETED", {}, {}, 0, 0.0, 900.0, 1, 0, 3, 4)
+    event = EventRecord("j1", 4, "completed", "COMPLETED", 1.0, 1, "m1", {})
+    big = "r" * (1 << 20)
+    for n in range(20):
+        feed.on_event(job, event, big + str(n))
+    assert sum(map(len, feed.recent)) <= RECENT_BYTES
+    assert list(feed.recent)[-1] == big + "19"
+    feed.on_event(job, event, "x" * (RECENT_BYTES + 1))
+    assert len(feed.recent) == 1
+    for n in range(RECENT_EVENTS + 5):
+        feed.on_event(job, event, str(n))
+    assert list(feed.recent) == [str(n) for n in range(5, RECENT_EVENTS + 5)]
 
 
 def test_load_figures_keep_only_finite_numbers_one_level_deep() -> None:
