@@ -1037,17 +1037,33 @@ class Dispatcher:
             pass  # the job moved on meanwhile (canceled, expired): nothing to hand back
 
     async def rest_result(
-        self, miner_id: str, job_id: str, result: JSONObject, metrics: JSONObject, size: int = 0
+        self,
+        miner_id: str,
+        job_id: str,
+        result: JSONObject,
+        metrics: JSONObject,
+        size: int = 0,
+        attempt: int | None = None,
     ) -> JobRecord:
-        """Complete a job held by a REST miner; returns the committed record (with receipt)."""
+        """Complete a job held by a REST miner; returns the committed record (with receipt).
+        ``attempt``: when the miner names it, a result of another attempt is refused."""
         self._rest_back(miner_id)
         self._rest_alive(miner_id)
         return await self._until_committed(
-            lambda then: self.miner_result(miner_id, job_id, result, metrics, None, then, size=size)
+            lambda then: self.miner_result(
+                miner_id, job_id, result, metrics, attempt, then, size=size
+            )
         )
 
     async def rest_fail(
-        self, miner_id: str, job_id: str, error_code: str, message: str, *, retryable: bool = False
+        self,
+        miner_id: str,
+        job_id: str,
+        error_code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        attempt: int | None = None,
     ) -> None:
         """A REST miner's failure of a job it holds: FAILED, or with ``retryable`` queued again
         (charged an attempt; FAILED once they are used up). Returns once durable."""
@@ -1060,6 +1076,7 @@ class Dispatcher:
             error_code=error_code,
             error_message=message,
             retryable=retryable,
+            attempt=attempt,
         )
         await self._until_committed(self._commit_then)
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from protocol.messages import JobAssign
+    from protocol.records import JobRecord
     from protocol.types import JSONObject
 
 __all__ = ["CONSTRAINT_DEFAULTS", "ENDPOINTS", "miner_id_for", "poll_deadline"]
@@ -297,31 +298,35 @@ async def poll_get(call: Call) -> Response:
     return await _poll(call, call.query["max_wait_seconds"])
 
 
-async def _job_state(call: Call, job_id: str) -> str:
+async def _held_as(call: Call, job_id: str) -> JobRecord:
     rec = await call.core.dispatcher.get_job(job_id)
     if rec is None:
         raise HTTPError(404, "job not found")
-    return rec.state
+    return rec
 
 
-def _not_held(state: str) -> HTTPError:
-    """The 409 for a result or failure from a miner that does not hold the job."""
-    return HTTPError(
-        409, f"job is {state}" if state in TERMINAL else "job is not assigned to this miner"
-    )
+def _not_held(rec: JobRecord, miner_id: str, attempt: int | None) -> HTTPError:
+    """The 409 for a result or failure from a miner that does not hold the job (or not as the
+    attempt it names)."""
+    if rec.state in TERMINAL:
+        return HTTPError(409, f"job is {rec.state}")
+    if attempt is not None and rec.miner_id == miner_id and rec.attempt != attempt:
+        return HTTPError(409, f"attempt {attempt} is over: the job runs as attempt {rec.attempt}")
+    return HTTPError(409, "job is not assigned to this miner")
 
 
 async def _submit_result(
-    call: Call, job_id: str, result: JSONObject, metrics: JSONObject
+    call: Call, job_id: str, result: JSONObject, metrics: JSONObject, attempt: int | None = None
 ) -> Response:
     miner_id = miner_id_for(call)
     dispatcher = call.core.dispatcher
     if result.get("status") == "failed":  # the production miner reports failures here
         error = result.get("error")
-        await _fail(call, job_id, "failed", "job failed" if error is None else str(error))
+        message = "job failed" if error is None else str(error)
+        await _fail(call, job_id, "failed", message, attempt=attempt)
         return json_response({"status": "ok", "receipt": None})
     try:
-        rec = await dispatcher.rest_result(miner_id, job_id, result, metrics, call.size)
+        rec = await dispatcher.rest_result(miner_id, job_id, result, metrics, call.size, attempt)
     except UnknownJob:
         # Not in memory: a retry of a result accepted long ago, or a job that ended otherwise.
         try:
@@ -333,14 +338,16 @@ async def _submit_result(
         return json_response({"status": "ok", "receipt": receipt})
     except NotAssigned:
         await dispatcher.before_refusal()
-        raise _not_held(await _job_state(call, job_id)) from None
+        raise _not_held(await _held_as(call, job_id), miner_id, attempt) from None
     return json_response({"status": "ok", "receipt": rec.receipt})
 
 
 async def _submit_body(call: Call, job_id: str) -> Response:
     """A ``JobResultSubmit`` body's result for ``job_id``."""
     body = call.body
-    return await _submit_result(call, job_id, body["result"], body.get("metrics") or {})
+    return await _submit_result(
+        call, job_id, body["result"], body.get("metrics") or {}, body.get("attempt")
+    )
 
 
 async def result_by_path(call: Call) -> Response:
@@ -355,13 +362,21 @@ async def result_by_body(call: Call) -> Response:
 
 
 async def _fail(
-    call: Call, job_id: str, code: str, message: str, *, retryable: bool = False
+    call: Call,
+    job_id: str,
+    code: str,
+    message: str,
+    *,
+    retryable: bool = False,
+    attempt: int | None = None,
 ) -> None:
     """Report a failure of a job this miner holds; a repeat of the report that already failed
     it (a retry after a lost answer) is answered as the first one was."""
     miner_id = miner_id_for(call)
     try:
-        await call.core.dispatcher.rest_fail(miner_id, job_id, code, message, retryable=retryable)
+        await call.core.dispatcher.rest_fail(
+            miner_id, job_id, code, message, retryable=retryable, attempt=attempt
+        )
     except (UnknownJob, NotAssigned):
         await call.core.dispatcher.before_refusal()
         rec = await call.core.dispatcher.get_job(job_id)
@@ -369,7 +384,7 @@ async def _fail(
             raise HTTPError(404, "job not found") from None
         if rec.state == "FAILED" and rec.miner_id == miner_id and rec.error == message:
             return
-        raise _not_held(rec.state) from None
+        raise _not_held(rec, miner_id, attempt) from None
 
 
 async def fail(call: Call) -> Response:
@@ -382,6 +397,7 @@ async def fail(call: Call) -> Response:
         body["error_code"],
         body["error_message"],
         retryable=bool(body.get("retryable")),
+        attempt=body.get("attempt"),
     )
     return json_response({"status": "ok"})
 

@@ -520,6 +520,13 @@ SCHEMAS: dict[str, Schema] = {
             "result": _obj,
             "metrics": _obj,
             "job_id": {**_str, "description": "only on POST /v1/miner/result"},
+            "attempt": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1000000,
+                "description": "ours, optional: the attempt the poll answer named; a result or "
+                "failure of an earlier attempt is refused 409",
+            },
         },
     },
     "ResultAccepted": {
@@ -543,6 +550,13 @@ SCHEMAS: dict[str, Schema] = {
             "error_message": {**_str, "maxLength": 65536},
             "metrics": _obj,
             "retryable": {"type": "boolean"},
+            "attempt": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1000000,
+                "description": "ours, optional: the attempt the poll answer named; a result or "
+                "failure of an earlier attempt is refused 409",
+            },
         },
     },
     "Ok": {"type": "object", "required": ["status"], "properties": {"status": _str}},

@@ -1004,3 +1004,38 @@ async def test_rest_jobs_count_their_bodies_against_the_retention_bytes(api: Api
     assert (await api.poll("m1")).json()["job_id"] == job["job_id"]
     assert (await api.result(job["job_id"], result={"image": "r" * 80_000})).status_code == 200
     assert 130_000 < api.core.dispatcher.scheduler._terminal[job["job_id"]] < 130_500
+
+
+@pytest.mark.parametrize("report", ["result", "fail"])
+async def test_a_report_naming_an_earlier_attempt_is_refused(tmp_path: Path, report: str) -> None:
+    """A REST miner whose lease ran out and that polled the same job again (attempt 2) had its
+    late report of attempt 1 taken for attempt 2's (REST bodies named no attempt: fenced by
+    the miner id only). A body may now name the attempt its poll answer gave; an earlier one is
+    refused 409 and changes nothing, and the current one is taken. Without it, as upstream."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock=clock, rest_job_lease_seconds=10.0) as api:
+        job = await started(api)
+        clock.advance(11)
+        await api.settle()
+        assert (await api.job(job["job_id"]))["state"] == "QUEUED"
+        r = await api.poll("m1")
+        assert (r.json()["job_id"], r.json()["attempt"]) == (job["job_id"], 2)
+
+        async def send(attempt: int) -> httpx.Response:
+            if report == "result":
+                return await api.result(job["job_id"], attempt=attempt)
+            body = {"error_code": "E1", "error_message": "boom", "attempt": attempt}
+            return await api.http.post(
+                f"/v1/miners/m1/jobs/{job['job_id']}/fail", json=body, headers=miner_headers("m1")
+            )
+
+        r = await send(1)
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"] == "attempt 1 is over: the job runs as attempt 2"
+        assert (await api.job(job["job_id"]))["state"] == "RUNNING"
+        assert (await send(2)).status_code == 200
+        ended = await api.job(job["job_id"])
+        assert (ended["state"], ended["attempt"]) == (
+            "COMPLETED" if report == "result" else "FAILED",
+            2,
+        )
