@@ -22,7 +22,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from dispatcher.exchange import AMOUNT_HOLD_SECONDS, Match, unique_amount
-from dispatcher.ledger import exchange_credit
+from dispatcher.ledger import MAX_ISSUED, exchange_credit
+from protocol.amounts import format_units
 from storage.base import PaymentRecord
 from web.http import HTTPError
 
@@ -151,9 +152,22 @@ class Exchange:
         finally:
             self._settling.pop(record.payment_id, None)
 
+    def committed_units(self) -> int:
+        """The AITBC issued (``Ledger.issued``) plus what the pending payments would credit:
+        what ``MAX_ISSUED`` bounds, so that a payment, once paid, can always be credited."""
+        pending = sum(p.aitbc_units for p in self.pending.values())
+        return self.dispatcher.ledger.issued() + pending
+
     async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
         if not self.configured:
             raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
+        committed = self.committed_units()
+        if committed + aitbc_units > MAX_ISSUED:  # refused before anyone pays
+            raise HTTPError(
+                409,
+                f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
+                f"{format_units(committed)} AITBC are issued or pending",
+            )
         now = self.clock.now()
         index = None
         if self.book is not None:

@@ -741,3 +741,30 @@ async def test_the_watcher_reads_older_pages_of_a_busy_address(tmp_path: Path) -
         assert statuses == ["confirmed"] * 30
         assert fake.chain_pages == 1  # the second page reached the old traffic: no third
         assert await client_balance(api) == "30000.00000000"
+
+
+async def test_payments_are_refused_before_they_would_pass_the_ledger_cap(tmp_path: Path) -> None:
+    """The AITBC issued in all stays within 1e10 (docs/wallet.md: every stored sum fits 64
+    bits), exchange credits included: they were not counted, so a paid payment was credited
+    past the cap and every later admin credit was 409. A payment request that could pass it
+    is refused before anyone pays (409), and pending payments count against admin credits."""
+    clock = FakeClock()
+
+    async def credit(amount: str) -> int:
+        r = await api.http.post(
+            "/v1/admin/accounts/client:c1/credit", json={"amount": amount}, headers=ADMIN
+        )
+        return r.status_code
+
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, _fake, http):
+        assert await credit("9999000000") == 200  # 1e10 - 1e6
+        big = await create(api, aitbc_amount=1_000_000)
+        assert big.status_code == 200, big.text  # exactly at the cap
+        r = await create(api, aitbc_amount=1)
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"].endswith("10000000000.00000000 AITBC are issued or pending")
+        assert await credit("1") == 409  # the pending payment holds its share
+        clock.advance(3601)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, big.json()["payment_id"])).json()["status"] == "expired"
+        assert await credit("1") == 200
