@@ -15,6 +15,14 @@ Schema = dict[str, Any]
 _str = {"type": "string"}
 _num = {"type": "number"}
 _obj = {"type": "object"}
+# A REST miner's /result or /fail names the attempt its poll answer gave (docs/rest-api.md).
+_report_attempt = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 1000000,
+    "description": "ours, optional: the attempt the poll answer named; a report of another "
+    "attempt is refused 409",
+}
 _nullable_str = {"type": ["string", "null"]}
 _sig = {
     "type": "object",
@@ -520,13 +528,7 @@ SCHEMAS: dict[str, Schema] = {
             "result": _obj,
             "metrics": _obj,
             "job_id": {**_str, "description": "only on POST /v1/miner/result"},
-            "attempt": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": 1000000,
-                "description": "ours, optional: the attempt the poll answer named; a result or "
-                "failure of an earlier attempt is refused 409",
-            },
+            "attempt": _report_attempt,
         },
     },
     "ResultAccepted": {
@@ -550,13 +552,7 @@ SCHEMAS: dict[str, Schema] = {
             "error_message": {**_str, "maxLength": 65536},
             "metrics": _obj,
             "retryable": {"type": "boolean"},
-            "attempt": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": 1000000,
-                "description": "ours, optional: the attempt the poll answer named; a result or "
-                "failure of an earlier attempt is refused 409",
-            },
+            "attempt": _report_attempt,
         },
     },
     "Ok": {"type": "object", "required": ["status"], "properties": {"status": _str}},
