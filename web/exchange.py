@@ -152,22 +152,23 @@ class Exchange:
         finally:
             self._settling.pop(record.payment_id, None)
 
-    def committed_units(self) -> int:
-        """The AITBC issued (``Ledger.issued``) plus what the pending payments would credit:
-        what ``MAX_ISSUED`` bounds, so that a payment, once paid, can always be credited."""
+    def check_cap(self, units: int) -> None:
+        """409 unless ``units`` more AITBC keep within ``MAX_ISSUED`` what is issued
+        (``Ledger.issued``) plus what the pending payments would credit: so a payment, once
+        paid, can always be credited. Staged state, read with no await: race-free."""
         pending = sum(p.aitbc_units for p in self.pending.values())
-        return self.dispatcher.ledger.issued() + pending
-
-    async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
-        if not self.configured:
-            raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
-        committed = self.committed_units()
-        if committed + aitbc_units > MAX_ISSUED:  # refused before anyone pays
+        committed = self.dispatcher.ledger.issued() + pending
+        if committed + units > MAX_ISSUED:
             raise HTTPError(
                 409,
                 f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
                 f"{format_units(committed)} AITBC are issued or pending",
             )
+
+    async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
+        if not self.configured:
+            raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
+        self.check_cap(aitbc_units)  # refused before anyone pays
         now = self.clock.now()
         index = None
         if self.book is not None:

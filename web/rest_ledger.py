@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING
 
-from dispatcher.ledger import ADMIN_ACCOUNT, MAX_ISSUED, Movement
+from dispatcher.ledger import ADMIN_ACCOUNT, Movement
 from protocol.amounts import AmountError, format_units, to_units
 from protocol.codec import CONTROL_CHARACTERS
 from web.auth import Role
@@ -78,15 +78,7 @@ async def credit(call: Call) -> Response:
         raise HTTPError(422, str(exc)) from None
     if amount <= 0:
         raise HTTPError(422, "amount must be positive")
-    # Staged with no await between: race-free. Pending exchange payments count: once paid,
-    # they are credited whatever else was issued meanwhile.
-    issued = call.core.exchange.committed_units()
-    if issued + amount > MAX_ISSUED:
-        raise HTTPError(
-            409,
-            f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
-            f"{format_units(issued)} AITBC are issued or pending",
-        )
+    call.core.exchange.check_cap(amount)  # pending exchange payments count too
     movement = Movement(
         key=f"admin:{uuid.uuid4()}",
         src=ADMIN_ACCOUNT,

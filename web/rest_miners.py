@@ -298,7 +298,10 @@ async def poll_get(call: Call) -> Response:
     return await _poll(call, call.query["max_wait_seconds"])
 
 
-async def _held_as(call: Call, job_id: str) -> JobRecord:
+async def _refused_as(call: Call, job_id: str) -> JobRecord:
+    """The job a report was refused for, once the state the refusal was decided on is durable
+    (``Dispatcher.before_refusal``); 404 when there is none."""
+    await call.core.dispatcher.before_refusal()
     rec = await call.core.dispatcher.get_job(job_id)
     if rec is None:
         raise HTTPError(404, "job not found")
@@ -337,8 +340,7 @@ async def _submit_result(
             raise HTTPError(409, "job is not assigned to this miner") from None
         return json_response({"status": "ok", "receipt": receipt})
     except NotAssigned:
-        await dispatcher.before_refusal()
-        raise _not_held(await _held_as(call, job_id), miner_id, attempt) from None
+        raise _not_held(await _refused_as(call, job_id), miner_id, attempt) from None
     return json_response({"status": "ok", "receipt": rec.receipt})
 
 
@@ -378,10 +380,7 @@ async def _fail(
             miner_id, job_id, code, message, retryable=retryable, attempt=attempt
         )
     except (UnknownJob, NotAssigned):
-        await call.core.dispatcher.before_refusal()
-        rec = await call.core.dispatcher.get_job(job_id)
-        if rec is None:
-            raise HTTPError(404, "job not found") from None
+        rec = await _refused_as(call, job_id)
         if rec.state == "FAILED" and rec.miner_id == miner_id and rec.error == message:
             return
         raise _not_held(rec, miner_id, attempt) from None
