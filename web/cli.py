@@ -168,6 +168,17 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
     return store
 
 
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (a uvicorn level name). The databases library logs one
+    "Connected to database" line per connection at info, four identical lines at every start:
+    those only from debug on."""
+    logging.basicConfig(level=LOG_LEVELS[level], format="%(levelname)s %(name)s %(message)s")
+    chosen = LOG_LEVELS[level]
+    logging.getLogger("databases").setLevel(
+        chosen if chosen <= logging.DEBUG else max(chosen, logging.WARNING)
+    )
+
+
 def _port(text: str) -> int:
     """An ``argparse`` type: a TCP port, 0 (any free port) to 65535."""
     try:
@@ -225,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in lines:
         print(line, flush=True)
-    logging.basicConfig(
-        level=LOG_LEVELS[args.log_level], format="%(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(args.log_level)
     print(
         f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
         f"(database {shown_url(settings.database_url)})"
