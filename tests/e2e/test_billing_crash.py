@@ -23,7 +23,7 @@ import pytest
 
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.test_crash_recovery import CoordinatorProcess, _wait_for
+from tests.e2e.processes import CoordinatorProcess, wait_for
 from tests.postgres import fetch_rows
 
 if TYPE_CHECKING:
@@ -120,14 +120,14 @@ async def test_kill_9_mid_billing_loses_and_double_counts_nothing(
                 for m in miners:
                     tg.start_soon(m.run)
                 tg.start_soon(client.run)
-                await _wait_for(lambda: len(client.acked) >= KILL_AT, 30)
+                await wait_for(lambda: len(client.acked) >= KILL_AT, 30)
 
                 server.kill9()
                 acked_at_kill = dict(client.acked)
                 assert await server.wait_exit() == -signal.SIGKILL
                 restarted_at = time.time()
                 await server.restart(miners)
-                await _wait_for(lambda: len(client.acked) == JOBS, 40)
+                await wait_for(lambda: len(client.acked) == JOBS, 40)
                 with anyio.fail_after(30):
                     while await _active_jobs(server):  # noqa: ASYNC110 - a remote process
                         await anyio.sleep(0.05)

@@ -23,7 +23,7 @@ from protocol.codec import decode_server_to_miner
 from protocol.messages import Ack, Welcome
 from tests.conftest import ADMIN_KEY, MINER_KEY
 from tests.e2e.manual_miner import close_code
-from tests.e2e.test_crash_recovery import CoordinatorProcess
+from tests.e2e.processes import CoordinatorProcess
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
