@@ -20,13 +20,14 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import httpx
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import WebSocketException
 
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import (
     Ack,
     ClientHello,
     ClientWelcome,
+    Error,
     JobCancelRequest,
     JobEvent,
     JobSubmit,
@@ -156,6 +157,7 @@ class LoadClient:
     pace: float = 0.003  # seconds between submissions
     cancel: Callable[[int], bool] = field(default=lambda n: False)
     cancels_sent: set[str] = field(default_factory=set)
+    cancel_answers: dict[str, str] = field(default_factory=dict)  # job id -> "ok" or error code
     job_of: dict[int, str] = field(default_factory=dict)  # submission -> acknowledged job id
     seen: dict[str, set[int]] = field(default_factory=dict)  # job id -> seqs delivered
     terminal: dict[str, list[str]] = field(default_factory=dict)  # job id -> terminal events
@@ -180,7 +182,7 @@ class LoadClient:
         while not self.done.is_set():
             try:
                 await self._session()
-            except* (ConnectionClosed, OSError, InvalidStatus, TimeoutError):
+            except* (WebSocketException, OSError, TimeoutError):
                 pass  # the coordinator is down: try again shortly
             if not self.done.is_set():
                 await anyio.sleep(0.02)
@@ -236,6 +238,9 @@ class LoadClient:
                 await ws.send(
                     encode(Subscribe(id=f"d{n}", job_ids=(job_id,), after={job_id: 0})).decode()
                 )
+        elif isinstance(msg, Ack | Error) and (msg.id or "").startswith("c"):
+            job_id = self.job_of[int(str(msg.id)[1:])]
+            self.cancel_answers[job_id] = msg.code if isinstance(msg, Error) else "ok"
         elif isinstance(msg, JobEvent):
             seqs = self.seen.setdefault(msg.job_id, set())
             if msg.seq in seqs:
