@@ -9,7 +9,8 @@ Tree::
     ├── UnknownMiner         no such miner session
     ├── Unavailable          the dispatcher is not running (starting up or shutting down)
     ├── NotAllowed           the credential may not act as this identity
-    └── PaymentRequired      the payer's available balance is short (billing)
+    ├── PaymentRequired      the payer's available balance is short (billing)
+    └── TooLarge             a job no socket miner could be sent (its job.assign frame)
 """
 
 from __future__ import annotations
@@ -71,3 +72,17 @@ class PaymentRequired(DispatchError):
 
 
 __all__ += ["PaymentRequired"]
+
+
+class TooLarge(DispatchError):
+    """A job whose ``job.assign`` frame would be over the frame limit, which a miner's library
+    refuses (nothing changed)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"job too large: its job.assign frame would be over {limit} bytes (WS_MAX_FRAME_BYTES)"
+        )
+        self.limit = limit
+
+
+__all__ += ["TooLarge"]

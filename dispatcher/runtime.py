@@ -24,7 +24,14 @@ import anyio
 import anyio.lowlevel
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
-from dispatcher.errors import DispatchError, NotAllowed, Unavailable, UnknownJob, UnknownMiner
+from dispatcher.errors import (
+    DispatchError,
+    NotAllowed,
+    TooLarge,
+    Unavailable,
+    UnknownJob,
+    UnknownMiner,
+)
 from dispatcher.fanout import Fanout, Subscriber
 from dispatcher.jobs import TERMINAL, JobState
 from dispatcher.ledger import (
@@ -43,7 +50,7 @@ from dispatcher.stats import (
     JobCounts,
 )
 from protocol.amounts import price_units
-from protocol.codec import encode, encode_assign, encode_event
+from protocol.codec import assign_fits, encode, encode_assign, encode_event
 from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
@@ -162,6 +169,9 @@ class Dispatcher:
         # off and no paid job left, jobs cost nothing extra.
         self.ledger = Ledger()
         self.settle_payments = False
+        # The largest frame a socket miner is sent (WS_MAX_FRAME_BYTES, set by the web layer):
+        # its library refuses larger ones, so a job whose job.assign would be larger is refused.
+        self.max_assign_bytes: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -526,13 +536,24 @@ class Dispatcher:
 
     def submit_now(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
         """``submit`` without the store lookup: for a spec without an idempotency key (or one
-        already checked). Synchronous, so the socket endpoints call it from the read path."""
+        already checked). Synchronous, so the socket endpoints call it from the read path.
+        Raises Unavailable, PaymentRequired or TooLarge (nothing queued)."""
         self._check_open()
-        reserve = None
-        if spec.payment is not None and (
+        new = (
             spec.idempotency_key is None
             or self.scheduler.find_idempotent(spec.client_id, spec.idempotency_key) is None
+        )
+        limit = self.max_assign_bytes
+        if (
+            new
+            and limit is not None
+            and not assign_fits(spec.payload, spec.constraints, limit, read=spec.size)
         ):
+            # Pushed anyway, it closed each miner (1009) and went back to the queue uncharged,
+            # to be pushed again at the miner's reconnect: for its whole TTL.
+            raise TooLarge(limit)
+        reserve = None
+        if spec.payment is not None and new:
             reserve = [job_reservation(spec.job_id, spec.payment)]
             self.ledger.stage(reserve)  # PaymentRequired: nothing is queued
             self.settle_payments = True

@@ -710,4 +710,24 @@ def encode_assign(
     )
 
 
-__all__ += ["encode_assign", "encode_event", "message_type"]
+# What a job.assign frame holds besides its payload and constraints, at most (a 32-digit job
+# id, a billion attempts, an accept timeout as long as a float is written), and the most bytes
+# a value can take when written again per byte (or character) of the text it was read from:
+# orjson writes 1e15 (4 characters) as 1000000000000000.0 (18).
+_LONGEST_FLOAT = -2.2250738585072014e-308
+_ASSIGN_OVERHEAD = (
+    len(encode_assign("0" * 32, 10**9, {}, {}, "2026-11-26T03:00:00.123Z", _LONGEST_FLOAT)) - 4
+)
+_REWRITTEN_GROWTH = 5
+
+
+def assign_fits(payload: JSONObject, constraints: JSONObject, limit: int, *, read: int) -> bool:
+    """Whether every ``job.assign`` frame of a job fits in ``limit`` bytes. ``read``: the length
+    of the frame or body its payload and constraints were read from (0: unknown); a job far
+    below the limit is not encoded to find out."""
+    if read and read * _REWRITTEN_GROWTH + _ASSIGN_OVERHEAD <= limit:
+        return True
+    return len(orjson.dumps(payload)) + len(orjson.dumps(constraints)) + _ASSIGN_OVERHEAD <= limit
+
+
+__all__ += ["assign_fits", "encode_assign", "encode_event", "message_type"]

@@ -8,6 +8,7 @@ from dispatcher.errors import (
     NotAllowed,
     NotAssigned,
     PaymentRequired,
+    TooLarge,
     Unavailable,
     UnknownJob,
     UnknownMiner,
@@ -25,6 +26,7 @@ ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
     NotAllowed: (ErrorCode.CONFLICT, 403),
     Unavailable: (ErrorCode.UNAVAILABLE, 503),
     PaymentRequired: (ErrorCode.PAYMENT_REQUIRED, 402),
+    TooLarge: (ErrorCode.INVALID, 413),
 }
 
 

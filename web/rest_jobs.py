@@ -182,7 +182,14 @@ ENDPOINTS = [
             (201, ("queued (durably stored)", "JobView")),
             (200, ("an earlier job with the same idempotency_key", "JobView")),
             (402, ("BILLING=on: the balance does not cover payment_amount", "Error")),
-            (413, ("body too large", "Error")),
+            (
+                413,
+                (
+                    "body too large, or a job whose job.assign frame would be over "
+                    "WS_MAX_FRAME_BYTES",
+                    "Error",
+                ),
+            ),
             (422, ("invalid body", "Error")),
         ),
     ),

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.core import JobSpec
-from dispatcher.errors import InvalidTransition, PaymentRequired, Unavailable, UnknownJob
+from dispatcher.errors import (
+    InvalidTransition,
+    PaymentRequired,
+    TooLarge,
+    Unavailable,
+    UnknownJob,
+)
 from dispatcher.fanout import Subscriber
 from dispatcher.ids import new_id
 from protocol.messages import (
@@ -23,6 +29,7 @@ from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.billing import job_payment
 from web.connection import Connection
+from web.errors import error_code_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -91,7 +98,7 @@ class ClientConnection(Connection):
         if spec is not None:
             try:
                 self.core.dispatcher.submit_now(spec, self._committed(msg))
-            except (Unavailable, PaymentRequired) as exc:
+            except (Unavailable, PaymentRequired, TooLarge) as exc:
                 self._refused(msg, exc)
 
     async def _submit(self, msg: JobSubmit) -> None:
@@ -100,7 +107,7 @@ class ClientConnection(Connection):
         if spec is not None:
             try:
                 await self.core.dispatcher.submit(spec, self._committed(msg))
-            except (Unavailable, PaymentRequired) as exc:
+            except (Unavailable, PaymentRequired, TooLarge) as exc:
                 self._refused(msg, exc)
 
     def _spec(self, msg: JobSubmit) -> JobSpec | None:
@@ -139,15 +146,13 @@ class ClientConnection(Connection):
 
         return committed
 
-    def _refused(self, msg: JobSubmit, exc: Unavailable | PaymentRequired) -> None:
+    def _refused(self, msg: JobSubmit, exc: Unavailable | PaymentRequired | TooLarge) -> None:
         if isinstance(exc, Unavailable):
             self.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        text = str(exc)
+        code, text = error_code_for(exc), str(exc)
         self.core.dispatcher.after_commit(
-            lambda: self.error(
-                ErrorCode.PAYMENT_REQUIRED, text, request_id=msg.id, ref="job.submit"
-            )
+            lambda: self.error(code, text, request_id=msg.id, ref="job.submit")
         )
 
     async def _subscribe(self, msg: Subscribe) -> None:

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
-from dispatcher.errors import NotAllowed, Unavailable, UnknownJob
+from dispatcher.errors import NotAllowed, TooLarge, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
 from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
@@ -157,6 +157,24 @@ async def test_nothing_is_visible_while_the_commit_is_in_flight() -> None:
             ("outbox", "assigned"),
         ]
         assert events(sub.outbox) == [(spec.job_id, 1, "queued"), (spec.job_id, 2, "assigned")]
+
+
+async def test_a_job_too_large_to_push_to_a_miner_is_refused_before_anything_is_queued() -> None:
+    """With ``max_assign_bytes`` set, a new job whose job.assign frame would be larger raises
+    TooLarge and nothing is queued or written; a repeat of a job already taken is answered."""
+    async with running() as h:
+        h.dispatcher.max_assign_bytes = 1024
+        spec = h.spec(payload={"prompt": "x" * 1000}, idempotency_key="k")
+        with pytest.raises(TooLarge, match="over 1024 bytes"):
+            await h.submit(spec)
+        await h.flushed()
+        assert (h.dispatcher.scheduler.jobs, h.store.jobs, h.log) == ({}, {}, [])
+        h.dispatcher.max_assign_bytes = None
+        await h.submit(spec)
+        h.dispatcher.max_assign_bytes = 1024
+        await h.submit(spec._replace(job_id="another"))
+        await h.flushed()
+        assert h.entries("then") == [(spec.job_id, False), (spec.job_id, True)]
 
 
 async def test_a_batch_that_opens_with_assigns_flushes_them_before_the_rest() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 from protocol import codec
 from protocol.codec import (
     MAX_ID_LENGTH,
+    assign_fits,
     decode_client_frame,
     decode_miner_frame,
     decode_server_to_client,
@@ -1049,6 +1050,44 @@ def test_encode_assign_matches_job_assign() -> None:
         "j", 2, {"prompt": "hi", "n": [1, 2]}, {"gpu": "A100"}, "2025-01-01T00:00:00.000Z", 10.0
     )
     assert direct == encode(msg)
+
+
+@given(
+    payload=st.dictionaries(
+        st.text(max_size=4),
+        st.integers(-(2**63), 2**63)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=40),
+        max_size=20,
+    ),
+    attempt=st.integers(1, 10**9),
+    accept_timeout=st.floats(0.01, 3600),
+)
+def test_assign_fits_says_whether_the_assign_frame_fits(
+    payload: dict[str, Any], attempt: int, accept_timeout: float
+) -> None:
+    """Whatever the attempt and the accept timeout, a job said to fit is pushed in at most
+    ``limit`` bytes; one said not to would be over it, or within the 40 bytes the attempt's
+    digits and the accept timeout may take at most."""
+    constraints = {"gpu": "A100"}
+    frame = encode_assign(
+        "0" * 32, attempt, payload, constraints, "2026-11-26T03:00:00.123Z", accept_timeout
+    )
+    assert not assign_fits(payload, constraints, len(frame) - 1, read=0)
+    assert assign_fits(payload, constraints, len(frame) + 40, read=0)
+
+
+def test_assign_fits_trusts_a_small_frame_and_encodes_a_large_one() -> None:
+    """Read from a frame far below the limit, a job fits without being encoded (its numbers
+    may be written up to 4.5 times longer: 1e15 as 1000000000000000.0); otherwise, or when the
+    frame's length is unknown (0), it is encoded and measured."""
+    numbers = {"xs": [1e15] * 100}  # sent as 1e15: 5 bytes an item, 19 as written again
+    sent = len(b'{"xs":[]}') + 5 * 100 - 1
+    assert assign_fits(numbers, {}, 10_000, read=sent)
+    assert not assign_fits(numbers, {}, 2048, read=sent)
+    assert not assign_fits(numbers, {}, 2048, read=0)
+    assert assign_fits({}, {}, 1024, read=0)
+    assert assign_fits({}, {}, 1024, read=10)
 
 
 def test_encode_unknown_object_raises() -> None:

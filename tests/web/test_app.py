@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -504,3 +505,48 @@ def test_socket_jobs_count_their_frames_against_the_retention_bytes(client: Test
             while recv(miner)["type"] != "ack":
                 pass
             assert 130_000 < scheduler._terminal[job_id] < 130_500
+
+
+# ---- frames pushed to miners ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"prompt": "x" * 1990},  # the submit frame fits; the assign's fields make it too big
+        {"xs": [10**15] * 100},  # sent as 1e15 (4 bytes), written 1000000000000000.0 (18)
+    ],
+    ids=["near-the-limit", "numbers-written-longer"],
+)
+def test_a_job_whose_assign_frame_would_pass_the_frame_limit_is_refused(
+    tmp_path: Path, payload: dict[str, Any]
+) -> None:
+    """A miner's library refuses frames over the limit (1 MiB by default, as ours): a job whose
+    job.assign frame is larger than WS_MAX_FRAME_BYTES closed every miner it was pushed to
+    (1009), went back to the queue uncharged and was pushed again at its reconnect, for its whole
+    TTL. Such a submit is refused (error invalid) and nothing is stored."""
+    limit = 2048
+    frame = {"type": "job.submit", "id": "big", "payload": payload}
+    text = json.dumps(frame, separators=(",", ":")).replace(str(10**15), "1e15")
+    assert len(text) <= limit
+    settings = make_settings(tmp_path, max_frame_bytes=limit)
+    with (
+        TestClient(create_app(settings)) as c,
+        c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner,
+        client_socket(c) as ws,
+    ):
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        hello(ws)
+        ws.send_text(text)
+        err = recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "big", "invalid")
+        assert err["message"] == (
+            f"job too large: its job.assign frame would be over {limit} bytes (WS_MAX_FRAME_BYTES)"
+        )
+        # The socket stays open; a job that fits is still taken and pushed within the limit.
+        ack = submit(ws, "small")
+        assign = miner.receive_text()
+        assert json.loads(assign)["job_id"] == ack["job"]["job_id"]
+        assert len(assign.encode()) <= limit
+        assert len(c.app.state.core.dispatcher.scheduler.jobs) == 1  # type: ignore[attr-defined]

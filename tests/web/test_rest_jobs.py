@@ -304,3 +304,19 @@ async def test_admin_key_on_client_route_is_403(api: Api) -> None:
     """Keys are per role: an admin key is not a client key."""
     r = await api.http.get("/v1/jobs", headers={"X-Api-Key": ADMIN_KEY})
     assert r.status_code == 403
+
+
+async def test_a_job_whose_assign_frame_would_pass_the_frame_limit_is_413(tmp_path: Path) -> None:
+    """A body within MAX_BODY_BYTES whose job would reach a socket miner in a job.assign frame
+    over WS_MAX_FRAME_BYTES (which the miner's library refuses) is 413, and nothing is stored."""
+    async with running_api(tmp_path, max_frame_bytes=2048, max_body_bytes=2048) as api:
+        # 1e15 is 4 bytes as sent and 18 as written again (1000000000000000.0).
+        body = '{"payload":{"xs":[' + ",".join(["1e15"] * 200) + "]}}"
+        headers = {"X-Api-Key": CLIENT_KEY, "Content-Type": "application/json"}
+        r = await api.http.post("/v1/jobs", content=body, headers=headers)
+        assert r.status_code == 413
+        assert r.json() == {
+            "detail": "job too large: its job.assign frame would be over 2048 bytes "
+            "(WS_MAX_FRAME_BYTES)"
+        }
+        assert api.core.dispatcher.scheduler.jobs == {}
