@@ -116,7 +116,7 @@ async def _client(url: str, key: str, rate: float, rng: random.Random) -> None:
     counter = itertools.count(1)
     while True:
         try:
-            async with connect(url, additional_headers={"X-Api-Key": key}) as ws:
+            async with connect(url, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
                 await ws.send(encode(ClientHello(protocol=1)).decode())
 
                 async def read() -> None:

@@ -66,7 +66,9 @@ async def follow_job(
         target = urls[attempt % len(urls)]
         attempt += 1
         try:
-            async with connect(target, additional_headers={"X-Api-Key": key}) as ws:
+            # A completed event carries the result and the receipt (payload and result once
+            # more): it may be larger than the frames the coordinator takes (docs/protocol.md).
+            async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
                 await ws.send(encode(ClientHello(protocol=1)).decode())
                 if job_id is None:  # not acknowledged yet: the key makes a resubmit safe
                     await ws.send(encode(submit).decode())

@@ -148,6 +148,9 @@ class SimulatedMiner:
                     additional_headers={"X-Api-Key": self.opts.key},
                     compression=None,
                     open_timeout=5,
+                    # A result's ack carries the receipt, with the payload and the result: it
+                    # may be larger than the frames the coordinator takes (docs/protocol.md).
+                    max_size=None,
                 ) as ws:
                     backoff = 0.05
                     self.client.hello(resume=True)

@@ -4,6 +4,7 @@ verified receipt, trying a standby first, and a resubmission answered from the s
 from __future__ import annotations
 
 import anyio
+import orjson
 import pytest
 
 from examples.ws_client import follow_job
@@ -63,3 +64,40 @@ async def test_the_examples_pass_over_a_standby_and_a_resubmit_replays_the_store
     replayed = {(e.seq, e.event) for e in again}
     assert {(e.seq, e.event) for e in events} <= replayed
     assert again[-1].data["receipt"] == events[-1].data["receipt"]
+
+
+async def test_the_examples_take_frames_over_the_frame_limit_that_carry_a_receipt(
+    server: RunningServer,
+) -> None:
+    """A receipt holds the job's payload and result: the ack of a result and the completed
+    event (the result once more) are larger than frames the coordinator takes. With their
+    library's default limit (1 MiB, as the coordinator's) the examples were closed 1009 by
+    their own side at each of them, and looped for ever: the miner resent its result after each
+    resume and got the same ack, the client re-subscribed and got the same event replayed."""
+    limit = server.settings.max_frame_bytes
+    prompt = "word " * (limit // 2 // 5)  # half the limit; the miner's result is as long
+    miner = SimulatedMiner(
+        MinerOptions(
+            url=server.url("/v1/miners/ws"),
+            key=MINER_KEY,
+            delay=0.01,
+            chunks=1,
+            load_interval=0,
+            max_jobs=1,  # its run ends with the first receipt
+        ),
+        log=lambda line: None,
+    )
+    lines: list[str] = []
+    submit = JobSubmit(id="submit", payload={"prompt": prompt})
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(miner.run)
+            events = await follow_job(
+                server.url("/v1/jobs/ws"), CLIENT_KEY, submit, out=lines.append
+            )
+    assert not [line for line in lines if "lost" in line]
+    receipt = events[-1].data["receipt"]
+    assert events[-1].event == "completed"
+    assert len(orjson.dumps(events[-1].data)) > limit
+    assert miner.receipts == {events[-1].job_id: receipt}
+    assert verify_receipt(receipt) == []
