@@ -3,9 +3,11 @@
     python examples/ws_client.py --key CLIENT_KEY --prompt "hello world"
 
 On a dropped connection it reconnects and re-subscribes with ``after`` = the last ``seq`` it
-saw, so no event is missed or shown twice. The submit carries an idempotency key, so a submit
-whose acknowledgement was lost with the connection is not run twice. Give ``--url`` more than
-once (a coordinator and its standby) and each reconnect tries the next one.
+saw, so no event is missed or shown twice; an event whose ``seq`` leaves a gap (live events
+that came before a replay it asked for, progress dropped under backpressure) waits for a
+replay too. The submit carries an idempotency key, so a submit whose acknowledgement was lost
+with the connection is not run twice. Give ``--url`` more than once (a coordinator and its
+standby) and each reconnect tries the next one.
 """
 
 from __future__ import annotations
@@ -59,8 +61,7 @@ async def follow_job(
     urls = [url] if isinstance(url, str) else list(url)
     if submit.idempotency_key is None:
         submit = dataclasses.replace(submit, idempotency_key=f"ws-client-{uuid.uuid4()}")
-    events: list[JobEvent] = []
-    job_id: str | None = None
+    job = _Followed(submit, out)
     attempt = 0
     while True:
         target = urls[attempt % len(urls)]
@@ -69,37 +70,71 @@ async def follow_job(
             # A completed event carries the result and the receipt (payload and result once
             # more): it may be larger than the frames the coordinator takes (docs/protocol.md).
             async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
-                await ws.send(encode(ClientHello(protocol=1)).decode())
-                if job_id is None:  # not acknowledged yet: the key makes a resubmit safe
-                    await ws.send(encode(submit).decode())
-                else:
-                    await _resubscribe(ws, job_id, events)
-                async for raw in ws:
-                    msg = decode_server_to_client(raw)
-                    if isinstance(msg, Ack) and msg.id == submit.id:
-                        job_id = str(msg.fields["job"]["job_id"])
-                        out(f"submitted {job_id}")
-                        if msg.fields.get("duplicate"):
-                            # Stored by an earlier attempt: replay what that connection lost.
-                            await _resubscribe(ws, job_id, events)
-                    elif isinstance(msg, JobEvent) and msg.job_id == job_id:
-                        if events and msg.seq <= events[-1].seq:
-                            continue  # a live copy of an event the replay already gave
-                        events.append(msg)
-                        extra = {k: v for k, v in msg.data.items() if k != "receipt"}
-                        out(f"#{msg.seq} {msg.event:<9} {msg.state:<9} {json.dumps(extra)}")
-                        if msg.event in TERMINAL:
-                            return events
-                    elif isinstance(msg, Error):
-                        out(f"error {msg.code}: {msg.message}")
+                if await job.follow(ws):
+                    return job.events
         except (ConnectionClosed, OSError) as exc:
             out(f"connection to {target} lost ({exc!r}); reconnecting")
             await anyio.sleep(retry_after)
 
 
-async def _resubscribe(ws: ClientConnection, job_id: str, events: list[JobEvent]) -> None:
-    last = events[-1].seq if events else 0
-    await ws.send(encode(Subscribe(id="resub", job_ids=(job_id,), after={job_id: last})).decode())
+RESUBSCRIBE = "resub"
+
+
+class _Followed:
+    """One job followed across connections: the events shown, in order, each once."""
+
+    def __init__(self, submit: JobSubmit, out: Callable[[str], None]) -> None:
+        self.submit = submit
+        self.out = out
+        self.job_id: str | None = None
+        self.events: list[JobEvent] = []
+        self.replaying = False  # a subscribe with ``after`` is on its way
+
+    async def follow(self, ws: ClientConnection) -> bool:
+        """Follow on a new connection; True once the job's terminal event is shown."""
+        await ws.send(encode(ClientHello(protocol=1)).decode())
+        if self.job_id is None:  # not acknowledged yet: the key makes a resubmit safe
+            await ws.send(encode(self.submit).decode())
+        else:
+            await self._resubscribe(ws, self.job_id)
+        async for raw in ws:
+            msg = decode_server_to_client(raw)
+            if isinstance(msg, Ack) and msg.id == self.submit.id:
+                self.job_id = str(msg.fields["job"]["job_id"])
+                self.out(f"submitted {self.job_id}")
+                if msg.fields.get("duplicate"):
+                    # Stored by an earlier attempt: replay what that connection lost. The job's
+                    # live events follow this ack, before that replay.
+                    await self._resubscribe(ws, self.job_id)
+            elif isinstance(msg, Ack) and msg.id == RESUBSCRIBE:
+                self.replaying = False  # its replay follows in order, then live events
+            elif isinstance(msg, JobEvent) and msg.job_id == self.job_id:
+                if await self._event(ws, msg):
+                    return True
+            elif isinstance(msg, Error):
+                self.out(f"error {msg.code}: {msg.message}")
+        return False
+
+    async def _event(self, ws: ClientConnection, msg: JobEvent) -> bool:
+        last = self.events[-1].seq if self.events else 0
+        if msg.seq <= last:
+            return False  # seen already: a live copy, or replayed again
+        if msg.seq > last + 1:
+            # Those before it are still to come (a replay asked for) or were dropped (progress,
+            # under backpressure): a replay brings them, and this one again.
+            if not self.replaying:
+                await self._resubscribe(ws, msg.job_id)
+            return False
+        self.events.append(msg)
+        extra = {k: v for k, v in msg.data.items() if k != "receipt"}
+        self.out(f"#{msg.seq} {msg.event:<9} {msg.state:<9} {json.dumps(extra)}")
+        return msg.event in TERMINAL
+
+    async def _resubscribe(self, ws: ClientConnection, job_id: str) -> None:
+        last = self.events[-1].seq if self.events else 0
+        subscribe = Subscribe(id=RESUBSCRIBE, job_ids=(job_id,), after={job_id: last})
+        await ws.send(encode(subscribe).decode())
+        self.replaying = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,125 @@
+"""examples/ws_client.py against a scripted coordinator: the order of frames the contract allows
+(docs/protocol.md, client socket), each event shown once and in order."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Self
+
+import orjson
+import pytest
+
+import examples.ws_client
+from examples.ws_client import follow_job
+from protocol.messages import JobSubmit
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from types import TracebackType
+
+pytestmark = pytest.mark.anyio
+
+JOB = "0" * 32
+
+
+def event(seq: int, kind: str, **data: Any) -> bytes:
+    state = {"queued": "QUEUED", "completed": "COMPLETED"}.get(kind, "RUNNING")
+    frame = {"type": "job.event", "job_id": JOB, "seq": seq, "event": kind, "state": state}
+    return orjson.dumps({**frame, "at": "2026-11-28T00:00:00.000Z", "attempt": 1, **data})
+
+
+class Scripted:
+    """A client socket whose coordinator answers each frame sent with the frames ``answer``
+    gives for it (by the frame's type)."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], list[bytes]]) -> None:
+        self.answer = answer
+        self.received: list[bytes] = []
+        self.sent: list[dict[str, Any]] = []
+
+    def __call__(self, url: str, **kwargs: Any) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+    async def send(self, text: str) -> None:
+        frame = orjson.loads(text)
+        self.sent.append(frame)
+        self.received += self.answer(frame)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        while self.received:
+            yield self.received.pop(0)
+
+
+async def test_a_duplicate_submits_live_events_before_its_replay_are_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resubmit whose first ack was lost is answered as a duplicate, and the socket follows the
+    job from that ack: a live event can come before the replay the client then asks for. The
+    client showed it and dropped the replayed events before it as seen (1-3 lost)."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": True}
+            return [orjson.dumps(ack), event(4, "progress", output="live, sent with the ack")]
+        assert frame == {"type": "subscribe", "id": "resub", "job_ids": [JOB], "after": {JOB: 0}}
+        replay = [event(1, "queued"), event(2, "assigned"), event(3, "started")]
+        return [
+            b'{"type":"ack","id":"resub"}',
+            *replay,
+            event(4, "progress"),
+            event(5, "completed"),
+        ]
+
+    socket = Scripted(answer)
+    monkeypatch.setattr(examples.ws_client, "connect", socket)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert [(e.seq, e.event) for e in events] == [
+        (1, "queued"),
+        (2, "assigned"),
+        (3, "started"),
+        (4, "progress"),
+        (5, "completed"),
+    ]
+
+
+async def test_a_gap_in_the_live_stream_is_filled_by_a_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A progress event dropped under backpressure leaves a gap: the client asks for a replay
+    after the last event it showed, once, and shows what it brings in order."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+            # 2 was dropped; 4 was on its way before the coordinator read the subscribe.
+            return [
+                orjson.dumps(ack),
+                event(1, "queued"),
+                event(3, "progress"),
+                event(4, "progress"),
+            ]
+        assert frame["after"] == {JOB: 1}
+        replay = [event(2, "progress"), event(3, "progress"), event(4, "progress")]
+        return [b'{"type":"ack","id":"resub"}', *replay, event(5, "completed")]
+
+    socket = Scripted(answer)
+    monkeypatch.setattr(examples.ws_client, "connect", socket)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [f["type"] for f in socket.sent] == ["hello", "job.submit", "subscribe"]
