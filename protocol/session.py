@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from protocol.codec import decode_client_frame, decode_miner_frame, encode
 from protocol.errors import InvalidState, RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
+    Ack,
     Auth,
     ClientHello,
     ClientToServer,
@@ -121,7 +122,11 @@ class _Session(Generic[M]):
             else:
                 self.fail(CloseCode.NOT_AUTHENTICATED, "authenticate first")
         elif isinstance(msg, self._ignored_before_hello):
-            pass  # AWAIT_HELLO: e.g. a miner's heartbeat sent before its hello
+            # AWAIT_HELLO: e.g. a miner's heartbeat sent before its hello. Nothing to act on,
+            # but a request with an id gets its one reply.
+            request_id = getattr(msg, "id", None)
+            if request_id is not None:
+                self.send(Ack(id=request_id))
         elif not isinstance(msg, self._hello_type):  # AWAIT_HELLO (CLOSING reads nothing)
             self.fail(CloseCode.PROTOCOL_ERROR, "expected hello")
         elif getattr(msg, "protocol", None) != PROTOCOL_VERSION:

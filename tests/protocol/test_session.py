@@ -172,6 +172,17 @@ def test_a_heartbeat_before_hello_is_ignored() -> None:
     assert [type(m) for m in session.events_received()] == [Hello]
 
 
+def test_a_heartbeat_before_hello_with_an_id_gets_its_ack() -> None:
+    """A request with an id gets exactly one reply (protocol.md, Framing): a heartbeat read and
+    dropped before hello was never answered, so a miner counting its unanswered heartbeats (a
+    timer started at connect) waited for an ack that never came."""
+    session = MinerSession(authenticated=True)
+    session.receive_data(b'{"type":"heartbeat","id":"hb-1"}')
+    assert session.events_received() == []
+    assert sent(session) == [{"type": "ack", "id": "hb-1"}]
+    assert session.state is AWAIT_HELLO
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_second_hello_closes_4000(kind: type[Session]) -> None:
     """A hello after the handshake closes 4000."""

@@ -368,6 +368,16 @@ def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
             assert [recv(ws)["event"] for _ in range(2)] == ["queued", "assigned"]
 
 
+def test_a_heartbeat_with_an_id_before_hello_is_acked(client: TestClient) -> None:
+    """Every request with an id gets one reply, a miner's heartbeat sent before its hello too
+    (it was read and dropped unanswered); the hello then opens the session as usual."""
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "heartbeat", "id": "hb-1", "metrics": {"util": 0.5}})
+        assert recv(miner) == {"type": "ack", "id": "hb-1"}
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+
+
 def test_a_hello_naming_a_miner_id_with_a_control_character_closes_1007(
     client: TestClient,
 ) -> None:
