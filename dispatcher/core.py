@@ -591,6 +591,9 @@ class Scheduler:
     ) -> list[Effect]:
         job = self._held(miner_id, job_id, attempt)
         if retryable:
+            # Other matching miners get the retry first, as after a reject: with this one
+            # straight back, a broken miner that was the only idle one used up every attempt.
+            self._refused(job, miner_id, now)
             self._requeue(job, now, f"{error_code}: {error_message}", charged=True)
         else:
             job.finished_at = now

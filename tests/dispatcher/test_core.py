@@ -638,22 +638,25 @@ def test_grace_requeue_exhausting_attempts_fails() -> None:
 
 
 def test_retryable_fail_requeues_until_max_attempts() -> None:
-    """Retryable failures requeue (charged); the third one (default max_attempts) FAILs."""
-    s = make()
+    """Retryable failures requeue (charged); the only matching miner gets the job back once
+    the reject pause after its failure ends (5 s, then 10 s); the third failure (default
+    max_attempts) FAILs."""
+    s = make(reject_pause=5.0)
     connect(s, "m1")
     submit(s, "j1", now=0.0)
     now = 1.0
-    for attempt in (1, 2):
+    for attempt, pause in ((1, 5.0), (2, 10.0)):
         s.accept("m1", "j1", now, attempt=attempt)
         effects = s.fail(
             "m1", "j1", error_code="oom", error_message="out of memory", retryable=True, now=now
         )
-        assert summary(effects) == [
-            ("persist", "j1", "requeued"),
-            ("persist", "j1", "assigned"),
-            ("assign", "m1", "j1", attempt + 1),
-        ]
-        now += 1
+        assert summary(effects) == [("persist", "j1", "requeued")]
+        assert state(s, "j1") is JobState.QUEUED
+        while (deadline := s.next_deadline()) is not None and deadline < now + pause:
+            assert assigns(s.tick(deadline)) == []  # earlier attempts' stale timers
+        assert s.next_deadline() == now + pause
+        now += pause
+        assert assigns(s.tick(now)) == [("m1", "j1", attempt + 1)]
     s.accept("m1", "j1", now, attempt=3)
     effects = s.fail(
         "m1", "j1", error_code="oom", error_message="out of memory", retryable=True, now=now
@@ -665,6 +668,26 @@ def test_retryable_fail_requeues_until_max_attempts() -> None:
     assert job.failures == 3
     assert job.error == "max attempts reached (3): oom: out of memory"
     assert held(s, "m1") == []
+
+
+def test_a_retryable_failure_waits_for_another_miner_first() -> None:
+    """A miner that fails a job retryably, while the only idle one, is not handed it straight
+    back: the job waits for another matching miner (or the pause's end), as after a reject;
+    a broken miner would otherwise use up every attempt alone."""
+    s = make(reject_pause=5.0)
+    connect(s, "m1")
+    connect(s, "m2")
+    submit(s, "j1", now=0.0)
+    submit(s, "j2", now=0.0)  # m1 runs j1, m2 runs j2
+    s.accept("m1", "j1", 1.0, attempt=1)
+    effects = s.fail(
+        "m1", "j1", error_code="oom", error_message="out of memory", retryable=True, now=1.0
+    )
+    assert assigns(effects) == []
+    assert state(s, "j1") is JobState.QUEUED
+    _, effects = s.complete("m2", "j2", {}, {}, 2.0)
+    assert assigns(effects) == [("m2", "j1", 2)]
+    assert assigns(submit(s, "j3", now=3.0)) == [("m1", "j3", 1)]  # m1 still gets other work
 
 
 def test_non_retryable_fail_is_final() -> None:

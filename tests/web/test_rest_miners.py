@@ -466,23 +466,28 @@ async def test_a_repeated_failure_report_is_answered_as_the_first(api: Api) -> N
     assert (await api.job(second["job_id"]))["state"] == "FAILED"
 
 
-async def test_a_retryable_failure_queues_the_job_again(api: Api) -> None:
+async def test_a_retryable_failure_queues_the_job_again(tmp_path: Path) -> None:
     """[ours] RUNNING -> QUEUED on a retryable failure while attempts remain (charged one),
-    then FAILED once they are used up (3 by default)."""
-    job = await started(api)
-    path = f"/v1/miners/{job['job_id']}/fail"
-    body = {"error_code": "OOM", "error_message": "out of memory", "retryable": True}
-    for _ in range(2):
+    then FAILED once they are used up (3 by default). The failing miner gets the job back
+    only after the reject pause (5 s, then 10 s): another miner would get it first."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock=clock) as api:
+        job = await started(api)
+        path = f"/v1/miners/{job['job_id']}/fail"
+        body = {"error_code": "OOM", "error_message": "out of memory", "retryable": True}
+        for pause in (5.0, 10.0):
+            r = await api.http.post(path, json=body, headers=miner_headers("m1"))
+            assert r.status_code == 200
+            got = await api.job(job["job_id"])
+            assert (got["state"], got["assigned_miner_id"]) == ("QUEUED", None)
+            assert (await api.poll()).status_code == 204  # paused for m1
+            clock.advance(pause)
+            assert (await api.poll()).json()["job_id"] == job["job_id"]
         r = await api.http.post(path, json=body, headers=miner_headers("m1"))
         assert r.status_code == 200
         got = await api.job(job["job_id"])
-        assert (got["state"], got["assigned_miner_id"]) == ("QUEUED", None)
-        assert (await api.poll()).json()["job_id"] == job["job_id"]
-    r = await api.http.post(path, json=body, headers=miner_headers("m1"))
-    assert r.status_code == 200
-    got = await api.job(job["job_id"])
-    assert got["state"] == "FAILED"
-    assert got["error"] == "max attempts reached (3): OOM: out of memory"
+        assert got["state"] == "FAILED"
+        assert got["error"] == "max attempts reached (3): OOM: out of memory"
 
 
 async def test_upstream_secondary_fail_and_complete_routes_work(api: Api) -> None:
