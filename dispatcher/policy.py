@@ -140,7 +140,10 @@ class JobNeeds:
         needs = cls._parsed.get(key)
         if needs is None:
             needs = cls._parse(constraints)
-            if key:  # empty when orjson cannot represent it: parse every time
+            # Empty when orjson cannot represent it; and only small documents are kept, as for
+            # capabilities: a client chooses its constraints, unknown keys included, and 4,096
+            # kept keys of a frame each would be gigabytes. Others are parsed every time.
+            if 0 < len(key) <= Capabilities._MAX_KEPT:
                 if len(cls._parsed) >= 4096:
                     cls._parsed.clear()
                 cls._parsed[trimmed(key)] = needs

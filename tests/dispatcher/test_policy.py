@@ -718,6 +718,17 @@ def test_parse_caches_are_bounded_and_skip_what_orjson_cannot_write() -> None:
     assert JobNeeds.parse(huge) is not JobNeeds.parse(huge)
 
 
+def test_large_constraints_are_parsed_every_time_never_kept() -> None:
+    """A client chooses its constraints, unknown keys included: a large document is not kept
+    as a cache key (4,096 of a frame each would be gigabytes), only its parsed class."""
+    JobNeeds._parsed.clear()
+    junk = {"gpu": "A100", "note": "x" * 100_000}
+    needs = JobNeeds.parse(junk)
+    assert needs == JobNeeds.parse({"gpu": "A100"})
+    assert JobNeeds._parsed  # the small one is kept
+    assert all(len(key) <= 2048 for key in JobNeeds._parsed)
+
+
 def test_job_queue_scan_pops_stale_heads_and_weighs_refused_ones() -> None:
     """The scan (a class it cannot take is first in line): a class's run of stale heads is
     popped; a refused head is replaced by the class's next acceptable job, which only wins when
