@@ -951,6 +951,15 @@ class Dispatcher:
         reveals state, such as a balance that counts uncommitted reservations)."""
         await self._until_committed(self._commit_then)
 
+    async def committed(self, value: T) -> T:
+        """``value``, read from in-memory state just now (the scheduler's miners, its figures),
+        once everything that state may reflect is committed: the scheduler runs ahead of the
+        store by the batches in flight, and a read must not show what a failed commit would
+        undo (a miner whose hello or registration is being committed). Raises Unavailable when
+        the writer stopped on a failed commit."""
+        await self.barrier()
+        return value
+
     async def before_refusal(self) -> None:
         """Wait until the state a refusal was decided on is durable, as ``barrier`` (a refusal
         must not reveal uncommitted state: a job whose end is being committed is not

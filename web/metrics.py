@@ -146,7 +146,10 @@ async def metrics(call: Call) -> Response:
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
         if not principal.acts_as(Role.ADMIN):
             raise HTTPError(403, "Forbidden")
-    return Response(generate_latest(core.metrics), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(core.metrics)
+    if not core.standby:  # miners and slots are the scheduler's: answered once committed
+        body = await core.dispatcher.committed(body)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 ENDPOINTS = [

@@ -63,10 +63,12 @@ async def _avg_duration_ms(call: Call) -> float:
     return round(1000 * sum(spans) / len(spans), 3) if spans else 0.0
 
 
-def _overview(call: Call) -> tuple[dict[str, int], int, int]:
-    """Committed job counts by state (the non-zero ones), and the miners known and online."""
-    counts = {state: n for state, n in call.core.dispatcher.job_counts.by_state.items() if n}
-    miners = call.core.dispatcher.rest_miners()
+async def _overview(call: Call) -> tuple[dict[str, int], int, int]:
+    """Committed job counts by state (the non-zero ones), and the miners known and online
+    (answered once what they show is committed)."""
+    dispatcher = call.core.dispatcher
+    counts = {state: n for state, n in dispatcher.job_counts.by_state.items() if n}
+    miners = await dispatcher.committed(dispatcher.rest_miners())
     return counts, len(miners), sum(1 for m in miners if m.online)
 
 
@@ -75,7 +77,7 @@ def _active(counts: dict[str, int]) -> int:
 
 
 async def stats(call: Call) -> Response:
-    counts, _, online = _overview(call)
+    counts, _, online = await _overview(call)
     return json_response(
         {
             "total_jobs": sum(counts.values()),
@@ -113,7 +115,7 @@ def _system(call: Call) -> JSONObject:
 
 async def status(call: Call) -> Response:
     """Upstream's intended ``/v1/admin/status`` (its own always answered an error, §9)."""
-    counts, known, online = _overview(call)
+    counts, known, online = await _overview(call)
     # Degraded: work waits and no miner is online to take it.
     healthy = not (counts.get("QUEUED") and not online)
     return json_response(
@@ -166,7 +168,7 @@ async def miners(call: Call) -> Response:
             "last_heartbeat": None if m.last_seen is None else iso_time(m.last_seen),
             "transport": m.transport,
         }
-        for m in call.core.dispatcher.rest_miners()
+        for m in await call.core.dispatcher.committed(call.core.dispatcher.rest_miners())
     ]
     items.sort(key=lambda m: str(m["miner_id"]))
     return json_response({"items": items})

@@ -24,7 +24,8 @@ EVENT_PAGE = 10_000
 
 
 async def snapshot(call: Call) -> Response:
-    return json_response(call.core.ops.snapshot())
+    # Its miner rows are the scheduler's: answered once what they show is committed.
+    return json_response(await call.core.dispatcher.committed(call.core.ops.snapshot()))
 
 
 async def job_detail(call: Call) -> Response:

@@ -19,8 +19,8 @@ from tests.conftest import (
     SIGNING_SEED,
     make_settings,
 )
-from tests.fakes import FakeClock
-from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.fakes import FakeClock, RecordingStore
+from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, login
 from web.app import create_app
 from web.auth import key_hash
@@ -405,3 +405,19 @@ async def test_a_wallet_in_admin_wallet_addresses_is_an_admin_and_still_a_client
         assert (await api.http.get(other, headers=plain)).status_code in (200, 404)
         mine = f"/v1/users/{admin_user['user_id']}/balance"
         assert (await api.http.get(mine, headers=plain)).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/admin/miners", "/v1/admin/stats", "/v1/admin/status", "/v1/admin/ops", "/metrics"]
+)
+async def test_a_read_showing_miners_waits_for_their_commit(tmp_path: Path, path: str) -> None:
+    """The miner lists and counts are the scheduler's, which runs ahead of the store: a read
+    while a registration was being committed showed the miner at once (a failed commit then
+    stops the coordinator, and the miner never existed). It is answered after that commit."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        read = api.http.get(path, headers={"X-Api-Key": ADMIN_KEY})
+        answers = await answered_after_commit(
+            api, store, ("register", api.register("m1")), ("read", read)
+        )
+        assert answers == [("register", 200), ("read", 200)]
