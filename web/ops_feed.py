@@ -4,9 +4,12 @@ It watches committed job events (``Dispatcher.watchers``: durability before visi
 reads miner state from the scheduler when it builds a frame. Every ``TICK`` it compares the
 miner rows, the queue summary and the counters with what it last sent and pushes one
 ``ops.delta`` with the differences, so a watcher gets at most 4 deltas a second however busy the
-coordinator is. Job events go to the watchers as they commit (the live log); progress frames may
-be coalesced or dropped under backpressure like on the client socket. Once a second it records a
-chart point (throughput, dispatch latency p50/p99, queue depth), HISTORY points back.
+coordinator is. The scheduler runs ahead of the store by the batches in flight, so a snapshot
+or delta is built at once and sent once everything queued so far has committed
+(``Dispatcher.after_commit``): a miner whose hello is being committed is not shown before.
+Job events go to the watchers as they commit (the live log); progress frames may be coalesced
+or dropped under backpressure like on the client socket. Once a second it records a chart
+point (throughput, dispatch latency p50/p99, queue depth), HISTORY points back.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class OpsFeed:
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
         self._dropped_before = 0  # progress frames dropped for watchers that left
+        self._joining: set[Outbox] = set()  # added; their snapshot waits for its commit
         core.dispatcher.watchers.append(self.on_event)
 
     # ---- input ------------------------------------------------------------------------------
@@ -232,19 +236,32 @@ class OpsFeed:
     # ---- watchers ---------------------------------------------------------------------------
 
     def add(self, outbox: Outbox) -> None:
-        """A new watcher: its snapshot, then the recent events, then live deltas and events."""
-        first = not self.watchers  # deltas are kept only while watched: start from this snapshot
+        """A new watcher: its snapshot, then the recent events, then live deltas and events.
+        The snapshot is taken now and sent once what it shows is committed; the recent events
+        are those published by then, and live ones follow."""
+        # Deltas are kept only while watched: the first watcher starts from this snapshot.
+        first = not self.watchers and not self._joining
         if first:
             self._forget_gone()
-        outbox.put(orjson.dumps({"type": "snapshot", **self.snapshot()}).decode())
+        snapshot = orjson.dumps({"type": "snapshot", **self.snapshot()}).decode()
         if first:
             miners = self.core.dispatcher.scheduler.miners
             self._sent_miners = {mid: self._signature(mid, m) for mid, m in miners.items()}
+        self._joining.add(outbox)
+        self.core.dispatcher.after_commit(lambda: self._join(outbox, snapshot))
+
+    def _join(self, outbox: Outbox, snapshot: str) -> None:
+        """``add``, once its snapshot is durable (nothing when the watcher left meanwhile)."""
+        if outbox not in self._joining:
+            return
+        self._joining.discard(outbox)
+        outbox.put(snapshot)
         for frame in self.recent:
             outbox.put(frame)
         self.watchers.add(outbox)
 
     def discard(self, outbox: Outbox) -> None:
+        self._joining.discard(outbox)
         if outbox in self.watchers:  # keep its drop count in the total
             self.watchers.discard(outbox)
             self._dropped_before += outbox.dropped
@@ -346,15 +363,20 @@ class OpsFeed:
             self._last_point = now
         elif now - self._last_point >= 1.0:
             self._add_point(now)
-        if not self.watchers:
+        if not self.watchers and not self._joining:
             self._new_points.clear()
             self._forget_gone()  # a new watcher starts from a snapshot
             return
         delta = self._delta(now)
         if delta:
             frame = orjson.dumps({"type": "ops.delta", "at": iso_time(now), **delta}).decode()
-            for outbox in self.watchers:
-                outbox.put(frame)
+            self.core.dispatcher.after_commit(lambda: self._send(frame))
+
+    def _send(self, frame: str) -> None:
+        """A delta, once what it shows is durable: to the watchers of then (a watcher whose
+        snapshot was taken after this delta was built joins after it is sent)."""
+        for outbox in self.watchers:
+            outbox.put(frame)
 
     def _add_point(self, now: float) -> None:
         assert self._last_point is not None

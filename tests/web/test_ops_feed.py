@@ -5,13 +5,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from dispatcher.fanout import Outbox
 from protocol.records import EventRecord, JobRecord
 from tests.conftest import ADMIN_KEY
-from tests.fakes import FakeClock, RecordingOutbox
+from tests.fakes import FakeClock, RecordingOutbox, RecordingStore
 from tests.web.rest_harness import miner_headers, running_api
 from web.ops_feed import LOAD_FIGURES, RECENT_BYTES, RECENT_EVENTS, OpsFeed, load_figures
 
@@ -193,6 +194,7 @@ async def test_gpu_memory_summing_past_64_bits_is_shown_capped_not_fatal(tmp_pat
         assert (await api.register("m2", capabilities={"gpus": wide[2:]})).status_code == 200
         clock.advance(1)
         ops.tick(clock.now())
+        await api.core.dispatcher.barrier()  # a delta is sent once what it shows is durable
         [delta] = [f for _, f in watcher.log if f["type"] == "ops.delta"]
         assert {m["miner_id"]: m["vram_mb"] for m in delta["miners"]} == {"m1": 2**53 - 1, "m2": 0}
         r = await api.http.get("/v1/admin/ops", headers={"X-Api-Key": ADMIN_KEY})
@@ -225,3 +227,43 @@ async def test_miners_gone_before_a_watcher_opens_are_forgotten(tmp_path: Path) 
             ops.discard(later)
             ops.tick(clock.now())
         assert (ops._seen, ops._load, ops._sent_miners) == ({}, {}, {})
+
+
+@pytest.mark.anyio
+async def test_ops_watchers_see_a_miner_once_its_registration_is_committed(
+    tmp_path: Path,
+) -> None:
+    """The miner rows are the scheduler's, which runs ahead of the store: a delta built while
+    a registration was being committed, and a new watcher's snapshot, showed the miner at once
+    (a failed commit then stops the coordinator, and that miner never existed). Both are built
+    at once and sent once that commit is done; the snapshot still comes first."""
+    store = RecordingStore()
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, store=store) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        watcher = RecordingOutbox(name="watcher")
+        ops.add(watcher)
+        ops.tick(clock.now())
+        await api.core.dispatcher.barrier()
+        log = watcher.log
+        log.clear()
+        store.block_commits()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(api.register, "m1")
+            await api.settle()
+            clock.advance(0.25)
+            ops.tick(clock.now())
+            later = RecordingOutbox(log, name="later")
+            ops.add(later)
+            clock.advance(0.25)
+            ops.tick(clock.now())
+            await api.settle()
+            assert log == []
+            store.release_commits()
+        await api.core.dispatcher.barrier()
+        kinds = [(name, f["type"]) for name, f in log if f["type"] != "job.event"]
+        assert kinds == [("watcher", "ops.delta"), ("later", "snapshot")]
+        [(_, delta), (_, snapshot)] = [(n, f) for n, f in log if f["type"] != "job.event"]
+        assert [m["miner_id"] for m in delta["miners"]] == ["m1"]
+        assert [m["miner_id"] for m in snapshot["miners"]] == ["m1"]

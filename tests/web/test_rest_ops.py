@@ -214,15 +214,20 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
             frames.append(orjson.loads(frame))
 
     sink: Any = Sink()
+    committed = api.core.dispatcher.barrier  # frames are sent once what they show is durable
     feed.add(sink)
+    await committed()
     assert frames[0]["type"] == "snapshot"
     feed.tick(1000.0)  # the first delta brings the feed's own baseline
+    await committed()
     frames.clear()
     feed.tick(1000.1)
+    await committed()
     assert frames == []  # nothing changed
     await api.register("m1")
     job = await api.submit()
     feed.tick(1000.5)
+    await committed()
     assert [f["type"] for f in frames] == ["job.event", "ops.delta"]
     delta = frames[-1]
     assert [m["miner_id"] for m in delta["miners"]] == ["m1"]
@@ -232,6 +237,7 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
     await api.poll("m1")
     await api.result(job["job_id"])
     feed.tick(1001.0)
+    await committed()
     events = [f["event"] for f in frames if f["type"] == "job.event"]
     assert events == ["assigned", "started", "completed"]
     delta = frames[-1]
@@ -243,6 +249,7 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
     frames.clear()
     await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
     feed.tick(1001.25)
+    await committed()
     assert frames[-1]["removed"] == ["m1"]
     feed.discard(sink)
 
@@ -310,6 +317,7 @@ async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_sho
         await step()
         t += 0.25
         feed.tick(t)
+        await api.core.dispatcher.barrier()  # a delta is sent once what it shows is durable
         fresh = {m["miner_id"]: m for m in feed.snapshot()["miners"]}
         assert table == fresh, f"after step {n}"
     assert sorted(table) == ["m2", "m3"]
