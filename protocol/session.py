@@ -165,6 +165,12 @@ class _Session(Generic[M]):
         out, self._out = self._out, []
         return out
 
+    def stop_reading(self) -> None:
+        """Read no further input: the adapter refused the session and closes it itself, later
+        (a refusal that must wait for a commit). Unlike ``fail``, no close code is set."""
+        self.state = CLOSING
+        self._events.clear()
+
     def fail(self, code: CloseCode, reason: str) -> None:
         """End the session: no further input is read, the adapter closes with ``code``."""
         if self.state is CLOSING:

@@ -222,6 +222,7 @@ async def create_test_miner(call: Call) -> Response:
             region=None,
         )
     except NotAllowed:
+        await call.core.dispatcher.before_refusal()  # the binding may not be durable yet
         detail = f"miner id {TEST_MINER_ID!r} is held by a real miner (bound to its key)"
         raise HTTPError(409, detail) from None
     return json_response({"miner_id": TEST_MINER_ID, "status": "updated" if existed else "created"})

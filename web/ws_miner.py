@@ -60,7 +60,7 @@ class MinerConnection(Connection):
             case Auth():
                 self.authenticate(msg.token, session)
             case Hello():
-                self._hello(msg)
+                self._hello(msg, session)
             case JobReject():
                 self._call(
                     msg.id, msg.job_id, "reject", msg.job_id, msg.reason, attempt=msg.attempt
@@ -108,7 +108,7 @@ class MinerConnection(Connection):
         assert isinstance(msg, JobResult)
         await self._stored_result(msg)
 
-    def _hello(self, msg: Hello) -> None:
+    def _hello(self, msg: Hello, session: MinerSession) -> None:
         assert self.principal is not None
         miner_id = msg.miner_id or f"miner-{self.principal.key_hash[:12]}"
         session_id = secrets.token_hex(16)
@@ -140,7 +140,12 @@ class MinerConnection(Connection):
                 then=welcome,
             )
         except NotAllowed as exc:
-            self.close(CloseCode.FORBIDDEN, str(exc))
+            # The id may be bound by a hello still being committed: refused once everything
+            # queued so far is durable (a refusal must not reveal uncommitted state), and
+            # nothing more is read meanwhile.
+            session.stop_reading()
+            reason = str(exc)
+            core.dispatcher.after_commit(lambda: self.close(CloseCode.FORBIDDEN, reason))
             return
         except Unavailable:
             self.close(CloseCode.GOING_AWAY, "server shutting down")

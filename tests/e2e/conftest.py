@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
+    from storage.base import Store
     from web.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -40,15 +41,15 @@ class RunningServer:
 
 
 async def start_server(
-    settings: Settings, tg: anyio.abc.TaskGroup, *, port: int = 0
+    settings: Settings, tg: anyio.abc.TaskGroup, *, port: int = 0, store: Store | None = None
 ) -> tuple[RunningServer, Any]:
-    """Serve on 127.0.0.1:``port`` (0: any free port); ``RunningServer.stopped`` is set when the
-    server has shut down and closed its socket."""
+    """Serve on 127.0.0.1:``port`` (0: any free port; ``store``: this one, not the settings');
+    ``RunningServer.stopped`` is set when the server has shut down and closed its socket."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(512)
-    server = build_server(settings, log_level="warning")
+    server = build_server(settings, log_level="warning", store=store)
     server.config.lifespan = "on"
     stopped = anyio.Event()
 

@@ -11,11 +11,16 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from protocol.codec import decode_server_to_client, decode_server_to_miner
 from protocol.messages import Ack, ClientWelcome, Welcome
+from protocol.session import CLOSING
 from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2
+from tests.e2e.conftest import start_server
 from tests.e2e.manual_miner import close_code
+from tests.fakes import RecordingStore
+from web.auth import key_hash
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import RunningServer
+    from web.settings import Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -125,6 +130,46 @@ async def test_miner_id_bound_to_another_key_closes_4403(server: RunningServer) 
         ack = await _recv_miner(first)
         assert isinstance(ack, Ack)
         assert ack.id == "still-here"
+
+
+async def test_a_miner_id_bound_by_a_hello_being_committed_is_refused_after_it(
+    settings: Settings,
+) -> None:
+    """A hello naming an id that another key's hello bound while its commit was in flight was
+    closed 4403 at once: the binding was visible before it was durable (a failed commit then
+    stops the coordinator, and the id was never bound). The 4403 now follows the commit, and
+    the refused socket's later frames are not read."""
+    store = RecordingStore()
+    async with anyio.create_task_group() as tg:
+        server, uv = await start_server(settings, tg, store=store)
+        store.block_commits()
+        async with _connect(server, MINERS, MINER_KEY) as first:
+            await first.send(_hello("bound-miner"))
+            with anyio.fail_after(5):
+                while not store.waiting:  # noqa: ASYNC110 - bounded poll: the commit is held
+                    await anyio.sleep(0.005)
+            async with _connect(server, MINERS, MINER_KEY_2) as thief:
+                await thief.send(_hello("bound-miner"))
+                await thief.send('{"type":"job.accept","job_id":"j1"}')
+                conn = await _connection_of(server, MINER_KEY_2)
+                with anyio.fail_after(5):
+                    while conn._close is None and conn._session.state is not CLOSING:  # noqa: ASYNC110 - bounded poll: its hello is handled
+                        await anyio.sleep(0.005)
+                assert conn._close is None  # not refused while the binding is not durable
+                store.release_commits()
+                assert isinstance(await _recv_miner(first), Welcome)
+                assert await close_code(thief) == 4403
+        uv.should_exit = True
+
+
+async def _connection_of(server: RunningServer, key: str) -> Any:
+    """The server's connection of the socket opened with ``key`` (bounded poll)."""
+    with anyio.fail_after(5):
+        while True:
+            for conn in server.core.connections:
+                if conn.principal is not None and conn.principal.key_hash == key_hash(key):
+                    return conn
+            await anyio.sleep(0.005)
 
 
 @pytest.mark.parametrize("path", [CLIENTS, MINERS])

@@ -392,6 +392,21 @@ def test_input_and_output_ignored_after_closing(kind: type[Session]) -> None:
     assert [e["message"] for e in sent(session)] == ["queued before the close"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_reading_ignores_input_without_a_close_code(kind: type[Session]) -> None:
+    """``stop_reading``: the adapter closes later itself; nothing more is read meanwhile, and
+    the session asks for no close of its own."""
+    session = opened(kind)
+    frame, _ = REQUESTS[kind]
+    session.receive_data(frame)
+    session.stop_reading()
+    session.receive_data(frame)
+    session.receive_binary()
+    assert session.state is CLOSING
+    assert session.close_code is None
+    assert session.events_received() == []
+
+
 def test_close_reason_is_truncated_to_rfc_limit() -> None:
     """A long close reason is cut to at most 120 UTF-8 bytes without splitting a character."""
     session = MinerSession(authenticated=True)
