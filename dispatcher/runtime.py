@@ -11,7 +11,6 @@ store (``get_job``, ``subscribe``) and ``serve`` are async.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -963,11 +962,13 @@ class Dispatcher:
     async def before_refusal(self) -> None:
         """Wait until the state a refusal was decided on is durable, as ``barrier`` (a refusal
         must not reveal uncommitted state: a job whose end is being committed is not
-        cancelable yet). Returns at once when the writer is not running: nothing more commits.
+        cancelable yet). Raises Unavailable once the writer has stopped (a failed commit, or
+        shut down): that state may never be durable, so the refusal must not be sent.
         """
+        if self._gone is not None:
+            raise Unavailable(self._gone)
         if self.running:
-            with contextlib.suppress(Unavailable):  # the writer stopped on a failed commit
-                await self.barrier()
+            await self.barrier()
 
     def _commit_then(self, then: Callable[[None], None]) -> None:
         """``after_commit`` for ``_until_committed``: ``then(None)`` once all is durable."""

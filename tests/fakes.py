@@ -12,6 +12,7 @@ import anyio.lowlevel
 from dispatcher.fanout import Outbox
 from protocol.client import MinerClient
 from protocol.session import DEFAULT_MAX_FRAME, MinerSession
+from storage.errors import StorageError
 from storage.memory import InMemoryJobStore
 
 if TYPE_CHECKING:
@@ -184,6 +185,17 @@ class RecordingStore(InMemoryJobStore):
             return events
         await gate.wait()
         return await super().events_after(job_id, after, limit)
+
+
+class FailingStore(RecordingStore):
+    """Once ``fail`` is set, every commit stores its batch and then raises (a lost connection)."""
+
+    fail = False
+
+    async def commit(self, batch: WriteBatch) -> None:
+        await super().commit(batch)
+        if self.fail:
+            raise StorageError("connection lost")
 
 
 class FakeMinerSink:

@@ -387,7 +387,10 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)
         except DispatchError as exc:
             if not isinstance(exc, Unavailable):
-                await core.dispatcher.before_refusal()
+                try:
+                    await core.dispatcher.before_refusal()
+                except Unavailable as gone:  # the refusal's state may never be durable
+                    exc = gone
             return json_response({"detail": str(exc)}, http_status_for(exc))
         except ClientDisconnect:
             return ALREADY_SENT  # gone before its body ended: nobody to answer

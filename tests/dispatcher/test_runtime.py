@@ -17,13 +17,12 @@ from dispatcher.errors import NotAllowed, TooLarge, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
 from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
-from tests.fakes import FakeClock, FakeMinerSink, RecordingOutbox, RecordingStore
+from tests.fakes import FailingStore, FakeClock, FakeMinerSink, RecordingOutbox, RecordingStore
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from dispatcher.jobs import Job
-    from storage.base import WriteBatch
 
 pytestmark = pytest.mark.anyio
 
@@ -640,21 +639,10 @@ async def test_an_event_replayed_before_it_is_published_is_delivered_once(
         assert sub.job_ids == (set() if ends else {job_id})
 
 
-class _FailingStore(RecordingStore):
-    """Once ``fail`` is set, every commit stores its batch and then raises (a lost connection)."""
-
-    fail = False
-
-    async def commit(self, batch: WriteBatch) -> None:
-        await super().commit(batch)
-        if self.fail:
-            raise StorageError("connection lost")
-
-
 async def test_a_replay_waiting_for_a_batch_whose_commit_fails_ends() -> None:
     """The replay that waits for the batch in flight to be published is let go, refused
     ``Unavailable``, when that commit fails (the writer stops and never publishes it)."""
-    store = _FailingStore()
+    store = FailingStore()
     await store.open()
     dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
     spec = JobSpec(job_id="j1", client_id="c1", payload={}, constraints={})
@@ -691,7 +679,7 @@ async def test_a_call_after_a_failed_commit_is_refused_at_once() -> None:
     """A REST miner's result that arrives once the writer has stopped on a failed commit is
     answered ``Unavailable`` at once (it waited for a commit that never came, until the
     process went down)."""
-    store = _FailingStore()
+    store = FailingStore()
     await store.open()
     dispatcher = Dispatcher(store, Scheduler(SchedulerConfig()), FakeClock())
 

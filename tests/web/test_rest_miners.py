@@ -13,7 +13,7 @@ from dispatcher.clock import SystemClock
 from protocol.receipts import verify_receipt
 from protocol.types import iso_time
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, MINER_KEY_2
-from tests.fakes import FakeClock, RecordingStore
+from tests.fakes import FailingStore, FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 
 if TYPE_CHECKING:
@@ -554,6 +554,30 @@ async def test_a_report_refused_by_a_cancel_not_yet_durable_waits_for_it(
             api, store, ("cancel", api.cancel(job["job_id"])), (report, refused)
         )
         assert answers == [("cancel", 200), (report, 409)]
+
+
+@pytest.mark.parametrize("report", ["result", "fail"])
+async def test_a_report_refused_by_a_cancel_whose_commit_failed_is_unavailable(
+    tmp_path: Path, report: str
+) -> None:
+    """A result or failure refused because of a cancel whose commit failed was answered 409
+    (the writer had stopped, so the refusal did not wait): the miner dropped a job the store
+    still has running on it, and the client had been told 503. Like every call after a failed
+    commit it is now 503, and says nothing of the cancel."""
+    store = FailingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        job = await started(api)
+        store.fail = True
+        assert (await api.cancel(job["job_id"])).status_code == 503
+        fail = {"error_code": "E1", "error_message": "boom"}
+        r = (
+            await api.result(job["job_id"])
+            if report == "result"
+            else await api.http.post(
+                f"/v1/miners/m1/jobs/{job['job_id']}/fail", json=fail, headers=miner_headers("m1")
+            )
+        )
+        assert r.status_code == 503, r.text
 
 
 async def test_expired_job_seen_expired_and_never_polled(api: Api) -> None:
