@@ -44,14 +44,18 @@ def _account(call: Call) -> str:
     return account
 
 
-def account_view(call: Call, account: str) -> dict[str, str]:
-    ledger = call.core.dispatcher.ledger
-    return {
+async def account_view(call: Call, account: str) -> dict[str, str]:
+    """The account's balance and what is available of it, answered once what ``available``
+    counts is committed (it is less the debits staged for work in flight)."""
+    dispatcher = call.core.dispatcher
+    ledger = dispatcher.ledger
+    view = {
         "account": account,
         "balance": format_units(ledger.balance(account)),
         "available": format_units(ledger.available(account)),
         "currency": "AITBC",
     }
+    return await dispatcher.committed(view)
 
 
 async def get_account(call: Call) -> Response:
@@ -61,7 +65,7 @@ async def get_account(call: Call) -> Response:
     )
     return json_response(
         {
-            **account_view(call, account),
+            **(await account_view(call, account)),
             "transactions": [transaction_view(e) for e in entries],
             "total": total,
         }
@@ -88,7 +92,7 @@ async def credit(call: Call) -> Response:
         ref=call.body.get("note"),
     )
     await call.core.dispatcher.write(lambda batch: None, [movement])
-    return json_response(account_view(call, account))
+    return json_response(await account_view(call, account))
 
 
 _errors = {

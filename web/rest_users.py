@@ -121,18 +121,19 @@ def _owned_user(call: Call) -> UserRecord:
 async def balance(call: Call) -> Response:
     user = _owned_user(call)
     account = f"wallet:{user.wallet_address}"
-    ledger = call.core.dispatcher.ledger
+    dispatcher = call.core.dispatcher
+    ledger = dispatcher.ledger
     latest, _ = await call.core.store.ledger_entries(account, 1, 0)
-    return json_response(
-        {
-            "user_id": user.user_id,
-            "address": user.wallet_address,
-            "balance": format_units(ledger.balance(account)),
-            "available": format_units(ledger.available(account)),
-            "currency": "AITBC",
-            "updated_at": iso_time(latest[0].at if latest else user.created_at),
-        }
-    )
+    view = {
+        "user_id": user.user_id,
+        "address": user.wallet_address,
+        "balance": format_units(ledger.balance(account)),
+        "available": format_units(ledger.available(account)),
+        "currency": "AITBC",
+        "updated_at": iso_time(latest[0].at if latest else user.created_at),
+    }
+    # ``available`` is less the debits staged for work in flight: answered once committed.
+    return json_response(await dispatcher.committed(view))
 
 
 def transaction_view(e: LedgerEntry) -> dict[str, object]:

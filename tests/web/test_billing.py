@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
-from tests.fakes import FakeClock
-from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.fakes import FakeClock, RecordingStore
+from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 from tests.web.wallet_helpers import bearer, login
 
 if TYPE_CHECKING:
@@ -436,3 +436,26 @@ async def test_credits_never_issue_more_than_the_ledger_holds(tmp_path: Path) ->
         assert before["system:admin"] == -6 * 10**17
     async with running_api(tmp_path) as api:  # it starts again, with the same balances
         assert api.core.dispatcher.ledger.balances() == before
+
+
+@pytest.mark.parametrize("read", ["user", "admin"])
+async def test_a_balance_read_while_a_reservation_commits_waits_for_it(
+    tmp_path: Path, read: str
+) -> None:
+    """A balance read showed ``available`` less a paid submit's reservation while that submit
+    was still being committed (a failed commit then stops the coordinator, and nothing was
+    ever reserved). The read is answered once it is committed."""
+    store = RecordingStore()
+    async with running_api(tmp_path, FakeClock(), store=store, billing=True) as api:
+        user = await funded_user(api)
+        if read == "user":
+            path, headers = f"/v1/users/{user['user_id']}/balance", bearer(user["session_token"])
+        else:
+            path, headers = f"/v1/admin/accounts/wallet:{user['wallet_address']}", ADMIN
+        answers = await answered_after_commit(
+            api,
+            store,
+            ("submit", submit(api, user, "4")),
+            ("read", api.http.get(path, headers=headers)),
+        )
+        assert answers == [("submit", 201), ("read", 200)]
