@@ -88,6 +88,14 @@ def poll_deadline(max_wait: float, cap: float) -> float:
     return max(0.0, min(float(max_wait) - 1.0, cap))
 
 
+async def _not_registered(call: Call) -> HTTPError:
+    """The 404 for a miner the scheduler does not know as a REST miner, once the state that
+    was decided on is durable (its deregistration, or the socket session that replaced it,
+    may still be being committed: ``Dispatcher.before_refusal``)."""
+    await call.core.dispatcher.before_refusal()
+    return HTTPError(404, "miner not registered")
+
+
 async def _register(call: Call, miner_id: str, *, update: bool = False) -> None:
     """Register ``miner_id`` from a ``MinerRegister`` body (``update``: keep its jobs)."""
     assert call.principal is not None
@@ -103,7 +111,7 @@ async def _register(call: Call, miner_id: str, *, update: bool = False) -> None:
             update=update,
         )
     except UnknownMiner:
-        raise HTTPError(404, "miner not registered") from None
+        raise await _not_registered(call) from None
 
 
 async def register(call: Call) -> Response:
@@ -204,21 +212,21 @@ async def deregister(call: Call) -> Response:
     try:
         await call.core.dispatcher.rest_deregister(miner_id)
     except UnknownMiner:
-        raise HTTPError(404, "miner not registered") from None
+        raise await _not_registered(call) from None
     return json_response({"miner_id": miner_id, "status": "deregistered"})
 
 
-def _registered(call: Call) -> str:
+async def _registered(call: Call) -> str:
     miner_id = miner_id_for(call)
     try:
         call.core.dispatcher.rest_heartbeat(miner_id)
     except UnknownMiner:
-        raise HTTPError(404, "miner not registered") from None
+        raise await _not_registered(call) from None
     return miner_id
 
 
 async def heartbeat(call: Call) -> Response:
-    miner_id = _registered(call)  # ``inflight`` is never trusted: slots come from leases
+    miner_id = await _registered(call)  # ``inflight`` is never trusted: slots come from leases
     # Its numbers (``metadata``'s too) are load figures for the ops page, nothing more.
     call.core.ops.on_load(miner_id, call.body or {}, skip=_NOT_LOAD)
     return json_response({"status": "ok"})
@@ -235,7 +243,7 @@ def _assigned(msg: JobAssign) -> JSONObject:
 
 
 async def _poll(call: Call, max_wait: Any) -> Response:
-    miner_id = _registered(call)
+    miner_id = await _registered(call)
     wait = poll_deadline(max_wait, call.core.settings.max_poll_wait_seconds)
     responder = call.responder
     answered = False
@@ -257,7 +265,7 @@ async def _poll(call: Call, max_wait: Any) -> Response:
         else:
             msg = await _poll_watching(call, miner_id, wait)
     except UnknownMiner:
-        raise HTTPError(404, "miner not registered") from None
+        raise await _not_registered(call) from None
     if msg is None:
         return Response(status_code=204)
     return ALREADY_SENT if answered else json_response(_assigned(msg))

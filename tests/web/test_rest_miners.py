@@ -1068,3 +1068,30 @@ async def test_a_report_naming_an_earlier_attempt_is_refused(tmp_path: Path, rep
             "COMPLETED" if report == "result" else "FAILED",
             2,
         )
+
+
+@pytest.mark.parametrize("call", ["heartbeat", "poll", "update"])
+async def test_a_miner_refused_as_unregistered_is_answered_after_its_deregistration_commits(
+    tmp_path: Path, call: str
+) -> None:
+    """A REST miner's call while its deregistration was being committed was answered 404 "miner
+    not registered" at once (a failed commit then stops the coordinator, and the miner is
+    still registered after the restart). It is answered once that commit is done."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        assert (await api.register("m1")).status_code == 200
+        headers = miner_headers("m1")
+        requests = {
+            "heartbeat": lambda: api.http.post("/v1/miners/heartbeat", json={}, headers=headers),
+            "poll": lambda: api.poll("m1"),
+            "update": lambda: api.http.put(
+                "/v1/miners/m1/capabilities", json={"capabilities": {}}, headers=headers
+            ),
+        }
+        answers = await answered_after_commit(
+            api,
+            store,
+            ("deregister", api.http.delete("/v1/miners/m1", headers=headers)),
+            (call, requests[call]()),
+        )
+        assert answers == [("deregister", 200), (call, 404)]
