@@ -253,7 +253,9 @@ class WalletAuth:
             self.sessions.pop(expiries.popleft()[1], None)
 
     async def logout(self, token_hash: str) -> None:
-        session = self.sessions.pop(token_hash, None)
+        """Revoke the session; it stops working once the revocation is committed (before,
+        a failed commit would leave a session the world had been told was gone)."""
+        session = self.sessions.get(token_hash)
         if session is None:
             raise HTTPError(401, "Invalid or expired token")
         revoked = SessionRecord(
@@ -268,3 +270,4 @@ class WalletAuth:
             batch.sessions[token_hash] = revoked
 
         await self.dispatcher.write(fill, [])
+        self.sessions.pop(token_hash, None)

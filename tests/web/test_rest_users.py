@@ -6,10 +6,11 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+import anyio
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import running_api
 from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, get_nonce, login, sign
 
@@ -442,3 +443,29 @@ def test_checking_a_signature_keeps_the_recursion_limit() -> None:
     )
     before, after = out.stdout.split()
     assert after == before
+
+
+async def test_a_session_works_until_its_logout_is_committed(tmp_path: Path) -> None:
+    """A logout dropped the session from memory before its revocation was committed: every
+    request with the token was 401 at once (a failed commit then stops the coordinator, and
+    after the restart the session the world was told was gone works again). It now works
+    until the revocation is committed, and not after."""
+    store = RecordingStore()
+    async with running_api(tmp_path, FakeClock(), store=store) as api:
+        token = (await login(api.http))["session_token"]
+        store.block_commits()
+        async with anyio.create_task_group() as tg:
+            logged_out: list[int] = []
+
+            async def logout() -> None:
+                logged_out.append(
+                    (await api.http.post("/v1/logout", headers=bearer(token))).status_code
+                )
+
+            tg.start_soon(logout)
+            await api.settle()
+            assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 200
+            assert logged_out == []
+            store.release_commits()
+        assert logged_out == [200]
+        assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 401
