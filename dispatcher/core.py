@@ -163,6 +163,7 @@ class Scheduler:
         self._stale_entries = 0  # queue entries gone stale without a pick (``_entry_gone``)
         self._known_caps: dict[Capabilities, int] = {}
         self._servable: dict[JobNeeds, bool] = {}  # is_servable verdicts for _known_caps
+        self.caps_version = 0  # grows whenever the classes in ``_known_caps`` change
         # A heap of (when, n, timer): tuples compare in C, and ``n`` is unique (never a tie).
         self._timers: list[tuple[float, int, _Timer]] = []
         self._dead_timers = 0
@@ -191,6 +192,14 @@ class Scheduler:
     def is_servable(self, constraints: JSONObject) -> bool:
         """True when some known miner (connected or within its resume grace) could run it."""
         return self._needs_servable(JobNeeds.parse(constraints))
+
+    def known_classes(self) -> tuple[Capabilities, ...]:
+        """The capability classes of the known miners, as ``is_servable`` looks at them."""
+        return tuple(self._known_caps)
+
+    def servable_among(self, needs: JobNeeds, classes: tuple[Capabilities, ...]) -> bool:
+        """``is_servable`` against ``classes`` (``known_classes`` as it was at some point)."""
+        return any(self._match(needs, caps) for caps in classes)
 
     def _needs_servable(self, needs: JobNeeds) -> bool:
         verdict = self._servable.get(needs)
@@ -395,6 +404,7 @@ class Scheduler:
         n = self._known_caps.get(miner.caps, 0)
         if not n:
             self._servable.clear()  # a new class of miner: verdicts may change
+            self.caps_version += 1
             self._queue.wake()
         self._known_caps[miner.caps] = n + 1
         self._refresh_idle(miner, now)
@@ -1018,6 +1028,7 @@ class Scheduler:
             if n <= 0:
                 self._known_caps.pop(miner.caps, None)
                 self._servable.clear()
+                self.caps_version += 1
             else:
                 self._known_caps[miner.caps] = n
 

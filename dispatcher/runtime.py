@@ -40,6 +40,7 @@ from dispatcher.ledger import (
     job_settlement,
     payee_account,
 )
+from dispatcher.policy import Capabilities, JobNeeds
 from dispatcher.stats import (
     BATCH_BOUNDS,
     COMMIT_BOUNDS,
@@ -171,6 +172,12 @@ class Dispatcher:
         # The largest frame a socket miner is sent (WS_MAX_FRAME_BYTES, set by the web layer):
         # its library refuses larger ones, so a job whose job.assign would be larger is refused.
         self.max_assign_bytes: int | None = None
+        # The known miner classes as last committed (``is_servable``): the scheduler's own may
+        # count a miner whose hello is still being committed. Taken when a batch is closed,
+        # in force once it is committed; only when they changed (``Scheduler.caps_version``).
+        self._caps_version = -1
+        self._committed_caps: tuple[Capabilities, ...] = ()
+        self._servable: dict[JobNeeds, bool] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -187,6 +194,8 @@ class Dispatcher:
             if (m.session_id or "").startswith(REST_SESSION_PREFIX):
                 self._rest_connect(m, resume=True)
                 self._rest_seen[m.miner_id] = m.last_seen
+        self._caps_version = self.scheduler.caps_version  # all from the store: committed
+        self._committed_caps = self.scheduler.known_classes()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the writer and the timer loop until ``stop()``; the batch in hand is flushed."""
@@ -228,6 +237,8 @@ class Dispatcher:
                 self._idle = self.new_event()
             writes, actions = self._writes, self._actions
             self._writes, self._actions, self._urgent = WriteBatch(), [], False
+            version = self.scheduler.caps_version
+            classes = None if version == self._caps_version else self.scheduler.known_classes()
             if len(writes):
                 started = time.perf_counter()
                 await self.store.commit(writes)
@@ -236,6 +247,9 @@ class Dispatcher:
                 self._batches += 1
                 self._written += len(writes)
                 self._last_batch = len(writes)
+            if classes is not None:  # the miner classes this batch leaves are durable now
+                self._caps_version, self._committed_caps = version, classes
+                self._servable.clear()
             self._perform(actions)
             if self._rearm:
                 self._rearm = False
@@ -1140,6 +1154,20 @@ class Dispatcher:
                 )
             )
         return out
+
+    def is_servable(self, constraints: JSONObject) -> bool:
+        """Whether some known miner could run a job with ``constraints``, among the miners as
+        last committed (the scheduler's ``is_servable`` may count a miner whose hello or
+        registration is still being committed, which a reader must not see)."""
+        needs = JobNeeds.parse(constraints)
+        verdict = self._servable.get(needs)
+        if verdict is None:
+            if len(self._servable) >= 4096:
+                self._servable.clear()
+            verdict = self._servable[needs] = self.scheduler.servable_among(
+                needs, self._committed_caps
+            )
+        return verdict
 
     # ---- observation ------------------------------------------------------------------------
 

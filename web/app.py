@@ -142,7 +142,7 @@ class Coordinator:
 
     def job_view(self, rec: JobRecord) -> JSONObject:
         """The JobView both APIs answer with, including whether any known miner can serve it."""
-        return job_view(rec, servable=self.dispatcher.scheduler.is_servable(rec.constraints))
+        return job_view(rec, servable=self.dispatcher.is_servable(rec.constraints))
 
     def close_sockets(
         self, code: CloseCode = CloseCode.GOING_AWAY, reason: str = "server shutting down"

@@ -242,6 +242,25 @@ async def test_after_commit_runs_after_the_batch_in_flight() -> None:
         assert h.log == [("then", (spec.job_id, False)), ("after", None)]
 
 
+async def test_servable_counts_a_miner_once_its_hello_is_committed() -> None:
+    """``is_servable`` (the JobView's ``servable``) counted a miner whose hello was still being
+    committed; it looks at the miner classes as last committed, and a batch's acks see those
+    of the batch itself."""
+    async with running() as h:
+        assert not h.dispatcher.is_servable({})
+        h.store.block_commits()
+        h.miner()
+        await h.settle()
+        assert h.dispatcher.scheduler.is_servable({})  # the scheduler is ahead of the store
+        assert not h.dispatcher.is_servable({})
+        seen: list[bool] = []
+        h.dispatcher.after_commit(lambda: seen.append(h.dispatcher.is_servable({})))
+        h.store.release_commits()
+        await h.flushed()
+        assert seen == [True]
+        assert h.dispatcher.is_servable({})
+
+
 async def test_a_failed_commit_never_performs_its_actions() -> None:
     """A batch whose commit raises is never made visible (the writer stops with the error)."""
     store = RecordingStore()  # never opened: its commit raises StorageError

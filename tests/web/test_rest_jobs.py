@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
@@ -288,6 +289,25 @@ async def test_a_cancel_refused_by_an_end_not_yet_durable_waits_for_it(tmp_path:
             api, store, ("result", api.result(job["job_id"])), ("cancel", api.cancel(job["job_id"]))
         )
         assert answers == [("result", 200), ("cancel", 409)]
+
+
+async def test_a_job_is_servable_once_a_miner_that_can_run_it_is_committed(
+    tmp_path: Path,
+) -> None:
+    """The JobView's ``servable`` asked the scheduler, which counted a miner whose registration
+    was still being committed (a failed commit then stops the coordinator, and no such miner
+    ever existed). It counts the miners as last committed."""
+    store = RecordingStore()
+    async with running_api(tmp_path, clock=FakeClock(), store=store) as api:
+        job = await api.submit(constraints={"models": ["llama"]})
+        assert job["servable"] is False
+        store.block_commits()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: api.register("m1", capabilities={"models": ["llama"]}))
+            await api.settle()
+            assert (await api.job(job["job_id"]))["servable"] is False
+            store.release_commits()
+        assert (await api.job(job["job_id"]))["servable"] is True
 
 
 async def test_not_found_and_method_not_allowed_are_json(api: Api) -> None:
