@@ -166,6 +166,7 @@ ENDPOINTS = [
             200: ("Prometheus text exposition format", None),
             401: ("missing or unknown credential (METRICS_PUBLIC=off)", "Error"),
             403: ("credential of another role (METRICS_PUBLIC=off)", "Error"),
+            503: ("the coordinator is stopping: a commit failed", "Error"),
         },
         standby=True,
     ),
