@@ -250,14 +250,22 @@ class Connection(ABC):
         self._flush(session)
         return True
 
-    def _handle_now(self, event: Any, session: MinerSession | ClientSession) -> bool:
+    def signed_in(self) -> bool:
+        """Whether the credential still holds; a wallet session logged out or expired since it
+        was accepted closes the socket (4401) and answers ``False``: nothing more is done or
+        sent for it. API keys always hold."""
         principal = self.principal
         if (
             principal is not None
             and principal.user_id is not None
             and self.core.auth.sessions(principal.key_hash) is None
-        ):  # a wallet session logged out or expired since: nothing more is done for it
+        ):
             self.close(CloseCode.NOT_AUTHENTICATED, "session logged out or expired")
+            return False
+        return True
+
+    def _handle_now(self, event: Any, session: MinerSession | ClientSession) -> bool:
+        if not self.signed_in():
             return True
         try:
             return self.handle_now(event, session)

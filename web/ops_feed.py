@@ -25,6 +25,8 @@ from protocol.codec import dumps_sorted
 from protocol.types import iso_time
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dispatcher.core import Miner
     from dispatcher.fanout import Outbox
     from protocol.records import EventRecord, JobRecord
@@ -112,6 +114,9 @@ class OpsFeed:
     def __init__(self, core: Coordinator) -> None:
         self.core = core
         self.watchers: set[Outbox] = set()
+        # Watchers signed in with a wallet session: outbox -> ``signed_in``, checked before
+        # anything more is sent to them (the session may have been logged out or expired).
+        self._sessions: dict[Outbox, Callable[[], bool]] = {}
         self.active: dict[str, _ActiveJob] = {}
         self.recent: deque[str] = deque()
         self._recent_bytes = 0
@@ -168,8 +173,7 @@ class OpsFeed:
             if miner_id is not None:
                 self._seen[miner_id] = at
                 self._event_miners.add(miner_id)
-            for outbox in self.watchers:
-                outbox.put(frame, job_id=job_id, progress=True)
+            self._send(frame, job_id, progress=True)
             return
         if state in _TERMINAL:
             gone = self.active.pop(job_id, None)
@@ -196,8 +200,14 @@ class OpsFeed:
         if kind == "assigned" and attempt == 1:  # submit -> pushed (after the commit)
             self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
         self._keep_recent(frame)
+        self._send(frame, job_id)
+
+    def _send(self, frame: str, job_id: str | None = None, *, progress: bool = False) -> None:
+        """Put ``frame`` in every watcher's outbox (after the wallet sessions' check)."""
+        if self._sessions:
+            self._check_sessions()
         for outbox in self.watchers:
-            outbox.put(frame, job_id=job_id)
+            outbox.put(frame, job_id=job_id, progress=progress)
 
     def _keep_recent(self, frame: str) -> None:
         """Keep ``frame`` for new watchers: the last RECENT_EVENTS within RECENT_BYTES."""
@@ -235,10 +245,12 @@ class OpsFeed:
 
     # ---- watchers ---------------------------------------------------------------------------
 
-    def add(self, outbox: Outbox) -> None:
+    def add(self, outbox: Outbox, *, signed_in: Callable[[], bool] | None = None) -> None:
         """A new watcher: its snapshot, then the recent events, then live deltas and events.
         The snapshot is taken now and sent once what it shows is committed; the recent events
-        are those published by then, and live ones follow."""
+        are those published by then, and live ones follow. ``signed_in``: a wallet session's
+        check, asked before each later event or delta; once it answers ``False`` (it closed
+        the socket) the watcher is sent nothing more."""
         # Deltas are kept only while watched: the first watcher starts from this snapshot.
         first = not self.watchers and not self._joining
         if first:
@@ -248,6 +260,8 @@ class OpsFeed:
             miners = self.core.dispatcher.scheduler.miners
             self._sent_miners = {mid: self._signature(mid, m) for mid, m in miners.items()}
         self._joining.add(outbox)
+        if signed_in is not None:
+            self._sessions[outbox] = signed_in
         self.core.dispatcher.after_commit(lambda: self._join(outbox, snapshot))
 
     def _join(self, outbox: Outbox, snapshot: str) -> None:
@@ -260,8 +274,14 @@ class OpsFeed:
             outbox.put(frame)
         self.watchers.add(outbox)
 
+    def _check_sessions(self) -> None:
+        for outbox, signed_in in list(self._sessions.items()):
+            if not signed_in():
+                self.discard(outbox)
+
     def discard(self, outbox: Outbox) -> None:
         self._joining.discard(outbox)
+        self._sessions.pop(outbox, None)
         if outbox in self.watchers:  # keep its drop count in the total
             self.watchers.discard(outbox)
             self._dropped_before += outbox.dropped
@@ -371,12 +391,6 @@ class OpsFeed:
         if delta:
             frame = orjson.dumps({"type": "ops.delta", "at": iso_time(now), **delta}).decode()
             self.core.dispatcher.after_commit(lambda: self._send(frame))
-
-    def _send(self, frame: str) -> None:
-        """A delta, once what it shows is durable: to the watchers of then (a watcher whose
-        snapshot was taken after this delta was built joins after it is sent)."""
-        for outbox in self.watchers:
-            outbox.put(frame)
 
     def _add_point(self, now: float) -> None:
         assert self._last_point is not None

@@ -39,7 +39,11 @@ class OpsConnection(Connection):
         return session
 
     def on_authenticated(self) -> None:
-        self.core.ops.add(self.outbox)
+        # A wallet session's socket (ADMIN_WALLET_ADDRESSES) ends with the session. It takes no
+        # messages, so the check at each message never comes: the feed checks before it sends.
+        assert self.principal is not None
+        wallet = self.principal.user_id is not None
+        self.core.ops.add(self.outbox, signed_in=self.signed_in if wallet else None)
 
     async def handle(self, msg: Any, session: ClientSession) -> None:
         match msg:

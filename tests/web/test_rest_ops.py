@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 ADMIN = {"X-Api-Key": ADMIN_KEY}
+CLIENT = {"X-Api-Key": CLIENT_KEY}
 OLD_SEED = "22" * 32  # the signing key before a rotation
 
 
@@ -468,3 +469,46 @@ async def test_job_counts_agree_with_the_store_and_survive_a_restart(
         r = await api.http.get("/metrics", headers=ADMIN)
         assert jobs_by_state(r.text) == stored
         assert (await api.admin("/v1/admin/stats"))["jobs_by_state"] == stored
+
+
+def skip_deltas(ws: Any) -> None:
+    """Read ``ops.delta`` frames until another frame (a failure) or the close (raises)."""
+    for _ in range(1000):
+        frame = ws.receive_json()
+        assert frame["type"] == "ops.delta", frame
+
+
+@pytest.mark.parametrize("end", ["logout", "expiry"])
+def test_an_admin_wallets_ops_socket_dies_with_its_session(tmp_path: Path, end: str) -> None:
+    """An ops socket opened with an admin wallet's session token is closed 4401 once the
+    session is logged out or expires, before it is sent anything more. The ops socket takes
+    no messages, so the check made at a socket's next message never came: it kept streaming
+    every client's jobs, payloads and results after logout (found by the ops hunt)."""
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from tests.conftest import make_settings
+    from tests.fakes import FakeClock
+    from tests.web.wallet_helpers import KEY_A, address_of, bearer, sign
+    from web.app import create_app
+
+    clock = FakeClock()
+    wallet = address_of(KEY_A)
+    settings = make_settings(
+        tmp_path, session_ttl_hours=1.0, admin_wallet_addresses=frozenset({wallet})
+    )
+    with TestClient(create_app(settings, clock=clock)) as c:
+        nonce = c.post("/v1/auth/nonce", json={"wallet_address": wallet}).json()["nonce"]
+        body = {"wallet_address": wallet, "nonce": nonce, "signature": sign(KEY_A, wallet, nonce)}
+        token = c.post("/v1/login", json=body).json()["session_token"]
+        with c.websocket_connect("/v1/admin/ws", headers=bearer(token)) as ws:
+            assert ws.receive_json()["type"] == "snapshot"
+            if end == "logout":
+                assert c.post("/v1/logout", headers=bearer(token)).status_code == 200
+            else:
+                clock.advance(3601)
+            r = c.post("/v1/jobs", json={"payload": {"secret": 1}}, headers=CLIENT)
+            assert r.status_code == 201, r.text
+            with pytest.raises(WebSocketDisconnect) as info:
+                skip_deltas(ws)  # they may come first; the job's event must not
+            assert info.value.code == 4401
