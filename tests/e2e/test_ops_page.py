@@ -269,3 +269,26 @@ async def test_requeue_sort_and_filters(server: RunningServer) -> None:
             await expect(log.and_(page.locator('[data-event="requeued"]'))).to_have_count(0)
             await page.fill("#log-text", "no-such-job")
             await expect(log).to_have_count(0)
+
+
+async def admin_sockets_become(server: RunningServer, n: int) -> None:
+    """Wait (5 s at most) until the server has ``n`` ops sockets open."""
+    with anyio.fail_after(5):
+        while server.core.sockets["admin"] != n:  # noqa: ASYNC110 - a count, no event to wait on
+            await anyio.sleep(0.01)
+
+
+async def test_a_sign_in_sent_twice_opens_one_socket(server: RunningServer) -> None:
+    """A sign-in submitted again before the first socket is live (a double click, Enter
+    twice) replaces that socket: the first one stayed open, fed every frame into the page a
+    second time (each event twice in the log) and outlived Sign out."""
+    async with ops_page(server) as page:
+        await page.fill("#admin-key", ADMIN_KEY)
+        await page.evaluate(
+            "() => { const f = document.getElementById('signin-form');"
+            " f.requestSubmit(); f.requestSubmit(); }"
+        )
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await admin_sockets_become(server, 1)  # the first one closes
+        await page.click("#sign-out")
+        await admin_sockets_become(server, 0)

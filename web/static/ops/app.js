@@ -216,13 +216,17 @@ function setStatus(state, text) {
 
 function connect() {
   clearTimeout(S.timer);
+  // One socket at a time: a sign-in sent again before the first socket is live replaces it.
+  const old = S.ws;
+  S.ws = null;
+  if (old) old.close(1000);
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${proto}//${location.host}/v1/admin/ws`);
   S.ws = ws;
   S.live = false;
   setStatus(S.everLive ? "reconnecting" : "connecting", S.everLive ? "reconnecting…" : "connecting…");
   ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: S.key }));
-  ws.onmessage = (m) => onFrame(JSON.parse(m.data));
+  ws.onmessage = (m) => { if (S.ws === ws) onFrame(JSON.parse(m.data)); };
   ws.onclose = (ev) => {
     if (S.ws !== ws) return;
     S.ws = null;
