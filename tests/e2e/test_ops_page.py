@@ -292,3 +292,29 @@ async def test_a_sign_in_sent_twice_opens_one_socket(server: RunningServer) -> N
         await admin_sockets_become(server, 1)  # the first one closes
         await page.click("#sign-out")
         await admin_sockets_become(server, 0)
+
+
+async def test_the_drill_down_never_shows_the_previous_jobs_fields(
+    server: RunningServer,
+) -> None:
+    """Opening another job (or an unknown id) clears the drill-down until its answer comes:
+    the previous job's state, actions, payload, result and verified receipt stayed under the
+    new job's id, for good when that id was unknown."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with ManualMiner(server, MINER_KEY, "gpu-detail") as miner:
+            await miner.connect()
+            job_id = await submit(client, "shown once")
+            await miner.recv()  # job.assign
+            await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+            await expect(page.locator("#d-state")).to_have_text("RUNNING")
+            await expect(page.locator("#d-payload")).to_contain_text("shown once")
+            await expect(page.locator("#d-cancel")).to_be_enabled()
+        await page.fill("#job-open", "f" * 32)
+        await page.press("#job-open", "Enter")
+        await expect(page.locator("#d-error")).to_contain_text("not found")
+        await expect(page.locator("#d-job")).to_have_text("f" * 32)
+        for field in ("#d-state", "#d-payload", "#d-result", "#d-receipt", "#d-timeline"):
+            await expect(page.locator(field)).to_have_text("")
+        await expect(page.locator("#d-cancel")).to_be_disabled()
+        await expect(page.locator("#d-requeue")).to_be_disabled()

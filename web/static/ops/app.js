@@ -358,6 +358,11 @@ function openJob(id) {
   S.openJob = id;
   S.detail = null;
   $("drawer").hidden = false;
+  // Nothing of the previous job stays on show (nor its actions) until this one's answer.
+  for (const f of ["d-state", "d-attempt", "d-miner", "d-client", "d-error", "d-payload", "d-result", "d-receipt", "d-receipt-badge"]) $(f).textContent = "";
+  $("d-state").className = $("d-receipt-badge").className = "badge";
+  $("d-timeline").innerHTML = "";
+  $("d-cancel").disabled = $("d-requeue").disabled = true;
   $("d-job").textContent = id;
   loadDetail();
 }
@@ -371,7 +376,7 @@ async function loadDetail() {
     S.detail = d;
     mark("detail");
   } catch (err) {
-    $("d-error").textContent = err.message;
+    if (S.openJob === id) $("d-error").textContent = err.message;
   }
 }
 
