@@ -440,6 +440,11 @@ class OpsFeed:
         done = self._done.get(miner_id)
         return (
             m.session_id,
+            # A REST miner keeps its session when it changes its capabilities or registers
+            # again: compared too (the miner's own object, held: equal unless replaced).
+            m.capabilities,
+            m.region,
+            m.rest,
             m.connected,
             m.draining,
             len(m.jobs),

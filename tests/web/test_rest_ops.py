@@ -13,7 +13,7 @@ from dispatcher.fanout import Outbox
 from protocol.receipt_verify import TrustedKey
 from protocol.receipts import key_id_for, load_signing_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.web.rest_harness import Api, running_api
+from tests.web.rest_harness import Api, miner_headers, running_api
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -512,3 +512,46 @@ def test_an_admin_wallets_ops_socket_dies_with_its_session(tmp_path: Path, end: 
             with pytest.raises(WebSocketDisconnect) as info:
                 skip_deltas(ws)  # they may come first; the job's event must not
             assert info.value.code == 4401
+
+
+async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
+    """A REST miner that changes its GPUs, models or region (PUT …/capabilities, or a new
+    registration) keeps its session: its row was not sent again, as what a row shows of its
+    capabilities was not compared, so the page kept the old GPUs, models and region."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    table: dict[str, Any] = {}
+
+    class Sink:
+        dropped = 0  # an Outbox's drop count: this one keeps every frame
+
+        def put(self, frame: str, **_: Any) -> None:
+            f = orjson.loads(frame)
+            if f["type"] == "snapshot":
+                table.update({m["miner_id"]: m for m in f["miners"]})
+            elif f["type"] == "ops.delta":
+                table.update({m["miner_id"]: m for m in f.get("miners", [])})
+
+    a100 = {"gpus": [{"name": "A100", "memory_mb": 81920}], "models": ["llama"]}
+    h100 = {"gpus": [{"name": "H100", "memory_mb": 81920}], "models": ["mistral"]}
+    await api.register("m1", capabilities=a100, region="eu")
+    sink: Any = Sink()
+    feed.add(sink)
+    assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "eu")
+    r = await api.http.put(
+        "/v1/miners/m1/capabilities",
+        json={"capabilities": h100, "region": "us"},
+        headers=miner_headers("m1"),
+    )
+    assert r.status_code == 200, r.text
+    feed.tick(1000.0)
+    assert table["m1"] == feed.snapshot()["miners"][0]
+    assert (table["m1"]["gpus"], table["m1"]["models"], table["m1"]["region"]) == (
+        ["H100"],
+        ["mistral"],
+        "us",
+    )
+    await api.register("m1", capabilities=a100, region="ap")  # registers again
+    feed.tick(1000.25)
+    assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "ap")
+    feed.discard(sink)
