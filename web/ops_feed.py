@@ -256,9 +256,21 @@ class OpsFeed:
         if first:
             self._forget_gone()
         snapshot = orjson.dumps({"type": "snapshot", **self.snapshot()}).decode()
+        miners = self.core.dispatcher.scheduler.miners
         if first:
-            miners = self.core.dispatcher.scheduler.miners
             self._sent_miners = {mid: self._signature(mid, m) for mid, m in miners.items()}
+        else:
+            # This snapshot is newer than what the others were last sent: whatever differs may
+            # change back before the next delta, which must then still say so to this watcher.
+            # Such rows are marked unknown (sent again, or removed), and so are the queue and
+            # the counters, for a first watcher too (what was last sent is older still): the
+            # next delta carries them (a changed miner is in its list).
+            sent = self._sent_miners
+            for mid, m in miners.items():
+                if sent.get(mid) != self._signature(mid, m):
+                    sent[mid] = ()
+        self._sent_queue = {}
+        self._sent_counters = {}
         self._joining.add(outbox)
         if signed_in is not None:
             self._sessions[outbox] = signed_in

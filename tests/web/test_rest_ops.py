@@ -555,3 +555,60 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     feed.tick(1000.25)
     assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "ap")
     feed.discard(sink)
+
+
+class Watcher:
+    """An ops watcher (an Outbox's ``put``) that applies every frame as the page does."""
+
+    dropped = 0  # an Outbox's drop count: this one keeps every frame
+
+    def __init__(self) -> None:
+        self.miners: dict[str, Any] = {}
+        self.queue: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}
+
+    def put(self, frame: str, **_: Any) -> None:
+        f = orjson.loads(frame)
+        if f["type"] in ("snapshot", "ops.delta"):
+            self.miners.update({m["miner_id"]: m for m in f.get("miners", [])})
+            for gone in f.get("removed", []):
+                self.miners.pop(gone, None)
+            self.queue = f.get("queue", self.queue)
+            self.counters = f.get("counters", self.counters)
+
+    def check(self, snapshot: dict[str, Any]) -> None:
+        assert self.miners == {m["miner_id"]: m for m in snapshot["miners"]}
+        assert self.queue == snapshot["queue"]
+        assert self.counters == snapshot["counters"]
+
+
+async def test_a_page_opened_between_two_deltas_sees_what_changes_back(api: Api) -> None:
+    """A watcher gets a snapshot newer than the last delta. What then changed back before the
+    next delta (a job queued and canceled, a miner come and gone) was compared with what the
+    others (or the last watcher, gone since) had been sent, found unchanged and never sent:
+    the new page kept the job in its queue and the miner in its table for good."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    gone, first, second = Watcher(), Watcher(), Watcher()
+    feed.add(gone)  # type: ignore[arg-type]
+    feed.tick(999.0)
+    feed.discard(gone)  # type: ignore[arg-type]
+    job = await api.submit()
+    feed.tick(999.5)  # unwatched: no delta
+    feed.add(first)  # type: ignore[arg-type]
+    assert first.queue["queued"] == 1
+    assert (await api.cancel(job["job_id"])).status_code == 200
+    feed.tick(1000.0)
+    first.check(feed.snapshot())
+    job = await api.submit()
+    assert (await api.register("m2")).status_code == 200
+    feed.add(second)  # type: ignore[arg-type]
+    assert (second.queue["queued"], sorted(second.miners)) == (1, ["m2"])
+    assert (await api.cancel(job["job_id"])).status_code == 200
+    r = await api.http.delete("/v1/miners/m2", headers=miner_headers("m2"))
+    assert r.status_code == 200, r.text
+    feed.tick(1000.25)
+    for watcher in (first, second):
+        watcher.check(feed.snapshot())
+    feed.discard(first)  # type: ignore[arg-type]
+    feed.discard(second)  # type: ignore[arg-type]
