@@ -43,6 +43,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 WAIT_MS = 10_000
+CLIENT = {"X-Api-Key": CLIENT_KEY}
 
 
 def chromium_or_skip() -> str:
@@ -318,3 +319,37 @@ async def test_the_drill_down_never_shows_the_previous_jobs_fields(
             await expect(page.locator(field)).to_have_text("")
         await expect(page.locator("#d-cancel")).to_be_disabled()
         await expect(page.locator("#d-requeue")).to_be_disabled()
+
+
+async def test_the_live_log_keeps_no_results(server: RunningServer) -> None:
+    """The log keeps 2,000 events, and a completed event carries its result (up to a whole
+    frame, 1 MiB by default): it kept the frames whole, so 2,000 large results held about
+    2 GB in the tab. It now keeps what it shows of an event."""
+    base = f"http://127.0.0.1:{server.port}"
+    miner = {"X-Api-Key": MINER_KEY, "X-Miner-ID": "m-big"}
+    result = {"output": "x" * 900_000}
+    async with ops_page(server) as page, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        cdp = await page.context.new_cdp_session(page)
+
+        async def heap() -> int:
+            await cdp.send("HeapProfiler.collectGarbage")
+            return int((await cdp.send("Runtime.getHeapUsage"))["usedSize"])
+
+        before = await heap()
+        r = await http.post("/v1/miners/register", json={"capabilities": {}}, headers=miner)
+        assert r.status_code == 200, r.text
+        for n in range(30):
+            r = await http.post("/v1/jobs", json={"payload": {"n": n}}, headers=CLIENT)
+            assert r.status_code == 201, r.text
+            job_id = r.json()["job_id"]
+            r = await http.post("/v1/miners/poll", json={"max_wait_seconds": 2}, headers=miner)
+            assert r.status_code == 200, r.text
+            r = await http.post(
+                f"/v1/miners/{job_id}/result", json={"result": result}, headers=miner
+            )
+            assert r.status_code == 200, r.text
+        await expect(job_state(page, job_id)).to_have_text("COMPLETED")
+        await expect(page.locator(f'#log li[data-job="{job_id}"]').first).to_be_visible()
+        assert await heap() - before < 10_000_000  # 30 results of 0.9 MB: 27 MB kept before

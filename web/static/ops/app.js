@@ -169,6 +169,12 @@ function logDetail(e) {
   return "";
 }
 
+// What the log shows and filters on, kept instead of the frame: a completed event carries its
+// result (up to a whole frame), and 2,000 of them would hold gigabytes.
+function logEntry(f) {
+  return { job_id: f.job_id, event: f.event, state: f.state, miner_id: f.miner_id, at: f.at, detail: logDetail(f) };
+}
+
 function renderLog() {
   const text = S.logText.toLowerCase();
   const out = [];
@@ -176,7 +182,7 @@ function renderLog() {
     const e = S.log[i];
     if (!S.logKinds.has(e.event)) continue;
     if (text && !(`${e.job_id} ${e.miner_id ?? ""}`.toLowerCase().includes(text))) continue;
-    out.push(`<li class="ev-${esc(e.event)}" data-job="${esc(e.job_id)}" data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event.padEnd(9))}</b> ${esc(short(e.job_id))} ${esc(e.state)} ${esc(e.miner_id ?? "")} ${esc(logDetail(e))}</li>`);
+    out.push(`<li class="ev-${esc(e.event)}" data-job="${esc(e.job_id)}" data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event.padEnd(9))}</b> ${esc(short(e.job_id))} ${esc(e.state)} ${esc(e.miner_id ?? "")} ${esc(e.detail)}</li>`);
   }
   setRows("log", out.join(""));
 }
@@ -279,7 +285,7 @@ function onFrame(f) {
       if (prev) S.jobs.delete(f.job_id);
       S.jobs.set(f.job_id, { job_id: f.job_id, state: f.state, event: f.event, miner_id: f.miner_id ?? prev?.miner_id, attempt: f.attempt, at: f.at });
       if (S.jobs.size > MAX_JOBS) S.jobs.delete(S.jobs.keys().next().value);
-      S.log.push(f);
+      S.log.push(logEntry(f));
       if (S.log.length > MAX_LOG) S.log.splice(0, S.log.length - MAX_LOG);
       mark("jobs", "log");
       if (f.job_id === S.openJob && f.event !== "progress") scheduleDetail();
