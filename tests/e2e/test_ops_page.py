@@ -353,3 +353,25 @@ async def test_the_live_log_keeps_no_results(server: RunningServer) -> None:
         await expect(job_state(page, job_id)).to_have_text("COMPLETED")
         await expect(page.locator(f'#log li[data-job="{job_id}"]').first).to_be_visible()
         assert await heap() - before < 10_000_000  # 30 results of 0.9 MB: 27 MB kept before
+
+
+async def test_a_draining_miner_with_a_job_counts_as_busy(server: RunningServer) -> None:
+    """The header's busy miners are the online ones holding a job, as aitbc_miners_busy
+    counts them: a draining miner still running its jobs was left out."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with ManualMiner(server, MINER_KEY, "gpu-drains") as miner:
+            await miner.connect()
+            await submit(client, "still running")
+            await miner.recv()  # job.assign
+            await expect(page.locator("#kpi-busy")).to_have_text("1")
+            async with httpx.AsyncClient() as http:
+                r = await http.post(
+                    f"http://127.0.0.1:{server.port}/v1/admin/miners/gpu-drains/drain",
+                    headers={"X-Api-Key": ADMIN_KEY},
+                )
+            assert r.status_code == 200, r.text
+            row = page.locator('#miners tr[data-miner="gpu-drains"]')
+            await expect(row).to_contain_text("draining")
+            await expect(page.locator("#kpi-busy")).to_have_text("1")
+            await expect(page.locator("#kpi-slots")).to_have_text("1/1")
