@@ -14,8 +14,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 if TYPE_CHECKING:
+    import os
+
     from starlette.requests import Request
+    from starlette.responses import Response
     from starlette.routing import BaseRoute
+    from starlette.types import Scope
 
 __all__ = ["ASSETS", "STATIC_DIR", "ops_routes"]
 
@@ -36,8 +40,25 @@ async def page(request: Request) -> FileResponse:
     )
 
 
+class _Assets(StaticFiles):
+    """The page's modules and styles, revalidated at each load (a 304 while unchanged): without
+    a ``Cache-Control`` a browser may reuse them unasked for a tenth of their age, so after an
+    upgrade the new page could run with the old scripts."""
+
+    def file_response(
+        self,
+        full_path: os.PathLike[str] | str,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def ops_routes() -> list[BaseRoute]:
     return [
         Route("/ops", page, methods=["GET"]),
-        Mount(ASSETS, StaticFiles(directory=STATIC_DIR), name="ops-assets"),
+        Mount(ASSETS, _Assets(directory=STATIC_DIR), name="ops-assets"),
     ]

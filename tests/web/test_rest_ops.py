@@ -612,3 +612,14 @@ async def test_a_page_opened_between_two_deltas_sees_what_changes_back(api: Api)
         watcher.check(feed.snapshot())
     feed.discard(first)  # type: ignore[arg-type]
     feed.discard(second)  # type: ignore[arg-type]
+
+
+async def test_ops_assets_are_revalidated(api: Api) -> None:
+    """The page's scripts and styles say no-cache (revalidated: a 304 while unchanged), as
+    the page itself does. They said nothing, so a browser could keep using them for a while
+    on its own (a tenth of their age): after an upgrade, the old app.js with the new page."""
+    for asset in ("/ops/assets/app.js", "/ops/assets/charts.js", "/ops/assets/ops.css"):
+        r = await api.http.get(asset)
+        assert r.headers.get("cache-control") == "no-cache", asset
+        again = await api.http.get(asset, headers={"If-None-Match": r.headers["etag"]})
+        assert (again.status_code, again.headers.get("cache-control")) == (304, "no-cache")
