@@ -57,10 +57,12 @@ from protocol.types import CloseCode, JSONObject, iso_time
 from storage.base import JobStore, LedgerEntry, ReceiptRow, WriteBatch
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from anyio.abc import TaskStatus
 
     from dispatcher.clock import Clock
-    from dispatcher.core import JobSpec, ResumeInfo, Scheduler
+    from dispatcher.core import JobSpec, Miner, ResumeInfo, Scheduler
     from dispatcher.jobs import Job
 
 __all__ = [
@@ -1132,16 +1134,23 @@ class Dispatcher:
         if miner is not None and miner.rest:
             self._rest_seen[miner_id] = self.clock.now()
 
+    def rest_online(self, miner: Miner, now: float) -> bool:
+        """Whether the REST miner ``miner`` is online: a poll of it waits, or it made a call
+        within ``rest_online_window`` (a REST miner stays registered until it deregisters)."""
+        seen = self._rest_seen.get(miner.miner_id)
+        return miner.polls > 0 or (seen is not None and now - seen <= self.rest_online_window)
+
+    def rest_last_calls(self) -> Iterable[tuple[str, float]]:
+        """Each registered REST miner with the time of its last call."""
+        return self._rest_seen.items()
+
     def rest_miners(self) -> list[RestMinerInfo]:
         """Every miner the scheduler knows, with liveness (REST: a call within the window)."""
         now = self.clock.now()
         out = []
         for m in self.scheduler.miners.values():
             seen = self._rest_seen.get(m.miner_id) if m.rest else None
-            if m.rest:
-                online = m.polls > 0 or (seen is not None and now - seen <= self.rest_online_window)
-            else:
-                online = m.connected
+            online = self.rest_online(m, now) if m.rest else m.connected
             out.append(
                 RestMinerInfo(
                     miner_id=m.miner_id,

@@ -328,6 +328,8 @@ class OpsFeed:
         finished = done[0] + done[1]
         if not m.connected:
             state = "away"  # disconnected, its started jobs wait for a resume
+        elif self._offline(m):
+            state = "offline"
         elif m.draining:
             state = "draining"
         elif m.jobs:
@@ -391,14 +393,18 @@ class OpsFeed:
 
     def tick(self, now: float) -> None:
         """Record a chart point when a second has passed; send watchers what changed."""
+        point = False
         if self._last_point is None:
             self._last_point = now
         elif now - self._last_point >= 1.0:
             self._add_point(now)
+            point = True
         if not self.watchers and not self._joining:
             self._new_points.clear()
             self._forget_gone()  # a new watcher starts from a snapshot
             return
+        if point:
+            self._rest_silences()
         delta = self._delta(now)
         if delta:
             frame = orjson.dumps({"type": "ops.delta", "at": iso_time(now), **delta}).decode()
@@ -447,6 +453,31 @@ class OpsFeed:
         self._seen.pop(miner_id, None)
         self._load.pop(miner_id, None)
 
+    def _offline(self, m: Miner) -> bool:
+        """A REST miner that holds no job, has no poll waiting and made no call within the
+        heartbeat timeout (``Dispatcher.rest_online``): registered, but gone quiet."""
+        if not m.rest or m.jobs or not m.connected:
+            return False
+        d = self.core.dispatcher
+        return not d.rest_online(m, d.clock.now())
+
+    def _rest_silences(self) -> None:
+        """Once a second while watched: the REST miners that went offline, or came back, by
+        the clock alone (their calls and the end of a poll name no miner) are looked at in the
+        next delta. A walk over the REST miners only, ``_offline`` spelt out (it is per miner:
+        about 1 µs each instead of 3, measured under load)."""
+        d = self.core.dispatcher
+        miners = d.scheduler.miners
+        sent = self._sent_miners
+        since = d.clock.now() - d.rest_online_window
+        for miner_id, seen in d.rest_last_calls():
+            row = sent.get(miner_id)
+            m = miners.get(miner_id)  # an operator's disconnect drops it, keeping its last call
+            if row and m is not None:
+                offline = m.rest and m.connected and not m.jobs and not m.polls and seen < since
+                if row[-1] != offline:
+                    self._event_miners.add(miner_id)
+
     def _signature(self, miner_id: str, m: Miner) -> tuple[Any, ...]:
         """What a miner's row shows (``_row``), compared to know whether to send it again."""
         done = self._done.get(miner_id)
@@ -464,6 +495,7 @@ class OpsFeed:
             None if done is None else tuple(done),
             self._seen.get(miner_id),
             self._load.get(miner_id),
+            self._offline(m),  # last: read by _rest_silences
         )
 
     def _delta(self, now: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dispatcher.fanout import Outbox
 from protocol.receipt_verify import TrustedKey
 from protocol.receipts import key_id_for, load_signing_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.fakes import FakeClock
 from tests.web.rest_harness import Api, miner_headers, running_api
 
 if TYPE_CHECKING:
@@ -488,7 +489,6 @@ def test_an_admin_wallets_ops_socket_dies_with_its_session(tmp_path: Path, end: 
     from starlette.websockets import WebSocketDisconnect
 
     from tests.conftest import make_settings
-    from tests.fakes import FakeClock
     from tests.web.wallet_helpers import KEY_A, address_of, bearer, sign
     from web.app import create_app
 
@@ -623,3 +623,44 @@ async def test_ops_assets_are_revalidated(api: Api) -> None:
         assert r.headers.get("cache-control") == "no-cache", asset
         again = await api.http.get(asset, headers={"If-None-Match": r.headers["etag"]})
         assert (again.status_code, again.headers.get("cache-control")) == (304, "no-cache")
+
+
+async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path: Path) -> None:
+    """A polling miner that makes no call for HEARTBEAT_TIMEOUT_SECONDS (it crashed, or the
+    coordinator restored it from the database) and holds no job is offline, as /metrics and
+    /v1/admin/status count it. REST miners stay registered until they deregister, so the page
+    showed every one that ever registered as idle and online, its slots free, for good."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, heartbeat_timeout_seconds=30.0) as api:
+        feed = api.core.ops
+        feed.stop()  # this test is the clock
+        watcher = Watcher()
+        await api.register("m1")
+        await api.register("m2")
+        feed.add(watcher)  # type: ignore[arg-type]
+        assert {m["state"] for m in watcher.miners.values()} == {"idle"}
+        job = await api.submit()
+        assert (await api.poll("m2")).status_code == 200  # m2 runs it, silent meanwhile
+        clock.advance(31)
+        feed.tick(clock.now())
+        feed.tick(clock.now() + 1)
+        watcher.check(feed.snapshot())
+        assert (watcher.miners["m1"]["state"], watcher.miners["m2"]["state"]) == (
+            "offline",
+            "busy",
+        )
+        r = await api.http.get("/metrics", headers=ADMIN)
+        assert samples(r.text)["aitbc_miners_online", ()] == 0
+        r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
+        assert r.status_code == 200, r.text
+        feed.tick(clock.now() + 2)
+        watcher.check(feed.snapshot())
+        assert watcher.miners["m1"]["state"] == "idle"
+        assert (await api.result(job["job_id"], "m2")).status_code == 200
+        # Dropped by an operator's disconnect (its last call is kept): the walk skips it.
+        r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        feed.tick(clock.now() + 3)
+        watcher.check(feed.snapshot())
+        assert sorted(watcher.miners) == ["m2"]
+        feed.discard(watcher)  # type: ignore[arg-type]

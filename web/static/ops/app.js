@@ -135,7 +135,7 @@ function renderQueue() {
 function renderKpis() {
   let online = 0, busy = 0, used = 0, total = 0;
   for (const m of S.miners.values()) {
-    if (m.state === "away") continue;
+    if (m.state === "away" || m.state === "offline") continue;
     online++; used += m.slots_used; total += m.slots_total;
     if (m.slots_used > 0) busy++;  // a draining miner still running its jobs too (as /metrics)
   }
