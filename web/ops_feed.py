@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from protocol.codec import dumps_sorted
+from dispatcher.policy import JobNeeds
 from protocol.types import iso_time
 
 if TYPE_CHECKING:
@@ -51,18 +51,19 @@ class _ActiveJob:
 
     def __init__(self, constraints: dict[str, Any]) -> None:
         self.constraints = constraints
-        self._key: str | None = None
+        self._key: JobNeeds | None = None
         self.state = "QUEUED"
         self.miner_id: str | None = None
         self.started = False
 
     @property
-    def key(self) -> str:
-        """The constraints' class (sorted JSON), for grouping the queue; made when first asked
-        (most jobs are assigned at once and never grouped). A ``str``: the bytes orjson
-        returns keep a 4 KiB buffer each, for as long as the job waits."""
+    def key(self) -> JobNeeds:
+        """The class of its constraints for grouping the queue: what matching reads of them
+        (``JobNeeds``, one shared instance per shape), never the keys it ignores (a client's
+        to choose, as large as a body); made when first asked (most jobs are assigned at once
+        and never grouped)."""
         if self._key is None:
-            self._key = dumps_sorted(self.constraints).decode()
+            self._key = JobNeeds.parse(self.constraints)
         return self._key
 
 
@@ -106,6 +107,19 @@ def _vram_mb(gpus: list[Any]) -> int:
     return min(total, _MAX_VRAM_MB)
 
 
+def _needs_shown(needs: JobNeeds) -> dict[str, Any]:
+    """A queue class as the page shows it: the constraints matching reads that it sets."""
+    shown: dict[str, Any] = {}
+    for name in ("gpu", "min_vram_gb", "cuda", "models", "region", "max_price"):
+        value = getattr(needs, name)
+        if isinstance(value, frozenset):
+            if value:
+                shown[name] = sorted(value)
+        elif value is not None:
+            shown[name] = value
+    return shown
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -133,7 +147,7 @@ class OpsFeed:
         # assigned in the same batch and never need their class.
         self._queued = self._assigned = self._running = 0
         self._ungrouped: dict[str, _ActiveJob] = {}  # QUEUED, not yet counted in a group
-        self._groups: dict[str, list[Any]] = {}  # class -> [constraints, QUEUED jobs]
+        self._groups: dict[JobNeeds, list[Any]] = {}  # class -> [shown, QUEUED jobs]
         self._sent_miners: dict[str, tuple[Any, ...]] = {}
         self._event_miners: set[str] = set()  # named by job events since the last delta
         self._sent_queue: dict[str, Any] = {}
@@ -358,9 +372,10 @@ class OpsFeed:
         scheduler = self.core.dispatcher.scheduler
         groups = self._groups
         for entry in self._ungrouped.values():  # still QUEUED since the last summary
-            group = groups.get(entry.key)
+            key = entry.key
+            group = groups.get(key)
             if group is None:
-                groups[entry.key] = [entry.constraints, 1]
+                groups[key] = [_needs_shown(key), 1]
             else:
                 group[1] += 1
         self._ungrouped.clear()

@@ -664,3 +664,39 @@ async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path
         watcher.check(feed.snapshot())
         assert sorted(watcher.miners) == ["m2"]
         feed.discard(watcher)  # type: ignore[arg-type]
+
+
+async def test_unservable_groups_show_what_matching_reads(api: Api) -> None:
+    """Queued jobs no miner can serve are grouped by what matching reads of their
+    constraints. They were grouped and shown by the constraints whole, and unknown keys are
+    kept: a client's jobs each with its own large unknown key (up to a whole body) were ten
+    groups of a megabyte, sent in every delta whose queue counts changed (four a second) to
+    each ops page, and held in the queue of a page that fell behind."""
+    feed = api.core.ops
+    feed.stop()  # this test is the clock
+    await api.register("m1")  # serves jobs without constraints
+    watcher = Watcher()
+    feed.add(watcher)  # type: ignore[arg-type]
+    for n in range(10):
+        junk = {f"note{n}": "x" * 90_000, "min_reputation": n}
+        await api.submit(constraints={"gpu": "H200", "models": ["b", "a"], **junk})
+    await api.submit(constraints={"region": "mars"})
+    sizes: list[int] = []
+    real_put = watcher.put
+
+    def put(frame: str, **kw: Any) -> None:
+        sizes.append(len(frame))
+        real_put(frame, **kw)
+
+    watcher.put = put  # type: ignore[method-assign]
+    feed.tick(1000.0)
+    await api.submit()  # the counts change: the queue goes out again
+    feed.tick(1000.25)
+    assert watcher.queue["unservable_groups"] == [
+        {"constraints": {"gpu": "H200", "models": ["a", "b"]}, "count": 10},
+        {"constraints": {"region": "mars"}, "count": 1},
+    ]
+    assert watcher.queue["unservable"] == 11
+    assert max(sizes) < 5_000
+    watcher.check(feed.snapshot())
+    feed.discard(watcher)  # type: ignore[arg-type]
