@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from protocol.codec import MAX_SEQ
 from protocol.receipt_verify import check_receipt
 from protocol.types import iso_time
@@ -17,10 +19,17 @@ from web.http import Call, Endpoint, HTTPError, Param, json_response
 if TYPE_CHECKING:
     from starlette.responses import Response
 
+    from protocol.records import EventRecord
+    from web.app import Coordinator
+
 __all__ = ["ENDPOINTS"]
 
 # The most events one drill-down answers; ``next_after`` says where the next page starts.
 EVENT_PAGE = 10_000
+# ... and the most event data (a miner chooses its progress outputs, up to a frame each: 10,000
+# of them were gigabytes, read and answered at once); the first event in any case.
+EVENT_BYTES = 4 << 20
+_EVENT_CHUNK = 256  # events read from the store at a time
 
 
 async def snapshot(call: Call) -> Response:
@@ -34,10 +43,7 @@ async def job_detail(call: Call) -> Response:
     rec = await core.dispatcher.get_job(job_id)
     if rec is None:
         raise HTTPError(404, f"job {job_id} not found")
-    after, limit = call.query["after"], call.query["limit"]
-    events = await core.store.events_after(job_id, after, limit + 1)  # one more: is there?
-    more = len(events) > limit
-    del events[limit:]
+    events, more = await _event_page(core, job_id, call.query["after"], call.query["limit"])
     problems: list[str] = []
     if rec.receipt is None:
         status = "none"
@@ -66,6 +72,26 @@ async def job_detail(call: Call) -> Response:
         "receipt_check": {"status": status, "problems": problems},
     }
     return json_response(body)
+
+
+async def _event_page(
+    core: Coordinator, job_id: str, after: int, limit: int
+) -> tuple[list[EventRecord], bool]:
+    """The job's stored events after ``after``: at most ``limit`` of them and ``EVENT_BYTES``
+    of their data (the first in any case), read a chunk at a time; and whether more follow."""
+    events: list[EventRecord] = []
+    size = 0
+    while True:
+        want = min(_EVENT_CHUNK, limit + 1 - len(events))  # one more: is there?
+        chunk = await core.store.events_after(job_id, after, want)
+        for e in chunk:
+            size += len(orjson.dumps(e.data))
+            if len(events) == limit or (events and size > EVENT_BYTES):
+                return events, True
+            events.append(e)
+        if len(chunk) < want:
+            return events, False
+        after = chunk[-1].seq
 
 
 async def cancel_job(call: Call) -> Response:

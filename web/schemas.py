@@ -683,7 +683,8 @@ SCHEMAS: dict[str, Schema] = {
             "events": {
                 "type": "array",
                 "description": "the job's stored events after ?after, oldest first, at most "
-                "?limit of them (job.event fields)",
+                "?limit of them and 4 MiB of their data, the first in any case (job.event "
+                "fields)",
                 "items": {
                     "type": "object",
                     "required": ["seq", "event", "state", "at", "attempt"],

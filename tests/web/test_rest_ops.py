@@ -700,3 +700,31 @@ async def test_unservable_groups_show_what_matching_reads(api: Api) -> None:
     assert max(sizes) < 5_000
     watcher.check(feed.snapshot())
     feed.discard(watcher)  # type: ignore[arg-type]
+
+
+async def test_job_detail_pages_stay_within_a_few_megabytes(api: Api) -> None:
+    """A page of the drill-down held up to 10,000 events whatever their size, and a miner
+    chooses its progress outputs (up to a frame each): the ops page's first request for
+    such a job read and answered gigabytes at once. A page now also stops at EVENT_BYTES of
+    event data (the first event in any case); next_after pages through the rest."""
+    EVENT_BYTES = 4 << 20  # web.rest_ops.EVENT_BYTES
+    await api.register("m1")
+    job = await api.submit()
+    assert (await api.poll("m1")).status_code == 200
+    chunk = "y" * (EVENT_BYTES // 4)
+    for _ in range(10):
+        api.core.dispatcher.miner_call("progress", "m1", job["job_id"], output=chunk)
+    assert (await api.result(job["job_id"])).status_code == 200
+    at = f"/v1/admin/jobs/{job['job_id']}"
+    seqs: list[int] = []
+    after = 0
+    while after is not None:
+        r = await api.http.get(f"{at}?after={after}", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert len(r.content) < EVENT_BYTES + (EVENT_BYTES // 4) + 100_000
+        page = r.json()
+        seqs += [e["seq"] for e in page["events"]]
+        after = page["next_after"]
+    assert seqs == list(range(1, 15))  # queued, assigned, started, 10 progress, completed
+    r = await api.http.get(f"{at}?after=3&limit=1", headers=ADMIN)
+    assert ([e["seq"] for e in r.json()["events"]], r.json()["next_after"]) == ([4], 4)
