@@ -116,11 +116,11 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
         }
     authed = endpoint.role is not None or endpoint.any_role
     op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
-    op["responses"] = _responses(endpoint, authed)
+    op["responses"] = _responses(endpoint, bool(_PATH_PARAM.search(path)))
     return op
 
 
-def _responses(endpoint: Endpoint, authed: bool) -> dict[str, Any]:
+def _responses(endpoint: Endpoint, path_params: bool) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, (description, schema) in sorted(endpoint.responses.items()):
         entry: dict[str, Any] = {"description": description}
@@ -131,12 +131,12 @@ def _responses(endpoint: Endpoint, authed: bool) -> dict[str, Any]:
     reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
     if reads_body:
         responses.setdefault("413", _error("request body too large"))
-    if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER:
-        # invalid body/query; miner routes also refuse an X-Miner-ID over 128 characters or
-        # with a control character
+    if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER or path_params:
+        # invalid body/query, a NUL in a path parameter (``Call.path``); miner routes also
+        # refuse an X-Miner-ID over 128 characters or with a control character
         responses.setdefault("422", _error("invalid request"))
-    if authed or endpoint.method == "POST":  # public POSTs are limited per client address
-        responses.setdefault("429", {"description": "rate limited (Retry-After)"})
+    # Per credential, sent to a public route too; public POSTs also per client address.
+    responses.setdefault("429", {"description": "rate limited (Retry-After)"})
     # A standby waiting for the database (Retry-After), or a coordinator whose commit failed.
     if not endpoint.standby:
         responses.setdefault(

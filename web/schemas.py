@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SCHEMAS", "ValidationFailed", "validate"]
+__all__ = ["ASSIGNED_CONSTRAINT_KEYS", "SCHEMAS", "ValidationFailed", "validate"]
 
 Schema = dict[str, Any]
 
@@ -242,6 +242,26 @@ WALLET_SCHEMAS: dict[str, Schema] = {
         },
     },
 }
+
+# The keys every poll answer's constraints carry (rest-api.md §2.3: "the full Constraints object
+# with every key, nulls and false defaults included"; web/rest_miners.py fills them in).
+ASSIGNED_CONSTRAINT_KEYS = (
+    "gpu",
+    "cuda",
+    "min_vram_gb",
+    "models",
+    "region",
+    "max_price",
+    "min_reputation",
+    "bond_required",
+    "min_bond_amount",
+    "zk_proof_required",
+    "tee_attestation_required",
+    "tee_enclave_id",
+    "confidential",
+    "required_enclave_measurement",
+    "auto_reinvest_pct",
+)
 
 CONSTRAINTS: Schema = {
     "type": "object",
@@ -513,12 +533,21 @@ SCHEMAS: dict[str, Schema] = {
     },
     "AssignedJob": {
         "type": "object",
-        "required": ["job_id", "payload", "constraints"],
+        "required": ["job_id", "payload", "constraints", "attempt", "expires_at"],
         "properties": {
             "job_id": _str,
             "payload": _obj,
-            "constraints": {"$ref": "#/components/schemas/Constraints"},
-            "attempt": {"type": "integer"},
+            "constraints": {
+                **_obj,
+                # Not Constraints: its keys come back null when the job gave none, and a job
+                # submitted over the socket may give any JSON value (protocol.md).
+                "required": list(ASSIGNED_CONSTRAINT_KEYS),
+                "description": "every Constraints key and upstream's escrow extras "
+                f"({', '.join(ASSIGNED_CONSTRAINT_KEYS)}): the job's own value, else null "
+                "(false for the booleans); the job's other keys as it gave them",
+            },
+            "attempt": {"type": "integer", "description": "name it in /result and /fail"},
+            "expires_at": {**_str, "format": "date-time", "description": "the job's TTL end"},
         },
     },
     "JobResultSubmit": {

@@ -1,0 +1,105 @@
+"""Answers the fuzzer (tests/web/test_openapi_fuzz.py) cannot reach conform to /openapi.json.
+
+The fuzzer skips the long-poll routes, sends no NUL in a path, and never runs out of its rate
+limit; here each of those answers is checked against the document the app serves: its status
+is documented for the operation, and its body matches that status's schema.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import schemathesis
+
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.web.rest_harness import Api, miner_headers, running_api
+from web.openapi import documented
+from web.rest_miners import CONSTRAINT_DEFAULTS
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    import httpx
+
+    from web.routing import CoordinatorApp
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path) as a:
+        yield a
+
+
+async def conforms(api: Api, response: httpx.Response) -> None:
+    """``response`` is an answer the app's /openapi.json documents, body included."""
+    doc = (await api.http.get("/openapi.json")).json()
+    app: CoordinatorApp = api.app
+    hit = app.endpoint_for(response.request.method, response.request.url.path)
+    assert hit is not None, response.request.url
+    path, method = documented(hit[0].path), response.request.method
+    operation = doc["paths"][path][method.lower()]
+    assert str(response.status_code) in operation["responses"], (method, path, response.text)
+    schemathesis.openapi.from_dict(doc)[path][method].validate_response(response)
+
+
+async def test_a_polled_job_is_the_documented_assigned_job(api: Api) -> None:
+    """A poll's 200 carries every Constraints key, nulls included (rest-api.md §2.3), and its
+    attempt and expires_at: the published AssignedJob admits it (both poll routes)."""
+    assert (await api.register("m1", concurrency=2)).status_code == 200
+    for _ in range(2):
+        await api.submit(constraints={"region": None, "data_classification": "internal"})
+    answer = await api.poll("m1")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["constraints"]["gpu"] is None
+    await conforms(api, answer)
+    alias = await api.http.get(
+        "/v1/miner/jobs", params={"max_wait_seconds": 1}, headers=miner_headers("m1")
+    )
+    assert alias.status_code == 200, alias.text
+    await conforms(api, alias)
+    doc = (await api.http.get("/openapi.json")).json()
+    assigned = doc["components"]["schemas"]["AssignedJob"]
+    assert {"attempt", "expires_at"} <= set(assigned["required"])
+    assert set(assigned["properties"]["constraints"]["required"]) == set(CONSTRAINT_DEFAULTS)
+
+
+_PARAM = re.compile(r"{[^}]+}")
+
+
+async def test_a_nul_in_any_path_parameter_is_a_documented_422(api: Api) -> None:
+    """Every route with a path parameter refuses a NUL in it with 422 (docs/rest-api.md,
+    Errors), for a caller of its own role, and documents that 422."""
+    doc = (await api.http.get("/openapi.json")).json()
+    headers = [{"X-Api-Key": CLIENT_KEY}, {**miner_headers("m1")}, {"X-Api-Key": ADMIN_KEY}]
+    assert (await api.register("m1")).status_code == 200
+    checked = 0
+    for path, item in doc["paths"].items():
+        if not _PARAM.search(path):
+            continue
+        url = _PARAM.sub("%00", path)
+        for method in item:
+            statuses = []
+            for h in headers:
+                r = await api.http.request(method.upper(), url, headers=h)
+                await conforms(api, r)
+                statuses.append(r.status_code)
+            assert 422 in statuses, (method, path, statuses)
+            checked += 1
+    assert checked > 20
+
+
+async def test_a_rate_limited_public_read_is_documented(tmp_path: Path) -> None:
+    """A public route read with a credential is limited per credential like any other: its
+    429 is documented too."""
+    async with running_api(tmp_path, rate_limit_per_minute=1) as api:
+        answers: list[Any] = []
+        for _ in range(2):
+            r = await api.http.get("/v1/exchange/rates", headers={"X-Api-Key": MINER_KEY})
+            answers.append(r.status_code)
+            await conforms(api, r)
+        assert answers == [200, 429]
