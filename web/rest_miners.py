@@ -339,13 +339,14 @@ async def _submit_result(
     try:
         rec = await dispatcher.rest_result(miner_id, job_id, result, metrics, call.size, attempt)
     except UnknownJob:
-        # Not in memory: a retry of a result accepted long ago, or a job that ended otherwise.
+        # Not in memory: a retry of a result accepted long ago (of the attempt it names, as
+        # in memory), or a job that ended otherwise.
         try:
-            receipt = await dispatcher.stored_receipt(miner_id, job_id)
+            receipt = await dispatcher.stored_receipt(miner_id, job_id, attempt)
         except UnknownJob:
             raise HTTPError(404, "job not found") from None
         if receipt is None:
-            raise HTTPError(409, "job is not assigned to this miner") from None
+            raise _not_held(await _refused_as(call, job_id), miner_id, attempt) from None
         return json_response({"status": "ok", "receipt": receipt})
     except NotAssigned:
         raise _not_held(await _refused_as(call, job_id), miner_id, attempt) from None

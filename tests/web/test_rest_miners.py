@@ -1095,3 +1095,30 @@ async def test_a_miner_refused_as_unregistered_is_answered_after_its_deregistrat
             (call, requests[call]()),
         )
         assert answers == [("deregister", 200), (call, 404)]
+
+
+async def test_a_late_result_of_an_earlier_attempt_is_refused_after_the_job_left_memory(
+    tmp_path: Path,
+) -> None:
+    """The attempt a result names was checked while the ended job was still in memory (409)
+    but not once it had left it (the stored receipt's path): the same late result of attempt
+    1 then got 200 with attempt 2's receipt. It is refused either way."""
+    clock = FakeClock()
+    settings: dict[str, Any] = {"rest_job_lease_seconds": 10.0, "terminal_retention_bytes": 1}
+    async with running_api(tmp_path, clock=clock, **settings) as api:
+        job = await started(api)
+        clock.advance(11)
+        await api.settle()
+        assert (await api.poll("m1")).json()["attempt"] == 2
+        done = await api.result(job["job_id"], attempt=2)
+        assert done.status_code == 200, done.text
+        late = await api.result(job["job_id"], attempt=1)
+        assert (late.status_code, late.json()["detail"]) == (409, "job is COMPLETED")
+        other = await started(api)  # another job ends: the first one leaves memory
+        assert (await api.result(other["job_id"])).status_code == 200
+        assert job["job_id"] not in api.core.dispatcher.scheduler.jobs
+        late = await api.result(job["job_id"], attempt=1)
+        assert (late.status_code, late.json()["detail"]) == (409, "job is COMPLETED"), late.text
+        again = await api.result(job["job_id"], attempt=2)  # the accepted one's retry
+        assert again.json()["receipt"] == done.json()["receipt"]
+        assert (await api.result(job["job_id"])).json()["receipt"] == done.json()["receipt"]
