@@ -841,9 +841,15 @@ def _type_ok(value: Any, names: str | list[str]) -> bool:
     for name in [names] if isinstance(names, str) else names:
         if name in ("integer", "number") and isinstance(value, bool):
             continue
-        if isinstance(value, _TYPES[name]):
+        if isinstance(value, _TYPES[name]) or (name == "integer" and _integral(value)):
             return True
     return False
+
+
+def _integral(value: Any) -> bool:
+    """A float with no fraction, e.g. ``120.0``: an "integer" to JSON Schema (and to upstream's
+    pydantic); ``_validate_object`` hands it on as an int."""
+    return isinstance(value, float) and value.is_integer()
 
 
 def _resolve(schema: Schema) -> Schema:
@@ -905,6 +911,13 @@ def _validate_object(schema: Schema, value: dict[str, Any], where: str) -> None:
         if value[key] is None and key not in required and _nullable_ok(sub):
             continue  # optional fields may be null (upstream clients send nulls)
         validate(sub, value[key], f"{where}.{key}")
+        if _integral(value[key]) and "integer" in _types(_resolve(sub)):
+            value[key] = int(value[key])  # handlers read integers as ints
+
+
+def _types(schema: Schema) -> list[str]:
+    names = schema.get("type", [])
+    return [names] if isinstance(names, str) else list(names)
 
 
 def _nullable_ok(schema: Schema) -> bool:

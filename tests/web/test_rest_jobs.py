@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
 from tests.fakes import FakeClock, RecordingStore
-from tests.web.rest_harness import Api, answered_after_commit, running_api
+from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -124,6 +124,27 @@ async def test_invalid_submit_is_422_naming_the_field(
     r = await api.http.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
     assert r.status_code == 422
     assert field in r.json()["detail"]
+
+
+async def test_integer_fields_take_numbers_without_a_fraction(api: Api) -> None:
+    """An integer field sent as 120.0 (a Python client's arithmetic) was a 422, though the
+    published schema's "integer" (JSON Schema) admits it and upstream (pydantic) took it: it
+    is that integer now, handed on as an int; 120.5 stays a 422."""
+    job = await api.submit(ttl_seconds=120.0)
+    assert ts(job["expires_at"]) - ts(job["requested_at"]) == pytest.approx(120)
+    r = await api.http.post(
+        "/v1/jobs", json={"payload": {}, "ttl_seconds": 120.5}, headers={"X-Api-Key": CLIENT_KEY}
+    )
+    assert (r.status_code, r.json()["detail"]) == (422, "body.ttl_seconds must be integer")
+    assert (await api.register("m1", concurrency=2.0)).status_code == 200
+    concurrency = api.core.dispatcher.scheduler.miners["m1"].concurrency
+    assert (type(concurrency), concurrency) == (int, 2)
+    await api.submit()
+    for _ in range(2):
+        r = await api.http.post(
+            "/v1/miners/poll", json={"max_wait_seconds": 1.0}, headers=miner_headers("m1")
+        )
+        assert r.status_code == 200, r.text
 
 
 async def test_unknown_keys_are_accepted(api: Api) -> None:
