@@ -68,6 +68,12 @@ _PUBLIC: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+# Who may call an authenticated route: an API key, or a wallet session (a client, and an admin
+# when its wallet is listed); a miner only with its key (a session there is 403).
+_KEYS: list[dict[str, list[str]]] = [{"ApiKeyHeader": []}, {"Bearer": []}]
+_CREDENTIALS = [*_KEYS, {"SessionToken": []}]
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -115,7 +121,7 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": _ref(endpoint.body)}},
         }
     authed = endpoint.role is not None or endpoint.any_role
-    op["security"] = [{"ApiKeyHeader": []}, {"Bearer": []}, {"SessionToken": []}] if authed else []
+    op["security"] = [] if not authed else _KEYS if endpoint.role is Role.MINER else _CREDENTIALS
     op["responses"] = _responses(endpoint, bool(_PATH_PARAM.search(path)))
     return op
 

@@ -15,6 +15,7 @@ import schemathesis
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.web.rest_harness import Api, miner_headers, running_api
+from tests.web.wallet_helpers import login
 from web.openapi import documented
 from web.rest_miners import CONSTRAINT_DEFAULTS
 
@@ -103,3 +104,25 @@ async def test_a_rate_limited_public_read_is_documented(tmp_path: Path) -> None:
             answers.append(r.status_code)
             await conforms(api, r)
         assert answers == [200, 429]
+
+
+async def test_miner_routes_do_not_offer_a_session_token(api: Api) -> None:
+    """A wallet session is a client credential: on a miner route it is refused (403), so the
+    miner operations list only the API key schemes (they listed SessionToken too)."""
+    doc = (await api.http.get("/openapi.json")).json()
+    profile = await login(api.http)
+    r = await api.http.post(
+        "/v1/miners/register",
+        json={"capabilities": {}},
+        headers={"X-Session-Token": profile["session_token"]},
+    )
+    assert r.status_code == 403, r.text
+    await conforms(api, r)
+    miner_ops = [
+        op for item in doc["paths"].values() for op in item.values() if op["tags"] == ["miners"]
+    ]
+    assert len(miner_ops) > 10
+    for op in miner_ops:
+        assert op["security"] == [{"ApiKeyHeader": []}, {"Bearer": []}], op["operationId"]
+    submit = doc["paths"]["/v1/jobs"]["post"]
+    assert {"SessionToken": []} in submit["security"]
