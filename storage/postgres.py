@@ -341,4 +341,32 @@ class PostgresJobStore(SqlStore):
             await _commit_batch(raw, batch)
 
     async def maintain(self) -> None:
-        """Nothing to do: PostgreSQL checkpoints and vacuums by itself."""
+        """Watch the writer's connection (PostgreSQL checkpoints and vacuums by itself): when
+        the server ends it (a restart, ``pg_terminate_backend``), the owner lock went with it,
+        so raise ``StorageError`` at once, which stops the coordinator as a failed commit
+        does. Waiting for the next commit left an idle coordinator ready, answering from its
+        memory and keeping its miners' sockets, while a standby took the database over."""
+        raw = self._raw
+        if raw is None:
+            return
+        lost = anyio.Event()
+
+        def ended(_: object) -> None:
+            lost.set()
+
+        try:
+            raw.add_termination_listener(ended)
+            if raw.is_closed():
+                lost.set()
+        except asyncpg.InterfaceError:  # already released to the pool: the connection ended
+            lost.set()
+        try:
+            await lost.wait()
+        finally:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                raw.remove_termination_listener(ended)
+        if self._raw is raw:  # not ``close``: the server or the network ended it
+            raise StorageError(
+                f"the connection to {shown_url(self.url)} was lost (a server restart, or its "
+                "session was ended): stopping, as a failed commit would"
+            )

@@ -263,3 +263,34 @@ async def test_the_writer_session_is_exempt_from_idle_session_timeout(postgres_u
             await other.close()
         finally:
             await s.close()
+
+
+async def test_maintain_raises_once_the_server_ends_the_writers_session(postgres_url: str) -> None:
+    """The owner lock lives on the writer's session: when the server ends it (a restart, an
+    admin), ``maintain`` fails at once (the coordinator stops, as on a failed commit) instead
+    of the loss waiting for the next commit; a store that closes ends it quietly."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(s.maintain)
+                await anyio.wait_all_tasks_blocked()
+                await s.close()
+            await s.open()
+            writer = await s._raw.fetchval("SELECT pg_backend_pid()")
+
+            async def end_it() -> None:
+                await anyio.wait_all_tasks_blocked()
+                admin = await asyncpg.connect(postgres_url)
+                try:
+                    assert await admin.fetchval("SELECT pg_terminate_backend($1)", writer)
+                finally:
+                    await admin.close()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end_it)
+                with pytest.raises(StorageError, match=r"connection to .* was lost"):
+                    await s.maintain()
+        finally:
+            await s.close()

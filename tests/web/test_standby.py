@@ -15,6 +15,7 @@ import pytest
 from storage.backends import store_for
 from storage.errors import StorageError
 from storage.owner import lock_path
+from storage.postgres import OWNER_LOCK_KEY
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
 from tests.postgres import admin, fetch_rows
 from tests.web.rest_harness import running_api
@@ -264,3 +265,29 @@ async def test_a_postgres_standby_polls_on_one_connection(
                 await holder.close()
                 assert (await _until_ready(api)).json()["status"] == "ready"
         assert store._probe is None
+
+
+async def test_a_coordinator_whose_postgres_session_ends_stops_and_its_standby_takes_over(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A server restart (here: the writer's session ended) takes the owner lock with it: the
+    standby takes over, and the old coordinator stops at once, though it had nothing to
+    commit (it stayed ready until its next commit, answering from its memory and keeping its
+    miners' sockets: two ready coordinators on one database)."""
+    async with running_api(tmp_path, database_url=postgres_url) as primary:
+        stopped: list[bool] = []
+        primary.core.on_fatal = lambda: stopped.append(True)
+        queued = await primary.submit()
+        async with running_api(tmp_path, database_url=postgres_url, standby=True) as api:
+            assert (await api.http.get("/health/ready")).status_code == 503
+            [(ended,)] = await fetch_rows(
+                postgres_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                f"WHERE locktype = 'advisory' AND granted AND objid = {OWNER_LOCK_KEY}",
+            )
+            assert ended
+            assert (await _until_ready(api)).json()["status"] == "ready"
+            await _until(lambda: stopped)
+            ready = await primary.http.get("/health/ready")
+            assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
+            assert (await api.job(queued["job_id"]))["state"] == "QUEUED"
