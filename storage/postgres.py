@@ -164,7 +164,8 @@ async def _connecting(url: str) -> AsyncIterator[None]:
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreUnreachable(f"cannot connect to {shown_url(url)}: {exc}") from None
+        why = str(exc) or type(exc).__name__  # a TimeoutError says nothing itself
+        raise StoreUnreachable(f"cannot connect to {shown_url(url)}: {why}") from None
 
 
 async def _preflight(url: str) -> None:
@@ -305,9 +306,17 @@ class PostgresJobStore(SqlStore):
                     self._probe = await asyncpg.connect(
                         _driver_url(self.url), timeout=_CONNECT_TIMEOUT
                     )
-                free = await self._probe.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY)
+                # Bounded as a connect is: a server host that died, or a network that dropped
+                # the connection, leaves it open with nobody answering, and the poll waited
+                # ~15 min of TCP retransmissions (for ever behind a proxy) instead of asking
+                # again on a new connection, and taking over once the database is back.
+                free = await self._probe.fetchval(
+                    "SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY, timeout=_CONNECT_TIMEOUT
+                )
                 if free:
-                    await self._probe.execute("SELECT pg_advisory_unlock($1)", OWNER_LOCK_KEY)
+                    await self._probe.execute(
+                        "SELECT pg_advisory_unlock($1)", OWNER_LOCK_KEY, timeout=_CONNECT_TIMEOUT
+                    )
         except StoreUnreachable:
             await self._close_probe()  # lost (e.g. a server restart): a new one next time
             raise

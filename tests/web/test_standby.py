@@ -4,14 +4,17 @@ coordinator holds the database, then takes over with the memory rebuilt from the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sqlite3
 from contextlib import asynccontextmanager, closing
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
+from storage import postgres
 from storage.backends import store_for
 from storage.errors import StorageError
 from storage.owner import lock_path
@@ -291,3 +294,58 @@ async def test_a_coordinator_whose_postgres_session_ends_stops_and_its_standby_t
             ready = await primary.http.get("/health/ready")
             assert (ready.status_code, ready.json()["status"]) == (503, "not ready")
             assert (await api.job(queued["job_id"]))["state"] == "QUEUED"
+
+
+@asynccontextmanager
+async def _relay(url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """``url`` through a TCP relay, and a function that makes the relay's connections so far
+    stop relaying (a database host that died, or a network that dropped them: the socket
+    stays open, nothing answers); connections made later relay again."""
+    where = urlsplit(url)
+    host, port = where.hostname, where.port
+    assert host is not None
+    assert port is not None
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    relayed = listener.extra(anyio.abc.SocketAttribute.local_port)
+    numbers = itertools.count()
+    live_from = [0]  # connections numbered below this one relay nothing
+
+    def silence() -> None:
+        live_from[0] = next(numbers) + 1
+
+    async def handle(client: anyio.abc.SocketStream) -> None:
+        n = next(numbers)
+        async with client, await anyio.connect_tcp(host, port) as server:
+            async with anyio.create_task_group() as tg:
+
+                async def pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream) -> None:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        async for chunk in src:
+                            if n >= live_from[0]:
+                                await dst.send(chunk)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(pipe, client, server)
+                tg.start_soon(pipe, server, client)
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield where._replace(netloc=f"{where.username}@127.0.0.1:{relayed}").geturl(), silence
+        tg.cancel_scope.cancel()
+
+
+async def test_a_postgres_standby_whose_poll_is_never_answered_asks_again(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database host that died, or a network that dropped the connection, leaves the
+    standby's kept connection open with nobody answering: its poll waited for ever (~15 min of
+    TCP retransmissions without a relay), so it never took over from the coordinator the
+    outage stopped. A poll's query is bounded as a connect is, then asked on a new one."""
+    monkeypatch.setattr(lifecycle, "STANDBY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(postgres, "_CONNECT_TIMEOUT", 0.5)
+    async with _relay(postgres_url) as (relayed, silence), _holding(postgres_url) as holder:
+        async with running_api(tmp_path, database_url=relayed, standby=True) as api:
+            await _until(lambda: api.core.store._probe is not None)
+            silence()
+            await holder.close()
+            assert (await _until_ready(api)).json()["status"] == "ready"
