@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +133,31 @@ _KEEPALIVES = (
 )
 
 
+# The writer's own side of the same bounds: a server host that died, or a network that dropped
+# the connection, without a word, left a commit waiting ~15 min for its reply (TCP
+# retransmissions), every caller with it, and an idle writer never learnt of it, keeping its
+# miners' sockets from a standby that took over. With these the kernel gives up after ~25 s: the
+# connection ends, and with it the coordinator (``maintain``), as on a server restart.
+_CLIENT_KEEPALIVES = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+_CLIENT_USER_TIMEOUT_MS = 25000
+
+
+class _WriterConnection(asyncpg.Connection):  # type: ignore[misc]
+    """The writer's connection, whose TCP socket gives up on a server that stopped answering."""
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket: the server's host is this one
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        options = (*_CLIENT_KEEPALIVES, ("TCP_USER_TIMEOUT", _CLIENT_USER_TIMEOUT_MS))
+        for name, value in options:
+            option = getattr(socket, name, None)  # Linux has them all
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 async def _take_owner_lock(conn: Any, url: str) -> None:
     """Take the owner lock on ``conn``'s session; ``StoreInUse`` naming the holder if taken."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK_KEY):
@@ -227,7 +253,7 @@ class PostgresJobStore(SqlStore):
         # owner lock), and the reads' and the scans' (a scan must not hold up the reads clients
         # wait on). A read takes a connection from its pool for each query, so a connection
         # the server or the network ended is replaced: only the read that met it fails.
-        self._db = Database(driver_url, min_size=1, max_size=1)
+        self._db = Database(driver_url, min_size=1, max_size=1, connection_class=_WriterConnection)
         self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS)
         self._scan_db = Database(driver_url, min_size=1, max_size=1)
         self._stack = AsyncExitStack()

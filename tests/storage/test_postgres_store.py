@@ -294,3 +294,28 @@ async def test_maintain_raises_once_the_server_ends_the_writers_session(postgres
                     await s.maintain()
         finally:
             await s.close()
+
+
+async def test_the_writers_socket_gives_up_on_a_silent_server(postgres_url: str) -> None:
+    """A database host that died without a word left a commit waiting ~15 min for its reply
+    (TCP retransmissions) and an idle writer unaware of it: the writer's socket probes an idle
+    server and gives up on an unacknowledged request after 25 s, as the server's side does."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            sock = s._raw._con._transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert [
+                sock.getsockopt(socket.IPPROTO_TCP, option)
+                for option in (
+                    socket.TCP_KEEPIDLE,
+                    socket.TCP_KEEPINTVL,
+                    socket.TCP_KEEPCNT,
+                    socket.TCP_USER_TIMEOUT,
+                )
+            ] == [10, 5, 3, 25000]
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+        finally:
+            await s.close()
