@@ -285,6 +285,13 @@ class PostgresJobStore(SqlStore):
             # stops the coordinator. (A server without the setting has no such timeout.)
             with contextlib.suppress(asyncpg.UndefinedObjectError):
                 await raw.execute("SET idle_session_timeout = 0")
+            # Nor may a database's or role's statement or lock timeout (usual on managed
+            # servers) cancel a commit that is slow for once (a burst, a row an operator's
+            # session holds): a cancelled commit failed, and stopped the coordinator too.
+            await raw.execute(
+                "SET statement_timeout = 0; SET lock_timeout = 0; "
+                "SET idle_in_transaction_session_timeout = 0"
+            )
             if self.exclusive:
                 refusal = await _encoding_refusal(raw)
                 if refusal is not None:

@@ -319,3 +319,39 @@ async def test_the_writers_socket_gives_up_on_a_silent_server(postgres_url: str)
             assert await s.get_job("j1") == job("j1")
         finally:
             await s.close()
+
+
+async def test_a_slow_commit_outlives_the_databases_statement_timeout(postgres_url: str) -> None:
+    """A database or role with a ``statement_timeout`` (usual on managed servers) cancelled a
+    commit that waited longer, here behind a row an operator's session held, and a failed
+    commit stops the coordinator: the writer's session turns it off for itself."""
+    with anyio.fail_after(20):
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '100ms'")
+            s = PostgresJobStore(postgres_url)
+            await s.open()
+            try:
+                await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+                writer = await s._raw.fetchval("SELECT pg_backend_pid()")
+                await admin.execute("BEGIN")
+                await admin.execute("SELECT 1 FROM jobs WHERE job_id = 'j1' FOR UPDATE")
+                watcher = await asyncpg.connect(postgres_url)  # a statistics snapshot a poll
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(s.commit, batch(jobs=[job("j1", state="RUNNING")]))
+                        while not await watcher.fetchval(  # noqa: ASYNC110 - a bounded poll
+                            "SELECT now() - query_start > interval '300ms' "
+                            "FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                            writer,
+                        ):
+                            await anyio.sleep(0.01)
+                        await admin.execute("COMMIT")  # lets go of the row
+                finally:
+                    await watcher.close()
+                assert (await s.get_job("j1")) == job("j1", state="RUNNING")
+            finally:
+                await s.close()
+        finally:
+            await admin.close()
