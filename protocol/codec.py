@@ -301,13 +301,20 @@ def _miner_id(d: JSONObject) -> str | None:
     return v
 
 
+# A hello's protocol may be any integer: one other than ours closes 4002 (unsupported version)
+# in the session, not 1007 as a schema violation.
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
 def _int(d: JSONObject, key: str, default: int | None = None, *, lo: int, hi: int) -> int:
     v = d.get(key)
     if v is None:
         if default is None:
             raise _bad(key, "is required")
         return default
-    if not isinstance(v, int) or isinstance(v, bool):
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # 120.0: JSON has one number type (Python clients write such numbers)
+    elif not isinstance(v, int) or isinstance(v, bool):
         raise _bad(key, "must be an integer")
     if not lo <= v <= hi:
         raise _bad(key, f"must be between {lo} and {hi}")
@@ -404,7 +411,7 @@ _Decoder = Callable[[JSONObject, "str | None", int], Any]
 _MINER: dict[str, _Decoder] = {
     "auth": lambda d, i, n: Auth(token=_str(d, "token", max_len=4096), id=i),
     "hello": lambda d, i, n: Hello(
-        protocol=_int(d, "protocol", lo=0, hi=1_000_000),
+        protocol=_int(d, "protocol", lo=_I64_MIN, hi=_I64_MAX),
         miner_id=_miner_id(d),
         capabilities=_obj(d, "capabilities"),
         concurrency=_int(d, "concurrency", 1, lo=1, hi=1024),
@@ -460,7 +467,9 @@ _MINER: dict[str, _Decoder] = {
 
 _CLIENT: dict[str, _Decoder] = {
     "auth": _MINER["auth"],
-    "hello": lambda d, i, n: ClientHello(protocol=_int(d, "protocol", lo=0, hi=1_000_000), id=i),
+    "hello": lambda d, i, n: ClientHello(
+        protocol=_int(d, "protocol", lo=_I64_MIN, hi=_I64_MAX), id=i
+    ),
     "job.submit": lambda d, i, n: JobSubmit(
         payload=_obj(d, "payload", required=True),
         constraints=_obj(d, "constraints"),
