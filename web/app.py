@@ -104,6 +104,8 @@ class Coordinator:
         self.sockets = {role.value: 0 for role in Role}  # open connections by role
         self.ready = False
         self.failed = False
+        # Shutting down: a socket that opens from now on is closed with 1001 at once.
+        self.stopping = False
         # Waiting for another coordinator to let go of the store (STANDBY): every request but
         # the health checks is refused until this one has taken over and rebuilt its memory.
         self.standby = settings.standby

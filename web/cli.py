@@ -48,7 +48,12 @@ class CoordinatorServer(uvicorn.Server):
         return app.state.core
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop accepting first: the waits below take up to 12 s, and a peer that reconnected
+        # on its 1001 meanwhile was served, then closed with uvicorn's 1012.
+        for server in self.servers:
+            server.close()
         core = self.core
+        core.stopping = True  # a socket accepted before, opening now, is closed with 1001
         core.close_sockets()
         # The connections write their 1001 from their own tasks: give those the time to (and
         # the peers to answer), since uvicorn's shutdown closes any socket still open with 1012.

@@ -140,6 +140,9 @@ class Connection(ABC):
         if self.core.standby:
             await self._close_now(CloseCode.GOING_AWAY, "standby: not serving yet")
             return
+        if self.core.stopping:
+            await self._close_now(CloseCode.GOING_AWAY, "server shutting down")
+            return
         if token is not None and principal is None:
             await self._close_now(CloseCode.NOT_AUTHENTICATED, "unknown credential")
             return

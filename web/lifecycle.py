@@ -86,6 +86,7 @@ async def _run(core: Coordinator, stopping: anyio.Event, *, task_status: TaskSta
             finally:
                 watching.cancel()
                 core.ready = False
+                core.stopping = True
                 core.close_sockets()
                 core.dispatcher.stop()
                 core.ops.stop()

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from protocol.messages import JobSubmit
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.conftest import start_server
-from tests.e2e.manual_miner import close_code
+from tests.e2e.conftest import RunningServer, start_server
+from tests.e2e.manual_miner import client_session, close_code
 
 if TYPE_CHECKING:
+    from storage.base import WriteBatch
     from web.settings import Settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -44,5 +48,63 @@ async def test_a_shutdown_closes_every_socket_with_1001(settings: Settings) -> N
             uv.should_exit = True
             codes = [await close_code(ws) for ws in (miner, client, ops, unauthenticated)]
         assert codes == [1001, 1001, 1001, 1001]
+        with anyio.fail_after(15):
+            await running.stopped.wait()
+
+
+async def _held_commits(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[anyio.Event, anyio.Event]:
+    """From now on every commit waits for the first event; the second is set when one does."""
+    store = running.core.store
+    commit = store.commit
+    release, waiting = anyio.Event(), anyio.Event()
+
+    async def held(batch: WriteBatch) -> None:
+        waiting.set()
+        await release.wait()
+        await commit(batch)
+
+    monkeypatch.setattr(store, "commit", held)
+    return release, waiting
+
+
+async def _refused(port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def test_a_shutdown_stops_accepting_before_it_waits_for_the_writer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a shutdown waits for a slow commit, a new connection is refused, and a socket
+    whose TCP connection was accepted before the shutdown is closed with 1001 as it opens. The
+    listener stayed open until after the writer's flush (up to 12 s): a miner or client that
+    reconnected on its 1001 was welcomed and served, then closed with uvicorn's 1012."""
+    async with anyio.create_task_group() as tg:
+        running, uv = await start_server(settings, tg)
+        early = socket.create_connection(("127.0.0.1", running.port))
+        async with client_session(running, CLIENT_KEY) as client:
+            release, waiting = await _held_commits(running, monkeypatch)
+            await client.send(JobSubmit(id="r1", payload={"type": "x"}))
+            with anyio.fail_after(5):
+                await waiting.wait()
+            uv.should_exit = True
+            assert await close_code(client.ws) == 1001
+        with anyio.fail_after(5):
+            while not await _refused(running.port):  # noqa: ASYNC110 - polls the kernel
+                await anyio.sleep(0.01)
+        async with connect(
+            running.url("/v1/jobs/ws"), sock=early, additional_headers={"X-Api-Key": CLIENT_KEY}
+        ) as late:
+            with pytest.raises(ConnectionClosed) as closed, anyio.fail_after(5):
+                await late.recv()  # no welcome: a close, before any hello
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "server shutting down")
+        release.set()
         with anyio.fail_after(15):
             await running.stopped.wait()

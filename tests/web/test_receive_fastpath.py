@@ -94,6 +94,7 @@ async def _open() -> tuple[Any, PausingTransport, Recording]:
         ),
         connections=set(),
         standby=False,
+        stopping=False,
         sockets={"miner": 0, "client": 0, "admin": 0},
     )
     made: list[Recording] = []
