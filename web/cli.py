@@ -64,6 +64,11 @@ class CoordinatorServer(uvicorn.Server):
             with anyio.move_on_after(10):
                 await core.dispatcher.wait_flushed()
         await super().shutdown(sockets)
+        if self.force_exit:
+            # A second SIGINT: uvicorn stopped waiting for requests and skips the app's
+            # shutdown, which would leave the writer unflushed and the store open (the loop
+            # then cancelled the lifespan: a traceback). The dispatcher still stops in order.
+            await self.lifespan.shutdown()
 
 
 class _Stopped(Exception):

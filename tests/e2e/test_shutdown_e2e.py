@@ -11,6 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from protocol.messages import JobSubmit
+from storage.sql import DatabasesJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import RunningServer, start_server
 from tests.e2e.manual_miner import client_session, close_code
@@ -108,3 +109,34 @@ async def test_a_shutdown_stops_accepting_before_it_waits_for_the_writer(
         release.set()
         with anyio.fail_after(15):
             await running.stopped.wait()
+
+
+async def test_a_second_sigint_still_flushes_the_writer_and_closes_the_store(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn answers a second SIGINT (``force_exit``) by skipping the app's shutdown: the
+    writer was not flushed nor the store closed, and the lifespan task was cancelled as the
+    loop closed (a traceback on the way out of ``serve``). It still skips the waits for peers,
+    but the dispatcher stops in order: the job whose commit was in flight is stored, the store
+    is closed, and its owner lock is free for the next coordinator."""
+    async with anyio.create_task_group() as tg:
+        running, uv = await start_server(settings, tg)
+        async with client_session(running, CLIENT_KEY) as client:
+            release, waiting = await _held_commits(running, monkeypatch)
+            await client.send(JobSubmit(id="r1", payload={"type": "x"}))
+            with anyio.fail_after(5):
+                await waiting.wait()
+            uv.should_exit = True
+            uv.force_exit = True  # what uvicorn's handler does on a second SIGINT
+            release.set()
+            assert await close_code(client.ws) == 1001
+        with anyio.fail_after(15):
+            await running.stopped.wait()
+    assert not running.core.dispatcher.running
+    after = DatabasesJobStore(settings.database_url)
+    await after.open()  # StoreInUse while the stopped server still held it
+    try:
+        jobs, _ = await after.load_active()
+    finally:
+        await after.close()
+    assert [j.state for j in jobs] == ["QUEUED"]
