@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import tempfile
 from typing import TYPE_CHECKING
 
 from protocol.receipts import load_signing_key
@@ -57,9 +59,30 @@ def signing_key_path(settings: Settings) -> Path:
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """Create ``path`` (mode 0600) holding ``text``, whole or not at all: a file cut short (a
+    full disk, a crash) would be refused as damaged by every later start. The text is synced
+    in a temporary file beside it, which is then linked into place (never over a file that
+    exists); ``KeyFileError`` names the file when that fails."""
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the new name too survives a power cut
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
@@ -77,7 +100,6 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
             keys = _read_api_keys(path)
         else:
             keys = {role: f"{role}-{secrets.token_urlsafe(24)}" for role in ROLES}
-            path.parent.mkdir(parents=True, exist_ok=True)
             _write_private(path, json.dumps(keys, indent=2) + "\n")
             lines.append(f"Generated development API keys (stored in {path}):")
             lines += [f"  {role.upper()}_API_KEYS={key}" for role, key in keys.items()]
@@ -94,7 +116,6 @@ def materialize_keys(settings: Settings) -> tuple[Settings, list[str]]:
             seed = read_signing_key(path)
         else:
             seed = secrets.token_hex(32)
-            path.parent.mkdir(parents=True, exist_ok=True)
             _write_private(path, seed + "\n")
             lines.append(f"Generated a receipt signing key (stored in {path}).")
         settings = settings.with_(receipt_signing_key_hex=seed)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
 import socket
 import stat
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -480,6 +485,43 @@ def test_a_damaged_key_file_stops_serve_with_one_line(
     assert [p for p in sorted(p.name for p in tmp_path.iterdir()) if "key" in p] == [
         p for p in before if "key" in p
     ]
+
+
+def _limit_file_size() -> None:
+    """In the child: files may grow to 64 bytes (the owner lock's pid fits, no key file does),
+    and a write past that fails with EFBIG instead of killing the process (SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("configured", ["none", "api keys"])
+def test_a_key_file_that_cannot_be_written_stops_serve_with_one_line_and_leaves_nothing(
+    tmp_path: Path, configured: str
+) -> None:
+    """A first start on a full disk (here: a file size limit) was a traceback, and left the key
+    file it had begun, cut short: every later start refused it as damaged, the disk freed or
+    not. Now it is one line naming the file, exit 2, no key file; the next start generates."""
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    if configured == "api keys":  # only the signing key is generated
+        env.update(CLIENT_API_KEYS="client-key-1", MINER_API_KEYS="miner-key-1")
+    db = tmp_path / "c.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
+        env={**env, "PYTHONPATH": os.getcwd()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_file_size,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    written = "c.db.keys.json" if configured == "none" else "c.db.signing-key"
+    assert line == f"aitbc-coordinator: cannot write {tmp_path / written}: File too large"
+    assert [p.name for p in tmp_path.iterdir() if "key" in p.name] == []
+    settings, lines = materialize_keys(Settings(database_url=f"sqlite:///{db}"))
+    assert lines
+    assert settings.receipt_signing_key_hex is not None
 
 
 def test_a_standby_uses_the_keys_the_primary_stored(tmp_path: Path) -> None:
