@@ -428,8 +428,16 @@ def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
             conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _roll_back(conn)
         raise
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End the failed transaction on ``conn``. SQLite rolls some back itself (a full disk, an
+    I/O error): a ROLLBACK then fails, and its error would hide the one that says why."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _sync_file(path: str) -> None:
@@ -882,7 +890,7 @@ class DatabasesJobStore(SqlStore):
                 await raw.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 await raw.execute("COMMIT")
             except BaseException:
-                await raw.execute("ROLLBACK")
+                await raw._execute(_roll_back, raw._conn)
                 raise
 
     async def close(self) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -396,4 +398,83 @@ def test_receipts_audit_of_an_older_database_exits_2_and_leaves_it(
     out, err = capsys.readouterr()
     assert len((out + err).splitlines()) == 1
     assert "start the coordinator on it once, which upgrades it" in out + err
+    assert _versions(tmp_path) == before
+
+
+def _full_after(monkeypatch: pytest.MonkeyPatch, pages: int) -> None:
+    """Every store connection opened from now on finds its database full at ``pages`` pages
+    (SQLite answers a write past that as a full disk, and rolls the transaction back)."""
+    pragmas = DatabasesJobStore._pragmas
+
+    async def full(self: DatabasesJobStore, raw: Any) -> None:
+        await pragmas(self, raw)
+        await self._pragma(raw, f"max_page_count = {pages}")
+
+    monkeypatch.setattr(DatabasesJobStore, "_pragmas", full)
+
+
+def _pages(db: Path) -> int:
+    with closing(sqlite3.connect(db)) as con:
+        (pages,) = con.execute("PRAGMA page_count").fetchone()
+    return int(pages)
+
+
+async def test_a_commit_on_a_full_disk_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite rolls back a transaction that finds the disk full: the store's own ROLLBACK then
+    failed, and its "cannot rollback - no transaction is active" was the error that stopped
+    the coordinator, in place of the full disk."""
+    await _create(tmp_path)
+    _full_after(monkeypatch, _pages(tmp_path / "store.db") + 2)
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    try:
+        jobs = [job(f"j{n}", payload={"type": "x", "blob": "y" * 2000}) for n in range(50)]
+        with pytest.raises(StorageError, match=r"^database or disk is full$"):
+            await store.commit(batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+        await store.commit(batch(jobs=[job("small")], events=[event("small", 1)]))
+        assert await store.get_job("small") is not None
+    finally:
+        await store.close()
+
+
+def _files_up_to_64_kib() -> None:
+    """In the child: a write past 64 KiB of a file fails (EFBIG, an I/O error to SQLite)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+
+
+def test_a_migration_that_cannot_be_written_says_why_and_changes_nothing(tmp_path: Path) -> None:
+    """The same at start-up: migration 5's COMMIT failed (the WAL could not grow), SQLite rolled
+    it back, and the start-up said ``cannot start: cannot rollback - no transaction is
+    active``."""
+    _older(tmp_path)
+    db = tmp_path / "store.db"
+    with closing(sqlite3.connect(db)) as con:  # receipts that migration 5 copies
+        con.executemany(
+            "INSERT INTO receipts (receipt_id, job_id, issued_at, receipt, chain_seq) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(f"r{n}", f"j{n}", n, "x" * 2000, n + 1) for n in range(50)],
+        )
+        con.commit()
+    before = _versions(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
+        env={
+            **env,
+            "PYTHONPATH": os.getcwd(),
+            "CLIENT_API_KEYS": "client-key-1",
+            "RECEIPT_SIGNING_KEY_HEX": "11" * 32,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_files_up_to_64_kib,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "cannot start: disk I/O error\n" in done.stderr
+    assert "rollback" not in done.stderr
     assert _versions(tmp_path) == before
