@@ -257,15 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     # handlers it found installed: ours turn that into a clean exit 0.
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    server = build_server(settings, log_level=args.log_level, store=store)
-    tune_gc()
+    server = None
     try:
+        # A signal while the app is built (before uvicorn takes the signals): a clean stop.
+        server = build_server(settings, log_level=args.log_level, store=store)
+        tune_gc()
         server.run(sockets=[listener])
     except (_Stopped, KeyboardInterrupt):
         pass
     finally:
         listener.close()  # also when uvicorn exits on a failed start-up (SystemExit)
-    if server.core.failed:
+    if server is not None and server.core.failed:
         # A standby that failed to take over is still one (the flag goes when it has).
         what = "its take-over failed" if server.core.standby else "a dispatcher failure"
         print(f"aitbc-coordinator: stopped after {what} (see the log)", file=sys.stderr)
