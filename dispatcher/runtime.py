@@ -125,6 +125,7 @@ class Dispatcher:
         self.fanout = Fanout()
         self.running = False
         self._closing = False
+        self._polls_ended = False  # a shutdown began: REST polls no longer wait (end_polls)
         self._waiting: set[anyio.Event] = set()  # ``_until_committed`` callers (see there)
         self._gone: str | None = None  # why, once the writer has stopped: nothing more commits
         self._writes = WriteBatch()
@@ -219,6 +220,17 @@ class Dispatcher:
                 self.running = False
                 self._gone = self._gone or "the coordinator is shutting down"
                 tg.cancel_scope.cancel()
+
+    def end_polls(self) -> None:
+        """A shutdown began: every waiting REST poll ends now, as on a hang-up (with the job
+        already committed for it, else none), and a later poll is refused as after ``stop``.
+        A long-poll (up to 25 s) otherwise held the server's graceful shutdown until it was
+        cancelled (a 500). Results, fails and everything else are still taken."""
+        self._polls_ended = True
+        for sink in list(self._sinks.values()):
+            if isinstance(sink, _RestSink):
+                for waiter in sink.waiters:
+                    waiter.done.set()
 
     def stop(self) -> None:
         """Refuse new work, flush what is pending, then let ``serve`` return."""
@@ -1037,6 +1049,8 @@ class Dispatcher:
         time, also after the poll ended (it then does nothing).
         """
         self._check_open()
+        if self._polls_ended:
+            raise Unavailable("the coordinator is shutting down")
         sink = self._rest_miner(miner_id)
         waiter = _PollWaiter(answer, self.new_event())
         sink.waiters.append(waiter)

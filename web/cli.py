@@ -55,6 +55,7 @@ class CoordinatorServer(uvicorn.Server):
         core = self.core
         core.stopping = True  # a socket accepted before, opening now, is closed with 1001
         core.close_sockets()
+        core.dispatcher.end_polls()  # a REST long-poll would hold uvicorn's wait below
         # The connections write their 1001 from their own tasks: give those the time to (and
         # the peers to answer), since uvicorn's shutdown closes any socket still open with 1012.
         with anyio.move_on_after(SOCKET_CLOSE_GRACE):

@@ -88,6 +88,7 @@ async def _run(core: Coordinator, stopping: anyio.Event, *, task_status: TaskSta
                 core.ready = False
                 core.stopping = True
                 core.close_sockets()
+                core.dispatcher.end_polls()
                 core.dispatcher.stop()
                 core.ops.stop()
     finally:

@@ -1081,6 +1081,36 @@ async def test_stop_flushes_pending_work_then_serve_returns() -> None:
     assert set(store.jobs) == {"a", "b"}
 
 
+async def test_end_polls_ends_the_waiting_polls_and_refuses_new_ones_but_takes_results() -> None:
+    """A shutdown (``end_polls``) ends each waiting REST long-poll at once with no job, so none
+    holds the server's graceful shutdown; a poll after it is refused as after ``stop``; the
+    results of jobs already handed out are still taken and committed."""
+    async with running() as h:
+        d = h.dispatcher
+        await d.rest_register(
+            miner_id="m1", key_hash="k" * 64, capabilities={}, concurrency=2, region=None
+        )
+        spec = h.spec()
+        await d.submit_wait(spec)
+        held = await d.rest_poll("m1", 0)
+        assert held is not None
+        answers: list[object] = []
+
+        async def poll() -> None:
+            answers.append(await d.rest_poll("m1", 60))  # the fake clock never gets there
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await anyio.wait_all_tasks_blocked()
+            assert answers == []
+            d.end_polls()
+        assert answers == [None]
+        with pytest.raises(Unavailable, match="shutting down"):
+            await d.rest_poll("m1", 60)
+        await d.rest_result("m1", spec.job_id, {"ok": True}, {})
+        assert stored(h, spec.job_id)[-1][1] == "completed"
+
+
 async def test_stop_when_idle_returns_at_once() -> None:
     """An idle dispatcher stops without writing anything."""
     store = RecordingStore()

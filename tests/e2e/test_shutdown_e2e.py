@@ -6,6 +6,7 @@ import socket
 from typing import TYPE_CHECKING
 
 import anyio
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -140,3 +141,42 @@ async def test_a_second_sigint_still_flushes_the_writer_and_closes_the_store(
     finally:
         await after.close()
     assert [j.state for j in jobs] == ["QUEUED"]
+
+
+@pytest.mark.parametrize("forwarded", [False, True], ids=["lean", "asgi"])
+async def test_a_shutdown_ends_a_waiting_long_poll_at_once(
+    settings: Settings, forwarded: bool
+) -> None:
+    """A REST miner's long-poll (up to 25 s) held the shutdown for uvicorn's graceful timeout
+    (10 s), and was then cancelled: a 500 to the miner and an ERROR traceback in the log. A
+    shutdown ends it as a hang-up would: 204, nothing charged, and the server stops at once.
+    ``forwarded``: the request takes uvicorn's ASGI path instead of the lean one."""
+    miner = {"X-Api-Key": MINER_KEY, "X-Miner-ID": "m1"}
+    if forwarded:
+        miner["X-Forwarded-For"] = "10.0.0.7"
+    async with anyio.create_task_group() as tg:
+        running, uv = await start_server(settings, tg)
+        base = f"http://127.0.0.1:{running.port}"
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
+            register = {"capabilities": {}, "concurrency": 1}
+            r = await http.post("/v1/miners/register", json=register, headers=miner)
+            assert r.status_code == 200
+            scheduler = running.core.dispatcher.scheduler
+            answers: list[int] = []
+
+            async def poll() -> None:
+                body = {"max_wait_seconds": 25}
+                answers.append(
+                    (await http.post("/v1/miners/poll", json=body, headers=miner)).status_code
+                )
+
+            tg.start_soon(poll)
+            with anyio.fail_after(5):
+                while scheduler.miners["m1"].polls != 1:  # noqa: ASYNC110 - scheduler data
+                    await anyio.sleep(0.005)
+            uv.should_exit = True
+            with anyio.fail_after(5):
+                await running.stopped.wait()
+                while not answers:  # noqa: ASYNC110 - the poll's task records its answer
+                    await anyio.sleep(0.005)
+        assert answers == [204]
