@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from databases import Database, DatabaseURL
 
-from protocol.codec import dumps, loads
+from protocol.codec import dumps, loads as decode
+from protocol.errors import RemoteProtocolError
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
 from storage.base import MinerEarnings, PaymentStats
@@ -187,6 +188,16 @@ _JOB_SELECT = (
 )
 
 
+def loads(data: str | bytes) -> Any:
+    """JSON the store wrote. One that no longer parses is a damaged database: ``StorageError``,
+    not the "malformed JSON (close 1007)" a peer's frame gets, which a damaged row raised (a
+    traceback at start-up, blaming no one in particular)."""
+    try:
+        return decode(data)
+    except RemoteProtocolError:
+        raise StorageError("a value stored in the database is damaged (not JSON)") from None
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else dumps(value).decode()
 
@@ -282,6 +293,13 @@ def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
 
 def _job_record(row: Any) -> JobRecord:
     m = row._mapping
+    try:
+        return _job_fields(m)
+    except StorageError as exc:
+        raise StorageError(f"job {m['job_id']}: {exc}") from None
+
+
+def _job_fields(m: Any) -> JobRecord:
     return JobRecord(
         job_id=m["job_id"],
         client_id=m["client_id"],

@@ -19,6 +19,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from protocol.records import MinerRecord
 from storage.errors import StorageError, StoreInUse
 from storage.owner import OwnerLock, lock_path
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
@@ -478,3 +479,54 @@ def test_a_migration_that_cannot_be_written_says_why_and_changes_nothing(tmp_pat
     assert "cannot start: disk I/O error\n" in done.stderr
     assert "rollback" not in done.stderr
     assert _versions(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "where"),
+    [("jobs", "payload", "job_id = 'j1'"), ("miners", "capabilities", "miner_id = 'm1'")],
+)
+def test_serve_on_a_row_damaged_inside_its_json_stops_with_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    table: str,
+    column: str,
+    where: str,
+) -> None:
+    """SQLite keeps no checksum of a value: a payload cut short (a damaged file, a hand edit)
+    reads back as text that is no JSON. Start-up then died with a traceback ending in the
+    protocol's "malformed JSON (close 1007)", as if a peer had sent it; now the store says
+    the row is damaged, one line, exit 3."""
+
+    async def create() -> None:
+        store = DatabasesJobStore(sqlite_url(tmp_path))
+        await store.open()
+        miner = MinerRecord(
+            miner_id="m1",
+            key_hash="k" * 64,
+            session_id="s1",
+            capabilities={"gpus": []},
+            concurrency=1,
+            region=None,
+            last_seen=1.0,
+        )
+        jobs = [job("j0"), job("j1")]
+        await store.commit(
+            batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs], miners=[miner])
+        )
+        await store.close()
+
+    anyio.run(create)
+    with closing(sqlite3.connect(tmp_path / "store.db")) as con:
+        con.execute(f"UPDATE {table} SET {column} = '{{\"gpus\": [' WHERE {where}")
+        con.commit()
+    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--port", "0", "--log-level", "warning", "--db", str(tmp_path / "store.db")])
+    assert stopped.value.code == 3
+    gc.collect()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "cannot start: " in err
+    assert "is damaged" in err
