@@ -522,10 +522,12 @@ def database_file(url: str) -> str:
     return str(DatabaseURL(url).database)
 
 
-def check_database(url: str) -> None:
+def check_database(url: str, *, writable: bool = True) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
-    cannot be this store's database (a folder, in a missing folder, not SQLite, unreadable,
-    from a newer coordinator, or another program's). A missing file is fine: ``open`` creates it."""
+    cannot be this store's database (a folder, in a missing folder, read-only, not SQLite,
+    unreadable, from a newer coordinator, or another program's). A missing file is fine:
+    ``open`` creates it. ``writable=False``: a read-only tool's check (the file may be
+    read-only)."""
     path = Path(database_file(url))
     if path.is_dir():
         raise StorageError(f"cannot open {path}: it is a folder, not a database file")
@@ -533,6 +535,10 @@ def check_database(url: str) -> None:
         raise StorageError(f"cannot create {path}: the folder {path.parent} does not exist")
     if not path.exists():
         return
+    if writable and not os.access(path, os.W_OK):
+        # A read-only file or mount: the start-up only reads, and the coordinator would report
+        # ready, then stop on its first commit.
+        raise StorageError(f"cannot write {path}: it is read-only")
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:

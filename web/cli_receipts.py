@@ -142,7 +142,8 @@ def _audit(args: argparse.Namespace) -> int:
         if not settings.database_path.exists():
             raise _Usage(f"no database at {settings.database_path}")
         try:
-            check_database(settings.database_url)  # a folder, not SQLite, from a newer build
+            # a folder, not SQLite, from a newer build (read-only is fine: it only reads)
+            check_database(settings.database_url, writable=False)
         except StorageError as exc:
             raise _Usage(str(exc)) from None
     keys = _configured_keys(settings)

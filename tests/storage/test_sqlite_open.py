@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -530,3 +530,57 @@ def test_serve_on_a_row_damaged_inside_its_json_stops_with_one_line(
     assert "Traceback" not in err
     assert "cannot start: " in err
     assert "is damaged" in err
+
+
+@contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """``path`` cannot be written while this lasts: mode 0444, and for root (whom modes do not
+    stop) the immutable attribute; skips the test where neither holds."""
+    path.chmod(0o444)
+    immutable = False
+    try:
+        if os.access(path, os.W_OK):
+            done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+            immutable = done.returncode == 0
+            if not immutable:
+                pytest.skip("cannot make a file read-only here (root, no chattr +i)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o644)
+
+
+def test_serve_on_a_read_only_database_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A database file the coordinator cannot write (a read-only file or mount) passed the
+    checks and the start-up, which only read it: the coordinator reported ready, then stopped
+    on its first commit ("attempt to write a readonly database", a traceback in the log). It
+    is now refused before anything starts, as any database serve cannot run on."""
+    anyio.run(_create, tmp_path)
+    db = tmp_path / "store.db"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
+    env.pop("DATABASE_URL", None)
+    with _read_only(db):
+        done = subprocess.run(
+            [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
+            env={**env, "PYTHONPATH": os.getcwd()},
+            capture_output=True,
+            text=True,
+            timeout=20,  # it served (and waited for its first commit to fail)
+            check=False,
+        )
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"aitbc-coordinator: cannot write {db}: it is read-only\n"
+    assert not [p for p in tmp_path.iterdir() if "key" in p.name]
+
+
+def test_receipts_audit_reads_a_read_only_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit only reads: a read-only database (a backup on a read-only mount) is fine."""
+    monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "42" * 32)
+    anyio.run(_create, tmp_path)
+    db = tmp_path / "store.db"
+    with _read_only(db):
+        assert main(["receipts", "audit", "--db", str(db)]) == 0
+    assert "receipt chain OK: 0 receipts" in capsys.readouterr().out
