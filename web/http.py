@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from dispatcher.errors import DispatchError, Unavailable
 from protocol.codec import input_refusal
+from storage.errors import StorageError
 from web.errors import http_status_for
 from web.schemas import SCHEMAS, ValidationFailed, validate
 
@@ -394,6 +395,11 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             return json_response({"detail": str(exc)}, http_status_for(exc))
         except ClientDisconnect:
             return ALREADY_SENT  # gone before its body ended: nobody to answer
+        except StorageError as exc:  # a read failed (a dropped connection, a server restart)
+            path = request.url.path
+            log.warning("%s %s: the database could not be read: %s", request.method, path, exc)
+            detail = "the database could not be read; retry"
+            return json_response({"detail": detail}, 503, {"Retry-After": "1"})
 
     return run
 

@@ -143,10 +143,12 @@ def _responses(endpoint: Endpoint, path_params: bool) -> dict[str, Any]:
         responses.setdefault("422", _error("invalid request"))
     # Per credential, sent to a public route too; public POSTs also per client address.
     responses.setdefault("429", {"description": "rate limited (Retry-After)"})
-    # A standby waiting for the database (Retry-After), or a coordinator whose commit failed.
+    # A standby waiting for the database (Retry-After), a coordinator whose commit failed, or
+    # a database read that failed (Retry-After).
     if not endpoint.standby:
         responses.setdefault(
-            "503", _error("unavailable: a standby, or the coordinator is stopping")
+            "503",
+            _error("unavailable: a standby, the coordinator is stopping, or a read failed (retry)"),
         )
     return responses
 

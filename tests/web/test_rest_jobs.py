@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+from storage.errors import StorageError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
 from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
@@ -168,6 +169,26 @@ async def test_get_job_owner_other_unknown(api: Api) -> None:
     r = await api.http.get("/v1/jobs/" + "0" * 32, headers={"X-Api-Key": CLIENT_KEY})
     assert r.status_code == 404
     assert r.json() == {"detail": "job not found"}
+
+
+async def test_a_read_the_database_fails_is_503_not_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store read that fails (a PostgreSQL connection dropped mid-query, a server restart)
+    was a 500 with a traceback; it is a 503 the caller may retry, and the next read works."""
+    store = RecordingStore()
+    async with running_api(tmp_path, store=store) as api:
+
+        async def lost(job_id: str) -> None:
+            raise StorageError("connection was closed in the middle of operation")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "get_job", lost)
+            r = await api.http.get("/v1/jobs/" + "0" * 32, headers={"X-Api-Key": CLIENT_KEY})
+        assert (r.status_code, r.headers["retry-after"]) == (503, "1")
+        assert r.json() == {"detail": "the database could not be read; retry"}
+        r = await api.http.get("/v1/jobs/" + "0" * 32, headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 404
 
 
 async def test_list_jobs_page_newest_first_own_only(api: Api) -> None:
