@@ -995,7 +995,7 @@ class Dispatcher:
         """
         if self._gone is not None:
             raise Unavailable(self._gone)
-        if self.running:
+        if self.running or self._closing:  # ``stop()``: the writer still flushes the batch
             await self.barrier()
 
     def _commit_then(self, then: Callable[[None], None]) -> None:

@@ -1196,3 +1196,28 @@ async def test_a_stored_receipt_answers_only_the_attempt_that_completed() -> Non
             assert await h.dispatcher.stored_receipt("gpu-1", spec.job_id, 1) == receipt
             assert await h.dispatcher.stored_receipt("gpu-1", spec.job_id, 2) is None
             assert await h.dispatcher.stored_receipt("gpu-2", spec.job_id, 1) is None
+
+
+async def test_a_refusal_during_a_shutdown_waits_for_the_last_commit() -> None:
+    """``stop()`` flushes the batch in hand; a refusal decided meanwhile (a REST result for a
+    job whose cancel is in that batch) went out at once, before the state it revealed was
+    durable. It waits for that commit, as while running."""
+    async with running() as h:
+        h.store.block_commits()
+        await h.dispatcher.submit(h.spec(), lambda rec, existed: None)
+        await anyio.wait_all_tasks_blocked()
+        h.dispatcher.stop()
+        answered: list[str] = []
+
+        async def refuse() -> None:
+            await h.dispatcher.before_refusal()
+            answered.append("refusal")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refuse)
+            await anyio.wait_all_tasks_blocked()
+            assert answered == []
+            assert h.store.jobs == {}
+            h.store.release_commits()
+        assert answered == ["refusal"]
+        assert len(h.store.jobs) == 1
