@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
@@ -221,6 +221,8 @@ class Settings:
 
 
 def _database_url(url: str) -> str:
+    if "\x00" in unquote(url):  # no file name or connection parameter holds one
+        raise SettingsError("DATABASE_URL: must not contain NUL (%00)")
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return url
     if is_postgres_url(url):

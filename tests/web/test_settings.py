@@ -159,6 +159,8 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"DATABASE_URL": "postgresql://db:port/coordinator"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite:///"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///x%00y.db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://db/coord%00inator"}, "DATABASE_URL"),
         ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),
         ({"SQLITE_SYNCHRONOUS": "EXTRA"}, "SQLITE_SYNCHRONOUS"),
         ({"CLIENT_API_KEYS": "short"}, "CLIENT_API_KEYS"),
