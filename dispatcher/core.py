@@ -396,6 +396,9 @@ class Scheduler:
         if rest and resumed:
             for job_id in resumed:  # e.g. after a restart: the run limit starts again
                 self._arm_lease(self.jobs[job_id], now)
+        elif resumed and miner.rest:  # a REST session resumed over a socket: no run limit
+            for job_id in resumed:
+                self._drop_leases(self.jobs[job_id])
         if not rest:
             miner.polls = 0
         miner.rest = rest
@@ -905,13 +908,16 @@ class Scheduler:
     def _arm_lease(self, job: Job, now: float) -> None:
         start = job.started_at if job.started_at is not None else now
         when = min(start + self.config.rest_lease, job.expires_at)
+        self._drop_leases(job)  # a resumed miner re-arms its leases: one timer each
+        job.timers.append(self._arm(when, "lease", job.job_id, job.attempt))
+
+    def _drop_leases(self, job: Job) -> None:
         kept = []
-        for timer in job.timers:  # a resumed miner re-arms its leases: one timer each
+        for timer in job.timers:
             if isinstance(timer, _Timer) and timer.kind == "lease":
                 self._kill_timer(timer)
             else:
                 kept.append(timer)
-        kept.append(self._arm(when, "lease", job.job_id, job.attempt))
         job.timers = kept
 
     def _start(self, job: Job, now: float) -> None:

@@ -311,3 +311,26 @@ def test_a_lease_outlived_by_its_attempt_changes_nothing_when_it_fires() -> None
     assert (job.state, job.attempt) == ("QUEUED", 1)
     assert s.tick(2.0 + LEASE + 1) == []
     assert (job.state, job.attempt, job.failures) == ("QUEUED", 1, 0)
+
+
+def test_a_rest_session_resumed_over_a_socket_drops_its_leases() -> None:
+    """A socket hello resuming a REST miner's session (same key) kept the REST lease timers:
+    its jobs, running on the socket now, were requeued "lease expired" (a socket miner's
+    liveness is its connection). The leases end with the switch."""
+    s = make()
+    register(s)
+    s.submit(spec("a", ttl=10_000), 0.0)
+    s.poll("m1", 1.0)
+    info, _ = s.connect(
+        "m1",
+        "ws-1",
+        capabilities={},
+        concurrency=1,
+        region=None,
+        resume_session="rest:m1",
+        now=2.0,
+    )
+    assert info.resumed == ("a",)
+    assert events(s.tick(1.0 + LEASE)) == []
+    assert s.jobs["a"].state == "RUNNING"
+    assert s.jobs["a"].miner_id == "m1"
