@@ -537,6 +537,7 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     await api.register("m1", capabilities=a100, region="eu")
     sink: Any = Sink()
     feed.add(sink)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "eu")
     r = await api.http.put(
         "/v1/miners/m1/capabilities",
@@ -545,6 +546,7 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     )
     assert r.status_code == 200, r.text
     feed.tick(1000.0)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert table["m1"] == feed.snapshot()["miners"][0]
     assert (table["m1"]["gpus"], table["m1"]["models"], table["m1"]["region"]) == (
         ["H100"],
@@ -553,6 +555,7 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     )
     await api.register("m1", capabilities=a100, region="ap")  # registers again
     feed.tick(1000.25)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "ap")
     feed.discard(sink)
 
@@ -591,23 +594,30 @@ async def test_a_page_opened_between_two_deltas_sees_what_changes_back(api: Api)
     feed.stop()  # this test is the clock
     gone, first, second = Watcher(), Watcher(), Watcher()
     feed.add(gone)  # type: ignore[arg-type]
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     feed.tick(999.0)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     feed.discard(gone)  # type: ignore[arg-type]
     job = await api.submit()
     feed.tick(999.5)  # unwatched: no delta
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     feed.add(first)  # type: ignore[arg-type]
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert first.queue["queued"] == 1
     assert (await api.cancel(job["job_id"])).status_code == 200
     feed.tick(1000.0)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     first.check(feed.snapshot())
     job = await api.submit()
     assert (await api.register("m2")).status_code == 200
     feed.add(second)  # type: ignore[arg-type]
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert (second.queue["queued"], sorted(second.miners)) == (1, ["m2"])
     assert (await api.cancel(job["job_id"])).status_code == 200
     r = await api.http.delete("/v1/miners/m2", headers=miner_headers("m2"))
     assert r.status_code == 200, r.text
     feed.tick(1000.25)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     for watcher in (first, second):
         watcher.check(feed.snapshot())
     feed.discard(first)  # type: ignore[arg-type]
@@ -638,12 +648,15 @@ async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path
         await api.register("m1")
         await api.register("m2")
         feed.add(watcher)  # type: ignore[arg-type]
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
         assert {m["state"] for m in watcher.miners.values()} == {"idle"}
         job = await api.submit()
         assert (await api.poll("m2")).status_code == 200  # m2 runs it, silent meanwhile
         clock.advance(31)
         feed.tick(clock.now())
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
         feed.tick(clock.now() + 1)
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
         watcher.check(feed.snapshot())
         assert (watcher.miners["m1"]["state"], watcher.miners["m2"]["state"]) == (
             "offline",
@@ -654,6 +667,7 @@ async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path
         r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
         assert r.status_code == 200, r.text
         feed.tick(clock.now() + 2)
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
         watcher.check(feed.snapshot())
         assert watcher.miners["m1"]["state"] == "idle"
         assert (await api.result(job["job_id"], "m2")).status_code == 200
@@ -661,6 +675,7 @@ async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path
         r = await api.http.post("/v1/admin/miners/m1/disconnect", headers=ADMIN)
         assert r.status_code == 200, r.text
         feed.tick(clock.now() + 3)
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
         watcher.check(feed.snapshot())
         assert sorted(watcher.miners) == ["m2"]
         feed.discard(watcher)  # type: ignore[arg-type]
@@ -677,6 +692,7 @@ async def test_unservable_groups_show_what_matching_reads(api: Api) -> None:
     await api.register("m1")  # serves jobs without constraints
     watcher = Watcher()
     feed.add(watcher)  # type: ignore[arg-type]
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     for n in range(10):
         junk = {f"note{n}": "x" * 90_000, "min_reputation": n}
         await api.submit(constraints={"gpu": "H200", "models": ["b", "a"], **junk})
@@ -690,8 +706,10 @@ async def test_unservable_groups_show_what_matching_reads(api: Api) -> None:
 
     watcher.put = put  # type: ignore[method-assign]
     feed.tick(1000.0)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     await api.submit()  # the counts change: the queue goes out again
     feed.tick(1000.25)
+    await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert watcher.queue["unservable_groups"] == [
         {"constraints": {"gpu": "H200", "models": ["a", "b"]}, "count": 10},
         {"constraints": {"region": "mars"}, "count": 1},
