@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from anyio.abc import Process
 
     from examples.ws_miner import SimulatedMiner
+    from protocol.records import EventRecord, JobRecord
 
 EXE = Path(sys.executable).with_name("aitbc-coordinator")
 TERMINAL = frozenset({"completed", "failed", "canceled", "expired"})
@@ -134,6 +135,12 @@ class CoordinatorProcess:
         assert self.proc is not None
         with anyio.fail_after(within):
             return await self.proc.wait()
+
+    async def terminate(self) -> None:
+        """SIGTERM: the coordinator stops cleanly, exit 0."""
+        assert self.proc is not None
+        self.proc.terminate()
+        assert await self.wait_exit() == 0
 
     async def stop_now(self) -> None:
         """Kill (if still running) and reap; used in ``finally``."""
@@ -270,3 +277,25 @@ async def stored(url: str) -> tuple[dict[str, Any], dict[str, list[Any]], dict[s
     finally:
         await store.close()
     return jobs, events, receipts
+
+
+def assert_ended_once(
+    job: JobRecord, trail: list[EventRecord], receipts: int, client: LoadClient
+) -> list[str]:
+    """What every acknowledged job keeps through crashes (its event kinds are returned): one
+    terminal state, last, its event log without gaps; one receipt exactly when completed,
+    for the attempt and miner that completed it; the client saw its end once, and every
+    event but dropped progress."""
+    job_id, kinds = job.job_id, [e.event for e in trail]
+    assert job.state in TERMINAL_STATES, (job_id, job.state, kinds)
+    assert [e.seq for e in trail] == list(range(1, job.seq + 1)), (job_id, kinds)
+    assert sum(k in TERMINAL for k in kinds) == 1, (job_id, kinds)
+    assert kinds[-1] in TERMINAL, (job_id, kinds)
+    assert trail[-1].state == job.state, (job_id, kinds)
+    assert receipts == (job.state == "COMPLETED"), (job_id, receipts, kinds)
+    if job.state == "COMPLETED":
+        assert job.receipt is not None
+        assert (job.receipt["attempt"], job.receipt["provider"]) == (job.attempt, job.miner_id)
+    assert client.terminal[job_id] == [kinds[-1]], (job_id, kinds)
+    assert {e.seq for e in trail if e.event != "progress"} <= client.seen[job_id], job_id
+    return kinds

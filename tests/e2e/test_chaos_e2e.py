@@ -43,10 +43,9 @@ from protocol.messages import (
 from tests.conftest import MINER_KEY, MINER_KEY_2, SIGNING_SEED
 from tests.e2e.processes import (
     EXE,
-    TERMINAL,
-    TERMINAL_STATES,
     CoordinatorProcess,
     LoadClient,
+    assert_ended_once,
     stored,
     wait_for,
 )
@@ -334,9 +333,7 @@ async def test_chaos_keeps_every_job_and_completes_each_at_most_once(
                     await client.done.wait()
                 assert client.done.is_set(), client.describe_pending()
                 tg.cancel_scope.cancel()
-            assert server.proc is not None
-            server.proc.terminate()
-            assert await server.wait_exit() == 0
+            await server.terminate()
         finally:
             await server.stop_now()
             print((tmp_path / "coordinator.log").read_text()[-4000:])
@@ -356,20 +353,7 @@ async def test_chaos_keeps_every_job_and_completes_each_at_most_once(
     assert set(jobs) == set(client.job_of.values())
     assert len(jobs) == JOBS
     for job_id, job in jobs.items():
-        trail = events[job_id]
-        kinds = [e.event for e in trail]
-        assert job.state in TERMINAL_STATES, (job_id, job.state, kinds)
-        assert [e.seq for e in trail] == list(range(1, job.seq + 1)), (job_id, kinds)
-        assert sum(k in TERMINAL for k in kinds) == 1, (job_id, kinds)
-        assert kinds[-1] in TERMINAL, (job_id, kinds)
-        assert trail[-1].state == job.state, (job_id, kinds)
-        assert client.terminal[job_id] == [kinds[-1]], (job_id, kinds)
-        assert {e.seq for e in trail if e.event != "progress"} <= client.seen[job_id]
-        # One receipt exactly when completed, for the attempt and miner that completed it.
-        assert receipt_counts.get(job_id, 0) == (job.state == "COMPLETED"), (job_id, kinds)
-        if job.state == "COMPLETED":
-            assert job.receipt is not None
-            assert (job.receipt["attempt"], job.receipt["provider"]) == (job.attempt, job.miner_id)
+        kinds = assert_ended_once(job, events[job_id], receipt_counts.get(job_id, 0), client)
         if job.state == "CANCELED":
             assert job_id in client.cancels_sent, (job_id, kinds)
         if client.cancel_answers.get(job_id) == "ok":  # an acknowledged cancel is durable
