@@ -312,10 +312,10 @@ def _int(d: JSONObject, key: str, default: int | None = None, *, lo: int, hi: in
         if default is None:
             raise _bad(key, "is required")
         return default
-    if isinstance(v, float) and v.is_integer():
+    if not isinstance(v, int) or isinstance(v, bool):
+        if not (isinstance(v, float) and v.is_integer()):
+            raise _bad(key, "must be an integer")
         v = int(v)  # 120.0: JSON has one number type (Python clients write such numbers)
-    elif not isinstance(v, int) or isinstance(v, bool):
-        raise _bad(key, "must be an integer")
     if not lo <= v <= hi:
         raise _bad(key, f"must be between {lo} and {hi}")
     return v
