@@ -256,6 +256,31 @@ async def test_feed_deltas_carry_only_changes(api: Api) -> None:
     feed.discard(sink)
 
 
+class Watcher:
+    """An ops watcher (an Outbox's ``put``) that applies every frame as the page does."""
+
+    dropped = 0  # an Outbox's drop count: this one keeps every frame
+
+    def __init__(self) -> None:
+        self.miners: dict[str, Any] = {}
+        self.queue: dict[str, Any] = {}
+        self.counters: dict[str, Any] = {}
+
+    def put(self, frame: str, **_: Any) -> None:
+        f = orjson.loads(frame)
+        if f["type"] in ("snapshot", "ops.delta"):
+            self.miners.update({m["miner_id"]: m for m in f.get("miners", [])})
+            for gone in f.get("removed", []):
+                self.miners.pop(gone, None)
+            self.queue = f.get("queue", self.queue)
+            self.counters = f.get("counters", self.counters)
+
+    def check(self, snapshot: dict[str, Any]) -> None:
+        assert self.miners == {m["miner_id"]: m for m in snapshot["miners"]}
+        assert self.queue == snapshot["queue"]
+        assert self.counters == snapshot["counters"]
+
+
 async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_shows(
     api: Api,
 ) -> None:
@@ -263,19 +288,8 @@ async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_sho
     list), yet after every step a watcher's table equals a fresh snapshot's."""
     feed = api.core.ops
     feed.stop()  # this test is the clock
-    table: dict[str, Any] = {}
-
-    class Sink:
-        dropped = 0  # an Outbox's drop count: this one keeps every frame
-
-        def put(self, frame: str, **_: Any) -> None:
-            f = orjson.loads(frame)
-            if f["type"] == "snapshot":
-                table.update({m["miner_id"]: m for m in f["miners"]})
-            elif f["type"] == "ops.delta":
-                table.update({m["miner_id"]: m for m in f.get("miners", [])})
-                for gone in f.get("removed", []):
-                    del table[gone]
+    sink: Any = Watcher()
+    table = sink.miners
 
     async def drain(miner_id: str, draining: bool) -> None:
         r = await api.http.post(
@@ -299,7 +313,6 @@ async def test_a_watcher_that_applies_every_delta_sees_what_a_fresh_snapshot_sho
         assert (await api.poll(miner_id)).status_code == 200
 
     await api.register("m1")
-    sink: Any = Sink()
     feed.add(sink)
     steps = [
         lambda: api.register("m2"),
@@ -520,22 +533,12 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     capabilities was not compared, so the page kept the old GPUs, models and region."""
     feed = api.core.ops
     feed.stop()  # this test is the clock
-    table: dict[str, Any] = {}
-
-    class Sink:
-        dropped = 0  # an Outbox's drop count: this one keeps every frame
-
-        def put(self, frame: str, **_: Any) -> None:
-            f = orjson.loads(frame)
-            if f["type"] == "snapshot":
-                table.update({m["miner_id"]: m for m in f["miners"]})
-            elif f["type"] == "ops.delta":
-                table.update({m["miner_id"]: m for m in f.get("miners", [])})
+    sink: Any = Watcher()
+    table = sink.miners
 
     a100 = {"gpus": [{"name": "A100", "memory_mb": 81920}], "models": ["llama"]}
     h100 = {"gpus": [{"name": "H100", "memory_mb": 81920}], "models": ["mistral"]}
     await api.register("m1", capabilities=a100, region="eu")
-    sink: Any = Sink()
     feed.add(sink)
     await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "eu")
@@ -558,31 +561,6 @@ async def test_a_rest_miners_new_capabilities_reach_its_row(api: Api) -> None:
     await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
     assert (table["m1"]["gpus"], table["m1"]["region"]) == (["A100"], "ap")
     feed.discard(sink)
-
-
-class Watcher:
-    """An ops watcher (an Outbox's ``put``) that applies every frame as the page does."""
-
-    dropped = 0  # an Outbox's drop count: this one keeps every frame
-
-    def __init__(self) -> None:
-        self.miners: dict[str, Any] = {}
-        self.queue: dict[str, Any] = {}
-        self.counters: dict[str, Any] = {}
-
-    def put(self, frame: str, **_: Any) -> None:
-        f = orjson.loads(frame)
-        if f["type"] in ("snapshot", "ops.delta"):
-            self.miners.update({m["miner_id"]: m for m in f.get("miners", [])})
-            for gone in f.get("removed", []):
-                self.miners.pop(gone, None)
-            self.queue = f.get("queue", self.queue)
-            self.counters = f.get("counters", self.counters)
-
-    def check(self, snapshot: dict[str, Any]) -> None:
-        assert self.miners == {m["miner_id"]: m for m in snapshot["miners"]}
-        assert self.queue == snapshot["queue"]
-        assert self.counters == snapshot["counters"]
 
 
 async def test_a_page_opened_between_two_deltas_sees_what_changes_back(api: Api) -> None:
