@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from protocol.messages import JobSubmit
 from storage.sql import DatabasesJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.conftest import RunningServer, start_server
+from tests.e2e.conftest import Client, RunningServer, start_server
 from tests.e2e.manual_miner import client_session, close_code
 
 if TYPE_CHECKING:
@@ -54,10 +54,11 @@ async def test_a_shutdown_closes_every_socket_with_1001(settings: Settings) -> N
             await running.stopped.wait()
 
 
-async def _held_commits(
-    running: RunningServer, monkeypatch: pytest.MonkeyPatch
-) -> tuple[anyio.Event, anyio.Event]:
-    """From now on every commit waits for the first event; the second is set when one does."""
+async def _a_submit_held_in_its_commit(
+    running: RunningServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> anyio.Event:
+    """The client submits a job whose commit then waits, as every later commit does, until
+    the returned event is set."""
     store = running.core.store
     commit = store.commit
     release, waiting = anyio.Event(), anyio.Event()
@@ -68,7 +69,10 @@ async def _held_commits(
         await commit(batch)
 
     monkeypatch.setattr(store, "commit", held)
-    return release, waiting
+    await client.send(JobSubmit(id="r1", payload={"type": "x"}))
+    with anyio.fail_after(5):
+        await waiting.wait()
+    return release
 
 
 async def _refused(port: int) -> bool:
@@ -91,10 +95,7 @@ async def test_a_shutdown_stops_accepting_before_it_waits_for_the_writer(
         running, uv = await start_server(settings, tg)
         early = socket.create_connection(("127.0.0.1", running.port))
         async with client_session(running, CLIENT_KEY) as client:
-            release, waiting = await _held_commits(running, monkeypatch)
-            await client.send(JobSubmit(id="r1", payload={"type": "x"}))
-            with anyio.fail_after(5):
-                await waiting.wait()
+            release = await _a_submit_held_in_its_commit(running, client, monkeypatch)
             uv.should_exit = True
             assert await close_code(client.ws) == 1001
         with anyio.fail_after(5):
@@ -123,10 +124,7 @@ async def test_a_second_sigint_still_flushes_the_writer_and_closes_the_store(
     async with anyio.create_task_group() as tg:
         running, uv = await start_server(settings, tg)
         async with client_session(running, CLIENT_KEY) as client:
-            release, waiting = await _held_commits(running, monkeypatch)
-            await client.send(JobSubmit(id="r1", payload={"type": "x"}))
-            with anyio.fail_after(5):
-                await waiting.wait()
+            release = await _a_submit_held_in_its_commit(running, client, monkeypatch)
             uv.should_exit = True
             uv.force_exit = True  # what uvicorn's handler does on a second SIGINT
             release.set()

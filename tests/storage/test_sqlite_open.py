@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from storage.errors import StorageError, StoreInUse
 from storage.owner import OwnerLock, lock_path
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore, check_database
+from tests.serve_once import serve_once
 from tests.storage.test_store_contract import batch, event, job, sqlite_url
 from web.cli import main
 
@@ -440,12 +439,6 @@ async def test_a_commit_on_a_full_disk_says_so(
         await store.close()
 
 
-def _files_up_to_64_kib() -> None:
-    """In the child: a write past 64 KiB of a file fails (EFBIG, an I/O error to SQLite)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
-
-
 def test_a_migration_that_cannot_be_written_says_why_and_changes_nothing(tmp_path: Path) -> None:
     """The same at start-up: migration 5's COMMIT failed (the WAL could not grow), SQLite rolled
     it back, and the start-up said ``cannot start: cannot rollback - no transaction is
@@ -461,20 +454,8 @@ def test_a_migration_that_cannot_be_written_says_why_and_changes_nothing(tmp_pat
         con.commit()
     before = _versions(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
-    done = subprocess.run(
-        [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
-        env={
-            **env,
-            "PYTHONPATH": os.getcwd(),
-            "CLIENT_API_KEYS": "client-key-1",
-            "RECEIPT_SIGNING_KEY_HEX": "11" * 32,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_files_up_to_64_kib,
-        check=False,
-    )
+    keys = {"CLIENT_API_KEYS": "client-key-1", "RECEIPT_SIGNING_KEY_HEX": "11" * 32}
+    done = serve_once(db, {**env, **keys}, max_file_bytes=64 << 10)
     assert done.returncode == 3, done.stderr
     assert "cannot start: disk I/O error\n" in done.stderr
     assert "rollback" not in done.stderr
@@ -561,14 +542,7 @@ def test_serve_on_a_read_only_database_exits_1_with_one_line(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
     env.pop("DATABASE_URL", None)
     with _read_only(db):
-        done = subprocess.run(
-            [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
-            env={**env, "PYTHONPATH": os.getcwd()},
-            capture_output=True,
-            text=True,
-            timeout=20,  # it served (and waited for its first commit to fail)
-            check=False,
-        )
+        done = serve_once(db, env, timeout=20)  # it served (and waited for its first commit)
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"aitbc-coordinator: cannot write {db}: it is read-only\n"
     assert not [p for p in tmp_path.iterdir() if "key" in p.name]

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import socket
 import stat
-import subprocess
-import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.serve_once import serve_once
 from web import cli
 from web.cli import main
 from web.keys import materialize_keys, signing_key_path
@@ -510,13 +508,6 @@ def test_a_signal_while_the_server_is_built_is_a_clean_stop(
     assert capsys.readouterr().err == ""
 
 
-def _limit_file_size() -> None:
-    """In the child: files may grow to 64 bytes (the owner lock's pid fits, no key file does),
-    and a write past that fails with EFBIG instead of killing the process (SIGXFSZ)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
-
-
 @pytest.mark.parametrize("configured", ["none", "api keys"])
 def test_a_key_file_that_cannot_be_written_stops_serve_with_one_line_and_leaves_nothing(
     tmp_path: Path, configured: str
@@ -528,15 +519,8 @@ def test_a_key_file_that_cannot_be_written_stops_serve_with_one_line_and_leaves_
     if configured == "api keys":  # only the signing key is generated
         env.update(CLIENT_API_KEYS="client-key-1", MINER_API_KEYS="miner-key-1")
     db = tmp_path / "c.db"
-    done = subprocess.run(
-        [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(db)],
-        env={**env, "PYTHONPATH": os.getcwd()},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_limit_file_size,
-        check=False,
-    )
+    # Files may grow to 64 bytes: the owner lock's pid fits, no key file does.
+    done = serve_once(db, env, max_file_bytes=64)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()
     written = "c.db.keys.json" if configured == "none" else "c.db.signing-key"
