@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
-from dispatcher.errors import NotAssigned, UnknownJob, UnknownMiner
+from dispatcher.errors import NotAssigned, ProgressLimit, UnknownJob, UnknownMiner
 from dispatcher.jobs import ACTIVE, TERMINAL, Action, Job, JobState, transition
 from dispatcher.policy import Capabilities, IdleIndex, JobNeeds, JobQueue, MatchCache
 from dispatcher.stats import SchedulerStatistics
@@ -29,6 +29,10 @@ from protocol.records import EventRecord, JobRecord
 from protocol.types import CloseCode, EventKind, JSONObject
 
 __all__ = ["JobSpec", "Miner", "ReceiptFactory", "ResumeInfo", "Scheduler", "SchedulerConfig"]
+
+# What a progress event counts against ``max_progress_bytes`` besides its text: about its
+# stored row without data, so a stream of empty events is bounded too.
+PROGRESS_EVENT_COST = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +51,9 @@ class SchedulerConfig:
     # pause, doubled for each further refusal of that job and capped: other miners first.
     reject_pause: float = 5.0
     reject_pause_max: float = 300.0
+    # Bytes of progress a job may store (all attempts; docs/protocol.md): each event counts its
+    # ``output`` and ``message`` characters plus PROGRESS_EVENT_COST, so tiny events count too.
+    max_progress_bytes: int = 64 << 20
 
 
 class JobSpec(NamedTuple):
@@ -539,6 +546,14 @@ class Scheduler:
         output: str | None = None,
     ) -> list[Effect]:
         job = self._held(miner_id, job_id, attempt)
+        used = job.progress_bytes + PROGRESS_EVENT_COST
+        if message is not None:
+            used += len(message)
+        if output is not None:
+            used += len(output)
+        if used > self.config.max_progress_bytes:
+            raise ProgressLimit(job_id, self.config.max_progress_bytes)
+        job.progress_bytes = used
         if not job.accepted:
             self._start(job, now)
         data: JSONObject = {}

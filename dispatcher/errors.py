@@ -10,7 +10,8 @@ Tree::
     ├── Unavailable          the dispatcher is not running (starting up or shutting down)
     ├── NotAllowed           the credential may not act as this identity
     ├── PaymentRequired      the payer's available balance is short (billing)
-    └── TooLarge             a job no socket miner could be sent (its job.assign frame)
+    ├── TooLarge             a job no socket miner could be sent (its job.assign frame)
+    └── ProgressLimit        a job's progress events would pass MAX_PROGRESS_BYTES
 """
 
 from __future__ import annotations
@@ -86,3 +87,19 @@ class TooLarge(DispatchError):
 
 
 __all__ += ["TooLarge"]
+
+
+class ProgressLimit(DispatchError):
+    """A job's stored progress would pass its budget (``SchedulerConfig.max_progress_bytes``);
+    the progress event is refused, the job goes on (nothing changed)."""
+
+    def __init__(self, job_id: str, limit: int) -> None:
+        super().__init__(
+            f"job {job_id} has used its {limit} bytes of progress (MAX_PROGRESS_BYTES): "
+            "progress refused, the result is still taken"
+        )
+        self.job_id = job_id
+        self.limit = limit
+
+
+__all__ += ["ProgressLimit"]

@@ -88,6 +88,7 @@ class Job:
         "payload",
         "payment",
         "priority",
+        "progress_bytes",
         "queue_token",
         "receipt",
         "rejected_by",
@@ -145,6 +146,8 @@ class Job:
         self.needs: object = None
         self.timers: list[object] = []
         self.size = 0  # bytes of its payload and result as received (Scheduler._retain)
+        # Progress stored since it was loaded into memory (SchedulerConfig.max_progress_bytes).
+        self.progress_bytes = 0
 
     def record(self) -> JobRecord:
         # Positional on purpose (hot path); the order is JobRecord's field order.

@@ -81,6 +81,7 @@ class Coordinator:
             resume_grace=settings.resume_grace_seconds,
             rest_lease=settings.rest_job_lease_seconds,
             terminal_retention_bytes=settings.terminal_retention_bytes,
+            max_progress_bytes=settings.max_progress_bytes,
         )
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds

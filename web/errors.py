@@ -8,6 +8,7 @@ from dispatcher.errors import (
     NotAllowed,
     NotAssigned,
     PaymentRequired,
+    ProgressLimit,
     TooLarge,
     Unavailable,
     UnknownJob,
@@ -27,6 +28,7 @@ ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
     Unavailable: (ErrorCode.UNAVAILABLE, 503),
     PaymentRequired: (ErrorCode.PAYMENT_REQUIRED, 402),
     TooLarge: (ErrorCode.INVALID, 413),
+    ProgressLimit: (ErrorCode.INVALID, 413),
 }
 
 

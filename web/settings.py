@@ -132,6 +132,7 @@ class Settings:
     rest_job_lease_seconds: float = 600.0
     max_poll_wait_seconds: float = 25.0
     terminal_retention_bytes: int = 256 << 20
+    max_progress_bytes: int = 64 << 20
     environment: str = "development"
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
@@ -197,6 +198,7 @@ class Settings:
             terminal_retention_bytes=_integer(
                 env, "TERMINAL_RETENTION_BYTES", 256 << 20, 0, 1 << 40
             ),
+            max_progress_bytes=_integer(env, "MAX_PROGRESS_BYTES", 64 << 20, 1024, 1 << 40),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),

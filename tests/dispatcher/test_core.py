@@ -10,9 +10,15 @@ from typing import Any
 
 import pytest
 
-from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
+from dispatcher.core import PROGRESS_EVENT_COST, JobSpec, ResumeInfo, Scheduler, SchedulerConfig
 from dispatcher.effects import Assign, CloseSession, Effect, Persist, Revoke
-from dispatcher.errors import InvalidTransition, NotAssigned, UnknownJob, UnknownMiner
+from dispatcher.errors import (
+    InvalidTransition,
+    NotAssigned,
+    ProgressLimit,
+    UnknownJob,
+    UnknownMiner,
+)
 from dispatcher.jobs import Job, JobState
 from protocol.records import JobRecord
 from protocol.types import CloseCode, JSONObject
@@ -64,6 +70,12 @@ def connect(
         resume_session=resume,
         now=now,
     )
+
+
+def job_of(s: Scheduler, job_id: str) -> Job:
+    job = s.job(job_id)
+    assert job is not None
+    return job
 
 
 def summary(effects: list[Effect]) -> list[tuple[Any, ...]]:
@@ -252,6 +264,49 @@ def test_progress_before_accept_starts_the_job() -> None:
     effects = s.progress("m1", "j1", 1.0, progress=0.1, attempt=1)
     assert summary(effects) == [("persist", "j1", "started"), ("persist", "j1", "progress")]
     assert s.tick(10.0) == []  # accepted: no accept timeout
+
+
+def test_progress_past_the_jobs_budget_is_refused_and_changes_nothing() -> None:
+    """A job stores at most ``max_progress_bytes`` of progress, over all its attempts: each
+    event counts its output and message plus PROGRESS_EVENT_COST (so empty events count too).
+    The event that would pass it is refused before anything changes, even the implied start;
+    the job goes on and its result is taken."""
+    budget = 3 * PROGRESS_EVENT_COST + 10
+    s = make(max_progress_bytes=budget)
+    connect(s, "m1")
+    submit(s, "j1")
+    s.progress("m1", "j1", 1.0, output="12345")  # 69
+    s.progress("m1", "j1", 2.0, message="1234")  # 137
+    with pytest.raises(ProgressLimit, match="MAX_PROGRESS_BYTES"):
+        s.progress("m1", "j1", 3.0, output="1234", message="12")  # 207 > 202
+    assert job_of(s, "j1").seq == 5  # queued, assigned, started, two progress; not the refused one
+    [persist] = s.progress("m1", "j1", 4.0)  # 201: what is left still fits
+    assert isinstance(persist, Persist)
+    with pytest.raises(ProgressLimit):
+        s.progress("m1", "j1", 5.0)
+    job, _effects = s.complete("m1", "j1", {"ok": True}, {}, 6.0)
+    assert job.state is JobState.COMPLETED
+    assert job.seq == 7
+
+
+def test_the_progress_budget_spans_attempts_and_a_refusal_starts_nothing() -> None:
+    """A requeued job keeps what it used (the budget bounds the job's stored events, not one
+    attempt's); a refused progress on an unaccepted job does not start it."""
+    s = make(max_progress_bytes=2 * PROGRESS_EVENT_COST)
+    connect(s, "m1")
+    connect(s, "m2")
+    submit(s, "j1")
+    holder = job_of(s, "j1").miner_id
+    assert holder is not None
+    s.progress(holder, "j1", 1.0, output="x" * PROGRESS_EVENT_COST)
+    s.fail(holder, "j1", error_code="oom", error_message="oom", retryable=True, now=2.0)
+    other = job_of(s, "j1").miner_id
+    assert other is not None
+    assert other != holder
+    with pytest.raises(ProgressLimit):
+        s.progress(other, "j1", 3.0, output="y")
+    assert not job_of(s, "j1").accepted
+    assert summary(s.accept(other, "j1", 4.0)) == [("persist", "j1", "started")]
 
 
 def test_reject_requeues_uncharged_and_other_miners_come_first() -> None:

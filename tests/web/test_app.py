@@ -486,6 +486,43 @@ def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> N
         assert (event["job_id"], event["event"], event["state"]) == (job_id, "expired", "EXPIRED")
 
 
+def test_progress_past_max_progress_bytes_is_an_error_and_the_job_still_completes(
+    tmp_path: Path,
+) -> None:
+    """A miner streaming more progress than MAX_PROGRESS_BYTES allows one job gets `error`
+    `invalid` (with its request id) for each event over it, none of them stored or relayed;
+    its session stays open and its result is taken."""
+    settings = make_settings(tmp_path, max_progress_bytes=1024)
+    with (
+        TestClient(create_app(settings)) as c,
+        client_socket(c) as ws,
+        c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner,
+    ):
+        hello(ws)
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(miner)["type"] == "job.assign"
+        chunk = "t" * 400
+        for n in range(3):
+            miner.send_json(
+                {"type": "job.progress", "id": f"p{n}", "job_id": job_id, "output": chunk}
+            )
+            reply = recv(miner)
+            assert reply["id"] == f"p{n}"
+        assert reply["type"] == "error"
+        assert reply["code"] == "invalid"
+        assert "MAX_PROGRESS_BYTES" in reply["message"]
+        miner.send_json({"type": "job.result", "id": "r", "job_id": job_id, "result": {}})
+        assert recv(miner)["type"] == "ack"
+        events: list[str] = []
+        while not events or events[-1] != "completed":
+            event = recv(ws)
+            if event["type"] == "job.event":
+                events.append(event["event"])
+        assert events == ["queued", "assigned", "started", "progress", "progress", "completed"]
+
+
 # ---- memory -------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ VARIABLES = (
     "RESUME_GRACE_SECONDS",
     "WS_MAX_FRAME_BYTES",
     "TERMINAL_RETENTION_BYTES",
+    "MAX_PROGRESS_BYTES",
     "ENVIRONMENT",
     "STANDBY",
 )
@@ -90,6 +91,7 @@ def test_values_are_parsed() -> None:
             "SQLITE_SYNCHRONOUS": "full",
             "MAX_ATTEMPTS": "5",
             "TERMINAL_RETENTION_BYTES": "1048576",
+            "MAX_PROGRESS_BYTES": "4096",
         }
     )
     assert s.database_path.as_posix() == "data/c.db"
@@ -106,6 +108,7 @@ def test_values_are_parsed() -> None:
     assert s.sqlite_synchronous == "FULL"
     assert s.max_attempts == 5
     assert s.terminal_retention_bytes == 1 << 20
+    assert s.max_progress_bytes == 4096
 
 
 def test_previous_receipt_keys_are_parsed() -> None:
@@ -170,6 +173,7 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
         ({"WS_MAX_FRAME_BYTES": "10"}, "WS_MAX_FRAME_BYTES"),
         ({"TERMINAL_RETENTION_BYTES": "-1"}, "TERMINAL_RETENTION_BYTES"),
+        ({"MAX_PROGRESS_BYTES": "100"}, "MAX_PROGRESS_BYTES"),
         ({"METRICS_PUBLIC": "maybe"}, "METRICS_PUBLIC"),
         ({"STANDBY": "later"}, "STANDBY"),
         (
