@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from typing import TYPE_CHECKING
 
 from protocol.codec import decode_server_to_client, encode
+from protocol.errors import UnknownMessageType
 from protocol.messages import (
     Ack,
     ClientHello,
@@ -98,7 +99,10 @@ class _Followed:
         else:
             await self._resubscribe(ws, self.job_id)
         async for raw in ws:
-            msg = decode_server_to_client(raw)
+            try:
+                msg = decode_server_to_client(raw)
+            except UnknownMessageType:
+                continue  # a newer coordinator's message this client has no use for
             if isinstance(msg, Ack) and msg.id == self.submit.id:
                 self.job_id = str(msg.fields["job"]["job_id"])
                 self.out(f"submitted {self.job_id}")

@@ -3,6 +3,10 @@
 Rule: like the server session, no I/O and no clock. Call a command method (``hello``,
 ``accept``, ``result`` ...), then write ``data_to_send()``; feed every frame received to
 ``receive_data`` and handle ``events_received()``.
+
+A frame of a type this client does not know is skipped and counted (``unknown_types``): a newer
+coordinator may send messages an older miner has no use for, as it ignores unknown fields.
+Any other bad frame raises ``RemoteProtocolError`` with the close code to send.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from itertools import count
 from typing import TYPE_CHECKING
 
 from protocol.codec import decode_server_to_miner, encode
-from protocol.errors import InvalidState
+from protocol.errors import InvalidState, UnknownMessageType
 from protocol.messages import (
     Ack,
     Error,
@@ -62,6 +66,7 @@ class MinerClient:
         self._ids = count(1)
         self._out: list[bytes] = []
         self._events: list[ServerToMiner] = []
+        self.unknown_types = 0  # frames skipped because their type is not known here
 
     def hello(self, *, resume: bool = True) -> None:
         """Queue the hello; with ``resume`` and a known session id, ask to resume it."""
@@ -81,7 +86,11 @@ class MinerClient:
         )
 
     def receive_data(self, data: str | bytes) -> None:
-        msg = decode_server_to_miner(data)
+        try:
+            msg = decode_server_to_miner(data)
+        except UnknownMessageType:
+            self.unknown_types += 1
+            return
         match msg:
             case Welcome():
                 self.welcome = msg

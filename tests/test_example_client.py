@@ -123,3 +123,26 @@ async def test_a_gap_in_the_live_stream_is_filled_by_a_replay(
     events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
     assert [e.seq for e in events] == [1, 2, 3, 4, 5]
     assert [f["type"] for f in socket.sent] == ["hello", "job.submit", "subscribe"]
+
+
+async def test_a_frame_of_a_type_the_client_does_not_know_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newer coordinator may send a type this client does not know: it goes on (it raised,
+    ending the example)."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+        return [
+            orjson.dumps(ack),
+            b'{"type":"quota.notice","left":3}',
+            event(1, "queued"),
+            event(2, "completed"),
+        ]
+
+    monkeypatch.setattr(examples.ws_client, "connect", Scripted(answer))
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert [e.seq for e in events] == [1, 2]

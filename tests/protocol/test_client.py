@@ -290,7 +290,7 @@ def test_wire_frames_are_recorded() -> None:
 
 
 def test_client_rejects_bad_server_frames() -> None:
-    """The client's decoder raises RemoteProtocolError on an invalid or unknown server frame."""
+    """The client's decoder raises RemoteProtocolError on an invalid server frame."""
     client = MinerClient(capabilities={})
     with pytest.raises(RemoteProtocolError):
         client.receive_data(b'{"type":"job.assign","job_id":""}')
@@ -299,9 +299,22 @@ def test_client_rejects_bad_server_frames() -> None:
             b'{"type":"welcome","protocol":1,"session_id":"s","miner_id":"m","resumed":"abc"}'
         )
     with pytest.raises(RemoteProtocolError):
-        client.receive_data(b'{"type":"job.event"}')
+        client.receive_data(b'{"no":"type"}')
     assert client.events_received() == []
     assert client.jobs == {}
+
+
+def test_a_server_frame_of_an_unknown_type_is_skipped_and_counted() -> None:
+    """A type this client does not know (a newer coordinator's, or another socket's) is no
+    error: it is counted in ``unknown_types`` and the session goes on."""
+    pair = connected()
+    client = pair.client
+    client.events_received()
+    client.receive_data(b'{"type":"job.event","job_id":"j"}')
+    client.receive_data(b'{"type":"something.new","x":[1]}')
+    assert client.unknown_types == 2
+    assert client.events_received() == []
+    assert client.welcome is not None
 
 
 def test_untracked_server_message_is_still_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
