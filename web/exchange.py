@@ -200,7 +200,11 @@ class Exchange:
         if not self.watched:
             await self.expire_due()  # no watcher: expiry happens when someone looks
         record = self.pending.get(payment_id)
-        return record if record is not None else await self.store.get_payment(payment_id)
+        if record is None:  # settled: the stored row (one being settled is stored pending)
+            return await self.store.get_payment(payment_id)
+        # The watcher's chain facts (tx_hash, confirmations) are in memory before they are
+        # saved: answer once they are.
+        return await self.dispatcher.committed(record)
 
     async def confirm(self, payment_id: str, match: Match | None) -> PaymentRecord:
         """Mark confirmed and credit once; a confirmed payment is returned unchanged."""

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, running_api
 from tests.web.wallet_helpers import bearer, login
 
@@ -416,6 +416,34 @@ async def test_watcher_confirms_a_paid_xpub_address_once(tmp_path: Path) -> None
         assert (done["status"], done["confirmations"]) == ("confirmed", 1)
         assert await client_balance(api) == "1000.00000000"
         assert sum(api.core.dispatcher.ledger.balances().values()) == 0
+
+
+async def test_a_status_read_shows_the_watchers_chain_facts_once_saved(tmp_path: Path) -> None:
+    """payment-status showed the output the watcher had just seen (tx_hash, confirmations)
+    while the save of it was still being committed (a failed commit then stops the
+    coordinator, and the restarted one never saw it). The read is answered once it is saved."""
+    clock, store = FakeClock(), RecordingStore()
+    async with watched_api(tmp_path, clock, store=store, bitcoin_xpub=XPUB) as (api, fake, http):
+        pid = (await create(api, aitbc_amount=10)).json()["payment_id"]
+        fake.pay(api.core.exchange.pending[pid].address, 10_000)  # in the mempool
+        store.block_commits()
+        read: list[dict[str, Any]] = []
+
+        async def read_status() -> None:
+            read.append((await status(api, pid)).json())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(api.core.watcher.poll_once, http)
+            with anyio.fail_after(5):
+                while not store.waiting:  # noqa: ASYNC110 - bounded poll: the save is held
+                    await anyio.sleep(0.005)
+            tg.start_soon(read_status)
+            await api.settle()
+            assert read == []
+            store.release_commits()
+        assert [(r["status"], r["tx_hash"], r["confirmations"]) for r in read] == [
+            ("pending", TXID, 0)
+        ]
 
 
 async def test_watcher_matches_exact_unique_amounts_on_a_shared_address(tmp_path: Path) -> None:
