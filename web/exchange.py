@@ -152,13 +152,16 @@ class Exchange:
         finally:
             self._settling.pop(record.payment_id, None)
 
-    def check_cap(self, units: int) -> None:
+    async def check_cap(self, units: int) -> None:
         """409 unless ``units`` more AITBC keep within ``MAX_ISSUED`` what is issued
         (``Ledger.issued``) plus what the pending payments would credit: so a payment, once
-        paid, can always be credited. Staged state, read with no await: race-free."""
+        paid, can always be credited. Staged state, read with no await when the check passes:
+        race-free. It counts credits and payments still being committed, so a refusal waits
+        until they are (``before_refusal``: Unavailable should one fail)."""
         pending = sum(p.aitbc_units for p in self.pending.values())
         committed = self.dispatcher.ledger.issued() + pending
         if committed + units > MAX_ISSUED:
+            await self.dispatcher.before_refusal()
             raise HTTPError(
                 409,
                 f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
@@ -168,7 +171,7 @@ class Exchange:
     async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
         if not self.configured:
             raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
-        self.check_cap(aitbc_units)  # refused before anyone pays
+        await self.check_cap(aitbc_units)  # refused before anyone pays
         now = self.clock.now()
         index = None
         if self.book is not None:

@@ -82,7 +82,7 @@ async def credit(call: Call) -> Response:
         raise HTTPError(422, str(exc)) from None
     if amount <= 0:
         raise HTTPError(422, "amount must be positive")
-    call.core.exchange.check_cap(amount)  # pending exchange payments count too
+    await call.core.exchange.check_cap(amount)  # pending exchange payments count too
     movement = Movement(
         key=f"admin:{uuid.uuid4()}",
         src=ADMIN_ACCOUNT,

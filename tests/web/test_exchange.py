@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
 from tests.fakes import FakeClock, RecordingStore
-from tests.web.rest_harness import Api, running_api
+from tests.web.rest_harness import Api, answered_after_commit, running_api
 from tests.web.wallet_helpers import bearer, login
 
 if TYPE_CHECKING:
@@ -796,3 +796,27 @@ async def test_payments_are_refused_before_they_would_pass_the_ledger_cap(tmp_pa
         await api.core.watcher.poll_once(http)
         assert (await status(api, big.json()["payment_id"])).json()["status"] == "expired"
         assert await credit("1") == 200
+
+
+@pytest.mark.parametrize("second", ["create-payment", "credit"])
+async def test_a_cap_refusal_waits_for_the_credit_it_counts(tmp_path: Path, second: str) -> None:
+    """The cap check counts credits not yet committed: a create-payment or admin credit was
+    refused (409) at once on the strength of an admin credit still being committed (a failed
+    commit then stops the coordinator, and that credit never was). The 409 now waits for it."""
+    store = RecordingStore()
+    async with running_api(tmp_path, FakeClock(), store=store, bitcoin_xpub=XPUB) as api:
+        credit = "/v1/admin/accounts/client:c1/credit"
+        r = await api.http.post(credit, json={"amount": "9999000000"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        answers = await answered_after_commit(
+            api,
+            store,
+            ("cap", api.http.post(credit, json={"amount": "1000000"}, headers=ADMIN)),
+            (
+                second,
+                create(api, aitbc_amount=1)
+                if second == "create-payment"
+                else api.http.post(credit, json={"amount": "1"}, headers=ADMIN),
+            ),
+        )
+        assert sorted(answers) == sorted([("cap", 200), (second, 409)])  # after the commit
