@@ -273,6 +273,25 @@ async def test_the_test_miner_can_be_removed_and_stays_removed(tmp_path: Path) -
         assert (await api.admin("/v1/admin/miners"))["items"] == []
 
 
+async def test_a_second_removal_of_the_test_miner_waits_for_the_first(tmp_path: Path) -> None:
+    """A DELETE of the test miner while another's deregistration was still being committed
+    was 404 "not registered" at once (a failed commit then stops the coordinator, and the
+    restarted one still has it registered). The 404 now follows the commit."""
+    store = RecordingStore()
+    admin = {"X-Api-Key": ADMIN_KEY}
+    remove = "/v1/admin/debug/test-miner"
+    async with running_api(tmp_path, FakeClock(), store=store) as api:
+        r = await api.http.post("/v1/admin/debug/create-test-miner", headers=admin)
+        assert r.status_code == 200, r.text
+        answers = await answered_after_commit(
+            api,
+            store,
+            ("first", api.http.delete(remove, headers=admin)),
+            ("second", api.http.delete(remove, headers=admin)),
+        )
+        assert sorted(answers) == [("first", 200), ("second", 404)]
+
+
 async def test_create_test_miner_refuses_an_id_a_real_miner_holds(api: Api) -> None:
     """A miner that registered as debug-test-miner keeps it: 409, and it still polls."""
     assert (await api.register(TEST_MINER)).status_code == 200
