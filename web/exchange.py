@@ -213,8 +213,8 @@ class Exchange:
         """Mark confirmed and credit once; a confirmed payment is returned unchanged."""
         record = self.pending.pop(payment_id, None)
         if record is None:
-            if payment_id in self._settling:
-                raise HTTPError(409, f"payment is being {self._settling[payment_id]}; retry")
+            if payment_id in self._settling:  # confirmed or expired: answer once it is stored
+                await self.dispatcher.before_refusal()
             stored = await self.store.get_payment(payment_id)
             if stored is None:
                 raise HTTPError(404, "Payment not found")
@@ -224,6 +224,7 @@ class Exchange:
         if match is not None and (match.tx_hash, match.vout) != (record.tx_hash, record.tx_vout):
             if (match.tx_hash, match.vout) in self.claimed:
                 self.pending[payment_id] = record
+                await self.dispatcher.before_refusal()  # the claim may still be being saved
                 raise HTTPError(409, "that output already paid a payment")
         confirmed = replace(
             record,

@@ -189,7 +189,7 @@ ENDPOINTS = [
             200: ("confirmed (again: unchanged, no second credit)", "Payment"),
             403: ("not an admin credential", "Error"),
             404: ("Payment not found", "Error"),
-            409: ("expired / output already used / confirmation in flight", "Error"),
+            409: ("expired / output already used", "Error"),
             **_auth,
         },
     ),

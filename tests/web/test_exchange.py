@@ -820,3 +820,26 @@ async def test_a_cap_refusal_waits_for_the_credit_it_counts(tmp_path: Path, seco
             ),
         )
         assert sorted(answers) == sorted([("cap", 200), (second, 409)])  # after the commit
+
+
+async def test_admin_confirms_in_flight_are_answered_once_committed(tmp_path: Path) -> None:
+    """While an admin confirmation was being committed, a second confirmation of the payment
+    was 409 "being confirmed" and one of another payment with the same output 409 "already
+    paid" at once (a failed commit then stops the coordinator, and neither was). Now the
+    repeat is answered as the committed payment (200, unchanged, no second credit) and the
+    refusal once the confirmation it was decided on is committed."""
+    store = RecordingStore()
+    async with running_api(tmp_path, FakeClock(), store=store, bitcoin_xpub=XPUB) as api:
+        a = (await create(api, aitbc_amount=10)).json()["payment_id"]
+        b = (await create(api, aitbc_amount=10)).json()["payment_id"]
+
+        def confirm(pid: str) -> Any:
+            url = f"/v1/admin/payments/{pid}/confirm"
+            return api.http.post(url, json={"tx_hash": TXID}, headers=ADMIN)
+
+        answers = await answered_after_commit(
+            api, store, ("a", confirm(a)), ("again", confirm(a)), ("b", confirm(b))
+        )
+        assert sorted(answers) == [("a", 200), ("again", 200), ("b", 409)]
+        assert await client_balance(api) == "10.00000000"
+        assert (await status(api, b)).json()["status"] == "pending"
