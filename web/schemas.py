@@ -1,16 +1,17 @@
-"""Request/response schemas as JSON Schema (OpenAPI 3.1) plus the small validator that uses them.
+"""Request/response schemas as JSON Schema (OpenAPI 3.1), checked by ``protocol.schema``.
 
 Rule: one definition per shape. The same dicts validate request bodies and are published in
-``/openapi.json``, so the documentation cannot drift from what the server accepts.
+``/openapi.json``, so the documentation cannot drift from what the server accepts. Shapes the
+client socket checks too (a job's constraints) live in ``protocol.schema``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ASSIGNED_CONSTRAINT_KEYS", "SCHEMAS", "ValidationFailed", "validate"]
+from protocol.schema import CONSTRAINTS, Schema, ValidationFailed, validate as check
 
-Schema = dict[str, Any]
+__all__ = ["ASSIGNED_CONSTRAINT_KEYS", "SCHEMAS", "ValidationFailed", "validate"]
 
 _str = {"type": "string"}
 _num = {"type": "number"}
@@ -262,24 +263,6 @@ ASSIGNED_CONSTRAINT_KEYS = (
     "required_enclave_measurement",
     "auto_reinvest_pct",
 )
-
-CONSTRAINTS: Schema = {
-    "type": "object",
-    "description": "Matching constraints (rest-api §3.3); unknown keys are kept and ignored.",
-    "properties": {
-        "gpu": {**_str, "maxLength": 256, "description": "exact name in capabilities.gpus[].name"},
-        "cuda": {**_str, "maxLength": 64, "description": "substring of capabilities.cuda"},
-        "min_vram_gb": {**_num, "minimum": 0, "maximum": 1e6},
-        "models": {"type": "array", "items": {**_str, "maxLength": 256}, "maxItems": 256},
-        "region": {**_str, "maxLength": 128},
-        "max_price": {**_num, "minimum": 0},
-        "min_reputation": {**_num, "description": "accepted, not enforced (no reputation yet)"},
-        "bond_required": {
-            "type": "boolean",
-            "description": "accepted, not enforced (no miner bonds yet)",
-        },
-    },
-}
 
 SCHEMAS: dict[str, Schema] = {
     "Constraints": CONSTRAINTS,
@@ -539,8 +522,8 @@ SCHEMAS: dict[str, Schema] = {
             "payload": _obj,
             "constraints": {
                 **_obj,
-                # Not Constraints: its keys come back null when the job gave none, and a job
-                # submitted over the socket may give any JSON value (protocol.md).
+                # Not Constraints: its keys come back null when the job gave none (and a job
+                # the socket took before it checked constraints may hold any JSON value).
                 "required": list(ASSIGNED_CONSTRAINT_KEYS),
                 "description": "every Constraints key and upstream's escrow extras "
                 f"({', '.join(ASSIGNED_CONSTRAINT_KEYS)}): the job's own value, else null "
@@ -818,109 +801,7 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
-class ValidationFailed(Exception):
-    """A request body or parameter broke its schema; ``message`` names the field."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-_TYPES: dict[str, Any] = {
-    "object": dict,
-    "array": list,
-    "string": str,
-    "integer": int,
-    "number": (int, float),
-    "boolean": bool,
-    "null": type(None),
-}
-
-
-def _type_ok(value: Any, names: str | list[str]) -> bool:
-    for name in [names] if isinstance(names, str) else names:
-        if name in ("integer", "number") and isinstance(value, bool):
-            continue
-        if isinstance(value, _TYPES[name]) or (name == "integer" and _integral(value)):
-            return True
-    return False
-
-
-def _integral(value: Any) -> bool:
-    """A float with no fraction, e.g. ``120.0``: an "integer" to JSON Schema (and to upstream's
-    pydantic); ``_validate_object`` hands it on as an int."""
-    return isinstance(value, float) and value.is_integer()
-
-
-def _resolve(schema: Schema) -> Schema:
-    ref = schema.get("$ref")
-    return SCHEMAS[ref.rsplit("/", 1)[1]] if ref else schema
-
-
 def validate(schema: Schema, value: Any, where: str = "body") -> None:
-    """Raise ValidationFailed at the first violation (a subset of JSON Schema: enough here)."""
-    schema = _resolve(schema)
-    if "oneOf" in schema:
-        for option in schema["oneOf"]:
-            try:
-                validate(option, value, where)
-                return
-            except ValidationFailed:
-                continue
-        raise ValidationFailed(f"{where} has an invalid value")
-    if "type" in schema and not _type_ok(value, schema["type"]):
-        names = schema["type"]
-        expected = names if isinstance(names, str) else " or ".join(names)
-        raise ValidationFailed(f"{where} must be {expected}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ValidationFailed(f"{where} must be one of {', '.join(map(str, schema['enum']))}")
-    if isinstance(value, dict):
-        _validate_object(schema, value, where)
-    elif isinstance(value, list):
-        _validate_array(schema, value, where)
-    else:
-        _validate_scalar(schema, value, where)
-
-
-def _validate_scalar(schema: Schema, value: Any, where: str) -> None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise ValidationFailed(f"{where} must be at least {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise ValidationFailed(f"{where} must be at most {schema['maximum']}")
-    if isinstance(value, str) and len(value) > schema.get("maxLength", len(value)):
-        raise ValidationFailed(f"{where} is longer than {schema['maxLength']} characters")
-
-
-def _validate_array(schema: Schema, value: list[Any], where: str) -> None:
-    if len(value) > schema.get("maxItems", len(value)):
-        raise ValidationFailed(f"{where} has more than {schema['maxItems']} items")
-    if "items" in schema:
-        for n, item in enumerate(value):
-            validate(schema["items"], item, f"{where}[{n}]")
-
-
-def _validate_object(schema: Schema, value: dict[str, Any], where: str) -> None:
-    required = schema.get("required", ())
-    for key in required:
-        if key not in value:
-            raise ValidationFailed(f"{where}.{key} is required")
-    for key, sub in schema.get("properties", {}).items():
-        if key not in value:
-            continue
-        if value[key] is None and key not in required and _nullable_ok(sub):
-            continue  # optional fields may be null (upstream clients send nulls)
-        validate(sub, value[key], f"{where}.{key}")
-        if _integral(value[key]) and "integer" in _types(_resolve(sub)):
-            value[key] = int(value[key])  # handlers read integers as ints
-
-
-def _types(schema: Schema) -> list[str]:
-    names = schema.get("type", [])
-    return [names] if isinstance(names, str) else list(names)
-
-
-def _nullable_ok(schema: Schema) -> bool:
-    """Optional fields may be null unless their schema says otherwise (upstream sends nulls)."""
-    schema = _resolve(schema)
-    return schema.get("type") != "object" or "properties" not in schema
+    """Raise ValidationFailed at the first violation (``protocol.schema.validate``, with this
+    module's schemas as the ones a ``$ref`` names)."""
+    check(schema, value, where, SCHEMAS)

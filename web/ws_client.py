@@ -24,6 +24,7 @@ from protocol.messages import (
     Subscribe,
     Unsubscribe,
 )
+from protocol.schema import constraints_refusal
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
@@ -111,9 +112,14 @@ class ClientConnection(Connection):
                 self._refused(msg, exc)
 
     def _spec(self, msg: JobSubmit) -> JobSpec | None:
-        """The scheduler's spec of a submit, or None after answering a bad payment."""
+        """The scheduler's spec of a submit, or None after answering constraints that break
+        their schema (REST's 422, by the same validator) or a bad payment."""
         assert self.subscriber is not None
         assert self.principal is not None
+        refusal = constraints_refusal(msg.constraints)
+        if refusal is not None:
+            self.error(ErrorCode.INVALID, refusal, request_id=msg.id, ref="job.submit")
+            return None
         try:
             payment = job_payment(self.core.settings, self.principal, msg.payment_amount, "AITBC")
         except ValueError as exc:

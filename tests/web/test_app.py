@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from storage.memory import InMemoryJobStore
@@ -597,3 +598,89 @@ def test_a_job_whose_assign_frame_would_pass_the_frame_limit_is_refused(
         assert json.loads(assign)["job_id"] == ack["job"]["job_id"]
         assert len(assign.encode()) <= limit
         assert len(c.app.state.core.dispatcher.scheduler.jobs) == 1  # type: ignore[attr-defined]
+
+
+# ---- one validator for both paths ----------------------------------------------------------
+
+BAD_CONSTRAINTS: list[tuple[dict[str, Any], str]] = [
+    ({"gpu": 5}, "constraints.gpu must be string"),
+    ({"gpu": ["A100"]}, "constraints.gpu must be string"),
+    ({"cuda": 12.1}, "constraints.cuda must be string"),
+    ({"region": {"eu": True}}, "constraints.region must be string"),
+    ({"models": "llama"}, "constraints.models must be array"),
+    ({"models": ["llama", 3]}, "constraints.models[1] must be string"),
+    ({"min_vram_gb": "16"}, "constraints.min_vram_gb must be number"),
+    ({"min_vram_gb": -1}, "constraints.min_vram_gb must be at least 0"),
+    ({"max_price": -0.5}, "constraints.max_price must be at least 0"),
+    ({"max_price": True}, "constraints.max_price must be number"),
+    ({"bond_required": "yes"}, "constraints.bond_required must be boolean"),
+]
+
+
+@pytest.mark.parametrize(("constraints", "message"), BAD_CONSTRAINTS)
+def test_a_submit_with_constraints_rest_refuses_is_refused_on_the_socket(
+    client: TestClient, constraints: dict[str, Any], message: str
+) -> None:
+    """The socket took any constraints document REST refuses with 422 (found by the input
+    hunt): ``{"models": "llama"}`` matched every miner, ``{"gpu": 5}`` reached REST miners'
+    polls as a number. The socket answers ``error invalid`` naming the field as REST's 422
+    does; nothing is stored and the socket stays open."""
+    body = {"payload": {"prompt": "hi"}, "constraints": constraints}
+    r = client.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+    assert (r.status_code, r.json()["detail"]) == (422, f"body.{message}")
+    with client_socket(client) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.submit", "id": "s1", **body})
+        err = recv(ws)
+        assert (err["type"], err["id"], err["code"]) == ("error", "s1", "invalid")
+        assert err["message"] == message
+        ws.send_json({"type": "job.submit", **body})  # without an id: the error names the type
+        err = recv(ws)
+        assert (err["type"], err["code"], err["ref"]) == ("error", "invalid", "job.submit")
+        assert client.app.state.core.dispatcher.scheduler.jobs == {}
+        assert submit(ws, "s2", constraints={"gpu": "A100", "min_vram_gb": 16})["job"]
+
+
+_json_leaf = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=3)
+_json_any = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3), max_leaves=4)
+_constraint_values = st.dictionaries(
+    st.sampled_from(
+        [
+            "gpu",
+            "cuda",
+            "min_vram_gb",
+            "models",
+            "region",
+            "max_price",
+            "min_reputation",
+            "bond_required",
+            "other",
+        ]
+    ),
+    _json_any | st.lists(st.text(max_size=3), max_size=3),
+    max_size=3,
+)
+
+
+def test_rest_and_the_socket_take_the_same_constraints(tmp_path: Path) -> None:
+    """Any constraints document: REST takes it (201) exactly when the socket acks it."""
+    with TestClient(create_app(make_settings(tmp_path))) as c, client_socket(c) as ws:
+        hello(ws)
+        n = 0
+
+        @settings(max_examples=60, deadline=None)
+        @given(constraints=_constraint_values)
+        def check(constraints: dict[str, Any]) -> None:
+            nonlocal n
+            n += 1
+            body = {"payload": {}, "constraints": constraints}
+            r = c.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+            assert r.status_code in (201, 422), r.text
+            ws.send_json({"type": "job.submit", "id": f"s{n}", **body})
+            reply = recv(ws)
+            while reply["type"] == "job.event":
+                reply = recv(ws)
+            assert reply["id"] == f"s{n}"
+            assert (reply["type"] == "ack") == (r.status_code == 201), (constraints, reply, r.text)
+
+        check()
