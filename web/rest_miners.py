@@ -382,7 +382,8 @@ async def _fail(
     attempt: int | None = None,
 ) -> None:
     """Report a failure of a job this miner holds; a repeat of the report that already failed
-    it (a retry after a lost answer) is answered as the first one was."""
+    it (a retry after a lost answer; of that attempt, when it names one, as for a result) is
+    answered as the first one was."""
     miner_id = miner_id_for(call)
     try:
         await call.core.dispatcher.rest_fail(
@@ -390,7 +391,12 @@ async def _fail(
         )
     except (UnknownJob, NotAssigned):
         rec = await _refused_as(call, job_id)
-        if rec.state == "FAILED" and rec.miner_id == miner_id and rec.error == message:
+        if (
+            rec.state == "FAILED"
+            and rec.miner_id == miner_id
+            and rec.error == message
+            and attempt in (None, rec.attempt)
+        ):
             return
         raise _not_held(rec, miner_id, attempt) from None
 

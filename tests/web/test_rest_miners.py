@@ -1122,3 +1122,44 @@ async def test_a_late_result_of_an_earlier_attempt_is_refused_after_the_job_left
         again = await api.result(job["job_id"], attempt=2)  # the accepted one's retry
         assert again.json()["receipt"] == done.json()["receipt"]
         assert (await api.result(job["job_id"])).json()["receipt"] == done.json()["receipt"]
+
+
+@pytest.mark.parametrize("route", ["/v1/miners/{job}/fail", "/v1/miners/{job}/result"])
+async def test_a_repeated_failure_report_of_an_earlier_attempt_is_refused(
+    tmp_path: Path, route: str
+) -> None:
+    """A failure report that repeats the one that failed the job is answered 200 as the first
+    was (a retry after a lost answer), but the attempt it named was not compared: attempt 1's
+    late report, with the message attempt 2 failed with, got 200 although attempt 1 was over
+    (found by the input hunt; a late result of attempt 1 is a 409). It is refused 409, in
+    memory and once the job left it; the report of attempt 2 is still answered 200."""
+    clock = FakeClock()
+    settings: dict[str, Any] = {"rest_job_lease_seconds": 10.0, "terminal_retention_bytes": 1}
+    async with running_api(tmp_path, clock=clock, **settings) as api:
+        job = await started(api)
+        clock.advance(11)
+        await api.settle()
+        assert (await api.poll("m1")).json()["attempt"] == 2
+
+        async def report(attempt: int | None) -> httpx.Response:
+            path = route.format(job=job["job_id"])
+            if route.endswith("/fail"):
+                body: dict[str, Any] = {"error_code": "E1", "error_message": "boom"}
+            else:
+                body = {"result": {"status": "failed", "error": "boom"}}
+            if attempt is not None:
+                body["attempt"] = attempt
+            return await api.http.post(path, json=body, headers=miner_headers("m1"))
+
+        assert (await report(2)).status_code == 200
+        for left_memory in (False, True):
+            if left_memory:
+                other = await started(api)  # another job ends: the first one leaves memory
+                assert (await api.result(other["job_id"])).status_code == 200
+                assert job["job_id"] not in api.core.dispatcher.scheduler.jobs
+            late = await report(1)
+            assert (late.status_code, late.json()) == (409, {"detail": "job is FAILED"})
+            assert (await report(2)).status_code == 200  # the accepted report's retry
+            assert (await report(None)).status_code == 200
+        failed = await api.job(job["job_id"])
+        assert (failed["state"], failed["attempt"], failed["error"]) == ("FAILED", 2, "boom")
