@@ -477,6 +477,7 @@ _CLIENT: dict[str, _Decoder] = {
         priority=_int(d, "priority", 0, lo=-1000, hi=1000),
         idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
         payment_amount=_opt_amount(d, "payment_amount"),
+        payment_currency=_opt_str(d, "payment_currency", max_len=16),
         id=i,
         size=n,
     ),

@@ -210,6 +210,7 @@ class JobSubmit:
     priority: int = 0
     idempotency_key: str | None = None
     payment_amount: str | None = None  # decimal text; billed only with BILLING=on
+    payment_currency: str | None = None  # "AITBC" (the default) is the only one taken
     id: str | None = None
     size: int = _size()  # not sent: the frame's length as received (0 when built here)
 

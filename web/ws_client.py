@@ -121,7 +121,9 @@ class ClientConnection(Connection):
             self.error(ErrorCode.INVALID, refusal, request_id=msg.id, ref="job.submit")
             return None
         try:
-            payment = job_payment(self.core.settings, self.principal, msg.payment_amount, "AITBC")
+            payment = job_payment(
+                self.core.settings, self.principal, msg.payment_amount, msg.payment_currency
+            )
         except ValueError as exc:
             self.error(ErrorCode.INVALID, str(exc), request_id=msg.id, ref="job.submit")
             return None

@@ -213,6 +213,8 @@ CLIENT_TO_SERVER: list[Any] = [
             "ttl_seconds": 60,
             "priority": -5,
             "idempotency_key": "k1",
+            "payment_amount": "1.5",
+            "payment_currency": "AITBC",
         },
         JobSubmit(
             payload={"prompt": "hi"},
@@ -220,6 +222,8 @@ CLIENT_TO_SERVER: list[Any] = [
             ttl_seconds=60,
             priority=-5,
             idempotency_key="k1",
+            payment_amount="1.5",
+            payment_currency="AITBC",
             id="c1",
         ),
         id="submit-full",
@@ -753,6 +757,16 @@ INVALID: list[Any] = [
     ),
     pytest.param(
         decode_client_frame, _obj(type="job.submit", payload={}, priority=1001), id="priority-high"
+    ),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="job.submit", payload={}, payment_currency=1),
+        id="currency-int",
+    ),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="job.submit", payload={}, payment_currency="A" * 17),
+        id="currency-long",
     ),
     pytest.param(
         decode_client_frame, _obj(type="job.submit", payload={}, priority=False), id="priority-bool"

@@ -459,3 +459,36 @@ async def test_a_balance_read_while_a_reservation_commits_waits_for_it(
             ("read", api.http.get(path, headers=headers)),
         )
         assert answers == [("submit", 201), ("read", 200)]
+
+
+def test_a_socket_submission_in_another_currency_is_refused_as_on_rest(tmp_path: Path) -> None:
+    """REST refuses a payment_currency other than AITBC (422); the socket ignored the field and
+    reserved the amount in AITBC: a client paying 1 BTC was charged 1 AITBC (found by the input
+    hunt). The socket reads payment_currency as REST does: error invalid, nothing reserved."""
+    from tests.conftest import make_settings
+    from tests.web.test_app import TestClient, client_socket, hello, recv
+    from web.app import create_app
+
+    app = create_app(make_settings(tmp_path, billing=True))
+    with TestClient(app) as c:
+        client_id = app.state.core.auth.from_token(CLIENT_KEY).id
+        r = c.post(
+            f"/v1/admin/accounts/client:{client_id}/credit", json={"amount": "5"}, headers=ADMIN
+        )
+        assert r.status_code == 200
+        body = {"payload": {}, "payment_amount": 1, "payment_currency": "BTC"}
+        r = c.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+        detail = "payment_currency: only AITBC is accepted"
+        assert (r.status_code, r.json()["detail"]) == (422, detail)
+        with client_socket(c) as ws:
+            hello(ws)
+            ws.send_json({"type": "job.submit", "id": "s1", **body})
+            error = recv(ws)
+            assert (error["type"], error["code"], error["id"]) == ("error", "invalid", "s1")
+            assert error["message"] == detail
+            ack_body = {**body, "payment_currency": "AITBC"}
+            ws.send_json({"type": "job.submit", "id": "s3", **ack_body})
+            ack = recv(ws)
+            assert (ack["type"], ack["job"]["payment_amount"]) == ("ack", "1.00000000")
+        r = c.get(f"/v1/admin/accounts/client:{client_id}", headers=ADMIN)
+        assert r.json()["balance"] == "4.00000000"
