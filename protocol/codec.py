@@ -50,6 +50,7 @@ __all__ = [
     "DEPTH_REFUSED",
     "MAX_DEPTH",
     "CONTROL_CHARACTERS",
+    "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
     "MAX_SEQ",
     "NUL_REFUSED",
@@ -365,8 +366,15 @@ def _opt_obj(d: JSONObject, key: str) -> JSONObject | None:
     return None if d.get(key) is None else _obj(d, key)
 
 
+MAX_SEQ = 2**62  # event numbers fit the stores' 64-bit integers
+# Every assignment is an attempt (rejects, accept timeouts and REST polls gone too, uncharged),
+# and writes one event: a job's attempt never passes its event count, bounded as seq is. A
+# fleet refusing a week-long job passes a million attempts in days.
+MAX_ATTEMPT = MAX_SEQ
+
+
 def _attempt(d: JSONObject) -> int | None:
-    return _opt_int(d, "attempt", lo=0, hi=1_000_000)
+    return _opt_int(d, "attempt", lo=0, hi=MAX_ATTEMPT)
 
 
 def _job_ids(d: JSONObject, key: str) -> tuple[str, ...] | Literal["all"]:
@@ -389,9 +397,6 @@ def _id_list(d: JSONObject, key: str) -> tuple[str, ...]:
     ):
         raise _bad(key, "must be a list of job id strings")
     return tuple(v)
-
-
-MAX_SEQ = 2**62  # event numbers fit the stores' 64-bit integers
 
 
 def _after(d: JSONObject) -> dict[str, int]:
@@ -498,7 +503,7 @@ _SERVER_TO_MINER: dict[str, _Decoder] = {
     ),
     "job.assign": lambda d, i, n: JobAssign(
         job_id=_job_id(d),
-        attempt=_int(d, "attempt", lo=0, hi=1_000_000),
+        attempt=_int(d, "attempt", lo=0, hi=MAX_ATTEMPT),
         payload=_obj(d, "payload"),
         constraints=_obj(d, "constraints"),
         expires_at=_str(d, "expires_at"),
@@ -518,7 +523,7 @@ _SERVER_TO_CLIENT: dict[str, _Decoder] = {
         event=_str(d, "event"),
         state=_str(d, "state"),
         at=_str(d, "at"),
-        attempt=_int(d, "attempt", 0, lo=0, hi=1_000_000),
+        attempt=_int(d, "attempt", 0, lo=0, hi=MAX_ATTEMPT),
         miner_id=_opt_str(d, "miner_id"),
         data={k: v for k, v in d.items() if k not in _EVENT_KEYS},
     ),
@@ -721,12 +726,13 @@ def encode_assign(
 
 
 # What a job.assign frame holds besides its payload and constraints, at most (a 32-digit job
-# id, a billion attempts, an accept timeout as long as a float is written), and the most bytes
+# id, MAX_ATTEMPT attempts, an accept timeout as long as a float is written), and the most bytes
 # a value can take when written again per byte (or character) of the text it was read from:
 # orjson writes 1e15 (4 characters) as 1000000000000000.0 (18).
 _LONGEST_FLOAT = -2.2250738585072014e-308
 _ASSIGN_OVERHEAD = (
-    len(encode_assign("0" * 32, 10**9, {}, {}, "2026-11-26T03:00:00.123Z", _LONGEST_FLOAT)) - 4
+    len(encode_assign("0" * 32, MAX_ATTEMPT, {}, {}, "2026-11-26T03:00:00.123Z", _LONGEST_FLOAT))
+    - 4
 )
 _REWRITTEN_GROWTH = 5
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from protocol.codec import MAX_ATTEMPT
 from protocol.schema import CONSTRAINTS, Schema, ValidationFailed, validate as check
 
 __all__ = ["ASSIGNED_CONSTRAINT_KEYS", "SCHEMAS", "ValidationFailed", "validate"]
@@ -20,7 +21,7 @@ _obj = {"type": "object"}
 _report_attempt = {
     "type": "integer",
     "minimum": 1,
-    "maximum": 1000000,
+    "maximum": MAX_ATTEMPT,
     "description": "ours, optional: the attempt the poll answer named; a report of another "
     "attempt is refused 409",
 }

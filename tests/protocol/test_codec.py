@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from protocol import codec
 from protocol.codec import (
+    MAX_ATTEMPT,
     MAX_ID_LENGTH,
     assign_fits,
     decode_client_frame,
@@ -717,9 +718,13 @@ INVALID: list[Any] = [
     ),
     pytest.param(
         decode_miner_frame,
-        _obj(type="job.fail", job_id="j", error_code="e", error_message="m", attempt=10**7),
+        _obj(type="job.fail", job_id="j", error_code="e", error_message="m", attempt=2**62 + 1),
         id="fail-attempt-huge",
     ),
+    pytest.param(
+        decode_server_to_miner, {**ASSIGN, "attempt": 2**62 + 1}, id="assign-attempt-huge"
+    ),
+    pytest.param(decode_server_to_client, {**EVENT, "attempt": 2**62 + 1}, id="event-attempt-huge"),
     # job ids
     pytest.param(decode_miner_frame, _obj(type="job.accept"), id="job-id-missing"),
     pytest.param(decode_miner_frame, _obj(type="job.accept", job_id=""), id="job-id-empty"),
@@ -1316,3 +1321,23 @@ def test_integer_fields_take_numbers_without_a_fraction() -> None:
             orjson.dumps({"type": "job.submit", "id": "s", "payload": {}, "ttl_seconds": 120.5})
         )
     assert info.value.close_code == CloseCode.INVALID_DATA
+
+
+def test_attempts_past_a_million_are_read_on_both_sides() -> None:
+    """Every assignment is an attempt (rejects and accept timeouts too): a long-lived job passes
+    1,000,000, and a miner answering its job.assign with that attempt was closed 1007 (found by
+    the input hunt). Attempts go up to MAX_ATTEMPT, as seq; the client side reads them too."""
+    attempt = 1_000_001
+    accept = decode_miner_frame(orjson.dumps(_obj(type="job.accept", job_id="j", attempt=attempt)))
+    assert isinstance(accept, JobAccept)
+    assert accept.attempt == attempt
+    assign = decode_server_to_miner(orjson.dumps({**ASSIGN, "attempt": MAX_ATTEMPT}))
+    assert isinstance(assign, JobAssign)
+    assert assign.attempt == MAX_ATTEMPT
+    event = decode_server_to_client(orjson.dumps({**EVENT, "attempt": attempt}))
+    assert isinstance(event, JobEvent)
+    assert event.attempt == attempt
+    frame = encode_assign(
+        "0" * 32, MAX_ATTEMPT, {}, {}, "2026-11-26T03:00:00.123Z", -2.2250738585072014e-308
+    )
+    assert assign_fits({}, {}, len(frame), read=0)

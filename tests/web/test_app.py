@@ -684,3 +684,32 @@ def test_rest_and_the_socket_take_the_same_constraints(tmp_path: Path) -> None:
             assert (reply["type"] == "ack") == (r.status_code == 201), (constraints, reply, r.text)
 
         check()
+
+
+def test_a_job_assigned_more_than_a_million_times_can_still_be_run(client: TestClient) -> None:
+    """Every assignment is an attempt number, rejects and accept timeouts too (uncharged): a job
+    with a 7-day TTL that a fleet of 1,000 miners keeps refusing (each at most every 5 minutes)
+    passes attempt 1,000,000 in about 3.5 days. Frames naming such an attempt broke the codec's
+    bound (found by the input hunt): every miner that answered its job.assign with the attempt
+    (as protocol.client does) was closed 1007 and, the job requeued at once without a pause,
+    the next one too. An attempt is bounded by the job's event count (each assignment writes
+    one event), as seq is."""
+    with client_socket(client) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+    client.app.state.core.dispatcher.scheduler.jobs[job_id].attempt = 1_000_000
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        assign = recv(miner)
+        assert (assign["type"], assign["job_id"], assign["attempt"]) == (
+            "job.assign",
+            job_id,
+            1_000_001,
+        )
+        miner.send_json({"type": "job.accept", "id": "a", "job_id": job_id, "attempt": 1_000_001})
+        assert recv(miner) == {"type": "ack", "id": "a"}
+        done = {"type": "job.result", "id": "r", "job_id": job_id, "result": {"ok": True}}
+        miner.send_json({**done, "attempt": 1_000_001})
+        ack = recv(miner)
+        assert (ack["type"], ack["receipt"]["attempt"]) == ("ack", 1_000_001)

@@ -1163,3 +1163,19 @@ async def test_a_repeated_failure_report_of_an_earlier_attempt_is_refused(
             assert (await report(None)).status_code == 200
         failed = await api.job(job["job_id"])
         assert (failed["state"], failed["attempt"], failed["error"]) == ("FAILED", 2, "boom")
+
+
+async def test_a_report_may_name_an_attempt_past_a_million(api: Api) -> None:
+    """Every assignment is an attempt number (rejects, accept timeouts and polls gone too): a
+    long-lived job can pass 1,000,000, and a REST miner naming the attempt its poll answer gave
+    was refused 422 (found by the input hunt). Bounded as the socket bounds it (2**62)."""
+    assert (await api.register("m1")).status_code == 200
+    job = await api.submit()
+    api.core.dispatcher.scheduler.jobs[job["job_id"]].attempt = 1_000_000
+    polled = (await api.poll("m1")).json()
+    assert (polled["job_id"], polled["attempt"]) == (job["job_id"], 1_000_001)
+    r = await api.result(job["job_id"], attempt=1_000_001)
+    assert r.status_code == 200, r.text
+    assert r.json()["receipt"]["attempt"] == 1_000_001
+    r = await api.result(job["job_id"], attempt=2**62 + 1)
+    assert r.status_code == 422
