@@ -296,10 +296,15 @@ def _job_id(d: JSONObject) -> str:
 
 
 def _miner_id(d: JSONObject) -> str | None:
+    """Stripped, as REST strips ``X-Miner-ID``: one id names one miner on both paths (blank:
+    none, so the key's derived id)."""
     v = _opt_str(d, "miner_id", max_len=128)
-    if v is not None and has_control_character(v):
+    if v is None:
+        return None
+    v = v.strip()
+    if has_control_character(v):
         raise _bad("miner_id", "must not contain control characters")
-    return v
+    return v or None
 
 
 # A hello's protocol may be any integer: one other than ours closes 4002 (unsupported version)

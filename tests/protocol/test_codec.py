@@ -642,7 +642,7 @@ INVALID: list[Any] = [
         decode_miner_frame, _obj(type="hello", protocol=1, miner_id="a\x7f"), id="miner-id-del"
     ),
     pytest.param(
-        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="\x85a"), id="miner-id-c1"
+        decode_miner_frame, _obj(type="hello", protocol=1, miner_id="a\x85b"), id="miner-id-c1"
     ),
     pytest.param(
         decode_miner_frame, _obj(type="hello", protocol=1, region=["eu"]), id="region-list"
@@ -932,17 +932,29 @@ def test_invalid_fields_close_1007(decoder: Decoder, frame: dict[str, Any] | byt
 
 @given(st.text(max_size=128))
 def test_a_hello_miner_id_is_any_text_without_control_characters(miner_id: str) -> None:
-    """The id a hello names is accepted exactly when the admin account route would take its
-    ``miner:`` account (no C0, DEL or C1 character): else 1007, naming the field (NUL is
-    refused in any string before that)."""
+    """The id a hello names, stripped as REST strips X-Miner-ID, is accepted exactly when the
+    admin account route would take its ``miner:`` account (no C0, DEL or C1 character): else
+    1007, naming the field (NUL is refused in any string before that). A blank one is none."""
     data = orjson.dumps(_obj(type="hello", protocol=1, miner_id=miner_id))
-    if any(c <= "\x1f" or "\x7f" <= c <= "\x9f" for c in miner_id):
-        assert has_control_character(miner_id)
+    stripped = miner_id.strip()
+    if "\x00" in miner_id or any(c <= "\x1f" or "\x7f" <= c <= "\x9f" for c in stripped):
         with pytest.raises(RemoteProtocolError, match=r"'miner_id' must not contain control|NUL"):
             decode_miner_frame(data)
     else:
-        assert not has_control_character(miner_id)
-        assert decode_miner_frame(data).miner_id == miner_id
+        assert not has_control_character(stripped)
+        assert decode_miner_frame(data).miner_id == (stripped or None)
+
+
+@pytest.mark.parametrize(
+    ("given", "read"), [(" gpu-1 ", "gpu-1"), ("\u00a0gpu\t", "gpu"), ("   ", None), ("", None)]
+)
+def test_a_hello_miner_id_is_stripped_as_rest_strips_x_miner_id(
+    given: str, read: str | None
+) -> None:
+    """Spaces around the id are not part of it (REST's X-Miner-ID could never name such a
+    miner); a blank id is none, so the miner gets its key's derived id."""
+    data = orjson.dumps(_obj(type="hello", protocol=1, miner_id=given))
+    assert decode_miner_frame(data).miner_id == read
 
 
 MALFORMED: list[Any] = [
