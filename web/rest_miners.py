@@ -12,6 +12,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import orjson
 from starlette.responses import Response
 
 from dispatcher.errors import DispatchError, NotAssigned, UnknownJob, UnknownMiner
@@ -22,6 +23,7 @@ from protocol.types import parse_instant
 from web.auth import Role
 from web.http import ALREADY_SENT, Call, Endpoint, HTTPError, Param, json_response
 from web.rest_jobs import JOB_PAGE, job_page, state_filter
+from web.schemas import MAX_ERROR_MESSAGE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -326,14 +328,23 @@ def _not_held(rec: JobRecord, miner_id: str, attempt: int | None) -> HTTPError:
     return HTTPError(409, "job is not assigned to this miner")
 
 
+def failure_message(error: object) -> str:
+    """The error of a ``result.status == "failed"`` report as stored: text as given, anything
+    else as JSON, cut to what ``/fail`` takes (65,536 characters), so that a report of any
+    size is taken, and the same report again compares equal (a retry)."""
+    if error is None:
+        return "job failed"
+    text = error if isinstance(error, str) else orjson.dumps(error).decode()
+    return text[:MAX_ERROR_MESSAGE]
+
+
 async def _submit_result(
     call: Call, job_id: str, result: JSONObject, metrics: JSONObject, attempt: int | None = None
 ) -> Response:
     miner_id = miner_id_for(call)
     dispatcher = call.core.dispatcher
     if result.get("status") == "failed":  # the production miner reports failures here
-        error = result.get("error")
-        message = "job failed" if error is None else str(error)
+        message = failure_message(result.get("error"))
         await _fail(call, job_id, "failed", message, attempt=attempt)
         return json_response({"status": "ok", "receipt": None})
     try:

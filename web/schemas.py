@@ -12,7 +12,16 @@ from typing import Any
 from protocol.codec import MAX_ATTEMPT
 from protocol.schema import CONSTRAINTS, Schema, ValidationFailed, validate as check
 
-__all__ = ["ASSIGNED_CONSTRAINT_KEYS", "SCHEMAS", "ValidationFailed", "validate"]
+# The longest failure text a miner may report (/fail; a socket job.fail's limit too).
+MAX_ERROR_MESSAGE = 65536
+
+__all__ = [
+    "ASSIGNED_CONSTRAINT_KEYS",
+    "MAX_ERROR_MESSAGE",
+    "SCHEMAS",
+    "ValidationFailed",
+    "validate",
+]
 
 _str = {"type": "string"}
 _num = {"type": "number"}
@@ -562,7 +571,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["error_code", "error_message"],
         "properties": {
             "error_code": {**_str, "maxLength": 256},
-            "error_message": {**_str, "maxLength": 65536},
+            "error_message": {**_str, "maxLength": MAX_ERROR_MESSAGE},
             "metrics": _obj,
             "retryable": {"type": "boolean"},
             "attempt": _report_attempt,

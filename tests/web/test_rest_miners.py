@@ -444,6 +444,27 @@ async def test_failed_status_in_result_fails_the_job(api: Api) -> None:
     assert got["error"] == "x"
 
 
+@pytest.mark.parametrize(
+    ("error", "stored"),
+    [
+        ("e" * 70_000, "e" * 65_536),
+        ({"kind": "oom", "gb": 80}, '{"kind":"oom","gb":80}'),
+    ],
+)
+async def test_a_failed_results_error_is_stored_as_fail_takes_it(
+    api: Api, error: object, stored: str
+) -> None:
+    """A `result.status == "failed"` report's error is text as `/fail`'s: one longer than
+    `/fail` takes (65,536 characters) is cut to that (it was stored whole, up to the body
+    limit), anything but text is stored as JSON (it was Python's repr), and the same report
+    again is still its retry."""
+    job = await started(api)
+    for _ in range(2):
+        r = await api.result(job["job_id"], result={"status": "failed", "error": error})
+        assert r.status_code == 200
+    assert (await api.job(job["job_id"]))["error"] == stored
+
+
 async def test_a_repeated_failure_report_is_answered_as_the_first(api: Api) -> None:
     """[ours] results are idempotent (the production miner retries a POST whose answer it
     lost): a failure reported again, through /result or /fail, gets the same 200; another
