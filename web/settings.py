@@ -56,14 +56,22 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     except ValueError:
         raise SettingsError(f"{name}: {raw!r} is not a number") from None
     if not lo <= value <= hi:
-        raise SettingsError(f"{name}: must be between {lo:g} and {hi:g}, got {value:g}")
+        raise SettingsError(
+            f"{name}: must be between {_shown(lo)} and {_shown(hi)}, got {_shown(value)}"
+        )
     return value
+
+
+def _shown(value: float) -> str:
+    """A number written out whole (``:g`` writes 67108864 as 6.71089e+07)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e18 else f"{value:g}"
 
 
 def _integer(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
     value = _number(env, name, default, lo, hi)
     if value != int(value):
-        raise SettingsError(f"{name}: must be an integer, got {value:g}")
+        raise SettingsError(f"{name}: must be an integer, got {_shown(value)}")
     return int(value)
 
 

@@ -201,6 +201,36 @@ def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) ->
 
 
 @pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"WS_MAX_FRAME_BYTES": "100000000"},
+            "WS_MAX_FRAME_BYTES: must be between 1024 and 67108864, got 100000000",
+        ),
+        (
+            {"TERMINAL_RETENTION_BYTES": "2000000000000"},
+            "TERMINAL_RETENTION_BYTES: must be between 0 and 1099511627776, got 2000000000000",
+        ),
+        (
+            {"RATE_LIMIT_PER_MINUTE": "1234567"},
+            "RATE_LIMIT_PER_MINUTE: must be between 0 and 1000000, got 1234567",
+        ),
+        (
+            {"HEARTBEAT_INTERVAL_SECONDS": "0.01"},
+            "HEARTBEAT_INTERVAL_SECONDS: must be between 0.05 and 3600, got 0.01",
+        ),
+        ({"API_PORT": "nan"}, "API_PORT: must be between 0 and 65535, got nan"),
+    ],
+)
+def test_a_value_out_of_range_names_the_exact_bounds(env: dict[str, str], message: str) -> None:
+    """The bounds and the value are written out whole: with ``%g`` a limit of 64 MiB read
+    "6.71089e+07", which is not the limit (67,108,864) and misleads whoever sets it next."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
     ("raw", "public"), [("", False), ("on", True), ("TRUE", True), ("1", True), ("off", False)]
 )
 def test_metrics_public_switch(raw: str, public: bool) -> None:
