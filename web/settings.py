@@ -268,9 +268,6 @@ def _check_keys(settings: Settings, secret: str) -> None:
 def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
     from decimal import Decimal, InvalidOperation
 
-    billing = env.get("BILLING", "off").strip().lower()
-    if billing not in ("on", "off", "true", "false", "1", "0", ""):
-        raise SettingsError("BILLING: must be on or off")
     rate = env.get("BTC_TO_AITBC_RATE", "100000").strip() or "100000"
     try:
         ok = Decimal(rate).is_finite() and 0 < Decimal(rate) <= 10**9
@@ -290,7 +287,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
     if esplora is not None and not esplora.startswith(("http://", "https://")):
         raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
     return {
-        "billing": billing in ("on", "true", "1"),
+        "billing": _switch(env, "BILLING", False),
         "session_ttl_hours": _number(env, "SESSION_TTL_HOURS", 24, 0.01, 24 * 365),
         "btc_to_aitbc_rate": rate,
         "bitcoin_xpub": xpub,

@@ -57,3 +57,15 @@ def test_values_are_read() -> None:
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(("raw", "on"), [("yes", True), ("no", False), ("TRUE", True), ("", False)])
+def test_billing_takes_the_spellings_of_every_other_switch(raw: str, on: bool) -> None:
+    """BILLING=yes stopped the start ('BILLING: must be on or off') where METRICS_PUBLIC=yes and
+    STANDBY=yes were taken: one set of spellings for every on/off variable."""
+    assert Settings.from_env({"BILLING": raw}).billing is on
+
+
+def test_a_bad_billing_value_is_quoted() -> None:
+    with pytest.raises(SettingsError, match=r"^BILLING: must be on or off, got 'maybe'$"):
+        Settings.from_env({"BILLING": "maybe"})
