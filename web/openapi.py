@@ -43,6 +43,16 @@ _WITH_SLASH = "may contain '/' (sent as is or as %2F)"
 # such as /v1/jobs/history, is never a job id.
 _PATH_SCHEMAS = {"job_id": SCHEMAS["JobView"]["properties"]["job_id"]}
 
+_MINER_ID_HEADER = {
+    "name": "X-Miner-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 128},
+    "description": "the miner id to act as (UTF-8, no control characters; 422 otherwise), "
+    "bound to the first key that uses it (403 for another); without it, "
+    "miner-<sha256(key)[:12]>",
+}
+
 _HEALTH: dict[str, dict[str, Any]] = {
     "/health": {"summary": "Health", "description": "Non-empty JSON object with status ok"},
     "/health/live": {"summary": "Liveness"},
@@ -113,6 +123,8 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
         if p.description:
             param["description"] = p.description
         params.append(param)
+    if endpoint.role is Role.MINER:  # read by every miner route (web.rest_miners.miner_id_for)
+        params.append(_MINER_ID_HEADER)
     if params:
         op["parameters"] = params
     if endpoint.body is not None:

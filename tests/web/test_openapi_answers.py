@@ -126,3 +126,32 @@ async def test_miner_routes_do_not_offer_a_session_token(api: Api) -> None:
         assert op["security"] == [{"ApiKeyHeader": []}, {"Bearer": []}], op["operationId"]
     submit = doc["paths"]["/v1/jobs"]["post"]
     assert {"SessionToken": []} in submit["security"]
+
+
+async def test_miner_routes_document_the_x_miner_id_header(api: Api) -> None:
+    """Every miner route reads X-Miner-ID (the miner it acts as, else the key's id) and refuses
+    one over 128 characters with 422, but the document named no such header: a client
+    generated from it, or Swagger UI's "Try it out", could only ever act as the key's id."""
+    doc = (await api.http.get("/openapi.json")).json()
+    miner_ops = [
+        op for item in doc["paths"].values() for op in item.values() if op["tags"] == ["miners"]
+    ]
+    assert len(miner_ops) > 10
+    for op in miner_ops:
+        [header] = [p for p in op["parameters"] if p["in"] == "header"]
+        assert header["name"] == "X-Miner-ID", op["operationId"]
+        assert header["required"] is False
+        assert header["schema"] == {"type": "string", "maxLength": 128}
+    r = await api.http.post(
+        "/v1/miners/register",
+        json={"capabilities": {}},
+        headers={"X-Api-Key": MINER_KEY, "X-Miner-ID": "m" * 129},
+    )
+    assert r.status_code == 422, r.text
+    await conforms(api, r)
+    registered = await api.http.post(
+        "/v1/miners/register",
+        json={"capabilities": {}},
+        headers={"X-Api-Key": MINER_KEY, "X-Miner-ID": "rack-2/gpu-1"},
+    )
+    assert registered.json()["miner_id"] == "rack-2/gpu-1"
