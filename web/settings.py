@@ -44,6 +44,10 @@ def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     for k in keys:
         if len(k) < 8:
             raise SettingsError(f"{name}: every key must have at least 8 characters")
+        if not (k.isascii() and k.isprintable()):  # read back from headers as latin-1
+            raise SettingsError(
+                f"{name}: a key must be printable ASCII (HTTP headers carry no other text)"
+            )
     return keys
 
 

@@ -201,6 +201,26 @@ def test_invalid_value_names_the_variable(env: dict[str, str], variable: str) ->
 
 
 @pytest.mark.parametrize(
+    "env",
+    [
+        {"CLIENT_API_KEYS": "clé-secrète-1"},
+        {"MINER_API_KEYS": '["miner-key-\\u00e9t\\u00e9"]'},
+        {"ADMIN_API_KEYS": '["admin-key\\u0007-1"]'},
+    ],
+)
+def test_a_key_an_http_header_cannot_carry_is_refused(env: dict[str, str]) -> None:
+    """Headers are read as latin-1, so a key with "é" sent as X-Api-Key or Bearer (its UTF-8
+    bytes) never matched: every REST call and socket handshake was 401 / 4401 while the
+    socket's auth frame (JSON) took it. Such a key now stops the start, naming the variable."""
+    [(name, _)] = env.items()
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == (
+        f"{name}: a key must be printable ASCII (HTTP headers carry no other text)"
+    )
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         (
