@@ -12,6 +12,7 @@ import math
 import signal
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,7 +26,7 @@ from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, run_receipts
 from web.gctune import tune_gc
 from web.keys import KeyFileError, materialize_keys
-from web.settings import Settings, SettingsError
+from web.settings import Settings, SettingsError, check_rotation
 from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
         return 2
     settings = _with_arguments(settings, args)
+    if not settings.standby:  # a standby signs only once it takes over, maybe after UNTIL
+        try:
+            check_rotation(settings, time.time())
+        except SettingsError as exc:
+            print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
+            return 2
     store = _claimed_store_or_say(settings)
     if store is None:
         return 1

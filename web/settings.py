@@ -14,13 +14,13 @@ from urllib.parse import unquote, urlsplit
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
 from protocol.receipts import load_signing_key
-from protocol.types import parse_instant
+from protocol.types import iso_time, parse_instant
 from storage.backends import is_postgres_url, sqlite_file
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["Settings", "SettingsError", "check_rotation"]
 
 
 class SettingsError(ValueError):
@@ -232,6 +232,22 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def check_rotation(settings: Settings, now: float) -> None:
+    """A coordinator about to sign receipts with ``RECEIPT_SIGNING_KEY_HEX`` publishes it as
+    valid from the newest previous key's ``UNTIL``: one still to come would make every receipt
+    it signs until then fail verification (``UNTIL`` is when the old key stopped signing)."""
+    if settings.receipt_signing_key_hex is None:
+        return
+    for key in settings.receipt_previous_keys:
+        if key.valid_until is not None and key.valid_until > now:
+            raise SettingsError(
+                f"RECEIPT_PREVIOUS_KEYS: {key.key_id} is valid until "
+                f"{iso_time(key.valid_until)}, which has not come yet: the current key would "
+                "vouch only from then, so every receipt signed before would fail verification "
+                "(UNTIL is when the old key stopped signing)"
+            )
 
 
 def _database_url(url: str) -> str:

@@ -394,6 +394,46 @@ def test_serve_with_an_invalid_setting_exits_2(
     assert list(tmp_path.iterdir()) == []  # nothing was created: no keys, no database
 
 
+@pytest.mark.parametrize(("until", "code"), [("2999-01-01T00:00:00Z", 2), ("1700000000", 0)])
+def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    until: str,
+    code: int,
+) -> None:
+    """The current key is published as valid from the newest UNTIL: with one to come (a typo
+    in the year, a rotation time set ahead) serve started, and every receipt it signed was
+    refused by /v1/receipts/verify and receipts audit ('completed_at is outside the signing
+    key's validity period'). serve now refuses it with one line; a past UNTIL starts."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    old = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "11" * 32)
+    monkeypatch.setenv("RECEIPT_PREVIOUS_KEYS", f"{old}@/{until}")
+    build = cli.build_server
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:  # a server that starts stops at once
+        server = build(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return server
+
+    monkeypatch.setattr(cli, "build_server", signalled)
+    assert main(["serve", "--port", "0", "--db", str(tmp_path / "c.db")]) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err == (
+            "aitbc-coordinator: invalid setting: RECEIPT_PREVIOUS_KEYS: "
+            "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo is valid until "
+            "2999-01-01T00:00:00.000Z, which has not come yet: the current key would vouch "
+            "only from then, so every receipt signed before would fail verification "
+            "(UNTIL is when the old key stopped signing)\n"
+        )
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert err == ""
+
+
 def test_serve_on_a_port_in_use_exits_1_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
