@@ -55,6 +55,7 @@ from protocol.messages import JobAssign, JobCancel
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from protocol.types import CloseCode, JSONObject, iso_time
 from storage.base import JobStore, LedgerEntry, ReceiptRow, WriteBatch
+from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -181,6 +182,11 @@ class Dispatcher:
         self._caps_version = -1
         self._committed_caps: tuple[Capabilities, ...] = ()
         self._servable: dict[JobNeeds, bool] = {}
+        # Submits waiting for the store to tell whether their idempotency key is taken
+        # (``submit_soon``), oldest first, and how many of them each client has.
+        self._lookups: deque[_Lookup] = deque()
+        self._lookups_of: dict[str, int] = {}
+        self._lookup_wake = anyio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -206,6 +212,7 @@ class Dispatcher:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._timer_loop)
             tg.start_soon(self.store.maintain)
+            tg.start_soon(self._lookup_loop)
             self.running = True
             task_status.started()
             try:
@@ -546,20 +553,118 @@ class Dispatcher:
     # ---- clients ----------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
-        """Queue a job; ``then(record, existed)`` runs once it is durable.
+        """Queue a job; ``then(record, existed)`` runs once it is durable. Returns once the job
+        is queued (after the store lookup of ``submit_soon``, if it needs one); raises as
+        ``submit_now``, or StorageError when that lookup failed."""
+        done = self.new_event()
+        refusal: list[Exception] = []
 
-        A repeated idempotency key whose job left memory is looked up in the store first.
+        def refused(exc: Exception) -> None:
+            refusal.append(exc)
+            done.set()
+
+        if not self.submit_soon(spec, then, refused, done.set):
+            await done.wait()
+        if refusal:
+            raise refusal[0]
+
+    def submit_soon(
+        self,
+        spec: JobSpec,
+        then: Callable[[JobRecord, bool], None],
+        refused: Callable[[Exception], None],
+        queued: Callable[[], None] | None = None,
+    ) -> bool:
+        """``submit_now`` that never waits: True when the job was queued now (raises as
+        ``submit_now``). False when it waits for the store: an idempotency key not in memory
+        may be the key of a job only the store still has (ended long ago, or before a
+        restart). The lookup runs in the background, one read for every key queued meanwhile
+        (``_lookup_loop``); then the submit proceeds, answered as a duplicate when the key was
+        found, and ``queued()`` is called, or ``refused(exc)`` with the exception
+        ``submit_now`` raised or the read's StorageError. A client's submits are queued in the
+        order they came: while one waits for a lookup, the client's next ones wait behind it.
         """
         self._check_open()
-        if (
-            spec.idempotency_key is not None
-            and self.scheduler.find_idempotent(spec.client_id, spec.idempotency_key) is None
+        client_id, key = spec.client_id, spec.idempotency_key
+        if client_id not in self._lookups_of and (
+            key is None or self.scheduler.find_idempotent(client_id, key) is not None
         ):
-            stored = await self.store.find_job(spec.client_id, spec.idempotency_key)
-            if stored is not None:
-                self.after_commit(lambda: then(stored, True))
-                return
-        self.submit_now(spec, then)
+            self.submit_now(spec, then)
+            return True
+        self._lookups.append(_Lookup(spec, then, refused, queued))
+        self._lookups_of[client_id] = self._lookups_of.get(client_id, 0) + 1
+        self._lookup_wake.set()
+        return False
+
+    async def _lookup_loop(self) -> None:
+        """Look up the keys of the submits ``submit_soon`` queued, all those queued while the
+        previous read ran in one read, and let each submit proceed in order."""
+        batch: deque[_Lookup] = deque()
+        try:
+            while True:
+                while not self._lookups:
+                    self._lookup_wake = self.new_event()
+                    await self._lookup_wake.wait()
+                batch, self._lookups = self._lookups, deque()
+                find = self.scheduler.find_idempotent
+                wanted: set[tuple[str, str]] = set()
+                for item in batch:
+                    client_id, key = item.spec.client_id, item.spec.idempotency_key
+                    if key is not None and find(client_id, key) is None:
+                        wanted.add((client_id, key))
+                failed: StorageError | None = None
+                found: dict[tuple[str, str], JobRecord] = {}
+                if wanted:
+                    try:
+                        found = await self.store.find_jobs(wanted)
+                    except StorageError as exc:
+                        failed = exc
+                while batch:
+                    self._looked_up(batch.popleft(), found, failed)
+        finally:
+            # Cancelled: the coordinator is stopping (or a commit failed), nothing more is
+            # queued or answered. Each waiting submit is refused rather than left unanswered.
+            gone = Unavailable(self._gone or "the coordinator is shutting down")
+            for item in (*batch, *self._lookups):
+                self._lookup_ended(item.spec.client_id)
+                item.refused(gone)
+            self._lookups.clear()
+
+    def _looked_up(
+        self,
+        item: _Lookup,
+        found: dict[tuple[str, str], JobRecord],
+        failed: StorageError | None,
+    ) -> None:
+        spec, then = item.spec, item.then
+        self._lookup_ended(spec.client_id)
+        key = spec.idempotency_key
+        try:
+            self._check_open()
+            # Memory first: an earlier submit (of this batch, say) may have queued the key
+            # since the read, and memory has the job as it is now.
+            if key is not None and self.scheduler.find_idempotent(spec.client_id, key) is None:
+                if failed is not None:
+                    raise failed
+                stored = found.get((spec.client_id, key))
+                if stored is not None:
+                    self.after_commit(lambda: then(stored, True))
+                else:
+                    self.submit_now(spec, then)
+            else:
+                self.submit_now(spec, then)
+        except (DispatchError, StorageError) as exc:
+            item.refused(exc)
+            return
+        if item.queued is not None:
+            item.queued()
+
+    def _lookup_ended(self, client_id: str) -> None:
+        n = self._lookups_of[client_id] - 1
+        if n:
+            self._lookups_of[client_id] = n
+        else:
+            del self._lookups_of[client_id]
 
     def submit_now(self, spec: JobSpec, then: Callable[[JobRecord, bool], None]) -> None:
         """``submit`` without the store lookup: for a spec without an idempotency key (or one
@@ -1211,6 +1316,21 @@ class Dispatcher:
             "subscribers": self.fanout.subscriber_count,
             "progress_dropped": self.fanout.progress_dropped,
         }
+
+
+class _Lookup:
+    """A submit waiting for its idempotency key's store lookup (``Dispatcher.submit_soon``)."""
+
+    __slots__ = ("queued", "refused", "spec", "then")
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        then: Callable[[JobRecord, bool], None],
+        refused: Callable[[Exception], None],
+        queued: Callable[[], None] | None,
+    ) -> None:
+        self.spec, self.then, self.refused, self.queued = spec, then, refused, queued
 
 
 class _PollWaiter:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
 
@@ -219,6 +221,12 @@ class JobStore(Protocol):
     async def get_job(self, job_id: str) -> JobRecord | None: ...
 
     async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None: ...
+
+    async def find_jobs(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], JobRecord]:
+        """``find_job`` of each ``(client_id, idempotency_key)`` in one read: the jobs found,
+        by their pair (pairs without a job are left out)."""
 
     async def events_after(
         self, job_id: str, after: int, limit: int = 10_000

@@ -13,6 +13,8 @@ from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
     from storage.base import (
@@ -193,6 +195,12 @@ class InMemoryJobStore:
             if job.client_id == client_id and job.idempotency_key == idempotency_key:
                 return job
         return None
+
+    async def find_jobs(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], JobRecord]:
+        self._check_open()
+        return {key: self.jobs[self._idem[key]] for key in keys if key in self._idem}
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         self._check_open()

@@ -29,7 +29,14 @@ from storage.owner import OwnerLock
 from storage.schema import MIGRATIONS, OUR_NAMES
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+    from collections.abc import (
+        AsyncIterator,
+        Callable,
+        Collection,
+        Iterable,
+        Iterator,
+        Sequence,
+    )
 
     from databases.core import Connection
 
@@ -44,6 +51,10 @@ __all__ = [
     "database_file",
     "map_driver_errors",
 ]
+
+# Idempotency keys ``find_jobs`` looks up per query (two parameters each: below SQLite's
+# 32766 and PostgreSQL's 32767 parameters, and short enough for the planner to use the index).
+FIND_JOBS_PAGE = 200
 
 _JOB_COLUMNS = (
     "job_id",
@@ -653,6 +664,26 @@ class SqlStore:
             {"c": client_id, "k": idempotency_key},
         )
         return _job_record(rows[0]) if rows else None
+
+    async def find_jobs(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], JobRecord]:
+        found: dict[tuple[str, str], JobRecord] = {}
+        pairs = list(keys)
+        for start in range(0, len(pairs), FIND_JOBS_PAGE):
+            page = pairs[start : start + FIND_JOBS_PAGE]
+            # One index lookup per pair (SQLite's OR-by-union, PostgreSQL's BitmapOr).
+            cond = " OR ".join(
+                f"(client_id = :c{i} AND idempotency_key = :k{i})" for i in range(len(page))
+            )
+            values: dict[str, Any] = {}
+            for i, (client_id, key) in enumerate(page):
+                values[f"c{i}"], values[f"k{i}"] = client_id, key
+            for row in await self._fetch(f"{_JOB_SELECT} WHERE {cond}", values):
+                rec = _job_record(row)
+                assert rec.idempotency_key is not None
+                found[rec.client_id, rec.idempotency_key] = rec
+        return found
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         rows = await self._fetch(

@@ -16,8 +16,10 @@ from storage.errors import StorageError
 from storage.memory import InMemoryJobStore
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from protocol.messages import MinerToServer, ServerToMiner
-    from protocol.records import EventRecord
+    from protocol.records import EventRecord, JobRecord
     from protocol.types import CloseCode, JSONObject
     from storage.base import WriteBatch
 
@@ -136,6 +138,8 @@ class RecordingStore(InMemoryJobStore):
         self.waiting = 0
         self._commit_gate: anyio.Event | None = None
         self._read_gate: anyio.Event | None = None
+        self._lookup_gate: anyio.Event | None = None
+        self.lookups: list[set[tuple[str, str]]] = []  # the keys of each idempotency lookup
         self._snapshot_first = True
         self._store_first = False
 
@@ -159,6 +163,28 @@ class RecordingStore(InMemoryJobStore):
         gate, self._read_gate = self._read_gate, None
         if gate is not None:
             gate.set()
+
+    def block_lookups(self) -> None:
+        """Hold idempotency-key lookups (``find_job``, ``find_jobs``) until released."""
+        self._lookup_gate = anyio.Event()
+
+    def release_lookups(self) -> None:
+        gate, self._lookup_gate = self._lookup_gate, None
+        if gate is not None:
+            gate.set()
+
+    async def find_job(self, client_id: str, idempotency_key: str) -> JobRecord | None:
+        found = await self.find_jobs([(client_id, idempotency_key)])
+        return found.get((client_id, idempotency_key))
+
+    async def find_jobs(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], JobRecord]:
+        self.lookups.append(set(keys))
+        gate = self._lookup_gate
+        if gate is not None:
+            await gate.wait()
+        return await super().find_jobs(keys)
 
     async def commit(self, batch: WriteBatch) -> None:
         self.batches.append(batch)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.core import JobSpec
 from dispatcher.errors import (
+    DispatchError,
     InvalidTransition,
     PaymentRequired,
     TooLarge,
@@ -47,6 +49,8 @@ __all__ = ["MAX_SUBSCRIBE_JOBS", "ClientConnection", "client_endpoint"]
 # so that those errors cannot overflow the socket's own outbox (4429).
 MAX_SUBSCRIBE_JOBS = 1000
 
+log = logging.getLogger("aitbc.coordinator")
+
 
 class ClientConnection(Connection):
     role = Role.CLIENT
@@ -62,8 +66,8 @@ class ClientConnection(Connection):
 
     def handle_now(self, msg: ClientToServer, session: ClientSession) -> bool:
         match msg:  # the message of every job first (one isinstance per case)
-            case JobSubmit() if msg.idempotency_key is None:
-                self._submit_now(msg)  # no key: nothing to look up in the store
+            case JobSubmit():
+                self._submit(msg)
             case Auth():
                 self.authenticate(msg.token, session)
             case ClientHello():
@@ -81,33 +85,27 @@ class ClientConnection(Connection):
                 text = f"a subscribe may name at most {MAX_SUBSCRIBE_JOBS} jobs; split it"
                 self.error(ErrorCode.INVALID, text, request_id=msg.id, ref="subscribe")
             case _:
-                return False  # an idempotent submit or a subscribe: they read the store
+                return False  # a subscribe or a cancel of a job not in memory: they read the store
         return True
 
     async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
         """What ``handle_now`` declined."""
         match msg:
-            case JobSubmit():
-                await self._submit(msg)
             case Subscribe():
                 await self._subscribe(msg)
             case JobCancelRequest():
                 await self._cancel_stored(msg)
 
-    def _submit_now(self, msg: JobSubmit) -> None:
+    def _submit(self, msg: JobSubmit) -> None:
+        """Queue the job now; one whose idempotency key must be looked up in the store is
+        queued once it has been (``submit_soon``), while this socket's later frames are
+        handled (its later submits wait behind it: a client's jobs are queued in order)."""
         spec = self._spec(msg)
         if spec is not None:
             try:
-                self.core.dispatcher.submit_now(spec, self._committed(msg))
-            except (Unavailable, PaymentRequired, TooLarge) as exc:
-                self._refused(msg, exc)
-
-    async def _submit(self, msg: JobSubmit) -> None:
-        """A submit with an idempotency key: a repeat may have to be found in the store."""
-        spec = self._spec(msg)
-        if spec is not None:
-            try:
-                await self.core.dispatcher.submit(spec, self._committed(msg))
+                self.core.dispatcher.submit_soon(
+                    spec, self._committed(msg), lambda exc: self._refused(msg, exc)
+                )
             except (Unavailable, PaymentRequired, TooLarge) as exc:
                 self._refused(msg, exc)
 
@@ -154,11 +152,15 @@ class ClientConnection(Connection):
 
         return committed
 
-    def _refused(self, msg: JobSubmit, exc: Unavailable | PaymentRequired | TooLarge) -> None:
+    def _refused(self, msg: JobSubmit, exc: Exception) -> None:
         if isinstance(exc, Unavailable):
             self.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        code, text = error_code_for(exc), str(exc)
+        if isinstance(exc, DispatchError):
+            code, text = error_code_for(exc), str(exc)
+        else:  # a StorageError: the key's lookup failed (a dropped connection, say)
+            log.warning("job.submit: the database could not be read: %s", exc)
+            code, text = ErrorCode.UNAVAILABLE, "the database could not be read; retry"
         self.core.dispatcher.after_commit(
             lambda: self.error(code, text, request_id=msg.id, ref="job.submit")
         )

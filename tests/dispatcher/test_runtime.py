@@ -20,9 +20,10 @@ from storage.errors import StorageError
 from tests.fakes import FailingStore, FakeClock, FakeMinerSink, RecordingOutbox, RecordingStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from dispatcher.jobs import Job
+    from protocol.records import JobRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -1221,3 +1222,80 @@ async def test_a_refusal_during_a_shutdown_waits_for_the_last_commit() -> None:
             h.store.release_commits()
         assert answered == ["refusal"]
         assert len(h.store.jobs) == 1
+
+
+# ---- idempotency-key lookups (``submit_soon``) --------------------------------------------
+
+
+async def test_key_lookups_are_batched_and_a_clients_submits_stay_in_order() -> None:
+    """Keys not in memory are looked up in the background, all those queued meanwhile in one
+    read; nothing waits for it but the submits of the clients that have one waiting, which
+    are queued after it, in order; the same key twice (socket and REST alike) is one job."""
+    async with running() as h:
+        d = h.dispatcher
+        answers: list[tuple[str, str, bool]] = []
+
+        def then(name: str) -> Callable[[JobRecord, bool], None]:
+            return lambda rec, existed: answers.append((name, rec.job_id, existed))
+
+        def refused(exc: Exception) -> None:
+            raise AssertionError(exc)
+
+        h.store.block_lookups()
+        a, again, plain = h.spec(idempotency_key="a"), h.spec(idempotency_key="a"), h.spec()
+        other = h.spec("c3")
+        assert not d.submit_soon(a, then("a"), refused)
+        assert not d.submit_soon(h.spec("c2", idempotency_key="b"), then("b"), refused)
+        assert not d.submit_soon(plain, then("plain"), refused)  # behind c1's lookup
+        assert d.submit_soon(other, then("other"), refused)  # c3 waits for nothing
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(d.submit_wait, again)  # REST, same key
+            await h.flushed()
+            assert answers == [("other", other.job_id, False)]
+            assert h.store.lookups == [{("c1", "a"), ("c2", "b")}]
+            h.store.release_lookups()
+        await h.flushed()
+        assert [(name, existed) for name, _, existed in answers] == [
+            ("other", False),
+            ("a", False),
+            ("b", False),
+            ("plain", False),
+        ]
+        assert d.scheduler.find_idempotent("c1", "a") is d.scheduler.job(a.job_id)
+        assert len(h.store.jobs) == 4  # ``again`` is ``a``
+        assert len(h.store.lookups) == 1  # ``again`` came during the read: then in memory
+
+
+async def test_a_failed_key_lookup_refuses_only_its_submit() -> None:
+    """A read that fails refuses the submits whose key it was to tell (StorageError: the
+    socket answers ``unavailable``, REST 503); the client's other submits go on."""
+    async with running() as h:
+        d = h.dispatcher
+        refusals: list[Exception] = []
+        answers: list[bool] = []
+
+        async def lost(keys: object) -> dict[tuple[str, str], JobRecord]:
+            raise StorageError("connection was closed in the middle of operation")
+
+        h.store.find_jobs = lost  # type: ignore[method-assign]
+        keyed, plain = h.spec(idempotency_key="k"), h.spec()
+        d.submit_soon(keyed, lambda rec, existed: answers.append(existed), refusals.append)
+        d.submit_soon(plain, lambda rec, existed: answers.append(existed), refusals.append)
+        await h.flushed()
+        assert [str(e) for e in refusals] == ["connection was closed in the middle of operation"]
+        assert answers == [False]
+        assert list(h.store.jobs) == [plain.job_id]
+
+
+async def test_submits_waiting_for_a_lookup_are_refused_at_shutdown() -> None:
+    """Stopping while a lookup is held: each waiting submit is refused (Unavailable), none is
+    left unanswered and none is queued after the last batch."""
+    refusals: list[Exception] = []
+    async with running() as h:
+        h.store.block_lookups()
+        h.dispatcher.submit_soon(
+            h.spec(idempotency_key="k"), lambda rec, existed: None, refusals.append
+        )
+        await h.settle()
+    assert [type(e) for e in refusals] == [Unavailable]
+    assert h.store.jobs == {}

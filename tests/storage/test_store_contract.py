@@ -23,7 +23,7 @@ from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
 from storage.postgres import PostgresJobStore
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
-from storage.sql import DatabasesJobStore
+from storage.sql import FIND_JOBS_PAGE, DatabasesJobStore
 from tests.postgres import fetch_rows
 
 if TYPE_CHECKING:
@@ -302,6 +302,20 @@ async def test_find_job_by_idempotency_key(store: JobStore) -> None:
         assert await store.find_job("client-3", "k1") is None
 
 
+async def test_find_jobs_looks_up_many_keys_in_one_call(store: JobStore) -> None:
+    """find_jobs gives the job of each (client, key) pair that has one, over any number of
+    pairs (more than one query's worth included)."""
+    keyed = job("j1", idempotency_key="k1")
+    other_client = job("j2", client_id="client-2", idempotency_key="k1")
+    await commit(store, batch(jobs=[keyed, other_client, job("j3")]))
+    misses = [("client-1", f"missing-{i}") for i in range(FIND_JOBS_PAGE + 1)]
+    with anyio.fail_after(10):
+        found = await store.find_jobs([*misses, ("client-2", "k1"), ("client-1", "k1")])
+        assert found == {("client-1", "k1"): keyed, ("client-2", "k1"): other_client}
+        assert await store.find_jobs([("client-3", "k1")]) == {}
+        assert await store.find_jobs([]) == {}
+
+
 async def test_idempotency_key_is_unique_per_client(store: JobStore) -> None:
     """Two jobs of one client with the same key conflict; the batch leaves no trace."""
     await commit(store, batch(jobs=[job("j1", idempotency_key="k1")]))
@@ -569,6 +583,7 @@ async def test_empty_batch_commits(store: JobStore) -> None:
         lambda s: s.load_active(),
         lambda s: s.get_job("j1"),
         lambda s: s.find_job("client-1", "k"),
+        lambda s: s.find_jobs([("client-1", "k")]),
         lambda s: s.events_after("j1", 0),
         lambda s: s.receipts_for("j1"),
         lambda s: s.receipt_chain_head(),
@@ -579,6 +594,7 @@ async def test_empty_batch_commits(store: JobStore) -> None:
         "load_active",
         "get_job",
         "find_job",
+        "find_jobs",
         "events_after",
         "receipts_for",
         "chain_head",

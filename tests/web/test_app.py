@@ -6,12 +6,14 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 from hypothesis import given, settings, strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from storage.memory import InMemoryJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
+from tests.fakes import RecordingStore
 from web.app import create_app
 from web.ws_client import MAX_SUBSCRIBE_JOBS
 
@@ -713,3 +715,43 @@ def test_a_job_assigned_more_than_a_million_times_can_still_be_run(client: TestC
         miner.send_json({**done, "attempt": 1_000_001})
         ack = recv(miner)
         assert (ack["type"], ack["receipt"]["attempt"]) == ("ack", 1_000_001)
+
+
+def test_a_held_key_lookup_does_not_hold_the_sockets_later_frames(tmp_path: Path) -> None:
+    """A submit whose idempotency key is not in memory waits for a store read; the socket's
+    later frames were queued behind that read (under load a client's cancels waited 0.5-1.5 s
+    behind its submits, and many arrived after the job had completed). Now a cancel sent after
+    it is answered while the read is held, and two submits of one new key still give one job,
+    answered in the order sent."""
+    store = RecordingStore()
+    with TestClient(create_app(make_settings(tmp_path), store=store)) as c:
+        portal = c.portal
+        assert portal is not None
+
+        async def settled() -> None:
+            with anyio.fail_after(5):
+                await anyio.wait_all_tasks_blocked()
+
+        with client_socket(c) as ws:
+            client_id = hello(ws)["client_id"]
+            earlier = submit(ws, "s1")["job"]["job_id"]
+            assert recv(ws)["event"] == "queued"
+            portal.call(store.block_lookups)
+            for request_id in ("s2", "s3"):
+                ws.send_json(
+                    {"type": "job.submit", "id": request_id, "payload": {}, "idempotency_key": "n"}
+                )
+            ws.send_json({"type": "job.cancel", "id": "c1", "job_id": earlier})
+            portal.call(settled)
+            assert store.jobs[earlier].state == "CANCELED"  # while the lookup is held
+            assert (recv(ws)["id"], recv(ws)["event"]) == ("c1", "canceled")
+            portal.call(store.release_lookups)
+            first, _queued, again = recv(ws), recv(ws), recv(ws)
+    assert (first["id"], first["duplicate"], again["id"], again["duplicate"]) == (
+        "s2",
+        False,
+        "s3",
+        True,
+    )
+    assert again["job"]["job_id"] == first["job"]["job_id"]
+    assert store.lookups == [{(client_id, "n")}]  # one read for both
