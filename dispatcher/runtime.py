@@ -187,6 +187,11 @@ class Dispatcher:
         self._lookups: deque[_Lookup] = deque()
         self._lookups_of: dict[str, int] = {}
         self._lookup_wake = anyio.Event()
+        # Ended jobs with an idempotency key, by key, whose end is in the open batch or the one
+        # being committed: the scheduler may let such a job go before then (its retention), and
+        # the store does not have it yet; a repeat of its key must not make a second job.
+        self._ending: dict[tuple[str, str], JobRecord] = {}
+        self._ending_committing: dict[tuple[str, str], JobRecord] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -260,6 +265,9 @@ class Dispatcher:
             self._writes, self._actions, self._urgent = WriteBatch(), [], False
             version = self.scheduler.caps_version
             classes = None if version == self._caps_version else self.scheduler.known_classes()
+            ending = self._ending
+            if ending:
+                self._ending, self._ending_committing = {}, ending
             if len(writes):
                 started = time.perf_counter()
                 await self.store.commit(writes)
@@ -268,6 +276,8 @@ class Dispatcher:
                 self._batches += 1
                 self._written += len(writes)
                 self._last_batch = len(writes)
+            if ending:
+                self._ending_committing = {}
             if classes is not None:  # the miner classes this batch leaves are durable now
                 self._caps_version, self._committed_caps = version, classes
                 self._servable.clear()
@@ -333,6 +343,8 @@ class Dispatcher:
                 job, event = effect
                 writes.jobs[job.job_id] = job
                 writes.events.append(event)
+                if job.idempotency_key is not None and event.state in TERMINAL:
+                    self._ending[job.client_id, job.idempotency_key] = job
                 if event.event == "completed" and job.receipt is not None:
                     writes.receipts.append(
                         ReceiptRow(
@@ -610,7 +622,11 @@ class Dispatcher:
                 wanted: set[tuple[str, str]] = set()
                 for item in batch:
                     client_id, key = item.spec.client_id, item.spec.idempotency_key
-                    if key is not None and find(client_id, key) is None:
+                    if (
+                        key is not None
+                        and find(client_id, key) is None
+                        and self._ended(client_id, key) is None
+                    ):
                         wanted.add((client_id, key))
                 failed: StorageError | None = None
                 found: dict[tuple[str, str], JobRecord] = {}
@@ -620,7 +636,13 @@ class Dispatcher:
                     except StorageError as exc:
                         failed = exc
                 while batch:
-                    self._looked_up(batch.popleft(), found, failed)
+                    if not self._looked_up(batch[0], wanted, found, failed):
+                        # Its key's job left memory during the read, which was not asked
+                        # about it: look again, this submit and those after it.
+                        batch.extend(self._lookups)
+                        batch, self._lookups = deque(), batch
+                        break
+                    batch.popleft()
         finally:
             # Cancelled: the coordinator is stopping (or a commit failed), nothing more is
             # queued or answered. Each waiting submit is refused rather than left unanswered.
@@ -633,20 +655,24 @@ class Dispatcher:
     def _looked_up(
         self,
         item: _Lookup,
+        wanted: set[tuple[str, str]],
         found: dict[tuple[str, str], JobRecord],
         failed: StorageError | None,
-    ) -> None:
+    ) -> bool:
+        """Let ``item`` proceed after the read of ``wanted``; False: it needs another read."""
         spec, then = item.spec, item.then
-        self._lookup_ended(spec.client_id)
         key = spec.idempotency_key
         try:
             self._check_open()
             # Memory first: an earlier submit (of this batch, say) may have queued the key
             # since the read, and memory has the job as it is now.
             if key is not None and self.scheduler.find_idempotent(spec.client_id, key) is None:
-                if failed is not None:
+                ended = self._ended(spec.client_id, key)
+                if ended is None and (spec.client_id, key) not in wanted:
+                    return False
+                if ended is None and failed is not None:
                     raise failed
-                stored = found.get((spec.client_id, key))
+                stored = ended or found.get((spec.client_id, key))
                 if stored is not None:
                     self.after_commit(lambda: then(stored, True))
                 else:
@@ -654,10 +680,19 @@ class Dispatcher:
             else:
                 self.submit_now(spec, then)
         except (DispatchError, StorageError) as exc:
+            self._lookup_ended(spec.client_id)
             item.refused(exc)
-            return
+            return True
+        self._lookup_ended(spec.client_id)
         if item.queued is not None:
             item.queued()
+        return True
+
+    def _ended(self, client_id: str, key: str) -> JobRecord | None:
+        """The ended job with this key whose end is not committed yet (see ``_ending``)."""
+        if not self._ending and not self._ending_committing:
+            return None
+        return self._ending.get((client_id, key)) or self._ending_committing.get((client_id, key))
 
     def _lookup_ended(self, client_id: str) -> None:
         n = self._lookups_of[client_id] - 1

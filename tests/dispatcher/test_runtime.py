@@ -1299,3 +1299,53 @@ async def test_submits_waiting_for_a_lookup_are_refused_at_shutdown() -> None:
         await h.settle()
     assert [type(e) for e in refusals] == [Unavailable]
     assert h.store.jobs == {}
+
+
+@pytest.mark.parametrize("during_the_read", [False, True])
+async def test_a_key_whose_job_was_let_go_before_its_commit_is_still_one_job(
+    during_the_read: bool,
+) -> None:
+    """The scheduler lets ended jobs go (``terminal_retention``) before their end is committed;
+    a repeat of such a job's key then found it neither in memory nor in the store, made a
+    second job with the key, and that commit failed on the store's unique key: the whole
+    coordinator stopped, at a client's request. The repeat is now answered with the job, also
+    when the job leaves memory while the store is being read for other keys."""
+    async with running(terminal_retention=1) as h:
+        d = h.dispatcher
+        answers: list[tuple[str, bool]] = []
+
+        def answer(rec: JobRecord, existed: bool) -> None:
+            answers.append((rec.job_id, existed))
+
+        def refused(exc: Exception) -> None:
+            raise AssertionError(exc)
+
+        def end_and_let_go(job_id: str) -> None:
+            d.cancel("c1", job_id, lambda rec: None)
+            for _ in range(2):  # its end, then two more: it is let go
+                spec = h.spec()
+                d.submit_now(spec, lambda rec, existed: None)
+                d.cancel("c1", spec.job_id, lambda rec: None)
+            assert d.scheduler.job(job_id) is None
+
+        first = h.spec(idempotency_key="k")
+        d.submit_now(first, answer)
+        if during_the_read:  # in memory as the read for another key begins; committed after
+            await h.flushed()
+            h.store.block_lookups()
+            d.submit_soon(h.spec(idempotency_key="other"), lambda rec, existed: None, refused)
+            d.submit_soon(h.spec(idempotency_key="k"), answer, refused)
+            await h.settle()
+            end_and_let_go(first.job_id)
+            await h.flushed()
+        else:  # let go before its end (or its submit) is committed
+            h.store.block_commits()
+            d.submit_soon(h.spec(idempotency_key="k"), answer, refused)
+            end_and_let_go(first.job_id)
+        d.submit_soon(h.spec(idempotency_key="k"), answer, refused)
+        h.store.release_lookups()
+        await h.settle()
+        h.store.release_commits()
+        await h.flushed()
+        assert answers == [(first.job_id, False), (first.job_id, True), (first.job_id, True)]
+        assert [j.idempotency_key for j in h.store.jobs.values()].count("k") == 1
