@@ -755,3 +755,26 @@ def test_a_held_key_lookup_does_not_hold_the_sockets_later_frames(tmp_path: Path
     )
     assert again["job"]["job_id"] == first["job"]["job_id"]
     assert store.lookups == [{(client_id, "n")}]  # one read for both
+
+
+def test_a_failed_key_lookup_is_an_unavailable_error_not_a_closed_socket(
+    tmp_path: Path,
+) -> None:
+    """A store read that fails while a submit's key is looked up (a dropped PostgreSQL
+    connection) closed the client's socket 1011 with a traceback; the submit now gets `error`
+    `unavailable` (as REST answers 503), nothing is queued, and the socket goes on."""
+    from storage.errors import StorageError
+
+    class LostReads(RecordingStore):
+        async def find_jobs(self, keys: Any) -> dict[tuple[str, str], JobRecord]:
+            raise StorageError("connection was closed in the middle of operation")
+
+    store = LostReads()
+    with TestClient(create_app(make_settings(tmp_path), store=store)) as c, client_socket(c) as ws:
+        hello(ws)
+        ws.send_json({"type": "job.submit", "id": "s1", "payload": {}, "idempotency_key": "k"})
+        error = recv(ws)
+        assert (error["type"], error["id"], error["code"]) == ("error", "s1", "unavailable")
+        assert error["message"] == "the database could not be read; retry"
+        job = submit(ws, "s2")["job"]
+    assert list(store.jobs) == [job["job_id"]]
