@@ -168,6 +168,7 @@ class LoadClient:
     job_of: dict[int, str] = field(default_factory=dict)  # submission -> acknowledged job id
     seen: dict[str, set[int]] = field(default_factory=dict)  # job id -> seqs delivered
     terminal: dict[str, list[str]] = field(default_factory=dict)  # job id -> terminal events
+    started: set[str] = field(default_factory=set)  # jobs whose ``started`` event was seen
     redelivered: list[tuple[str, int]] = field(default_factory=list)
     deduplicated: set[str] = field(default_factory=set)  # jobs acked as duplicates
     sessions: int = 0
@@ -255,6 +256,8 @@ class LoadClient:
                     self.redelivered.append((msg.job_id, msg.seq))
                 return
             seqs.add(msg.seq)
+            if msg.event == "started":
+                self.started.add(msg.job_id)
             if msg.event in TERMINAL:
                 self.terminal.setdefault(msg.job_id, []).append(msg.event)
 

@@ -89,7 +89,15 @@ async def test_kill_9_mid_load_loses_no_acknowledged_job(
                 for m in miners:
                     tg.start_soon(m.run)
                 tg.start_soon(client.run)
-                await wait_for(lambda: len(client.job_of) >= KILL_AT, 20)
+                # Also a job running (its start committed, not ended): with acks as fast as the
+                # pacing, KILL_AT came before the miners' first accept was committed.
+                await wait_for(
+                    lambda: (
+                        len(client.job_of) >= KILL_AT
+                        and bool(client.started - set(client.terminal))
+                    ),
+                    20,
+                )
 
                 server.kill9()
                 acked_at_kill = dict(client.job_of)
