@@ -375,3 +375,25 @@ async def test_a_draining_miner_with_a_job_counts_as_busy(server: RunningServer)
             await expect(row).to_contain_text("draining")
             await expect(page.locator("#kpi-busy")).to_have_text("1")
             await expect(page.locator("#kpi-slots")).to_have_text("1/1")
+
+
+async def test_a_requeued_job_shows_no_miner(server: RunningServer) -> None:
+    """A requeued (or canceled) job's event names no miner: the job list kept showing the
+    miner it was taken from, while the drill-down said none."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        async with ManualMiner(server, MINER_KEY, "gpu-taken-from") as miner:
+            await miner.connect()
+            job_id = await submit(client, "taken back")
+            await miner.recv()  # job.assign
+            miner_cell = page.locator(f'#jobs tr[data-job="{job_id}"] td:nth-child(4)')
+            await expect(miner_cell).to_have_text("gpu-taken-from")
+            admin = {"X-Api-Key": ADMIN_KEY}
+            base = f"http://127.0.0.1:{server.port}/v1/admin"
+            async with httpx.AsyncClient(base_url=base, headers=admin) as http:
+                r = await http.post("/miners/gpu-taken-from/drain")  # not offered it again
+                assert r.status_code == 200, r.text
+                r = await http.post(f"/jobs/{job_id}/requeue")
+                assert r.status_code == 200, r.text
+            await expect(job_state(page, job_id)).to_have_text("QUEUED")
+            await expect(miner_cell).to_have_text("—")

@@ -282,9 +282,9 @@ function onFrame(f) {
       }
       break;
     case "job.event": {
-      const prev = S.jobs.get(f.job_id);
-      if (prev) S.jobs.delete(f.job_id);
-      S.jobs.set(f.job_id, { job_id: f.job_id, state: f.state, event: f.event, miner_id: f.miner_id ?? prev?.miner_id, attempt: f.attempt, at: f.at });
+      // Moved to the end (newest). Its miner is the event's: none once requeued or canceled.
+      S.jobs.delete(f.job_id);
+      S.jobs.set(f.job_id, { job_id: f.job_id, state: f.state, event: f.event, miner_id: f.miner_id, attempt: f.attempt, at: f.at });
       if (S.jobs.size > MAX_JOBS) S.jobs.delete(S.jobs.keys().next().value);
       S.log.push(logEntry(f));
       if (S.log.length > MAX_LOG) S.log.splice(0, S.log.length - MAX_LOG);
