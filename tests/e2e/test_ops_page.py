@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
+import orjson
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, WebSocketRoute, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import Ack, Heartbeat, JobCancel, JobSubmit
@@ -397,3 +398,47 @@ async def test_a_requeued_job_shows_no_miner(server: RunningServer) -> None:
                 assert r.status_code == 200, r.text
             await expect(job_state(page, job_id)).to_have_text("QUEUED")
             await expect(miner_cell).to_have_text("—")
+
+
+async def test_hidden_progress_events_never_push_other_events_out_of_the_log(
+    server: RunningServer,
+) -> None:
+    """The log kept the last 2,000 events of every kind together, progress (hidden by
+    default) too: a streaming job's tokens pushed every other event out of it, and it showed
+    nothing. It now keeps the last 2,000 of each kind. The socket is played by the test."""
+
+    def event(job_id: str, kind: str, n: int) -> str:
+        return orjson.dumps(
+            {
+                "type": "job.event",
+                "job_id": job_id,
+                "seq": n,
+                "event": kind,
+                "state": "QUEUED" if kind == "queued" else "RUNNING",
+                "at": "2026-01-01T00:00:00.000Z",
+                "attempt": 1,
+                "miner_id": None if kind == "queued" else "m1",
+                **({"progress": 0.5} if kind == "progress" else {}),
+            }
+        ).decode()
+
+    snapshot = {"type": "snapshot", "miners": [], "queue": {}, "counters": {}, "history": []}
+
+    def on_ws(ws: WebSocketRoute) -> None:
+        def on_message(_: str | bytes) -> None:  # the auth frame
+            ws.send(orjson.dumps(snapshot).decode())
+            ws.send(event("a" * 32, "queued", 1))
+            for n in range(2_100):
+                ws.send(event("b" * 32, "progress", n + 2))
+
+        ws.on_message(on_message)
+
+    async with ops_page(server) as page:
+        await page.route_web_socket("**/v1/admin/ws", on_ws)
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await page.locator('#log-filters input[value="progress"]').check()
+        await expect(page.locator(f'#log li[data-job="{"b" * 32}"]').first).to_be_visible()
+        await expect(page.locator("#log li")).to_have_count(100)  # the newest: progress
+        await page.locator('#log-filters input[value="progress"]').uncheck()
+        await expect(page.locator(f'#log li[data-job="{"a" * 32}"]')).to_have_count(1)

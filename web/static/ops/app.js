@@ -5,7 +5,7 @@ import { LineChart } from "./charts.js";
 const KEY = "aitbc-admin-key";
 const PAGE = 50;            // miners per page
 const MAX_JOBS = 500;       // jobs kept from the live stream
-const MAX_LOG = 2000;       // log entries kept
+const MAX_LOG = 2000;       // log entries kept of each kind
 const SHOWN_LOG = 100;      // log entries rendered (the newest; the box shows ~16)
 const SHOWN_JOBS = 60;      // job rows rendered
 const LIST_EVERY = 250;     // ms between redraws of the job list and the log
@@ -19,7 +19,7 @@ const short = (id) => (id ? String(id).slice(0, 12) : "");
 const S = {
   key: null, ws: null, live: false, everLive: false, retry: 0, timer: null,
   miners: new Map(), queue: {}, counters: {}, history: [],
-  jobs: new Map(), log: [],
+  jobs: new Map(), log: new Map(), logN: 0,
   sort: { key: "miner_id", dir: 1 }, page: 0, filter: "",
   logKinds: new Set(), logText: "", paused: false,
   openJob: null, detail: null, detailTimer: null,
@@ -173,15 +173,22 @@ function logDetail(e) {
 // What the log shows and filters on, kept instead of the frame: a completed event carries its
 // result (up to a whole frame), and 2,000 of them would hold gigabytes.
 function logEntry(f) {
-  return { job_id: f.job_id, event: f.event, state: f.state, miner_id: f.miner_id, at: f.at, detail: logDetail(f) };
+  return { n: ++S.logN, job_id: f.job_id, event: f.event, state: f.state, miner_id: f.miner_id, at: f.at, detail: logDetail(f) };
 }
 
+// The newest entries of the kinds shown, merged newest first from their rings.
 function renderLog() {
   const text = S.logText.toLowerCase();
   const out = [];
-  for (let i = S.log.length - 1; i >= 0 && out.length < SHOWN_LOG; i--) {
-    const e = S.log[i];
-    if (!S.logKinds.has(e.event)) continue;
+  const rings = [...S.logKinds].map((k) => S.log.get(k)).filter(Boolean);
+  const next = rings.map((r) => r.length - 1);
+  while (out.length < SHOWN_LOG) {
+    let best = -1;
+    for (let r = 0; r < rings.length; r++) {
+      if (next[r] >= 0 && (best < 0 || rings[r][next[r]].n > rings[best][next[best]].n)) best = r;
+    }
+    if (best < 0) break;
+    const e = rings[best][next[best]--];
     if (text && !(`${e.job_id} ${e.miner_id ?? ""}`.toLowerCase().includes(text))) continue;
     out.push(`<li class="ev-${esc(e.event)}" data-job="${esc(e.job_id)}" data-event="${esc(e.event)}">${esc(hms(e.at))} <b>${esc(e.event.padEnd(9))}</b> ${esc(short(e.job_id))} ${esc(e.state)} ${esc(e.miner_id ?? "")} ${esc(e.detail)}</li>`);
   }
@@ -260,7 +267,7 @@ function onFrame(f) {
       S.counters = f.counters;
       S.history = f.history.slice(-HISTORY);
       S.jobs.clear();
-      S.log = [];
+      S.log = new Map();
       $("signin").hidden = true;
       $("app").hidden = false;
       $("kpis").hidden = false;
@@ -286,8 +293,11 @@ function onFrame(f) {
       S.jobs.delete(f.job_id);
       S.jobs.set(f.job_id, { job_id: f.job_id, state: f.state, event: f.event, miner_id: f.miner_id, attempt: f.attempt, at: f.at });
       if (S.jobs.size > MAX_JOBS) S.jobs.delete(S.jobs.keys().next().value);
-      S.log.push(logEntry(f));
-      if (S.log.length > MAX_LOG) S.log.splice(0, S.log.length - MAX_LOG);
+      // A ring per kind: hidden kinds (progress, by default) never push the others out.
+      let ring = S.log.get(f.event);
+      if (!ring) S.log.set(f.event, (ring = []));
+      ring.push(logEntry(f));
+      if (ring.length > MAX_LOG) ring.splice(0, ring.length - MAX_LOG);
       mark("jobs", "log");
       if (f.job_id === S.openJob && f.event !== "progress") scheduleDetail();
       break;
