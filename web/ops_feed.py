@@ -41,6 +41,9 @@ RECENT_EVENTS = 200  # replayed to a new watcher after its snapshot
 # a whole frame: 200 of 1 MiB held 200 MiB); the newest is kept in any case.
 RECENT_BYTES = 4 << 20
 TOP_UNSERVABLE = 10
+# Completed/failed counts kept for miners that are gone (for their return), the latest gone
+# first: short-lived miner ids (a container each) grew them without bound.
+GONE_COUNTS = 10_000
 LOAD_FIGURES = 8  # numbers shown per miner from what it reports about its load
 _LOAD_NAME = 32  # characters of a figure's name
 _TERMINAL = frozenset(("COMPLETED", "FAILED", "CANCELED", "EXPIRED"))
@@ -136,6 +139,7 @@ class OpsFeed:
         self._recent_bytes = 0
         self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._done: dict[str, list[int]] = {}  # miner id -> [completed, failed]
+        self._gone: dict[str, None] = {}  # gone miners with counts in _done, oldest first
         self._seen: dict[str, float] = {}  # miner id -> last job event, connection or report
         self._load: dict[str, dict[str, float]] = {}  # miner id -> its last load figures
         self._latencies: list[float] = []  # submit -> first assignment, since the last point
@@ -462,11 +466,23 @@ class OpsFeed:
         for miner_id in self._changed_miners():
             if miner_id not in miners:
                 self._forget(miner_id)
+            else:
+                self._gone.pop(miner_id, None)
 
     def _forget(self, miner_id: str) -> None:
+        """A miner is gone: what its row showed goes, but its counts, kept for its return
+        among the latest ``GONE_COUNTS`` gone miners'."""
         self._sent_miners.pop(miner_id, None)
         self._seen.pop(miner_id, None)
         self._load.pop(miner_id, None)
+        if miner_id in self._done:
+            gone = self._gone
+            gone.pop(miner_id, None)
+            gone[miner_id] = None
+            while len(gone) > GONE_COUNTS:
+                oldest = next(iter(gone))
+                del gone[oldest]
+                del self._done[oldest]
 
     def _offline(self, m: Miner) -> bool:
         """A REST miner that holds no job, has no poll waiting and made no call within the
@@ -527,6 +543,7 @@ class OpsFeed:
                     removed.append(miner_id)
                 self._forget(miner_id)
                 continue
+            self._gone.pop(miner_id, None)
             sig = self._signature(miner_id, m)
             if self._sent_miners.get(miner_id) != sig:
                 changed.append(self._row(m, now))

@@ -14,6 +14,7 @@ from protocol.records import EventRecord, JobRecord
 from tests.conftest import ADMIN_KEY
 from tests.fakes import FakeClock, RecordingOutbox, RecordingStore
 from tests.web.rest_harness import miner_headers, running_api
+from web import ops_feed
 from web.ops_feed import LOAD_FIGURES, RECENT_BYTES, RECENT_EVENTS, OpsFeed, load_figures
 
 CONSTRAINTS = [{"gpu": "A100"}, {"gpu": "H100", "region": "eu"}, {"gpu": "none"}]
@@ -271,3 +272,43 @@ async def test_ops_watchers_see_a_miner_once_its_registration_is_committed(
         assert [m["miner_id"] for m in delta["miners"]] == ["m1"]
         assert [m["miner_id"] for m in snapshot["miners"]] == ["m1"]
         assert all("miners" not in f for _, f in frames[2:])
+
+
+@pytest.mark.anyio
+async def test_counts_of_gone_miners_are_kept_for_the_latest_few_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miner's completed/failed counts were kept for every miner id ever seen, so short-lived
+    miner ids (a container each) grew the feed without bound. A gone miner's counts are kept
+    for its return, for the latest GONE_COUNTS gone miners only."""
+    monkeypatch.setattr(ops_feed, "GONE_COUNTS", 3)
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        for i in range(10):
+            miner_id = f"m{i}"
+            assert (await api.register(miner_id)).status_code == 200
+            job = await api.submit()
+            assert (await api.poll(miner_id)).status_code == 200
+            assert (await api.result(job["job_id"], miner_id)).status_code == 200
+            r = await api.http.delete(f"/v1/miners/{miner_id}", headers=miner_headers(miner_id))
+            assert r.status_code == 200, r.text
+            clock.advance(1)
+            ops.tick(clock.now())
+        assert sorted(ops._done) == ["m7", "m8", "m9"]
+        for miner_id in ("m0", "m9"):  # one forgotten, one back in time
+            assert (await api.register(miner_id)).status_code == 200
+        clock.advance(1)
+        ops.tick(clock.now())
+        rows = {m["miner_id"]: m["completed"] for m in ops.snapshot()["miners"]}
+        assert rows == {"m0": 0, "m9": 1}
+        for i in range(4, 8):  # m9 is back: not among the gone ones to forget
+            assert (await api.register(f"n{i}")).status_code == 200
+            job = await api.submit()
+            assert (await api.poll(f"n{i}")).status_code == 200
+            assert (await api.result(job["job_id"], f"n{i}")).status_code == 200
+            await api.http.delete(f"/v1/miners/n{i}", headers=miner_headers(f"n{i}"))
+            clock.advance(1)
+            ops.tick(clock.now())
+        assert sorted(ops._done) == ["m9", "n5", "n6", "n7"]
