@@ -1298,6 +1298,10 @@ class Dispatcher:
         """Each registered REST miner with the time of its last call."""
         return self._rest_seen.items()
 
+    def rest_last_call(self, miner_id: str) -> float | None:
+        """The time of the last call of the REST miner ``miner_id``, if any."""
+        return self._rest_seen.get(miner_id)
+
     def rest_miners(self) -> list[RestMinerInfo]:
         """Every miner the scheduler knows, with liveness (REST: a call within the window)."""
         now = self.clock.now()

@@ -99,9 +99,12 @@ class MinerConnection(Connection):
         return True
 
     def _load(self, metrics: JSONObject | None) -> None:
-        """A ``heartbeat``'s or ``status``'s metrics: load figures for the ops page."""
-        if metrics is not None and self.miner_id is not None:
-            self.core.ops.on_load(self.miner_id, metrics)
+        """A ``heartbeat`` or ``status``: the miner was heard, and its metrics are load
+        figures, for the ops page."""
+        if self.miner_id is not None:
+            self.core.ops.heard(self.miner_id)
+            if metrics is not None:
+                self.core.ops.on_load(self.miner_id, metrics)
 
     async def handle(self, msg: MinerToServer, session: MinerSession) -> None:
         """Only a result ``handle_now`` declined: for a job no longer in memory."""

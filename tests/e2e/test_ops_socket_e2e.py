@@ -10,11 +10,13 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from protocol.messages import Heartbeat
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY, make_settings
 from tests.e2e.conftest import start_server
 from tests.e2e.manual_miner import ManualMiner, client_session, close_code
 from tests.e2e.test_ops_page import submit
 from tests.web.wallet_helpers import KEY_A, KEY_B, address_of, bearer, login
+from web import ops_feed
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -115,3 +117,23 @@ async def test_an_admin_wallets_session_opens_the_ops_socket(tmp_path: Path) -> 
                 assert await close_code(ws) == 4403
         finally:
             uv.should_exit = True
+
+
+async def test_a_socket_miners_heartbeats_move_its_last_seen(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket miner's heartbeat (and status) frames move its row's last_seen once what was
+    shown is SEEN_STEP old (0 here); it moved only with job events."""
+    monkeypatch.setattr(ops_feed, "SEEN_STEP", 0.0)
+
+    def last_seen() -> str:
+        [row] = server.core.ops.snapshot()["miners"]
+        return str(row["last_seen"])
+
+    async with ManualMiner(server, MINER_KEY, "gpu-heartbeats") as miner:
+        await miner.connect()
+        before = last_seen()
+        with anyio.fail_after(5):
+            while last_seen() == before:
+                await miner.send(Heartbeat(metrics=None))
+                await anyio.sleep(0.05)

@@ -312,3 +312,41 @@ async def test_counts_of_gone_miners_are_kept_for_the_latest_few_only(
             clock.advance(1)
             ops.tick(clock.now())
         assert sorted(ops._done) == ["m9", "n5", "n6", "n7"]
+
+
+@pytest.mark.anyio
+async def test_a_rest_miners_calls_move_its_last_seen_every_30_seconds(tmp_path: Path) -> None:
+    """A row's last_seen moved only with job events: an idle miner heartbeating for hours
+    looked long gone. Its calls move it too, once what was shown is SEEN_STEP old, so idle
+    miners cost a row each per SEEN_STEP, not one per heartbeat; a snapshot agrees."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        assert (await api.register("m1")).status_code == 200
+        r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
+        assert r.status_code == 200, r.text  # its load figures: none
+        watcher = RecordingOutbox()
+        ops.add(watcher)
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
+        [snapshot] = [f for _, f in watcher.log if f["type"] == "snapshot"]
+        first = snapshot["miners"][0]["last_seen"]
+
+        async def heartbeat_then_rows() -> list[dict[str, Any]]:
+            watcher.log.clear()
+            r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
+            assert r.status_code == 200, r.text
+            clock.advance(1)
+            ops.tick(clock.now())
+            await api.core.dispatcher.barrier()
+            return [
+                m for _, f in watcher.log if f["type"] == "ops.delta" for m in f.get("miners", [])
+            ]
+
+        clock.advance(10)
+        assert await heartbeat_then_rows() == []  # 10 s after what was shown: not yet
+        clock.advance(ops_feed.SEEN_STEP)
+        [row] = await heartbeat_then_rows()
+        assert row["last_seen"] > first
+        assert row == ops.snapshot()["miners"][0]
+        ops.discard(watcher)
