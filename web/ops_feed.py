@@ -45,8 +45,9 @@ TOP_UNSERVABLE = 10
 # first: short-lived miner ids (a container each) grew them without bound.
 GONE_COUNTS = 10_000
 # A row's last_seen moves with each job event naming the miner; with what else it says (a
-# heartbeat or status frame, a REST call) only once what was shown is this old: 10,000 idle
-# miners heartbeating every 10 s cost about 330 rows a second, not 1,000.
+# heartbeat or status frame, a progress event, a REST call) only once what was shown is this
+# old: 10,000 idle miners heartbeating every 10 s cost about 330 rows a second, not 1,000,
+# and a miner streaming tokens is not sent again at every tick.
 SEEN_STEP = 30.0
 LOAD_FIGURES = 8  # numbers shown per miner from what it reports about its load
 _LOAD_NAME = 32  # characters of a figure's name
@@ -211,10 +212,9 @@ class OpsFeed:
         """A committed job event (``Dispatcher.watchers``); cheap: it runs per event."""
         # Unpacked: a NamedTuple's fields read by name each take the interpreter's slow path.
         job_id, _, kind, state, at, attempt, miner_id, _ = e
-        if kind == "progress":
+        if kind == "progress":  # as a heartbeat: a streaming miner's row is not sent per tick
             if miner_id is not None:
-                self._seen[miner_id] = at
-                self._event_miners.add(miner_id)
+                self._heard_at(miner_id, at)
             self._send(frame, job_id, progress=True)
             return
         if state in _TERMINAL:

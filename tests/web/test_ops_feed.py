@@ -350,3 +350,39 @@ async def test_a_rest_miners_calls_move_its_last_seen_every_30_seconds(tmp_path:
         assert row["last_seen"] > first
         assert row == ops.snapshot()["miners"][0]
         ops.discard(watcher)
+
+
+@pytest.mark.anyio
+async def test_a_streaming_miners_row_is_not_sent_at_every_tick(tmp_path: Path) -> None:
+    """Each progress event moved its miner's last_seen, so the row of every miner streaming
+    tokens was sent again at every tick (4 a second each) with nothing else changed. Progress
+    moves it as heartbeats do: once the time shown is SEEN_STEP old."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        assert (await api.register("m1")).status_code == 200
+        job = await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        watcher = RecordingOutbox()
+        ops.add(watcher)
+        ops.tick(clock.now())
+        await api.core.dispatcher.barrier()  # snapshots and deltas follow commits
+
+        async def stream_then_rows() -> list[dict[str, Any]]:
+            watcher.log.clear()
+            api.core.dispatcher.miner_call("progress", "m1", job["job_id"], output="tok ")
+            await api.core.dispatcher.barrier()
+            clock.advance(0.25)
+            ops.tick(clock.now())
+            await api.core.dispatcher.barrier()
+            deltas = [f for _, f in watcher.log if f["type"] == "ops.delta"]
+            return [m for f in deltas for m in f.get("miners", [])]
+
+        for _ in range(4):
+            clock.advance(1)
+            assert await stream_then_rows() == []
+        clock.advance(ops_feed.SEEN_STEP)
+        [row] = await stream_then_rows()
+        assert row == ops.snapshot()["miners"][0]
+        ops.discard(watcher)
