@@ -22,6 +22,7 @@ import anyio
 import orjson
 
 from dispatcher.policy import JobNeeds
+from dispatcher.stats import requeue_reason
 from protocol.types import iso_time
 
 if TYPE_CHECKING:
@@ -227,6 +228,12 @@ class OpsFeed:
                 entry = self.active[job_id] = _ActiveJob(job.constraints)
             else:
                 self._uncount(job_id, entry)
+                # A retryable failure: its event names no miner, the entry the one that failed.
+                if kind == "requeued" and entry.miner_id is not None:
+                    reason = e.data.get("reason")
+                    if isinstance(reason, str) and requeue_reason(reason) == "retryable_failure":
+                        self._done.setdefault(entry.miner_id, [0, 0])[1] += 1
+                        self._event_miners.add(entry.miner_id)
             entry.state = state
             entry.miner_id = miner_id
             entry.started = kind == "started" or (kind != "assigned" and entry.started)

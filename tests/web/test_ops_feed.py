@@ -386,3 +386,26 @@ async def test_a_streaming_miners_row_is_not_sent_at_every_tick(tmp_path: Path) 
         [row] = await stream_then_rows()
         assert row == ops.snapshot()["miners"][0]
         ops.discard(watcher)
+
+
+@pytest.mark.anyio
+async def test_a_retryable_failure_counts_against_the_miner_that_failed(tmp_path: Path) -> None:
+    """A retryable failure queues the job again: its requeued event names no miner, so the
+    failing miner's row counted nothing, and a miner failing every job retryably showed no
+    failures at all (success rate: none, or 100 % beside its few completions)."""
+    async with running_api(tmp_path) as api:
+        ops = api.core.ops
+        assert (await api.register("m1")).status_code == 200
+        job = await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        body = {"error_code": "OOM", "error_message": "out of memory", "retryable": True}
+        r = await api.http.post(
+            f"/v1/miners/{job['job_id']}/fail", json=body, headers=miner_headers("m1")
+        )
+        assert r.status_code == 200, r.text
+        assert (await api.job(job["job_id"]))["state"] == "QUEUED"
+        admin = {"X-Api-Key": ADMIN_KEY}
+        r = await api.http.post(f"/v1/admin/jobs/{job['job_id']}/cancel", headers=admin)
+        assert r.status_code == 200, r.text  # an operator's requeue or cancel is no failure
+        [row] = ops.snapshot()["miners"]
+        assert (row["completed"], row["failed"], row["success_rate"]) == (0, 1, 0.0)
