@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
-import orjson
 import pytest
-from playwright.async_api import Page, WebSocketRoute, async_playwright, expect
+from playwright.async_api import Page, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import Ack, Heartbeat, JobCancel, JobSubmit
@@ -405,36 +404,12 @@ async def test_hidden_progress_events_never_push_other_events_out_of_the_log(
 ) -> None:
     """The log kept the last 2,000 events of every kind together, progress (hidden by
     default) too: a streaming job's tokens pushed every other event out of it, and it showed
-    nothing. It now keeps the last 2,000 of each kind. The socket is played by the test."""
-
-    def event(job_id: str, kind: str, n: int) -> str:
-        return orjson.dumps(
-            {
-                "type": "job.event",
-                "job_id": job_id,
-                "seq": n,
-                "event": kind,
-                "state": "QUEUED" if kind == "queued" else "RUNNING",
-                "at": "2026-01-01T00:00:00.000Z",
-                "attempt": 1,
-                "miner_id": None if kind == "queued" else "m1",
-                **({"progress": 0.5} if kind == "progress" else {}),
-            }
-        ).decode()
-
-    snapshot = {"type": "snapshot", "miners": [], "queue": {}, "counters": {}, "history": []}
-
-    def on_ws(ws: WebSocketRoute) -> None:
-        def on_message(_: str | bytes) -> None:  # the auth frame
-            ws.send(orjson.dumps(snapshot).decode())
-            ws.send(event("a" * 32, "queued", 1))
-            for n in range(2_100):
-                ws.send(event("b" * 32, "progress", n + 2))
-
-        ws.on_message(on_message)
-
+    nothing. It now keeps the last 2,000 of each kind. The page's socket is a stand-in
+    (installed before the page's script runs) that answers the sign-in with a snapshot, one
+    queued event and 2,100 progress events."""
     async with ops_page(server) as page:
-        await page.route_web_socket("**/v1/admin/ws", on_ws)
+        await page.add_init_script(FAKE_OPS_SOCKET)
+        await page.reload()
         await sign_in(page)
         await expect(page.locator("#conn-status")).to_have_text("live")
         await page.locator('#log-filters input[value="progress"]').check()
@@ -442,3 +417,21 @@ async def test_hidden_progress_events_never_push_other_events_out_of_the_log(
         await expect(page.locator("#log li")).to_have_count(100)  # the newest: progress
         await page.locator('#log-filters input[value="progress"]').uncheck()
         await expect(page.locator(f'#log li[data-job="{"a" * 32}"]')).to_have_count(1)
+
+
+FAKE_OPS_SOCKET = """
+window.WebSocket = class {
+  constructor() { setTimeout(() => this.onopen(), 0); }
+  close() {}
+  send() {
+    const at = "2026-01-01T00:00:00.000Z";
+    const event = (job_id, kind, seq) => ({ type: "job.event", job_id, seq, event: kind,
+      state: kind === "queued" ? "QUEUED" : "RUNNING", at, attempt: 1,
+      miner_id: kind === "queued" ? null : "m1", progress: 0.5 });
+    const frames = [{ type: "snapshot", miners: [], queue: {}, counters: {}, history: [] },
+      event("a".repeat(32), "queued", 1)];
+    for (let n = 0; n < 2100; n++) frames.push(event("b".repeat(32), "progress", n + 2));
+    for (const f of frames) this.onmessage({ data: JSON.stringify(f) });
+  }
+};
+"""
