@@ -302,38 +302,88 @@ def _job_row(j: JobRecord, stored: dict[int, str]) -> tuple[Any, ...]:
     )
 
 
+# What each column read back into a record holds. SQLite keeps any value in any column (a text
+# where an integer belongs, a JSON column holding ``5``), and such a row used to fail far from
+# its read: a traceback at start-up (``-priority`` of a text, ``constraints.get`` of an int) or a
+# job that started and failed later. A row that does not hold its kinds is refused as damaged,
+# naming its table, row and column (at start-up: one line, exit 3).
+_TEXT, _INTEGER, _NUMBER, _OBJECT, _PAYMENT = "a text", "an integer", "a number", "{", "$"
+_KINDS: dict[str, tuple[type, ...]] = {_TEXT: (str,), _INTEGER: (int,), _NUMBER: (int, float)}
+_JOB_KINDS: tuple[tuple[str, str, bool], ...] = (  # (column, kind, may be NULL), record order
+    ("job_id", _TEXT, False),
+    ("client_id", _TEXT, False),
+    ("state", _TEXT, False),
+    ("payload", _OBJECT, False),
+    ("constraints", _OBJECT, False),
+    ("priority", _INTEGER, False),
+    ("requested_at", _NUMBER, False),
+    ("expires_at", _NUMBER, False),
+    ("attempt", _INTEGER, False),
+    ("failures", _INTEGER, False),
+    ("max_attempts", _INTEGER, False),
+    ("seq", _INTEGER, False),
+    ("miner_id", _TEXT, True),
+    ("assigned_at", _NUMBER, True),
+    ("started_at", _NUMBER, True),
+    ("finished_at", _NUMBER, True),
+    ("result", _OBJECT, True),
+    ("receipt", _OBJECT, True),
+    ("error", _TEXT, True),
+    ("idempotency_key", _TEXT, True),
+    ("payment", _PAYMENT, True),
+)
+_MINER_KINDS: tuple[tuple[str, str, bool], ...] = (
+    ("miner_id", _TEXT, False),
+    ("key_hash", _TEXT, False),
+    ("session_id", _TEXT, True),
+    ("capabilities", _OBJECT, False),
+    ("concurrency", _INTEGER, False),
+    ("region", _TEXT, True),
+    ("last_seen", _NUMBER, False),
+)
+# A job's reservation (web/billing.py): what the ledger and the job view read from it.
+_PAYMENT_KINDS = (("payment_id", str), ("account", str), ("amount", int), ("currency", str))
+
+
+def _stored(m: Any, where: str, column: str, kind: str, nullable: bool) -> Any:
+    """Column ``column`` of row ``m`` (``where``: its table and key), checked to hold ``kind``."""
+    value = m[column]
+    if value is None and nullable:
+        return value
+    if kind in (_OBJECT, _PAYMENT):
+        text = value
+        try:
+            value = decode(text)
+        except (RemoteProtocolError, TypeError):
+            raise _damaged(where, column, "not JSON") from None
+        if type(value) is not dict:
+            raise _damaged(where, column, f"{_shown(text)} is not a JSON object")
+        if kind == _PAYMENT and not all(type(value.get(key)) is of for key, of in _PAYMENT_KINDS):
+            raise _damaged(where, column, "not a payment")
+    elif type(value) not in _KINDS[kind]:
+        raise _damaged(where, column, f"{_shown(value)} is not {kind}")
+    return value
+
+
+def _damaged(where: str, column: str, why: str) -> StorageError:
+    return StorageError(f"{where}, column {column}: the stored value is damaged ({why})")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _job_record(row: Any) -> JobRecord:
     m = row._mapping
-    try:
-        return _job_fields(m)
-    except StorageError as exc:
-        raise StorageError(f"job {m['job_id']}: {exc}") from None
+    where = f"jobs row {m['job_id']}"
+    return JobRecord(*[_stored(m, where, *kinds) for kinds in _JOB_KINDS])
 
 
-def _job_fields(m: Any) -> JobRecord:
-    return JobRecord(
-        job_id=m["job_id"],
-        client_id=m["client_id"],
-        state=m["state"],
-        payload=loads(m["payload"]),
-        constraints=loads(m["constraints"]),
-        priority=m["priority"],
-        requested_at=m["requested_at"],
-        expires_at=m["expires_at"],
-        attempt=m["attempt"],
-        failures=m["failures"],
-        max_attempts=m["max_attempts"],
-        seq=m["seq"],
-        miner_id=m["miner_id"],
-        assigned_at=m["assigned_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        result=_json(m["result"]),
-        receipt=_json(m["receipt"]),
-        error=m["error"],
-        idempotency_key=m["idempotency_key"],
-        payment=_json(m["payment"]),
-    )
+def _miner_record(row: Any) -> MinerRecord:
+    m = row._mapping
+    where = f"miners row {m['miner_id']}"
+    return MinerRecord(**{kinds[0]: _stored(m, where, *kinds) for kinds in _MINER_KINDS})
 
 
 def _event_record(row: Any) -> EventRecord:
@@ -641,18 +691,7 @@ class SqlStore:
             f"{_JOB_SELECT} WHERE state IN ('QUEUED', 'RUNNING') ORDER BY jobs.rowid"
         )
         miners = await self._fetch("SELECT * FROM miners")
-        return [_job_record(r) for r in jobs], [
-            MinerRecord(
-                miner_id=m["miner_id"],
-                key_hash=m["key_hash"],
-                session_id=m["session_id"],
-                capabilities=loads(m["capabilities"]),
-                concurrency=m["concurrency"],
-                region=m["region"],
-                last_seen=m["last_seen"],
-            )
-            for m in (r._mapping for r in miners)
-        ]
+        return [_job_record(r) for r in jobs], [_miner_record(r) for r in miners]
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         rows = await self._fetch(f"{_JOB_SELECT} WHERE job_id = :j", {"j": job_id})

@@ -463,21 +463,38 @@ def test_a_migration_that_cannot_be_written_says_why_and_changes_nothing(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("table", "column", "where"),
-    [("jobs", "payload", "job_id = 'j1'"), ("miners", "capabilities", "miner_id = 'm1'")],
+    ("table", "column", "value", "where", "said"),
+    [
+        ("jobs", "payload", "'{\"gpus\": ['", "job_id = 'j1'", "not JSON"),
+        ("miners", "capabilities", "'{\"gpus\": ['", "miner_id = 'm1'", "not JSON"),
+        # A value of the wrong kind (SQLite keeps any value in any column): a traceback at
+        # start-up (``-priority`` of a text, ``constraints.get`` of an int, a payment that is
+        # no object), or a start that went on with a job or miner that failed later.
+        ("jobs", "payload", "5", "job_id = 'j1'", "'5' is not a JSON object"),
+        ("jobs", "constraints", "'null'", "job_id = 'j1'", "'null' is not a JSON object"),
+        ("jobs", "priority", "'abc'", "job_id = 'j1'", "'abc' is not an integer"),
+        ("jobs", "seq", "'abc'", "job_id = 'j1'", "'abc' is not an integer"),
+        ("jobs", "expires_at", "'abc'", "job_id = 'j1'", "'abc' is not a number"),
+        ("jobs", "payment", "'[1]'", "job_id = 'j1'", "'[1]' is not a JSON object"),
+        ("jobs", "payment", "'{\"amount\": 1}'", "job_id = 'j1'", "not a payment"),
+        ("miners", "concurrency", "'abc'", "miner_id = 'm1'", "'abc' is not an integer"),
+        ("miners", "capabilities", "'[]'", "miner_id = 'm1'", "'[]' is not a JSON object"),
+        ("miners", "last_seen", "'abc'", "miner_id = 'm1'", "'abc' is not a number"),
+    ],
 )
-def test_serve_on_a_row_damaged_inside_its_json_stops_with_one_line(
+def test_serve_on_a_damaged_row_stops_with_one_line_naming_it(
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
     table: str,
     column: str,
+    value: str,
     where: str,
+    said: str,
 ) -> None:
-    """SQLite keeps no checksum of a value: a payload cut short (a damaged file, a hand edit)
-    reads back as text that is no JSON. Start-up then died with a traceback ending in the
-    protocol's "malformed JSON (close 1007)", as if a peer had sent it; now the store says
-    the row is damaged, one line, exit 3."""
+    """SQLite keeps no checksum of a value, nor its column's type: a payload cut short (a
+    damaged file, a hand edit) reads back as text that is no JSON, and any column can hold a
+    value of another kind. Start-up then died with a traceback (ending in the protocol's
+    "malformed JSON (close 1007)", as if a peer had sent it), or went on with the row; now
+    the store says which table, row and column are damaged, one line, exit 3."""
 
     async def create() -> None:
         store = DatabasesJobStore(sqlite_url(tmp_path))
@@ -499,18 +516,20 @@ def test_serve_on_a_row_damaged_inside_its_json_stops_with_one_line(
 
     anyio.run(create)
     with closing(sqlite3.connect(tmp_path / "store.db")) as con:
-        con.execute(f"UPDATE {table} SET {column} = '{{\"gpus\": [' WHERE {where}")
+        con.execute(f"UPDATE {table} SET {column} = {value} WHERE {where}")
         con.commit()
-    for name in ("CLIENT_API_KEYS", "MINER_API_KEYS", "ADMIN_API_KEYS", "DATABASE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(SystemExit) as stopped:
-        main(["serve", "--port", "0", "--log-level", "warning", "--db", str(tmp_path / "store.db")])
-    assert stopped.value.code == 3
-    gc.collect()
-    err = capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
+    env.pop("DATABASE_URL", None)
+    # A child process: a start that goes on with the row would serve until the timeout.
+    done = serve_once(tmp_path / "store.db", env, timeout=20)
+    err = done.stderr
+    assert done.returncode == 3, err
     assert "Traceback" not in err
-    assert "cannot start: " in err
-    assert "is damaged" in err
+    row = where.split(" = ")[1].strip("'")
+    assert (
+        f"cannot start: {table} row {row}, column {column}: the stored value is damaged ({said})\n"
+        in err
+    )
 
 
 @contextmanager
