@@ -5,13 +5,29 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+from pathlib import Path
+
+
+def _stopped_early(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+# The command (``aitbc-coordinator``, ``python -m web.cli``) takes SIGINT and SIGTERM before it
+# imports the app, which takes seconds on a cold start: a signal then was a KeyboardInterrupt
+# traceback (SIGINT) or a kill (SIGTERM); now a clean exit 0, as later. Imported as a library
+# (tests, the benchmarks), it leaves the signals alone.
+if __name__ == "__main__" or Path(sys.argv[0]).name == "aitbc-coordinator":
+    signal.signal(signal.SIGINT, _stopped_early)
+    signal.signal(signal.SIGTERM, _stopped_early)
+
+# ruff: noqa: E402 - the imports below come after the signals are taken
 import argparse
 import importlib.util
 import logging
 import math
-import signal
 import socket
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -600,6 +602,42 @@ def test_a_signal_while_the_server_is_built_is_a_clean_stop(
     monkeypatch.setattr(cli, "build_server", signalled)
     assert main(["serve", "--port", "0", "--db", str(tmp_path / "c.db")]) == 0
     assert capsys.readouterr().err == ""
+
+
+# The console script's code (``from web.cli import main``), run under the command's name, with
+# SIGNAL raised while ``uvicorn`` is imported: the app's imports take seconds on a cold start.
+_SIGNAL_WHILE_IMPORTING = """
+import builtins, signal, sys
+sys.argv = ["aitbc-coordinator", "serve", "--port", "0", "--db", sys.argv[2]]
+real, signum = builtins.__import__, getattr(signal, sys.argv_signal)
+def importing(name, *args, **kwargs):
+    if name == "uvicorn":
+        signal.raise_signal(signum)
+    return real(name, *args, **kwargs)
+builtins.__import__ = importing
+from web.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_command_imports_the_app_is_a_clean_stop(
+    tmp_path: Path, signum: str
+) -> None:
+    """``serve`` took the signals only once it had imported the app and read its settings: a
+    SIGINT before that was a KeyboardInterrupt traceback, a SIGTERM killed it (-15). Now:
+    nothing served, nothing said, exit 0, as for one while the app is built."""
+    code = _SIGNAL_WHILE_IMPORTING.replace("sys.argv_signal", repr(signum))
+    done = subprocess.run(
+        [sys.executable, "-c", code, "-", str(tmp_path / "c.db")],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("configured", ["none", "api keys"])
