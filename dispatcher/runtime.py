@@ -118,6 +118,10 @@ def _snapshot(job: Job, effects: list[Effect]) -> JobRecord:
     return job.record()
 
 
+# The refusal of a call whose commit a shutdown stopped waiting for (``Dispatcher.end_waits``).
+_UNDECIDED = "the coordinator is shutting down before this change was committed; retry"
+
+
 class Dispatcher:
     def __init__(self, store: JobStore, scheduler: Scheduler, clock: Clock) -> None:
         self.store = store
@@ -129,6 +133,7 @@ class Dispatcher:
         self._polls_ended = False  # a shutdown began: REST polls no longer wait (end_polls)
         self._waiting: set[anyio.Event] = set()  # ``_until_committed`` callers (see there)
         self._gone: str | None = None  # why, once the writer has stopped: nothing more commits
+        self._waits_ended = False  # a shutdown stopped waiting for the writer (``end_waits``)
         self._writes = WriteBatch()
         self._actions: list[_Action] = []
         # Makes the Events of the hot paths (two per batch, one per waiting request). Plain
@@ -552,15 +557,26 @@ class Dispatcher:
         """Wait for ``done``; ``box`` then holds the answer, unless the writer stopped first
         (a failed commit; or shutdown, for work queued after its last batch): then nothing
         more is committed, and the caller is refused at once."""
-        if self._gone is None:
+        if self._gone is None and not self._waits_ended:
             self._waiting.add(done)
             try:
                 await done.wait()
             finally:
                 self._waiting.discard(done)
         if not box:
+            if self._gone is None and self._waits_ended:
+                raise Unavailable(_UNDECIDED)
             raise Unavailable(self._gone or "the coordinator is stopping: a commit failed")
         return box[0]
+
+    def end_waits(self) -> None:
+        """A shutdown stopped waiting for the writer (a commit slower than its grace): every
+        call still waiting for its commit is refused now (``Unavailable``, a 503), before
+        uvicorn's graceful timeout cancelled it (a 500, a traceback in the log). Its commit
+        goes on, whole or not at all: a retry with its idempotency key finds the outcome."""
+        self._waits_ended = True
+        for done in list(self._waiting):
+            done.set()
 
     # ---- clients ----------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ __all__ = ["build_server", "listen_socket", "main", "uvicorn_config"]
 
 
 SOCKET_CLOSE_GRACE = 2.0  # seconds a shutdown waits for the sockets' close handshakes
+FLUSH_GRACE = 10.0  # seconds a shutdown waits for the writer before refusing its waiters
 
 
 class CoordinatorServer(uvicorn.Server):
@@ -79,8 +80,11 @@ class CoordinatorServer(uvicorn.Server):
             while core.connections:  # noqa: ASYNC110 - a connection leaves this set as it ends
                 await anyio.sleep(0.01)
         if core.dispatcher.running:
-            with anyio.move_on_after(10):
+            with anyio.move_on_after(FLUSH_GRACE):
                 await core.dispatcher.wait_flushed()
+            # A commit slower than that: a REST call still waiting for one is refused now
+            # (503), not cancelled by uvicorn's graceful timeout below (a 500).
+            core.dispatcher.end_waits()
         await super().shutdown(sockets)
         if self.force_exit:
             # A second SIGINT: uvicorn stopped waiting for requests and skips the app's

@@ -392,7 +392,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
                     await core.dispatcher.before_refusal()
                 except Unavailable as gone:  # the refusal's state may never be durable
                     exc = gone
-            return json_response({"detail": str(exc)}, http_status_for(exc))
+            retry = {"Retry-After": "1"} if isinstance(exc, Unavailable) else None
+            return json_response({"detail": str(exc)}, http_status_for(exc), retry)
         except ClientDisconnect:
             return ALREADY_SENT  # gone before its body ended: nobody to answer
         except StorageError as exc:  # a read failed (a dropped connection, a server restart)

@@ -155,8 +155,8 @@ def _responses(endpoint: Endpoint, path_params: bool) -> dict[str, Any]:
         responses.setdefault("422", _error("invalid request"))
     # Per credential, sent to a public route too; public POSTs also per client address.
     responses.setdefault("429", {"description": "rate limited (Retry-After)"})
-    # A standby waiting for the database (Retry-After), a coordinator whose commit failed, or
-    # a database read that failed (Retry-After).
+    # A standby waiting for the database, a coordinator whose commit failed or that is
+    # stopping, or a database read that failed: each with Retry-After.
     if not endpoint.standby:
         responses.setdefault(
             "503",

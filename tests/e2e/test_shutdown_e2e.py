@@ -16,6 +16,7 @@ from storage.sql import DatabasesJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import Client, RunningServer, start_server
 from tests.e2e.manual_miner import client_session, close_code
+from web import cli
 
 if TYPE_CHECKING:
     from storage.base import WriteBatch
@@ -178,3 +179,56 @@ async def test_a_shutdown_ends_a_waiting_long_poll_at_once(
                 while not answers:  # noqa: ASYNC110 - the poll's task records its answer
                     await anyio.sleep(0.005)
         assert answers == [204]
+
+
+async def test_a_rest_call_whose_commit_outlasts_the_shutdown_gets_503_not_500(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown waits for the writer (10 s), then for requests in flight (uvicorn's graceful
+    timeout, 10 s), then cancels them: a submit whose commit took longer than those 20 s (a
+    stalled disk) was answered 500, with an ERROR traceback in the log. It is refused with 503
+    and ``Retry-After`` once the writer's wait ends, like other store trouble; its commit goes
+    on, whole: after the stop the job is stored, queued. (Both waits are shortened here.)"""
+    monkeypatch.setattr(cli, "FLUSH_GRACE", 0.2, raising=False)
+    async with anyio.create_task_group() as tg:
+        running, uv = await start_server(settings, tg)
+        uv.config.timeout_graceful_shutdown = 1
+        store = running.core.store
+        commit = store.commit
+        release, waiting = anyio.Event(), anyio.Event()
+
+        async def held(batch: WriteBatch) -> None:
+            waiting.set()
+            await release.wait()
+            await commit(batch)
+
+        monkeypatch.setattr(store, "commit", held)
+        base = f"http://127.0.0.1:{running.port}"
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
+            answers: list[httpx.Response] = []
+
+            async def submit() -> None:
+                job = {"payload": {"type": "x"}, "idempotency_key": "k1"}
+                headers = {"X-Api-Key": CLIENT_KEY}
+                answers.append(await http.post("/v1/jobs", json=job, headers=headers))
+
+            tg.start_soon(submit)
+            with anyio.fail_after(5):
+                await waiting.wait()
+            uv.should_exit = True
+            with anyio.fail_after(15):
+                while not answers:  # noqa: ASYNC110 - the submit's task records its answer
+                    await anyio.sleep(0.01)
+            release.set()
+            with anyio.fail_after(15):
+                await running.stopped.wait()
+    [answer] = answers
+    assert (answer.status_code, answer.headers.get("Retry-After")) == (503, "1")
+    assert "retry" in answer.json()["detail"]
+    after = DatabasesJobStore(settings.database_url)
+    await after.open()
+    try:
+        jobs, _ = await after.load_active()
+    finally:
+        await after.close()
+    assert [(j.state, j.idempotency_key) for j in jobs] == [("QUEUED", "k1")]
