@@ -92,11 +92,20 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 def _unix_time(name: str, text: str) -> int:
     try:
-        return int(parse_instant(text))
+        seconds = int(parse_instant(text))
     except ValueError:
         raise SettingsError(
             f"{name}: {text!r} is not Unix seconds or an ISO-8601 time like 2026-01-31T00:00:00Z"
         ) from None
+    # Published as an integer and shown as a date: one beyond 64 bits made every
+    # GET /v1/receipts/signing-keys a 500 (the JSON encoder refuses it).
+    if not _FIRST_INSTANT <= seconds <= _LAST_INSTANT:
+        raise SettingsError(f"{name}: {text!r} is not a time from year 1 to 9999")
+    return seconds
+
+
+_FIRST_INSTANT = -62135596800  # 0001-01-01T00:00:00Z
+_LAST_INSTANT = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def _previous_keys(env: Mapping[str, str], name: str) -> tuple[TrustedKey, ...]:

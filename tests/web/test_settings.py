@@ -156,6 +156,10 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 31 + "@/1700000000"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/yesterday"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@20/10"}, "RECEIPT_PREVIOUS_KEYS"),
+        # beyond 64 bits: every GET /v1/receipts/signing-keys was a 500
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/1e23"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@-1e20/1"}, "RECEIPT_PREVIOUS_KEYS"),
+        ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/253402300800"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"DATABASE_URL": "mysql://db/coordinator"}, "DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://db"}, "DATABASE_URL"),  # no database named
         ({"DATABASE_URL": "postgresql:///coordinator"}, "DATABASE_URL"),  # no host
