@@ -313,7 +313,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         except XpubError as exc:
             raise SettingsError(str(exc)) from None
     esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
-    if esplora is not None and not esplora.startswith(("http://", "https://")):
+    if esplora is not None and not _http_url(esplora):
         raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
     return {
         "billing": _switch(env, "BILLING", False),
@@ -327,6 +327,22 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         "payment_ttl_seconds": _number(env, "PAYMENT_TTL_SECONDS", 3600, 60, 30 * 86400),
         "admin_wallet_addresses": _wallets(env, "ADMIN_WALLET_ADDRESSES"),
     }
+
+
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host, and a port that is a number (if any), as the payment watcher's
+    client reads it: one it refuses (``http://[::1``, ``http://h:x``) raised ``InvalidURL``,
+    which the watcher does not catch, out of its first poll with a payment pending, into the
+    task group that runs the dispatcher."""
+    import httpx
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number, or beyond 65535
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _wallets(env: Mapping[str, str], name: str) -> frozenset[str]:

@@ -160,6 +160,12 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/1e23"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@-1e20/1"}, "RECEIPT_PREVIOUS_KEYS"),
         ({"RECEIPT_PREVIOUS_KEYS": "ab" * 32 + "@/253402300800"}, "RECEIPT_PREVIOUS_KEYS"),
+        # the payment watcher's client refused these (InvalidURL, uncaught) at its first
+        # poll with a payment pending
+        ({"ESPLORA_URL": "http://[::1"}, "ESPLORA_URL"),
+        ({"ESPLORA_URL": "http://esplora:x/api"}, "ESPLORA_URL"),
+        ({"ESPLORA_URL": "http://esplora:99999/api"}, "ESPLORA_URL"),
+        ({"ESPLORA_URL": "http:///api"}, "ESPLORA_URL"),
         ({"DATABASE_URL": "mysql://db/coordinator"}, "DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://db"}, "DATABASE_URL"),  # no database named
         ({"DATABASE_URL": "postgresql:///coordinator"}, "DATABASE_URL"),  # no host
