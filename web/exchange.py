@@ -17,6 +17,7 @@ import heapq
 import logging
 import math
 import uuid
+from collections import Counter
 from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -81,6 +82,7 @@ class Exchange:
     def __init__(self, settings: Settings, dispatcher: Dispatcher, store: Store, clock: Clock):
         self.rate = Decimal(settings.btc_to_aitbc_rate)
         self.ttl = settings.payment_ttl_seconds
+        self.max_pending = settings.max_pending_payments
         self.required_confirmations = settings.btc_confirmations
         self.watched = settings.esplora_url is not None
         self.book = None if settings.bitcoin_xpub is None else AddressBook(settings.bitcoin_xpub)
@@ -89,6 +91,7 @@ class Exchange:
         self.store = store
         self.clock = clock
         self.pending: dict[str, PaymentRecord] = {}
+        self.pending_by_payer: Counter[str] = Counter()  # account -> its pending payments
         self.claimed: set[tuple[str, int]] = set()
         # The amounts held on a shared address: sats -> when free again (inf while pending,
         # AMOUNT_HOLD_SECONDS after settling), and the settled ones in the order they free up.
@@ -104,6 +107,7 @@ class Exchange:
 
     def load(self, snapshot: WalletSnapshot) -> None:
         self.pending = {p.payment_id: p for p in snapshot.payments}
+        self.pending_by_payer = Counter(p.account for p in snapshot.payments)
         self.claimed = set(snapshot.outpoints)
         self.shared_amounts, self._freeing = {}, []
         # The longest hold of an amount wins: settled ones by time, then the pending ones.
@@ -168,7 +172,27 @@ class Exchange:
                 f"{format_units(committed)} AITBC are issued or pending",
             )
 
+    async def check_payer(self, account: str) -> None:
+        """409 if ``account`` has MAX_PENDING_PAYMENTS pending: without a limit one payer could
+        fill the ledger cap with unpaid requests (and use up xpub address indexes). A refusal
+        waits until the payments it counted are committed (``before_refusal``)."""
+        if self.pending_by_payer[account] >= self.max_pending:
+            await self.dispatcher.before_refusal()
+            raise HTTPError(
+                409,
+                f"you have {self.max_pending} pending payments (MAX_PENDING_PAYMENTS): "
+                "pay one or let one expire first",
+            )
+
+    def _unpend(self, record: PaymentRecord) -> None:
+        left = self.pending_by_payer[record.account] - 1
+        if left:
+            self.pending_by_payer[record.account] = left
+        else:
+            del self.pending_by_payer[record.account]
+
     async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
+        await self.check_payer(principal.account)
         if not self.configured:
             raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
         await self.check_cap(aitbc_units)  # refused before anyone pays
@@ -196,6 +220,7 @@ class Exchange:
             expires_at=now + self.ttl,
         )
         self.pending[record.payment_id] = record  # holds the address / amount from now on
+        self.pending_by_payer[record.account] += 1
         await self._save(record)
         return record
 
@@ -237,6 +262,7 @@ class Exchange:
         if match is not None:
             self.claimed.add((match.tx_hash, match.vout))
         self.lost.pop(payment_id, None)
+        self._unpend(record)
         self._settled(confirmed)
         self._settling[payment_id] = "confirmed"
         await self._save(confirmed, credit=True)
@@ -300,6 +326,7 @@ class Exchange:
         expired = [replace(record, status="expired") for record in due]
         for record in expired:
             del self.pending[record.payment_id]
+            self._unpend(record)
             self.lost.pop(record.payment_id, None)
             self._settled(record)
             self._settling[record.payment_id] = "expired"

@@ -142,7 +142,11 @@ ENDPOINTS = [
             200: ("pending, with its receiving address and exact BTC amount", "Payment"),
             400: ("Amount mismatch / ETH amounts", "Error"),
             403: ("not a client credential", "Error"),
-            409: ("the AITBC issued or pending in all would pass 10000000000", "Error"),
+            409: (
+                "the caller has MAX_PENDING_PAYMENTS pending / "
+                "the AITBC issued or pending in all would pass 10000000000",
+                "Error",
+            ),
             422: ("invalid amounts", "Error"),
             503: ("the exchange is not configured", "Error"),
             **_auth,

@@ -170,6 +170,8 @@ class Settings:
     esplora_poll_seconds: float = 30.0
     btc_confirmations: int = 1
     payment_ttl_seconds: float = 3600.0
+    # The most pending exchange payments one payer (ledger account) may have at a time.
+    max_pending_payments: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -325,6 +327,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
         "btc_confirmations": _integer(env, "BTC_CONFIRMATIONS", 1, 0, 1000),
         "payment_ttl_seconds": _number(env, "PAYMENT_TTL_SECONDS", 3600, 60, 30 * 86400),
+        "max_pending_payments": _integer(env, "MAX_PENDING_PAYMENTS", 5, 1, 10_000),
         "admin_wallet_addresses": _wallets(env, "ADMIN_WALLET_ADDRESSES"),
     }
 

@@ -178,6 +178,55 @@ async def test_an_order_beyond_all_bitcoin_is_refused(tmp_path: Path) -> None:
         assert api.core.ready
 
 
+async def test_a_payer_has_at_most_max_pending_payments(tmp_path: Path) -> None:
+    """Pending payments count against the ledger cap (below) and nothing limited them per
+    payer: one client key (the rate limit off by default) made 10,000 requests of 1,000,000
+    AITBC, and every create-payment and admin credit was 409 for an hour, each request also
+    burning an xpub address index. A payer has at most MAX_PENDING_PAYMENTS pending (409,
+    no address used); settling one (confirmed, expired, also after a restart) frees a place,
+    and other payers are not affected."""
+    clock = FakeClock()
+    limit = {"bitcoin_xpub": XPUB, "max_pending_payments": 3}
+    async with running_api(tmp_path, clock, **limit) as api:
+        ids = [(await create(api, aitbc_amount=1_000_000)).json()["payment_id"] for _ in range(3)]
+        r = await create(api, aitbc_amount=1)
+        assert r.status_code == 409, r.text
+        assert r.json() == {
+            "detail": "you have 3 pending payments (MAX_PENDING_PAYMENTS): "
+            "pay one or let one expire first"
+        }
+        user = await login(api.http)
+        other = await create(api, bearer(user["session_token"]), aitbc_amount=1_000_000)
+        assert (other.status_code, other.json()["payment_address"]) == (200, derived(3))
+        r = await api.http.post(f"/v1/admin/payments/{ids[0]}/confirm", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        r = await create(api, aitbc_amount=1)
+        assert (r.status_code, r.json()["payment_address"]) == (200, derived(4))
+        assert (await create(api, aitbc_amount=1)).status_code == 409
+    async with running_api(tmp_path, clock, **limit) as api:
+        assert (await create(api, aitbc_amount=1)).status_code == 409  # loaded pending
+        clock.advance(3601)
+        assert (await status(api, ids[1])).json()["status"] == "expired"
+        r = await create(api, aitbc_amount=1)
+        assert (r.status_code, r.json()["payment_address"]) == (200, derived(5))
+
+
+async def test_a_pending_payments_refusal_waits_for_the_payment_it_counts(tmp_path: Path) -> None:
+    """The MAX_PENDING_PAYMENTS refusal counts a payment whose request is still being
+    committed: it is answered once that payment is (it must not show what a failed commit
+    would undo)."""
+    store = RecordingStore()
+    limit = {"bitcoin_xpub": XPUB, "max_pending_payments": 1}
+    async with running_api(tmp_path, FakeClock(), store=store, **limit) as api:
+        answers = await answered_after_commit(
+            api,
+            store,
+            ("first", create(api, aitbc_amount=1)),
+            ("second", create(api, aitbc_amount=1)),
+        )
+        assert sorted(answers) == [("first", 200), ("second", 409)]
+
+
 async def test_xpub_gives_each_payment_its_own_address_across_restarts(tmp_path: Path) -> None:
     async with running_api(tmp_path, bitcoin_xpub=XPUB) as api:
         a = (await create(api, aitbc_amount=1)).json()
@@ -250,7 +299,8 @@ async def test_overdue_payments_expire_in_one_commit(tmp_path: Path) -> None:
     own, one after the other, so with many overdue payments the read (and the public
     market-stats) waited for as many commits."""
     clock = FakeClock()
-    async with running_api(tmp_path, clock, bitcoin_address=SHARED) as api:
+    many = {"max_pending_payments": 20}
+    async with running_api(tmp_path, clock, bitcoin_address=SHARED, **many) as api:
         ids = [(await create(api, aitbc_amount=1)).json()["payment_id"] for _ in range(20)]
         clock.advance(3601)
         before = api.core.dispatcher.writer_statistics()["batches"]
@@ -756,7 +806,8 @@ async def test_the_watcher_reads_older_pages_of_a_busy_address(tmp_path: Path) -
     expired unpaid. The watcher reads older pages until they are older than its oldest
     pending payment (BLOCK_TIME_SLACK allowed)."""
     clock = FakeClock()
-    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+    many = {"max_pending_payments": 30}
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED, **many) as (api, fake, http):
         fake.paged = True
         for n in range(100):  # old traffic on the address
             fake.pay(SHARED, 5_000 + n, txid=f"{n:064x}", height=50, block_time=clock.now() - 1e6)

@@ -14,6 +14,7 @@ def test_defaults() -> None:
     assert (s.bitcoin_xpub, s.bitcoin_address, s.esplora_url) == (None, None, None)
     assert (s.btc_confirmations, s.payment_ttl_seconds, s.esplora_poll_seconds) == (1, 3600, 30)
     assert s.admin_wallet_addresses == frozenset()
+    assert s.max_pending_payments == 5
 
 
 def test_values_are_read() -> None:
@@ -26,6 +27,7 @@ def test_values_are_read() -> None:
             "BITCOIN_ADDRESS": "bc1qexample",
             "ESPLORA_URL": "http://127.0.0.1:3002/api/",
             "BTC_CONFIRMATIONS": "3",
+            "MAX_PENDING_PAYMENTS": "20",
             "ADMIN_WALLET_ADDRESSES": " 0x" + "AB" * 20 + ", ,0x" + "cd" * 20,
         }
     )
@@ -36,6 +38,7 @@ def test_values_are_read() -> None:
     assert s.bitcoin_xpub == XPUB
     assert s.esplora_url == "http://127.0.0.1:3002/api"
     assert s.btc_confirmations == 3
+    assert s.max_pending_payments == 20
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,7 @@ def test_values_are_read() -> None:
         ("ESPLORA_URL", "ftp://x"),
         ("SESSION_TTL_HOURS", "0"),
         ("BTC_CONFIRMATIONS", "1.5"),
+        ("MAX_PENDING_PAYMENTS", "0"),
         ("ADMIN_WALLET_ADDRESSES", "0x1234"),
         ("ADMIN_WALLET_ADDRESSES", "0x" + "ab" * 20 + ",admin"),
     ],
