@@ -585,8 +585,8 @@ def database_file(url: str) -> str:
 
 def check_database(url: str, *, writable: bool = True) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
-    cannot be this store's database (a folder, in a missing folder, read-only, not SQLite,
-    unreadable, from a newer coordinator, or another program's). A missing file is fine:
+    cannot be this store's database (a folder, a FIFO or device, in a missing folder, read-only,
+    not SQLite, unreadable, from a newer coordinator, or another program's). A missing file is fine:
     ``open`` creates it. ``writable=False``: a read-only tool's check (the file may be
     read-only)."""
     path = Path(database_file(url))
@@ -596,6 +596,9 @@ def check_database(url: str, *, writable: bool = True) -> None:
         raise StorageError(f"cannot create {path}: the folder {path.parent} does not exist")
     if not path.exists():
         return
+    if not path.is_file():
+        # A FIFO blocks the open below for good (and a signal's handler cannot run meanwhile).
+        raise StorageError(f"cannot open {path}: it is not a regular file")
     if writable and not os.access(path, os.W_OK):
         # A read-only file or mount: the start-up only reads, and the coordinator would report
         # ready, then stop on its first commit.

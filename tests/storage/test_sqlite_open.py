@@ -577,3 +577,16 @@ def test_receipts_audit_reads_a_read_only_database(
     with _read_only(db):
         assert main(["receipts", "audit", "--db", str(db)]) == 0
     assert "receipt chain OK: 0 receipts" in capsys.readouterr().out
+
+
+def test_serve_on_a_fifo_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A database path that is a FIFO (or another file that is not a regular one) blocked the
+    start-up's checks for good, opening it to read, and no SIGTERM could stop it (found by the
+    lifecycle hunt). It is refused before anything opens it."""
+    db = tmp_path / "store.db"
+    os.mkfifo(db)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
+    env.pop("DATABASE_URL", None)
+    done = serve_once(db, env, timeout=20)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"aitbc-coordinator: cannot open {db}: it is not a regular file\n"
