@@ -113,7 +113,8 @@ class _Session(Generic[M]):
         state = self.state
         if state is OPEN:  # the steady state first: every message after the handshake
             if isinstance(msg, self._handshake_types):
-                self.fail(CloseCode.PROTOCOL_ERROR, f"{type(msg).__name__.lower()} after handshake")
+                kind = "auth" if isinstance(msg, Auth) else "hello"  # the frame's type, as sent
+                self.fail(CloseCode.PROTOCOL_ERROR, f"{kind} after handshake")
             else:
                 self._events.append(msg)
         elif state is AWAIT_AUTH:
