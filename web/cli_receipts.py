@@ -121,8 +121,12 @@ def _verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise _Usage(f"{args.file}: {exc}") from None
     keys = _pinned(args)
+    receipts = _receipts_in(doc)
+    if not receipts:  # nothing verified is no "all valid": a script must not pass on it
+        print(f"aitbc-coordinator receipts: no receipts in {args.file}", file=sys.stderr)
+        return 1
     bad = 0
-    for n, receipt in enumerate(_receipts_in(doc)):
+    for n, receipt in enumerate(receipts):
         reasons = check_receipt(receipt, keys)
         name = receipt.get("receipt_id") if isinstance(receipt, dict) else None
         label = f"{name}" if isinstance(name, str) else f"#{n}"

@@ -270,6 +270,20 @@ def test_verify_a_file_with_a_pinned_key(
     assert "not a pinned coordinator key" in out
 
 
+@pytest.mark.parametrize("doc", [{"items": []}, []])
+def test_verify_of_a_file_with_no_receipts_exits_1(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], doc: object
+) -> None:
+    """A file holding no receipt (a failed job's empty receipt list) printed nothing and exited
+    0, "all valid", so `verify FILE && trust` passed on nothing (found by the docs hunt)."""
+    empty = tmp_path / "none.json"
+    empty.write_text(json.dumps(doc))
+    assert run_verify(capsys, str(empty), "--key", PUBLIC_HEX) == (
+        1,
+        f"aitbc-coordinator receipts: no receipts in {empty}\n",
+    )
+
+
 def test_verify_with_keys_url_and_with_configured_keys(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
