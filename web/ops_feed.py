@@ -116,6 +116,17 @@ def _vram_mb(gpus: list[Any]) -> int:
     return min(total, _MAX_VRAM_MB)
 
 
+# A row shows at most this many GPU names and models, each cut to this many characters: what a
+# miner advertises is its own (a REST registration of 4 GPUs named with 200,000 characters made
+# a 1 MB row, sent again to every watcher with each of its job events). Matching reads it all.
+_ROW_ITEMS = 16
+_ROW_TEXT = 64
+
+
+def _shown_names(values: list[Any]) -> list[str]:
+    return [str(v)[:_ROW_TEXT] for v in values[:_ROW_ITEMS]]
+
+
 def _needs_shown(needs: JobNeeds) -> dict[str, Any]:
     """A queue class as the page shows it: the constraints matching reads that it sets."""
     shown: dict[str, Any] = {}
@@ -394,9 +405,9 @@ class OpsFeed:
             "miner_id": m.miner_id,
             "transport": "rest" if m.rest else "websocket",
             "region": m.region,
-            "gpus": [str(g.get("name", "?")) for g in gpu_list if isinstance(g, dict)],
+            "gpus": _shown_names([g.get("name", "?") for g in gpu_list if isinstance(g, dict)]),
             "vram_mb": _vram_mb(gpu_list),
-            "models": [str(x) for x in models] if isinstance(models, list) else [],
+            "models": _shown_names(models) if isinstance(models, list) else [],
             "slots_used": len(m.jobs),
             "slots_total": m.concurrency,
             "state": state,

@@ -204,6 +204,26 @@ async def test_gpu_memory_summing_past_64_bits_is_shown_capped_not_fatal(tmp_pat
 
 
 @pytest.mark.anyio
+async def test_a_rows_gpu_names_and_models_are_bounded(tmp_path: Path) -> None:
+    """A miner's row carried its GPU names and models whole: 4 GPUs named with 200,000
+    characters and 2 models of 100,000 made a 1 MB row, sent to every watcher with each of its
+    job events (found by the ops hunt). A row shows the first 16 of each, cut to 64
+    characters; matching still reads them whole."""
+    async with running_api(tmp_path, FakeClock()) as api:
+        caps = {
+            "gpus": [{"name": "G" * 20_000, "memory_mb": 1}] * 20,
+            "models": ["x" * 10_000] * 40,
+        }
+        assert (await api.register("m1", capabilities=caps)).status_code == 200
+        r = await api.http.get("/v1/admin/ops", headers={"X-Api-Key": ADMIN_KEY})
+        [row] = r.json()["miners"]
+        assert row["gpus"] == ["G" * 64] * 16
+        assert row["models"] == ["x" * 64] * 16
+        assert row["vram_mb"] == 20
+        assert len(r.content) < 10_000
+
+
+@pytest.mark.anyio
 async def test_miners_gone_before_a_watcher_opens_are_forgotten(tmp_path: Path) -> None:
     """Miners come and go, and so do ops pages: a miner gone just before the first watcher
     opens leaves nothing behind. That watcher took the pending miner changes without looking
