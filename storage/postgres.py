@@ -253,7 +253,11 @@ class PostgresJobStore(SqlStore):
         # owner lock), and the reads' and the scans' (a scan must not hold up the reads clients
         # wait on). A read takes a connection from its pool for each query, so a connection
         # the server or the network ended is replaced: only the read that met it fails.
-        self._db = Database(driver_url, min_size=1, max_size=1, connection_class=_WriterConnection)
+        # The writer's pool keeps no minimum: its one connection is taken at open and held, and
+        # once the server ends it (``maintain``) a minimum made the pool connect again in the
+        # background, which the close then cut short mid-handshake (asyncpg left an unread
+        # "unexpected connection_lost()" error on the loop).
+        self._db = Database(driver_url, min_size=0, max_size=1, connection_class=_WriterConnection)
         self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS)
         self._scan_db = Database(driver_url, min_size=1, max_size=1)
         self._stack = AsyncExitStack()
