@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from web.auth import Principal
     from web.settings import Settings
 
-__all__ = ["AddressBook", "Exchange", "XpubError"]
+__all__ = ["AddressBook", "Exchange", "XpubError", "is_bitcoin_address"]
 
 log = logging.getLogger("aitbc.coordinator")
 
@@ -76,6 +76,31 @@ class AddressBook:
 
     def address(self, index: int) -> str:
         return str(self._chain.AddressIndex(index).PublicKey().ToAddress())
+
+
+# Base58Check version bytes of P2PKH and P2SH addresses (mainnet, then testnet and regtest).
+_BASE58_VERSIONS = (0x00, 0x05, 0x6F, 0xC4)
+_SEGWIT_HRPS = ("bc", "tb", "bcrt")
+
+
+def is_bitcoin_address(text: str) -> bool:
+    """A mainnet, testnet or regtest address a wallet can pay: Base58Check P2PKH or P2SH, or
+    a SegWit address (bech32, bech32m for taproot), checksum included."""
+    from bip_utils import Base58Decoder, SegwitBech32Decoder
+
+    if text[:3].lower() in ("bc1", "tb1") or text[:5].lower() == "bcrt1":
+        for hrp in _SEGWIT_HRPS:
+            try:
+                SegwitBech32Decoder.Decode(hrp, text)
+            except Exception:  # bip_utils raises several types
+                continue
+            return True
+        return False
+    try:
+        raw = Base58Decoder.CheckDecode(text)
+    except Exception:  # bip_utils raises several types for a bad string
+        return False
+    return len(raw) == 21 and raw[0] in _BASE58_VERSIONS
 
 
 class Exchange:

@@ -314,6 +314,15 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
             AddressBook(xpub)
         except XpubError as exc:
             raise SettingsError(str(exc)) from None
+    address = env.get("BITCOIN_ADDRESS", "").strip() or None
+    if address is not None:
+        from web.exchange import is_bitcoin_address
+
+        if not is_bitcoin_address(address):
+            raise SettingsError(
+                "BITCOIN_ADDRESS: not a Bitcoin address (P2PKH, P2SH or SegWit, checksum "
+                "included): payers would be shown it"
+            )
     esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
     if esplora is not None and not _http_url(esplora):
         raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")
@@ -322,7 +331,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
         "session_ttl_hours": _number(env, "SESSION_TTL_HOURS", 24, 0.01, 24 * 365),
         "btc_to_aitbc_rate": rate,
         "bitcoin_xpub": xpub,
-        "bitcoin_address": env.get("BITCOIN_ADDRESS", "").strip() or None,
+        "bitcoin_address": address,
         "esplora_url": esplora,
         "esplora_poll_seconds": _number(env, "ESPLORA_POLL_SECONDS", 30, 1, 86400),
         "btc_confirmations": _integer(env, "BTC_CONFIRMATIONS", 1, 0, 1000),

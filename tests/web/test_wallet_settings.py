@@ -24,7 +24,7 @@ def test_values_are_read() -> None:
             "SESSION_TTL_HOURS": "2",
             "BTC_TO_AITBC_RATE": "250000.5",
             "BITCOIN_XPUB": XPUB,
-            "BITCOIN_ADDRESS": "bc1qexample",
+            "BITCOIN_ADDRESS": "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",
             "ESPLORA_URL": "http://127.0.0.1:3002/api/",
             "BTC_CONFIRMATIONS": "3",
             "MAX_PENDING_PAYMENTS": "20",
@@ -36,6 +36,7 @@ def test_values_are_read() -> None:
     assert s.session_ttl_hours == 2
     assert s.btc_to_aitbc_rate == "250000.5"
     assert s.bitcoin_xpub == XPUB
+    assert s.bitcoin_address == "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"
     assert s.esplora_url == "http://127.0.0.1:3002/api"
     assert s.btc_confirmations == 3
     assert s.max_pending_payments == 20
@@ -50,6 +51,10 @@ def test_values_are_read() -> None:
         ("BTC_TO_AITBC_RATE", "1.000000001"),
         ("BITCOIN_XPUB", "xpubNotAKey"),
         ("BITCOIN_XPUB", "hello"),
+        ("BITCOIN_ADDRESS", "notanaddress"),
+        ("BITCOIN_ADDRESS", "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t5"),  # checksum
+        ("BITCOIN_ADDRESS", "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNb"),  # checksum
+        ("BITCOIN_ADDRESS", "0x" + "ab" * 20),  # an Ethereum address
         ("ESPLORA_URL", "ftp://x"),
         ("SESSION_TTL_HOURS", "0"),
         ("BTC_CONFIRMATIONS", "1.5"),
@@ -73,3 +78,20 @@ def test_billing_takes_the_spellings_of_every_other_switch(raw: str, on: bool) -
 def test_a_bad_billing_value_is_quoted() -> None:
     with pytest.raises(SettingsError, match=r"^BILLING: must be on or off, got 'maybe'$"):
         Settings.from_env({"BILLING": "maybe"})
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa",  # P2PKH
+        "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy",  # P2SH
+        "bc1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qccfmv3",  # P2WSH
+        "bc1p5cyxnuxmeuwuvkwfem96lqzszd02n6xdcjrs20cac6yqjjwudpxqkedrcr",  # taproot
+        "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx",  # testnet
+        "mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn",  # testnet P2PKH
+    ],
+)
+def test_bitcoin_address_takes_every_kind_a_wallet_pays(address: str) -> None:
+    """BITCOIN_ADDRESS took any text (`junk` was shown to payers as the address to pay; found
+    by the lifecycle hunt): it must be an address, its checksum included."""
+    assert Settings.from_env({"BITCOIN_ADDRESS": f" {address} "}).bitcoin_address == address
