@@ -15,6 +15,7 @@ from storage.memory import InMemoryJobStore
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
 from tests.fakes import RecordingStore
 from web.app import create_app
+from web.schemas import ASSIGNED_CONSTRAINT_KEYS
 from web.ws_client import MAX_SUBSCRIBE_JOBS
 
 if TYPE_CHECKING:
@@ -644,21 +645,9 @@ def test_a_submit_with_constraints_rest_refuses_is_refused_on_the_socket(
 
 
 _json_leaf = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=3)
-_json_any = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3), max_leaves=4)
+_json_any = _json_leaf | st.lists(_json_leaf, max_size=3)  # what a constraint's value can be
 _constraint_values = st.dictionaries(
-    st.sampled_from(
-        [
-            "gpu",
-            "cuda",
-            "min_vram_gb",
-            "models",
-            "region",
-            "max_price",
-            "min_reputation",
-            "bond_required",
-            "other",
-        ]
-    ),
+    st.sampled_from([*ASSIGNED_CONSTRAINT_KEYS, "other"]),
     _json_any | st.lists(st.text(max_size=3), max_size=3),
     max_size=3,
 )
