@@ -55,11 +55,11 @@ async def test_a_shutdown_closes_every_socket_with_1001(settings: Settings) -> N
             await running.stopped.wait()
 
 
-async def _a_submit_held_in_its_commit(
-    running: RunningServer, client: Client, monkeypatch: pytest.MonkeyPatch
-) -> anyio.Event:
-    """The client submits a job whose commit then waits, as every later commit does, until
-    the returned event is set."""
+def _hold_commits(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[anyio.Event, anyio.Event]:
+    """From now on every commit waits until the first event is set; the second is set once one
+    is waiting."""
     store = running.core.store
     commit = store.commit
     release, waiting = anyio.Event(), anyio.Event()
@@ -70,6 +70,15 @@ async def _a_submit_held_in_its_commit(
         await commit(batch)
 
     monkeypatch.setattr(store, "commit", held)
+    return release, waiting
+
+
+async def _a_submit_held_in_its_commit(
+    running: RunningServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> anyio.Event:
+    """The client submits a job whose commit then waits, as every later commit does, until
+    the returned event is set."""
+    release, waiting = _hold_commits(running, monkeypatch)
     await client.send(JobSubmit(id="r1", payload={"type": "x"}))
     with anyio.fail_after(5):
         await waiting.wait()
@@ -193,16 +202,7 @@ async def test_a_rest_call_whose_commit_outlasts_the_shutdown_gets_503_not_500(
     async with anyio.create_task_group() as tg:
         running, uv = await start_server(settings, tg)
         uv.config.timeout_graceful_shutdown = 1
-        store = running.core.store
-        commit = store.commit
-        release, waiting = anyio.Event(), anyio.Event()
-
-        async def held(batch: WriteBatch) -> None:
-            waiting.set()
-            await release.wait()
-            await commit(batch)
-
-        monkeypatch.setattr(store, "commit", held)
+        release, waiting = _hold_commits(running, monkeypatch)
         base = f"http://127.0.0.1:{running.port}"
         async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as http:
             answers: list[httpx.Response] = []
