@@ -16,7 +16,11 @@ from dispatcher.errors import (
 )
 from protocol.types import ErrorCode
 
-__all__ = ["ERROR_TABLE", "error_code_for", "http_status_for"]
+__all__ = ["ERROR_TABLE", "READ_FAILED", "error_code_for", "http_status_for"]
+
+# What a request is told when a read of the store failed (a dropped connection, a server
+# restart): REST's 503 detail and a socket's `unavailable` error.
+READ_FAILED = "the database could not be read; retry"
 
 # exception type -> (WS error code, HTTP status)
 ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from dispatcher.errors import DispatchError, Unavailable
 from protocol.codec import input_refusal
 from storage.errors import StorageError
-from web.errors import http_status_for
+from web.errors import READ_FAILED, http_status_for
 from web.schemas import SCHEMAS, ValidationFailed, validate
 
 if TYPE_CHECKING:
@@ -399,8 +399,7 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         except StorageError as exc:  # a read failed (a dropped connection, a server restart)
             path = request.url.path
             log.warning("%s %s: the database could not be read: %s", request.method, path, exc)
-            detail = "the database could not be read; retry"
-            return json_response({"detail": detail}, 503, {"Retry-After": "1"})
+            return json_response({"detail": READ_FAILED}, 503, {"Retry-After": "1"})
 
     return run
 

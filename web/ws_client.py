@@ -32,7 +32,7 @@ from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.billing import job_payment
 from web.connection import Connection
-from web.errors import error_code_for
+from web.errors import READ_FAILED, error_code_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -160,7 +160,7 @@ class ClientConnection(Connection):
             code, text = error_code_for(exc), str(exc)
         else:  # a StorageError: the key's lookup failed (a dropped connection, say)
             log.warning("job.submit: the database could not be read: %s", exc)
-            code, text = ErrorCode.UNAVAILABLE, "the database could not be read; retry"
+            code, text = ErrorCode.UNAVAILABLE, READ_FAILED
         self.core.dispatcher.after_commit(
             lambda: self.error(code, text, request_id=msg.id, ref="job.submit")
         )
