@@ -281,8 +281,11 @@ class PostgresJobStore(SqlStore):
 
     async def _connect(self) -> None:
         await self._connect_pool(self._db)
+        async with _connecting(self.url):  # the writer's pool connects here (no minimum)
+            writer = await asyncio.wait_for(
+                self._stack.enter_async_context(self._db.connection()), _CONNECT_TIMEOUT
+            )
         async with _map_errors():
-            writer = await self._stack.enter_async_context(self._db.connection())
             raw = writer.raw_connection
             # The writer's session is idle whenever nothing happens; a server that ends idle
             # sessions (idle_session_timeout, PostgreSQL 14+) must not end this one: its loss
