@@ -29,6 +29,7 @@ __all__ = [
     "ADMIN_ACCOUNT",
     "EXCHANGE_ACCOUNT",
     "MAX_ISSUED",
+    "MAX_LEDGER",
     "Ledger",
     "Movement",
     "client_account",
@@ -44,10 +45,13 @@ __all__ = [
 EXCHANGE_ACCOUNT = "exchange:btc"
 ADMIN_ACCOUNT = "system:admin"
 ISSUERS = ("exchange:", "system:")
-# The most money the issuers may create together (1e10 AITBC): every balance, and every sum
-# of entries a store adds up, then fits a 64-bit integer (SQLite's SUM raises on overflow,
-# and the balances are such a sum at start-up).
+# The most money the issuers may create together (1e10 AITBC), checked when money is asked
+# for: an admin credit, an exchange payment request. Pending payments do not count against it
+# (payers are free to make wallets, so unpaid requests would lock every other payer out), so a
+# paid payment is credited past it, up to MAX_LEDGER: every balance, and every sum of entries
+# a store adds up, then fits a 64-bit integer (SQLite's SUM raises on overflow).
 MAX_ISSUED = 10**18
+MAX_LEDGER = 2**63 - 1
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 PAYOUT_KEYS = ("payout_address", "wallet_address")
 

@@ -135,7 +135,11 @@ class EsploraWatcher:
         if match is None:
             return
         if match.confirmations >= exchange.required_confirmations:
-            await exchange.confirm(payment_id, match)
+            try:
+                await exchange.confirm(payment_id, match)
+            except HTTPError as exc:  # held (ledger limit): it waits, the poll goes on
+                self.errors += 1
+                log.warning("payment watcher: payment %s: %s", payment_id, exc.detail)
         else:
             await exchange.seen(payment_id, match)
 

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from dispatcher.exchange import AMOUNT_HOLD_SECONDS, Match, unique_amount
-from dispatcher.ledger import MAX_ISSUED, exchange_credit
+from dispatcher.ledger import MAX_ISSUED, MAX_LEDGER, exchange_credit
 from protocol.amounts import format_units
 from storage.base import PaymentRecord
 from web.http import HTTPError
@@ -182,19 +182,19 @@ class Exchange:
             self._settling.pop(record.payment_id, None)
 
     async def check_cap(self, units: int) -> None:
-        """409 unless ``units`` more AITBC keep within ``MAX_ISSUED`` what is issued
-        (``Ledger.issued``) plus what the pending payments would credit: so a payment, once
-        paid, can always be credited. Staged state, read with no await when the check passes:
-        race-free. It counts credits and payments still being committed, so a refusal waits
-        until they are (``before_refusal``: Unavailable should one fail)."""
-        pending = sum(p.aitbc_units for p in self.pending.values())
-        committed = self.dispatcher.ledger.issued() + pending
-        if committed + units > MAX_ISSUED:
+        """409 unless ``units`` more AITBC keep what is issued (``Ledger.issued``) within
+        ``MAX_ISSUED``. Pending payments do not count: a wallet is free to make, so fresh
+        wallets' unpaid requests could otherwise hold the whole cap; a paid one is credited
+        past it (``confirm``). Staged state, read with no await when the check passes:
+        race-free. It counts credits still being committed, so a refusal waits until they
+        are (``before_refusal``: Unavailable should one fail)."""
+        issued = self.dispatcher.ledger.issued()
+        if issued + units > MAX_ISSUED:
             await self.dispatcher.before_refusal()
             raise HTTPError(
                 409,
                 f"the ledger holds at most {format_units(MAX_ISSUED)} AITBC in all; "
-                f"{format_units(committed)} AITBC are issued or pending",
+                f"{format_units(issued)} AITBC are issued",
             )
 
     async def check_payer(self, account: str) -> None:
@@ -276,6 +276,20 @@ class Exchange:
                 self.pending[payment_id] = record
                 await self.dispatcher.before_refusal()  # the claim may still be being saved
                 raise HTTPError(409, "that output already paid a payment")
+        if self.dispatcher.ledger.issued() + record.aitbc_units > MAX_LEDGER:
+            # Only payments requested below MAX_ISSUED and paid past it get here: beyond
+            # MAX_LEDGER, sums of balances would overflow. It stays pending, its output kept
+            # (it does not expire), for an operator to settle; the watcher logs it every poll.
+            self.pending[payment_id] = record
+            if match is not None:
+                await self.seen(payment_id, match)
+            await self.dispatcher.before_refusal()
+            raise HTTPError(
+                409,
+                f"crediting {format_units(record.aitbc_units)} AITBC would pass the ledger's "
+                f"64-bit limit ({format_units(MAX_LEDGER)} AITBC issued in all); "
+                "the payment stays pending",
+            )
         confirmed = replace(
             record,
             status="confirmed",

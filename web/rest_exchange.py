@@ -144,7 +144,7 @@ ENDPOINTS = [
             403: ("not a client credential", "Error"),
             409: (
                 "the caller has MAX_PENDING_PAYMENTS pending / "
-                "the AITBC issued or pending in all would pass 10000000000",
+                "the AITBC issued in all would pass 10000000000",
                 "Error",
             ),
             422: ("invalid amounts", "Error"),
@@ -193,7 +193,10 @@ ENDPOINTS = [
             200: ("confirmed (again: unchanged, no second credit)", "Payment"),
             403: ("not an admin credential", "Error"),
             404: ("Payment not found", "Error"),
-            409: ("expired / output already used", "Error"),
+            409: (
+                "expired / output already used / its credit would pass the 64-bit limit",
+                "Error",
+            ),
             **_auth,
         },
     ),

@@ -123,7 +123,7 @@ ENDPOINTS = [
         responses={
             200: ("credited (committed)", "Account"),
             **_errors,
-            409: ("the AITBC issued or pending in all would pass 10000000000", "Error"),
+            409: ("the AITBC issued in all would pass 10000000000", "Error"),
             422: ("invalid amount", "Error"),
         },
     ),

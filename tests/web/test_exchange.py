@@ -179,12 +179,11 @@ async def test_an_order_beyond_all_bitcoin_is_refused(tmp_path: Path) -> None:
 
 
 async def test_a_payer_has_at_most_max_pending_payments(tmp_path: Path) -> None:
-    """Pending payments count against the ledger cap (below) and nothing limited them per
-    payer: one client key (the rate limit off by default) made 10,000 requests of 1,000,000
-    AITBC, and every create-payment and admin credit was 409 for an hour, each request also
-    burning an xpub address index. A payer has at most MAX_PENDING_PAYMENTS pending (409,
-    no address used); settling one (confirmed, expired, also after a restart) frees a place,
-    and other payers are not affected."""
+    """Nothing limited pending payments per payer: one client key (the rate limit off by
+    default) made 10,000 requests of 1,000,000 AITBC, which held the ledger cap (they counted
+    against it then) for an hour, each request also burning an xpub address index. A payer
+    has at most MAX_PENDING_PAYMENTS pending (409, no address used); settling one (confirmed,
+    expired, also after a restart) frees a place, and other payers are not affected."""
     clock = FakeClock()
     limit = {"bitcoin_xpub": XPUB, "max_pending_payments": 3}
     async with running_api(tmp_path, clock, **limit) as api:
@@ -822,31 +821,76 @@ async def test_the_watcher_reads_older_pages_of_a_busy_address(tmp_path: Path) -
         assert await client_balance(api) == "30000.00000000"
 
 
-async def test_payments_are_refused_before_they_would_pass_the_ledger_cap(tmp_path: Path) -> None:
-    """The AITBC issued in all stays within 1e10 (docs/wallet.md: every stored sum fits 64
-    bits), exchange credits included: they were not counted, so a paid payment was credited
-    past the cap and every later admin credit was 409. A payment request that could pass it
-    is refused before anyone pays (409), and pending payments count against admin credits."""
+async def test_unpaid_payments_of_fresh_wallets_lock_nobody_out(tmp_path: Path) -> None:
+    """Pending payments held their share of the 1e10 AITBC cap, and a wallet costs nothing
+    (MAX_PENDING_PAYMENTS is per payer): fresh wallets' unpaid requests filled the cap and
+    every other payer's create-payment and every admin credit was 409 for an hour. The cap
+    now counts what is issued only: a request is refused once the AITBC issued would pass
+    it, and a paid payment is credited even past it (docs/wallet.md)."""
     clock = FakeClock()
 
-    async def credit(amount: str) -> int:
-        r = await api.http.post(
-            "/v1/admin/accounts/client:c1/credit", json={"amount": amount}, headers=ADMIN
-        )
-        return r.status_code
+    async def credit(amount: str) -> httpx.Response:
+        url = "/v1/admin/accounts/client:c1/credit"
+        return await api.http.post(url, json={"amount": amount}, headers=ADMIN)
 
-    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, _fake, http):
-        assert await credit("9999000000") == 200  # 1e10 - 1e6
-        big = await create(api, aitbc_amount=1_000_000)
-        assert big.status_code == 200, big.text  # exactly at the cap
-        r = await create(api, aitbc_amount=1)
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        assert (await credit("9999000000")).status_code == 200  # 1e10 - 1e6
+        fresh = bearer((await login(api.http))["session_token"])  # a wallet made for this
+        flood = await create(api, fresh, aitbc_amount=1_000_000)
+        assert flood.status_code == 200, flood.text
+        mine = await create(api, aitbc_amount=1)  # another payer: not locked out
+        assert mine.status_code == 200, mine.text
+        assert (await credit("1")).status_code == 200  # nor the admin
+        assert (await credit("999999")).status_code == 200  # exactly at the cap
+        r = await credit("0.00000001")
         assert r.status_code == 409, r.text
-        assert r.json()["detail"].endswith("10000000000.00000000 AITBC are issued or pending")
-        assert await credit("1") == 409  # the pending payment holds its share
-        clock.advance(3601)
+        assert r.json()["detail"] == (
+            "the ledger holds at most 10000000000.00000000 AITBC in all; "
+            "10000000000.00000000 AITBC are issued"
+        )
+        assert (await create(api, aitbc_amount=1)).status_code == 409
+        for n, p in enumerate((flood.json(), mine.json())):  # both paid: both credited
+            sats = int(p["btc_amount"].replace(".", ""))
+            fake.pay(p["payment_address"], sats, txid=f"{n:064x}", height=100)
         await api.core.watcher.poll_once(http)
-        assert (await status(api, big.json()["payment_id"])).json()["status"] == "expired"
-        assert await credit("1") == 200
+        for p in (flood.json(), mine.json()):
+            assert (await status(api, p["payment_id"], ADMIN)).json()["status"] == "confirmed"
+        assert await client_balance(api) == "1.00000000"
+        r = await api.http.get("/v1/admin/accounts/exchange:btc", headers=ADMIN)
+        assert r.json()["balance"] == "-1000001.00000000"  # past the cap by what was pending
+
+
+async def test_a_payment_past_the_64_bit_limit_waits_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Payments requested below the cap and paid past it are credited up to MAX_LEDGER (here
+    100 AITBC past the cap; really 2**63 - 1 units). One that would pass it stays pending
+    with its output recorded (it does not expire: it was paid), the watcher goes on with the
+    other payments, and an admin confirmation of it is 409."""
+    monkeypatch.setattr("web.exchange.MAX_LEDGER", 10**18 + 100 * 10**8)
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        url = "/v1/admin/accounts/client:c1/credit"
+        r = await api.http.post(url, json={"amount": "9999999000"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        other = {"X-Api-Key": CLIENT_KEY_2}
+        orders = [(CLIENT, 1000), (other, 1000), (CLIENT, 50)]
+        ps = [(await create(api, h, aitbc_amount=a)).json() for h, a in orders]
+        for n, p in enumerate(ps):
+            sats = int(p["btc_amount"].replace(".", ""))
+            fake.pay(p["payment_address"], sats, txid=f"{n:064x}", height=100)
+        await api.core.watcher.poll_once(http)
+        states = [(await status(api, p["payment_id"], ADMIN)).json() for p in ps]
+        assert [s["status"] for s in states] == ["confirmed", "pending", "confirmed"]
+        assert (states[1]["tx_hash"], states[1]["confirmations"]) == (f"{1:064x}", 1)
+        clock.advance(4000)  # past its deadline: it was paid, so it waits
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, ps[1]["payment_id"], ADMIN)).json()["status"] == "pending"
+        r = await api.http.post(f"/v1/admin/payments/{ps[1]['payment_id']}/confirm", headers=ADMIN)
+        assert r.status_code == 409, r.text
+        assert "would pass the ledger's 64-bit limit" in r.json()["detail"]
+        r = await api.http.get("/v1/admin/accounts/exchange:btc", headers=ADMIN)
+        assert r.json()["balance"] == "-1050.00000000"
 
 
 @pytest.mark.parametrize("second", ["create-payment", "credit"])
