@@ -216,7 +216,15 @@ class Exchange:
         else:
             del self.pending_by_payer[record.account]
 
+    async def expire_unwatched(self) -> None:
+        """Without a watcher, payments expire when someone looks: before a status or the
+        market stats is read, a payment requested (the payer's places, a shared address's
+        amounts) or confirmed by hand."""
+        if not self.watched:
+            await self.expire_due()
+
     async def create(self, principal: Principal, aitbc_units: int, sats: int) -> PaymentRecord:
+        await self.expire_unwatched()
         await self.check_payer(principal.account)
         if not self.configured:
             raise HTTPError(503, "the exchange is not configured (BITCOIN_XPUB or BITCOIN_ADDRESS)")
@@ -250,8 +258,7 @@ class Exchange:
         return record
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
-        if not self.watched:
-            await self.expire_due()  # no watcher: expiry happens when someone looks
+        await self.expire_unwatched()
         record = self.pending.get(payment_id)
         if record is None:  # settled: the stored row (one being settled is stored pending)
             return await self.store.get_payment(payment_id)
@@ -261,6 +268,7 @@ class Exchange:
 
     async def confirm(self, payment_id: str, match: Match | None) -> PaymentRecord:
         """Mark confirmed and credit once; a confirmed payment is returned unchanged."""
+        await self.expire_unwatched()
         record = self.pending.pop(payment_id, None)
         if record is None:
             if payment_id in self._settling:  # confirmed or expired: answer once it is stored

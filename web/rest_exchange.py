@@ -101,8 +101,7 @@ async def market_stats(call: Call) -> Response:
     """Upstream's market stats, from what this exchange knows: the price is the configured
     rate, so there is no price history and no 24 h change (upstream hard-coded 5.2)."""
     exchange = call.core.exchange
-    if not exchange.watched:
-        await exchange.expire_due()  # as payment-status: no watcher, expiry when someone looks
+    await exchange.expire_unwatched()  # as payment-status
     stats = await call.core.store.payment_stats(exchange.clock.now() - _DAY_SECONDS)
     return json_response(
         {

@@ -210,6 +210,29 @@ async def test_a_payer_has_at_most_max_pending_payments(tmp_path: Path) -> None:
         assert (r.status_code, r.json()["payment_address"]) == (200, derived(5))
 
 
+async def test_overdue_payments_free_their_places_without_a_watcher(tmp_path: Path) -> None:
+    """Without ESPLORA_URL payments expire when someone looks (payment-status, market-stats),
+    but a new request did not look: a payer whose MAX_PENDING_PAYMENTS requests were all
+    past their hour was refused 409 "let one expire first" for good, and an admin could
+    confirm (and credit) a request past its deadline that a status read would have shown
+    expired. Both now expire what is overdue first."""
+    clock = FakeClock()
+    limit = {"bitcoin_xpub": XPUB, "max_pending_payments": 1}
+    async with running_api(tmp_path, clock, **limit) as api:
+        first = (await create(api, aitbc_amount=1)).json()["payment_id"]
+        assert (await create(api, aitbc_amount=1)).status_code == 409
+        clock.advance(3601)
+        r = await create(api, aitbc_amount=1)
+        assert r.status_code == 200, r.text
+        assert (await status(api, first)).json()["status"] == "expired"
+        clock.advance(3601)
+        r = await api.http.post(
+            f"/v1/admin/payments/{r.json()['payment_id']}/confirm", headers=ADMIN
+        )
+        assert (r.status_code, r.json()) == (409, {"detail": "payment is expired"})
+        assert await client_balance(api) == "0.00000000"
+
+
 async def test_a_pending_payments_refusal_waits_for_the_payment_it_counts(tmp_path: Path) -> None:
     """The MAX_PENDING_PAYMENTS refusal counts a payment whose request is still being
     committed: it is answered once that payment is (it must not show what a failed commit
