@@ -21,6 +21,9 @@ UNIT = 10**8  # units of 1e-8 in one coin
 # price): the stores' sums stay exact and never overflow (storage/sql.py ``_PRICE_UNITS``).
 MAX_RECEIPT_UNITS = 10**18
 _PLACES = Decimal(1).scaleb(-8)
+# The significant digits any float keeps exactly (DBL_DIG): a decimal of up to 15 digits read
+# as a float has itself as its shortest text (``repr``), a longer one may not.
+FLOAT_DIGITS = 15
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -42,6 +45,13 @@ def to_units(value: object, *, name: str = "amount") -> int:
     d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
     if not d.is_finite():  # a float or Decimal NaN or infinity
         raise AmountError(f"{name} must be a finite number")
+    if isinstance(value, float) and len(d.as_tuple().digits) > FLOAT_DIGITS:
+        # A JSON number is read as a float: past 15 digits its shortest text may not be the
+        # number sent (1234567890.12345678 reads as 1234567890.1234567).
+        raise AmountError(
+            f"{name} has more than {FLOAT_DIGITS} digits, more than a JSON number keeps "
+            "exactly: send it as a string"
+        )
     # 1e10 coins (1e18 units: sums stay inside 64-bit integers). ``adjusted`` (the exponent of
     # the leading digit), not arithmetic: arithmetic on 1e1000000 overflows the decimal context.
     if d and d.adjusted() >= 10:  # (a zero's exponent says nothing: 0e1000000 is 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, strategies as st
 
@@ -62,6 +63,28 @@ def test_to_units_is_exact(value: object, units: int) -> None:
 def test_to_units_refuses_what_is_not_an_8_place_amount(value: object) -> None:
     with pytest.raises(AmountError):
         to_units(value, name="payment_amount")
+
+
+@pytest.mark.parametrize(
+    ("text", "units"),
+    [("999999.99999999", 99_999_999_999_999), ("1234567.12345678", 123_456_712_345_678)],
+)
+def test_a_json_number_of_up_to_15_digits_is_exact(text: str, units: int) -> None:
+    assert to_units(orjson.loads(text)) == units == to_units(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["1234567890.12345678", "4503599627.37049599", "0.1234567890123456"]
+)
+def test_a_json_number_a_float_cannot_hold_is_refused(text: str) -> None:
+    """A JSON number reaches us as a float, which holds 15 significant digits for sure:
+    1234567890.12345678 was read as 1234567890.1234567 (0.00000008 less) and 4503599627.37049599
+    as 4503599627.370496 (0.00000001 more), charged or credited without a word. More than 15
+    digits is refused, pointing at the string form, which is exact."""
+    with pytest.raises(AmountError, match="send it as a string"):
+        to_units(orjson.loads(text), name="amount")
+    if "." in text and len(text.split(".")[1]) <= 8:
+        assert to_units(text) == int(text.replace(".", ""))
 
 
 @pytest.mark.parametrize(

@@ -299,6 +299,24 @@ async def test_admin_account_routes_validate(tmp_path: Path) -> None:
         assert r.status_code == 403
 
 
+async def test_an_amount_a_json_number_cannot_carry_is_refused_not_rounded(
+    tmp_path: Path,
+) -> None:
+    """A JSON number is read as a float: an admin credit of 4503599627.37049599 credited
+    4503599627.37049600 and one of 1234567890.12345678 credited 1234567890.12345670, without
+    a word (job payment amounts alike). Past 15 digits a number is 422; the string is exact."""
+    async with running_api(tmp_path) as api:
+        url = "/v1/admin/accounts/miner:m9/credit"
+        body = b'{"amount": 4503599627.37049599}'
+        r = await api.http.post(
+            url, content=body, headers={**ADMIN, "content-type": "application/json"}
+        )
+        assert r.status_code == 422, r.text
+        assert "send it as a string" in r.json()["detail"]
+        r = await api.http.post(url, json={"amount": "4503599627.37049599"}, headers=ADMIN)
+        assert r.json()["balance"] == "4503599627.37049599"
+
+
 async def test_the_account_of_a_miner_id_with_a_slash_is_reachable(tmp_path: Path) -> None:
     """miner:rack-2/gpu-1, sent as is or as "%2F": "{account}" stopped at the "/" (404)."""
     async with running_api(tmp_path) as api:
