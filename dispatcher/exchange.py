@@ -9,7 +9,9 @@ no payment settled (confirmed or expired) in the last ``AMOUNT_HOLD_SECONDS`` he
 output of exactly that amount, not in a block older than the request (``BLOCK_TIME_SLACK``
 allowed), pays it: a late payment to an expired request cannot pay a later one of the same
 amount. With one address per payment (``BITCOIN_XPUB``) any output of at least the amount pays
-it. An output (txid, vout) pays at most one payment, ever.
+it, not in a block older than the request either (an index may be handed out again: a
+restored database, a wallet sharing the xpub). An output (txid, vout) pays at most one
+payment, ever.
 Rule 3: a payment is confirmed once its output has the required confirmations; the ledger
 credit's key is the payment id, so it is credited once.
 """

@@ -153,15 +153,17 @@ class EsploraWatcher:
 
     def _find(self, p: PaymentRecord, txs: Any, tip: int) -> Match | None:
         own = {(p.tx_hash, p.tx_vout or 0)} if p.tx_hash else set()
-        shared = p.address_index is None  # exact amounts, which are reused: no older block
+        # No output in a block older than the request pays it: a shared address's amounts
+        # are reused, and an xpub's index may be handed out again (a database restored from
+        # a backup, a wallet using the same xpub).
         return find_output(
             txs,
             p.address,
             p.btc_sats,
-            exact=shared,
+            exact=p.address_index is None,  # a shared address: the exact amount
             tip_height=tip,
             claimed=self.exchange.claimed - own,
-            mined_after=p.created_at - BLOCK_TIME_SLACK if shared else None,
+            mined_after=p.created_at - BLOCK_TIME_SLACK,
         )
 
     async def _get(self, http: httpx.AsyncClient, path: str) -> httpx.Response:

@@ -490,6 +490,31 @@ async def test_watcher_confirms_a_paid_xpub_address_once(tmp_path: Path) -> None
         assert sum(api.core.dispatcher.ledger.balances().values()) == 0
 
 
+async def test_an_xpub_address_is_not_paid_by_an_output_mined_before_the_request(
+    tmp_path: Path,
+) -> None:
+    """With BITCOIN_XPUB any output of at least the amount paid the payment, however old: an
+    address index handed out again (the database restored from a backup, or the xpub's
+    wallet using the index too) credited its new payer with someone else's earlier money.
+    As on a shared address, an output in a block timed over two hours before the request
+    does not pay it; a new one does."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, fake, http):
+        p = (await create(api, aitbc_amount=1000)).json()
+        old = clock.now() - 3 * 3600
+        fake.pay(p["payment_address"], 1_000_000, txid="aa" * 32, height=90, block_time=old)
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, p["payment_id"])).json()["status"] == "pending"
+        assert await client_balance(api) == "0.00000000"
+        fake.pay(
+            p["payment_address"], 1_000_000, txid="bb" * 32, height=100, block_time=clock.now()
+        )
+        await api.core.watcher.poll_once(http)
+        done = (await status(api, p["payment_id"])).json()
+        assert (done["status"], done["tx_hash"]) == ("confirmed", "bb" * 32)
+        assert await client_balance(api) == "1000.00000000"
+
+
 async def test_a_status_read_shows_the_watchers_chain_facts_once_saved(tmp_path: Path) -> None:
     """payment-status showed the output the watcher had just seen (tx_hash, confirmations)
     while the save of it was still being committed (a failed commit then stops the
