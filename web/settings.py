@@ -246,11 +246,10 @@ class Settings:
 
 
 def check_rotation(settings: Settings, now: float) -> None:
-    """A coordinator about to sign receipts with ``RECEIPT_SIGNING_KEY_HEX`` publishes it as
-    valid from the newest previous key's ``UNTIL``: one still to come would make every receipt
-    it signs until then fail verification (``UNTIL`` is when the old key stopped signing)."""
-    if settings.receipt_signing_key_hex is None:
-        return
+    """A coordinator about to sign receipts publishes its key (``RECEIPT_SIGNING_KEY_HEX``, or
+    the one generated beside the database) as valid from the newest previous key's ``UNTIL``:
+    one still to come would make every receipt it signs until then fail verification
+    (``UNTIL`` is when the old key stopped signing)."""
     for key in settings.receipt_previous_keys:
         if key.valid_until is not None and key.valid_until > now:
             raise SettingsError(

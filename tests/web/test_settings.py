@@ -406,6 +406,7 @@ def test_serve_with_an_invalid_setting_exits_2(
     assert list(tmp_path.iterdir()) == []  # nothing was created: no keys, no database
 
 
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "generated"])
 @pytest.mark.parametrize(("until", "code"), [("2999-01-01T00:00:00Z", 2), ("1700000000", 0)])
 def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
     monkeypatch: pytest.MonkeyPatch,
@@ -413,15 +414,18 @@ def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
     tmp_path: Path,
     until: str,
     code: int,
+    configured: bool,
 ) -> None:
     """The current key is published as valid from the newest UNTIL: with one to come (a typo
     in the year, a rotation time set ahead) serve started, and every receipt it signed was
     refused by /v1/receipts/verify and receipts audit ('completed_at is outside the signing
-    key's validity period'). serve now refuses it with one line; a past UNTIL starts."""
+    key's validity period'). serve now refuses it with one line; a past UNTIL starts. The
+    same for a signing key generated on the first start (the check was skipped for it)."""
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
     old = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
-    monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "11" * 32)
+    if configured:
+        monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "11" * 32)
     monkeypatch.setenv("RECEIPT_PREVIOUS_KEYS", f"{old}@/{until}")
     build = cli.build_server
 
