@@ -17,6 +17,7 @@ import anyio
 
 from storage.backends import shown_url
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
+from web.settings import SettingsError, check_rotation
 from web.transport import TickFlusher
 
 if TYPE_CHECKING:
@@ -119,8 +120,18 @@ async def _own_store(core: Coordinator) -> None:
 
 async def _wait_and_open(core: Coordinator) -> None:
     where = shown_url(core.settings.database_url)
-    waiting = unreachable = False
+    waiting = unreachable = early = False
     while True:
+        try:
+            # Its key is published as valid from the newest previous key's UNTIL: taking over
+            # before then (a database freed early) would sign receipts that fail verification.
+            check_rotation(core.settings, core.clock.now())
+        except SettingsError as exc:
+            if not early:
+                early = True
+                log.warning("standby: taking over only once that UNTIL has come: %s", exc)
+            await anyio.sleep(STANDBY_POLL_SECONDS)
+            continue
         try:
             if await core.store.owner_free():
                 await core.store.open()  # StoreInUse still, if another standby was first

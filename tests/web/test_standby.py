@@ -14,12 +14,14 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 
+from protocol.receipt_verify import TrustedKey, key_id_from_text
 from storage import postgres
 from storage.backends import store_for
 from storage.errors import StorageError
 from storage.owner import lock_path
 from storage.postgres import OWNER_LOCK_KEY
 from tests.conftest import ADMIN_KEY, CLIENT_KEY
+from tests.fakes import FakeClock
 from tests.postgres import admin, fetch_rows
 from tests.web.rest_harness import running_api
 from tests.web.test_rest_ops import samples
@@ -206,6 +208,44 @@ async def test_a_take_over_refused_by_the_store_is_one_log_line(
             await _until(lambda: api.core.failed)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.exc_info, "schema version 999" in r.getMessage()) for r in errors] == [(None, True)]
+
+
+async def test_a_standby_takes_over_only_once_the_previous_keys_until_has_come(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby given a key rotation (RECEIPT_PREVIOUS_KEYS, UNTIL the planned switch) took
+    over a database freed before UNTIL at once, its key published as valid only from UNTIL:
+    every receipt it signed meanwhile failed verification (serve refuses such an UNTIL at
+    start; a standby was never checked). It now waits for UNTIL, saying so once, then takes
+    over."""
+    monkeypatch.setattr(lifecycle, "STANDBY_POLL_SECONDS", 0.01)
+    clock = FakeClock()
+    old = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    until = int(clock.now()) + 60
+    previous = TrustedKey(key_id=key_id_from_text(old), valid_until=until)
+    async with running_api(
+        tmp_path, clock=clock, standby=True, receipt_previous_keys=(previous,)
+    ) as api:
+        polls: list[None] = []
+        monkeypatch.setattr(lifecycle.anyio, "sleep", _counted(polls, anyio.sleep))
+        await _until(lambda: len(polls) >= 5)
+        assert api.core.store.owner is not None
+        assert not api.core.store.owner.held  # nothing taken meanwhile
+        ready = await api.http.get("/health/ready")
+        assert (ready.status_code, ready.json()["status"]) == (503, "standby")
+        clock.advance(60)
+        assert (await _until_ready(api)).json()["status"] == "ready"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1
+    assert "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo is valid until" in said[0]
+
+
+def _counted(calls: list[None], sleep: Callable[[float], Any]) -> Callable[[float], Any]:
+    async def counted(delay: float) -> None:
+        calls.append(None)
+        await sleep(delay)
+
+    return counted
 
 
 async def test_a_postgres_standby_keeps_waiting_while_the_server_refuses_connections(
