@@ -24,12 +24,29 @@ from storage.errors import StorageError, StoreInUse
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["OwnerLock", "lock_path"]
+__all__ = ["OwnerLock", "check_one_name", "lock_path"]
 
 
 def lock_path(database: Path) -> Path:
     """The lock file of the SQLite database file ``database``."""
     return database.with_name(database.name + ".lock")
+
+
+def check_one_name(database: Path) -> None:
+    """``StorageError`` when the database file has other names (hard links). Each name has a
+    lock file of its own, so a coordinator on each would run at once, and SQLite keeps a WAL
+    per name: commits in one name's WAL are unseen through the other (a crash, then a start
+    by the other name, loses them). A symlink is fine: both resolve to the one name."""
+    try:
+        names = os.stat(database).st_nlink
+    except OSError:
+        return  # a file still to be created (or one the open will say it cannot reach)
+    if names > 1:
+        raise StorageError(
+            f"{database} has {names} names (hard links): a coordinator on each would not see "
+            "the other's lock, nor SQLite the other's WAL; remove the other names (a symbolic "
+            "link is fine)"
+        )
 
 
 class OwnerLock:
@@ -49,6 +66,7 @@ class OwnerLock:
         ``StorageError`` when the lock file cannot be opened."""
         if self._fd is not None:
             return
+        check_one_name(self.database)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:

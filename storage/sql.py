@@ -25,7 +25,7 @@ from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
 from storage.base import MinerEarnings, PaymentStats
 from storage.errors import Conflict, StorageError, StoreInUse
-from storage.owner import OwnerLock
+from storage.owner import OwnerLock, check_one_name
 from storage.schema import MIGRATIONS, OUR_NAMES
 
 if TYPE_CHECKING:
@@ -599,6 +599,7 @@ def check_database(url: str, *, writable: bool = True) -> None:
     if not path.is_file():
         # A FIFO blocks the open below for good (and a signal's handler cannot run meanwhile).
         raise StorageError(f"cannot open {path}: it is not a regular file")
+    check_one_name(path)
     if writable and not os.access(path, os.W_OK):
         # A read-only file or mount: the start-up only reads, and the coordinator would report
         # ready, then stop on its first commit.

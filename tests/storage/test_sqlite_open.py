@@ -95,6 +95,31 @@ async def test_a_symlink_to_the_file_shares_its_lock(tmp_path: Path) -> None:
         await first.close()
 
 
+async def test_a_hard_link_to_the_file_is_refused(tmp_path: Path) -> None:
+    """A hard link is another name for the file, with a lock file and a WAL of its own: two
+    coordinators ran on one database through two names (each took its own name's lock), and
+    commits in one name's WAL went unseen through the other. A database file with another
+    name is refused, whichever name opens it."""
+    first = DatabasesJobStore(sqlite_url(tmp_path))
+    await first.open()
+    os.link(tmp_path / "store.db", tmp_path / "link.db")
+    link = DatabasesJobStore(f"sqlite:///{tmp_path / 'link.db'}")
+    try:
+        with pytest.raises(StorageError, match="has 2 names \\(hard links\\)"):
+            await link.open()
+        assert link._raw is None  # refused before any connection was made
+    finally:
+        await link.close()  # a no-op unless it wrongly opened
+        await first.close()
+    assert not lock_path(tmp_path / "link.db").exists()
+    again = DatabasesJobStore(sqlite_url(tmp_path))
+    with pytest.raises(StorageError, match="hard links"):
+        await again.open()
+    (tmp_path / "link.db").unlink()
+    await again.open()
+    await again.close()
+
+
 async def test_a_read_only_store_opens_beside_the_owner(tmp_path: Path) -> None:
     """``exclusive=False`` (the receipts audit) reads a database a coordinator holds."""
     owner = DatabasesJobStore(sqlite_url(tmp_path))
@@ -230,7 +255,15 @@ async def test_check_database_accepts_a_database_this_build_wrote(tmp_path: Path
 
 @pytest.mark.parametrize(
     "case",
-    ["not a database", "newer schema", "another program's", "a folder", "no folder", "memory"],
+    [
+        "not a database",
+        "newer schema",
+        "another program's",
+        "a folder",
+        "no folder",
+        "memory",
+        "hard link",
+    ],
 )
 def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     tmp_path: Path,
@@ -253,6 +286,10 @@ def test_serve_on_a_database_it_cannot_run_on_exits_1_with_one_line(
     elif case == "a folder":
         db.mkdir()
         expected = f"cannot open {db}: it is a folder, not a database file"
+    elif case == "hard link":  # another name: its own lock file, its own WAL
+        anyio.run(_create, tmp_path)
+        os.link(db, tmp_path / "other.db")
+        expected = f"{db} has 2 names (hard links)"
     elif case == "memory":  # each connection would have its own: readers found no tables
         db = Path(":memory:")
         expected = "a SQLite :memory: database is private to one connection"
