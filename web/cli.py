@@ -309,6 +309,12 @@ def _demo(args: argparse.Namespace) -> int:
     if args.miners < 0 or not 0 < args.rate < math.inf:
         print("aitbc-coordinator demo: --miners must be >= 0 and --rate > 0", file=sys.stderr)
         return 2
+    if not args.duration >= 0:  # nan too: it ran until Ctrl-C, as 0 does
+        print(
+            "aitbc-coordinator demo: --duration must be >= 0 seconds (0: until Ctrl-C)",
+            file=sys.stderr,
+        )
+        return 2
     listener = _listen_or_say("aitbc-coordinator demo", args.host, args.port)
     if listener is None:
         return 1

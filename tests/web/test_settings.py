@@ -519,6 +519,17 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], args: li
     assert "--miners must be >= 0 and --rate > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("duration", ["-5", "nan"])
+def test_demo_rejects_a_negative_duration(
+    capsys: pytest.CaptureFixture[str], duration: str
+) -> None:
+    """``demo --duration -5`` (or nan) ran until Ctrl-C, as 0 does: it exits 2 before starting."""
+    assert main(["demo", "--port", "0", "--duration", duration]) == 2
+    assert capsys.readouterr().err == (
+        "aitbc-coordinator demo: --duration must be >= 0 seconds (0: until Ctrl-C)\n"
+    )
+
+
 def test_demo_on_a_port_in_use_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
