@@ -39,7 +39,7 @@ from storage.backends import check_store, shown_url, sqlite_url, store_for
 from storage.errors import StorageError, StoreInUse
 from web.app import create_app
 from web.asgi import SocketFastPath
-from web.cli_receipts import add_receipts_commands, run_receipts
+from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
 from web.keys import KeyFileError, materialize_keys
 from web.settings import Settings, SettingsError, check_rotation
@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the coordinator")
     serve.add_argument("--host", help="listen address (API_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="listen port (API_PORT, default 8000)")
-    serve.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
+    serve.add_argument(
+        "--db", type=database_file, help="SQLite database file (overrides DATABASE_URL)"
+    )
     serve.add_argument(
         "--standby",
         action="store_true",

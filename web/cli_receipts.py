@@ -8,6 +8,7 @@ Exit status: 0 all valid, 1 something invalid, 2 bad usage or input.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import urllib.request
 from pathlib import Path
@@ -31,16 +32,23 @@ from web.rest_receipts import signing_keys
 from web.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Sequence
 
-__all__ = ["add_receipts_commands", "run_receipts"]
+__all__ = ["add_receipts_commands", "database_file", "run_receipts"]
 
 AUDIT_PAGE = 500
 
 
 class _Usage(Exception):
     """Bad arguments or unreadable input: exit 2 with this one-line message."""
+
+
+def database_file(text: str) -> str:
+    """An ``argparse`` type for ``--db``: a file name. An empty one (``--db "$DB"`` with DB
+    unset) was taken as no ``--db``, and DATABASE_URL's database was used instead."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty file name")
+    return text
 
 
 def add_receipts_commands(sub: Any) -> None:
@@ -58,7 +66,9 @@ def add_receipts_commands(sub: Any) -> None:
     )
     verify.add_argument("--keys-url", help="pin the keys of a /v1/receipts/signing-keys URL")
     audit = cmds.add_parser("audit", help="re-verify the whole receipt chain in the store")
-    audit.add_argument("--db", help="SQLite database file (overrides DATABASE_URL)")
+    audit.add_argument(
+        "--db", type=database_file, help="SQLite database file (overrides DATABASE_URL)"
+    )
 
 
 def run_receipts(args: argparse.Namespace) -> int:

@@ -478,6 +478,9 @@ def test_serve_on_a_port_in_use_exits_1_with_one_line(
         (["serve", "--port", "http"], "argument --port: 'http' is not a port number"),
         (["serve", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
         (["demo", "--port", "70000"], "argument --port: 70000 is not between 0 and 65535"),
+        # An empty --db (``--db "$DB"`` with DB unset) served DATABASE_URL's database instead.
+        (["serve", "--db", "", "--port", "70000"], "argument --db: an empty file name"),
+        (["receipts", "audit", "--db", ""], "argument --db: an empty file name"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_usage_error(
