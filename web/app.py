@@ -41,6 +41,7 @@ from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
 from web.ops_page import ops_routes
 from web.routing import CoordinatorApp
+from web.settings import SettingsError
 from web.wallet_auth import WalletAuth
 from web.ws_client import client_endpoint
 from web.ws_miner import miner_endpoint
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
 
+    from protocol.receipt_verify import TrustedKey
     from storage.base import Store
     from web.settings import Settings
 
@@ -118,7 +120,9 @@ class Coordinator:
     async def restore(self) -> None:
         """Bring memory back from the opened store: the receipt chain head, the wallet, then the
         scheduler (in that order: restored jobs may hold reservations)."""
-        self.signer.resume(await self.store.receipt_chain_head())
+        head = await self.store.receipt_chain_head()
+        _check_chain_key(head, self.signing_keys)
+        self.signer.resume(head)
         await self.load_wallet()
         await self.dispatcher.restore()
 
@@ -152,6 +156,25 @@ class Coordinator:
     ) -> None:
         for conn in list(self.connections):
             conn.close(code, reason)
+
+
+def _check_chain_key(head: JSONObject | None, keys: tuple[TrustedKey, ...]) -> None:
+    """``SettingsError`` unless the key that signed the chain's newest receipt is published:
+    a new signing key without the old one in RECEIPT_PREVIOUS_KEYS (or a database moved
+    without its generated key file) made every stored receipt fail verification."""
+    if head is None:
+        return
+    signature = head.get("signature")
+    key_id = signature.get("key_id") if isinstance(signature, dict) else None
+    if not isinstance(key_id, str) or key_id in {k.key_id for k in keys}:
+        return
+    raise SettingsError(
+        f"RECEIPT_PREVIOUS_KEYS: the newest receipt in the database (chain_seq "
+        f"{head.get('chain_seq')}) was signed by {key_id}, which is neither the current signing "
+        f"key nor a previous one: list it as {key_id}@/{head.get('completed_at')} (UNTIL: when "
+        "it stopped signing), or set RECEIPT_SIGNING_KEY_HEX back to it; else every receipt it "
+        "signed would fail verification"
+    )
 
 
 def create_app(

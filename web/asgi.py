@@ -19,6 +19,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from storage.errors import StorageError
+from web.settings import SettingsError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -53,12 +54,13 @@ class SocketFastPath:
 
 def _storage_failure_in_one_line(send: Send) -> Send:
     """``send`` for the lifespan: Starlette reports a failed start-up with the traceback of the
-    exception it is handling, which uvicorn logs; a ``StorageError``'s own line says it all."""
+        exception it is handling, which uvicorn logs; a ``StorageError``'s (or a ``SettingsError``'s:
+    keys that do not match the database) own line says it all."""
 
     async def lifespan_send(message: Message) -> None:
         if message["type"] == "lifespan.startup.failed":
             exc = sys.exc_info()[1]  # Starlette sends this while it handles the exception
-            if isinstance(exc, StorageError):
+            if isinstance(exc, StorageError | SettingsError):
                 message = {**message, "message": f"cannot start: {exc}"}
         await send(message)
 

@@ -159,7 +159,7 @@ async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
     try:
         await _start(core)
         await _run(core, stopping, task_status=anyio.TASK_STATUS_IGNORED)
-    except StorageError as exc:
+    except (StorageError, SettingsError) as exc:
         # The store's refusal (a schema from a newer build, an unreadable file, a lock file
         # it cannot make) is one line, as at any start-up.
         log.error("standby: taking over failed, shutting the coordinator down: %s", exc)

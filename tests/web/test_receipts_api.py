@@ -324,6 +324,48 @@ async def test_the_chain_continues_after_a_restart(tmp_path: Path) -> None:
     assert third["prev_hash"] == hashlib.sha256(_canonical(second)).hexdigest()
 
 
+def test_a_start_whose_keys_leave_out_the_chains_key_is_refused(tmp_path: Path) -> None:
+    """A new RECEIPT_SIGNING_KEY_HEX without the old key in RECEIPT_PREVIOUS_KEYS (or a
+    database moved without its generated .signing-key, which a new one then replaced)
+    started, and every receipt already in the store stopped verifying: /v1/receipts/verify,
+    receipts audit ('chain broken at chain_seq 1') and every client pinning the published
+    keys. The start is refused, naming the key and how to list it (one line, exit 3); with it
+    listed, the coordinator starts and the chain goes on."""
+    import os
+    import re
+
+    from protocol.receipt_verify import TrustedKey
+    from tests.serve_once import serve_once
+
+    async def sign_one() -> dict[str, Any]:
+        async with running_api(tmp_path) as api:
+            return await rest_receipt(api)
+
+    receipt = anyio.run(sign_one)
+    old = receipt["signature"]["key_id"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECEIPT_", "DATABASE_"))}
+    env["RECEIPT_SIGNING_KEY_HEX"] = "22" * 32
+    done = serve_once(tmp_path / "coordinator.db", env, timeout=30)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [x for x in done.stderr.splitlines() if "cannot start" in x]
+    assert re.search(
+        f"cannot start: RECEIPT_PREVIOUS_KEYS: the newest receipt in the database "
+        f"\\(chain_seq 1\\) was signed by {old}, which is neither the current signing key "
+        f"nor a previous one: list it as {old}@/{receipt['completed_at']}",
+        line,
+    ), line
+
+    async def go_on() -> dict[str, Any]:
+        previous = (TrustedKey(key_id=old, valid_until=receipt["completed_at"]),)
+        async with running_api(
+            tmp_path, receipt_signing_key_hex="22" * 32, receipt_previous_keys=previous
+        ) as api:
+            return await rest_receipt(api, "m2")
+
+    assert anyio.run(go_on)["chain_seq"] == 2
+
+
 def test_the_python_in_docs_receipts_md_verifies_a_receipt(tmp_path: Path) -> None:
     """The few lines of Python in docs/receipts.md accept a real receipt and reject a change."""
     import re
