@@ -159,21 +159,30 @@ class Coordinator:
 
 
 def _check_chain_key(head: JSONObject | None, keys: tuple[TrustedKey, ...]) -> None:
-    """``SettingsError`` unless the key that signed the chain's newest receipt is published:
-    a new signing key without the old one in RECEIPT_PREVIOUS_KEYS (or a database moved
-    without its generated key file) made every stored receipt fail verification."""
+    """``SettingsError`` unless a published key vouches for the chain's newest receipt: a new
+    signing key without the old one in RECEIPT_PREVIOUS_KEYS (or a database moved without its
+    generated key file), or the old one listed with an UNTIL before its last receipt, made
+    stored receipts fail verification."""
     if head is None:
         return
     signature = head.get("signature")
     key_id = signature.get("key_id") if isinstance(signature, dict) else None
-    if not isinstance(key_id, str) or key_id in {k.key_id for k in keys}:
+    at = head.get("completed_at")
+    if not isinstance(key_id, str):
         return
+    mine = [k for k in keys if k.key_id == key_id]
+    if any(k.covers(at) for k in mine):
+        return
+    why = (
+        f"whose validity in RECEIPT_PREVIOUS_KEYS ends before {at}"
+        if mine
+        else "which is neither the current signing key nor a previous one"
+    )
     raise SettingsError(
         f"RECEIPT_PREVIOUS_KEYS: the newest receipt in the database (chain_seq "
-        f"{head.get('chain_seq')}) was signed by {key_id}, which is neither the current signing "
-        f"key nor a previous one: list it as {key_id}@/{head.get('completed_at')} (UNTIL: when "
-        "it stopped signing), or set RECEIPT_SIGNING_KEY_HEX back to it; else every receipt it "
-        "signed would fail verification"
+        f"{head.get('chain_seq')}) was signed by {key_id}, {why}: list it as {key_id}@/{at} "
+        "(UNTIL: when it stopped signing), or set RECEIPT_SIGNING_KEY_HEX back to it; else "
+        "every receipt it signed would fail verification"
     )
 
 

@@ -54,8 +54,8 @@ class SocketFastPath:
 
 def _storage_failure_in_one_line(send: Send) -> Send:
     """``send`` for the lifespan: Starlette reports a failed start-up with the traceback of the
-        exception it is handling, which uvicorn logs; a ``StorageError``'s (or a ``SettingsError``'s:
-    keys that do not match the database) own line says it all."""
+    exception it is handling, which uvicorn logs; the own line of a ``StorageError`` (or of a
+    ``SettingsError``: keys that do not match the database) says it all."""
 
     async def lifespan_send(message: Message) -> None:
         if message["type"] == "lifespan.startup.failed":

@@ -366,6 +366,27 @@ def test_a_start_whose_keys_leave_out_the_chains_key_is_refused(tmp_path: Path) 
     assert anyio.run(go_on)["chain_seq"] == 2
 
 
+@pytest.mark.anyio
+async def test_a_previous_key_listed_until_before_its_last_receipt_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The old key listed with an UNTIL before the newest receipt it signed (the time the
+    rotation was planned, while the old coordinator went on signing): those receipts fell
+    outside its window and failed verification. The start is refused, naming the time."""
+    from protocol.receipt_verify import TrustedKey
+    from web.settings import SettingsError
+
+    async with running_api(tmp_path) as api:
+        receipt = await rest_receipt(api)
+    old, at = receipt["signature"]["key_id"], receipt["completed_at"]
+    previous = (TrustedKey(key_id=old, valid_until=at - 10),)
+    with pytest.raises(SettingsError, match=f"list it as {old}@/{at} "):
+        async with running_api(
+            tmp_path, receipt_signing_key_hex="22" * 32, receipt_previous_keys=previous
+        ):
+            pass
+
+
 def test_the_python_in_docs_receipts_md_verifies_a_receipt(tmp_path: Path) -> None:
     """The few lines of Python in docs/receipts.md accept a real receipt and reject a change."""
     import re
