@@ -9,6 +9,7 @@ Exit status: 0 all valid, 1 something invalid, 2 bad usage or input.
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 import urllib.request
 from pathlib import Path
@@ -102,7 +103,8 @@ def _pinned(args: argparse.Namespace) -> tuple[TrustedKey, ...]:
         try:
             with urllib.request.urlopen(args.keys_url, timeout=10) as answer:
                 keys += keys_from_document(orjson.loads(answer.read()))
-        except (OSError, ValueError) as exc:
+        # HTTPException: a port that is no number (InvalidURL), a reply that is not HTTP
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _Usage(f"--keys-url {args.keys_url}: {exc}") from None
     if not keys:
         configured = _configured_keys(Settings.from_env())

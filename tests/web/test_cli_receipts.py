@@ -312,6 +312,7 @@ def test_verify_with_keys_url_and_with_configured_keys(
         (("--keys-url", "file:///nonexistent/keys.json"), "--keys-url"),
         (("--keys-url", "RECEIPTS"), "--keys-url"),
         (("--keys-url", "DEEP"), "--keys-url"),  # was a RecursionError traceback
+        (("--keys-url", "http://h:x/"), "--keys-url"),  # was an InvalidURL traceback
     ],
 )
 def test_verify_usage_errors_exit_2(
