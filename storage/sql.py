@@ -787,9 +787,18 @@ class SqlStore:
 
     async def receipt_chain_head(self) -> JSONObject | None:
         rows = await self._fetch(
-            "SELECT receipt FROM receipts WHERE chain_seq > 0 ORDER BY chain_seq DESC LIMIT 1"
+            "SELECT chain_seq, receipt FROM receipts WHERE chain_seq > 0 "
+            "ORDER BY chain_seq DESC LIMIT 1"
         )
-        return loads(rows[0]._mapping["receipt"]) if rows else None
+        if not rows:
+            return None
+        # The chain goes on from it at every start: a value that is no receipt is a damaged
+        # row (one line), not a TypeError or KeyError out of the signer's resume.
+        m = rows[0]._mapping
+        head = _stored(m, f"receipts row {m['chain_seq']}", "receipt", _OBJECT, False)
+        if type(head.get("chain_seq")) is not int:
+            raise _damaged(f"receipts row {m['chain_seq']}", "receipt", "no chain_seq")
+        return head  # type: ignore[no-any-return]
 
     async def receipt_chain(self, after: int, limit: int) -> list[tuple[int, JSONObject]]:
         rows = await self._fetch(

@@ -23,7 +23,7 @@ from storage.owner import OwnerLock, lock_path
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 from storage.sql import DatabasesJobStore, check_database
 from tests.serve_once import serve_once
-from tests.storage.test_store_contract import batch, event, job, sqlite_url
+from tests.storage.test_store_contract import batch, event, job, receipt_row, sqlite_url
 from web.cli import main
 
 if TYPE_CHECKING:
@@ -627,3 +627,31 @@ def test_serve_on_a_fifo_exits_1_with_one_line(tmp_path: Path) -> None:
     done = serve_once(db, env, timeout=20)
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"aitbc-coordinator: cannot open {db}: it is not a regular file\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("'5'", "'5' is not a JSON object"), ('\'{"chain_seq": "x"}\'', "no chain_seq")],
+)
+async def test_a_damaged_chain_head_is_refused_naming_its_row(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    """The newest receipt is read at every start to continue the chain: one that reads back as
+    JSON but not a receipt (a hand edit, a damaged file) stopped the start with a traceback
+    (TypeError, KeyError); now it is the store's one line naming the row, as other rows."""
+    store = DatabasesJobStore(sqlite_url(tmp_path))
+    await store.open()
+    await store.commit(batch(receipts=[receipt_row("r1", chain_seq=1)]))
+    await store.close()
+    with closing(sqlite3.connect(tmp_path / "store.db")) as con:
+        con.execute(f"UPDATE receipts SET receipt = {value}")
+        con.commit()
+    await store.open()
+    try:
+        with pytest.raises(
+            StorageError,
+            match=f"receipts row 1, column receipt: the stored value is damaged \\({said}",
+        ):
+            await store.receipt_chain_head()
+    finally:
+        await store.close()
