@@ -42,7 +42,7 @@ from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
 from web.keys import KeyFileError, materialize_keys
-from web.settings import Settings, SettingsError, check_rotation
+from web.settings import Settings, SettingsError, check_rotation, url_host
 from web.transport import CoalescingWSProtocol
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     configure_logging(args.log_level)
     print(
-        f"AITBC coordinator on http://{settings.api_host}:{listener.getsockname()[1]} "
+        f"AITBC coordinator on http://{url_host(settings.api_host)}:{listener.getsockname()[1]} "
         f"(database {shown_url(settings.database_url)})"
         + (" as a standby: it takes over when the database is free" if settings.standby else ""),
         flush=True,

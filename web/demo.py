@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from web.cli import build_server
-from web.settings import Settings
+from web.settings import Settings, url_host
 
 if TYPE_CHECKING:
     import socket
@@ -81,7 +81,7 @@ async def serve_demo(
             while not server.started:  # noqa: ASYNC110 - uvicorn exposes readiness as a flag
                 await anyio.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://{settings.api_host}:{port}"
+        base = f"http://{url_host(settings.api_host)}:{port}"
         admin = settings.admin_api_keys[0]
         out(f"AITBC coordinator demo on {base} ({miners} simulated miners, {rate:g} jobs/s)")
         out(f"Ops page:  {base}/ops#key={admin}")
@@ -95,7 +95,7 @@ async def serve_demo(
         async def run_peers() -> None:
             with peers:
                 await load.run_load(
-                    f"ws://{settings.api_host}:{port}",
+                    f"ws://{url_host(settings.api_host)}:{port}",
                     miner_key=settings.miner_api_keys[0],
                     client_key=settings.client_api_keys[0],
                     miners=miners,

@@ -20,7 +20,7 @@ from storage.backends import is_postgres_url, sqlite_file
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Settings", "SettingsError", "check_rotation"]
+__all__ = ["Settings", "SettingsError", "check_rotation", "url_host"]
 
 
 class SettingsError(ValueError):
@@ -243,6 +243,11 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``http://[::1]:8000``)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def check_rotation(settings: Settings, now: float) -> None:

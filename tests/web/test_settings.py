@@ -450,6 +450,26 @@ def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
         assert err == ""
 
 
+def test_serve_names_an_ipv6_listen_address_in_brackets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``serve --host ::1`` printed ``http://::1:PORT``, which no browser or curl takes."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    build = cli.build_server
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:  # a server that starts stops at once
+        server = build(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return server
+
+    monkeypatch.setattr(cli, "build_server", signalled)
+    db = tmp_path / "c.db"
+    assert main(["serve", "--host", "::1", "--port", "0", "--db", str(db)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("AITBC")]
+    assert line.startswith("AITBC coordinator on http://[::1]:")
+
+
 def test_serve_on_a_port_in_use_exits_1_with_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
