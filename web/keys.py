@@ -154,6 +154,14 @@ def _read_api_keys(path: Path) -> dict[str, str]:
             f"{path} is damaged: it must be a JSON object with a key for each of client, miner "
             "and admin (restore it, or set the *_API_KEYS variables)"
         )
+    # As the *_API_KEYS variables are checked (web.settings): a key in two roles (a hand edit)
+    # made every client an admin, and one no HTTP header carries was served all the same.
+    found = [keys[role] for role in ROLES]
+    if len(set(found)) < len(found) or not all(k.isascii() and k.isprintable() for k in found):
+        raise KeyFileError(
+            f"{path} is damaged: its keys must differ from role to role and be printable ASCII "
+            "(restore it, or set the *_API_KEYS variables)"
+        )
     return {role: keys[role] for role in ROLES}
 
 

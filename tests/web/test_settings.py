@@ -593,6 +593,16 @@ def test_a_standby_never_generates_keys(
         ("c.db.keys.json", '{"client": "client-key-1", "miner": "miner-key-1"'),  # cut short
         ("c.db.keys.json", '{"client": "client-key-1", "miner": "miner-key-1"}'),  # no admin
         ("c.db.keys.json", '["client-key-1"]'),
+        # A hand edit: one key in two roles (a client would be an admin), or one no HTTP header
+        # carries. Each was served; the variables refuse them both.
+        (
+            "c.db.keys.json",
+            '{"client": "same-key-1", "miner": "miner-key-1", "admin": "same-key-1"}',
+        ),
+        (
+            "c.db.keys.json",
+            '{"client": "client-ключ", "miner": "miner-key-1", "admin": "admin-key-1"}',
+        ),
         ("c.db.keys.json", b"\xff\xfe"),
         ("c.db.keys.json", None),  # a folder
         ("c.db.signing-key", "not hex\n"),
