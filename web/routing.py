@@ -13,7 +13,8 @@ outcome as Starlette's own routing:
   with parameters and the mounts, in order (a literal-prefix check before each regex);
 - anything else — no full match (404, 405, trailing-slash redirects), a non-endpoint route
   (health, docs, ops page), a mount, a ``root_path``, an app with user middleware, debug mode
-  or a body limit — goes through Starlette unchanged;
+  or a body limit — goes through Starlette unchanged (but for one thing, ``SlashRouter``: a
+  trailing slash is redirected before another method's route answers 405);
 - the scope gets what Starlette's router adds (``app``, ``router``, ``route``, ``endpoint``,
   ``path_params``); an exception the endpoint raises goes through Starlette's own
   ``ExceptionMiddleware`` and ``ServerErrorMiddleware`` (built once, around an app that
@@ -28,11 +29,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from starlette._utils import get_route_path
 from starlette.applications import Starlette
+from starlette.datastructures import URL
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
-from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
+from starlette.responses import RedirectResponse
+from starlette.routing import BaseRoute, Match, Route, Router, WebSocketRoute
 
 from web.http import RESPONDER, EndpointRoute
 
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
     from web.http import Responder
 
-__all__ = ["CoordinatorApp", "FastRouter"]
+__all__ = ["CoordinatorApp", "FastRouter", "SlashRouter"]
 
 _FALLBACK = None  # a lookup result: let Starlette handle the request
 _ERROR = "aitbc.endpoint_error"
@@ -118,11 +122,45 @@ def _scope(method: str, path: str) -> Scope:
     return {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
 
 
+class SlashRouter(Router):
+    """Starlette's router, but a path with a trailing slash that no route fully matches is
+    redirected (307) to the path without it when a route fully matches that one, before a
+    route that matches it only for another method answers 405.
+
+    Starlette redirects a trailing slash only when no route matched at all, and
+    ``DELETE /v1/miners/{miner_id:id}`` takes any rest of the path as a miner id (an id may
+    contain "/"), so ``POST /v1/miners/register/`` was 405 with ``Allow: DELETE`` where every
+    other route's trailing slash is a redirect (as upstream answers). A path some route fully
+    matches as sent is left alone (``DELETE /v1/miners/m1/`` names the miner "m1/")."""
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.redirect_slashes:
+            target = self._without_slash(scope)
+            if target is not None:
+                await RedirectResponse(url=str(URL(scope=target)))(scope, receive, send)
+                return
+        await super().app(scope, receive, send)
+
+    def _without_slash(self, scope: Scope) -> Scope | None:
+        path = get_route_path(scope)
+        if path == "/" or not path.endswith("/") or self._matched(scope):
+            return None
+        target = {**scope, "path": scope["path"].rstrip("/")}
+        return target if self._matched(target) else None
+
+    def _matched(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
+
+
 class CoordinatorApp(Starlette):
     fast_routes = True  # False: every request through Starlette (tests compare the two)
     _fast: FastRouter | None = None
     _fast_routes: list[BaseRoute] | None = None
     _error_stack: ASGIApp | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router = SlashRouter(self.router.routes, lifespan=self.router.lifespan_context)
 
     def _router(self) -> FastRouter | None:
         """The fast router over the current routes, or None when this app must not use one."""

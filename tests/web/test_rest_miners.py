@@ -1046,6 +1046,40 @@ async def test_a_miner_id_with_a_slash_reaches_its_own_path_routes(api: Api, sla
     assert r.json() == {"miner_id": miner, "status": "deregistered"}
 
 
+async def test_a_trailing_slash_on_a_miner_route_redirects_as_on_every_other_route(
+    api: Api,
+) -> None:
+    """``POST /v1/miners/register/`` (a trailing slash) was 405 "Method Not Allowed" with
+    ``Allow: DELETE``: ``DELETE /v1/miners/{miner_id}`` takes any rest of the path as an id,
+    and that partial match stopped the router before the redirect every other route's
+    trailing slash gets (a 307 to the route without it, as upstream answers; a client that
+    follows redirects, as the production miner's ``requests`` does, then reaches it)."""
+    job = await started(api)
+    h = miner_headers("m1")
+    for method, path in [
+        ("POST", "/v1/miners/register/"),
+        ("POST", "/v1/miners/heartbeat/"),
+        ("POST", "/v1/miners/poll/"),
+        ("POST", f"/v1/miners/{job['job_id']}/result/"),
+        ("POST", f"/v1/miners/{job['job_id']}/fail/"),
+        ("POST", "/v1/miners/m1/jobs/"),
+        ("POST", "/v1/miners/m1/earnings/"),
+        ("PUT", "/v1/miners/m1/capabilities/"),
+        ("POST", "/v1/jobs/"),  # as before: the other routes' trailing slash
+    ]:
+        r = await api.http.request(method, path, headers=h)
+        assert r.status_code == 307, (method, path, r.status_code, r.text)
+        assert r.headers["location"] == "http://test" + path.rstrip("/")
+    followed = await api.http.post(
+        "/v1/miners/register/", json={"capabilities": {}}, headers=h, follow_redirects=True
+    )
+    assert followed.status_code == 200, followed.text
+    assert followed.json()["miner_id"] == "m1"
+    # A path that means something as it is sent is not redirected: here the id "m1/".
+    r = await api.http.delete("/v1/miners/m1/", headers=h)
+    assert r.status_code == 403, r.text
+
+
 async def test_rest_jobs_count_their_bodies_against_the_retention_bytes(api: Api) -> None:
     """A job's payload and result count as the bodies that brought them: what
     TERMINAL_RETENTION_BYTES bounds once it ends."""
