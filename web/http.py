@@ -350,8 +350,11 @@ def _parsed_body(raw: bytes, schema: Any, required: bool) -> Any:
         return None
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise HTTPError(422, "request body is not valid JSON") from None
+    except orjson.JSONDecodeError as exc:
+        # The parser's reason and place ("trailing comma is not allowed: line 1 column 15
+        # (char 14)"; a number beyond a double, 1e400, is valid JSON it cannot read): it
+        # never quotes the body.
+        raise HTTPError(422, f"request body cannot be read as JSON: {exc}") from None
     refusal = input_refusal(raw, body)
     if refusal is not None:
         raise HTTPError(422, f"request body: {refusal}")

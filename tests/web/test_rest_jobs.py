@@ -127,6 +127,28 @@ async def test_invalid_submit_is_422_naming_the_field(
     assert field in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"payload": {"x": 1e400}}', "number is infinity when parsed as double: line 1"),
+        (b'{"payload": {}, }', "trailing comma is not allowed: line 1 column 15"),
+        (b'\xef\xbb\xbf{"payload": {}}', "byte order mark (BOM) is not supported"),
+    ],
+)
+async def test_a_body_the_parser_refuses_is_a_422_saying_why_and_where(
+    api: Api, raw: bytes, why: str
+) -> None:
+    """Every body the JSON parser refused was 422 "request body is not valid JSON", with no
+    reason nor place: a trailing comma, a byte order mark (as some Windows tools write), or a
+    number that is valid JSON but beyond a double (1e400) all read the same. The detail now
+    gives the parser's reason and where it stopped."""
+    r = await api.http.post("/v1/jobs", content=raw, headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("request body cannot be read as JSON: "), detail
+    assert why in detail, detail
+
+
 async def test_integer_fields_take_numbers_without_a_fraction(api: Api) -> None:
     """An integer field sent as 120.0 (a Python client's arithmetic) was a 422, though the
     published schema's "integer" (JSON Schema) admits it and upstream (pydantic) took it: it
