@@ -81,6 +81,16 @@ class Authenticator:
         return self.sessions(key_hash(token)) if principal is None else principal
 
     @staticmethod
+    def unknown_detail(headers: Headers) -> str:
+        """The 401 detail for a credential ``token_from_headers`` found but no key or live
+        session matches: an ``X-Api-Key`` is an "Invalid API key" (upstream's words); a token
+        (Bearer, ``X-Session-Token``) may be a wallet session that expired or was logged out,
+        so it is an "Invalid or expired token" (upstream: "Invalid token")."""
+        if headers.get("x-api-key"):
+            return "Invalid API key"
+        return "Invalid or expired token"
+
+    @staticmethod
     def token_from_headers(headers: Headers) -> str | None:
         key = headers.get("x-api-key") or headers.get("x-session-token")
         if key:

@@ -257,7 +257,8 @@ def _authorize(
         raise HTTPError(401, "Authentication required", {"WWW-Authenticate": "Bearer"})
     principal = core.auth.from_token(token)
     if principal is None:
-        raise HTTPError(401, "Invalid API key", {"WWW-Authenticate": "Bearer"})
+        detail = core.auth.unknown_detail(request.headers)
+        raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
     if role is not None and not principal.acts_as(role):
         raise HTTPError(403, "Forbidden")
     return principal

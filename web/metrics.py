@@ -142,7 +142,10 @@ async def metrics(call: Call) -> Response:
         token = core.auth.token_from_headers(call.request.headers)
         principal = None if token is None else core.auth.from_token(token)
         if principal is None:
-            detail = "Authentication required" if token is None else "Invalid API key"
+            if token is None:
+                detail = "Authentication required"
+            else:
+                detail = core.auth.unknown_detail(call.request.headers)
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
         if not principal.acts_as(Role.ADMIN):
             raise HTTPError(403, "Forbidden")

@@ -189,6 +189,32 @@ async def test_session_expires(tmp_path: Path) -> None:
         assert (await api.http.get("/v1/users/me", headers=bearer(token))).status_code == 401
 
 
+async def test_an_ended_session_is_an_invalid_token_not_an_invalid_api_key(tmp_path: Path) -> None:
+    """A wallet user whose session had expired (or was logged out) was told 401 "Invalid API
+    key" on every route, though a wallet user has no API key. A token sent as Bearer or
+    X-Session-Token that is no credential is "Invalid or expired token" now (upstream's
+    answer to a bad bearer token is "Invalid token"); an unknown X-Api-Key is still "Invalid
+    API key", on /metrics too."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, session_ttl_hours=1.0) as api:
+        token = (await login(api.http))["session_token"]
+        clock.advance(3601)
+        invalid_token = (401, {"detail": "Invalid or expired token"})
+        for headers in (bearer(token), {"X-Session-Token": token}):
+            r = await api.http.get("/v1/users/me", headers=headers)
+            assert (r.status_code, r.json()) == invalid_token
+            r = await api.http.post("/v1/jobs", json={"payload": {}}, headers=headers)
+            assert (r.status_code, r.json()) == invalid_token
+            r = await api.http.get("/metrics", headers=headers)
+            assert (r.status_code, r.json()) == invalid_token
+        unknown_key = {"X-Api-Key": "not-a-key-at-all"}
+        for r in (
+            await api.http.post("/v1/jobs", json={"payload": {}}, headers=unknown_key),
+            await api.http.get("/metrics", headers=unknown_key),
+        ):
+            assert (r.status_code, r.json()) == (401, {"detail": "Invalid API key"})
+
+
 async def test_expired_sessions_leave_memory_without_being_used(tmp_path: Path) -> None:
     """A session only left memory when its token was tried after expiry: one a client never
     used again stayed until a restart, so memory grew with every login. Each login now drops
