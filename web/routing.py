@@ -64,6 +64,12 @@ class FastRouter:
         # method may pick a route with parameters (DELETE /v1/miners/register is
         # DELETE /v1/miners/{miner_id}).
         self._static: dict[tuple[str, str], tuple[EndpointRoute, dict[str, Any]] | None] = {}
+        # The methods some endpoint route serves: no other can resolve to one. A method is
+        # any token a client sends (h11 takes made-up ones), so lookups of other methods are
+        # neither made nor cached (``_static`` stays bounded by the routes' own methods).
+        self._methods = {
+            m for r in self.routes if isinstance(r, EndpointRoute) for m in r.methods or ()
+        }
         # Everything that could match a path no parameterless route has, in order.
         self._dynamic: list[tuple[str, BaseRoute]] = []
         for r in self.routes:
@@ -76,8 +82,10 @@ class FastRouter:
                 self._dynamic.append((getattr(r, "path", "").partition("{")[0], r))
 
     def lookup(self, method: str, path: str) -> tuple[EndpointRoute, dict[str, Any]] | None:
-        if path.endswith("\n"):
-            return _FALLBACK  # ``$`` in a route regex also matches before a final newline
+        if path.endswith("\n") or method not in self._methods:
+            # ``$`` in a route regex also matches before a final newline; no endpoint route
+            # serves that method (Starlette answers 405 or 404).
+            return _FALLBACK
         if path in self._static_paths:
             key = (method, path)
             try:

@@ -95,6 +95,23 @@ def test_any_path_resolves_as_starlette_resolves_it(
     _check(FastRouter(app_routes), app_routes, method, "/" + "/".join(segments))
 
 
+def test_methods_no_endpoint_serves_are_not_remembered(app_routes: list[BaseRoute]) -> None:
+    """The fast router remembered its answer for every (method, path) of a parameterless
+    path, and a method is any token the client sends: h11 (uvicorn's parser where httptools
+    is missing) takes made-up ones, up to 16 KiB each. Each made-up method sent to /v1/jobs
+    (a 405) kept one more entry for good: memory any unauthenticated client could grow
+    without bound. A method no endpoint route serves is left to Starlette, as before, and
+    nothing is kept for it."""
+    router = FastRouter(app_routes)
+    before = len(router._static)
+    for n in range(1000):
+        method = f"M{n}" + "X" * 1000
+        assert router.lookup(method, "/v1/jobs") is None
+        assert _starlette_pick(app_routes, method, "/v1/jobs") is None  # Starlette: 405
+    assert len(router._static) == before
+    assert router.lookup("GET", "/v1/jobs") is not None  # served methods are still served
+
+
 class Recorder:
     """Wraps Starlette's middleware stack: records the requests that went through it."""
 
