@@ -184,6 +184,30 @@ async def test_poll_with_nothing_queued_is_204_empty_within_max_wait(api: Api) -
     assert elapsed < 2.0
 
 
+@pytest.mark.parametrize("max_wait", [30, 3600])
+async def test_a_long_poll_is_answered_at_its_cap_inside_the_clients_timeout(
+    tmp_path: Path, max_wait: int
+) -> None:
+    """[compat] cli/miner_management.py polls with max_wait_seconds 30 and a 30 s HTTP
+    timeout (rest-api.md §2.3): the wait is capped by MAX_POLL_WAIT_SECONDS (25), so its 204
+    comes at 25 s, inside that timeout; so does one asking for the most the schema takes."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock=clock) as api:
+        assert (await api.register()).status_code == 200
+        bg = Background()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bg.run, api.poll("m1", max_wait))
+                await api.settle()
+                assert api.core.dispatcher.scheduler.miners["m1"].polls == 1
+                clock.advance(24.9)
+                await api.settle()
+                assert bg.response is None
+                clock.advance(0.1)
+        assert bg.response is not None
+        assert (bg.response.status_code, bg.response.content) == (204, b"")
+
+
 async def test_waiting_poll_gets_a_job_submitted_afterwards(api: Api) -> None:
     """A poll waiting in the server is answered by a later submit (a real long-poll)."""
     await api.register()
