@@ -13,6 +13,7 @@ from storage.errors import StorageError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
 from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
+from tests.web.wallet_helpers import login
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -372,6 +373,32 @@ async def test_a_job_is_servable_once_a_miner_that_can_run_it_is_committed(
             assert (await api.job(job["job_id"]))["servable"] is False
             store.release_commits()
         assert (await api.job(job["job_id"]))["servable"] is True
+
+
+async def test_upstreams_unbounded_inputs_are_bounded(api: Api) -> None:
+    """rest-api.md §9 "Unbounded inputs" had no test: upstream took any ttl_seconds and any
+    concurrency (0 meaning unlimited). Here a TTL over 7 days and a concurrency outside
+    1..1024 are 422s naming the field."""
+    client = {"X-Api-Key": CLIENT_KEY}
+    r = await api.http.post("/v1/jobs", json={"payload": {}, "ttl_seconds": 604801}, headers=client)
+    assert (r.status_code, r.json()) == (422, {"detail": "body.ttl_seconds must be at most 604800"})
+    assert (await api.submit(ttl_seconds=604800))["state"] == "QUEUED"
+    for concurrency, said in ((0, "at least 1"), (1025, "at most 1024")):
+        r = await api.register("m1", concurrency=concurrency)
+        assert (r.status_code, r.json()) == (422, {"detail": f"body.concurrency must be {said}"})
+
+
+async def test_a_session_token_in_the_url_is_no_credential(tmp_path: Path) -> None:
+    """rest-api.md §9: upstream took session tokens as ?token= (tokens in URLs end up in logs
+    and histories); docs/rest-api.md says it is not accepted, which no test held."""
+    async with running_api(tmp_path, clock=FakeClock()) as api:
+        token = (await login(api.http))["session_token"]
+        r = await api.http.get("/v1/users/me", params={"token": token})
+        assert (r.status_code, r.json()) == (401, {"detail": "Authentication required"})
+        r = await api.http.get("/v1/jobs", params={"token": token})
+        assert r.status_code == 401
+        r = await api.http.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
 
 
 async def test_not_found_and_method_not_allowed_are_json(api: Api) -> None:
