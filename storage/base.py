@@ -7,10 +7,10 @@ in ONE transaction; nothing it describes may become visible before ``commit`` re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Sequence
 
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
@@ -244,6 +244,14 @@ class JobStore(Protocol):
 
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
         """Receipts, newest first in chain order (or only the job's, as ``receipts_for``)."""
+
+    async def list_receipt_fields(
+        self, job_id: str | None, limit: int, offset: int, paths: Sequence[tuple[str, ...]]
+    ) -> list[list[Any]]:
+        """``list_receipts``' page (same order), each receipt read as only its values at
+        ``paths`` (key sequences, e.g. ``("signature", "key_id")``; None where absent): the
+        public explorer's few fields, without reading whole receipts (whose metadata holds
+        the job's payload and result)."""
 
     async def receipt_chain_head(self) -> JSONObject | None:
         """The receipt with the highest ``chain_seq`` (start-up: where the chain continues).

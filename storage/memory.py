@@ -6,14 +6,14 @@ Never a product mode: nothing survives the process.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from protocol.amounts import MAX_RECEIPT_UNITS, price_units
 from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Sequence
 
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
@@ -242,6 +242,14 @@ class InMemoryJobStore:
             rows = [self.chain[n] for n in sorted(self.chain, reverse=True)]
         return rows[offset : offset + limit]
 
+    async def list_receipt_fields(
+        self, job_id: str | None, limit: int, offset: int, paths: Sequence[tuple[str, ...]]
+    ) -> list[list[Any]]:
+        return [
+            [_at(receipt, path) for path in paths]
+            for receipt in await self.list_receipts(job_id, limit, offset)
+        ]
+
     async def receipt_chain_head(self) -> JSONObject | None:
         self._check_open()
         return self.chain[max(self.chain)] if self.chain else None
@@ -325,3 +333,12 @@ class InMemoryJobStore:
             confirmed_units=sum(p.aitbc_units for p in recent),
             confirmed_sats=sum(p.btc_sats for p in recent),
         )
+
+
+def _at(value: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` (keys) in ``value``; None where there is none."""
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value

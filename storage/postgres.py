@@ -236,6 +236,15 @@ class PostgresJobStore(SqlStore):
             f"THEN {cls._json_text(column, key)} END"
         )
 
+    @staticmethod
+    def _json_values(column: str, paths: Sequence[tuple[str, ...]]) -> str:
+        # One jsonb parse per row (each ``->`` on json would parse the text again).
+        picks = ", ".join("x" + "".join(f" -> '{k}'" for k in path) for path in paths)
+        return (
+            f"(SELECT CAST(json_build_array({picks}) AS text) "
+            f"FROM (SELECT CAST({column} AS jsonb) AS x) AS p)"
+        )
+
     # NUMERIC: exact, and no sum overflows it.
     _PRICE_UNITS = (
         "COALESCE(SUM(GREATEST(0, LEAST(1e18, ROUND(CAST(COALESCE("

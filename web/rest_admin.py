@@ -250,19 +250,28 @@ def public_receipt(receipt: JSONObject) -> JSONObject:
     return {k: receipt[k] for k in PUBLIC_RECEIPT_FIELDS if k in receipt}
 
 
+# What the explorer reads of each receipt: the public fields and the signing key's id (the
+# store picks them out; a whole receipt holds the job's payload and result).
+_EXPLORER_PATHS = (*((k,) for k in PUBLIC_RECEIPT_FIELDS), ("signature", "key_id"))
+
+
 async def explorer_receipts(call: Call) -> Response:
     q = call.query
     job_id = q.get("job_id") or None
-    rows = await call.core.store.list_receipts(job_id, q["limit"], q["offset"])
+    rows = await call.core.store.list_receipt_fields(
+        job_id, q["limit"], q["offset"], _EXPLORER_PATHS
+    )
     items: list[dict[str, Any]] = []
-    for r in rows:
+    for *values, key_id in rows:
+        # The public fields the receipt has (as before: none of them is ever null).
+        r = {k: v for k, v in zip(PUBLIC_RECEIPT_FIELDS, values, strict=True) if v is not None}
         completed = r.get("completed_at")
         items.append(
             {
                 "receiptId": r.get("receipt_id"),
                 "jobId": r.get("job_id"),
                 "miner": r.get("provider"),
-                "coordinator": r.get("signature", {}).get("key_id"),
+                "coordinator": key_id,
                 "issuedAt": iso_time(completed) if isinstance(completed, int | float) else None,
                 "status": r.get("status"),
                 "payload": public_receipt(r),

@@ -467,6 +467,36 @@ async def test_receipts_list_newest_first_in_chain_order(store: JobStore) -> Non
         assert await store.list_receipts(None, 5, 3) == []
 
 
+async def test_receipt_fields_are_list_receipts_values_at_their_paths(store: JobStore) -> None:
+    """list_receipt_fields: list_receipts' page (order, job filter, paging), each receipt as
+    its values at the paths asked (None where absent), typed as in the receipt."""
+    rows = [
+        receipt_row(
+            "r1",
+            units=1.5,
+            price=0.03,
+            started_at=1_700_000_000,
+            signature={"alg": "Ed25519", "key_id": "k1"},
+            metadata={"job_payload": {"p": list(range(50))}, "result": {"o": "é"}},
+        ),
+        receipt_row("r2", "j2", chain_seq=2, units=2.0, signature="not an object", status="x"),
+    ]
+    await commit(
+        store,
+        batch(jobs=[job("j1", state="COMPLETED", receipt=rows[0].receipt)], receipts=rows),
+    )
+    paths = [("receipt_id",), ("units",), ("price",), ("started_at",), ("signature", "key_id")]
+    with anyio.fail_after(10):
+        got = await store.list_receipt_fields(None, 10, 0, paths)
+        assert got == [["r2", 2.0, None, None, None], ["r1", 1.5, 0.03, 1_700_000_000, "k1"]]
+        assert [type(v) for v in got[1][1:4]] == [float, float, int]
+        assert type(got[0][1]) is float  # 2.0 stays a float
+        assert await store.list_receipt_fields(None, 1, 1, paths) == [got[1]]
+        assert await store.list_receipt_fields("j1", 10, 0, paths) == [got[1]]
+        assert await store.list_receipt_fields("j2", 10, 0, paths) == []
+        assert await store.list_receipt_fields(None, 10, 0, [("status",)]) == [["x"], [None]]
+
+
 async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
     """Writing a receipt id again keeps the first receipt and does not fail the batch."""
     await commit(store, batch(receipts=[receipt_row("r1", version=1)]))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import tracemalloc
 from typing import TYPE_CHECKING
 
 import pytest
@@ -346,6 +347,32 @@ async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
     everything = (await api.http.get("/v1/explorer/receipts")).json()
     assert everything["jobId"] == "all"
     assert (await api.http.get("/v1/explorer/receipts?limit=201")).status_code == 422
+
+
+async def test_the_public_explorer_reads_only_the_public_fields(api: Api) -> None:
+    """The unauthenticated explorer read every listed receipt whole, the job's payload and
+    result in its metadata included (up to a request body each), to answer a dozen small
+    fields: measured, a page of 100 receipts of about 1.3 MB each blocked the event loop for
+    0.75 s and took 500 MB more memory per request, for anyone who asks, as often as they
+    ask. The store reads only the fields the explorer shows."""
+    await api.register("m1")
+    big = list(range(100_000))  # about 600 kB of JSON, several MB once parsed
+    for _ in range(2):
+        job = await api.submit(payload={"type": "t", "input": big})
+        await api.poll("m1")
+        assert (await api.result(job["job_id"], result={"output": big})).status_code == 200
+    for query in ("", f"?job_id={job['job_id']}"):
+        await api.http.get(f"/v1/explorer/receipts{query}")  # warm up: imports, caches
+        tracemalloc.start()
+        try:
+            r = await api.http.get(f"/v1/explorer/receipts{query}")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status_code == 200, r.text
+        assert r.json()["items"][0]["jobId"] == job["job_id"]
+        assert r.json()["items"][0]["payload"]["units"] >= 0
+        assert peak < 1_000_000, (query, peak)
 
 
 def test_openapi_documents_every_route(tmp_path: Path) -> None:
