@@ -242,6 +242,11 @@ class JobStore(Protocol):
     async def count_jobs(self) -> dict[str, int]:
         """Number of jobs per state (a scan: the dispatcher's ``JobCounts`` keeps them)."""
 
+    async def mean_run_seconds(self, sample: int) -> float | None:
+        """The mean of ``finished_at - started_at`` over the newest ``sample`` COMPLETED jobs
+        (newest first as ``list_jobs`` orders them) that have both; None when none has. Read
+        without the jobs' payloads and results."""
+
     async def list_receipts(self, job_id: str | None, limit: int, offset: int) -> list[JSONObject]:
         """Receipts, newest first in chain order (or only the job's, as ``receipts_for``)."""
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from protocol.amounts import MAX_RECEIPT_UNITS, price_units
-from storage.base import MinerEarnings, PaymentStats, WalletSnapshot
+from storage.base import JobQuery, MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from protocol.records import EventRecord, JobRecord, MinerRecord
     from protocol.types import JSONObject
     from storage.base import (
-        JobQuery,
         LedgerEntry,
         NonceRecord,
         PaymentRecord,
@@ -226,6 +225,17 @@ class InMemoryJobStore:
         found.reverse()  # newest first: insertion order, as the SQL store's rowid
         page = found[query.offset : query.offset + query.limit]
         return page, len(found) if query.with_total else len(page)
+
+    async def mean_run_seconds(self, sample: int) -> float | None:
+        jobs, _ = await self.list_jobs(
+            JobQuery(state="COMPLETED", limit=sample, offset=0, with_total=False)
+        )
+        spans = [
+            j.finished_at - j.started_at
+            for j in jobs
+            if j.finished_at is not None and j.started_at is not None
+        ]
+        return sum(spans) / len(spans) if spans else None
 
     async def count_jobs(self) -> dict[str, int]:
         self._check_open()

@@ -777,6 +777,17 @@ class SqlStore:
         total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
         return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
 
+    async def mean_run_seconds(self, sample: int) -> float | None:
+        rows = await self._fetch(
+            "SELECT AVG(finished_at - started_at) AS mean FROM ("
+            "SELECT started_at, finished_at FROM jobs WHERE state = 'COMPLETED' "
+            "ORDER BY rowid DESC LIMIT :limit) AS recent "
+            "WHERE started_at IS NOT NULL AND finished_at IS NOT NULL",
+            {"limit": sample},
+        )
+        mean = rows[0]._mapping["mean"] if rows else None
+        return None if mean is None else float(mean)
+
     async def count_jobs(self) -> dict[str, int]:
         rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r._mapping["state"]: int(r._mapping["n"]) for r in rows}

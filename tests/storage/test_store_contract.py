@@ -424,6 +424,31 @@ async def test_miner_upsert_keeps_the_first_key_hash(store: JobStore) -> None:
     assert miners == [replace(newer, key_hash="a" * 64)]
 
 
+async def test_mean_run_seconds_of_the_newest_completed_jobs(store: JobStore) -> None:
+    """mean_run_seconds(n): finished_at - started_at averaged over the newest n COMPLETED
+    jobs (as list_jobs orders them) that have both; other states and jobs without times are
+    left out; None when no job counts."""
+    with anyio.fail_after(10):
+        assert await store.mean_run_seconds(10) is None
+    done = {"state": "COMPLETED", "finished_at": T0 + 100}
+    await commit(
+        store,
+        batch(
+            jobs=[
+                job("old", started_at=T0 + 10, **done),  # 90 s, the oldest
+                job("j1", started_at=T0 + 99, **done),  # 1 s
+                job("no-start", **done),  # never started: no run time
+                job("failed", state="FAILED", started_at=T0, finished_at=T0 + 100),
+                job("j2", started_at=T0 + 97, **done),  # 3 s, the newest
+            ]
+        ),
+    )
+    with anyio.fail_after(10):
+        assert await store.mean_run_seconds(10) == pytest.approx(94 / 3)
+        assert await store.mean_run_seconds(3) == pytest.approx(2.0)  # j2, no-start, j1
+        assert await store.mean_run_seconds(2) == pytest.approx(3.0)  # j2, no-start
+
+
 # ---- receipts -----------------------------------------------------------------------------
 
 
