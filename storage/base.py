@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "JobQuery",
     "JobStore",
+    "JobSummary",
     "LedgerEntry",
     "MinerEarnings",
     "NonceRecord",
@@ -31,6 +32,18 @@ __all__ = [
     "WalletStore",
     "WriteBatch",
 ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSummary:
+    """A job without its payload, constraints, result or receipt (``job_summaries``)."""
+
+    job_id: str
+    state: str
+    client_id: str
+    miner_id: str | None
+    requested_at: float
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,6 +254,10 @@ class JobStore(Protocol):
 
     async def count_jobs(self) -> dict[str, int]:
         """Number of jobs per state (a scan: the dispatcher's ``JobCounts`` keeps them)."""
+
+    async def job_summaries(self, limit: int) -> list[JobSummary]:
+        """The newest ``limit`` jobs (newest first, as ``list_jobs``), read without their
+        payloads, constraints, results and receipts."""
 
     async def mean_run_seconds(self, sample: int) -> float | None:
         """The mean of ``finished_at - started_at`` over the newest ``sample`` COMPLETED jobs

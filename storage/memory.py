@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from protocol.amounts import MAX_RECEIPT_UNITS, price_units
-from storage.base import JobQuery, MinerEarnings, PaymentStats, WalletSnapshot
+from storage.base import JobQuery, JobSummary, MinerEarnings, PaymentStats, WalletSnapshot
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
@@ -225,6 +225,20 @@ class InMemoryJobStore:
         found.reverse()  # newest first: insertion order, as the SQL store's rowid
         page = found[query.offset : query.offset + query.limit]
         return page, len(found) if query.with_total else len(page)
+
+    async def job_summaries(self, limit: int) -> list[JobSummary]:
+        jobs, _ = await self.list_jobs(JobQuery(limit=limit, offset=0, with_total=False))
+        return [
+            JobSummary(
+                job_id=j.job_id,
+                state=j.state,
+                client_id=j.client_id,
+                miner_id=j.miner_id,
+                requested_at=j.requested_at,
+                attempt=j.attempt,
+            )
+            for j in jobs
+        ]
 
     async def mean_run_seconds(self, sample: int) -> float | None:
         jobs, _ = await self.list_jobs(

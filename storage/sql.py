@@ -24,7 +24,7 @@ from protocol.codec import dumps, loads as decode
 from protocol.errors import RemoteProtocolError
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
-from storage.base import MinerEarnings, PaymentStats
+from storage.base import JobSummary, MinerEarnings, PaymentStats
 from storage.errors import Conflict, StorageError, StoreInUse
 from storage.owner import OwnerLock, check_one_name
 from storage.schema import MIGRATIONS, OUR_NAMES
@@ -776,6 +776,24 @@ class SqlStore:
             return [_job_record(r) for r in rows], len(rows)
         total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
         return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
+
+    async def job_summaries(self, limit: int) -> list[JobSummary]:
+        rows = await self._fetch(
+            "SELECT job_id, state, client_id, miner_id, requested_at, attempt FROM jobs "
+            "ORDER BY rowid DESC LIMIT :limit",
+            {"limit": limit},
+        )
+        return [
+            JobSummary(
+                job_id=m["job_id"],
+                state=m["state"],
+                client_id=m["client_id"],
+                miner_id=m["miner_id"],
+                requested_at=float(m["requested_at"]),
+                attempt=int(m["attempt"]),
+            )
+            for m in (r._mapping for r in rows)
+        ]
 
     async def mean_run_seconds(self, sample: int) -> float | None:
         rows = await self._fetch(

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher.errors import NotAllowed, UnknownMiner
 from protocol.types import iso_time
-from storage.base import JobQuery
 from web.auth import Principal, Role, key_hash
 from web.http import Call, Endpoint, HTTPError, Param, json_response, page_params
 
@@ -133,7 +132,8 @@ async def status(call: Call) -> Response:
 
 
 async def jobs(call: Call) -> Response:
-    items, _ = await call.core.store.list_jobs(JobQuery(limit=100, offset=0, with_total=False))
+    # Summaries: the jobs whole would read their payloads, results and receipts too.
+    items = await call.core.store.job_summaries(100)
     return json_response(
         {
             "items": [

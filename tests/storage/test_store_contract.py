@@ -18,7 +18,7 @@ import pytest
 from protocol.amounts import MAX_RECEIPT_UNITS
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage.backends import store_for
-from storage.base import JobQuery, JobStore, LedgerEntry, ReceiptRow, WriteBatch
+from storage.base import JobQuery, JobStore, JobSummary, LedgerEntry, ReceiptRow, WriteBatch
 from storage.errors import Conflict, StorageError
 from storage.memory import InMemoryJobStore
 from storage.postgres import PostgresJobStore
@@ -422,6 +422,35 @@ async def test_miner_upsert_keeps_the_first_key_hash(store: JobStore) -> None:
     await commit(store, batch(miners=[newer]))
     _, miners = await active(store)
     assert miners == [replace(newer, key_hash="a" * 64)]
+
+
+async def test_job_summaries_are_the_newest_jobs_without_their_bodies(store: JobStore) -> None:
+    """job_summaries(n): the newest n jobs, newest first as list_jobs orders them, with their
+    ids, state, client, miner, request time and attempt."""
+    await commit(store, batch(jobs=[job("j1"), job("j2", requested_at=T0 + 1.5)]))
+    await commit(store, batch(jobs=[job("j3", state="RUNNING", miner_id="gpu-1", attempt=2)]))
+    with anyio.fail_after(10):
+        got = await store.job_summaries(2)
+        listed, _ = await store.list_jobs(JobQuery(limit=2, offset=0))
+    assert [s.job_id for s in got] == [j.job_id for j in listed] == ["j3", "j2"]
+    assert got == [
+        JobSummary(
+            job_id="j3",
+            state="RUNNING",
+            client_id="client-1",
+            miner_id="gpu-1",
+            requested_at=T0,
+            attempt=2,
+        ),
+        JobSummary(
+            job_id="j2",
+            state="QUEUED",
+            client_id="client-1",
+            miner_id=None,
+            requested_at=T0 + 1.5,
+            attempt=0,
+        ),
+    ]
 
 
 async def test_mean_run_seconds_of_the_newest_completed_jobs(store: JobStore) -> None:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.anyio
 
 
+CLIENT_ID = f"client-{key_hash(CLIENT_KEY)[:12]}"
+
+
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     async with running_api(tmp_path) as a:
@@ -83,6 +86,46 @@ async def test_the_mean_run_time_reads_no_job_bodies(tmp_path: Path) -> None:
             mean = body.get("avg_miner_job_duration_ms", miners.get("avg_job_duration_ms"))
             assert mean == 2500.0, (path, body)
             assert peak < 1_000_000, (path, peak)
+
+
+async def test_the_admin_job_list_reads_no_job_bodies(tmp_path: Path) -> None:
+    """/v1/admin/jobs read its 100 jobs whole, payload, result and receipt included (up to a
+    request body each), to answer six small fields each: measured, 2.3 s on the event loop
+    and 1.4 GB more memory per call with 100 jobs of about 1.3 MB. The store reads only
+    those fields."""
+    async with running_api(tmp_path, clock=FakeClock()) as api:
+        await api.register("m1")
+        big = list(range(100_000))  # about 600 kB of JSON, several MB once parsed
+        done = await api.submit(payload={"type": "t", "input": big})
+        await api.poll("m1")
+        assert (await api.result(done["job_id"], result={"output": big})).status_code == 200
+        queued = await api.submit(payload={"type": "t", "input": big})
+        await api.admin("/v1/admin/jobs")  # warm up: imports, caches
+        tracemalloc.start()
+        try:
+            items = (await api.admin("/v1/admin/jobs"))["items"]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert items == [
+            {
+                "job_id": queued["job_id"],
+                "state": "QUEUED",
+                "client_id": CLIENT_ID,
+                "assigned_miner_id": None,
+                "requested_at": queued["requested_at"],
+                "attempt": 0,
+            },
+            {
+                "job_id": done["job_id"],
+                "state": "COMPLETED",
+                "client_id": CLIENT_ID,
+                "assigned_miner_id": "m1",
+                "requested_at": done["requested_at"],
+                "attempt": 1,
+            },
+        ]
+        assert peak < 1_000_000, peak
 
 
 async def test_online_miners_counts_the_production_miners_active_heartbeat(
