@@ -21,6 +21,7 @@ __all__ = [
     "JobSummary",
     "LedgerEntry",
     "MinerEarnings",
+    "RECENT_FIELDS",
     "NonceRecord",
     "PaymentRecord",
     "PaymentStats",
@@ -129,6 +130,10 @@ class PaymentRecord:
         return self.confirmed_at if self.confirmed_at is not None else self.expires_at
 
 
+# What ``MinerEarnings.recent`` keeps of each receipt (those it has).
+RECENT_FIELDS = ("job_id", "receipt_id", "price", "completed_at")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MinerEarnings:
     """A miner's receipts issued in a time window (``miner_earnings``)."""
@@ -136,7 +141,9 @@ class MinerEarnings:
     completed: int  # receipts naming the miner as provider
     billed: int  # the sum of their prices, in units of 1e-8
     paid: int  # what the ledger paid out for those jobs (billing on), in units of 1e-8
-    recent: list[JSONObject]  # the newest receipts, newest first
+    # The newest receipts, newest first, as their ``RECENT_FIELDS`` only (a receipt's metadata
+    # holds the job's payload and result, up to a request body each).
+    recent: list[JSONObject]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

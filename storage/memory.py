@@ -9,7 +9,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from protocol.amounts import MAX_RECEIPT_UNITS, price_units
-from storage.base import JobQuery, JobSummary, MinerEarnings, PaymentStats, WalletSnapshot
+from storage.base import (
+    RECENT_FIELDS,
+    JobQuery,
+    JobSummary,
+    MinerEarnings,
+    PaymentStats,
+    WalletSnapshot,
+)
 from storage.errors import Conflict, StorageError
 
 if TYPE_CHECKING:
@@ -341,7 +348,9 @@ class InMemoryJobStore:
                 for e in self.entries.values()
                 if e.kind == "job_payment" and e.amount > 0 and e.ref in jobs
             ),
-            recent=mine[:recent],
+            recent=[
+                {k: r[k] for k in RECENT_FIELDS if r.get(k) is not None} for r in mine[:recent]
+            ],
         )
 
     async def payment_stats(self, since: float) -> PaymentStats:

@@ -24,7 +24,7 @@ from protocol.codec import dumps, loads as decode
 from protocol.errors import RemoteProtocolError
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
-from storage.base import JobSummary, MinerEarnings, PaymentStats
+from storage.base import RECENT_FIELDS, JobSummary, MinerEarnings, PaymentStats
 from storage.errors import Conflict, StorageError, StoreInUse
 from storage.owner import OwnerLock, check_one_name
 from storage.schema import MIGRATIONS, OUR_NAMES
@@ -201,6 +201,11 @@ _JOB_SELECT = (
 
 
 _KEY = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _present(keys: Sequence[str], values: Sequence[Any]) -> JSONObject:
+    """``keys`` with their ``values``, those that are null (absent) left out."""
+    return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
 
 def _key_paths(paths: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
@@ -906,8 +911,10 @@ class SqlStore:
             values,
             scan=True,
         )
+        # Only the fields listed: the database picks them out (see list_receipt_fields).
+        picked = self._json_values("receipt", [(k,) for k in RECENT_FIELDS])
         rows = await self._fetch(
-            f"SELECT receipt {mine} ORDER BY chain_seq DESC LIMIT :k",
+            f"SELECT {picked} AS v {mine} ORDER BY chain_seq DESC LIMIT :k",
             {**values, "k": recent},
             scan=True,
         )
@@ -916,7 +923,7 @@ class SqlStore:
             completed=int(row["n"]),
             billed=int(row["billed"]),
             paid=wallet_sql.exact_sum(paid[0]._mapping, "paid"),
-            recent=[loads(r._mapping["receipt"]) for r in rows],
+            recent=[_present(RECENT_FIELDS, loads(r._mapping["v"])) for r in rows],
         )
 
     async def ledger_entries(

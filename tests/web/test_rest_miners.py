@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -925,6 +926,40 @@ async def test_earnings_window_and_refusals(tmp_path: Path) -> None:
         assert r.status_code == 422
         assert "from_time" in r.json()["detail"]
         assert (await api.http.post("/v1/miners/m2/earnings", headers=h)).status_code == 403
+
+
+async def test_earnings_read_no_receipt_bodies(tmp_path: Path) -> None:
+    """/v1/miners/{id}/earnings read its 20 newest receipts whole, the jobs' payloads and
+    results in their metadata included (up to a request body each), to list four fields of
+    each: measured, 0.7 s on the event loop and 330 MB more memory per call with receipts of
+    about 1.3 MB. The store reads only those fields."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        big = list(range(100_000))  # about 600 kB of JSON, several MB once parsed
+        await api.register("m1", capabilities={"price": 0.5})
+        for _ in range(2):
+            job = await api.submit(payload={"type": "t", "input": big})
+            assert (await api.poll("m1")).json()["job_id"] == job["job_id"]
+            clock.advance(2)
+            assert (await api.result(job["job_id"], result={"output": big})).status_code == 200
+        h = miner_headers("m1")
+        await api.http.post("/v1/miners/m1/earnings", headers=h)  # warm up: imports, caches
+        tracemalloc.start()
+        try:
+            r = await api.http.post("/v1/miners/m1/earnings", headers=h)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status_code == 200, r.text
+        [newest, _] = r.json()["earnings_history"]
+        receipt = (await api.job(job["job_id"]))["receipt_id"]
+        assert newest == {
+            "job_id": job["job_id"],
+            "receipt_id": receipt,
+            "amount": 1.0,
+            "completed_at": int(clock.now()),
+        }
+        assert peak < 1_000_000, peak
 
 
 async def test_a_poll_ended_by_deregistration_leaves_a_new_registrations_poll_alone(
