@@ -238,11 +238,16 @@ class PostgresJobStore(SqlStore):
 
     @staticmethod
     def _json_values(column: str, paths: Sequence[tuple[str, ...]]) -> str:
-        # One jsonb parse per row (each ``->`` on json would parse the text again).
-        picks = ", ".join("x" + "".join(f" -> '{k}'" for k in path) for path in paths)
+        # One parse of the document per row (each ``->`` on json parses the text again):
+        # ``json_each`` splits it once, and only the top-level values the paths start at are
+        # kept. json, not jsonb: jsonb rewrites numbers (the float 1e16 would come back as
+        # the integer 10000000000000000), json keeps each value's text as written.
+        tops = ", ".join(sorted({f"'{path[0]}'" for path in paths}))
+        picks = ", ".join("o" + "".join(f" -> '{k}'" for k in path) for path in paths)
         return (
-            f"(SELECT CAST(json_build_array({picks}) AS text) "
-            f"FROM (SELECT CAST({column} AS jsonb) AS x) AS p)"
+            f"(SELECT CAST(json_build_array({picks}) AS text) FROM (SELECT "
+            f"json_object_agg(key, value) AS o FROM json_each(CAST({column} AS json)) "
+            f"WHERE key IN ({tops})) AS p)"
         )
 
     # NUMERIC: exact, and no sum overflows it.

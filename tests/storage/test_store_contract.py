@@ -534,21 +534,31 @@ async def test_receipt_fields_are_list_receipts_values_at_their_paths(store: Job
             metadata={"job_payload": {"p": list(range(50))}, "result": {"o": "é"}},
         ),
         receipt_row("r2", "j2", chain_seq=2, units=2.0, signature="not an object", status="x"),
+        # Numbers come back as written: a float stays a float, however large, and exact.
+        receipt_row("r3", "j3", chain_seq=3, units=1e16, price=1e300, unit_price=0.1 + 0.2),
     ]
-    await commit(
-        store,
-        batch(jobs=[job("j1", state="COMPLETED", receipt=rows[0].receipt)], receipts=rows),
-    )
+    done = [
+        job("j1", state="COMPLETED", receipt=rows[0].receipt),
+        job("j3", state="COMPLETED", receipt=rows[2].receipt),
+    ]
+    await commit(store, batch(jobs=done, receipts=rows))
     paths = [("receipt_id",), ("units",), ("price",), ("started_at",), ("signature", "key_id")]
     with anyio.fail_after(10):
         got = await store.list_receipt_fields(None, 10, 0, paths)
-        assert got == [["r2", 2.0, None, None, None], ["r1", 1.5, 0.03, 1_700_000_000, "k1"]]
-        assert [type(v) for v in got[1][1:4]] == [float, float, int]
-        assert type(got[0][1]) is float  # 2.0 stays a float
-        assert await store.list_receipt_fields(None, 1, 1, paths) == [got[1]]
-        assert await store.list_receipt_fields("j1", 10, 0, paths) == [got[1]]
+        assert got == [
+            ["r3", 1e16, 1e300, None, None],
+            ["r2", 2.0, None, None, None],
+            ["r1", 1.5, 0.03, 1_700_000_000, "k1"],
+        ]
+        assert [type(v) for v in got[2][1:4]] == [float, float, int]
+        assert (type(got[1][1]), type(got[0][1]), type(got[0][2])) == (float, float, float)
+        [[third]] = await store.list_receipt_fields("j3", 10, 0, [("unit_price",)])
+        assert third == 0.1 + 0.2  # 0.30000000000000004, not 0.3
+        assert await store.list_receipt_fields(None, 1, 2, paths) == [got[2]]
+        assert await store.list_receipt_fields("j1", 10, 0, paths) == [got[2]]
         assert await store.list_receipt_fields("j2", 10, 0, paths) == []
-        assert await store.list_receipt_fields(None, 10, 0, [("status",)]) == [["x"], [None]]
+        statuses = await store.list_receipt_fields(None, 10, 0, [("status",)])
+        assert statuses == [[None], ["x"], [None]]
 
 
 async def test_duplicate_receipt_id_is_ignored(store: JobStore) -> None:
