@@ -58,6 +58,16 @@ def _driver_url(url: str) -> str:
     return url
 
 
+def _dsn_options(url: str) -> dict[str, Any]:
+    """``Database`` options that make its pool connect as ``asyncpg.connect(url)`` does: from
+    the whole URL, parsed by asyncpg. ``databases`` passes asyncpg the URL's host, port, user,
+    password and database alone, which dropped every query parameter (``sslmode=verify-full``
+    connected without checking the server's certificate; ``?host=/run/postgresql``, a Unix
+    socket, tried TCP) while the start-up check and a standby's poll honoured them."""
+    given = {"host": None, "port": None, "user": None, "password": None, "database": None}
+    return {"dsn": url, **given}
+
+
 @functools.cache
 def _numbered(sql: str) -> str:
     """``sql`` with its ``?`` placeholders as asyncpg's ``$1, $2, …`` (none sit in literals)."""
@@ -271,9 +281,12 @@ class PostgresJobStore(SqlStore):
         # once the server ends it (``maintain``) a minimum made the pool connect again in the
         # background, which the close then cut short mid-handshake (asyncpg left an unread
         # "unexpected connection_lost()" error on the loop).
-        self._db = Database(driver_url, min_size=0, max_size=1, connection_class=_WriterConnection)
-        self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS)
-        self._scan_db = Database(driver_url, min_size=1, max_size=1)
+        dsn = _dsn_options(driver_url)
+        self._db = Database(
+            driver_url, min_size=0, max_size=1, connection_class=_WriterConnection, **dsn
+        )
+        self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS, **dsn)
+        self._scan_db = Database(driver_url, min_size=1, max_size=1, **dsn)
         self._stack = AsyncExitStack()
         self._reader = self._scanner = None  # SqlStore's pinned connections: unused here
         self._raw: Any = None  # the writer connection's asyncpg connection

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 from contextlib import closing
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -16,7 +17,7 @@ import pytest
 
 from storage.backends import shown_url, store_for
 from storage.base import JobQuery
-from storage.errors import StorageError, StoreInUse
+from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from storage.postgres import PostgresJobStore, check_postgres
 from storage.sql import DatabasesJobStore
 from tests.postgres import admin
@@ -355,3 +356,68 @@ async def test_a_slow_commit_outlives_the_databases_statement_timeout(postgres_u
                 await s.close()
         finally:
             await admin.close()
+
+
+async def test_the_urls_parameters_reach_every_connection(postgres_url: str) -> None:
+    """``DATABASE_URL``'s query parameters are asyncpg's (libpq's names): the start-up check
+    honoured them, but the store's own connections were made from the URL's host, port, user,
+    password and database alone, so ``sslmode=require`` (or ``verify-full``) connected without
+    TLS where the server offers none (or without checking its certificate), and every other
+    parameter (``application_name``, ``options``, ...) was dropped."""
+    with anyio.fail_after(20):
+        named = f"{postgres_url}?application_name=coordinator-a"
+        s = PostgresJobStore(named)
+        await s.open()
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0  # the scan pool
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                names = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT application_name FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ]
+                ssl = await conn.fetchval("SHOW ssl")
+            finally:
+                await conn.close()
+            assert len(names) >= 3  # the writer, a read and a scan connection
+            assert set(names) == {"coordinator-a"}
+        finally:
+            await s.close()
+        if ssl == "off":  # the test cluster's: TLS asked for must be refused, not skipped
+            with pytest.raises(StoreUnreachable, match=r"cannot connect to .*SSL"):
+                await PostgresJobStore(f"{postgres_url}?sslmode=require").open()
+            with pytest.raises(StoreUnreachable, match="cannot connect to"):  # or no root.crt
+                await PostgresJobStore(f"{postgres_url}?sslmode=verify-full").open()
+
+
+async def test_a_unix_socket_url_serves(postgres_url: str) -> None:
+    """libpq's spelling of a local server's socket directory, ``postgresql://USER@/DB?host=DIR``
+    (peer authentication, no TCP): the start-up check took it, then the store tried a TCP
+    connection to nowhere and the start failed (``No such file or directory``)."""
+    with anyio.fail_after(20):
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            directories = await conn.fetchval("SHOW unix_socket_directories")
+            port = await conn.fetchval("SHOW port")
+            name = await conn.fetchval("SELECT current_database()")
+        finally:
+            await conn.close()
+        directory = directories.split(",")[0].strip()
+        if not directory or not await anyio.Path(directory, f".s.PGSQL.{port}").exists():
+            pytest.skip("the test server has no Unix socket on this machine")
+        user = urlsplit(postgres_url).username
+        url = f"postgresql://{user}@/{name}?host={directory}&port={port}"
+        await anyio.to_thread.run_sync(check_postgres, url)
+        s = PostgresJobStore(url)
+        await s.open()
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
+        finally:
+            await s.close()
