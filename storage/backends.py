@@ -3,6 +3,7 @@ PostgreSQL (``postgresql://…``). Light to import: a backend's driver loads whe
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -53,8 +54,14 @@ def check_store(url: str) -> None:
         check_database(url)
 
 
+# libpq's query parameters that carry a secret (asyncpg reads both): shown as ``***``.
+_SECRET_PARAMETERS = re.compile(r"([?&](?:ssl)?password=)[^&#]*")
+
+
 def shown_url(url: str) -> str:
-    """``url`` as messages and logs may show it: a password becomes ``***``."""
+    """``url`` as messages and logs may show it: a password becomes ``***``, in the user
+    part and in the query (``?password=``, ``sslpassword=``)."""
+    url = _SECRET_PARAMETERS.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     credentials, at, place = rest.rpartition("@")
     if not at or ":" not in credentials:

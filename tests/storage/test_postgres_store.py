@@ -201,6 +201,14 @@ def test_store_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
         ("postgresql://u:p@ss:w@rd@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("sqlite:///a@b.db", "sqlite:///a@b.db"),
+        # libpq's query parameters carry passwords too (asyncpg reads them)
+        ("postgresql://u@h/db?password=hunter2", "postgresql://u@h/db?password=***"),
+        (
+            "postgresql://u@h/db?sslmode=verify-full&sslpassword=k3y&application_name=a",
+            "postgresql://u@h/db?sslmode=verify-full&sslpassword=***&application_name=a",
+        ),
+        ("postgresql://u:pw@h/db?password=x", "postgresql://u:***@h/db?password=***"),
+        ("postgresql://u@/db?host=/run/postgresql", "postgresql://u@/db?host=/run/postgresql"),
     ],
 )
 def test_shown_urls_never_carry_a_password(url: str, shown: str) -> None:
