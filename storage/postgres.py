@@ -200,7 +200,8 @@ async def _connecting(url: str) -> AsyncIterator[None]:
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        why = str(exc) or type(exc).__name__  # a TimeoutError says nothing itself
+        # asyncpg puts a DETAIL or HINT on lines of its own: one line, as any refusal at start.
+        why = " ".join(str(exc).split()) or type(exc).__name__  # a TimeoutError says nothing
         raise StoreUnreachable(f"cannot connect to {shown_url(url)}: {why}") from None
 
 

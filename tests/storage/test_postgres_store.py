@@ -186,6 +186,24 @@ async def test_an_unreachable_server_is_one_clear_error() -> None:
         assert "\n" not in str(exc)
 
 
+async def test_a_connect_refusal_with_a_hint_is_still_one_line(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg puts a refusal's DETAIL and HINT on lines of their own (here: TLS verification
+    asked for, and no root certificate in ~/.postgresql): serve's refusal is one line."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url = f"{postgres_url}?sslmode=verify-full"
+    with anyio.fail_after(20):
+        with pytest.raises(StorageError, match="cannot connect to") as checked:
+            await anyio.to_thread.run_sync(check_postgres, url)
+        with pytest.raises(StorageError, match="cannot connect to") as opened:
+            await PostgresJobStore(url).open()
+    for exc in (checked.value, opened.value):
+        assert "root.crt" in str(exc)
+        assert "HINT:" in str(exc)  # kept, on the same line
+        assert "\n" not in str(exc)
+
+
 def test_store_for_picks_the_backend_by_scheme(tmp_path: Path) -> None:
     for url in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql+asyncpg://u@h/db"):
         assert isinstance(store_for(url), PostgresJobStore)
