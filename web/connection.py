@@ -30,9 +30,11 @@ import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from dispatcher.fanout import Outbox
-from protocol.codec import encode
+from protocol.codec import encode, message_type
 from protocol.messages import Ack, Error
-from protocol.types import CloseCode
+from protocol.types import CloseCode, ErrorCode
+from storage.errors import StorageError
+from web.errors import READ_FAILED
 from web.transport import ACCEPT_NOW, FLUSH_NOW, ON_TEXT, SEND_NOW, WAKE
 
 if TYPE_CHECKING:
@@ -280,9 +282,23 @@ class Connection(ABC):
     async def _handle_later(self, event: Any, session: MinerSession | ClientSession) -> None:
         try:
             await self.handle(event, session)
+        except StorageError as exc:  # a read failed (a dropped connection, a server restart)
+            self.read_failed(event, exc)
         except Exception:  # a bug must not take other sessions down
             log.exception("internal error in %s connection", self.role.value)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def read_failed(self, event: Any, exc: StorageError) -> None:
+        """``event`` needed a store read that failed: not a bug, and the peer may retry. Its
+        request gets ``error`` ``unavailable`` (REST's 503), after the open batch as any
+        refusal; the socket goes on."""
+        what = message_type(event) or type(event).__name__
+        log.warning("%s socket: %s: the database could not be read: %s", self.role.value, what, exc)
+        request_id: str | None = getattr(event, "id", None)
+        ref = getattr(event, "job_id", None) or what
+        self.core.dispatcher.after_commit(
+            lambda: self.error(ErrorCode.UNAVAILABLE, READ_FAILED, request_id=request_id, ref=ref)
+        )
 
     def _flush(self, session: MinerSession | ClientSession) -> None:
         """What the session itself answered (errors), and its close."""

@@ -29,6 +29,7 @@ from protocol.messages import (
 from protocol.schema import constraints_refusal
 from protocol.session import ClientSession
 from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
+from storage.errors import StorageError
 from web.auth import Role
 from web.billing import job_payment
 from web.connection import Connection
@@ -170,7 +171,11 @@ class ClientConnection(Connection):
         assert sub is not None
         ids = list(_named(msg))
 
+        answered = False
+
         def answer(missing: list[str]) -> None:
+            nonlocal answered
+            answered = True
             for job_id in missing:
                 self.error(
                     ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id
@@ -184,6 +189,13 @@ class ClientConnection(Connection):
             )
         except Unavailable:  # a commit failed: the coordinator is stopping
             self.close(CloseCode.GOING_AWAY, "server shutting down")
+        except StorageError as exc:
+            if not answered:
+                raise  # nothing followed yet: ``unavailable``, as for any failed read
+            # Answered, then a replay failed: the socket would follow with a gap the client
+            # cannot see. It reconnects and subscribes with ``after``, as after any drop.
+            log.warning("client socket: subscribe: the database could not be read: %s", exc)
+            self.close(CloseCode.INTERNAL_ERROR, READ_FAILED)
 
     def _cancel_now(self, msg: JobCancelRequest) -> bool:
         """``False`` when the job is not in memory: ``_cancel_stored`` answers."""

@@ -767,3 +767,77 @@ def test_a_failed_key_lookup_is_an_unavailable_error_not_a_closed_socket(
         assert error["message"] == "the database could not be read; retry"
         job = submit(ws, "s2")["job"]
     assert list(store.jobs) == [job["job_id"]]
+
+
+def test_a_failed_read_on_a_socket_is_unavailable_not_an_internal_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscribe, a cancel or a miner's late result that reads the store while its read
+    fails (a dropped PostgreSQL connection, a server restart) closed the socket 1011 "internal
+    error" with a traceback, as a bug would; each now gets `error` `unavailable` (REST's 503),
+    the socket goes on, and the log has one warning line. A replay that fails once the
+    subscribe was answered cannot be told apart from a gap: that socket is closed 1011 saying
+    so (a reconnect and a subscribe with `after` catches up)."""
+    from storage.errors import StorageError
+
+    class LostReads(RecordingStore):
+        lost = False
+        lost_events = False
+
+        async def get_job(self, job_id: str) -> JobRecord | None:
+            if self.lost:
+                raise StorageError("connection was closed in the middle of operation")
+            return await super().get_job(job_id)
+
+        async def events_after(self, job_id: str, after: int, limit: int = 1000) -> Any:
+            if self.lost_events:
+                raise StorageError("connection was closed in the middle of operation")
+            return await super().events_after(job_id, after, limit)
+
+    store = LostReads()
+    unknown = "0" * 32
+    with TestClient(create_app(make_settings(tmp_path), store=store)) as c:
+        with client_socket(c) as ws:
+            hello(ws)
+            store.lost = True
+            ws.send_json({"type": "subscribe", "id": "sub1", "job_ids": [unknown]})
+            ws.send_json({"type": "job.cancel", "id": "c1", "job_id": unknown})
+            for request_id in ("sub1", "c1"):
+                error = recv(ws)
+                assert (error["type"], error["id"], error["code"]) == (
+                    "error",
+                    request_id,
+                    "unavailable",
+                )
+                assert error["message"] == "the database could not be read; retry"
+            store.lost = False
+            job_id = submit(ws, "s1")["job"]["job_id"]  # the socket goes on
+            assert recv(ws)["event"] == "queued"
+        with c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+            miner.send_json({"type": "hello", "protocol": 1, "miner_id": "gpu-1"})
+            assert recv(miner)["type"] == "welcome"
+            assert recv(miner)["type"] == "job.assign"
+            store.lost = True
+            miner.send_json(
+                {"type": "job.result", "id": "r1", "job_id": unknown, "result": {}, "attempt": 1}
+            )
+            error = recv(miner)
+            assert (error["type"], error["id"], error["code"]) == ("error", "r1", "unavailable")
+            store.lost = False
+            miner.send_json({"type": "heartbeat", "id": "hb"})
+            assert recv(miner) == {"type": "ack", "id": "hb"}
+        with client_socket(c) as ws:
+            hello(ws)
+            store.lost_events = True
+            ws.send_json({"type": "subscribe", "id": "sub2", "job_ids": [job_id]})
+            assert recv(ws) == {"type": "ack", "id": "sub2", "missing": []}
+            with pytest.raises(WebSocketDisconnect) as closed:
+                recv(ws)
+        assert (closed.value.code, closed.value.reason) == (
+            1011,
+            "the database could not be read; retry",
+        )
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    warned = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(warned) == 4
