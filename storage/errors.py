@@ -31,4 +31,11 @@ class StoreInUse(StorageError):
 
 
 class StoreUnreachable(StorageError):
-    """No connection could be made: a standby keeps waiting through it."""
+    """No connection could be made: a standby keeps waiting through it. ``lasting``: the
+    server answered that it never will be for these settings (credentials refused, no such
+    database, a bad TLS setting), where a server restarting or a network in trouble may be
+    over in seconds."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting

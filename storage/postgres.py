@@ -202,7 +202,19 @@ async def _connecting(url: str) -> AsyncIterator[None]:
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         # asyncpg puts a DETAIL or HINT on lines of its own: one line, as any refusal at start.
         why = " ".join(str(exc).split()) or type(exc).__name__  # a TimeoutError says nothing
-        raise StoreUnreachable(f"cannot connect to {shown_url(url)}: {why}") from None
+        lasting = isinstance(exc, _LASTING_REFUSALS)
+        why = f"cannot connect to {shown_url(url)}: {why}"
+        raise StoreUnreachable(why, lasting=lasting) from None
+
+
+# Refusals of a connection that waiting does not change: credentials, the database's name, a TLS
+# setting. Anything else (refused, timed out, "the database system is starting up", too many
+# connections, a database not accepting connections for now) may be over once a restart is.
+_LASTING_REFUSALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # bad password, no pg_hba.conf entry
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.ClientConfigurationError,  # sslmode=verify-full without a root certificate, ...
+)
 
 
 async def _preflight(url: str) -> None:

@@ -36,7 +36,7 @@ import uvicorn
 from uvicorn.config import LOG_LEVELS
 
 from storage.backends import check_store, shown_url, sqlite_url, store_for
-from storage.errors import StorageError, StoreInUse
+from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
@@ -189,7 +189,7 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
     try:
         store = store_for(settings.database_url, synchronous=settings.sqlite_synchronous)
         try:
-            check_store(settings.database_url)
+            _check_store_waiting(settings)
             store.claim()
         except StoreInUse:
             if not settings.standby:
@@ -198,6 +198,32 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return None
     return store
+
+
+DATABASE_RETRY_SECONDS = 0.5  # between tries of a database server that cannot be reached yet
+
+
+def _check_store_waiting(settings: Settings) -> None:
+    """``check_store``; a PostgreSQL server that cannot be connected to for now (down, starting
+    up, restarting) is tried again for up to ``DATABASE_WAIT_SECONDS``, with one line saying
+    so. A coordinator stops when its server restarts, and its supervisor starts it again at
+    once: each start that failed at once counted against the supervisor's limits (systemd gives
+    up after five in 10 s, Kubernetes backs off up to five minutes), so a restart of a few
+    seconds kept the coordinator down long after the server was back."""
+    deadline = time.monotonic() + settings.database_wait_seconds
+    said = False
+    while True:
+        try:
+            check_store(settings.database_url)
+            return
+        except StoreUnreachable as exc:
+            if exc.lasting or time.monotonic() + DATABASE_RETRY_SECONDS > deadline:
+                raise
+            if not said:
+                said = True
+                wait = f"{settings.database_wait_seconds:g}"
+                print(f"aitbc-coordinator: {exc}; trying again for {wait} s", file=sys.stderr)
+        time.sleep(DATABASE_RETRY_SECONDS)
 
 
 def configure_logging(level: str) -> None:

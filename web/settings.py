@@ -158,6 +158,8 @@ class Settings:
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
     standby: bool = False
+    # How long ``serve`` waits at start for a PostgreSQL server it cannot connect to yet.
+    database_wait_seconds: float = 30.0
     # Wallet users, billing and the exchange (docs/wallet.md)
     billing: bool = False
     session_ttl_hours: float = 24.0
@@ -225,6 +227,7 @@ class Settings:
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),
+            database_wait_seconds=_number(env, "DATABASE_WAIT_SECONDS", 30, 0, 3600),
         ).with_(**_wallet_settings(env))
         _check_keys(settings, env.get("SECRET_KEY", "").strip())
         return settings

@@ -20,8 +20,10 @@ from storage.base import JobQuery
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from storage.postgres import PostgresJobStore, check_postgres
 from storage.sql import DatabasesJobStore
+from tests.conftest import make_settings
 from tests.postgres import admin
 from tests.storage.test_store_contract import batch, event, job
+from web import cli
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -447,3 +449,66 @@ async def test_a_unix_socket_url_serves(postgres_url: str) -> None:
             assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
         finally:
             await s.close()
+
+
+async def test_serve_waits_for_a_server_that_refuses_connections_for_now(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A coordinator stops when its server restarts, and its supervisor starts it again: each
+    start refused at once counted against the supervisor's limits (systemd gives up after five
+    in 10 s), so a server down for a few seconds kept the coordinator down for good. ``serve``
+    now tries again for ``DATABASE_WAIT_SECONDS`` (here: the database not accepting connections
+    for now, as while it restarts), saying so on one line."""
+    name = postgres_url.rsplit("/", 1)[1]
+    settings = make_settings(tmp_path, database_url=postgres_url, database_wait_seconds=30)
+    await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    stores: list[object] = []
+
+    async def serve_check() -> None:
+        stores.append(await anyio.to_thread.run_sync(cli._claimed_store_or_say, settings))
+
+    err = ""
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_check)
+                while "trying again" not in err:
+                    err += capsys.readouterr().err
+                    await anyio.sleep(0.01)
+                await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert isinstance(stores[0], PostgresJobStore)
+    assert (err + capsys.readouterr().err).splitlines() == [
+        f'aitbc-coordinator: cannot connect to {postgres_url}: database "{name}" is not '
+        "currently accepting connections; trying again for 30 s"
+    ]
+
+
+async def test_serve_refuses_lasting_refusals_at_once_and_stops_waiting_in_time(
+    postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Credentials refused or no such database: waiting changes nothing, one line at once. A
+    server that stays unreachable: the waiting line, then the refusal once the wait is over."""
+    missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    with anyio.fail_after(20):
+        settings = make_settings(tmp_path, database_url=missing, database_wait_seconds=3600)
+        assert await anyio.to_thread.run_sync(cli._claimed_store_or_say, settings) is None
+        assert capsys.readouterr().err.splitlines() == [
+            f"aitbc-coordinator: cannot connect to {missing}: "
+            'database "no_such_database" does not exist'
+        ]
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        nobody = f"postgresql://someone@127.0.0.1:{port}/db"
+        settings = make_settings(tmp_path, database_url=nobody, database_wait_seconds=1)
+        assert await anyio.to_thread.run_sync(cli._claimed_store_or_say, settings) is None
+        said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2
+    assert said[0].startswith(f"aitbc-coordinator: cannot connect to {nobody}: ")
+    assert said[0].endswith("; trying again for 1 s")
+    assert said[1].startswith(f"aitbc-coordinator: cannot connect to {nobody}: ")
