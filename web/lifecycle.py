@@ -172,10 +172,29 @@ async def _take_over(core: Coordinator, stopping: anyio.Event) -> None:
 async def _run_dispatcher(core: Coordinator, *, task_status: TaskStatus[None]) -> None:
     try:
         await core.dispatcher.serve(task_status=task_status)
-    except Exception:
-        # Never keep serving without a dispatcher: say why, and take the process down.
-        log.exception("dispatcher failed; shutting the coordinator down")
+    except Exception as exc:
+        # Never keep serving without a dispatcher: say why, and take the process down. The
+        # store failing (a PostgreSQL restart, a full disk) is the store's line(s), as at a
+        # start-up: its traceback (an exception group of 60 lines on every server restart)
+        # said nothing more and read as a crash; anything else is a bug, with its traceback.
+        said = _store_failure(exc)
+        if said is None:
+            log.exception("dispatcher failed; shutting the coordinator down")
+        else:
+            log.error("dispatcher failed, shutting the coordinator down: %s", said)
         core.fatal()
+
+
+def _store_failure(exc: BaseException) -> str | None:
+    """What a ``StorageError`` (or a group of nothing else) says, each message once; None for
+    any other exception."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        said = [_store_failure(e) for e in exc.exceptions]
+        if all(s is not None for s in said):
+            return "; ".join(dict.fromkeys(s for s in said if s is not None))
+    return None
 
 
 async def _in_scope(scope: anyio.CancelScope, run: Callable[[], Awaitable[None]]) -> None:

@@ -452,10 +452,12 @@ def test_anything_but_auth_first_closes_4401(client: TestClient) -> None:
 
 
 def test_a_failed_commit_stops_the_coordinator_instead_of_serving_without_it(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the writer's commit fails, sockets close 1011, readiness turns 503, and the
-    server is told to exit (never keeps accepting work with a dead dispatcher)."""
+    server is told to exit (never keeps accepting work with a dead dispatcher). The log says
+    why on one line: the store's failure (a PostgreSQL restart, a full disk) came with an
+    exception group's traceback, which read as a crash and said nothing more."""
     from storage.errors import StorageError
     from storage.memory import InMemoryJobStore
 
@@ -474,6 +476,10 @@ def test_a_failed_commit_stops_the_coordinator_instead_of_serving_without_it(
         assert closed.value.code == 1011
         assert stopped == [True]
         assert c.get("/health/ready").status_code == 503
+    failed = [r for r in caplog.records if "dispatcher failed" in r.getMessage()]
+    assert [(r.levelname, r.exc_info, r.getMessage()) for r in failed] == [
+        ("ERROR", None, "dispatcher failed, shutting the coordinator down: disk full")
+    ]
 
 
 def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> None:
