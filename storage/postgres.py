@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import socket
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -38,9 +39,11 @@ from storage.sql import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
-    from storage.base import WriteBatch
+    from protocol.records import JobRecord, MinerRecord
+    from protocol.types import JSONObject
+    from storage.base import WalletSnapshot, WriteBatch
 
 __all__ = ["PostgresJobStore", "check_postgres"]
 
@@ -56,6 +59,21 @@ def _driver_url(url: str) -> str:
         if url.startswith(scheme):
             return "postgresql://" + url.removeprefix(scheme)
     return url
+
+
+# The session settings of the start-up's reads (as the writer's session sets them for itself).
+_NO_TIMEOUTS = {"statement_timeout": "0", "lock_timeout": "0"}
+_START_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("start_up", default=False)
+
+
+@contextlib.contextmanager
+def _start_up() -> Iterator[None]:
+    """Reads within are the start-up's (``PostgresJobStore._start_db``)."""
+    token = _START_UP.set(True)
+    try:
+        yield
+    finally:
+        _START_UP.reset(token)
 
 
 def _dsn_options(url: str) -> dict[str, Any]:
@@ -300,6 +318,12 @@ class PostgresJobStore(SqlStore):
         )
         self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS, **dsn)
         self._scan_db = Database(driver_url, min_size=1, max_size=1, **dsn)
+        # The start-up's reads (``_START_UP``), one after the other, without the database's or
+        # role's timeouts: a client's read may be cancelled (a 503 to retry), a start-up's
+        # was a start that failed every time.
+        self._start_db = Database(
+            driver_url, min_size=0, max_size=1, server_settings=_NO_TIMEOUTS, **dsn
+        )
         self._stack = AsyncExitStack()
         self._reader = self._scanner = None  # SqlStore's pinned connections: unused here
         self._raw: Any = None  # the writer connection's asyncpg connection
@@ -311,7 +335,7 @@ class PostgresJobStore(SqlStore):
     async def _fetch(
         self, sql: str, values: dict[str, Any] | None = None, *, scan: bool = False
     ) -> Sequence[Any]:
-        db = self._scan_db if scan else self._read_db
+        db = self._start_db if _START_UP.get() else self._scan_db if scan else self._read_db
         if self._raw is None:
             raise StorageError("store is closed")
         async with _map_errors():
@@ -352,6 +376,27 @@ class PostgresJobStore(SqlStore):
             await self._migrate()
         await self._connect_pool(self._read_db)
         await self._connect_pool(self._scan_db)
+        await self._connect_pool(self._start_db)  # no minimum: connects at its first read
+
+    # What only a start-up reads (``Coordinator.restore``): the live jobs, the counts, the
+    # wallet, the receipt chain's head. They read whole tables or indexes; a database's or
+    # role's ``statement_timeout`` (usual on managed servers) cancelled one that took longer
+    # (a big table, an operator's lock) and the coordinator could not start.
+    async def load_active(self) -> tuple[list[JobRecord], list[MinerRecord]]:
+        with _start_up():
+            return await super().load_active()
+
+    async def count_jobs(self) -> dict[str, int]:
+        with _start_up():
+            return await super().count_jobs()
+
+    async def load_wallet(self, now: float, settled_since: float | None = None) -> WalletSnapshot:
+        with _start_up():
+            return await super().load_wallet(now, settled_since)
+
+    async def receipt_chain_head(self) -> JSONObject | None:
+        with _start_up():
+            return await super().receipt_chain_head()
 
     async def _connect_pool(self, db: Database) -> None:
         async with _connecting(self.url):
@@ -417,7 +462,7 @@ class PostgresJobStore(SqlStore):
             async with _map_errors():
                 await self._stack.aclose()
         finally:
-            for db in (self._db, self._read_db, self._scan_db):
+            for db in (self._db, self._read_db, self._scan_db, self._start_db):
                 if db.is_connected:
                     with contextlib.suppress(Exception):  # each pool closes whatever happened
                         await db.disconnect()

@@ -512,3 +512,48 @@ async def test_serve_refuses_lasting_refusals_at_once_and_stops_waiting_in_time(
     assert said[0].startswith(f"aitbc-coordinator: cannot connect to {nobody}: ")
     assert said[0].endswith("; trying again for 1 s")
     assert said[1].startswith(f"aitbc-coordinator: cannot connect to {nobody}: ")
+
+
+async def test_start_up_reads_outlive_the_databases_statement_timeout(postgres_url: str) -> None:
+    """A database's or role's ``statement_timeout`` cancelled the start-up's reads (the live
+    jobs, the counts, the wallet, the receipt chain's head) that waited longer: here behind an
+    operator's lock, as on a big table, and the coordinator could not start at all, however
+    often its supervisor tried. They run without it; a client's read keeps the database's bound
+    (a 503 the client may retry)."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+        await s.close()
+        admin = await asyncpg.connect(postgres_url)
+        watcher = await asyncpg.connect(postgres_url)
+        try:
+            name = await admin.fetchval("SELECT current_database()")
+            await admin.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '100ms'")
+            s = PostgresJobStore(postgres_url)
+            await s.open()
+            try:
+                await admin.execute("BEGIN")
+                await admin.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+                with pytest.raises(StorageError, match="statement timeout"):
+                    await s.get_job("j1")
+                loaded: list[object] = []
+
+                async def start_up() -> None:
+                    loaded.append((await s.load_active())[0])
+                    loaded.append(await s.count_jobs())
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(start_up)
+                    while not await watcher.fetchval(  # noqa: ASYNC110 - a bounded poll
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND now() - query_start > interval '300ms'"
+                    ):
+                        await anyio.sleep(0.01)
+                    await admin.execute("COMMIT")  # lets go of the table
+                assert loaded == [[job("j1")], {"QUEUED": 1}]
+            finally:
+                await s.close()
+        finally:
+            await watcher.close()
+            await admin.close()
