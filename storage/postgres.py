@@ -220,18 +220,25 @@ async def _connecting(url: str) -> AsyncIterator[None]:
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         # asyncpg puts a DETAIL or HINT on lines of its own: one line, as any refusal at start.
         why = " ".join(str(exc).split()) or type(exc).__name__  # a TimeoutError says nothing
-        lasting = isinstance(exc, _LASTING_REFUSALS)
+        lasting = isinstance(exc, asyncpg.ClientConfigurationError) or not isinstance(
+            exc, _PASSING_REFUSALS
+        )
         why = f"cannot connect to {shown_url(url)}: {why}"
         raise StoreUnreachable(why, lasting=lasting) from None
 
 
-# Refusals of a connection that waiting does not change: credentials, the database's name, a TLS
-# setting. Anything else (refused, timed out, "the database system is starting up", too many
-# connections, a database not accepting connections for now) may be over once a restart is.
-_LASTING_REFUSALS = (
-    asyncpg.InvalidAuthorizationSpecificationError,  # bad password, no pg_hba.conf entry
-    asyncpg.InvalidCatalogNameError,  # no such database
-    asyncpg.ClientConfigurationError,  # sslmode=verify-full without a root certificate, ...
+# Refusals of a connection that may be over once a server's restart is: refused, timed out,
+# "the database system is starting up" (or shutting down), too many connections, a database
+# not accepting connections for now, a connection lost during the handshake. Anything else the
+# server answered (credentials, no such database, an unknown setting in the URL) or a bad TLS
+# setting (ClientConfigurationError) does not change by waiting.
+_PASSING_REFUSALS = (
+    OSError,  # TimeoutError and ConnectionRefusedError included
+    asyncpg.OperatorInterventionError,  # starting up, shutting down, in recovery
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,  # too many connections, out of memory
+    asyncpg.ObjectNotInPrerequisiteStateError,  # "is not currently accepting connections"
+    asyncpg.InterfaceError,
 )
 
 

@@ -491,16 +491,21 @@ async def test_serve_waits_for_a_server_that_refuses_connections_for_now(
 async def test_serve_refuses_lasting_refusals_at_once_and_stops_waiting_in_time(
     postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Credentials refused or no such database: waiting changes nothing, one line at once. A
-    server that stays unreachable: the waiting line, then the refusal once the wait is over."""
+    """Credentials refused, no such database, a setting the server does not know (libpq's
+    ``connect_timeout`` is one to asyncpg): waiting changes nothing, one line at once. A server
+    that stays unreachable: the waiting line, then the refusal once the wait is over."""
     missing = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    unknown = f"{postgres_url}?connect_timeout=5"
     with anyio.fail_after(20):
-        settings = make_settings(tmp_path, database_url=missing, database_wait_seconds=3600)
-        assert await anyio.to_thread.run_sync(cli._claimed_store_or_say, settings) is None
-        assert capsys.readouterr().err.splitlines() == [
-            f"aitbc-coordinator: cannot connect to {missing}: "
-            'database "no_such_database" does not exist'
-        ]
+        for url, why in [
+            (missing, 'database "no_such_database" does not exist'),
+            (unknown, 'unrecognized configuration parameter "connect_timeout"'),
+        ]:
+            settings = make_settings(tmp_path, database_url=url, database_wait_seconds=3600)
+            assert await anyio.to_thread.run_sync(cli._claimed_store_or_say, settings) is None
+            assert capsys.readouterr().err.splitlines() == [
+                f"aitbc-coordinator: cannot connect to {url}: {why}"
+            ]
         with socket.socket() as sock:  # a port nothing listens on
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
