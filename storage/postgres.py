@@ -113,13 +113,23 @@ async def _commit_batch(conn: Any, batch: WriteBatch) -> None:
     """One transaction: every job snapshot as an upsert (whole rows: later snapshots keep what
     never changes), then the other rows, one ``executemany`` per statement."""
     stored = {id(r.receipt): r.receipt_id for r in batch.receipts}
-    async with conn.transaction():
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
         if batch.jobs:
             await conn.executemany(
                 _numbered(_UPSERT_JOB), [_job_row(j, stored) for j in batch.jobs.values()]
             )
         for sql, rows in _row_statements(batch, stored):
             await conn.executemany(_numbered(sql), rows)
+    except BaseException:
+        # The failure is the statement's: a rollback on a connection the server ended fails
+        # too ("cannot call Transaction.__aexit__(): the underlying connection is closed"),
+        # and ``async with`` reported that instead of the server's reason.
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+        raise
+    await transaction.commit()
 
 
 async def _applied_versions(conn: Any) -> tuple[set[int], set[str]]:

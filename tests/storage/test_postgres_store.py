@@ -562,3 +562,41 @@ async def test_start_up_reads_outlive_the_databases_statement_timeout(postgres_u
         finally:
             await watcher.close()
             await admin.close()
+
+
+async def test_a_commit_whose_session_ends_says_why(postgres_url: str) -> None:
+    """A commit under way when the server ended the writer's session (a restart, an admin)
+    failed with the rollback's complaint instead ("cannot call Transaction.__aexit__(): the
+    underlying connection is closed", or "cannot switch to state 15; another operation (2) is
+    in progress", which reads as a bug of ours), and that was the line the coordinator stopped
+    with: now it is the server's reason."""
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        admin = await asyncpg.connect(postgres_url)
+        watcher = await asyncpg.connect(postgres_url)  # a statistics snapshot a poll
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            writer = await s._raw.fetchval("SELECT pg_backend_pid()")
+            await admin.execute("BEGIN")
+            await admin.execute("SELECT 1 FROM jobs WHERE job_id = 'j1' FOR UPDATE")
+
+            async def end_it() -> None:  # once the commit waits for the row
+                while not await watcher.fetchval(  # noqa: ASYNC110 - a bounded poll
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
+                    "AND wait_event_type = 'Lock'",
+                    writer,
+                ):
+                    await anyio.sleep(0.01)
+                await watcher.fetchval("SELECT pg_terminate_backend($1)", writer)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end_it)
+                with pytest.raises(StorageError) as failed:
+                    await s.commit(batch(jobs=[job("j1", state="RUNNING")]))
+            assert "terminating connection due to administrator command" in str(failed.value)
+        finally:
+            await watcher.close()
+            await admin.close()
+            with contextlib.suppress(StorageError):
+                await s.close()
