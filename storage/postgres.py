@@ -76,6 +76,11 @@ def _start_up() -> Iterator[None]:
         _START_UP.reset(token)
 
 
+# What ``Database`` is given: the backend it picks, and nothing it reads (its own parse of a URL
+# with several hosts, ``a:5432,b:5432``, failed on the port); the connections' URL is ``dsn``.
+_POOL_URL = "postgresql://"
+
+
 def _dsn_options(url: str) -> dict[str, Any]:
     """``Database`` options that make its pool connect as ``asyncpg.connect(url)`` does: from
     the whole URL, parsed by asyncpg. ``databases`` passes asyncpg the URL's host, port, user,
@@ -331,15 +336,15 @@ class PostgresJobStore(SqlStore):
         # "unexpected connection_lost()" error on the loop).
         dsn = _dsn_options(driver_url)
         self._db = Database(
-            driver_url, min_size=0, max_size=1, connection_class=_WriterConnection, **dsn
+            _POOL_URL, min_size=0, max_size=1, connection_class=_WriterConnection, **dsn
         )
-        self._read_db = Database(driver_url, min_size=1, max_size=READ_CONNECTIONS, **dsn)
-        self._scan_db = Database(driver_url, min_size=1, max_size=1, **dsn)
+        self._read_db = Database(_POOL_URL, min_size=1, max_size=READ_CONNECTIONS, **dsn)
+        self._scan_db = Database(_POOL_URL, min_size=1, max_size=1, **dsn)
         # The start-up's reads (``_START_UP``), one after the other, without the database's or
         # role's timeouts: a client's read may be cancelled (a 503 to retry), a start-up's
         # was a start that failed every time.
         self._start_db = Database(
-            driver_url, min_size=0, max_size=1, server_settings=_NO_TIMEOUTS, **dsn
+            _POOL_URL, min_size=0, max_size=1, server_settings=_NO_TIMEOUTS, **dsn
         )
         self._stack = AsyncExitStack()
         self._reader = self._scanner = None  # SqlStore's pinned connections: unused here

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
@@ -276,14 +276,20 @@ def _database_url(url: str) -> str:
     if is_postgres_url(url):
         try:
             parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises on a port that is not a number
+            # libpq's spellings, as asyncpg reads them: several hosts (``a:5432,b:5432``, tried
+            # in turn), or none before the path and ``?host=DIR`` (a Unix socket's directory).
+            hosts = parts.netloc.rpartition("@")[2]
+            for host in hosts.split(","):
+                urlsplit(f"//{host}").port  # noqa: B018 - raises on a port that is not a number
         except ValueError as exc:
             raise SettingsError(f"DATABASE_URL: not a valid PostgreSQL URL ({exc})") from None
         name = parts.path.lstrip("/")
-        if parts.hostname and name and "/" not in name:
+        has_host = hosts.strip(",") or any(k == "host" and v for k, v in parse_qsl(parts.query))
+        if has_host and name and "/" not in name:
             return url
     raise SettingsError(
-        "DATABASE_URL: must be sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        "DATABASE_URL: must be sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+        "(or postgresql://USER@/DATABASE?host=SOCKET_DIRECTORY)"
     )
 
 

@@ -600,3 +600,25 @@ async def test_a_commit_whose_session_ends_says_why(postgres_url: str) -> None:
             await admin.close()
             with contextlib.suppress(StorageError):
                 await s.close()
+
+
+async def test_several_hosts_are_tried_in_turn(postgres_url: str) -> None:
+    """libpq's list of hosts (a primary and its replicas, ``target_session_attrs=read-write``
+    picks the primary): the settings refused it, and the store's pools could not parse it
+    ('Port could not be cast to integer value as ...')."""
+    with socket.socket() as sock:  # a port nothing listens on: the first host is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    parts = urlsplit(postgres_url)
+    hosts = f"127.0.0.1:{port},{parts.hostname}:{parts.port}"
+    url = f"postgresql://{parts.username}@{hosts}{parts.path}?target_session_attrs=read-write"
+    with anyio.fail_after(20):
+        await anyio.to_thread.run_sync(check_postgres, url)
+        s = PostgresJobStore(url)
+        await s.open()
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
+        finally:
+            await s.close()

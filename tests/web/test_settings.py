@@ -64,6 +64,11 @@ def test_defaults_from_an_empty_environment() -> None:
         "postgresql://aitbc:s3cret@db.internal:5432/coordinator",
         "postgres://aitbc@db.internal/coordinator",
         "postgresql+asyncpg://aitbc@127.0.0.1/coordinator",
+        # libpq's: a Unix socket's directory (no host before the path), several hosts
+        "postgresql://aitbc@/coordinator?host=/var/run/postgresql",
+        "postgresql://aitbc@db1.internal:5432,db2.internal:5433/coordinator"
+        "?target_session_attrs=read-write",
+        "postgresql://aitbc@[::1]:5432,db2/coordinator?sslmode=verify-full",
     ],
 )
 def test_a_postgresql_url_is_taken_and_its_local_files_are_named_after_the_database(
@@ -170,6 +175,8 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"DATABASE_URL": "postgresql://db"}, "DATABASE_URL"),  # no database named
         ({"DATABASE_URL": "postgresql:///coordinator"}, "DATABASE_URL"),  # no host
         ({"DATABASE_URL": "postgresql://db:port/coordinator"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://a:5432,b:x/coordinator"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u@/coordinator?host="}, "DATABASE_URL"),  # no host
         ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite:///"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite:///x%00y.db"}, "DATABASE_URL"),
