@@ -76,6 +76,8 @@ def _start_up() -> Iterator[None]:
         _START_UP.reset(token)
 
 
+_KEPT: dict[str, Any] = {"max_inactive_connection_lifetime": 0}  # asyncpg's default: 300 s
+
 # What ``Database`` is given: the backend it picks, and nothing it reads (its own parse of a URL
 # with several hosts, ``a:5432,b:5432``, failed on the port); the connections' URL is ``dsn``.
 _POOL_URL = "postgresql://"
@@ -338,8 +340,12 @@ class PostgresJobStore(SqlStore):
         self._db = Database(
             _POOL_URL, min_size=0, max_size=1, connection_class=_WriterConnection, **dsn
         )
-        self._read_db = Database(_POOL_URL, min_size=1, max_size=READ_CONNECTIONS, **dsn)
-        self._scan_db = Database(_POOL_URL, min_size=1, max_size=1, **dsn)
+        # No minimum here either: a pool with one dialled every connection the server ended
+        # again at once, in the background, and while the server refused connections (a
+        # restart under way) logged a traceback for every try. A read that finds its
+        # connection gone makes a new one; one made is kept however long it idles.
+        self._read_db = Database(_POOL_URL, min_size=0, max_size=READ_CONNECTIONS, **_KEPT, **dsn)
+        self._scan_db = Database(_POOL_URL, min_size=0, max_size=1, **_KEPT, **dsn)
         # The start-up's reads (``_START_UP``), one after the other, without the database's or
         # role's timeouts: a client's read may be cancelled (a 503 to retry), a start-up's
         # was a start that failed every time.

@@ -622,3 +622,42 @@ async def test_several_hosts_are_tried_in_turn(postgres_url: str) -> None:
             assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
         finally:
             await s.close()
+
+
+async def test_lost_read_connections_are_not_redialled_in_the_background(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read pools kept a minimum: each connection the server ended was dialled again at
+    once in the background, and while the server refused connections (a restart under way,
+    a database closed to connections) every try logged asyncpg's warning with a traceback
+    ("Failed to restore the pool connection floor"), again and again. A lost connection is
+    now replaced by the next read that needs one (which fails once, a 503, if it cannot)."""
+    name = postgres_url.rsplit("/", 1)[1]
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        try:
+            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+            assert await s.get_job("j1") == job("j1")
+            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
+            pools = [db._backend._pool for db in (s._read_db, s._scan_db)]
+            assert all(p.get_size() == 1 for p in pools)
+            writer = await s._raw.fetchval("SELECT pg_backend_pid()")
+            await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            try:
+                await admin(
+                    postgres_server,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    f"WHERE datname = '{name}' AND pid <> {writer}",
+                )
+                while any(p.get_size() for p in pools):  # noqa: ASYNC110 - a bounded poll
+                    await anyio.sleep(0.01)
+                assert [p._maintenance_task for p in pools] == [None, None]
+                with pytest.raises(StorageError, match="not currently accepting connections"):
+                    await s.get_job("j1")
+            finally:
+                await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert await s.get_job("j1") == job("j1")
+        finally:
+            await s.close()
+    assert "Failed to restore the pool connection floor" not in caplog.text
