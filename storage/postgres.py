@@ -500,7 +500,17 @@ class PostgresJobStore(SqlStore):
         if raw is None:
             raise StorageError("store is closed")
         async with _map_errors():
-            await _commit_batch(raw, batch)
+            try:
+                await _commit_batch(raw, batch)
+            except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+                # Not the batch: the connection. The server ended the session (its message
+                # arrived between two statements) and the next one met the protocol's state,
+                # "cannot switch to state 13; another operation (2) is in progress", which
+                # was the whole line the coordinator stopped with.
+                raise StorageError(
+                    f"the connection to {shown_url(self.url)} was lost or cannot be used (a "
+                    f"server restart, or its session was ended): {exc}"
+                ) from exc
 
     async def maintain(self) -> None:
         """Watch the writer's connection (PostgreSQL checkpoints and vacuums by itself): when

@@ -8,7 +8,7 @@ import secrets
 import socket
 import sqlite3
 from contextlib import closing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -661,3 +661,32 @@ async def test_lost_read_connections_are_not_redialled_in_the_background(
         finally:
             await s.close()
     assert "Failed to restore the pool connection floor" not in caplog.text
+
+
+async def test_a_commit_on_a_connection_in_a_broken_state_says_it_was_lost(
+    postgres_url: str,
+) -> None:
+    """When the server's message ending the session arrived between two statements of a
+    batch, the next statement failed on asyncpg's protocol state ("cannot switch to state 13;
+    another operation (2) is in progress", reading as a bug of ours), and that was the line
+    the coordinator stopped with: it now says the connection was lost."""
+
+    class Broken:  # the writer's connection in that state: every statement is refused
+        def transaction(self) -> Any:
+            return self
+
+        async def start(self) -> None:
+            raise asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 13; another operation (2) is in progress"
+            )
+
+    with anyio.fail_after(20):
+        s = PostgresJobStore(postgres_url)
+        await s.open()
+        raw, s._raw = s._raw, Broken()
+        try:
+            with pytest.raises(StorageError, match=r"connection to .* was lost or cannot be used"):
+                await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+        finally:
+            s._raw = raw
+            await s.close()
