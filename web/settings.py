@@ -154,6 +154,8 @@ class Settings:
     max_poll_wait_seconds: float = 25.0
     terminal_retention_bytes: int = 256 << 20
     max_progress_bytes: int = 64 << 20
+    # Submits one client socket may have unanswered before it is read no further.
+    max_pending_submits: int = 1000
     environment: str = "development"
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
@@ -224,6 +226,7 @@ class Settings:
                 env, "TERMINAL_RETENTION_BYTES", 256 << 20, 0, 1 << 40
             ),
             max_progress_bytes=_integer(env, "MAX_PROGRESS_BYTES", 64 << 20, 1024, 1 << 40),
+            max_pending_submits=_integer(env, "MAX_PENDING_SUBMITS", 1000, 1, 100_000),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),

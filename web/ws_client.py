@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from dispatcher.core import JobSpec
 from dispatcher.errors import (
     DispatchError,
@@ -59,6 +61,12 @@ class ClientConnection(Connection):
     def __init__(self, core: Any, websocket: WebSocket) -> None:
         super().__init__(core, websocket)
         self.subscriber: Subscriber | None = None
+        # Submits handled and not yet answered (ack or error). At ``max_pending_submits`` the
+        # next one waits, and the socket is read no further meanwhile (backpressure): a client
+        # pipelining submits without end grew the open batch, and memory, without bound, and
+        # every other peer's commit waited behind its batch.
+        self._unanswered = 0
+        self._room: anyio.Event | None = None
 
     def make_session(self, *, authenticated: bool) -> ClientSession:
         return ClientSession(
@@ -68,6 +76,8 @@ class ClientConnection(Connection):
     def handle_now(self, msg: ClientToServer, session: ClientSession) -> bool:
         match msg:  # the message of every job first (one isinstance per case)
             case JobSubmit():
+                if self._unanswered >= self.core.settings.max_pending_submits:
+                    return False  # ``handle`` waits for an answer to go out first
                 self._submit(msg)
             case Auth():
                 self.authenticate(msg.token, session)
@@ -92,6 +102,13 @@ class ClientConnection(Connection):
     async def handle(self, msg: ClientToServer, session: ClientSession) -> None:
         """What ``handle_now`` declined."""
         match msg:
+            case JobSubmit():
+                limit = self.core.settings.max_pending_submits
+                while self._unanswered >= limit and not self.outbox.closed:
+                    self._room = anyio.Event()
+                    await self._room.wait()
+                if not self.outbox.closed:  # else nobody would read its answer: not taken
+                    self._submit(msg)
             case Subscribe():
                 await self._subscribe(msg)
             case JobCancelRequest():
@@ -103,6 +120,7 @@ class ClientConnection(Connection):
         handled (its later submits wait behind it: a client's jobs are queued in order)."""
         spec = self._spec(msg)
         if spec is not None:
+            self._unanswered += 1
             try:
                 self.core.dispatcher.submit_soon(
                     spec, self._committed(msg), lambda exc: self._refused(msg, exc)
@@ -145,6 +163,7 @@ class ClientConnection(Connection):
         dispatcher = self.core.dispatcher
 
         def committed(rec: JobRecord, existed: bool) -> None:
+            self._answered()
             if self.outbox.closed:
                 return  # the client left while its job was being committed
             if rec.state not in ("COMPLETED", "FAILED", "CANCELED", "EXPIRED"):
@@ -155,6 +174,7 @@ class ClientConnection(Connection):
 
     def _refused(self, msg: JobSubmit, exc: Exception) -> None:
         if isinstance(exc, Unavailable):
+            self._answered()
             self.close(CloseCode.GOING_AWAY, "server shutting down")
             return
         if isinstance(exc, DispatchError):
@@ -162,9 +182,19 @@ class ClientConnection(Connection):
         else:  # a StorageError: the key's lookup failed (a dropped connection, say)
             log.warning("job.submit: the database could not be read: %s", exc)
             code, text = ErrorCode.UNAVAILABLE, READ_FAILED
-        self.core.dispatcher.after_commit(
-            lambda: self.error(code, text, request_id=msg.id, ref="job.submit")
-        )
+
+        def answer() -> None:
+            self._answered()
+            self.error(code, text, request_id=msg.id, ref="job.submit")
+
+        self.core.dispatcher.after_commit(answer)
+
+    def _answered(self) -> None:
+        """A submit's answer goes out: one more may be taken (see ``_unanswered``)."""
+        self._unanswered -= 1
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
 
     async def _subscribe(self, msg: Subscribe) -> None:
         sub = self.subscriber

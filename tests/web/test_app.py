@@ -847,3 +847,38 @@ def test_a_failed_read_on_a_socket_is_unavailable_not_an_internal_error(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
     warned = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
     assert len(warned) == 4
+
+
+def test_a_client_pipelining_submits_is_read_no_further_past_its_unanswered_limit(
+    tmp_path: Path,
+) -> None:
+    """A client sending submits without end (and not reading the acks) had every one of them
+    taken into the open batch while a commit was in flight: 13,000 writes in one batch, the
+    other clients' acks 0.6 s late, memory without bound. Past ``MAX_PENDING_SUBMITS``
+    unanswered submits its socket is now read no further until answers go out; every submit is
+    still taken, in the order sent."""
+    store = RecordingStore()
+    settings = make_settings(tmp_path, max_pending_submits=3)
+    with TestClient(create_app(settings, store=store)) as c:
+        portal = c.portal
+        assert portal is not None
+        scheduler = c.app.state.core.dispatcher.scheduler  # type: ignore[attr-defined]
+
+        async def settled() -> None:
+            with anyio.fail_after(5):
+                await anyio.wait_all_tasks_blocked()
+
+        with client_socket(c) as ws:
+            hello(ws)
+            portal.call(store.block_commits)
+            for i in range(10):
+                ws.send_json({"type": "job.submit", "id": f"s{i}", "payload": {}})
+            ws.send_json({"type": "job.cancel", "id": "c", "job_id": "none"})
+            portal.call(settled)
+            taken = len(scheduler.jobs)  # the rest is not read yet
+            portal.call(store.release_commits)
+            replies = [recv(ws) for _ in range(21)]
+    assert taken == 3
+    acks = [r["id"] for r in replies if r["type"] in ("ack", "error")]
+    assert acks == [*(f"s{i}" for i in range(10)), "c"]
+    assert len(store.jobs) == 10
