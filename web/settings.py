@@ -6,7 +6,9 @@ Invalid values stop the start with a one-line message naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -51,19 +53,29 @@ def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return keys
 
 
+# How a number is written in a setting: ASCII digits, with one "." at most (surrounding
+# whitespace is ignored). ``float()`` also took "1e3", "+8000", "8_000", "inf" and digits of
+# other scripts (fullwidth "8000"), and rounded: "3.0000000000000001" was 3, an integer setting.
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z", re.ASCII)
+
+
 def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise SettingsError(
-            f"{name}: must be between {_shown(lo)} and {_shown(hi)}, got {_shown(value)}"
-        )
-    return value
+    text = raw.strip()
+    if not _DECIMAL.match(text):
+        raise SettingsError(f"{name}: {raw!r} is not a number (digits, and a '.' if any)")
+    _check_range(name, text, Decimal(text), lo, hi)
+    return float(text)
+
+
+def _check_range(name: str, text: str, value: Decimal, lo: float, hi: float) -> None:
+    """The value as written is shown: a float of it could read as another number (1e+30, or
+    1.09951e+12 for 1099511627776.4, which looks within the bounds)."""
+    if not Decimal(repr(lo)) <= value <= Decimal(repr(hi)):
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise SettingsError(f"{name}: must be between {_shown(lo)} and {_shown(hi)}, got {shown}")
 
 
 def _shown(value: float) -> str:
@@ -73,9 +85,16 @@ def _shown(value: float) -> str:
 
 
 def _integer(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    value = _number(env, name, default, lo, hi)
-    if value != int(value):
-        raise SettingsError(f"{name}: must be an integer, got {_shown(value)}")
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    if not _DECIMAL.match(text):
+        raise SettingsError(f"{name}: {raw!r} is not a whole number (digits only)")
+    value = Decimal(text)
+    if value != value.to_integral_value():  # "8000.0" is 8000, as the wire protocol reads it
+        raise SettingsError(f"{name}: must be an integer, got {text}")
+    _check_range(name, text, value, lo, hi)
     return int(value)
 
 
@@ -181,9 +200,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         url = _database_url(env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip())
-        port = _number(env, "API_PORT", 8000, 0, 65535)
-        if port != int(port):
-            raise SettingsError("API_PORT: must be an integer")
+        port = _integer(env, "API_PORT", 8000, 0, 65535)
         sync = env.get("SQLITE_SYNCHRONOUS", "NORMAL").strip().upper()
         if sync not in ("NORMAL", "FULL"):
             raise SettingsError("SQLITE_SYNCHRONOUS: must be NORMAL or FULL")
@@ -204,7 +221,7 @@ class Settings:
         settings = cls(
             database_url=url,
             api_host=env.get("API_HOST", "127.0.0.1").strip() or "127.0.0.1",
-            api_port=int(port),
+            api_port=port,
             client_api_keys=_keys(env, "CLIENT_API_KEYS"),
             miner_api_keys=_keys(env, "MINER_API_KEYS"),
             admin_api_keys=_keys(env, "ADMIN_API_KEYS"),
@@ -313,13 +330,9 @@ def _check_keys(settings: Settings, secret: str) -> None:
 
 
 def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
-    from decimal import Decimal, InvalidOperation
-
     rate = env.get("BTC_TO_AITBC_RATE", "100000").strip() or "100000"
-    try:
-        ok = Decimal(rate).is_finite() and 0 < Decimal(rate) <= 10**9
-    except InvalidOperation:
-        ok = False
+    # Written as every number setting is ("1e3", "+5", "1_000" were taken too).
+    ok = bool(_DECIMAL.match(rate)) and 0 < Decimal(rate) <= 10**9
     if not ok or Decimal(rate).quantize(Decimal("1e-8")) != Decimal(rate):
         raise SettingsError("BTC_TO_AITBC_RATE: must be a positive decimal (at most 8 places)")
     xpub = env.get("BITCOIN_XPUB", "").strip() or None

@@ -258,15 +258,82 @@ def test_a_key_an_http_header_cannot_carry_is_refused(env: dict[str, str]) -> No
             {"HEARTBEAT_INTERVAL_SECONDS": "0.01"},
             "HEARTBEAT_INTERVAL_SECONDS: must be between 0.05 and 3600, got 0.01",
         ),
-        ({"API_PORT": "nan"}, "API_PORT: must be between 0 and 65535, got nan"),
+        (
+            {"TERMINAL_RETENTION_BYTES": "1099511627776.4"},
+            "TERMINAL_RETENTION_BYTES: must be an integer, got 1099511627776.4",
+        ),
+        (
+            {"API_PORT": "99999999999999999999999999"},
+            "API_PORT: must be between 0 and 65535, got 99999999999999999999999999",
+        ),
+        (
+            {"JOB_TTL_SECONDS": "604800.0000000001"},
+            "JOB_TTL_SECONDS: must be between 1 and 604800, got 604800.0000000001",
+        ),
     ],
 )
 def test_a_value_out_of_range_names_the_exact_bounds(env: dict[str, str], message: str) -> None:
     """The bounds and the value are written out whole: with ``%g`` a limit of 64 MiB read
-    "6.71089e+07", which is not the limit (67,108,864) and misleads whoever sets it next."""
+    "6.71089e+07", which is not the limit (67,108,864) and misleads whoever sets it next. The
+    value is shown as written: as a float, 1099511627776.4 read "1.09951e+12" (which looks
+    within the bounds) and a 26-digit port "1e+26"."""
     with pytest.raises(SettingsError) as info:
         Settings.from_env(env)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("API_PORT", "1e3"),
+        ("API_PORT", "+8000"),
+        ("API_PORT", "-0"),
+        ("API_PORT", "8_000"),
+        ("API_PORT", "\uff18\uff10\uff10\uff10"),  # fullwidth digits
+        ("API_PORT", "nan"),
+        ("API_PORT", "1e400"),
+        ("MAX_ATTEMPTS", "3.0000000000000001"),
+        ("MAX_ATTEMPTS", "1e1"),
+        ("TERMINAL_RETENTION_BYTES", "1099511627776.00001"),
+        ("WS_MAX_FRAME_BYTES", "1 048 576"),
+        ("JOB_TTL_SECONDS", "1e400"),
+        ("JOB_TTL_SECONDS", "-inf"),
+        ("HEARTBEAT_INTERVAL_SECONDS", "1e-400"),
+        ("ESPLORA_POLL_SECONDS", "+30"),
+        ("SESSION_TTL_HOURS", "\u0662\u0664"),  # Arabic-Indic digits
+        ("BTC_TO_AITBC_RATE", "1e3"),
+        ("BTC_TO_AITBC_RATE", "1_000"),
+        ("BTC_TO_AITBC_RATE", "+5"),
+    ],
+)
+def test_a_number_is_digits_and_a_point_only(variable: str, raw: str) -> None:
+    """``float()`` read the settings' numbers: API_PORT=1e3 started on port 1000, and
+    exponents, signs, underscores, "inf" and other scripts' digits were all taken, and an
+    integer setting was rounded (MAX_ATTEMPTS=3.0000000000000001 was 3). A number is now
+    ASCII digits with one "." at most (an integer's fraction, if any, is zero); anything else
+    is one line naming the variable."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: raw})
+    message = str(info.value)
+    assert message.startswith(f"{variable}:")
+    assert "\n" not in message
+
+
+def test_a_number_may_have_surrounding_space_and_an_integer_a_zero_fraction() -> None:
+    s = Settings.from_env(
+        {
+            "API_PORT": " 9000\n",
+            "MAX_ATTEMPTS": "5.0",
+            "JOB_TTL_SECONDS": "60.",
+            "HEARTBEAT_INTERVAL_SECONDS": ".5",
+        }
+    )
+    assert (s.api_port, s.max_attempts, s.job_ttl_seconds, s.heartbeat_interval_seconds) == (
+        9000,
+        5,
+        60,
+        0.5,
+    )
 
 
 @pytest.mark.parametrize(
