@@ -238,11 +238,12 @@ def configure_logging(level: str) -> None:
 
 
 def _port(text: str) -> int:
-    """An ``argparse`` type: a TCP port, 0 (any free port) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    """An ``argparse`` type: a TCP port, 0 (any free port) to 65535, in ASCII digits (``int()``
+    also took "+80", "8_000" and other scripts' digits, as API_PORT once did)."""
+    digits = text.strip()
+    if not (digits.isascii() and digits.removeprefix("-").isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    port = int(digits)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not between 0 and 65535")
     return port

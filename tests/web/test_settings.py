@@ -570,6 +570,12 @@ def test_serve_on_a_port_in_use_exits_1_with_one_line(
         (["serve", "--port", "99999"], "argument --port: 99999 is not between 0 and 65535"),
         (["serve", "--port", "-1"], "argument --port: -1 is not between 0 and 65535"),
         (["serve", "--port", "http"], "argument --port: 'http' is not a port number"),
+        (["serve", "--port", "+80"], "argument --port: '+80' is not a port number"),
+        (["serve", "--port", "8_000"], "argument --port: '8_000' is not a port number"),
+        (
+            ["demo", "--port", "\uff18\uff10"],
+            "argument --port: '\uff18\uff10' is not a port number",
+        ),
         (["serve", "--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
         (["demo", "--port", "70000"], "argument --port: 70000 is not between 0 and 65535"),
         # An empty --db (``--db "$DB"`` with DB unset) served DATABASE_URL's database instead.
