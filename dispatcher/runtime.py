@@ -150,6 +150,9 @@ class Dispatcher:
         self._bindings: dict[str, str] = {}
         self._batches = 0
         self._written = 0
+        # Batches performed so far: a socket counts the frames it added since this last
+        # changed (web/connection.py, ``BATCH_SHARE``).
+        self.performed = 0
         self._last_batch = 0
         self._idle = anyio.Event()
         # The latest COMMITTED record of every job the scheduler holds: what reads may show
@@ -287,6 +290,7 @@ class Dispatcher:
                 self._caps_version, self._committed_caps = version, classes
                 self._servable.clear()
             self._perform(actions)
+            self.performed += 1
             if self._rearm:
                 self._rearm = False
                 self._timer_wake.set()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import anyio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from dispatcher.errors import Unavailable
 from dispatcher.fanout import Outbox
 from protocol.codec import encode, message_type
 from protocol.messages import Ack, Error
@@ -50,6 +51,11 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("aitbc.coordinator")
 AUTH_TIMEOUT = 5.0
+# Frames one socket may hand the dispatcher between two batches performed (each may add a
+# write or an answer to the open batch); past it the socket is read no further until the
+# batches are committed and performed (backpressure). A peer streaming frames while a commit
+# was in flight (progress, heartbeats with an id) grew the open batch without bound.
+BATCH_SHARE = 1000
 
 
 class Connection(ABC):
@@ -72,6 +78,11 @@ class Connection(ABC):
         self._idle = False
         self._pending: deque[Any] | None = None  # made when a message is first deferred
         self._wake: Callable[[], None] | None = None
+        # Frames handled since the dispatcher last performed a batch (``BATCH_SHARE``), and
+        # whether the message ``_handle_later`` gets next was declined for that.
+        self._performed = -1
+        self._share = 0
+        self._over_share = False
 
     # -- sink interface -------------------------------------------------------------------
 
@@ -272,6 +283,13 @@ class Connection(ABC):
     def _handle_now(self, event: Any, session: MinerSession | ClientSession) -> bool:
         if not self.signed_in():
             return True
+        performed = self.core.dispatcher.performed
+        if performed != self._performed:
+            self._performed, self._share = performed, 0
+        elif self._share >= BATCH_SHARE:
+            self._over_share = True  # ``_handle_later`` waits for the batches, then handles it
+            return False
+        self._share += 1
         try:
             return self.handle_now(event, session)
         except Exception:  # a bug must not take other sessions down
@@ -281,6 +299,15 @@ class Connection(ABC):
 
     async def _handle_later(self, event: Any, session: MinerSession | ClientSession) -> None:
         try:
+            if self._over_share:
+                self._over_share = False
+                try:
+                    await self.core.dispatcher.barrier()
+                except Unavailable:  # the writer has stopped: nothing more is taken
+                    self.close(CloseCode.GOING_AWAY, "server shutting down")
+                    return
+                if self._handle_now(event, session):
+                    return
             await self.handle(event, session)
         except StorageError as exc:  # a read failed (a dropped connection, a server restart)
             self.read_failed(event, exc)

@@ -882,3 +882,48 @@ def test_a_client_pipelining_submits_is_read_no_further_past_its_unanswered_limi
     acks = [r["id"] for r in replies if r["type"] in ("ack", "error")]
     assert acks == [*(f"s{i}" for i in range(10)), "c"]
     assert len(store.jobs) == 10
+
+
+def test_a_socket_adds_a_bounded_share_of_frames_to_the_batch_being_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miner streaming progress (or any peer sending frames the writer must act on:
+    heartbeats with an id, cancels) had every frame taken into the open batch while a commit
+    was in flight: without end, and each one a write or an answer held in memory, the next
+    commit as large. A socket now adds at most ``BATCH_SHARE`` frames to the batches not yet
+    performed; past that it is read no further until they are. Every frame is still taken,
+    in order."""
+    from web import connection
+
+    monkeypatch.setattr(connection, "BATCH_SHARE", 3)
+    store = RecordingStore()
+    with (
+        TestClient(create_app(make_settings(tmp_path), store=store)) as c,
+        client_socket(c) as ws,
+        c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner,
+    ):
+        portal = c.portal
+        assert portal is not None
+        dispatcher = c.app.state.core.dispatcher  # type: ignore[attr-defined]
+
+        async def settled() -> None:
+            with anyio.fail_after(5):
+                await anyio.wait_all_tasks_blocked()
+
+        hello(ws)
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(miner)["type"] == "job.assign"
+        portal.call(settled)
+        portal.call(store.block_commits)
+        for n in range(10):
+            miner.send_json({"type": "job.progress", "job_id": job_id, "output": f"{n}"})
+        miner.send_json({"type": "heartbeat", "id": "h"})
+        portal.call(settled)
+        held = store.waiting, len(dispatcher._writes.events)
+        portal.call(store.release_commits)
+        assert recv(miner) == {"type": "ack", "id": "h"}
+    assert held == (1, 2)  # one in the commit held, two waiting for it: the rest unread
+    outputs = [e.data.get("output") for e in store.events[job_id] if e.event == "progress"]
+    assert outputs == [f"{n}" for n in range(10)]

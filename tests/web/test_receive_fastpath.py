@@ -93,6 +93,7 @@ async def _open() -> tuple[Any, PausingTransport, Recording]:
             from_token=lambda token: Principal(role=Role.MINER, key_hash="k" * 64),
         ),
         connections=set(),
+        dispatcher=SimpleNamespace(performed=0),
         standby=False,
         stopping=False,
         sockets={"miner": 0, "client": 0, "admin": 0},
