@@ -148,6 +148,10 @@ class Dispatcher:
         self._urgent = False  # the open batch pushes a job to a miner: commit it without gathering
         self._sinks: dict[str, MinerSink] = {}
         self._bindings: dict[str, str] = {}
+        # Miner ids bound to each key, and how many one key may bind (MAX_MINER_IDS_PER_KEY,
+        # set by the web layer): every binding is kept, in memory and in the store, for good.
+        self._ids_of_key: dict[str, int] = {}
+        self.max_ids_per_key: int | None = None
         self._batches = 0
         self._written = 0
         # Batches performed so far: a socket counts the frames it added since this last
@@ -210,6 +214,8 @@ class Dispatcher:
         if any(j.payment is not None for j in jobs):
             self.settle_payments = True  # reservations made while billing was on still settle
         self._bindings = {m.miner_id: m.key_hash for m in miners}
+        for key_hash in self._bindings.values():
+            self._ids_of_key[key_hash] = self._ids_of_key.get(key_hash, 0) + 1
         sessions = {m.miner_id: m.session_id or "" for m in miners}
         self._apply(self.scheduler.restore(jobs, sessions, self.clock.now()))
         for m in miners:  # REST miners register once, then only poll: bring them back
@@ -977,8 +983,18 @@ class Dispatcher:
         self._apply(effects)
 
     def _bind(self, miner_id: str, key_hash: str) -> None:
-        """A miner id belongs to the key that first used it (NotAllowed for any other)."""
+        """A miner id belongs to the key that first used it (NotAllowed for any other). A key
+        binds at most ``max_ids_per_key`` ids (NotAllowed for one more): a key that named a new
+        id at each hello grew the bindings, and the miners table, without bound."""
         self.check_key(miner_id, key_hash)
+        if miner_id not in self._bindings:
+            n = self._ids_of_key.get(key_hash, 0)
+            if self.max_ids_per_key is not None and n >= self.max_ids_per_key:
+                raise NotAllowed(
+                    f"this key has {n} miner ids, the most one key may have "
+                    "(MAX_MINER_IDS_PER_KEY): reuse one of them"
+                )
+            self._ids_of_key[key_hash] = n + 1
         self._bindings[miner_id] = key_hash
 
     def bound_key(self, miner_id: str) -> str | None:

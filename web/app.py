@@ -88,6 +88,7 @@ class Coordinator:
         self.dispatcher = Dispatcher(store, Scheduler(config, self.signer), clock)
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
         self.dispatcher.max_assign_bytes = settings.max_frame_bytes
+        self.dispatcher.max_ids_per_key = settings.max_miner_ids_per_key
         self.clock = clock
         self.wallet = WalletAuth(
             self.dispatcher,

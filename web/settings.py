@@ -175,6 +175,8 @@ class Settings:
     max_progress_bytes: int = 64 << 20
     # Submits one client socket may have unanswered before it is read no further.
     max_pending_submits: int = 1000
+    # Miner ids one miner key may bind (each is kept for good).
+    max_miner_ids_per_key: int = 100_000
     environment: str = "development"
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
@@ -244,6 +246,7 @@ class Settings:
             ),
             max_progress_bytes=_integer(env, "MAX_PROGRESS_BYTES", 64 << 20, 1024, 1 << 40),
             max_pending_submits=_integer(env, "MAX_PENDING_SUBMITS", 1000, 1, 100_000),
+            max_miner_ids_per_key=_integer(env, "MAX_MINER_IDS_PER_KEY", 100_000, 1, 100_000_000),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),

@@ -12,7 +12,14 @@ from hypothesis import given, settings, strategies as st
 from starlette.websockets import WebSocketDisconnect
 
 from storage.memory import InMemoryJobStore
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY, make_settings
+from tests.conftest import (
+    ADMIN_KEY,
+    CLIENT_KEY,
+    CLIENT_KEY_2,
+    MINER_KEY,
+    MINER_KEY_2,
+    make_settings,
+)
 from tests.fakes import RecordingStore
 from web.app import create_app
 from web.schemas import ASSIGNED_CONSTRAINT_KEYS
@@ -927,3 +934,44 @@ def test_a_socket_adds_a_bounded_share_of_frames_to_the_batch_being_filled(
     assert held == (1, 2)  # one in the commit held, two waiting for it: the rest unread
     outputs = [e.data.get("output") for e in store.events[job_id] if e.event == "progress"]
     assert outputs == [f"{n}" for n in range(10)]
+
+
+def test_a_miner_key_binds_at_most_max_miner_ids_per_key_ids(tmp_path: Path) -> None:
+    """Every miner id a key names is bound to it for good (in memory and in the miners table):
+    a miner key naming a new id at each hello, or each REST registration, grew both without
+    bound. Past ``MAX_MINER_IDS_PER_KEY`` a new id is refused (socket 4403, REST 403) naming
+    the setting; the ids it has keep working, and other keys are not affected."""
+    settings = make_settings(tmp_path, max_miner_ids_per_key=2)
+    miner_headers = {"X-Api-Key": MINER_KEY}
+
+    def hello_as(c: TestClient, miner_id: str, key: str = MINER_KEY) -> dict[str, Any]:
+        with c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": key}) as miner:
+            miner.send_json({"type": "hello", "protocol": 1, "miner_id": miner_id})
+            try:
+                return recv(miner)
+            except WebSocketDisconnect as exc:
+                return {"closed": exc.code, "reason": exc.reason}
+
+    with TestClient(create_app(settings)) as c:
+        assert hello_as(c, "m1")["type"] == "welcome"
+        r = c.post(
+            "/v1/miners/register",
+            json={"capabilities": {}},
+            headers={**miner_headers, "X-Miner-ID": "m2"},
+        )
+        assert r.status_code == 200
+        refused = hello_as(c, "m3")
+        r = c.post(
+            "/v1/miners/register",
+            json={"capabilities": {}},
+            headers={**miner_headers, "X-Miner-ID": "m4"},
+        )
+        assert (r.status_code, "MAX_MINER_IDS_PER_KEY" in r.json()["detail"]) == (403, True)
+        assert hello_as(c, "m1")["type"] == "welcome"  # an id it has
+        assert hello_as(c, "m3", MINER_KEY_2)["type"] == "welcome"  # another key
+    assert refused["closed"] == 4403
+    assert "MAX_MINER_IDS_PER_KEY" in refused["reason"]
+    # The count is kept across a restart: the bindings are read back from the store.
+    with TestClient(create_app(settings)) as c:
+        assert hello_as(c, "m5")["closed"] == 4403
+        assert hello_as(c, "m2")["type"] == "welcome"
