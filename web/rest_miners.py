@@ -488,7 +488,8 @@ ENDPOINTS = [
             (422, ("invalid body (capabilities is required)", "Error")),
         ),
         description="The miner id is X-Miner-ID, else derived from the key; it is bound to "
-        "the first key that used it. The ?miner_id= query parameter is ignored.",
+        "the first key that used it, for good. A key binds at most MAX_MINER_IDS_PER_KEY ids: "
+        "a new one past that is 403. The ?miner_id= query parameter is ignored.",
     ),
     Endpoint(
         "POST",
