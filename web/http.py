@@ -225,26 +225,52 @@ class Endpoint:
 
 
 class RateLimiter:
-    """Per-credential token buckets (``RATE_LIMIT_PER_MINUTE``; 0 turns it off)."""
+    """Per-credential token buckets (``RATE_LIMIT_PER_MINUTE``; 0 turns it off).
 
-    def __init__(self, per_minute: int) -> None:
+    At most ``max_buckets`` are kept. Past that, the buckets that have filled up again are
+    dropped (one is as good as none); while every bucket is still in use, a key without one
+    draws on a shared overflow bucket. All of them used to be dropped at once: 100,000 keys
+    (client addresses of public POSTs, wallet sessions) gave every other key its whole
+    allowance back, the abuser's own included.
+    """
+
+    OVERFLOW = "\x00overflow"  # no credential hash or client address looks like it
+
+    def __init__(self, per_minute: int, max_buckets: int = 100_000) -> None:
         self.per_minute = per_minute
+        self.max_buckets = max_buckets
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._next_sweep = -math.inf
 
     def check(self, key: str, now: float) -> float | None:
         """None when allowed; otherwise the seconds to wait."""
         if self.per_minute <= 0:
             return None
+        buckets = self._buckets
+        if key not in buckets and len(buckets) >= self.max_buckets:
+            if now >= self._next_sweep:  # a sweep walks every bucket: once a second at most
+                self._next_sweep = now + 1.0
+                buckets = self._drop_full(now)
+            if len(buckets) >= self.max_buckets:
+                key = self.OVERFLOW
         rate = self.per_minute / 60.0
-        tokens, last = self._buckets.get(key, (float(self.per_minute), now))
+        tokens, last = buckets.get(key, (float(self.per_minute), now))
         tokens = min(float(self.per_minute), tokens + (now - last) * rate)
         if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
+            buckets[key] = (tokens, now)
             return (1.0 - tokens) / rate
-        self._buckets[key] = (tokens - 1.0, now)
-        if len(self._buckets) > 100_000:
-            self._buckets.clear()
+        buckets[key] = (tokens - 1.0, now)
         return None
+
+    def _drop_full(self, now: float) -> dict[str, tuple[float, float]]:
+        """Drop the buckets that have filled up again since their last use."""
+        rate, full = self.per_minute / 60.0, float(self.per_minute)
+        self._buckets = {
+            key: (tokens, last)
+            for key, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * rate < full
+        }
+        return self._buckets
 
 
 def _authorize(

@@ -43,3 +43,26 @@ async def test_rate_limit_off_by_default(tmp_path: Path) -> None:
         for _ in range(5):
             r = await api.http.get("/v1/jobs", headers={"X-Api-Key": CLIENT_KEY})
             assert r.status_code == 200
+
+
+def test_many_keys_never_give_another_key_its_allowance_back() -> None:
+    """Past 100,000 buckets the limiter dropped them all: as many keys (client addresses of
+    public POSTs, wallet sessions) in a minute gave every other key, the abuser's own key
+    included, its whole allowance again. Now buckets that have filled up again are dropped,
+    and while none has, new keys share one overflow bucket: memory stays bounded and no key's
+    count is lost."""
+    from web.http import RateLimiter
+
+    limiter = RateLimiter(per_minute=2)
+    assert limiter.check("abuser", 0.0) is None
+    assert limiter.check("abuser", 0.0) is None
+    assert limiter.check("abuser", 0.0) is not None
+    for n in range(100_100):
+        limiter.check(f"ip:{n}", 1.0 + n / 1e6)
+    assert limiter.check("abuser", 1.5) is not None  # still limited
+    assert len(limiter._buckets) <= 100_001
+    # A minute on, the buckets have filled up again: a new key gets one of its own.
+    assert limiter.check("newcomer", 62.0) is None
+    assert limiter.check("newcomer", 62.0) is None
+    assert limiter.check("newcomer", 62.0) is not None
+    assert len(limiter._buckets) <= 100_001
