@@ -1229,6 +1229,7 @@ class Dispatcher:
             raise Unavailable("the coordinator is shutting down")
         sink = self._rest_miner(miner_id)
         waiter = _PollWaiter(answer, self.new_event())
+        sink.make_room(self.scheduler.miners[miner_id].concurrency)
         sink.waiters.append(waiter)
         self._rest_seen[miner_id] = self.clock.now()
         try:
@@ -1428,6 +1429,16 @@ class _RestSink:
     def send_frame(self, frame: str) -> None:
         """Any other frame (a cancel or lease revoke): the miner learns it from a 409 on its
         result. Assignments come through ``assign``."""
+
+    def make_room(self, concurrency: int) -> None:
+        """Before a new poll waits: end the oldest waiting ones (as if their wait ran out) so
+        that at most ``concurrency`` wait, the new one included. No more can ever be given a
+        job at once; each held a request (and its socket) for up to MAX_POLL_WAIT_SECONDS,
+        as many as the miner sent. The newest wins: a poll whose connection was lost on the
+        way is replaced by the miner's next one."""
+        waiting = [w for w in self.waiters if not w.done.is_set()]
+        for waiter in waiting[: max(0, len(waiting) - concurrency + 1)]:
+            waiter.done.set()  # as a hang-up: ``rest_poll`` withdraws it, answers no job
 
     def flush(self) -> None:
         """A poll's answer is written by ``assign`` or by its own task: nothing to do here."""

@@ -468,7 +468,8 @@ _poll_responses = _r(
 _POLL_DESCRIPTION = (
     "Long-poll: the server holds the request until a matching job is assigned to this miner, "
     "answering at the latest max(0, max_wait_seconds - 1) s (capped by MAX_POLL_WAIT_SECONDS), "
-    "or at once (204) when the coordinator begins to shut down; a poll after that is 503."
+    "or at once (204) when the coordinator begins to shut down; a poll after that is 503. "
+    "At most the miner's concurrency polls wait: a further one ends the oldest waiting (204)."
 )
 
 _TIME = "receipts issued from this time: Unix seconds or ISO-8601"

@@ -1293,3 +1293,36 @@ async def test_a_report_may_name_an_attempt_past_a_million(api: Api) -> None:
     assert r.json()["receipt"]["attempt"] == 1_000_001
     r = await api.result(job["job_id"], attempt=2**62 + 1)
     assert r.status_code == 422
+
+
+async def test_a_miner_has_at_most_concurrency_polls_parked_the_newest_win(api: Api) -> None:
+    """Each poll a miner sent waited its whole time (up to 25 s) however many it had parked:
+    one miner id held any number of requests, tasks and sockets, of which at most
+    ``concurrency`` could ever be given a job. Past ``concurrency`` the oldest parked poll now
+    ends at once (204, as if its wait had run out) and the newest waits: a miner whose
+    connection was dropped on the way keeps being served by its new poll."""
+    assert (await api.register("m1", concurrency=2)).status_code == 200
+    scheduler = api.core.dispatcher.scheduler
+    polls = [Background() for _ in range(4)]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for n, bg in enumerate(polls):
+                tg.start_soon(bg.run, api.poll("m1", 20))
+                while scheduler.miners["m1"].polls < min(n + 1, 2):  # noqa: ASYNC110 - bounded poll
+                    await anyio.sleep(0.01)
+            while polls[1].response is None:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            ended = [bg.response.status_code for bg in polls[:2] if bg.response is not None]
+            parked = scheduler.miners["m1"].polls
+            job = await api.submit()
+            while polls[2].response is None:  # noqa: ASYNC110 - bounded poll
+                await anyio.sleep(0.01)
+            # Deregistering ends the poll still parked (204).
+            r = await api.http.delete("/v1/miners/m1", headers=miner_headers("m1"))
+            assert r.status_code == 200
+    assert ended == [204, 204]
+    assert parked == 2
+    answered = [bg.response for bg in polls[2:]]
+    assert [r.status_code for r in answered if r is not None] == [200, 204]
+    assert polls[2].response is not None
+    assert polls[2].response.json()["job_id"] == job["job_id"]
