@@ -11,7 +11,8 @@ Tree::
     ├── NotAllowed           the credential may not act as this identity
     ├── PaymentRequired      the payer's available balance is short (billing)
     ├── TooLarge             a job no socket miner could be sent (its job.assign frame)
-    └── ProgressLimit        a job's progress events would pass MAX_PROGRESS_BYTES
+    ├── ProgressLimit        a job's progress events would pass MAX_PROGRESS_BYTES
+    └── TooManyJobs          a client's live jobs would pass MAX_ACTIVE_JOBS_PER_CLIENT or …_BYTES
 """
 
 from __future__ import annotations
@@ -103,3 +104,18 @@ class ProgressLimit(DispatchError):
 
 
 __all__ += ["ProgressLimit"]
+
+
+class TooManyJobs(DispatchError):
+    """A client's queued and running jobs would pass their count or bytes bound (a submit is
+    refused, nothing changed): its live jobs are held in memory until they end."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        super().__init__(
+            f"too many live jobs: this client's queued and running jobs would pass {limit} "
+            f"{what} ({setting}); wait for some to end"
+        )
+        self.limit = limit
+
+
+__all__ += ["TooManyJobs"]

@@ -27,6 +27,7 @@ from dispatcher.errors import (
     DispatchError,
     NotAllowed,
     TooLarge,
+    TooManyJobs,
     Unavailable,
     UnknownJob,
     UnknownMiner,
@@ -204,6 +205,13 @@ class Dispatcher:
         # the store does not have it yet; a repeat of its key must not make a second job.
         self._ending: dict[tuple[str, str], JobRecord] = {}
         self._ending_committing: dict[tuple[str, str], JobRecord] = {}
+        # Each client's live (queued or running) jobs and their submissions' bytes, and each
+        # live job's bytes: live jobs are held in memory until they end, so a client may have
+        # at most ``max_active_jobs`` of them, of ``max_active_bytes`` (set by the web layer).
+        self._active: dict[str, tuple[int, int]] = {}
+        self._active_size: dict[str, int] = {}
+        self.max_active_jobs: int | None = None
+        self.max_active_bytes: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -217,6 +225,8 @@ class Dispatcher:
         for key_hash in self._bindings.values():
             self._ids_of_key[key_hash] = self._ids_of_key.get(key_hash, 0) + 1
         sessions = {m.miner_id: m.session_id or "" for m in miners}
+        for rec in jobs:  # their payloads' sizes as received are not stored: counted as 0
+            self._count_active(rec.job_id, rec.client_id, 0)
         self._apply(self.scheduler.restore(jobs, sessions, self.clock.now()))
         for m in miners:  # REST miners register once, then only poll: bring them back
             if (m.session_id or "").startswith(REST_SESSION_PREFIX):
@@ -358,8 +368,10 @@ class Dispatcher:
                 job, event = effect
                 writes.jobs[job.job_id] = job
                 writes.events.append(event)
-                if job.idempotency_key is not None and event.state in TERMINAL:
-                    self._ending[job.client_id, job.idempotency_key] = job
+                if event.state in TERMINAL:
+                    if job.idempotency_key is not None:
+                        self._ending[job.client_id, job.idempotency_key] = job
+                    self._uncount_active(job.job_id, job.client_id)
                 if event.event == "completed" and job.receipt is not None:
                     writes.receipts.append(
                         ReceiptRow(
@@ -745,12 +757,16 @@ class Dispatcher:
             # Pushed anyway, it closed each miner (1009) and went back to the queue uncharged,
             # to be pushed again at the miner's reconnect: for its whole TTL.
             raise TooLarge(limit)
+        if new:
+            self._check_active(spec)
         reserve = None
         if spec.payment is not None and new:
             reserve = [job_reservation(spec.job_id, spec.payment)]
             self.ledger.stage(reserve)  # PaymentRequired: nothing is queued
             self.settle_payments = True
         job, effects = self.scheduler.submit(spec, self.clock.now())
+        if job.job_id == spec.job_id:
+            self._count_active(job.job_id, job.client_id, spec.size)
         if reserve is not None:
             self._post(reserve)
         # A repeat answers with the job as it is now, not as last published: the answer goes
@@ -759,6 +775,29 @@ class Dispatcher:
         rec = _snapshot(job, effects) if job.job_id == spec.job_id else job.record()
         existed = job.job_id != spec.job_id
         self._apply(effects, reply=lambda: then(rec, existed))
+
+    def _check_active(self, spec: JobSpec) -> None:
+        """Raise TooManyJobs when a new job would pass its client's live-job bounds."""
+        jobs, size = self._active.get(spec.client_id, (0, 0))
+        if self.max_active_jobs is not None and jobs >= self.max_active_jobs:
+            raise TooManyJobs("jobs", self.max_active_jobs, "MAX_ACTIVE_JOBS_PER_CLIENT")
+        if self.max_active_bytes is not None and size + spec.size > self.max_active_bytes:
+            raise TooManyJobs("bytes", self.max_active_bytes, "MAX_ACTIVE_BYTES_PER_CLIENT")
+
+    def _count_active(self, job_id: str, client_id: str, size: int) -> None:
+        jobs, total = self._active.get(client_id, (0, 0))
+        self._active[client_id] = (jobs + 1, total + size)
+        self._active_size[job_id] = size
+
+    def _uncount_active(self, job_id: str, client_id: str) -> None:
+        size = self._active_size.pop(job_id, None)
+        if size is None:
+            return  # ended once already (or never counted)
+        jobs, total = self._active[client_id]
+        if jobs > 1:
+            self._active[client_id] = (jobs - 1, total - size)
+        else:
+            del self._active[client_id]
 
     async def submit_wait(self, spec: JobSpec) -> tuple[JobRecord, bool]:
         """``submit`` for request/response callers: returns once the job is durable."""

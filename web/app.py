@@ -89,6 +89,8 @@ class Coordinator:
         self.dispatcher.rest_online_window = settings.heartbeat_timeout_seconds
         self.dispatcher.max_assign_bytes = settings.max_frame_bytes
         self.dispatcher.max_ids_per_key = settings.max_miner_ids_per_key
+        self.dispatcher.max_active_jobs = settings.max_active_jobs_per_client
+        self.dispatcher.max_active_bytes = settings.max_active_bytes_per_client
         self.clock = clock
         self.wallet = WalletAuth(
             self.dispatcher,

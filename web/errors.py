@@ -10,6 +10,7 @@ from dispatcher.errors import (
     PaymentRequired,
     ProgressLimit,
     TooLarge,
+    TooManyJobs,
     Unavailable,
     UnknownJob,
     UnknownMiner,
@@ -32,6 +33,7 @@ ERROR_TABLE: dict[type[DispatchError], tuple[ErrorCode, int]] = {
     Unavailable: (ErrorCode.UNAVAILABLE, 503),
     PaymentRequired: (ErrorCode.PAYMENT_REQUIRED, 402),
     TooLarge: (ErrorCode.INVALID, 413),
+    TooManyJobs: (ErrorCode.CONFLICT, 429),
     ProgressLimit: (ErrorCode.INVALID, 413),
 }
 

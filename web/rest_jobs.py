@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio.lowlevel
 
 from dispatcher.core import JobSpec
-from dispatcher.errors import InvalidTransition, PaymentRequired, UnknownJob
+from dispatcher.errors import InvalidTransition, PaymentRequired, TooManyJobs, UnknownJob
 from dispatcher.ids import new_id
 from storage.base import JobQuery
 from web.auth import Role
@@ -74,8 +74,9 @@ async def submit(call: Call) -> Response:
     )
     try:
         rec, existed = await call.core.dispatcher.submit_wait(spec)
-    except PaymentRequired:
-        await call.core.dispatcher.barrier()  # the balance it saw may count uncommitted work
+    except (PaymentRequired, TooManyJobs):
+        # The balance, or the live jobs, it saw may count uncommitted work.
+        await call.core.dispatcher.barrier()
         raise
     # The commit that made the job durable may also have assigned it to a waiting long-poll
     # (woken just after us): let that poll answer first, it is the latency miners wait on.
@@ -191,6 +192,14 @@ ENDPOINTS = [
                 ),
             ),
             (422, ("invalid body", "Error")),
+            (
+                429,
+                (
+                    "the client's queued and running jobs would pass "
+                    "MAX_ACTIVE_JOBS_PER_CLIENT or MAX_ACTIVE_BYTES_PER_CLIENT",
+                    "Error",
+                ),
+            ),
         ),
     ),
     Endpoint(

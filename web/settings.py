@@ -177,6 +177,9 @@ class Settings:
     max_pending_submits: int = 1000
     # Miner ids one miner key may bind (each is kept for good).
     max_miner_ids_per_key: int = 100_000
+    # A client's live (queued or running) jobs, held in memory until they end.
+    max_active_jobs_per_client: int = 100_000
+    max_active_bytes_per_client: int = 1 << 30
     environment: str = "development"
     metrics_public: bool = False
     # Wait for the database's owner lock instead of refusing to start (docs/configuration.md).
@@ -247,6 +250,12 @@ class Settings:
             max_progress_bytes=_integer(env, "MAX_PROGRESS_BYTES", 64 << 20, 1024, 1 << 40),
             max_pending_submits=_integer(env, "MAX_PENDING_SUBMITS", 1000, 1, 100_000),
             max_miner_ids_per_key=_integer(env, "MAX_MINER_IDS_PER_KEY", 100_000, 1, 100_000_000),
+            max_active_jobs_per_client=_integer(
+                env, "MAX_ACTIVE_JOBS_PER_CLIENT", 100_000, 1, 100_000_000
+            ),
+            max_active_bytes_per_client=_integer(
+                env, "MAX_ACTIVE_BYTES_PER_CLIENT", 1 << 30, 1024, 1 << 40
+            ),
             environment=env.get("ENVIRONMENT", "development"),
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),

@@ -13,6 +13,7 @@ from dispatcher.errors import (
     InvalidTransition,
     PaymentRequired,
     TooLarge,
+    TooManyJobs,
     Unavailable,
     UnknownJob,
 )
@@ -125,7 +126,7 @@ class ClientConnection(Connection):
                 self.core.dispatcher.submit_soon(
                     spec, self._committed(msg), lambda exc: self._refused(msg, exc)
                 )
-            except (Unavailable, PaymentRequired, TooLarge) as exc:
+            except (Unavailable, PaymentRequired, TooLarge, TooManyJobs) as exc:
                 self._refused(msg, exc)
 
     def _spec(self, msg: JobSubmit) -> JobSpec | None:

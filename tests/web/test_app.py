@@ -975,3 +975,42 @@ def test_a_miner_key_binds_at_most_max_miner_ids_per_key_ids(tmp_path: Path) -> 
     with TestClient(create_app(settings)) as c:
         assert hello_as(c, "m5")["closed"] == 4403
         assert hello_as(c, "m2")["type"] == "welcome"
+
+
+def test_a_clients_live_jobs_are_bounded_in_count_and_bytes(tmp_path: Path) -> None:
+    """A client's queued and running jobs are held in memory, payloads included, until they
+    end (for up to their TTL, 7 days at most): a client submitting without end grew memory
+    without bound. Past ``MAX_ACTIVE_JOBS_PER_CLIENT`` live jobs, or
+    ``MAX_ACTIVE_BYTES_PER_CLIENT`` of their submissions, a submit is refused (socket
+    `conflict`, REST 429) naming the setting; once one ends there is room again, and another
+    client is not affected."""
+    settings = make_settings(
+        tmp_path, max_active_jobs_per_client=2, max_active_bytes_per_client=4096
+    )
+    with TestClient(create_app(settings)) as c, client_socket(c) as ws:
+        hello(ws)
+        first = submit(ws, "s1")["job"]["job_id"]
+        assert recv(ws)["event"] == "queued"
+        r = c.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 201
+        ws.send_json({"type": "job.submit", "id": "s3", "payload": {}})
+        refused = recv(ws)
+        assert (refused["type"], refused["id"], refused["code"]) == ("error", "s3", "conflict")
+        assert "MAX_ACTIVE_JOBS_PER_CLIENT" in refused["message"]
+        r = c.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 429
+        assert "MAX_ACTIVE_JOBS_PER_CLIENT" in r.json()["detail"]
+        r = c.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY_2})
+        assert r.status_code == 201  # another client
+        ws.send_json({"type": "job.cancel", "id": "c", "job_id": first})
+        assert recv(ws)["id"] == "c"
+        assert recv(ws)["event"] == "canceled"
+        submit(ws, "s4")  # room again
+        assert recv(ws)["event"] == "queued"
+    with TestClient(create_app(settings)) as c:  # counted again after a restart
+        r = c.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY})
+        assert r.status_code == 429
+        big = {"payload": {"blob": "x" * 4096}}
+        r = c.post("/v1/jobs", json=big, headers={"X-Api-Key": CLIENT_KEY_2})
+        assert r.status_code == 429
+        assert "MAX_ACTIVE_BYTES_PER_CLIENT" in r.json()["detail"]
