@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from uvicorn.logging import TRACE_LOG_LEVEL
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from web.transport import CoalescingTransport, CoalescingWSProtocol
 from web.wire import plain_upgrade
@@ -30,12 +30,21 @@ from web.wire import plain_upgrade
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["CoalescingHttpProtocol"]
+__all__ = ["MAX_HEAD_BYTES", "CoalescingHttpProtocol"]
+
+# The most a request line and its headers may take, give or take one read. httptools puts no
+# bound on them: 16 MiB of headers were read, kept and served, before any credential was seen.
+MAX_HEAD_BYTES = 64 * 1024
+_HEAD_TOO_LARGE = f"request line and headers over {MAX_HEAD_BYTES} bytes".encode()
 
 
 class CoalescingHttpProtocol(HttpToolsProtocol):
     _coalescing: CoalescingTransport | None = None
     _first = False  # nothing has been read yet
+    # The request being read: the cycle that was current when it began (its head is complete
+    # once uvicorn has made it one of its own), and the bytes read since that read (-1: none).
+    _head_of: object = None
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._first = True
@@ -50,6 +59,32 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             if self._upgrade_now(data):
                 return
         super().data_received(data)
+        if self.cycle is not self._head_of or self.parser is None or self.transport.is_closing():
+            return  # no head being read (a request is served, or upgraded), or answered
+        if self._head_bytes < 0:
+            self._head_bytes = 0  # the read it began in, which may end another request: not counted
+        else:
+            self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._send_431()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_of, self._head_bytes = self.cycle, -1
+
+    def _send_431(self) -> None:
+        """``send_400_response``'s answer, as 431 (a client's mistake: nothing is logged)."""
+        content = [STATUS_LINE[431]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(_HEAD_TOO_LARGE),
+            b"connection: close\r\n\r\n",
+            _HEAD_TOO_LARGE,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def _upgrade_now(self, data: bytes) -> bool:
         """``handle_websocket_upgrade`` for a plain upgrade request, without ``httptools``."""
@@ -85,6 +120,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The cycle holds this protocol (its ``on_response``), which holds the cycle: a
         # reference cycle only the collector would free, kept until its oldest generation ran.
         self.cycle = None  # type: ignore[assignment]
+        self._head_of = None  # the same cycle
         self.pipeline.clear()  # requests that will never run: their cycles hold it as well
 
     def on_response_complete(self) -> None:

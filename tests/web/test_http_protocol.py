@@ -219,3 +219,51 @@ async def test_an_upgraded_http_protocol_is_freed_without_the_garbage_collector(
         assert gone() is None
     finally:
         gc.enable()
+
+
+async def test_a_request_head_past_its_bound_is_431_and_closes() -> None:
+    """httptools puts no bound on a request's headers: 16 MiB of them were read, kept and
+    served (200), before any credential was looked at. Past ``MAX_HEAD_BYTES`` (64 KiB, and at
+    most one read more) the request is now answered 431 and the connection closed; a body of
+    any size allowed, or requests pipelined in one read, are not counted as head."""
+    from web.http_protocol import MAX_HEAD_BYTES
+
+    served: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    proto, transport = _protocol(app)
+    proto.data_received(b"GET /a HTTP/1.1\r\nHost: t\r\n")
+    pad = b"X-Pad: " + b"a" * 8000 + b"\r\n"
+    for _ in range(MAX_HEAD_BYTES // len(pad) + 40):
+        proto.data_received(pad)
+        if transport.closing:
+            break
+    assert transport.closing
+    assert transport.writes[-1].startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert transport.writes[-1].endswith(b"\r\n\r\nrequest line and headers over 65536 bytes")
+    assert served == []
+
+    # A large body, and several requests in one read, are served.
+    proto, transport = _protocol(app)
+    body = b"b" * (4 * MAX_HEAD_BYTES)
+    head = b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
+    proto.data_received(head)
+    for i in range(0, len(body), 16384):
+        proto.data_received(body[i : i + 16384])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    pipelined = b"".join(b"GET /p%d HTTP/1.1\r\nHost: t\r\n\r\n" % n for n in range(3000))
+    proto.data_received(pipelined)
+    for _ in range(20000):
+        if len(served) == 3001:
+            break
+        await asyncio.sleep(0)
+    assert not transport.closing
+    assert served[:2] == ["/big", "/p0"]
+    assert len(served) == 3001
