@@ -1,9 +1,10 @@
 """Bounded per-connection outboxes and the job-event fan-out to subscribers.
 
 Rule 1: publishing never blocks and never grows memory without bound. Each connection has an
-``Outbox`` with a soft and a hard limit. Past the soft limit, ``progress`` frames for a job
-replace that job's still-unsent progress frame (coalescing) or are dropped; every other frame
-is kept. Past the hard limit the connection is closed 4429 (too slow). Frames held back
+``Outbox`` with a soft and a hard limit, in frames and (optionally) in characters. Past the
+soft limit, ``progress`` frames for a job replace that job's still-unsent progress frame
+(coalescing) or are dropped; every other frame is kept. Past the hard limit the connection is
+closed 4429 (too slow). Frames held back
 while a job replays (``Subscriber.buffers``) coalesce their progress past the soft limit too.
 Rule 2: a frame is encoded once and the same ``str`` is queued for every recipient.
 """
@@ -36,8 +37,14 @@ class Outbox:
         *,
         soft_limit: int = 256,
         hard_limit: int = 4096,
+        hard_chars: int | None = None,
     ) -> None:
         self._frames: deque[list[str]] = deque()
+        # The characters queued, bounded by ``hard_chars`` (half of it is the soft bound): a
+        # frame can be megabytes (a JobView, a result and its receipt), and 4096 of them were
+        # held for a peer that read nothing.
+        self._chars = 0
+        self.hard_chars = hard_chars
         self._progress: dict[str, list[str]] = {}
         # Made by a ``take`` that waits: an idle socket's outbox (most of them) has none.
         self._wake: anyio.Event | None = None
@@ -61,22 +68,27 @@ class Outbox:
         if self.direct is not None and not self._frames and self.direct(frame):
             return
         n = len(self._frames)
-        if progress and job_id is not None and n >= self.soft_limit:
+        size = len(frame)
+        chars = self.hard_chars
+        heavy = chars is not None and self._chars + size > chars // 2
+        if progress and job_id is not None and (n >= self.soft_limit or heavy):
             pending = self._progress.get(job_id)
             if pending is not None:
+                self._chars += size - len(pending[0])
                 pending[0] = frame  # coalesce: the newest replaces the unsent one
                 self.dropped += 1
                 return
-            if n >= self.hard_limit // 2:
+            if n >= self.hard_limit // 2 or heavy:
                 self.dropped += 1
                 return
-        if n >= self.hard_limit:
+        if n >= self.hard_limit or (n and chars is not None and self._chars + size > chars):
             self.closed = True
             self._set_wake()
             self._on_overflow(CloseCode.TOO_SLOW, "outbound queue overflow")
             return
         entry = [frame]
         self._frames.append(entry)
+        self._chars += size
         if job_id is not None:
             if progress:
                 self._progress[job_id] = entry
@@ -87,6 +99,7 @@ class Outbox:
     def take_nowait(self) -> list[str]:
         frames = [e[0] for e in self._frames]
         self._frames.clear()
+        self._chars = 0
         self._progress.clear()
         self._set_taken()
         return frames

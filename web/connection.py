@@ -56,6 +56,8 @@ AUTH_TIMEOUT = 5.0
 # batches are committed and performed (backpressure). A peer streaming frames while a commit
 # was in flight (progress, heartbeats with an id) grew the open batch without bound.
 BATCH_SHARE = 1000
+# What a socket's outbox may hold, in characters, at the least (see ``Connection.__init__``).
+OUTBOX_CHARS = 64 << 20
 
 
 class Connection(ABC):
@@ -66,7 +68,10 @@ class Connection(ABC):
     def __init__(self, core: Coordinator, websocket: WebSocket) -> None:
         self.core = core
         self.websocket = websocket
-        self.outbox = Outbox(self.close, **self.outbox_limits)
+        # In characters: 64 Mi, or room for 16 of the largest frames (a completed event holds
+        # a result and a receipt that holds it again: about 3 frames' worth).
+        chars = max(OUTBOX_CHARS, 16 * core.settings.max_frame_bytes)
+        self.outbox = Outbox(self.close, hard_chars=chars, **self.outbox_limits)
         self.principal: Principal | None = None
         self._close: tuple[int, str] | None = None
         self._send_now: Callable[[bytes], bool] | None = None

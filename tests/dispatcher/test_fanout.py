@@ -128,6 +128,26 @@ async def test_overflow_past_the_hard_limit_closes_with_4429() -> None:
     assert len(box.outbox) == HARD
 
 
+async def test_the_characters_queued_are_bounded_too() -> None:
+    """The limits counted frames only, and a frame can be megabytes (a JobView with its
+    payload, a completed event with a result and a receipt holding it again): 4096 of them were
+    held for a peer that read nothing. Past ``hard_chars`` the outbox overflows (4429) as past
+    the hard limit, past half of it progress is coalesced or dropped, and a single frame larger
+    than the bound still goes out."""
+    overflows: list[tuple[CloseCode, str]] = []
+    outbox = Outbox(lambda code, reason: overflows.append((code, reason)), hard_chars=1000)
+    outbox.put("x" * 5000)  # alone: taken whole
+    assert outbox.take_nowait() == ["x" * 5000]
+    outbox.put("a" * 400, job_id="j")
+    outbox.put("p" * 200, job_id="j", progress=True)  # 600 > 500: dropped
+    assert (len(outbox), outbox.dropped) == (1, 1)
+    outbox.put("b" * 400, job_id="j")
+    assert overflows == []
+    outbox.put("c" * 400, job_id="j")  # 1200 > 1000
+    assert overflows == [(CloseCode.TOO_SLOW, "outbound queue overflow")]
+    assert outbox.closed
+
+
 async def test_take_returns_everything_queued() -> None:
     """take() hands over every queued frame at once and empties the outbox."""
     box = Box()

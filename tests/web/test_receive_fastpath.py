@@ -94,6 +94,7 @@ async def _open() -> tuple[Any, PausingTransport, Recording]:
         ),
         connections=set(),
         dispatcher=SimpleNamespace(performed=0),
+        settings=SimpleNamespace(max_frame_bytes=1 << 20),
         standby=False,
         stopping=False,
         sockets={"miner": 0, "client": 0, "admin": 0},
@@ -199,3 +200,22 @@ async def test_a_flood_the_peer_does_not_read_ends_in_4429_and_paused_reading() 
         "f2",
         "f3",
     ]
+
+
+async def test_a_peer_that_reads_nothing_is_closed_once_its_outbox_holds_too_many_characters() -> (
+    None
+):
+    """A socket's outbox counted frames only (4096), and frames can be megabytes: a client
+    that read nothing had gigabytes held for it (4096 acks of 1 MiB jobs, say). Past 64 Mi
+    characters (or 16 of the largest frames) it is now closed 4429 as on any overflow."""
+    proto, _, conn = await _open()
+    proto.pause_writing()  # the peer reads nothing
+    big = "x" * (1 << 20)
+    for _ in range(100):
+        conn.send_frame(big)
+        if conn._close is not None:
+            break
+    assert conn._close == (4429, "outbound queue overflow")
+    assert len(conn.outbox) < 100
+    proto.resume_writing()
+    await conn.saw("closed")
