@@ -376,9 +376,10 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
         answered = conn is None and plain
         if answered:
             # Without a state machine: the pongs websockets would queue as it parses, written
-            # before anything that delivering this read writes (as its next write would).
+            # before anything that delivering this read writes (as its next write would), while
+            # the peer reads what it is sent (``handle_ping``).
             pongs = b"".join(pong_frame(payload) for head, payload in frames if head == PING)
-            if pongs:
+            if pongs and self.writable.is_set():
                 self.transport.write(pongs)
         else:
             conn = self.conn
@@ -534,6 +535,15 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
                 self._conn.state = OPEN
             self.transport.write(b"".join(parts))
             self.start_keepalive()
+
+    def handle_ping(self) -> None:
+        """uvicorn's: write the pong(s) websockets queued; not while writing is paused (the
+        write buffer is over its high-water mark: the peer reads nothing). Each ping was
+        answered anyway, and a peer streaming pings grew the write buffer without bound. RFC
+        6455 lets a pong answer only the latest ping; a peer that reads nothing sees none."""
+        output = self.conn.data_to_send()
+        if self.writable.is_set() or self.conn.state is not OPEN:
+            self.transport.write(b"".join(output))
 
     def send_keepalive_ping(self) -> None:
         """uvicorn's, writing the ping frame itself while there is no state machine."""

@@ -523,3 +523,39 @@ def test_coalescing_transport_has_the_whole_transport_api_and_delegates_the_rest
         result = getattr(wrapped, name)(*args)
         getattr(raw, name).assert_called_once_with(*args)
         assert result is getattr(raw, name).return_value or result is None
+
+
+async def test_pings_from_a_peer_that_reads_nothing_do_not_grow_the_write_buffer() -> None:
+    """Every ping was answered with a pong written to the transport, whether or not the peer
+    read anything: a peer streaming pings and reading nothing grew the server's write buffer
+    without bound (49 MB of pings: 44 MB buffered, and on). While writing is paused (the
+    buffer is over its high-water mark) pings are now left unanswered, as RFC 6455 allows (a
+    pong may answer only the latest ping); once the peer reads again, they are answered."""
+    accepted = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    proto, transport = await _handshaken(CoalescingWSProtocol, app, accepted)
+    ping = Frame(Opcode.PING, b"p" * 125).serialize(mask=True)
+    proto.pause_writing()
+    before = sum(map(len, transport.writes))
+    proto.data_received(ping * 1000)  # plain frames: our parser
+    await asyncio.sleep(0)
+    lean = sum(map(len, transport.writes)) - before
+    proto.data_received(Frame(Opcode.BINARY, b"b").serialize(mask=True))  # the library's from here
+    await asyncio.sleep(0)
+    before = sum(map(len, transport.writes))
+    proto.data_received(ping * 1000)
+    await asyncio.sleep(0)
+    library = sum(map(len, transport.writes)) - before
+    assert (lean, library) == (0, 0)
+    proto.resume_writing()
+    proto.data_received(Frame(Opcode.PING, b"again").serialize(mask=True))
+    await asyncio.sleep(0)
+    assert _frames(b"".join(transport.writes))[-1] == b"again"
+    proto.stop_keepalive()
