@@ -331,6 +331,19 @@ def _opt_int(d: JSONObject, key: str, *, lo: int, hi: int) -> int | None:
     return None if d.get(key) is None else _int(d, key, lo=lo, hi=hi)
 
 
+_MAX_TTL = 7 * 86400
+
+
+def _ttl(d: JSONObject) -> int | None:
+    """A submit's ``ttl_seconds``: an integer of at most ``_MAX_TTL``; one below 1 is 1, as REST's
+    ``POST /v1/jobs`` takes it (rest-api.md: values below 1 are clamped), not a closed socket."""
+    v = d.get("ttl_seconds")
+    if isinstance(v, int | float) and not isinstance(v, bool) and v < 1:
+        if isinstance(v, int) or v.is_integer():
+            return 1
+    return _opt_int(d, "ttl_seconds", lo=1, hi=_MAX_TTL)
+
+
 def _opt_float(d: JSONObject, key: str, *, lo: float, hi: float) -> float | None:
     v = d.get(key)
     if v is None:
@@ -483,7 +496,7 @@ _CLIENT: dict[str, _Decoder] = {
     "job.submit": lambda d, i, n: JobSubmit(
         payload=_obj(d, "payload", required=True),
         constraints=_obj(d, "constraints"),
-        ttl_seconds=_opt_int(d, "ttl_seconds", lo=1, hi=7 * 86400),
+        ttl_seconds=_ttl(d),
         priority=_int(d, "priority", 0, lo=-1000, hi=1000),
         idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
         payment_amount=_opt_amount(d, "payment_amount"),

@@ -753,7 +753,7 @@ INVALID: list[Any] = [
         decode_miner_frame, _obj(type="status", concurrency="2"), id="status-concurrency-string"
     ),
     pytest.param(
-        decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=0), id="ttl-zero"
+        decode_client_frame, _obj(type="job.submit", payload={}, ttl_seconds=-0.5), id="ttl-frac"
     ),
     pytest.param(
         decode_client_frame,
@@ -1333,6 +1333,16 @@ def test_integer_fields_take_numbers_without_a_fraction() -> None:
             orjson.dumps({"type": "job.submit", "id": "s", "payload": {}, "ttl_seconds": 120.5})
         )
     assert info.value.close_code == CloseCode.INVALID_DATA
+
+
+@pytest.mark.parametrize("ttl", [0, -5, -5.0, -(2**63), -1e300])
+def test_a_ttl_below_one_second_is_one_second_as_rest_takes_it(ttl: float) -> None:
+    """REST's POST /v1/jobs clamps ttl_seconds below 1 to 1 (rest-api.md); the socket closed
+    1007 on it, ending every other job's stream on that socket for one field REST takes."""
+    frame = orjson.dumps({"type": "job.submit", "id": "s", "payload": {}, "ttl_seconds": ttl})
+    msg = decode_client_frame(frame)
+    assert isinstance(msg, JobSubmit)
+    assert (msg.ttl_seconds, type(msg.ttl_seconds)) == (1, int)
 
 
 def test_attempts_past_a_million_are_read_on_both_sides() -> None:

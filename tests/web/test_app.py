@@ -690,6 +690,26 @@ def test_rest_and_the_socket_take_the_same_constraints(tmp_path: Path) -> None:
         check()
 
 
+def test_a_ttl_below_one_second_is_one_second_on_the_socket_as_over_rest(
+    client: TestClient,
+) -> None:
+    """REST clamps ttl_seconds 0 to 1 (rest-api.md); the socket closed 1007, so one field REST
+    takes ended the whole socket (every other job's stream on it)."""
+    from protocol.types import parse_instant
+
+    def ttl(view: dict[str, Any]) -> float:
+        return round(parse_instant(view["expires_at"]) - parse_instant(view["requested_at"]), 3)
+
+    body = {"payload": {"prompt": "hi"}, "ttl_seconds": 0}
+    r = client.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+    assert (r.status_code, ttl(r.json())) == (201, 1.0)
+    with client_socket(client) as ws:
+        hello(ws)
+        assert ttl(submit(ws, "s1", ttl_seconds=0)["job"]) == 1.0
+        assert recv(ws)["event"] == "queued"
+        assert ttl(submit(ws, "s2", ttl_seconds=-30)["job"]) == 1.0
+
+
 def test_a_job_assigned_more_than_a_million_times_can_still_be_run(client: TestClient) -> None:
     """Every assignment is an attempt number, rejects and accept timeouts too (uncharged): a job
     with a 7-day TTL that a fleet of 1,000 miners keeps refusing (each at most every 5 minutes)
