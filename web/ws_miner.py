@@ -25,11 +25,13 @@ from protocol.types import PROTOCOL_VERSION, CloseCode, ErrorCode
 from web.auth import Role
 from web.connection import Connection
 from web.errors import error_code_for
+from web.rest_miners import failure_message
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
     from dispatcher.core import ResumeInfo
+    from dispatcher.jobs import Job
     from protocol.records import JobRecord
     from protocol.types import JSONObject
 
@@ -177,6 +179,8 @@ class MinerConnection(Connection):
         """``False`` when the job is not in memory (a late retry): ``_stored_result`` answers."""
         dispatcher = self.core.dispatcher
         assert self.miner_id is not None
+        if msg.result.get("status") == "failed":
+            return self._failed_now(msg)
 
         def done(rec: JobRecord) -> None:
             self.reply(msg.id, job_id=rec.job_id, receipt=rec.receipt)
@@ -216,10 +220,59 @@ class MinerConnection(Connection):
             self._refuse(msg, exc)
         return True
 
+    def _failed_now(self, msg: JobResult) -> bool:
+        """A result whose ``status`` is "failed" fails the job, as REST's ``/result`` takes it
+        (rest-api.md [ours]): FAILED with the result's ``error``, no receipt; the ack's
+        ``receipt`` is null. ``False`` when the job is not in memory (``_stored_result``)."""
+        dispatcher = self.core.dispatcher
+        assert self.miner_id is not None
+        message = failure_message(msg.result.get("error"))
+        try:
+            dispatcher.miner_call(
+                "fail",
+                self.miner_id,
+                msg.job_id,
+                error_code="failed",
+                error_message=message,
+                retryable=False,
+                attempt=msg.attempt,
+            )
+        except UnknownJob:
+            return False
+        except NotAssigned as exc:
+            job = dispatcher.scheduler.job(msg.job_id)
+            if job is None or not self._failed_so(job, message, msg.attempt):
+                self._refuse(msg, exc)
+                return True
+        except DispatchError as exc:
+            self._refuse(msg, exc)
+            return True
+        dispatcher.after_commit(lambda: self.reply(msg.id, job_id=msg.job_id, receipt=None))
+        return True
+
+    def _failed_so(self, job: Job | JobRecord, message: str, attempt: int | None) -> bool:
+        """Whether ``job`` ended with this miner's failure report ``message`` (of ``attempt``,
+        when named): a repeat of it (its ack was lost) is answered as the first one was."""
+        return (
+            job.state == "FAILED"
+            and job.miner_id == self.miner_id
+            and job.error == message
+            and attempt in (None, job.attempt)
+        )
+
     async def _stored_result(self, msg: JobResult) -> None:
         """A retry for a job that left memory long ago: answer from the store."""
         dispatcher = self.core.dispatcher
         assert self.miner_id is not None
+        if msg.result.get("status") == "failed":
+            rec = await dispatcher.get_job(msg.job_id)
+            if rec is None:
+                self._refuse(msg, UnknownJob(msg.job_id))
+            elif self._failed_so(rec, failure_message(msg.result.get("error")), msg.attempt):
+                dispatcher.after_commit(lambda: self.reply(msg.id, job_id=msg.job_id, receipt=None))
+            else:
+                self._refuse(msg, NotAssigned(msg.job_id, self.miner_id))
+            return
         try:
             receipt = await dispatcher.stored_receipt(self.miner_id, msg.job_id, msg.attempt)
         except UnknownJob as exc:

@@ -379,6 +379,75 @@ def test_submit_reaches_a_connected_miner(client: TestClient) -> None:
             assert [recv(ws)["event"] for _ in range(2)] == ["queued", "assigned"]
 
 
+def test_a_result_whose_status_is_failed_fails_the_job_as_over_rest(client: TestClient) -> None:
+    """REST takes ``result.status == "failed"`` as a failure (rest-api.md [ours]: the production
+    miner reports its failures so); a socket miner's job.result with it completed the job, with
+    a signed receipt (billed with BILLING=on) and the failure as its result. It fails the job
+    now, as REST does: FAILED with the result's error, no receipt, the ack's receipt null; the
+    same report again gets the same ack."""
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "gpu-1"})
+        assert recv(miner)["type"] == "welcome"
+        with client_socket(client) as ws:
+            hello(ws)
+            job_id = submit(ws, "s1")["job"]["job_id"]
+            assign = recv(miner)
+            assert assign["job_id"] == job_id
+            miner.send_json({"type": "job.accept", "job_id": job_id})
+            report = {
+                "type": "job.result",
+                "job_id": job_id,
+                "attempt": assign["attempt"],
+                "result": {"status": "failed", "error": "CUDA out of memory"},
+            }
+            miner.send_json({**report, "id": "r1"})
+            ack = recv(miner)
+            assert ack == {"type": "ack", "id": "r1", "job_id": job_id, "receipt": None}
+            events = [recv(ws) for _ in range(4)]
+            assert [e["event"] for e in events] == ["queued", "assigned", "started", "failed"]
+            assert (events[-1]["state"], events[-1]["error"]) == ("FAILED", "CUDA out of memory")
+            assert "receipt" not in events[-1]
+            miner.send_json({**report, "id": "r2"})  # its ack was lost: the same answer
+            assert recv(miner) == {"type": "ack", "id": "r2", "job_id": job_id, "receipt": None}
+            miner.send_json({**report, "id": "r3", "attempt": assign["attempt"] + 1})
+            refused = recv(miner)
+            assert (refused["id"], refused["code"]) == ("r3", "not_assigned")
+    r = client.get(f"/v1/jobs/{job_id}", headers={"X-Api-Key": CLIENT_KEY})
+    assert (r.json()["state"], r.json()["receipt_id"]) == ("FAILED", None)
+
+
+def test_a_repeated_failed_status_result_of_a_job_gone_from_memory_is_answered_from_the_store(
+    tmp_path: Path,
+) -> None:
+    """The repeat of a failed-status result (its ack lost) once the job left memory: the same
+    ack, read from the store; one naming another failure is not_assigned."""
+    settings = make_settings(tmp_path, terminal_retention_bytes=1)  # only the last ended job
+    with (
+        TestClient(create_app(settings)) as c,
+        c.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner,
+        client_socket(c) as ws,
+    ):
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "gpu-1"})
+        assert recv(miner)["type"] == "welcome"
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(miner)["type"] == "job.assign"
+        report = {"type": "job.result", "job_id": job_id, "result": {"status": "failed"}}
+        miner.send_json({**report, "id": "r1"})
+        assert recv(miner) == {"type": "ack", "id": "r1", "job_id": job_id, "receipt": None}
+        assert [recv(ws)["event"] for _ in range(3)] == ["queued", "assigned", "failed"]
+        other = submit(ws, "s2")["job"]["job_id"]
+        assert recv(miner)["job_id"] == other
+        miner.send_json({"type": "job.result", "id": "r2", "job_id": other, "result": {}})
+        assert recv(miner)["id"] == "r2"
+        assert job_id not in c.app.state.core.dispatcher.scheduler.jobs
+        miner.send_json({**report, "id": "r3"})
+        assert recv(miner) == {"type": "ack", "id": "r3", "job_id": job_id, "receipt": None}
+        miner.send_json({**report, "id": "r4", "result": {"status": "failed", "error": "other"}})
+        refused = recv(miner)
+        assert (refused["id"], refused["code"]) == ("r4", "not_assigned")
+
+
 def test_a_heartbeat_with_an_id_before_hello_is_acked(client: TestClient) -> None:
     """Every request with an id gets one reply, a miner's heartbeat sent before its hello too
     (it was read and dropped unanswered); the hello then opens the session as usual."""
