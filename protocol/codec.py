@@ -518,6 +518,7 @@ _SERVER_TO_MINER: dict[str, _Decoder] = {
         heartbeat_timeout=_float(d, "heartbeat_timeout", 30.0),
         resumed=_id_list(d, "resumed"),
         revoked=_id_list(d, "revoked"),
+        id=i,
     ),
     "job.assign": lambda d, i, n: JobAssign(
         job_id=_job_id(d),
@@ -533,7 +534,7 @@ _SERVER_TO_MINER: dict[str, _Decoder] = {
 _EVENT_KEYS = frozenset({"type", "job_id", "seq", "event", "state", "at", "attempt", "miner_id"})
 _SERVER_TO_CLIENT: dict[str, _Decoder] = {
     "welcome": lambda d, i, n: ClientWelcome(
-        protocol=_int(d, "protocol", lo=0, hi=1_000_000), client_id=_str(d, "client_id")
+        protocol=_int(d, "protocol", lo=0, hi=1_000_000), client_id=_str(d, "client_id"), id=i
     ),
     "job.event": lambda d, i, n: JobEvent(
         job_id=_job_id(d),

@@ -172,6 +172,7 @@ class Welcome:
     heartbeat_timeout: float
     resumed: tuple[str, ...] = ()
     revoked: tuple[str, ...] = ()
+    id: str | None = None  # the hello's, when it carried one (its reply)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,6 +249,7 @@ ClientToServer: TypeAlias = (
 class ClientWelcome:
     protocol: int
     client_id: str
+    id: str | None = None  # the hello's, when it carried one (its reply)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -357,7 +357,11 @@ class Connection(ABC):
         finally:
             scope.cancel()
 
-    def authenticate(self, token: str, session: MinerSession | ClientSession) -> None:
+    def authenticate(
+        self, token: str, session: MinerSession | ClientSession, request_id: str | None = None
+    ) -> None:
+        """An ``auth`` frame; one with an id is acked once the credential holds (before any
+        frame that follows from it: the ops socket's snapshot)."""
         principal = self.core.auth.from_token(token)
         if principal is None:
             self.close(CloseCode.NOT_AUTHENTICATED, "unknown credential")
@@ -366,6 +370,7 @@ class Connection(ABC):
         else:
             self.principal = principal
             session.authenticated()
+            self.reply(request_id)
             self.on_authenticated()
 
     # -- hooks ----------------------------------------------------------------------------

@@ -81,11 +81,13 @@ class ClientConnection(Connection):
                     return False  # ``handle`` waits for an answer to go out first
                 self._submit(msg)
             case Auth():
-                self.authenticate(msg.token, session)
+                self.authenticate(msg.token, session, msg.id)
             case ClientHello():
                 assert self.principal is not None
                 self.subscriber = Subscriber(self.principal.id, self.outbox)
-                self.send(ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id))
+                self.send(
+                    ClientWelcome(protocol=PROTOCOL_VERSION, client_id=self.principal.id, id=msg.id)
+                )
             case Unsubscribe():
                 assert self.subscriber is not None
                 job_ids = None if msg.job_ids == "all" else msg.job_ids

@@ -60,7 +60,7 @@ class MinerConnection(Connection):
             case JobAccept():
                 self._call(msg.id, msg.job_id, "accept", msg.job_id, attempt=msg.attempt)
             case Auth():
-                self.authenticate(msg.token, session)
+                self.authenticate(msg.token, session, msg.id)
             case Hello():
                 self._hello(msg, session)
             case JobReject():
@@ -129,6 +129,7 @@ class MinerConnection(Connection):
                     heartbeat_timeout=core.settings.heartbeat_timeout_seconds,
                     resumed=info.resumed,
                     revoked=info.revoked,
+                    id=msg.id,
                 )
             )
 

@@ -48,7 +48,7 @@ class OpsConnection(Connection):
     async def handle(self, msg: Any, session: ClientSession) -> None:
         match msg:
             case Auth():
-                self.authenticate(msg.token, session)
+                self.authenticate(msg.token, session, msg.id)
                 if self.principal is not None:
                     _open(session)
             case _:

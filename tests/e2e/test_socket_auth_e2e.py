@@ -98,6 +98,7 @@ async def test_browser_auth_frame_then_client_hello_works(server: RunningServer)
     async with _connect(server, CLIENTS) as ws:
         await ws.send(orjson.dumps({"type": "auth", "token": CLIENT_KEY, "id": "a1"}).decode())
         await ws.send('{"type":"hello","protocol":1}')
+        assert await _recv_client(ws) == Ack(id="a1")  # a request with an id gets its reply
         welcome = await _recv_client(ws)
         assert isinstance(welcome, ClientWelcome)
         assert welcome.client_id.startswith("client-")

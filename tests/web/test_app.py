@@ -518,6 +518,36 @@ def test_auth_frame_authenticates_a_browser(client: TestClient) -> None:
         assert hello(ws)["client_id"]
 
 
+@pytest.mark.parametrize(
+    ("path", "key", "hello_frame"),
+    [
+        ("/v1/jobs/ws", CLIENT_KEY, {"type": "hello", "protocol": 1}),
+        ("/v1/miners/ws", MINER_KEY, {"type": "hello", "protocol": 1, "miner_id": "m1"}),
+        ("/v1/admin/ws", ADMIN_KEY, None),
+    ],
+)
+def test_an_auth_and_a_hello_with_an_id_are_answered_with_that_id(
+    client: TestClient, path: str, key: str, hello_frame: dict[str, Any] | None
+) -> None:
+    """Every request with an id gets exactly one reply carrying it (protocol.md, framing): an
+    ``auth`` with an id got none, and a ``hello``'s welcome did not carry it, so a client that
+    matches replies by id waited for good. The auth is acked (before the ops socket's
+    snapshot); the welcome carries the hello's id."""
+    with client.websocket_connect(path) as ws:
+        ws.send_json({"type": "auth", "id": "a1", "token": key})
+        assert recv(ws) == {"type": "ack", "id": "a1"}
+        if hello_frame is None:
+            assert recv(ws)["type"] == "snapshot"
+            return
+        ws.send_json({**hello_frame, "id": "h1"})
+        welcome = recv(ws)
+        assert (welcome["type"], welcome["id"]) == ("welcome", "h1")
+        ws.send_json({**hello_frame, "id": None})  # a second hello: closed 4000 as before
+        with pytest.raises(WebSocketDisconnect) as info:
+            recv(ws)
+        assert info.value.code == 4000
+
+
 def test_anything_but_auth_first_closes_4401(client: TestClient) -> None:
     """Without headers, any first frame but auth closes the socket with 4401."""
     with client.websocket_connect("/v1/jobs/ws") as ws:
