@@ -765,6 +765,18 @@ _constraint_values = st.dictionaries(
 )
 
 
+def test_null_constraints_are_none_on_the_socket_and_422_over_rest(client: TestClient) -> None:
+    """The one documented difference (docs/protocol.md, job.submit): on the socket a null is
+    the absence of an optional field, constraints too; REST's JobCreate refuses it, as upstream
+    did (rest-api.md §2.2)."""
+    body = {"payload": {}, "constraints": None}
+    r = client.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
+    assert (r.status_code, r.json()["detail"]) == (422, "body.constraints must be object")
+    with client_socket(client) as ws:
+        hello(ws)
+        assert submit(ws, "s1", constraints=None)["job"]["constraints"] == {}
+
+
 def test_rest_and_the_socket_take_the_same_constraints(tmp_path: Path) -> None:
     """Any constraints document: REST takes it (201) exactly when the socket acks it."""
     with TestClient(create_app(make_settings(tmp_path))) as c, client_socket(c) as ws:
