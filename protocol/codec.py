@@ -562,9 +562,12 @@ for _table in (_SERVER_TO_MINER, _SERVER_TO_CLIENT):
     _table["error"] = _replies
 
 
-def _decode(data: bytes | str, table: dict[str, _Decoder]) -> Any:
+def _decode(data: bytes | str, table: dict[str, _Decoder], *, to_server: bool = True) -> Any:
+    """``to_server``: a peer's frame, refused as input (``input_refusal``: what no store could
+    keep). A frame from the server is not: it wraps what it took a few levels deeper (an
+    ack's JobView holds the payload, and so does a receipt's metadata)."""
     obj = loads(data)
-    refusal = input_refusal(data, obj)
+    refusal = input_refusal(data, obj) if to_server else None
     if refusal is not None:
         raise RemoteProtocolError(f"invalid frame: {refusal}")
     if not isinstance(obj, dict):
@@ -600,13 +603,13 @@ def decode_client_frame(data: bytes | str) -> ClientToServer:
 
 def decode_server_to_miner(data: bytes | str) -> ServerToMiner:
     """Decode one frame the server sent to a miner (used by :mod:`protocol.client`)."""
-    msg: ServerToMiner = _decode(data, _SERVER_TO_MINER)
+    msg: ServerToMiner = _decode(data, _SERVER_TO_MINER, to_server=False)
     return msg
 
 
 def decode_server_to_client(data: bytes | str) -> ServerToClient:
     """Decode one frame the server sent to a client."""
-    msg: ServerToClient = _decode(data, _SERVER_TO_CLIENT)
+    msg: ServerToClient = _decode(data, _SERVER_TO_CLIENT, to_server=False)
     return msg
 
 

@@ -1253,6 +1253,24 @@ def test_a_frame_nested_deeper_than_max_depth_is_refused() -> None:
         codec.decode_miner_frame(_nested(1000))  # orjson reads it; no store could write it
 
 
+def test_frames_from_the_server_may_nest_deeper_than_what_it_takes() -> None:
+    """The server's frames wrap what it took a few levels deeper (an ack's JobView holds the
+    payload, a receipt's metadata holds it too): a peer's decoder refused them as
+    input to a store (MAX_DEPTH), so a payload a client could submit made every miner built on
+    MinerClient raise at its result's ack. The limit is the server's, for its input only."""
+    deep: Any = {}
+    for _ in range(codec.MAX_DEPTH):
+        deep = {"a": deep}
+    ack = {"type": "ack", "id": "m1", "job_id": "j", "receipt": {"payload": deep}}
+    assert codec.decode_server_to_miner(orjson.dumps(ack)) == Ack(
+        id="m1", fields={"job_id": "j", "receipt": {"payload": deep}}
+    )
+    event = {**EVENT, "receipt": {"payload": deep}}
+    assert codec.decode_server_to_client(orjson.dumps(event)).data["receipt"]["payload"] == deep  # type: ignore[union-attr]
+    with pytest.raises(RemoteProtocolError, match="more than 64 levels"):
+        codec.decode_miner_frame(orjson.dumps({"type": "heartbeat", "metrics": deep}))
+
+
 def test_too_deep_counts_objects_and_lists_and_skips_flat_input() -> None:
     deep: Any = "x"
     for n in range(codec.MAX_DEPTH + 1):

@@ -11,6 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from starlette.websockets import WebSocketDisconnect
 
+from protocol.client import MinerClient
+from protocol.codec import decode_server_to_client
+from protocol.messages import Ack, JobAssign
 from storage.memory import InMemoryJobStore
 from tests.conftest import (
     ADMIN_KEY,
@@ -446,6 +449,44 @@ def test_a_repeated_failed_status_result_of_a_job_gone_from_memory_is_answered_f
         miner.send_json({**report, "id": "r4", "result": {"status": "failed", "error": "other"}})
         refused = recv(miner)
         assert (refused["id"], refused["code"]) == ("r4", "not_assigned")
+
+
+def test_a_miner_client_takes_the_ack_of_a_result_for_the_deepest_payload_taken(
+    client: TestClient,
+) -> None:
+    """A payload as deep as a submit may carry: the result's ack holds it in its receipt's
+    metadata, three levels deeper. MinerClient raised on that ack (it refused the server's
+    frame as input to a store), so any client could crash miners built on it
+    (examples/ws_miner.py died) with one such job each. Both peers' decoders now take what
+    the server sends."""
+    payload: dict[str, Any] = {}
+    for _ in range(61):  # the submit frame is then 64 levels deep, the most it may be
+        payload = {"a": payload}
+    with (
+        client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as raw,
+        client_socket(client) as ws,
+    ):
+        miner = MinerClient(capabilities={})
+        miner.hello()
+        raw.send_text(miner.data_to_send()[0].decode())
+        miner.receive_data(raw.receive_text())
+        assert miner.events_received()[0] == miner.welcome
+        hello(ws)
+        ws.send_json({"type": "job.submit", "id": "s1", "payload": payload})
+        ack = decode_server_to_client(ws.receive_text())
+        assert isinstance(ack, Ack)
+        assert ack.fields["job"]["payload"] == payload
+        miner.receive_data(raw.receive_text())
+        (assign,) = miner.events_received()
+        assert isinstance(assign, JobAssign)
+        assert assign.payload == payload
+        request_id = miner.result(assign.job_id, {"ok": True})
+        raw.send_text(miner.data_to_send()[0].decode())
+        miner.receive_data(raw.receive_text())
+        (reply,) = miner.events_received()
+        assert isinstance(reply, Ack)
+        assert reply.id == request_id
+        assert reply.fields["receipt"]["metadata"]["job_payload"] == payload
 
 
 def test_a_heartbeat_with_an_id_before_hello_is_acked(client: TestClient) -> None:
