@@ -383,8 +383,7 @@ class Scheduler:
             self._kill_timer(miner.grace_timer)
             miner.grace_timer = None
             if resume_session is not None and resume_session == miner.session_id:
-                resumed = list(miner.jobs)
-                revoked = miner.revoked
+                resumed, revoked = self._resume(miner, now)
             else:
                 # A new session that did not resume: whatever the old one held is lost.
                 for job_id in list(miner.jobs):
@@ -420,6 +419,18 @@ class Scheduler:
         self._refresh_idle(miner, now)
         self._changed_miners.add(miner_id)
         return ResumeInfo(resumed=tuple(resumed), revoked=tuple(revoked)), self._take()
+
+    def _resume(self, miner: Miner, now: float) -> tuple[list[str], list[str]]:
+        """(resumed, revoked) of a hello resuming ``miner``'s session. A session still connected
+        is replaced: its socket closes (4409) and, as when a socket closes (``disconnect``), a
+        job it had not accepted goes back to the queue, named in ``revoked`` (a push lost with
+        a dead socket was never seen)."""
+        for job_id in list(miner.jobs):
+            job = self.jobs[job_id]
+            if not job.accepted:
+                self._revoke(job, "miner reconnected before accepting")
+                self._requeue(job, now, "miner reconnected before accepting", charged=False)
+        return list(miner.jobs), miner.revoked
 
     def leave(self, miner_id: str, now: float) -> list[Effect]:
         """A connected miner deregistered: it is forgotten, and the jobs it held go back to the

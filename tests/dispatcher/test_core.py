@@ -1456,6 +1456,26 @@ def test_a_job_taken_before_its_accept_is_named_in_revoked_on_resume() -> None:
     assert (info.resumed, info.revoked) == ((), ("j1",))
 
 
+def test_a_replacing_resume_revokes_what_the_old_socket_had_not_accepted() -> None:
+    """A resume that replaces a session still connected (its socket half-open) closes that
+    socket (4409), and a job pushed there but not accepted went into ``resumed``, as if the
+    miner held it: a push lost with the dead socket was never seen, and the job sat until its
+    accept timeout (10 s), which then paused this miner for it. As when a socket closes
+    (docs/protocol.md, 11), it goes back to the queue at once, named in ``revoked``."""
+    s = make()
+    connect(s, "m1", concurrency=2)
+    submit(s, "j1", now=0.0)
+    submit(s, "j2", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    info, effects = connect(s, "m1", "m1-s2", resume="m1-s1", concurrency=2, now=2.0)
+    assert (info.resumed, info.revoked) == (("j1",), ("j2",))
+    assert summary(effects)[0] == ("close", "m1", "m1-s1", 4409)
+    assert ("persist", "j2", "requeued") in summary(effects)
+    assert ("assign", "m1", "j2", 2) in summary(effects)  # offered again, on the new session
+    assert job_of(s, "j2").attempt == 2
+    assert job_of(s, "j2").failures == 0  # not charged
+
+
 def test_resume_with_an_unknown_session_after_grace_revokes_nothing() -> None:
     """A stale or foreign session id does not reveal another session's jobs."""
     s = make()

@@ -385,9 +385,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             f"away={watch is not None}, revoked={bool(info.revoked)}"
         )
         if resumed_ok:
-            # it keeps what it holds; jobs canceled or expired while it was away are revoked
-            assert list(info.resumed) == held_before
-            assert sorted(info.revoked) == sorted(revoked_away + taken)
+            # it keeps what it holds; jobs canceled or expired while it was away are revoked,
+            # and so are those a replaced (live) session had not accepted, requeued uncharged
+            kept = [j for j in held_before if before[j][1]]
+            assert list(info.resumed) == kept
+            assert sorted(info.revoked) == sorted(
+                revoked_away + taken + [j for j in held_before if j not in kept]
+            )
+            for job_id, (failures, _) in before.items():
+                assert self.s.jobs[job_id].failures == failures
             for job_id in info.resumed:
                 job = self.s.jobs[job_id]
                 assert job.state is JobState.RUNNING
