@@ -54,6 +54,12 @@ class MinerConnection(Connection):
 
     def handle_now(self, msg: MinerToServer, session: MinerSession) -> bool:
         dispatcher = self.core.dispatcher
+        if self.session_id is not None and not self._current():
+            # Replaced by a newer session of this miner id, whose hello is being committed:
+            # this socket is closed 4409 then. Its frames meanwhile must not act as the miner
+            # (a drain, a reject, a concurrency change of the session that took over).
+            session.stop_reading()
+            return True
         match msg:  # the two messages of every job first (one isinstance per case)
             case JobResult():
                 return self._result_now(msg)
@@ -99,6 +105,12 @@ class MinerConnection(Connection):
                 if msg.id is not None:
                     dispatcher.after_commit(lambda: self.reply(msg.id))
         return True
+
+    def _current(self) -> bool:
+        """Whether this socket's session is still its miner's."""
+        assert self.miner_id is not None
+        miner = self.core.dispatcher.scheduler.miners.get(self.miner_id)
+        return miner is not None and miner.session_id == self.session_id
 
     def _load(self, metrics: JSONObject | None) -> None:
         """A ``heartbeat`` or ``status``: the miner was heard, and its metrics are load

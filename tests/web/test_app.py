@@ -13,7 +13,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from protocol.client import MinerClient
 from protocol.codec import decode_server_to_client
-from protocol.messages import Ack, JobAssign
+from protocol.messages import Ack, JobAssign, Status
 from storage.memory import InMemoryJobStore
 from tests.conftest import (
     ADMIN_KEY,
@@ -487,6 +487,34 @@ def test_a_miner_client_takes_the_ack_of_a_result_for_the_deepest_payload_taken(
         assert isinstance(reply, Ack)
         assert reply.id == request_id
         assert reply.fields["receipt"]["metadata"]["job_payload"] == payload
+
+
+def test_frames_of_a_replaced_session_do_not_act_for_the_session_that_took_over(
+    client: TestClient,
+) -> None:
+    """A second session of a miner id replaces the first, whose socket is closed 4409 once the
+    new hello is committed. A frame the old socket sent meanwhile acted as the miner: a
+    ``status`` drained (or resized) the session that took over, a reject sent its job back.
+    The old socket reads nothing more once it is replaced (here: a frame handled as if it had
+    come in that window)."""
+    from web.ws_miner import MinerConnection
+
+    core = client.app.state.core
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as old:
+        old.send_json({"type": "hello", "protocol": 1, "miner_id": "twin"})
+        assert recv(old)["type"] == "welcome"
+        (stale,) = [c for c in core.connections if isinstance(c, MinerConnection)]
+        with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as new:
+            new.send_json({"type": "hello", "protocol": 1, "miner_id": "twin", "concurrency": 2})
+            assert recv(new)["type"] == "welcome"
+            with pytest.raises(WebSocketDisconnect) as info:
+                recv(old)
+            assert info.value.code == 4409
+            session = stale.make_session(authenticated=True)
+            status = Status(draining=True, concurrency=1, id="st")
+            assert client.portal.call(stale.handle_now, status, session)
+            miner = core.dispatcher.scheduler.miners["twin"]
+            assert (miner.draining, miner.concurrency) == (False, 2)
 
 
 def test_a_heartbeat_with_an_id_before_hello_is_acked(client: TestClient) -> None:
