@@ -97,7 +97,11 @@ class MinerConnection(Connection):
                 )
             case Status():
                 self._call(
-                    msg.id, None, "set_status", concurrency=msg.concurrency, draining=msg.draining
+                    msg.id,
+                    "status",
+                    "set_status",
+                    concurrency=msg.concurrency,
+                    draining=msg.draining,
                 )
                 self._load(msg.metrics)
             case Heartbeat():

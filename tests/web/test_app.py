@@ -517,6 +517,33 @@ def test_frames_of_a_replaced_session_do_not_act_for_the_session_that_took_over(
             assert (miner.draining, miner.concurrency) == (False, 2)
 
 
+def test_a_refused_status_without_an_id_names_its_type(client: TestClient) -> None:
+    """Without an id a failure's error names the job or the offending type in ``ref``
+    (protocol.md, framing): a refused ``status`` named ``set_status``, the dispatcher's method,
+    a type no peer sends. Here the miner was disconnected by an operator (its started job
+    waits for a resume) and its status frame handled as if it came before the socket's close."""
+    from web.ws_miner import MinerConnection
+
+    core = client.app.state.core
+    with client.websocket_connect("/v1/miners/ws", headers={"X-Api-Key": MINER_KEY}) as miner:
+        miner.send_json({"type": "hello", "protocol": 1, "miner_id": "m1"})
+        assert recv(miner)["type"] == "welcome"
+        (conn,) = [c for c in core.connections if isinstance(c, MinerConnection)]
+        r = client.post("/v1/jobs", json={"payload": {}}, headers={"X-Api-Key": CLIENT_KEY})
+        job_id = r.json()["job_id"]
+        assert recv(miner)["job_id"] == job_id
+        miner.send_json({"type": "job.accept", "job_id": job_id, "id": "a"})
+        assert recv(miner) == {"type": "ack", "id": "a"}  # started: it waits for a resume
+        r = client.post("/v1/admin/miners/m1/disconnect", headers={"X-Api-Key": ADMIN_KEY})
+        assert r.status_code == 200, r.text
+        refs: list[str | None] = []
+        conn.error = lambda code, message, *, request_id, ref: refs.append(ref)  # type: ignore[method-assign]
+        session = conn.make_session(authenticated=True)
+        assert client.portal.call(conn.handle_now, Status(draining=True), session)
+        client.portal.call(core.dispatcher.barrier)
+    assert refs == ["status"]
+
+
 def test_a_heartbeat_with_an_id_before_hello_is_acked(client: TestClient) -> None:
     """Every request with an id gets one reply, a miner's heartbeat sent before its hello too
     (it was read and dropped unanswered); the hello then opens the session as usual."""
