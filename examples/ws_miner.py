@@ -196,12 +196,12 @@ class SimulatedMiner:
                 for job_id in [*event.revoked, *self._running]:
                     if job_id not in self.client.jobs:
                         self._stop(job_id)  # revoked, or lost with the old session
-                resend = [
-                    self._unacked[j]
-                    for j in event.resumed
-                    if j in self._unacked and self._unacked[j] not in self._pending
-                ]
-                self._unacked = {j: f for j, f in self._unacked.items() if j in event.resumed}
+                # A result not acknowledged goes again, unless its job was taken away: one of
+                # a job still held, and one the coordinator took before the connection broke
+                # (the job ended, so it is neither resumed nor revoked): its ack has the receipt.
+                revoked = set(event.revoked)
+                self._unacked = {j: f for j, f in self._unacked.items() if j not in revoked}
+                resend = [f for f in self._unacked.values() if f not in self._pending]
                 self._result_ids = {r: j for r, j in self._result_ids.items() if j in self._unacked}
                 self._pending.extend(resend)
                 self.welcomed.set()

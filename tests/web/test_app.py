@@ -512,6 +512,7 @@ def test_frames_of_a_replaced_session_do_not_act_for_the_session_that_took_over(
             assert info.value.code == 4409
             session = stale.make_session(authenticated=True)
             status = Status(draining=True, concurrency=1, id="st")
+            assert client.portal is not None
             assert client.portal.call(stale.handle_now, status, session)
             miner = core.dispatcher.scheduler.miners["twin"]
             assert (miner.draining, miner.concurrency) == (False, 2)
@@ -539,6 +540,7 @@ def test_a_refused_status_without_an_id_names_its_type(client: TestClient) -> No
         refs: list[str | None] = []
         conn.error = lambda code, message, *, request_id, ref: refs.append(ref)  # type: ignore[method-assign]
         session = conn.make_session(authenticated=True)
+        assert client.portal is not None
         assert client.portal.call(conn.handle_now, Status(draining=True), session)
         client.portal.call(core.dispatcher.barrier)
     assert refs == ["status"]
@@ -865,7 +867,7 @@ def test_null_constraints_are_none_on_the_socket_and_422_over_rest(client: TestC
     """The one documented difference (docs/protocol.md, job.submit): on the socket a null is
     the absence of an optional field, constraints too; REST's JobCreate refuses it, as upstream
     did (rest-api.md §2.2)."""
-    body = {"payload": {}, "constraints": None}
+    body: dict[str, Any] = {"payload": {}, "constraints": None}
     r = client.post("/v1/jobs", json=body, headers={"X-Api-Key": CLIENT_KEY})
     assert (r.status_code, r.json()["detail"]) == (422, "body.constraints must be object")
     with client_socket(client) as ws:

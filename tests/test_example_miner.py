@@ -1,0 +1,109 @@
+"""examples/ws_miner.py against a scripted coordinator: what it sends again after a resume."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+import orjson
+import pytest
+from websockets.exceptions import ConnectionClosedError
+
+import examples.ws_miner
+from examples.ws_miner import MinerOptions, SimulatedMiner
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from types import TracebackType
+
+pytestmark = pytest.mark.anyio
+
+JOB = "0" * 32
+DROP = b"drop"  # the connection breaks here (no close frame)
+
+
+class Connection:
+    """One scripted miner socket: ``answer`` gives the frames for each frame the miner sends."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], list[bytes]]) -> None:
+        self.answer = answer
+        self.sent: list[dict[str, Any]] = []
+        self._in, self._out = anyio.create_memory_object_stream[bytes](100)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._in.close()
+        self._out.close()
+
+    async def send(self, text: str) -> None:
+        frame = orjson.loads(text)
+        self.sent.append(frame)
+        for out in self.answer(frame):
+            self._in.send_nowait(out)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        async for frame in self._out:
+            if frame == DROP:
+                raise ConnectionClosedError(None, None)
+            yield frame
+
+
+class Coordinator:
+    """``connect`` for the example: each call is the next scripted connection."""
+
+    def __init__(self, *connections: Connection) -> None:
+        self.connections = list(connections)
+        self.used: list[Connection] = []
+
+    def __call__(self, url: str, **kwargs: Any) -> Connection:
+        conn = self.connections.pop(0)
+        self.used.append(conn)
+        return conn
+
+
+def welcome(session: str) -> bytes:
+    frame = {"type": "welcome", "protocol": 1, "session_id": session, "miner_id": "m"}
+    return orjson.dumps({**frame, "heartbeat_interval": 10, "heartbeat_timeout": 30})
+
+
+async def test_a_result_whose_ack_was_lost_with_the_connection_gets_its_receipt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection broke after the miner sent its result and before the ack came: the
+    coordinator took it (the job completed, so the resume lists it neither in ``resumed`` nor
+    in ``revoked``), and the miner dropped it unsent, never learning its receipt (with
+    ``max_jobs`` it ran for ever). It sends it again; the ack brings the same receipt."""
+    receipt = {"receipt_id": "r1", "job_id": JOB}
+
+    def first(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            assign = {"type": "job.assign", "job_id": JOB, "attempt": 1, "payload": {}}
+            assign |= {"constraints": {}, "expires_at": "2026-11-28T00:00:00.000Z"}
+            return [welcome("s1"), orjson.dumps(assign)]
+        return [DROP] if frame["type"] == "job.result" else []
+
+    def second(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            assert frame["resume"] == {"session_id": "s1"}
+            return [welcome("s2")]
+        if frame["type"] == "job.result":
+            return [
+                orjson.dumps({"type": "ack", "id": frame["id"], "job_id": JOB, "receipt": receipt})
+            ]
+        return []
+
+    coordinator = Coordinator(Connection(first), Connection(second))
+    monkeypatch.setattr(examples.ws_miner, "connect", coordinator)
+    opts = MinerOptions(key="k", delay=0, chunks=1, load_interval=0, max_jobs=1)
+    miner = SimulatedMiner(opts, log=lambda line: None)
+    with anyio.fail_after(5):
+        await miner.run()
+    assert miner.receipts == {JOB: receipt}
+    assert [f["type"] for f in coordinator.used[1].sent] == ["hello", "job.result"]
