@@ -42,18 +42,9 @@ from protocol.receipts import verify_receipt
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-__all__ = ["FINAL_CLOSE_CODES", "Refused", "follow_job", "main"]
+__all__ = ["follow_job", "main"]
 
 TERMINAL = {"completed", "failed", "canceled", "expired"}
-
-# Close codes a reconnect cannot cure (docs/protocol.md, close codes): the same credential or
-# the same frames would be refused again, so reconnecting would loop for good.
-FINAL_CLOSE_CODES = frozenset({1003, 1007, 1009, 4000, 4002, 4401, 4403})
-
-
-class Refused(Exception):
-    """The coordinator refused the submit (an ``error`` for it) or the connection for good (a
-    close code in ``FINAL_CLOSE_CODES``): retrying would get the same answer."""
 
 
 async def follow_job(
@@ -83,12 +74,8 @@ async def follow_job(
                 if await job.follow(ws):
                     return job.events
         except (ConnectionClosed, OSError) as exc:
-            close = exc.rcvd if isinstance(exc, ConnectionClosed) else None
-            if close is not None and close.code in FINAL_CLOSE_CODES:
-                text = f"{target} closed the connection {close.code}: {close.reason}"
-                raise Refused(text) from None
             out(f"connection to {target} lost ({exc!r}); reconnecting")
-        await anyio.sleep(retry_after)  # also after a normal close (1000/1001): no busy loop
+            await anyio.sleep(retry_after)
 
 
 RESUBSCRIBE = "resub"
@@ -130,10 +117,6 @@ class _Followed:
                     return True
             elif isinstance(msg, Error):
                 self.out(f"error {msg.code}: {msg.message}")
-                if msg.id == self.submit.id and self.job_id is None:
-                    if msg.code == "unavailable":  # the coordinator asks for a retry
-                        return False
-                    raise Refused(f"the submit was refused: {msg.code}: {msg.message}")
         return False
 
     async def _event(self, ws: ClientConnection, msg: JobEvent) -> bool:
@@ -179,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     constraints = {k: v for k, v in (("gpu", a.gpu), ("region", a.region)) if v}
     submit = JobSubmit(id="submit", payload=payload, constraints=constraints, ttl_seconds=a.ttl)
     urls = a.url or ["ws://127.0.0.1:8000/v1/jobs/ws"]
-    try:
-        events = anyio.run(follow_job, urls, a.key, submit)
-    except Refused as exc:
-        print(f"ws_client: {exc}", file=sys.stderr)
-        return 2
+    events = anyio.run(follow_job, urls, a.key, submit)
     receipt = events[-1].data.get("receipt")
     if receipt:
         reasons = verify_receipt(receipt)

@@ -32,13 +32,7 @@ from protocol.receipts import load_signing_key
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FINAL_CLOSE_CODES", "MinerOptions", "SimulatedMiner", "main"]
-
-# Close codes a reconnect cannot cure (docs/protocol.md, close codes): a wrong key (4401), one
-# of another role or a miner id bound to another key (4403), frames the coordinator refuses,
-# and 4409: another session of this miner id took over (a second miner run with the same key
-# and no --miner-id, say), which a reconnect would take back, each replacing the other for good.
-FINAL_CLOSE_CODES = frozenset({1003, 1007, 1009, 4000, 4002, 4401, 4403, 4409})
+__all__ = ["MinerOptions", "SimulatedMiner", "main"]
 
 
 @dataclass(kw_only=True)
@@ -99,7 +93,6 @@ class SimulatedMiner:
         self._unacked: dict[str, bytes] = {}
         self._result_ids: dict[str, str] = {}
         self._done = anyio.Event()
-        self.refused: str | None = None  # why the coordinator ended this miner for good
 
     async def flush(self) -> None:
         """Send what the Sans-I/O client queued; while offline, wait for the resume first.
@@ -170,12 +163,6 @@ class SimulatedMiner:
                             self._on_event(event, tg)
             except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as exc:
                 self.log(f"connection to {target} lost: {exc!r}")
-                close = exc.rcvd if isinstance(exc, ConnectionClosed) else None
-                if close is not None and close.code in FINAL_CLOSE_CODES:
-                    self.refused = f"{target} closed the connection {close.code}: {close.reason}"
-                    self.log(f"{self.refused}; not reconnecting")
-                    self._done.set()
-                    return
             finally:
                 self.ws = None
                 if self.welcomed.is_set():  # a fresh event only once the last one was used:
@@ -318,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         anyio.run(miner.run)
     except KeyboardInterrupt:
         pass
-    return 0 if miner.refused is None else 2
+    return 0
 
 
 if __name__ == "__main__":

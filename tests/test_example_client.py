@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Self
 
-import anyio
 import orjson
 import pytest
-from websockets.exceptions import ConnectionClosedError
-from websockets.frames import Close
 
 import examples.ws_client
-from examples.ws_client import Refused, follow_job
+from examples.ws_client import follow_job
 from protocol.messages import JobSubmit
 
 if TYPE_CHECKING:
@@ -149,48 +146,3 @@ async def test_a_frame_of_a_type_the_client_does_not_know_is_skipped(
     submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
     events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
     assert [e.seq for e in events] == [1, 2]
-
-
-async def test_a_refused_submit_ends_the_client_instead_of_waiting_for_good(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An ``error`` for the submit (constraints REST refuses, a short balance): the client
-    printed it and waited on the socket for good. It raises ``Refused`` naming the error."""
-
-    def answer(frame: dict[str, Any]) -> list[bytes]:
-        if frame["type"] == "hello":
-            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
-        error = {"type": "error", "id": frame["id"], "code": "invalid", "message": "bad gpu"}
-        return [orjson.dumps(error)]
-
-    class Waiting(Scripted):
-        async def _frames(self) -> AsyncIterator[bytes]:
-            async for frame in super()._frames():
-                yield frame
-            await anyio.sleep_forever()  # an open socket with nothing more to say
-
-    monkeypatch.setattr(examples.ws_client, "connect", Waiting(answer))
-    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
-    with anyio.fail_after(5), pytest.raises(Refused, match="invalid: bad gpu"):
-        await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
-
-
-@pytest.mark.parametrize("code", [4401, 4403, 1007])
-async def test_a_close_a_reconnect_cannot_cure_ends_the_client(
-    monkeypatch: pytest.MonkeyPatch, code: int
-) -> None:
-    """A wrong key (4401), a key of another role (4403) or a frame the coordinator refuses
-    (1007): the client reconnected and was refused again, forever. It raises ``Refused``."""
-    connects = 0
-
-    class Closing(Scripted):
-        async def send(self, text: str) -> None:
-            nonlocal connects
-            connects += 1
-            raise ConnectionClosedError(Close(code, "refused"), None)
-
-    monkeypatch.setattr(examples.ws_client, "connect", Closing(lambda frame: []))
-    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
-    with anyio.fail_after(5), pytest.raises(Refused, match=f"{code}: refused"):
-        await follow_job("ws://coordinator", "key", submit, out=lambda line: None, retry_after=0)
-    assert connects == 1

@@ -101,35 +101,3 @@ async def test_the_examples_take_frames_over_the_frame_limit_that_carry_a_receip
     assert len(orjson.dumps(events[-1].data)) > limit
     assert miner.receipts == {events[-1].job_id: receipt}
     assert verify_receipt(receipt) == []
-
-
-async def test_two_example_miners_on_one_key_do_not_replace_each_other_for_good(
-    server: RunningServer,
-) -> None:
-    """Two example miners run with the same key and no --miner-id share the derived miner id:
-    the second's hello replaced the first (4409), which reconnected 50 ms later and replaced
-    the second, and so on for good, each swap requeueing (and charging) the jobs held. The
-    replaced miner now stops, saying why; the other serves the job."""
-
-    def options() -> MinerOptions:
-        url = server.url("/v1/miners/ws")
-        return MinerOptions(url=url, key=MINER_KEY, delay=0.01, chunks=1, load_interval=0)
-
-    first_log: list[str] = []
-    first = SimulatedMiner(options(), log=first_log.append)
-    second = SimulatedMiner(options(), log=lambda line: None)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(first.run)
-            await first.welcomed.wait()
-            tg.start_soon(second.run)
-            await first._done.wait()  # it ends by itself
-            events = await follow_job(
-                server.url("/v1/jobs/ws"), CLIENT_KEY, JobSubmit(id="s", payload={})
-            )
-            tg.cancel_scope.cancel()
-    assert first.refused is not None
-    assert "4409" in first.refused
-    assert sum("welcome as" in line for line in first_log) == 1
-    assert events[-1].event == "completed"
-    assert second.receipts.keys() == {events[-1].job_id}
