@@ -21,12 +21,13 @@ from pathlib import Path
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
+from examples.connection import Refused, describe, refusal
 from protocol.codec import decode_server_to_client, encode
 from protocol.errors import UnknownMessageType
 from protocol.messages import (
@@ -58,6 +59,8 @@ async def follow_job(
     """Submit, then collect every event of the job until a terminal one; returns them.
 
     ``url`` may list several coordinators (one and its standby): each reconnect tries the next.
+    Raises ``Refused`` when the coordinator refuses in a way a reconnect would not change (an
+    unknown key, a URL that is not the client socket).
     """
     urls = [url] if isinstance(url, str) else list(url)
     if submit.idempotency_key is None:
@@ -73,8 +76,10 @@ async def follow_job(
             async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
                 if await job.follow(ws):
                     return job.events
-        except (ConnectionClosed, OSError) as exc:
-            out(f"connection to {target} lost ({exc!r}); reconnecting")
+        except (ConnectionClosed, InvalidStatus, OSError, TimeoutError) as exc:
+            if (refused := refusal(exc, target)) is not None:
+                raise refused from exc
+            out(f"connection to {target} lost ({describe(exc)}); reconnecting")
             await anyio.sleep(retry_after)
 
 
@@ -162,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     constraints = {k: v for k, v in (("gpu", a.gpu), ("region", a.region)) if v}
     submit = JobSubmit(id="submit", payload=payload, constraints=constraints, ttl_seconds=a.ttl)
     urls = a.url or ["ws://127.0.0.1:8000/v1/jobs/ws"]
-    events = anyio.run(follow_job, urls, a.key, submit)
+    try:
+        events = anyio.run(follow_job, urls, a.key, submit)
+    except Refused as exc:
+        print(exc, file=sys.stderr)
+        return 1
     receipt = events[-1].data.get("receipt")
     if receipt:
         reasons = verify_receipt(receipt)

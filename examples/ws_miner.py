@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
+from examples.connection import Refused, describe, refusal
 from protocol.client import MinerClient
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
 from protocol.receipts import load_signing_key
@@ -93,6 +94,7 @@ class SimulatedMiner:
         self._unacked: dict[str, bytes] = {}
         self._result_ids: dict[str, str] = {}
         self._done = anyio.Event()
+        self.refused: Refused | None = None  # why it stopped, when the coordinator refused it
 
     async def flush(self) -> None:
         """Send what the Sans-I/O client queued; while offline, wait for the resume first.
@@ -162,7 +164,12 @@ class SimulatedMiner:
                         for event in self.client.events_received():
                             self._on_event(event, tg)
             except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as exc:
-                self.log(f"connection to {target} lost: {exc!r}")
+                self.refused = refusal(exc, target)
+                if self.refused is not None:
+                    self.log(str(self.refused))
+                    self._done.set()
+                    return
+                self.log(f"connection to {target} lost: {describe(exc)}")
             finally:
                 self.ws = None
                 if self.welcomed.is_set():  # a fresh event only once the last one was used:
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         anyio.run(miner.run)
     except KeyboardInterrupt:
         pass
-    return 0
+    return 0 if miner.refused is None else 1
 
 
 if __name__ == "__main__":

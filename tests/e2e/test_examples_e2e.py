@@ -7,6 +7,7 @@ import anyio
 import orjson
 import pytest
 
+from examples.connection import Refused
 from examples.ws_client import follow_job
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from protocol.messages import JobSubmit
@@ -101,3 +102,63 @@ async def test_the_examples_take_frames_over_the_frame_limit_that_carry_a_receip
     assert len(orjson.dumps(events[-1].data)) > limit
     assert miner.receipts == {events[-1].job_id: receipt}
     assert verify_receipt(receipt) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "why"),
+    [
+        ("/v1/jobs/ws", "no-such-key", "closed 4401"),  # a typo in --key
+        ("/v1/miners/ws", CLIENT_KEY, "closed 4403"),  # the miners' URL with a client key
+        ("/", CLIENT_KEY, "HTTP 403"),  # the coordinator's address without the socket's path
+    ],
+)
+async def test_the_example_client_stops_with_one_line_on_a_refusal_a_retry_cannot_change(
+    server: RunningServer, path: str, key: str, why: str
+) -> None:
+    """It reconnected for ever, every half second, printing the exception's repr each time
+    (or, on an HTTP answer to the upgrade, died with a traceback)."""
+    lines: list[str] = []
+    submit = JobSubmit(id="submit", payload={"prompt": "hi"})
+    with anyio.fail_after(10), pytest.raises(Refused) as refused:
+        await follow_job(server.url(path), key, submit, out=lines.append, retry_after=0.01)
+    assert lines == []
+    assert str(refused.value).startswith(f"{server.url(path)} refused: {why}")
+
+
+async def test_the_example_miner_stops_when_refused_and_when_replaced(
+    server: RunningServer,
+) -> None:
+    """A miner with a wrong key reconnected for ever; two miners started with the same
+    ``--miner-id`` replaced each other (4409) for ever, each resume taking the other's jobs."""
+
+    def miner(key: str, logs: list[str]) -> SimulatedMiner:
+        opts = MinerOptions(
+            url=server.url("/v1/miners/ws"), key=key, miner_id="rig-1", load_interval=0
+        )
+        return SimulatedMiner(opts, log=logs.append)
+
+    wrong: list[str] = []
+    with anyio.fail_after(10):
+        await miner("no-such-key", wrong).run()
+    assert wrong == [
+        f"{server.url('/v1/miners/ws')} refused: closed 4401 (unknown credential): "
+        "the key is not known to the coordinator: check --key"
+    ]
+
+    first, second = miner(MINER_KEY, []), miner(MINER_KEY, [])
+    first_stopped = anyio.Event()
+
+    async def run_first() -> None:
+        await first.run()
+        first_stopped.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_first)
+            await first.welcomed.wait()
+            tg.start_soon(second.run)
+            await first_stopped.wait()
+            await second.welcomed.wait()
+            tg.cancel_scope.cancel()
+    assert "closed 4409" in str(first.refused)
+    assert second.refused is None

@@ -1,0 +1,54 @@
+"""What the examples make of a lost or refused connection: try again, or stop with one line.
+
+A dropped connection, a coordinator going away (1001), a standby not serving yet, a slow
+reader closed 4429: another attempt (or the next ``--url``) can succeed. A wrong key (4401),
+a key of the wrong role (4403), a frame the coordinator refuses (1003, 1007, 1009, 4000), a
+protocol version it does not speak (4002), a newer session for the same miner id (4409), or
+an HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint) would be refused the
+same way every time: the examples stop on those and say why, instead of reconnecting for ever.
+"""
+
+from __future__ import annotations
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from protocol.types import CloseCode
+
+__all__ = ["Refused", "describe", "refusal"]
+
+_WHY: dict[int, str] = {
+    CloseCode.NOT_AUTHENTICATED: "the key is not known to the coordinator: check --key",
+    CloseCode.FORBIDDEN: "the key is not allowed on this socket: check --key and --url",
+    CloseCode.UNSUPPORTED_DATA: "the coordinator refuses this example's frames",
+    CloseCode.INVALID_DATA: "the coordinator refuses this example's frames",
+    CloseCode.TOO_BIG: "a frame was larger than the coordinator takes",
+    CloseCode.PROTOCOL_ERROR: "the coordinator refuses this example's frames",
+    CloseCode.UNSUPPORTED_VERSION: "the coordinator does not speak this example's protocol",
+    CloseCode.REPLACED: "a newer session with the same miner id took over",
+}
+
+
+class Refused(Exception):
+    """The coordinator refused in a way another attempt would not change (``str()``: why)."""
+
+
+def describe(exc: BaseException) -> str:
+    """A short line for a lost or failed connection, e.g. ``closed 4429 (too slow)``."""
+    if isinstance(exc, ConnectionClosed):
+        close = exc.rcvd or exc.sent
+        if close is None:
+            return "closed without a close frame"
+        return f"closed {close.code}" + (f" ({close.reason})" if close.reason else "")
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code} to the WebSocket upgrade"
+    return str(exc) or type(exc).__name__
+
+
+def refusal(exc: BaseException, url: str) -> Refused | None:
+    """The refusal ``exc`` stands for, or None when trying again might succeed."""
+    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code in _WHY:
+        return Refused(f"{url} refused: {describe(exc)}: {_WHY[exc.rcvd.code]}")
+    if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
+        why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
+        return Refused(f"{url} refused: {describe(exc)}: {why}")
+    return None
