@@ -35,7 +35,7 @@ from web.auth import Authenticator, Role
 from web.docs import docs_routes
 from web.esplora import EsploraWatcher
 from web.exchange import Exchange
-from web.http import RateLimiter, http_exception, internal_error, routes_for
+from web.http import RateLimiter, http_exception, internal_error, routes_for, unknown_socket
 from web.lifecycle import lifespan_for
 from web.openapi import openapi_document, openapi_endpoint
 from web.ops_feed import OpsFeed
@@ -239,6 +239,7 @@ def create_app(
             WebSocketRoute("/v1/admin/ws", ops_endpoint),
             *ops_routes(),
             *routes_for(endpoints),
+            WebSocketRoute("/{path:path}", unknown_socket),  # last: any other socket path
         ],
         exception_handlers={HTTPException: http_exception, Exception: internal_error},
         lifespan=lifespan,

@@ -20,7 +20,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from dispatcher.errors import DispatchError, Unavailable
 from protocol.codec import input_refusal
@@ -31,6 +31,7 @@ from web.schemas import SCHEMAS, ValidationFailed, validate
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.types import Receive, Scope, Send
+    from starlette.websockets import WebSocket
 
     from web.app import Coordinator
     from web.auth import Principal, Role
@@ -459,9 +460,24 @@ async def http_exception(request: Request, exc: Exception) -> Response:
     return json_response({"detail": exc.detail}, exc.status_code, dict(exc.headers or {}))
 
 
+async def unknown_socket(websocket: WebSocket) -> None:
+    """A WebSocket upgrade at a path with no socket: 404 naming the socket paths (Starlette
+    closes before accepting, which uvicorn answers 403, read as a credential problem)."""
+    sockets = [
+        r.path
+        for r in websocket.app.routes
+        if isinstance(r, WebSocketRoute) and r.endpoint is not unknown_socket
+    ]
+    detail = f"no socket at {websocket.url.path}; the sockets are {', '.join(sockets)}"
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(json_response({"detail": detail}, 404))
+    else:
+        await websocket.close()
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return json_response({"detail": "internal server error"}, 500)
 
 
-__all__ += ["http_exception", "internal_error"]
+__all__ += ["http_exception", "internal_error", "unknown_socket"]

@@ -109,7 +109,7 @@ async def test_the_examples_take_frames_over_the_frame_limit_that_carry_a_receip
     [
         ("/v1/jobs/ws", "no-such-key", "closed 4401"),  # a typo in --key
         ("/v1/miners/ws", CLIENT_KEY, "closed 4403"),  # the miners' URL with a client key
-        ("/", CLIENT_KEY, "HTTP 403"),  # the coordinator's address without the socket's path
+        ("/", CLIENT_KEY, "HTTP 404"),  # the address without the socket's path
     ],
 )
 async def test_the_example_client_stops_with_one_line_on_a_refusal_a_retry_cannot_change(

@@ -8,6 +8,7 @@ import anyio
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from protocol.codec import decode_server_to_client, decode_server_to_miner
 from protocol.messages import Ack, ClientWelcome, Welcome
@@ -240,3 +241,20 @@ async def test_a_session_socket_closes_4401_after_logout(server: RunningServer) 
             await ws.send('{"type":"job.submit","id":"s1","payload":{}}')
             assert await close_code(ws) == 4401
     assert sum(server.core.dispatcher.job_counts.by_state.values()) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/job/ws", "/", "/v1/jobs/ws/"])
+async def test_an_upgrade_at_a_path_with_no_socket_is_404_naming_the_sockets(
+    server: RunningServer, path: str
+) -> None:
+    """It was 403 with an empty body (Starlette closes before accepting), which reads as a
+    credential problem; a typo in the path is a 404 that says where the sockets are."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with _connect(server, path, CLIENT_KEY):
+            pass
+    response = refused.value.response
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert orjson.loads(response.body) == {
+        "detail": f"no socket at {path}; the sockets are /v1/miners/ws, /v1/jobs/ws, /v1/admin/ws"
+    }
