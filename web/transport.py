@@ -487,6 +487,11 @@ class CoalescingWSProtocol(WebSocketsSansIOProtocol):
             await self._lean_accept(message)
         else:
             await super().send(message)
+            if self.initial_response is not None and self.close_sent:
+                # A denial response sent whole (web.http.unknown_socket's 404) answers the
+                # handshake: uvicorn's ``run_asgi`` would log "ASGI callable returned without
+                # completing handshake" at ERROR for every such request.
+                self.handshake_complete = True
 
     async def _lean_accept(self, message: Any) -> None:
         """uvicorn's ``websocket.accept`` for a lean handshake: the same response bytes."""

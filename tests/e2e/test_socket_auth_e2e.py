@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -245,13 +246,15 @@ async def test_a_session_socket_closes_4401_after_logout(server: RunningServer) 
 
 @pytest.mark.parametrize("path", ["/v1/job/ws", "/", "/v1/jobs/ws/"])
 async def test_an_upgrade_at_a_path_with_no_socket_is_404_naming_the_sockets(
-    server: RunningServer, path: str
+    server: RunningServer, path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """It was 403 with an empty body (Starlette closes before accepting), which reads as a
-    credential problem; a typo in the path is a 404 that says where the sockets are."""
-    with pytest.raises(InvalidStatus) as refused:
+    credential problem; a typo in the path is a 404 that says where the sockets are, and no
+    error in the server's log (uvicorn logged one for every denial response)."""
+    with caplog.at_level(logging.WARNING), pytest.raises(InvalidStatus) as refused:
         async with _connect(server, path, CLIENT_KEY):
             pass
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     response = refused.value.response
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
