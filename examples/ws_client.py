@@ -39,6 +39,7 @@ from protocol.messages import (
     Subscribe,
 )
 from protocol.receipts import verify_receipt
+from protocol.types import ErrorCode
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ async def follow_job(
 
     ``url`` may list several coordinators (one and its standby): each reconnect tries the next.
     Raises ``Refused`` when the coordinator refuses in a way a reconnect would not change (an
-    unknown key, a URL that is not the client socket).
+    unknown key, a URL that is not the client socket, a submit it answers with an error, a job
+    it no longer has).
     """
     urls = [url] if isinstance(url, str) else list(url)
     if submit.idempotency_key is None:
@@ -80,7 +82,7 @@ async def follow_job(
             if (refused := refusal(exc, target)) is not None:
                 raise refused from exc
             out(f"connection to {target} lost ({describe(exc)}); reconnecting")
-            await anyio.sleep(retry_after)
+        await anyio.sleep(retry_after)
 
 
 RESUBSCRIBE = "resub"
@@ -120,9 +122,20 @@ class _Followed:
             elif isinstance(msg, JobEvent) and msg.job_id == self.job_id:
                 if await self._event(ws, msg):
                     return True
-            elif isinstance(msg, Error):
-                self.out(f"error {msg.code}: {msg.message}")
+            elif isinstance(msg, Error) and not self._error(msg):
+                return False  # submit again on a new connection
         return False
+
+    def _error(self, msg: Error) -> bool:
+        """Show an error; False: submit again later; ``Refused`` when it ends the job's story."""
+        self.out(f"error {msg.code}: {msg.message}")
+        if msg.id == self.submit.id and self.job_id is None:
+            if msg.code == ErrorCode.UNAVAILABLE:
+                return False  # the store could not be read
+            raise Refused(f"job.submit refused: {msg.code}: {msg.message}")
+        if msg.code == ErrorCode.NOT_FOUND and msg.ref == self.job_id:
+            raise Refused(f"job {self.job_id} is gone: {msg.message}")
+        return True
 
     async def _event(self, ws: ClientConnection, msg: JobEvent) -> bool:
         last = self.events[-1].seq if self.events else 0

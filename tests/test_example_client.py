@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Self
 
+import anyio
 import orjson
 import pytest
 
 import examples.ws_client
+from examples.connection import Refused
 from examples.ws_client import follow_job
 from protocol.messages import JobSubmit
 
@@ -146,3 +148,85 @@ async def test_a_frame_of_a_type_the_client_does_not_know_is_skipped(
     submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
     events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
     assert [e.seq for e in events] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ({"code": "invalid", "message": "constraints.gpu: too long"}, "job.submit refused"),
+        ({"code": "payment_required", "message": "balance 0"}, "job.submit refused"),
+    ],
+)
+async def test_a_submit_answered_with_an_error_ends_the_client(
+    monkeypatch: pytest.MonkeyPatch, error: dict[str, str], why: str
+) -> None:
+    """It printed the error and then waited for ever for events of a job that was never made."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        return [orjson.dumps({"type": "error", "id": frame["id"], **error})]
+
+    monkeypatch.setattr(examples.ws_client, "connect", Scripted(answer))
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5), pytest.raises(Refused) as refused:
+        await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert str(refused.value) == f"{why}: {error['code']}: {error['message']}"
+
+
+async def test_a_submit_the_store_could_not_take_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``unavailable`` (the store could not be read) passes: the same submit, with its
+    idempotency key, goes again on a new connection."""
+    submits = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        nonlocal submits
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        submits += 1
+        if submits == 1:
+            error = {"type": "error", "id": frame["id"], "code": "unavailable", "message": "x"}
+            return [orjson.dumps(error)]
+        ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+        return [orjson.dumps(ack), event(1, "queued"), event(2, "completed")]
+
+    socket = Scripted(answer)
+    monkeypatch.setattr(examples.ws_client, "connect", socket)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5):
+        events = await follow_job(
+            "ws://coordinator", "key", submit, out=lambda line: None, retry_after=0
+        )
+    assert [e.seq for e in events] == [1, 2]
+    assert [f["idempotency_key"] for f in socket.sent if f["type"] == "job.submit"] == ["k", "k"]
+
+
+async def test_a_followed_job_the_coordinator_no_longer_has_ends_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a reconnect the re-subscribe found no job (deleted by retention): it waited for
+    ever."""
+    connections = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+            return [orjson.dumps(ack), event(1, "queued")]  # then the connection ends
+        missing = {"type": "error", "code": "not_found", "message": f"job {JOB} not found"}
+        return [orjson.dumps({**missing, "ref": JOB}), b'{"type":"ack","id":"resub"}']
+
+    def connect(url: str, **kwargs: Any) -> Scripted:
+        nonlocal connections
+        connections += 1
+        return Scripted(answer)
+
+    monkeypatch.setattr(examples.ws_client, "connect", connect)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5), pytest.raises(Refused) as refused:
+        await follow_job("ws://coordinator", "key", submit, out=lambda line: None, retry_after=0)
+    assert str(refused.value) == f"job {JOB} is gone: job {JOB} not found"
+    assert connections == 2
