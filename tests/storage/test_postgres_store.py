@@ -54,6 +54,20 @@ def _columns_sqlite(path: Path) -> dict[str, list[str]]:
         return {t: [c[1] for c in db.execute(f"PRAGMA table_info({t})")] for t in names}
 
 
+async def _check_and_use(url: str) -> None:
+    """The start-up check passes for ``url``, and a store opened on it commits, reads by key
+    (the read pool) and scans (the scan pool)."""
+    await anyio.to_thread.run_sync(check_postgres, url)
+    s = PostgresJobStore(url)
+    await s.open()
+    try:
+        await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+        assert await s.get_job("j1") == job("j1")
+        assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
+    finally:
+        await s.close()
+
+
 async def test_the_schema_has_sqlites_tables_and_columns(postgres_url: str, tmp_path: Path) -> None:
     """Every table and column SQLite's migrations leave, under the same names (so the shared
     reads and writes fit both); PostgreSQL's jobs add only their ``rowid`` (SQLite's is
@@ -440,15 +454,7 @@ async def test_a_unix_socket_url_serves(postgres_url: str) -> None:
             pytest.skip("the test server has no Unix socket on this machine")
         user = urlsplit(postgres_url).username
         url = f"postgresql://{user}@/{name}?host={directory}&port={port}"
-        await anyio.to_thread.run_sync(check_postgres, url)
-        s = PostgresJobStore(url)
-        await s.open()
-        try:
-            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
-            assert await s.get_job("j1") == job("j1")
-            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
-        finally:
-            await s.close()
+        await _check_and_use(url)
 
 
 async def test_serve_waits_for_a_server_that_refuses_connections_for_now(
@@ -613,15 +619,7 @@ async def test_several_hosts_are_tried_in_turn(postgres_url: str) -> None:
     hosts = f"127.0.0.1:{port},{parts.hostname}:{parts.port}"
     url = f"postgresql://{parts.username}@{hosts}{parts.path}?target_session_attrs=read-write"
     with anyio.fail_after(20):
-        await anyio.to_thread.run_sync(check_postgres, url)
-        s = PostgresJobStore(url)
-        await s.open()
-        try:
-            await s.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
-            assert await s.get_job("j1") == job("j1")
-            assert (await s.list_jobs(JobQuery(job_type="none")))[1] == 0
-        finally:
-            await s.close()
+        await _check_and_use(url)
 
 
 async def test_lost_read_connections_are_not_redialled_in_the_background(

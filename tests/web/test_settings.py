@@ -46,6 +46,22 @@ VARIABLES = (
 )
 
 
+@pytest.fixture
+def serve_stops_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main(["serve", ...])`` in this process, from an environment without the settings'
+    variables: a server that starts stops at once (SIGTERM, as a supervisor would)."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    build = cli.build_server
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        server = build(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return server
+
+    monkeypatch.setattr(cli, "build_server", signalled)
+
+
 # ---- Settings.from_env --------------------------------------------------------------------
 
 
@@ -483,6 +499,7 @@ def test_serve_with_an_invalid_setting_exits_2(
 @pytest.mark.parametrize("configured", [True, False], ids=["configured", "generated"])
 @pytest.mark.parametrize(("until", "code"), [("2999-01-01T00:00:00Z", 2), ("1700000000", 0)])
 def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
+    serve_stops_at_once: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
@@ -495,20 +512,10 @@ def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
     refused by /v1/receipts/verify and receipts audit ('completed_at is outside the signing
     key's validity period'). serve now refuses it with one line; a past UNTIL starts. The
     same for a signing key generated on the first start (the check was skipped for it)."""
-    for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
     old = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
     if configured:
         monkeypatch.setenv("RECEIPT_SIGNING_KEY_HEX", "11" * 32)
     monkeypatch.setenv("RECEIPT_PREVIOUS_KEYS", f"{old}@/{until}")
-    build = cli.build_server
-
-    def signalled(*args: Any, **kwargs: Any) -> Any:  # a server that starts stops at once
-        server = build(*args, **kwargs)
-        signal.raise_signal(signal.SIGTERM)
-        return server
-
-    monkeypatch.setattr(cli, "build_server", signalled)
     assert main(["serve", "--port", "0", "--db", str(tmp_path / "c.db")]) == code
     err = capsys.readouterr().err
     if code == 2:
@@ -525,19 +532,9 @@ def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
 
 
 def test_serve_names_an_ipv6_listen_address_in_brackets(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    serve_stops_at_once: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """``serve --host ::1`` printed ``http://::1:PORT``, which no browser or curl takes."""
-    for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    build = cli.build_server
-
-    def signalled(*args: Any, **kwargs: Any) -> Any:  # a server that starts stops at once
-        server = build(*args, **kwargs)
-        signal.raise_signal(signal.SIGTERM)
-        return server
-
-    monkeypatch.setattr(cli, "build_server", signalled)
     db = tmp_path / "c.db"
     assert main(["serve", "--host", "::1", "--port", "0", "--db", str(db)]) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("AITBC")]
