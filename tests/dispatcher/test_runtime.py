@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
-from dispatcher.errors import NotAllowed, TooLarge, Unavailable, UnknownJob
+from dispatcher.errors import NotAllowed, TooLarge, TooManyJobs, Unavailable, UnknownJob
 from dispatcher.fanout import Subscriber
 from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
@@ -175,6 +175,29 @@ async def test_a_job_too_large_to_push_to_a_miner_is_refused_before_anything_is_
         await h.submit(spec._replace(job_id="another"))
         await h.flushed()
         assert h.entries("then") == [(spec.job_id, False), (spec.job_id, True)]
+
+
+async def test_a_client_past_its_live_job_bounds_is_refused_until_one_ends() -> None:
+    """With ``max_active_jobs`` (or ``max_active_bytes``) set, a client's new job that would
+    pass it raises TooManyJobs naming the setting, and nothing is queued; another client is
+    not held back, and once one of the client's jobs ends it may submit again."""
+    async with running() as h:
+        h.dispatcher.max_active_jobs = 2
+        first, second = h.spec(), h.spec()
+        await h.submit(first)
+        await h.submit(second)
+        with pytest.raises(TooManyJobs, match=r"pass 2 jobs \(MAX_ACTIVE_JOBS_PER_CLIENT\)"):
+            await h.submit(h.spec())
+        await h.submit(h.spec(client_id="c2"))
+        h.dispatcher.cancel("c1", first.job_id, lambda job: None)
+        await h.flushed()
+        await h.submit(h.spec())
+        h.dispatcher.max_active_jobs = None
+        h.dispatcher.max_active_bytes = 1000  # the live ones hold 0 bytes each (size unset)
+        with pytest.raises(TooManyJobs, match=r"1000 bytes \(MAX_ACTIVE_BYTES_PER_CLIENT\)"):
+            await h.submit(h.spec(size=1001))
+        await h.flushed()
+        assert len(h.dispatcher.scheduler.jobs) == 4
 
 
 async def test_a_batch_that_opens_with_assigns_flushes_them_before_the_rest() -> None:
