@@ -223,6 +223,10 @@ class Endpoint:
     head: bool = True
     # Served by a standby too (``_wrap`` answers 503 for every other route while it waits).
     standby: bool = False
+    # A list whose query parameters filter it: one it does not declare (a typo, another API's
+    # filter name), or one given twice, is a 422 rather than ignored, which answered every
+    # item as if it had matched.
+    strict_query: bool = False
 
 
 class RateLimiter:
@@ -322,7 +326,26 @@ _QUERY_NUMBERS: dict[str, tuple[Callable[[str], Any], str]] = {
 }
 
 
-def _coerce_query(params: tuple[Param, ...], request: Request) -> dict[str, Any]:
+def _check_query_names(params: tuple[Param, ...], request: Request) -> None:
+    """Every query parameter is one of ``params``, given once (``Endpoint.strict_query``)."""
+    names = [p.name for p in params if p.where == "query"]
+    seen: dict[str, int] = {}
+    for name, _ in request.query_params.multi_items():
+        if name not in names:
+            takes = f"this route takes {', '.join(names)}" if names else "this route takes none"
+            shown = name if len(name) <= 64 and name.isprintable() else repr(name[:64])
+            raise ValidationFailed(f"unknown query parameter {shown}; {takes}")
+        seen[name] = seen.get(name, 0) + 1
+    for name, n in seen.items():
+        if n > 1:
+            raise ValidationFailed(f"query parameter {name} is given {n} times (once at most)")
+
+
+def _coerce_query(
+    params: tuple[Param, ...], request: Request, strict: bool = False
+) -> dict[str, Any]:
+    if strict:
+        _check_query_names(params, request)
     out: dict[str, Any] = {}
     for p in params:
         raw = request.query_params.get(p.name)
@@ -397,6 +420,8 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
     public_post = endpoint.method == "POST"
     rate_suffix = f":{endpoint.tag}"
     refused_on_standby = not endpoint.standby
+    strict_query = endpoint.strict_query
+    reads_query = bool(endpoint.query) or strict_query
 
     async def run(request: Request) -> Response:
         core: Coordinator = request.app.state.core
@@ -409,7 +434,7 @@ def _wrap(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             if reads_body:
                 raw = await _read_body(request, core.settings.max_body_bytes)
                 body = _parsed_body(raw, schema, endpoint.body_required)
-            query = _coerce_query(endpoint.query, request) if endpoint.query else {}
+            query = _coerce_query(endpoint.query, request, strict_query) if reads_query else {}
             if core.rate_limiter.per_minute > 0:
                 _rate_limit(core.rate_limiter, request, principal, public_post, rate_suffix)
             return await handler(Call(request, core, principal, body, query, len(raw)))

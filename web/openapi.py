@@ -117,6 +117,11 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
             f"Alias of {endpoint.method} {documented(endpoint.paths[0])}. "
             + op.get("description", "")
         ).strip()
+    if endpoint.strict_query:  # web.http._check_query_names
+        op["description"] = (
+            op.get("description", "") + " A query parameter not listed here, or one given "
+            "twice, is a 422 naming it (not ignored)."
+        ).strip()
     params = _path_params(path)
     for p in endpoint.query:
         param: dict[str, Any] = {"name": p.name, "in": p.where, "schema": p.schema}
@@ -149,7 +154,13 @@ def _responses(endpoint: Endpoint, path_params: bool) -> dict[str, Any]:
     reads_body = endpoint.body is not None or endpoint.method in ("POST", "PUT", "PATCH")
     if reads_body:
         responses.setdefault("413", _error("request body too large"))
-    if endpoint.body is not None or endpoint.query or endpoint.role is Role.MINER or path_params:
+    if (
+        endpoint.body is not None
+        or endpoint.query
+        or endpoint.strict_query
+        or endpoint.role is Role.MINER
+        or path_params
+    ):
         # invalid body/query, a NUL in a path parameter (``Call.path``); miner routes also
         # refuse an X-Miner-ID over 128 characters or with a control character
         responses.setdefault("422", _error("invalid request"))

@@ -307,7 +307,12 @@ ENDPOINTS = [
         "The newest 100 jobs",
         "admin",
         role=Role.ADMIN,
-        responses={200: ("jobs, newest first", "AdminJobList"), **_auth},
+        strict_query=True,
+        responses={
+            200: ("jobs, newest first", "AdminJobList"),
+            422: ("a query parameter (it takes none)", "Error"),
+            **_auth,
+        },
     ),
     Endpoint(
         "GET",
@@ -316,7 +321,12 @@ ENDPOINTS = [
         "Known miners and their liveness",
         "admin",
         role=Role.ADMIN,
-        responses={200: ("miners", "AdminMinerList"), **_auth},
+        strict_query=True,
+        responses={
+            200: ("miners", "AdminMinerList"),
+            422: ("a query parameter (it takes none)", "Error"),
+            **_auth,
+        },
     ),
     Endpoint(
         "GET",
@@ -381,6 +391,7 @@ ENDPOINTS = [
             Param("job_id", {"type": "string", "maxLength": 128}, "only this job's receipts"),
             *page_params(default=50, maximum=200),
         ),
+        strict_query=True,
         responses={
             200: ("receipts, newest first", "ExplorerReceipts"),
             422: ("invalid query parameter", "Error"),

@@ -120,7 +120,10 @@ async def job_page(
 
 async def list_jobs(call: Call) -> Response:
     q = call.query
-    state = state_filter(q.get("status") or q.get("state"), "status")
+    if q.get("status") is not None and q.get("state") is not None:
+        raise HTTPError(422, "query parameters status and state are the same filter: give one")
+    name = "status" if q.get("status") is not None else "state"
+    state = state_filter(q.get(name), name)
     items, total, limit, offset = await job_page(call, client_id=call.caller_id, state=state)
     return json_response({"items": items, "total": total, "limit": limit, "offset": offset})
 
@@ -214,7 +217,9 @@ ENDPOINTS = [
         query=(
             *JOB_PAGE,
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),
+            Param("state", {"type": "string", "maxLength": 16}, "the same filter as status"),
         ),
+        strict_query=True,
         responses=_r(
             (200, ("a page of jobs; total counts every match", "JobList")),
             (422, ("invalid query parameter", "Error")),

@@ -110,7 +110,12 @@ ENDPOINTS = [
         "admin",
         role=Role.ADMIN,
         query=page_params(default=50),
-        responses={200: ("the account", "Account"), **_errors},
+        strict_query=True,
+        responses={
+            200: ("the account", "Account"),
+            422: ("invalid or unknown query parameter", "Error"),
+            **_errors,
+        },
     ),
     Endpoint(
         "POST",

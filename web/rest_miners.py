@@ -623,6 +623,7 @@ ENDPOINTS = [
             Param("job_status", {"type": "string", "maxLength": 16}, "job state"),
             Param("min_reward", {"type": "number"}, "accepted and ignored (as upstream)"),
         ),
+        strict_query=True,
         responses=_r(
             (200, ("a page of jobs; total counts every match", "MinerJobList")),
             (422, ("invalid query parameter", "Error")),

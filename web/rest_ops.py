@@ -161,8 +161,9 @@ ENDPOINTS = [
         {
             200: ("the job", "AdminJobDetail"),
             404: ("no such job", "Error"),
-            422: ("invalid after or limit", "Error"),
+            422: ("invalid after or limit, or an unknown query parameter", "Error"),
         },
+        strict_query=True,
         query=(
             Param(
                 "after",

@@ -250,6 +250,11 @@ ENDPOINTS = [
         "users",
         any_role=True,
         query=page_params(default=50),
-        responses={200: ("entries", "TransactionList"), **_user_path},
+        strict_query=True,
+        responses={
+            200: ("entries", "TransactionList"),
+            422: ("invalid or unknown query parameter", "Error"),
+            **_user_path,
+        },
     ),
 ]

@@ -16,6 +16,7 @@ import schemathesis
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.web.rest_harness import Api, miner_headers, running_api
 from tests.web.wallet_helpers import login
+from web.http import EndpointRoute
 from web.openapi import documented
 from web.rest_miners import CONSTRAINT_DEFAULTS
 
@@ -92,6 +93,27 @@ async def test_a_nul_in_any_path_parameter_is_a_documented_422(api: Api) -> None
             assert 422 in statuses, (method, path, statuses)
             checked += 1
     assert checked > 20
+
+
+async def test_an_unknown_query_parameter_on_a_list_is_a_documented_422(api: Api) -> None:
+    """The lists refuse a query parameter they do not take (web.http ``strict_query``): each
+    says so in its description and documents the 422, which conforms."""
+    headers = [{"X-Api-Key": CLIENT_KEY}, {**miner_headers("m1")}, {"X-Api-Key": ADMIN_KEY}]
+    assert (await api.register("m1")).status_code == 200
+    doc = (await api.http.get("/openapi.json")).json()
+    routes = [r for r in api.app.routes if isinstance(r, EndpointRoute)]
+    strict = [(r.spec, r.path) for r in routes if r.spec.strict_query]
+    assert len(strict) >= 8
+    for endpoint, path in strict:
+        operation = doc["paths"][documented(path)][endpoint.method.lower()]
+        assert "not listed here, or one given twice, is a 422" in operation["description"]
+        url = _PARAM.sub("m1", documented(path)) + "?no_such_filter=1"
+        statuses = []
+        for h in headers:
+            r = await api.http.request(endpoint.method, url, headers=h)
+            await conforms(api, r)
+            statuses.append(r.status_code)
+        assert 422 in statuses, (path, statuses)
 
 
 async def test_a_rate_limited_public_read_is_documented(tmp_path: Path) -> None:

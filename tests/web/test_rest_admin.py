@@ -43,6 +43,24 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         yield a
 
 
+@pytest.mark.parametrize(
+    ("path", "takes"),
+    [
+        ("/v1/admin/jobs?state=RUNNING", "this route takes none"),
+        ("/v1/admin/miners?status=ONLINE", "this route takes none"),
+        ("/v1/explorer/receipts?miner=m1", "this route takes job_id, limit, offset"),
+        ("/v1/admin/accounts/system:admin?kind=credit", "this route takes limit, offset"),
+    ],
+)
+async def test_a_listing_refuses_a_filter_it_does_not_know(api: Api, path: str, takes: str) -> None:
+    """The admin and explorer lists ignored any filter they do not know, and listed every
+    item as if it had matched (an operator's ?state=RUNNING got every job): 422 naming it."""
+    r = await api.http.get(path, headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 422, r.text
+    name = path.partition("?")[2].partition("=")[0]
+    assert r.json()["detail"] == f"unknown query parameter {name}; {takes}"
+
+
 async def test_admin_stats_counts_match(api: Api) -> None:
     """60 [fix]: total/active jobs and online miners match what the test created."""
     await api.register("m1")

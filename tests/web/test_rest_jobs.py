@@ -286,6 +286,51 @@ async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
     assert [j["job_id"] for j in r.json()["items"]] == [queued["job_id"]]
 
 
+async def test_list_jobs_by_state_is_the_status_filter(api: Api) -> None:
+    """``state`` (the field's name in JobView) filters as ``status`` does: it was read by the
+    handler but never parsed, so ``?state=queued`` quietly listed every job."""
+    queued = await api.submit()
+    other = await api.submit()
+    await api.cancel(other["job_id"])
+    headers = {"X-Api-Key": CLIENT_KEY}
+    for path in ("/v1/jobs?state=queued", "/v1/jobs/history?state=QUEUED"):
+        r = await api.http.get(path, headers=headers)
+        assert r.status_code == 200, r.text
+        assert [j["job_id"] for j in r.json()["items"]] == [queued["job_id"]], path
+    r = await api.http.get("/v1/jobs?state=done", headers=headers)
+    assert r.status_code == 422
+    assert "state must be one of QUEUED" in r.json()["detail"]
+    r = await api.http.get("/v1/jobs?state=queued&status=canceled", headers=headers)
+    assert r.status_code == 422
+    assert "status and state" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["stauts=queued", "job_state=QUEUED", "client_id=x", "miner_id=m1", "type=inference"],
+)
+async def test_list_jobs_refuses_a_filter_it_does_not_know(api: Api, query: str) -> None:
+    """A filter the list does not know (a typo, another API's name) was ignored, and the
+    answer listed every job as if it had matched: 422 naming it and the parameters there are."""
+    await api.submit()
+    r = await api.http.get(f"/v1/jobs?{query}", headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 422, r.text
+    name = query.partition("=")[0]
+    assert r.json()["detail"] == (
+        f"unknown query parameter {name}; this route takes limit, offset, job_type, status, state"
+    )
+
+
+async def test_list_jobs_refuses_a_filter_given_twice(api: Api) -> None:
+    """``?status=queued&status=running`` read only the last one, listing the running jobs as
+    if those were all that was asked for."""
+    r = await api.http.get(
+        "/v1/jobs?status=queued&status=running", headers={"X-Api-Key": CLIENT_KEY}
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"] == "query parameter status is given 2 times (once at most)"
+
+
 async def test_result_before_the_end_is_425(api: Api) -> None:
     """15: /result while QUEUED -> 425 job not ready."""
     job = await api.submit()

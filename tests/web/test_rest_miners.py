@@ -874,6 +874,13 @@ async def test_own_jobs_lists_this_miners_jobs_newest_first(api: Api) -> None:
         assert r.status_code == 422
         assert r.json()["detail"] == "query parameter min_reward must be a finite number"
     assert (await api.http.post("/v1/miners/m2/jobs", headers=h)).status_code == 403
+    # A filter of another name (the client list's status) was ignored: every job was listed.
+    r = await api.http.post("/v1/miners/m1/jobs?status=completed", headers=h)
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "unknown query parameter status; this route takes limit, offset, job_type, "
+        "job_status, min_reward"
+    )
 
 
 async def test_earnings_of_prices_near_the_float_maximum_stay_finite(tmp_path: Path) -> None:
