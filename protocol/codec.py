@@ -262,6 +262,15 @@ def _opt_str(d: JSONObject, key: str, *, max_len: int = _MAX_TEXT) -> str | None
     return None if d.get(key) is None else _str(d, key, max_len=max_len)
 
 
+def _idempotency_key(d: JSONObject) -> str | None:
+    """A job.submit's key, as REST's ``JobCreate`` takes it: "" would be one key shared by
+    every submit that sends it (all but the first answered with the first job)."""
+    key = _opt_str(d, "idempotency_key", max_len=128)
+    if key == "":
+        raise _bad("idempotency_key", "must not be empty")
+    return key
+
+
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _SIG = re.compile(r"[A-Za-z0-9_-]{86}")
 
@@ -498,7 +507,7 @@ _CLIENT: dict[str, _Decoder] = {
         constraints=_obj(d, "constraints"),
         ttl_seconds=_ttl(d),
         priority=_int(d, "priority", 0, lo=-1000, hi=1000),
-        idempotency_key=_opt_str(d, "idempotency_key", max_len=128),
+        idempotency_key=_idempotency_key(d),
         payment_amount=_opt_amount(d, "payment_amount"),
         payment_currency=_opt_str(d, "payment_currency", max_len=16),
         id=i,

@@ -5,7 +5,7 @@ holds its schemas and publishes them in ``/openapi.json``); the client socket ch
 ``job.submit``'s constraints with the same function and the same ``CONSTRAINTS`` dict, so what
 one path refuses the other refuses too (docs/protocol.md, docs/rest-api.md).
 Rule 2: a subset of JSON Schema (type, enum, oneOf, $ref, required, properties, items,
-maxItems, minimum, maximum, maxLength): enough for the shapes here, nothing more.
+maxItems, minimum, maximum, minLength, maxLength): enough for the shapes here, nothing more.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ def _validate_scalar(schema: Schema, value: Any, where: str) -> None:
             raise ValidationFailed(f"{where} must be at most {schema['maximum']}")
     if isinstance(value, str) and len(value) > schema.get("maxLength", len(value)):
         raise ValidationFailed(f"{where} is longer than {schema['maxLength']} characters")
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        if not value:
+            raise ValidationFailed(f"{where} must not be empty")
+        raise ValidationFailed(f"{where} is shorter than {schema['minLength']} characters")
 
 
 def _validate_array(

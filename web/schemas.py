@@ -288,7 +288,12 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "queue + run time; values below 1 become 1",
             },
             "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-            "idempotency_key": {**_str, "maxLength": 128},
+            "idempotency_key": {
+                **_str,
+                "minLength": 1,
+                "maxLength": 128,
+                "description": "a repeat of one of your earlier keys answers that job (200)",
+            },
             "payment_amount": {
                 "type": ["number", "string", "null"],
                 "maxLength": 32,

@@ -917,6 +917,11 @@ INVALID: list[Any] = [
     ),
     pytest.param(decode_server_to_client, {**EVENT, "miner_id": 5}, id="event-miner-id-int"),
     pytest.param(decode_server_to_client, {**EVENT, "job_id": ""}, id="event-job-id-empty"),
+    pytest.param(
+        decode_client_frame,
+        _obj(type="job.submit", payload={}, idempotency_key=""),
+        id="submit-idempotency-key-empty",
+    ),
 ]
 
 

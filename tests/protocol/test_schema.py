@@ -23,6 +23,8 @@ SHAPE = {
         "either": {"oneOf": [{"type": "integer"}, {"type": "boolean"}]},
         "count": {"type": ["integer", "null"]},
         "any": {},
+        "key": {"type": "string", "minLength": 1},
+        "code": {"type": "string", "minLength": 2},
     },
 }
 
@@ -49,6 +51,9 @@ SHAPE = {
         ({"name": "a", "at": {"x": 1.5}}, "body.at.x must be integer"),
         ({"name": "a", "either": "x"}, "body.either has an invalid value"),
         ({"name": "a", "count": "1"}, "body.count must be integer or null"),
+        ({"name": "a", "key": "k", "code": "ab"}, None),
+        ({"name": "a", "key": ""}, "body.key must not be empty"),
+        ({"name": "a", "code": "x"}, "body.code is shorter than 2 characters"),
     ],
 )
 def test_validate(value: Any, message: str | None) -> None:

@@ -160,6 +160,22 @@ def test_repeated_idempotency_key_returns_the_same_job(client: TestClient) -> No
     assert again["duplicate"] is True
 
 
+def test_an_empty_idempotency_key_is_refused_as_rest_refuses_it(client: TestClient) -> None:
+    """``"idempotency_key": ""`` was a key: every such submit after the first answered the
+    first job (duplicate: true) and queued nothing. It is an invalid field, as a key over 128
+    characters is (the socket closes 1007); REST answers 422. Nothing is stored."""
+    with client_socket(client) as ws:
+        hello(ws)
+        assert submit(ws, "s1", idempotency_key="k")["duplicate"] is False
+        assert recv(ws)["event"] == "queued"
+        ws.send_json({"type": "job.submit", "id": "s2", "payload": {}, "idempotency_key": ""})
+        with pytest.raises(WebSocketDisconnect) as info:
+            recv(ws)
+    assert info.value.code == 1007
+    assert info.value.reason == "field 'idempotency_key' must not be empty"
+    assert len(client.app.state.core.dispatcher.scheduler.jobs) == 1
+
+
 def test_idempotency_keys_are_per_client(client: TestClient) -> None:
     """Another client using the same key gets its own job."""
     with client_socket(client) as ws:

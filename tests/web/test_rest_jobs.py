@@ -92,6 +92,26 @@ async def test_health_without_auth(api: Api) -> None:
 # ---- submission and reads (8-17) ----------------------------------------------------------
 
 
+async def test_an_empty_idempotency_key_is_refused(api: Api) -> None:
+    """``"idempotency_key": ""`` was taken as a key: every such submit of a client after the
+    first answered 200 with that first job, unchanged and not queued again (a client sending
+    its unset key as "" lost every job but one). 422 naming the field, nothing stored."""
+    headers = {"X-Api-Key": CLIENT_KEY}
+    for prompt in ("a", "b"):
+        body = {"payload": {"prompt": prompt}, "idempotency_key": ""}
+        r = await api.http.post("/v1/jobs", json=body, headers=headers)
+        assert (r.status_code, r.json()) == (
+            422,
+            {"detail": "body.idempotency_key must not be empty"},
+        )
+    assert api.core.dispatcher.scheduler.jobs == {}
+    one = await api.submit(idempotency_key="k")
+    r = await api.http.post(
+        "/v1/jobs", json={"payload": {}, "idempotency_key": "k"}, headers=headers
+    )
+    assert (r.status_code, r.json()["job_id"]) == (200, one["job_id"])
+
+
 async def test_submit_returns_201_job_view(api: Api) -> None:
     """8: 201 with job_id (32 hex), QUEUED, no miner, both timestamps."""
     job = await api.submit()
