@@ -204,6 +204,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        if env.get("API_KEYS", "").strip():
+            # The seed document's one key list: ignored, it left the operator's key refused
+            # (401) while the start generated development keys in its place.
+            raise SettingsError(
+                "API_KEYS: not read by this coordinator (a key serves one role): list each key "
+                "in CLIENT_API_KEYS, MINER_API_KEYS or ADMIN_API_KEYS, and unset API_KEYS"
+            )
         url = _database_url(env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip())
         port = _integer(env, "API_PORT", 8000, 0, 65535)
         sync = env.get("SQLITE_SYNCHRONOUS", "NORMAL").strip().upper()

@@ -365,6 +365,28 @@ def test_standby_switch() -> None:
     assert Settings.from_env({"STANDBY": "on"}).standby is True
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"API_KEYS": "my-key-12345"},
+        {"API_KEYS": "my-key-12345", "CLIENT_API_KEYS": "client-key-1"},
+        {"API_KEYS": '["my-key-12345"]', "MINER_API_KEYS": "miner-key-123"},
+    ],
+)
+def test_the_seed_docs_api_keys_is_refused_naming_the_role_variables(env: dict[str, str]) -> None:
+    """The seed document's single ``API_KEYS`` (an upstream operator's .env may still set it)
+    was ignored without a word: set alone, the start generated development keys and every
+    request with the operator's key was 401 ``Invalid API key``. A key serves one role here:
+    the start stops with one line naming the variables to use instead."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == (
+        "API_KEYS: not read by this coordinator (a key serves one role): list each key in "
+        "CLIENT_API_KEYS, MINER_API_KEYS or ADMIN_API_KEYS, and unset API_KEYS"
+    )
+    assert Settings.from_env({**env, "API_KEYS": " "}).api_port == 8000  # empty: not set
+
+
 def test_a_secret_key_that_is_no_api_key_is_accepted() -> None:
     settings = Settings.from_env({"MINER_API_KEYS": "miner-key-123", "SECRET_KEY": "other-1"})
     assert settings.miner_api_keys == ("miner-key-123",)
