@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from protocol.codec import dumps
+
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
@@ -32,6 +34,8 @@ __all__ = [
     "WalletSnapshot",
     "WalletStore",
     "WriteBatch",
+    "chars_page",
+    "job_chars",
 ]
 
 
@@ -215,6 +219,31 @@ class JobQuery:
     # False: don't count the matching jobs (a scan of every match); the total returned is then
     # only the number of jobs on the page.
     with_total: bool = True
+    # The page ends before the job that would take its jobs' stored text (payload, constraints,
+    # result and error, as JSON text: ``job_chars``) past this; the first job comes whatever
+    # its size. None: ``limit`` alone (a page of 500 jobs near the body limit was gigabytes).
+    max_chars: int | None = None
+
+
+def job_chars(job: JobRecord) -> int:
+    """What ``JobQuery.max_chars`` counts of a job: the characters of its payload, constraints,
+    result and error as the stores keep them (compact JSON text)."""
+    n = len(_text(job.payload)) + len(_text(job.constraints)) + len(job.error or "")
+    return n if job.result is None else n + len(_text(job.result))
+
+
+def _text(value: JSONObject) -> str:
+    return dumps(value).decode()
+
+
+def chars_page(sizes: Sequence[int], max_chars: int) -> int:
+    """How many of a page's jobs, of these ``job_chars``, fit ``max_chars`` (at least one)."""
+    used = 0
+    for n, size in enumerate(sizes):
+        used += size
+        if used > max_chars and n > 0:
+            return n
+    return len(sizes)
 
 
 class JobStore(Protocol):

@@ -16,6 +16,8 @@ from storage.base import (
     MinerEarnings,
     PaymentStats,
     WalletSnapshot,
+    chars_page,
+    job_chars,
 )
 from storage.errors import Conflict, StorageError
 
@@ -231,6 +233,8 @@ class InMemoryJobStore:
         ]
         found.reverse()  # newest first: insertion order, as the SQL store's rowid
         page = found[query.offset : query.offset + query.limit]
+        if query.max_chars is not None:
+            page = page[: chars_page([job_chars(j) for j in page], query.max_chars)]
         return page, len(found) if query.with_total else len(page)
 
     async def job_summaries(self, limit: int) -> list[JobSummary]:

@@ -24,7 +24,7 @@ from protocol.codec import dumps, loads as decode
 from protocol.errors import RemoteProtocolError
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
-from storage.base import RECENT_FIELDS, JobSummary, MinerEarnings, PaymentStats
+from storage.base import RECENT_FIELDS, JobSummary, MinerEarnings, PaymentStats, chars_page
 from storage.errors import Conflict, StorageError, StoreInUse
 from storage.owner import OwnerLock, check_one_name
 from storage.schema import MIGRATIONS, OUR_NAMES
@@ -199,6 +199,13 @@ _JOB_SELECT = (
     + " FROM jobs"
 )
 
+
+# ``job_chars`` of a row: the characters of its stored JSON text (one length per value, which
+# the database works out without handing the text over).
+_JOB_CHARS = (
+    "(LENGTH(payload) + LENGTH(constraints) + COALESCE(LENGTH(result), 0) "
+    "+ COALESCE(LENGTH(error), 0))"
+)
 
 _KEY = re.compile(r"[A-Za-z0-9_]+")
 
@@ -772,15 +779,40 @@ class SqlStore:
             values["t"] = query.job_type
         cond = " AND ".join(where)
         scan = query.miner_id is not None or query.job_type is not None  # no index for these
-        rows = await self._fetch(
-            f"{_JOB_SELECT} WHERE {cond} ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset",
-            {**values, "limit": query.limit, "offset": query.offset},
-            scan=scan,
-        )
+        page = "ORDER BY jobs.rowid DESC LIMIT :limit OFFSET :offset"
+        paging = {**values, "limit": query.limit, "offset": query.offset}
+        if query.max_chars is None:
+            rows = await self._fetch(f"{_JOB_SELECT} WHERE {cond} {page}", paging, scan=scan)
+        else:
+            rows = await self._chars_page(cond, page, paging, query.max_chars, scan)
         if not query.with_total:
             return [_job_record(r) for r in rows], len(rows)
         total = await self._fetch(f"SELECT COUNT(*) AS n FROM jobs WHERE {cond}", values, scan=scan)
         return [_job_record(r) for r in rows], int(total[0]._mapping["n"])
+
+    async def _chars_page(
+        self, cond: str, page: str, values: dict[str, Any], max_chars: int, scan: bool
+    ) -> Sequence[Any]:
+        """The page's rows up to ``max_chars`` (``chars_page``): their lengths are read first,
+        then only the rows that fit (the page's ids: a job inserted meanwhile does not move
+        it)."""
+        sizes = await self._fetch(
+            f"SELECT job_id, {_JOB_CHARS} AS n FROM jobs WHERE {cond} {page}",
+            values,
+            scan=scan,
+        )
+        keep = chars_page([int(r._mapping["n"]) for r in sizes], max_chars)
+        if keep == 0:
+            return []
+        ids = {f"j{i}": r._mapping["job_id"] for i, r in enumerate(sizes[:keep])}
+        # The filter again: a job that left it meanwhile (a QUEUED one assigned) is not shown.
+        values = {k: v for k, v in values.items() if k not in ("limit", "offset")}
+        return await self._fetch(
+            f"{_JOB_SELECT} WHERE {cond} AND job_id IN ({', '.join(':' + k for k in ids)}) "
+            "ORDER BY jobs.rowid DESC",
+            {**values, **ids},
+            scan=scan,
+        )
 
     async def job_summaries(self, limit: int) -> list[JobSummary]:
         rows = await self._fetch(

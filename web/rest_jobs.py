@@ -28,6 +28,10 @@ __all__ = ["ENDPOINTS", "JOB_PAGE", "job_page", "owned_job", "state_filter"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELED", "EXPIRED"}
 STATES = ["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELED", "EXPIRED"]
 MAX_JOB_PAGE = 500  # GET /v1/jobs: the largest page
+# A job page ends before the job that would take its payloads, constraints, results and errors
+# past this many characters (the first job comes whatever its size): 500 jobs near the body
+# limit were read, decoded and encoded whole, about 4.6 GB of memory for one call.
+PAGE_CHARS = 8 << 20
 # The query parameters of a job list (``job_page``), besides its state filter.
 JOB_PAGE = (
     *page_params(default=20, maximum=MAX_JOB_PAGE, clamp=True),
@@ -103,7 +107,9 @@ async def job_page(
 ) -> tuple[list[JSONObject], int, int, int]:
     """A page of the matching jobs (and the query's ``job_type``), newest first: (views,
     total, limit, offset). Upstream has no cap on ``limit`` and the CLI passes the user's
-    through: a larger one is read as the largest page rather than refused."""
+    through: a larger one is read as the largest page rather than refused. A page that
+    ``PAGE_CHARS`` ends early says so in its ``limit`` (its length): ``offset + limit`` is
+    the next page, as for any other."""
     q = call.query
     limit, offset = min(q["limit"], MAX_JOB_PAGE), q["offset"]
     query = JobQuery(
@@ -113,8 +119,11 @@ async def job_page(
         job_type=q.get("job_type"),
         limit=limit,
         offset=offset,
+        max_chars=PAGE_CHARS,
     )
     items, total = await call.core.store.list_jobs(query)
+    if 0 < len(items) < limit and offset + len(items) < total:
+        limit = len(items)
     return [call.core.job_view(r) for r in items], total, limit, offset
 
 
@@ -214,6 +223,10 @@ ENDPOINTS = [
         "List your jobs, newest first",
         "jobs",
         role=Role.CLIENT,
+        description="A page ends early, before the job that would take its payloads, "
+        f"constraints, results and errors past {PAGE_CHARS >> 20} Mi characters (never before "
+        "its first job): "
+        "its `limit` is then its length, so `offset + limit` is the next page.",
         query=(
             *JOB_PAGE,
             Param("status", {"type": "string", "maxLength": 16}, "job state, case-insensitive"),

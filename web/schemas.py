@@ -274,6 +274,13 @@ ASSIGNED_CONSTRAINT_KEYS = (
     "auto_reinvest_pct",
 )
 
+# A job page's ``limit`` (web/rest_jobs.py ``job_page``).
+_PAGE_LIMIT = {
+    "type": "integer",
+    "description": "the page size read (above 500: 500); a page its jobs' size ended early "
+    "says its length, so offset + limit is the next page",
+}
+
 SCHEMAS: dict[str, Schema] = {
     "Constraints": CONSTRAINTS,
     "JobCreate": {
@@ -336,8 +343,8 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["items", "total", "limit", "offset"],
         "properties": {
             "items": {"type": "array", "items": {"$ref": "#/components/schemas/JobView"}},
-            "total": {"type": "integer"},
-            "limit": {"type": "integer"},
+            "total": {"type": "integer", "description": "every match, not the page length"},
+            "limit": _PAGE_LIMIT,
             "offset": {"type": "integer"},
         },
     },
@@ -346,8 +353,8 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["jobs", "total", "limit", "offset", "miner_id"],
         "properties": {
             "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobView"}},
-            "total": {"type": "integer"},
-            "limit": {"type": "integer"},
+            "total": {"type": "integer", "description": "every match, not the page length"},
+            "limit": _PAGE_LIMIT,
             "offset": {"type": "integer"},
             "miner_id": _str,
         },

@@ -916,6 +916,29 @@ async def test_list_jobs_without_the_total_gives_the_same_page(store: JobStore) 
             assert (total, size) == (5 if state is None else 2, 2)
 
 
+async def test_list_jobs_ends_a_page_at_max_chars(store: JobStore) -> None:
+    """``max_chars``: the page ends before the job that would take its jobs' payload,
+    constraints, result and error text past it (the first job always comes): a page of 500
+    jobs near the body limit was read whole, gigabytes for one call. The total is unchanged."""
+    blob = "x" * 1000
+    jobs = [
+        job(f"j{i}", requested_at=T0 + i, payload={"b": blob}, constraints={}) for i in range(5)
+    ]
+    await commit(store, batch(jobs=jobs, events=[event(j.job_id, 1) for j in jobs]))
+    with anyio.fail_after(10):
+        page, total = await store.list_jobs(JobQuery(limit=5, offset=0, max_chars=2500))
+        assert ([j.job_id for j in page], total) == (["j4", "j3"], 5)
+        assert page[0] == jobs[4]
+        page, total = await store.list_jobs(JobQuery(limit=5, offset=2, max_chars=2500))
+        assert ([j.job_id for j in page], total) == (["j2", "j1"], 5)
+        page, _ = await store.list_jobs(JobQuery(limit=5, offset=0, max_chars=10))
+        assert [j.job_id for j in page] == ["j4"]  # the first job whatever its size
+        page, _ = await store.list_jobs(JobQuery(limit=3, offset=0, max_chars=10**6))
+        assert [j.job_id for j in page] == ["j4", "j3", "j2"]
+        query = JobQuery(limit=5, offset=0, max_chars=2500, with_total=False)
+        assert [j.job_id for j in (await store.list_jobs(query))[0]] == ["j4", "j3"]
+
+
 async def test_list_jobs_by_miner(store: JobStore) -> None:
     """``miner_id``: the jobs whose current or last miner it is, newest first, with the state
     filter on top."""

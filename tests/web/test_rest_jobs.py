@@ -14,6 +14,7 @@ from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2, MINER_KEY
 from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, miner_headers, running_api
 from tests.web.wallet_helpers import login
+from web import rest_jobs
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -295,6 +296,37 @@ async def test_a_job_page_larger_than_the_cap_is_read_as_the_cap(api: Api) -> No
     assert r.status_code == 200, r.text
     assert (r.json()["limit"], [j["job_id"] for j in r.json()["items"]]) == (500, [job["job_id"]])
     assert (await api.http.get("/v1/jobs?limit=0", headers=headers)).status_code == 422
+
+
+async def test_a_job_page_ends_at_its_character_budget(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GET /v1/jobs?limit=500`` read every job of the page whole: 500 jobs near the body
+    limit took about 4.6 GB for one call. A page ends before the job that would take its
+    payloads and results past ``PAGE_CHARS`` (the first job whatever its size), its ``limit``
+    is then its length, so ``offset + limit`` pages on without gap or repeat."""
+    monkeypatch.setattr(rest_jobs, "PAGE_CHARS", 2500)
+    blob = "x" * 1000
+    ids = [(await api.submit(payload={"b": blob}))["job_id"] for _ in range(5)][::-1]
+    headers = {"X-Api-Key": CLIENT_KEY}
+    seen, offset = [], 0
+    while offset < 5:
+        r = await api.http.get(f"/v1/jobs?limit=500&offset={offset}", headers=headers)
+        body = r.json()
+        assert (r.status_code, body["total"], body["offset"]) == (200, 5, offset)
+        # Cut short: its limit is its length; the last page is not cut and says 500.
+        assert (body["limit"], len(body["items"])) == ((2, 2) if offset < 4 else (500, 1))
+        seen += [j["job_id"] for j in body["items"]]
+        offset += body["limit"]
+    assert seen == ids
+    assert (await api.register("m1", concurrency=5)).status_code == 200
+    for _ in range(5):
+        assert (await api.poll("m1")).status_code == 200
+    r = await api.http.post("/v1/miners/m1/jobs?limit=3", headers=miner_headers("m1"))
+    assert (r.json()["limit"], len(r.json()["jobs"]), r.json()["total"]) == (2, 2, 5)
+    monkeypatch.setattr(rest_jobs, "PAGE_CHARS", 10)
+    r = await api.http.get("/v1/jobs?limit=3", headers=headers)
+    assert [j["job_id"] for j in r.json()["items"]] == ids[:1]  # the first whatever its size
 
 
 async def test_list_jobs_by_status_case_insensitive(api: Api) -> None:
