@@ -144,6 +144,19 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def _count_end(done: list[Any], kind: str, job: JobRecord) -> None:
+    """A job that completed or failed, in its miner's ``OpsFeed._done`` entry (with a
+    completed one's run time and receipt)."""
+    done[kind == "failed"] += 1
+    if kind != "completed":
+        return
+    if job.started_at is not None and job.finished_at is not None:
+        done[2] += 1
+        done[3] += max(0.0, job.finished_at - job.started_at)
+    if job.receipt is not None:
+        done[4] = job.receipt.get("receipt_id")
+
+
 class OpsFeed:
     def __init__(self, core: Coordinator) -> None:
         self.core = core
@@ -155,7 +168,8 @@ class OpsFeed:
         self.recent: deque[str] = deque()
         self._recent_bytes = 0
         self.points: deque[dict[str, Any]] = deque(maxlen=HISTORY)
-        self._done: dict[str, list[int]] = {}  # miner id -> [completed, failed]
+        # miner id -> [completed, failed, timed runs, their seconds, the last receipt id]
+        self._done: dict[str, list[Any]] = {}
         self._gone: dict[str, None] = {}  # gone miners with counts in _done, oldest first
         self._seen: dict[str, float] = {}  # miner id -> its row's last_seen (SEEN_STEP)
         self._load: dict[str, dict[str, float]] = {}  # miner id -> its last load figures
@@ -200,6 +214,16 @@ class OpsFeed:
             self._load[miner_id] = figures
             self._event_miners.add(miner_id)
 
+    def miner_totals(self, miner_id: str) -> tuple[int, int, float | None, str | None]:
+        """Since the coordinator started, as the miner's row counts them: jobs completed and
+        failed, the mean run of the completed ones in ms (None before any), the last receipt
+        id (upstream's admin miner fields)."""
+        done = self._done.get(miner_id)
+        if done is None:
+            return 0, 0, None, None
+        mean = None if done[2] == 0 else round(1000 * done[3] / done[2], 3)
+        return done[0], done[1], mean, done[4]
+
     def heard(self, miner_id: str) -> None:
         """A connected miner said something (a ``heartbeat`` or ``status`` frame)."""
         if miner_id in self.core.dispatcher.scheduler.miners:
@@ -243,7 +267,7 @@ class OpsFeed:
                 if kind == "requeued" and entry.miner_id is not None:
                     reason = e.data.get("reason")
                     if isinstance(reason, str) and requeue_reason(reason) == "retryable_failure":
-                        self._done.setdefault(entry.miner_id, [0, 0])[1] += 1
+                        self._done.setdefault(entry.miner_id, [0, 0, 0, 0.0, None])[1] += 1
                         self._event_miners.add(entry.miner_id)
             entry.state = state
             entry.miner_id = miner_id
@@ -255,8 +279,7 @@ class OpsFeed:
             self._seen[miner_id] = at
             self._event_miners.add(miner_id)
             if kind == "completed" or kind == "failed":
-                done = self._done.setdefault(miner_id, [0, 0])
-                done[kind == "failed"] += 1
+                _count_end(self._done.setdefault(miner_id, [0, 0, 0, 0.0, None]), kind, job)
         if kind == "assigned" and attempt == 1:  # submit -> pushed (after the commit)
             self._latencies.append(max(0.0, self.core.dispatcher.clock.now() - job.requested_at))
         self._keep_recent(frame)

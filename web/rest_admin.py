@@ -152,18 +152,25 @@ async def jobs(call: Call) -> Response:
 
 
 async def miners(call: Call) -> Response:
-    items: list[dict[str, Any]] = [
-        {
-            "miner_id": m.miner_id,
-            "status": "ONLINE" if m.online else "OFFLINE",
-            "inflight": m.inflight,
-            "concurrency": m.concurrency,
-            "region": m.region,
-            "last_heartbeat": None if m.last_seen is None else iso_time(m.last_seen),
-            "transport": m.transport,
-        }
-        for m in await call.core.dispatcher.committed(call.core.dispatcher.rest_miners())
-    ]
+    totals = call.core.ops.miner_totals  # since the start, as the ops page counts them
+    items: list[dict[str, Any]] = []
+    for m in await call.core.dispatcher.committed(call.core.dispatcher.rest_miners()):
+        completed, failed, mean_ms, last_receipt = totals(m.miner_id)
+        items.append(
+            {
+                "miner_id": m.miner_id,
+                "status": "ONLINE" if m.online else "OFFLINE",
+                "inflight": m.inflight,
+                "concurrency": m.concurrency,
+                "region": m.region,
+                "last_heartbeat": None if m.last_seen is None else iso_time(m.last_seen),
+                "transport": m.transport,
+                "jobs_completed": completed,
+                "jobs_failed": failed,
+                "average_job_duration_ms": mean_ms,
+                "last_receipt_id": last_receipt,
+            }
+        )
     items.sort(key=lambda m: str(m["miner_id"]))
     return json_response({"items": items})
 

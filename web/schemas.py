@@ -703,6 +703,20 @@ SCHEMAS: dict[str, Schema] = {
                         "region": _nullable_str,
                         "last_heartbeat": _nullable_str,
                         "transport": {"enum": ["rest", "websocket"]},
+                        "jobs_completed": {
+                            "type": "integer",
+                            "description": "since the coordinator started",
+                        },
+                        "jobs_failed": {
+                            "type": "integer",
+                            "description": "since the coordinator started (retryable "
+                            "failures included)",
+                        },
+                        "average_job_duration_ms": {
+                            "type": ["number", "null"],
+                            "description": "mean run of its completed jobs since the start",
+                        },
+                        "last_receipt_id": _nullable_str,
                     },
                 },
             }

@@ -209,8 +209,37 @@ async def test_admin_jobs_and_miners(api: Api) -> None:
             "region": "eu",
             "last_heartbeat": miners[0]["last_heartbeat"],
             "transport": "rest",
+            "jobs_completed": 0,
+            "jobs_failed": 0,
+            "average_job_duration_ms": None,
+            "last_receipt_id": None,
         }
     ]
+
+
+async def test_admin_miners_has_upstreams_job_counts(tmp_path: Path) -> None:
+    """Upstream's admin miner rows carry jobs_completed, jobs_failed, average_job_duration_ms
+    and last_receipt_id (rest-api.md §2.4); ours had none of them, so a tool reading them got
+    nothing. They count since the coordinator started, as the ops page's rows do."""
+    async with running_api(tmp_path, clock=FakeClock()) as api:
+        await api.register("m1", concurrency=3)
+        jobs = [await api.submit() for _ in range(3)]
+        for _ in jobs:
+            assert (await api.poll("m1")).status_code == 200
+        api.clock.advance(2)
+        first = (await api.result(jobs[0]["job_id"])).json()["receipt"]
+        api.clock.advance(2)
+        last = (await api.result(jobs[1]["job_id"])).json()["receipt"]
+        body = {"error_code": "E1", "error_message": "boom"}
+        r = await api.http.post(
+            f"/v1/miners/{jobs[2]['job_id']}/fail", json=body, headers=miner_headers("m1")
+        )
+        assert r.status_code == 200, r.text
+        [row] = (await api.admin("/v1/admin/miners"))["items"]
+    assert first["receipt_id"] != last["receipt_id"]
+    assert (row["jobs_completed"], row["jobs_failed"]) == (2, 1)
+    assert row["average_job_duration_ms"] == 3000.0  # runs of 2 s and 4 s
+    assert row["last_receipt_id"] == last["receipt_id"]
 
 
 async def test_admin_needs_the_admin_key(api: Api) -> None:
