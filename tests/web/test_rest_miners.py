@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 import time
 import tracemalloc
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -847,6 +849,24 @@ async def test_deregistered_miner_stays_gone_after_a_restart(tmp_path: Path) -> 
         assert (await api.register("m1", key=MINER_KEY_2)).status_code == 403  # still bound
         assert (await api.register("m1")).status_code == 200
         assert (await api.poll("m1")).status_code == 204
+
+
+async def test_a_miner_key_is_rotated_as_docs_ops_md_says(tmp_path: Path) -> None:
+    """A miner id stays bound to the key that first used it, so a rotated key got 403 for it
+    for good, and no document said what to do. The documented procedure (docs/ops.md: the
+    coordinator stopped, the miners row's key_hash set to the new key's SHA-256) moves the id,
+    its account and its history to the new key; the old key is refused from then on."""
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        assert (await api.register("gpu-1")).status_code == 200
+    with closing(sqlite3.connect(tmp_path / "coordinator.db")) as db, db:
+        db.execute(
+            "UPDATE miners SET key_hash = ? WHERE miner_id = ?",
+            (hashlib.sha256(MINER_KEY_2.encode()).hexdigest(), "gpu-1"),
+        )
+    async with running_api(tmp_path, clock=SystemClock()) as api:
+        assert (await api.register("gpu-1", key=MINER_KEY_2)).status_code == 200
+        assert (await api.poll("gpu-1", key=MINER_KEY_2)).status_code == 204
+        assert (await api.register("gpu-1")).status_code == 403
 
 
 async def test_own_jobs_lists_this_miners_jobs_newest_first(api: Api) -> None:
