@@ -152,9 +152,12 @@ class Param:
     where: str = "query"
 
 
-def page_params(*, default: int, maximum: int = 500, clamp: bool = False) -> tuple[Param, Param]:
+def page_params(
+    *, default: int, maximum: int = 500, clamp: bool = False, max_offset: int = 10**9
+) -> tuple[Param, Param]:
     """The ``limit`` and ``offset`` query parameters of a paged list. ``clamp``: a larger
-    ``limit`` is not refused, the handler reads it as ``maximum``."""
+    ``limit`` is not refused, the handler reads it as ``maximum``. The database steps over
+    ``offset`` rows: ``max_offset`` bounds what one request may cost."""
     limit: dict[str, Any] = {
         "type": "integer",
         "minimum": 1,
@@ -166,7 +169,7 @@ def page_params(*, default: int, maximum: int = 500, clamp: bool = False) -> tup
     said = f"page size; above {maximum} it is read as {maximum} (the answer's limit says so)"
     return (
         Param("limit", limit, said if clamp else ""),
-        Param("offset", {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0}),
+        Param("offset", {"type": "integer", "minimum": 0, "maximum": max_offset, "default": 0}),
     )
 
 

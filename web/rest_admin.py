@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "TEST_MINER_ID", "public_receipt"]
 
+EXPLORER_MAX_OFFSET = 10_000  # the public explorer pages through the newest receipts only
 DURATION_SAMPLE = 1000  # completed jobs averaged for avg_miner_job_duration_ms
 TEST_MINER_ID = "debug-test-miner"
 # The key the test miner is bound to: none. A real key's hash is 64 hex digits, never this, so
@@ -396,7 +397,9 @@ ENDPOINTS = [
         "explorer",
         query=(
             Param("job_id", {"type": "string", "maxLength": 128}, "only this job's receipts"),
-            *page_params(default=50, maximum=200),
+            # Public and not rate limited: a deep offset made the database step over every
+            # receipt before it (each with a job's payload and result) per request.
+            *page_params(default=50, maximum=200, max_offset=EXPLORER_MAX_OFFSET),
         ),
         strict_query=True,
         responses={

@@ -469,6 +469,22 @@ async def test_explorer_receipts_are_public_and_private(api: Api) -> None:
     assert (await api.http.get("/v1/explorer/receipts?limit=201")).status_code == 422
 
 
+async def test_the_public_explorers_offset_is_bounded(tmp_path: Path) -> None:
+    """``GET /v1/explorer/receipts?offset=999999999`` (public, without a credential, so never
+    rate limited) made the database step over every receipt before it, each holding a job's
+    payload and result, on the connection every read shares: one request cost a walk of the
+    whole receipts table. The offset is at most 10,000 (422 above); a job's receipt is still
+    found by its job_id."""
+    async with running_api(tmp_path) as api:
+        r = await api.http.get("/v1/explorer/receipts?offset=10001")
+        assert (r.status_code, r.json()) == (
+            422,
+            {"detail": "query parameter offset must be at most 10000"},
+        )
+        r = await api.http.get("/v1/explorer/receipts?offset=10000")
+        assert (r.status_code, r.json()["items"]) == (200, [])
+
+
 async def test_the_public_explorer_reads_only_the_public_fields(api: Api) -> None:
     """The unauthenticated explorer read every listed receipt whole, the job's payload and
     result in its metadata included (up to a request body each), to answer a dozen small
