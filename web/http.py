@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -322,10 +323,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _plain(pattern: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` of text written as ``pattern`` (ASCII) says, else ValueError: Python's
+    ``int``/``float`` also read "1_0" (10), digits of other scripts and surrounding spaces."""
+    written = re.compile(pattern, re.ASCII)
+
+    def read(text: str) -> Any:
+        if not written.fullmatch(text):
+            raise ValueError(text)
+        return convert(text)
+
+    return read
+
+
 # Query parameters are text: these schema types are converted before they are validated.
 _QUERY_NUMBERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "integer": (int, "an integer"),
-    "number": (float, "a finite number"),
+    "integer": (_plain(r"-?[0-9]+", int), "an integer"),
+    "number": (
+        _plain(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", float),
+        "a finite number",
+    ),
 }
 
 

@@ -132,6 +132,42 @@ async def test_query_integers_past_64_bits_are_a_422(tmp_path: Path) -> None:
             assert r.status_code == 422, (path, r.status_code, r.text)
 
 
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("limit=1_0", "an integer"),  # Python's int() read 10
+        ("limit=%D9%A5", "an integer"),  # ARABIC-INDIC DIGIT FIVE: read 5
+        ("offset=%EF%BC%93", "an integer"),  # FULLWIDTH DIGIT THREE
+        ("limit=%205", "an integer"),  # surrounding space
+        ("limit=+5", "an integer"),  # "+" is a space in a query
+        ("limit=5.0", "an integer"),
+    ],
+)
+async def test_a_query_integer_is_plain_ascii_digits(tmp_path: Path, query: str, said: str) -> None:
+    """Query integers went through Python's ``int()``, which also reads "1_0" as 10, digits
+    of other scripts and surrounding spaces, while every other number the coordinator takes
+    (settings, amounts) must be plain ASCII digits: a typo became another page silently."""
+    async with running_api(tmp_path) as api:
+        r = await api.http.get(f"/v1/jobs?{query}", headers=CLIENT)
+        name = query.partition("=")[0]
+        assert (r.status_code, r.json()) == (
+            422,
+            {"detail": f"query parameter {name} must be {said}"},
+        )
+        assert (await api.http.get("/v1/jobs?limit=05&offset=-0", headers=CLIENT)).is_success
+        assert (await api.register("m1")).status_code == 200
+        for bad in ("1_0", "%D9%A5", "1e", "0x1"):
+            r = await api.http.post(
+                f"/v1/miners/m1/jobs?min_reward={bad}", headers=miner_headers("m1")
+            )
+            assert r.json() == {"detail": "query parameter min_reward must be a finite number"}
+        for good in ("1", "-2.5", ".5", "1e3", "1E-3"):
+            r = await api.http.post(
+                f"/v1/miners/m1/jobs?min_reward={good}", headers=miner_headers("m1")
+            )
+            assert r.status_code == 200, (good, r.text)
+
+
 async def test_a_wallet_address_with_a_trailing_newline_is_no_address(tmp_path: Path) -> None:
     """``$`` also matched before a final newline: such an address got a nonce of its own."""
     wallet = "0x" + "ab" * 20
