@@ -167,12 +167,15 @@ _INSERT_RECEIPT = (
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receipt_id) DO NOTHING"
 )
 # The exchange's public figures (/v1/exchange/market-stats), in one pass over the payments.
+# The sums in two parts (``wallet_sql.split_sum``): a payment asks at most 21,000,000 BTC, but
+# a day's payments sum past 64 bits of satoshis at a small rate (SQLite: "integer overflow").
 _RECENTLY_CONFIRMED = "status = 'confirmed' AND confirmed_at >= :since"
+_RECENT_UNITS = f"CASE WHEN {_RECENTLY_CONFIRMED} THEN aitbc_units ELSE 0 END"
+_RECENT_SATS = f"CASE WHEN {_RECENTLY_CONFIRMED} THEN btc_sats ELSE 0 END"
 _PAYMENT_STATS = (
     "SELECT COUNT(*) AS total, "
     "COALESCE(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0) AS pending, "
-    f"COALESCE(SUM(CASE WHEN {_RECENTLY_CONFIRMED} THEN aitbc_units ELSE 0 END), 0) AS units, "
-    f"COALESCE(SUM(CASE WHEN {_RECENTLY_CONFIRMED} THEN btc_sats ELSE 0 END), 0) AS sats "
+    f"{wallet_sql.split_sum(_RECENT_UNITS, 'units')}, {wallet_sql.split_sum(_RECENT_SATS, 'sats')} "
     "FROM exchange_payments"
 )
 # The receipt a job's row names (``jobs.receipt_id``, migration 5): none or one.
@@ -984,8 +987,8 @@ class SqlStore:
         return PaymentStats(
             total=int(m["total"]),
             pending=int(m["pending"]),
-            confirmed_units=int(m["units"]),
-            confirmed_sats=int(m["sats"]),
+            confirmed_units=wallet_sql.exact_sum(m, "units"),
+            confirmed_sats=wallet_sql.exact_sum(m, "sats"),
         )
 
 

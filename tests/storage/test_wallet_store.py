@@ -274,3 +274,24 @@ async def test_migrations_apply_every_missing_version(tmp_path: Path) -> None:
     again = DatabasesJobStore(url)
     await again.open()  # nothing left to apply: no duplicate table errors
     await again.close()
+
+
+async def test_payment_stats_sum_past_64_bits(store: Store) -> None:
+    """A payment asks at most 21,000,000 BTC, but a day's confirmed payments are any number of
+    them: at a small BTC_TO_AITBC_RATE, 4,400 confirmed payments of the most sum past 2**63 - 1
+    satoshis (while their AITBC stay far within the ledger's cap), and SQLite's SUM raised
+    "integer overflow": every /v1/exchange/market-stats answered 500."""
+    most = 21_000_000 * 10**8
+    n = 4400
+    assert n * most > 2**63 - 1
+    confirmed = {"status": "confirmed", "confirmed_at": T0 + 1, "btc_sats": most}
+    await store.commit(
+        WriteBatch(
+            payments={
+                f"p{i}": payment(f"p{i}", **confirmed, tx_hash=f"t{i}", tx_vout=0) for i in range(n)
+            }
+        )
+    )
+    stats = await store.payment_stats(T0)
+    assert (stats.total, stats.pending) == (n, 0)
+    assert (stats.confirmed_units, stats.confirmed_sats) == (n * 10**12, n * most)
