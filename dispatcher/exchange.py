@@ -101,6 +101,13 @@ _TXID = re.compile(r"[0-9a-f]{64}")
 MAX_HEIGHT = 1 << 40
 
 
+def canonical_address(address: str) -> str:
+    """A SegWit address in lowercase (valid in capitals too, as QR codes carry it; Esplora and
+    wallets write it in lowercase); any other address as it is (Base58 is case-sensitive)."""
+    lower = address.lower()
+    return lower if lower.startswith(("bc1", "tb1", "bcrt1")) else address
+
+
 def is_txid(value: object) -> bool:
     """64 lowercase hex digits, the whole text."""
     return isinstance(value, str) and _TXID.fullmatch(value) is not None
@@ -122,6 +129,7 @@ def find_output(
     With ``mined_after``, outputs in a block whose ``block_time`` is earlier are skipped too.
     """
     best: Match | None = None
+    address = canonical_address(address)  # as Esplora writes it
     for tx in txs if isinstance(txs, list) else []:
         if not isinstance(tx, dict) or not is_txid(tx.get("txid")):
             continue
@@ -153,4 +161,4 @@ def find_output(
     return best
 
 
-__all__ += ["is_txid", "unique_amount"]
+__all__ += ["canonical_address", "is_txid", "unique_amount"]

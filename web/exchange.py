@@ -22,7 +22,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from dispatcher.exchange import AMOUNT_HOLD_SECONDS, Match, unique_amount
+from dispatcher.exchange import AMOUNT_HOLD_SECONDS, Match, canonical_address, unique_amount
 from dispatcher.ledger import MAX_ISSUED, MAX_LEDGER, exchange_credit
 from protocol.amounts import format_units
 from storage.base import PaymentRecord
@@ -144,6 +144,7 @@ class Exchange:
     def _hold(self, address: str, sats: int, settled: float | None) -> None:
         """Hold ``sats`` on a shared address: for good while pending (``settled`` None), else
         until AMOUNT_HOLD_SECONDS after it settled."""
+        address = canonical_address(address)  # one address, however a stored row wrote it
         held = self.shared_amounts.setdefault(address, {})
         if settled is None:
             held[sats] = math.inf
@@ -238,7 +239,7 @@ class Exchange:
             assert self.shared_address is not None
             address = self.shared_address
             self._free_up(now)
-            sats = unique_amount(sats, self.shared_amounts.get(address, {}))
+            sats = unique_amount(sats, self.shared_amounts.get(canonical_address(address), {}))
             self._hold(address, sats, None)  # no other pending payment asks it
         record = PaymentRecord(
             payment_id=str(uuid.uuid4()),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from dispatcher.exchange import canonical_address
 from dispatcher.ledger import is_wallet_address
 from protocol.receipt_verify import TrustedKey, key_id_from_text
 from protocol.receipts import load_signing_key
@@ -371,6 +372,7 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
                 "BITCOIN_ADDRESS: not a Bitcoin address (P2PKH, P2SH or SegWit, checksum "
                 "included): payers would be shown it"
             )
+        address = canonical_address(address)  # as Esplora lists outputs and wallets show it
     esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None
     if esplora is not None and not _http_url(esplora):
         raise SettingsError("ESPLORA_URL: must be an http:// or https:// URL")

@@ -573,6 +573,23 @@ async def test_watcher_matches_exact_unique_amounts_on_a_shared_address(tmp_path
         assert await client_balance(api) == "2000.00000000"
 
 
+async def test_a_shared_address_in_capitals_matches_esploras_lowercase_outputs(
+    tmp_path: Path,
+) -> None:
+    """A SegWit address may be written in capitals (a payment stored so before settings wrote
+    it in lowercase); Esplora lists its outputs in lowercase. No output ever matched, so the
+    payer paid and the payment expired uncredited."""
+    upper = "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4"
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=upper) as (api, fake, http):
+        a = (await create(api, aitbc_amount=1000)).json()
+        fake.pay(upper, 1_000_000, height=100)  # listed under the address asked for ...
+        fake.txs[upper][-1]["vout"][1]["scriptpubkey_address"] = upper.lower()  # ... as Esplora
+        await api.core.watcher.poll_once(http)
+        assert (await status(api, a["payment_id"])).json()["status"] == "confirmed"
+        assert await client_balance(api) == "1000.00000000"
+
+
 async def test_watcher_survives_a_failing_api_and_a_restart(tmp_path: Path) -> None:
     """A 503 from the API fails one poll, changes nothing; state is re-read after a restart."""
     clock = FakeClock()

@@ -95,3 +95,11 @@ def test_bitcoin_address_takes_every_kind_a_wallet_pays(address: str) -> None:
     """BITCOIN_ADDRESS took any text (`junk` was shown to payers as the address to pay; found
     by the lifecycle hunt): it must be an address, its checksum included."""
     assert Settings.from_env({"BITCOIN_ADDRESS": f" {address} "}).bitcoin_address == address
+
+
+def test_an_uppercase_segwit_bitcoin_address_is_written_as_esplora_writes_it() -> None:
+    """A SegWit address is valid in capitals (as QR codes carry it), but Esplora lists outputs
+    by their lowercase address: an uppercase BITCOIN_ADDRESS was shown to payers as is, and no
+    output ever matched it, so every paid payment expired uncredited."""
+    upper = "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4"
+    assert Settings.from_env({"BITCOIN_ADDRESS": upper}).bitcoin_address == upper.lower()
