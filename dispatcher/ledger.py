@@ -13,6 +13,7 @@ Rule 3: amounts are integers of 1e-8 (``protocol.amounts``). Pure: no I/O, no cl
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeGuard
@@ -35,6 +36,7 @@ __all__ = [
     "client_account",
     "escrow_account",
     "exchange_credit",
+    "is_payout_address",
     "is_wallet_address",
     "job_reservation",
     "job_settlement",
@@ -75,6 +77,25 @@ def is_wallet_address(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and _ADDRESS.fullmatch(value) is not None
 
 
+def is_payout_address(value: object) -> TypeGuard[str]:
+    """A wallet address a miner's earnings may go to: in one case (no checksum), or in mixed
+    case with its EIP-55 checksum right, as wallets show it: an address copied from a wallet
+    and mistyped is caught (its earnings would go to a wallet whose key nobody holds)."""
+    if not is_wallet_address(value):
+        return False
+    digits = value[2:]
+    return digits in (digits.lower(), digits.upper()) or _checksum_holds(value)
+
+
+@functools.lru_cache(maxsize=1024)  # settlement asks again for every job a miner completes
+def _checksum_holds(address: str) -> bool:
+    # Imported on first use, as web/wallet_auth.py imports eth-account: eth_utils (its
+    # dependency) takes a fifth of a second to import, and only mixed-case addresses need it.
+    from eth_utils.address import is_checksum_address
+
+    return bool(is_checksum_address(address))
+
+
 def wallet_account(address: str) -> str:
     """A user's account is its wallet: miners can name it as a payout address."""
     return f"wallet:{address.lower()}"
@@ -89,11 +110,11 @@ def escrow_account(job_id: str) -> str:
 
 
 def payee_account(miner_id: str, capabilities: JSONObject) -> str:
-    """Where a miner's earnings go: its payout wallet when it named one, else its own account."""
+    """Where a miner's earnings go: its payout wallet when it named one (a mixed-case one with
+    its EIP-55 checksum right), else its own account."""
     for key in PAYOUT_KEYS:
         address = capabilities.get(key)
-        if is_wallet_address(address):
-            assert isinstance(address, str)
+        if is_payout_address(address):
             return wallet_account(address)
     return f"miner:{miner_id}"
 

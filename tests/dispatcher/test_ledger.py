@@ -27,7 +27,7 @@ from dispatcher.ledger import (
 )
 from protocol.amounts import AmountError, format_units, price_units, to_units
 
-WALLET = "0x" + "Ab" * 20
+WALLET = "0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB"  # 0xab…ab as wallets show it (EIP-55)
 PAY: dict[str, Any] = {"payment_id": "p", "account": "client:c1", "amount": 400, "currency": "A"}
 
 
@@ -116,6 +116,12 @@ def test_accounts() -> None:
         ({"payout_address": WALLET}, "wallet:" + WALLET.lower()),
         ({"wallet_address": WALLET}, "wallet:" + WALLET.lower()),
         ({"payout_address": "not-a-wallet"}, "miner:m1"),
+        # EIP-55: one case carries no checksum; mixed case must have it right. A wallet shows
+        # 0xABaBaB…; one letter's case mistyped is another wallet, whose key nobody holds.
+        ({"payout_address": "0x" + "AB" * 20}, "wallet:0x" + "ab" * 20),
+        ({"payout_address": "0x" + "12" * 20}, "wallet:0x" + "12" * 20),
+        ({"payout_address": "0xab" + WALLET[4:]}, "miner:m1"),
+        ({"payout_address": "0x" + "Ab" * 20}, "miner:m1"),
     ],
 )
 def test_payee_is_the_payout_wallet_when_named(caps: dict[str, Any], account: str) -> None:
