@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from dispatcher.errors import DispatchError
-from dispatcher.exchange import BLOCK_TIME_SLACK, find_output, is_txid
+from dispatcher.exchange import BLOCK_TIME_SLACK, canonical_address, find_output, is_txid
 from web.http import HTTPError
 
 if TYPE_CHECKING:
@@ -46,6 +46,22 @@ def _mined(tx: Any, since: float | None = None) -> bool | None:
 
 def _lists(txs: Any, txid: str) -> bool:
     return isinstance(txs, list) and any(isinstance(t, dict) and t.get("txid") == txid for t in txs)
+
+
+def _by_value(txs: Any, address: str) -> dict[int, list[Any]]:
+    """The transactions in ``txs`` by each amount they pay ``address`` (one pass)."""
+    address = canonical_address(address)
+    paying: dict[int, list[Any]] = {}
+    for tx in txs if isinstance(txs, list) else []:
+        vouts = tx.get("vout") if isinstance(tx, dict) else None
+        for out in vouts if isinstance(vouts, list) else []:
+            if isinstance(out, dict) and out.get("scriptpubkey_address") == address:
+                value = out.get("value")
+                if isinstance(value, int) and not isinstance(value, bool):
+                    listed = paying.setdefault(value, [])
+                    if not listed or listed[-1] is not tx:
+                        listed.append(tx)
+    return paying
 
 
 class EsploraWatcher:
@@ -82,8 +98,9 @@ class EsploraWatcher:
                     log.warning("payment watcher: %s: %s: %s", address, type(exc).__name__, exc)
                     unread.add(address)
                     continue
+                paying = _by_value(txs, address)
                 for payment_id in ids:
-                    await self._check(http, payment_id, txs, tip)
+                    await self._check(http, payment_id, txs, tip, paying)
         await exchange.expire_due(began, unread)
         self.polls += 1
 
@@ -109,13 +126,24 @@ class EsploraWatcher:
             txs.extend(page)
         return txs
 
-    async def _check(self, http: httpx.AsyncClient, payment_id: str, txs: Any, tip: int) -> None:
-        """Confirm, record or lose one pending payment's output (``txs``: its address's)."""
+    async def _check(
+        self,
+        http: httpx.AsyncClient,
+        payment_id: str,
+        txs: Any,
+        tip: int,
+        paying: dict[int, list[Any]],
+    ) -> None:
+        """Confirm, record or lose one pending payment's output (``txs``: its address's;
+        ``paying``: those of them by the amounts they pay it, ``_by_value``)."""
         exchange = self.exchange
         p = exchange.pending.get(payment_id)
         if p is None:
             return
-        match = self._find(p, txs, tip)
+        # A shared address's payment is paid by its exact amount only: it looks at the
+        # transactions paying that amount, not at every one the address lists (a flood of
+        # requests times a busy address's transactions held the event loop for seconds).
+        match = self._find(p, paying.get(p.btc_sats, []) if p.address_index is None else txs, tip)
         if match is None and p.tx_hash is not None and not _lists(txs, p.tx_hash):
             # The address's answer lists its newest transactions only, and a replaced or
             # evicted transaction is in no list: ask for the one seen by its txid.

@@ -20,6 +20,7 @@ from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
 from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, running_api
 from tests.web.wallet_helpers import bearer, login
+from web import esplora
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -884,6 +885,36 @@ async def test_the_watcher_reads_older_pages_of_a_busy_address(tmp_path: Path) -
         assert statuses == ["confirmed"] * 30
         assert fake.chain_pages == 1  # the second page reached the old traffic: no third
         assert await client_balance(api) == "30000.00000000"
+
+
+async def test_a_poll_reads_a_shared_address_once_not_once_per_payment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pending payment on the shared address was matched against every transaction the
+    address lists, in one stretch with no await: wallets cost nothing, so a flood of unpaid
+    requests (MAX_PENDING_PAYMENTS each) times a busy address's 2,550 listed transactions held
+    the event loop for seconds each poll, stalling every socket. A payment is matched against
+    the transactions paying its exact amount only."""
+    examined = 0
+    real = esplora.find_output
+
+    def counting(txs: list[Any], *args: Any, **kw: Any) -> Any:
+        nonlocal examined
+        examined += len(txs)
+        return real(txs, *args, **kw)
+
+    monkeypatch.setattr(esplora, "find_output", counting)
+    clock = FakeClock()
+    many = {"max_pending_payments": 200}
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED, **many) as (api, fake, http):
+        for n in range(100):  # other traffic on the address
+            fake.pay(SHARED, 5_000 + n, txid=f"{n:064x}", height=99, block_time=clock.now())
+        ids = [(await create(api, aitbc_amount=1000)).json()["payment_id"] for _ in range(200)]
+        fake.pay(SHARED, 1_000_007, txid="cd" * 32, height=100, block_time=clock.now())
+        await api.core.watcher.poll_once(http)
+        statuses = [(await status(api, pid)).json()["status"] for pid in ids]
+        assert statuses == ["pending"] * 7 + ["confirmed"] + ["pending"] * 192
+        assert examined <= 101  # was 200 payments x 101 transactions
 
 
 async def test_unpaid_payments_of_fresh_wallets_lock_nobody_out(tmp_path: Path) -> None:
