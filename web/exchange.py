@@ -81,20 +81,25 @@ class AddressBook:
 # Base58Check version bytes of P2PKH and P2SH addresses (mainnet, then testnet and regtest).
 _BASE58_VERSIONS = (0x00, 0x05, 0x6F, 0xC4)
 _SEGWIT_HRPS = ("bc", "tb", "bcrt")
+# The SegWit outputs with a meaning: P2WPKH, P2WSH (version 0) and taproot (version 1, a
+# 32-byte key). Other versions and lengths are valid addresses whose outputs anyone can spend.
+_SEGWIT_PROGRAMS = ((0, 20), (0, 32), (1, 32))
 
 
 def is_bitcoin_address(text: str) -> bool:
-    """A mainnet, testnet or regtest address a wallet can pay: Base58Check P2PKH or P2SH, or
-    a SegWit address (bech32, bech32m for taproot), checksum included."""
+    """A mainnet, testnet or regtest address a wallet can pay and only its key can spend:
+    Base58Check P2PKH or P2SH, or SegWit P2WPKH, P2WSH (bech32) or P2TR (bech32m), checksum
+    included. SegWit versions 2 to 16 (and version 1 but for taproot's 32 bytes) are not: no
+    soft fork gives them a meaning yet, so an output to one is anyone's to take."""
     from bip_utils import Base58Decoder, SegwitBech32Decoder
 
     if text[:3].lower() in ("bc1", "tb1") or text[:5].lower() == "bcrt1":
         for hrp in _SEGWIT_HRPS:
             try:
-                SegwitBech32Decoder.Decode(hrp, text)
+                version, program = SegwitBech32Decoder.Decode(hrp, text)
             except Exception:  # bip_utils raises several types
                 continue
-            return True
+            return (version, len(program)) in _SEGWIT_PROGRAMS
         return False
     try:
         raw = Base58Decoder.CheckDecode(text)

@@ -369,8 +369,8 @@ def _wallet_settings(env: Mapping[str, str]) -> dict[str, object]:
 
         if not is_bitcoin_address(address):
             raise SettingsError(
-                "BITCOIN_ADDRESS: not a Bitcoin address (P2PKH, P2SH or SegWit, checksum "
-                "included): payers would be shown it"
+                "BITCOIN_ADDRESS: not a Bitcoin address only its key can spend (P2PKH, P2SH, "
+                "P2WPKH, P2WSH or P2TR, checksum included): payers would be shown it"
             )
         address = canonical_address(address)  # as Esplora lists outputs and wallets show it
     esplora = env.get("ESPLORA_URL", "").strip().rstrip("/") or None

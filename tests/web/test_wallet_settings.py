@@ -103,3 +103,21 @@ def test_an_uppercase_segwit_bitcoin_address_is_written_as_esplora_writes_it() -
     output ever matched it, so every paid payment expired uncredited."""
     upper = "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4"
     assert Settings.from_env({"BITCOIN_ADDRESS": upper}).bitcoin_address == upper.lower()
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "bc1zw508d6qejxtdg4y5r3zarvaryvaxxpcs",  # witness version 2
+        "BC1SW50QGDZ25J",  # witness version 16
+        "tb1zqqqsyqcyq5rqwzqfpg9scrgwpugpzysnzs23v9ccrydpk8qarc0shpym8x",  # 2, testnet
+        # version 1 with a 40-byte program: not taproot (32 bytes)
+        "bc1pqqqsyqcyq5rqwzqfpg9scrgwpugpzysnzs23v9ccrydpk8qarc0jqgfzyvjz2f38wjxkpz",
+    ],
+)
+def test_a_bitcoin_address_anyone_can_spend_is_refused(address: str) -> None:
+    """SegWit versions 2 to 16 (and version 1 but for a 32-byte taproot key) are valid
+    addresses that no soft fork gives a meaning yet: an output to one is anyone-can-spend, so
+    the payers' coins were anybody's to take. Such a BITCOIN_ADDRESS stops the start."""
+    with pytest.raises(SettingsError, match="BITCOIN_ADDRESS"):
+        Settings.from_env({"BITCOIN_ADDRESS": address})
