@@ -8,7 +8,7 @@ and read through their shortest text (``0.1`` is 0.1, not 0.1000000000000000055â
 from __future__ import annotations
 
 import re
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,8 +41,12 @@ def to_units(value: object, *, name: str = "amount") -> int:
     if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value.strip()):
         # Decimal() also takes "1_0", other scripts' digits, "NaN" and "Infinity"
         raise AmountError(f"{name} must be a decimal number")
-    # Every value left is one Decimal takes (text matched the pattern above).
-    d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    # Every value left is one Decimal takes (text matched the pattern above), but for an
+    # exponent past Decimal's largest ("1e+1000000000000000000" raised InvalidOperation: a 500).
+    try:
+        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation:
+        raise AmountError(f"{name} is too large") from None
     if not d.is_finite():  # a float or Decimal NaN or infinity
         raise AmountError(f"{name} must be a finite number")
     if isinstance(value, float) and len(d.as_tuple().digits) > FLOAT_DIGITS:

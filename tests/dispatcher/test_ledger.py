@@ -58,6 +58,8 @@ def test_to_units_is_exact(value: object, units: int) -> None:
         *("1e1000000", "-1e1000000", Decimal("1e1000000"), "10000000000"),
         *("1_0", "\u0661", "+-1", "1e", "e5"),  # Decimal() takes the first two
         *(float("nan"), float("inf"), Decimal("NaN"), Decimal("-Infinity")),
+        # Past the largest exponent Decimal() takes: it raised InvalidOperation (a 500).
+        *("0E+1000000000000000000", "1e+1000000000000000000", "-5E9999999999999999999"),
     ],
 )
 def test_to_units_refuses_what_is_not_an_8_place_amount(value: object) -> None:

@@ -151,6 +151,8 @@ async def test_create_with_a_shared_address_gives_unique_amounts(tmp_path: Path)
         ({"aitbc_amount": "x"}, 422, None),
         ({}, 422, None),
         ({"aitbc_amount": 1, "user_id": "bad id!"}, 422, None),
+        # past Decimal's largest exponent: was a 500 (InvalidOperation)
+        ({"btc_amount": "1E+1000000000000000000"}, 422, "btc_amount is too large"),
     ],
 )
 async def test_create_refuses_bad_orders(
