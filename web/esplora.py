@@ -118,12 +118,15 @@ class EsploraWatcher:
             last = page[-1] if len(page) >= CHAIN_PAGE else None
             if last is None or not is_txid(last.get("txid")) or _mined(last, since) is False:
                 break
-            page = orjson.loads(
+            older = orjson.loads(
                 (await self._get(http, f"/address/{address}/txs/chain/{last['txid']}")).content
             )
-            if not isinstance(page, list):
+            if not isinstance(older, list):
                 break
-            txs.extend(page)
+            txs.extend(older)
+            # Its entries are not trusted to be transactions: a page of 25 numbers had its
+            # last read as one (AttributeError, which took the watcher's task and the app down).
+            page = [t for t in older if isinstance(t, dict) and _mined(t) is not None]
         return txs
 
     async def _check(

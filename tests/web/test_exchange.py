@@ -357,6 +357,7 @@ class FakeEsplora:
         # confirmed ones by pages of 25 (``/address/{a}/txs/chain/{last txid}``).
         self.paged = False
         self.chain_pages = 0
+        self.chain_body: bytes | None = None  # the older pages' answer as is, when set
 
     def pay(
         self,
@@ -410,6 +411,8 @@ class FakeEsplora:
         async def chain(request: Request) -> Response:
             self.requests += 1
             self.chain_pages += 1
+            if self.chain_body is not None:
+                return Response(self.chain_body, media_type="application/json")
             listed = self.chain(self.txs.get(request.path_params["address"], []))
             after = [t["txid"] for t in listed].index(request.path_params["last"]) + 1
             return JSONResponse(listed[after : after + 25])
@@ -627,6 +630,25 @@ async def test_a_deeply_nested_answer_is_an_api_error(
             sys.setrecursionlimit(limit)
         assert api.core.watcher.errors == 1
         assert "depth" in caplog.text
+
+
+@pytest.mark.parametrize("entry", [b"1", b"null", b'"x"', b"[]"])
+async def test_an_older_page_of_junk_entries_ends_the_reading(tmp_path: Path, entry: bytes) -> None:
+    """An older page (``/txs/chain/:txid``) of 25 entries that are not transactions: its last
+    entry was read as a dict (AttributeError), which ``run`` does not catch, so the watcher's
+    task took the app down. The junk is skipped like a first page's, and the address's
+    payments are checked as usual."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_address=SHARED) as (api, fake, http):
+        fake.paged = True
+        for n in range(25):  # a full first page: the watcher reads the next one
+            fake.pay(SHARED, 5_000 + n, txid=f"{n:064x}", height=99, block_time=clock.now())
+        pid = (await create(api, aitbc_amount=1000)).json()["payment_id"]
+        fake.pay(SHARED, 1_000_000, txid="cd" * 32, height=100, block_time=clock.now())
+        fake.chain_body = b"[" + b",".join([entry] * 25) + b"]"
+        await api.core.watcher.poll_once(http)
+        assert fake.chain_pages == 1
+        assert (await status(api, pid)).json()["status"] == "confirmed"
 
 
 async def test_the_background_watcher_polls_on_the_clock(tmp_path: Path) -> None:
