@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING
 
-from dispatcher.ledger import ADMIN_ACCOUNT, Movement
+from dispatcher.ledger import ADMIN_ACCOUNT, Movement, is_payout_address
 from protocol.amounts import AmountError, format_units, to_units
 from protocol.codec import CONTROL_CHARACTERS
 from web.auth import Role
@@ -76,6 +76,14 @@ async def credit(call: Call) -> Response:
     account = _account(call)
     if not account.startswith(_CREDITABLE):
         raise HTTPError(400, "only wallet:, client: and miner: accounts can be credited")
+    address = call.path("account").removeprefix("wallet:")
+    if account.startswith("wallet:") and not is_payout_address(address):
+        # No route takes a credit back: a mistyped address would keep it for good.
+        raise HTTPError(
+            400,
+            f"{address}: its mixed case is not its EIP-55 checksum (a typo?); "
+            "give the address as the wallet shows it, or in one case",
+        )
     try:
         amount = to_units(call.body["amount"])
     except AmountError as exc:
@@ -128,6 +136,7 @@ ENDPOINTS = [
         responses={
             200: ("credited (committed)", "Account"),
             **_errors,
+            400: ("invalid account / a mixed-case wallet address failing its checksum", "Error"),
             409: ("the AITBC issued in all would pass 10000000000", "Error"),
             422: ("invalid amount", "Error"),
         },

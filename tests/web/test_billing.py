@@ -342,7 +342,7 @@ async def test_a_wallet_account_is_named_in_any_case(tmp_path: Path) -> None:
     """A wallet's account is its address lowercased, and every other route takes an address
     in any case (the EIP-55 mixed case wallets show): the admin account routes refused that
     spelling (400), so an operator pasting it from a wallet could not credit or read it."""
-    mixed = "0x" + "aB" * 20
+    mixed = "0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB"  # 0xab…ab with its EIP-55 checksum
     async with running_api(tmp_path) as api:
         await credit(api, f"wallet:{mixed}", "3")
         got = await account(api, f"wallet:{mixed.upper().replace('X', 'x')}")
@@ -350,6 +350,20 @@ async def test_a_wallet_account_is_named_in_any_case(tmp_path: Path) -> None:
         assert (await account(api, f"wallet:{mixed.lower()}"))["balance"] == "3.00000000"
         r = await api.http.get(f"/v1/admin/accounts/WALLET:{mixed}", headers=ADMIN)
         assert r.status_code == 400  # the kind is spelt as it is
+
+
+async def test_a_credit_to_a_mistyped_checksummed_wallet_is_refused(tmp_path: Path) -> None:
+    """A wallet address in mixed case carries an EIP-55 checksum: one letter's case or one
+    digit mistyped was credited to a wallet whose key nobody holds, and no route takes a
+    credit back. It is 400 naming the checksum; read, the account is shown as before."""
+    typo = "0xABaBaBaBABabABabAbAbABAbABabababaBaBABab"  # the last letter's case
+    async with running_api(tmp_path) as api:
+        url = f"/v1/admin/accounts/wallet:{typo}/credit"
+        r = await api.http.post(url, json={"amount": "3"}, headers=ADMIN)
+        assert r.status_code == 400, r.text
+        assert "checksum" in r.json()["detail"]
+        assert (await account(api, f"wallet:{typo}"))["balance"] == "0.00000000"
+        assert (await account(api, "wallet:0x" + "ab" * 20))["balance"] == "0.00000000"
 
 
 def test_socket_submissions_are_billed_too(tmp_path: Path) -> None:
