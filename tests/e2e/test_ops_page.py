@@ -232,6 +232,29 @@ async def test_page_reconnects_after_the_server_drops_it(server: RunningServer) 
         await expect(page.locator("#conn-status")).to_have_text("live")
 
 
+async def test_a_silent_connection_is_shown_stale_and_replaced(server: RunningServer) -> None:
+    """The server sends a chart point every second: when nothing arrived for 5 s (a link gone
+    dead without a close, a proxy holding the socket open) the page kept saying "live" over
+    numbers that no longer moved, for good. It now says the data is stale and reconnects."""
+    async with ops_page(server) as page:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await expect(page.locator("body")).to_have_attribute("data-snapshots", "1")
+        feed = server.core.ops
+        silenced = set(feed.watchers)
+        feed.watchers.clear()  # the socket stays open, and nothing more reaches the page
+        status = page.locator("#conn-status")
+        await expect(status).to_have_attribute("data-state", "stale", timeout=2 * WAIT_MS)
+        await expect(status).to_contain_text("no data for 5 s")
+        await expect(page.locator("body")).to_have_attribute(
+            "data-snapshots", "2", timeout=2 * WAIT_MS
+        )
+        await expect(status).to_have_text("live")
+        assert feed.watchers
+        assert not feed.watchers & silenced
+        await admin_sockets_become(server, 1)  # the silent one was closed
+
+
 async def test_requeue_sort_and_filters(server: RunningServer) -> None:
     """Requeue moves a job to another miner; the miner table sorts and filters; the log filters."""
     async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:

@@ -429,3 +429,27 @@ async def test_a_retryable_failure_counts_against_the_miner_that_failed(tmp_path
         assert r.status_code == 200, r.text  # an operator's requeue or cancel is no failure
         [row] = ops.snapshot()["miners"]
         assert (row["completed"], row["failed"], row["success_rate"]) == (0, 1, 0.0)
+
+
+@pytest.mark.anyio
+async def test_an_idle_coordinator_still_sends_a_delta_every_second(tmp_path: Path) -> None:
+    """The page takes 5 s without a frame for a dead link (docs/ops.md): with nothing
+    changing, each second's chart point still makes a delta, and only that."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock) as api:
+        ops = api.core.ops
+        ops.stop()  # ticks only when this test says so
+        watcher = RecordingOutbox()
+        ops.add(watcher)
+        ops.tick(clock.now())
+        await api.core.dispatcher.barrier()
+        for _ in range(5):
+            watcher.log.clear()
+            for _ in range(4):
+                clock.advance(ops_feed.TICK)
+                ops.tick(clock.now())
+            await api.core.dispatcher.barrier()
+            [delta] = [f for _, f in watcher.log]
+            assert delta["type"] == "ops.delta"
+            assert set(delta) == {"type", "at", "points"}
+        ops.discard(watcher)

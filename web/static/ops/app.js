@@ -10,6 +10,9 @@ const SHOWN_LOG = 100;      // log entries rendered (the newest; the box shows ~
 const SHOWN_JOBS = 60;      // job rows rendered
 const LIST_EVERY = 250;     // ms between redraws of the job list and the log
 const HISTORY = 300;        // chart points
+// The server sends a chart point every second: this long without a frame, the socket is
+// taken for dead (a link gone without a close) and replaced, and the page says it is stale.
+const STALE = 5000;         // ms
 
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -17,7 +20,7 @@ const hms = (iso) => (iso ? String(iso).slice(11, 23) : "");
 const short = (id) => (id ? String(id).slice(0, 12) : "");
 
 const S = {
-  key: null, ws: null, live: false, everLive: false, retry: 0, timer: null,
+  key: null, ws: null, live: false, everLive: false, retry: 0, timer: null, heardAt: 0,
   miners: new Map(), queue: {}, counters: {}, history: [],
   jobs: new Map(), log: new Map(), logN: 0,
   sort: { key: "miner_id", dir: 1 }, page: 0, filter: "",
@@ -228,6 +231,24 @@ function setStatus(state, text) {
   el.textContent = text;
 }
 
+// Once the socket is lost (closed, or silent for STALE ms): say so, retry with backoff.
+function retryLater(state, text) {
+  S.ws = null;
+  S.live = false;
+  const wait = Math.min(5000, 250 * 2 ** S.retry++);
+  setStatus(state, `${text}; retrying in ${(wait / 1000).toFixed(1)} s`);
+  S.timer = setTimeout(connect, wait);
+}
+
+// A socket can die without a close (a network change, a sleeping laptop, a proxy holding it
+// open): checked every second, the browser fires no event for it.
+function watchdog() {
+  const ws = S.ws;
+  if (!ws || !S.live || performance.now() - S.heardAt < STALE) return;
+  retryLater("stale", `stale: no data for ${STALE / 1000} s`);
+  ws.close(1000);  // onclose: no longer S.ws, ignored
+}
+
 function connect() {
   clearTimeout(S.timer);
   // One socket at a time: a sign-in sent again before the first socket is live replaces it.
@@ -238,9 +259,15 @@ function connect() {
   const ws = new WebSocket(`${proto}//${location.host}/v1/admin/ws`);
   S.ws = ws;
   S.live = false;
-  setStatus(S.everLive ? "reconnecting" : "connecting", S.everLive ? "reconnecting…" : "connecting…");
+  S.heardAt = performance.now();
+  if ($("conn-status").dataset.state === "stale") setStatus("stale", `stale: no data for ${STALE / 1000} s; reconnecting…`);
+  else setStatus(S.everLive ? "reconnecting" : "connecting", S.everLive ? "reconnecting…" : "connecting…");
   ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: S.key }));
-  ws.onmessage = (m) => { if (S.ws === ws) onFrame(JSON.parse(m.data)); };
+  ws.onmessage = (m) => {
+    if (S.ws !== ws) return;
+    S.heardAt = performance.now();
+    onFrame(JSON.parse(m.data));
+  };
   ws.onclose = (ev) => {
     if (S.ws !== ws) return;
     S.ws = null;
@@ -250,9 +277,7 @@ function connect() {
       return;
     }
     if (!S.key) return;
-    const wait = Math.min(5000, 250 * 2 ** S.retry++);
-    setStatus("reconnecting", `disconnected (${ev.code}); retrying in ${(wait / 1000).toFixed(1)} s`);
-    S.timer = setTimeout(connect, wait);
+    retryLater("reconnecting", `disconnected (${ev.code})`);
   };
 }
 
@@ -464,6 +489,7 @@ function wire() {
 }
 
 wire();
+setInterval(watchdog, 1000);
 // `aitbc-coordinator demo` prints /ops#key=…: keep the key in this tab only, drop it from the URL.
 const fromUrl = location.hash.match(/^#key=(.+)$/);
 if (fromUrl) {
