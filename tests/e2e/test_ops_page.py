@@ -442,6 +442,51 @@ async def test_hidden_progress_events_never_push_other_events_out_of_the_log(
         await expect(page.locator(f'#log li[data-job="{"a" * 32}"]')).to_have_count(1)
 
 
+async def test_the_live_log_keeps_a_line_of_each_error_not_the_whole_text(
+    server: RunningServer,
+) -> None:
+    """A miner's error message may be 64 KiB (and a requeue's reason, a max-attempts failure
+    quote it): the log kept each whole for its 2,000 entries of a kind, about 128 MiB of
+    failures alone, and wrote 100 of them into the page at each redraw for a line that shows
+    a few words. It keeps the first 200 characters. The socket is a stand-in sending 2,000
+    failed events, each with 64 KiB of error."""
+    async with ops_page(server) as page:
+        await page.add_init_script(FAKE_FAILING_SOCKET)
+        await page.reload()
+        cdp = await page.context.new_cdp_session(page)
+
+        async def heap() -> int:
+            await cdp.send("HeapProfiler.collectGarbage")
+            return int((await cdp.send("Runtime.getHeapUsage"))["usedSize"])
+
+        before = await heap()
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        line = page.locator(f'#log li[data-job="{"f" * 28}1999"]')
+        await expect(line).to_contain_text("E" * 150)
+        assert await heap() - before < 20_000_000  # about 128 MiB before
+        assert len(await line.text_content() or "") < 400
+
+
+FAKE_FAILING_SOCKET = """
+window.WebSocket = class {
+  constructor() { setTimeout(() => this.onopen(), 0); }
+  close() {}
+  send() {
+    const at = "2026-01-01T00:00:00.000Z";
+    const error = "E".repeat(65536);
+    this.onmessage({ data: JSON.stringify({ type: "snapshot", miners: [], queue: {},
+      counters: {}, history: [] }) });
+    for (let n = 0; n < 2000; n++) {
+      const job_id = "f".repeat(28) + String(n).padStart(4, "0");
+      this.onmessage({ data: JSON.stringify({ type: "job.event", job_id, seq: 3,
+        event: "failed", state: "FAILED", at, attempt: 1, miner_id: "m1", error }) });
+    }
+  }
+};
+"""
+
+
 FAKE_OPS_SOCKET = """
 window.WebSocket = class {
   constructor() { setTimeout(() => this.onopen(), 0); }

@@ -13,6 +13,7 @@ const HISTORY = 300;        // chart points
 // The server sends a chart point every second: this long without a frame, the socket is
 // taken for dead (a link gone without a close) and replaced, and the page says it is stale.
 const STALE = 5000;         // ms
+const LOG_DETAIL = 200;     // characters kept of an entry's error or reason (a line shows fewer)
 
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -174,9 +175,13 @@ function logDetail(e) {
 }
 
 // What the log shows and filters on, kept instead of the frame: a completed event carries its
-// result (up to a whole frame), and 2,000 of them would hold gigabytes.
+// result (up to a whole frame), and 2,000 of them would hold gigabytes. Of an error or a reason
+// (a miner's text, up to 64 KiB) the start: 2,000 whole failures held 128 MiB.
 function logEntry(f) {
-  return { n: ++S.logN, job_id: f.job_id, event: f.event, state: f.state, miner_id: f.miner_id, at: f.at, detail: logDetail(f) };
+  let detail = String(logDetail(f));
+  // Copied, never a slice: V8's slice of a long string keeps the whole string alive.
+  if (detail.length > LOG_DETAIL) detail = Array.from(detail.slice(0, LOG_DETAIL)).join("") + "…";
+  return { n: ++S.logN, job_id: f.job_id, event: f.event, state: f.state, miner_id: f.miner_id, at: f.at, detail };
 }
 
 // The newest entries of the kinds shown, merged newest first from their rings.
