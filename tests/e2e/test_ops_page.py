@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -253,6 +254,23 @@ async def test_a_silent_connection_is_shown_stale_and_replaced(server: RunningSe
         assert feed.watchers
         assert not feed.watchers & silenced
         await admin_sockets_become(server, 1)  # the silent one was closed
+
+
+async def test_the_times_shown_say_they_are_utc(server: RunningServer) -> None:
+    """The page shows UTC times (the API's) with nothing saying so: an operator away from UTC
+    read them as local times. Every heading over a time now names the zone."""
+    async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        job_id = await submit(client, "what time is it")
+        at = server.core.dispatcher.scheduler.jobs[job_id].requested_at
+        row_at = page.locator(f'#jobs tr[data-job="{job_id}"] td:nth-child(6)')
+        await expect(row_at).to_contain_text(time.strftime("%H:%M:%S.", time.gmtime(at)))
+        await expect(page.locator("#jobs-table th").nth(5)).to_contain_text("UTC")
+        await expect(page.locator('#miners-table th[data-sort="last_seen"]')).to_contain_text("UTC")
+        await expect(page.locator("section:has(#log) h3")).to_contain_text("UTC")
+        await page.locator(f'#jobs tr[data-job="{job_id}"]').click()
+        await expect(page.locator("h4:has(+ #d-timeline)")).to_contain_text("UTC")
 
 
 async def test_requeue_sort_and_filters(server: RunningServer) -> None:
