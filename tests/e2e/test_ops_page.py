@@ -273,6 +273,30 @@ async def test_the_times_shown_say_they_are_utc(server: RunningServer) -> None:
         await expect(page.locator("h4:has(+ #d-timeline)")).to_contain_text("UTC")
 
 
+async def test_chart_axis_labels_name_their_gridlines_values(server: RunningServer) -> None:
+    """A chart's four gridlines sit at quarters of a 1/2/2.5/5 scale: their labels were
+    rounded to one decimal (or none from 10 on), so the throughput chart of a quiet
+    coordinator read 0, 0.3, 0.5, 0.8, 1.0 for 0, 0.25, 0.5, 0.75, 1, and 37.5 ms read 38."""
+    async with ops_page(server) as page:
+        labels = await page.evaluate(
+            "import('/ops/assets/charts.js').then((m) => [0, 0.25, 0.625, 1.875, 12.5, 37.5,"
+            " 187.5, 1000, 1250, 18750, 250000].map(m.axisLabel))"
+        )
+        assert labels == [
+            "0",
+            "0.25",
+            "0.625",
+            "1.875",
+            "12.5",
+            "37.5",
+            "187.5",
+            "1k",
+            "1.25k",
+            "18.75k",
+            "250k",
+        ]
+
+
 async def test_requeue_sort_and_filters(server: RunningServer) -> None:
     """Requeue moves a job to another miner; the miner table sorts and filters; the log filters."""
     async with ops_page(server) as page, client_session(server, CLIENT_KEY) as client:

@@ -9,10 +9,11 @@ function niceMax(v) {
   return 10 * p;
 }
 
-function fmt(v) {
-  if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 0 : 1) + "k";
-  if (v >= 10 || v === 0) return String(Math.round(v));
-  return v.toFixed(1);
+// A gridline's value: quarters of a 1/2/2.5/5 scale, written whole (0.625, 37.5, 1.25k), where
+// one decimal read 0.25 as 0.3 and 37.5 as 38.
+export function axisLabel(v) {
+  if (v >= 1000) return `${+(v / 1000).toPrecision(4)}k`;
+  return String(+v.toPrecision(4));
 }
 
 export class LineChart {
@@ -46,7 +47,7 @@ export class LineChart {
     for (let i = 0; i <= 4; i++) {
       const y = PAD.top + ph - (ph * i) / 4;
       g.beginPath(); g.moveTo(PAD.left, y); g.lineTo(PAD.left + pw, y); g.stroke();
-      g.fillText(fmt((max * i) / 4), 4, y + 3);
+      g.fillText(axisLabel((max * i) / 4), 4, y + 3);
     }
     const n = points.length;
     if (n > 1) {
