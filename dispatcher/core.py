@@ -633,7 +633,9 @@ class Scheduler:
             # Other matching miners get the retry first, as after a reject: with this one
             # straight back, a broken miner that was the only idle one used up every attempt.
             self._refused(job, miner_id, now)
-            self._requeue(job, now, f"{error_code}: {error_message}", charged=True)
+            self._requeue(
+                job, now, f"{error_code}: {error_message}", charged=True, error_code=error_code
+            )
         else:
             job.finished_at = now
             self._finish(
@@ -982,7 +984,12 @@ class Scheduler:
         else:
             miner.revoked.append(job.job_id)
 
-    def _requeue(self, job: Job, now: float, reason: str, *, charged: bool) -> None:
+    def _requeue(
+        self, job: Job, now: float, reason: str, *, charged: bool, error_code: str | None = None
+    ) -> None:
+        """Queue ``job`` again (or fail it, once out of attempts). ``error_code``: a miner's
+        retryable failure, named in the event (``requeue_label`` tells it by that, never by
+        the reason's text, which is the miner's)."""
         if charged:
             job.failures += 1
         if job.failures >= job.max_attempts:
@@ -1000,7 +1007,10 @@ class Scheduler:
         job.miner_id = None
         job.accepted = False
         job.started_at = None  # per attempt: Job.from_record() derives ``accepted`` from it
-        self._emit(job, EventKind.REQUEUED, now, {"reason": reason})
+        data: JSONObject = {"reason": reason}
+        if error_code is not None:
+            data["error_code"] = error_code
+        self._emit(job, EventKind.REQUEUED, now, data)
         self._dispatch(job, now)
 
     def _finish(

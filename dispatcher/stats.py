@@ -16,6 +16,7 @@ from dispatcher.jobs import ACTIVE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
+    from typing import Any
 
     from protocol.records import EventRecord, JobRecord
 
@@ -29,6 +30,7 @@ __all__ = [
     "Histogram",
     "JobCounts",
     "SchedulerStatistics",
+    "requeue_label",
     "requeue_reason",
 ]
 
@@ -56,6 +58,7 @@ _REASON_PREFIXES = (
     ("requeued by admin", "admin"),
     ("accept timeout", "accept_timeout"),
     ("miner disconnected", "disconnected"),
+    ("miner reconnected", "disconnected"),  # its socket replaced before it accepted
     ("miner lost", "miner_lost"),
     ("miner restarted", "miner_restarted"),
     ("lease expired", "lease_expired"),
@@ -72,6 +75,16 @@ def requeue_reason(text: str) -> str:
         if text.startswith(prefix):
             return label
     return "retryable_failure"
+
+
+def requeue_label(data: Mapping[str, Any]) -> str:
+    """The label of a ``requeued`` event from its data: a miner's retryable failure names its
+    ``error_code`` (its reason is the miner's own ``code: message``, which may begin like any
+    of the coordinator's reasons); any other is told by its reason."""
+    if "error_code" in data:
+        return "retryable_failure"
+    reason = data.get("reason")
+    return requeue_reason(reason if isinstance(reason, str) else "")
 
 
 class Histogram:
@@ -126,7 +139,7 @@ class EventTally:
         elif kind == "completed":
             self.complete_latency.observe(max(0.0, now - job.requested_at))
         elif kind == "requeued":
-            label = requeue_reason(str(data.get("reason", "")))
+            label = requeue_label(data)
             self.requeues[label] = self.requeues.get(label, 0) + 1
 
 

@@ -22,7 +22,7 @@ import anyio
 import orjson
 
 from dispatcher.policy import JobNeeds
-from dispatcher.stats import requeue_reason
+from dispatcher.stats import requeue_label
 from protocol.types import iso_time
 
 if TYPE_CHECKING:
@@ -265,8 +265,7 @@ class OpsFeed:
                 self._uncount(job_id, entry)
                 # A retryable failure: its event names no miner, the entry the one that failed.
                 if kind == "requeued" and entry.miner_id is not None:
-                    reason = e.data.get("reason")
-                    if isinstance(reason, str) and requeue_reason(reason) == "retryable_failure":
+                    if requeue_label(e.data) == "retryable_failure":
                         self._done.setdefault(entry.miner_id, [0, 0, 0, 0.0, None])[1] += 1
                         self._event_miners.add(entry.miner_id)
             entry.state = state

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from dispatcher.stats import REQUEUE_REASONS, EventTally, Histogram, JobCounts, requeue_reason
+from dispatcher.stats import (
+    REQUEUE_REASONS,
+    EventTally,
+    Histogram,
+    JobCounts,
+    requeue_label,
+    requeue_reason,
+)
 from protocol.records import EventRecord, JobRecord
 
 
@@ -60,6 +67,7 @@ def test_histogram_buckets_are_upper_inclusive_and_cumulative() -> None:
         ("coordinator restarted", "coordinator_restarted"),
         ("poll gone", "poll_gone"),
         ("miner deregistered", "deregistered"),  # was counted as a miner's failure
+        ("miner reconnected before accepting", "disconnected"),  # the same
         ("oom: out of memory", "retryable_failure"),
         ("", "retryable_failure"),
     ],
@@ -68,6 +76,27 @@ def test_requeue_reason_labels(text: str, label: str) -> None:
     """Free-form requeue texts map onto a small closed set of labels."""
     assert requeue_reason(text) == label
     assert label in REQUEUE_REASONS
+
+
+@pytest.mark.parametrize(
+    ("data", "label"),
+    [
+        ({"reason": "rejected: content filter", "error_code": "rejected"}, "retryable_failure"),
+        ({"reason": "miner restarted: oops", "error_code": "miner restarted"}, "retryable_failure"),
+        ({"reason": "OOM: out of memory", "error_code": "OOM"}, "retryable_failure"),
+        ({"reason": "rejected: busy"}, "rejected"),
+        ({"reason": "lease expired"}, "lease_expired"),
+        ({}, "retryable_failure"),
+    ],
+)
+def test_a_miners_failure_is_told_by_its_error_code_never_by_its_text(
+    data: dict[str, str], label: str
+) -> None:
+    """A retryable failure's reason is the miner's own ``code: message``: a code that began
+    like a coordinator's reason ("rejected", "lease expired", "miner restarted") was counted
+    under that reason, and the ops page counted no failure against the miner (a failing miner
+    could hide its failures). The event names its ``error_code``, which decides."""
+    assert requeue_label(data) == label
 
 
 def test_tally_counts_events_and_latencies() -> None:

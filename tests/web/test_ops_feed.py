@@ -453,3 +453,58 @@ async def test_an_idle_coordinator_still_sends_a_delta_every_second(tmp_path: Pa
             assert delta["type"] == "ops.delta"
             assert set(delta) == {"type", "at", "points"}
         ops.discard(watcher)
+
+
+@pytest.mark.anyio
+async def test_a_failure_coded_like_a_coordinators_reason_still_counts_for_its_miner(
+    tmp_path: Path,
+) -> None:
+    """A retryable failure with the code "rejected" (a model's content filter, say) made a
+    requeued event whose reason read like a miner's reject: the miner's row counted no failure
+    and /metrics counted a reject. The event names the error code; the failure counts."""
+    async with running_api(tmp_path) as api:
+        assert (await api.register("m1")).status_code == 200
+        job = await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        body = {"error_code": "rejected", "error_message": "content filter", "retryable": True}
+        r = await api.http.post(
+            f"/v1/miners/{job['job_id']}/fail", json=body, headers=miner_headers("m1")
+        )
+        assert r.status_code == 200, r.text
+        [row] = api.core.ops.snapshot()["miners"]
+        assert (row["completed"], row["failed"]) == (0, 1)
+        assert dict(api.core.dispatcher.tally.requeues) == {"retryable_failure": 1}
+        r = await api.http.get(f"/v1/admin/jobs/{job['job_id']}", headers={"X-Api-Key": ADMIN_KEY})
+        assert r.json()["events"][-1]["data"] == {
+            "reason": "rejected: content filter",
+            "error_code": "rejected",
+        }
+
+
+def test_a_miner_reconnecting_before_it_accepted_is_no_failure_of_its_own() -> None:
+    """A miner whose socket is replaced before it accepted its job has the job queued again
+    ("miner reconnected before accepting", not charged): that was counted as the miner's
+    failure on its row (and as a retryable failure in /metrics)."""
+    feed = make_feed()
+
+    def event(kind: str, state: str, miner: str | None, data: dict[str, Any]) -> None:
+        job = JobRecord(
+            job_id="j1",
+            client_id="c",
+            state=state,
+            payload={},
+            constraints={},
+            priority=0,
+            requested_at=0.0,
+            expires_at=900.0,
+            attempt=1,
+            failures=0,
+            max_attempts=3,
+            seq=1,
+        )
+        feed.on_event(job, EventRecord("j1", 1, kind, state, 1.0, 1, miner, data), "{}")
+
+    event("queued", "QUEUED", None, {})
+    event("assigned", "RUNNING", "m1", {})
+    event("requeued", "QUEUED", None, {"reason": "miner reconnected before accepting"})
+    assert feed._done.get("m1", [0, 0]) == [0, 0]
