@@ -1379,12 +1379,14 @@ class Dispatcher:
         return self._rest_seen.get(miner_id)
 
     def rest_miners(self) -> list[RestMinerInfo]:
-        """Every miner the scheduler knows, with liveness (REST: a call within the window)."""
+        """Every miner the scheduler knows, with liveness: connected (not waiting for a resume)
+        and, for a REST miner, holding a job (its lease keeps it: it need not call until its
+        result) or ``rest_online``, as the ops page's rows show it."""
         now = self.clock.now()
         out = []
         for m in self.scheduler.miners.values():
             seen = self._rest_seen.get(m.miner_id) if m.rest else None
-            online = self.rest_online(m, now) if m.rest else m.connected
+            online = m.connected and (not m.rest or bool(m.jobs) or self.rest_online(m, now))
             out.append(
                 RestMinerInfo(
                     miner_id=m.miner_id,

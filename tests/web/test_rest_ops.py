@@ -641,7 +641,7 @@ async def test_a_rest_miner_that_stopped_calling_is_offline_on_the_page(tmp_path
             "busy",
         )
         r = await api.http.get("/metrics", headers=ADMIN)
-        assert samples(r.text)["aitbc_miners_online", ()] == 0
+        assert samples(r.text)["aitbc_miners_online", ()] == 1  # m2, running its job
         r = await api.http.post("/v1/miners/heartbeat", json={}, headers=miner_headers("m1"))
         assert r.status_code == 200, r.text
         feed.tick(clock.now() + 2)
@@ -724,3 +724,35 @@ async def test_job_detail_pages_stay_within_a_few_megabytes(api: Api) -> None:
     assert seqs == list(range(1, 15))  # queued, assigned, started, 10 progress, completed
     r = await api.http.get(f"{at}?after=3&limit=1", headers=ADMIN)
     assert ([e["seq"] for e in r.json()["events"]], r.json()["next_after"]) == ([4], 4)
+
+
+async def test_a_silent_rest_miner_running_a_job_counts_online_everywhere(tmp_path: Path) -> None:
+    """A polling miner running a job need not call until its result (its lease, 600 s by
+    default, keeps the job): after HEARTBEAT_TIMEOUT_SECONDS the page showed it busy, online
+    in its header, while /metrics counted no miner online or busy, /v1/admin/miners said
+    OFFLINE and /v1/admin/status "degraded" for the next queued job. All count it online, as
+    the page does, until it holds no job."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, heartbeat_timeout_seconds=30.0) as api:
+        await api.register("m1")
+        job = await api.submit()
+        assert (await api.poll("m1")).status_code == 200
+        await api.submit()  # waits for a free slot
+        clock.advance(31)
+        [row] = api.core.ops.snapshot()["miners"]
+        assert row["state"] == "busy"
+        r = await api.http.get("/metrics", headers=ADMIN)
+        values = samples(r.text)
+        assert (values["aitbc_miners_online", ()], values["aitbc_miners_busy", ()]) == (1, 1)
+        r = await api.http.get("/v1/admin/miners", headers=ADMIN)
+        assert r.json()["items"][0]["status"] == "ONLINE"
+        r = await api.http.get("/v1/admin/status", headers=ADMIN)
+        assert (r.json()["miners"]["online"], r.json()["status"]) == (1, "healthy")
+        r = await api.http.get("/v1/admin/stats", headers=ADMIN)
+        assert r.json()["online_miners"] == 1
+        assert (await api.result(job["job_id"], "m1")).status_code == 200
+        clock.advance(31)  # holds no job, called 31 s ago: offline everywhere
+        [row] = api.core.ops.snapshot()["miners"]
+        r = await api.http.get("/metrics", headers=ADMIN)
+        values = samples(r.text)
+        assert (row["state"], values["aitbc_miners_online", ()]) == ("offline", 0)
