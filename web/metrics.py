@@ -96,9 +96,11 @@ class CoordinatorCollector:
             "Online miners running at least one job",
             value=sum(1 for m in miners if m.online and m.inflight),
         )
-        slots = GaugeMetricFamily("aitbc_miner_slots", "Slots of connected miners", labels=["use"])
-        slots.add_metric(["used"], stats.scheduler.slots_used)
-        slots.add_metric(["total"], stats.scheduler.slots_total)
+        # Of the online miners, as the ops page's header: a polling miner gone quiet stays
+        # registered (until it deregisters), and its slots are no capacity.
+        slots = GaugeMetricFamily("aitbc_miner_slots", "Slots of online miners", labels=["use"])
+        slots.add_metric(["used"], sum(m.inflight for m in miners if m.online))
+        slots.add_metric(["total"], sum(m.concurrency for m in miners if m.online))
         yield slots
         sockets = GaugeMetricFamily("aitbc_sockets_open", "Open WebSockets", labels=["role"])
         for role in Role:  # counted as connections open and close: no walk over them

@@ -756,3 +756,21 @@ async def test_a_silent_rest_miner_running_a_job_counts_online_everywhere(tmp_pa
         r = await api.http.get("/metrics", headers=ADMIN)
         values = samples(r.text)
         assert (row["state"], values["aitbc_miners_online", ()]) == ("offline", 0)
+
+
+async def test_slots_count_the_miners_online_only(tmp_path: Path) -> None:
+    """A polling miner stays registered until it deregisters: one gone quiet (crashed, or
+    restored from the database) kept its slots in aitbc_miner_slots{use="total"} for good,
+    capacity nobody could use, while the page's header counts the online miners' slots. Both
+    count the online miners' now."""
+    clock = FakeClock()
+    async with running_api(tmp_path, clock, heartbeat_timeout_seconds=30.0) as api:
+        await api.register("quiet")
+        clock.advance(31)
+        await api.register("alive")
+        r = await api.http.get("/metrics", headers=ADMIN)
+        values = samples(r.text)
+        used, total = (values["aitbc_miner_slots", (("use", u),)] for u in ("used", "total"))
+        rows = [m for m in api.core.ops.snapshot()["miners"] if m["state"] != "offline"]
+        assert [m["miner_id"] for m in rows] == ["alive"]
+        assert (used, total) == (0, rows[0]["slots_total"])
