@@ -233,29 +233,6 @@ async def test_page_reconnects_after_the_server_drops_it(server: RunningServer) 
         await expect(page.locator("#conn-status")).to_have_text("live")
 
 
-async def test_a_silent_connection_is_shown_stale_and_replaced(server: RunningServer) -> None:
-    """The server sends a chart point every second: when nothing arrived for 5 s (a link gone
-    dead without a close, a proxy holding the socket open) the page kept saying "live" over
-    numbers that no longer moved, for good. It now says the data is stale and reconnects."""
-    async with ops_page(server) as page:
-        await sign_in(page)
-        await expect(page.locator("#conn-status")).to_have_text("live")
-        await expect(page.locator("body")).to_have_attribute("data-snapshots", "1")
-        feed = server.core.ops
-        silenced = set(feed.watchers)
-        feed.watchers.clear()  # the socket stays open, and nothing more reaches the page
-        status = page.locator("#conn-status")
-        await expect(status).to_have_attribute("data-state", "stale", timeout=2 * WAIT_MS)
-        await expect(status).to_contain_text("no data for 5 s")
-        await expect(page.locator("body")).to_have_attribute(
-            "data-snapshots", "2", timeout=2 * WAIT_MS
-        )
-        await expect(status).to_have_text("live")
-        assert feed.watchers
-        assert not feed.watchers & silenced
-        await admin_sockets_become(server, 1)  # the silent one was closed
-
-
 async def test_the_times_shown_say_they_are_utc(server: RunningServer) -> None:
     """The page shows UTC times (the API's) with nothing saying so: an operator away from UTC
     read them as local times. Every heading over a time now names the zone."""
@@ -295,6 +272,61 @@ async def test_chart_axis_labels_name_their_gridlines_values(server: RunningServ
             "18.75k",
             "250k",
         ]
+
+
+RECORD_STATUS = """
+addEventListener("DOMContentLoaded", () => {
+  window.statuses = [];
+  const el = document.getElementById("conn-status");
+  new MutationObserver(() => window.statuses.push(el.textContent))
+    .observe(el, { childList: true, characterData: true, subtree: true });
+});
+"""
+
+
+async def test_a_silent_connection_is_shown_stale_and_replaced(server: RunningServer) -> None:
+    """The server sends a chart point every second: when nothing arrived for 5 s (a link gone
+    dead without a close, a proxy holding the socket open) the page kept saying "live" over
+    numbers that no longer moved, for good. It now says the data is stale and reconnects."""
+    async with ops_page(server) as page:
+        await page.add_init_script(RECORD_STATUS)
+        await page.reload()
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        await expect(page.locator("body")).to_have_attribute("data-snapshots", "1")
+        feed = server.core.ops
+        silenced = set(feed.watchers)
+        feed.watchers.clear()  # the socket stays open, and nothing more reaches the page
+        await expect(page.locator("body")).to_have_attribute(
+            "data-snapshots", "2", timeout=2 * WAIT_MS
+        )
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        statuses = await page.evaluate("window.statuses")
+        lost = statuses[statuses.index("live") + 1 : -1]
+        assert lost
+        assert all(text.startswith("stale: no data for 5 s; re") for text in lost), lost
+        assert feed.watchers
+        assert not feed.watchers & silenced
+        await admin_sockets_become(server, 1)  # the silent one was closed
+
+
+async def test_a_page_dropped_for_reading_too_slowly_says_why(server: RunningServer) -> None:
+    """A page that falls too far behind is closed 4429 ("outbound queue overflow") and starts
+    again from a new snapshot, its log emptied: the page said "disconnected (4429)", a number
+    nobody could read, for a quarter of a second. It names the reason until it is live."""
+    async with ops_page(server) as page:
+        await page.add_init_script(RECORD_STATUS)
+        await page.reload()
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        [conn] = [c for c in server.core.connections if c.role.value == "admin"]
+        conn.close(4429, "outbound queue overflow")
+        await expect(page.locator("body")).to_have_attribute("data-snapshots", "2")
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        statuses = await page.evaluate("window.statuses")
+        lost = statuses[statuses.index("live") + 1 : -1]
+        assert lost
+        assert all("4429 outbound queue overflow" in text for text in lost), lost
 
 
 async def test_requeue_sort_and_filters(server: RunningServer) -> None:

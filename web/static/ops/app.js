@@ -22,6 +22,7 @@ const short = (id) => (id ? String(id).slice(0, 12) : "");
 
 const S = {
   key: null, ws: null, live: false, everLive: false, retry: 0, timer: null, heardAt: 0,
+  lost: null,  // why the last socket was lost ({state, text}), shown until the next is live
   miners: new Map(), queue: {}, counters: {}, history: [],
   jobs: new Map(), log: new Map(), logN: 0,
   sort: { key: "miner_id", dir: 1 }, page: 0, filter: "",
@@ -240,6 +241,7 @@ function setStatus(state, text) {
 function retryLater(state, text) {
   S.ws = null;
   S.live = false;
+  S.lost = { state, text };
   const wait = Math.min(5000, 250 * 2 ** S.retry++);
   setStatus(state, `${text}; retrying in ${(wait / 1000).toFixed(1)} s`);
   S.timer = setTimeout(connect, wait);
@@ -265,7 +267,7 @@ function connect() {
   S.ws = ws;
   S.live = false;
   S.heardAt = performance.now();
-  if ($("conn-status").dataset.state === "stale") setStatus("stale", `stale: no data for ${STALE / 1000} s; reconnecting…`);
+  if (S.lost) setStatus(S.lost.state, `${S.lost.text}; reconnecting…`);
   else setStatus(S.everLive ? "reconnecting" : "connecting", S.everLive ? "reconnecting…" : "connecting…");
   ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token: S.key }));
   ws.onmessage = (m) => {
@@ -282,7 +284,9 @@ function connect() {
       return;
     }
     if (!S.key) return;
-    retryLater("reconnecting", `disconnected (${ev.code})`);
+    // The reason, when the server gave one: 4429 "outbound queue overflow" (the page fell
+    // behind), 1001 (the server is stopping)...
+    retryLater("reconnecting", `disconnected (${ev.code}${ev.reason ? " " + ev.reason : ""})`);
   };
 }
 
@@ -291,6 +295,7 @@ function onFrame(f) {
     case "snapshot":
       S.live = S.everLive = true;
       S.retry = 0;
+      S.lost = null;
       document.body.dataset.snapshots = String(Number(document.body.dataset.snapshots || 0) + 1);
       S.miners = new Map(f.miners.map((m) => [m.miner_id, m]));
       S.queue = f.queue;
@@ -349,6 +354,7 @@ function signOut(message) {
   sessionStorage.removeItem(KEY);
   S.key = null;
   S.everLive = false;
+  S.lost = null;
   clearTimeout(S.timer);
   const ws = S.ws;
   S.ws = null;
