@@ -274,6 +274,24 @@ async def test_chart_axis_labels_name_their_gridlines_values(server: RunningServ
         ]
 
 
+async def test_a_link_with_a_malformed_key_is_dropped_from_the_address(
+    server: RunningServer,
+) -> None:
+    """/ops#key=… with a malformed escape (a link cut short when pasted) threw a script error:
+    the key stayed in the address bar and the history, and nothing said why the page was not
+    signed in. The key leaves the address in any case; the page says the link was bad."""
+    async with ops_page(server) as page:
+        await page.goto("about:blank")  # a new load, not a move within the page
+        await page.goto(f"http://127.0.0.1:{server.port}/ops#key=adm%E0%A4%A")
+        await expect(page.locator("#signin-error")).to_contain_text("link")
+        assert await page.evaluate("location.hash") == ""
+        assert await page.evaluate("sessionStorage.length") == 0
+        await page.goto("about:blank")
+        await page.goto(f"http://127.0.0.1:{server.port}/ops#key={ADMIN_KEY}")  # as the demo's
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        assert await page.evaluate("location.hash") == ""
+
+
 RECORD_STATUS = """
 addEventListener("DOMContentLoaded", () => {
   window.statuses = [];

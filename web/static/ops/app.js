@@ -504,8 +504,14 @@ setInterval(watchdog, 1000);
 // `aitbc-coordinator demo` prints /ops#key=…: keep the key in this tab only, drop it from the URL.
 const fromUrl = location.hash.match(/^#key=(.+)$/);
 if (fromUrl) {
-  sessionStorage.setItem(KEY, decodeURIComponent(fromUrl[1]));
-  history.replaceState(null, "", location.pathname);
+  history.replaceState(null, "", location.pathname);  // out of the address first, whatever follows
+  let key = null;
+  try {
+    key = decodeURIComponent(fromUrl[1]);
+  } catch {
+    $("signin-error").textContent = "That link's key is malformed (cut short?): sign in with the key.";
+  }
+  if (key) sessionStorage.setItem(KEY, key);
 }
 const saved = sessionStorage.getItem(KEY);
 if (saved) signIn(saved);
