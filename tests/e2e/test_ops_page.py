@@ -292,6 +292,41 @@ async def test_a_link_with_a_malformed_key_is_dropped_from_the_address(
         assert await page.evaluate("location.hash") == ""
 
 
+async def test_a_time_from_another_day_shows_its_date(server: RunningServer) -> None:
+    """Times showed the time of day only: a polling miner gone quiet three days ago (it stays
+    registered) read "last seen 03:04:05", as if that morning. A time of another day (UTC)
+    shows its date; today's, the time alone."""
+    async with ops_page(server) as page:
+        await page.add_init_script(FAKE_OLD_MINER_SOCKET)
+        await page.reload()
+        await sign_in(page)
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        row = page.locator('#miners tr[data-miner="m-old"] td:nth-child(7)')
+        await expect(row).to_have_text("2020-01-02 03:04:05")
+        today = page.locator(f'#jobs tr[data-job="{"c" * 32}"] td:nth-child(6)')
+        await expect(today).to_have_text(await page.evaluate("window.nowShown"))
+
+
+FAKE_OLD_MINER_SOCKET = """
+window.WebSocket = class {
+  constructor() { setTimeout(() => this.onopen(), 0); }
+  close() {}
+  send() {
+    const now = new Date().toISOString();
+    window.nowShown = now.slice(11, 23);
+    const miner = { miner_id: "m-old", transport: "rest", region: null, gpus: [], vram_mb: 0,
+      models: [], slots_used: 0, slots_total: 1, state: "offline",
+      last_seen: "2020-01-02T03:04:05.678Z", completed: 0, failed: 0, success_rate: null,
+      load: {} };
+    this.onmessage({ data: JSON.stringify({ type: "snapshot", miners: [miner], queue: {},
+      counters: {}, history: [] }) });
+    this.onmessage({ data: JSON.stringify({ type: "job.event", job_id: "c".repeat(32), seq: 1,
+      event: "queued", state: "QUEUED", at: now, attempt: 0, miner_id: null }) });
+  }
+};
+"""
+
+
 RECORD_STATUS = """
 addEventListener("DOMContentLoaded", () => {
   window.statuses = [];

@@ -17,7 +17,13 @@ const LOG_DETAIL = 200;     // characters kept of an entry's error or reason (a 
 
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
-const hms = (iso) => (iso ? String(iso).slice(11, 23) : "");
+// A time (UTC, as the API gives it): today's as the time of day, another day's with its date
+// (a polling miner gone quiet stays registered: "last seen 03:04" read as this morning).
+const hms = (iso) => {
+  if (!iso) return "";
+  const s = String(iso), day = s.slice(0, 10);
+  return day === new Date().toISOString().slice(0, 10) ? s.slice(11, 23) : `${day} ${s.slice(11, 19)}`;
+};
 const short = (id) => (id ? String(id).slice(0, 12) : "");
 
 const S = {
