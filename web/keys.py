@@ -9,6 +9,8 @@ import secrets
 import tempfile
 from typing import TYPE_CHECKING
 
+import orjson
+
 from protocol.receipts import load_signing_key
 
 if TYPE_CHECKING:
@@ -144,7 +146,7 @@ def _read_api_keys(path: Path) -> dict[str, str]:
     """The generated API keys stored in ``path``: ``KeyFileError`` unless it holds a JSON object
     with a key for each role."""
     try:
-        keys = json.loads(_read(path))
+        keys = orjson.loads(_read(path))  # the standard parser recursed until RecursionError
     except ValueError:
         keys = None
     if not isinstance(keys, dict) or not all(

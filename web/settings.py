@@ -33,10 +33,12 @@ class SettingsError(ValueError):
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = env.get(name, "").strip()
     if raw.startswith("["):
-        import json
+        import orjson
 
         try:
-            items = json.loads(raw)
+            # orjson refuses nesting deeper than 1,024 levels (a ValueError), where the standard
+            # parser recursed until RecursionError: a traceback instead of one line.
+            items = orjson.loads(raw)
         except ValueError as exc:
             raise SettingsError(f"{name}: not a JSON array or comma-separated list") from exc
         if not isinstance(items, list) or not all(isinstance(k, str) for k in items):

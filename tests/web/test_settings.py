@@ -203,6 +203,8 @@ def test_previous_receipt_keys_are_parsed() -> None:
         ({"MINER_API_KEYS": "long-enough-key,tiny"}, "MINER_API_KEYS"),
         ({"ADMIN_API_KEYS": "[not json"}, "ADMIN_API_KEYS"),
         ({"ADMIN_API_KEYS": "[1, 2]"}, "ADMIN_API_KEYS"),
+        # nested deeper than the parser recurses: a RecursionError traceback, not one line
+        ({"CLIENT_API_KEYS": "[" * 100_000}, "CLIENT_API_KEYS"),
         ({"MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS"),
         ({"ACCEPT_TIMEOUT_SECONDS": "-1"}, "ACCEPT_TIMEOUT_SECONDS"),
         ({"RESUME_GRACE_SECONDS": "x"}, "RESUME_GRACE_SECONDS"),
@@ -703,6 +705,7 @@ def test_a_standby_never_generates_keys(
             '{"client": "client-ключ", "miner": "miner-key-1", "admin": "admin-key-1"}',
         ),
         ("c.db.keys.json", b"\xff\xfe"),
+        ("c.db.keys.json", "[" * 100_000),  # deeper than the parser recurses
         ("c.db.keys.json", None),  # a folder
         ("c.db.signing-key", "not hex\n"),
         ("c.db.signing-key", "11" * 31 + "\n"),
