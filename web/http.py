@@ -222,6 +222,9 @@ class Endpoint:
     responses: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     description: str = ""
     any_role: bool = False  # a valid credential of any role (role must then be None)
+    # A public route whose handler may ask for a credential itself (``/metrics``, an admin's
+    # unless METRICS_PUBLIC=on): documented as taking one, or none.
+    optional_auth: bool = False
     # A GET also answers HEAD (Starlette's default); False for a GET that changes state (the
     # seed doc's long-poll assigns a job), whose HEAD would drop the answer naming what changed.
     head: bool = True

@@ -174,5 +174,6 @@ ENDPOINTS = [
             503: ("the coordinator is stopping: a commit failed", "Error"),
         },
         standby=True,
+        optional_auth=True,
     ),
 ]

@@ -139,6 +139,8 @@ def _operation(endpoint: Endpoint, path: str) -> dict[str, Any]:
         }
     authed = endpoint.role is not None or endpoint.any_role
     op["security"] = [] if not authed else _KEYS if endpoint.role is Role.MINER else _CREDENTIALS
+    if endpoint.optional_auth:  # ``{}``: no credential is an option too
+        op["security"] = [{}, *_CREDENTIALS]
     op["responses"] = _responses(endpoint, bool(_PATH_PARAM.search(path)))
     return op
 

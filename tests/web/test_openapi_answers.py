@@ -177,3 +177,26 @@ async def test_miner_routes_document_the_x_miner_id_header(api: Api) -> None:
         headers={"X-Api-Key": MINER_KEY, "X-Miner-ID": "rack-2/gpu-1"},
     )
     assert registered.json()["miner_id"] == "rack-2/gpu-1"
+
+
+async def test_metrics_documents_the_admin_credential_it_asks_for(api: Api) -> None:
+    """/metrics needs an admin credential unless METRICS_PUBLIC=on, but its operation said
+    ``security: []`` (no credential): Swagger UI's "Try it out" sent none after "Authorize"
+    and got 401, and so did a client generated from the document. It lists the credential
+    schemes, and no credential (``{}``) as an option, for METRICS_PUBLIC=on."""
+    doc = (await api.http.get("/openapi.json")).json()
+    security = doc["paths"]["/metrics"]["get"]["security"]
+    assert {} in security
+    schemes = doc["components"]["securitySchemes"]
+    sent = {"ApiKeyHeader": "X-Api-Key", "Bearer": "Authorization", "SessionToken": None}
+    assert [s for s in security if s] == [{name: []} for name in sent]
+    for name, header in sent.items():
+        assert name in schemes
+        if header is None:
+            continue
+        value = ADMIN_KEY if header == "X-Api-Key" else f"Bearer {ADMIN_KEY}"
+        r = await api.http.get("/metrics", headers={header: value})
+        assert r.status_code == 200, (name, r.text)
+    bare = await api.http.get("/metrics")
+    assert bare.status_code == 401
+    await conforms(api, bare)
