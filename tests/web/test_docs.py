@@ -1,17 +1,22 @@
-"""/docs (Swagger UI) and /redoc (ReDoc) work offline: every asset is served by the app."""
+"""/docs (Swagger UI) and /redoc (ReDoc) work offline: every asset is served by the app; the
+docs say what the code does (docs/configuration.md's table and CLI line against the settings
+and the command)."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.web.rest_harness import Api, running_api
+from web.cli import main
+from web.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
 pytestmark = pytest.mark.anyio
 
@@ -68,3 +73,116 @@ async def test_unknown_asset_is_a_json_404(api: Api) -> None:
     r = await api.http.get("/docs/static/swagger-ui/nope.js")
     assert r.status_code == 404
     assert r.json() == {"detail": "Not Found"}
+
+
+# docs/configuration.md against web/settings.py: every variable the settings read is in the
+# table and every row names one they read, with its real default and bounds.
+_CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \| (.*?) \| (.*) \|$", re.MULTILINE)
+# "LO\u2013HI" (an en dash) in a row's meaning: the last one ("1024\u201367108864 (64 MiB):
+# ..."), never a size in MB (the WAL's "75\u2013118 MB").
+_RANGE = re.compile(r"(?<![\w.])(2⁴⁰|[0-9][0-9.]*)\u2013(2⁴⁰|[0-9][0-9.]*)(?![0-9.]| MB)")
+# The heartbeat timeout may not be shorter than the interval: each bound of either is tried
+# with the other out of its way.
+_ROOM = {"HEARTBEAT_INTERVAL_SECONDS": "0.05", "HEARTBEAT_TIMEOUT_SECONDS": "3600"}
+
+
+class _Recording(dict[str, str]):
+    """An environment that notes every variable read from it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().__contains__(key)
+
+
+def _rows() -> dict[str, tuple[str, str]]:
+    rows = {name: (default, meaning) for name, default, meaning in _ROW.findall(_read_doc())}
+    assert len(rows) > 40
+    return rows
+
+
+def _read_doc() -> str:
+    return _CONFIGURATION.read_text()
+
+
+def _bound(text: str) -> Decimal:
+    return Decimal(1 << 40) if text == "2⁴⁰" else Decimal(text)
+
+
+def _settings(env: dict[str, str]) -> Settings | str:
+    try:
+        return Settings.from_env(env)
+    except SettingsError as exc:
+        return str(exc)
+
+
+def test_the_configuration_table_names_every_variable_the_settings_read() -> None:
+    env = _Recording()
+    Settings.from_env(env)
+    assert set(_rows()) == env.read
+
+
+def test_each_documented_default_is_the_default() -> None:
+    """Setting a variable to its documented default changes nothing."""
+    unset = Settings.from_env({})
+    checked = 0
+    for name, (default, _) in _rows().items():
+        written = re.fullmatch(r"`([^`]+)`(?: \(.*\))?", default)
+        if written is None:  # "—", "generated"
+            continue
+        value = {"off": "off", "on": "on"}.get(written.group(1), written.group(1))
+        assert Settings.from_env({name: value}) == unset, (name, value)
+        checked += 1
+    assert checked > 30
+
+
+def test_each_documented_range_is_the_range_taken() -> None:
+    """Both bounds are taken; a value just past either is refused, naming the variable."""
+    checked = 0
+    for name, (_, meaning) in _rows().items():
+        ranges = _RANGE.findall(meaning)
+        if not ranges:
+            continue
+        lo, hi = (_bound(b) for b in ranges[-1])
+        room = {k: v for k, v in _ROOM.items() if k != name}
+        for inside in (lo, hi):
+            got = _settings({**room, name: str(inside)})
+            assert isinstance(got, Settings), (name, str(inside), got)
+        outside = [hi + 1] + ([lo / 2] if lo > 0 else [])
+        for value in outside:
+            got = _settings({**room, name: str(value)})
+            assert isinstance(got, str), (name, str(value))
+            assert got.startswith(f"{name}: "), (name, got)
+        checked += 1
+    assert checked > 20
+
+
+def test_the_cli_line_names_every_option_of_each_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """configuration.md's **CLI** paragraph names each subcommand's options as --help lists
+    them."""
+    doc = _read_doc()
+    for command in (["serve"], ["demo"], ["receipts", "verify"], ["receipts", "audit"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        usage = capsys.readouterr().out
+        options = set(re.findall(r"\[(--[a-z-]+)", usage)) - {"--help"}
+        # its synopsis: the longest of the spans that name the command
+        lines = re.findall(rf"`aitbc-coordinator {' '.join(command)}(?: [^`]*)?`", doc)
+        assert lines, command
+        named = set(re.findall(r"--[a-z-]+", max(lines, key=len)))
+        assert named == options, (command, named, options)
