@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from protocol.types import CloseCode, ErrorCode
 from tests.web.rest_harness import Api, running_api
 from web.cli import main
 from web.settings import Settings, SettingsError
@@ -186,3 +187,17 @@ def test_the_cli_line_names_every_option_of_each_command(
         assert lines, command
         named = set(re.findall(r"--[a-z-]+", max(lines, key=len)))
         assert named == options, (command, named, options)
+
+
+def test_protocol_md_lists_the_close_codes_and_error_codes_of_the_code() -> None:
+    """docs/protocol.md's close-code table and its list of ``error`` codes are those of
+    ``protocol.types`` (4408, the spec's application-level liveness close, is never sent: the
+    transport's keepalive closes 1011, as the table says)."""
+    doc = (_CONFIGURATION.parent / "protocol.md").read_text()
+    table = doc.split("## Close codes", 1)[1].split("\n## ", 1)[0]
+    codes = {
+        int(c) for row in re.findall(r"^\| ([0-9 /]+) \|", table, re.M) for c in row.split("/")
+    }
+    assert codes == {int(c) for c in CloseCode} - {CloseCode.LIVENESS_LOST}
+    listed = doc.split("Error codes carried by `error` frames:", 1)[1].split(".", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", listed)) == {str(c) for c in ErrorCode}
