@@ -99,7 +99,9 @@ def _pinned(args: argparse.Namespace) -> tuple[TrustedKey, ...]:
             keys.append(TrustedKey(key_id=key_id_from_text(text)))
         except ValueError as exc:
             raise _Usage(f"--key {text!r}: {exc}") from None
-    if args.keys_url:
+    if args.keys_url is not None:
+        if not args.keys_url.strip():  # ``--keys-url "$URL"``, URL unset: not "no URL"
+            raise _Usage(f"--keys-url {args.keys_url!r}: an empty URL")
         try:
             with urllib.request.urlopen(args.keys_url, timeout=10) as answer:
                 keys += keys_from_document(orjson.loads(answer.read()))

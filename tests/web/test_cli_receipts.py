@@ -304,6 +304,22 @@ def test_verify_with_keys_url_and_with_configured_keys(
     assert run_verify(capsys, str(file))[0] == 1
 
 
+def test_verify_with_an_empty_keys_url_is_refused(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--keys-url "$URL"`` with URL unset pinned the configured keys instead, and said OK:
+    a script meant to check receipts against another coordinator's keys passed on this one's.
+    It is a usage error, as an empty ``--db`` is."""
+    receipts = issue_receipts(tmp_path, 1)
+    file = tmp_path / "r.json"
+    file.write_text(json.dumps(receipts[0]))
+    env.setenv("RECEIPT_SIGNING_KEY_HEX", SIGNING_SEED)
+    code, out = run_verify(capsys, str(file), "--keys-url", "")
+    assert code == 2
+    assert out.startswith("aitbc-coordinator receipts: --keys-url ''")
+    assert len(out.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
