@@ -167,6 +167,12 @@ def _listen_or_say(command: str, host: str, port: int) -> socket.socket | None:
         return None
 
 
+def _overridden(args: argparse.Namespace) -> set[str]:
+    """The variables ``serve``'s options given override (``_with_arguments``)."""
+    given = {"API_HOST": args.host, "API_PORT": args.port, "DATABASE_URL": args.db}
+    return {name for name, value in given.items() if value or value == 0}
+
+
 def _with_arguments(settings: Settings, args: argparse.Namespace) -> Settings:
     """``serve``'s options over the environment's settings."""
     changes: dict[str, object] = {}
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_receipts(args)
 
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(without=_overridden(args))
     except SettingsError as exc:
         print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
         return 2

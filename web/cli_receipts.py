@@ -153,7 +153,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = Settings.from_env(without={"DATABASE_URL"} if args.db else ())
     if args.db:
         settings = settings.with_(database_url=sqlite_url(args.db))
     if not settings.is_postgres:

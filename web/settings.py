@@ -21,7 +21,7 @@ from protocol.types import iso_time, parse_instant
 from storage.backends import is_postgres_url, sqlite_file
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Collection, Mapping
 
 __all__ = ["Settings", "SettingsError", "check_rotation", "url_host"]
 
@@ -205,8 +205,15 @@ class Settings:
     max_pending_payments: int = 5
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, without: Collection[str] = ()
+    ) -> Settings:
+        """``without``: variables a command-line option overrides, read as unset (an invalid
+        value of one, such as Kubernetes' API_PORT=tcp://… for a Service named ``api``,
+        stopped a start that did not use it)."""
         env = os.environ if env is None else env
+        if without:
+            env = {k: v for k, v in env.items() if k not in without}
         if env.get("API_KEYS", "").strip():
             # The seed document's one key list: ignored, it left the operator's key refused
             # (401) while the start generated development keys in its place.

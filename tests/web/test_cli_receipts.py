@@ -110,6 +110,16 @@ async def test_audit_of_a_postgresql_chain_reads_database_url(
     assert out.startswith("chain broken at chain_seq 3 ")
 
 
+def test_audit_db_overrides_an_invalid_database_url(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--db`` overrides DATABASE_URL, which was read (and refused: exit 2) first."""
+    issue_receipts(tmp_path, 1)
+    env.setenv("DATABASE_URL", "mysql://db/x")
+    code, out = audit(capsys, tmp_path)
+    assert (code, out.strip().splitlines()[-1]) == (0, "receipt chain OK: 1 receipts"), out
+
+
 def test_audit_of_a_file_whose_name_a_url_would_misread(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

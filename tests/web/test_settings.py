@@ -511,7 +511,8 @@ def test_serve_with_an_invalid_setting_exits_2(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
     monkeypatch.setenv(variable, value)
-    assert main(["serve", "--port", "0"]) == 2
+    # --port overrides API_PORT, which is then not read (test_an_option_overrides_…)
+    assert main(["serve"] if variable == "API_PORT" else ["serve", "--port", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
@@ -553,6 +554,32 @@ def test_serve_refuses_a_previous_key_valid_until_a_time_to_come(
         assert list(tmp_path.iterdir()) == []
     else:
         assert err == ""
+
+
+def test_an_option_overrides_its_variable_even_an_invalid_one(
+    serve_stops_at_once: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """``--port``, ``--host`` and ``--db`` override API_PORT, API_HOST and DATABASE_URL, but
+    the variables were read (and refused) first: under Kubernetes, a Service named ``api``
+    sets API_PORT=tcp://10.0.0.7:80 in every pod of its namespace, and ``serve --port 8000``
+    exited 2 on it; so did ``--db x.db`` in a shell whose DATABASE_URL was another program's."""
+    monkeypatch.setenv("API_PORT", "tcp://10.0.0.7:80")
+    monkeypatch.setenv("API_HOST", "")
+    monkeypatch.setenv("DATABASE_URL", "mysql://db/x")
+    db = tmp_path / "c.db"
+    assert main(["serve", "--host", "127.0.0.1", "--port", "0", "--db", str(db)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    [line] = [x for x in out.splitlines() if x.startswith("AITBC")]
+    assert line.startswith("AITBC coordinator on http://127.0.0.1:")
+    assert str(db) in line
+    monkeypatch.setenv("API_PORT", "8000")  # a variable no option overrides is still read
+    monkeypatch.setenv("MAX_ATTEMPTS", "0")
+    assert main(["serve", "--port", "0", "--db", str(db)]) == 2
+    assert "MAX_ATTEMPTS" in capsys.readouterr().err
 
 
 def test_serve_names_an_ipv6_listen_address_in_brackets(
