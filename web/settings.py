@@ -223,7 +223,7 @@ class Settings:
             )
         url = _database_url(env.get("DATABASE_URL", "sqlite:///./coordinator.db").strip())
         port = _integer(env, "API_PORT", 8000, 0, 65535)
-        sync = env.get("SQLITE_SYNCHRONOUS", "NORMAL").strip().upper()
+        sync = env.get("SQLITE_SYNCHRONOUS", "").strip().upper() or "NORMAL"
         if sync not in ("NORMAL", "FULL"):
             raise SettingsError("SQLITE_SYNCHRONOUS: must be NORMAL or FULL")
         signing = env.get("RECEIPT_SIGNING_KEY_HEX", "").strip() or None
@@ -273,7 +273,7 @@ class Settings:
             max_active_bytes_per_client=_integer(
                 env, "MAX_ACTIVE_BYTES_PER_CLIENT", 1 << 30, 1024, 1 << 40
             ),
-            environment=env.get("ENVIRONMENT", "development"),
+            environment=env.get("ENVIRONMENT", "").strip() or "development",
             metrics_public=_switch(env, "METRICS_PUBLIC", False),
             standby=_switch(env, "STANDBY", False),
             database_wait_seconds=_number(env, "DATABASE_WAIT_SECONDS", 30, 0, 3600),

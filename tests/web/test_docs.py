@@ -201,3 +201,16 @@ def test_protocol_md_lists_the_close_codes_and_error_codes_of_the_code() -> None
     assert codes == {int(c) for c in CloseCode} - {CloseCode.LIVENESS_LOST}
     listed = doc.split("Error codes carried by `error` frames:", 1)[1].split(".", 1)[0]
     assert set(re.findall(r"`([a-z_]+)`", listed)) == {str(c) for c in ErrorCode}
+
+
+def test_an_empty_variable_is_its_default() -> None:
+    """Every variable of the table set empty (a compose file's ``SQLITE_SYNCHRONOUS=${SYNC}``
+    with SYNC unset) is read as unset, as the numbers and switches were, but DATABASE_URL,
+    which is refused rather than run on ./coordinator.db: SQLITE_SYNCHRONOUS was refused
+    ("must be NORMAL or FULL"), and /health reported ENVIRONMENT as "" (or with its spaces)."""
+    names = set(_rows()) - {"DATABASE_URL"}
+    for blank in ("", " "):
+        assert Settings.from_env(dict.fromkeys(names, blank)) == Settings(), repr(blank)
+    assert Settings.from_env({"ENVIRONMENT": " production\n"}).environment == "production"
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL: "):
+        Settings.from_env({"DATABASE_URL": ""})
