@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from protocol.types import CloseCode, ErrorCode
+from tests.conftest import ADMIN_KEY
 from tests.web.rest_harness import Api, running_api
 from web.cli import main
 from web.settings import Settings, SettingsError
@@ -214,3 +215,18 @@ def test_an_empty_variable_is_its_default() -> None:
     assert Settings.from_env({"ENVIRONMENT": " production\n"}).environment == "production"
     with pytest.raises(SettingsError, match=r"^DATABASE_URL: "):
         Settings.from_env({"DATABASE_URL": ""})
+
+
+async def test_ops_md_metrics_table_names_every_series(api: Api) -> None:
+    """docs/ops.md's metrics table names exactly the families /metrics exports (SQLite)."""
+    doc = (_CONFIGURATION.parent / "ops.md").read_text()
+    table = doc.split("| metric | type | what |", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        name
+        for cell in re.findall(r"^\| (.*?) \|", table, re.M)
+        for name in re.findall(r"`(aitbc_[a-z0-9_]+)", cell)
+    }
+    r = await api.http.get("/metrics", headers={"X-Api-Key": ADMIN_KEY})
+    assert r.status_code == 200
+    exported = set(re.findall(r"^# TYPE (aitbc_[a-z0-9_]+) ", r.text, re.M))
+    assert documented == exported
