@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dispatcher import core
 from dispatcher.stats import (
     REQUEUE_REASONS,
     EventTally,
@@ -97,6 +100,23 @@ def test_a_miners_failure_is_told_by_its_error_code_never_by_its_text(
     under that reason, and the ops page counted no failure against the miner (a failing miner
     could hide its failures). The event names its ``error_code``, which decides."""
     assert requeue_label(data) == label
+
+
+def test_every_requeue_text_of_the_scheduler_has_its_own_label() -> None:
+    """Each fixed reason ``dispatcher/core.py`` requeues with is labelled as itself, not as a
+    miner's failure (a new one must be added to the labels, and to docs/ops.md)."""
+    tree = ast.parse(Path(core.__file__).read_text())
+    texts = [
+        call.args[2].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "_requeue"
+        and isinstance(call.args[2], ast.Constant)
+    ]
+    assert len(texts) >= 10
+    for text in texts:
+        assert requeue_reason(text) != "retryable_failure", text
 
 
 def test_tally_counts_events_and_latencies() -> None:
