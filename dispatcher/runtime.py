@@ -145,6 +145,9 @@ class Dispatcher:
         self._wake = anyio.Event()
         self._timer_wake = anyio.Event()
         self._sleeping_until = math.inf
+        # The scheduler's next deadline as of its last call (``_apply``): ``_now`` compares the
+        # time with it, one float compare per call, to fire the timers due first.
+        self._due = math.inf
         self._rearm = False  # wake the timer task once the open batch has been performed
         self._urgent = False  # the open batch pushes a job to a miner: commit it without gathering
         self._sinks: dict[str, MinerSink] = {}
@@ -353,6 +356,20 @@ class Dispatcher:
         if self._closing:
             raise Unavailable("the coordinator is shutting down")
 
+    def _now(self) -> float:
+        """The time for a scheduler call, once every timer due by then has fired.
+
+        The timer loop fires a deadline only when its task next runs: a call before that (a
+        result after the job's TTL, a freed slot taking a job whose TTL passed) acted on a
+        state the scheduler no longer has at ``now``. Every scheduler call takes its time from
+        here, so its effects follow the timers' in the batch. Cheap when nothing is due (the
+        usual case): a float compare with the deadline cached by ``_apply``.
+        """
+        now = self.clock.now()
+        if now >= self._due:
+            self._apply(self.scheduler.tick(now))
+        return now
+
     def _apply(self, effects: list[Effect], reply: _Action | None = None) -> None:
         """Stage ``effects`` for the open batch. Once it commits, the miner-bound ones (assign,
         revoke, close) are performed first, then ``reply``, then the events: new work reaches
@@ -396,6 +413,7 @@ class Dispatcher:
         actions += persists
         self._wake.set()
         deadline = self.scheduler.next_deadline()
+        self._due = math.inf if deadline is None else deadline
         if deadline is not None and deadline < self._sleeping_until:
             if actions:
                 # The writer performs these next: it wakes the timer task after them, so the
@@ -744,37 +762,38 @@ class Dispatcher:
         already checked). Synchronous, so the socket endpoints call it from the read path.
         Raises Unavailable, PaymentRequired or TooLarge (nothing queued)."""
         self._check_open()
-        new = (
-            spec.idempotency_key is None
-            or self.scheduler.find_idempotent(spec.client_id, spec.idempotency_key) is None
-        )
+        key = spec.idempotency_key
+        existing = None if key is None else self.scheduler.find_idempotent(spec.client_id, key)
+        # Looked up first: the timers due now may end jobs and so let that one go from memory
+        # (``terminal_retention``), and its key would then make a second job.
+        now = self._now()
+        if existing is not None:
+            # A repeat answers with the job as it is now, not as last published: the answer
+            # goes out with the open batch, after everything the scheduler did so far is
+            # committed and published (the job's end in flight included, which the asker
+            # would otherwise miss).
+            rec = existing.record()
+            self._apply([], reply=lambda: then(rec, True))
+            return
         limit = self.max_assign_bytes
-        if (
-            new
-            and limit is not None
-            and not assign_fits(spec.payload, spec.constraints, limit, read=spec.size)
+        if limit is not None and not assign_fits(
+            spec.payload, spec.constraints, limit, read=spec.size
         ):
             # Pushed anyway, it closed each miner (1009) and went back to the queue uncharged,
             # to be pushed again at the miner's reconnect: for its whole TTL.
             raise TooLarge(limit)
-        if new:
-            self._check_active(spec)
+        self._check_active(spec)
         reserve = None
-        if spec.payment is not None and new:
+        if spec.payment is not None:
             reserve = [job_reservation(spec.job_id, spec.payment)]
             self.ledger.stage(reserve)  # PaymentRequired: nothing is queued
             self.settle_payments = True
-        job, effects = self.scheduler.submit(spec, self.clock.now())
-        if job.job_id == spec.job_id:
-            self._count_active(job.job_id, job.client_id, spec.size)
+        job, effects = self.scheduler.submit(spec, now)
+        self._count_active(job.job_id, job.client_id, spec.size)
         if reserve is not None:
             self._post(reserve)
-        # A repeat answers with the job as it is now, not as last published: the answer goes
-        # out with the open batch, after everything the scheduler did so far is committed and
-        # published (the job's end in flight included, which the asker would otherwise miss).
-        rec = _snapshot(job, effects) if job.job_id == spec.job_id else job.record()
-        existed = job.job_id != spec.job_id
-        self._apply(effects, reply=lambda: then(rec, existed))
+        rec = _snapshot(job, effects)
+        self._apply(effects, reply=lambda: then(rec, False))
 
     def _check_active(self, spec: JobSpec) -> None:
         """Raise TooManyJobs when a new job would pass its client's live-job bounds."""
@@ -814,7 +833,7 @@ class Dispatcher:
     def cancel(self, client_id: str, job_id: str, then: Callable[[JobRecord], None]) -> None:
         """Cancel a live job; raises UnknownJob / InvalidTransition (nothing changes)."""
         self._check_open()
-        job, effects = self.scheduler.cancel(client_id, job_id, self.clock.now())
+        job, effects = self.scheduler.cancel(client_id, job_id, self._now())
         rec = _snapshot(job, effects)
         self._actions.append(lambda: then(rec))
         self._apply(effects)
@@ -827,13 +846,13 @@ class Dispatcher:
     async def admin_cancel(self, job_id: str) -> JobRecord:
         """Cancel any job; raises UnknownJob / InvalidTransition (nothing changes)."""
         self._check_open()
-        job, effects = self.scheduler.admin_cancel(job_id, self.clock.now())
+        job, effects = self.scheduler.admin_cancel(job_id, self._now())
         return await self._admin_done(_snapshot(job, effects), effects)
 
     async def requeue(self, job_id: str) -> JobRecord:
         """Take a RUNNING job back from its miner; raises UnknownJob / InvalidTransition."""
         self._check_open()
-        job, effects = self.scheduler.requeue(job_id, self.clock.now())
+        job, effects = self.scheduler.requeue(job_id, self._now())
         return await self._admin_done(_snapshot(job, effects), effects)
 
     async def _admin_done(self, rec: JobRecord, effects: list[Effect]) -> JobRecord:
@@ -852,7 +871,7 @@ class Dispatcher:
         miner = self.scheduler.miners.get(miner_id)
         if miner is not None and miner.rest and miner_id in self._bindings:
             self._rest_away[miner_id] = self._rest_record(miner_id, REST_SESSION_PREFIX + miner_id)
-        self._apply(self.scheduler.disconnect_miner(miner_id, self.clock.now()))
+        self._apply(self.scheduler.disconnect_miner(miner_id, self._now()))
         await self._until_committed(self._commit_then)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -998,7 +1017,7 @@ class Dispatcher:
         """Bind the id to the key on first use, then connect; ``then`` sends the welcome."""
         self._check_open()
         self._bind(miner_id, key_hash)
-        now = self.clock.now()
+        now = self._now()
         info, effects = self.scheduler.connect(
             miner_id,
             session_id,
@@ -1053,13 +1072,11 @@ class Dispatcher:
     def miner_gone(self, miner_id: str, session_id: str) -> None:
         if self._sinks.get(session_id) is not None:
             del self._sinks[session_id]
-        self._apply(self.scheduler.disconnect(miner_id, session_id, self.clock.now()))
+        self._apply(self.scheduler.disconnect(miner_id, session_id, self._now()))
 
     def miner_call(self, method: str, miner_id: str, *args: Any, **kwargs: Any) -> None:
         """Forward accept/reject/progress/fail/set_status to the scheduler (errors propagate)."""
-        self._apply(
-            getattr(self.scheduler, method)(miner_id, *args, now=self.clock.now(), **kwargs)
-        )
+        self._apply(getattr(self.scheduler, method)(miner_id, *args, now=self._now(), **kwargs))
 
     def miner_result(
         self,
@@ -1075,7 +1092,7 @@ class Dispatcher:
         """Complete a job; ``then(record)`` (with the receipt) runs once it is durable.
         ``size``: the result's message as received, in bytes (``Scheduler.complete``)."""
         job, effects = self.scheduler.complete(
-            miner_id, job_id, result, metrics, self.clock.now(), attempt, attestation, size
+            miner_id, job_id, result, metrics, self._now(), attempt, attestation, size
         )
         rec = _snapshot(job, effects)
         self._actions.append(lambda: then(rec))
@@ -1115,7 +1132,7 @@ class Dispatcher:
             concurrency=m.concurrency,
             region=m.region,
             resume_session=m.session_id if resume else None,
-            now=self.clock.now(),
+            now=self._now(),
             rest=True,
         )
         self._apply(effects)
@@ -1171,7 +1188,7 @@ class Dispatcher:
         self._writes.miners[miner_id] = self._rest_record(miner_id, None)
         del self._sinks[REST_SESSION_PREFIX + miner_id]
         self._rest_seen.pop(miner_id, None)
-        self._apply(self.scheduler.leave(miner_id, self.clock.now()))
+        self._apply(self.scheduler.leave(miner_id, self._now()))
         self.after_commit(lambda: sink.close(CloseCode.NORMAL, "deregistered"))  # polls end
         await self._until_committed(self._commit_then)
 
@@ -1272,7 +1289,7 @@ class Dispatcher:
         sink.waiters.append(waiter)
         self._rest_seen[miner_id] = self.clock.now()
         try:
-            self._apply(self.scheduler.poll(miner_id, self.clock.now()))
+            self._apply(self.scheduler.poll(miner_id, self._now()))
         except DispatchError:
             sink.waiters.remove(waiter)
             raise
@@ -1307,9 +1324,7 @@ class Dispatcher:
 
     def _rest_orphan(self, miner_id: str, msg: JobAssign) -> None:
         try:
-            self._apply(
-                self.scheduler.hand_back(miner_id, msg.job_id, self.clock.now(), msg.attempt)
-            )
+            self._apply(self.scheduler.hand_back(miner_id, msg.job_id, self._now(), msg.attempt))
         except DispatchError:
             pass  # the job moved on meanwhile (canceled, expired): nothing to hand back
 

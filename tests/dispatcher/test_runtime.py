@@ -13,7 +13,14 @@ import anyio.lowlevel
 import pytest
 
 from dispatcher.core import JobSpec, ResumeInfo, Scheduler, SchedulerConfig
-from dispatcher.errors import NotAllowed, TooLarge, TooManyJobs, Unavailable, UnknownJob
+from dispatcher.errors import (
+    NotAllowed,
+    NotAssigned,
+    TooLarge,
+    TooManyJobs,
+    Unavailable,
+    UnknownJob,
+)
 from dispatcher.fanout import Subscriber
 from dispatcher.runtime import GATHER_TURNS, Dispatcher
 from storage.errors import StorageError
@@ -599,6 +606,80 @@ async def test_an_earlier_deadline_rearms_a_sleeping_timer() -> None:
         h.clock.advance(95)
         await h.flushed()
         assert stored(h, late.job_id)[-1] == (2, "expired")
+
+
+async def test_a_result_after_the_ttl_is_refused_before_the_timer_loop_runs() -> None:
+    """A result that arrives once the job's TTL has passed, before the timer loop woke, is
+    refused ``not_assigned`` and the job ends EXPIRED: the result was taken (COMPLETED, a
+    receipt) when the call came before the timer loop's turn."""
+    async with running() as h:
+        sink = h.miner()
+        spec = h.spec(ttl_seconds=5)
+        await h.submit(spec)
+        await h.flushed()
+        h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+        await h.flushed()
+
+        h.clock.advance(5)  # no await from here on: the timer loop has not run
+        with pytest.raises(NotAssigned):
+            h.dispatcher.miner_result("gpu-1", spec.job_id, {"ok": 1}, {}, None, lambda r: None)
+        await h.flushed()
+        assert stored(h, spec.job_id) == [
+            (1, "queued"),
+            (2, "assigned"),
+            (3, "started"),
+            (4, "expired"),
+        ]
+        assert h.store.jobs[spec.job_id].state == "EXPIRED"
+        assert [(f["job_id"], f["reason"]) for f in sink.of_type("job.cancel")] == [
+            (spec.job_id, "expired")
+        ]
+
+
+async def test_an_expired_job_is_not_pushed_to_a_miner_freed_before_the_timer_loop_runs() -> None:
+    """A queued job whose TTL has passed is not pushed to a miner whose slot frees before the
+    timer loop woke (its result taken at that moment): the job ends EXPIRED, never assigned."""
+    async with running() as h:
+        sink = h.miner()
+        busy, waiting = h.spec(), h.spec(ttl_seconds=5)
+        await h.submit(busy)
+        await h.submit(waiting)
+        await h.flushed()
+        h.dispatcher.miner_call("accept", "gpu-1", busy.job_id)
+        await h.flushed()
+
+        h.clock.advance(5)  # no await from here on: the timer loop has not run
+        h.dispatcher.miner_result("gpu-1", busy.job_id, {"ok": 1}, {}, None, lambda r: None)
+        await h.flushed()
+        assert [f["job_id"] for f in sink.of_type("job.assign")] == [busy.job_id]
+        assert stored(h, waiting.job_id) == [(1, "queued"), (2, "expired")]
+        assert h.store.jobs[busy.job_id].state == "COMPLETED"
+
+
+async def test_a_repeated_key_is_answered_with_its_job_when_due_timers_let_it_go() -> None:
+    """A submit repeating a key is answered with that job even when the timers it fires first
+    end another job and so let the key's job go from memory (``terminal_retention``): it made
+    a second job with the same key."""
+    async with running(terminal_retention=1) as h:
+        first = h.spec(idempotency_key="k1")
+        await h.submit(first)
+        await h.flushed()
+        h.dispatcher.cancel("c1", first.job_id, lambda r: None)
+        expiring = h.spec(ttl_seconds=5)
+        await h.submit(expiring)
+        await h.flushed()
+
+        h.clock.advance(5)  # no await until the submit is queued: the timer loop has not run
+        queued = h.dispatcher.submit_soon(
+            h.spec(idempotency_key="k1"),
+            lambda rec, existed: h.log.append(("answer", (rec.job_id, rec.state, existed))),
+            lambda exc: h.log.append(("refused", exc)),
+        )
+        assert queued
+        await h.flushed()
+        assert h.entries("answer") == [(first.job_id, "CANCELED", True)]
+        assert stored(h, expiring.job_id)[-1] == (2, "expired")
+        assert sorted(h.store.jobs) == sorted([first.job_id, expiring.job_id])
 
 
 # ---- subscribe ----------------------------------------------------------------------------
