@@ -13,6 +13,7 @@ with ``NotAssigned`` and changes nothing.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import OrderedDict
@@ -42,6 +43,11 @@ class SchedulerConfig:
     max_attempts: int = 3
     accept_timeout: float = 10.0
     resume_grace: float = 15.0
+    # A socket may be dead this long before its close is noticed (the heartbeat's interval plus
+    # its timeout; web/app.py sets it so): a ``job.cancel`` pushed to a session within this
+    # long before it ended may have been lost with it, so its resume names the job again in
+    # ``revoked`` (docs/protocol.md, welcome).
+    revoke_window: float = 40.0
     rest_lease: float = 600.0
     terminal_retention: int = 10_000
     # Ended jobs are also kept only while the bytes of their payloads and results (as received,
@@ -107,6 +113,7 @@ class Miner:
         "jobs",
         "miner_id",
         "polls",
+        "pushed",
         "region",
         "rest",
         "revoked",
@@ -124,7 +131,11 @@ class Miner:
         self.connected = False
         self.counted = False  # contributes to the scheduler's known capability classes
         self.jobs: dict[str, None] = {}
+        # Jobs revoked while away (no socket to tell): the resume's ``revoked`` names them.
         self.revoked: list[str] = []
+        # (when, job id) of each ``job.cancel`` pushed to the live session, oldest first, within
+        # ``revoke_window``: lost if the socket was dead already (``_session_ended``).
+        self.pushed: list[tuple[float, str]] = []
         self.grace_timer: _Timer | None = None
         # A REST miner (rest-api.md §2.3) has no socket to push to: only a waiting poll can
         # take a job, so its free slots are capped by the number of polls waiting right now.
@@ -316,7 +327,7 @@ class Scheduler:
         transition(job_id, job.state, Action.REQUEUE)
         assert job.miner_id is not None  # every RUNNING job is leased (Rule 2)
         job.rejected_by[job.miner_id] = (math.inf, 0)  # moved elsewhere for good
-        self._revoke(job, "requeued by admin")
+        self._revoke(job, "requeued by admin", now)
         self._requeue(job, now, "requeued by admin", charged=False)
         return job, self._take()
 
@@ -370,6 +381,7 @@ class Scheduler:
         else:
             self._forget_caps(miner)
             self._idle.discard(miner_id)
+            self._session_ended(miner, now)  # nothing unless that session is live
             if miner.connected and miner.session_id != session_id:
                 self._effects.append(
                     CloseSession(
@@ -428,7 +440,7 @@ class Scheduler:
         for job_id in list(miner.jobs):
             job = self.jobs[job_id]
             if not job.accepted:
-                self._revoke(job, "miner reconnected before accepting")
+                self._revoke(job, "miner reconnected before accepting", now)
                 self._requeue(job, now, "miner reconnected before accepting", charged=False)
         return list(miner.jobs), miner.revoked
 
@@ -454,6 +466,7 @@ class Scheduler:
         miner = self.miners.get(miner_id)
         if miner is None or miner.session_id != session_id or not miner.connected:
             return []  # an older, replaced session
+        self._session_ended(miner, now)
         miner.connected = False
         miner.polls = 0  # a REST miner's waiting polls end with its session
         self._changed_miners.add(miner_id)
@@ -462,7 +475,7 @@ class Scheduler:
             job = self.jobs[job_id]
             if not job.accepted:
                 # Its accept may have been on the way: a resume names the job in ``revoked``.
-                self._revoke(job, "miner disconnected before accepting")
+                self._revoke(job, "miner disconnected before accepting", now)
                 self._requeue(job, now, "miner disconnected before accepting", charged=False)
         if miner.jobs:
             miner.grace_timer = self._arm(
@@ -679,7 +692,7 @@ class Scheduler:
         elif timer.kind == "lease":
             job = self.jobs.get(timer.key)
             if job is not None and job.state is JobState.RUNNING and job.attempt == timer.token:
-                self._revoke(job, "lease expired")
+                self._revoke(job, "lease expired", now)
                 self._requeue(job, now, "lease expired", charged=True)
         elif timer.kind == "accept":
             job = self.jobs.get(timer.key)
@@ -691,7 +704,7 @@ class Scheduler:
             ):
                 assert job.miner_id is not None
                 self._refused(job, job.miner_id, now)
-                self._revoke(job, "accept timeout")
+                self._revoke(job, "accept timeout", now)
                 self._requeue(job, now, "accept timeout", charged=False)
         elif timer.kind == "reoffer":
             job = self.jobs.get(timer.key)
@@ -739,7 +752,7 @@ class Scheduler:
                 self._changed_miners.add(job.miner_id)
                 if not job.accepted:
                     # Its accept may have been on the way: a resume names it in ``revoked``.
-                    self._revoke(job, "coordinator restarted")
+                    self._revoke(job, "coordinator restarted", now)
                     self._requeue(job, now, "coordinator restarted", charged=False)
         for miner in list(self.miners.values()):
             if not miner.jobs:  # every job it held was requeued above: nothing to resume
@@ -968,7 +981,7 @@ class Scheduler:
             # still learn which jobs were canceled or expired meanwhile.
             self._drop_miner(miner)
 
-    def _revoke(self, job: Job, reason: str) -> None:
+    def _revoke(self, job: Job, reason: str, now: float) -> None:
         miner = self.miners.get(job.miner_id or "")
         if miner is None or job.job_id not in miner.jobs:
             return
@@ -981,8 +994,32 @@ class Scheduler:
                     reason=reason,
                 )
             )
+            if not miner.rest:  # a REST miner has no socket: it learns from a 409
+                pushed = miner.pushed
+                pushed.append((now, job.job_id))
+                if pushed[0][0] < now - self.config.revoke_window:
+                    self._prune_pushed(miner, now)
         else:
             miner.revoked.append(job.job_id)
+
+    def _prune_pushed(self, miner: Miner, now: float) -> None:
+        """Forget the pushes older than ``revoke_window``: they reached a live socket."""
+        del miner.pushed[: bisect.bisect_left(miner.pushed, (now - self.config.revoke_window,))]
+
+    def _session_ended(self, miner: Miner, now: float) -> None:
+        """The live session of ``miner`` ended (its socket closed, or a new session replaced
+        it). A ``job.cancel`` pushed to it within ``revoke_window`` may have gone to a socket
+        already dead, unnoticed: such jobs join ``revoked``, as if revoked while away, so the
+        miner's resume names them (one it holds again is resumed instead). The ones pushed
+        earlier reached a live socket: a dead one would have been noticed by then."""
+        pushed = miner.pushed
+        if not pushed:
+            return
+        miner.pushed = []
+        since = now - self.config.revoke_window
+        lost = [job_id for when, job_id in pushed if when >= since and job_id not in miner.jobs]
+        if lost:
+            miner.revoked = list(dict.fromkeys([*lost, *miner.revoked]))
 
     def _requeue(
         self, job: Job, now: float, reason: str, *, charged: bool, error_code: str | None = None
@@ -1033,7 +1070,7 @@ class Scheduler:
         if queued:
             self._entry_gone()
         if revoke_reason is not None:
-            self._revoke(job, revoke_reason)
+            self._revoke(job, revoke_reason, now)
         job.error = error
         job.finished_at = job.finished_at or now
         for timer in job.timers:

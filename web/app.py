@@ -81,6 +81,9 @@ class Coordinator:
             max_attempts=settings.max_attempts,
             accept_timeout=settings.accept_timeout_seconds,
             resume_grace=settings.resume_grace_seconds,
+            # How long a dead socket may go unnoticed: uvicorn pings every interval and closes
+            # a peer silent for the timeout after that.
+            revoke_window=settings.heartbeat_interval_seconds + settings.heartbeat_timeout_seconds,
             rest_lease=settings.rest_job_lease_seconds,
             terminal_retention_bytes=settings.terminal_retention_bytes,
             max_progress_bytes=settings.max_progress_bytes,

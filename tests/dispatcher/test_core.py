@@ -647,6 +647,76 @@ def test_cancel_during_grace_is_revoked_on_resume() -> None:
     assert info == ResumeInfo(resumed=(), revoked=("j1",))
 
 
+def test_a_cancel_pushed_to_a_dead_socket_is_revoked_on_resume() -> None:
+    """A job canceled while its miner's socket was already dead (not yet noticed) is listed in
+    ``revoked`` when that session resumes: its ``job.cancel`` was lost with the socket, and the
+    welcome listed the job in neither ``resumed`` nor ``revoked``."""
+    s = make()
+    connect(s, "m1", concurrency=2)
+    submit(s, "j1", now=0.0)
+    submit(s, "j2", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    s.accept("m1", "j2", 1.0)
+    _, effects = s.cancel("c1", "j1", 3.0)
+    assert ("revoke", "m1", "j1", "canceled") in summary(effects)  # pushed to a dead socket
+    s.disconnect("m1", "m1-s1", 4.0)
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", concurrency=2, now=5.0)
+    assert info == ResumeInfo(resumed=("j2",), revoked=("j1",))
+
+
+def test_a_revoke_pushed_to_a_dead_socket_is_revoked_on_a_late_resume() -> None:
+    """A miner left with no job once its last one was revoked (an expiry pushed to its dead
+    socket) is dropped when its socket closes; a resume after that still names the job."""
+    s = make()
+    connect(s, "m1")
+    submit(s, "j1", now=0.0, ttl_seconds=5)
+    s.accept("m1", "j1", 1.0)
+    assert ("revoke", "m1", "j1", "expired") in summary(s.tick(5.0))
+    s.disconnect("m1", "m1-s1", 6.0)
+    assert "m1" not in s.miners
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", now=30.0)
+    assert info == ResumeInfo(resumed=(), revoked=("j1",))
+
+
+def test_a_resume_replacing_a_dead_socket_names_what_was_revoked_there() -> None:
+    """A resume that replaces a session whose close was not noticed yet (the miner saw its
+    socket die first) names the jobs revoked by pushes to that socket, which may be lost."""
+    s = make()
+    connect(s, "m1", concurrency=2)
+    submit(s, "j1", now=0.0)
+    submit(s, "j2", now=0.0)
+    s.accept("m1", "j1", 1.0)
+    s.accept("m1", "j2", 1.0)
+    s.requeue("j1", 2.0)  # pushed: job.cancel "requeued by admin"
+    info, effects = connect(s, "m1", "m1-s2", resume="m1-s1", concurrency=2, now=3.0)
+    assert summary(effects)[0] == ("close", "m1", "m1-s1", CloseCode.REPLACED)
+    assert info == ResumeInfo(resumed=("j2",), revoked=("j1",))
+    # Named once: the new session starts with nothing to repeat.
+    s.disconnect("m1", "m1-s2", 4.0)
+    info, _ = connect(s, "m1", "m1-s3", resume="m1-s2", concurrency=2, now=5.0)
+    assert info == ResumeInfo(resumed=("j2",), revoked=())
+
+
+def test_only_revokes_pushed_within_the_window_before_the_session_ended_are_named() -> None:
+    """A push earlier than ``revoke_window`` before the session's end reached a live socket
+    (its death would have been noticed by then): not named again. A job revoked and then
+    pushed to the same miner again is resumed, not revoked."""
+    s = make(revoke_window=40.0, accept_timeout=10.0, reject_pause=1.0)
+    connect(s, "m1", concurrency=3)
+    submit(s, "old", now=0.0)
+    submit(s, "again", now=0.0)
+    submit(s, "kept", now=0.0)
+    s.accept("m1", "old", 1.0)
+    s.accept("m1", "kept", 1.0)
+    s.cancel("c1", "old", 2.0)
+    assert ("revoke", "m1", "again", "accept timeout") in summary(s.tick(10.0))
+    assert assigns(s.tick(11.0)) == [("m1", "again", 2)]  # its pause over: offered again
+    s.accept("m1", "again", 12.0)
+    s.disconnect("m1", "m1-s1", 45.0)  # "old" was revoked 43 s before: its push went through
+    info, _ = connect(s, "m1", "m1-s2", resume="m1-s1", concurrency=3, now=46.0)
+    assert info == ResumeInfo(resumed=("kept", "again"), revoked=())
+
+
 def test_expiry_during_grace_is_revoked_on_resume_with_other_jobs_kept() -> None:
     """Expired-while-away jobs are revoked on resume; the others are resumed."""
     s = make()

@@ -75,6 +75,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.taken: dict[str, list[str]] = {}
         # miner -> (session, jobs) taken when its grace ended: revoked on a late resume
         self.lost: dict[str, tuple[str, list[str]]] = {}
+        # miner -> (time, job) of each job.cancel pushed to its live session: those within
+        # ``revoke_window`` of its end may have gone to a dead socket (``unheard``)
+        self.sent: dict[str, list[tuple[float, str]]] = {}
+        # miner -> jobs whose job.cancel may be unheard: its resume may name them again
+        self.unheard_of: dict[str, set[str]] = {}
 
     @initialize(
         profiles=st.lists(st.sampled_from(PROFILES), min_size=3, max_size=3),
@@ -128,6 +133,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                     miner = self.s.miners[effect.miner_id]
                     assert miner.connected
                     assert effect.session_id == miner.session_id
+                    self.sent.setdefault(effect.miner_id, []).append((self.now, effect.job_id))
                 case CloseSession():
                     self.check_close(effect)
         for persist in last.values():  # a job's last snapshot of a call is current
@@ -142,6 +148,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             miner = self.s.miners[miner_id]
             assert len(miner.jobs) <= miner.concurrency
         self.prev_held = {m: len(miner.jobs) for m, miner in self.s.miners.items()}
+
+    def unheard(self, miner_id: str, held: list[str]) -> list[str]:
+        """The live session of ``miner_id`` ends, holding ``held``: the jobs revoked by a push
+        to it within ``revoke_window``, which its socket may have lost (not those it holds
+        again), each once."""
+        since = self.now - CONFIG.revoke_window
+        sent = self.sent.pop(miner_id, [])
+        jobs = list(dict.fromkeys(j for when, j in sent if when >= since and j not in held))
+        self.unheard_of.setdefault(miner_id, set()).update(jobs)
+        event(f"session ended: unheard revokes={bool(jobs)}")
+        return jobs
 
     def check_close(self, close: CloseSession) -> None:
         """A session is closed when a newer one replaced it, or by an operator (then it is
@@ -342,6 +359,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         belief = self.belief.get(miner_id, set())
         if old_session is not None:
             self.old_sessions.append((miner_id, old_session))
+        unheard = self.unheard(miner_id, held_before) if was_live else []
         # what the model expects, independently of the scheduler's bookkeeping
         watch = self.away.get(miner_id)
         gone = {JobState.CANCELED, JobState.EXPIRED}
@@ -390,7 +408,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             kept = [j for j in held_before if before[j][1]]
             assert list(info.resumed) == kept
             assert sorted(info.revoked) == sorted(
-                revoked_away + taken + [j for j in held_before if j not in kept]
+                unheard + revoked_away + taken + [j for j in held_before if j not in kept]
             )
             for job_id, (failures, _) in before.items():
                 assert self.s.jobs[job_id].failures == failures
@@ -402,11 +420,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             # a restart: everything it held or lost meanwhile is revoked and requeued;
             # only a started attempt counts against the job (like a disconnect)
             assert info.resumed == ()
-            assert sorted(info.revoked) == sorted(revoked_away + taken + held_before + late)
+            assert sorted(info.revoked) == sorted(
+                unheard + revoked_away + taken + held_before + late
+            )
             for job_id, (failures, accepted) in before.items():
                 job = self.s.jobs[job_id]
                 assert job.failures == failures + accepted or job.state is JobState.FAILED
-        assert set(info.revoked) <= belief
+        # what it was told it holds, and what it may not have heard was taken from it
+        assert set(info.revoked) <= belief | self.unheard_of.pop(miner_id, set())
         self.belief[miner_id] = set(info.resumed)
         self.last_session[miner_id] = session
         self.apply(effects)
@@ -489,6 +510,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             (j, self.s.jobs[j].attempt) for j in miner.jobs if not self.s.jobs[j].accepted
         ]
         started = [(j, self.s.jobs[j].attempt) for j in miner.jobs if self.s.jobs[j].accepted]
+        unheard = self.unheard(miner_id, list(miner.jobs))
         effects = call()
         assert not [e for e in effects if isinstance(e, Assign) and e.miner_id == miner_id]
         self.apply(effects)
@@ -497,11 +519,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         if started:
             assert self.s.miners[miner_id].grace_timer is not None
             self.away[miner_id] = (self.now + CONFIG.resume_grace, session, started)
-            self.taken[miner_id] = [j for j, _ in unaccepted]
+            self.taken[miner_id] = unheard + [j for j, _ in unaccepted]
         else:
             assert miner_id not in self.s.miners
-            if unaccepted:  # dropped at once: a late resume of this session still learns it
-                self.lost[miner_id] = (session, [j for j, _ in unaccepted])
+            if unheard or unaccepted:  # dropped at once: a late resume still learns them
+                self.lost[miner_id] = (session, unheard + [j for j, _ in unaccepted])
 
     @rule(data=st.data())
     def leave(self, data: st.DataObject) -> None:
@@ -518,6 +540,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.check_released(held)
         assert miner_id not in self.s.miners
         self.belief[miner_id] = set()
+        self.sent.pop(miner_id, None)
         event(f"leave: held={len(held)}")
 
     @rule(
@@ -726,6 +749,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.away = {}
         self.lost = {}
         self.taken = {}
+        self.sent = {}  # the pushes a restart closed every socket on are not stored
         started: dict[str, list[tuple[str, int]]] = {}
         unaccepted: dict[str, list[str]] = {}  # requeued by the restart: revoked on resume
         for rec in sorted(records, key=lambda r: r.requested_at):

@@ -1262,6 +1262,44 @@ async def test_replaced_session_is_closed_after_commit() -> None:
         assert old.closed == (4409, "replaced")
 
 
+async def test_a_cancel_whose_socket_closed_before_it_went_out_is_revoked_on_resume() -> None:
+    """A cancel committed while the miner's socket closed finds no socket to go to; the
+    miner's resume lists the job in ``revoked`` (it was in neither list: the miner ran it on
+    until its result was refused)."""
+    async with running() as h:
+        sink = h.miner("gpu-1", concurrency=2)
+        canceled, kept = h.spec(), h.spec()
+        await h.submit(canceled)
+        await h.submit(kept)
+        await h.flushed()
+        h.dispatcher.miner_call("accept", "gpu-1", canceled.job_id)
+        h.dispatcher.miner_call("accept", "gpu-1", kept.job_id)
+        await h.flushed()
+
+        h.store.block_commits()
+        h.dispatcher.cancel("c1", canceled.job_id, lambda r: None)
+        await h.settle()
+        h.dispatcher.miner_gone("gpu-1", "gpu-1-session")  # the socket closed meanwhile
+        h.store.release_commits()
+        await h.flushed()
+        assert sink.of_type("job.cancel") == []  # nowhere to go
+
+        welcomes: list[ResumeInfo] = []
+        h.dispatcher.miner_hello(
+            miner_id="gpu-1",
+            key_hash="k" * 64,
+            session_id="gpu-1-again",
+            sink=FakeMinerSink("again", h.log),
+            capabilities={},
+            concurrency=2,
+            region=None,
+            resume_session="gpu-1-session",
+            then=welcomes.append,
+        )
+        await h.flushed()
+        assert welcomes == [ResumeInfo(resumed=(kept.job_id,), revoked=(canceled.job_id,))]
+
+
 async def test_disconnect_before_accept_requeues_to_another_miner() -> None:
     """A miner leaving before it accepted gives the job to the next idle miner."""
     async with running() as h:

@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from protocol.messages import Ack, Error, Heartbeat, JobAssign, JobResult, JobSubmit
+from protocol.messages import (
+    Ack,
+    Error,
+    Heartbeat,
+    JobAssign,
+    JobCancel,
+    JobCancelRequest,
+    JobResult,
+    JobSubmit,
+)
 from tests.conftest import CLIENT_KEY, MINER_KEY, MINER_KEY_2, make_settings
 from tests.e2e.conftest import Client, RunningServer, start_server
 from tests.e2e.manual_miner import ManualMiner, client_session
@@ -203,3 +212,28 @@ async def test_replacing_session_without_resume_revokes_and_requeues_the_job(
     assert again.job_id == job_id
     assert again.attempt == 2
     assert [(e.event, e.attempt) for e in events] == [("requeued", 1), ("assigned", 2)]
+
+
+async def test_a_cancel_sent_to_a_dead_socket_is_revoked_when_the_miner_resumes(
+    server: RunningServer,
+) -> None:
+    """A job canceled while the miner's socket was dead, before the server noticed, is named in
+    ``revoked`` when the miner resumes on a new socket (which replaces the dead one): its
+    ``job.cancel`` went to the dead socket, and the welcome named the job in neither list."""
+    async with AsyncExitStack() as stack:
+        old = await stack.enter_async_context(ManualMiner(server, MINER_KEY, "twin-c"))
+        first = await old.connect()
+        client = await stack.enter_async_context(client_session(server, CLIENT_KEY))
+        job_id = await _submit(client, "cancel me")
+        await _start_job(old, client, job_id)
+
+        # From here the miner never reads the old socket again (its network died).
+        await client.send(JobCancelRequest(job_id=job_id, id="cancel"))
+        await client.events_until(job_id, "canceled")
+        new = await stack.enter_async_context(ManualMiner(server, MINER_KEY, "twin-c"))
+        new.client.session_id = first.session_id
+        new.client.jobs = dict(old.client.jobs)
+        welcome = await new.connect(resume=True)
+        unread = await old.expect(JobCancel)  # what the dead socket would have delivered
+    assert (welcome.resumed, welcome.revoked) == ((), (job_id,))
+    assert unread.job_id == job_id
