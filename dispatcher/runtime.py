@@ -1298,7 +1298,7 @@ class Dispatcher:
         withdrawn = False
         try:
             await self.clock.wait_until(self.clock.now() + max_wait, waiter.done)
-            if waiter.job is None:
+            if waiter.job is None and not waiter.void:
                 withdrawn = self._withdraw(miner_id, sink)
                 if not withdrawn:  # an assignment was made for us: wait for its commit
                     with anyio.move_on_after(30):
@@ -1321,6 +1321,17 @@ class Dispatcher:
         if self._sinks.get(REST_SESSION_PREFIX + miner_id) is not sink:
             return True
         return self.scheduler.poll_cancel(miner_id)
+
+    def _still_assigned(self, miner_id: str, msg: JobAssign) -> bool:
+        """Whether the job of ``msg`` is still this attempt of ``miner_id``'s (not canceled,
+        expired or requeued since it was assigned)."""
+        job = self.scheduler.jobs.get(msg.job_id)
+        return (
+            job is not None
+            and job.state is JobState.RUNNING
+            and job.miner_id == miner_id
+            and job.attempt == msg.attempt
+        )
 
     def _rest_orphan(self, miner_id: str, msg: JobAssign) -> None:
         try:
@@ -1466,12 +1477,15 @@ class _Lookup:
 
 
 class _PollWaiter:
-    __slots__ = ("answer", "done", "job")
+    __slots__ = ("answer", "done", "job", "void")
 
     def __init__(self, answer: Callable[[JobAssign], bool] | None, done: anyio.Event) -> None:
         self.answer = answer
         self.done = done
         self.job: JobAssign | None = None
+        # Its assignment was taken back before it was delivered: it ends with no job, and the
+        # scheduler's count of waiting polls already left it out (nothing to withdraw).
+        self.void = False
 
 
 class _RestSink:
@@ -1501,18 +1515,30 @@ class _RestSink:
 
     def assign(self, msg: JobAssign) -> None:
         """Hand a committed assignment to the oldest waiting poll; with none, or when that
-        poll's client hung up, the job goes back to the queue (``hand_back``, not charged)."""
+        poll's client hung up, the job goes back to the queue (``hand_back``, not charged).
+
+        A job taken back meanwhile (canceled, expired or requeued in the same batch, or in the
+        one now filling) is not handed out: that poll ends with no job (a 204) and the miner
+        polls again. A REST miner hears of a cancel only from a 409 on its result: it got the
+        job, ran it, and was refused (rest-api.md, "Long-poll").
+        """
+        taken_back = not self.dispatcher._still_assigned(self.miner_id, msg)
         while self.waiters:
             waiter = self.waiters.popleft()
             if waiter.done.is_set():
                 continue
+            if taken_back:
+                waiter.void = True
+                waiter.done.set()
+                return
             if not self._answer(waiter, msg):
                 waiter.done.set()  # its client hung up: nobody would read the job
                 break
             waiter.job = msg
             waiter.done.set()
             return
-        self.dispatcher._rest_orphan(self.miner_id, msg)
+        if not taken_back:
+            self.dispatcher._rest_orphan(self.miner_id, msg)
 
     def _answer(self, waiter: _PollWaiter, msg: JobAssign) -> bool:
         """Let the poll write its answer now (``rest_poll``); False: its client is gone."""

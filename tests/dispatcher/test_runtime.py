@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from dispatcher.jobs import Job
+    from protocol.messages import JobAssign
     from protocol.records import JobRecord
 
 pytestmark = pytest.mark.anyio
@@ -1214,6 +1215,51 @@ async def test_end_polls_ends_the_waiting_polls_and_refuses_new_ones_but_takes_r
             await d.rest_poll("m1", 60)
         await d.rest_result("m1", spec.job_id, {"ok": True}, {})
         assert stored(h, spec.job_id)[-1][1] == "completed"
+
+
+@pytest.mark.parametrize("lean", [False, True])
+async def test_a_job_taken_back_in_the_batch_that_assigned_it_to_a_poll_is_not_handed_out(
+    lean: bool,
+) -> None:
+    """A job assigned to a waiting REST poll and canceled in the same batch is not handed to
+    that poll: it answers with no job (204) at once, and the miner's next poll gets the next
+    job. The poll got the canceled job, and the miner's result a 409. ``lean``: the poll's
+    answer is written from the batch (``answer``), which must not be called either."""
+    async with running() as h:
+        d = h.dispatcher
+        await d.rest_register(
+            miner_id="m1", key_hash="k" * 64, capabilities={}, concurrency=1, region=None
+        )
+        answers: list[object] = []
+        written: list[str] = []
+
+        def answer(msg: JobAssign) -> bool:
+            written.append(msg.job_id)
+            return True
+
+        async def poll() -> None:
+            answers.append(await d.rest_poll("m1", 60, answer if lean else None))
+
+        spec = h.spec()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await h.settle()
+            d.submit_now(spec, lambda rec, existed: None)  # pushed to the waiting poll
+            d.cancel("c1", spec.job_id, lambda rec: None)  # in the same batch
+            await h.flushed()
+        assert (answers, written) == ([None], [])  # the fake clock never reached 60 s
+        assert [e for _, e in stored(h, spec.job_id)] == [
+            "queued",
+            "assigned",
+            "started",
+            "canceled",
+        ]
+        assert d.scheduler.miners["m1"].polls == 0
+        following = h.spec()
+        await d.submit_wait(following)
+        polled = await d.rest_poll("m1", 0)
+        assert polled is not None
+        assert polled.job_id == following.job_id
 
 
 async def test_stop_when_idle_returns_at_once() -> None:
