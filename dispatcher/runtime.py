@@ -147,7 +147,8 @@ class Dispatcher:
         self._sleeping_until = math.inf
         # The scheduler's next deadline as of its last call (``_apply``): ``_now`` compares the
         # time with it, one float compare per call, to fire the timers due first.
-        self._due = math.inf
+        deadline = scheduler.next_deadline()
+        self._due = math.inf if deadline is None else deadline
         self._rearm = False  # wake the timer task once the open batch has been performed
         self._urgent = False  # the open batch pushes a job to a miner: commit it without gathering
         self._sinks: dict[str, MinerSink] = {}
