@@ -7,7 +7,9 @@ saw, so no event is missed or shown twice; an event whose ``seq`` leaves a gap (
 that came before a replay it asked for, progress dropped under backpressure) waits for a
 replay too. The submit carries an idempotency key, so a submit whose acknowledgement was lost
 with the connection is not run twice. Give ``--url`` more than once (a coordinator and its
-standby) and each reconnect tries the next one.
+standby) and each reconnect tries the next one. A submit or re-subscribe answered ``unavailable``
+(the coordinator could not read its database) is tried again on a new connection, waiting
+longer after each attempt that brings nothing new.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ async def follow_job(
 ) -> list[JobEvent]:
     """Submit, then collect every event of the job until a terminal one; returns them.
 
-    ``url`` may list several coordinators (one and its standby): each reconnect tries the next.
+    ``url`` may list several coordinators (one and its standby): each reconnect tries the next,
+    ``retry_after`` seconds after a lost connection or an ``unavailable`` answer, twice as long
+    after each further attempt that brought nothing new (``MAX_RETRY_AFTER`` at most).
     Raises ``Refused`` when the coordinator refuses in a way a reconnect would not change (an
     unknown key, a URL that is not the client socket, a submit it answers with an error, a job
     it no longer has).
@@ -69,9 +73,11 @@ async def follow_job(
         submit = dataclasses.replace(submit, idempotency_key=f"ws-client-{uuid.uuid4()}")
     job = _Followed(submit, out)
     attempt = 0
+    delay = retry_after
     while True:
         target = urls[attempt % len(urls)]
         attempt += 1
+        progress = (job.job_id, len(job.events))
         try:
             # A completed event carries the result and the receipt (payload and result once
             # more): it may be larger than the frames the coordinator takes (docs/protocol.md).
@@ -82,10 +88,16 @@ async def follow_job(
             if (refused := refusal(exc, target)) is not None:
                 raise refused from exc
             out(f"connection to {target} lost ({describe(exc)}); reconnecting")
-        await anyio.sleep(retry_after)
+        # Back off while attempts bring nothing (a store that stays unreadable, a coordinator
+        # still starting): each waits twice as long as the one before, up to ``MAX_RETRY_AFTER``.
+        if (job.job_id, len(job.events)) != progress:
+            delay = retry_after  # this attempt got somewhere: start over
+        await anyio.sleep(delay)
+        delay = min(delay * 2, max(retry_after, MAX_RETRY_AFTER))
 
 
 RESUBSCRIBE = "resub"
+MAX_RETRY_AFTER = 15.0  # seconds between two attempts at most (see ``follow_job``)
 
 
 class _Followed:
@@ -127,7 +139,8 @@ class _Followed:
         return False
 
     def _error(self, msg: Error) -> bool:
-        """Show an error; False: submit again later; ``Refused`` when it ends the job's story."""
+        """Show an error; False: submit or subscribe again on a new connection; ``Refused`` when
+        it ends the job's story."""
         self.out(f"error {msg.code}: {msg.message}")
         if msg.id == self.submit.id and self.job_id is None:
             if msg.code == ErrorCode.UNAVAILABLE:
@@ -135,6 +148,12 @@ class _Followed:
             raise Refused(f"job.submit refused: {msg.code}: {msg.message}")
         if msg.code == ErrorCode.NOT_FOUND and msg.ref == self.job_id:
             raise Refused(f"job {self.job_id} is gone: {msg.message}")
+        if msg.id == RESUBSCRIBE:
+            # The subscribe changed nothing: this socket would bring no event of the job (or
+            # none that fills the gap). ``unavailable``: the store could not be read; retry.
+            if msg.code == ErrorCode.UNAVAILABLE:
+                return False
+            raise Refused(f"subscribe to job {self.job_id} refused: {msg.code}: {msg.message}")
         return True
 
     async def _event(self, ws: ClientConnection, msg: JobEvent) -> bool:

@@ -230,3 +230,108 @@ async def test_a_followed_job_the_coordinator_no_longer_has_ends_the_client(
         await follow_job("ws://coordinator", "key", submit, out=lambda line: None, retry_after=0)
     assert str(refused.value) == f"job {JOB} is gone: job {JOB} not found"
     assert connections == 2
+
+
+class OpenScripted(Scripted):
+    """A ``Scripted`` socket the coordinator keeps open once it has sent what it answered, as
+    a real one does: the client must not count on the connection ending to get unstuck."""
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        while True:
+            while self.received:
+                yield self.received.pop(0)
+            await anyio.sleep_forever()
+
+
+async def test_a_resubscribe_the_store_could_not_answer_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a reconnect, the re-subscribe got ``error`` ``unavailable`` (the store could not be
+    read; the socket stays open and follows nothing): the client printed it and waited for ever.
+    It tries again on a new connection and shows each event once."""
+    connections = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":  # then the first connection ends
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+            return [orjson.dumps(ack), event(1, "queued")]
+        assert frame == {"type": "subscribe", "id": "resub", "job_ids": [JOB], "after": {JOB: 1}}
+        if connections == 2:
+            error = {"type": "error", "id": frame["id"], "code": "unavailable", "message": "x"}
+            return [orjson.dumps(error)]
+        return [b'{"type":"ack","id":"resub"}', event(2, "started"), event(3, "completed")]
+
+    def connect(url: str, **kwargs: Any) -> Scripted:
+        nonlocal connections
+        connections += 1
+        return Scripted(answer) if connections == 1 else OpenScripted(answer)
+
+    lines: list[str] = []
+    monkeypatch.setattr(examples.ws_client, "connect", connect)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5):
+        events = await follow_job(
+            "ws://coordinator", "key", submit, out=lines.append, retry_after=0
+        )
+    assert [e.seq for e in events] == [1, 2, 3]
+    assert connections == 3
+    assert "error unavailable: x" in lines
+
+
+async def test_attempts_that_bring_nothing_wait_longer_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that stays unreadable: each new attempt waits twice as long as the one before, up
+    to ``MAX_RETRY_AFTER`` (it tried twice a second for as long as it lasted); an attempt that
+    brings something starts over."""
+    submits = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        nonlocal submits
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "subscribe":
+            return [b'{"type":"ack","id":"resub"}', event(2, "completed")]
+        submits += 1
+        if submits < 8:
+            error = {"type": "error", "id": frame["id"], "code": "unavailable", "message": "x"}
+            return [orjson.dumps(error)]
+        ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+        return [orjson.dumps(ack), event(1, "queued")]  # then the connection ends
+
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(examples.ws_client, "connect", Scripted(answer))
+    monkeypatch.setattr(anyio, "sleep", sleep)  # the client's waits, and only those here
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5):
+        events = await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert [e.seq for e in events] == [1, 2]
+    assert waits == [0.5, 1, 2, 4, 8, 15, 15, 0.5]
+
+
+@pytest.mark.parametrize("code", ["invalid", "conflict"])
+async def test_a_resubscribe_refused_otherwise_ends_the_client(
+    monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """A re-subscribe answered with another error changed nothing, and would be answered so
+    again: the client stops and says why (it waited for ever)."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": True}
+            return [orjson.dumps(ack)]
+        return [orjson.dumps({"type": "error", "id": frame["id"], "code": code, "message": "no"})]
+
+    monkeypatch.setattr(examples.ws_client, "connect", OpenScripted(answer))
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5), pytest.raises(Refused) as refused:
+        await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
+    assert str(refused.value) == f"subscribe to job {JOB} refused: {code}: no"
