@@ -3,18 +3,24 @@
 A dropped connection, a coordinator going away (1001), a standby not serving yet, a slow
 reader closed 4429: another attempt (or the next ``--url``) can succeed. A wrong key (4401),
 a key of the wrong role (4403), a frame the coordinator refuses (1003, 1007, 1009, 4000), a
-protocol version it does not speak (4002), a newer session for the same miner id (4409), or
-an HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint) would be refused the
+protocol version it does not speak (4002), a newer session for the same miner id (4409), an
+HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), or a URL that is not a
+``ws://`` or ``wss://`` one would be refused the
 same way every time: the examples stop on those and say why, instead of reconnecting for ever.
 """
 
 from __future__ import annotations
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from protocol.types import CloseCode
 
-__all__ = ["Refused", "describe", "refusal"]
+__all__ = ["LOST", "Refused", "describe", "refusal"]
+
+# What ``connect`` and a connection raise when the attempt failed: ``refusal`` tells those to
+# give up on from those to try again. ``InvalidHandshake`` also stands for a coordinator that
+# went away during the opening handshake (``InvalidMessage``: no HTTP answer).
+LOST = (ConnectionClosed, InvalidHandshake, InvalidURI, OSError, TimeoutError)
 
 _WHY: dict[int, str] = {
     CloseCode.NOT_AUTHENTICATED: "the key is not known to the coordinator: check --key",
@@ -48,6 +54,8 @@ def refusal(exc: BaseException, url: str) -> Refused | None:
     """The refusal ``exc`` stands for, or None when trying again might succeed."""
     if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code in _WHY:
         return Refused(f"{url} refused: {describe(exc)}: {_WHY[exc.rcvd.code]}")
+    if isinstance(exc, InvalidURI):
+        return Refused(f"{exc}: check --url")
     if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
         why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
         return Refused(f"{url} refused: {describe(exc)}: {why}")

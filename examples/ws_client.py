@@ -23,15 +23,14 @@ from pathlib import Path
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import Refused, describe, refusal
+from examples.connection import LOST, Refused, describe, refusal
 from protocol.codec import decode_server_to_client, encode
-from protocol.errors import UnknownMessageType
+from protocol.errors import RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
     Ack,
     ClientHello,
@@ -84,10 +83,13 @@ async def follow_job(
             async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
                 if await job.follow(ws):
                     return job.events
-        except (ConnectionClosed, InvalidStatus, OSError, TimeoutError) as exc:
+        except LOST as exc:
             if (refused := refusal(exc, target)) is not None:
                 raise refused from exc
             out(f"connection to {target} lost ({describe(exc)}); reconnecting")
+        except RemoteProtocolError as exc:  # not a coordinator's frame: no use trying again
+            why = "is it the coordinator's client socket (…/v1/jobs/ws)?"
+            raise Refused(f"{target} sent a frame this client cannot read ({exc}): {why}") from exc
         # Back off while attempts bring nothing (a store that stays unreadable, a coordinator
         # still starting): each waits twice as long as the one before, up to ``MAX_RETRY_AFTER``.
         if (job.job_id, len(job.events)) != progress:
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as exc:
         print(exc, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     receipt = events[-1].data.get("receipt")
     if receipt:
         reasons = verify_receipt(receipt)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import Refused, describe, refusal
+from examples.connection import LOST, Refused, describe, refusal
 from protocol.client import MinerClient
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
 from protocol.receipts import load_signing_key
@@ -163,7 +163,7 @@ class SimulatedMiner:
                         self.client.receive_data(raw)
                         for event in self.client.events_received():
                             self._on_event(event, tg)
-            except (ConnectionClosed, OSError, InvalidStatus, TimeoutError) as exc:
+            except LOST as exc:
                 self.refused = refusal(exc, target)
                 if self.refused is not None:
                     self.log(str(self.refused))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import orjson
 import pytest
+from websockets.exceptions import InvalidMessage
 
 import examples.ws_client
 from examples.connection import Refused
@@ -335,3 +336,76 @@ async def test_a_resubscribe_refused_otherwise_ends_the_client(
     with anyio.fail_after(5), pytest.raises(Refused) as refused:
         await follow_job("ws://coordinator", "key", submit, out=lambda line: None)
     assert str(refused.value) == f"subscribe to job {JOB} refused: {code}: no"
+
+
+def test_a_url_that_is_not_a_websocket_url_ends_the_client_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--url http://…`` (or a typo in the scheme) ended in an InvalidURI traceback."""
+    url = "http://127.0.0.1:8000/v1/jobs/ws"
+    assert examples.ws_client.main(["--key", "k", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{url} isn't a valid URI: scheme isn't ws or wss: check --url\n"
+
+
+async def test_a_handshake_the_coordinator_broke_off_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator going away during the opening handshake (its connection closed before the
+    HTTP answer: ``InvalidMessage``) ended the client with a traceback; it is a lost connection
+    like any other."""
+    attempts = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+        return [orjson.dumps(ack), event(1, "queued"), event(2, "completed")]
+
+    def connect(url: str, **kwargs: Any) -> Scripted:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise InvalidMessage("did not receive a valid HTTP response")
+        return Scripted(answer)
+
+    lines: list[str] = []
+    monkeypatch.setattr(examples.ws_client, "connect", connect)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5):
+        events = await follow_job("ws://c", "key", submit, out=lines.append, retry_after=0)
+    assert [e.seq for e in events] == [1, 2]
+    assert lines[0] == (
+        "connection to ws://c lost (did not receive a valid HTTP response); reconnecting"
+    )
+
+
+@pytest.mark.parametrize("frame", [b"not json", b"[]", b'{"type":"job.event","job_id":1}'])
+async def test_a_frame_the_client_cannot_read_ends_it_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, frame: bytes
+) -> None:
+    """A server that is not the coordinator's client socket (or a broken one) sent a frame that
+    is not a server message: the client ended with a RemoteProtocolError traceback."""
+
+    def answer(sent: dict[str, Any]) -> list[bytes]:
+        return [frame] if sent["type"] == "hello" else []
+
+    monkeypatch.setattr(examples.ws_client, "connect", OpenScripted(answer))
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5), pytest.raises(Refused) as refused:
+        await follow_job("ws://c", "key", submit, out=lambda line: None)
+    assert str(refused.value).startswith("ws://c sent a frame this client cannot read (")
+    assert str(refused.value).endswith("): is it the coordinator's client socket (…/v1/jobs/ws)?")
+
+
+def test_an_interrupt_ends_the_client_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while it follows a job printed a KeyboardInterrupt traceback."""
+
+    async def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(examples.ws_client, "follow_job", interrupted)
+    assert examples.ws_client.main(["--key", "k"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -107,3 +107,14 @@ async def test_a_result_whose_ack_was_lost_with_the_connection_gets_its_receipt(
         await miner.run()
     assert miner.receipts == {JOB: receipt}
     assert [f["type"] for f in coordinator.used[1].sent] == ["hello", "job.result"]
+
+
+def test_a_url_that_is_not_a_websocket_url_ends_the_miner_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--url http://…`` ended in an InvalidURI traceback (the client example's rule: one line)."""
+    url = "http://127.0.0.1:8000/v1/miners/ws"
+    assert examples.ws_miner.main(["--key", "k", "--url", url, "--load-interval", "0"]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    assert f"{url} isn't a valid URI: scheme isn't ws or wss: check --url" in out.out + out.err
