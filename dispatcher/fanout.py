@@ -111,10 +111,19 @@ class Outbox:
             await self._wake.wait()
         return self.take_nowait()
 
-    async def drained(self, below: int) -> None:
-        """Wait until fewer than ``below`` frames are queued (the writer took them) or the
-        outbox is closed: a producer that must not drop frames (a replay) waits for the peer."""
-        while len(self._frames) >= below and not self.closed:
+    def has_room(self, below: int, size: int) -> bool:
+        """Whether fewer than ``below`` frames are queued and a frame of ``size`` characters
+        leaves half of ``hard_chars`` free (always, into an empty outbox): what a producer that
+        must not drop frames (a replay) may add without crowding out live frames."""
+        if len(self._frames) >= below:
+            return False
+        chars = self.hard_chars
+        return chars is None or not self._frames or self._chars + size <= chars // 2
+
+    async def drained(self, below: int, size: int = 0) -> None:
+        """Wait until ``has_room(below, size)`` (the writer took frames) or the outbox is
+        closed: a producer that must not drop frames (a replay) waits for the peer."""
+        while not self.has_room(below, size) and not self.closed:
             if self._taken is None:
                 self._taken = anyio.Event()
             await self._taken.wait()

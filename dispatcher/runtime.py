@@ -984,17 +984,18 @@ class Dispatcher:
     async def _replay(self, sub: Subscriber, job_id: str, last: int) -> tuple[int, bool]:
         """Queue the stored events of ``job_id`` after ``last``, page by page; returns the last
         seq queued and whether that event ended the job. Replayed frames are never dropped:
-        past half the outbox's soft limit the replay waits for the socket to take them (a long
-        log would overflow it, 4429)."""
+        past half the outbox's soft limit, or half its characters, the replay waits for the
+        socket to take them (a long log, or many large results, would overflow it, 4429)."""
         outbox = sub.outbox
         room = max(1, outbox.soft_limit // 2)
         ended = False
         while True:
             page = await self.store.events_after(job_id, last, REPLAY_PAGE)
             for event in page:
-                if len(outbox) >= room:
-                    await outbox.drained(room)
-                outbox.put(event_frame(event), job_id=job_id)
+                frame = event_frame(event)
+                if not outbox.has_room(room, len(frame)):
+                    await outbox.drained(room, len(frame))
+                outbox.put(frame, job_id=job_id)
                 last = event.seq
                 ended = event.state in TERMINAL
             if len(page) < REPLAY_PAGE or outbox.closed:

@@ -226,6 +226,44 @@ async def test_drained_waits_until_the_frames_are_taken_or_the_outbox_closes(end
     assert waited == [0 if end == "take" else 4]
 
 
+@pytest.mark.parametrize(
+    ("queued", "size", "room"),
+    [
+        ([], 1_000, True),  # an empty outbox takes any frame (``put`` never overflows on it)
+        (["x" * 400], 100, True),  # half of ``hard_chars`` (500) reached, not passed
+        (["x" * 400], 101, False),
+        (["x"] * 3, 1, False),  # ``below`` frames queued
+    ],
+)
+def test_has_room_counts_frames_and_characters(queued: list[str], size: int, room: bool) -> None:
+    """A producer that must not drop frames (a replay) adds one only while fewer than ``below``
+    are queued and it leaves half of ``hard_chars`` free for live frames."""
+    outbox = Outbox(lambda code, reason: None, hard_chars=1_000)
+    for frame in queued:
+        outbox.put(frame)
+    assert outbox.has_room(3, size) is room
+    assert Outbox(lambda code, reason: None).has_room(1, 10**9)  # no character bound
+
+
+async def test_drained_waits_for_room_for_a_large_frame() -> None:
+    """drained(n, size) also waits while a frame of ``size`` would fill half of the characters."""
+    outbox = Outbox(lambda code, reason: None, hard_chars=1_000)
+    outbox.put("x" * 300)
+    waited: list[int] = []
+
+    async def replay() -> None:
+        await outbox.drained(10, 300)
+        waited.append(len(outbox))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replay)
+            await anyio.wait_all_tasks_blocked()
+            assert waited == []
+            outbox.take_nowait()
+    assert waited == [0]
+
+
 # ---- Fanout -------------------------------------------------------------------------------
 
 

@@ -1097,6 +1097,42 @@ async def test_live_progress_held_while_replaying_to_a_stalled_socket_stays_boun
         assert sub.buffers == {}
 
 
+async def test_a_replay_of_many_large_results_waits_for_the_socket_instead_of_overflowing() -> None:
+    """A subscribe to many jobs that completed with large results: the replay waited for the
+    socket only by the count of frames queued, so their characters passed the outbox's bound
+    (4429) long before that count, however fast the client read (3 MiB completed events, with
+    a 1 MiB frame limit, against 64 Mi characters: the 22nd frame queued)."""
+    async with running() as h:
+        h.miner(concurrency=20)
+        specs = [h.spec() for _ in range(20)]
+        for spec in specs:
+            await h.submit(spec)
+        await h.flushed()
+        for spec in specs:
+            result = {"text": "x" * 10_000}
+            h.dispatcher.miner_result("gpu-1", spec.job_id, result, {}, None, lambda job: None)
+        await h.flushed()
+        sub = Subscriber("c1", RecordingOutbox(hard_chars=100_000))
+        seqs: list[tuple[str, int]] = []
+
+        async def socket_writer() -> None:
+            while not sub.outbox.closed:
+                for frame in await sub.outbox.take():
+                    seqs.append((json.loads(frame)["job_id"], json.loads(frame)["seq"]))
+                await anyio.lowlevel.checkpoint()  # a slow peer: one batch per turn
+
+        ids = [spec.job_id for spec in specs]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(socket_writer)
+            with anyio.fail_after(10):
+                await h.dispatcher.subscribe(sub, ids, {})
+                while len(seqs) < 80 and not sub.outbox.closed:
+                    await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+        assert sub.outbox.overflows == []
+        assert seqs == [(job_id, seq) for job_id in ids for seq in (1, 2, 3, 4)]
+
+
 # ---- flushing and shutdown ----------------------------------------------------------------
 
 
