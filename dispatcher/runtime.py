@@ -889,12 +889,18 @@ class Dispatcher:
         after: dict[str, int],
         *,
         follow_all: bool = False,
-        answer: Callable[[list[str]], None] | None = None,
+        answer: Callable[[list[str], dict[str, int]], None] | None = None,
     ) -> list[str]:
-        """Read each named job once, then ``answer(missing)`` (the ids unknown or not this
-        client's, each once), then replay the stored events with ``seq > after[job]`` of the
-        others and go live; returns ``missing``. ``follow_all``: the socket follows every job of
-        its client from the answer on ("all").
+        """Read each named job once, then ``answer(missing, behind)`` (the ids unknown or not
+        this client's, each once; the jobs whose ``after`` is past their last event, with that
+        event's seq), then replay the stored events with ``seq > after[job]`` of the others and
+        go live; returns ``missing``. ``follow_all``: the socket follows every job of its client
+        from the answer on ("all").
+
+        An ``after`` past the job's last event names events the store no longer has (lost with
+        the last commits in a power cut under SQLITE_SYNCHRONOUS=NORMAL, or in a failover to a
+        replica behind): it is taken as that event, so that the events that follow (numbered
+        from there again) are all delivered, and ``behind`` tells the client.
 
         Live events that arrive during the replay are held back and only those newer than the
         replay are delivered, so the client sees every event exactly once, in order. They are
@@ -907,8 +913,9 @@ class Dispatcher:
                 pending[job_id] = sub.buffers[job_id] = []
         try:
             owned, missing = await self._owned(sub.client_id, job_ids)
+            behind = {j: rec.seq for j, rec in owned.items() if after.get(j, 0) > rec.seq}
             if answer is not None:
-                answer(missing)
+                answer(missing, behind)
             if follow_all:
                 self.fanout.subscribe_all(sub)
             for job_id, rec in owned.items():
@@ -916,7 +923,7 @@ class Dispatcher:
                 if held is None:  # followed already, and not named in ``after``
                     continue
                 self.fanout.subscribe(sub, [job_id])
-                last, ended = await self._replay(sub, job_id, after.get(job_id, 0))
+                last, ended = await self._replay(sub, job_id, min(after.get(job_id, 0), rec.seq))
                 if self.running and self._unpublished(job_id, last):
                     # The replay read events of a batch committed but not yet performed: hold
                     # on until it is, or they would reach the socket again when published.

@@ -206,7 +206,7 @@ class ClientConnection(Connection):
 
         answered = False
 
-        def answer(missing: list[str]) -> None:
+        def answer(missing: list[str], behind: dict[str, int]) -> None:
             nonlocal answered
             answered = True
             for job_id in missing:
@@ -214,7 +214,10 @@ class ClientConnection(Connection):
                     ErrorCode.NOT_FOUND, f"job {job_id} not found", request_id=None, ref=job_id
                 )
             # The contract answers first, then replays each job's stored events, then goes live.
-            self.reply(msg.id, missing=missing)
+            if behind:
+                self.reply(msg.id, missing=missing, behind=behind)
+            else:
+                self.reply(msg.id, missing=missing)
 
         try:
             await self.core.dispatcher.subscribe(

@@ -844,6 +844,36 @@ async def test_subscribe_after_skips_what_the_client_has() -> None:
         assert events(sub.outbox) == [(spec.job_id, 3, "started")]
 
 
+async def test_an_after_past_the_jobs_log_is_reported_and_taken_as_its_last_event() -> None:
+    """A client reconnecting with an ``after`` past the job's stored log (it saw events this
+    store no longer has: a power cut with SQLITE_SYNCHRONOUS=NORMAL, a failover to a replica
+    behind) got a plain ack, and the live events whose seq it named were delivered or dropped
+    by timing (dropped while held during the replay, sent once it was done). The answer names
+    the job with its last stored seq, and every event after that seq follows."""
+    async with running() as h:
+        spec = await _job_with_two_events(h)
+        job_id = spec.job_id
+        sub = h.subscriber()
+        answers: list[tuple[list[str], dict[str, int]]] = []
+
+        def answer(missing: list[str], behind: dict[str, int]) -> None:
+            answers.append((missing, behind))
+
+        h.store.block_reads(snapshot_first=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                partial(h.dispatcher.subscribe, sub, [job_id], {job_id: 5}, answer=answer)
+            )
+            await h.settle()
+            h.dispatcher.miner_call("accept", "gpu-1", job_id)  # seq 3, held during the replay
+            await h.flushed()
+            h.store.release_reads()
+        h.dispatcher.miner_call("progress", "gpu-1", job_id, progress=0.5)  # seq 4, live
+        await h.flushed()
+        assert answers == [([], {job_id: 2})]
+        assert events(sub.outbox) == [(job_id, 3, "started"), (job_id, 4, "progress")]
+
+
 async def _canceled_job(h: Harness) -> JobSpec:
     """A job submitted and canceled (its log: queued, canceled), committed."""
     spec = h.spec()

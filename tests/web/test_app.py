@@ -269,6 +269,26 @@ def test_subscribe_replays_a_jobs_events_on_a_new_connection(client: TestClient)
     assert [f["type"] for f in frames[2:]] == ["job.event", "job.event"]
 
 
+def test_a_subscribe_past_a_jobs_log_names_it_in_behind(client: TestClient) -> None:
+    """``after`` past the job's last event (events lost with the store's last commits): the ack
+    says where the job's log ends (``behind``), and the events from there on follow; a subscribe
+    without such a job has no ``behind``."""
+    with client_socket(client) as ws:
+        hello(ws)
+        job_id = submit(ws, "s1")["job"]["job_id"]
+        assert recv(ws)["seq"] == 1
+    with client_socket(client) as ws:
+        hello(ws)
+        after = {job_id: 7}
+        ws.send_json({"type": "subscribe", "id": "b", "job_ids": [job_id], "after": after})
+        assert recv(ws) == {"type": "ack", "id": "b", "missing": [], "behind": {job_id: 1}}
+        ws.send_json({"type": "job.cancel", "id": "c", "job_id": job_id})
+        assert recv(ws)["type"] == "ack"
+        assert recv(ws)["seq"] == 2
+        ws.send_json({"type": "subscribe", "id": "n", "job_ids": [job_id], "after": {job_id: 2}})
+        assert recv(ws) == {"type": "ack", "id": "n", "missing": []}
+
+
 class CountingStore(InMemoryJobStore):
     """The in-memory store, recording the ids ``get_job`` is asked for."""
 
