@@ -6,7 +6,9 @@ On a dropped connection it reconnects and re-subscribes with ``after`` = the las
 saw, so no event is missed or shown twice; an event whose ``seq`` leaves a gap (live events
 that came before a replay it asked for, progress dropped under backpressure) waits for a
 replay too. The submit carries an idempotency key, so a submit whose acknowledgement was lost
-with the connection is not run twice. Give ``--url`` more than once (a coordinator and its
+with the connection is not run twice. Should the coordinator come back without the job's last
+events (its ack of the re-subscribe says where its log ends: ``behind``), it says so and shows
+the job's events from there. Give ``--url`` more than once (a coordinator and its
 standby) and each reconnect tries the next one. A submit or re-subscribe answered ``unavailable``
 (the coordinator could not read its database) is tried again on a new connection, waiting
 longer after each attempt that brings nothing new.
@@ -133,6 +135,7 @@ class _Followed:
                     await self._resubscribe(ws, self.job_id)
             elif isinstance(msg, Ack) and msg.id == RESUBSCRIBE:
                 self.replaying = False  # its replay follows in order, then live events
+                self._rewind(msg.fields.get("behind"))
             elif isinstance(msg, JobEvent) and msg.job_id == self.job_id:
                 if await self._event(ws, msg):
                     return True
@@ -157,6 +160,18 @@ class _Followed:
                 return False
             raise Refused(f"subscribe to job {self.job_id} refused: {msg.code}: {msg.message}")
         return True
+
+    def _rewind(self, behind: object) -> None:
+        """The coordinator's log of the job ends before events shown here (``behind``: it lost
+        its last commits): those are gone, and the events that follow are numbered from there."""
+        seq = behind.get(self.job_id) if isinstance(behind, dict) else None
+        last = self.events[-1].seq if self.events else 0
+        if isinstance(seq, int) and seq < last:
+            self.out(
+                f"job {self.job_id}: the coordinator lost events {seq + 1}-{last} shown above; "
+                f"following it from {seq}"
+            )
+            self.events = [e for e in self.events if e.seq <= seq]
 
     async def _event(self, ws: ClientConnection, msg: JobEvent) -> bool:
         last = self.events[-1].seq if self.events else 0

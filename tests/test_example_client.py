@@ -409,3 +409,36 @@ def test_an_interrupt_ends_the_client_without_a_traceback(
     monkeypatch.setattr(examples.ws_client, "follow_job", interrupted)
     assert examples.ws_client.main(["--key", "k"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+async def test_events_the_coordinator_lost_are_dropped_and_its_new_ones_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator came back without the job's last events (a power cut took its last
+    commits): its ack says the log ends at seq 1 (``behind``), and the job's next events are
+    numbered from there again. The client took them for events already shown, dropped them, and
+    waited for ever; it drops what it showed past that seq, says so, and shows them."""
+    connections = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        if frame["type"] == "job.submit":  # then the first connection ends
+            ack = {"type": "ack", "id": frame["id"], "job": {"job_id": JOB}, "duplicate": False}
+            return [orjson.dumps(ack), event(1, "queued"), event(2, "assigned")]
+        assert frame["after"] == {JOB: 2}
+        ack = {"type": "ack", "id": "resub", "missing": [], "behind": {JOB: 1}}
+        return [orjson.dumps(ack), event(2, "canceled", error="gone")]
+
+    def connect(url: str, **kwargs: Any) -> Scripted:
+        nonlocal connections
+        connections += 1
+        return Scripted(answer) if connections == 1 else OpenScripted(answer)
+
+    lines: list[str] = []
+    monkeypatch.setattr(examples.ws_client, "connect", connect)
+    submit = JobSubmit(id="submit", payload={}, idempotency_key="k")
+    with anyio.fail_after(5):
+        events = await follow_job("ws://c", "key", submit, out=lines.append, retry_after=0)
+    assert [(e.seq, e.event) for e in events] == [(1, "queued"), (2, "canceled")]
+    assert f"job {JOB}: the coordinator lost events 2-2 shown above; following it from 1" in lines
