@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region")
     p.add_argument("--ttl", type=int)
     a = p.parse_args(argv)
+    for option in ("url", "key", "prompt", "model", "gpu", "region"):
+        value = getattr(a, option)
+        for text in value if isinstance(value, list) else [value or ""]:
+            try:
+                text.encode()
+            except UnicodeEncodeError:  # a byte that is not UTF-8 (Python: a lone surrogate)
+                p.error(f"--{option} is not valid UTF-8")
     payload: dict[str, object] = {"type": "inference", "prompt": a.prompt}
     if a.model:
         payload["model"] = a.model

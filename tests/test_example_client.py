@@ -442,3 +442,16 @@ async def test_events_the_coordinator_lost_are_dropped_and_its_new_ones_shown(
         events = await follow_job("ws://c", "key", submit, out=lines.append, retry_after=0)
     assert [(e.seq, e.event) for e in events] == [(1, "queued"), (2, "canceled")]
     assert f"job {JOB}: the coordinator lost events 2-2 shown above; following it from 1" in lines
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--model", "--gpu", "--region", "--key", "--url"])
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte that is not UTF-8 in an argument (a Latin-1 terminal: Python hands it over as a
+    lone surrogate) ended in a TypeError traceback from the encoder, after connecting."""
+    argv = ["--key", "k", "--url", "ws://127.0.0.1:9/v1/jobs/ws", option, "caf\udce9"]
+    with pytest.raises(SystemExit) as exited:
+        examples.ws_client.main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {option} is not valid UTF-8\n")
