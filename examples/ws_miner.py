@@ -29,6 +29,7 @@ from examples.connection import LOST, Refused, describe, refusal
 from protocol.client import MinerClient
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
 from protocol.receipts import load_signing_key
+from protocol.types import ErrorCode
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,6 +55,7 @@ class MinerOptions:
     max_jobs: int | None = None  # exit after this many results (None: run forever)
     result_seed_hex: str | None = None  # co-sign results with this Ed25519 seed
     load_interval: float = 5.0  # seconds between load reports (heartbeats); 0: none
+    retry_after: float = 1.0  # before a result answered ``unavailable`` goes again
 
     def capabilities(self) -> dict[str, object]:
         caps: dict[str, object] = {"gpus": self.gpus, "models": self.models}
@@ -218,8 +220,21 @@ class SimulatedMiner:
                     if self.opts.max_jobs is not None and self.completed >= self.opts.max_jobs:
                         self._done.set()
             case Error():
-                self._settle(event.id)
                 self.log(f"error {event.code}: {event.message}")
+                if event.code == ErrorCode.UNAVAILABLE and event.id in self._result_ids:
+                    # The coordinator could not read its database: the result changed nothing
+                    # and goes again (the same request: a repeat gets the same receipt).
+                    tg.start_soon(self._resend, event.id)
+                else:
+                    self._settle(event.id)
+
+    async def _resend(self, request_id: str) -> None:
+        """Send an unanswered result again after ``retry_after`` (unless settled meanwhile)."""
+        await anyio.sleep(self.opts.retry_after)
+        frame = self._unacked.get(self._result_ids.get(request_id, ""))
+        if frame is not None and frame not in self._pending:
+            self._pending.append(frame)
+            await self.flush()
 
     def _settle(self, request_id: str | None) -> None:
         """A result got its answer (receipt or refusal): it is not sent again."""

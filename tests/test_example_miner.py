@@ -118,3 +118,38 @@ def test_a_url_that_is_not_a_websocket_url_ends_the_miner_with_one_line(
     out = capsys.readouterr()
     assert "Traceback" not in out.err
     assert f"{url} isn't a valid URI: scheme isn't ws or wss: check --url" in out.out + out.err
+
+
+async def test_a_result_the_store_could_not_take_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result answered ``unavailable`` (the coordinator could not read its database: a job no
+    longer in memory) was taken as settled: never sent again, its receipt never came, and with
+    ``max_jobs`` the miner ran for ever. It goes again, after a pause, until it is answered."""
+    receipt = {"receipt_id": "r1", "job_id": JOB}
+    results = 0
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        nonlocal results
+        if frame["type"] == "hello":
+            assign = {"type": "job.assign", "job_id": JOB, "attempt": 1, "payload": {}}
+            assign |= {"constraints": {}, "expires_at": "2026-11-28T00:00:00.000Z"}
+            return [welcome("s1"), orjson.dumps(assign)]
+        if frame["type"] != "job.result":
+            return []
+        results += 1
+        if results < 3:
+            error = {"type": "error", "id": frame["id"], "code": "unavailable", "message": "x"}
+            return [orjson.dumps(error)]
+        return [orjson.dumps({"type": "ack", "id": frame["id"], "job_id": JOB, "receipt": receipt})]
+
+    coordinator = Coordinator(Connection(answer))
+    monkeypatch.setattr(examples.ws_miner, "connect", coordinator)
+    opts = MinerOptions(key="k", delay=0, chunks=1, load_interval=0, max_jobs=1, retry_after=0)
+    miner = SimulatedMiner(opts, log=lambda line: None)
+    with anyio.fail_after(5):
+        await miner.run()
+    assert miner.receipts == {JOB: receipt}
+    sent = [f for f in coordinator.used[0].sent if f["type"] == "job.result"]
+    assert len(sent) == 3
+    assert len({f["id"] for f in sent}) == 1  # the same request each time
