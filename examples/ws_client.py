@@ -85,6 +85,9 @@ async def follow_job(
             async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
                 if await job.follow(ws):
                     return job.events
+                if ws.close_code is not None:  # closed by the coordinator, cleanly (1000, 1001)
+                    why = f" ({ws.close_reason})" if ws.close_reason else ""
+                    out(f"connection to {target} lost (closed {ws.close_code}{why}); reconnecting")
         except LOST as exc:
             if (refused := refusal(exc, target)) is not None:
                 raise refused from exc

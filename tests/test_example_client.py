@@ -38,6 +38,8 @@ class Scripted:
         self.answer = answer
         self.received: list[bytes] = []
         self.sent: list[dict[str, Any]] = []
+        self.close_code: int | None = None  # the coordinator ends the connection: 1000
+        self.close_reason = ""
 
     def __call__(self, url: str, **kwargs: Any) -> Self:
         return self
@@ -61,6 +63,7 @@ class Scripted:
     async def _frames(self) -> AsyncIterator[bytes]:
         while self.received:
             yield self.received.pop(0)
+        self.close_code = 1000
 
 
 async def test_a_duplicate_submits_live_events_before_its_replay_are_not_lost(

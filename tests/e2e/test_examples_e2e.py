@@ -3,17 +3,24 @@ verified receipt, trying a standby first, and a resubmission answered from the s
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import orjson
 import pytest
+from websockets.asyncio.client import connect
 
+import examples.ws_client
 from examples.connection import Refused
 from examples.ws_client import follow_job
 from examples.ws_miner import MinerOptions, SimulatedMiner
-from protocol.messages import JobSubmit
+from protocol.messages import Ack, JobAssign, JobEvent, JobSubmit
 from protocol.receipts import verify_receipt
+from protocol.types import CloseCode
 from tests.conftest import CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import RunningServer, start_server
+from tests.e2e.manual_miner import ManualMiner
+from web.ws_client import ClientConnection
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -162,3 +169,72 @@ async def test_the_example_miner_stops_when_refused_and_when_replaced(
             tg.cancel_scope.cancel()
     assert "closed 4409" in str(first.refused)
     assert second.refused is None
+
+
+async def test_the_example_client_shows_each_event_once_when_its_job_ends_while_it_is_away(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's socket drops after ``started``; the job streams and completes before it is
+    back: the re-subscribe with ``after`` brings exactly the events it missed, each once."""
+    lines: list[str] = []
+    started, ended = anyio.Event(), anyio.Event()
+    connects = 0
+
+    def out(line: str) -> None:
+        lines.append(line)
+        if " started " in line:
+            started.set()
+
+    class Gated:
+        """``connect``, whose second connection waits until the job has ended."""
+
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            self.real = connect(url, **kwargs)
+
+        async def __aenter__(self) -> Any:
+            nonlocal connects
+            connects += 1
+            if connects > 1:
+                await ended.wait()
+            return await self.real.__aenter__()
+
+        async def __aexit__(self, *exc: Any) -> Any:
+            return await self.real.__aexit__(*exc)
+
+    monkeypatch.setattr(examples.ws_client, "connect", Gated)
+    submit = JobSubmit(id="submit", payload={"prompt": "hi"}, idempotency_key="away-1")
+    events: list[JobEvent] = []
+
+    async def follow() -> None:
+        events.extend(await follow_job(server.url("/v1/jobs/ws"), CLIENT_KEY, submit, out=out))
+
+    async with (
+        ManualMiner(server, MINER_KEY, "away-miner") as miner,
+        anyio.create_task_group() as tg,
+    ):
+        await miner.connect()
+        tg.start_soon(follow)
+        with anyio.fail_after(10):
+            assign = await miner.expect(JobAssign)
+            miner.client.accept(assign.job_id)
+            await miner.flush()
+            await started.wait()
+            (conn,) = [c for c in server.core.connections if isinstance(c, ClientConnection)]
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+            for n in range(3):
+                miner.client.progress(assign.job_id, output=f"tok{n} ")
+            miner.client.result(assign.job_id, {"output": "done"})
+            await miner.flush()
+            assert isinstance(await miner.expect(Ack), Ack)  # the result is committed
+            ended.set()
+    assert [(e.seq, e.event) for e in events] == [
+        (1, "queued"),
+        (2, "assigned"),
+        (3, "started"),
+        (4, "progress"),
+        (5, "progress"),
+        (6, "progress"),
+        (7, "completed"),
+    ]
+    assert connects == 2
+    assert any("lost (closed 1001 (server shutting down))" in line for line in lines)
