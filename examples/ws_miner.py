@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from examples.connection import LOST, Refused, describe, refusal
 from protocol.client import MinerClient
+from protocol.errors import RemoteProtocolError
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
 from protocol.receipts import load_signing_key
 from protocol.types import ErrorCode
@@ -172,6 +173,14 @@ class SimulatedMiner:
                     self._done.set()
                     return
                 self.log(f"connection to {target} lost: {describe(exc)}")
+            except RemoteProtocolError as exc:  # not a coordinator's frame: no use trying again
+                why = "is it the coordinator's miner socket (…/v1/miners/ws)?"
+                self.refused = Refused(
+                    f"{target} sent a frame this miner cannot read ({exc}): {why}"
+                )
+                self.log(str(self.refused))
+                self._done.set()
+                return
             finally:
                 self.ws = None
                 if self.welcomed.is_set():  # a fresh event only once the last one was used:

@@ -153,3 +153,24 @@ async def test_a_result_the_store_could_not_take_is_sent_again(
     sent = [f for f in coordinator.used[0].sent if f["type"] == "job.result"]
     assert len(sent) == 3
     assert len({f["id"] for f in sent}) == 1  # the same request each time
+
+
+async def test_a_frame_the_miner_cannot_read_ends_it_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that is not the coordinator's miner socket sent a frame that is not a server
+    message: the miner ended with a RemoteProtocolError traceback (in an exception group)."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        return [b"<html>not a coordinator</html>"] if frame["type"] == "hello" else []
+
+    monkeypatch.setattr(examples.ws_miner, "connect", Coordinator(Connection(answer)))
+    lines: list[str] = []
+    miner = SimulatedMiner(MinerOptions(key="k", load_interval=0), log=lines.append)
+    with anyio.fail_after(5):
+        await miner.run()
+    assert miner.refused is not None
+    assert lines == [
+        "ws://127.0.0.1:8000/v1/miners/ws sent a frame this miner cannot read (malformed JSON "
+        "(close 1007)): is it the coordinator's miner socket (…/v1/miners/ws)?"
+    ]
