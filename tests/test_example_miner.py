@@ -174,3 +174,16 @@ async def test_a_frame_the_miner_cannot_read_ends_it_with_one_line(
         "ws://127.0.0.1:8000/v1/miners/ws sent a frame this miner cannot read (malformed JSON "
         "(close 1007)): is it the coordinator's miner socket (…/v1/miners/ws)?"
     ]
+
+
+@pytest.mark.parametrize("option", ["--gpu", "--models", "--region", "--miner-id", "--key"])
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte that is not UTF-8 in an argument (Python hands it over as a lone surrogate) ended
+    in a TypeError traceback from the encoder once connected, as in the client example."""
+    argv = ["--key", "k", "--url", "ws://127.0.0.1:9/v1/miners/ws", option, "caf\udce9"]
+    with pytest.raises(SystemExit) as exited:
+        examples.ws_miner.main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {option} is not valid UTF-8\n")
