@@ -5,8 +5,8 @@ reader closed 4429: another attempt (or the next ``--url``) can succeed. A wrong
 a key of the wrong role (4403), a frame the coordinator refuses (1003, 1007, 1009, 4000), a
 protocol version it does not speak (4002), a newer session for the same miner id (4409), an
 HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), or a URL that is not a
-``ws://`` or ``wss://`` one would be refused the
-same way every time: the examples stop on those and say why, instead of reconnecting for ever.
+``ws://`` or ``wss://`` one would be refused the same way every time: the examples stop on
+those and say why, instead of reconnecting for ever.
 """
 
 from __future__ import annotations

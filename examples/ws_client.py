@@ -8,10 +8,10 @@ that came before a replay it asked for, progress dropped under backpressure) wai
 replay too. The submit carries an idempotency key, so a submit whose acknowledgement was lost
 with the connection is not run twice. Should the coordinator come back without the job's last
 events (its ack of the re-subscribe says where its log ends: ``behind``), it says so and shows
-the job's events from there. Give ``--url`` more than once (a coordinator and its
-standby) and each reconnect tries the next one. A submit or re-subscribe answered ``unavailable``
-(the coordinator could not read its database) is tried again on a new connection, waiting
-longer after each attempt that brings nothing new.
+the job's events from there. Give ``--url`` more than once (a coordinator and its standby) and
+each reconnect tries the next one. A submit or re-subscribe answered ``unavailable`` (the
+coordinator could not read its database) is tried again on a new connection, waiting longer
+after each attempt that brings nothing new.
 """
 
 from __future__ import annotations
