@@ -11,11 +11,16 @@ those and say why, instead of reconnecting for ever.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from protocol.types import CloseCode
 
-__all__ = ["LOST", "Refused", "describe", "refusal"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["LOST", "Refused", "check_utf8", "describe", "refusal"]
 
 # What ``connect`` and a connection raise when the attempt failed: ``refusal`` tells those to
 # give up on from those to try again. ``InvalidHandshake`` also stands for a coordinator that
@@ -60,3 +65,16 @@ def refusal(exc: BaseException, url: str) -> Refused | None:
         why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
         return Refused(f"{url} refused: {describe(exc)}: {why}")
     return None
+
+
+def check_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace, *options: str) -> None:
+    """A usage error (exit 2) naming the first of ``options`` whose value holds a byte that is
+    not UTF-8 (Python gives it as a lone surrogate): it could not be sent, and failed later
+    with a traceback."""
+    for option in options:
+        value = getattr(args, option)
+        for text in value if isinstance(value, list) else [value or ""]:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                parser.error(f"--{option.replace('_', '-')} is not valid UTF-8")

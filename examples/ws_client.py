@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, describe, refusal
+from examples.connection import LOST, Refused, check_utf8, describe, refusal
 from protocol.codec import decode_server_to_client, encode
 from protocol.errors import RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
@@ -213,13 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region")
     p.add_argument("--ttl", type=int)
     a = p.parse_args(argv)
-    for option in ("url", "key", "prompt", "model", "gpu", "region"):
-        value = getattr(a, option)
-        for text in value if isinstance(value, list) else [value or ""]:
-            try:
-                text.encode()
-            except UnicodeEncodeError:  # a byte that is not UTF-8 (Python: a lone surrogate)
-                p.error(f"--{option} is not valid UTF-8")
+    check_utf8(p, a, "url", "key", "prompt", "model", "gpu", "region")
     payload: dict[str, object] = {"type": "inference", "prompt": a.prompt}
     if a.model:
         payload["model"] = a.model

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, describe, refusal
+from examples.connection import LOST, Refused, check_utf8, describe, refusal
 from protocol.client import MinerClient
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
@@ -310,13 +310,7 @@ def _parse(argv: list[str] | None) -> MinerOptions:
         "--sign-results", metavar="SEED_HEX", help="co-sign results with this Ed25519 seed"
     )
     a = p.parse_args(argv)
-    for option in ("url", "key", "miner_id", "gpu", "cuda", "models", "region", "sign_results"):
-        value = getattr(a, option)
-        for text in value if isinstance(value, list) else [value or ""]:
-            try:
-                text.encode()
-            except UnicodeEncodeError:  # a byte that is not UTF-8 (Python: a lone surrogate)
-                p.error(f"--{option.replace('_', '-')} is not valid UTF-8")
+    check_utf8(p, a, "url", "key", "miner_id", "gpu", "cuda", "models", "region", "sign_results")
     gpus: list[dict[str, object]] = [{"name": g, "memory_mb": int(a.vram_gb * 1024)} for g in a.gpu]
     return MinerOptions(
         url=(a.url or ["ws://127.0.0.1:8000/v1/miners/ws"])[0],
