@@ -266,6 +266,15 @@ async def map_driver_errors() -> AsyncIterator[None]:
         raise StorageError(str(exc)) from exc
 
 
+# How long a commit waits for another process's write lock on the database (a ``sqlite3`` shell
+# in a transaction, a script writing to the file) before it fails. The writer connection's own
+# busy timeout is 0: SQLite's busy handler sleeps in the calling thread, which for a NORMAL
+# commit is the event loop's (every socket and request stood still for the full wait).
+LOCK_WAIT_SECONDS = 5.0
+_LOCK_RETRY_MIN = 0.001
+_LOCK_RETRY_MAX = 0.05
+
+
 def _transient(exc: sqlite3.OperationalError) -> bool:
     """SQLITE_LOCKED / SQLITE_BUSY: another statement holds the database for a moment."""
     text = str(exc)
@@ -1045,6 +1054,9 @@ class DatabasesJobStore(SqlStore):
         # the writer so that the WAL would restart.
         self.wal_frames = 0
         self.wal_restarts = 0
+        # Commits that met another process's write lock and waited for it (``commit``).
+        self.lock_wait = LOCK_WAIT_SECONDS
+        self.lock_waits = 0
 
     def claim(self) -> None:
         """Take the owner lock now (``open`` does too): ``StoreInUse`` if another holds it."""
@@ -1062,6 +1074,7 @@ class DatabasesJobStore(SqlStore):
             # After a restart, the next commit cuts a WAL file grown by a burst back to this.
             await self._pragma(self._raw, f"journal_size_limit = {WAL_SIZE_LIMIT}")
             await self._migrate()
+            await self._pragma(self._raw, "busy_timeout = 0")  # ``commit`` waits, off the loop
             await self._read_db.connect()
             self._reader = await self._stack.enter_async_context(self._read_db.connection())
             await self._pragmas(self._reader.raw_connection)
@@ -1133,18 +1146,50 @@ class DatabasesJobStore(SqlStore):
         if raw is None:
             raise StorageError("store is closed")
         async with map_driver_errors():
-            if self.synchronous == "NORMAL":
-                # A WAL commit without fsync is pure CPU (~10 µs a row): run it right here.
-                # Handing it to the driver's thread cost more than the work itself: the two
-                # threads share a core and executemany re-takes the GIL for every row, so the
-                # writer queued behind the loop (measured: 10-17 ms per commit vs 1.4 ms
-                # inline). The fsyncs of NORMAL mode happen in checkpoints, which
-                # ``maintain()`` runs on the checkpointer's thread, never on the loop.
-                _commit_batch(raw._conn, batch)
-            else:
-                # FULL: every commit fsyncs, so wait for it on the driver's thread (one hop
-                # for the whole batch).
+            try:
+                if self.synchronous == "NORMAL":
+                    # A WAL commit without fsync is pure CPU (~10 µs a row): run it right here.
+                    # Handing it to the driver's thread cost more than the work itself: the two
+                    # threads share a core and executemany re-takes the GIL for every row, so
+                    # the writer queued behind the loop (measured: 10-17 ms per commit vs 1.4 ms
+                    # inline). The fsyncs of NORMAL mode happen in checkpoints, which
+                    # ``maintain()`` runs on the checkpointer's thread, never on the loop.
+                    _commit_batch(raw._conn, batch)
+                else:
+                    # FULL: every commit fsyncs, so wait for it on the driver's thread (one hop
+                    # for the whole batch).
+                    await raw._execute(_commit_batch, raw._conn, batch)
+            except sqlite3.OperationalError as exc:
+                if not _transient(exc):
+                    raise
+                await self._commit_when_unlocked(batch, exc)
+
+    async def _commit_when_unlocked(self, batch: WriteBatch, exc: sqlite3.OperationalError) -> None:
+        """Another process holds the database's write lock, and the batch was rolled back
+        whole: try it again (on the driver's thread), sleeping between tries, for
+        ``lock_wait`` seconds at most."""
+        self.lock_waits += 1
+        deadline = anyio.current_time() + self.lock_wait
+        delay = _LOCK_RETRY_MIN
+        while anyio.current_time() < deadline:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _LOCK_RETRY_MAX)
+            if self._held is not None:
+                await self._held.wait()
+            raw = self._raw
+            if raw is None:
+                raise StorageError("store is closed")
+            try:
                 await raw._execute(_commit_batch, raw._conn, batch)
+                return
+            except sqlite3.OperationalError as again:
+                if not _transient(again):
+                    raise
+                exc = again
+        raise StorageError(
+            f"{exc}: another process has held the database's write lock for {self.lock_wait:g} s"
+            " (a sqlite3 shell or a script in a write transaction on the file?)"
+        ) from exc
 
     async def maintain(self, interval: float = 1.0) -> None:
         """Checkpoint the WAL in the background (PASSIVE: never blocks the writer).

@@ -125,6 +125,11 @@ class CoordinatorCollector:
                 "Checkpoints that held commits so that the WAL would restart",
                 value=store.wal_restarts,
             )
+            yield CounterMetricFamily(
+                "aitbc_store_lock_waits",
+                "Commits that waited for another process's write lock on the database",
+                value=store.lock_waits,
+            )
         yield CounterMetricFamily(
             "aitbc_progress_dropped",
             "Progress events coalesced or dropped under backpressure (client and ops sockets)",

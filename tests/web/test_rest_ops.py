@@ -376,6 +376,7 @@ async def test_metrics_require_admin_and_match_the_jobs_run(api: Api) -> None:
     store = api.core.dispatcher.store
     assert s["aitbc_store_wal_frames", ()] == store.wal_frames
     assert s["aitbc_store_wal_restarts_total", ()] == store.wal_restarts == 0
+    assert s["aitbc_store_lock_waits_total", ()] == store.lock_waits == 0
 
 
 async def test_progress_dropped_for_an_ops_watcher_is_counted(api: Api) -> None:
