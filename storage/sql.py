@@ -1030,6 +1030,7 @@ class DatabasesJobStore(SqlStore):
         self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
         self._file = None if in_memory else database  # the database file, synced in rounds
+        self._file_id: tuple[int, int] | None = None  # its (device, inode) once open
         # The writer connection is opened on aiosqlite's thread and then committed to from
         # the event loop (see ``commit``); SQLite itself is built thread-safe (serialized).
         self._db = Database(url, check_same_thread=False)
@@ -1075,6 +1076,9 @@ class DatabasesJobStore(SqlStore):
             await self._pragma(self._raw, f"journal_size_limit = {WAL_SIZE_LIMIT}")
             await self._migrate()
             await self._pragma(self._raw, "busy_timeout = 0")  # ``commit`` waits, off the loop
+            if self._file is not None:
+                found = os.stat(self._file)
+                self._file_id = (found.st_dev, found.st_ino)
             await self._read_db.connect()
             self._reader = await self._stack.enter_async_context(self._read_db.connection())
             await self._pragmas(self._reader.raw_connection)
@@ -1204,6 +1208,7 @@ class DatabasesJobStore(SqlStore):
             checkpointer = self._checkpointer
             if checkpointer is None:
                 return
+            self._check_file()
             try:
                 await self._checkpoint_round(checkpointer.raw_connection)
             except sqlite3.OperationalError as exc:
@@ -1211,6 +1216,27 @@ class DatabasesJobStore(SqlStore):
                     raise StorageError(str(exc)) from exc
             except (sqlite3.Error, ValueError, OSError) as exc:  # OSError: a failed sync
                 raise StorageError(str(exc)) from exc
+
+    def _check_file(self) -> None:
+        """Fail once the database's path no longer names the file the store opened (deleted,
+        moved, or another file put in its place): SQLite writes on to the file it has open,
+        which no restart would find, so every commit acknowledged from then on would be lost."""
+        if self._file is None or self._file_id is None:
+            return
+        try:
+            found = os.stat(self._file)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # cannot tell (a folder that cannot be looked into): the file is still open
+        else:
+            if (found.st_dev, found.st_ino) == self._file_id:
+                return
+        raise StorageError(
+            f"the database file {self._file} was deleted, moved or replaced while the coordinator "
+            "had it open: what it commits would be in no file a restart opens; put the file back "
+            "(a moved one is whole once this process has stopped) or restore it from a backup"
+        )
 
     async def _checkpoint_round(self, raw: Any) -> None:
         """One PASSIVE checkpoint; when the WAL has stopped restarting, make it restart.

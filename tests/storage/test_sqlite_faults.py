@@ -3,7 +3,9 @@ lock, the file deleted or replaced while the coordinator runs."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -15,7 +17,6 @@ from tests.storage.test_store_contract import batch, event, job, sqlite_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
-    from pathlib import Path
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +82,54 @@ async def test_a_write_lock_held_past_the_wait_fails_the_commit_saying_so(
     assert await store.get_job("j1") is None
     await store.commit(batch(jobs=[job("j2")], events=[event("j2", 1)]))  # usable again
     assert await store.get_job("j2") is not None
+
+
+def take_away(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "moved":
+        path.rename(path.with_name("elsewhere.db"))
+    else:
+        copy = path.with_name("copy.db")
+        copy.write_bytes(path.read_bytes())
+        copy.replace(path)
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+async def test_the_store_fails_once_its_database_file_is_gone(
+    store: DatabasesJobStore, how: str
+) -> None:
+    """A database file deleted, moved or replaced under a running store stops it at the next
+    round of ``maintain`` (the dispatcher then stops): SQLite writes on to the file it has
+    open, which no restart finds, so every commit acknowledged from then on would be lost."""
+    path = Path(database_file(store.url))
+    await store.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+    take_away(path, how)
+    await store.commit(batch(jobs=[job("j2")], events=[event("j2", 1)]))  # SQLite cannot tell
+    with anyio.fail_after(5), pytest.raises(StorageError, match=f"{path} was deleted, moved or"):
+        await store.maintain(0.001)
+
+
+async def test_a_store_whose_file_is_in_place_keeps_checkpointing(
+    store: DatabasesJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's check passes while the file is the one opened, and a folder that cannot be
+    looked into (a stat that fails otherwise) tells nothing: the rounds go on."""
+    rounds = 0
+
+    async def checkpoint(raw: object) -> tuple[int, int, int]:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 2:
+            monkeypatch.setattr(os, "stat", refuse)
+        if rounds == 3:
+            raise sqlite3.OperationalError("disk I/O error")
+        return 0, 0, 0
+
+    def refuse(path: str) -> os.stat_result:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(store, "_checkpoint", checkpoint)
+    with anyio.fail_after(5), pytest.raises(StorageError, match="disk I/O error"):
+        await store.maintain(0.001)
+    assert rounds == 3
