@@ -442,12 +442,22 @@ class PostgresJobStore(SqlStore):
         for versions, statements in PG_MIGRATIONS:
             if all(v in applied for v in versions):
                 continue
-            async with raw.transaction():
+            # Not ``async with``: on a session the server ended (a restart, a failover during a
+            # long migration) its rollback's complaint ("cannot call Transaction.__aexit__():
+            # the underlying connection is closed") replaced the reason, as in ``_commit_batch``.
+            transaction = raw.transaction()
+            await transaction.start()
+            try:
                 for sql in statements:
                     await raw.execute(sql)
                 await raw.executemany(
                     "INSERT INTO schema_version (version) VALUES ($1)", [(v,) for v in versions]
                 )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
 
     async def owner_free(self) -> bool:
         """Whether the owner lock is free now, asked on one connection kept between polls (a

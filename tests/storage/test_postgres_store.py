@@ -15,10 +15,12 @@ import anyio
 import asyncpg
 import pytest
 
+import storage.postgres
 from storage.backends import shown_url, store_for
 from storage.base import JobQuery
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from storage.postgres import PostgresJobStore, check_postgres
+from storage.schema import PG_MIGRATIONS
 from storage.sql import DatabasesJobStore
 from tests.conftest import make_settings
 from tests.postgres import admin
@@ -688,3 +690,26 @@ async def test_a_commit_on_a_connection_in_a_broken_state_says_it_was_lost(
         finally:
             s._raw = raw
             await s.close()
+
+
+async def test_a_migration_whose_session_ends_says_why(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start-up migration under way when the server ended the writer's session (a restart, a
+    failover, an admin: a long one builds indexes on big tables) stopped the start with the
+    rollback's complaint, 'cannot start: cannot call Transaction.__aexit__(): the underlying
+    connection is closed', as commits did before: it is now the server's reason."""
+    migrations = [
+        *PG_MIGRATIONS,
+        ((999,), ["SELECT pg_terminate_backend(pg_backend_pid())"]),
+    ]
+    monkeypatch.setattr(storage.postgres, "PG_MIGRATIONS", migrations)
+    with anyio.fail_after(20), pytest.raises(StorageError) as failed:
+        await PostgresJobStore(postgres_url).open()
+    assert "terminating connection due to administrator command" in str(failed.value)
+    assert "__aexit__" not in str(failed.value)
+    conn = await asyncpg.connect(postgres_url)
+    try:  # the migrations before it are in, and it is not
+        assert 999 not in {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+    finally:
+        await conn.close()
