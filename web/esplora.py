@@ -17,6 +17,7 @@ import orjson
 
 from dispatcher.errors import DispatchError
 from dispatcher.exchange import BLOCK_TIME_SLACK, canonical_address, find_output, is_txid
+from storage.errors import StorageError
 from web.http import HTTPError
 
 if TYPE_CHECKING:
@@ -208,6 +209,8 @@ class EsploraWatcher:
                 await self.clock.wait_until(self.clock.now() + self.interval, anyio.Event())
                 try:
                     await self.poll_once(http)
-                except (httpx.HTTPError, ValueError, HTTPError, DispatchError) as exc:
+                except (httpx.HTTPError, ValueError, HTTPError, DispatchError, StorageError) as exc:
+                    # StorageError: a read of the store failed (a dropped connection); its
+                    # payments wait for the next poll, as on an API failure.
                     self.errors += 1
                     log.warning("payment watcher: %s: %s", type(exc).__name__, exc)

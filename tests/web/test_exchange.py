@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from storage.errors import StorageError
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, CLIENT_KEY_2
 from tests.fakes import FakeClock, RecordingStore
 from tests.web.rest_harness import Api, answered_after_commit, running_api
@@ -1058,3 +1059,29 @@ async def test_admin_confirms_in_flight_are_answered_once_committed(tmp_path: Pa
         assert sorted(answers) == [("a", 200), ("again", 200), ("b", 409)]
         assert await client_balance(api) == "10.00000000"
         assert (await status(api, b)).json()["status"] == "pending"
+
+
+async def test_the_background_watcher_outlives_a_failed_store_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll whose store read failed (a dropped PostgreSQL connection: a payment that left the
+    pending ones meanwhile is read back from the store) is counted and retried like an API
+    failure: the StorageError escaped ``run``, and its task took the coordinator down with a
+    traceback."""
+    clock = FakeClock()
+    async with watched_api(tmp_path, clock, bitcoin_xpub=XPUB) as (api, _, _):
+        watcher = api.core.watcher
+        polled = anyio.Event()
+
+        async def poll_once(http: httpx.AsyncClient) -> None:
+            if watcher.errors == 0:
+                raise StorageError("connection lost")
+            polled.set()
+
+        monkeypatch.setattr(watcher, "poll_once", poll_once)
+        with anyio.fail_after(10):
+            clock.advance(86400)
+            while watcher.errors < 1:
+                await anyio.wait_all_tasks_blocked()
+            clock.advance(86400)
+            await polled.wait()
