@@ -1030,7 +1030,8 @@ class DatabasesJobStore(SqlStore):
         self.exclusive = exclusive
         self.owner = OwnerLock(Path(database)) if exclusive and not in_memory else None
         self._file = None if in_memory else database  # the database file, synced in rounds
-        self._file_id: tuple[int, int] | None = None  # its (device, inode) once open
+        # (device, inode) of the database file, its WAL and shared-memory index, once open.
+        self._file_ids: dict[str, tuple[int, int]] = {}
         # The writer connection is opened on aiosqlite's thread and then committed to from
         # the event loop (see ``commit``); SQLite itself is built thread-safe (serialized).
         self._db = Database(url, check_same_thread=False)
@@ -1077,8 +1078,10 @@ class DatabasesJobStore(SqlStore):
             await self._migrate()
             await self._pragma(self._raw, "busy_timeout = 0")  # ``commit`` waits, off the loop
             if self._file is not None:
-                found = os.stat(self._file)
-                self._file_id = (found.st_dev, found.st_ino)
+                for path in (self._file, f"{self._file}-wal", f"{self._file}-shm"):
+                    with contextlib.suppress(FileNotFoundError):  # no WAL: not in WAL mode
+                        found = os.stat(path)
+                        self._file_ids[path] = (found.st_dev, found.st_ino)
             await self._read_db.connect()
             self._reader = await self._stack.enter_async_context(self._read_db.connection())
             await self._pragmas(self._reader.raw_connection)
@@ -1220,23 +1223,31 @@ class DatabasesJobStore(SqlStore):
     def _check_file(self) -> None:
         """Fail once the database's path no longer names the file the store opened (deleted,
         moved, or another file put in its place): SQLite writes on to the file it has open,
-        which no restart would find, so every commit acknowledged from then on would be lost."""
-        if self._file is None or self._file_id is None:
-            return
-        try:
-            found = os.stat(self._file)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return  # cannot tell (a folder that cannot be looked into): the file is still open
-        else:
-            if (found.st_dev, found.st_ino) == self._file_id:
-                return
-        raise StorageError(
-            f"the database file {self._file} was deleted, moved or replaced while the coordinator "
-            "had it open: what it commits would be in no file a restart opens; put the file back "
-            "(a moved one is whole once this process has stopped) or restore it from a backup"
-        )
+        which no restart would find, so every commit acknowledged from then on would be lost.
+        Its WAL and shared-memory index alike (taken for temporary files): every other program
+        reading the database then fails ("disk I/O error"), and a crash loses what the WAL
+        holds; a stop copies it into the database file."""
+        for path, opened in self._file_ids.items():
+            try:
+                found = os.stat(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # cannot tell (a folder that cannot be looked into): still open
+            else:
+                if (found.st_dev, found.st_ino) == opened:
+                    continue
+            if path == self._file:
+                raise StorageError(
+                    f"the database file {path} was deleted, moved or replaced while the "
+                    "coordinator had it open: what it commits would be in no file a restart "
+                    "opens; put the file back (a moved one is whole once this process has "
+                    "stopped) or restore it from a backup"
+                )
+            raise StorageError(
+                f"{path} was deleted, moved or replaced while the coordinator had the database "
+                f"open: stopping, which copies what it held into {self._file}"
+            )
 
     async def _checkpoint_round(self, raw: Any) -> None:
         """One PASSIVE checkpoint; when the WAL has stopped restarting, make it restart.

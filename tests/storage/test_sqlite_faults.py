@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,7 +91,7 @@ def take_away(path: Path, how: str) -> None:
     elif how == "moved":
         path.rename(path.with_name("elsewhere.db"))
     else:
-        copy = path.with_name("copy.db")
+        copy = path.with_name("copy")
         copy.write_bytes(path.read_bytes())
         copy.replace(path)
 
@@ -108,6 +109,29 @@ async def test_the_store_fails_once_its_database_file_is_gone(
     await store.commit(batch(jobs=[job("j2")], events=[event("j2", 1)]))  # SQLite cannot tell
     with anyio.fail_after(5), pytest.raises(StorageError, match=f"{path} was deleted, moved or"):
         await store.maintain(0.001)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_the_store_fails_once_its_wal_or_shared_memory_file_is_gone(
+    store: DatabasesJobStore, how: str, suffix: str
+) -> None:
+    """Its write-ahead log or shared-memory index deleted or replaced (a cleanup script taking
+    them for temporary files) under a running store: every other program reading the database
+    failed ('disk I/O error'), and a crash lost the commits the open WAL held; the store fails
+    at the next round instead, and a stop puts what the WAL holds into the database file."""
+    path = Path(database_file(store.url))
+    await store.commit(batch(jobs=[job("j1")], events=[event("j1", 1)]))
+    take_away(path.with_name(path.name + suffix), how)
+    await store.commit(batch(jobs=[job("j2")], events=[event("j2", 1)]))
+    with anyio.fail_after(5), pytest.raises(StorageError, match=f"{path}{suffix} was deleted"):
+        await store.maintain(0.001)
+    await store.close()
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT job_id FROM jobs ORDER BY job_id").fetchall() == [
+            ("j1",),
+            ("j2",),
+        ]
 
 
 async def test_a_store_whose_file_is_in_place_keeps_checkpointing(
