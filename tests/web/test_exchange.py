@@ -1080,8 +1080,11 @@ async def test_the_background_watcher_outlives_a_failed_store_read(
 
         monkeypatch.setattr(watcher, "poll_once", poll_once)
         with anyio.fail_after(10):
-            clock.advance(86400)
-            while watcher.errors < 1:
-                await anyio.wait_all_tasks_blocked()
-            clock.advance(86400)
-            await polled.wait()
+            # Time moves on a day at a time until the watcher polled twice (the first poll
+            # fails): one advance made before the watcher is back in its wait is taken as its
+            # start. Not ``wait_all_tasks_blocked`` between advances: the fake explorer's
+            # server wakes every 0.1 s, in step with its checks, and kept it waiting for ever.
+            while not polled.is_set():
+                clock.advance(86400)
+                await anyio.lowlevel.checkpoint()
+        assert watcher.errors == 1
