@@ -180,6 +180,7 @@ class Dispatcher:
         self.tally = EventTally()
         self.job_counts = JobCounts()
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
+        self.commit_started: float | None = None  # perf_counter() of the commit under way
         self.batch_sizes = Histogram(BATCH_BOUNDS)
         self.watchers: list[EventWatcher] = []
         # Set by the web layer: write out the frames a batch produced before the event loop
@@ -297,8 +298,9 @@ class Dispatcher:
             if ending:
                 self._ending, self._ending_committing = {}, ending
             if len(writes):
-                started = time.perf_counter()
+                self.commit_started = started = time.perf_counter()
                 await self.store.commit(writes)
+                self.commit_started = None
                 self.commit_seconds.observe(time.perf_counter() - started)
                 self.batch_sizes.observe(len(writes))
                 self._batches += 1
@@ -314,6 +316,11 @@ class Dispatcher:
             if self._rearm:
                 self._rearm = False
                 self._timer_wake.set()
+
+    def commit_running_for(self) -> float:
+        """Seconds the writer's commit under way has taken so far (0.0: none is under way)."""
+        started = self.commit_started
+        return 0.0 if started is None else time.perf_counter() - started
 
     async def _gather(self) -> None:
         """Group commit: let work that is already runnable join the open batch first.

@@ -62,6 +62,8 @@ __all__ = ["Coordinator", "create_app"]
 log = logging.getLogger("aitbc.coordinator")
 
 VERSION = "0.1.0"
+# A commit under way for longer than this turns /health/ready 503 until it ends (docs/ops.md).
+COMMIT_STALL_SECONDS = 10.0
 
 
 class Coordinator:
@@ -113,6 +115,7 @@ class Coordinator:
         self.sockets = {role.value: 0 for role in Role}  # open connections by role
         self.ready = False
         self.failed = False
+        self.commit_stall_seconds = COMMIT_STALL_SECONDS
         # Shutting down: a socket that opens from now on is closed with 1001 at once.
         self.stopping = False
         # Waiting for another coordinator to let go of the store (STANDBY): every request but
@@ -143,8 +146,23 @@ class Coordinator:
 
     @property
     def serving(self) -> bool:
-        """Ready to serve (``/health/ready`` 200): taken over, started, not failed."""
-        return self.ready and self.dispatcher.running and not self.failed
+        """Ready to serve (``/health/ready`` 200): taken over, started, not failed, and no
+        commit hanging (``commit_stalled``)."""
+        return (
+            self.ready
+            and self.dispatcher.running
+            and not self.failed
+            and self.commit_stalled() is None
+        )
+
+    def commit_stalled(self) -> float | None:
+        """How long the writer's commit under way has taken, once that is over
+        ``commit_stall_seconds`` (else None). Nothing this coordinator does is answered while
+        it hangs (every change waits for it), e.g. on a PostgreSQL lock another session holds
+        (``LOCK TABLE``, ``VACUUM FULL``): readiness says so, so that a load balancer can turn
+        to another node and an operator sees it."""
+        running = self.dispatcher.commit_running_for()
+        return running if running > self.commit_stall_seconds else None
 
     def fatal(self) -> None:
         """The dispatcher stopped on an error: refuse work, close sockets, stop the server."""
@@ -217,6 +235,12 @@ def create_app(
             return JSONResponse({"status": "standby", "database": "in use"}, status_code=503)
         if core.serving:
             return JSONResponse({"status": "ready", "database": "connected"})
+        stalled = None if core.failed else core.commit_stalled()
+        if stalled is not None:
+            return JSONResponse(
+                {"status": "not ready", "database": "commit stalled", "commit_seconds": stalled},
+                status_code=503,
+            )
         return JSONResponse({"status": "not ready", "database": "unknown"}, status_code=503)
 
     endpoints = (

@@ -201,7 +201,8 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
         }
     paths["/health/ready"]["get"]["responses"]["503"] = {
         "description": "not ready: starting, a standby waiting for the database "
-        '("status": "standby"), shutting down, or the dispatcher failed'
+        '("status": "standby"), shutting down, the dispatcher failed, or a commit under way '
+        'for over 10 s ("database": "commit stalled", "commit_seconds")'
     }
     for path, (summary, tag, responses) in _PUBLIC.items():
         paths[path] = {

@@ -722,6 +722,55 @@ def test_a_failed_commit_stops_the_coordinator_instead_of_serving_without_it(
     ]
 
 
+def test_readiness_turns_503_while_a_commit_hangs_and_back_once_it_ends(tmp_path: Path) -> None:
+    """A commit that hangs (a PostgreSQL lock another session holds: ``LOCK TABLE``, ``VACUUM
+    FULL``) held every change and answer of the coordinator while /health/ready stayed 200, so
+    no load balancer turned away from it. Past ``commit_stall_seconds`` it is 503 saying so
+    (and ``aitbc_ready`` 0); once the commit is through, 200 again and the submit answered."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldStore(InMemoryJobStore):
+        hold = False
+
+        async def commit(self, batch: Any) -> None:
+            if self.hold:
+                entered.set()
+                await anyio.to_thread.run_sync(release.wait)
+            await super().commit(batch)
+
+    store = HeldStore()
+    app = create_app(make_settings(tmp_path), store=store)
+    core = app.state.core
+    with TestClient(app) as c, client_socket(c) as ws:
+        hello(ws)
+        assert c.get("/health/ready").status_code == 200
+        core.commit_stall_seconds = 0.0  # any commit under way counts as hanging
+        store.hold = True
+        ws.send_json({"type": "job.submit", "id": "s1", "payload": {"type": "x"}})
+        try:
+            assert entered.wait(10)
+            r = c.get("/health/ready")
+            stalled_serving = core.serving  # aitbc_ready (/metrics waits for the commit)
+            core.commit_stall_seconds = 3600.0  # a commit under way is not a hang yet
+            not_yet = c.get("/health/ready").status_code
+            core.commit_stall_seconds = 0.0
+        finally:
+            store.hold = False
+            release.set()  # a failed check must not leave the shutdown waiting for the commit
+        assert (r.status_code, r.json()["status"], r.json()["database"]) == (
+            503,
+            "not ready",
+            "commit stalled",
+        )
+        assert r.json()["commit_seconds"] > 0
+        assert not stalled_serving
+        assert not_yet == 200
+        assert recv(ws)["id"] == "s1"
+        assert c.get("/health/ready").status_code == 200
+
+
 def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> None:
     """Time advanced from the test thread reaches the app's timer loop (TestClient portal)."""
     from tests.fakes import FakeClock
