@@ -13,6 +13,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from websockets.asyncio.client import connect
@@ -23,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.ws_miner import MinerOptions, SimulatedMiner
 from protocol.codec import decode_server_to_client, encode
 from protocol.messages import Ack, ClientHello, JobAssign, JobCancelRequest, JobSubmit
+
+if TYPE_CHECKING:
+    from protocol.types import JSONObject
 
 __all__ = ["KINDS", "MinerKind", "run_load"]
 
@@ -52,14 +56,18 @@ KINDS = (
               concurrency=1, delay=2.0, price=0.1, churn=6),
 )  # fmt: skip
 
-JOB_MIX = (
+# (payload, constraints) of a job the client submits
+JOB_MIX: tuple[tuple[JSONObject, JSONObject], ...] = (
     ({"type": "inference", "model": "llama3"}, {"models": ["llama3"]}),
     ({"type": "inference", "model": "mixtral"}, {"models": ["mixtral"], "min_vram_gb": 40}),
     ({"type": "image", "model": "sdxl"}, {"models": ["sdxl"]}),
     ({"type": "audio", "model": "whisper"}, {"models": ["whisper"]}),
     ({"type": "inference", "model": "llama3"}, {}),
 )
-UNSERVABLE = ({"type": "inference", "model": "grok-5"}, {"gpu": "TPU v5"})
+UNSERVABLE: tuple[JSONObject, JSONObject] = (
+    {"type": "inference", "model": "grok-5"},
+    {"gpu": "TPU v5"},
+)
 
 
 class FlakyMiner(SimulatedMiner):
