@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from typing import TYPE_CHECKING
 
 from dispatcher.core import JobSpec, Scheduler
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["main"]
 
@@ -86,7 +90,7 @@ def main() -> None:
     p.add_argument("--miners", type=int, default=10_000)
     p.add_argument("--picks", type=int, default=2_000)
     a = p.parse_args()
-    rows = [
+    rows: list[tuple[str, Callable[[], float]]] = [
         (f"{a.jobs} queued, one class", lambda: queued(a.jobs, a.picks, distinct=False)),
         (f"{a.jobs} queued, a class per job", lambda: queued(a.jobs, a.picks, distinct=True)),
         (

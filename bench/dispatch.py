@@ -193,6 +193,8 @@ async def drive(
     async def open_socket(proto: RawWebSocket, url: str) -> None:
         sockets.append(proto)
         parts = urlsplit(url)
+        assert parts.hostname is not None, url  # the callers' URLs name both host and port
+        assert parts.port is not None, url
         await loop.create_connection(lambda: proto, parts.hostname, parts.port)
 
     try:

@@ -225,7 +225,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    values: list[float] = [r[key] for r in runs]
+    return statistics.median(values)
 
 
 def ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> float:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -48,7 +48,7 @@ from web.gctune import tune_gc
 from web.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from protocol.records import JobRecord
 
@@ -56,6 +56,7 @@ __all__ = ["main", "run"]
 
 PAYLOAD = {"model": "bench", "prompt": "hello"}
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class _Sink:
@@ -80,21 +81,21 @@ class _Timed:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def sync(self, fn: Callable[..., T]) -> Callable[..., T]:
-        def timed(*args: Any) -> T:
+    def sync(self, fn: Callable[P, T]) -> Callable[P, T]:
+        def timed(*args: P.args, **kwargs: P.kwargs) -> T:
             started = time.perf_counter()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - started
 
         return timed
 
-    def coro(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-        async def timed(*args: Any) -> T:
+    def coro(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
             started = time.perf_counter()
             try:
-                return await fn(*args)
+                return await fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - started
 
@@ -146,7 +147,12 @@ async def run(
     sink = _Sink()
     delivered: list[object] = []  # what a client socket would be sent (kept, then dropped)
     client = Subscriber("client-1", Outbox(lambda *_: None))
-    client.outbox.direct = lambda frame: delivered.append(frame) is None
+
+    def deliver(frame: str) -> bool:
+        delivered.append(frame)
+        return True  # written at once (never queued in the outbox)
+
+    client.outbox.direct = deliver
     sent = completed = 0
 
     async def submit() -> None:

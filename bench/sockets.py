@@ -84,8 +84,12 @@ async def open_idle(port: int, count: int, concurrency: int) -> list[IdleMiner]:
         await slots.acquire()
         proto = IdleMiner(request, idle_hello(n), settle)
         miners.append(proto)
+
+        def factory(p: IdleMiner = proto) -> IdleMiner:
+            return p
+
         try:
-            await loop.create_connection(lambda p=proto: p, "127.0.0.1", port)
+            await loop.create_connection(factory, "127.0.0.1", port)
         except OSError:
             settle(False)
     if count:

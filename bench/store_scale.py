@@ -25,7 +25,7 @@ import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 
@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 
 CLIENTS = 50
 T0 = 1.7e9
+
+
+class _Page(TypedDict):
+    """The paging fields of a ``JobQuery``, shared by the list cases."""
+
+    limit: int
+    offset: int
+    with_total: bool
 
 
 def build(path: Path, jobs: int, version: int, receipt_bytes: int) -> None:
@@ -86,7 +94,7 @@ async def measure(path: Path, jobs: int) -> None:
     await store.open()
     print(f"first start (migrations): {time.perf_counter() - start:.1f} s")
     try:
-        page = {"limit": 100, "offset": 0, "with_total": False}
+        page: _Page = {"limit": 100, "offset": 0, "with_total": False}
         cases: dict[str, Callable[[], Awaitable[Any]]] = {
             "100 newest jobs": lambda: store.list_jobs(JobQuery(**page)),
             "100 newest COMPLETED jobs": lambda: store.list_jobs(
