@@ -87,21 +87,8 @@ class CoordinatorCollector:
         for reason in REQUEUE_REASONS:
             requeues.add_metric([reason], d.tally.requeues.get(reason, 0))
         yield requeues
-        miners = d.rest_miners()
-        yield GaugeMetricFamily(
-            "aitbc_miners_online", "Miners online", value=sum(1 for m in miners if m.online)
-        )
-        yield GaugeMetricFamily(
-            "aitbc_miners_busy",
-            "Online miners running at least one job",
-            value=sum(1 for m in miners if m.online and m.inflight),
-        )
-        # Of the online miners, as the ops page's header: a polling miner gone quiet stays
-        # registered (until it deregisters), and its slots are no capacity.
-        slots = GaugeMetricFamily("aitbc_miner_slots", "Slots of online miners", labels=["use"])
-        slots.add_metric(["used"], sum(m.inflight for m in miners if m.online))
-        slots.add_metric(["total"], sum(m.concurrency for m in miners if m.online))
-        yield slots
+        if core.commit_stalled() is None:  # else answered without waiting: see ``metrics``
+            yield from self._miners()
         sockets = GaugeMetricFamily("aitbc_sockets_open", "Open WebSockets", labels=["role"])
         for role in Role:  # counted as connections open and close: no walk over them
             sockets.add_metric([role.value], self.core.sockets[role.value])
@@ -136,6 +123,25 @@ class CoordinatorCollector:
             value=stats.progress_dropped + self.core.ops.progress_dropped,
         )
 
+    def _miners(self) -> Iterator[Metric]:
+        """The scheduler's miners: in-memory state that runs ahead of the store by the batches
+        in flight (a miner whose hello is being committed)."""
+        miners = self.core.dispatcher.rest_miners()
+        yield GaugeMetricFamily(
+            "aitbc_miners_online", "Miners online", value=sum(1 for m in miners if m.online)
+        )
+        yield GaugeMetricFamily(
+            "aitbc_miners_busy",
+            "Online miners running at least one job",
+            value=sum(1 for m in miners if m.online and m.inflight),
+        )
+        # Of the online miners, as the ops page's header: a polling miner gone quiet stays
+        # registered (until it deregisters), and its slots are no capacity.
+        slots = GaugeMetricFamily("aitbc_miner_slots", "Slots of online miners", labels=["use"])
+        slots.add_metric(["used"], sum(m.inflight for m in miners if m.online))
+        slots.add_metric(["total"], sum(m.concurrency for m in miners if m.online))
+        yield slots
+
 
 def registry_for(core: Coordinator) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
@@ -156,8 +162,12 @@ async def metrics(call: Call) -> Response:
             raise HTTPError(401, detail, {"WWW-Authenticate": "Bearer"})
         if not principal.acts_as(Role.ADMIN):
             raise HTTPError(403, "Forbidden")
+    stalled = not core.standby and core.commit_stalled() is not None
     body = generate_latest(core.metrics)
-    if not core.standby:  # miners and slots are the scheduler's: answered once committed
+    if not core.standby and not stalled:
+        # Miners and slots are the scheduler's: answered once committed. While a commit
+        # hangs, waiting would hide the stall from the scraper (its timeout, not aitbc_ready
+        # 0): the body leaves those series out and everything else in it is committed.
         body = await core.dispatcher.committed(body)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -171,7 +181,8 @@ ENDPOINTS = [
         "ops",
         description="Prometheus text format (docs/ops.md#metrics). Needs an admin key unless "
         "METRICS_PUBLIC=on. A standby answers it too, with aitbc_standby 1 and aitbc_ready 0 "
-        "only.",
+        "only. While a commit has been under way for over 10 s (aitbc_ready 0) it answers "
+        "without waiting for it and without the miner series.",
         responses={
             200: ("Prometheus text exposition format", None),
             401: ("missing or unknown credential (METRICS_PUBLIC=off)", "Error"),

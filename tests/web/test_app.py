@@ -726,7 +726,8 @@ def test_readiness_turns_503_while_a_commit_hangs_and_back_once_it_ends(tmp_path
     """A commit that hangs (a PostgreSQL lock another session holds: ``LOCK TABLE``, ``VACUUM
     FULL``) held every change and answer of the coordinator while /health/ready stayed 200, so
     no load balancer turned away from it. Past ``commit_stall_seconds`` it is 503 saying so
-    (and ``aitbc_ready`` 0); once the commit is through, 200 again and the submit answered."""
+    (and ``aitbc_ready`` 0, which ``/metrics`` answers without waiting for the commit); once
+    the commit is through, 200 again and the submit answered."""
     import threading
 
     entered, release = threading.Event(), threading.Event()
@@ -752,7 +753,7 @@ def test_readiness_turns_503_while_a_commit_hangs_and_back_once_it_ends(tmp_path
         try:
             assert entered.wait(10)
             r = c.get("/health/ready")
-            stalled_serving = core.serving  # aitbc_ready (/metrics waits for the commit)
+            scraped = c.get("/metrics", headers={"X-Api-Key": ADMIN_KEY}).text
             core.commit_stall_seconds = 3600.0  # a commit under way is not a hang yet
             not_yet = c.get("/health/ready").status_code
             core.commit_stall_seconds = 0.0
@@ -765,10 +766,17 @@ def test_readiness_turns_503_while_a_commit_hangs_and_back_once_it_ends(tmp_path
             "commit stalled",
         )
         assert r.json()["commit_seconds"] > 0
-        assert not stalled_serving
+        # /metrics answers during the stall (waiting for the commit would leave the scrape to
+        # time out), without the scheduler's uncommitted miner series.
+        assert "aitbc_ready 0.0" in scraped
+        assert 'aitbc_jobs{state="QUEUED"} 0.0' in scraped
+        assert "aitbc_miners_online" not in scraped
         assert not_yet == 200
         assert recv(ws)["id"] == "s1"
         assert c.get("/health/ready").status_code == 200
+        scraped = c.get("/metrics", headers={"X-Api-Key": ADMIN_KEY}).text
+        assert "aitbc_ready 1.0" in scraped
+        assert "aitbc_miners_online 0.0" in scraped
 
 
 def test_a_fake_clock_drives_expiry_through_the_test_client(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from tests.conftest import CLIENT_KEY
+from tests.conftest import ADMIN_KEY, CLIENT_KEY
 from tests.web.rest_harness import running_api
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ async def test_a_commit_waiting_on_a_lock_another_session_holds_turns_readiness_
     writer's commit, and every change and answer with it, for as long as it is held (the
     writer's session has no lock timeout): /health/ready said 200 all along. Past
     ``commit_stall_seconds`` it is 503 naming the stalled commit; once the lock is gone the
-    commit goes through, the submit is answered and readiness is 200 again."""
+    commit goes through, the submit is answered and readiness is 200 again. ``/metrics``
+    answers during the stall (``aitbc_ready`` 0) instead of waiting for the commit."""
     async with running_api(tmp_path, database_url=postgres_url) as api:
         core = api.app.state.core
         assert (await api.http.get("/health/ready")).status_code == 200
@@ -51,9 +52,11 @@ async def test_a_commit_waiting_on_a_lock_another_session_holds_turns_readiness_
                     while core.dispatcher.commit_running_for() == 0.0:  # not yet under way
                         await anyio.lowlevel.checkpoint()
                 stalled = await api.http.get("/health/ready")
+                scraped = await api.http.get("/metrics", headers={"X-Api-Key": ADMIN_KEY})
                 await locked.rollback()
         finally:
             await blocker.close()
         assert (stalled.status_code, stalled.json()["database"]) == (503, "commit stalled")
+        assert "aitbc_ready 0.0" in scraped.text  # answered during the stall, not after it
         assert [a.status_code for a in answers] == [201]
         assert (await api.http.get("/health/ready")).status_code == 200
