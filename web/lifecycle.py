@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from dispatcher.clock import SystemClock
 from storage.backends import shown_url
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from web.settings import SettingsError, check_rotation
@@ -79,6 +80,8 @@ async def _run(core: Coordinator, stopping: anyio.Event, *, task_status: TaskSta
             watching = anyio.CancelScope()
             if core.watcher is not None:
                 tg.start_soon(_in_scope, watching, core.watcher.run)
+            if isinstance(core.clock, SystemClock):
+                tg.start_soon(_in_scope, watching, core.clock.watch)
             core.standby = False
             core.ready = True
             task_status.started()
