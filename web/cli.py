@@ -42,6 +42,7 @@ from web.asgi import SocketFastPath
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
 from web.keys import KeyFileError, materialize_keys
+from web.openfiles import raise_open_files
 from web.settings import Settings, SettingsError, check_rotation, url_host
 from web.transport import CoalescingWSProtocol
 
@@ -255,6 +256,12 @@ def _port(text: str) -> int:
     return port
 
 
+def _raise_open_files_or_say() -> None:
+    _, low = raise_open_files()
+    if low is not None:
+        print(f"aitbc-coordinator: warning: {low}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aitbc-coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in lines:
         print(line, flush=True)
+    _raise_open_files_or_say()
     configure_logging(args.log_level)
     print(
         f"AITBC coordinator on http://{url_host(settings.api_host)}:{listener.getsockname()[1]} "
