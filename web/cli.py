@@ -142,6 +142,7 @@ def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> 
         ws_per_message_deflate=False,
         lifespan="on",
         log_level=log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=10,
     )
 

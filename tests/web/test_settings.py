@@ -362,6 +362,14 @@ def test_metrics_public_switch(raw: str, public: bool) -> None:
     assert Settings.from_env({"METRICS_PUBLIC": raw}).metrics_public is public
 
 
+@pytest.mark.parametrize(
+    ("raw", "logged"), [("", True), ("on", True), ("OFF", False), ("0", False)]
+)
+def test_access_log_switch(raw: str, logged: bool) -> None:
+    """ACCESS_LOG: uvicorn's line per HTTP request, on by default."""
+    assert Settings.from_env({"ACCESS_LOG": raw}).access_log is logged
+
+
 def test_standby_switch() -> None:
     assert Settings.from_env({}).standby is False
     assert Settings.from_env({"STANDBY": "on"}).standby is True
