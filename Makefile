@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # 100% branch coverage of the pure layers (protocol/ and the scheduler core), as house style asks.
-PURE := protocol/*,dispatcher/core.py,dispatcher/receipts.py,dispatcher/jobs.py,dispatcher/policy.py,dispatcher/effects.py,dispatcher/stats.py,dispatcher/errors.py,dispatcher/ledger.py
+PURE := protocol/*,dispatcher/core.py,dispatcher/receipts.py,dispatcher/jobs.py,dispatcher/policy.py,dispatcher/effects.py,dispatcher/stats.py,dispatcher/errors.py,dispatcher/ledger.py,dispatcher/retention.py
 coverage: $(STAMP)
 	$(BIN)/python -m coverage run --branch --source=protocol,dispatcher -m pytest -q --hypothesis-profile=coverage tests/protocol tests/dispatcher
 	$(BIN)/python -m coverage report --include='$(PURE)' --fail-under=100 --skip-covered

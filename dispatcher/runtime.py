@@ -42,6 +42,7 @@ from dispatcher.ledger import (
     payee_account,
 )
 from dispatcher.policy import Capabilities, JobNeeds
+from dispatcher.retention import Pass, select
 from dispatcher.stats import (
     BATCH_BOUNDS,
     COMMIT_BOUNDS,
@@ -83,6 +84,11 @@ REST_SESSION_PREFIX = "rest:"
 GATHER_TURNS = 4
 # Events a replay reads from the store at a time (``Dispatcher.subscribe``).
 REPLAY_PAGE = 1000
+# JOB_RETENTION_DAYS: jobs looked at per page (each page's deletions ride in one batch), the
+# pause after a page, and after a pass (dispatcher/retention.py).
+RETENTION_PAGE = 256
+RETENTION_PAUSE = 0.1
+RETENTION_REST = 60.0
 
 
 class MinerSink(Protocol):
@@ -179,6 +185,11 @@ class Dispatcher:
         # Observation (docs/ops.md): tallies updated once per committed event or commit.
         self.tally = EventTally()
         self.job_counts = JobCounts()
+        # JOB_RETENTION_DAYS in seconds (None: keep every job), set by the web layer; the
+        # pause between two pages of deletions, and between two passes (dispatcher/retention.py).
+        self.retention: float | None = None
+        self.retention_pause = RETENTION_PAUSE
+        self.retention_rest = RETENTION_REST
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.commit_started: float | None = None  # perf_counter() of the commit under way
         self.batch_sizes = Histogram(BATCH_BOUNDS)
@@ -247,6 +258,8 @@ class Dispatcher:
             tg.start_soon(self._timer_loop)
             tg.start_soon(self.store.maintain)
             tg.start_soon(self._lookup_loop)
+            if self.retention is not None:
+                tg.start_soon(self._retention_loop, self.retention)
             self.running = True
             task_status.started()
             try:
@@ -357,6 +370,47 @@ class Dispatcher:
             now = self.clock.now()
             if deadline is not None and now >= deadline:
                 self._apply(self.scheduler.tick(now))
+
+    async def _retention_loop(self, retention: float) -> None:
+        """Delete the jobs that ended over ``retention`` seconds ago, a page per batch, until
+        the writer stops (dispatcher/retention.py)."""
+        walk = Pass()
+        while True:
+            try:
+                jobs = await self.store.jobs_after(walk.after, RETENTION_PAGE)
+            except StorageError as exc:  # a read failed: the next pass tries again
+                log.warning("retention: reading the jobs to delete failed: %s", exc)
+                await anyio.sleep(self.retention_rest)
+                continue
+            page = select(jobs, RETENTION_PAGE, self.clock.now() - retention, self.holds)
+            if page.ended:
+                try:
+                    await self.forget_ended(page.ended)
+                except Unavailable:  # the writer stopped: nothing more is deleted
+                    return
+            walk.advance(page)
+            await anyio.sleep(self.retention_rest if page.done else self.retention_pause)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether memory has ``job_id``: reads would show it from there."""
+        return job_id in self.scheduler.jobs or job_id in self._visible
+
+    async def forget_ended(self, ended: dict[str, str]) -> None:
+        """Delete ended jobs (id -> final state) with their events in the open batch; returns
+        once that is committed. Their receipts stay."""
+        self._check_open()
+        self._writes.pruned.extend(ended)
+        counts = self.job_counts
+
+        def forgotten(then: Callable[[None], None]) -> None:
+            def forget() -> None:
+                for state in ended.values():
+                    counts.forget(state)
+                then(None)
+
+            self.after_commit(forget)
+
+        await self._until_committed(forgotten)
 
     # ---- plumbing ---------------------------------------------------------------------------
 

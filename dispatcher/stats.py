@@ -180,6 +180,10 @@ class JobCounts:
         elif old is not None:
             del self._live[job_id]
 
+    def forget(self, state: str) -> None:
+        """A job that ended in ``state`` was deleted from the store (JOB_RETENTION_DAYS)."""
+        self.by_state[state] = max(0, self.by_state.get(state, 0) - 1)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerStatistics:

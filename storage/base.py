@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from protocol.types import JSONObject
 
 __all__ = [
+    "JobAge",
     "JobQuery",
     "JobStore",
     "JobSummary",
@@ -49,6 +50,17 @@ class JobSummary:
     miner_id: str | None
     requested_at: float
     attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobAge:
+    """A job's place in the store (insertion order) and times (``jobs_after``)."""
+
+    rowid: int
+    job_id: str
+    state: str
+    requested_at: float
+    finished_at: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,10 +205,13 @@ class WriteBatch:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
     nonces: dict[str, NonceRecord | None] = field(default_factory=dict)  # None: delete
     payments: dict[str, PaymentRecord] = field(default_factory=dict)
+    # Ended jobs to delete, with their events (their receipts stay): JOB_RETENTION_DAYS.
+    pruned: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
-            len(self.jobs)
+            len(self.pruned)
+            + len(self.jobs)
             + len(self.events)
             + len(self.miners)
             + len(self.receipts)
@@ -280,6 +295,9 @@ class JobStore(Protocol):
     async def events_after(
         self, job_id: str, after: int, limit: int = 10_000
     ) -> list[EventRecord]: ...
+
+    async def jobs_after(self, rowid: int, limit: int) -> list[JobAge]:
+        """Up to ``limit`` jobs stored after place ``rowid``, in the order they were stored."""
 
     async def receipts_for(self, job_id: str) -> list[JSONObject]:
         """The receipt the job's row names (none before it completes, or for an unknown job)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.amounts import MAX_RECEIPT_UNITS, price_units
 from storage.base import (
     RECENT_FIELDS,
+    JobAge,
     JobQuery,
     JobSummary,
     MinerEarnings,
@@ -54,6 +55,7 @@ class InMemoryJobStore:
         self.payments: dict[str, PaymentRecord] = {}
         self.commits = 0
         self.is_open = False
+        self._places: dict[str, int] = {}  # job id -> its place (rowid), in insertion order
 
     async def open(self) -> None:
         self.is_open = True
@@ -96,8 +98,14 @@ class InMemoryJobStore:
                     payload=old.payload, constraints=old.constraints, payment=old.payment
                 )
             self.jobs[job.job_id] = job
+            self._places.setdefault(job.job_id, len(self._places) + 1)
         for e in batch.events:
             self.events.setdefault(e.job_id, []).append(e)
+        for job_id in batch.pruned:
+            gone = self.jobs.pop(job_id, None)
+            self.events.pop(job_id, None)
+            if gone is not None and gone.idempotency_key is not None:
+                self._idem.pop((gone.client_id, gone.idempotency_key), None)
         for m in batch.miners.values():
             old_m = self.miners.get(m.miner_id)
             self.miners[m.miner_id] = m if old_m is None else replace(m, key_hash=old_m.key_hash)
@@ -209,6 +217,21 @@ class InMemoryJobStore:
     ) -> dict[tuple[str, str], JobRecord]:
         self._check_open()
         return {key: self.jobs[self._idem[key]] for key in keys if key in self._idem}
+
+    async def jobs_after(self, rowid: int, limit: int) -> list[JobAge]:
+        self._check_open()
+        ages = [
+            JobAge(
+                rowid=self._places[job.job_id],
+                job_id=job.job_id,
+                state=str(job.state),
+                requested_at=job.requested_at,
+                finished_at=job.finished_at,
+            )
+            for job in self.jobs.values()
+            if self._places[job.job_id] > rowid
+        ]
+        return sorted(ages, key=lambda a: a.rowid)[:limit]
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         self._check_open()

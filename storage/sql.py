@@ -24,7 +24,14 @@ from protocol.codec import dumps, loads as decode
 from protocol.errors import RemoteProtocolError
 from protocol.records import EventRecord, JobRecord, MinerRecord
 from storage import wallet_sql
-from storage.base import RECENT_FIELDS, JobSummary, MinerEarnings, PaymentStats, chars_page
+from storage.base import (
+    RECENT_FIELDS,
+    JobAge,
+    JobSummary,
+    MinerEarnings,
+    PaymentStats,
+    chars_page,
+)
 from storage.errors import Conflict, StorageError, StoreInUse
 from storage.owner import OwnerLock, check_one_name
 from storage.schema import MIGRATIONS, OUR_NAMES
@@ -156,6 +163,8 @@ _INSERT_EVENT = (
     "INSERT INTO job_events (job_id, seq, event, state, at, attempt, miner_id, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_DELETE_EVENTS = "DELETE FROM job_events WHERE job_id = ?"
+_DELETE_JOB = "DELETE FROM jobs WHERE job_id = ?"
 _UPSERT_MINER = (
     "INSERT INTO miners (miner_id, key_hash, session_id, capabilities, concurrency, region, "
     "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (miner_id) DO UPDATE SET "
@@ -507,6 +516,10 @@ def _row_statements(
         )
     if batch.entries or batch.users or batch.sessions or batch.nonces or batch.payments:
         yield from wallet_sql.statements(batch)
+    if batch.pruned:
+        pruned = [(job_id,) for job_id in batch.pruned]
+        yield _DELETE_EVENTS, pruned
+        yield _DELETE_JOB, pruned
 
 
 def _commit_batch(conn: sqlite3.Connection, batch: WriteBatch) -> None:
@@ -764,6 +777,23 @@ class SqlStore:
                 assert rec.idempotency_key is not None
                 found[rec.client_id, rec.idempotency_key] = rec
         return found
+
+    async def jobs_after(self, rowid: int, limit: int) -> list[JobAge]:
+        rows = await self._fetch(
+            "SELECT jobs.rowid AS place, job_id, state, requested_at, finished_at FROM jobs "
+            "WHERE jobs.rowid > :r ORDER BY jobs.rowid LIMIT :n",
+            {"r": rowid, "n": limit},
+        )
+        return [
+            JobAge(
+                rowid=int(r["place"]),
+                job_id=r["job_id"],
+                state=r["state"],
+                requested_at=float(r["requested_at"]),
+                finished_at=None if r["finished_at"] is None else float(r["finished_at"]),
+            )
+            for r in rows
+        ]
 
     async def events_after(self, job_id: str, after: int, limit: int = 10_000) -> list[EventRecord]:
         rows = await self._fetch(

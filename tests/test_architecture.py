@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE_DISPATCHER = ["jobs", "core", "policy", "effects", "stats", "errors", "ledger", "exchange"]
+PURE_DISPATCHER = [
+    "jobs",
+    "core",
+    "policy",
+    "effects",
+    "stats",
+    "errors",
+    "ledger",
+    "exchange",
+    "retention",
+]
 FORBIDDEN_EVERYWHERE_PURE = {
     "asyncio",
     "anyio",

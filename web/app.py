@@ -96,6 +96,8 @@ class Coordinator:
         self.dispatcher.max_ids_per_key = settings.max_miner_ids_per_key
         self.dispatcher.max_active_jobs = settings.max_active_jobs_per_client
         self.dispatcher.max_active_bytes = settings.max_active_bytes_per_client
+        if settings.job_retention_days > 0:
+            self.dispatcher.retention = settings.job_retention_days * 86400
         self.clock = clock
         self.wallet = WalletAuth(
             self.dispatcher,

@@ -171,7 +171,7 @@ async def list_receipts(call: Call) -> Response:
 
 
 _JOB = {"type": "string", "maxLength": 128}
-_not_found = (404, ("job not found", "Error"))
+_not_found = (404, ("job not found (or deleted: JOB_RETENTION_DAYS)", "Error"))
 _auth = {
     401: ("missing or unknown credential", "Error"),
     403: ("credential of another role", "Error"),

@@ -191,6 +191,8 @@ class Settings:
     standby: bool = False
     # How long ``serve`` waits at start for a PostgreSQL server it cannot connect to yet.
     database_wait_seconds: float = 30.0
+    # Days an ended job and its events are kept in the store (0: for good); receipts stay.
+    job_retention_days: float = 0.0
     # Wallet users, billing and the exchange (docs/wallet.md)
     billing: bool = False
     session_ttl_hours: float = 24.0
@@ -280,6 +282,7 @@ class Settings:
             access_log=_switch(env, "ACCESS_LOG", True),
             standby=_switch(env, "STANDBY", False),
             database_wait_seconds=_number(env, "DATABASE_WAIT_SECONDS", 30, 0, 3600),
+            job_retention_days=_number(env, "JOB_RETENTION_DAYS", 0, 0, 36500),
         ).with_(**_wallet_settings(env))
         _check_keys(settings, env.get("SECRET_KEY", "").strip())
         return settings

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from dispatcher.jobs import Job
     from protocol.messages import JobAssign
     from protocol.records import JobRecord
+    from storage.base import JobAge
 
 pytestmark = pytest.mark.anyio
 
@@ -102,11 +103,15 @@ class Harness:
 
 
 @asynccontextmanager
-async def running(store: RecordingStore | None = None, **config: Any) -> AsyncIterator[Harness]:
+async def running(
+    store: RecordingStore | None = None, *, retention: float | None = None, **config: Any
+) -> AsyncIterator[Harness]:
     store = RecordingStore() if store is None else store
     clock = FakeClock()
     scheduler = Scheduler(SchedulerConfig(accept_timeout=ACCEPT_TIMEOUT, **config))
     dispatcher = Dispatcher(store, scheduler, clock)
+    dispatcher.retention = retention
+    dispatcher.retention_pause, dispatcher.retention_rest = 0.0, 0.02  # real seconds
     with anyio.fail_after(10):
         await store.open()
         await dispatcher.restore()
@@ -1603,3 +1608,95 @@ async def test_a_key_whose_job_was_let_go_before_its_commit_is_still_one_job(
         await h.flushed()
         assert answers == [(first.job_id, False), (first.job_id, True), (first.job_id, True)]
         assert [j.idempotency_key for j in h.store.jobs.values()].count("k") == 1
+
+
+# ---- retention (JOB_RETENTION_DAYS) -------------------------------------------------------
+
+
+async def completed_job(h: Harness) -> str:
+    spec = h.spec()
+    await h.submit(spec)
+    await h.flushed()
+    h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+    h.dispatcher.miner_result("gpu-1", spec.job_id, {"text": "ok"}, {}, None, lambda r: None)
+    await h.flushed()
+    return spec.job_id
+
+
+async def until_gone(h: Harness, job_id: str) -> None:
+    with anyio.fail_after(5):
+        while job_id in h.store.jobs:
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_job_ended_longer_ago_than_the_retention_is_deleted_with_its_events() -> None:
+    """Past the retention an ended job goes from the store with its events, once memory let
+    it go (receipts stay: the store contract's test); a live job and a job ended since stay,
+    and the count of completed jobs drops."""
+    async with running(retention=3600, terminal_retention=0) as h:
+        h.miner()
+        old = await completed_job(h)
+        waiting = h.spec(ttl_seconds=7200)  # queued behind nothing: no free miner after this
+        h.clock.advance(1800)
+        recent = await completed_job(h)
+        h.miner("gpu-2", concurrency=0)
+        await h.submit(waiting)
+        await h.flushed()
+        assert h.dispatcher.job_counts.by_state["COMPLETED"] == 2
+        h.clock.advance(1801)  # ``old`` ended 3601 s ago, ``recent`` 1801 s ago
+        await until_gone(h, old)
+        await h.flushed()
+        assert old not in h.store.events
+        assert recent in h.store.jobs
+        assert waiting.job_id in h.store.jobs
+        assert h.dispatcher.job_counts.by_state["COMPLETED"] == 1
+        assert await h.dispatcher.get_job(old) is None
+        h.clock.advance(1800)
+        await until_gone(h, recent)
+
+
+async def test_a_job_memory_still_holds_is_kept_until_it_lets_it_go() -> None:
+    """An ended job still in memory (the newest ended jobs stay there) would still be read
+    from there: it is deleted from the store only once memory let it go."""
+    async with running(retention=60, terminal_retention=1) as h:
+        h.miner()
+        first = await completed_job(h)
+        walks: list[int] = []
+        jobs_after = h.store.jobs_after
+
+        async def counted(rowid: int, limit: int) -> list[JobAge]:
+            walks.append(rowid)
+            return await jobs_after(rowid, limit)
+
+        h.store.jobs_after = counted  # type: ignore[method-assign]
+        h.clock.advance(61)
+        with anyio.fail_after(5):
+            while len(walks) < 3:  # passes of the walk, each over the held job
+                await anyio.lowlevel.checkpoint()
+        assert first in h.store.jobs
+        assert walks[1:] == [0, 0]  # each pass starts again at the job it kept
+        second = await completed_job(h)  # memory keeps one ended job: this one
+        await until_gone(h, first)
+        assert second in h.store.jobs
+
+
+async def test_a_failed_read_of_the_retention_walk_is_logged_and_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(retention=60, terminal_retention=0) as h:
+        h.miner()
+        job_id = await completed_job(h)
+        jobs_after = h.store.jobs_after
+        failures = [StorageError("database is locked")]
+
+        async def flaky(rowid: int, limit: int) -> list[JobAge]:
+            if failures:
+                raise failures.pop()
+            return await jobs_after(rowid, limit)
+
+        h.store.jobs_after = flaky  # type: ignore[method-assign]
+        h.clock.advance(61)
+        await until_gone(h, job_id)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "retention: reading the jobs to delete failed: database is locked"
+    ]

@@ -1141,3 +1141,58 @@ async def test_job_type_matches_a_string_type_only(store: JobStore) -> None:
         with anyio.fail_after(10):
             found, total = await store.list_jobs(JobQuery(job_type=wanted))
         assert ([j.job_id for j in found], total) == (ids, len(ids)), wanted
+
+
+# ---- retention (JOB_RETENTION_DAYS) -------------------------------------------------------
+
+
+async def test_jobs_after_walks_the_jobs_in_the_order_they_were_stored(store: JobStore) -> None:
+    """jobs_after: a page of jobs after a place, oldest first, with their state and times;
+    a job updated later keeps its place."""
+    await commit(store, batch(jobs=[job("b"), job("a")], events=[event("b", 1), event("a", 1)]))
+    await commit(store, batch(jobs=[job("c", requested_at=T0 + 5)], events=[event("c", 1)]))
+    done = job("b", state="COMPLETED", seq=2, finished_at=T0 + 9)
+    await commit(store, batch(jobs=[done], events=[event("b", 2, "completed")]))
+    with anyio.fail_after(10):
+        everything = await store.jobs_after(0, 10)
+        assert [(j.job_id, j.state, j.requested_at, j.finished_at) for j in everything] == [
+            ("b", "COMPLETED", T0, T0 + 9),
+            ("a", "QUEUED", T0, None),
+            ("c", "QUEUED", T0 + 5, None),
+        ]
+        places = [j.rowid for j in everything]
+        assert places == sorted(places)
+        assert [j.job_id for j in await store.jobs_after(places[0], 1)] == ["a"]
+        assert await store.jobs_after(places[-1], 10) == []
+
+
+async def test_a_pruned_job_goes_with_its_events_and_its_receipt_stays(store: JobStore) -> None:
+    """A batch's ``pruned`` jobs are deleted with their events; their receipts stay (the
+    chain), other jobs are untouched, and a pruned job's idempotency key is free again."""
+    r1 = receipt_row("r1")
+    await commit(
+        store,
+        batch(
+            jobs=[
+                job("j1", state="COMPLETED", receipt=r1.receipt, idempotency_key="k"),
+                job("j2"),
+            ],
+            events=[event("j1", 1), event("j1", 2, "completed"), event("j2", 1)],
+            receipts=[r1],
+        ),
+    )
+    await commit(store, WriteBatch(pruned=["j1", "never-stored"]))
+    with anyio.fail_after(10):
+        assert await store.get_job("j1") is None
+        assert await store.events_after("j1", 0) == []
+        assert await store.find_job("client-1", "k") is None
+        assert [j.job_id for j in await store.jobs_after(0, 10)] == ["j2"]
+        assert [e.seq for e in await store.events_after("j2", 0)] == [1]
+        assert await store.list_receipts(None, 10, 0) == [r1.receipt]
+        assert (await store.count_jobs()).get("COMPLETED", 0) == 0
+    again = job("j3", idempotency_key="k")
+    await commit(store, batch(jobs=[again], events=[event("j3", 1)]))
+    with anyio.fail_after(10):
+        found = await store.find_job("client-1", "k")
+    assert found is not None
+    assert found.job_id == "j3"

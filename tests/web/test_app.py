@@ -1336,3 +1336,10 @@ def test_a_clients_live_jobs_are_bounded_in_count_and_bytes(tmp_path: Path) -> N
         r = c.post("/v1/jobs", json=big, headers={"X-Api-Key": CLIENT_KEY_2})
         assert r.status_code == 429
         assert "MAX_ACTIVE_BYTES_PER_CLIENT" in r.json()["detail"]
+
+
+def test_job_retention_days_reaches_the_dispatcher(tmp_path: Path) -> None:
+    """JOB_RETENTION_DAYS turns the retention walk on, in seconds; 0 leaves it off."""
+    assert create_app(make_settings(tmp_path)).state.core.dispatcher.retention is None
+    app = create_app(make_settings(tmp_path, job_retention_days=2.5))
+    assert app.state.core.dispatcher.retention == 2.5 * 86400

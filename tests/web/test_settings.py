@@ -370,6 +370,15 @@ def test_access_log_switch(raw: str, logged: bool) -> None:
     assert Settings.from_env({"ACCESS_LOG": raw}).access_log is logged
 
 
+def test_job_retention_days() -> None:
+    """JOB_RETENTION_DAYS: 0 (keep every job) by default; days, fractions allowed."""
+    assert Settings.from_env({}).job_retention_days == 0
+    assert Settings.from_env({"JOB_RETENTION_DAYS": "30"}).job_retention_days == 30
+    assert Settings.from_env({"JOB_RETENTION_DAYS": "0.5"}).job_retention_days == 0.5
+    with pytest.raises(SettingsError, match="JOB_RETENTION_DAYS"):
+        Settings.from_env({"JOB_RETENTION_DAYS": "36501"})
+
+
 def test_standby_switch() -> None:
     assert Settings.from_env({}).standby is False
     assert Settings.from_env({"STANDBY": "on"}).standby is True
