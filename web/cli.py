@@ -39,6 +39,7 @@ from storage.backends import check_store, shown_url, sqlite_url, store_for
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
 from web.app import create_app
 from web.asgi import SocketFastPath
+from web.cli_backup import add_backup_command, run_backup
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
 from web.keys import KeyFileError, materialize_keys
@@ -285,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
     demo.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     add_receipts_commands(sub)
+    add_backup_command(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "receipts":
-        return run_receipts(args)
+    other = {"demo": _demo, "receipts": run_receipts, "backup": run_backup}.get(args.command)
+    if other is not None:
+        return other(args)
 
     try:
         settings = Settings.from_env(without=_overridden(args))
