@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import math
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,8 @@ def uvicorn_config(app: Any, settings: Settings, *, log_level: str = "info") -> 
         lifespan="on",
         log_level=log_level,
         access_log=settings.access_log,
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
         timeout_graceful_shutdown=10,
     )
 
@@ -258,6 +261,28 @@ def _port(text: str) -> int:
     return port
 
 
+def _tls_or_say(settings: Settings) -> bool:
+    """Whether TLS_CERT_FILE and TLS_KEY_FILE (if set) load: else one line saying why (uvicorn
+    would read them only once the app had started, and die with a traceback)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return True
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file, password="")
+    except ssl.SSLError as exc:  # before OSError, its base: a file that is no key or cert
+        why = exc.reason or str(exc)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    else:
+        return True
+    print(
+        f"aitbc-coordinator: invalid setting: TLS_CERT_FILE/TLS_KEY_FILE: {why} "
+        f"({settings.tls_cert_file}, {settings.tls_key_file})",
+        file=sys.stderr,
+    )
+    return False
+
+
 def _raise_open_files_or_say() -> None:
     _, low = raise_open_files()
     if low is not None:
@@ -304,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         except SettingsError as exc:
             print(f"aitbc-coordinator: invalid setting: {exc}", file=sys.stderr)
             return 2
+    if not _tls_or_say(settings):
+        return 2
     store = _claimed_store_or_say(settings)
     if store is None:
         return 1
@@ -321,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_files_or_say()
     configure_logging(args.log_level)
     print(
-        f"AITBC coordinator on http://{url_host(settings.api_host)}:{listener.getsockname()[1]} "
+        f"AITBC coordinator on {'https' if settings.tls_cert_file else 'http'}://"
+        f"{url_host(settings.api_host)}:{listener.getsockname()[1]} "
         f"(database {shown_url(settings.database_url)})"
         + (" as a standby: it takes over when the database is free" if settings.standby else ""),
         flush=True,

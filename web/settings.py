@@ -112,6 +112,23 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: must be on or off, got {raw!r}")
 
 
+def _tls_files(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """TLS_CERT_FILE and TLS_KEY_FILE: both or neither (files are read at ``serve``'s start)."""
+    cert = env.get("TLS_CERT_FILE", "").strip() or None
+    key = env.get("TLS_KEY_FILE", "").strip() or None
+    if (cert is None) != (key is None):
+        given, missing = (
+            ("TLS_CERT_FILE", "TLS_KEY_FILE")
+            if key is None
+            else (
+                "TLS_KEY_FILE",
+                "TLS_CERT_FILE",
+            )
+        )
+        raise SettingsError(f"{missing}: must be set too when {given} is")
+    return cert, key
+
+
 def _unix_time(name: str, text: str) -> int:
     try:
         seconds = int(parse_instant(text))
@@ -157,6 +174,9 @@ class Settings:
     database_url: str = "sqlite:///./coordinator.db"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Serve HTTPS and wss:// with this certificate chain and its unencrypted private key (PEM).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     client_api_keys: tuple[str, ...] = ()
     miner_api_keys: tuple[str, ...] = ()
     admin_api_keys: tuple[str, ...] = ()
@@ -244,10 +264,13 @@ class Settings:
             raise SettingsError(
                 "HEARTBEAT_TIMEOUT_SECONDS: must not be shorter than HEARTBEAT_INTERVAL_SECONDS"
             )
+        cert, key = _tls_files(env)
         settings = cls(
             database_url=url,
             api_host=env.get("API_HOST", "127.0.0.1").strip() or "127.0.0.1",
             api_port=port,
+            tls_cert_file=cert,
+            tls_key_file=key,
             client_api_keys=_keys(env, "CLIENT_API_KEYS"),
             miner_api_keys=_keys(env, "MINER_API_KEYS"),
             admin_api_keys=_keys(env, "ADMIN_API_KEYS"),
