@@ -7,6 +7,9 @@ soft limit, ``progress`` frames for a job replace that job's still-unsent progre
 closed 4429 (too slow). Frames held back
 while a job replays (``Subscriber.buffers``) coalesce their progress past the soft limit too.
 Rule 2: a frame is encoded once and the same ``str`` is queued for every recipient.
+Rule 3: a socket is sent each event of a job once, unless its client asks again for events it
+was sent: a replay first takes that job's events still queued unsent out of the outbox
+(``Outbox.withdraw``), then queues them again in order (docs/protocol.md, subscribe).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from protocol.types import CloseCode
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+    from typing import Any
 
 __all__ = ["Fanout", "Outbox", "Subscriber"]
 
@@ -39,13 +43,15 @@ class Outbox:
         hard_limit: int = 4096,
         hard_chars: int | None = None,
     ) -> None:
-        self._frames: deque[list[str]] = deque()
+        # Each entry: [frame, job_id, seq]; the job's event ``seq`` (0: not a job event, or
+        # one no replay withdraws). Lists, not objects: a put is on every frame's path.
+        self._frames: deque[list[Any]] = deque()
         # The characters queued, bounded by ``hard_chars`` (half of it is the soft bound): a
         # frame can be megabytes (a JobView, a result and its receipt), and 4096 of them were
         # held for a peer that read nothing.
         self._chars = 0
         self.hard_chars = hard_chars
-        self._progress: dict[str, list[str]] = {}
+        self._progress: dict[str, list[Any]] = {}
         # Made by a ``take`` that waits: an idle socket's outbox (most of them) has none.
         self._wake: anyio.Event | None = None
         self._taken: anyio.Event | None = None  # made by ``drained`` when it waits
@@ -61,8 +67,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
-        """Queue a frame; ``progress`` marks a droppable progress frame of ``job_id``."""
+    def put(
+        self, frame: str, *, job_id: str | None = None, progress: bool = False, seq: int = 0
+    ) -> None:
+        """Queue a frame; ``progress`` marks a droppable progress frame of ``job_id``; ``seq``
+        the job event it carries (``withdraw``)."""
         if self.closed:
             return
         if self.direct is not None and not self._frames and self.direct(frame):
@@ -76,6 +85,7 @@ class Outbox:
             if pending is not None:
                 self._chars += size - len(pending[0])
                 pending[0] = frame  # coalesce: the newest replaces the unsent one
+                pending[2] = seq
                 self.dropped += 1
                 return
             if n >= self.hard_limit // 2 or heavy:
@@ -86,7 +96,7 @@ class Outbox:
             self._set_wake()
             self._on_overflow(CloseCode.TOO_SLOW, "outbound queue overflow")
             return
-        entry = [frame]
+        entry = [frame, job_id, seq]
         self._frames.append(entry)
         self._chars += size
         if job_id is not None:
@@ -95,6 +105,21 @@ class Outbox:
             else:  # a later progress frame must not jump over this one
                 self._progress.pop(job_id, None)
         self._set_wake()
+
+    def withdraw(self, job_id: str, after: int) -> int:
+        """Take the queued, unsent events of ``job_id`` with a seq past ``after`` out of the
+        outbox (a replay queues them again, in order); returns how many. Not drops: they are
+        not counted in ``dropped``."""
+        frames = self._frames
+        kept = deque(e for e in frames if e[1] != job_id or not after < e[2])
+        removed = len(frames) - len(kept)
+        if removed:
+            self._frames = kept
+            self._chars = sum(len(e[0]) for e in kept)
+            # The job's last queued frame was among them (its seqs rise along the queue).
+            self._progress.pop(job_id, None)
+            self._set_taken()
+        return removed
 
     def take_nowait(self) -> list[str]:
         frames = [e[0] for e in self._frames]
@@ -164,7 +189,7 @@ class Subscriber:
     def deliver(self, job_id: str, seq: int, frame: str, progress: bool) -> None:
         buffer = self.buffers.get(job_id)
         if buffer is None:
-            self.outbox.put(frame, job_id=job_id, progress=progress)
+            self.outbox.put(frame, job_id=job_id, progress=progress, seq=seq)
         elif progress and len(buffer) >= self.outbox.soft_limit and buffer[-1][2]:
             # Held while the job replays (which may wait for a stalled socket): past the soft
             # limit, progress coalesces as in the outbox, or it would be held without bound.

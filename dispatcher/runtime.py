@@ -984,7 +984,11 @@ class Dispatcher:
                 if held is None:  # followed already, and not named in ``after``
                     continue
                 self.fanout.subscribe(sub, [job_id])
-                last, ended = await self._replay(sub, job_id, min(after.get(job_id, 0), rec.seq))
+                first = min(after.get(job_id, 0), rec.seq)
+                # Its events still queued unsent would reach the socket twice: the replay
+                # carries them (nothing of the job is queued meanwhile: live ones are held).
+                sub.outbox.withdraw(job_id, first)
+                last, ended = await self._replay(sub, job_id, first)
                 if self.running and self._unpublished(job_id, last):
                     # The replay read events of a batch committed but not yet performed: hold
                     # on until it is, or they would reach the socket again when published.
@@ -992,7 +996,7 @@ class Dispatcher:
                 del pending[job_id], sub.buffers[job_id]
                 for seq, frame, progress in held:
                     if seq > last:
-                        sub.outbox.put(frame, job_id=job_id, progress=progress)
+                        sub.outbox.put(frame, job_id=job_id, progress=progress, seq=seq)
                 # ``rec`` was read before the replays: the job may have ended since.
                 if ended or (rec.state in TERMINAL and last >= rec.seq):
                     # Nothing can follow a terminal event: nothing to mute under "all" either.
@@ -1063,7 +1067,7 @@ class Dispatcher:
                 frame = event_frame(event)
                 if not outbox.has_room(room, len(frame)):
                     await outbox.drained(room, len(frame))
-                outbox.put(frame, job_id=job_id)
+                outbox.put(frame, job_id=job_id, seq=event.seq)
                 last = event.seq
                 ended = event.state in TERMINAL
             if len(page) < REPLAY_PAGE or outbox.closed:

@@ -261,9 +261,11 @@ class RecordingOutbox(Outbox):
         self.name = name
         self.log: list[tuple[str, Any]] = [] if log is None else log
 
-    def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
+    def put(
+        self, frame: str, *, job_id: str | None = None, progress: bool = False, seq: int = 0
+    ) -> None:
         self.log.append((self.name, json.loads(frame)))
-        super().put(frame, job_id=job_id, progress=progress)
+        super().put(frame, job_id=job_id, progress=progress, seq=seq)
 
     def events(self) -> list[tuple[str, int, str]]:
         """(job_id, seq, event) of every queued frame, taking them out of the outbox."""

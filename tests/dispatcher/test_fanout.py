@@ -264,6 +264,57 @@ async def test_drained_waits_for_room_for_a_large_frame() -> None:
     assert waited == [0]
 
 
+async def test_withdraw_takes_a_jobs_unsent_events_past_a_seq_out() -> None:
+    """withdraw(job, after) removes that job's queued events with a greater seq, and nothing
+    else (other jobs, frames that are no job event); the characters queued follow."""
+    outbox = Outbox(lambda code, reason: None, hard_chars=10_000)
+    outbox.put('{"type":"ack"}')
+    for seq in (1, 2, 3):
+        outbox.put(frame("j", seq, "queued"), job_id="j", seq=seq)
+        outbox.put(frame("k", seq, "queued"), job_id="k", seq=seq)
+    assert outbox.withdraw("j", 1) == 2
+    assert outbox.withdraw("j", 1) == 0
+    assert outbox.withdraw("nope", 0) == 0
+    assert outbox.dropped == 0  # not drops: a replay queues them again
+    kept = outbox.take_nowait()
+    assert kept[0] == '{"type":"ack"}'
+    assert seqs(kept[1:]) == [("j", 1), ("k", 1), ("k", 2), ("k", 3)]
+    assert outbox.has_room(1, 5_000)  # the characters of what was withdrawn are free again
+
+
+async def test_withdraw_follows_a_coalesced_progress_frame() -> None:
+    """A progress frame that replaced an unsent one carries the newer seq: withdrawn past an
+    ``after`` the older one was not past; and the job's progress no longer coalesces into a
+    frame that is gone (it would be lost with it)."""
+    box = Box()
+    box.fill(SOFT - 1)
+    box.outbox.put(frame("j", 1), job_id="j", progress=True, seq=1)  # reaches the soft limit
+    box.outbox.put(frame("j", 2), job_id="j", progress=True, seq=2)  # replaces seq 1
+    assert box.outbox.withdraw("j", 1) == 1
+    box.outbox.put(frame("j", 3), job_id="j", progress=True, seq=3)
+    assert seqs(box.outbox.take_nowait())[SOFT - 1 :] == [("j", 3)]
+
+
+async def test_withdraw_wakes_a_producer_waiting_for_room() -> None:
+    """Withdrawn frames make room, as a take does: ``drained`` returns."""
+    box = Box()
+    for seq in (1, 2, 3):
+        box.outbox.put(frame("j", seq), job_id="j", seq=seq)
+    waited: list[int] = []
+
+    async def replay() -> None:
+        await box.outbox.drained(3)
+        waited.append(len(box.outbox))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replay)
+            await anyio.wait_all_tasks_blocked()
+            assert waited == []
+            assert box.outbox.withdraw("j", 2) == 1
+    assert waited == [2]
+
+
 # ---- Fanout -------------------------------------------------------------------------------
 
 

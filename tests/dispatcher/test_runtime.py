@@ -1048,6 +1048,70 @@ async def test_resubscribing_without_after_does_not_replay_twice() -> None:
         assert events(sub.outbox) == [(spec.job_id, 1, "queued")]
 
 
+async def _followed_with_events_queued(h: Harness, *, follow_all: bool) -> tuple[Subscriber, str]:
+    """A socket following a job (by name, or through "all") whose events 1-3 are queued in its
+    outbox, unsent (the socket's writer has not taken them)."""
+    h.miner()
+    spec = h.spec()
+    sub = h.subscriber()
+    if follow_all:
+        h.dispatcher.fanout.subscribe_all(sub)
+    else:
+        h.dispatcher.fanout.subscribe(sub, [spec.job_id])
+    await h.submit(spec)
+    h.dispatcher.miner_call("accept", "gpu-1", spec.job_id)
+    await h.flushed()
+    assert len(sub.outbox) == 3
+    return sub, spec.job_id
+
+
+@pytest.mark.parametrize(
+    ("follow_all", "after", "frames"),
+    [
+        (False, 0, ["ack", 1, 2, 3]),
+        (False, 1, [1, "ack", 2, 3]),
+        (False, 3, [1, 2, 3, "ack"]),
+        (True, None, ["ack", 1, 2, 3]),
+        (True, 2, [1, 2, "ack", 3]),
+    ],
+    ids=["named-0", "named-1", "named-3", "all-no-after", "all-2"],
+)
+async def test_resubscribing_never_queues_an_unsent_event_twice(
+    follow_all: bool, after: int | None, frames: list[int | str]
+) -> None:
+    """A subscribe that replays a job the socket already follows takes that job's events still
+    queued unsent past ``after`` out of the outbox first: the replay carries them, in order,
+    after the answer. They were queued a second time, so the client got them twice although it
+    had been sent them once."""
+    async with running() as h:
+        sub, job_id = await _followed_with_events_queued(h, follow_all=follow_all)
+        named = {} if after is None else {job_id: after}
+
+        def answer(missing: list[str], behind: dict[str, int]) -> None:
+            sub.outbox.put('{"type":"ack"}')
+
+        with anyio.fail_after(5):
+            await h.dispatcher.subscribe(sub, [job_id], named, answer=answer)
+        queued = [json.loads(frame) for frame in sub.outbox.take_nowait()]
+        assert [f.get("seq", f["type"]) for f in queued] == frames
+        h.dispatcher.miner_call("progress", "gpu-1", job_id, progress=0.5)
+        await h.flushed()
+        assert events(sub.outbox) == [(job_id, 4, "progress")]
+
+
+async def test_resubscribing_resends_only_what_was_sent_and_asked_for() -> None:
+    """Events the socket's writer already took were sent: an ``after`` before them asks for them
+    again, and they are replayed; those still queued are not queued twice."""
+    async with running() as h:
+        sub, job_id = await _followed_with_events_queued(h, follow_all=False)
+        assert len(sub.outbox.take_nowait()) == 3  # sent: 1-3
+        h.dispatcher.miner_call("progress", "gpu-1", job_id, progress=0.5)
+        await h.flushed()  # 4 queued, unsent
+        with anyio.fail_after(5):
+            await h.dispatcher.subscribe(sub, [job_id], {job_id: 2})
+        assert events(sub.outbox) == [(job_id, 3, "started"), (job_id, 4, "progress")]
+
+
 async def _streamed_job(h: Harness, chunks: int) -> str:
     """A completed job with ``chunks`` progress events: ``chunks + 4`` events in all."""
     h.miner()

@@ -43,13 +43,15 @@ class CheckedOutbox(RecordingOutbox):
         self.h = h
         self.seen: dict[str, list[int]] = {}
 
-    def put(self, frame: str, *, job_id: str | None = None, progress: bool = False) -> None:
+    def put(
+        self, frame: str, *, job_id: str | None = None, progress: bool = False, seq: int = 0
+    ) -> None:
         msg = json.loads(frame)
         if msg.get("type") == "job.event":
             stored = [e.seq for e in self.h.store.events.get(msg["job_id"], [])]
             assert msg["seq"] in stored, f"{msg['job_id']} seq {msg['seq']} sent before stored"
             self.seen.setdefault(msg["job_id"], []).append(msg["seq"])
-        super().put(frame, job_id=job_id, progress=progress)
+        super().put(frame, job_id=job_id, progress=progress, seq=seq)
 
 
 step = st.one_of(
