@@ -1,6 +1,7 @@
 """``Dispatcher`` under random interleavings: miner and client calls, the miner leaving and
 coming back, time passing (accept timeouts, expiry, the resume grace), subscribes with any
-``after``, duplicate submits, and commits and store reads held open at random points.
+``after``, one socket subscribing again and again, duplicate submits, and commits and store
+reads held open at random points.
 
 Whatever the order, every subscriber sees each event of a job it follows once, in order, with
 no gap, each only once the store holds it; and a duplicate submit's answer is followed by the
@@ -67,6 +68,7 @@ step = st.one_of(
     st.tuples(st.just("subscribe"), st.integers(0, 3)),
     st.tuples(st.just("follow_all"), st.integers(0, 3)),
     st.tuples(st.just("duplicate"), st.integers(0, JOBS - 1)),
+    st.tuples(st.just("resubscribe"), st.integers(0, 3)),
     st.tuples(st.sampled_from(["advance", "gone", "back"]), st.just(0)),
 )
 
@@ -96,6 +98,12 @@ class World:
         self.answers: list[tuple[CheckedOutbox, JobRecord]] = []
         self.blocked = False
         self.reads_blocked = False
+        # The one socket that subscribes again and again (``resubscribe``), its subscribes one
+        # after the other as a socket's reader handles them, and the first seq of each job
+        # its outbox must hold from then on.
+        self.again = Subscriber("c1", CheckedOutbox(h))
+        self.again_lock = anyio.Lock()
+        self.again_from: dict[str, int] = {}
 
     async def step(self, kind: str, arg: Any) -> None:
         if kind in JOB_CALLS:
@@ -151,6 +159,23 @@ class World:
             partial(self.h.dispatcher.subscribe, follow_all=True), sub, list(after), after
         )
 
+    def resubscribe(self, arg: int) -> None:
+        """The same socket subscribes to every job again, with an ``after`` or none: nothing
+        is taken from its outbox, so it must hold each job's log from the lowest seq asked for
+        (a job it follows, named without ``after``, is not replayed), each event once."""
+
+        async def subscribe() -> None:
+            async with self.again_lock:
+                sub = self.again
+                after = dict.fromkeys(self.job_ids, arg) if arg < 3 else {}
+                for job_id in self.job_ids:
+                    if job_id in after or job_id not in sub.job_ids:
+                        first = min(after.get(job_id, 0), self.again_from.get(job_id, 1 << 30))
+                        self.again_from[job_id] = first
+                await self.h.dispatcher.subscribe(sub, list(self.job_ids), after)
+
+        self.tg.start_soon(subscribe)
+
     def duplicate(self, arg: int) -> None:
         """A submit repeating a job's key: answered with the job, then followed from there."""
         d = self.h.dispatcher
@@ -176,6 +201,11 @@ class World:
             for job_id, first in after.items():
                 if job_id not in outbox.seen:
                     assert final[job_id][first:] == [], (job_id, first)
+        queued: dict[str, list[int]] = {}
+        for f in map(json.loads, self.again.outbox.take_nowait()):
+            queued.setdefault(f["job_id"], []).append(f["seq"])
+        for job_id, first in self.again_from.items():
+            assert queued.get(job_id, []) == final[job_id][first:], (job_id, first, queued)
         for outbox, rec in self.answers:
             seqs = outbox.seen.get(rec.job_id, [])
             assert [rec.seq, *seqs] == final[rec.job_id][rec.seq - 1 :], (rec.seq, seqs)
