@@ -33,7 +33,7 @@ from storage.base import (
     chars_page,
 )
 from storage.errors import Conflict, StorageError, StoreInUse
-from storage.owner import OwnerLock, check_one_name
+from storage.owner import OwnerLock, check_one_name, lock_path
 from storage.schema import MIGRATIONS, OUR_NAMES
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ __all__ = [
     "check_database",
     "check_schema",
     "database_file",
+    "left_beside",
     "map_driver_errors",
+    "refuse_orphaned_wal",
 ]
 
 # Idempotency keys ``find_jobs`` looks up per query (two parameters each: below SQLite's
@@ -645,6 +647,7 @@ def check_database(url: str, *, writable: bool = True) -> None:
     if not path.parent.is_dir():
         raise StorageError(f"cannot create {path}: the folder {path.parent} does not exist")
     if not path.exists():
+        refuse_orphaned_wal(path)
         return
     if not path.is_file():
         # A FIFO blocks the open below for good (and a signal's handler cannot run meanwhile).
@@ -665,6 +668,45 @@ def check_database(url: str, *, writable: bool = True) -> None:
     refusal = _schema_refusal(applied, names)
     if refusal is not None:
         raise StorageError(f"{path}: {refusal}")
+
+
+def _beside(path: Path, suffix: str) -> list[Path]:
+    """``path`` + ``suffix`` beside the file ``path`` names and, when that is another (a
+    symbolic link), beside the link too: SQLite names its WAL after the file a link names."""
+    real = path.resolve()
+    return list(
+        dict.fromkeys((real.with_name(real.name + suffix), path.with_name(path.name + suffix)))
+    )
+
+
+def refuse_orphaned_wal(path: Path) -> None:
+    """``StorageError`` when the database file ``path`` does not exist but its WAL does.
+
+    The file was deleted or moved, and the WAL may hold its last commits. Creating a new
+    database there, SQLite deletes that WAL without a word (a WAL beside an empty database is
+    taken for a leftover): the commits would be gone, even for an operator about to put the
+    file back. Nor may a backup be restored beside it: SQLite would replay the WAL, pages of
+    another history, into the backup (a case no check can tell from a database's own WAL,
+    hence the refusal now, while the file is missing)."""
+    if path.exists():
+        return
+    for wal in _beside(path, "-wal"):
+        if wal.exists():
+            shm = wal.with_name(wal.name[: -len("-wal")] + "-shm")
+            raise StorageError(
+                f"{path} does not exist but its write-ahead log {wal} does: the database was "
+                "deleted or moved, and the log may hold its last commits, which a new "
+                "database would delete; put the moved file back, or move "
+                f"{wal.name} and {shm.name} away first to restore a backup or start on a new, "
+                "empty database"
+            )
+
+
+def left_beside(path: Path) -> list[Path]:
+    """The files a start on the SQLite database ``path`` leaves beside it that exist: its owner
+    lock (never removed) and SQLite's shared-memory index (left by a crash)."""
+    found = [lock_path(path.resolve()), *_beside(path, "-shm")]
+    return [p for p in found if p.exists()]
 
 
 class SqlStore:
@@ -1096,6 +1138,8 @@ class DatabasesJobStore(SqlStore):
             self.owner.acquire()
 
     async def _connect(self) -> None:
+        if self._file is not None:  # also where ``check_database`` did not run (a test, an app)
+            refuse_orphaned_wal(Path(self._file))
         async with map_driver_errors():
             await self._db.connect()
             writer = await self._stack.enter_async_context(self._db.connection())

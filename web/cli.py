@@ -38,12 +38,13 @@ from uvicorn.config import LOG_LEVELS
 
 from storage.backends import check_store, shown_url, sqlite_url, store_for
 from storage.errors import StorageError, StoreInUse, StoreUnreachable
+from storage.sql import left_beside
 from web.app import create_app
 from web.asgi import SocketFastPath
 from web.cli_backup import add_backup_command, run_backup
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
-from web.keys import KeyFileError, materialize_keys
+from web.keys import KeyFileError, key_file, materialize_keys, signing_key_path
 from web.openfiles import raise_open_files
 from web.settings import Settings, SettingsError, check_rotation, url_host
 from web.transport import CoalescingWSProtocol
@@ -212,6 +213,38 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
     return store
 
 
+def _left_without_database(settings: Settings) -> list[Path]:
+    """When the SQLite database does not exist, the files a start on it left beside it (its
+    owner lock, SQLite's shared-memory index, generated keys); else none, and none for a
+    standby (its database is the one another coordinator holds). (A WAL left without its
+    database is refused before this: ``storage.sql.refuse_orphaned_wal``.)"""
+    if settings.is_postgres or settings.standby:
+        return []
+    db = settings.database_path
+    if db.exists():
+        return []
+    keys = (key_file(settings, ".keys.json"), signing_key_path(settings))
+    return [*left_beside(db), *(path for path in keys if path.exists())]
+
+
+def _say_database_missing(settings: Settings, left: list[Path]) -> None:
+    """One line on stderr: the database was deleted or moved (or a first start stopped before
+    creating it). The start goes on, on a new, empty database; an operator who sees the line
+    may still stop it and put the file back. Nothing when ``left`` is empty."""
+    if not left:
+        return
+    print(
+        f"aitbc-coordinator: warning: the database {settings.database_path} does not exist, but "
+        f"{', '.join(str(path) for path in left)} from an earlier start on it "
+        f"{'is' if len(left) == 1 else 'are'} beside it: starting on a new, empty database, "
+        "without the jobs, receipts and balances of any earlier one (the receipt chain starts "
+        "again at chain_seq 1); if it was deleted or moved by mistake, stop the coordinator "
+        "and put it back (docs/ops.md)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 DATABASE_RETRY_SECONDS = 0.5  # between tries of a database server that cannot be reached yet
 
 
@@ -331,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if not _tls_or_say(settings):
         return 2
+    left = _left_without_database(settings)  # before the claim and the keys create files
     store = _claimed_store_or_say(settings)
     if store is None:
         return 1
@@ -343,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         print(f"aitbc-coordinator: {exc}", file=sys.stderr)
         return 2
+    _say_database_missing(settings, left)  # once nothing refused the start
     for line in lines:
         print(line, flush=True)
     _raise_open_files_or_say()
