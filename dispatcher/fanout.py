@@ -22,7 +22,7 @@ import anyio
 from protocol.types import CloseCode
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
     from typing import Any
 
 __all__ = ["Fanout", "Outbox", "Subscriber"]
@@ -106,18 +106,24 @@ class Outbox:
                 self._progress.pop(job_id, None)
         self._set_wake()
 
-    def withdraw(self, job_id: str, after: int) -> int:
-        """Take the queued, unsent events of ``job_id`` with a seq past ``after`` out of the
-        outbox (a replay queues them again, in order); returns how many. Not drops: they are
-        not counted in ``dropped``."""
+    def withdraw(self, after: Mapping[str, int]) -> int:
+        """Take the queued, unsent events of each job of ``after`` with a seq past its value
+        out of the outbox (a replay queues them again, in order); returns how many. One pass
+        whatever the number of jobs (a subscribe names up to 1000). Not drops: they are not
+        counted in ``dropped``."""
         frames = self._frames
-        kept = deque(e for e in frames if e[1] != job_id or not after < e[2])
+        if not after or not frames:
+            return 0
+        # A frame that is no job event (seq 0) or of another job is kept: get() gives its seq.
+        kept = deque(e for e in frames if e[2] <= after.get(e[1], e[2]))
         removed = len(frames) - len(kept)
         if removed:
             self._frames = kept
             self._chars = sum(len(e[0]) for e in kept)
-            # The job's last queued frame was among them (its seqs rise along the queue).
-            self._progress.pop(job_id, None)
+            for job_id, seq in after.items():
+                pending = self._progress.get(job_id)
+                if pending is not None and pending[2] > seq:  # withdrawn: coalesce into none
+                    del self._progress[job_id]
             self._set_taken()
         return removed
 

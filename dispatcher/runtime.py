@@ -967,6 +967,9 @@ class Dispatcher:
         replay are delivered, so the client sees every event exactly once, in order. They are
         held from the start for every job to replay, not from its turn: a job followed through
         "all" would otherwise reach the socket live while an earlier job replays, then again.
+        A job to replay that the socket already follows may have events still queued unsent in
+        its outbox: those the replay will carry are taken out first (``Outbox.withdraw``), so
+        the socket is sent each once, after the answer (docs/protocol.md, subscribe).
         """
         pending: dict[str, list[tuple[int, str, bool]]] = {}
         for job_id in job_ids:
@@ -975,6 +978,8 @@ class Dispatcher:
         try:
             owned, missing = await self._owned(sub.client_id, job_ids)
             behind = {j: rec.seq for j, rec in owned.items() if after.get(j, 0) > rec.seq}
+            first = {j: min(after.get(j, 0), rec.seq) for j, rec in owned.items() if j in pending}
+            sub.outbox.withdraw(first)  # nothing of these jobs is queued from here: held
             if answer is not None:
                 answer(missing, behind)
             if follow_all:
@@ -984,11 +989,7 @@ class Dispatcher:
                 if held is None:  # followed already, and not named in ``after``
                     continue
                 self.fanout.subscribe(sub, [job_id])
-                first = min(after.get(job_id, 0), rec.seq)
-                # Its events still queued unsent would reach the socket twice: the replay
-                # carries them (nothing of the job is queued meanwhile: live ones are held).
-                sub.outbox.withdraw(job_id, first)
-                last, ended = await self._replay(sub, job_id, first)
+                last, ended = await self._replay(sub, job_id, first[job_id])
                 if self.running and self._unpublished(job_id, last):
                     # The replay read events of a batch committed but not yet performed: hold
                     # on until it is, or they would reach the socket again when published.

@@ -264,21 +264,23 @@ async def test_drained_waits_for_room_for_a_large_frame() -> None:
     assert waited == [0]
 
 
-async def test_withdraw_takes_a_jobs_unsent_events_past_a_seq_out() -> None:
-    """withdraw(job, after) removes that job's queued events with a greater seq, and nothing
+async def test_withdraw_takes_jobs_unsent_events_past_a_seq_out() -> None:
+    """withdraw({job: after}) removes each job's queued events with a greater seq, and nothing
     else (other jobs, frames that are no job event); the characters queued follow."""
     outbox = Outbox(lambda code, reason: None, hard_chars=10_000)
     outbox.put('{"type":"ack"}')
     for seq in (1, 2, 3):
-        outbox.put(frame("j", seq, "queued"), job_id="j", seq=seq)
-        outbox.put(frame("k", seq, "queued"), job_id="k", seq=seq)
-    assert outbox.withdraw("j", 1) == 2
-    assert outbox.withdraw("j", 1) == 0
-    assert outbox.withdraw("nope", 0) == 0
+        for job_id in "jkl":
+            outbox.put(frame(job_id, seq, "queued"), job_id=job_id, seq=seq)
+    assert outbox.withdraw({"j": 1, "l": 2}) == 3
+    assert outbox.withdraw({"j": 1}) == 0
+    assert outbox.withdraw({"nope": 0}) == 0
+    assert outbox.withdraw({}) == 0
     assert outbox.dropped == 0  # not drops: a replay queues them again
     kept = outbox.take_nowait()
     assert kept[0] == '{"type":"ack"}'
-    assert seqs(kept[1:]) == [("j", 1), ("k", 1), ("k", 2), ("k", 3)]
+    assert seqs(kept[1:]) == [("j", 1), ("k", 1), ("l", 1), ("k", 2), ("l", 2), ("k", 3)]
+    assert outbox.withdraw({"j": 0}) == 0  # nothing queued
     assert outbox.has_room(1, 5_000)  # the characters of what was withdrawn are free again
 
 
@@ -290,9 +292,11 @@ async def test_withdraw_follows_a_coalesced_progress_frame() -> None:
     box.fill(SOFT - 1)
     box.outbox.put(frame("j", 1), job_id="j", progress=True, seq=1)  # reaches the soft limit
     box.outbox.put(frame("j", 2), job_id="j", progress=True, seq=2)  # replaces seq 1
-    assert box.outbox.withdraw("j", 1) == 1
+    box.outbox.put(frame("k", 1), job_id="k", progress=True, seq=1)
+    assert box.outbox.withdraw({"j": 1, "k": 1}) == 1
     box.outbox.put(frame("j", 3), job_id="j", progress=True, seq=3)
-    assert seqs(box.outbox.take_nowait())[SOFT - 1 :] == [("j", 3)]
+    box.outbox.put(frame("k", 2), job_id="k", progress=True, seq=2)  # replaces k's seq 1
+    assert seqs(box.outbox.take_nowait())[SOFT - 1 :] == [("k", 2), ("j", 3)]
 
 
 async def test_withdraw_wakes_a_producer_waiting_for_room() -> None:
@@ -311,7 +315,7 @@ async def test_withdraw_wakes_a_producer_waiting_for_room() -> None:
             tg.start_soon(replay)
             await anyio.wait_all_tasks_blocked()
             assert waited == []
-            assert box.outbox.withdraw("j", 2) == 1
+            assert box.outbox.withdraw({"j": 2}) == 1
     assert waited == [2]
 
 
