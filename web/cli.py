@@ -216,8 +216,9 @@ def _claimed_store_or_say(settings: Settings) -> Store | None:
 def _left_without_database(settings: Settings) -> list[Path]:
     """When the SQLite database does not exist, the files a start on it left beside it (its
     owner lock, SQLite's shared-memory index, generated keys); else none, and none for a
-    standby (its database is the one another coordinator holds). (A WAL left without its
-    database is refused before this: ``storage.sql.refuse_orphaned_wal``.)"""
+    standby (its database is the one another coordinator holds). Read before the claim and
+    the keys create files there. (A WAL left without its database stops the start instead:
+    ``storage.sql.refuse_orphaned_wal``.)"""
     if settings.is_postgres or settings.standby:
         return []
     db = settings.database_path
