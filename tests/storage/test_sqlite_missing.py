@@ -4,6 +4,7 @@ and a start on a new database beside the files of an earlier one says so."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,21 @@ async def test_a_wal_without_its_database_is_refused_and_kept(tmp_path: Path) ->
         assert await store.get_job("j1") is not None
     finally:
         await store.close()
+
+
+async def test_a_wal_beside_the_file_a_link_names_is_found(tmp_path: Path) -> None:
+    """SQLite names the WAL after the file a symbolic link names: a database reached through a
+    link whose file is gone is refused for the WAL beside that file."""
+    await _crashed_with_a_commit_in_the_wal(tmp_path)
+    link = tmp_path / "link" / "coordinator.db"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "store.db")
+    wal = tmp_path / "store.db-wal"
+    with pytest.raises(StorageError, match=re.escape(f"its write-ahead log {wal} does")):
+        check_database(f"sqlite:///{link}")
+    with pytest.raises(StorageError, match="does not exist but its write-ahead log"):
+        await DatabasesJobStore(f"sqlite:///{link}").open()
+    assert not (tmp_path / "store.db").exists()
 
 
 async def test_a_wal_moved_away_lets_a_new_database_start(tmp_path: Path) -> None:
