@@ -635,6 +635,19 @@ def database_file(url: str) -> str:
     return str(DatabaseURL(url).database)
 
 
+def copy_database(source: Path, dest: Path) -> None:
+    """Copy the SQLite database ``source`` (its WAL included) to a new file ``dest`` in one
+    backup step: one read transaction on a read-only connection, the database as of one
+    commit, while its coordinator's commits and checkpoints go on (``aitbc-coordinator
+    backup``). Raises StorageError."""
+    try:
+        reader = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        with contextlib.closing(reader), contextlib.closing(sqlite3.connect(dest)) as copy:
+            reader.backup(copy)
+    except sqlite3.Error as exc:
+        raise StorageError(str(exc)) from exc
+
+
 def check_database(url: str, *, writable: bool = True) -> None:
     """Before serving: ``StorageError`` with a one-line reason when ``url`` names a file that
     cannot be this store's database (a folder, a FIFO or device, in a missing folder, read-only,

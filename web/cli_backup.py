@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import sys
-from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage.backends import sqlite_url
 from storage.errors import StorageError
-from storage.sql import check_database
+from storage.sql import check_database, copy_database
 from web.cli_receipts import database_file
 from web.keys import key_file
 from web.settings import Settings, SettingsError
@@ -80,13 +78,14 @@ def _backup(settings: Settings, dest: Path) -> list[str]:
             raise _Refused(f"{to} exists: name a new file")
     partial = dest.with_name(f"{dest.name}.partial")
     try:
-        _copy_database(source, partial)
+        copy_database(source, partial)
+        _sync(partial)
         os.replace(partial, dest)
         for path, to in keys:
             shutil.copy2(path, to)  # the mode too: 0600
             _sync(to)
         _sync(dest.parent)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, StorageError) as exc:
         partial.unlink(missing_ok=True)
         raise _Refused(f"cannot write {dest}: {exc}") from None
     size = dest.stat().st_size / 1e6
@@ -94,15 +93,6 @@ def _backup(settings: Settings, dest: Path) -> list[str]:
         f"backed up {source} to {dest} ({size:.1f} MB)",
         *(f"with {path} as {to}" for path, to in keys),
     ]
-
-
-def _copy_database(source: Path, dest: Path) -> None:
-    """The whole database in one backup step: one read transaction, the state of one commit
-    (WAL mode: the coordinator's commits and checkpoints go on meanwhile)."""
-    reader = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-    with closing(reader), closing(sqlite3.connect(dest)) as copy:
-        reader.backup(copy)
-    _sync(dest)
 
 
 def _sync(path: Path) -> None:
