@@ -190,6 +190,7 @@ class Dispatcher:
         self.retention: float | None = None
         self.retention_pause = RETENTION_PAUSE
         self.retention_rest = RETENTION_REST
+        self.jobs_deleted = 0  # by the retention walk, since start
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
         self.commit_started: float | None = None  # perf_counter() of the commit under way
         self.batch_sizes = Histogram(BATCH_BOUNDS)
@@ -406,6 +407,7 @@ class Dispatcher:
             def forget() -> None:
                 for state in ended.values():
                     counts.forget(state)
+                self.jobs_deleted += len(ended)
                 then(None)
 
             self.after_commit(forget)

@@ -118,6 +118,11 @@ class CoordinatorCollector:
                 value=store.lock_waits,
             )
         yield CounterMetricFamily(
+            "aitbc_jobs_deleted",
+            "Ended jobs deleted with their events since start (JOB_RETENTION_DAYS)",
+            value=d.jobs_deleted,
+        )
+        yield CounterMetricFamily(
             "aitbc_progress_dropped",
             "Progress events coalesced or dropped under backpressure (client and ops sockets)",
             value=stats.progress_dropped + self.core.ops.progress_dropped,

@@ -1714,6 +1714,7 @@ async def test_a_job_ended_longer_ago_than_the_retention_is_deleted_with_its_eve
         assert recent in h.store.jobs
         assert waiting.job_id in h.store.jobs
         assert h.dispatcher.job_counts.by_state["COMPLETED"] == 1
+        assert h.dispatcher.jobs_deleted == 1
         assert await h.dispatcher.get_job(old) is None
         h.clock.advance(1800)
         await until_gone(h, recent)

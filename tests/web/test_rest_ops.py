@@ -372,6 +372,7 @@ async def test_metrics_require_admin_and_match_the_jobs_run(api: Api) -> None:
     assert s["aitbc_writer_batch_size_count", ()] >= 1
     assert s["aitbc_writer_commit_seconds_count", ()] == s["aitbc_writer_batch_size_count", ()]
     assert s["aitbc_progress_dropped_total", ()] == 0
+    assert s["aitbc_jobs_deleted_total", ()] == 0
     assert s["aitbc_sockets_open", (("role", "miner"),)] == 0
     store = api.core.dispatcher.store
     assert s["aitbc_store_wal_frames", ()] == store.wal_frames
