@@ -56,10 +56,12 @@ __all__ = [
     "SqlStore",
     "check_database",
     "check_schema",
+    "copy_database",
     "database_file",
     "left_beside",
     "map_driver_errors",
     "refuse_orphaned_wal",
+    "sync_file",
 ]
 
 # Idempotency keys ``find_jobs`` looks up per query (two parameters each: below SQLite's
@@ -571,8 +573,9 @@ def _roll_back(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _sync_file(path: str) -> None:
-    """``fdatasync`` a file by name (a checkpoint connection's thread runs it)."""
+def sync_file(path: str | Path) -> None:
+    """``fdatasync`` a file (or a folder, for the names in it) by name: a checkpoint
+    connection's thread runs it, and ``aitbc-coordinator backup``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
@@ -1363,7 +1366,7 @@ class DatabasesJobStore(SqlStore):
             # (SQLite syncs it only in a round that reaches the WAL's end): sync them now,
             # while commits go on, so the held round's own sync has only its few pages to
             # write (measured: that sync held every commit for ~11 ms, every ~2 s unloaded).
-            await raw._execute(_sync_file, self._file)
+            await raw._execute(sync_file, self._file)
         self._held = hold = anyio.Event()
         try:
             busy, log, done = await self._checkpoint(raw)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage.backends import sqlite_url
 from storage.errors import StorageError
-from storage.sql import check_database, copy_database
+from storage.sql import check_database, copy_database, sync_file
 from web.cli_receipts import database_file
 from web.keys import key_file
 from web.settings import Settings, SettingsError
@@ -79,12 +79,12 @@ def _backup(settings: Settings, dest: Path) -> list[str]:
     partial = dest.with_name(f"{dest.name}.partial")
     try:
         copy_database(source, partial)
-        _sync(partial)
+        sync_file(partial)
         os.replace(partial, dest)
         for path, to in keys:
             shutil.copy2(path, to)  # the mode too: 0600
-            _sync(to)
-        _sync(dest.parent)
+            sync_file(to)
+        sync_file(dest.parent)
     except (OSError, StorageError) as exc:
         partial.unlink(missing_ok=True)
         raise _Refused(f"cannot write {dest}: {exc}") from None
@@ -93,11 +93,3 @@ def _backup(settings: Settings, dest: Path) -> list[str]:
         f"backed up {source} to {dest} ({size:.1f} MB)",
         *(f"with {path} as {to}" for path, to in keys),
     ]
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

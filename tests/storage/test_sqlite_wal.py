@@ -226,7 +226,7 @@ async def test_the_database_file_is_synced_before_the_writer_is_held(
     await fill(store, "j", 10)
     store.wal_restart_frames = 0
     steps: list[str] = []
-    real_sync, real_checkpoint = storage.sql._sync_file, store._checkpoint
+    real_sync, real_checkpoint = storage.sql.sync_file, store._checkpoint
 
     def sync(path: str) -> None:
         assert threading.current_thread() is not threading.main_thread()
@@ -237,7 +237,7 @@ async def test_the_database_file_is_synced_before_the_writer_is_held(
         steps.append(f"checkpoint held={store._held is not None}")
         return await real_checkpoint(raw)
 
-    monkeypatch.setattr(storage.sql, "_sync_file", sync)
+    monkeypatch.setattr(storage.sql, "sync_file", sync)
     monkeypatch.setattr(store, "_checkpoint", checkpoint)
     await store._checkpoint_round(checkpointer(store))
     assert steps[-2:] == [f"sync {tmp_path / 'store.db'} held=False", "checkpoint held=True"]
@@ -255,7 +255,7 @@ async def test_a_failed_sync_stops_the_store(
     def sync(path: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(storage.sql, "_sync_file", sync)
+    monkeypatch.setattr(storage.sql, "sync_file", sync)
     with anyio.fail_after(10), pytest.raises(StorageError, match="Input/output error"):
         await store.maintain(0.001)
     assert store._held is None
