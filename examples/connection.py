@@ -6,7 +6,8 @@ a key of the wrong role (4403), a frame the coordinator refuses (1003, 1007, 100
 protocol version it does not speak (4002), a newer session for the same miner id (4409), an
 HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), or a URL that is not a
 ``ws://`` or ``wss://`` one would be refused the same way every time: the examples stop on
-those and say why, instead of reconnecting for ever.
+those and say why, instead of reconnecting for ever. So they do when a server takes the socket
+but sends no ``welcome`` in time (10 s from the hello; not the coordinator's socket).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import uuid
 from pathlib import Path
@@ -36,6 +37,7 @@ from protocol.errors import RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
     Ack,
     ClientHello,
+    ClientWelcome,
     Error,
     JobEvent,
     JobSubmit,
@@ -59,6 +61,7 @@ async def follow_job(
     *,
     out: Callable[[str], None] = print,
     retry_after: float = 0.5,
+    welcome_timeout: float = 10.0,
 ) -> list[JobEvent]:
     """Submit, then collect every event of the job until a terminal one; returns them.
 
@@ -67,7 +70,9 @@ async def follow_job(
     after each further attempt that brought nothing new (``MAX_RETRY_AFTER`` at most).
     Raises ``Refused`` when the coordinator refuses in a way a reconnect would not change (an
     unknown key, a URL that is not the client socket, a submit it answers with an error, a job
-    it no longer has).
+    it no longer has), or when a server takes the socket but sends no ``welcome`` within
+    ``welcome_timeout`` seconds of the hello (not the coordinator's client socket, or one that
+    cannot serve).
     """
     urls = [url] if isinstance(url, str) else list(url)
     if submit.idempotency_key is None:
@@ -83,8 +88,16 @@ async def follow_job(
             # A completed event carries the result and the receipt (payload and result once
             # more): it may be larger than the frames the coordinator takes (docs/protocol.md).
             async with connect(target, additional_headers={"X-Api-Key": key}, max_size=None) as ws:
-                if await job.follow(ws):
-                    return job.events
+                # Armed until the welcome: a server that takes the socket and answers pings but
+                # never welcomes (another service, an echo server) kept this waiting for ever.
+                with anyio.move_on_after(welcome_timeout) as welcome:
+                    if await job.follow(ws, welcome):
+                        return job.events
+                if welcome.cancelled_caught:
+                    raise Refused(
+                        f"{target} sent no welcome within {welcome_timeout:g} s of the hello: "
+                        "is it the coordinator's client socket (…/v1/jobs/ws)?"
+                    )
                 if ws.close_code is not None:  # closed by the coordinator, cleanly (1000, 1001)
                     why = f" ({ws.close_reason})" if ws.close_reason else ""
                     out(f"connection to {target} lost (closed {ws.close_code}{why}); reconnecting")
@@ -117,8 +130,9 @@ class _Followed:
         self.events: list[JobEvent] = []
         self.replaying = False  # a subscribe with ``after`` is on its way
 
-    async def follow(self, ws: ClientConnection) -> bool:
-        """Follow on a new connection; True once the job's terminal event is shown."""
+    async def follow(self, ws: ClientConnection, welcome: anyio.CancelScope) -> bool:
+        """Follow on a new connection; True once the job's terminal event is shown. ``welcome``
+        (the wait for the coordinator's welcome) is disarmed when the welcome arrives."""
         await ws.send(encode(ClientHello(protocol=1)).decode())
         if self.job_id is None:  # not acknowledged yet: the key makes a resubmit safe
             await ws.send(encode(self.submit).decode())
@@ -129,7 +143,9 @@ class _Followed:
                 msg = decode_server_to_client(raw)
             except UnknownMessageType:
                 continue  # a newer coordinator's message this client has no use for
-            if isinstance(msg, Ack) and msg.id == self.submit.id:
+            if isinstance(msg, ClientWelcome):
+                welcome.deadline = math.inf
+            elif isinstance(msg, Ack) and msg.id == self.submit.id:
                 self.job_id = str(msg.fields["job"]["job_id"])
                 self.out(f"submitted {self.job_id}")
                 if msg.fields.get("duplicate"):

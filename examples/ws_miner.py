@@ -13,6 +13,7 @@ With ``--sign-results SEED_HEX`` (a 32-byte Ed25519 seed) the miner registers it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class MinerOptions:
     result_seed_hex: str | None = None  # co-sign results with this Ed25519 seed
     load_interval: float = 5.0  # seconds between load reports (heartbeats); 0: none
     retry_after: float = 1.0  # before a result answered ``unavailable`` goes again
+    welcome_timeout: float = 10.0  # seconds from the hello to the welcome; then it stops
 
     def capabilities(self) -> dict[str, object]:
         caps: dict[str, object] = {"gpus": self.gpus, "models": self.models}
@@ -162,10 +164,23 @@ class SimulatedMiner:
                     for frame in self.client.data_to_send():  # the hello goes out before all
                         await ws.send(frame.decode())
                     self.ws = ws
-                    async for raw in ws:
-                        self.client.receive_data(raw)
-                        for event in self.client.events_received():
-                            self._on_event(event, tg)
+                    # Armed until the welcome: a server that takes the socket and answers pings
+                    # but never welcomes (another service, an echo server) kept it idle for ever.
+                    with anyio.move_on_after(self.opts.welcome_timeout) as welcome:
+                        async for raw in ws:
+                            self.client.receive_data(raw)
+                            for event in self.client.events_received():
+                                self._on_event(event, tg)
+                            if self.welcomed.is_set():
+                                welcome.deadline = math.inf
+                    if welcome.cancelled_caught:
+                        self.refused = Refused(
+                            f"{target} sent no welcome within {self.opts.welcome_timeout:g} s "
+                            "of the hello: is it the coordinator's miner socket (…/v1/miners/ws)?"
+                        )
+                        self.log(str(self.refused))
+                        self._done.set()
+                        return
             except LOST as exc:
                 self.refused = refusal(exc, target)
                 if self.refused is not None:

@@ -3,12 +3,14 @@ verified receipt, trying a standby first, and a resubmission answered from the s
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
 import examples.ws_client
 from examples.connection import Refused
@@ -21,6 +23,9 @@ from tests.conftest import CLIENT_KEY, MINER_KEY
 from tests.e2e.conftest import RunningServer, start_server
 from tests.e2e.manual_miner import ManualMiner
 from web.ws_client import ClientConnection
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -238,3 +243,83 @@ async def test_the_example_client_shows_each_event_once_when_its_job_ends_while_
     ]
     assert connects == 2
     assert any("lost (closed 1001 (server shutting down))" in line for line in lines)
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[tuple[str, list[str]]]:
+    """A WebSocket server on 127.0.0.1:0 that takes every socket, reads its frames and answers
+    its pings (the library does), but never sends a frame: yields its address and the frames
+    read."""
+    frames: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        async for frame in ws:
+            frames.append(str(frame))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}", frames
+
+
+async def test_the_example_client_stops_when_no_welcome_comes() -> None:
+    """A server that takes the socket and answers pings but never sends ``welcome`` (not the
+    coordinator, or one that cannot serve) kept the client waiting for ever, saying nothing."""
+    lines: list[str] = []
+    submit = JobSubmit(id="submit", payload={"prompt": "hi"})
+    async with silent_server() as (address, frames):
+        url = f"{address}/v1/jobs/ws"
+        with anyio.fail_after(10), pytest.raises(Refused) as refused:
+            await follow_job(url, CLIENT_KEY, submit, out=lines.append, welcome_timeout=0.2)
+    assert str(refused.value) == (
+        f"{url} sent no welcome within 0.2 s of the hello: "
+        "is it the coordinator's client socket (…/v1/jobs/ws)?"
+    )
+    assert lines == []
+    assert orjson.loads(frames[0])["type"] == "hello"
+
+
+async def test_the_example_miner_stops_when_no_welcome_comes() -> None:
+    """The miner, as the client: it sat connected for ever to a server that never welcomed it."""
+    lines: list[str] = []
+    async with silent_server() as (address, frames):
+        url = f"{address}/v1/miners/ws"
+        opts = MinerOptions(url=url, key=MINER_KEY, load_interval=0, welcome_timeout=0.2)
+        miner = SimulatedMiner(opts, log=lines.append)
+        with anyio.fail_after(10):
+            await miner.run()
+    assert lines == [
+        f"{url} sent no welcome within 0.2 s of the hello: "
+        "is it the coordinator's miner socket (…/v1/miners/ws)?"
+    ]
+    assert str(miner.refused) == lines[0]
+    assert orjson.loads(frames[0])["type"] == "hello"
+
+
+async def test_the_welcome_timeout_ends_with_the_welcome(server: RunningServer) -> None:
+    """The welcome timeout guards the welcome only: once welcomed, a job that runs longer than
+    it is followed to its end (the miner here takes 5 timeouts to finish it)."""
+    miner = SimulatedMiner(
+        MinerOptions(
+            url=server.url("/v1/miners/ws"),
+            key=MINER_KEY,
+            delay=0.5,
+            chunks=2,
+            load_interval=0,
+            max_jobs=1,
+            welcome_timeout=0.1,
+        ),
+        log=lambda line: None,
+    )
+    submit = JobSubmit(id="submit", payload={"prompt": "hi"})
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(miner.run)
+            events = await follow_job(
+                server.url("/v1/jobs/ws"),
+                CLIENT_KEY,
+                submit,
+                out=lambda line: None,
+                welcome_timeout=0.1,
+            )
+    assert events[-1].event == "completed"
+    assert miner.refused is None
