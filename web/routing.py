@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from starlette._utils import get_route_path
 from starlette.applications import Starlette
 from starlette.datastructures import URL
+from starlette.exceptions import HTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
@@ -49,6 +50,7 @@ __all__ = ["CoordinatorApp", "FastRouter", "SlashRouter"]
 
 _FALLBACK = None  # a lookup result: let Starlette handle the request
 _ERROR = "aitbc.endpoint_error"
+_ORDER = {m: i for i, m in enumerate(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"))}
 
 
 class FastRouter:
@@ -147,7 +149,22 @@ class SlashRouter(Router):
             if target is not None:
                 await RedirectResponse(url=str(URL(scope=target)))(scope, receive, send)
                 return
-        await super().app(scope, receive, send)
+        try:
+            await super().app(scope, receive, send)
+        except HTTPException as exc:
+            if exc.status_code == 405 and scope["type"] == "http":
+                # Starlette's ``Allow`` names the methods of the first route that matched the
+                # path only: ``PUT /v1/jobs`` said ``Allow: POST``, though GET serves it too.
+                exc.headers = {**(exc.headers or {}), "Allow": self._allowed(scope)}
+            raise
+
+    def _allowed(self, scope: Scope) -> str:
+        """Every method some route serves at the request's path (RFC 9110's ``Allow``)."""
+        methods: set[str] = set()
+        for route in self.routes:
+            if isinstance(route, Route) and route.matches(scope)[0] is not Match.NONE:
+                methods |= route.methods or set()
+        return ", ".join(sorted(methods, key=lambda m: (_ORDER.get(m, len(_ORDER)), m)))
 
     def _without_slash(self, scope: Scope) -> Scope | None:
         path = get_route_path(scope)

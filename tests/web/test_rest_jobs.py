@@ -508,6 +508,29 @@ async def test_not_found_and_method_not_allowed_are_json(api: Api) -> None:
     assert "detail" in r.json()
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", "/v1/jobs", "GET, HEAD, POST"),  # GET and POST are two routes
+        ("DELETE", "/v1/jobs", "GET, HEAD, POST"),
+        ("POST", "/v1/jobs/j1", "GET, HEAD"),
+        ("GET", "/v1/jobs/j1/cancel", "POST"),
+        ("HEAD", "/v1/miner/jobs", "GET"),  # its HEAD is refused (a poll would take a job)
+        ("POST", "/health", "GET, HEAD"),
+    ],
+)
+async def test_a_405_allows_every_method_the_path_takes(
+    api: Api, method: str, path: str, allow: str
+) -> None:
+    """``PUT /v1/jobs`` said ``Allow: POST`` (the first route that matched the path), though
+    ``GET /v1/jobs`` lists the jobs: RFC 9110 asks for every method the resource supports."""
+    r = await api.http.request(method, path, headers={"X-Api-Key": CLIENT_KEY})
+    assert r.status_code == 405
+    assert r.headers["allow"] == allow
+    if method != "HEAD":
+        assert r.json() == {"detail": "Method Not Allowed"}
+
+
 async def test_admin_key_on_client_route_is_403(api: Api) -> None:
     """Keys are per role: an admin key is not a client key."""
     r = await api.http.get("/v1/jobs", headers={"X-Api-Key": ADMIN_KEY})
