@@ -28,6 +28,7 @@ from protocol.receipt_verify import (
 from storage.backends import shown_url, sqlite_url, store_for
 from storage.errors import StorageError
 from storage.sql import check_database
+from web.http import json_error
 from web.keys import KeyFileError, read_signing_key, signing_key_path
 from web.rest_receipts import signing_keys
 from web.settings import Settings, SettingsError
@@ -132,8 +133,10 @@ def _verify(args: argparse.Namespace) -> int:
         # standard parser recursed until RecursionError, or a crash of the whole process where
         # the recursion limit was raised (py_ecc, which eth-account imports, raises it to 100,000)
         doc = orjson.loads(data)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise _Usage(f"{args.file}: {exc}") from None
+    except ValueError as exc:
+        raise _Usage(f"{args.file}: {json_error(data, exc)}") from None
     keys = _pinned(args)
     receipts = _receipts_in(doc)
     if not receipts:  # nothing verified is no "all valid": a script must not pass on it

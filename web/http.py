@@ -49,6 +49,7 @@ __all__ = [
     "Param",
     "Responder",
     "RateLimiter",
+    "json_error",
     "json_response",
     "routes_for",
 ]
@@ -413,6 +414,19 @@ def _rate_limit(
 STANDBY_DETAIL = "standby: another coordinator holds the database; try again shortly"
 
 
+def json_error(raw: bytes, exc: ValueError) -> str:
+    """Why orjson could not read ``raw``: the parser's reason and place ("trailing comma is not
+    allowed: line 1 column 15 (char 14)"; a number beyond a double, 1e400, is valid JSON it
+    cannot read), never quoting the input. On bytes that are not UTF-8 (a Latin-1 "café") it
+    says "str is not valid UTF-8: surrogates not allowed" at char 0, wherever they are: the
+    byte and its offset instead."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError as bad:
+        return f"it is not UTF-8: byte 0x{raw[bad.start]:02x} at offset {bad.start}"
+    return str(exc)
+
+
 def _parsed_body(raw: bytes, schema: Any, required: bool) -> Any:
     """The request body ``raw`` as JSON checked against ``schema`` (None: not read as JSON);
     None when there is none and none is required."""
@@ -425,10 +439,8 @@ def _parsed_body(raw: bytes, schema: Any, required: bool) -> Any:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        # The parser's reason and place ("trailing comma is not allowed: line 1 column 15
-        # (char 14)"; a number beyond a double, 1e400, is valid JSON it cannot read): it
-        # never quotes the body.
-        raise HTTPError(422, f"request body cannot be read as JSON: {exc}") from None
+        why = json_error(raw, exc)
+        raise HTTPError(422, f"request body cannot be read as JSON: {why}") from None
     refusal = input_refusal(raw, body)
     if refusal is not None:
         raise HTTPError(422, f"request body: {refusal}")

@@ -383,3 +383,5 @@ def test_verify_unreadable_input_exits_2(
     assert code == 2
     [line] = out.splitlines()
     assert "r.json" in line
+    if content == b"\xff\xfe":  # it said "str is not valid UTF-8: surrogates not allowed"
+        assert line.endswith("r.json: it is not UTF-8: byte 0xff at offset 0")

@@ -155,6 +155,10 @@ async def test_invalid_submit_is_422_naming_the_field(
         (b'{"payload": {"x": 1e400}}', "number is infinity when parsed as double: line 1"),
         (b'{"payload": {}, }', "trailing comma is not allowed: line 1 column 15"),
         (b'\xef\xbb\xbf{"payload": {}}', "byte order mark (BOM) is not supported"),
+        # Latin-1 "café": orjson said "str is not valid UTF-8: surrogates not allowed: line 1
+        # column 1 (char 0)", naming neither the byte nor where it is.
+        (b'{"payload": {"p": "caf\xe9"}}', "it is not UTF-8: byte 0xe9 at offset 22"),
+        (b'{"payload": {"p": "\xed\xa0\x80"}}', "it is not UTF-8: byte 0xed at offset 19"),
     ],
 )
 async def test_a_body_the_parser_refuses_is_a_422_saying_why_and_where(
