@@ -67,6 +67,12 @@ def add_receipts_commands(sub: Any) -> None:
         help="pinned coordinator public key (64 hex or the key_id); repeatable",
     )
     verify.add_argument("--keys-url", help="pin the keys of a /v1/receipts/signing-keys URL")
+    verify.add_argument(
+        "--db",
+        type=database_file,
+        help="without --key/--keys-url: the signing key generated beside this SQLite "
+        "database file (overrides DATABASE_URL)",
+    )
     audit = cmds.add_parser("audit", help="re-verify the whole receipt chain in the store")
     audit.add_argument(
         "--db", type=database_file, help="SQLite database file (overrides DATABASE_URL)"
@@ -110,9 +116,16 @@ def _pinned(args: argparse.Namespace) -> tuple[TrustedKey, ...]:
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _Usage(f"--keys-url {args.keys_url}: {exc}") from None
     if not keys:
-        configured = _configured_keys(Settings.from_env())
+        settings = _settings(args)
+        configured = _configured_keys(settings)
         if configured is None:
-            raise _Usage("no key to pin: give --key or --keys-url (or set RECEIPT_SIGNING_KEY_HEX)")
+            # Where it looked: after ``serve --db FILE`` the key is beside FILE, not beside
+            # DATABASE_URL's database, and "set RECEIPT_SIGNING_KEY_HEX" alone did not say so.
+            raise _Usage(
+                "no key to pin: give --key or --keys-url (no RECEIPT_SIGNING_KEY_HEX, and no "
+                f"generated key at {signing_key_path(settings)}: --db names the coordinator's "
+                "database)"
+            )
         keys += configured
     return tuple(keys)
 
@@ -155,10 +168,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _audit(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings, with ``--db`` over DATABASE_URL (which is then not read)."""
     settings = Settings.from_env(without={"DATABASE_URL"} if args.db else ())
     if args.db:
         settings = settings.with_(database_url=sqlite_url(args.db))
+    return settings
+
+
+def _audit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     if not settings.is_postgres:
         if not settings.database_path.exists():
             raise _Usage(f"no database at {settings.database_path}")

@@ -361,6 +361,39 @@ def test_verify_usage_errors_exit_2(
     assert message in out
 
 
+def test_verify_without_a_key_says_where_it_looked_for_one(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After ``serve --db FILE`` the generated key is beside FILE: ``receipts verify`` looked
+    beside ./coordinator.db and said only "(or set RECEIPT_SIGNING_KEY_HEX)". It names the file
+    it looked for, and the option that moves it."""
+    file = tmp_path / "r.json"
+    file.write_text("{}")
+    code, out = run_verify(capsys, str(file))
+    assert code == 2
+    assert out == (
+        "aitbc-coordinator receipts: no key to pin: give --key or --keys-url (no "
+        "RECEIPT_SIGNING_KEY_HEX, and no generated key at coordinator.db.signing-key: --db "
+        "names the coordinator's database)\n"
+    )
+
+
+def test_verify_db_finds_the_key_generated_beside_that_database(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``receipts verify FILE --db DB`` pins the key ``serve --db DB`` generated (as ``receipts
+    audit --db`` reads it), over a DATABASE_URL that is not read then."""
+    receipts = issue_receipts(tmp_path, 1)  # signed with SIGNING_SEED
+    database = tmp_path / "served" / "c.db"
+    database.parent.mkdir()
+    (tmp_path / "served" / "c.db.signing-key").write_text(SIGNING_SEED + "\n")
+    file = tmp_path / "r.json"
+    file.write_text(json.dumps(receipts[0]))
+    env.setenv("DATABASE_URL", "not a url")
+    code, out = run_verify(capsys, str(file), "--db", str(database))
+    assert (code, out) == (0, f"OK {receipts[0]['receipt_id']}\n")
+
+
 @pytest.mark.parametrize("content", ["not json", None, "[" * 100_000, b"\xff\xfe"])
 def test_verify_unreadable_input_exits_2(
     env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: Any
