@@ -55,7 +55,7 @@ def database_file(text: str) -> str:
 
 def add_receipts_commands(sub: Any) -> None:
     receipts = sub.add_parser("receipts", help="verify receipts, audit the receipt chain")
-    cmds = receipts.add_subparsers(dest="receipts_command", required=True)
+    cmds = receipts.add_subparsers(dest="receipts_command", metavar="{verify,audit}", required=True)
     verify = cmds.add_parser("verify", help="verify receipts in a JSON file, offline")
     verify.add_argument(
         "file", help="a receipt, a list of receipts, or {items|receipt: ...}; - = stdin"

@@ -418,3 +418,14 @@ def test_verify_unreadable_input_exits_2(
     assert "r.json" in line
     if content == b"\xff\xfe":  # it said "str is not valid UTF-8: surrogates not allowed"
         assert line.endswith("r.json: it is not UTF-8: byte 0xff at offset 0")
+
+
+def test_receipts_without_a_command_names_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """``aitbc-coordinator receipts`` said "the following arguments are required:
+    receipts_command", an internal name: it names the commands to choose from."""
+    with pytest.raises(SystemExit) as exited:
+        main(["receipts"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: the following arguments are required: {verify,audit}\n"
+    )
