@@ -326,6 +326,11 @@ def _parse(argv: list[str] | None) -> MinerOptions:
     )
     a = p.parse_args(argv)
     check_utf8(p, a, "url", "key", "miner_id", "gpu", "cuda", "models", "region", "sign_results")
+    if a.sign_results is not None:
+        try:
+            load_signing_key(a.sign_results)  # a ValueError traceback once the miner started
+        except ValueError:
+            p.error("--sign-results must be an Ed25519 seed: 64 hex digits (32 bytes)")
     gpus: list[dict[str, object]] = [{"name": g, "memory_mb": int(a.vram_gb * 1024)} for g in a.gpu]
     return MinerOptions(
         url=(a.url or ["ws://127.0.0.1:8000/v1/miners/ws"])[0],

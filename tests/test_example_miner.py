@@ -187,3 +187,16 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         examples.ws_miner.main(argv)
     assert exited.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: {option} is not valid UTF-8\n")
+
+
+@pytest.mark.parametrize("seed", ["zz", "abcd", "00" * 33])
+def test_a_sign_results_seed_that_is_no_seed_is_a_usage_error(
+    seed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--sign-results`` with a mistyped seed ended in a ValueError traceback."""
+    with pytest.raises(SystemExit) as exited:
+        examples.ws_miner.main(["--key", "k", "--sign-results", seed])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --sign-results must be an Ed25519 seed: 64 hex digits (32 bytes)\n"
+    )
