@@ -146,8 +146,15 @@ class _Followed:
             if isinstance(msg, ClientWelcome):
                 welcome.deadline = math.inf
             elif isinstance(msg, Ack) and msg.id == self.submit.id:
-                self.job_id = str(msg.fields["job"]["job_id"])
+                job = msg.fields["job"]
+                self.job_id = str(job["job_id"])
                 self.out(f"submitted {self.job_id}")
+                if job.get("servable") is False:  # it said nothing, and waited till it expired
+                    self.out(
+                        "no miner the coordinator knows can serve its constraints "
+                        f"{json.dumps(job.get('constraints'))}: it waits for one until "
+                        f"{job.get('expires_at')}"
+                    )
                 if msg.fields.get("duplicate"):
                     # Stored by an earlier attempt: replay what that connection lost. The job's
                     # live events follow this ack, before that replay.

@@ -458,3 +458,28 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         examples.ws_client.main(argv)
     assert exited.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: {option} is not valid UTF-8\n")
+
+
+async def test_a_job_no_miner_can_serve_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack's JobView says ``servable: false`` (no known miner matches its constraints): the
+    client showed only ``#1 queued`` and then nothing until the job expired (15 minutes by
+    default), leaving the user to guess why."""
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            return [b'{"type":"welcome","protocol":1,"client_id":"c"}']
+        job = {"job_id": JOB, "servable": False, "constraints": {"gpu": "H100"}}
+        job["expires_at"] = "2026-11-28T00:15:00.000Z"
+        ack = {"type": "ack", "id": frame["id"], "job": job, "duplicate": False}
+        return [orjson.dumps(ack), event(1, "queued"), event(2, "expired", error="ttl")]
+
+    lines: list[str] = []
+    monkeypatch.setattr(examples.ws_client, "connect", Scripted(answer))
+    submit = JobSubmit(id="submit", payload={}, constraints={"gpu": "H100"})
+    with anyio.fail_after(5):
+        await follow_job("ws://c", "key", submit, out=lines.append)
+    assert lines[:2] == [
+        f"submitted {JOB}",
+        'no miner the coordinator knows can serve its constraints {"gpu": "H100"}: it waits '
+        "for one until 2026-11-28T00:15:00.000Z",
+    ]
