@@ -292,6 +292,20 @@ async def test_a_link_with_a_malformed_key_is_dropped_from_the_address(
         assert await page.evaluate("location.hash") == ""
 
 
+async def test_a_link_opened_in_a_tab_already_on_the_page_signs_in(
+    server: RunningServer,
+) -> None:
+    """The demo's /ops#key=… pasted into a tab already on /ops (signed out, say by a restarted
+    demo's new keys) changes only the fragment, with no load: the page ignored it, stayed
+    signed out, and left the key in the address bar."""
+    async with ops_page(server) as page:
+        await expect(page.locator("#signin")).to_be_visible()
+        await page.goto(f"http://127.0.0.1:{server.port}/ops#key={ADMIN_KEY}")
+        await expect(page.locator("#conn-status")).to_have_text("live")
+        assert await page.evaluate("location.hash") == ""
+        assert await page.evaluate("sessionStorage.getItem('aitbc-admin-key')") == ADMIN_KEY
+
+
 async def test_a_time_from_another_day_shows_its_date(server: RunningServer) -> None:
     """Times showed the time of day only: a polling miner gone quiet three days ago (it stays
     registered) read "last seen 03:04:05", as if that morning. A time of another day (UTC)

@@ -508,16 +508,24 @@ function wire() {
 wire();
 setInterval(watchdog, 1000);
 // `aitbc-coordinator demo` prints /ops#key=…: keep the key in this tab only, drop it from the URL.
-const fromUrl = location.hash.match(/^#key=(.+)$/);
-if (fromUrl) {
+function keyFromAddress() {
+  const fromUrl = location.hash.match(/^#key=(.+)$/);
+  if (!fromUrl) return null;
   history.replaceState(null, "", location.pathname);  // out of the address first, whatever follows
-  let key = null;
   try {
-    key = decodeURIComponent(fromUrl[1]);
+    return decodeURIComponent(fromUrl[1]);
   } catch {
     $("signin-error").textContent = "That link's key is malformed (cut short?): sign in with the key.";
+    return null;
   }
-  if (key) sessionStorage.setItem(KEY, key);
 }
+const linked = keyFromAddress();
+if (linked) sessionStorage.setItem(KEY, linked);
 const saved = sessionStorage.getItem(KEY);
 if (saved) signIn(saved);
+// Such a link opened in a tab already on the page (a restarted demo's, with its new key) only
+// changes the fragment: no load. The page ignored it, and the key stayed in the address bar.
+window.addEventListener("hashchange", () => {
+  const key = keyFromAddress();
+  if (key) signIn(key);
+});
