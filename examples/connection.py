@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.uri import parse_uri
 
 from protocol.types import CloseCode
 
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["LOST", "Refused", "check_utf8", "describe", "refusal"]
+__all__ = ["LOST", "Refused", "check_utf8", "describe", "refusal", "url_refusal"]
 
 # What ``connect`` and a connection raise when the attempt failed: ``refusal`` tells those to
 # give up on from those to try again. ``InvalidHandshake`` also stands for a coordinator that
@@ -65,6 +66,21 @@ def refusal(exc: BaseException, url: str) -> Refused | None:
     if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
         why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
         return Refused(f"{url} refused: {describe(exc)}: {why}")
+    return None
+
+
+def url_refusal(url: str) -> Refused | None:
+    """The refusal of a ``--url`` that names no socket at all, before any attempt, or None.
+
+    ``connect`` raises ``InvalidURI`` for a scheme other than ws/wss (``refusal`` turns that into
+    a ``Refused``), but urllib's ``ValueError`` for a port out of range or not a number, or a
+    broken IPv6 address: a traceback, from the examples' task groups."""
+    try:
+        parse_uri(url)
+    except InvalidURI as exc:
+        return Refused(f"{exc}: check --url")
+    except ValueError as exc:
+        return Refused(f"{url} isn't a valid URI: {exc}: check --url")
     return None
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, check_utf8, describe, refusal
+from examples.connection import LOST, Refused, check_utf8, describe, refusal, url_refusal
 from protocol.codec import decode_server_to_client, encode
 from protocol.errors import RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     constraints = {k: v for k, v in (("gpu", a.gpu), ("region", a.region)) if v}
     submit = JobSubmit(id="submit", payload=payload, constraints=constraints, ttl_seconds=a.ttl)
     urls = a.url or ["ws://127.0.0.1:8000/v1/jobs/ws"]
+    for url in urls:
+        if (refused := url_refusal(url)) is not None:
+            print(refused, file=sys.stderr)
+            return 1
     try:
         events = anyio.run(follow_job, urls, a.key, submit)
     except Refused as exc:

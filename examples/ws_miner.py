@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, check_utf8, describe, refusal
+from examples.connection import LOST, Refused, check_utf8, describe, refusal, url_refusal
 from protocol.client import MinerClient
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
@@ -352,7 +352,12 @@ def _parse(argv: list[str] | None) -> MinerOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    miner = SimulatedMiner(_parse(argv))
+    opts = _parse(argv)
+    for url in [opts.url, *opts.standby_urls]:
+        if (refused := url_refusal(url)) is not None:
+            print(refused, file=sys.stderr)
+            return 1
+    miner = SimulatedMiner(opts)
     try:
         anyio.run(miner.run)
     except KeyboardInterrupt:

@@ -483,3 +483,20 @@ async def test_a_job_no_miner_can_serve_is_said_so(monkeypatch: pytest.MonkeyPat
         'no miner the coordinator knows can serve its constraints {"gpu": "H100"}: it waits '
         "for one until 2026-11-28T00:15:00.000Z",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ws://127.0.0.1:99999/v1/jobs/ws", "Port out of range 0-65535"),
+        ("ws://127.0.0.1:abc/v1/jobs/ws", "Port could not be cast to integer value as 'abc'"),
+        ("ws://[::1/v1/jobs/ws", "Invalid IPv6 URL"),
+    ],
+)
+def test_a_url_whose_port_or_address_cannot_be_read_ends_the_client_with_one_line(
+    url: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A port out of range or not a number, or a broken IPv6 address, in ``--url`` ended in a
+    ValueError traceback from urllib, where a wrong scheme was one line."""
+    assert examples.ws_client.main(["--key", "k", "--url", url]) == 1
+    assert capsys.readouterr().err == f"{url} isn't a valid URI: {why}: check --url\n"

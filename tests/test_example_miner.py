@@ -200,3 +200,19 @@ def test_a_sign_results_seed_that_is_no_seed_is_a_usage_error(
     assert capsys.readouterr().err.endswith(
         "error: --sign-results must be an Ed25519 seed: 64 hex digits (32 bytes)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["ws://127.0.0.1:99999/v1/miners/ws", "ws://127.0.0.1:abc/x", "ws://[::1/x"]
+)
+def test_a_url_whose_port_or_address_cannot_be_read_ends_the_miner_with_one_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the client: a ValueError traceback (in an exception group) from urllib, for the first
+    ``--url`` or a standby's."""
+    argv = ["--key", "k", "--url", "ws://127.0.0.1:9/v1/miners/ws", "--url", url]
+    assert examples.ws_miner.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{url} isn't a valid URI: ")
+    assert err.endswith(": check --url\n")
+    assert len(err.splitlines()) == 1
