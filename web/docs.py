@@ -4,7 +4,8 @@ The JavaScript and CSS come from the ``drf-spectacular-sidecar`` wheel on PyPI, 
 the upstream ``swagger-ui-dist`` (5.x, needed for OpenAPI 3.1) and ``redoc.standalone.js``
 builds as plain static files. Only the files are used: the package's ``__init__`` (which imports
 Django) is never imported, we locate the package directory with ``find_spec``. The HTML pages
-reference nothing but these local assets and ``/openapi.json``: no CDN, no web fonts.
+reference nothing but these local assets and ``/openapi.json``: no CDN, no web fonts (and
+``/redoc``'s policy keeps the bundle's own CDN logo out, ``REDOC_CSP``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ __all__ = ["ASSETS_PACKAGE", "STATIC_PREFIX", "asset_dir", "docs_routes"]
 ASSETS_PACKAGE = "drf_spectacular_sidecar"
 STATIC_PREFIX = "/docs/static"
 OPENAPI_URL = "/openapi.json"
+# ReDoc's footer draws Redocly's logo from https://cdn.redoc.ly (in the bundle, with no option to
+# turn it off): each view of /redoc was a request to a third party, and a failed one offline.
+# Images from here only; the logo's error handler then drops it.
+REDOC_CSP = "img-src 'self' data:"
 
 
 def asset_dir() -> Path:
@@ -90,7 +95,7 @@ def docs_routes(title: str) -> list[BaseRoute]:
         return HTMLResponse(swagger)
 
     async def redoc_ui(request: Request) -> HTMLResponse:
-        return HTMLResponse(redoc)
+        return HTMLResponse(redoc, headers={"Content-Security-Policy": REDOC_CSP})
 
     return [
         Route("/docs", swagger_ui, methods=["GET"]),

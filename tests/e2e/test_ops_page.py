@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, Request, async_playwright, expect
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.messages import Ack, Heartbeat, JobCancel, JobSubmit
@@ -304,6 +304,26 @@ async def test_a_link_opened_in_a_tab_already_on_the_page_signs_in(
         await expect(page.locator("#conn-status")).to_have_text("live")
         assert await page.evaluate("location.hash") == ""
         assert await page.evaluate("sessionStorage.getItem('aitbc-admin-key')") == ADMIN_KEY
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+async def test_the_api_docs_ask_nothing_of_another_host(server: RunningServer, path: str) -> None:
+    """/redoc fetched Redocly's logo from https://cdn.redoc.ly at each view (its bundle's footer),
+    though the docs pages are served offline: no request leaves the coordinator now."""
+    async with ops_page(server) as page:
+        sent: list[str] = []  # every request the page made, but those its policy refused
+
+        def failed(request: Request) -> None:
+            if request.failure == "csp":
+                sent.remove(request.url)
+
+        page.on("request", lambda request: sent.append(request.url))
+        page.on("requestfailed", failed)
+        await page.goto(f"http://127.0.0.1:{server.port}{path}")
+        await expect(page.get_by_text("AITBC Coordinator").first).to_be_visible()  # rendered
+        await page.wait_for_load_state("networkidle")  # and what the rendering asked for
+        here = (f"http://127.0.0.1:{server.port}/", f"blob:http://127.0.0.1:{server.port}/")
+        assert [url for url in sent if not url.startswith((*here, "data:"))] == []
 
 
 async def test_a_time_from_another_day_shows_its_date(server: RunningServer) -> None:

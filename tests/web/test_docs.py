@@ -63,6 +63,13 @@ async def test_doc_pages_load_only_local_assets(api: Api, page: str, needs: tupl
         assert len(asset.content) > 100, url
 
 
+async def test_redoc_may_load_images_from_the_coordinator_only(api: Api) -> None:
+    """The ReDoc bundle draws its footer's logo from https://cdn.redoc.ly: every view of /redoc
+    asked a third party for it. The page's policy allows images from here only."""
+    r = await api.http.get("/redoc")
+    assert r.headers["content-security-policy"] == "img-src 'self' data:"
+
+
 async def test_doc_pages_are_in_openapi(api: Api) -> None:
     doc = (await api.http.get("/openapi.json")).json()
     for page in ("/docs", "/redoc"):
