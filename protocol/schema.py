@@ -26,7 +26,8 @@ _num = {"type": "number"}
 # socket's job.submit.constraints. Unknown keys are kept and ignored; a known key may be null.
 CONSTRAINTS: Schema = {
     "type": "object",
-    "description": "Matching constraints (rest-api §3.3); unknown keys are kept and ignored.",
+    "description": "Matching constraints (docs/protocol.md, job.submit); unknown keys are kept "
+    "and ignored.",
     "properties": {
         "gpu": {**_str, "maxLength": 256, "description": "exact name in capabilities.gpus[].name"},
         "cuda": {**_str, "maxLength": 64, "description": "substring of capabilities.cuda"},

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 __all__ = ["TAGS", "documented", "openapi_document", "openapi_endpoint"]
 
 TAGS = [
-    {"name": "jobs", "description": "Client job routes (rest-api.md §2.2)"},
-    {"name": "receipts", "description": "Signed receipts of a job (§4)"},
-    {"name": "miners", "description": "Polling miners (§2.3); sockets: /v1/miners/ws"},
-    {"name": "admin", "description": "Admin key only (§2.4)"},
-    {"name": "explorer", "description": "Public, privacy-reduced views (§2.7)"},
-    {"name": "users", "description": "Wallet login, sessions, balances (§2.5, docs/wallet.md)"},
-    {"name": "exchange", "description": "Buy AITBC credit with BTC (§2.6, docs/wallet.md)"},
+    {"name": "jobs", "description": "Client job routes (docs/rest-api.md); socket: /v1/jobs/ws"},
+    {"name": "receipts", "description": "Signed receipts of a job (docs/receipts.md)"},
+    {"name": "miners", "description": "Polling miners (docs/rest-api.md); socket: /v1/miners/ws"},
+    {"name": "admin", "description": "Admin key only (docs/rest-api.md, docs/ops.md)"},
+    {"name": "explorer", "description": "Public, privacy-reduced views (docs/rest-api.md)"},
+    {"name": "users", "description": "Wallet login, sessions, balances (docs/wallet.md)"},
+    {"name": "exchange", "description": "Buy AITBC credit with BTC (docs/wallet.md)"},
     {"name": "health", "description": "Liveness and readiness, no auth"},
     {"name": "ops", "description": "Ops page and Prometheus metrics (docs/ops.md)"},
     {"name": "docs", "description": "This document and its HTML viewers (offline assets), no auth"},

@@ -97,8 +97,8 @@ ENDPOINTS = [
             422: ("body is not JSON", "Error"),
         },
         description="The body is a receipt (or an object holding one as `receipt`). Checks the "
-        "§4.3 signature, that the key is one of `/v1/receipts/signing-keys` and valid at "
-        "`completed_at`, the miner's co-signature, and the payload/result hashes when "
-        "`metadata` carries the payload and result.",
+        "Ed25519 signature (docs/receipts.md), that the key is one of "
+        "`/v1/receipts/signing-keys` and valid at `completed_at`, the miner's co-signature, "
+        "and the payload/result hashes when `metadata` carries the payload and result.",
     ),
 ]

@@ -403,7 +403,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Receipt": {
         "type": "object",
-        "description": "Signed receipt (rest-api §4.3): Ed25519 over the canonical JSON of "
+        "description": "Signed receipt (docs/receipts.md): Ed25519 over the canonical JSON of "
         "every other field.",
         "required": [
             "version",
