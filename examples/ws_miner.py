@@ -228,6 +228,9 @@ class SimulatedMiner:
                 if resend:
                     tg.start_soon(self.flush)
             case JobAssign():
+                # It said nothing of the jobs it ran: a new user saw "welcome as …" and then
+                # silence, and could not tell a working miner from one no job reached.
+                self.log(f"job {event.job_id} assigned (attempt {event.attempt})")
                 self.assigned.append(event)
                 tg.start_soon(self._run_job, event)
             case JobCancel():
@@ -239,6 +242,7 @@ class SimulatedMiner:
                 receipt = event.fields.get("receipt")
                 job_id = str(event.fields.get("job_id"))
                 if isinstance(receipt, dict) and job_id not in self.receipts:
+                    self.log(f"job {job_id} completed (receipt {receipt.get('receipt_id')})")
                     self.receipts[job_id] = receipt
                     self.completed += 1
                     if self.opts.max_jobs is not None and self.completed >= self.opts.max_jobs:

@@ -216,3 +216,26 @@ def test_a_url_whose_port_or_address_cannot_be_read_ends_the_miner_with_one_line
     assert err.startswith(f"{url} isn't a valid URI: ")
     assert err.endswith(": check --url\n")
     assert len(err.splitlines()) == 1
+
+
+async def test_the_miner_says_which_jobs_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said nothing of the jobs it ran: a new user saw "welcome as m" and then silence, and
+    could not tell a miner at work from one no job reached. One line when a job is assigned,
+    one when its receipt comes."""
+    receipt = {"receipt_id": "r1", "job_id": JOB}
+
+    def answer(frame: dict[str, Any]) -> list[bytes]:
+        if frame["type"] == "hello":
+            assign = {"type": "job.assign", "job_id": JOB, "attempt": 2, "payload": {}}
+            assign |= {"constraints": {}, "expires_at": "2026-11-28T00:00:00.000Z"}
+            return [welcome("s1"), orjson.dumps(assign)]
+        if frame["type"] != "job.result":
+            return []
+        return [orjson.dumps({"type": "ack", "id": frame["id"], "job_id": JOB, "receipt": receipt})]
+
+    monkeypatch.setattr(examples.ws_miner, "connect", Coordinator(Connection(answer)))
+    lines: list[str] = []
+    opts = MinerOptions(key="k", delay=0, chunks=1, load_interval=0, max_jobs=1)
+    with anyio.fail_after(5):
+        await SimulatedMiner(opts, log=lines.append).run()
+    assert lines[1:] == [f"job {JOB} assigned (attempt 2)", f"job {JOB} completed (receipt r1)"]
