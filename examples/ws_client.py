@@ -230,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         "for a standby: each reconnect tries the next",
     )
     p.add_argument("--key", required=True, help="a client API key")
-    p.add_argument("--prompt", default="hello")
-    p.add_argument("--model")
-    p.add_argument("--gpu")
-    p.add_argument("--region")
-    p.add_argument("--ttl", type=int)
+    p.add_argument("--prompt", default="hello", help="the job's prompt (default: hello)")
+    p.add_argument("--model", help="the job's model (in the payload)")
+    p.add_argument("--gpu", help="run only on a miner with this GPU (its exact name)")
+    p.add_argument("--region", help="run only on a miner of this region")
+    p.add_argument(
+        "--ttl", type=int, help="seconds the job may wait and run (default: the coordinator's)"
+    )
     a = p.parse_args(argv)
     check_utf8(p, a, "url", "key", "prompt", "model", "gpu", "region")
     payload: dict[str, object] = {"type": "inference", "prompt": a.prompt}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -11,6 +12,7 @@ import pytest
 from websockets.exceptions import InvalidMessage
 
 import examples.ws_client
+import examples.ws_miner
 from examples.connection import Refused
 from examples.ws_client import follow_job
 from protocol.messages import JobSubmit
@@ -500,3 +502,24 @@ def test_a_url_whose_port_or_address_cannot_be_read_ends_the_client_with_one_lin
     ValueError traceback from urllib, where a wrong scheme was one line."""
     assert examples.ws_client.main(["--key", "k", "--url", url]) == 1
     assert capsys.readouterr().err == f"{url} isn't a valid URI: {why}: check --url\n"
+
+
+@pytest.mark.parametrize("example", ["ws_client", "ws_miner"])
+def test_every_option_of_the_examples_says_what_it_is(
+    example: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--help`` listed ``--ttl TTL``, ``--gpu GPU``, ``--price PRICE``, … with no word on
+    what they do or in which unit (seconds? a constraint or a capability?)."""
+    parsers: list[argparse.ArgumentParser] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def spy(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    module = examples.ws_client if example == "ws_client" else examples.ws_miner
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    capsys.readouterr()
+    assert [a.option_strings for a in parsers[0]._actions if not a.help] == []
