@@ -337,12 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="wait for the coordinator holding the database to stop, then take over (STANDBY)",
     )
-    serve.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    serve.add_argument(
+        "--log-level", default="info", type=str.lower, choices=LOG_LEVELS, help="default info"
+    )
     demo = sub.add_parser("demo", help="a demo: temporary database, simulated miners and load")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    demo.add_argument("--port", type=_port, default=8000, help="default 8000; 0 picks a free port")
     demo.add_argument("--miners", type=int, default=12, help="simulated miners (default 12)")
-    demo.add_argument("--rate", type=float, default=4.0, help="jobs submitted per second")
+    demo.add_argument(
+        "--rate", type=float, default=4.0, help="jobs submitted per second (default 4)"
+    )
     demo.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     add_receipts_commands(sub)
     add_backup_command(sub)

@@ -4,6 +4,7 @@ and the command)."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -207,6 +208,34 @@ def test_the_cli_line_names_every_option_of_each_command(
         assert lines, command
         named = set(re.findall(r"--[a-z-]+", max(lines, key=len)))
         assert named == options, (command, named, options)
+
+
+def test_every_option_of_each_command_says_what_it_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve --help`` listed ``--log-level`` and ``demo --help`` ``--host`` bare, and demo's
+    ``--rate`` and ``--port`` without their defaults."""
+    parsers: list[argparse.ArgumentParser] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def spy(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    capsys.readouterr()
+    bare = []
+    pending = [parsers[0]]
+    while pending:
+        parser = pending.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += action.choices.values()
+            elif not action.help:
+                bare.append((parser.prog, action.option_strings))
+    assert bare == []
 
 
 def test_protocol_md_lists_the_close_codes_and_error_codes_of_the_code() -> None:
