@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from protocol.types import CloseCode, ErrorCode
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
 from tests.web.rest_harness import Api, running_api
 from web.cli import main
 from web.settings import Settings, SettingsError
@@ -89,6 +90,47 @@ async def test_openapi_descriptions_point_at_docs_that_exist(api: Api) -> None:
     named = set(re.findall(r"docs/[a-z-]+\.md", text))
     assert named, "no doc named"
     assert [doc for doc in sorted(named) if not (_ROOT / doc).is_file()] == []
+
+
+async def test_the_curl_lines_of_rest_api_md_work_as_written(api: Api) -> None:
+    """rest-api.md had no request a new user could paste: its "Try it" lines run here in order,
+    as curl would send them (method, headers, body), with the keys and the job id filled in."""
+    doc = (_ROOT / "docs" / "rest-api.md").read_text()
+    block = doc.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(lines) == 8
+    env = {"CLIENT_KEY": CLIENT_KEY, "MINER_KEY": MINER_KEY}
+    answers = []
+    for line in lines:
+        for name, value in env.items():
+            line = line.replace(f"${name}", value)
+        words = shlex.split(line)[1:]
+        method, headers, body, url = "GET", {}, None, None
+        while words:
+            word = words.pop(0)
+            if word == "-X":
+                method = words.pop(0)
+            elif word == "-H":
+                name, _, value = words.pop(0).partition(":")
+                headers[name] = value.strip()
+            elif word == "-d":
+                body = words.pop(0)
+                method = "POST" if method == "GET" else method
+            elif word != "-s":
+                url = word
+        assert url is not None, line
+        assert url.startswith("http://127.0.0.1:8000/"), line
+        r = await api.http.request(
+            method, url.removeprefix("http://127.0.0.1:8000"), headers=headers, content=body
+        )
+        assert r.status_code in (200, 201), (line, r.status_code, r.text)
+        answers.append(r.json())
+        env.setdefault("JOB_ID", answers[0]["job_id"])
+    job_id = env["JOB_ID"]
+    assert answers[4]["job_id"] == job_id  # the poll handed the miner that job
+    assert answers[5]["receipt"]["job_id"] == job_id
+    assert answers[6]["result"] == {"output": "olleh"}
+    assert [receipt["job_id"] for receipt in answers[7]["items"]] == [job_id]
 
 
 async def test_unknown_asset_is_a_json_404(api: Api) -> None:
