@@ -127,6 +127,7 @@ async def test_the_curl_lines_of_rest_api_md_work_as_written(api: Api) -> None:
         answers.append(r.json())
         env.setdefault("JOB_ID", answers[0]["job_id"])
     job_id = env["JOB_ID"]
+    assert answers[3]["miner_id"] == "curl-1"  # not the key's id: a socket miner's, replaced
     assert answers[4]["job_id"] == job_id  # the poll handed the miner that job
     assert answers[5]["receipt"]["job_id"] == job_id
     assert answers[6]["result"] == {"output": "olleh"}
