@@ -152,10 +152,12 @@ class SlashRouter(Router):
         try:
             await super().app(scope, receive, send)
         except HTTPException as exc:
-            if exc.status_code == 405 and scope["type"] == "http":
+            allowed = self._allowed(scope) if exc.status_code == 405 else ""
+            if allowed and scope["type"] == "http":
                 # Starlette's ``Allow`` names the methods of the first route that matched the
                 # path only: ``PUT /v1/jobs`` said ``Allow: POST``, though GET serves it too.
-                exc.headers = {**(exc.headers or {}), "Allow": self._allowed(scope)}
+                # (None matched: a static files mount's own 405, left as it is.)
+                exc.headers = {**(exc.headers or {}), "Allow": allowed}
             raise
 
     def _allowed(self, scope: Scope) -> str:

@@ -535,6 +535,14 @@ async def test_a_405_allows_every_method_the_path_takes(
         assert r.json() == {"detail": "Method Not Allowed"}
 
 
+async def test_a_405_of_a_static_file_keeps_its_allow(api: Api) -> None:
+    """A static asset's 405 (its mount answers it, no route) keeps its ``Allow: GET, HEAD``: the
+    union of the routes' methods, none there, made it an empty ``Allow``, "no method at all"."""
+    r = await api.http.post("/docs/static/swagger-ui/swagger-ui.css")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET, HEAD"
+
+
 async def test_admin_key_on_client_route_is_403(api: Api) -> None:
     """Keys are per role: an admin key is not a client key."""
     r = await api.http.get("/v1/jobs", headers={"X-Api-Key": ADMIN_KEY})
