@@ -1,4 +1,5 @@
-"""``aitbc-coordinator serve`` run once as a child process, for tests of how a start fails."""
+"""``aitbc-coordinator serve`` as a child process: run once, for tests of how a start fails
+(``serve_once``), or started and stopped around a block (``serving``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import resource
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
+from tests.e2e.processes import free_port
+
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
     from pathlib import Path
 
 
@@ -34,3 +41,53 @@ def serve_once(
         preexec_fn=limit_files,
         check=False,
     )
+
+
+# The test keys as ``serve`` reads them.
+KEYS = {"CLIENT_API_KEYS": CLIENT_KEY, "MINER_API_KEYS": MINER_KEY, "ADMIN_API_KEYS": ADMIN_KEY}
+
+
+@dataclass
+class Serving:
+    """A ``serve`` child process that started: its port and its output so far (all of it,
+    once the ``serving`` block has ended)."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@contextmanager
+def serving(
+    db: Path, env: Mapping[str, str], *, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[Serving]:
+    """``serve --port PORT --db DB`` from this checkout with ``env`` (over this process's
+    environment), once it has started up; stopped with SIGTERM when the block ends, which
+    it must survive with exit 0."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "web.cli", "serve", "--port", str(port), "--db", str(db)]
+    with subprocess.Popen(
+        cmd,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=preexec_fn,
+    ) as proc:
+        run = Serving(proc, port)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # pytest-timeout bounds a start that never comes
+                run.lines.append(line)
+                if "Application startup complete" in line:
+                    break
+            yield run
+        finally:
+            proc.terminate()
+            rest, _ = proc.communicate(timeout=30)
+            run.lines.append(rest)
+    assert proc.returncode == 0, run.output

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.processes import free_port
+from tests.serve_once import KEYS, serving
 from web.openfiles import LOW_OPEN_FILES
 
 if TYPE_CHECKING:
@@ -52,33 +51,8 @@ def test_a_low_hard_limit_is_kept_and_warned_of() -> None:
 def test_serve_runs_with_the_raised_limit_and_prints_the_warning(tmp_path: Path) -> None:
     """At the soft limit the event loop drops connections without an answer or a log line:
     ``serve`` runs with the hard limit, and says so at start when that is low."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.getcwd(),
-        "CLIENT_API_KEYS": CLIENT_KEY,
-        "MINER_API_KEYS": MINER_KEY,
-        "ADMIN_API_KEYS": ADMIN_KEY,
-    }
-    cmd = [sys.executable, "-m", "web.cli", "serve", "--port", str(free_port())]
     for (soft, hard), warned in [((64, 300), True), ((64, LOW_OPEN_FILES), False)]:
-        with subprocess.Popen(
-            [*cmd, "--db", str(tmp_path / f"{hard}.db")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            preexec_fn=limited(soft, hard),
-        ) as proc:
-            try:
-                assert proc.stdout is not None
-                lines = []
-                for line in proc.stdout:  # pytest-timeout bounds a start that never comes
-                    lines.append(line)
-                    if line.startswith("AITBC coordinator on"):
-                        break
-                assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE) == (hard, hard)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+        with serving(tmp_path / f"{hard}.db", KEYS, preexec_fn=limited(soft, hard)) as run:
+            assert resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE) == (hard, hard)
         warning = "aitbc-coordinator: warning: the open-file limit is 300 (its hard limit)"
-        assert any(line.startswith(warning) for line in lines) == warned, lines
+        assert any(line.startswith(warning) for line in run.lines) == warned, run.lines

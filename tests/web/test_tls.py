@@ -6,8 +6,6 @@ import datetime
 import ipaddress
 import os
 import ssl
-import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 
-from tests.conftest import ADMIN_KEY, CLIENT_KEY, MINER_KEY
-from tests.e2e.processes import free_port
+from tests.conftest import MINER_KEY
+from tests.serve_once import KEYS, serve_once, serving
 from web.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -59,16 +57,8 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-def serve_env(cert: Path, key: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.getcwd(),
-        "CLIENT_API_KEYS": CLIENT_KEY,
-        "MINER_API_KEYS": MINER_KEY,
-        "ADMIN_API_KEYS": ADMIN_KEY,
-        "TLS_CERT_FILE": str(cert),
-        "TLS_KEY_FILE": str(key),
-    }
+def tls_env(cert: Path, key: Path) -> dict[str, str]:
+    return {**KEYS, "TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
 
 
 def test_both_files_or_neither() -> None:
@@ -87,37 +77,15 @@ def test_both_files_or_neither() -> None:
 
 def test_serve_speaks_https_and_wss(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "web.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--db",
-        str(tmp_path / "c.db"),
-    ]
-    with subprocess.Popen(
-        cmd, env=serve_env(cert, key), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:  # pytest-timeout bounds a start that never comes
-                if line.startswith("AITBC coordinator on"):
-                    assert line.startswith(f"AITBC coordinator on https://127.0.0.1:{port} ")
-                if "Application startup complete" in line:
-                    break
-            trusted = ssl.create_default_context(cafile=str(cert))
-            health = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted, trust_env=False)
-            assert health.json()["status"] == "ok"
-            with pytest.raises(httpx.TransportError):  # plain HTTP is not served
-                httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False, timeout=5)
-            assert anyio.run(_miner_hello, port, trusted) == "welcome"
-        finally:
-            proc.terminate()
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    with serving(tmp_path / "c.db", tls_env(cert, key)) as run:
+        started = f"AITBC coordinator on https://127.0.0.1:{run.port} "
+        assert any(line.startswith(started) for line in run.lines), run.lines
+        trusted = ssl.create_default_context(cafile=str(cert))
+        health = httpx.get(f"https://127.0.0.1:{run.port}/health", verify=trusted, trust_env=False)
+        assert health.json()["status"] == "ok"
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{run.port}/health", trust_env=False, timeout=5)
+        assert anyio.run(_miner_hello, run.port, trusted) == "welcome"
 
 
 async def _miner_hello(port: int, trusted: ssl.SSLContext) -> str:
@@ -141,10 +109,7 @@ def test_a_certificate_that_does_not_load_stops_the_start_with_one_line(
         cert.unlink()
     else:
         cert.write_text("-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n")
-    cmd = [sys.executable, "-m", "web.cli", "serve", "--port", "0", "--db", str(tmp_path / "c.db")]
-    done = subprocess.run(
-        cmd, env=serve_env(cert, key), capture_output=True, text=True, timeout=60, check=False
-    )
+    done = serve_once(tmp_path / "c.db", {**os.environ, **tls_env(cert, key)})
     assert done.returncode == 2
     assert done.stderr.startswith(
         "aitbc-coordinator: invalid setting: TLS_CERT_FILE/TLS_KEY_FILE: "
