@@ -43,6 +43,8 @@ def serve_once(
     )
 
 
+# This process's environment without API keys a developer's shell may set.
+_OUTER = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEYS")}
 # The test keys as ``serve`` reads them.
 KEYS = {"CLIENT_API_KEYS": CLIENT_KEY, "MINER_API_KEYS": MINER_KEY, "ADMIN_API_KEYS": ADMIN_KEY}
 
@@ -72,7 +74,7 @@ def serving(
     cmd = [sys.executable, "-m", "web.cli", "serve", "--port", str(port), "--db", str(db)]
     with subprocess.Popen(
         cmd,
-        env={**os.environ, "PYTHONPATH": os.getcwd(), **env},
+        env={**_OUTER, "PYTHONPATH": os.getcwd(), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -44,7 +44,13 @@ from web.asgi import SocketFastPath
 from web.cli_backup import add_backup_command, run_backup
 from web.cli_receipts import add_receipts_commands, database_file, run_receipts
 from web.gctune import tune_gc
-from web.keys import KeyFileError, key_file, materialize_keys, signing_key_path
+from web.keys import (
+    KeyFileError,
+    key_file,
+    materialize_keys,
+    signing_key_path,
+    unkeyed_roles,
+)
 from web.openfiles import raise_open_files
 from web.settings import Settings, SettingsError, check_rotation, url_host
 from web.transport import CoalescingWSProtocol
@@ -317,10 +323,11 @@ def _tls_or_say(settings: Settings) -> bool:
     return False
 
 
-def _raise_open_files_or_say() -> None:
+def _warn(settings: Settings) -> None:
+    """Start-up warnings: roles without a key, a low open-file limit (raised first)."""
     _, low = raise_open_files()
-    if low is not None:
-        print(f"aitbc-coordinator: warning: {low}", file=sys.stderr, flush=True)
+    for warning in [*unkeyed_roles(settings), *([low] if low is not None else [])]:
+        print(f"aitbc-coordinator: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     _say_database_missing(settings, left)  # once nothing refused the start
     for line in lines:
         print(line, flush=True)
-    _raise_open_files_or_say()
+    _warn(settings)
     configure_logging(args.log_level)
     print(
         f"AITBC coordinator on {'https' if settings.tls_cert_file else 'http'}://"

@@ -25,6 +25,7 @@ __all__ = [
     "materialize_keys",
     "read_signing_key",
     "signing_key_path",
+    "unkeyed_roles",
 ]
 
 ROLES = ("client", "miner", "admin")
@@ -188,3 +189,19 @@ def _missing(what: str, path: Path) -> str:
         f"STANDBY: {what} and {path} does not exist: a standby uses the primary's keys "
         "(set them in the environment, or start it where the primary keeps its key files)"
     )
+
+
+def unkeyed_roles(settings: Settings) -> list[str]:
+    """Warnings for the roles left without an API key when only some were configured (none
+    at all means generated keys): that role then cannot connect, with no sign of why."""
+    said = []
+    if not settings.miner_api_keys:
+        said.append("no MINER_API_KEYS: no miner can connect")
+    if not settings.client_api_keys:
+        said.append("no CLIENT_API_KEYS: only wallet users' sessions can submit jobs")
+    if not settings.admin_api_keys and not settings.admin_wallet_addresses:
+        said.append(
+            "no ADMIN_API_KEYS (nor ADMIN_WALLET_ADDRESSES): the admin routes, /ops and "
+            "/metrics (unless METRICS_PUBLIC=on) refuse everyone"
+        )
+    return said
