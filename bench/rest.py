@@ -8,7 +8,7 @@ this process.
 - ``REST, 50 pollers``: 50 REST miners (distinct ``X-Miner-ID``, concurrency 1) each loop
   ``POST /v1/miners/poll {"max_wait_seconds": 5}`` and, on 200, post the result at once.
   Clients ``POST /v1/jobs`` with at most ``--inflight`` (100) jobs outstanding, a job stops
-  being outstanding when its ``POST /v1/miners/{id}/result`` returns 200. jobs/s counts
+  being outstanding when its ``POST /v1/miners/{job_id}/result`` returns 200. jobs/s counts
   accepted results; submit→assigned runs from the start of the client's submit request to
   the miner receiving the poll response with that job; submit→result accepted to the 200 of
   the result post.
@@ -295,9 +295,9 @@ def write_docs(table: str, runs: int, inflight: int, park_ms: float, out: Path) 
         '{"max_wait_seconds": 5}` and post the result as soon as a poll returns a job; socket '
         "miners accept and send `job.result` as soon as a job is pushed. Clients keep at most "
         f"{inflight} jobs outstanding; a job stops being outstanding when its result is accepted "
-        "(200 from `POST /v1/miners/{id}/result`, or the ack of the socket `job.result`), which "
-        "is what jobs/s counts. submit→assigned ends when the miner receives the poll response "
-        "(or `job.assign`) carrying the job.\n"
+        "(200 from `POST /v1/miners/{job_id}/result`, or the ack of the socket `job.result`), "
+        "which is what jobs/s counts. submit→assigned ends when the miner receives the poll "
+        "response (or `job.assign`) carrying the job.\n"
         "- Pickup row: one REST miner; each job is submitted "
         f"{park_ms:g} ms after its poll was sent, so the poll is already parked on the server; "
         "the latency ends when the poll response is received (target: p99 ≤ 2 ms).\n\n"
