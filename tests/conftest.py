@@ -3,7 +3,8 @@ and ``postgres_url`` (a fresh database on a real PostgreSQL server, tests/postgr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import argparse
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -41,3 +42,18 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         receipt_signing_key_hex=SIGNING_SEED,
     )
     return base.with_(**overrides)
+
+
+@pytest.fixture
+def argument_parsers(monkeypatch: pytest.MonkeyPatch) -> list[argparse.ArgumentParser]:
+    """Every ``ArgumentParser`` that parses arguments during the test, in order (a command's
+    own parser first): for tests of what ``--help`` says."""
+    parsers: list[argparse.ArgumentParser] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def spy(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    return parsers

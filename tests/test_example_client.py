@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -18,6 +17,7 @@ from examples.ws_client import follow_job
 from protocol.messages import JobSubmit
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
@@ -506,20 +506,14 @@ def test_a_url_whose_port_or_address_cannot_be_read_ends_the_client_with_one_lin
 
 @pytest.mark.parametrize("example", ["ws_client", "ws_miner"])
 def test_every_option_of_the_examples_says_what_it_is(
-    example: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    example: str,
+    argument_parsers: list[argparse.ArgumentParser],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """``--help`` listed ``--ttl TTL``, ``--gpu GPU``, ``--price PRICE``, … with no word on
     what they do or in which unit (seconds? a constraint or a capability?)."""
-    parsers: list[argparse.ArgumentParser] = []
-    parse = argparse.ArgumentParser.parse_args
-
-    def spy(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
-        parsers.append(self)
-        return parse(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
     module = examples.ws_client if example == "ws_client" else examples.ws_miner
     with pytest.raises(SystemExit):
         module.main(["--help"])
     capsys.readouterr()
-    assert [a.option_strings for a in parsers[0]._actions if not a.help] == []
+    assert [a.option_strings for a in argument_parsers[0]._actions if not a.help] == []

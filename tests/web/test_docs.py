@@ -254,18 +254,11 @@ def test_the_cli_line_names_every_option_of_each_command(
 
 
 def test_every_option_of_each_command_says_what_it_is(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    argument_parsers: list[argparse.ArgumentParser], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``serve --help`` listed ``--log-level`` and ``demo --help`` ``--host`` bare, and demo's
     ``--rate`` and ``--port`` without their defaults."""
-    parsers: list[argparse.ArgumentParser] = []
-    parse = argparse.ArgumentParser.parse_args
-
-    def spy(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
-        parsers.append(self)
-        return parse(self, *args, **kwargs)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    parsers = argument_parsers
     with pytest.raises(SystemExit):
         main(["--help"])
     capsys.readouterr()
