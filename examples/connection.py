@@ -4,14 +4,16 @@ A dropped connection, a coordinator going away (1001), a standby not serving yet
 reader closed 4429: another attempt (or the next ``--url``) can succeed. A wrong key (4401),
 a key of the wrong role (4403), a frame the coordinator refuses (1003, 1007, 1009, 4000), a
 protocol version it does not speak (4002), a newer session for the same miner id (4409), an
-HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), or a URL that is not a
-``ws://`` or ``wss://`` one would be refused the same way every time: the examples stop on
-those and say why, instead of reconnecting for ever. So they do when a server takes the socket
+HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), a ``wss://`` server whose
+certificate is not trusted, or a URL that is not a ``ws://`` or ``wss://`` one would be refused
+the same way every time: the examples stop on those and say why, instead of reconnecting for
+ever. So they do when a server takes the socket
 but sends no ``welcome`` in time (10 s from the hello; not the coordinator's socket).
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -63,6 +65,11 @@ def refusal(exc: BaseException, url: str) -> Refused | None:
         return Refused(f"{url} refused: {describe(exc)}: {_WHY[exc.rcvd.code]}")
     if isinstance(exc, InvalidURI):
         return Refused(f"{exc}: check --url")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return Refused(
+            f"{url}: its certificate is not trusted ({exc.verify_message}): trust it "
+            "(SSL_CERT_FILE=its-certificate.pem) or check --url"
+        )
     if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
         why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
         return Refused(f"{url} refused: {describe(exc)}: {why}")

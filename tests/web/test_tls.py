@@ -6,6 +6,8 @@ import datetime
 import ipaddress
 import os
 import ssl
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import anyio
@@ -86,6 +88,23 @@ def test_serve_speaks_https_and_wss(tmp_path: Path) -> None:
         with pytest.raises(httpx.TransportError):  # plain HTTP is not served
             httpx.get(f"http://127.0.0.1:{run.port}/health", trust_env=False, timeout=5)
         assert anyio.run(_miner_hello, run.port, trusted) == "welcome"
+        url = f"wss://127.0.0.1:{run.port}/v1/miners/ws"
+        # The example miner: told to trust the certificate, it is welcomed; not told, it stops
+        # with one line (it reconnected for ever, printing the same error).
+        miner = [sys.executable, "examples/ws_miner.py", "--url", url, "--key", MINER_KEY]
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen(
+            miner, env={**env, "SSL_CERT_FILE": str(cert)}, stdout=subprocess.PIPE, text=True
+        ) as trusting:
+            assert trusting.stdout is not None
+            first = trusting.stdout.readline()  # pytest-timeout bounds a miner that says nothing
+            trusting.terminate()
+            trusting.communicate(timeout=30)
+        assert first.startswith("welcome as "), first
+        untrusting = subprocess.run(miner, env=env, capture_output=True, text=True, timeout=60)
+    assert untrusting.returncode == 1
+    assert untrusting.stdout.count("\n") == 1, untrusting.stdout
+    assert untrusting.stdout.startswith(f"{url}: its certificate is not trusted (self-signed")
 
 
 async def _miner_hello(port: int, trusted: ssl.SSLContext) -> str:
