@@ -7,8 +7,8 @@ protocol version it does not speak (4002), a newer session for the same miner id
 HTTP 4xx answer to the upgrade (a URL that is not a socket endpoint), a ``wss://`` server whose
 certificate is not trusted, or a URL that is not a ``ws://`` or ``wss://`` one would be refused
 the same way every time: the examples stop on those and say why, instead of reconnecting for
-ever. So they do when a server takes the socket
-but sends no ``welcome`` in time (10 s from the hello; not the coordinator's socket).
+ever. So they do when a server takes the socket but sends no ``welcome`` in time (10 s from
+the hello; not the coordinator's socket: ``no_welcome``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from protocol.types import CloseCode
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["LOST", "Refused", "check_utf8", "describe", "refusal", "url_refusal"]
+__all__ = ["LOST", "Refused", "check_utf8", "describe", "no_welcome", "refusal", "url_refusal"]
 
 # What ``connect`` and a connection raise when the attempt failed: ``refusal`` tells those to
 # give up on from those to try again. ``InvalidHandshake`` also stands for a coordinator that
@@ -74,6 +74,15 @@ def refusal(exc: BaseException, url: str) -> Refused | None:
         why = "not a socket endpoint of the coordinator? (…/v1/jobs/ws or …/v1/miners/ws)"
         return Refused(f"{url} refused: {describe(exc)}: {why}")
     return None
+
+
+def no_welcome(url: str, seconds: float, socket: str) -> Refused:
+    """The refusal of a server at ``url`` that took the socket but sent no welcome within
+    ``seconds`` of the hello; ``socket`` names the one it should have been."""
+    return Refused(
+        f"{url} sent no welcome within {seconds:g} s of the hello: "
+        f"is it the coordinator's {socket}?"
+    )
 
 
 def url_refusal(url: str) -> Refused | None:

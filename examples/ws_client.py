@@ -31,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, check_utf8, describe, refusal, url_refusal
+from examples.connection import (
+    LOST,
+    Refused,
+    check_utf8,
+    describe,
+    no_welcome,
+    refusal,
+    url_refusal,
+)
 from protocol.codec import decode_server_to_client, encode
 from protocol.errors import RemoteProtocolError, UnknownMessageType
 from protocol.messages import (
@@ -94,10 +102,7 @@ async def follow_job(
                     if await job.follow(ws, welcome):
                         return job.events
                 if welcome.cancelled_caught:
-                    raise Refused(
-                        f"{target} sent no welcome within {welcome_timeout:g} s of the hello: "
-                        "is it the coordinator's client socket (…/v1/jobs/ws)?"
-                    )
+                    raise no_welcome(target, welcome_timeout, "client socket (…/v1/jobs/ws)")
                 if ws.close_code is not None:  # closed by the coordinator, cleanly (1000, 1001)
                     why = f" ({ws.close_reason})" if ws.close_reason else ""
                     out(f"connection to {target} lost (closed {ws.close_code}{why}); reconnecting")

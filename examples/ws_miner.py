@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from typing import TYPE_CHECKING
 
-from examples.connection import LOST, Refused, check_utf8, describe, refusal, url_refusal
+from examples.connection import (
+    LOST,
+    Refused,
+    check_utf8,
+    describe,
+    no_welcome,
+    refusal,
+    url_refusal,
+)
 from protocol.client import MinerClient
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Ack, Error, JobAssign, JobCancel, Welcome
@@ -174,9 +182,8 @@ class SimulatedMiner:
                             if self.welcomed.is_set():
                                 welcome.deadline = math.inf
                     if welcome.cancelled_caught:
-                        self.refused = Refused(
-                            f"{target} sent no welcome within {self.opts.welcome_timeout:g} s "
-                            "of the hello: is it the coordinator's miner socket (…/v1/miners/ws)?"
+                        self.refused = no_welcome(
+                            target, self.opts.welcome_timeout, "miner socket (…/v1/miners/ws)"
                         )
                         self.log(str(self.refused))
                         self._done.set()

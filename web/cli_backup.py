@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage.backends import sqlite_url
 from storage.errors import StorageError
 from storage.sql import check_database, copy_database, sync_file
-from web.cli_receipts import database_file
+from web.cli_receipts import database_file, settings_with_db
 from web.keys import key_file
 from web.settings import Settings, SettingsError
 
@@ -49,10 +48,7 @@ def add_backup_command(sub: Any) -> None:
 
 def run_backup(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.from_env(without={"DATABASE_URL"} if args.db else ())
-        if args.db:
-            settings = settings.with_(database_url=sqlite_url(args.db))
-        copied = _backup(settings, Path(args.dest))
+        copied = _backup(settings_with_db(args), Path(args.dest))
     except (_Refused, SettingsError) as exc:
         print(f"aitbc-coordinator backup: {exc}", file=sys.stderr)
         return 2

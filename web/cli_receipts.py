@@ -36,7 +36,7 @@ from web.settings import Settings, SettingsError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["add_receipts_commands", "database_file", "run_receipts"]
+__all__ = ["add_receipts_commands", "database_file", "run_receipts", "settings_with_db"]
 
 AUDIT_PAGE = 500
 
@@ -116,7 +116,7 @@ def _pinned(args: argparse.Namespace) -> tuple[TrustedKey, ...]:
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _Usage(f"--keys-url {args.keys_url}: {exc}") from None
     if not keys:
-        settings = _settings(args)
+        settings = settings_with_db(args)
         configured = _configured_keys(settings)
         if configured is None:
             # Where it looked: after ``serve --db FILE`` the key is beside FILE, not beside
@@ -168,7 +168,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_with_db(args: argparse.Namespace) -> Settings:
     """The environment's settings, with ``--db`` over DATABASE_URL (which is then not read)."""
     settings = Settings.from_env(without={"DATABASE_URL"} if args.db else ())
     if args.db:
@@ -177,7 +177,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_with_db(args)
     if not settings.is_postgres:
         if not settings.database_path.exists():
             raise _Usage(f"no database at {settings.database_path}")
